@@ -1,0 +1,212 @@
+//! Enqueue in the caller's transaction.
+//!
+//! Both functions take `&mut PgConnection`, so pass `&mut tx` (or `&mut *tx`)
+//! of the transaction that writes your data. That is the whole outbox property:
+//! the row commits or rolls back with your data, and no dispatcher can see it
+//! before the commit.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{Error, NewEvent};
+
+const INSERT_ONE: &str = "
+    INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
+                        idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
+                        registered_by_principal)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, coalesce($14, now()), $15, $16)
+    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id";
+
+const INSERT_MANY: &str = "
+    INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
+                        idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
+                        registered_by_principal)
+    SELECT u.id, $1, u.source, u.op, u.topic, u.trigger_id, u.target, u.payload, u.headers,
+           u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, coalesce(u.run_at, now()),
+           u.reply_to, u.principal
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::text[],
+                $8::jsonb[], $9::jsonb[], $10::text[], $11::text[], $12::int4[], $13::int4[],
+                $14::timestamptz[], $15::text[], $16::text[])
+         WITH ORDINALITY AS u(id, source, op, topic, trigger_id, target, payload, headers,
+                              idempotency_key, ordering_key, depth, max_attempts, run_at,
+                              reply_to, principal, ord)
+    ORDER BY u.ord
+    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id";
+
+const FIND_BY_KEY: &str =
+    "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
+
+/// How often an idempotent enqueue retries when the row it collided with
+/// disappears (completed) between the insert and the look-up.
+const IDEMPOTENCY_RACE_RETRIES: usize = 3;
+
+/// Enqueues one event for `app_id` in the caller's transaction and returns its id.
+///
+/// With an idempotency key that an existing row of the app already holds, no
+/// row is inserted and the existing row's id is returned.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    app_id: Uuid,
+    event: &NewEvent,
+) -> Result<Uuid, Error> {
+    event.validate()?;
+    for _ in 0..IDEMPOTENCY_RACE_RETRIES {
+        let inserted: Option<Uuid> = sqlx::query_scalar(INSERT_ONE)
+            .bind(Uuid::now_v7())
+            .bind(app_id)
+            .bind(event.source.as_str())
+            .bind(&event.op)
+            .bind(&event.topic)
+            .bind(event.trigger_id)
+            .bind(&event.target)
+            .bind(&event.payload)
+            .bind(&event.headers)
+            .bind(&event.idempotency_key)
+            .bind(&event.ordering_key)
+            .bind(event.depth)
+            .bind(event.max_attempts)
+            .bind(event.run_at)
+            .bind(&event.reply_to)
+            .bind(&event.registered_by_principal)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| map_insert_error(e, app_id))?;
+        if let Some(id) = inserted {
+            return Ok(id);
+        }
+        // Only an idempotency conflict inserts nothing; look the holder up in a
+        // fresh statement so a row committed by a concurrent producer is seen.
+        let key = event.idempotency_key.clone().unwrap_or_default();
+        let existing: Option<(String, Uuid)> = sqlx::query_as(FIND_BY_KEY)
+            .bind(app_id)
+            .bind(vec![key])
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some((_, id)) = existing {
+            return Ok(id);
+        }
+    }
+    Err(Error::invalid(
+        "idempotency_key",
+        "the conflicting row kept disappearing; try again",
+    ))
+}
+
+/// Enqueues many events for `app_id` in one statement and returns their ids
+/// in input order. Idempotency keys behave as in [`enqueue`], also between
+/// events of the same batch (the first one wins).
+pub async fn enqueue_batch(
+    conn: &mut PgConnection,
+    app_id: Uuid,
+    events: &[NewEvent],
+) -> Result<Vec<Uuid>, Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = events.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
+    let mut topics = Vec::with_capacity(n);
+    let mut trigger_ids = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut headers = Vec::with_capacity(n);
+    let mut idempotency_keys = Vec::with_capacity(n);
+    let mut ordering_keys = Vec::with_capacity(n);
+    let mut depths = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut reply_tos = Vec::with_capacity(n);
+    let mut principals = Vec::with_capacity(n);
+    for event in events {
+        event.validate()?;
+        ids.push(Uuid::now_v7());
+        sources.push(event.source.as_str());
+        ops.push(event.op.as_str());
+        topics.push(event.topic.as_str());
+        trigger_ids.push(event.trigger_id);
+        targets.push(event.target.as_deref());
+        payloads.push(&event.payload);
+        headers.push(&event.headers);
+        idempotency_keys.push(event.idempotency_key.as_deref());
+        ordering_keys.push(event.ordering_key.as_deref());
+        depths.push(event.depth);
+        max_attempts.push(event.max_attempts);
+        run_ats.push(event.run_at);
+        reply_tos.push(event.reply_to.as_deref());
+        principals.push(event.registered_by_principal.as_deref());
+    }
+    let payloads: Vec<&Value> = payloads;
+    let headers: Vec<&Value> = headers;
+    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_MANY)
+        .bind(app_id)
+        .bind(&ids)
+        .bind(&sources)
+        .bind(&ops)
+        .bind(&topics)
+        .bind(&trigger_ids)
+        .bind(&targets)
+        .bind(&payloads)
+        .bind(&headers)
+        .bind(&idempotency_keys)
+        .bind(&ordering_keys)
+        .bind(&depths)
+        .bind(&max_attempts)
+        .bind(&run_ats)
+        .bind(&reply_tos)
+        .bind(&principals)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| map_insert_error(e, app_id))?;
+    if inserted.len() == n {
+        return Ok(ids);
+    }
+    // Some events collided on their idempotency key: answer with the holders' ids.
+    let keys: Vec<String> = events
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| !inserted.contains(id))
+        .filter_map(|(e, _)| e.idempotency_key.clone())
+        .collect();
+    let holders: std::collections::HashMap<String, Uuid> = sqlx::query_as(FIND_BY_KEY)
+        .bind(app_id)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    events
+        .iter()
+        .zip(ids)
+        .map(|(event, id)| {
+            if inserted.contains(&id) {
+                return Ok(id);
+            }
+            event
+                .idempotency_key
+                .as_ref()
+                .and_then(|k| holders.get(k).copied())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "idempotency_key",
+                        "the conflicting row disappeared during the batch; try again",
+                    )
+                })
+        })
+        .collect()
+}
+
+fn map_insert_error(err: sqlx::Error, app_id: Uuid) -> Error {
+    if let sqlx::Error::Database(db) = &err
+        && db.constraint() == Some("outbox_app_id_fkey")
+    {
+        return Error::UnknownApp(app_id.to_string());
+    }
+    Error::Database(err)
+}

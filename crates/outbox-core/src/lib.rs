@@ -1,0 +1,42 @@
+//! The core of outboxd: the row model, the transactional enqueue API, and the
+//! stores that own every SQL statement the other crates run.
+//!
+//! The outbox property comes from one rule: **enqueue writes through the
+//! caller's connection**. Call [`enqueue`] (or [`enqueue_batch`]) with the
+//! same transaction that writes your data; the event becomes visible to
+//! dispatchers only when that transaction commits, and a rollback leaves no row.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool, app_id: uuid::Uuid) -> Result<(), outbox_core::Error> {
+//! use outbox_core::{enqueue, NewEvent};
+//!
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
+//! enqueue(&mut tx, app_id, &NewEvent::new("order.created", serde_json::json!({"id": 42}))).await?;
+//! tx.commit().await?; // the order and its event commit together
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`model`]: ids, sources, new and claimed events, dead letters.
+//! - [`enqueue`](mod@enqueue): single and batch enqueue in the caller's transaction.
+//! - [`store`]: all SQL — apps, the dispatcher's claim/complete statements, dead letters.
+//! - [`MIGRATOR`]: the embedded, forward-only migrations.
+
+pub mod enqueue;
+mod error;
+pub mod model;
+pub mod store;
+
+pub use enqueue::{enqueue, enqueue_batch};
+pub use error::Error;
+pub use model::{App, ClaimedEvent, DeadLetter, NewEvent, Source};
+
+/// The forward-only migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

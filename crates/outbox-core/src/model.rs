@@ -1,0 +1,352 @@
+//! The row model: what producers enqueue, what dispatchers claim, and what
+//! exhausted rows become.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::Error;
+
+/// Where a row came from. Every source writes rows of the same shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A KV write fired a trigger.
+    Kv,
+    /// A cron trigger ticked.
+    Cron,
+    /// An event published to a topic.
+    Pubsub,
+    /// A job enqueued for a named queue (the default for library enqueues).
+    Queue,
+    /// A dead-letter trigger's work.
+    DeadLetter,
+    /// Reserved for e-mail delivery.
+    Email,
+    /// A message consumed from NATS.
+    Nats,
+}
+
+impl Source {
+    /// The value stored in the `source` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kv => "kv",
+            Self::Cron => "cron",
+            Self::Pubsub => "pubsub",
+            Self::Queue => "queue",
+            Self::DeadLetter => "dead_letter",
+            Self::Email => "email",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+impl std::str::FromStr for Source {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "kv" => Self::Kv,
+            "cron" => Self::Cron,
+            "pubsub" => Self::Pubsub,
+            "queue" => Self::Queue,
+            "dead_letter" => Self::DeadLetter,
+            "email" => Self::Email,
+            "nats" => Self::Nats,
+            other => {
+                return Err(Error::invalid(
+                    "source",
+                    format!(
+                        "{other:?} is not one of kv, cron, pubsub, queue, dead_letter, email, nats"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// Longest accepted topic, idempotency key or ordering key, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// An event to enqueue. Build it with [`NewEvent::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// Routing key: dispatchers pick the handler by topic.
+    pub topic: String,
+    /// The event body.
+    pub payload: Value,
+    /// Where the row came from; [`Source::Queue`] unless set.
+    pub source: Source,
+    /// The operation for sources that have one (e.g. `put`/`delete` for KV).
+    pub op: String,
+    /// Trace and tenant headers (`correlation-id`, `traceparent`, ...), a JSON object.
+    pub headers: Value,
+    /// Not due before this time; `None` means now (the database clock).
+    pub run_at: Option<DateTime<Utc>>,
+    /// A second enqueue with the same key, while the first row exists, returns the first id.
+    pub idempotency_key: Option<String>,
+    /// Rows of one app with the same key run one at a time, in enqueue order.
+    pub ordering_key: Option<String>,
+    /// Attempts before dead-lettering; `None` uses the dispatcher's default.
+    pub max_attempts: Option<i32>,
+    /// Trigger-chain depth; handlers that enqueue pass their event's depth + 1.
+    pub depth: i32,
+    /// The trigger that produced the row, if any.
+    pub trigger_id: Option<Uuid>,
+    /// What runs the row when it is not routed by topic.
+    pub target: Option<String>,
+    /// Inbox of a synchronous caller; its presence means "do not retry".
+    pub reply_to: Option<String>,
+    /// The principal the work runs as.
+    pub registered_by_principal: Option<String>,
+}
+
+impl NewEvent {
+    /// An event for `topic` with `payload`, due now, with default options.
+    pub fn new(topic: impl Into<String>, payload: Value) -> Self {
+        Self {
+            topic: topic.into(),
+            payload,
+            source: Source::Queue,
+            op: String::new(),
+            headers: Value::Object(Default::default()),
+            run_at: None,
+            idempotency_key: None,
+            ordering_key: None,
+            max_attempts: None,
+            depth: 0,
+            trigger_id: None,
+            target: None,
+            reply_to: None,
+            registered_by_principal: None,
+        }
+    }
+
+    /// Sets the due time (a delay).
+    pub fn with_run_at(mut self, run_at: DateTime<Utc>) -> Self {
+        self.run_at = Some(run_at);
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Sets the maximum number of attempts.
+    pub fn with_max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+
+    /// Sets the headers (a JSON object).
+    pub fn with_headers(mut self, headers: Value) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the source.
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Checks the limits the schema enforces, so callers get a named error
+    /// instead of a constraint violation.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_key("topic", Some(&self.topic))?;
+        check_key("idempotency_key", self.idempotency_key.as_deref())?;
+        check_key("ordering_key", self.ordering_key.as_deref())?;
+        if let Some(max) = self.max_attempts
+            && max < 1
+        {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("{max} is below the minimum of 1"),
+            ));
+        }
+        if self.depth < 0 {
+            return Err(Error::invalid("depth", "must not be negative"));
+        }
+        if !self.headers.is_object() {
+            return Err(Error::invalid("headers", "must be a JSON object"));
+        }
+        Ok(())
+    }
+}
+
+fn check_key(field: &'static str, value: Option<&str>) -> Result<(), Error> {
+    match value {
+        Some("") => Err(Error::invalid(field, "must not be empty")),
+        Some(v) if v.len() > MAX_KEY_LEN => Err(Error::invalid(
+            field,
+            format!("is {} bytes; at most {MAX_KEY_LEN} are accepted", v.len()),
+        )),
+        Some(v) if v.contains('\0') => Err(Error::invalid(field, "must not contain NUL")),
+        _ => Ok(()),
+    }
+}
+
+/// A tenant. Every row is scoped by its app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct App {
+    /// Primary key.
+    pub id: Uuid,
+    /// Unique, URL-safe name used by the CLI, the API and `outbox_enqueue()`.
+    pub slug: String,
+    /// Display name.
+    pub name: String,
+    /// When the app was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A row a dispatcher has claimed: the event plus its lease.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedEvent {
+    /// The outbox id (UUIDv7); also the NATS `Nats-Msg-Id`.
+    pub id: Uuid,
+    /// The tenant.
+    pub app_id: Uuid,
+    /// Where the row came from (`kv`, `queue`, ...).
+    pub source: String,
+    /// Source-specific operation.
+    pub op: String,
+    /// Routing key.
+    pub topic: String,
+    /// The trigger that produced the row, if any.
+    pub trigger_id: Option<Uuid>,
+    /// What runs the row when it is not routed by topic.
+    pub target: Option<String>,
+    /// The event body.
+    pub payload: Value,
+    /// Trace and tenant headers.
+    pub headers: Value,
+    /// Idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// Ordering key, if any.
+    pub ordering_key: Option<String>,
+    /// Trigger-chain depth.
+    pub depth: i32,
+    /// Attempts so far, this one included (incremented at claim).
+    pub attempt_count: i32,
+    /// Per-row attempt limit; `None` means the dispatcher's default.
+    pub max_attempts: Option<i32>,
+    /// Fencing token of this claim; completions must present it.
+    pub lease_token: i64,
+    /// When the lease expires unless heartbeated (database clock).
+    pub locked_until: Option<DateTime<Utc>>,
+    /// First claim time.
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// Synchronous caller's inbox; its presence means "do not retry".
+    pub reply_to: Option<String>,
+    /// Who the work runs as.
+    pub registered_by_principal: Option<String>,
+    /// Enqueue time.
+    pub created_at: DateTime<Utc>,
+}
+
+impl ClaimedEvent {
+    /// The claim this row is held under: what fences its completion.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            id: self.id,
+            token: self.lease_token,
+        }
+    }
+}
+
+/// A row id with the fencing token of one claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The outbox id.
+    pub id: Uuid,
+    /// The token the claim set.
+    pub token: i64,
+}
+
+/// A row that exhausted its attempts or failed permanently.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// Primary key.
+    pub id: Uuid,
+    /// The tenant.
+    pub app_id: Uuid,
+    /// The outbox id the row had.
+    pub original_event_id: Uuid,
+    /// Where the row came from.
+    pub source: String,
+    /// Source-specific operation.
+    pub op: String,
+    /// Routing key.
+    pub topic: String,
+    /// The trigger that produced the row, if any.
+    pub trigger_id: Option<Uuid>,
+    /// The handler or target that failed.
+    pub handler: Option<String>,
+    /// The event body.
+    pub payload: Value,
+    /// The event headers.
+    pub headers: Value,
+    /// Attempts made.
+    pub attempt_count: i32,
+    /// First attempt.
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// Last attempt.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it was dead-lettered.
+    pub created_at: DateTime<Utc>,
+    /// When it was resolved; set together with `resolution`.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// `replayed`, `ignored`, `handled_by_script` or `handler_failed`.
+    pub resolution: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_round_trips() {
+        for s in [
+            Source::Kv,
+            Source::Cron,
+            Source::Pubsub,
+            Source::Queue,
+            Source::DeadLetter,
+            Source::Email,
+            Source::Nats,
+        ] {
+            assert_eq!(s.as_str().parse::<Source>().ok(), Some(s));
+        }
+        assert!("bogus".parse::<Source>().is_err());
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        let err = NewEvent::new(long, Value::Null).validate().unwrap_err();
+        assert!(err.to_string().contains("topic"), "{err}");
+        let err = NewEvent::new("t", Value::Null)
+            .with_max_attempts(0)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("max_attempts"), "{err}");
+        let err = NewEvent::new("t", Value::Null)
+            .with_headers(Value::Bool(true))
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("headers"), "{err}");
+        assert!(NewEvent::new("t", Value::Null).validate().is_ok());
+    }
+}

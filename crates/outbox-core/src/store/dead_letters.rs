@@ -1,0 +1,131 @@
+//! Dead letters: listing, reading and counting. (Resolution and replay arrive
+//! with the admin API.)
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::{DeadLetter, Error};
+
+const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, handler, \
+     payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
+     resolved_at, resolution";
+
+/// Filters for [`list`]. Every field narrows the result; all are optional.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// Only dead letters of this trigger.
+    pub trigger_id: Option<Uuid>,
+    /// Only this resolution.
+    pub resolution: Option<String>,
+    /// Only rows nobody has resolved yet.
+    pub unresolved_only: bool,
+}
+
+/// Where a page ends: the `(created_at, id)` of its last row. Pass it back to
+/// get the next (older) page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// `created_at` of the last row seen.
+    pub created_at: DateTime<Utc>,
+    /// `id` of the last row seen.
+    pub id: Uuid,
+}
+
+/// Lists an app's dead letters, newest first, `limit` at most, after `cursor`.
+pub async fn list<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    filter: &Filter,
+    after: Option<Cursor>,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, Error> {
+    let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT ");
+    q.push(COLUMNS)
+        .push(" FROM dead_letters WHERE app_id = ")
+        .push_bind(app_id);
+    if filter.unresolved_only {
+        q.push(" AND resolved_at IS NULL");
+    }
+    if let Some(source) = &filter.source {
+        q.push(" AND source = ").push_bind(source.clone());
+    }
+    if let Some(topic) = &filter.topic {
+        q.push(" AND topic = ").push_bind(topic.clone());
+    }
+    if let Some(trigger_id) = filter.trigger_id {
+        q.push(" AND trigger_id = ").push_bind(trigger_id);
+    }
+    if let Some(resolution) = &filter.resolution {
+        q.push(" AND resolution = ").push_bind(resolution.clone());
+    }
+    if let Some(cursor) = after {
+        q.push(" AND (created_at, id) < (")
+            .push_bind(cursor.created_at)
+            .push(", ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(limit.clamp(1, 1000)));
+    Ok(q.build_query_as().fetch_all(db).await?)
+}
+
+/// Reads one dead letter of an app; another app's id is "not found".
+pub async fn get<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<DeadLetter, Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE app_id = $1 AND id = $2"
+    ))
+    .bind(app_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
+}
+
+/// Reads one dead letter by id, whatever its app (operator CLI).
+pub async fn get_any<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<DeadLetter, Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
+}
+
+/// Dead letters of an app that nobody has resolved (the dashboard badge).
+pub async fn count_unresolved<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM dead_letters WHERE app_id = $1 AND resolved_at IS NULL",
+    )
+    .bind(app_id)
+    .fetch_one(db)
+    .await?)
+}
+
+/// Dead letters of the app whose original outbox id is `original_event_id`.
+pub async fn by_original<'e>(
+    db: impl PgExecutor<'e>,
+    original_event_id: Uuid,
+) -> Result<Vec<DeadLetter>, Error> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE original_event_id = $1 ORDER BY created_at"
+    ))
+    .bind(original_event_id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Unresolved dead letters per app slug, every app listed (the metrics gauge).
+pub async fn unresolved_by_app<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT a.slug, count(d.id) FROM apps a
+         LEFT JOIN dead_letters d ON d.app_id = a.id AND d.resolved_at IS NULL
+         GROUP BY a.slug ORDER BY a.slug",
+    )
+    .fetch_all(db)
+    .await?)
+}

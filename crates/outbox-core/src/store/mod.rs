@@ -1,0 +1,6 @@
+//! Every SQL statement outboxd runs lives in this module. The dispatcher, the
+//! admin API and the CLI call these typed functions.
+
+pub mod apps;
+pub mod dead_letters;
+pub mod outbox;

@@ -1,0 +1,264 @@
+//! The dispatcher's statements: claim, heartbeat, complete, retry, dead-letter,
+//! release. Every statement that ends a claim names the row's fencing token, so
+//! a worker whose lease was taken over changes nothing.
+//!
+//! Claimable means `run_at <= now()` and no live lease (`locked_until` unset or
+//! past): a row whose worker crashed is claimable again once its lease runs
+//! out. A claim only writes unindexed columns, so PostgreSQL can update the
+//! row in place (a HOT update) instead of adding index entries for every claim.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::model::{ClaimedEvent, Lease};
+
+const CLAIM: &str = "
+WITH picked AS (
+    SELECT c.ctid
+    FROM (SELECT id FROM apps ORDER BY random()) AS a
+    CROSS JOIN LATERAL (
+        SELECT o.ctid
+        FROM outbox o
+        WHERE o.app_id = a.id
+          AND o.run_at <= now()
+          AND (o.locked_until IS NULL OR o.locked_until < now())
+          AND (o.ordering_key IS NULL OR (
+                o.enqueue_xid < pg_snapshot_xmin(pg_current_snapshot())
+                AND NOT EXISTS (
+                    SELECT 1 FROM outbox e
+                    WHERE e.app_id = o.app_id
+                      AND e.ordering_key = o.ordering_key
+                      AND (e.enqueue_xid, e.id) < (o.enqueue_xid, o.id))))
+        ORDER BY o.run_at, o.id
+        LIMIT $1
+        FOR UPDATE OF o SKIP LOCKED
+    ) AS c
+    LIMIT $1
+)
+UPDATE outbox o
+SET attempt_count    = o.attempt_count + 1,
+    lease_token      = o.lease_token + 1,
+    locked_by        = $2,
+    locked_until     = now() + make_interval(secs => $3),
+    first_attempt_at = coalesce(o.first_attempt_at, now()),
+    last_attempt_at  = now()
+FROM picked
+WHERE o.ctid = picked.ctid
+RETURNING o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
+          o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
+          o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
+          o.registered_by_principal, o.created_at";
+
+/// Claims up to `limit` due rows for `worker`, leasing them for `lease`.
+///
+/// The picked rows are locked by the same statement, so their `ctid` cannot
+/// change before the `UPDATE` reaches them; joining on it skips a primary-key
+/// lookup per row.
+/// Apps are visited in random order each call, so one busy app cannot starve
+/// the others. A row with an ordering key is claimable only when it is the
+/// oldest row of its key and no transaction that could still commit an earlier
+/// row of that key is open.
+pub async fn claim<'e>(
+    db: impl PgExecutor<'e>,
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<ClaimedEvent>, Error> {
+    let limit = i64::from(limit.max(1));
+    Ok(sqlx::query_as(CLAIM)
+        .bind(limit)
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .fetch_all(db)
+        .await?)
+}
+
+fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
+    leases.iter().map(|l| (l.id, l.token)).unzip()
+}
+
+/// Extends the leases still held; returns the ids whose lease was kept. An id
+/// missing from the answer was taken over (or finished) elsewhere.
+pub async fn heartbeat<'e>(
+    db: impl PgExecutor<'e>,
+    leases: &[Lease],
+    lease: Duration,
+) -> Result<Vec<Uuid>, Error> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, tokens) = split(leases);
+    Ok(sqlx::query_scalar(
+        "UPDATE outbox o
+         SET locked_until = now() + make_interval(secs => $3)
+         FROM unnest($1::uuid[], $2::int8[]) AS t(id, token)
+         WHERE o.id = t.id AND o.lease_token = t.token AND o.locked_by IS NOT NULL
+         RETURNING o.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(lease.as_secs_f64())
+    .fetch_all(db)
+    .await?)
+}
+
+/// Deletes successfully handled rows; returns the ids deleted. Rows whose
+/// token no longer matches (lease taken over) are left alone.
+pub async fn complete<'e>(db: impl PgExecutor<'e>, leases: &[Lease]) -> Result<Vec<Uuid>, Error> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, tokens) = split(leases);
+    Ok(sqlx::query_scalar(
+        "DELETE FROM outbox o
+         USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
+         WHERE o.id = t.id AND o.lease_token = t.token
+         RETURNING o.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .fetch_all(db)
+    .await?)
+}
+
+/// A row to run again later.
+#[derive(Debug, Clone)]
+pub struct Reschedule {
+    /// The claim being ended.
+    pub lease: Lease,
+    /// How long from now (database clock) until the row is due again.
+    pub delay: Duration,
+    /// Recorded as `last_error`; `None` keeps the previous one.
+    pub error: Option<String>,
+    /// A snooze gives the attempt back: it does not count as a failure.
+    pub refund_attempt: bool,
+}
+
+/// Reschedules rows (retry with backoff, snooze, or release); returns the ids changed.
+pub async fn reschedule<'e>(
+    db: impl PgExecutor<'e>,
+    rows: &[Reschedule],
+) -> Result<Vec<Uuid>, Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.lease.id).collect();
+    let tokens: Vec<i64> = rows.iter().map(|r| r.lease.token).collect();
+    let delays: Vec<f64> = rows.iter().map(|r| r.delay.as_secs_f64()).collect();
+    let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
+    let refunds: Vec<bool> = rows.iter().map(|r| r.refund_attempt).collect();
+    Ok(sqlx::query_scalar(
+        "UPDATE outbox o
+         SET run_at        = now() + make_interval(secs => t.delay),
+             locked_by     = NULL,
+             locked_until  = NULL,
+             last_error    = coalesce(t.error, o.last_error),
+             attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END
+         FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
+              AS t(id, token, delay, error, refund)
+         WHERE o.id = t.id AND o.lease_token = t.token
+         RETURNING o.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&delays)
+    .bind(&errors)
+    .bind(&refunds)
+    .fetch_all(db)
+    .await?)
+}
+
+/// A row to move to `dead_letters`.
+#[derive(Debug, Clone)]
+pub struct Bury {
+    /// The claim being ended.
+    pub lease: Lease,
+    /// Why: the last error, or the reason the row was refused.
+    pub error: String,
+    /// The handler or target that failed, for operators.
+    pub handler: Option<String>,
+}
+
+/// Moves rows to `dead_letters` and deletes them from `outbox` in one
+/// statement (so in one transaction); returns the original ids moved.
+pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<Uuid>, Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.lease.id).collect();
+    let tokens: Vec<i64> = rows.iter().map(|r| r.lease.token).collect();
+    let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+    let handlers: Vec<Option<&str>> = rows.iter().map(|r| r.handler.as_deref()).collect();
+    Ok(sqlx::query_scalar(
+        "WITH moved AS (
+            DELETE FROM outbox o
+            USING unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
+            WHERE o.id = t.id AND o.lease_token = t.token
+            RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
+         )
+         INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
+                                   payload, headers, ordering_key, depth, attempt_count,
+                                   first_attempt_at, last_attempt_at, last_error,
+                                   registered_by_principal)
+         SELECT app_id, id, source, op, topic, trigger_id, coalesce(failed_handler, target, topic),
+                payload, headers, ordering_key, depth, attempt_count,
+                first_attempt_at, last_attempt_at, final_error, registered_by_principal
+         FROM moved
+         RETURNING original_event_id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&errors)
+    .bind(&handlers)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Releases leases without running the rows (drain): they are due at once for
+/// another dispatcher. `started` rows keep the attempt they used; unstarted
+/// rows get it back.
+pub async fn release<'e>(
+    db: impl PgExecutor<'e>,
+    leases: &[Lease],
+    started: bool,
+) -> Result<Vec<Uuid>, Error> {
+    let rows: Vec<Reschedule> = leases
+        .iter()
+        .map(|&lease| Reschedule {
+            lease,
+            delay: Duration::ZERO,
+            error: started.then(|| "released by a draining dispatcher".to_owned()),
+            refund_attempt: !started,
+        })
+        .collect();
+    reschedule(db, &rows).await
+}
+
+/// Counts rows, for tests and the CLI.
+pub async fn count<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(db)
+        .await?)
+}
+
+/// Counts rows that are leased right now.
+pub async fn count_leased<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE locked_by IS NOT NULL AND locked_until > now()",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// Age in seconds of the oldest due row, expired leases included (0 when none is due).
+pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(run_at))::float8, 0)
+         FROM outbox WHERE run_at <= now()",
+    )
+    .fetch_one(db)
+    .await?)
+}

@@ -1,0 +1,699 @@
+//! The claim loop and everything around it: heartbeat, completer, drain.
+//!
+//! ```text
+//!  NOTIFY / poll ──▶ claim loop ──spawn──▶ handler tasks ──Finished──▶ completer
+//!                      ▲  (semaphore: at most `concurrency` rows claimed)   │
+//!                      └──────────── permits return after the flush ◀───────┘
+//!  heartbeat: extends the leases of running rows every `heartbeat_interval`
+//! ```
+//!
+//! Completions are written in batches: one `DELETE` for every success the
+//! completer has in hand, one `UPDATE` for every retry, one statement for
+//! every dead letter.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use outbox_core::ClaimedEvent;
+use outbox_core::model::Lease;
+use outbox_core::store::outbox::{self as store, Bury, Reschedule};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::{Error, Event, HandlerError, Registry, RetryPolicy};
+
+/// The channel dispatchers LISTEN on; the outbox insert trigger notifies it.
+pub const NOTIFY_CHANNEL: &str = "outbox_due";
+
+/// Dispatcher settings. [`Config::default`] is a sane start; [`Config::validate`]
+/// checks the relations between them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Written to `locked_by`, so operators can tell which process holds a row.
+    pub worker_id: String,
+    /// Most rows claimed by one statement.
+    pub batch_size: u32,
+    /// Most rows claimed and not yet completed at once (bounds handler concurrency).
+    pub concurrency: usize,
+    /// Claim loops running side by side, so one claim's commit overlaps the next.
+    pub claimers: usize,
+    /// How often to look for due rows when no notification arrives (delayed
+    /// rows, retries, missed notifications).
+    pub poll_interval: Duration,
+    /// How long a claim holds a row; a crashed worker's rows are due again after it.
+    pub lease: Duration,
+    /// A handler running longer than this fails the attempt. Shorter than `lease`.
+    pub handler_timeout: Duration,
+    /// How often running rows' leases are extended. Shorter than `lease`.
+    pub heartbeat_interval: Duration,
+    /// On shutdown, how long running handlers may take before their rows are released.
+    pub drain_grace: Duration,
+    /// Backoff and attempt limit.
+    pub retry: RetryPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            worker_id: default_worker_id(),
+            batch_size: 100,
+            concurrency: 256,
+            claimers: 2,
+            poll_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// `<hostname>-<pid>-<random>`: unique per process, readable in `locked_by`.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "outboxd".to_owned());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+impl Config {
+    /// Checks the relations the dispatcher relies on.
+    pub fn validate(&self) -> Result<(), Error> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return fail(format!(
+                "batch_size {} is outside 1..=10000",
+                self.batch_size
+            ));
+        }
+        if self.concurrency == 0 {
+            return fail("concurrency must be at least 1".into());
+        }
+        if self.claimers == 0 || self.claimers > 16 {
+            return fail(format!("claimers {} is outside 1..=16", self.claimers));
+        }
+        if self.handler_timeout >= self.lease {
+            return fail(format!(
+                "handler_timeout ({:?}) must be shorter than lease ({:?})",
+                self.handler_timeout, self.lease
+            ));
+        }
+        if self.heartbeat_interval >= self.lease {
+            return fail(format!(
+                "heartbeat_interval ({:?}) must be shorter than lease ({:?})",
+                self.heartbeat_interval, self.lease
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return fail("retry.max_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What [`Dispatcher::run_once`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows handled and deleted.
+    pub completed: usize,
+    /// Rows rescheduled after a failure.
+    pub retried: usize,
+    /// Rows rescheduled by a snooze.
+    pub snoozed: usize,
+    /// Rows moved to `dead_letters`.
+    pub dead_lettered: usize,
+    /// Outcomes refused because the lease was taken over meanwhile.
+    pub fenced: usize,
+}
+
+impl BatchReport {
+    fn add(&mut self, other: BatchReport) {
+        self.claimed += other.claimed;
+        self.completed += other.completed;
+        self.retried += other.retried;
+        self.snoozed += other.snoozed;
+        self.dead_lettered += other.dead_lettered;
+        self.fenced += other.fenced;
+    }
+}
+
+/// What [`Dispatcher::run`] did when it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Totals over the dispatcher's life.
+    pub totals: BatchReport,
+    /// Rows whose handler was still running when the grace period ended;
+    /// their leases were released so another dispatcher takes them at once.
+    pub released: usize,
+}
+
+/// The result of running one claimed row.
+#[derive(Debug)]
+enum Outcome {
+    Done,
+    Retry { delay: Duration, error: String },
+    Snooze(Duration),
+    Bury { error: String },
+}
+
+struct Finished {
+    lease: Lease,
+    outcome: Outcome,
+    ordered: bool,
+    // Returned to the claim loop only once the outcome is written.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Inner {
+    pool: PgPool,
+    registry: Registry,
+    config: Config,
+    // Rows whose handler is running, for the heartbeat and for drain.
+    running: Mutex<HashMap<Uuid, Lease>>,
+    // Wakes the claim loop: a notification arrived or an ordered row finished.
+    wake: Notify,
+}
+
+/// Claims due rows and runs their handlers. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("config", &self.inner.config)
+            .field("registry", &self.inner.registry)
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `pool` with the handlers of `registry`.
+    pub fn new(pool: PgPool, registry: Registry, config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                registry,
+                config,
+                running: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Claims one batch, runs it, writes the outcomes, and says what happened.
+    /// Tests drive this until `claimed == 0` instead of sleeping.
+    pub async fn run_once(&self) -> Result<BatchReport, Error> {
+        let inner = &self.inner;
+        let rows = store::claim(
+            &inner.pool,
+            &inner.config.worker_id,
+            inner.config.batch_size,
+            inner.config.lease,
+        )
+        .await?;
+        metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
+        let claimed = rows.len();
+        let finished = futures::future::join_all(rows.into_iter().map(|row| {
+            let inner = inner.clone();
+            async move { inner.run_row(row, None).await }
+        }))
+        .await;
+        let mut report = inner.flush(&finished).await?;
+        report.claimed = claimed;
+        Ok(report)
+    }
+
+    /// Runs [`Dispatcher::run_once`] until a batch claims nothing; returns the totals.
+    pub async fn run_until_idle(&self) -> Result<BatchReport, Error> {
+        let mut totals = BatchReport::default();
+        loop {
+            let report = self.run_once().await?;
+            totals.add(report);
+            if report.claimed == 0 {
+                return Ok(totals);
+            }
+        }
+    }
+
+    /// Runs until `shutdown` completes, then drains: stops claiming, lets
+    /// running handlers finish within `drain_grace`, releases the leases of
+    /// the rest, and returns.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<DrainReport, Error> {
+        let inner = self.inner.clone();
+        let config = &inner.config;
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown => stop.cancel(),
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+        // Background helpers stop after the drain, not at the signal: running
+        // rows keep their leases fresh while they finish.
+        let helpers = CancellationToken::new();
+        let listener = tokio::spawn(inner.clone().listen(helpers.clone()));
+        let heartbeat = tokio::spawn(inner.clone().heartbeat(helpers.clone()));
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
+        let completer = tokio::spawn(inner.clone().complete(done_rx));
+
+        let permits = Arc::new(Semaphore::new(config.concurrency));
+        info!(worker = %config.worker_id, topics = ?inner.registry.topics(), claimers = config.claimers, "dispatcher started");
+        let loops: Vec<_> = (0..config.claimers)
+            .map(|_| {
+                tokio::spawn(inner.clone().claim_loop(
+                    permits.clone(),
+                    stop.clone(),
+                    done_tx.clone(),
+                ))
+            })
+            .collect();
+        for claim_loop in loops {
+            if let Err(err) = claim_loop.await {
+                error!(error = %err, "claim loop failed");
+            }
+        }
+        drop(done_tx);
+        let totals = match completer.await {
+            Ok(totals) => totals,
+            Err(err) => {
+                error!(error = %err, "completer task failed");
+                BatchReport::default()
+            }
+        };
+        let abandoned: Vec<Lease> = inner.running_drain();
+        let released = if abandoned.is_empty() {
+            0
+        } else {
+            match store::release(&inner.pool, &abandoned, true).await {
+                Ok(ids) => ids.len(),
+                Err(err) => {
+                    warn!(error = %err, rows = abandoned.len(), "could not release leases; they expire by themselves");
+                    0
+                }
+            }
+        };
+        helpers.cancel();
+        let _ = listener.await;
+        let _ = heartbeat.await;
+        info!(?totals, released, "dispatcher stopped");
+        Ok(DrainReport { totals, released })
+    }
+}
+
+impl Inner {
+    fn running_insert(&self, lease: Lease) {
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(lease.id, lease);
+        }
+    }
+
+    fn running_remove(&self, id: Uuid) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&id);
+        }
+    }
+
+    fn running_snapshot(&self) -> Vec<Lease> {
+        self.running
+            .lock()
+            .map(|r| r.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn running_drain(&self) -> Vec<Lease> {
+        self.running
+            .lock()
+            .map(|mut r| r.drain().map(|(_, l)| l).collect())
+            .unwrap_or_default()
+    }
+
+    /// Claims rows while permits are free and hands each to a task; on stop,
+    /// waits up to `drain_grace` for its tasks and aborts the rest (their
+    /// rows stay in `running` and are released by the caller).
+    async fn claim_loop(
+        self: Arc<Self>,
+        permits: Arc<Semaphore>,
+        stop: CancellationToken,
+        done_tx: mpsc::UnboundedSender<Finished>,
+    ) {
+        let config = &self.config;
+        let mut tasks = JoinSet::new();
+        let mut claim_errors = 0u32;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut held = vec![first];
+            while held.len() < config.batch_size as usize {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wanted = held.len();
+            let rows = match store::claim(
+                &self.pool,
+                &config.worker_id,
+                wanted as u32,
+                config.lease,
+            )
+            .await
+            {
+                Ok(rows) => {
+                    claim_errors = 0;
+                    rows
+                }
+                Err(err) => {
+                    claim_errors = claim_errors.saturating_add(1);
+                    let pause = Duration::from_millis(100u64 << claim_errors.min(6));
+                    warn!(error = %err, ?pause, "claim failed; backing off");
+                    drop(held);
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
+            let got = rows.len();
+            for row in rows {
+                let permit = held.pop();
+                self.running_insert(row.lease());
+                let inner = self.clone();
+                let done_tx = done_tx.clone();
+                tasks.spawn(async move {
+                    let finished = inner.run_row(row, permit).await;
+                    inner.running_remove(finished.lease.id);
+                    // The completer only stops after every sender is gone.
+                    let _ = done_tx.send(finished);
+                });
+            }
+            drop(held);
+            while tasks.try_join_next().is_some() {}
+            if got < wanted {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(config.poll_interval) => {}
+                }
+            }
+        }
+        debug!(running = tasks.len(), grace = ?config.drain_grace, "claim loop draining");
+        let deadline = tokio::time::Instant::now() + config.drain_grace;
+        while !tasks.is_empty() {
+            if tokio::time::timeout_at(deadline, tasks.join_next())
+                .await
+                .is_err()
+            {
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+            }
+        }
+    }
+
+    /// Runs one claimed row and decides its outcome. Never fails: every
+    /// problem, panics included, becomes an outcome.
+    async fn run_row(&self, row: ClaimedEvent, permit: Option<OwnedSemaphorePermit>) -> Finished {
+        let lease = row.lease();
+        let ordered = row.ordering_key.is_some();
+        let correlation = row
+            .headers
+            .get("correlation-id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %row.topic,
+            attempt = row.attempt_count, correlation_id = %correlation);
+        let outcome = self.decide(row).instrument(span).await;
+        Finished {
+            lease,
+            outcome,
+            ordered,
+            _permit: permit,
+        }
+    }
+
+    async fn decide(&self, row: ClaimedEvent) -> Outcome {
+        let retry = &self.config.retry;
+        let max = row.max_attempts.unwrap_or(retry.max_attempts as i32);
+        if row.attempt_count > max {
+            return Outcome::Bury {
+                error: format!(
+                    "attempts exhausted: attempt {} of {max} was lost with its worker (lease expired)",
+                    row.attempt_count - 1
+                ),
+            };
+        }
+        let failed = |error: String| {
+            if row.reply_to.is_none()
+                && retry.has_attempts_left(row.attempt_count, row.max_attempts)
+            {
+                Outcome::Retry {
+                    delay: retry.backoff(row.attempt_count.max(1) as u32),
+                    error,
+                }
+            } else {
+                Outcome::Bury {
+                    error: format!("{error} (attempt {} of {max})", row.attempt_count),
+                }
+            }
+        };
+        let Some(handler) = self.registry.get(&row.topic) else {
+            return failed(format!("no handler registered for topic {:?}", row.topic));
+        };
+        let event = Event::from_claimed(&row);
+        let started = Instant::now();
+        let run = AssertUnwindSafe(handler.handle(event)).catch_unwind();
+        let result = tokio::time::timeout(self.config.handler_timeout, run).await;
+        metrics::histogram!("outboxd_handler_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(Ok(()))) => Outcome::Done,
+            Ok(Ok(Err(HandlerError::Retry(error)))) => failed(error),
+            Ok(Ok(Err(HandlerError::Permanent(error)))) => Outcome::Bury {
+                error: format!("permanent: {error}"),
+            },
+            Ok(Ok(Err(HandlerError::Snooze(delay)))) => Outcome::Snooze(delay),
+            Ok(Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                failed(format!("handler panicked: {message}"))
+            }
+            Err(_) => failed(format!(
+                "handler timed out after {:?}",
+                self.config.handler_timeout
+            )),
+        }
+    }
+
+    /// Writes a set of outcomes: one statement per kind.
+    async fn flush(&self, finished: &[Finished]) -> Result<BatchReport, Error> {
+        let mut done = Vec::new();
+        let mut later = Vec::new();
+        let mut buried = Vec::new();
+        let mut snoozed = 0;
+        for f in finished {
+            match &f.outcome {
+                Outcome::Done => done.push(f.lease),
+                Outcome::Retry { delay, error } => later.push(Reschedule {
+                    lease: f.lease,
+                    delay: *delay,
+                    error: Some(error.clone()),
+                    refund_attempt: false,
+                }),
+                Outcome::Snooze(delay) => {
+                    snoozed += 1;
+                    later.push(Reschedule {
+                        lease: f.lease,
+                        delay: *delay,
+                        error: None,
+                        refund_attempt: true,
+                    })
+                }
+                Outcome::Bury { error } => buried.push(Bury {
+                    lease: f.lease,
+                    error: error.clone(),
+                    handler: None,
+                }),
+            }
+        }
+        let completed = store::complete(&self.pool, &done).await?.len();
+        let rescheduled = store::reschedule(&self.pool, &later).await?.len();
+        let dead_lettered = if buried.is_empty() {
+            0
+        } else {
+            let mut conn = self.pool.acquire().await?;
+            store::dead_letter(&mut conn, &buried).await?.len()
+        };
+        let expected = finished.len();
+        let fenced = expected - completed - rescheduled - dead_lettered;
+        if fenced > 0 {
+            warn!(
+                fenced,
+                "outcomes refused: the lease was taken over (row ran too long or lost its connection)"
+            );
+        }
+        metrics::counter!("outboxd_completed_total").increment(completed as u64);
+        metrics::counter!("outboxd_retried_total")
+            .increment((rescheduled - snoozed.min(rescheduled)) as u64);
+        metrics::counter!("outboxd_dead_lettered_total").increment(dead_lettered as u64);
+        metrics::counter!("outboxd_fenced_total").increment(fenced as u64);
+        if finished.iter().any(|f| f.ordered) {
+            // The next row of the key is claimable now; do not wait for the poll.
+            self.wake.notify_one();
+        }
+        Ok(BatchReport {
+            claimed: 0,
+            completed,
+            retried: rescheduled.saturating_sub(snoozed),
+            snoozed: snoozed.min(rescheduled),
+            dead_lettered,
+            fenced,
+        })
+    }
+
+    /// Writes outcomes as they arrive, batching whatever is waiting.
+    async fn complete(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Finished>) -> BatchReport {
+        let mut totals = BatchReport::default();
+        let mut batch = Vec::new();
+        let linger = Duration::from_millis(1);
+        let target = self.config.batch_size as usize;
+        while rx.recv_many(&mut batch, 4096).await > 0 {
+            // Outcomes of one claimed batch arrive within moments of each
+            // other: wait briefly so they share one statement (one commit).
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.len() < target {
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, 4096)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+            let mut tries = 0u32;
+            loop {
+                match self.flush(&batch).await {
+                    Ok(report) => {
+                        totals.add(BatchReport {
+                            claimed: batch.len(),
+                            ..report
+                        });
+                        break;
+                    }
+                    Err(err) if tries < 5 => {
+                        tries += 1;
+                        let pause = Duration::from_millis(100u64 << tries);
+                        warn!(error = %err, rows = batch.len(), ?pause, "writing outcomes failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                    Err(err) => {
+                        error!(error = %err, rows = batch.len(), "giving up writing outcomes; the rows run again when their leases expire");
+                        break;
+                    }
+                }
+            }
+            // Dropping the batch returns its permits to the claim loop.
+            batch.clear();
+        }
+        totals
+    }
+
+    /// Keeps the leases of running rows fresh.
+    async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let leases = self.running_snapshot();
+            if leases.is_empty() {
+                continue;
+            }
+            match store::heartbeat(&self.pool, &leases, self.config.lease).await {
+                Ok(kept) if kept.len() < leases.len() => {
+                    // Either finished in the meantime or taken over; the
+                    // completion of a taken-over row is fenced.
+                    debug!(
+                        lost = leases.len() - kept.len(),
+                        "some leases were not extended"
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => warn!(error = %err, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Wakes the claim loop on every `NOTIFY outbox_due`; reconnects with backoff.
+    async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let attempt = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                // Anything inserted while we were not listening is due now.
+                self.wake.notify_one();
+                loop {
+                    listener.recv().await?;
+                    self.wake.notify_one();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                result = attempt => {
+                    if let Err(err) = result {
+                        failures = failures.saturating_add(1);
+                        warn!(error = %err, "LISTEN connection lost; polling until it is back");
+                    }
+                }
+            }
+            let pause = Duration::from_millis(100u64 << failures.min(7));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Handlers: what runs a row, the [`Event`] it receives, and the typed errors
+//! that decide between retry, dead letter and snooze.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::ClaimedEvent;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The event a handler runs, with the attempt it is on.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The outbox id; stable across attempts, so use it as your idempotency key.
+    pub id: Uuid,
+    /// The tenant.
+    pub app_id: Uuid,
+    /// Routing key.
+    pub topic: String,
+    /// Where the row came from.
+    pub source: String,
+    /// Source-specific operation.
+    pub op: String,
+    /// The event body.
+    pub payload: Value,
+    /// Trace and tenant headers.
+    pub headers: Value,
+    /// This attempt's number, starting at 1.
+    pub attempt: i32,
+    /// Ordering key, if any.
+    pub ordering_key: Option<String>,
+    /// Trigger-chain depth; enqueue follow-up work with `depth + 1`.
+    pub depth: i32,
+    /// The trigger that produced the row, if any.
+    pub trigger_id: Option<Uuid>,
+    /// The principal the work runs as.
+    pub principal: Option<String>,
+}
+
+impl Event {
+    pub(crate) fn from_claimed(row: &ClaimedEvent) -> Self {
+        Self {
+            id: row.id,
+            app_id: row.app_id,
+            topic: row.topic.clone(),
+            source: row.source.clone(),
+            op: row.op.clone(),
+            payload: row.payload.clone(),
+            headers: row.headers.clone(),
+            attempt: row.attempt_count,
+            ordering_key: row.ordering_key.clone(),
+            depth: row.depth,
+            trigger_id: row.trigger_id,
+            principal: row.registered_by_principal.clone(),
+        }
+    }
+
+    /// Deserializes the payload; a payload that does not fit is a permanent error
+    /// (retrying cannot fix it).
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_value(self.payload.clone())
+            .map_err(|e| HandlerError::Permanent(format!("payload does not decode: {e}")))
+    }
+}
+
+/// Why a handler did not finish the event, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// A transient failure: retry with backoff while attempts remain.
+    #[error("{0}")]
+    Retry(String),
+    /// Retrying cannot help: dead-letter now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+    /// Not a failure: run again after this delay without spending an attempt.
+    #[error("snoozed for {0:?}")]
+    Snooze(Duration),
+}
+
+impl HandlerError {
+    /// A transient failure from anything displayable.
+    pub fn retry(err: impl std::fmt::Display) -> Self {
+        Self::Retry(err.to_string())
+    }
+
+    /// A permanent failure from anything displayable.
+    pub fn permanent(err: impl std::fmt::Display) -> Self {
+        Self::Permanent(err.to_string())
+    }
+}
+
+/// The future a handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
+
+/// Runs events of one topic. Closures `Fn(Event) -> impl Future<Output =
+/// Result<(), HandlerError>>` are handlers; implement it by hand for types that
+/// hold state.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event. The dispatcher bounds it with the handler timeout.
+    fn handle(&self, event: Event) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Event) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&self, event: Event) -> HandlerFuture {
+        Box::pin(self(event))
+    }
+}
+
+/// Handlers by topic.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut topics: Vec<&String> = self.handlers.keys().collect();
+        topics.sort();
+        f.debug_struct("Registry").field("topics", &topics).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `handler` for `topic`, replacing any earlier one.
+    pub fn register(&mut self, topic: impl Into<String>, handler: impl Handler) -> &mut Self {
+        self.handlers.insert(topic.into(), Arc::new(handler));
+        self
+    }
+
+    /// The handler for `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(topic).cloned()
+    }
+
+    /// Registered topics, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.handlers.keys().cloned().collect();
+        topics.sort();
+        topics
+    }
+}

@@ -1,0 +1,366 @@
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::{NewEvent, enqueue_batch};
+use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry, RetryPolicy};
+use outbox_testkit::{TestDb, wait_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Calls, TestResult, config, dead_letter_count, enqueue_committed, make_all_due, payload,
+    recording,
+};
+
+#[tokio::test]
+async fn committed_event_is_handled_exactly_once() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let ids = [
+        enqueue_committed(&db.pool, app, NewEvent::new("t", payload(1))).await?,
+        enqueue_committed(&db.pool, app, NewEvent::new("t", payload(2))).await?,
+    ];
+    let report = dispatcher.run_until_idle().await?;
+    assert_eq!(report.claimed, 2);
+    assert_eq!(report.completed, 2);
+    for id in ids {
+        assert_eq!(calls.of(id), 1);
+    }
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    assert_eq!(dead_letter_count(&db.pool).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_back_off_within_a_growing_capped_ceiling() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        base: Duration::from_secs(10),
+        max: Duration::from_secs(40),
+    };
+    let mut cfg = config();
+    cfg.retry = policy;
+    let dispatcher = recording(&db, "t", &calls, |_| Err(HandlerError::retry("boom")), cfg);
+    let id = enqueue_committed(&db.pool, app, NewEvent::new("t", payload(1))).await?;
+    for attempt in 1..=6u32 {
+        let report = dispatcher.run_once().await?;
+        assert_eq!(report.retried, 1, "attempt {attempt}");
+        let (delay, attempts, error): (f64, i32, Option<String>) = sqlx::query_as(
+            "SELECT extract(epoch FROM run_at - now())::float8, attempt_count, last_error FROM outbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+        let ceiling = policy.ceiling(attempt).as_secs_f64();
+        assert!(
+            delay <= ceiling + 0.5,
+            "attempt {attempt}: delay {delay} above ceiling {ceiling}"
+        );
+        assert!(
+            delay >= -0.5,
+            "attempt {attempt}: delay {delay} in the past"
+        );
+        assert_eq!(attempts, attempt as i32);
+        assert_eq!(error.as_deref(), Some("boom"));
+        make_all_due(&db.pool).await?;
+    }
+    assert_eq!(policy.ceiling(6), Duration::from_secs(40), "capped");
+    assert_eq!(calls.of(id), 6);
+    Ok(())
+}
+
+#[tokio::test]
+async fn exhaustion_moves_the_row_to_exactly_one_dead_letter() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(
+        &db,
+        "t",
+        &calls,
+        |_| Err(HandlerError::retry("smtp down")),
+        config(),
+    );
+    let id = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("t", payload(1)).with_max_attempts(3),
+    )
+    .await?;
+    for _ in 0..10 {
+        dispatcher.run_once().await?;
+        make_all_due(&db.pool).await?;
+    }
+    assert_eq!(calls.of(id), 3, "max_attempts bounds the handler calls");
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempt_count, 3);
+    assert_eq!(dead[0].topic, "t");
+    assert_eq!(dead[0].payload, payload(1));
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("smtp down"))
+    );
+    assert!(dead[0].resolution.is_none() && dead[0].resolved_at.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn permanent_error_dead_letters_at_once() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(
+        &db,
+        "t",
+        &calls,
+        |_| Err(HandlerError::permanent("bad input")),
+        config(),
+    );
+    let id = enqueue_committed(&db.pool, app, NewEvent::new("t", payload(1))).await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(calls.of(id), 1);
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("permanent: bad input"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn panicking_handler_is_a_failed_attempt_and_the_dispatcher_survives() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(
+        &db,
+        "t",
+        &calls,
+        |e| {
+            if e.payload["n"] == 1 {
+                panic!("kaboom");
+            }
+            Ok(())
+        },
+        config(),
+    );
+    let bad = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("t", payload(1)).with_max_attempts(2),
+    )
+    .await?;
+    let good = enqueue_committed(&db.pool, app, NewEvent::new("t", payload(2))).await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!((report.completed, report.retried), (1, 1));
+    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+        .bind(bad)
+        .fetch_one(&db.pool)
+        .await?;
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("panicked: kaboom")),
+        "{error:?}"
+    );
+    make_all_due(&db.pool).await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(calls.of(good), 1);
+    assert_eq!(calls.of(bad), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn snooze_runs_later_without_spending_an_attempt() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let snoozed = Arc::new(Mutex::new(false));
+    let flag = snoozed.clone();
+    let dispatcher = recording(
+        &db,
+        "t",
+        &calls,
+        move |_| {
+            let mut s = flag.lock().expect("lock");
+            if *s {
+                Ok(())
+            } else {
+                *s = true;
+                Err(HandlerError::Snooze(Duration::from_secs(60)))
+            }
+        },
+        config(),
+    );
+    let id = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("t", payload(1)).with_max_attempts(1),
+    )
+    .await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.snoozed, 1);
+    let (delay, attempts): (f64, i32) = sqlx::query_as(
+        "SELECT extract(epoch FROM run_at - now())::float8, attempt_count FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!((55.0..=61.0).contains(&delay), "snooze delay {delay}");
+    assert_eq!(attempts, 0, "a snooze gives its attempt back");
+    assert_eq!(dispatcher.run_once().await?.claimed, 0, "not due yet");
+    make_all_due(&db.pool).await?;
+    // max_attempts = 1 and the snooze did not spend it: the row still runs.
+    assert_eq!(dispatcher.run_once().await?.completed, 1);
+    assert_eq!(calls.of(id), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_handler_and_timeout_are_retryable_with_clear_errors() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.register("slow", |_e: Event| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<(), HandlerError>(())
+    });
+    let mut cfg = config();
+    cfg.handler_timeout = Duration::from_millis(200);
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, cfg)?;
+    let unknown =
+        enqueue_committed(&db.pool, app, NewEvent::new("nobody.listens", payload(1))).await?;
+    let slow = enqueue_committed(&db.pool, app, NewEvent::new("slow", payload(2))).await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.retried, 2);
+    let error = |id| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT last_error FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    let e = error(unknown).await?.unwrap_or_default();
+    assert!(
+        e.contains("no handler registered for topic \"nobody.listens\""),
+        "{e}"
+    );
+    let e = error(slow).await?.unwrap_or_default();
+    assert!(e.contains("timed out"), "{e}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_busy_app_does_not_starve_another() -> TestResult {
+    let db = TestDb::new().await?;
+    let busy = db.app("busy").await?;
+    let quiet = db.app("quiet").await?;
+    let mut tx = db.pool.begin().await?;
+    let events: Vec<NewEvent> = (0..2000).map(|n| NewEvent::new("t", payload(n))).collect();
+    enqueue_batch(&mut tx, busy, &events).await?;
+    tx.commit().await?;
+    let mut quiet_ids = HashSet::new();
+    for n in 0..5 {
+        quiet_ids.insert(enqueue_committed(&db.pool, quiet, NewEvent::new("t", payload(n))).await?);
+    }
+    let calls = Calls::default();
+    let mut cfg = config();
+    cfg.batch_size = 10;
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), cfg);
+    // The quiet app's rows are newer than all 2000 busy rows; FIFO alone would
+    // serve them after 200 batches. Fair claiming serves them within a few.
+    let mut batches = 0;
+    while quiet_ids.iter().any(|id| calls.of(*id) == 0) {
+        dispatcher.run_once().await?;
+        batches += 1;
+        assert!(
+            batches <= 40,
+            "quiet app still waiting after {batches} batches"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_dispatchers_handle_10k_rows_once_each_never_concurrently() -> TestResult {
+    let db = TestDb::with_pool_size(12).await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let events: Vec<NewEvent> = (0..10_000)
+        .map(|n| NewEvent::new("t", payload(n)))
+        .collect();
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+
+    let calls = Calls::default();
+    let running: Arc<Mutex<HashSet<uuid::Uuid>>> = Arc::default();
+    let overlaps = Arc::new(Mutex::new(0u32));
+    let stop = CancellationToken::new();
+    let mut handles = Vec::new();
+    for worker in 0..2 {
+        let (calls, running, overlaps) = (calls.clone(), running.clone(), overlaps.clone());
+        let mut registry = Registry::new();
+        registry.register("t", move |e: Event| {
+            let (calls, running, overlaps) = (calls.clone(), running.clone(), overlaps.clone());
+            async move {
+                if !running.lock().expect("lock").insert(e.id) {
+                    *overlaps.lock().expect("lock") += 1;
+                }
+                calls.record(e.id);
+                tokio::task::yield_now().await;
+                running.lock().expect("lock").remove(&e.id);
+                Ok::<(), HandlerError>(())
+            }
+        });
+        let mut cfg = config();
+        cfg.worker_id = format!("worker-{worker}");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db.url)
+            .await?;
+        let dispatcher = Dispatcher::new(pool, registry, cfg)?;
+        let stop = stop.clone();
+        handles.push(tokio::spawn(async move {
+            dispatcher.run(async move { stop.cancelled().await }).await
+        }));
+    }
+    let drained = wait_until(Duration::from_secs(120), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    stop.cancel();
+    let mut per_worker = Vec::new();
+    for h in handles {
+        per_worker.push(h.await??.totals.completed);
+    }
+    assert!(drained, "backlog not drained");
+    assert_eq!(calls.distinct(), 10_000);
+    assert_eq!(calls.total(), 10_000, "no row ran twice");
+    assert_eq!(
+        *overlaps.lock().expect("lock"),
+        0,
+        "no row ran on two workers at once"
+    );
+    assert_eq!(per_worker.iter().sum::<usize>(), 10_000);
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "both dispatchers took work: {per_worker:?}"
+    );
+    Ok(())
+}

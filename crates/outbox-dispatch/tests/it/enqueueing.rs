@@ -1,0 +1,165 @@
+use outbox_core::{NewEvent, enqueue, enqueue_batch};
+use outbox_testkit::TestDb;
+
+use crate::{Calls, TestResult, config, enqueue_committed, payload, recording};
+
+#[tokio::test]
+async fn rollback_leaves_no_row_and_uncommitted_rows_are_invisible() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "order.created", &calls, |_| Ok(()), config());
+
+    let mut tx = db.pool.begin().await?;
+    enqueue(&mut tx, app, &NewEvent::new("order.created", payload(1))).await?;
+    tx.rollback().await?;
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+
+    let mut tx = db.pool.begin().await?;
+    let id = enqueue(&mut tx, app, &NewEvent::new("order.created", payload(2))).await?;
+    let before_commit = dispatcher.run_once().await?;
+    assert_eq!(
+        before_commit.claimed, 0,
+        "a dispatcher must not see an uncommitted row"
+    );
+    tx.commit().await?;
+    let after = dispatcher.run_until_idle().await?;
+    assert_eq!(after.completed, 1);
+    assert_eq!(calls.of(id), 1);
+    assert_eq!(calls.total(), 1);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_existing_row_while_it_exists() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let other = db.app("other").await?;
+    let event = NewEvent::new("order.created", payload(1)).with_idempotency_key("order-1");
+    let first = enqueue_committed(&db.pool, app, event.clone()).await?;
+    let second = enqueue_committed(&db.pool, app, event.clone()).await?;
+    assert_eq!(first, second);
+    // Keys are per app.
+    let elsewhere = enqueue_committed(&db.pool, other, event.clone()).await?;
+    assert_ne!(first, elsewhere);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 2);
+
+    // Batch: a key already held, and a key repeated inside the batch.
+    let mut tx = db.pool.begin().await?;
+    let ids = enqueue_batch(
+        &mut tx,
+        app,
+        &[
+            event.clone(),
+            NewEvent::new("order.created", payload(2)).with_idempotency_key("order-2"),
+            NewEvent::new("order.created", payload(3)).with_idempotency_key("order-2"),
+            NewEvent::new("order.created", payload(4)),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!(ids[0], first);
+    assert_eq!(ids[1], ids[2]);
+    assert_ne!(ids[3], ids[1]);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 4);
+
+    // Once the row is handled (deleted) the key is free again.
+    let calls = Calls::default();
+    recording(&db, "order.created", &calls, |_| Ok(()), config())
+        .run_until_idle()
+        .await?;
+    let third = enqueue_committed(&db.pool, app, event).await?;
+    assert_ne!(third, first);
+    Ok(())
+}
+
+#[tokio::test]
+async fn batch_enqueue_keeps_order_and_options() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let events: Vec<NewEvent> = (0..500)
+        .map(|n| {
+            let e = NewEvent::new("bulk", payload(n)).with_max_attempts(3);
+            if n == 0 { e.with_run_at(later) } else { e }
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    let ids = enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    assert_eq!(ids.len(), 500);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "UUIDv7 ids are time-ordered"
+    );
+    let (n, max_attempts): (i64, i32) =
+        sqlx::query_as("SELECT count(*), min(max_attempts) FROM outbox WHERE app_id = $1")
+            .bind(app)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!((n, max_attempts), (500, 3));
+    let delayed: bool = sqlx::query_scalar(
+        "SELECT run_at > now() + interval '59 minutes' FROM outbox WHERE id = $1",
+    )
+    .bind(ids[0])
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(delayed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_events_are_refused_with_the_field_named() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut conn = db.pool.acquire().await?;
+    let err = enqueue(&mut conn, app, &NewEvent::new("", payload(1)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("topic"), "{err}");
+    let err = enqueue(
+        &mut conn,
+        uuid::Uuid::new_v4(),
+        &NewEvent::new("t", payload(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, outbox_core::Error::UnknownApp(_)), "{err}");
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sql_function_enqueues_with_the_same_semantics() -> TestResult {
+    let db = TestDb::new().await?;
+    db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "from.sql", &calls, |_| Ok(()), config());
+    let first: uuid::Uuid = sqlx::query_scalar(
+        "SELECT outbox_enqueue('shop', 'from.sql', '{\"x\":1}', p_idempotency_key => 'k')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let again: uuid::Uuid = sqlx::query_scalar(
+        "SELECT outbox_enqueue('shop', 'from.sql', '{\"x\":2}', p_idempotency_key => 'k')",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(first, again);
+    assert_eq!(first.get_version_num(), 7, "SQL-side ids are UUIDv7 too");
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("SELECT outbox_enqueue('shop', 'from.sql')")
+        .execute(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    let err = sqlx::query("SELECT outbox_enqueue('nope', 'from.sql')")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown app"), "{err}");
+    let report = dispatcher.run_until_idle().await?;
+    assert_eq!(report.completed, 1);
+    assert_eq!(calls.of(first), 1);
+    Ok(())
+}

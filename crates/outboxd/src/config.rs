@@ -1,0 +1,448 @@
+//! Layered, validated configuration: `config/default.toml` (also embedded) →
+//! `config/<env>.toml` → `OUTBOXD_*` environment variables → `DATABASE_URL`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::Deserialize;
+
+/// The base layer, compiled in so the binary runs outside the repository.
+const EMBEDDED_DEFAULT: &str = include_str!("../../../config/default.toml");
+
+/// Environment variables with the `OUTBOXD_` prefix that are not settings.
+const NOT_SETTINGS: &[&str] = &["env", "config_dir"];
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type or an unknown key.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A value is outside its accepted range.
+    #[error("invalid configuration: {key} = {value} {problem}; accepted: {accepted}{env_hint}")]
+    Range {
+        /// The key, dotted (`dispatcher.batch_size`).
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        problem: &'static str,
+        /// The accepted range or form.
+        accepted: String,
+        /// The environment variable that sets this key.
+        env_hint: String,
+    },
+}
+
+/// A string that never prints (passwords, secrets).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself; call it only where the value is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+/// All settings. See `config/default.toml` for what each one does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Settings {
+    pub max_trigger_depth: u32,
+    pub trigger_retry_max_attempts: u32,
+    pub trigger_retry_base_ms: u64,
+    pub trigger_retry_max_ms: u64,
+    pub dead_letter_retention_days: u32,
+    pub abandoned_executions_retention_days: u32,
+    pub database: DatabaseSettings,
+    pub dispatcher: DispatcherSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub idle_in_transaction_timeout_ms: u64,
+    pub auto_migrate: bool,
+}
+
+/// `[dispatcher]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct DispatcherSettings {
+    pub worker_id: String,
+    pub batch_size: u32,
+    pub concurrency: u32,
+    pub claimers: u32,
+    pub poll_interval_ms: u64,
+    pub lease_ms: u64,
+    pub handler_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub drain_grace_ms: u64,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: String,
+}
+
+impl Settings {
+    /// Loads the layers from `config_dir` for `env` and the process environment,
+    /// then validates.
+    pub fn load(config_dir: &Path, env: Option<&str>) -> Result<Self, ConfigError> {
+        Self::load_from(config_dir, env, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        config_dir: &Path,
+        env: Option<&str>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let mut figment = Figment::from(Toml::string(EMBEDDED_DEFAULT));
+        let default_file = config_dir.join("default.toml");
+        if default_file.is_file() {
+            figment = figment.merge(Toml::file(&default_file));
+        }
+        if let Some(env) = env.filter(|e| !e.is_empty()) {
+            let overlay: PathBuf = config_dir.join(format!("{env}.toml"));
+            if !overlay.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "environment overlay {} does not exist (set by --env / OUTBOXD_ENV = {env:?})",
+                    overlay.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(&overlay));
+        }
+        for (key, value) in vars.iter() {
+            let Some(rest) = key.strip_prefix("OUTBOXD_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            if NOT_SETTINGS.contains(&rest.as_str()) {
+                continue;
+            }
+            let path = rest.replace("__", ".");
+            figment = figment.merge((path, parse_env_value(value)));
+        }
+        if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL") {
+            figment = figment.merge(("database.url", url.clone()));
+        }
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Range checks; every failure names the key and what is accepted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("max_trigger_depth", self.max_trigger_depth as u64, 1, 64)?;
+        range(
+            "trigger_retry_max_attempts",
+            self.trigger_retry_max_attempts as u64,
+            1,
+            1000,
+        )?;
+        range(
+            "trigger_retry_base_ms",
+            self.trigger_retry_base_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "trigger_retry_max_ms",
+            self.trigger_retry_max_ms,
+            self.trigger_retry_base_ms,
+            86_400_000,
+        )?;
+        range(
+            "dead_letter_retention_days",
+            self.dead_letter_retention_days as u64,
+            1,
+            3650,
+        )?;
+        range(
+            "abandoned_executions_retention_days",
+            self.abandoned_executions_retention_days as u64,
+            1,
+            3650,
+        )?;
+        let db = &self.database;
+        range(
+            "database.max_connections",
+            db.max_connections as u64,
+            2,
+            1000,
+        )?;
+        range(
+            "database.acquire_timeout_ms",
+            db.acquire_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "database.idle_in_transaction_timeout_ms",
+            db.idle_in_transaction_timeout_ms,
+            1000,
+            3_600_000,
+        )?;
+        let url = db.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Range {
+                key: "database.url",
+                value: "(hidden)".into(),
+                problem: "is not a PostgreSQL URL",
+                accepted: "postgres://user[:password]@host[:port]/database".into(),
+                env_hint: " (env DATABASE_URL)".into(),
+            });
+        }
+        let d = &self.dispatcher;
+        range("dispatcher.batch_size", d.batch_size as u64, 1, 10_000)?;
+        range("dispatcher.concurrency", d.concurrency as u64, 1, 100_000)?;
+        range("dispatcher.claimers", d.claimers as u64, 1, 16)?;
+        range(
+            "dispatcher.poll_interval_ms",
+            d.poll_interval_ms,
+            10,
+            600_000,
+        )?;
+        range("dispatcher.lease_ms", d.lease_ms, 1000, 86_400_000)?;
+        range(
+            "dispatcher.handler_timeout_ms",
+            d.handler_timeout_ms,
+            10,
+            d.lease_ms - 1,
+        )?;
+        range(
+            "dispatcher.heartbeat_interval_ms",
+            d.heartbeat_interval_ms,
+            100,
+            d.lease_ms - 1,
+        )?;
+        range("dispatcher.drain_grace_ms", d.drain_grace_ms, 0, 3_600_000)?;
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::Range {
+                key: "http.listen",
+                value: format!("{:?}", self.http.listen),
+                problem: "is not a socket address",
+                accepted: "host:port with an IP host, e.g. 127.0.0.1:8080".into(),
+                env_hint: env_hint("http.listen"),
+            });
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Range {
+                key: "log.format",
+                value: format!("{:?}", self.log.format),
+                problem: "is not a known format",
+                accepted: "\"text\" or \"json\"".into(),
+                env_hint: env_hint("log.format"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The dispatcher's settings in its own types.
+    pub fn dispatcher_config(&self) -> outbox_dispatch::Config {
+        let d = &self.dispatcher;
+        let mut config = outbox_dispatch::Config {
+            batch_size: d.batch_size,
+            concurrency: d.concurrency as usize,
+            claimers: d.claimers as usize,
+            poll_interval: Duration::from_millis(d.poll_interval_ms),
+            lease: Duration::from_millis(d.lease_ms),
+            handler_timeout: Duration::from_millis(d.handler_timeout_ms),
+            heartbeat_interval: Duration::from_millis(d.heartbeat_interval_ms),
+            drain_grace: Duration::from_millis(d.drain_grace_ms),
+            retry: outbox_dispatch::RetryPolicy {
+                max_attempts: self.trigger_retry_max_attempts,
+                base: Duration::from_millis(self.trigger_retry_base_ms),
+                max: Duration::from_millis(self.trigger_retry_max_ms),
+            },
+            ..outbox_dispatch::Config::default()
+        };
+        if !d.worker_id.is_empty() {
+            config.worker_id = d.worker_id.clone();
+        }
+        config
+    }
+}
+
+/// Environment values are typed like TOML: numbers and booleans parse, the
+/// rest stays a string.
+fn parse_env_value(raw: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let trimmed = raw.trim();
+    if let Ok(n) = trimmed.parse::<u64>() {
+        return Value::from(n);
+    }
+    if let Ok(n) = trimmed.parse::<i64>() {
+        return Value::from(n);
+    }
+    match trimmed {
+        "true" => Value::from(true),
+        "false" => Value::from(false),
+        _ => Value::from(raw.to_owned()),
+    }
+}
+
+fn env_hint(key: &str) -> String {
+    let var = match key.split_once('.') {
+        Some((section, k)) => format!("OUTBOXD_{}__{}", section, k),
+        None => format!("OUTBOXD_{key}"),
+    };
+    format!(" (env {})", var.to_ascii_uppercase())
+}
+
+fn range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::Range {
+        key,
+        value: value.to_string(),
+        problem: if value < min {
+            "is too small"
+        } else {
+            "is too large"
+        },
+        accepted: format!("{min}..={max}"),
+        env_hint: env_hint(key),
+    })
+}
+
+fn describe_figment_error(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let mut line = if key.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{key}: {}", e.kind)
+            };
+            if !key.is_empty() {
+                line.push_str(&env_hint(&key));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            Path::new("../../config"),
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = load(&[]).expect("default config");
+        assert_eq!(s.dispatcher.batch_size, 100);
+        assert!(s.dispatcher_config().validate().is_ok());
+    }
+
+    #[test]
+    fn env_overrides_flat_and_nested_keys() {
+        let s = load(&[
+            ("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "5"),
+            ("OUTBOXD_DISPATCHER__BATCH_SIZE", "7"),
+            ("OUTBOXD_ENV", "ignored-here"),
+            ("DATABASE_URL", "postgres://x@127.0.0.1:1/db"),
+        ])
+        .expect("config");
+        assert_eq!(s.trigger_retry_max_attempts, 5);
+        assert_eq!(s.dispatcher.batch_size, 7);
+        assert_eq!(s.database.url.expose(), "postgres://x@127.0.0.1:1/db");
+    }
+
+    #[test]
+    fn out_of_range_names_key_range_and_env() {
+        let err = load(&[("OUTBOXD_MAX_TRIGGER_DEPTH", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_trigger_depth = 0"), "{err}");
+        assert!(err.contains("1..=64"), "{err}");
+        assert!(err.contains("OUTBOXD_MAX_TRIGGER_DEPTH"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let err = load(&[("OUTBOXD_DISPATCHER__BATCH_SIZE", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dispatcher.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = load(&[("OUTBOXD_DISPATCHER__BACH_SIZE", "3")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bach_size"), "{err}");
+    }
+
+    #[test]
+    fn handler_timeout_must_be_below_lease() {
+        let err = load(&[
+            ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),
+            ("OUTBOXD_DISPATCHER__HANDLER_TIMEOUT_MS", "5000"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dispatcher.handler_timeout_ms"), "{err}");
+        assert!(err.contains("10..=4999"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = load(&[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/db")]).expect("config");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn missing_overlay_is_an_error() {
+        let err = Settings::load_from(Path::new("../../config"), Some("nope"), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+}

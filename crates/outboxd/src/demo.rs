@@ -1,0 +1,114 @@
+//! The demo workload: handlers that succeed, fail for a while, fail for good
+//! or panic, and a producer that keeps enqueueing, so every outcome — dead
+//! letters included — shows up within seconds.
+
+use std::time::Duration;
+
+use outbox_core::{NewEvent, enqueue_batch};
+use outbox_dispatch::{Event, HandlerError, Registry};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The demo app's slug.
+pub const APP: &str = "demo";
+
+/// Handlers for the demo topics.
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register("order.created", |_event: Event| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(())
+        })
+        .register("email.send", |event: Event| async move {
+            // Flaky: usually succeeds by the second or third attempt.
+            if fastrand::u8(..100) < 40 {
+                return Err(HandlerError::retry(format!(
+                    "SMTP 421 service not available (attempt {})",
+                    event.attempt
+                )));
+            }
+            Ok(())
+        })
+        .register("invoice.render", |event: Event| async move {
+            let amount = event.payload["amount"].as_i64().unwrap_or_default();
+            if amount < 0 {
+                return Err(HandlerError::permanent(format!(
+                    "invoice amount must not be negative, got {amount}"
+                )));
+            }
+            Ok(())
+        })
+        .register("webhook.deliver", |event: Event| async move {
+            Err(HandlerError::retry(format!(
+                "POST {} failed: connection refused",
+                event.payload["url"].as_str().unwrap_or("?")
+            )))
+        })
+        .register("report.build", |event: Event| async move {
+            if event.payload["crash"].as_bool() == Some(true) {
+                panic!("report template is missing");
+            }
+            Ok(())
+        });
+    registry
+}
+
+fn workload(round: u64) -> Vec<NewEvent> {
+    let mut events = vec![
+        NewEvent::new(
+            "order.created",
+            json!({"order": round, "total_cents": 1299}),
+        ),
+        NewEvent::new(
+            "email.send",
+            json!({"to": format!("user{round}@example.com"), "template": "welcome"}),
+        )
+        .with_max_attempts(5),
+        NewEvent::new(
+            "invoice.render",
+            json!({"invoice": round, "amount": if round % 4 == 3 { -5 } else { 120 }}),
+        ),
+    ];
+    if round.is_multiple_of(3) {
+        events.push(
+            NewEvent::new(
+                "webhook.deliver",
+                json!({"url": "http://127.0.0.1:9/hook", "event": round}),
+            )
+            .with_max_attempts(3),
+        );
+    }
+    if round % 5 == 4 {
+        events.push(
+            NewEvent::new("report.build", json!({"report": round, "crash": true}))
+                .with_max_attempts(2),
+        );
+    }
+    events
+}
+
+/// Enqueues a round of demo events every `every` until `stop`.
+pub async fn produce(pool: PgPool, app_id: Uuid, every: Duration, stop: CancellationToken) {
+    let mut round = 0u64;
+    loop {
+        let events = workload(round);
+        let result = async {
+            let mut tx = pool.begin().await?;
+            enqueue_batch(&mut tx, app_id, &events).await?;
+            tx.commit().await?;
+            Ok::<(), outbox_core::Error>(())
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "demo producer could not enqueue");
+        }
+        round += 1;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The operational HTTP endpoints: `/healthz`, `/readyz`, `/metrics`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+#[derive(Clone)]
+struct AppState {
+    pool: PgPool,
+    metrics: PrometheusHandle,
+}
+
+/// The router, for serving and for tests.
+pub fn router(pool: PgPool, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState { pool, metrics })
+}
+
+/// Binds `addr` and serves until `shutdown` completes; returns the bound address
+/// through `bound` before serving (port 0 picks a free port).
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok((bound, task))
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let check = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
+    )
+    .await;
+    let postgres_ok = matches!(check, Ok(Ok(1)));
+    let status = if postgres_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "ready": postgres_ok, "postgres": postgres_ok })),
+    )
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Gauges that describe the database are read at scrape time.
+    if let Ok(age) = outbox_core::store::outbox::oldest_due_age(&state.pool).await {
+        metrics::gauge!("outboxd_oldest_due_age_seconds").set(age);
+    }
+    if let Ok(rows) = outbox_core::store::dead_letters::unresolved_by_app(&state.pool).await {
+        for (app, count) in rows {
+            metrics::gauge!("outboxd_dead_letters_unresolved", "app" => app).set(count as f64);
+        }
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

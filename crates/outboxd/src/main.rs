@@ -1,0 +1,450 @@
+//! `outboxd`: the transactional-outbox dispatcher as a daemon and CLI.
+//!
+//! Layout: [`config`] (layered settings), [`http`] (health, readiness,
+//! metrics), [`demo`] (the demo workload), [`bench`] (the benchmark command);
+//! this file parses the command line and wires the pieces together.
+
+mod bench;
+mod config;
+mod demo;
+mod http;
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use outbox_core::store::{apps, dead_letters};
+use outbox_core::{NewEvent, Source};
+use outbox_dispatch::{Dispatcher, Registry};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use uuid::Uuid;
+
+use crate::config::Settings;
+
+/// A transactional-outbox dispatcher backed by PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "outboxd", version, about)]
+struct Cli {
+    /// Folder with default.toml and the environment overlays.
+    #[arg(
+        long,
+        env = "OUTBOXD_CONFIG_DIR",
+        default_value = "config",
+        global = true
+    )]
+    config_dir: PathBuf,
+    /// Environment overlay to apply (config/<ENV>.toml).
+    #[arg(long, env = "OUTBOXD_ENV", global = true)]
+    env: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply pending database migrations.
+    Migrate,
+    /// Run the dispatcher and the HTTP endpoints until SIGTERM/SIGINT.
+    Run {
+        /// Also run the demo handlers and producer.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Run with the demo workload (same as `run --demo`).
+    Demo,
+    /// Enqueue one event; the payload comes from --payload or standard input.
+    Enqueue(EnqueueArgs),
+    /// Manage apps (tenants).
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Inspect dead letters.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
+    /// Check the configuration and print it (secrets hidden).
+    #[command(name = "config")]
+    ConfigCheck,
+    /// Measure throughput and latency against the raw SQL ceiling.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnqueueArgs {
+    /// App slug.
+    #[arg(long)]
+    app: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// JSON payload; read from standard input when absent and stdin is not a
+    /// terminal. Empty input means `{}`.
+    #[arg(long)]
+    payload: Option<String>,
+    /// Not due before this many milliseconds from now.
+    #[arg(long)]
+    delay_ms: Option<u64>,
+    /// Idempotency key.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Ordering key.
+    #[arg(long)]
+    ordering_key: Option<String>,
+    /// Attempts before dead-lettering.
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// Source (queue, pubsub, ...).
+    #[arg(long, default_value = "queue")]
+    source: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum AppCommand {
+    /// Create an app (or show the existing one with this slug).
+    Create {
+        /// URL-safe identifier: a-z, 0-9, '_' and '-'.
+        slug: String,
+        /// Display name (defaults to the slug).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List apps.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List an app's dead letters, newest first.
+    List {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Only unresolved rows.
+        #[arg(long)]
+        unresolved: bool,
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// At most this many rows (1..=1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its payload and error.
+    Show {
+        /// Dead letter id.
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.config_dir, cli.env.as_deref()) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("outboxd: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("outboxd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("outboxd: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if settings.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::ConfigCheck => {
+            println!("{settings:#?}");
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = connect(&settings).await?;
+            outbox_core::migrate(&pool).await.context("migrating")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Run { demo } => run(settings, demo).await,
+        Command::Demo => run(settings, true).await,
+        Command::Enqueue(args) => enqueue(settings, args).await,
+        Command::App(cmd) => app(settings, cmd).await,
+        Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
+        Command::Bench(args) => bench::run(settings, args).await,
+    }
+}
+
+/// Opens the pool with the session settings dispatchers rely on.
+async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let db = &settings.database;
+    let options = PgConnectOptions::from_str(db.url.expose())
+        .context("database.url (DATABASE_URL) is not a valid PostgreSQL URL")?
+        .application_name("outboxd")
+        .options([(
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", db.idle_in_transaction_timeout_ms),
+        )]);
+    let shown = options.to_url_lossy();
+    PgPoolOptions::new()
+        .max_connections(db.max_connections)
+        .acquire_timeout(Duration::from_millis(db.acquire_timeout_ms))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&shown)))
+}
+
+fn redact(url: &impl std::fmt::Display) -> String {
+    let url = url.to_string();
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    if settings.database.auto_migrate {
+        outbox_core::migrate(&pool)
+            .await
+            .context("migrating on start")?;
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            info!("shutdown signal received");
+            stop.cancel();
+        }
+    });
+
+    let addr = settings
+        .http
+        .listen
+        .parse()
+        .context("http.listen is not a socket address")?;
+    let (bound, server) = http::serve(addr, http::router(pool.clone(), metrics), {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    })
+    .await
+    .with_context(|| format!("cannot listen on {addr}"))?;
+    info!(%bound, "http listening: /healthz /readyz /metrics");
+    println!("outboxd listening on http://{bound}");
+
+    let registry = if demo {
+        let app = apps::ensure(&pool, demo::APP, "Demo app").await?;
+        tokio::spawn(demo::produce(
+            pool.clone(),
+            app.id,
+            Duration::from_secs(2),
+            stop.clone(),
+        ));
+        println!(
+            "demo running: app {:?}; see its dead letters with `outboxd dead-letters list --app {}`",
+            demo::APP,
+            demo::APP
+        );
+        demo::registry()
+    } else {
+        Registry::new()
+    };
+    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
+    let report = dispatcher
+        .run({
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        })
+        .await?;
+    stop.cancel();
+    let _ = server.await;
+    pool.close().await;
+    info!(
+        completed = report.totals.completed,
+        released = report.released,
+        "bye"
+    );
+    Ok(())
+}
+
+async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
+    let payload_text = match args.payload {
+        Some(p) => p,
+        None if !std::io::stdin().is_terminal() => {
+            let mut buf = String::new();
+            std::io::stdin()
+                .read_to_string(&mut buf)
+                .context("reading the payload from standard input")?;
+            buf
+        }
+        None => "{}".to_owned(),
+    };
+    let payload: serde_json::Value = if payload_text.trim().is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_str(payload_text.trim()).context("the payload is not valid JSON")?
+    };
+    let source: Source = args.source.parse()?;
+    let mut event = NewEvent::new(args.topic, payload).with_source(source);
+    if let Some(ms) = args.delay_ms {
+        let delay = chrono::Duration::try_milliseconds(ms as i64)
+            .filter(|d| *d <= chrono::Duration::days(3650))
+            .context("--delay-ms must be at most ten years")?;
+        event = event.with_run_at(chrono::Utc::now() + delay);
+    }
+    event.idempotency_key = args.idempotency_key;
+    event.ordering_key = args.ordering_key;
+    event.max_attempts = args.max_attempts;
+    event.validate()?;
+    let pool = connect(&settings).await?;
+    let app = apps::by_slug(&pool, &args.app).await?;
+    let mut tx = pool.begin().await?;
+    let id = outbox_core::enqueue(&mut tx, app.id, &event).await?;
+    tx.commit().await?;
+    println!("{id}");
+    Ok(())
+}
+
+async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    match cmd {
+        AppCommand::Create { slug, name } => {
+            let name = name.unwrap_or_else(|| slug.clone());
+            let app = apps::ensure(&pool, &slug, &name).await?;
+            println!("{}\t{}", app.id, app.slug);
+        }
+        AppCommand::List => {
+            for app in apps::list(&pool).await? {
+                println!("{}\t{}\t{}", app.id, app.slug, app.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letter_command(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    match cmd {
+        DeadLetterCommand::List {
+            app,
+            unresolved,
+            topic,
+            source,
+            limit,
+            json,
+        } => {
+            if !(1..=1000).contains(&limit) {
+                bail!("--limit {limit} is outside 1..=1000");
+            }
+            let app = apps::by_slug(&pool, &app).await?;
+            let filter = dead_letters::Filter {
+                source,
+                topic,
+                unresolved_only: unresolved,
+                ..Default::default()
+            };
+            let rows = dead_letters::list(&pool, app.id, &filter, None, limit).await?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:<12}  {:<18}  {:>8}  {:<20}  LAST ERROR",
+                "ID", "SOURCE", "TOPIC", "ATTEMPTS", "CREATED"
+            );
+            for row in &rows {
+                let error: String = row
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(70)
+                    .collect();
+                println!(
+                    "{:<36}  {:<12}  {:<18}  {:>8}  {:<20}  {}",
+                    row.id,
+                    row.source,
+                    row.topic,
+                    row.attempt_count,
+                    row.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    error
+                );
+            }
+            println!("{} dead letter(s)", rows.len());
+        }
+        DeadLetterCommand::Show { id } => {
+            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
+            let row = dead_letters::get_any(&pool, id).await?;
+            println!("{}", serde_json::to_string_pretty(&row)?);
+        }
+    }
+    Ok(())
+}

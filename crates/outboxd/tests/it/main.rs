@@ -1,0 +1,295 @@
+//! Black-box tests of the `outboxd` binary against a real PostgreSQL.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use outbox_testkit::{TestDb, wait_until};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn outboxd(db_url: Option<&str>) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "OUTBOXD_CONFIG_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"),
+        )
+        .env("OUTBOXD_ENV", "test")
+        .env("OUTBOXD_LOG__FILTER", "warn");
+    if let Some(url) = db_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<Output, std::io::Error> {
+    cmd.stdin(Stdio::null()).output()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A minimal HTTP/1.1 GET, enough for the health and metrics endpoints.
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String), Box<dyn std::error::Error>> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status line")?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Ok((status, body))
+}
+
+/// Starts `outboxd <args>` and returns the child and the HTTP address it printed.
+async fn spawn_server(
+    db_url: &str,
+    args: &[&str],
+) -> Result<(tokio::process::Child, String), Box<dyn std::error::Error>> {
+    let mut cmd = tokio::process::Command::from(outboxd(Some(db_url)));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("outboxd listening on http://") {
+                return Ok::<String, std::io::Error>(url.trim().to_owned());
+            }
+        }
+        Err(std::io::Error::other("outboxd exited before listening"))
+    })
+    .await??;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}
+
+async fn stop(
+    child: &mut tokio::process::Child,
+) -> Result<std::process::ExitStatus, Box<dyn std::error::Error>> {
+    let pid = child.id().ok_or("already exited")?;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await??)
+}
+
+#[test]
+fn bad_config_is_a_clear_error_and_a_nonzero_exit() -> TestResult {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "OUTBOXD_DISPATCHER__BATCH_SIZE",
+            "0",
+            &["dispatcher.batch_size", "1..=10000"],
+        ),
+        (
+            "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+            "many",
+            &[
+                "trigger_retry_max_attempts",
+                "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+            ],
+        ),
+        (
+            "OUTBOXD_DEAD_LETTER_RETENTION_DAYS",
+            "-1",
+            &["dead_letter_retention_days"],
+        ),
+        (
+            "OUTBOXD_HTTP__LISTEN",
+            "nowhere",
+            &["http.listen", "socket address"],
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://x",
+            &["database.url", "PostgreSQL URL"],
+        ),
+        ("OUTBOXD_DISPATCHER__BOGUS", "1", &["bogus"]),
+    ];
+    for (key, value, expected) in cases {
+        let out = run(outboxd(None).env(key, value).arg("config"))?;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
+        for needle in *expected {
+            assert!(
+                stderr.contains(needle),
+                "{key}={value}: {stderr:?} lacks {needle:?}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = run(outboxd(None).env("OUTBOXD_ENV", "nope").arg("config"))?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nope.toml"));
+    Ok(())
+}
+
+#[test]
+fn unreachable_database_is_a_clear_error_without_the_password() -> TestResult {
+    let out = run(outboxd(Some("postgres://user:s3cret@127.0.0.1:1/db"))
+        .env("OUTBOXD_DATABASE__ACQUIRE_TIMEOUT_MS", "500")
+        .arg("migrate"))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL at postgres://user@127.0.0.1:1/db"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResult {
+    let db = TestDb::new().await?;
+    let out = run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        r#"{"a":1}"#,
+        "--idempotency-key",
+        "k1",
+    ]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    uuid::Uuid::parse_str(&id)?;
+    let again = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        r#"{"a":2}"#,
+        "--idempotency-key",
+        "k1",
+    ]))?;
+    assert_eq!(
+        text(&again.stdout).trim(),
+        id,
+        "idempotent through the CLI too"
+    );
+    let bad = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        "{not json",
+    ]))?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("not valid JSON"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let unknown = run(outboxd(Some(&db.url)).args(["enqueue", "--app", "nope", "--topic", "t"]))?;
+    assert!(
+        text(&unknown.stderr).contains("unknown app"),
+        "{}",
+        text(&unknown.stderr)
+    );
+
+    let (mut child, addr) = spawn_server(&db.url, &["run"]).await?;
+    assert_eq!(http_get(&addr, "/healthz").await?, (200, "ok".to_owned()));
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    // The row has no handler in a plain `run`: it is retried with a clear error.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, Option<String>>("SELECT last_error FROM outbox LIMIT 1")
+                .fetch_optional(&db.pool)
+                .await
+                .ok()
+                .flatten()
+                .flatten()
+                .is_some_and(|e| e.contains("no handler registered"))
+        })
+        .await
+    );
+    let (status, metrics) = http_get(&addr, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("outboxd_claimed_total"), "{metrics}");
+    assert!(
+        metrics.contains("outboxd_oldest_due_age_seconds"),
+        "{metrics}"
+    );
+    let status = stop(&mut child).await?;
+    assert!(status.success(), "drain must exit 0, got {status:?}");
+    assert_eq!(outbox_core::store::outbox::count_leased(&db.pool).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestResult {
+    let db = TestDb::new().await?;
+    let (mut child, _addr) = spawn_server(&db.url, &["demo"]).await?;
+    let appeared = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(DISTINCT topic) FROM dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .is_ok_and(|n| n >= 2)
+    })
+    .await;
+    let status = stop(&mut child).await?;
+    assert!(
+        appeared,
+        "the demo made no dead letters of two topics within 30 s"
+    );
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        outbox_core::store::outbox::count_leased(&db.pool).await?,
+        0,
+        "drain left a leased row"
+    );
+
+    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "list", "--app", "demo"]))?;
+    let listing = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        listing.contains("webhook.deliver") || listing.contains("invoice.render"),
+        "{listing}"
+    );
+    let first_id = listing
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .ok_or("no row in the listing")?
+        .to_owned();
+    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "show", &first_id]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(shown["id"], first_id);
+    assert!(shown["payload"].is_object());
+    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "show", "not-a-uuid"]))?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not a UUID"));
+    Ok(())
+}

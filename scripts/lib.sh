@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Helpers shared by the scripts: install what is missing, and run a private
+# PostgreSQL under the project folder on a free 127.0.0.1 port.
+# Source it; it defines functions and ROOT, and changes nothing by itself.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE_DIR="$ROOT/.outboxd"
+
+log() { printf '[outboxd] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root (or sudo) to run: $*"
+  fi
+}
+
+APT_UPDATED=""
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install $* by hand"
+  if [ -z "$APT_UPDATED" ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  log "installing Debian packages: $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# The newest PostgreSQL server bin directory, or nothing.
+pg_bindir() {
+  local d best=""
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && best="$d"
+  done
+  if [ -z "$best" ] && command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+    best="$(dirname "$(readlink -f "$(command -v initdb)")")"
+  fi
+  printf '%s' "$best"
+}
+
+ensure_postgres() {
+  PG_BIN="$(pg_bindir)"
+  if [ -z "$PG_BIN" ]; then
+    apt_install postgresql
+    PG_BIN="$(pg_bindir)"
+    [ -n "$PG_BIN" ] || die "PostgreSQL server binaries still missing after install"
+  fi
+  export PG_BIN
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) first"
+}
+
+free_port() {
+  if command -v python3 >/dev/null 2>&1; then
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  else
+    local p
+    while :; do
+      p=$(( 20000 + RANDOM % 30000 ))
+      (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
+  fi
+}
+
+# initdb refuses to run as root: as root, the server runs as an unprivileged user.
+PG_USER=""
+pg_run() {
+  if [ "$(id -u)" = 0 ]; then
+    if [ -z "$PG_USER" ]; then
+      if id postgres >/dev/null 2>&1; then PG_USER=postgres
+      else
+        id outboxd >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin outboxd
+        PG_USER=outboxd
+      fi
+    fi
+    runuser -u "$PG_USER" -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# start_postgres DIR [durable|fast]
+# Starts (or reuses) a cluster in DIR on a free port, creates database
+# "outboxd" and exports PG_DIR, PG_PORT and DATABASE_URL. "fast" turns fsync
+# off (tests only); the demo and the benchmark keep full durability.
+start_postgres() {
+  local dir="$1" mode="${2:-durable}"
+  ensure_postgres
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    pg_run true # picks PG_USER
+    chown -R "$PG_USER" "$dir"
+    if ! runuser -u "$PG_USER" -- test -w "$dir"; then
+      # The project sits where the server user cannot reach (e.g. under /root).
+      local alt
+      alt="$(mktemp -d /tmp/outboxd-pg.XXXXXX)"
+      chown "$PG_USER" "$alt"
+      ln -sfn "$alt" "$dir/cluster"
+      dir="$alt"
+    fi
+  fi
+  PG_DIR="$dir"
+  local data="$dir/data"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initialising a private PostgreSQL cluster in $data"
+    pg_run "$PG_BIN/initdb" -D "$data" -U outboxd --auth=trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
+      || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+  fi
+  if pg_run "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1 && [ -f "$dir/port" ]; then
+    PG_PORT="$(cat "$dir/port")"
+    log "reusing PostgreSQL on 127.0.0.1:$PG_PORT"
+  else
+    PG_PORT="$(free_port)"
+    local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400"
+    if [ "$mode" = fast ]; then
+      opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    fi
+    pg_run "$PG_BIN/pg_ctl" -D "$data" -l "$dir/server.log" -o "$opts" -w -t 60 start >/dev/null \
+      || { tail -n 30 "$dir/server.log" >&2; die "PostgreSQL did not start"; }
+    echo "$PG_PORT" >"$dir/port"
+    log "PostgreSQL running on 127.0.0.1:$PG_PORT (log: $dir/server.log)"
+  fi
+  if ! "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U outboxd -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'outboxd'" | grep -q 1; then
+    "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U outboxd -d postgres -qc "CREATE DATABASE outboxd" >/dev/null
+  fi
+  export PG_DIR PG_PORT
+  export DATABASE_URL="postgres://outboxd@127.0.0.1:$PG_PORT/outboxd"
+}
+
+stop_postgres() {
+  local dir="${1:-${PG_DIR:-}}"
+  [ -n "$dir" ] || return 0
+  [ -L "$dir/cluster" ] && dir="$(readlink -f "$dir/cluster")"
+  if [ -f "$dir/data/PG_VERSION" ]; then
+    pg_run "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+}
