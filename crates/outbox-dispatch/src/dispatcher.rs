@@ -65,9 +65,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             worker_id: default_worker_id(),
-            batch_size: 100,
-            concurrency: 256,
-            claimers: 2,
+            batch_size: 500,
+            concurrency: 2048,
+            claimers: 3,
             poll_interval: Duration::from_secs(1),
             lease: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(20),
@@ -175,8 +175,10 @@ struct Finished {
     lease: Lease,
     outcome: Outcome,
     ordered: bool,
-    // Returned to the claim loop only once the outcome is written.
-    _permit: Option<OwnedSemaphorePermit>,
+    // Bounds the rows a dispatcher holds. A failure keeps its permit until the
+    // outcome is written; a success gives it back as soon as the handler
+    // returns, since the next claim statement deletes it anyway.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 struct Inner {
@@ -187,6 +189,14 @@ struct Inner {
     running: Mutex<HashMap<Uuid, Lease>>,
     // Wakes the claim loop: a notification arrived or an ordered row finished.
     wake: Notify,
+    // Successes waiting to be deleted. A claim loop deletes them in its next
+    // claim statement (one commit for both); the completer takes whatever a
+    // claim loop does not pick up soon.
+    succeeded: Mutex<Vec<Finished>>,
+    // Tells the completer that `succeeded` has rows.
+    succeeded_ready: Notify,
+    // Totals over the dispatcher's life.
+    totals: Mutex<BatchReport>,
 }
 
 /// Claims due rows and runs their handlers. Cheap to clone; clones share state.
@@ -215,6 +225,9 @@ impl Dispatcher {
                 config,
                 running: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                succeeded: Mutex::new(Vec::new()),
+                succeeded_ready: Notify::new(),
+                totals: Mutex::new(BatchReport::default()),
             }),
         })
     }
@@ -303,13 +316,10 @@ impl Dispatcher {
             }
         }
         drop(done_tx);
-        let totals = match completer.await {
-            Ok(totals) => totals,
-            Err(err) => {
-                error!(error = %err, "completer task failed");
-                BatchReport::default()
-            }
-        };
+        if let Err(err) = completer.await {
+            error!(error = %err, "completer task failed");
+        }
+        let totals = inner.totals.lock().map(|t| *t).unwrap_or_default();
         let abandoned: Vec<Lease> = inner.running_drain();
         let released = if abandoned.is_empty() {
             0
@@ -340,6 +350,55 @@ impl Inner {
     fn running_remove(&self, id: Uuid) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&id);
+        }
+    }
+
+    fn push_succeeded(&self, mut finished: Finished) {
+        finished.permit = None;
+        if let Ok(mut succeeded) = self.succeeded.lock() {
+            succeeded.push(finished);
+        }
+        self.succeeded_ready.notify_one();
+    }
+
+    fn take_succeeded(&self) -> Vec<Finished> {
+        self.succeeded
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
+    fn return_succeeded(&self, finished: Vec<Finished>) {
+        if finished.is_empty() {
+            return;
+        }
+        if let Ok(mut succeeded) = self.succeeded.lock() {
+            succeeded.extend(finished);
+        }
+        self.succeeded_ready.notify_one();
+    }
+
+    fn record_completed(&self, sent: usize, completed: usize) {
+        let fenced = sent.saturating_sub(completed);
+        if fenced > 0 {
+            warn!(
+                fenced,
+                "completions refused: the lease was taken over (row ran too long or lost its connection)"
+            );
+        }
+        metrics::counter!("outboxd_completed_total").increment(completed as u64);
+        metrics::counter!("outboxd_fenced_total").increment(fenced as u64);
+        self.add_totals(BatchReport {
+            claimed: sent,
+            completed,
+            fenced,
+            ..BatchReport::default()
+        });
+    }
+
+    fn add_totals(&self, report: BatchReport) {
+        if let Ok(mut totals) = self.totals.lock() {
+            totals.add(report);
         }
     }
 
@@ -386,19 +445,24 @@ impl Inner {
                 }
             }
             let wanted = held.len();
-            let rows = match store::claim(
+            let succeeded = self.take_succeeded();
+            let leases: Vec<Lease> = succeeded.iter().map(|f| f.lease).collect();
+            let claimed = store::complete_and_claim(
                 &self.pool,
+                &leases,
                 &config.worker_id,
                 wanted as u32,
                 config.lease,
             )
-            .await
-            {
-                Ok(rows) => {
+            .await;
+            let rows = match claimed {
+                Ok((completed, rows)) => {
                     claim_errors = 0;
+                    self.record_completed(leases.len(), completed);
                     rows
                 }
                 Err(err) => {
+                    self.return_succeeded(succeeded);
                     claim_errors = claim_errors.saturating_add(1);
                     let pause = Duration::from_millis(100u64 << claim_errors.min(6));
                     warn!(error = %err, ?pause, "claim failed; backing off");
@@ -419,8 +483,12 @@ impl Inner {
                 tasks.spawn(async move {
                     let finished = inner.run_row(row, permit).await;
                     inner.running_remove(finished.lease.id);
-                    // The completer only stops after every sender is gone.
-                    let _ = done_tx.send(finished);
+                    if matches!(finished.outcome, Outcome::Done) && !finished.ordered {
+                        inner.push_succeeded(finished);
+                    } else {
+                        // The completer only stops after every sender is gone.
+                        let _ = done_tx.send(finished);
+                    }
                 });
             }
             drop(held);
@@ -465,7 +533,7 @@ impl Inner {
             lease,
             outcome,
             ordered,
-            _permit: permit,
+            permit,
         }
     }
 
@@ -591,48 +659,70 @@ impl Inner {
         })
     }
 
-    /// Writes outcomes as they arrive, batching whatever is waiting.
-    async fn complete(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Finished>) -> BatchReport {
-        let mut totals = BatchReport::default();
+    /// Writes outcomes as they arrive, batching whatever is waiting: failures
+    /// from the channel, and successes no claim loop picked up within a moment.
+    async fn complete(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Finished>) {
         let mut batch = Vec::new();
+        // Outcomes of one claimed batch arrive within moments of each other:
+        // wait briefly so they share one statement (one commit).
         let linger = Duration::from_millis(1);
+        // A busy claim loop deletes successes with its next claim; give it
+        // this long before writing them separately.
+        let success_linger = Duration::from_millis(5);
         let target = self.config.batch_size as usize;
-        while rx.recv_many(&mut batch, 4096).await > 0 {
-            // Outcomes of one claimed batch arrive within moments of each
-            // other: wait briefly so they share one statement (one commit).
-            let deadline = tokio::time::Instant::now() + linger;
-            while batch.len() < target {
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, 4096)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break,
-                }
-            }
-            let mut tries = 0u32;
-            loop {
-                match self.flush(&batch).await {
-                    Ok(report) => {
-                        totals.add(BatchReport {
-                            claimed: batch.len(),
-                            ..report
-                        });
+        loop {
+            tokio::select! {
+                received = rx.recv_many(&mut batch, 4096) => {
+                    if received == 0 {
                         break;
                     }
-                    Err(err) if tries < 5 => {
-                        tries += 1;
-                        let pause = Duration::from_millis(100u64 << tries);
-                        warn!(error = %err, rows = batch.len(), ?pause, "writing outcomes failed; retrying");
-                        tokio::time::sleep(pause).await;
-                    }
-                    Err(err) => {
-                        error!(error = %err, rows = batch.len(), "giving up writing outcomes; the rows run again when their leases expire");
-                        break;
+                    let deadline = tokio::time::Instant::now() + linger;
+                    while batch.len() < target {
+                        match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, 4096)).await {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
                     }
                 }
+                () = self.succeeded_ready.notified() => {
+                    tokio::time::sleep(success_linger).await;
+                    batch.extend(self.take_succeeded());
+                }
             }
-            // Dropping the batch returns its permits to the claim loop.
+            self.flush_with_retries(&batch).await;
+            // Dropping the batch returns its permits to the claim loops.
             batch.clear();
         }
-        totals
+        batch.extend(self.take_succeeded());
+        self.flush_with_retries(&batch).await;
+    }
+
+    async fn flush_with_retries(&self, batch: &[Finished]) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut tries = 0u32;
+        loop {
+            match self.flush(batch).await {
+                Ok(report) => {
+                    self.add_totals(BatchReport {
+                        claimed: batch.len(),
+                        ..report
+                    });
+                    return;
+                }
+                Err(err) if tries < 5 => {
+                    tries += 1;
+                    let pause = Duration::from_millis(100u64 << tries);
+                    warn!(error = %err, rows = batch.len(), ?pause, "writing outcomes failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(err) => {
+                    error!(error = %err, rows = batch.len(), "giving up writing outcomes; the rows run again when their leases expire");
+                    return;
+                }
+            }
+        }
     }
 
     /// Keeps the leases of running rows fresh.

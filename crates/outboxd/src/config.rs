@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let s = load(&[]).expect("default config");
-        assert_eq!(s.dispatcher.batch_size, 100);
+        assert_eq!(s.dispatcher.batch_size, 500);
         assert!(s.dispatcher_config().validate().is_ok());
     }
 

@@ -15,8 +15,11 @@ use uuid::Uuid;
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
 
-const CLAIM: &str = "
-WITH picked AS (
+/// Picks up to `$1` claimable rows, apps in random order (fairness), and
+/// locks them. Shared by [`claim`] and [`complete_and_claim`].
+macro_rules! picked_cte {
+    () => {
+        "picked AS (
     SELECT c.ctid
     FROM (SELECT id FROM apps ORDER BY random()) AS a
     CROSS JOIN LATERAL (
@@ -37,8 +40,14 @@ WITH picked AS (
         FOR UPDATE OF o SKIP LOCKED
     ) AS c
     LIMIT $1
-)
-UPDATE outbox o
+)"
+    };
+}
+
+/// Leases the picked rows: bumps the attempt and the fencing token.
+macro_rules! lease_picked {
+    () => {
+        "UPDATE outbox o
 SET attempt_count    = o.attempt_count + 1,
     lease_token      = o.lease_token + 1,
     locked_by        = $2,
@@ -50,7 +59,31 @@ WHERE o.ctid = picked.ctid
 RETURNING o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
           o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
           o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
-          o.registered_by_principal, o.created_at";
+          o.registered_by_principal, o.created_at"
+    };
+}
+
+const CLAIM: &str = concat!("WITH ", picked_cte!(), "\n", lease_picked!());
+
+/// One round trip, one commit: delete the finished rows `$4`/`$5` (ids and
+/// fencing tokens) and claim the next batch. The single row of `done` is
+/// joined to the claimed rows so the deleted count arrives even when nothing
+/// was claimed.
+const COMPLETE_AND_CLAIM: &str = concat!(
+    "WITH done AS (
+    DELETE FROM outbox o
+    USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
+    WHERE o.id = t.id AND o.lease_token = t.token
+    RETURNING o.id
+), ",
+    picked_cte!(),
+    ", claimed AS (\n",
+    lease_picked!(),
+    "\n)
+SELECT c.*, d.completed
+FROM (SELECT count(*) AS completed FROM done) AS d
+LEFT JOIN claimed AS c ON true"
+);
 
 /// Claims up to `limit` due rows for `worker`, leasing them for `lease`.
 ///
@@ -74,6 +107,41 @@ pub async fn claim<'e>(
         .bind(lease.as_secs_f64())
         .fetch_all(db)
         .await?)
+}
+
+/// Deletes the successfully handled rows of `done` and claims up to `limit`
+/// more, in one statement (one commit). Returns how many of `done` were
+/// deleted (the rest were fenced) and the claimed rows.
+///
+/// A row of `done` whose lease expired before this call could also be picked
+/// by the claim half; PostgreSQL then applies only one of the two changes, so
+/// such a row may run again (at-least-once), never get lost.
+pub async fn complete_and_claim<'e>(
+    db: impl PgExecutor<'e>,
+    done: &[Lease],
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<(usize, Vec<ClaimedEvent>), Error> {
+    use sqlx::{FromRow, Row};
+    let (ids, tokens) = split(done);
+    let rows = sqlx::query(COMPLETE_AND_CLAIM)
+        .bind(i64::from(limit.max(1)))
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(db)
+        .await?;
+    let mut completed = 0;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        completed = row.try_get::<i64, _>("completed")? as usize;
+        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+            claimed.push(ClaimedEvent::from_row(row)?);
+        }
+    }
+    Ok((completed, claimed))
 }
 
 fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {

@@ -245,3 +245,44 @@ async fn drain_finishes_quick_work_and_releases_the_rest() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    for n in 0..3 {
+        enqueue_committed(&db.pool, app, NewEvent::new("t", payload(n))).await?;
+    }
+    let first = store::claim(&db.pool, "w", 2, Duration::from_secs(30)).await?;
+    assert_eq!(first.len(), 2);
+    let mut stale = first[1].lease();
+    stale.token -= 1;
+    // One current lease, one stale token: only the current one is deleted, and
+    // the third row is claimed in the same statement.
+    let (completed, claimed) = store::complete_and_claim(
+        &db.pool,
+        &[first[0].lease(), stale],
+        "w",
+        10,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(completed, 1);
+    assert_eq!(claimed.len(), 1);
+    assert_ne!(
+        claimed[0].id, first[1].id,
+        "a leased row is not claimed again"
+    );
+    // Nothing left to claim: the count still arrives.
+    let (completed, claimed) = store::complete_and_claim(
+        &db.pool,
+        &[first[1].lease(), claimed[0].lease()],
+        "w",
+        10,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!((completed, claimed.len()), (2, 0));
+    assert_eq!(store::count(&db.pool).await?, 0);
+    Ok(())
+}
