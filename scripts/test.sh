@@ -17,7 +17,14 @@ TEST_DIR="$STATE_DIR/test-$$"
 cleanup() { stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }
 trap cleanup EXIT
 start_postgres "$TEST_DIR" fast
-export OUTBOXD_TEST_CONFIG_DIR="$ROOT/config"
 
 log "cargo test"
-cargo test --workspace "$@"
+TEST_LOG="$TEST_DIR/cargo-test.log"
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run: cargo prints one per test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
+exit "$status"

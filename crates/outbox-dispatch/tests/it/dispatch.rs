@@ -364,3 +364,33 @@ async fn two_dispatchers_handle_10k_rows_once_each_never_concurrently() -> TestR
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_delayed_row_runs_once_due_and_not_before() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let due_at = chrono::Utc::now() + chrono::Duration::milliseconds(400);
+    let id = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("t", payload(1)).with_run_at(due_at),
+    )
+    .await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    // No NOTIFY arrives when the row becomes due: the poll interval finds it.
+    let handled = wait_until(Duration::from_secs(5), || async { calls.of(id) == 1 }).await;
+    let handled_at = chrono::Utc::now();
+    stop.cancel();
+    run.await??;
+    assert!(handled, "the delayed row was never handled");
+    assert!(handled_at >= due_at, "handled before its run_at");
+    assert_eq!(calls.of(id), 1);
+    Ok(())
+}
