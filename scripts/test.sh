@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against a real, private PostgreSQL: formatting,
-# clippy, unit and integration tests. Installs PostgreSQL if it is missing.
+# Runs the whole test suite against a real, private PostgreSQL and a real
+# JetStream nats-server: formatting, clippy, unit and integration tests.
+# Installs PostgreSQL and nats-server if they are missing.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 ensure_rust
 ensure_postgres
+ensure_nats
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -14,9 +16,10 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 TEST_DIR="$STATE_DIR/test-$$"
-cleanup() { stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }
+cleanup() { stop_nats "$TEST_DIR/nats"; stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }
 trap cleanup EXIT
 start_postgres "$TEST_DIR" fast
+start_nats "$TEST_DIR/nats"
 
 log "cargo test"
 TEST_LOG="$TEST_DIR/cargo-test.log"

@@ -117,13 +117,18 @@ where
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Arc<dyn Handler>>,
+    // Runs topics that have no handler of their own (e.g. the NATS relay).
+    fallback: Option<Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut topics: Vec<&String> = self.handlers.keys().collect();
         topics.sort();
-        f.debug_struct("Registry").field("topics", &topics).finish()
+        f.debug_struct("Registry")
+            .field("topics", &topics)
+            .field("fallback", &self.fallback.is_some())
+            .finish()
     }
 }
 
@@ -139,9 +144,15 @@ impl Registry {
         self
     }
 
-    /// The handler for `topic`, if any.
+    /// Runs every topic that has no handler of its own.
+    pub fn fallback(&mut self, handler: impl Handler) -> &mut Self {
+        self.fallback = Some(Arc::new(handler));
+        self
+    }
+
+    /// The handler for `topic`: its own, else the fallback, if any.
     pub fn get(&self, topic: &str) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(topic).cloned()
+        self.handlers.get(topic).or(self.fallback.as_ref()).cloned()
     }
 
     /// Registered topics, sorted.

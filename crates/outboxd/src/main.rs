@@ -315,6 +315,25 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     } else {
         Registry::new()
     };
+    let mut registry = registry;
+    if !settings.nats.url.is_empty() {
+        let client = outbox_nats::connect(&settings.nats.url).await?;
+        let js = async_nats::jetstream::new(client);
+        outbox_nats::ensure_stream(&js, &settings.stream_contract())
+            .await
+            .context("checking the NATS stream contract")?;
+        if settings.nats.relay_unhandled {
+            registry.fallback(outbox_nats::Relay::new(
+                js,
+                pool.clone(),
+                outbox_nats::RelayConfig {
+                    subject_template: settings.nats.subject_template.clone(),
+                    ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
+                },
+            ));
+            info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
+        }
+    }
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
     let report = dispatcher
         .run({

@@ -293,3 +293,95 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
     assert!(text(&out.stderr).contains("not a UUID"));
     Ok(())
 }
+
+/// A config folder whose overlay points the stream contract at a stream and
+/// subject space of this test's own on the shared nats-server.
+fn nats_config_dir(
+    prefix: &str,
+    max_age_secs: u64,
+) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("outboxd-{prefix}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default.toml"),
+        dir.join("default.toml"),
+    )?;
+    std::fs::write(
+        dir.join("nats-test.toml"),
+        format!(
+            "[dispatcher]\npoll_interval_ms = 100\n[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n\
+             [nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = {max_age_secs}\n"
+        ),
+    )?;
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_stream() -> TestResult {
+    let nats_url =
+        std::env::var("NATS_URL").map_err(|_| "NATS_URL is not set: run scripts/test.sh")?;
+    let db = TestDb::new().await?;
+    let prefix = format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    for n in 0..3 {
+        let out = run(outboxd(Some(&db.url)).args([
+            "enqueue",
+            "--app",
+            "shop",
+            "--topic",
+            "order.created",
+            "--payload",
+            &format!("{{\"n\":{n}}}"),
+        ]))?;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &nats_url)
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let drained = wait_until(Duration::from_secs(30), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    let status = stop(&mut child).await?;
+    assert!(drained, "rows were not relayed");
+    assert!(status.success(), "{status:?}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(stream.info().await?.state.messages, 3);
+
+    // Same stream, different contract: a clear start-up error, nothing replaced.
+    let other = nats_config_dir(&format!("{prefix}m"), 60)?;
+    std::fs::write(
+        other.join("nats-test.toml"),
+        format!(
+            "[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n[nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = 60\n"
+        ),
+    )?;
+    let out = run(outboxd(Some(&db.url))
+        .env("OUTBOXD_CONFIG_DIR", &other)
+        .env("OUTBOXD_ENV", "nats-test")
+        .env("NATS_URL", &nats_url)
+        .arg("run"))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("max_age: configured 60s, server 3600s"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stream.info().await?.config.max_age,
+        Duration::from_secs(3600)
+    );
+    Ok(())
+}

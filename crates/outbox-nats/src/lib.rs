@@ -1,0 +1,61 @@
+//! outboxd's NATS JetStream adapter: the only crate that speaks NATS.
+//!
+//! - [`contract`]: the stream contract — created when missing, validated when
+//!   present; a mismatch is a start-up error that names every differing field.
+//! - [`relay`]: the relay sink — a dispatcher handler that publishes an outbox
+//!   row to a tenant-first subject with `Nats-Msg-Id` = outbox id and returns
+//!   only after the PubAck, so the row is deleted only once JetStream has it.
+//!
+//! A crash between the PubAck and the row's deletion re-publishes the row;
+//! the stream's duplicate window drops the copy because the `Nats-Msg-Id` is
+//! the same.
+
+pub mod contract;
+pub mod relay;
+
+pub use contract::{StreamContract, ensure_stream};
+pub use relay::{Relay, RelayConfig};
+
+/// Errors of the NATS adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Connecting to the server failed.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The server URL.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// The stream exists with settings other than the configured ones.
+    #[error("stream {stream:?} differs from the configured contract: {}", .fields.join("; "))]
+    StreamMismatch {
+        /// The stream name.
+        stream: String,
+        /// One entry per differing field: `field: configured X, server Y`.
+        fields: Vec<String>,
+    },
+    /// A JetStream API request failed.
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+    /// The configuration is invalid.
+    #[error("invalid NATS configuration: {0}")]
+    Config(String),
+}
+
+/// Connects with explicit reconnect backoff (capped at 5 s) and a name that
+/// shows in the server's connection list.
+pub async fn connect(url: &str) -> Result<async_nats::Client, Error> {
+    async_nats::ConnectOptions::new()
+        .name("outboxd")
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|attempts| {
+            std::time::Duration::from_millis((100u64 << attempts.min(6)).min(5000))
+        })
+        .connect(url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })
+}

@@ -1,0 +1,204 @@
+//! The relay sink: publish an outbox row to JetStream and succeed only on PubAck.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use outbox_dispatch::{Event, Handler, HandlerError, handler::HandlerFuture};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Subject template; `{app}` is the app slug, `{topic}` the row's topic.
+    pub subject_template: String,
+    /// How long to wait for the PubAck before the attempt fails (and retries).
+    pub ack_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            subject_template: "tenant.{app}.{topic}".to_owned(),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Publishes outbox rows to JetStream. Register it as the dispatcher's
+/// handler for the topics to relay (or as the fallback for all topics).
+#[derive(Clone)]
+pub struct Relay {
+    js: jetstream::Context,
+    pool: PgPool,
+    config: RelayConfig,
+    // App slugs by id: subjects and the tenant header use the slug.
+    slugs: Arc<RwLock<HashMap<Uuid, String>>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// The subject a row is published to.
+pub fn subject_for(template: &str, app_slug: &str, topic: &str) -> String {
+    template
+        .replace("{app}", app_slug)
+        .replace("{topic}", topic)
+}
+
+/// A W3C `traceparent` for a new trace.
+pub fn new_traceparent() -> String {
+    let trace = Uuid::new_v4().simple().to_string();
+    let span = &Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+impl Relay {
+    /// A relay publishing through `js`; `pool` resolves app slugs.
+    pub fn new(js: jetstream::Context, pool: PgPool, config: RelayConfig) -> Self {
+        Self {
+            js,
+            pool,
+            config,
+            slugs: Arc::default(),
+        }
+    }
+
+    async fn slug(&self, app_id: Uuid) -> Result<String, HandlerError> {
+        if let Some(slug) = self.slugs.read().ok().and_then(|m| m.get(&app_id).cloned()) {
+            return Ok(slug);
+        }
+        let app = outbox_core::store::apps::by_id(&self.pool, app_id)
+            .await
+            .map_err(|e| HandlerError::retry(format!("looking up app {app_id}: {e}")))?;
+        if let Ok(mut slugs) = self.slugs.write() {
+            slugs.insert(app_id, app.slug.clone());
+        }
+        Ok(app.slug)
+    }
+
+    /// Publishes one event and waits for its PubAck.
+    pub async fn publish(
+        &self,
+        event: Event,
+    ) -> Result<jetstream::publish::PublishAck, HandlerError> {
+        let slug = self.slug(event.app_id).await?;
+        let subject = subject_for(&self.config.subject_template, &slug, &event.topic);
+        let header = |name: &str| {
+            event
+                .headers
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+        headers.insert("tenant-id", slug.as_str());
+        headers.insert(
+            "correlation-id",
+            header("correlation-id")
+                .unwrap_or_else(|| event.id.to_string())
+                .as_str(),
+        );
+        headers.insert(
+            "traceparent",
+            header("traceparent")
+                .unwrap_or_else(new_traceparent)
+                .as_str(),
+        );
+        headers.insert("outbox-topic", event.topic.as_str());
+        let payload = serde_json::to_vec(&event.payload)
+            .map_err(|e| HandlerError::permanent(format!("payload does not serialize: {e}")))?;
+        let publish = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await?;
+            ack.await
+        };
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.config.ack_timeout, publish).await;
+        metrics::histogram!("outboxd_publish_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(ack)) => {
+                metrics::counter!("outboxd_published_total").increment(1);
+                if ack.duplicate {
+                    metrics::counter!("outboxd_published_duplicates_total").increment(1);
+                }
+                Ok(ack)
+            }
+            Ok(Err(err)) => Err(classify(&subject, err.kind(), &err)),
+            Err(_) => Err(HandlerError::retry(format!(
+                "no PubAck for {subject} within {:?}",
+                self.config.ack_timeout
+            ))),
+        }
+    }
+}
+
+/// Maps a publish failure by its kind, never by its message text.
+fn classify(subject: &str, kind: PublishErrorKind, err: &dyn std::fmt::Display) -> HandlerError {
+    match kind {
+        // Sequence and message-id expectations cannot start holding by retrying.
+        PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::MaxPayloadExceeded => {
+            HandlerError::permanent(format!("publish to {subject}: {err}"))
+        }
+        // No stream captures the subject: an operator can fix the stream, so retry.
+        PublishErrorKind::StreamNotFound => HandlerError::retry(format!(
+            "publish to {subject}: no stream captures this subject"
+        )),
+        _ => HandlerError::retry(format!("publish to {subject}: {err}")),
+    }
+}
+
+impl Handler for Relay {
+    fn handle(&self, event: Event) -> HandlerFuture {
+        let relay = self.clone();
+        Box::pin(async move { relay.publish(event).await.map(|_| ()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_tenant_first() {
+        assert_eq!(
+            subject_for("tenant.{app}.{topic}", "shop", "order.created"),
+            "tenant.shop.order.created"
+        );
+    }
+
+    #[test]
+    fn traceparent_has_w3c_shape() {
+        let tp = new_traceparent();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+    }
+
+    #[test]
+    fn publish_errors_map_by_kind() {
+        let e = classify("s", PublishErrorKind::WrongLastSequence, &"x");
+        assert!(matches!(e, HandlerError::Permanent(_)));
+        let e = classify("s", PublishErrorKind::TimedOut, &"x");
+        assert!(matches!(e, HandlerError::Retry(_)));
+        let e = classify("s", PublishErrorKind::StreamNotFound, &"x");
+        assert!(matches!(e, HandlerError::Retry(m) if m.contains("no stream")));
+    }
+}
