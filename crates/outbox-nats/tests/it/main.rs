@@ -34,6 +34,18 @@ fn contract(prefix: &str) -> StreamContract {
     }
 }
 
+/// A relay publishing into the subject space of `prefix`.
+fn relay_for(js: &jetstream::Context, db: &TestDb, prefix: &str) -> Relay {
+    Relay::new(
+        js.clone(),
+        db.pool.clone(),
+        RelayConfig {
+            subject_template: format!("{prefix}.{{app}}.{{topic}}"),
+            ..RelayConfig::default()
+        },
+    )
+}
+
 fn unique_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
@@ -68,14 +80,7 @@ async fn relay_publishes_with_headers_and_deletes_after_the_puback() -> TestResu
     let app = db.app("shop").await?;
     let prefix = unique_prefix();
     let stream = ensure_stream(&js, &contract(&prefix)).await?;
-    let relay = Relay::new(
-        js.clone(),
-        db.pool.clone(),
-        RelayConfig {
-            subject_template: format!("{prefix}.{{app}}.{{topic}}"),
-            ..RelayConfig::default()
-        },
-    );
+    let relay = relay_for(&js, &db, &prefix);
     let mut tx = db.pool.begin().await?;
     let traced = enqueue(
         &mut tx,
@@ -148,14 +153,7 @@ async fn a_republished_row_is_dropped_by_the_duplicate_window() -> TestResult {
     let app = db.app("shop").await?;
     let prefix = unique_prefix();
     let mut stream = ensure_stream(&js, &contract(&prefix)).await?;
-    let relay = Relay::new(
-        js.clone(),
-        db.pool.clone(),
-        RelayConfig {
-            subject_template: format!("{prefix}.{{app}}.{{topic}}"),
-            ..RelayConfig::default()
-        },
-    );
+    let relay = relay_for(&js, &db, &prefix);
     let event = Event {
         id: uuid::Uuid::now_v7(),
         app_id: app,
