@@ -145,6 +145,7 @@ stop_postgres() {
 ensure_nats() {
   local venv="$STATE_DIR/venv"
   if [ -x "$venv/bin/nats-server" ]; then NATS_BIN="$venv/bin/nats-server"; export NATS_BIN; return; fi
+  # (NATS_BIN is exported so tests can run servers of their own.)
   if command -v python3 >/dev/null 2>&1; then
     if ! python3 -m venv "$venv" >/dev/null 2>&1; then
       apt_install python3-venv

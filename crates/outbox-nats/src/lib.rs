@@ -2,6 +2,9 @@
 //!
 //! - [`contract`]: the stream contract — created when missing, validated when
 //!   present; a mismatch is a start-up error that names every differing field.
+//! - [`consumer`]: the consumer runtime for services that consume what
+//!   outboxd relays (durable pull consumer, explicit acks, dead letters,
+//!   de-duplication).
 //! - [`relay`]: the relay sink — a dispatcher handler that publishes an outbox
 //!   row to a tenant-first subject with `Nats-Msg-Id` = outbox id and returns
 //!   only after the PubAck, so the row is deleted only once JetStream has it.
@@ -10,9 +13,11 @@
 //! the stream's duplicate window drops the copy because the `Nats-Msg-Id` is
 //! the same.
 
+pub mod consumer;
 pub mod contract;
 pub mod relay;
 
+pub use consumer::{ConsumeError, ConsumerConfig, ConsumerRuntime, Delivery, durable_name};
 pub use contract::{StreamContract, ensure_stream};
 pub use relay::{Relay, RelayConfig};
 

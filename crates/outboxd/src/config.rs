@@ -71,6 +71,23 @@ pub struct Settings {
     pub http: HttpSettings,
     pub log: LogSettings,
     pub nats: NatsSettings,
+    pub consumer: ConsumerSettings,
+}
+
+/// `[consumer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct ConsumerSettings {
+    pub group: String,
+    pub subjects: Vec<String>,
+    pub ack_wait_ms: u64,
+    pub max_deliver: u32,
+    pub concurrency: u32,
+    pub nak_base_ms: u64,
+    pub nak_max_ms: u64,
+    pub dedupe_ttl_secs: u64,
+    pub mask_fields: Vec<String>,
 }
 
 /// `[nats]`.
@@ -295,6 +312,18 @@ impl Settings {
             });
         }
         self.validate_nats()?;
+        let cs = &self.consumer;
+        range("consumer.ack_wait_ms", cs.ack_wait_ms, 1000, 3_600_000)?;
+        range("consumer.max_deliver", cs.max_deliver as u64, 1, 1000)?;
+        range("consumer.concurrency", cs.concurrency as u64, 1, 10_000)?;
+        range("consumer.nak_base_ms", cs.nak_base_ms, 1, 3_600_000)?;
+        range(
+            "consumer.nak_max_ms",
+            cs.nak_max_ms,
+            cs.nak_base_ms,
+            86_400_000,
+        )?;
+        range("consumer.dedupe_ttl_secs", cs.dedupe_ttl_secs, 0, 2_592_000)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Range {
                 key: "log.format",
@@ -408,6 +437,25 @@ impl Settings {
             max_bytes: st.max_bytes,
             max_messages: st.max_msgs,
             duplicate_window: Duration::from_secs(st.duplicate_window_secs),
+        }
+    }
+
+    /// The consumer runtime's settings in its own types.
+    pub fn consumer_config(&self) -> outbox_nats::ConsumerConfig {
+        let cs = &self.consumer;
+        outbox_nats::ConsumerConfig {
+            stream: self.nats.stream.name.clone(),
+            durable: outbox_nats::durable_name("consume", &cs.group),
+            filter_subjects: cs.subjects.clone(),
+            ack_wait: Duration::from_millis(cs.ack_wait_ms),
+            max_deliver: i64::from(cs.max_deliver),
+            concurrency: cs.concurrency as usize,
+            batch: (cs.concurrency as usize).min(256),
+            nak_base: Duration::from_millis(cs.nak_base_ms),
+            nak_max: Duration::from_millis(cs.nak_max_ms),
+            dedupe_ttl: (cs.dedupe_ttl_secs > 0).then(|| Duration::from_secs(cs.dedupe_ttl_secs)),
+            mask_fields: cs.mask_fields.clone(),
+            ..outbox_nats::ConsumerConfig::default()
         }
     }
 

@@ -15,15 +15,21 @@ use sqlx::PgPool;
 struct AppState {
     pool: PgPool,
     metrics: PrometheusHandle,
+    // Present when NATS is required (relaying); readiness then includes it.
+    nats: Option<async_nats::Client>,
 }
 
 /// The router, for serving and for tests.
-pub fn router(pool: PgPool, metrics: PrometheusHandle) -> Router {
+pub fn router(pool: PgPool, metrics: PrometheusHandle, nats: Option<async_nats::Client>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { pool, metrics })
+        .with_state(AppState {
+            pool,
+            metrics,
+            nats,
+        })
 }
 
 /// Binds `addr` and serves until `shutdown` completes; returns the bound address
@@ -50,14 +56,19 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     )
     .await;
     let postgres_ok = matches!(check, Ok(Ok(1)));
-    let status = if postgres_ok {
+    let nats_ok = state
+        .nats
+        .as_ref()
+        .map(|client| client.connection_state() == async_nats::connection::State::Connected);
+    let ready = postgres_ok && nats_ok.unwrap_or(true);
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({ "ready": postgres_ok, "postgres": postgres_ok })),
+        Json(serde_json::json!({ "ready": ready, "postgres": postgres_ok, "nats": nats_ok })),
     )
 }
 

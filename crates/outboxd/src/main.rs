@@ -59,6 +59,9 @@ enum Command {
     },
     /// Run with the demo workload (same as `run --demo`).
     Demo,
+    /// Consume relayed events from JetStream with the consumer runtime and
+    /// log each one (a demo of the library's consumer API).
+    Consume,
     /// Enqueue one event; the payload comes from --payload or standard input.
     Enqueue(EnqueueArgs),
     /// Manage apps (tenants).
@@ -203,6 +206,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Run { demo } => run(settings, demo).await,
         Command::Demo => run(settings, true).await,
+        Command::Consume => consume(settings).await,
         Command::Enqueue(args) => enqueue(settings, args).await,
         Command::App(cmd) => app(settings, cmd).await,
         Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
@@ -284,12 +288,25 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         }
     });
 
+    // NATS first: a stream-contract mismatch must stop start-up before
+    // anything serves.
+    let (nats_client, jetstream) = if settings.nats.url.is_empty() {
+        (None, None)
+    } else {
+        let client = outbox_nats::connect(&settings.nats.url).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        outbox_nats::ensure_stream(&js, &settings.stream_contract())
+            .await
+            .context("checking the NATS stream contract")?;
+        (Some(client), Some(js))
+    };
+
     let addr = settings
         .http
         .listen
         .parse()
         .context("http.listen is not a socket address")?;
-    let (bound, server) = http::serve(addr, http::router(pool.clone(), metrics), {
+    let (bound, server) = http::serve(addr, http::router(pool.clone(), metrics, nats_client), {
         let stop = stop.clone();
         async move { stop.cancelled().await }
     })
@@ -316,23 +333,16 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         Registry::new()
     };
     let mut registry = registry;
-    if !settings.nats.url.is_empty() {
-        let client = outbox_nats::connect(&settings.nats.url).await?;
-        let js = async_nats::jetstream::new(client);
-        outbox_nats::ensure_stream(&js, &settings.stream_contract())
-            .await
-            .context("checking the NATS stream contract")?;
-        if settings.nats.relay_unhandled {
-            registry.fallback(outbox_nats::Relay::new(
-                js,
-                pool.clone(),
-                outbox_nats::RelayConfig {
-                    subject_template: settings.nats.subject_template.clone(),
-                    ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
-                },
-            ));
-            info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
-        }
+    if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
+        registry.fallback(outbox_nats::Relay::new(
+            js,
+            pool.clone(),
+            outbox_nats::RelayConfig {
+                subject_template: settings.nats.subject_template.clone(),
+                ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
+            },
+        ));
+        info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
     }
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
     let report = dispatcher
@@ -349,6 +359,43 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         released = report.released,
         "bye"
     );
+    Ok(())
+}
+
+async fn consume(settings: Settings) -> anyhow::Result<()> {
+    if settings.nats.url.is_empty() {
+        bail!("consume needs NATS: set NATS_URL (or [nats] url)");
+    }
+    let pool = connect(&settings).await?;
+    if settings.database.auto_migrate {
+        outbox_core::migrate(&pool)
+            .await
+            .context("migrating on start")?;
+    }
+    let client = outbox_nats::connect(&settings.nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    outbox_nats::ensure_stream(&js, &settings.stream_contract())
+        .await
+        .context("checking the NATS stream contract")?;
+    let config = settings.consumer_config();
+    println!(
+        "consuming {:?} from stream {} as {}",
+        config.filter_subjects, config.stream, config.durable
+    );
+    let runtime = outbox_nats::ConsumerRuntime::new(js, pool, config).route(
+        ">",
+        |delivery: outbox_nats::Delivery| async move {
+            info!(
+                subject = %delivery.subject,
+                tenant = %delivery.tenant,
+                delivered = delivery.delivered,
+                message_id = delivery.message_id.as_deref().unwrap_or(""),
+                "consumed"
+            );
+            Ok::<(), outbox_nats::ConsumeError>(())
+        },
+    );
+    runtime.run(shutdown_signal()).await?;
     Ok(())
 }
 

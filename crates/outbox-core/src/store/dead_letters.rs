@@ -129,3 +129,51 @@ pub async fn unresolved_by_app<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(Strin
     .fetch_all(db)
     .await?)
 }
+
+/// A dead letter for work that never was an outbox row (e.g. a NATS message
+/// a consumer gave up on).
+#[derive(Debug, Clone)]
+pub struct External<'a> {
+    /// The tenant.
+    pub app_id: Uuid,
+    /// The message's own id (the `Nats-Msg-Id` when it is a UUID), else a new one.
+    pub original_event_id: Uuid,
+    /// Where it came from, e.g. `nats`.
+    pub source: &'a str,
+    /// The subject or topic.
+    pub topic: &'a str,
+    /// The handler that failed.
+    pub handler: Option<&'a str>,
+    /// The body, already masked.
+    pub payload: &'a serde_json::Value,
+    /// The headers.
+    pub headers: &'a serde_json::Value,
+    /// Deliveries made.
+    pub attempt_count: i32,
+    /// Why it was given up.
+    pub last_error: &'a str,
+}
+
+/// Inserts an [`External`] dead letter; returns its id.
+pub async fn insert_external<'e>(
+    db: impl PgExecutor<'e>,
+    row: &External<'_>,
+) -> Result<Uuid, Error> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO dead_letters (app_id, original_event_id, source, topic, handler, payload, headers,
+                                   attempt_count, last_attempt_at, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9)
+         RETURNING id",
+    )
+    .bind(row.app_id)
+    .bind(row.original_event_id)
+    .bind(row.source)
+    .bind(row.topic)
+    .bind(row.handler)
+    .bind(row.payload)
+    .bind(row.headers)
+    .bind(row.attempt_count)
+    .bind(row.last_error)
+    .fetch_one(db)
+    .await?)
+}

@@ -3,4 +3,5 @@
 
 pub mod apps;
 pub mod dead_letters;
+pub mod dedupe;
 pub mod outbox;

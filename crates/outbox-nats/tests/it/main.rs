@@ -11,6 +11,8 @@ use outbox_nats::{Relay, RelayConfig, StreamContract, ensure_stream};
 use outbox_testkit::TestDb;
 use serde_json::json;
 
+mod consumer;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn jetstream() -> Result<jetstream::Context, Box<dyn std::error::Error>> {

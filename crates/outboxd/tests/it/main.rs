@@ -310,7 +310,8 @@ fn nats_config_dir(
         dir.join("nats-test.toml"),
         format!(
             "[dispatcher]\npoll_interval_ms = 100\n[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n\
-             [nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = {max_age_secs}\n"
+             [nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = {max_age_secs}\n\
+             [consumer]\nsubjects = [\"{prefix}.>\"]\n"
         ),
     )?;
     Ok(dir)
@@ -360,6 +361,34 @@ async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_strea
     let mut stream = js.get_stream(format!("S_{prefix}")).await?;
     assert_eq!(stream.info().await?.state.messages, 3);
 
+    // `outboxd consume` reads them back through the consumer runtime and acks them.
+    let mut consumer = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &nats_url)
+            .env("OUTBOXD_CONSUMER__GROUP", &prefix)
+            .arg("consume");
+        c
+    });
+    consumer
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut consumer = consumer.spawn()?;
+    let durable = outbox_nats::durable_name("consume", &prefix);
+    let acked = wait_until(Duration::from_secs(20), || async {
+        match stream.consumer_info(&durable).await {
+            Ok(info) => info.ack_floor.stream_sequence == 3 && info.num_ack_pending == 0,
+            Err(_) => false,
+        }
+    })
+    .await;
+    let exit = stop(&mut consumer).await?;
+    assert!(acked, "outboxd consume did not ack the relayed events");
+    assert!(exit.success(), "{exit:?}");
+
     // Same stream, different contract: a clear start-up error, nothing replaced.
     let other = nats_config_dir(&format!("{prefix}m"), 60)?;
     std::fs::write(
@@ -382,6 +411,141 @@ async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_strea
     assert_eq!(
         stream.info().await?.config.max_age,
         Duration::from_secs(3600)
+    );
+    Ok(())
+}
+
+/// A nats-server of this test's own (it gets killed), on a fixed port so a
+/// restart comes back at the same address with the same store.
+struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(port: u16, dir: std::path::PathBuf) -> Result<Self, Box<dyn std::error::Error>> {
+        let bin =
+            std::env::var("NATS_BIN").map_err(|_| "NATS_BIN is not set: run scripts/test.sh")?;
+        let child = Command::new(bin)
+            .args(["-js", "-sd"])
+            .arg(dir.join("js"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, port, dir })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill9(&mut self) -> Result<(), std::io::Error> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test]
+async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> TestResult {
+    let db = TestDb::new().await?;
+    let prefix = format!("k{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    let mut nats = OwnNats::start(free_port()?, dir.clone())?;
+    let url = nats.url();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            async_nats::connect(&url).await.is_ok()
+        })
+        .await
+    );
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &url)
+            .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "1000")
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next_line().await?.ok_or("outboxd exited")?;
+        if let Some(a) = line.strip_prefix("outboxd listening on http://") {
+            break a.trim().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nats\":true"), "{body}");
+
+    let enqueue_some = |from: u32, to: u32| {
+        let url = db.url.clone();
+        move || -> Result<(), Box<dyn std::error::Error>> {
+            for n in from..to {
+                let out = run(outboxd(Some(&url)).args([
+                    "enqueue",
+                    "--app",
+                    "shop",
+                    "--topic",
+                    "t",
+                    "--payload",
+                    &format!("{{\"n\":{n}}}"),
+                ]))?;
+                assert!(out.status.success(), "{}", text(&out.stderr));
+            }
+            Ok(())
+        }
+    };
+    enqueue_some(0, 5)()?;
+    nats.kill9()?;
+    let down = wait_until(Duration::from_secs(15), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .is_ok_and(|(s, _)| s == 503)
+    })
+    .await;
+    assert!(down, "/readyz stayed ready while NATS was down");
+    enqueue_some(5, 10)()?;
+    let nats = OwnNats::start(nats.port, nats.dir.clone())?;
+    let drained = wait_until(Duration::from_secs(60), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    let (status, _) = http_get(&addr, "/readyz").await?;
+    let exit = stop(&mut child).await?;
+    assert!(drained, "relaying did not resume after NATS came back");
+    assert_eq!(status, 200);
+    assert!(exit.success());
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        10,
+        "every event exactly once"
     );
     Ok(())
 }
