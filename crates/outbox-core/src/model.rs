@@ -207,6 +207,8 @@ pub struct App {
     pub name: String,
     /// When the app was created.
     pub created_at: DateTime<Utc>,
+    /// Set while the app is suspended: its rows wait, its messages are dead-lettered.
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 /// A row a dispatcher has claimed: the event plus its lease.

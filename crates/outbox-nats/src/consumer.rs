@@ -194,9 +194,20 @@ pub struct ConsumerRuntime {
     pool: PgPool,
     config: Arc<ConsumerConfig>,
     routes: Arc<Vec<(String, Arc<dyn MessageHandler>)>>,
-    slugs: Arc<RwLock<HashMap<String, Uuid>>>,
+    // App id and suspension by slug, refreshed after APP_CACHE_TTL.
+    apps: Arc<RwLock<HashMap<String, CachedApp>>>,
     /// What the runtime did so far.
     pub counters: Arc<ConsumeCounters>,
+}
+
+/// How long an app's suspension state may be stale in the consumer.
+const APP_CACHE_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy)]
+struct CachedApp {
+    id: Uuid,
+    suspended: bool,
+    fetched: std::time::Instant,
 }
 
 enum Verdict {
@@ -213,7 +224,7 @@ impl ConsumerRuntime {
             pool,
             config: Arc::new(config),
             routes: Arc::new(Vec::new()),
-            slugs: Arc::default(),
+            apps: Arc::default(),
             counters: Arc::default(),
         }
     }
@@ -359,15 +370,22 @@ impl ConsumerRuntime {
             .map_or(self.config.nak_max, |d| d.min(self.config.nak_max))
     }
 
-    async fn app_id(&self, slug: &str) -> Option<Uuid> {
-        if let Some(id) = self.slugs.read().ok().and_then(|m| m.get(slug).copied()) {
-            return Some(id);
+    async fn app(&self, slug: &str) -> Option<CachedApp> {
+        if let Some(app) = self.apps.read().ok().and_then(|m| m.get(slug).copied())
+            && app.fetched.elapsed() < APP_CACHE_TTL
+        {
+            return Some(app);
         }
-        let app = apps::by_slug(&self.pool, slug).await.ok()?;
-        if let Ok(mut m) = self.slugs.write() {
-            m.insert(slug.to_owned(), app.id);
+        let row = apps::by_slug(&self.pool, slug).await.ok()?;
+        let app = CachedApp {
+            id: row.id,
+            suspended: row.suspended_at.is_some(),
+            fetched: std::time::Instant::now(),
+        };
+        if let Ok(mut m) = self.apps.write() {
+            m.insert(slug.to_owned(), app);
         }
-        Some(app.id)
+        Some(app)
     }
 
     async fn decide(&self, message: &jetstream::Message) -> Verdict {
@@ -413,12 +431,29 @@ impl ConsumerRuntime {
             ConsumeCounters::bump(&c.tenant_rejected, "outboxd_consumer_tenant_rejected_total");
             return Verdict::Term;
         }
-        let Some(app_id) = self.app_id(&tenant).await else {
+        // An unknown tenant has no app to file a dead letter under.
+        let Some(app) = self.app(&tenant).await else {
             warn!(%subject, %tenant, "unknown app; terminating");
             ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
             return Verdict::Term;
         };
+        let app_id = app.id;
         let message_id = headers.get("Nats-Msg-Id").cloned();
+        if app.suspended {
+            let error = format!("app {tenant} is suspended; the message was not processed");
+            return self
+                .dead_letter(
+                    &subject,
+                    app_id,
+                    &message_id,
+                    &payload,
+                    &headers,
+                    delivered,
+                    &error,
+                    None,
+                )
+                .await;
+        }
         let dedupe_key = self.config.dedupe_ttl.and(message_id.clone());
         if let Some(key) = &dedupe_key {
             match dedupe::claim(&self.pool, &self.config.durable, key, self.config.ack_wait).await {
@@ -480,8 +515,36 @@ impl ConsumerRuntime {
             }
             Err(ConsumeError::DeadLetter(e)) => e,
         };
-        let masked = mask(&payload, &self.config.mask_fields);
-        let headers_json = serde_json::to_value(&headers).unwrap_or_default();
+        self.dead_letter(
+            &subject,
+            app_id,
+            &message_id,
+            &payload,
+            &headers,
+            delivered,
+            &error,
+            dedupe_key.as_deref(),
+        )
+        .await
+    }
+
+    /// Writes a masked dead letter and terms the message; if the row cannot
+    /// be written, naks it so it is not lost.
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        subject: &str,
+        app_id: Uuid,
+        message_id: &Option<String>,
+        payload: &Value,
+        headers: &HashMap<String, String>,
+        delivered: i64,
+        error: &str,
+        dedupe_key: Option<&str>,
+    ) -> Verdict {
+        let c = &self.counters;
+        let masked = mask(payload, &self.config.mask_fields);
+        let headers_json = serde_json::to_value(headers).unwrap_or_default();
         let original = message_id
             .as_deref()
             .and_then(|id| Uuid::parse_str(id).ok())
@@ -490,18 +553,16 @@ impl ConsumerRuntime {
             app_id,
             original_event_id: original,
             source: "nats",
-            topic: &subject,
+            topic: subject,
             handler: Some(&self.config.durable),
             payload: &masked,
             headers: &headers_json,
             attempt_count: delivered.min(i64::from(i32::MAX)) as i32,
-            last_error: &error,
+            last_error: error,
         };
         match dead_letters::insert_external(&self.pool, &row).await {
             Ok(_) => {
-                if let Some(key) = &dedupe_key
-                    && let Some(ttl) = self.config.dedupe_ttl
-                {
+                if let (Some(key), Some(ttl)) = (dedupe_key, self.config.dedupe_ttl) {
                     let _ = dedupe::complete(&self.pool, &self.config.durable, key, ttl).await;
                 }
                 ConsumeCounters::bump(&c.dead_lettered, "outboxd_consumer_dead_lettered_total");
@@ -509,7 +570,7 @@ impl ConsumerRuntime {
             }
             Err(err) => {
                 warn!(%subject, error = %err, "could not write the dead letter; redelivering instead");
-                if let Some(key) = &dedupe_key {
+                if let Some(key) = dedupe_key {
                     let _ = dedupe::release(&self.pool, &self.config.durable, key).await;
                 }
                 ConsumeCounters::bump(&c.retried, "outboxd_consumer_retried_total");

@@ -118,6 +118,16 @@ enum AppCommand {
     },
     /// List apps.
     List,
+    /// Suspend an app: its outbox rows wait and its NATS messages are dead-lettered.
+    Suspend {
+        /// App slug.
+        slug: String,
+    },
+    /// Resume a suspended app.
+    Resume {
+        /// App slug.
+        slug: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -447,8 +457,21 @@ async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
         }
         AppCommand::List => {
             for app in apps::list(&pool).await? {
-                println!("{}\t{}\t{}", app.id, app.slug, app.name);
+                let state = if app.suspended_at.is_some() {
+                    "suspended"
+                } else {
+                    "active"
+                };
+                println!("{}\t{}\t{}\t{state}", app.id, app.slug, app.name);
             }
+        }
+        AppCommand::Suspend { slug } => {
+            apps::set_suspended(&pool, &slug, true).await?;
+            println!("{slug} suspended");
+        }
+        AppCommand::Resume { slug } => {
+            apps::set_suspended(&pool, &slug, false).await?;
+            println!("{slug} resumed");
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ pub async fn ensure<'e>(db: impl PgExecutor<'e>, slug: &str, name: &str) -> Resu
     let app = sqlx::query_as(
         "INSERT INTO apps (slug, name) VALUES ($1, $2)
          ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug
-         RETURNING id, slug, name, created_at",
+         RETURNING id, slug, name, created_at, suspended_at",
     )
     .bind(slug)
     .bind(name)
@@ -22,7 +22,7 @@ pub async fn ensure<'e>(db: impl PgExecutor<'e>, slug: &str, name: &str) -> Resu
 
 /// Finds an app by slug.
 pub async fn by_slug<'e>(db: impl PgExecutor<'e>, slug: &str) -> Result<App, Error> {
-    sqlx::query_as("SELECT id, slug, name, created_at FROM apps WHERE slug = $1")
+    sqlx::query_as("SELECT id, slug, name, created_at, suspended_at FROM apps WHERE slug = $1")
         .bind(slug)
         .fetch_optional(db)
         .await?
@@ -31,7 +31,7 @@ pub async fn by_slug<'e>(db: impl PgExecutor<'e>, slug: &str) -> Result<App, Err
 
 /// Finds an app by id.
 pub async fn by_id<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<App, Error> {
-    sqlx::query_as("SELECT id, slug, name, created_at FROM apps WHERE id = $1")
+    sqlx::query_as("SELECT id, slug, name, created_at, suspended_at FROM apps WHERE id = $1")
         .bind(id)
         .fetch_optional(db)
         .await?
@@ -41,10 +41,28 @@ pub async fn by_id<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<App, Error> 
 /// Lists all apps by slug.
 pub async fn list<'e>(db: impl PgExecutor<'e>) -> Result<Vec<App>, Error> {
     Ok(
-        sqlx::query_as("SELECT id, slug, name, created_at FROM apps ORDER BY slug")
+        sqlx::query_as("SELECT id, slug, name, created_at, suspended_at FROM apps ORDER BY slug")
             .fetch_all(db)
             .await?,
     )
+}
+
+/// Suspends (`true`) or resumes (`false`) an app: a suspended app's rows wait.
+pub async fn set_suspended<'e>(
+    db: impl PgExecutor<'e>,
+    slug: &str,
+    suspended: bool,
+) -> Result<App, Error> {
+    sqlx::query_as(
+        "UPDATE apps SET suspended_at = CASE WHEN $2 THEN coalesce(suspended_at, now()) END
+         WHERE slug = $1
+         RETURNING id, slug, name, created_at, suspended_at",
+    )
+    .bind(slug)
+    .bind(suspended)
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::UnknownApp(slug.to_owned()))
 }
 
 /// Checks a slug against the schema's rule, with a message that says the rule.

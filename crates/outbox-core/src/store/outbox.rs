@@ -15,13 +15,13 @@ use uuid::Uuid;
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
 
-/// Picks up to `$1` claimable rows, apps in random order (fairness), and
-/// locks them. Shared by [`claim`] and [`complete_and_claim`].
+/// Picks up to `$1` claimable rows, apps in random order (fairness) and
+/// suspended apps skipped, and locks them. Shared by [`claim`] and [`complete_and_claim`].
 macro_rules! picked_cte {
     () => {
         "picked AS (
     SELECT c.ctid
-    FROM (SELECT id FROM apps ORDER BY random()) AS a
+    FROM (SELECT id FROM apps WHERE suspended_at IS NULL ORDER BY random()) AS a
     CROSS JOIN LATERAL (
         SELECT o.ctid
         FROM outbox o

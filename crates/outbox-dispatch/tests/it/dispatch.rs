@@ -394,3 +394,19 @@ async fn a_delayed_row_runs_once_due_and_not_before() -> TestResult {
     assert_eq!(calls.of(id), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_suspended_apps_rows_wait_until_it_resumes() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("paused").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let id = enqueue_committed(&db.pool, app, NewEvent::new("t", payload(1))).await?;
+    outbox_core::store::apps::set_suspended(&db.pool, "paused", true).await?;
+    assert_eq!(dispatcher.run_until_idle().await?.claimed, 0);
+    assert_eq!(calls.of(id), 0);
+    outbox_core::store::apps::set_suspended(&db.pool, "paused", false).await?;
+    assert_eq!(dispatcher.run_until_idle().await?.completed, 1);
+    assert_eq!(calls.of(id), 1);
+    Ok(())
+}

@@ -350,3 +350,47 @@ async fn two_runtimes_on_one_durable_split_the_work() -> TestResult {
     assert_eq!(per_runtime.iter().sum::<u64>(), 200, "{per_runtime:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_suspended_apps_messages_are_dead_lettered_not_processed() -> TestResult {
+    let js = connect().await?;
+    let db = TestDb::new().await?;
+    db.app("paused").await?;
+    outbox_core::store::apps::set_suspended(&db.pool, "paused", true).await?;
+    let prefix = unique_prefix();
+    ensure_stream(&js, &contract(&prefix)).await?;
+    let calls = Arc::new(Mutex::new(0u32));
+    let counter = calls.clone();
+    let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "suspended"))
+        .route(format!("{prefix}.>"), move |_d: Delivery| {
+            *counter.lock().expect("lock") += 1;
+            async { Ok::<(), ConsumeError>(()) }
+        });
+    let (stop, task) = spawn(&runtime);
+    let id = uuid::Uuid::now_v7();
+    publish(
+        &js,
+        format!("{prefix}.paused.t"),
+        "paused",
+        &id.to_string(),
+        br#"{"email":"x@y.z"}"#,
+    )
+    .await?;
+    let dead = wait_until(Duration::from_secs(10), || async {
+        ConsumeCounters::get(&runtime.counters.dead_lettered) == 1
+    })
+    .await;
+    stop.cancel();
+    task.await??;
+    assert!(dead);
+    assert_eq!(*calls.lock().expect("lock"), 0);
+    let rows = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("suspended"))
+    );
+    assert_eq!(rows[0].payload, serde_json::json!({"email": "***"}));
+    Ok(())
+}
