@@ -41,9 +41,16 @@ pub struct BenchArgs {
     /// Samples for the idle latency scenario.
     #[arg(long, default_value_t = 500)]
     latency_samples: u32,
-    /// Run only these scenarios (comma-separated: enqueue, drain, latency); the
-    /// raw drain baseline always runs.
-    #[arg(long, value_delimiter = ',', default_value = "enqueue,drain,latency")]
+    /// Rows for the relay and consume scenarios (they need NATS_URL).
+    #[arg(long, default_value_t = 50_000)]
+    relay_rows: u32,
+    /// Run only these scenarios (comma-separated: enqueue, drain, latency,
+    /// relay); the raw drain baseline always runs.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "enqueue,drain,latency,relay"
+    )]
     scenarios: Vec<String>,
 }
 
@@ -106,7 +113,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let mut figures = Vec::new();
 
     // (a) the raw ceiling: claim-and-delete batches with plain SQL.
-    prefill(&pool, raw_app, args.rows).await?;
+    prefill(&pool, raw_app, args.rows, "bench.noop").await?;
     let raw_drain = raw_drain(&pool, raw_app, args.rows, args.raw_consumers).await?;
     let ceiling = (raw_drain, "raw drain");
     figures.push(Figure {
@@ -155,9 +162,11 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // (c) end-to-end dispatch of a backlog with a no-op handler.
+    let mut in_process = None;
     if wants("drain") {
-        prefill(&pool, app, args.rows).await?;
+        prefill(&pool, app, args.rows, "bench.noop").await?;
         let drain = outboxd_drain(&pool, &settings, args.rows).await?;
+        in_process = Some(drain);
         figures.push(Figure {
             name: "outboxd dispatch: backlog, no-op handler".into(),
             value: drain,
@@ -165,6 +174,29 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             ratio_to: Some(ceiling),
         });
         truncate(&pool).await?;
+    }
+
+    // (e) relay to JetStream (PubAck before delete) and the consumer runtime.
+    if wants("relay") {
+        if settings.nats.url.is_empty() {
+            println!("relay and consume: skipped (set NATS_URL)");
+        } else {
+            let (relay, consume) =
+                relay_and_consume(&pool, &settings, app, args.relay_rows).await?;
+            figures.push(Figure {
+                name: "outboxd relay: outbox → JetStream, PubAck".into(),
+                value: relay,
+                unit: "events/s",
+                ratio_to: Some(in_process.map_or(ceiling, |d| (d, "in-process dispatch"))),
+            });
+            figures.push(Figure {
+                name: "consumer runtime: JetStream → handler, ack".into(),
+                value: consume,
+                unit: "msgs/s",
+                ratio_to: Some((relay, "relay")),
+            });
+            truncate(&pool).await?;
+        }
     }
 
     // (d) latency from enqueue commit to handler start on an idle system.
@@ -203,17 +235,18 @@ async fn truncate(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Fills the backlog with due rows, in chunks, and settles statistics.
-async fn prefill(pool: &PgPool, app: Uuid, rows: u32) -> anyhow::Result<()> {
+async fn prefill(pool: &PgPool, app: Uuid, rows: u32, topic: &str) -> anyhow::Result<()> {
     let mut left = rows;
     while left > 0 {
         let n = left.min(20_000);
         sqlx::query(
             "INSERT INTO outbox (id, app_id, topic, payload, run_at)
-             SELECT outbox_uuid_v7(), $1, 'bench.noop', jsonb_build_object('n', g), now() - interval '1 second'
+             SELECT outbox_uuid_v7(), $1, $3, jsonb_build_object('n', g), now() - interval '1 second'
              FROM generate_series(1, $2) g",
         )
         .bind(app)
         .bind(n as i32)
+        .bind(topic)
         .execute(pool)
         .await
         .context("prefilling the backlog")?;
@@ -435,4 +468,96 @@ async fn latency(
         histogram.value_at_quantile(0.5) as f64 / 1000.0,
         histogram.value_at_quantile(0.99) as f64 / 1000.0,
     ))
+}
+
+/// Relays a backlog to a fresh bench stream, then consumes it back; returns
+/// both rates.
+async fn relay_and_consume(
+    pool: &PgPool,
+    settings: &Settings,
+    app: Uuid,
+    rows: u32,
+) -> anyhow::Result<(f64, f64)> {
+    use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
+    let client = outbox_nats::connect(&settings.nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let contract = outbox_nats::StreamContract {
+        name: "OUTBOXD_BENCH".into(),
+        subjects: vec!["bench.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: -1,
+        max_messages: -1,
+        duplicate_window: Duration::from_secs(120),
+    };
+    let _ = js.delete_stream(&contract.name).await;
+    let mut stream = outbox_nats::ensure_stream(&js, &contract).await?;
+    prefill(pool, app, rows, "bench.relay").await?;
+
+    let mut registry = Registry::new();
+    registry.fallback(outbox_nats::Relay::new(
+        js.clone(),
+        pool.clone(),
+        outbox_nats::RelayConfig {
+            subject_template: "bench.{app}.{topic}".into(),
+            ack_timeout: Duration::from_secs(30),
+        },
+    ));
+    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stream.info().await?.state.messages < u64::from(rows) {
+        ensure!(
+            Instant::now() < deadline,
+            "relay did not finish within 10 minutes"
+        );
+        ensure!(!run.is_finished(), "the dispatcher stopped while relaying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while outbox_core::store::outbox::count(pool).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let relay = f64::from(rows) / started.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await??;
+
+    let config = outbox_nats::ConsumerConfig {
+        stream: contract.name.clone(),
+        durable: outbox_nats::durable_name("bench", "consume"),
+        concurrency: 512,
+        batch: 256,
+        ..outbox_nats::ConsumerConfig::default()
+    };
+    let runtime = outbox_nats::ConsumerRuntime::new(js.clone(), pool.clone(), config)
+        .route("bench.>", |_d: outbox_nats::Delivery| async {
+            Ok::<(), outbox_nats::ConsumeError>(())
+        });
+    let counters = runtime.counters.clone();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let consume = tokio::spawn({
+        let stop = stop.clone();
+        async move { runtime.run(stop.cancelled_owned()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while outbox_nats::consumer::ConsumeCounters::get(&counters.consumed) < u64::from(rows) {
+        ensure!(
+            Instant::now() < deadline,
+            "consume did not finish within 10 minutes"
+        );
+        ensure!(!consume.is_finished(), "the consumer stopped early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let consumed = f64::from(rows) / started.elapsed().as_secs_f64();
+    stop.cancel();
+    consume.await??;
+    let _ = js.delete_stream(&contract.name).await;
+    Ok((relay, consumed))
 }
