@@ -49,18 +49,31 @@ pub enum Error {
 }
 
 /// Connects with explicit reconnect backoff (capped at 5 s) and a name that
-/// shows in the server's connection list.
-pub async fn connect(url: &str) -> Result<async_nats::Client, Error> {
+/// shows in the server's connection list. `urls` may list several servers of
+/// a cluster, comma-separated.
+pub async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::Config(format!("{u:?} is not a NATS server address: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(Error::Config("no NATS server address given".into()));
+    }
     async_nats::ConnectOptions::new()
         .name("outboxd")
         .retry_on_initial_connect()
         .reconnect_delay_callback(|attempts| {
             std::time::Duration::from_millis((100u64 << attempts.min(6)).min(5000))
         })
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|source| Error::Connect {
-            url: url.to_owned(),
+            url: urls.to_owned(),
             source,
         })
 }
