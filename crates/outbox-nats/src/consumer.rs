@@ -213,7 +213,27 @@ struct CachedApp {
 enum Verdict {
     Ack,
     Nak(Duration),
-    Term,
+    /// Stop redelivery; the reason shows in the server's advisory (2.10.4+).
+    Term(String),
+}
+
+/// `+TERM <reason>`: async-nats has no term-with-reason, so send the ack body
+/// to the message's reply subject ourselves.
+async fn term(message: &jetstream::Message, reason: &str) -> Result<(), async_nats::Error> {
+    let Some(reply) = message.message.reply.clone() else {
+        return message.ack_with(AckKind::Term).await;
+    };
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    message
+        .context
+        .client()
+        .publish(reply, format!("+TERM {reason}").into())
+        .await?;
+    Ok(())
 }
 
 impl ConsumerRuntime {
@@ -345,19 +365,31 @@ impl ConsumerRuntime {
     /// Handles one message end to end, including its ack/nak/term.
     pub async fn process(&self, message: jetstream::Message) {
         let verdict = self.decide(&message).await;
-        let kind = match verdict {
-            Verdict::Ack => AckKind::Ack,
-            Verdict::Nak(delay) => AckKind::Nak(Some(delay)),
-            Verdict::Term => AckKind::Term,
+        let (label, sent) = match &verdict {
+            Verdict::Ack => (
+                "ack",
+                tokio::time::timeout(self.config.ack_timeout, message.ack_with(AckKind::Ack)).await,
+            ),
+            Verdict::Nak(delay) => (
+                "nak",
+                tokio::time::timeout(
+                    self.config.ack_timeout,
+                    message.ack_with(AckKind::Nak(Some(*delay))),
+                )
+                .await,
+            ),
+            Verdict::Term(reason) => (
+                "term",
+                tokio::time::timeout(self.config.ack_timeout, term(&message, reason)).await,
+            ),
         };
-        let label = format!("{kind:?}");
-        match tokio::time::timeout(self.config.ack_timeout, message.ack_with(kind)).await {
+        match sent {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
-                warn!(subject = %message.subject, error = %err, ack = %label, "ack failed; the server redelivers after ack_wait")
+                warn!(subject = %message.subject, error = %err, ack = label, "ack failed; the server redelivers after ack_wait")
             }
             Err(_) => {
-                warn!(subject = %message.subject, ack = %label, "ack timed out; the server redelivers after ack_wait")
+                warn!(subject = %message.subject, ack = label, "ack timed out; the server redelivers after ack_wait")
             }
         }
     }
@@ -394,7 +426,7 @@ impl ConsumerRuntime {
         let Ok(info) = message.info() else {
             warn!(%subject, "not a JetStream message; terminating");
             ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
-            return Verdict::Term;
+            return Verdict::Term("not a JetStream message".into());
         };
         let (delivered, stream_sequence) = (info.delivered, info.stream_sequence);
         let Some(handler) = self
@@ -405,12 +437,12 @@ impl ConsumerRuntime {
         else {
             warn!(%subject, "no handler for this subject; terminating");
             ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
-            return Verdict::Term;
+            return Verdict::Term("no handler for this subject".into());
         };
         let Ok(payload) = serde_json::from_slice::<Value>(&message.payload) else {
             warn!(%subject, stream_sequence, "payload is not JSON; terminating");
             ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
-            return Verdict::Term;
+            return Verdict::Term("payload is not JSON".into());
         };
         let headers: HashMap<String, String> = message
             .headers
@@ -429,13 +461,13 @@ impl ConsumerRuntime {
         if headers.get("tenant-id").is_some_and(|t| *t != tenant) || tenant.is_empty() {
             warn!(%subject, header = ?headers.get("tenant-id"), "tenant header disagrees with the subject; terminating");
             ConsumeCounters::bump(&c.tenant_rejected, "outboxd_consumer_tenant_rejected_total");
-            return Verdict::Term;
+            return Verdict::Term("tenant-id header disagrees with the subject".into());
         }
         // An unknown tenant has no app to file a dead letter under.
         let Some(app) = self.app(&tenant).await else {
             warn!(%subject, %tenant, "unknown app; terminating");
             ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
-            return Verdict::Term;
+            return Verdict::Term(format!("unknown app {tenant}"));
         };
         let app_id = app.id;
         let message_id = headers.get("Nats-Msg-Id").cloned();
@@ -566,7 +598,7 @@ impl ConsumerRuntime {
                     let _ = dedupe::complete(&self.pool, &self.config.durable, key, ttl).await;
                 }
                 ConsumeCounters::bump(&c.dead_lettered, "outboxd_consumer_dead_lettered_total");
-                Verdict::Term
+                Verdict::Term(format!("dead-lettered: {error}"))
             }
             Err(err) => {
                 warn!(%subject, error = %err, "could not write the dead letter; redelivering instead");

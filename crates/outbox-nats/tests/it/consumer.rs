@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use futures::StreamExt;
 use outbox_nats::consumer::ConsumeCounters;
 use outbox_nats::{
     ConsumeError, ConsumerConfig, ConsumerRuntime, Delivery, durable_name, ensure_stream,
@@ -145,6 +146,16 @@ async fn poison_unknown_subject_and_foreign_tenant_are_terminated_not_redelivere
             *counter.lock().expect("lock") += 1;
             async { Ok::<(), ConsumeError>(()) }
         });
+    // The server announces each term with its reason (nats-server 2.10.4+).
+    let client = outbox_nats::connect(&std::env::var("NATS_URL")?).await?;
+    let mut advisories = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.OUTBOX_{}.{}",
+            prefix.to_uppercase(),
+            durable_name("test", "poison")
+        ))
+        .await?;
+    client.flush().await?;
     let (stop, task) = spawn(&runtime);
     publish(
         &js,
@@ -184,6 +195,21 @@ async fn poison_unknown_subject_and_foreign_tenant_are_terminated_not_redelivere
     assert_eq!(ConsumeCounters::get(&c.tenant_rejected), 1);
     assert_eq!(ConsumeCounters::get(&c.consumed), 1);
     assert_eq!(*calls.lock().expect("lock"), 1);
+    let mut reasons = Vec::new();
+    while let Ok(Some(advisory)) =
+        tokio::time::timeout(Duration::from_millis(500), advisories.next()).await
+    {
+        let body: serde_json::Value = serde_json::from_slice(&advisory.payload)?;
+        reasons.push(body["reason"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        reasons.iter().any(|r| r == "payload is not JSON"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r == "no handler for this subject"),
+        "{reasons:?}"
+    );
     Ok(())
 }
 
@@ -306,8 +332,10 @@ async fn two_runtimes_on_one_durable_split_the_work() -> TestResult {
     let mut runtimes = Vec::new();
     for _ in 0..2 {
         let log = handled.clone();
+        // Each runtime on its own connection, as two processes would be.
+        let own = connect().await?;
         runtimes.push(
-            ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "shared")).route(
+            ConsumerRuntime::new(own, db.pool.clone(), config(&prefix, "shared")).route(
                 format!("{prefix}.>"),
                 move |d: Delivery| {
                     *log.lock()
@@ -392,5 +420,52 @@ async fn a_suspended_apps_messages_are_dead_lettered_not_processed() -> TestResu
             .is_some_and(|e| e.contains("suspended"))
     );
     assert_eq!(rows[0].payload, serde_json::json!({"email": "***"}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn dedupe_store_claims_busy_duplicate_release_and_takeover() -> TestResult {
+    use outbox_core::store::dedupe::{self, Claim};
+    let db = TestDb::new().await?;
+    let hold = Duration::from_secs(30);
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "m", hold).await?,
+        Claim::Claimed
+    );
+    // A concurrent consumer sees it busy and naks for later.
+    assert_eq!(dedupe::claim(&db.pool, "c", "m", hold).await?, Claim::Busy);
+    // A failed run releases it: the redelivery runs.
+    dedupe::release(&db.pool, "c", "m").await?;
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "m", hold).await?,
+        Claim::Claimed
+    );
+    dedupe::complete(&db.pool, "c", "m", Duration::from_secs(60)).await?;
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "m", hold).await?,
+        Claim::Duplicate
+    );
+    // Another durable consumer keeps its own record.
+    assert_eq!(
+        dedupe::claim(&db.pool, "other", "m", hold).await?,
+        Claim::Claimed
+    );
+    // An abandoned claim (its consumer died) is taken over once it lapses.
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "n", Duration::from_millis(1)).await?,
+        Claim::Claimed
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "n", hold).await?,
+        Claim::Claimed
+    );
+    // A done record is forgotten after its TTL.
+    dedupe::complete(&db.pool, "c", "n", Duration::from_millis(1)).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        dedupe::claim(&db.pool, "c", "n", hold).await?,
+        Claim::Claimed
+    );
     Ok(())
 }
