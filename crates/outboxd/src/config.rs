@@ -72,6 +72,20 @@ pub struct Settings {
     pub log: LogSettings,
     pub nats: NatsSettings,
     pub consumer: ConsumerSettings,
+    pub admin: AdminSettings,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct AdminSettings {
+    pub jwt_secret: Secret,
+    pub token_ttl_secs: u64,
+    pub secure_cookies: bool,
+    pub login_limit_per_account: u32,
+    pub login_limit_per_address: u32,
+    pub login_window_secs: u64,
 }
 
 /// `[consumer]`.
@@ -206,6 +220,9 @@ impl Settings {
         if let Some((_, url)) = vars.iter().find(|(k, _)| k == "DATABASE_URL") {
             figment = figment.merge(("database.url", url.clone()));
         }
+        if let Some((_, secret)) = vars.iter().find(|(k, _)| k == "JWT_SECRET") {
+            figment = figment.merge(("admin.jwt_secret", secret.clone()));
+        }
         if let Some((_, url)) = vars.iter().find(|(k, _)| k == "NATS_URL") {
             figment = figment.merge(("nats.url", url.clone()));
         }
@@ -312,6 +329,34 @@ impl Settings {
             });
         }
         self.validate_nats()?;
+        let ad = &self.admin;
+        let secret_len = ad.jwt_secret.expose().len();
+        if secret_len > 0 && secret_len < outbox_admin::auth::MIN_JWT_SECRET_BYTES {
+            return Err(ConfigError::Range {
+                key: "admin.jwt_secret",
+                value: format!("({secret_len} bytes, hidden)"),
+                problem: "is too short",
+                accepted: format!(
+                    "at least {} bytes, or empty to turn the admin API off",
+                    outbox_admin::auth::MIN_JWT_SECRET_BYTES
+                ),
+                env_hint: " (env JWT_SECRET)".into(),
+            });
+        }
+        range("admin.token_ttl_secs", ad.token_ttl_secs, 60, 2_592_000)?;
+        range(
+            "admin.login_limit_per_account",
+            ad.login_limit_per_account as u64,
+            1,
+            10_000,
+        )?;
+        range(
+            "admin.login_limit_per_address",
+            ad.login_limit_per_address as u64,
+            1,
+            10_000,
+        )?;
+        range("admin.login_window_secs", ad.login_window_secs, 1, 86_400)?;
         let cs = &self.consumer;
         range("consumer.ack_wait_ms", cs.ack_wait_ms, 1000, 3_600_000)?;
         range("consumer.max_deliver", cs.max_deliver as u64, 1, 1000)?;
@@ -438,6 +483,19 @@ impl Settings {
             max_messages: st.max_msgs,
             duplicate_window: Duration::from_secs(st.duplicate_window_secs),
         }
+    }
+
+    /// The admin API's auth settings, or None when no secret is configured.
+    pub fn admin_auth(&self) -> Option<outbox_admin::AuthConfig> {
+        let ad = &self.admin;
+        let mut auth =
+            outbox_admin::AuthConfig::new(ad.jwt_secret.expose().as_bytes().to_vec()).ok()?;
+        auth.token_ttl = Duration::from_secs(ad.token_ttl_secs);
+        auth.secure_cookies = ad.secure_cookies;
+        auth.login_limit_per_account = ad.login_limit_per_account as usize;
+        auth.login_limit_per_address = ad.login_limit_per_address as usize;
+        auth.login_window = Duration::from_secs(ad.login_window_secs);
+        Some(auth)
     }
 
     /// The consumer runtime's settings in its own types.
@@ -615,6 +673,23 @@ mod tests {
         .to_string();
         assert!(err.contains("dispatcher.handler_timeout_ms"), "{err}");
         assert!(err.contains("10..=4999"), "{err}");
+    }
+
+    #[test]
+    fn short_jwt_secret_is_refused_with_its_length_not_its_value() {
+        let err = load(&[("JWT_SECRET", "too-short-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.jwt_secret")
+                && err.contains("16 bytes")
+                && err.contains("at least 32"),
+            "{err}"
+        );
+        assert!(!err.contains("too-short-secret"), "{err}");
+        let ok = load(&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")]).expect("32 bytes");
+        assert!(ok.admin_auth().is_some());
+        assert!(!format!("{ok:?}").contains("0123456789abcdef"));
     }
 
     #[test]

@@ -19,9 +19,14 @@ struct AppState {
     nats: Option<async_nats::Client>,
 }
 
-/// The router, for serving and for tests.
-pub fn router(pool: PgPool, metrics: PrometheusHandle, nats: Option<async_nats::Client>) -> Router {
-    Router::new()
+/// The router, for serving and for tests; `admin` adds the admin API and dashboard.
+pub fn router(
+    pool: PgPool,
+    metrics: PrometheusHandle,
+    nats: Option<async_nats::Client>,
+    admin: Option<Router>,
+) -> Router {
+    let ops = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -29,7 +34,11 @@ pub fn router(pool: PgPool, metrics: PrometheusHandle, nats: Option<async_nats::
             pool,
             metrics,
             nats,
-        })
+        });
+    match admin {
+        Some(admin) => ops.merge(admin),
+        None => ops,
+    }
 }
 
 /// Binds `addr` and serves until `shutdown` completes; returns the bound address
@@ -42,9 +51,13 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        // Connect info gives the login rate limiter the client address.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     });
     Ok((bound, task))
 }

@@ -67,9 +67,15 @@ enum Command {
     /// Manage apps (tenants).
     #[command(subcommand)]
     App(AppCommand),
-    /// Inspect dead letters.
+    /// Inspect, replay and resolve dead letters.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
+    /// Manage operator accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API keys for machines.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
     /// Check the configuration and print it (secrets hidden).
     #[command(name = "config")]
     ConfigCheck,
@@ -131,6 +137,42 @@ enum AppCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user; the password comes from standard input, or is generated and printed.
+    Create {
+        /// E-mail (the login name).
+        email: String,
+        /// Make the user an instance admin (every capability on every app).
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from standard input instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Give a user a role on an app: viewer, operator or admin.
+    Grant {
+        /// E-mail of the user.
+        email: String,
+        /// App slug.
+        app: String,
+        /// viewer, operator or admin.
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key acting as a user; the key is printed once.
+    Create {
+        /// E-mail of the user the key acts as.
+        email: String,
+        /// A name to tell keys apart.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DeadLetterCommand {
     /// List an app's dead letters, newest first.
     List {
@@ -155,6 +197,22 @@ enum DeadLetterCommand {
     },
     /// Show one dead letter with its payload and error.
     Show {
+        /// Dead letter id.
+        id: String,
+    },
+    /// Replay a dead letter: a fresh outbox row, and the dead letter marked replayed.
+    Replay {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Dead letter id.
+        id: String,
+    },
+    /// Resolve a dead letter as ignored.
+    Resolve {
+        /// App slug.
+        #[arg(long)]
+        app: String,
         /// Dead letter id.
         id: String,
     },
@@ -220,6 +278,8 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(settings, args).await,
         Command::App(cmd) => app(settings, cmd).await,
         Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
+        Command::User(cmd) => user_command(settings, cmd).await,
+        Command::ApiKey(cmd) => api_key_command(settings, cmd).await,
         Command::Bench(args) => bench::run(settings, args).await,
     }
 }
@@ -311,19 +371,38 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         (Some(client), Some(js))
     };
 
+    let admin = match settings.admin_auth() {
+        Some(auth) => Some(outbox_admin::router(outbox_admin::AdminState::new(
+            pool.clone(),
+            auth,
+        )?)),
+        None => {
+            tracing::warn!(
+                "admin API and dashboard are off: set JWT_SECRET (at least 32 bytes) to turn them on"
+            );
+            None
+        }
+    };
     let addr = settings
         .http
         .listen
         .parse()
         .context("http.listen is not a socket address")?;
-    let (bound, server) = http::serve(addr, http::router(pool.clone(), metrics, nats_client), {
-        let stop = stop.clone();
-        async move { stop.cancelled().await }
-    })
+    let (bound, server) = http::serve(
+        addr,
+        http::router(pool.clone(), metrics, nats_client, admin),
+        {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        },
+    )
     .await
     .with_context(|| format!("cannot listen on {addr}"))?;
     info!(%bound, "http listening: /healthz /readyz /metrics");
     println!("outboxd listening on http://{bound}");
+    if settings.admin_auth().is_some() {
+        println!("dashboard: http://{bound}/login");
+    }
 
     let registry = if demo {
         let app = apps::ensure(&pool, demo::APP, "Demo app").await?;
@@ -406,6 +485,79 @@ async fn consume(settings: Settings) -> anyhow::Result<()> {
         },
     );
     runtime.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// A readable random password: 20 characters from a 56-letter alphabet.
+fn generate_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let (_, prefix, hash) = outbox_admin::auth::new_api_key();
+    // new_api_key draws from the OS generator; reuse its randomness.
+    (prefix + &hash)
+        .bytes()
+        .step_by(2)
+        .take(20)
+        .zip(hash.bytes().skip(1))
+        .map(|(a, b)| ALPHABET[(usize::from(a) * 31 + usize::from(b)) % ALPHABET.len()] as char)
+        .collect()
+}
+
+async fn user_command(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    match cmd {
+        UserCommand::Create {
+            email,
+            admin,
+            password_stdin,
+        } => {
+            let (password, generated) = if password_stdin {
+                let mut buf = String::new();
+                std::io::stdin()
+                    .read_line(&mut buf)
+                    .context("reading the password")?;
+                (buf.trim_end_matches(['\r', '\n']).to_owned(), false)
+            } else {
+                (generate_password(), true)
+            };
+            let user = outbox_admin::create_user(&pool, &email, &password, admin).await?;
+            println!(
+                "created user {} ({})",
+                user.email,
+                if user.is_admin {
+                    "instance admin"
+                } else {
+                    "no roles yet"
+                }
+            );
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        UserCommand::Grant { email, app, role } => {
+            let role: outbox_core::store::principals::Role = role.parse()?;
+            let app = apps::by_slug(&pool, &app).await?;
+            let user = outbox_core::store::principals::user_by_email(&pool, &email)
+                .await?
+                .with_context(|| format!("no user {email:?}"))?;
+            outbox_core::store::principals::set_role(&pool, app.id, user.id, role).await?;
+            println!("{} is {} of {}", user.email, role.as_str(), app.slug);
+        }
+    }
+    Ok(())
+}
+
+async fn api_key_command(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    match cmd {
+        ApiKeyCommand::Create { email, name } => {
+            let user = outbox_core::store::principals::user_by_email(&pool, &email)
+                .await?
+                .with_context(|| format!("no user {email:?}"))?;
+            let key = outbox_admin::create_api_key(&pool, user.id, &name).await?;
+            println!("{key}");
+            eprintln!("(shown once: store it now)");
+        }
+    }
     Ok(())
 }
 
@@ -528,6 +680,18 @@ async fn dead_letter_command(settings: Settings, cmd: DeadLetterCommand) -> anyh
                 );
             }
             println!("{} dead letter(s)", rows.len());
+        }
+        DeadLetterCommand::Replay { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
+            let outbox_id = outbox_admin::api::replay_one(&pool, app.id, id).await?;
+            println!("replayed {id} as outbox row {outbox_id}");
+        }
+        DeadLetterCommand::Resolve { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
+            outbox_admin::api::ignore_one(&pool, app.id, id).await?;
+            println!("resolved {id} as ignored");
         }
         DeadLetterCommand::Show { id } => {
             let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;

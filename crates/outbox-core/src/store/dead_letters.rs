@@ -1,5 +1,4 @@
-//! Dead letters: listing, reading and counting. (Resolution and replay arrive
-//! with the admin API.)
+//! Dead letters: listing, reading, counting, resolving and replaying.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, Postgres, QueryBuilder};
@@ -176,4 +175,81 @@ pub async fn insert_external<'e>(
     .bind(row.last_error)
     .fetch_one(db)
     .await?)
+}
+
+/// Marks an app's unresolved dead letters `ignored`; returns the ids changed.
+/// Already resolved rows are left alone.
+pub async fn ignore<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "UPDATE dead_letters SET resolution = 'ignored', resolved_at = now()
+         WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
+         RETURNING id",
+    )
+    .bind(app_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Replays an app's unresolved dead letters in one statement (so in one
+/// transaction): a fresh outbox row per dead letter, from its payload and
+/// headers, linked by `replayed_from`, and the dead letter marked `replayed`.
+/// Returns (dead letter id, new outbox id) pairs; resolved rows are skipped.
+pub async fn replay<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    Ok(sqlx::query_as(
+        "WITH resolved AS (
+            UPDATE dead_letters SET resolution = 'replayed', resolved_at = now()
+            WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
+            RETURNING id, app_id, source, op, topic, trigger_id, payload, headers, ordering_key,
+                      depth, registered_by_principal
+         ), enqueued AS (
+            INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, payload, headers,
+                                ordering_key, depth, registered_by_principal, replayed_from)
+            SELECT outbox_uuid_v7(), app_id,
+                   CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
+                        THEN source ELSE 'queue' END,
+                   op, topic, trigger_id, payload, headers, ordering_key, depth,
+                   registered_by_principal, id
+            FROM resolved
+            RETURNING replayed_from, id
+         )
+         SELECT replayed_from, id FROM enqueued",
+    )
+    .bind(app_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Ids of an app's unresolved dead letters matching `filter` (for bulk actions),
+/// at most `limit`.
+pub async fn ids_matching<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    filter: &Filter,
+    limit: u32,
+) -> Result<Vec<Uuid>, Error> {
+    let mut q: QueryBuilder<'_, Postgres> =
+        QueryBuilder::new("SELECT id FROM dead_letters WHERE resolved_at IS NULL AND app_id = ");
+    q.push_bind(app_id);
+    if let Some(source) = &filter.source {
+        q.push(" AND source = ").push_bind(source.clone());
+    }
+    if let Some(topic) = &filter.topic {
+        q.push(" AND topic = ").push_bind(topic.clone());
+    }
+    if let Some(trigger_id) = filter.trigger_id {
+        q.push(" AND trigger_id = ").push_bind(trigger_id);
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(limit.clamp(1, 10_000)));
+    Ok(q.build_query_scalar().fetch_all(db).await?)
 }

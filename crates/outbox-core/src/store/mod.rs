@@ -5,3 +5,4 @@ pub mod apps;
 pub mod dead_letters;
 pub mod dedupe;
 pub mod outbox;
+pub mod principals;

@@ -1,0 +1,495 @@
+//! Authentication: argon2id passwords (hashed off the async runtime), JWTs,
+//! API keys, login rate limits, and capabilities per app.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm as Argon2Algorithm, Argon2, Params, Version};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use outbox_core::store::principals::{self, Role, User};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Minimum JWT secret length in bytes (HS256 needs a 256-bit key).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// Authentication settings.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// HS256 key; at least [`MIN_JWT_SECRET_BYTES`].
+    pub jwt_secret: Vec<u8>,
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// `iss` of issued tokens, required on presented ones.
+    pub issuer: String,
+    /// `aud` of issued tokens, required on presented ones.
+    pub audience: String,
+    /// Mark cookies `Secure` (serve behind TLS).
+    pub secure_cookies: bool,
+    /// Failed logins per account within `login_window` before 429.
+    pub login_limit_per_account: usize,
+    /// Failed logins per client address within `login_window` before 429.
+    pub login_limit_per_address: usize,
+    /// The window the limits count in.
+    pub login_window: Duration,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &"[redacted]")
+            .field("token_ttl", &self.token_ttl)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthConfig {
+    /// Defaults around a secret: 24 h tokens, 5 failures per account and 20
+    /// per address in 15 minutes.
+    pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Result<Self, String> {
+        let jwt_secret = jwt_secret.into();
+        if jwt_secret.len() < MIN_JWT_SECRET_BYTES {
+            return Err(format!(
+                "JWT_SECRET is {} bytes; at least {MIN_JWT_SECRET_BYTES} are required",
+                jwt_secret.len()
+            ));
+        }
+        Ok(Self {
+            jwt_secret,
+            token_ttl: Duration::from_secs(24 * 3600),
+            issuer: "outboxd".into(),
+            audience: "outboxd-admin".into(),
+            secure_cookies: false,
+            login_limit_per_account: 5,
+            login_limit_per_address: 20,
+            login_window: Duration::from_secs(15 * 60),
+        })
+    }
+}
+
+/// argon2id with OWASP's minimum: m = 19 MiB, t = 2, p = 1.
+fn argon2() -> Argon2<'static> {
+    let params = Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
+    Argon2::new(Argon2Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Hashes and verifies passwords on the blocking pool, a few at a time (each
+/// hash holds 19 MiB).
+#[derive(Clone)]
+pub struct Hasher {
+    permits: Arc<Semaphore>,
+    // Verified when the e-mail is unknown, so that costs what a wrong password costs.
+    dummy_hash: Arc<String>,
+}
+
+impl Hasher {
+    /// A hasher with its dummy hash computed once.
+    pub fn new() -> Result<Self, ApiError> {
+        let dummy_hash = hash_now("dummy password for timing equalization")?;
+        Ok(Self {
+            permits: Arc::new(Semaphore::new(2)),
+            dummy_hash: Arc::new(dummy_hash),
+        })
+    }
+
+    /// Hashes a password (PHC string).
+    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("hasher closed"))?;
+        tokio::task::spawn_blocking(move || hash_now(&password))
+            .await
+            .map_err(|e| ApiError::internal(format!("hashing task: {e}")))?
+    }
+
+    /// Verifies `password` against `hash`, or against the dummy hash when
+    /// there is no user, so both cost the same.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.as_ref().clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| {
+                    argon2()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        ok && known
+    }
+}
+
+fn hash_now(password: &str) -> Result<String, ApiError> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::internal(format!("hashing: {e}")))
+}
+
+/// The claims of an outboxd token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Issuer.
+    pub iss: String,
+    /// Audience.
+    pub aud: String,
+    /// Expiry (seconds since the epoch).
+    pub exp: i64,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+}
+
+/// Issues a token for `user_id`; returns it with its expiry.
+pub fn issue_token(config: &AuthConfig, user_id: Uuid) -> Result<(String, i64), ApiError> {
+    let now = chrono::Utc::now().timestamp();
+    let exp = now + config.token_ttl.as_secs() as i64;
+    let claims = Claims {
+        sub: user_id.to_string(),
+        iss: config.issuer.clone(),
+        aud: config.audience.clone(),
+        exp,
+        iat: now,
+    };
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&config.jwt_secret),
+    )
+    .map_err(|e| ApiError::internal(format!("signing a token: {e}")))?;
+    Ok((token, exp))
+}
+
+/// Verifies a token: HS256 only, signature, `exp`, `iat` (not in the
+/// future), `iss`, `aud` and `sub` all required.
+pub fn verify_token(config: &AuthConfig, token: &str) -> Result<Uuid, ApiError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms = vec![Algorithm::HS256];
+    validation.leeway = 5;
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+    let data = jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(&config.jwt_secret),
+        &validation,
+    )
+    .map_err(|_| ApiError::unauthorized())?;
+    if data.claims.iat > chrono::Utc::now().timestamp() + 5 {
+        return Err(ApiError::unauthorized());
+    }
+    Uuid::parse_str(&data.claims.sub).map_err(|_| ApiError::unauthorized())
+}
+
+/// Prefix of every API key: `obx_<prefix>_<secret>`.
+pub const API_KEY_TAG: &str = "obx_";
+
+/// A new API key: (the key to show once, its prefix, the hash to store).
+pub fn new_api_key() -> (String, String, String) {
+    let mut bytes = [0u8; 24];
+    OsRng.fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let (prefix, secret) = hex.split_at(8);
+    let key = format!("{API_KEY_TAG}{prefix}_{secret}");
+    (key, prefix.to_owned(), sha256_hex(secret))
+}
+
+/// API key secrets are long random strings: a fast hash suffices (and keeps
+/// per-request checks cheap), unlike passwords.
+fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Who is calling, re-read from the database on every request so a removed
+/// user or role takes effect at once.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The user.
+    pub user: User,
+}
+
+/// Resolves a bearer credential (JWT or API key) to its user.
+pub async fn authenticate(
+    pool: &PgPool,
+    config: &AuthConfig,
+    credential: &str,
+) -> Result<Principal, ApiError> {
+    let user_id = if let Some(rest) = credential.strip_prefix(API_KEY_TAG) {
+        let (prefix, secret) = rest.split_once('_').ok_or_else(ApiError::unauthorized)?;
+        let (user_id, hash) = principals::api_key_by_prefix(pool, prefix)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
+        if !constant_time_eq(sha256_hex(secret).as_bytes(), hash.as_bytes()) {
+            return Err(ApiError::unauthorized());
+        }
+        user_id
+    } else {
+        verify_token(config, credential)?
+    };
+    let user = principals::user_by_id(pool, user_id)
+        .await?
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok(Principal { user })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a principal may do on one app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// `AppDeadLetterRead(app)`: list, count and read dead letters.
+    DeadLetterRead,
+    /// `AppDeadLetterManage(app)`: replay and resolve dead letters.
+    DeadLetterManage,
+    /// `AppManageTriggers(app)`: create and change triggers.
+    ManageTriggers,
+}
+
+/// Which capabilities a role grants.
+pub fn role_grants(role: Role, capability: Capability) -> bool {
+    match role {
+        Role::Admin => true,
+        Role::Operator => matches!(
+            capability,
+            Capability::DeadLetterRead | Capability::DeadLetterManage
+        ),
+        Role::Viewer => capability == Capability::DeadLetterRead,
+    }
+}
+
+/// Resolves `slug` for a principal that needs `capability` on it. An app the
+/// principal cannot see at all answers 404, exactly like a missing app.
+pub async fn authorize(
+    pool: &PgPool,
+    principal: &Principal,
+    slug: &str,
+    capability: Capability,
+) -> Result<outbox_core::App, ApiError> {
+    let app = outbox_core::store::apps::by_slug(pool, slug)
+        .await
+        .map_err(|_| ApiError::not_found("app"))?;
+    if principal.user.is_admin {
+        return Ok(app);
+    }
+    match principals::role_on(pool, app.id, principal.user.id).await? {
+        None => Err(ApiError::not_found("app")),
+        Some(role) if role_grants(role, capability) => Ok(app),
+        Some(_) => Err(ApiError::forbidden()),
+    }
+}
+
+/// Counts failed logins per key (account, client address) in a sliding window.
+#[derive(Clone, Default)]
+pub struct LoginLimiter {
+    failures: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+}
+
+impl LoginLimiter {
+    fn keys(email: &str, addr: Option<IpAddr>) -> (String, String) {
+        (
+            format!("account:{}", email.trim().to_lowercase()),
+            format!(
+                "address:{}",
+                addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+            ),
+        )
+    }
+
+    /// Whether this attempt is over either limit (checked before verifying,
+    /// so known and unknown accounts answer alike).
+    pub fn is_limited(&self, config: &AuthConfig, email: &str, addr: Option<IpAddr>) -> bool {
+        let (account, address) = Self::keys(email, addr);
+        let Ok(mut failures) = self.failures.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut count = |key: &str| {
+            let entry = failures.entry(key.to_owned()).or_default();
+            entry.retain(|t| now.duration_since(*t) < config.login_window);
+            entry.len()
+        };
+        count(&account) >= config.login_limit_per_account
+            || count(&address) >= config.login_limit_per_address
+    }
+
+    /// Records a failed attempt against both keys.
+    pub fn record_failure(&self, email: &str, addr: Option<IpAddr>) {
+        let (account, address) = Self::keys(email, addr);
+        if let Ok(mut failures) = self.failures.lock() {
+            let now = Instant::now();
+            failures.entry(account).or_default().push(now);
+            failures.entry(address).or_default().push(now);
+        }
+    }
+
+    /// Forgets an account's failures after a successful login.
+    pub fn record_success(&self, email: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&format!("account:{}", email.trim().to_lowercase()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AuthConfig {
+        AuthConfig::new(vec![7u8; 32]).expect("32-byte secret")
+    }
+
+    #[test]
+    fn short_secret_is_refused() {
+        let err = AuthConfig::new(vec![1u8; 31]).err().unwrap_or_default();
+        assert!(
+            err.contains("31 bytes") && err.contains("at least 32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tokens_round_trip_and_negatives_fail() {
+        let c = config();
+        let user = Uuid::new_v4();
+        let (token, _) = issue_token(&c, user).expect("token");
+        assert_eq!(verify_token(&c, &token).ok(), Some(user));
+
+        // Tampered payload.
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        parts[1] = parts[1].chars().rev().collect();
+        assert!(verify_token(&c, &parts.join(".")).is_err());
+        // alg = none.
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            token.split('.').nth(1).unwrap_or_default()
+        );
+        assert!(verify_token(&c, &none).is_err());
+        // Another algorithm with the same secret.
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &claims(&c, user, 0, &c.issuer, &c.audience),
+            &EncodingKey::from_secret(&c.jwt_secret),
+        )
+        .expect("sign");
+        assert!(verify_token(&c, &hs512).is_err());
+        // Expired, wrong issuer, wrong audience, another secret.
+        for (offset, iss, aud, secret) in [
+            (
+                -3600,
+                c.issuer.as_str(),
+                c.audience.as_str(),
+                c.jwt_secret.clone(),
+            ),
+            (0, "someone-else", c.audience.as_str(), c.jwt_secret.clone()),
+            (0, c.issuer.as_str(), "other-audience", c.jwt_secret.clone()),
+            (0, c.issuer.as_str(), c.audience.as_str(), vec![9u8; 32]),
+        ] {
+            let t = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims(&c, user, offset, iss, aud),
+                &EncodingKey::from_secret(&secret),
+            )
+            .expect("sign");
+            assert!(verify_token(&c, &t).is_err(), "{offset} {iss} {aud}");
+        }
+        // Missing aud.
+        let no_aud = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": user.to_string(), "iss": c.issuer, "exp": chrono::Utc::now().timestamp() + 60, "iat": chrono::Utc::now().timestamp()}),
+            &EncodingKey::from_secret(&c.jwt_secret),
+        )
+        .expect("sign");
+        assert!(verify_token(&c, &no_aud).is_err());
+    }
+
+    fn claims(c: &AuthConfig, user: Uuid, exp_offset: i64, iss: &str, aud: &str) -> Claims {
+        let now = chrono::Utc::now().timestamp();
+        let _ = c;
+        Claims {
+            sub: user.to_string(),
+            iss: iss.into(),
+            aud: aud.into(),
+            exp: if exp_offset < 0 {
+                now + exp_offset
+            } else {
+                now + 600
+            },
+            iat: now + exp_offset.min(0) - 10,
+        }
+    }
+
+    fn b64(s: &str) -> String {
+        use std::fmt::Write;
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+                << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                let _ = out.write_char(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn roles_map_to_capabilities() {
+        use Capability::*;
+        assert!(role_grants(Role::Viewer, DeadLetterRead));
+        assert!(!role_grants(Role::Viewer, DeadLetterManage));
+        assert!(role_grants(Role::Operator, DeadLetterManage));
+        assert!(!role_grants(Role::Operator, ManageTriggers));
+        assert!(role_grants(Role::Admin, ManageTriggers));
+    }
+
+    #[test]
+    fn limiter_counts_per_account_and_address() {
+        let c = config();
+        let l = LoginLimiter::default();
+        let addr = Some("127.0.0.1".parse().expect("ip"));
+        for _ in 0..c.login_limit_per_account {
+            assert!(!l.is_limited(&c, "A@x.io", addr));
+            l.record_failure("a@x.io", addr);
+        }
+        assert!(l.is_limited(&c, "a@x.io", addr), "account limit");
+        assert!(!l.is_limited(&c, "b@x.io", Some("10.0.0.1".parse().expect("ip"))));
+        l.record_success("a@x.io");
+        assert!(!l.is_limited(&c, "a@x.io", Some("10.0.0.2".parse().expect("ip"))));
+    }
+
+    #[test]
+    fn api_keys_have_a_prefix_and_hash() {
+        let (key, prefix, hash) = new_api_key();
+        assert!(key.starts_with(&format!("{API_KEY_TAG}{prefix}_")));
+        let secret = key.rsplit('_').next().unwrap_or_default();
+        assert_eq!(sha256_hex(secret), hash);
+    }
+}

@@ -1,0 +1,484 @@
+//! The dashboard: server-rendered HTML on the same server. A session cookie
+//! (HttpOnly, SameSite=Strict, Secure behind TLS) carries the token; every
+//! state-changing form carries a CSRF token that must match its cookie;
+//! nothing changes on GET.
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use outbox_core::store::dead_letters;
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::api::{self, BulkBody, ListQuery};
+use crate::auth::{self, Capability, Principal};
+use crate::error::ApiError;
+
+const SESSION_COOKIE: &str = "outboxd_session";
+const CSRF_COOKIE: &str = "outboxd_csrf";
+
+/// The dashboard routes.
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/apps") }))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/apps", get(apps_page))
+        .route("/apps/{app}/dead-letters", get(list_page))
+        .route("/apps/{app}/dead-letters/bulk", post(bulk))
+        .route("/apps/{app}/dead-letters/{id}", get(detail_page))
+        .route("/apps/{app}/dead-letters/{id}/replay", post(replay))
+        .route("/apps/{app}/dead-letters/{id}/ignore", post(ignore))
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// A signed-in operator and the CSRF token of the session.
+struct Session {
+    principal: Principal,
+    csrf: String,
+}
+
+impl FromRequestParts<AdminState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Response> {
+        let to_login = || Redirect::to("/login").into_response();
+        let token = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(to_login)?;
+        let csrf = cookie(&parts.headers, CSRF_COOKIE).ok_or_else(to_login)?;
+        let principal = auth::authenticate(&state.pool, &state.auth, &token)
+            .await
+            .map_err(|_| to_login())?;
+        Ok(Self { principal, csrf })
+    }
+}
+
+/// Reads a urlencoded form (all values of every key), at most 64 KiB.
+async fn form(req: Request) -> Result<Vec<(String, String)>, ApiError> {
+    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .map_err(|_| ApiError::Invalid("form too large".into()))?;
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The form's CSRF token must equal the session's (double submit).
+fn check_csrf(session: &Session, form: &[(String, String)]) -> Result<(), ApiError> {
+    match field(form, "csrf") {
+        Some(token) if !token.is_empty() && token == session.csrf => Ok(()),
+        _ => Err(ApiError::Forbidden),
+    }
+}
+
+/// HTML-escapes text.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · outboxd</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}}
+header{{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;justify-content:space-between;align-items:center}}
+header a{{color:#fff;text-decoration:none;font-weight:600}}
+main{{padding:1.2rem;max-width:1200px;margin:auto}}
+table{{border-collapse:collapse;width:100%;background:#fff}}
+th,td{{text-align:left;padding:.4rem .6rem;border-bottom:1px solid #e3e6ea;font-size:.9rem;vertical-align:top}}
+.badge{{display:inline-block;min-width:1.4rem;padding:.1rem .45rem;border-radius:1rem;background:#c62828;color:#fff;text-align:center;font-size:.8rem}}
+.badge.zero{{background:#9aa3ad}}
+pre{{background:#fff;border:1px solid #e3e6ea;padding:.8rem;overflow:auto}}
+button{{padding:.35rem .8rem;margin-right:.4rem;cursor:pointer}}
+.err{{color:#c62828}} .muted{{color:#6b7480}} form.inline{{display:inline}}
+input,select{{padding:.3rem}}
+</style></head><body><header><a href="/apps">outboxd</a><span>dead letters</span></header><main>{}</main></body></html>"#,
+        esc(title),
+        body
+    ))
+}
+
+fn error_page(err: &ApiError) -> Response {
+    let (status, _) = err.status_and_code();
+    (
+        status,
+        page(
+            "Error",
+            &format!(
+                "<p class=err>{}</p><p><a href=\"/apps\">Back</a></p>",
+                esc(&err.to_string())
+            ),
+        ),
+    )
+        .into_response()
+}
+
+async fn login_page() -> Html<String> {
+    login_form(None)
+}
+
+fn login_form(message: Option<&str>) -> Html<String> {
+    page(
+        "Sign in",
+        &format!(
+            r#"<h1>Sign in</h1>{}<form method="post" action="/login">
+<p><label>E-mail<br><input name="email" type="email" autocomplete="username" required></label></p>
+<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required></label></p>
+<p><button type="submit">Sign in</button></p></form>"#,
+            message
+                .map(|m| format!("<p class=err>{}</p>", esc(m)))
+                .unwrap_or_default()
+        ),
+    )
+}
+
+fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    ))
+    .ok()
+}
+
+async fn login(State(state): State<AdminState>, req: Request) -> Response {
+    let addr = api::client_addr(req.extensions());
+    let form = match form(req).await {
+        Ok(f) => f,
+        Err(err) => return error_page(&err),
+    };
+    let email = field(&form, "email").unwrap_or_default().to_owned();
+    let password = field(&form, "password").unwrap_or_default().to_owned();
+    let user_id = match api::check_login(&state, &email, &password, addr).await {
+        Ok(id) => id,
+        Err(err) => {
+            let (status, _) = err.status_and_code();
+            return (status, login_form(Some(&err.to_string()))).into_response();
+        }
+    };
+    let Ok((token, _)) = auth::issue_token(&state.auth, user_id) else {
+        return error_page(&ApiError::internal("token"));
+    };
+    let csrf = auth::new_api_key().1 + &auth::new_api_key().1;
+    let ttl = state.auth.token_ttl.as_secs();
+    let mut response = Redirect::to("/apps").into_response();
+    for c in [
+        set_cookie(SESSION_COOKIE, &token, ttl, state.auth.secure_cookies),
+        set_cookie(CSRF_COOKIE, &csrf, ttl, state.auth.secure_cookies),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+async fn logout(State(state): State<AdminState>, session: Session, req: Request) -> Response {
+    let Ok(form) = form(req).await else {
+        return Redirect::to("/login").into_response();
+    };
+    if let Err(err) = check_csrf(&session, &form) {
+        return error_page(&err);
+    }
+    let mut response = Redirect::to("/login").into_response();
+    for name in [SESSION_COOKIE, CSRF_COOKIE] {
+        if let Some(c) = set_cookie(name, "", 0, state.auth.secure_cookies) {
+            response.headers_mut().append(header::SET_COOKIE, c);
+        }
+    }
+    response
+}
+
+fn logout_form(csrf: &str, email: &str) -> String {
+    format!(
+        r#"<p class=muted>Signed in as {} · <form class=inline method=post action="/logout"><input type=hidden name=csrf value="{}"><button type=submit>Sign out</button></form></p>"#,
+        esc(email),
+        esc(csrf)
+    )
+}
+
+async fn apps_page(State(state): State<AdminState>, session: Session) -> Response {
+    let rows = match outbox_core::store::principals::visible_apps(
+        &state.pool,
+        session.principal.user.id,
+        session.principal.user.is_admin,
+    )
+    .await
+    {
+        Ok(rows) => rows,
+        Err(err) => return error_page(&err.into()),
+    };
+    let mut body = logout_form(&session.csrf, &session.principal.user.email);
+    body.push_str(
+        "<h1>Apps</h1><table><tr><th>App</th><th>Name</th><th>Unresolved dead letters</th></tr>",
+    );
+    for (slug, name, unresolved) in rows {
+        body.push_str(&format!(
+            r#"<tr><td><a href="/apps/{s}/dead-letters?unresolved=true">{s}</a></td><td>{n}</td><td><span class="badge{z}" data-app="{s}">{u}</span></td></tr>"#,
+            s = esc(&slug),
+            n = esc(&name),
+            z = if unresolved == 0 { " zero" } else { "" },
+            u = unresolved
+        ));
+    }
+    body.push_str("</table>");
+    page("Apps", &body).into_response()
+}
+
+fn age(created: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - created).num_seconds().max(0);
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86_399 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+async fn list_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let limit = q.limit()?;
+        let rows =
+            dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
+        let unresolved = dead_letters::count_unresolved(&state.pool, app.id).await?;
+        Ok::<_, ApiError>((app, rows, unresolved, limit))
+    }
+    .await;
+    let (app, rows, unresolved, limit) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let mut body = logout_form(&session.csrf, &session.principal.user.email);
+    body.push_str(&format!(
+        r#"<h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>
+<form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
+<label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
+<form method=post action="/apps/{slug}/dead-letters/bulk"><input type=hidden name=csrf value="{csrf}">
+<p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
+<table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
+        z = if unresolved == 0 { " zero" } else { "" },
+        t = esc(q.topic.as_deref().unwrap_or("")),
+        src = esc(q.source.as_deref().unwrap_or("")),
+        chk = if q.unresolved { "checked" } else { "" },
+        csrf = esc(&session.csrf),
+    ));
+    for row in &rows {
+        let error: String = row
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect();
+        body.push_str(&format!(
+            r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
+            id = row.id,
+            cb = if row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
+            src = esc(&row.source),
+            topic = esc(&row.topic),
+            att = row.attempt_count,
+            err = esc(&error),
+            age = age(row.created_at),
+            state = esc(row.resolution.as_deref().unwrap_or("unresolved")),
+        ));
+    }
+    body.push_str("</table></form>");
+    if rows.len() == limit as usize
+        && let Some(last) = rows.last()
+    {
+        body.push_str(&format!(
+            r#"<p><a href="?unresolved={}&topic={}&source={}&after={}">Older →</a></p>"#,
+            q.unresolved,
+            esc(q.topic.as_deref().unwrap_or("")),
+            esc(q.source.as_deref().unwrap_or("")),
+            api::encode_cursor(last)
+        ));
+    }
+    page(&format!("{} dead letters", app.slug), &body).into_response()
+}
+
+async fn detail_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
+        Ok::<_, ApiError>((dead_letters::get(&state.pool, app.id, id).await?, app))
+    }
+    .await;
+    let (row, app) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
+    let actions = if row.resolved_at.is_none() {
+        format!(
+            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay"><input type=hidden name=csrf value="{c}"><button type=submit id=replay>Replay</button></form>
+<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore"><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,
+            id = row.id,
+            c = esc(&session.csrf)
+        )
+    } else {
+        format!(
+            "<p>Resolved: <b id=resolution>{}</b></p>",
+            esc(row.resolution.as_deref().unwrap_or(""))
+        )
+    };
+    let body = format!(
+        r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>
+<table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr><tr><th>Source</th><td>{src}</td></tr>
+<tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
+<tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
+<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
+        logout = logout_form(&session.csrf, &session.principal.user.email),
+        topic = esc(&row.topic),
+        id = row.id,
+        orig = row.original_event_id,
+        src = esc(&row.source),
+        att = row.attempt_count,
+        first = row
+            .first_attempt_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        last = row
+            .last_attempt_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        created = row.created_at.to_rfc3339(),
+        err = esc(row.last_error.as_deref().unwrap_or("")),
+        payload = esc(&pretty),
+    );
+    page(&row.topic, &body).into_response()
+}
+
+async fn act(
+    state: AdminState,
+    session: Session,
+    app: String,
+    id: String,
+    req: Request,
+    replay: bool,
+) -> Response {
+    let result = async {
+        let form = form(req).await?;
+        check_csrf(&session, &form)?;
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterManage,
+        )
+        .await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
+        if replay {
+            api::replay_one(&state.pool, app.id, id).await?;
+        } else {
+            api::ignore_one(&state.pool, app.id, id).await?;
+        }
+        Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}", app.slug))
+    }
+    .await;
+    match result {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(err) => error_page(&err),
+    }
+}
+
+async fn replay(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    act(state, session, app, id, req, true).await
+}
+
+async fn ignore(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    act(state, session, app, id, req, false).await
+}
+
+async fn bulk(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = form(req).await?;
+        check_csrf(&session, &form)?;
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterManage,
+        )
+        .await?;
+        let ids = form
+            .iter()
+            .filter(|(k, _)| k == "ids")
+            .map(|(_, v)| {
+                Uuid::parse_str(v).map_err(|_| ApiError::Invalid(format!("{v:?} is not an id")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = BulkBody {
+            action: field(&form, "action").unwrap_or_default().to_owned(),
+            ids: Some(ids),
+            filter: None,
+        };
+        api::run_bulk(&state, app.id, &body).await?;
+        Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
+    }
+    .await;
+    match result {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(err) => error_page(&err),
+    }
+}

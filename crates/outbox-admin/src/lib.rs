@@ -1,0 +1,83 @@
+//! outboxd's admin surface: authentication (argon2id passwords, HS256 JWTs,
+//! API keys, login rate limits), per-app roles mapped to capabilities, the
+//! dead-letter JSON API under `/api`, and the dashboard (server-rendered HTML
+//! on the same server).
+//!
+//! # Layout
+//! - [`auth`]: hashing, tokens, API keys, the login limiter, [`auth::authorize`].
+//! - [`api`]: the JSON endpoints.
+//! - [`dashboard`]: the HTML pages and their forms (cookie session + CSRF).
+//! - [`ApiError`]: stable error codes and statuses.
+//!
+//! All SQL goes through `outbox_core::store`.
+
+pub mod api;
+pub mod auth;
+pub mod dashboard;
+mod error;
+
+pub use auth::AuthConfig;
+pub use error::ApiError;
+
+use axum::Router;
+use sqlx::PgPool;
+
+/// What every admin handler shares.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The database.
+    pub pool: PgPool,
+    /// Token and cookie settings.
+    pub auth: AuthConfig,
+    /// Password hashing off the async runtime.
+    pub hasher: auth::Hasher,
+    /// Failed-login counters.
+    pub limiter: auth::LoginLimiter,
+}
+
+impl AdminState {
+    /// State for `pool` with `auth`.
+    pub fn new(pool: PgPool, auth: AuthConfig) -> Result<Self, ApiError> {
+        Ok(Self {
+            pool,
+            auth,
+            hasher: auth::Hasher::new()?,
+            limiter: auth::LoginLimiter::default(),
+        })
+    }
+}
+
+/// The admin router: `/api/...` and the dashboard pages.
+pub fn router(state: AdminState) -> Router {
+    api::routes().merge(dashboard::routes()).with_state(state)
+}
+
+/// Creates a user with an argon2id hash of `password` (CLI bootstrap).
+pub async fn create_user(
+    pool: &PgPool,
+    email: &str,
+    password: &str,
+    is_admin: bool,
+) -> Result<outbox_core::store::principals::User, ApiError> {
+    if password.len() < 12 {
+        return Err(ApiError::Invalid("password: at least 12 characters".into()));
+    }
+    if !email.contains('@') {
+        return Err(ApiError::Invalid(format!(
+            "email: {email:?} is not an e-mail address"
+        )));
+    }
+    let hash = auth::Hasher::new()?.hash(password.to_owned()).await?;
+    Ok(outbox_core::store::principals::create_user(pool, email, &hash, is_admin).await?)
+}
+
+/// Creates an API key for a user; returns the key (shown once).
+pub async fn create_api_key(
+    pool: &PgPool,
+    user_id: uuid::Uuid,
+    name: &str,
+) -> Result<String, ApiError> {
+    let (key, prefix, hash) = auth::new_api_key();
+    outbox_core::store::principals::create_api_key(pool, user_id, name, &prefix, &hash).await?;
+    Ok(key)
+}
