@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a real, private PostgreSQL and a real
-# JetStream nats-server: formatting, clippy, unit and integration tests.
-# Installs PostgreSQL and nats-server if they are missing.
+# JetStream nats-server: formatting, clippy, unit and integration tests, and
+# the dashboard in a real Chromium. Installs PostgreSQL, nats-server,
+# Chromium and playwright-core if they are missing.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -27,7 +28,17 @@ set +e
 cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
 status=${PIPESTATUS[0]}
 set -e
-# One closing line for the whole run: cargo prints one per test binary.
+
+log "browser test (Chromium)"
+set +e
+bash "$ROOT/scripts/browser-test.sh" 2>&1 | tee -a "$TEST_LOG"
+browser_status=${PIPESTATUS[0]}
+set -e
+
+# One closing line for the whole run: cargo prints one per test binary, and
+# the browser test prints its own.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
-exit "$status"
+[ "$status" = 0 ] || exit "$status"
+[ "$browser_status" = 0 ] || { log "the browser test failed"; exit "$browser_status"; }

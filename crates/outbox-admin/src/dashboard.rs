@@ -212,7 +212,7 @@ async fn logout(State(state): State<AdminState>, session: Session, req: Request)
 
 fn logout_form(csrf: &str, email: &str) -> String {
     format!(
-        r#"<p class=muted>Signed in as {} · <form class=inline method=post action="/logout"><input type=hidden name=csrf value="{}"><button type=submit>Sign out</button></form></p>"#,
+        r#"<div class=muted>Signed in as {} · <form class=inline method=post action="/logout"><input type=hidden name=csrf value="{}"><button type=submit>Sign out</button></form></div>"#,
         esc(email),
         esc(csrf)
     )

@@ -1,0 +1,77 @@
+// Signs in to the dashboard in a real Chromium, checks the unresolved badge,
+// replays one dead letter and ignores another, then checks the database.
+// Env: OUTBOXD_URL, ADMIN_EMAIL, ADMIN_PASSWORD, DATABASE_URL, PSQL, SCREENSHOT_DIR.
+import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import { mkdirSync } from "node:fs";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const base = env("OUTBOXD_URL");
+const shots = env("SCREENSHOT_DIR");
+mkdirSync(shots, { recursive: true });
+const sql = (query) =>
+  execFileSync(env("PSQL"), [env("DATABASE_URL"), "-tAc", query], { encoding: "utf8" }).trim();
+
+const check = (ok, message) => {
+  if (!ok) throw new Error(`browser test failed: ${message}`);
+  console.log(`ok - ${message}`);
+};
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage();
+  await page.goto(`${base}/apps`);
+  check(page.url().endsWith("/login"), "an anonymous visit is sent to the login page");
+
+  await page.fill('input[name="email"]', env("ADMIN_EMAIL"));
+  await page.fill('input[name="password"]', "not the password");
+  await page.click('button[type="submit"]');
+  check((await page.textContent("body")).includes("wrong e-mail or password"), "a wrong password is refused");
+
+  await page.fill('input[name="email"]', env("ADMIN_EMAIL"));
+  await page.fill('input[name="password"]', env("ADMIN_PASSWORD"));
+  await page.click('button[type="submit"]');
+  await page.waitForURL(`${base}/apps`);
+  const badge = (await page.textContent('.badge[data-app="shop"]')).trim();
+  const expected = sql("SELECT count(*) FROM dead_letters d JOIN apps a ON a.id = d.app_id WHERE a.slug = 'shop' AND d.resolved_at IS NULL");
+  check(badge === expected && Number(badge) >= 2, `the badge shows ${badge} unresolved dead letters (database: ${expected})`);
+  await page.screenshot({ path: `${shots}/apps.png`, fullPage: true });
+
+  await page.click('a[href^="/apps/shop/dead-letters"]');
+  const rows = await page.$$eval("tr[data-id]", (trs) => trs.map((tr) => tr.dataset.id));
+  check(rows.length >= 2, `the list shows ${rows.length} dead letters`);
+  await page.screenshot({ path: `${shots}/list.png`, fullPage: true });
+
+  const [toReplay, toIgnore] = rows;
+  await page.goto(`${base}/apps/shop/dead-letters/${toReplay}`);
+  check((await page.textContent("#payload")).includes('"order"'), "the detail page shows the pretty payload");
+  await page.screenshot({ path: `${shots}/detail.png`, fullPage: true });
+  await page.click("#replay");
+  await page.waitForSelector("#resolution");
+  check((await page.textContent("#resolution")) === "replayed", "Replay resolves the dead letter as replayed");
+
+  await page.goto(`${base}/apps/shop/dead-letters/${toIgnore}`);
+  await page.click("#ignore");
+  await page.waitForSelector("#resolution");
+  check((await page.textContent("#resolution")) === "ignored", "Ignore resolves the dead letter as ignored");
+
+  check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toReplay}'`) === "replayed", "the database has the replay");
+  check(sql(`SELECT count(*) FROM outbox WHERE replayed_from = '${toReplay}'`) === "1", "the replay enqueued one outbox row");
+  check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toIgnore}'`) === "ignored", "the database has the ignore");
+
+  await page.goto(`${base}/apps`);
+  const after = (await page.textContent('.badge[data-app="shop"]')).trim();
+  check(Number(after) === Number(badge) - 2, `the badge drops to ${after}`);
+  await page.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
+  console.log("1 passed, 0 failed");
+} finally {
+  await browser.close();
+}
