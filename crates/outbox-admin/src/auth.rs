@@ -269,6 +269,8 @@ pub enum Capability {
     DeadLetterManage,
     /// `AppManageTriggers(app)`: create and change triggers.
     ManageTriggers,
+    /// `AppWrite(app)`: write KV entries, publish events, enqueue jobs.
+    Write,
 }
 
 /// Which capabilities a role grants.
@@ -277,7 +279,7 @@ pub fn role_grants(role: Role, capability: Capability) -> bool {
         Role::Admin => true,
         Role::Operator => matches!(
             capability,
-            Capability::DeadLetterRead | Capability::DeadLetterManage
+            Capability::DeadLetterRead | Capability::DeadLetterManage | Capability::Write
         ),
         Role::Viewer => capability == Capability::DeadLetterRead,
     }
@@ -467,6 +469,8 @@ mod tests {
         assert!(!role_grants(Role::Viewer, DeadLetterManage));
         assert!(role_grants(Role::Operator, DeadLetterManage));
         assert!(!role_grants(Role::Operator, ManageTriggers));
+        assert!(role_grants(Role::Operator, Write));
+        assert!(!role_grants(Role::Viewer, Write));
         assert!(role_grants(Role::Admin, ManageTriggers));
     }
 

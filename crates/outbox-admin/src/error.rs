@@ -70,7 +70,8 @@ impl From<outbox_core::Error> for ApiError {
     fn from(err: outbox_core::Error) -> Self {
         match err {
             outbox_core::Error::UnknownApp(_) => Self::NotFound("app"),
-            outbox_core::Error::NotFound(_) => Self::NotFound("dead letter"),
+            outbox_core::Error::NotFound(_) => Self::NotFound("row"),
+            outbox_core::Error::Conflict(message) => Self::Conflict(message),
             outbox_core::Error::Invalid { field, reason } => {
                 Self::Invalid(format!("{field}: {reason}"))
             }

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`auth`]: hashing, tokens, API keys, the login limiter, [`auth::authorize`].
-//! - [`api`]: the JSON endpoints.
+//! - [`api`]: the dead-letter JSON endpoints.
+//! - [`platform`]: KV, events, jobs and triggers over HTTP.
 //! - [`dashboard`]: the HTML pages and their forms (cookie session + CSRF).
 //! - [`ApiError`]: stable error codes and statuses.
 //!
@@ -15,6 +16,7 @@ pub mod api;
 pub mod auth;
 pub mod dashboard;
 mod error;
+pub mod platform;
 
 pub use auth::AuthConfig;
 pub use error::ApiError;
@@ -49,7 +51,10 @@ impl AdminState {
 
 /// The admin router: `/api/...` and the dashboard pages.
 pub fn router(state: AdminState) -> Router {
-    api::routes().merge(dashboard::routes()).with_state(state)
+    api::routes()
+        .merge(platform::routes())
+        .merge(dashboard::routes())
+        .with_state(state)
 }
 
 /// Creates a user with an argon2id hash of `password` (CLI bootstrap).

@@ -13,6 +13,9 @@ pub enum Error {
     /// No row has this id (or it belongs to another app).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The row is not in the state the caller expected (e.g. a KV version).
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The caller passed a value the model does not accept.
     #[error("invalid {field}: {reason}")]
     Invalid {

@@ -59,6 +59,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Backoff and attempt limit.
     pub retry: RetryPolicy,
+    /// Rows deeper in a trigger chain than this are dead-lettered, not run.
+    pub max_trigger_depth: u32,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(10),
             drain_grace: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            max_trigger_depth: 8,
         }
     }
 }
@@ -545,6 +548,14 @@ impl Inner {
                 error: format!(
                     "attempts exhausted: attempt {} of {max} was lost with its worker (lease expired)",
                     row.attempt_count - 1
+                ),
+            };
+        }
+        if row.depth > self.config.max_trigger_depth as i32 {
+            return Outcome::Bury {
+                error: format!(
+                    "trigger chain depth {} exceeds max_trigger_depth {}; not run (a trigger loop?)",
+                    row.depth, self.config.max_trigger_depth
                 ),
             };
         }

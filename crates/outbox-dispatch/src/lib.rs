@@ -32,10 +32,12 @@
 //! - [`handler`]: the [`Event`] handlers receive, [`HandlerError`], [`Registry`].
 //! - [`retry`]: [`RetryPolicy`] (backoff).
 //! - [`dispatcher`]: [`Dispatcher`] — the claim loop, heartbeat, completer and drain.
+//! - [`maintenance`]: background services of the same shape (the cron [`maintenance::Scheduler`]).
 
 pub mod dispatcher;
 mod error;
 pub mod handler;
+pub mod maintenance;
 pub mod retry;
 
 pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport};

@@ -534,6 +534,7 @@ impl Settings {
                 base: Duration::from_millis(self.trigger_retry_base_ms),
                 max: Duration::from_millis(self.trigger_retry_max_ms),
             },
+            max_trigger_depth: self.max_trigger_depth,
             ..outbox_dispatch::Config::default()
         };
         if !d.worker_id.is_empty() {

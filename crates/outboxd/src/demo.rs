@@ -47,6 +47,12 @@ pub fn registry() -> Registry {
                 event.payload["url"].as_str().unwrap_or("?")
             )))
         })
+        .register("audit.record", |event: Event| async move {
+            // Fired by the KV trigger on every write to an orders:* collection.
+            tracing::info!(key = %event.payload["key"], op = %event.op, "audit: order entry changed");
+            Ok(())
+        })
+        .register("demo.heartbeat", |_event: Event| async { Ok(()) })
         .register("report.build", |event: Event| async move {
             if event.payload["crash"].as_bool() == Some(true) {
                 panic!("report template is missing");
@@ -90,6 +96,45 @@ fn workload(round: u64) -> Vec<NewEvent> {
     events
 }
 
+/// Registers the demo's triggers once: a KV trigger on `orders:*` and a cron
+/// trigger every 10 seconds.
+pub async fn register_triggers(pool: &PgPool, app_id: Uuid) -> Result<(), outbox_core::Error> {
+    use outbox_core::store::triggers::{self, TriggerSpec};
+    let existing = triggers::list(pool, app_id).await?;
+    let mut tx = pool.begin().await?;
+    if !existing.iter().any(|t| t.name == "audit-orders") {
+        let spec = TriggerSpec::Kv {
+            collection: "orders:*".into(),
+            ops: vec!["put".into(), "delete".into()],
+        };
+        triggers::create(
+            &mut tx,
+            app_id,
+            "audit-orders",
+            "audit.record",
+            Some("demo"),
+            &spec,
+        )
+        .await?;
+    }
+    if !existing.iter().any(|t| t.name == "heartbeat") {
+        let spec = TriggerSpec::Cron {
+            schedule: "*/10 * * * * *".into(),
+        };
+        triggers::create(
+            &mut tx,
+            app_id,
+            "heartbeat",
+            "demo.heartbeat",
+            Some("demo"),
+            &spec,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Enqueues a round of demo events every `every` until `stop`.
 pub async fn produce(pool: PgPool, app_id: Uuid, every: Duration, stop: CancellationToken) {
     let mut round = 0u64;
@@ -98,6 +143,17 @@ pub async fn produce(pool: PgPool, app_id: Uuid, every: Duration, stop: Cancella
         let result = async {
             let mut tx = pool.begin().await?;
             enqueue_batch(&mut tx, app_id, &events).await?;
+            // A KV write in the same transaction: its trigger row commits with it.
+            outbox_core::store::kv::put(
+                &mut tx,
+                app_id,
+                "orders:eu",
+                &format!("order-{round}"),
+                &json!({"status": "paid", "round": round}),
+                None,
+                &outbox_core::store::kv::WriteContext::default(),
+            )
+            .await?;
             tx.commit().await?;
             Ok::<(), outbox_core::Error>(())
         }

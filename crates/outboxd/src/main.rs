@@ -420,6 +420,7 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
 
     let registry = if demo {
         let app = apps::ensure(&pool, demo::APP, "Demo app").await?;
+        demo::register_triggers(&pool, app.id).await?;
         tokio::spawn(demo::produce(
             pool.clone(),
             app.id,
@@ -447,6 +448,11 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         ));
         info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
     }
+    let scheduler = outbox_dispatch::maintenance::Scheduler::new(pool.clone(), Default::default());
+    let scheduler_task = tokio::spawn({
+        let stop = stop.clone();
+        async move { scheduler.run(stop.cancelled_owned()).await }
+    });
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
     let report = dispatcher
         .run({
@@ -455,6 +461,7 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         })
         .await?;
     stop.cancel();
+    let _ = scheduler_task.await;
     let _ = server.await;
     pool.close().await;
     info!(

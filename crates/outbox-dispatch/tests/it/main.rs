@@ -5,6 +5,7 @@ mod dispatch;
 mod enqueueing;
 mod leases;
 mod ordering;
+mod triggers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -127,6 +127,11 @@ fn bad_config_is_a_clear_error_and_a_nonzero_exit() -> TestResult {
             &["database.url", "PostgreSQL URL"],
         ),
         ("OUTBOXD_DISPATCHER__BOGUS", "1", &["bogus"]),
+        (
+            "JWT_SECRET",
+            "short-secret",
+            &["admin.jwt_secret", "12 bytes", "at least 32"],
+        ),
     ];
     for (key, value, expected) in cases {
         let out = run(outboxd(None).env(key, value).arg("config"))?;

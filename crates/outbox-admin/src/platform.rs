@@ -1,0 +1,321 @@
+//! outboxd as a platform over HTTP: KV writes that fire triggers, events,
+//! jobs, and trigger management. Each write is one transaction.
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use outbox_core::store::kv::{self, WriteContext};
+use outbox_core::store::triggers::{self, TriggerSpec};
+use outbox_core::{NewEvent, Source};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::api::Bearer;
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+/// The platform routes.
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route(
+            "/api/apps/{app}/kv/{collection}/{key}",
+            get(kv_get).put(kv_put).delete(kv_delete),
+        )
+        .route("/api/apps/{app}/events/{topic}", post(publish))
+        .route("/api/apps/{app}/jobs/{queue}", post(job))
+        .route(
+            "/api/apps/{app}/triggers",
+            get(list_triggers).post(create_trigger),
+        )
+        .route(
+            "/api/apps/{app}/triggers/{id}",
+            axum::routing::delete(delete_trigger),
+        )
+        .route("/api/apps/{app}/triggers/{id}/enable", post(enable_trigger))
+        .route(
+            "/api/apps/{app}/triggers/{id}/disable",
+            post(disable_trigger),
+        )
+}
+
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid(format!("bad body: {e}")))
+}
+
+async fn kv_get(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, collection, key)): Path<(String, String, String)>,
+) -> Result<Json<kv::Entry>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let mut conn = state
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    kv::get(&mut conn, app.id, &collection, &key)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("entry"))
+}
+
+#[derive(Deserialize)]
+struct PutBody {
+    value: Value,
+    expected_version: Option<i64>,
+}
+
+async fn kv_put(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, collection, key)): Path<(String, String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<kv::Written>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let put: PutBody = body(&bytes)?;
+    let mut tx = state
+        .pool
+        .begin()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let written = kv::put(
+        &mut tx,
+        app.id,
+        &collection,
+        &key,
+        &put.value,
+        put.expected_version,
+        &WriteContext::default(),
+    )
+    .await?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(written))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    expected_version: Option<i64>,
+}
+
+async fn kv_delete(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, collection, key)): Path<(String, String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Json<kv::Written>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let mut tx = state
+        .pool
+        .begin()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let written = kv::delete(
+        &mut tx,
+        app.id,
+        &collection,
+        &key,
+        q.expected_version,
+        &WriteContext::default(),
+    )
+    .await?
+    .ok_or(ApiError::NotFound("entry"))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(written))
+}
+
+#[derive(Deserialize, Default)]
+struct EnqueueBody {
+    #[serde(default)]
+    payload: Value,
+    headers: Option<Value>,
+    run_at: Option<DateTime<Utc>>,
+    idempotency_key: Option<String>,
+    ordering_key: Option<String>,
+    max_attempts: Option<i32>,
+}
+
+async fn enqueue(
+    state: &AdminState,
+    app_id: Uuid,
+    event: NewEvent,
+) -> Result<Json<Value>, ApiError> {
+    let mut tx = state
+        .pool
+        .begin()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let id = outbox_core::enqueue(&mut tx, app_id, &event).await?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "id": id })))
+}
+
+fn event_from(topic: String, source: Source, b: EnqueueBody) -> NewEvent {
+    let mut event = NewEvent::new(topic, b.payload).with_source(source);
+    if let Some(h) = b.headers {
+        event.headers = h;
+    }
+    event.run_at = b.run_at;
+    event.idempotency_key = b.idempotency_key;
+    event.ordering_key = b.ordering_key;
+    event.max_attempts = b.max_attempts;
+    event
+}
+
+async fn publish(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let b: EnqueueBody = if bytes.is_empty() {
+        EnqueueBody::default()
+    } else {
+        body(&bytes)?
+    };
+    if b.run_at.is_some() || b.ordering_key.is_some() {
+        return Err(ApiError::Invalid("events take payload, headers and idempotency_key; use jobs for run_at and ordering_key".into()));
+    }
+    enqueue(&state, app.id, event_from(topic, Source::Pubsub, b)).await
+}
+
+async fn job(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, queue)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let b: EnqueueBody = if bytes.is_empty() {
+        EnqueueBody::default()
+    } else {
+        body(&bytes)?
+    };
+    enqueue(&state, app.id, event_from(queue, Source::Queue, b)).await
+}
+
+#[derive(Deserialize)]
+struct TriggerBody {
+    kind: String,
+    name: String,
+    target: String,
+    collection: Option<String>,
+    ops: Option<Vec<String>>,
+    schedule: Option<String>,
+    #[serde(default)]
+    sources: Vec<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    trigger_ids: Vec<Uuid>,
+}
+
+/// Builds a trigger spec from API input, naming what is missing.
+fn spec(b: &TriggerBody) -> Result<TriggerSpec, ApiError> {
+    match b.kind.as_str() {
+        "kv" => Ok(TriggerSpec::Kv {
+            collection: b
+                .collection
+                .clone()
+                .ok_or_else(|| ApiError::Invalid("kv triggers need collection".into()))?,
+            ops: b
+                .ops
+                .clone()
+                .unwrap_or_else(|| vec!["put".into(), "delete".into()]),
+        }),
+        "cron" => Ok(TriggerSpec::Cron {
+            schedule: b
+                .schedule
+                .clone()
+                .ok_or_else(|| ApiError::Invalid("cron triggers need schedule".into()))?,
+        }),
+        "dead_letter" => Ok(TriggerSpec::DeadLetter {
+            sources: b.sources.clone(),
+            topics: b.topics.clone(),
+            trigger_ids: b.trigger_ids.clone(),
+        }),
+        other => Err(ApiError::Invalid(format!(
+            "kind {other:?} is not kv, cron or dead_letter"
+        ))),
+    }
+}
+
+async fn create_trigger(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
+    let b: TriggerBody = body(&bytes)?;
+    let spec = spec(&b)?;
+    let principal = format!("user:{}", p.user.id);
+    let mut tx = state
+        .pool
+        .begin()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let id = triggers::create(&mut tx, app.id, &b.name, &b.target, Some(&principal), &spec).await?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "id": id })))
+}
+
+async fn list_triggers(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<triggers::Trigger>>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(triggers::list(&state.pool, app.id).await?))
+}
+
+async fn set_trigger(
+    state: AdminState,
+    p: auth::Principal,
+    app: String,
+    id: String,
+    enabled: Option<bool>,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("trigger"))?;
+    match enabled {
+        Some(enabled) => triggers::set_enabled(&state.pool, app.id, id, enabled).await?,
+        None => triggers::delete(&state.pool, app.id, id).await?,
+    }
+    Ok(Json(json!({ "id": id, "enabled": enabled })))
+}
+
+async fn enable_trigger(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_trigger(state, p, app, id, Some(true)).await
+}
+
+async fn disable_trigger(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_trigger(state, p, app, id, Some(false)).await
+}
+
+async fn delete_trigger(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_trigger(state, p, app, id, None).await
+}

@@ -1,0 +1,8 @@
+//! Background services besides the dispatcher. Each has the same shape: a
+//! documented config, a `run_once()` that returns what it did (tests step it
+//! instead of sleeping), and a `run()` loop that only handles timing and
+//! shutdown.
+
+pub mod scheduler;
+
+pub use scheduler::Scheduler;

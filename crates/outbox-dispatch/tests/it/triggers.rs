@@ -1,0 +1,299 @@
+use std::time::Duration;
+
+use outbox_core::NewEvent;
+use outbox_core::store::kv::{self, WriteContext};
+use outbox_core::store::triggers::{self, TriggerSpec};
+use outbox_dispatch::maintenance::Scheduler;
+use outbox_dispatch::maintenance::scheduler::SchedulerConfig;
+use outbox_testkit::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{Calls, TestResult, config, enqueue_committed, payload, recording};
+
+async fn kv_trigger(
+    db: &TestDb,
+    app: Uuid,
+    name: &str,
+    glob: &str,
+    ops: &[&str],
+) -> Result<Uuid, Box<dyn std::error::Error>> {
+    let mut tx = db.pool.begin().await?;
+    let spec = TriggerSpec::Kv {
+        collection: glob.into(),
+        ops: ops.iter().map(|s| s.to_string()).collect(),
+    };
+    let id = triggers::create(
+        &mut tx,
+        app,
+        name,
+        &format!("handle.{name}"),
+        Some("user:test"),
+        &spec,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+#[tokio::test]
+async fn kv_writes_fire_exactly_the_matching_triggers_atomically() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let other_app = db.app("other").await?;
+    let all = kv_trigger(&db, app, "all", "*", &["put", "delete"]).await?;
+    let prefix = kv_trigger(&db, app, "prefix", "orders:*", &["put"]).await?;
+    let exact = kv_trigger(&db, app, "exact", "orders:eu", &["delete"]).await?;
+    let _elsewhere = kv_trigger(&db, app, "elsewhere", "users", &["put", "delete"]).await?;
+    let disabled = kv_trigger(&db, app, "disabled", "*", &["put"]).await?;
+    triggers::set_enabled(&db.pool, app, disabled, false).await?;
+    let _foreign = kv_trigger(&db, other_app, "foreign", "*", &["put"]).await?;
+
+    // A write that rolls back fires nothing.
+    let mut tx = db.pool.begin().await?;
+    let written = kv::put(
+        &mut tx,
+        app,
+        "orders:eu",
+        "o1",
+        &json!({"total": 5}),
+        None,
+        &WriteContext::default(),
+    )
+    .await?;
+    assert_eq!(written.fired.len(), 2);
+    tx.rollback().await?;
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    let mut conn = db.pool.acquire().await?;
+    assert!(kv::get(&mut conn, app, "orders:eu", "o1").await?.is_none());
+
+    // The glob table: which triggers fire for which write.
+    let cases: &[(&str, &str, &[Uuid])] = &[
+        ("orders:eu", "put", &[all, prefix]),
+        ("orders:eu", "delete", &[all, exact]),
+        ("orders:us", "put", &[all, prefix]),
+        ("ordersx", "put", &[all]),
+        ("orders", "put", &[all]),
+    ];
+    for (collection, op, expected) in cases {
+        let mut tx = db.pool.begin().await?;
+        let written = if *op == "put" {
+            kv::put(
+                &mut tx,
+                app,
+                collection,
+                "k",
+                &json!({"v": 1}),
+                None,
+                &WriteContext::default(),
+            )
+            .await?
+        } else {
+            kv::delete(
+                &mut tx,
+                app,
+                collection,
+                "k",
+                None,
+                &WriteContext::default(),
+            )
+            .await?
+            .ok_or("nothing deleted")?
+        };
+        tx.commit().await?;
+        let fired: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT trigger_id FROM outbox WHERE id = ANY($1) ORDER BY trigger_id",
+        )
+        .bind(&written.fired)
+        .fetch_all(&db.pool)
+        .await?;
+        let mut want = expected.to_vec();
+        want.sort();
+        assert_eq!(fired, want, "{op} {collection}");
+        let (source, op_col, topic, depth): (String, String, String, i32) =
+            sqlx::query_as("SELECT source, op, topic, depth FROM outbox WHERE id = $1")
+                .bind(written.fired[0])
+                .fetch_one(&db.pool)
+                .await?;
+        assert_eq!((source.as_str(), op_col.as_str(), depth), ("kv", *op, 0));
+        assert!(topic.starts_with("handle."));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn kv_versions_are_optimistic() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let ctx = WriteContext::default();
+    let mut conn = db.pool.acquire().await?;
+    assert_eq!(
+        kv::put(&mut conn, app, "c", "k", &json!(1), Some(0), &ctx)
+            .await?
+            .version,
+        1
+    );
+    let err = kv::put(&mut conn, app, "c", "k", &json!(2), Some(0), &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, outbox_core::Error::Conflict(_)), "{err}");
+    assert_eq!(
+        kv::put(&mut conn, app, "c", "k", &json!(2), Some(1), &ctx)
+            .await?
+            .version,
+        2
+    );
+    let err = kv::put(&mut conn, app, "c", "k", &json!(3), Some(1), &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, outbox_core::Error::Conflict(_)));
+    let err = kv::delete(&mut conn, app, "c", "k", Some(1), &ctx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, outbox_core::Error::Conflict(_)));
+    assert_eq!(
+        kv::delete(&mut conn, app, "c", "k", Some(2), &ctx)
+            .await?
+            .map(|w| w.version),
+        Some(2)
+    );
+    assert!(
+        kv::delete(&mut conn, app, "c", "k", None, &ctx)
+            .await?
+            .is_none()
+    );
+    let err = kv::put(&mut conn, app, "bad*", "k", &json!(1), None, &ctx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("collection"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn trigger_validation_names_the_problem() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let cases = [
+        (
+            TriggerSpec::Kv {
+                collection: "a*b".into(),
+                ops: vec!["put".into()],
+            },
+            "collection",
+        ),
+        (
+            TriggerSpec::Kv {
+                collection: "a".into(),
+                ops: vec!["upsert".into()],
+            },
+            "ops",
+        ),
+        (
+            TriggerSpec::Cron {
+                schedule: "every day".into(),
+            },
+            "schedule",
+        ),
+    ];
+    for (spec, field) in cases {
+        let err = triggers::create(&mut tx, app, "t", "h", None, &spec)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    let err = triggers::create(
+        &mut tx,
+        app,
+        "t",
+        "has space",
+        None,
+        &TriggerSpec::Cron {
+            schedule: "* * * * *".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("target"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cron_ticks_fire_once_with_two_schedulers_and_missed_ticks_fire_once() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let trigger = triggers::create(
+        &mut tx,
+        app,
+        "every-second",
+        "tick",
+        None,
+        &TriggerSpec::Cron {
+            schedule: "* * * * * *".into(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    // Downtime: the trigger was due an hour ago.
+    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '1 hour' WHERE trigger_id = $1")
+        .bind(trigger)
+        .execute(&db.pool)
+        .await?;
+    let a = Scheduler::new(db.pool.clone(), SchedulerConfig::default());
+    let b = Scheduler::new(db.pool.clone(), SchedulerConfig::default());
+    let (x, y) = tokio::join!(a.run_once(), b.run_once());
+    assert_eq!(x? + y?, 1, "3600 missed ticks fire once");
+    // Then every due tick fires exactly once, whichever scheduler gets it.
+    for _ in 0..12 {
+        let (x, y) = tokio::join!(a.run_once(), b.run_once());
+        x?;
+        y?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ticks: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT payload->>'scheduled_at', count(*) FROM outbox WHERE trigger_id = $1 GROUP BY 1",
+    )
+    .bind(trigger)
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(ticks.len() >= 3, "ticks fired: {ticks:?}");
+    assert!(
+        ticks.iter().all(|(_, n)| *n == 1),
+        "a tick fired twice: {ticks:?}"
+    );
+    let source: String =
+        sqlx::query_scalar("SELECT DISTINCT source FROM outbox WHERE trigger_id = $1")
+            .bind(trigger)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(source, "cron");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rows_past_the_depth_limit_are_dead_lettered_not_run() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let mut cfg = config();
+    cfg.max_trigger_depth = 3;
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), cfg);
+    let mut deep = NewEvent::new("t", payload(1));
+    deep.depth = 4;
+    let deep = enqueue_committed(&db.pool, app, deep).await?;
+    let mut ok = NewEvent::new("t", payload(2));
+    ok.depth = 3;
+    let ok = enqueue_committed(&db.pool, app, ok).await?;
+    dispatcher.run_until_idle().await?;
+    assert_eq!((calls.of(deep), calls.of(ok)), (0, 1));
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, deep).await?;
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("max_trigger_depth 3")),
+        "{dead:?}"
+    );
+    Ok(())
+}
