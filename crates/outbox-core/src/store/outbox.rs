@@ -15,6 +15,22 @@ use uuid::Uuid;
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
 
+/// Marks the dead letters behind successful dead-letter-trigger rows
+/// `handled_by_script`; expects a `done` CTE returning `source` and `payload`.
+macro_rules! handled_by_script_cte {
+    () => {
+        "handled AS (
+    UPDATE dead_letters d SET resolution = 'handled_by_script', resolved_at = now()
+    FROM done
+    WHERE done.source = 'dead_letter'
+      AND done.payload->>'dead_letter_id' ~ '^[0-9a-fA-F-]{36}$'
+      AND d.id = (done.payload->>'dead_letter_id')::uuid
+      AND d.resolved_at IS NULL
+    RETURNING d.id
+)"
+    };
+}
+
 /// Picks up to `$1` claimable rows, apps in random order (fairness) and
 /// suspended apps skipped, and locks them. Shared by [`claim`] and [`complete_and_claim`].
 macro_rules! picked_cte {
@@ -74,8 +90,10 @@ const COMPLETE_AND_CLAIM: &str = concat!(
     DELETE FROM outbox o
     USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
     WHERE o.id = t.id AND o.lease_token = t.token
-    RETURNING o.id
+    RETURNING o.id, o.source, o.payload
 ), ",
+    handled_by_script_cte!(),
+    ", ",
     picked_cte!(),
     ", claimed AS (\n",
     lease_picked!(),
@@ -180,12 +198,16 @@ pub async fn complete<'e>(db: impl PgExecutor<'e>, leases: &[Lease]) -> Result<V
         return Ok(Vec::new());
     }
     let (ids, tokens) = split(leases);
-    Ok(sqlx::query_scalar(
-        "DELETE FROM outbox o
-         USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
-         WHERE o.id = t.id AND o.lease_token = t.token
-         RETURNING o.id",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "WITH done AS (
+            DELETE FROM outbox o
+            USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
+            WHERE o.id = t.id AND o.lease_token = t.token
+            RETURNING o.id, o.source, o.payload
+         ), ",
+        handled_by_script_cte!(),
+        " SELECT id FROM done"
+    ))
     .bind(&ids)
     .bind(&tokens)
     .fetch_all(db)
@@ -251,7 +273,11 @@ pub struct Bury {
 }
 
 /// Moves rows to `dead_letters` and deletes them from `outbox` in one
-/// statement (so in one transaction); returns the original ids moved.
+/// statement (so in one transaction), enqueueing the rows of matching
+/// dead-letter triggers in the same statement; returns the original ids moved.
+///
+/// A dead-letter trigger's own exhausted row is not dead-lettered again: its
+/// dead letter is resolved `handler_failed` instead (no recursion).
 pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<Uuid>, Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -266,16 +292,52 @@ pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<U
             USING unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
             WHERE o.id = t.id AND o.lease_token = t.token
             RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
+         ),
+         -- A dead-letter trigger's own work failed for good: its dead letter
+         -- becomes handler_failed; no new dead letter, no further trigger.
+         failed_scripts AS (
+            UPDATE dead_letters d
+            SET resolution = 'handler_failed', resolved_at = now(),
+                last_error = coalesce(d.last_error, '') || E'\n[dead-letter trigger] ' || m.final_error
+            FROM moved m
+            WHERE m.source = 'dead_letter'
+              AND m.payload->>'dead_letter_id' ~ '^[0-9a-fA-F-]{36}$'
+              AND d.id = (m.payload->>'dead_letter_id')::uuid
+              AND d.resolved_at IS NULL
+            RETURNING m.id
+         ),
+         buried AS (
+            INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
+                                      payload, headers, ordering_key, depth, attempt_count,
+                                      first_attempt_at, last_attempt_at, last_error,
+                                      registered_by_principal)
+            SELECT app_id, id, source, op, topic, trigger_id, coalesce(failed_handler, target, topic),
+                   payload, headers, ordering_key, depth, attempt_count,
+                   first_attempt_at, last_attempt_at, final_error, registered_by_principal
+            FROM moved
+            WHERE source <> 'dead_letter'
+            RETURNING id, app_id, original_event_id, source, topic, trigger_id, payload, last_error, depth
+         ),
+         -- Matching dead-letter triggers get their rows in the same statement.
+         fired AS (
+            INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, depth,
+                                registered_by_principal)
+            SELECT outbox_uuid_v7(), b.app_id, 'dead_letter', 'dead_lettered', t.target, t.id, t.target,
+                   jsonb_build_object('dead_letter_id', b.id, 'original_event_id', b.original_event_id,
+                                      'source', b.source, 'topic', b.topic, 'trigger_id', b.trigger_id,
+                                      'payload', b.payload, 'last_error', b.last_error),
+                   b.depth + 1, t.registered_by_principal
+            FROM buried b
+            JOIN triggers t ON t.app_id = b.app_id AND t.kind = 'dead_letter' AND t.enabled
+            JOIN dead_letter_trigger_details x ON x.trigger_id = t.id
+            WHERE (cardinality(x.sources) = 0 OR b.source = ANY(x.sources))
+              AND (cardinality(x.topics) = 0 OR b.topic = ANY(x.topics))
+              AND (cardinality(x.trigger_ids) = 0 OR b.trigger_id = ANY(x.trigger_ids))
+            RETURNING 1
          )
-         INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
-                                   payload, headers, ordering_key, depth, attempt_count,
-                                   first_attempt_at, last_attempt_at, last_error,
-                                   registered_by_principal)
-         SELECT app_id, id, source, op, topic, trigger_id, coalesce(failed_handler, target, topic),
-                payload, headers, ordering_key, depth, attempt_count,
-                first_attempt_at, last_attempt_at, final_error, registered_by_principal
-         FROM moved
-         RETURNING original_event_id",
+         SELECT original_event_id FROM buried
+         UNION ALL
+         SELECT id FROM failed_scripts",
     )
     .bind(&ids)
     .bind(&tokens)

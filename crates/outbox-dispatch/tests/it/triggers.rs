@@ -297,3 +297,113 @@ async fn rows_past_the_depth_limit_are_dead_lettered_not_run() -> TestResult {
     );
     Ok(())
 }
+
+async fn dead_letter_trigger_world(
+    handler_succeeds: bool,
+) -> Result<(TestDb, Uuid, outbox_dispatch::Dispatcher), Box<dyn std::error::Error>> {
+    use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let spec = TriggerSpec::DeadLetter {
+        sources: vec![],
+        topics: vec!["payment.capture".into()],
+        trigger_ids: vec![],
+    };
+    triggers::create(
+        &mut tx,
+        app,
+        "on-payment-dead",
+        "payment.compensate",
+        Some("user:ops"),
+        &spec,
+    )
+    .await?;
+    let spec = TriggerSpec::DeadLetter {
+        sources: vec![],
+        topics: vec!["other.topic".into()],
+        trigger_ids: vec![],
+    };
+    triggers::create(&mut tx, app, "unrelated", "never.runs", None, &spec).await?;
+    tx.commit().await?;
+    let mut registry = Registry::new();
+    registry.register("payment.capture", |_e: Event| async {
+        Err::<(), _>(HandlerError::permanent("card declined"))
+    });
+    registry.register("payment.compensate", move |e: Event| async move {
+        assert_eq!(e.source, "dead_letter");
+        assert!(e.payload["dead_letter_id"].is_string());
+        if handler_succeeds {
+            Ok(())
+        } else {
+            Err(HandlerError::permanent("compensation failed too"))
+        }
+    });
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    Ok((db, app, dispatcher))
+}
+
+#[tokio::test]
+async fn a_dead_letter_trigger_that_succeeds_resolves_handled_by_script() -> TestResult {
+    let (db, app, dispatcher) = dead_letter_trigger_world(true).await?;
+    let id = enqueue_committed(&db.pool, app, NewEvent::new("payment.capture", payload(1))).await?;
+    // Through the long-running loop (successes are deleted by the next claim statement).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let resolved = outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        outbox_core::store::dead_letters::by_original(&db.pool, id)
+            .await
+            .ok()
+            .and_then(|rows| rows.first().and_then(|r| r.resolution.clone()))
+            == Some("handled_by_script".to_owned())
+    })
+    .await;
+    stop.cancel();
+    run.await??;
+    assert!(
+        resolved,
+        "the dead letter was not resolved handled_by_script"
+    );
+    let (dead, pending): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM dead_letters), (SELECT count(*) FROM outbox)")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        (dead, pending),
+        (1, 0),
+        "one dead letter, no leftover rows (the unrelated trigger did not fire)"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_letter_trigger_that_fails_resolves_handler_failed_without_recursion() -> TestResult
+{
+    let (db, app, dispatcher) = dead_letter_trigger_world(false).await?;
+    let id = enqueue_committed(&db.pool, app, NewEvent::new("payment.capture", payload(1))).await?;
+    dispatcher.run_until_idle().await?;
+    let rows = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].resolution.as_deref(), Some("handler_failed"));
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("compensation failed too")),
+        "{rows:?}"
+    );
+    let (dead, pending): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM dead_letters), (SELECT count(*) FROM outbox)")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        (dead, pending),
+        (1, 0),
+        "no second dead letter, no further trigger rows"
+    );
+    Ok(())
+}
