@@ -559,6 +559,32 @@ impl Inner {
                 ),
             };
         }
+        // Trigger work runs with the rights of the principal that registered
+        // the trigger; a principal that lost them gets a dead letter, not a run.
+        if row.trigger_id.is_some()
+            && let Some(principal) = row.registered_by_principal.as_deref()
+        {
+            match outbox_core::store::principals::may_run_triggers(
+                &self.pool, row.app_id, principal,
+            )
+            .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Outcome::Bury {
+                        error: format!(
+                            "principal {principal} may no longer run this app's triggers (needs the app's admin role); not run"
+                        ),
+                    };
+                }
+                Err(err) => {
+                    return Outcome::Retry {
+                        delay: self.config.retry.backoff(row.attempt_count.max(1) as u32),
+                        error: format!("checking the principal's rights failed: {err}"),
+                    };
+                }
+            }
+        }
         let failed = |error: String| {
             if row.reply_to.is_none()
                 && retry.has_attempts_left(row.attempt_count, row.max_attempts)

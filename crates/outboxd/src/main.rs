@@ -76,6 +76,9 @@ enum Command {
     /// Manage API keys for machines.
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
+    /// Manage triggers (KV, cron, dead-letter).
+    #[command(subcommand)]
+    Trigger(TriggerCommand),
     /// Check the configuration and print it (secrets hidden).
     #[command(name = "config")]
     ConfigCheck,
@@ -157,6 +160,70 @@ enum UserCommand {
         app: String,
         /// viewer, operator or admin.
         role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TriggerCommand {
+    /// List an app's triggers.
+    List {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+    },
+    /// Create a trigger: give exactly one of --kv, --cron, --dead-letter.
+    Create {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Unique name within the app.
+        #[arg(long)]
+        name: String,
+        /// The handler that runs the trigger's rows.
+        #[arg(long)]
+        target: String,
+        /// KV trigger on collections matching this glob: "*", "prefix:*" or an exact name.
+        #[arg(long)]
+        kv: Option<String>,
+        /// Operations of a KV trigger.
+        #[arg(long, value_delimiter = ',', default_value = "put,delete")]
+        ops: Vec<String>,
+        /// Cron trigger with this schedule (5 fields, or 6 with seconds; UTC).
+        #[arg(long)]
+        cron: Option<String>,
+        /// Dead-letter trigger.
+        #[arg(long)]
+        dead_letter: bool,
+        /// Dead-letter trigger: only these topics.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Dead-letter trigger: only these sources.
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<String>,
+    },
+    /// Enable a trigger.
+    Enable {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
+    },
+    /// Disable a trigger.
+    Disable {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
+    },
+    /// Delete a trigger.
+    Delete {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
     },
 }
 
@@ -294,6 +361,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
         Command::User(cmd) => user_command(settings, cmd).await,
         Command::ApiKey(cmd) => api_key_command(settings, cmd).await,
+        Command::Trigger(cmd) => trigger_command(settings, cmd).await,
         Command::Bench(args) => bench::run(settings, args).await,
     }
 }
@@ -562,6 +630,75 @@ async fn user_command(settings: Settings, cmd: UserCommand) -> anyhow::Result<()
                 .with_context(|| format!("no user {email:?}"))?;
             outbox_core::store::principals::set_role(&pool, app.id, user.id, role).await?;
             println!("{} is {} of {}", user.email, role.as_str(), app.slug);
+        }
+    }
+    Ok(())
+}
+
+async fn trigger_command(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> {
+    use outbox_core::store::triggers::{self, TriggerSpec};
+    let pool = connect(&settings).await?;
+    let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
+    match cmd {
+        TriggerCommand::List { app } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            for t in triggers::list(&pool, app.id).await? {
+                let detail = t
+                    .collection_glob
+                    .map(|g| format!("collection {g} ops {}", t.ops.unwrap_or_default().join(",")))
+                    .or(t.schedule.map(|s| format!("cron {s}")))
+                    .unwrap_or_default();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{detail}",
+                    t.id,
+                    t.kind,
+                    t.name,
+                    if t.enabled { "enabled" } else { "disabled" },
+                    t.target
+                );
+            }
+        }
+        TriggerCommand::Create {
+            app,
+            name,
+            target,
+            kv,
+            ops,
+            cron,
+            dead_letter,
+            topics,
+            sources,
+        } => {
+            let spec = match (kv, cron, dead_letter) {
+                (Some(collection), None, false) => TriggerSpec::Kv { collection, ops },
+                (None, Some(schedule), false) => TriggerSpec::Cron { schedule },
+                (None, None, true) => TriggerSpec::DeadLetter {
+                    sources,
+                    topics,
+                    trigger_ids: Vec::new(),
+                },
+                _ => bail!("give exactly one of --kv, --cron, --dead-letter"),
+            };
+            let app = apps::by_slug(&pool, &app).await?;
+            let mut tx = pool.begin().await?;
+            let id = triggers::create(&mut tx, app.id, &name, &target, Some("cli"), &spec).await?;
+            tx.commit().await?;
+            println!("{id}");
+        }
+        TriggerCommand::Enable { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::set_enabled(&pool, app.id, parse_id(&id)?, true).await?;
+            println!("enabled");
+        }
+        TriggerCommand::Disable { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::set_enabled(&pool, app.id, parse_id(&id)?, false).await?;
+            println!("disabled");
+        }
+        TriggerCommand::Delete { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::delete(&pool, app.id, parse_id(&id)?).await?;
+            println!("deleted");
         }
     }
     Ok(())

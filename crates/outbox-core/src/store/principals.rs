@@ -200,3 +200,31 @@ pub async fn api_key_by_prefix<'e>(
     .fetch_optional(db)
     .await?)
 }
+
+/// Whether a principal may still run a trigger's work on `app_id`: an
+/// instance admin, or an admin of the app. `principal` is `user:<id>`;
+/// other principals (e.g. `demo`, set by the operator CLI) are not checked.
+pub async fn may_run_triggers<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    principal: &str,
+) -> Result<bool, Error> {
+    let Some(user_id) = principal.strip_prefix("user:") else {
+        return Ok(true);
+    };
+    let Ok(user_id) = Uuid::parse_str(user_id) else {
+        return Ok(false);
+    };
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (
+            SELECT 1 FROM users u
+            WHERE u.id = $2
+              AND (u.is_admin OR EXISTS (
+                    SELECT 1 FROM app_members m
+                    WHERE m.app_id = $1 AND m.user_id = $2 AND m.role = 'admin')))",
+    )
+    .bind(app_id)
+    .bind(user_id)
+    .fetch_one(db)
+    .await?)
+}

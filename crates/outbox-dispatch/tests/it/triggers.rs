@@ -315,7 +315,7 @@ async fn dead_letter_trigger_world(
         app,
         "on-payment-dead",
         "payment.compensate",
-        Some("user:ops"),
+        Some("ops-cli"),
         &spec,
     )
     .await?;
@@ -404,6 +404,81 @@ async fn a_dead_letter_trigger_that_fails_resolves_handler_failed_without_recurs
         (dead, pending),
         (1, 0),
         "no second dead letter, no further trigger rows"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn trigger_work_of_a_principal_that_lost_its_rights_is_dead_lettered() -> TestResult {
+    use outbox_core::store::principals::{self, Role};
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let user = principals::create_user(&db.pool, "ops@x.io", "not-a-real-hash", false).await?;
+    principals::set_role(&db.pool, app, user.id, Role::Admin).await?;
+    let mut tx = db.pool.begin().await?;
+    let spec = TriggerSpec::Kv {
+        collection: "*".into(),
+        ops: vec!["put".into()],
+    };
+    triggers::create(
+        &mut tx,
+        app,
+        "audit",
+        "audit",
+        Some(&format!("user:{}", user.id)),
+        &spec,
+    )
+    .await?;
+    tx.commit().await?;
+    let calls = Calls::default();
+    let dispatcher = recording(
+        &db,
+        "audit",
+        &calls,
+        |e| {
+            assert!(
+                e.principal
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("user:")),
+                "handlers see the principal"
+            );
+            Ok(())
+        },
+        config(),
+    );
+    let write = |n: i64| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            let w = kv::put(
+                &mut tx,
+                app,
+                "c",
+                &format!("k{n}"),
+                &json!(n),
+                None,
+                &WriteContext::default(),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<Uuid, Box<dyn std::error::Error>>(w.fired[0])
+        }
+    };
+    let allowed = write(1).await?;
+    dispatcher.run_until_idle().await?;
+    assert_eq!(calls.of(allowed), 1);
+    // The registering user is demoted: the trigger's next work is refused.
+    principals::set_role(&db.pool, app, user.id, Role::Viewer).await?;
+    let refused = write(2).await?;
+    dispatcher.run_until_idle().await?;
+    assert_eq!(calls.of(refused), 0);
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, refused).await?;
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("may no longer run")),
+        "{dead:?}"
     );
     Ok(())
 }
