@@ -73,6 +73,16 @@ pub struct Settings {
     pub nats: NatsSettings,
     pub consumer: ConsumerSettings,
     pub admin: AdminSettings,
+    pub gc: GcSettings,
+}
+
+/// `[gc]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct GcSettings {
+    pub schedule: String,
+    pub batch: u32,
 }
 
 /// `[admin]`.
@@ -329,6 +339,18 @@ impl Settings {
             });
         }
         self.validate_nats()?;
+        if let Err(err) =
+            outbox_core::store::triggers::next_tick(&self.gc.schedule, chrono::Utc::now())
+        {
+            return Err(ConfigError::Range {
+                key: "gc.schedule",
+                value: format!("{:?}", self.gc.schedule),
+                problem: "is not a cron expression",
+                accepted: format!("5 or 6 cron fields, e.g. \"0 */10 * * * *\" ({err})"),
+                env_hint: env_hint("gc.schedule"),
+            });
+        }
+        range("gc.batch", self.gc.batch as u64, 1, 100_000)?;
         let ad = &self.admin;
         let secret_len = ad.jwt_secret.expose().len();
         if secret_len > 0 && secret_len < outbox_admin::auth::MIN_JWT_SECRET_BYTES {
@@ -496,6 +518,17 @@ impl Settings {
         auth.login_limit_per_address = ad.login_limit_per_address as usize;
         auth.login_window = Duration::from_secs(ad.login_window_secs);
         Some(auth)
+    }
+
+    /// The GC sweeper's settings in its own types.
+    pub fn sweeper_config(&self) -> outbox_dispatch::maintenance::sweeper::SweeperConfig {
+        outbox_dispatch::maintenance::sweeper::SweeperConfig {
+            dead_letter_retention_days: self.dead_letter_retention_days,
+            abandoned_executions_retention_days: self.abandoned_executions_retention_days,
+            batch: i64::from(self.gc.batch),
+            schedule: self.gc.schedule.clone(),
+            ..Default::default()
+        }
     }
 
     /// The consumer runtime's settings in its own types.

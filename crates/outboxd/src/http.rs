@@ -95,6 +95,11 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("outboxd_dead_letters_unresolved", "app" => app).set(count as f64);
         }
     }
+    if let Ok(rows) = outbox_core::store::retention::dead_tuples(&state.pool).await {
+        for (table, dead) in rows {
+            metrics::gauge!("outboxd_table_dead_tuples", "table" => table).set(dead as f64);
+        }
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render(),

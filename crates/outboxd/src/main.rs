@@ -79,6 +79,12 @@ enum Command {
     /// Manage triggers (KV, cron, dead-letter).
     #[command(subcommand)]
     Trigger(TriggerCommand),
+    /// Garbage-collect: delete dead letters and abandoned executions past retention.
+    Gc {
+        /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.
+        #[arg(long)]
+        once: bool,
+    },
     /// Check the configuration and print it (secrets hidden).
     #[command(name = "config")]
     ConfigCheck,
@@ -136,6 +142,13 @@ enum AppCommand {
     Resume {
         /// App slug.
         slug: String,
+    },
+    /// Set an app's own dead-letter retention in days ("default" for the global setting).
+    Retention {
+        /// App slug.
+        slug: String,
+        /// Days (1..=3650) or "default".
+        days: String,
     },
 }
 
@@ -362,6 +375,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::User(cmd) => user_command(settings, cmd).await,
         Command::ApiKey(cmd) => api_key_command(settings, cmd).await,
         Command::Trigger(cmd) => trigger_command(settings, cmd).await,
+        Command::Gc { once } => gc(settings, once).await,
         Command::Bench(args) => bench::run(settings, args).await,
     }
 }
@@ -516,10 +530,23 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         ));
         info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
     }
+    // The GC schedule and the cron scheduler run on the elected leader only.
+    let (leader, leader_task) = outbox_dispatch::maintenance::leader::campaign(
+        pool.clone(),
+        Duration::from_secs(1),
+        stop.clone(),
+    );
+    let sweeper =
+        outbox_dispatch::maintenance::Sweeper::new(pool.clone(), settings.sweeper_config());
+    let sweeper_task = tokio::spawn({
+        let stop = stop.clone();
+        let leader = leader.clone();
+        async move { sweeper.run(Some(leader), stop.cancelled_owned()).await }
+    });
     let scheduler = outbox_dispatch::maintenance::Scheduler::new(pool.clone(), Default::default());
     let scheduler_task = tokio::spawn({
         let stop = stop.clone();
-        async move { scheduler.run(stop.cancelled_owned()).await }
+        async move { scheduler.run(Some(leader), stop.cancelled_owned()).await }
     });
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
     let report = dispatcher
@@ -530,6 +557,8 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         .await?;
     stop.cancel();
     let _ = scheduler_task.await;
+    let _ = sweeper_task.await;
+    let _ = leader_task.await;
     let _ = server.await;
     pool.close().await;
     info!(
@@ -632,6 +661,25 @@ async fn user_command(settings: Settings, cmd: UserCommand) -> anyhow::Result<()
             println!("{} is {} of {}", user.email, role.as_str(), app.slug);
         }
     }
+    Ok(())
+}
+
+async fn gc(settings: Settings, once: bool) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    let sweeper = outbox_dispatch::maintenance::Sweeper::new(pool, settings.sweeper_config());
+    if !once {
+        sweeper.run(None, shutdown_signal()).await;
+        return Ok(());
+    }
+    let report = sweeper.run_once().await.context("gc sweep")?;
+    println!(
+        "deleted {} dead letters (older than {} days), {} abandoned executions (older than {} days), {} expired de-duplication records",
+        report.dead_letters,
+        settings.dead_letter_retention_days,
+        report.abandoned_executions,
+        settings.abandoned_executions_retention_days,
+        report.processed_messages
+    );
     Ok(())
 }
 
@@ -782,6 +830,20 @@ async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
         AppCommand::Resume { slug } => {
             apps::set_suspended(&pool, &slug, false).await?;
             println!("{slug} resumed");
+        }
+        AppCommand::Retention { slug, days } => {
+            let days = match days.as_str() {
+                "default" => None,
+                n => Some(
+                    n.parse::<u32>()
+                        .with_context(|| format!("{n:?} is not a number of days or \"default\""))?,
+                ),
+            };
+            outbox_core::store::retention::set_app_retention(&pool, &slug, days).await?;
+            println!(
+                "{slug}: dead letters kept {}",
+                days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
+            );
         }
     }
     Ok(())

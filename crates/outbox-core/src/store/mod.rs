@@ -7,4 +7,5 @@ pub mod dedupe;
 pub mod kv;
 pub mod outbox;
 pub mod principals;
+pub mod retention;
 pub mod triggers;

@@ -2,7 +2,7 @@
 //! everything (glob, ops, cron expression, target) with errors that say what
 //! is accepted.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -93,6 +93,8 @@ pub fn next_tick(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, 
             format!("{schedule:?} is not a cron expression: {e}"),
         )
     })?;
+    // Ticks fall on whole seconds: search from the start of `after`'s second.
+    let after = after.with_nanosecond(0).unwrap_or(after);
     cron.find_next_occurrence(&after, false)
         .map_err(|e| Error::invalid("schedule", format!("{schedule:?} never fires: {e}")))
 }

@@ -3,6 +3,9 @@
 //! instead of sleeping), and a `run()` loop that only handles timing and
 //! shutdown.
 
+pub mod leader;
 pub mod scheduler;
+pub mod sweeper;
 
 pub use scheduler::Scheduler;
+pub use sweeper::Sweeper;

@@ -59,7 +59,13 @@ impl Scheduler {
     }
 
     /// Runs passes every `interval` until `shutdown` completes.
-    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) {
+    ///
+    /// With `leader`, passes run only while it says this process leads.
+    pub async fn run(
+        &self,
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -67,6 +73,9 @@ impl Scheduler {
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = tick.tick() => {}
+            }
+            if leader.as_ref().is_some_and(|l| !*l.borrow()) {
+                continue;
             }
             if let Err(err) = self.run_once().await {
                 warn!(error = %err, "cron pass failed");

@@ -4,6 +4,7 @@
 mod dispatch;
 mod enqueueing;
 mod leases;
+mod maintenance;
 mod ordering;
 mod triggers;
 

@@ -806,3 +806,102 @@ async fn trigger_cli_creates_lists_and_refuses_bad_input() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn gc_once_reports_what_it_deleted() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = outbox_core::store::apps::ensure(&db.pool, "shop", "shop")
+        .await?
+        .id;
+    sqlx::query(
+        "INSERT INTO dead_letters (app_id, original_event_id, source, topic, payload, attempt_count, created_at)
+         SELECT $1, gen_random_uuid(), 'queue', 't', '{}', 1, now() - make_interval(days => g) + interval '1 hour'
+         FROM generate_series(1, 40) g",
+    )
+    .bind(app)
+    .execute(&db.pool)
+    .await?;
+    let out = run(outboxd(Some(&db.url))
+        .args(["gc", "--once"])
+        .env("OUTBOXD_DEAD_LETTER_RETENTION_DAYS", "30"))?;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Rows of days 31..=40 are past 30 days; day 30's is an hour younger than the horizon.
+    assert!(
+        stdout.contains("deleted 10 dead letters (older than 30 days)"),
+        "{stdout}"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(left, 30);
+    let bad = run(outboxd(Some(&db.url))
+        .args(["gc", "--once"])
+        .env("OUTBOXD_GC__SCHEDULE", "never"))?;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("gc.schedule"));
+    Ok(())
+}
+
+/// Reads the `outboxd_leader` gauge of a running process (None while unreadable).
+async fn leads(addr: &str) -> Option<bool> {
+    let (_, metrics) = http_get(addr, "/metrics").await.ok()?;
+    let line = metrics.lines().find(|l| l.starts_with("outboxd_leader "))?;
+    Some(line.trim_end().ends_with(" 1"))
+}
+
+#[tokio::test]
+async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = outbox_core::store::apps::ensure(&db.pool, "shop", "shop")
+        .await?
+        .id;
+    let mut tx = db.pool.begin().await?;
+    let spec = outbox_core::store::triggers::TriggerSpec::Cron {
+        schedule: "* * * * * *".into(),
+    };
+    outbox_core::store::triggers::create(&mut tx, app, "tick", "tick", None, &spec).await?;
+    tx.commit().await?;
+    let (mut first, first_addr) = spawn_server(&db.url, &["run"]).await?;
+    let (mut second, second_addr) = spawn_server(&db.url, &["run"]).await?;
+    let one_leader = wait_until(Duration::from_secs(15), || async {
+        matches!((leads(&first_addr).await, leads(&second_addr).await), (Some(a), Some(b)) if a != b)
+    })
+    .await;
+    assert!(one_leader, "exactly one process should lead");
+    let (leader, leader_addr, mut other, other_addr) = if leads(&first_addr).await == Some(true) {
+        (&mut first, first_addr.clone(), second, second_addr.clone())
+    } else {
+        (&mut second, second_addr.clone(), first, first_addr.clone())
+    };
+    leader.start_kill()?;
+    leader.wait().await?;
+    let _ = leader_addr;
+    let took_over = wait_until(Duration::from_secs(15), || async {
+        leads(&other_addr).await == Some(true)
+    })
+    .await;
+    // Ticks keep coming under the new leader, and none was enqueued twice.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let status = stop(&mut other).await?;
+    assert!(
+        took_over,
+        "leadership did not move to the surviving process"
+    );
+    assert!(status.success());
+    let ticks: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tick, count(*) FROM (
+            SELECT payload->>'scheduled_at' AS tick FROM outbox WHERE source = 'cron'
+            UNION ALL
+            SELECT payload->>'scheduled_at' FROM dead_letters WHERE source = 'cron') t
+         GROUP BY tick",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(ticks.len() >= 2, "{ticks:?}");
+    assert!(
+        ticks.iter().all(|(_, n)| *n == 1),
+        "a tick was enqueued twice: {ticks:?}"
+    );
+    Ok(())
+}

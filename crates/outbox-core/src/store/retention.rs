@@ -1,0 +1,104 @@
+//! Retention: bounded deletes of old dead letters, abandoned executions and
+//! expired de-duplication records. Each statement deletes at most `limit`
+//! rows it could lock (`FOR UPDATE SKIP LOCKED`), so concurrent sweepers
+//! never block each other or delete a row twice, and a row locked by a
+//! replay in progress is skipped, not lost.
+
+use sqlx::PgExecutor;
+
+use crate::Error;
+
+/// Deletes up to `limit` dead letters older than their app's retention (the
+/// app's `dead_letter_retention_days`, else `days`); returns how many.
+pub async fn sweep_dead_letters<'e>(
+    db: impl PgExecutor<'e>,
+    days: u32,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM dead_letters WHERE id IN (
+            SELECT d.id FROM dead_letters d JOIN apps a ON a.id = d.app_id
+            WHERE d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, $1))
+            ORDER BY d.created_at
+            LIMIT $2
+            FOR UPDATE OF d SKIP LOCKED)",
+    )
+    .bind(days as i32)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes up to `limit` abandoned-execution records older than `days`.
+pub async fn sweep_abandoned_executions<'e>(
+    db: impl PgExecutor<'e>,
+    days: u32,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM abandoned_executions WHERE id IN (
+            SELECT id FROM abandoned_executions
+            WHERE created_at < now() - make_interval(days => $1)
+            ORDER BY created_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(days as i32)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes up to `limit` de-duplication records past their TTL.
+pub async fn sweep_processed_messages<'e>(
+    db: impl PgExecutor<'e>,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM processed_messages WHERE ctid IN (
+            SELECT ctid FROM processed_messages
+            WHERE state = 'done' AND expires_at < now()
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Sets (or with `None` clears) an app's own dead-letter retention.
+pub async fn set_app_retention<'e>(
+    db: impl PgExecutor<'e>,
+    slug: &str,
+    days: Option<u32>,
+) -> Result<(), Error> {
+    let changed = sqlx::query("UPDATE apps SET dead_letter_retention_days = $2 WHERE slug = $1")
+        .bind(slug)
+        .bind(days.map(|d| d as i32))
+        .execute(db)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.constraint().is_some() => {
+                Error::invalid("days", "must be within 1..=3650")
+            }
+            _ => Error::Database(e),
+        })?
+        .rows_affected();
+    if changed == 0 {
+        return Err(Error::UnknownApp(slug.to_owned()));
+    }
+    Ok(())
+}
+
+/// Dead tuples of the hot tables (`outbox`, `dead_letters`), for bloat metrics.
+pub async fn dead_tuples<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
+         WHERE relname IN ('outbox', 'dead_letters') ORDER BY relname",
+    )
+    .fetch_all(db)
+    .await?)
+}

@@ -1,0 +1,175 @@
+use outbox_core::store::dead_letters::{self, External};
+use outbox_dispatch::maintenance::Sweeper;
+use outbox_dispatch::maintenance::sweeper::SweeperConfig;
+use outbox_testkit::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::TestResult;
+
+async fn dead_letter_aged(
+    db: &TestDb,
+    app: Uuid,
+    age: &str,
+) -> Result<Uuid, Box<dyn std::error::Error>> {
+    let id = dead_letters::insert_external(
+        &db.pool,
+        &External {
+            app_id: app,
+            original_event_id: Uuid::now_v7(),
+            source: "queue",
+            topic: "t",
+            handler: None,
+            payload: &json!({}),
+            headers: &json!({}),
+            attempt_count: 1,
+            last_error: "x",
+        },
+    )
+    .await?;
+    sqlx::query(&format!(
+        "UPDATE dead_letters SET created_at = now() - interval '{age}' WHERE id = $1"
+    ))
+    .bind(id)
+    .execute(&db.pool)
+    .await?;
+    Ok(id)
+}
+
+fn sweeper(db: &TestDb, batch: i64) -> Sweeper {
+    Sweeper::new(
+        db.pool.clone(),
+        SweeperConfig {
+            dead_letter_retention_days: 30,
+            abandoned_executions_retention_days: 7,
+            batch,
+            ..SweeperConfig::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn retention_deletes_past_the_horizon_and_keeps_a_second_younger() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let old = dead_letter_aged(&db, app, "30 days 1 second").await?;
+    let young = dead_letter_aged(&db, app, "30 days -1 second").await?;
+    let fresh = dead_letter_aged(&db, app, "0 seconds").await?;
+    for (age, outbox_id) in [
+        ("7 days 1 second", Uuid::now_v7()),
+        ("7 days -1 second", Uuid::now_v7()),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO abandoned_executions (outbox_id, app_id, reply_to, topic, outcome, created_at)
+             VALUES ($1, $2, 'inbox', 't', 'caller_gone', now() - interval '{age}')"
+        ))
+        .bind(outbox_id)
+        .bind(app)
+        .execute(&db.pool)
+        .await?;
+    }
+    let report = sweeper(&db, 1000).run_once().await?;
+    assert_eq!((report.dead_letters, report.abandoned_executions), (1, 1));
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM dead_letters ORDER BY created_at")
+        .fetch_all(&db.pool)
+        .await?;
+    assert!(!left.contains(&old));
+    assert!(left.contains(&young) && left.contains(&fresh));
+    assert_eq!(
+        sweeper(&db, 1000).run_once().await?.total(),
+        0,
+        "nothing twice"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_sweepers_split_the_work_without_double_deletes() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    sqlx::query(
+        "INSERT INTO dead_letters (app_id, original_event_id, source, topic, payload, attempt_count, created_at)
+         SELECT $1, gen_random_uuid(), 'queue', 't', '{}', 1, now() - interval '40 days' FROM generate_series(1, 5000)",
+    )
+    .bind(app)
+    .execute(&db.pool)
+    .await?;
+    let (first, second) = (sweeper(&db, 100), sweeper(&db, 100));
+    let (a, b) = tokio::join!(first.run_once(), second.run_once());
+    let (a, b) = (a?, b?);
+    assert_eq!(a.dead_letters + b.dead_letters, 5000, "{a:?} {b:?}");
+    assert_eq!(dead_letters::count_unresolved(&db.pool, app).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_letter_being_replayed_is_not_lost_to_the_sweeper() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let id = dead_letter_aged(&db, app, "40 days").await?;
+    // The replay's transaction holds the row while the sweeper runs.
+    let mut replay = db.pool.begin().await?;
+    let replayed = dead_letters::replay(&mut *replay, app, &[id]).await?;
+    assert_eq!(replayed.len(), 1);
+    let report = sweeper(&db, 1000).run_once().await?;
+    assert_eq!(report.dead_letters, 0, "a locked row is skipped");
+    replay.commit().await?;
+    let outbox_id = replayed[0].1;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE id = $1 AND replayed_from = $2)",
+    )
+    .bind(outbox_id)
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(exists, "the replayed event is in the outbox");
+    // Once the replay committed, the old (now resolved) dead letter goes; the event stays.
+    assert_eq!(sweeper(&db, 1000).run_once().await?.dead_letters, 1);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_app_can_keep_its_dead_letters_for_a_different_time() -> TestResult {
+    let db = TestDb::new().await?;
+    let short = db.app("short").await?;
+    let normal = db.app("normal").await?;
+    outbox_core::store::retention::set_app_retention(&db.pool, "short", Some(2)).await?;
+    let gone = dead_letter_aged(&db, short, "3 days").await?;
+    let kept = dead_letter_aged(&db, normal, "3 days").await?;
+    let report = sweeper(&db, 1000).run_once().await?;
+    assert_eq!(report.dead_letters, 1);
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(left, vec![kept]);
+    assert!(!left.contains(&gone));
+    let err = outbox_core::store::retention::set_app_retention(&db.pool, "short", Some(0))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("1..=3650"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_head_of_leased_rows_never_strands_the_due_rows_behind_it() -> TestResult {
+    use std::time::Duration;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let events: Vec<outbox_core::NewEvent> = (0..200)
+        .map(|n| outbox_core::NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    // The oldest 150 rows are leased (a busy or dead worker holds them).
+    let held =
+        outbox_core::store::outbox::claim(&db.pool, "busy", 150, Duration::from_secs(60)).await?;
+    assert_eq!(held.len(), 150);
+    // A claim of 10 skips the leased head and gets rows behind it.
+    let next =
+        outbox_core::store::outbox::claim(&db.pool, "other", 10, Duration::from_secs(60)).await?;
+    assert_eq!(next.len(), 10);
+    assert!(next.iter().all(|r| held.iter().all(|h| h.id != r.id)));
+    Ok(())
+}
