@@ -394,6 +394,26 @@ async fn detail_page(
     page(&row.topic, &body).into_response()
 }
 
+/// A state-changing form: read it, check its CSRF token, and authorize the
+/// session to manage the app's dead letters.
+async fn managed_form(
+    state: &AdminState,
+    session: &Session,
+    app: &str,
+    req: Request,
+) -> Result<(Vec<(String, String)>, outbox_core::App), ApiError> {
+    let form = form(req).await?;
+    check_csrf(session, &form)?;
+    let app = auth::authorize(
+        &state.pool,
+        &session.principal,
+        app,
+        Capability::DeadLetterManage,
+    )
+    .await?;
+    Ok((form, app))
+}
+
 async fn act(
     state: AdminState,
     session: Session,
@@ -403,15 +423,7 @@ async fn act(
     replay: bool,
 ) -> Response {
     let result = async {
-        let form = form(req).await?;
-        check_csrf(&session, &form)?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterManage,
-        )
-        .await?;
+        let (_, app) = managed_form(&state, &session, &app, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         if replay {
             api::replay_one(&state.pool, app.id, id).await?;
@@ -452,15 +464,7 @@ async fn bulk(
     req: Request,
 ) -> Response {
     let result = async {
-        let form = form(req).await?;
-        check_csrf(&session, &form)?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterManage,
-        )
-        .await?;
+        let (form, app) = managed_form(&state, &session, &app, req).await?;
         let ids = form
             .iter()
             .filter(|(k, _)| k == "ids")

@@ -35,6 +35,22 @@ pub struct Cursor {
     pub id: Uuid,
 }
 
+/// Appends a filter's conditions (all bound parameters).
+fn push_filter(q: &mut QueryBuilder<'_, Postgres>, filter: &Filter) {
+    if let Some(source) = &filter.source {
+        q.push(" AND source = ").push_bind(source.clone());
+    }
+    if let Some(topic) = &filter.topic {
+        q.push(" AND topic = ").push_bind(topic.clone());
+    }
+    if let Some(trigger_id) = filter.trigger_id {
+        q.push(" AND trigger_id = ").push_bind(trigger_id);
+    }
+    if let Some(resolution) = &filter.resolution {
+        q.push(" AND resolution = ").push_bind(resolution.clone());
+    }
+}
+
 /// Lists an app's dead letters, newest first, `limit` at most, after `cursor`.
 pub async fn list<'e>(
     db: impl PgExecutor<'e>,
@@ -50,18 +66,7 @@ pub async fn list<'e>(
     if filter.unresolved_only {
         q.push(" AND resolved_at IS NULL");
     }
-    if let Some(source) = &filter.source {
-        q.push(" AND source = ").push_bind(source.clone());
-    }
-    if let Some(topic) = &filter.topic {
-        q.push(" AND topic = ").push_bind(topic.clone());
-    }
-    if let Some(trigger_id) = filter.trigger_id {
-        q.push(" AND trigger_id = ").push_bind(trigger_id);
-    }
-    if let Some(resolution) = &filter.resolution {
-        q.push(" AND resolution = ").push_bind(resolution.clone());
-    }
+    push_filter(&mut q, filter);
     if let Some(cursor) = after {
         q.push(" AND (created_at, id) < (")
             .push_bind(cursor.created_at)
@@ -240,15 +245,7 @@ pub async fn ids_matching<'e>(
     let mut q: QueryBuilder<'_, Postgres> =
         QueryBuilder::new("SELECT id FROM dead_letters WHERE resolved_at IS NULL AND app_id = ");
     q.push_bind(app_id);
-    if let Some(source) = &filter.source {
-        q.push(" AND source = ").push_bind(source.clone());
-    }
-    if let Some(topic) = &filter.topic {
-        q.push(" AND topic = ").push_bind(topic.clone());
-    }
-    if let Some(trigger_id) = filter.trigger_id {
-        q.push(" AND trigger_id = ").push_bind(trigger_id);
-    }
+    push_filter(&mut q, filter);
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(i64::from(limit.clamp(1, 10_000)));
     Ok(q.build_query_scalar().fetch_all(db).await?)
