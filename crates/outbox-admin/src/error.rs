@@ -29,6 +29,12 @@ pub enum ApiError {
     /// Too many failed logins (429, `rate_limited`).
     #[error("too many failed logins; try again later")]
     RateLimited,
+    /// A synchronously invoked handler failed (502, `handler_failed`).
+    #[error("handler failed: {0}")]
+    HandlerFailed(String),
+    /// No answer within the caller's timeout (504, `timeout`).
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// Anything else (500, `internal`); the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -61,6 +67,8 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::HandlerFailed(_) => (StatusCode::BAD_GATEWAY, "handler_failed"),
+            Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -16,6 +16,7 @@ pub mod api;
 pub mod auth;
 pub mod dashboard;
 mod error;
+pub mod invoke;
 pub mod platform;
 
 pub use auth::AuthConfig;
@@ -35,16 +36,21 @@ pub struct AdminState {
     pub hasher: auth::Hasher,
     /// Failed-login counters.
     pub limiter: auth::LoginLimiter,
+    /// Wakes synchronous callers when their answer is in.
+    pub replies: invoke::ReplyHub,
 }
 
 impl AdminState {
     /// State for `pool` with `auth`.
+    /// Must be called inside a Tokio runtime (it starts the reply listener).
     pub fn new(pool: PgPool, auth: AuthConfig) -> Result<Self, ApiError> {
+        let pool_for_replies = pool.clone();
         Ok(Self {
             pool,
             auth,
             hasher: auth::Hasher::new()?,
             limiter: auth::LoginLimiter::default(),
+            replies: invoke::ReplyHub::start(pool_for_replies),
         })
     }
 }
@@ -53,6 +59,7 @@ impl AdminState {
 pub fn router(state: AdminState) -> Router {
     api::routes()
         .merge(platform::routes())
+        .merge(invoke::routes())
         .merge(dashboard::routes())
         .with_state(state)
 }

@@ -169,9 +169,23 @@ pub struct DrainReport {
 #[derive(Debug)]
 enum Outcome {
     Done,
-    Retry { delay: Duration, error: String },
+    Retry {
+        delay: Duration,
+        error: String,
+    },
     Snooze(Duration),
-    Bury { error: String },
+    Bury {
+        error: String,
+    },
+    /// A synchronous invocation's answer: delivered to its caller, never retried.
+    Reply {
+        app_id: Uuid,
+        reply_to: String,
+        topic: String,
+        ok: bool,
+        result: serde_json::Value,
+        started_at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 struct Finished {
@@ -586,9 +600,18 @@ impl Inner {
             }
         }
         let failed = |error: String| {
-            if row.reply_to.is_none()
-                && retry.has_attempts_left(row.attempt_count, row.max_attempts)
-            {
+            if let Some(reply_to) = row.reply_to.clone() {
+                // A synchronous caller gets the error at once; no retries.
+                return Outcome::Reply {
+                    app_id: row.app_id,
+                    reply_to,
+                    topic: row.topic.clone(),
+                    ok: false,
+                    result: serde_json::json!({ "error": error }),
+                    started_at: chrono::Utc::now(),
+                };
+            }
+            if retry.has_attempts_left(row.attempt_count, row.max_attempts) {
                 Outcome::Retry {
                     delay: retry.backoff(row.attempt_count.max(1) as u32),
                     error,
@@ -603,11 +626,33 @@ impl Inner {
             return failed(format!("no handler registered for topic {:?}", row.topic));
         };
         let event = Event::from_claimed(&row);
+        let reply = event.reply.clone();
         let started = Instant::now();
+        let started_at = chrono::Utc::now();
         let run = AssertUnwindSafe(handler.handle(event)).catch_unwind();
         let result = tokio::time::timeout(self.config.handler_timeout, run).await;
         metrics::histogram!("outboxd_handler_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        if let Some(reply_to) = row.reply_to.clone() {
+            // A synchronous caller waits: answer it, success or not; no retries.
+            let (ok, result) = match result {
+                Ok(Ok(Ok(()))) => (true, reply.get().unwrap_or(serde_json::Value::Null)),
+                Ok(Ok(Err(err))) => (false, serde_json::json!({ "error": err.to_string() })),
+                Ok(Err(_)) => (false, serde_json::json!({ "error": "handler panicked" })),
+                Err(_) => (
+                    false,
+                    serde_json::json!({ "error": format!("handler timed out after {:?}", self.config.handler_timeout) }),
+                ),
+            };
+            return Outcome::Reply {
+                app_id: row.app_id,
+                reply_to,
+                topic: row.topic.clone(),
+                ok,
+                result,
+                started_at,
+            };
+        }
         match result {
             Ok(Ok(Ok(()))) => Outcome::Done,
             Ok(Ok(Err(HandlerError::Retry(error)))) => failed(error),
@@ -635,6 +680,7 @@ impl Inner {
         let mut done = Vec::new();
         let mut later = Vec::new();
         let mut buried = Vec::new();
+        let mut replies = Vec::new();
         let mut snoozed = 0;
         for f in finished {
             match &f.outcome {
@@ -659,9 +705,40 @@ impl Inner {
                     error: error.clone(),
                     handler: None,
                 }),
+                Outcome::Reply { .. } => replies.push(f),
             }
         }
-        let completed = store::complete(&self.pool, &done).await?.len();
+        let mut answered = 0;
+        for f in replies {
+            if let Outcome::Reply {
+                app_id,
+                reply_to,
+                topic,
+                ok,
+                result,
+                started_at,
+            } = &f.outcome
+            {
+                let mut tx = self.pool.begin().await?;
+                if !store::complete(&mut *tx, &[f.lease]).await?.is_empty() {
+                    let resolution = outbox_core::store::invocations::Resolution {
+                        outbox_id: f.lease.id,
+                        app_id: *app_id,
+                        reply_to: reply_to.clone(),
+                        topic: topic.clone(),
+                        ok: *ok,
+                        result: result.clone(),
+                        started_at: *started_at,
+                    };
+                    if !outbox_core::store::invocations::resolve(&mut tx, &resolution).await? {
+                        metrics::counter!("outboxd_abandoned_executions_total").increment(1);
+                    }
+                    answered += 1;
+                }
+                tx.commit().await?;
+            }
+        }
+        let completed = store::complete(&self.pool, &done).await?.len() + answered;
         let rescheduled = store::reschedule(&self.pool, &later).await?.len();
         let dead_lettered = if buried.is_empty() {
             0

@@ -38,6 +38,19 @@ pub struct Event {
     pub trigger_id: Option<Uuid>,
     /// The principal the work runs as.
     pub principal: Option<String>,
+    /// Where [`Event::set_reply`] puts the answer for a synchronous caller.
+    pub reply: ReplySlot,
+}
+
+/// Holds a handler's answer to a synchronous invocation (`POST …/invoke/{topic}`).
+#[derive(Debug, Clone, Default)]
+pub struct ReplySlot(std::sync::Arc<std::sync::Mutex<Option<Value>>>);
+
+impl ReplySlot {
+    /// The answer set so far.
+    pub fn get(&self) -> Option<Value> {
+        self.0.lock().ok().and_then(|v| v.clone())
+    }
 }
 
 impl Event {
@@ -55,6 +68,14 @@ impl Event {
             depth: row.depth,
             trigger_id: row.trigger_id,
             principal: row.registered_by_principal.clone(),
+            reply: ReplySlot::default(),
+        }
+    }
+
+    /// Answers a synchronous caller (ignored for rows nobody waits on).
+    pub fn set_reply(&self, value: Value) {
+        if let Ok(mut slot) = self.reply.0.lock() {
+            *slot = Some(value);
         }
     }
 

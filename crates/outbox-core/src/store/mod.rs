@@ -4,6 +4,7 @@
 pub mod apps;
 pub mod dead_letters;
 pub mod dedupe;
+pub mod invocations;
 pub mod kv;
 pub mod outbox;
 pub mod principals;

@@ -1,0 +1,165 @@
+//! Synchronous invoke: `POST /api/apps/{app}/invoke/{topic}` enqueues a row
+//! with an inbox and waits for the dispatcher's answer — which may come from
+//! another process: the answer travels through the database (the inbox row
+//! and a `NOTIFY outbox_reply`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use outbox_core::store::invocations;
+use outbox_core::{NewEvent, Source};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::api::Bearer;
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+/// Longest a caller may wait.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Wakes waiting callers when their answer is in.
+#[derive(Clone, Default)]
+pub struct ReplyHub {
+    waiters: Arc<Mutex<HashMap<Uuid, oneshot::Sender<()>>>>,
+}
+
+impl ReplyHub {
+    /// A hub listening on the reply channel (reconnecting with backoff).
+    pub fn start(pool: PgPool) -> Self {
+        let hub = Self::default();
+        let waiters = hub.waiters.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let listened = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(invocations::REPLY_CHANNEL).await?;
+                    loop {
+                        let n = listener.recv().await?;
+                        if let Ok(inbox) = Uuid::parse_str(n.payload())
+                            && let Some(tx) = waiters.lock().ok().and_then(|mut w| w.remove(&inbox))
+                        {
+                            let _ = tx.send(());
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                }
+                .await;
+                if let Err(err) = listened {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %err, "reply listener lost; waiting callers poll meanwhile");
+                }
+                tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))).await;
+            }
+        });
+        hub
+    }
+
+    fn register(&self, inbox: Uuid) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.insert(inbox, tx);
+        }
+        rx
+    }
+
+    fn forget(&self, inbox: Uuid) {
+        if let Ok(mut w) = self.waiters.lock() {
+            w.remove(&inbox);
+        }
+    }
+}
+
+/// The invoke route.
+pub fn routes() -> Router<AdminState> {
+    Router::new().route("/api/apps/{app}/invoke/{topic}", post(invoke))
+}
+
+#[derive(Deserialize, Default)]
+struct InvokeBody {
+    #[serde(default)]
+    payload: Value,
+    headers: Option<Value>,
+    timeout_ms: Option<u64>,
+}
+
+async fn invoke(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let body: InvokeBody = if bytes.is_empty() {
+        InvokeBody::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("bad body: {e}")))?
+    };
+    let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(10_000));
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(ApiError::Invalid(format!(
+            "timeout_ms must be within 1..={}",
+            MAX_TIMEOUT.as_millis()
+        )));
+    }
+    let mut event = NewEvent::new(topic, body.payload)
+        .with_source(Source::Pubsub)
+        .with_max_attempts(1);
+    if let Some(h) = body.headers {
+        event.headers = h;
+    }
+    let db = |e: sqlx::Error| ApiError::internal(e.to_string());
+    let mut tx = state.pool.begin().await.map_err(db)?;
+    let (inbox, outbox_id) = invocations::start(&mut tx, app.id, event).await?;
+    // Registered before the commit: the answer cannot come earlier.
+    let mut woken = state.replies.register(inbox);
+    tx.commit().await.map_err(db)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let answer = loop {
+        if let Some(answer) = invocations::take(&state.pool, inbox).await? {
+            break answer;
+        }
+        // Woken by the NOTIFY, or poll every 500 ms in case a notification was missed.
+        let wait = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+            &mut woken,
+        )
+        .await;
+        if tokio::time::Instant::now() >= deadline && wait.is_err() {
+            state.replies.forget(inbox);
+            match invocations::abandon(&state.pool, inbox).await? {
+                // The answer landed just before we gave up.
+                Some(answer) => break answer,
+                None => return Err(ApiError::Timeout(timeout)),
+            }
+        }
+        if wait.is_ok() {
+            // The receiver is spent (woken, or its sender dropped): arm a new one.
+            woken = state.replies.register(inbox);
+        }
+    };
+    state.replies.forget(inbox);
+    if answer.ok {
+        Ok(Json(
+            json!({ "id": outbox_id, "ok": true, "result": answer.result }),
+        ))
+    } else {
+        let message = answer
+            .result
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("handler failed");
+        Err(ApiError::HandlerFailed(message.to_owned()))
+    }
+}
