@@ -143,6 +143,23 @@ enum AppCommand {
         /// App slug.
         slug: String,
     },
+    /// Replay an app's dead letters automatically: after --delay-secs, doubling per round, --rounds times.
+    ReplayPolicy {
+        /// App slug.
+        slug: String,
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Quarantine before the first replay, in seconds.
+        #[arg(long)]
+        delay_secs: u32,
+        /// Replays before the dead letter waits for an operator.
+        #[arg(long)]
+        rounds: u32,
+    },
     /// Set an app's own dead-letter retention in days ("default" for the global setting).
     Retention {
         /// App slug.
@@ -543,6 +560,13 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         let leader = leader.clone();
         async move { sweeper.run(Some(leader), stop.cancelled_owned()).await }
     });
+    let replayer =
+        outbox_dispatch::maintenance::Replayer::new(pool.clone(), Duration::from_secs(1));
+    let replayer_task = tokio::spawn({
+        let stop = stop.clone();
+        let leader = leader.clone();
+        async move { replayer.run(Some(leader), stop.cancelled_owned()).await }
+    });
     let scheduler = outbox_dispatch::maintenance::Scheduler::new(pool.clone(), Default::default());
     let scheduler_task = tokio::spawn({
         let stop = stop.clone();
@@ -558,6 +582,7 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     stop.cancel();
     let _ = scheduler_task.await;
     let _ = sweeper_task.await;
+    let _ = replayer_task.await;
     let _ = leader_task.await;
     let _ = server.await;
     pool.close().await;
@@ -830,6 +855,27 @@ async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
         AppCommand::Resume { slug } => {
             apps::set_suspended(&pool, &slug, false).await?;
             println!("{slug} resumed");
+        }
+        AppCommand::ReplayPolicy {
+            slug,
+            topic,
+            source,
+            delay_secs,
+            rounds,
+        } => {
+            let app = apps::by_slug(&pool, &slug).await?;
+            dead_letters::set_replay_policy(
+                &pool,
+                app.id,
+                source.as_deref(),
+                topic.as_deref(),
+                delay_secs,
+                rounds,
+            )
+            .await?;
+            println!(
+                "{slug}: dead letters replay after {delay_secs}s, doubling, {rounds} round(s)"
+            );
         }
         AppCommand::Retention { slug, days } => {
             let days = match days.as_str() {

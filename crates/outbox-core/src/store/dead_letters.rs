@@ -250,3 +250,59 @@ pub async fn ids_matching<'e>(
         .push_bind(i64::from(limit.clamp(1, 10_000)));
     Ok(q.build_query_scalar().fetch_all(db).await?)
 }
+
+/// Sets an automatic replay policy for an app (and optionally one source /
+/// topic): replay after `initial_delay_secs`, doubling per round, `max_rounds` times.
+pub async fn set_replay_policy<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    source: Option<&str>,
+    topic: Option<&str>,
+    initial_delay_secs: u32,
+    max_rounds: u32,
+) -> Result<(), Error> {
+    if !(1..=604_800).contains(&initial_delay_secs) {
+        return Err(Error::invalid("delay", "must be within 1..=604800 seconds"));
+    }
+    if !(1..=20).contains(&max_rounds) {
+        return Err(Error::invalid("rounds", "must be within 1..=20"));
+    }
+    sqlx::query(
+        "INSERT INTO replay_policies (app_id, source, topic, initial_delay_secs, max_rounds)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT ON CONSTRAINT replay_policies_scope_key
+         DO UPDATE SET initial_delay_secs = EXCLUDED.initial_delay_secs, max_rounds = EXCLUDED.max_rounds",
+    )
+    .bind(app_id)
+    .bind(source)
+    .bind(topic)
+    .bind(initial_delay_secs as i32)
+    .bind(max_rounds as i32)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Replays dead letters whose quarantine is over (up to `limit`); returns
+/// (dead letter id, new outbox id) pairs. Due rows are locked with
+/// `SKIP LOCKED`, so concurrent replayers never replay one twice.
+pub async fn replay_due(
+    conn: &mut sqlx::PgConnection,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    let due: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT id, app_id FROM dead_letters
+         WHERE replay_due_at <= now() AND resolved_at IS NULL
+         ORDER BY replay_due_at
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut replayed = Vec::with_capacity(due.len());
+    for (id, app_id) in due {
+        replayed.extend(replay(&mut *conn, app_id, &[id]).await?);
+    }
+    Ok(replayed)
+}

@@ -310,12 +310,28 @@ pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<U
             INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
                                       payload, headers, ordering_key, depth, attempt_count,
                                       first_attempt_at, last_attempt_at, last_error,
-                                      registered_by_principal)
-            SELECT app_id, id, source, op, topic, trigger_id, coalesce(failed_handler, target, topic),
-                   payload, headers, ordering_key, depth, attempt_count,
-                   first_attempt_at, last_attempt_at, final_error, registered_by_principal
-            FROM moved
-            WHERE source <> 'dead_letter'
+                                      registered_by_principal, replay_round, replay_due_at)
+            SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
+                   coalesce(m.failed_handler, m.target, m.topic),
+                   m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
+                   m.first_attempt_at, m.last_attempt_at, m.final_error, m.registered_by_principal,
+                   r.round,
+                   -- Quarantine: the policy's delay, doubled each round, while rounds remain.
+                   CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
+                        THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
+                   END
+            FROM moved m
+            LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
+            CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
+            LEFT JOIN LATERAL (
+                SELECT p.id, p.initial_delay_secs, p.max_rounds FROM replay_policies p
+                WHERE p.app_id = m.app_id
+                  AND (p.source IS NULL OR p.source = m.source)
+                  AND (p.topic IS NULL OR p.topic = m.topic)
+                ORDER BY (p.topic IS NULL), (p.source IS NULL)
+                LIMIT 1
+            ) pol ON true
+            WHERE m.source <> 'dead_letter'
             RETURNING id, app_id, original_event_id, source, topic, trigger_id, payload, last_error, depth
          ),
          -- Matching dead-letter triggers get their rows in the same statement.

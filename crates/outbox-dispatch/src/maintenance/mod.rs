@@ -4,8 +4,10 @@
 //! shutdown.
 
 pub mod leader;
+pub mod replayer;
 pub mod scheduler;
 pub mod sweeper;
 
+pub use replayer::Replayer;
 pub use scheduler::Scheduler;
 pub use sweeper::Sweeper;
