@@ -140,6 +140,8 @@ pub struct Registry {
     handlers: HashMap<String, Arc<dyn Handler>>,
     // Runs topics that have no handler of their own (e.g. the NATS relay).
     fallback: Option<Arc<dyn Handler>>,
+    // Runs every topic that starts with a prefix (e.g. "webhook:").
+    prefixed: Vec<(String, Arc<dyn Handler>)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -171,9 +173,24 @@ impl Registry {
         self
     }
 
-    /// The handler for `topic`: its own, else the fallback, if any.
+    /// Runs every topic that starts with `prefix` (after exact topics).
+    pub fn prefix(&mut self, prefix: impl Into<String>, handler: impl Handler) -> &mut Self {
+        self.prefixed.push((prefix.into(), Arc::new(handler)));
+        self
+    }
+
+    /// The handler for `topic`: its own, else a prefix handler, else the fallback.
     pub fn get(&self, topic: &str) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(topic).or(self.fallback.as_ref()).cloned()
+        self.handlers
+            .get(topic)
+            .or_else(|| {
+                self.prefixed
+                    .iter()
+                    .find(|(p, _)| topic.starts_with(p.as_str()))
+                    .map(|(_, h)| h)
+            })
+            .or(self.fallback.as_ref())
+            .cloned()
     }
 
     /// Registered topics, sorted.

@@ -39,6 +39,7 @@ mod error;
 pub mod handler;
 pub mod maintenance;
 pub mod retry;
+pub mod targets;
 
 pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport};
 pub use error::Error;

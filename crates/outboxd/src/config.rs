@@ -74,6 +74,16 @@ pub struct Settings {
     pub consumer: ConsumerSettings,
     pub admin: AdminSettings,
     pub gc: GcSettings,
+    pub webhook: WebhookSettings,
+}
+
+/// `[webhook]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct WebhookSettings {
+    pub secret: Secret,
+    pub timeout_ms: u64,
 }
 
 /// `[gc]`.
@@ -351,6 +361,7 @@ impl Settings {
             });
         }
         range("gc.batch", self.gc.batch as u64, 1, 100_000)?;
+        range("webhook.timeout_ms", self.webhook.timeout_ms, 100, 600_000)?;
         let ad = &self.admin;
         let secret_len = ad.jwt_secret.expose().len();
         if secret_len > 0 && secret_len < outbox_admin::auth::MIN_JWT_SECRET_BYTES {

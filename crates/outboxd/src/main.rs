@@ -536,6 +536,17 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         Registry::new()
     };
     let mut registry = registry;
+    if settings.webhook.secret.expose().is_empty() {
+        info!("webhook targets are off: set OUTBOXD_WEBHOOK__SECRET to sign and send them");
+    } else {
+        registry.prefix(
+            outbox_dispatch::targets::webhook::PREFIX,
+            outbox_dispatch::targets::Webhook::new(
+                settings.webhook.secret.expose().as_bytes().to_vec(),
+                Duration::from_millis(settings.webhook.timeout_ms),
+            ),
+        );
+    }
     if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
         registry.fallback(outbox_nats::Relay::new(
             js,

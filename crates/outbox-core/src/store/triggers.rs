@@ -109,6 +109,14 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
             "must be a handler name: 1 to 255 bytes, no spaces",
         ));
     }
+    if let Some(url) = target.strip_prefix("webhook:")
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(Error::invalid(
+            "target",
+            format!("{target:?}: a webhook target is webhook:http(s)://host/path"),
+        ));
+    }
     Ok(())
 }
 

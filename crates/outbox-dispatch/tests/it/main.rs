@@ -7,6 +7,7 @@ mod leases;
 mod maintenance;
 mod ordering;
 mod triggers;
+mod webhook;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

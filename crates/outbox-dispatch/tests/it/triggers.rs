@@ -215,6 +215,19 @@ async fn trigger_validation_names_the_problem() -> TestResult {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("target"), "{err}");
+    let err = triggers::create(
+        &mut tx,
+        app,
+        "hook",
+        "webhook:ftp://x",
+        None,
+        &TriggerSpec::Cron {
+            schedule: "* * * * *".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("webhook:http(s)"), "{err}");
     Ok(())
 }
 

@@ -1,0 +1,110 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use outbox_core::NewEvent;
+use outbox_dispatch::targets::{Webhook, webhook};
+use outbox_dispatch::{Dispatcher, Registry};
+use outbox_testkit::TestDb;
+
+use crate::{TestResult, config, enqueue_committed, payload};
+
+#[tokio::test]
+async fn webhooks_are_signed_and_statuses_decide_the_outcome() -> TestResult {
+    const SECRET: &[u8] = b"webhook-test-secret";
+    let received: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let log = received.clone();
+    let answer = move |path: &'static str, status: StatusCode| {
+        let log = log.clone();
+        move |headers: HeaderMap, body: axum::body::Bytes| {
+            let log = log.clone();
+            async move {
+                let header = headers
+                    .get("outboxd-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let t: i64 = header
+                    .split(',')
+                    .next()
+                    .and_then(|t| t.strip_prefix("t="))
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                let valid = header == webhook::signature(SECRET, t, &body)
+                    && (chrono::Utc::now().timestamp() - t).abs() < 60;
+                log.lock().expect("lock").push((path.to_owned(), valid));
+                status
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route("/ok", post(answer("ok", StatusCode::NO_CONTENT)))
+        .route(
+            "/rejected",
+            post(answer("rejected", StatusCode::UNPROCESSABLE_ENTITY)),
+        )
+        .route(
+            "/down",
+            post(answer("down", StatusCode::SERVICE_UNAVAILABLE)),
+        )
+        .route("/busy", post(answer("busy", StatusCode::TOO_MANY_REQUESTS)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.prefix(
+        webhook::PREFIX,
+        Webhook::new(SECRET.to_vec(), Duration::from_secs(2)),
+    );
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    let mut ids = Vec::new();
+    for path in ["ok", "rejected", "down", "busy"] {
+        ids.push(
+            enqueue_committed(
+                &db.pool,
+                shop,
+                NewEvent::new(format!("webhook:http://{addr}/{path}"), payload(1)),
+            )
+            .await?,
+        );
+    }
+    let closed = enqueue_committed(
+        &db.pool,
+        shop,
+        NewEvent::new("webhook:http://127.0.0.1:1/nothing", payload(2)),
+    )
+    .await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(
+        (report.completed, report.dead_lettered, report.retried),
+        (1, 1, 3),
+        "{report:?}"
+    );
+    let got = received.lock().expect("lock").clone();
+    assert_eq!(got.len(), 4);
+    assert!(
+        got.iter().all(|(_, valid)| *valid),
+        "every request carries a valid signature: {got:?}"
+    );
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, ids[1]).await?;
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("422")),
+        "{dead:?}"
+    );
+    for id in [ids[2], ids[3], closed] {
+        let error: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await?;
+        assert!(error.is_some(), "retried with an error");
+    }
+    Ok(())
+}
