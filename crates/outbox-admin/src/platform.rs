@@ -211,6 +211,7 @@ struct TriggerBody {
     collection: Option<String>,
     ops: Option<Vec<String>>,
     schedule: Option<String>,
+    timezone: Option<String>,
     #[serde(default)]
     sources: Vec<String>,
     #[serde(default)]
@@ -237,6 +238,7 @@ fn spec(b: &TriggerBody) -> Result<TriggerSpec, ApiError> {
                 .schedule
                 .clone()
                 .ok_or_else(|| ApiError::Invalid("cron triggers need schedule".into()))?,
+            timezone: b.timezone.clone().unwrap_or_else(|| "UTC".into()),
         }),
         "dead_letter" => Ok(TriggerSpec::DeadLetter {
             sources: b.sources.clone(),

@@ -120,6 +120,7 @@ pub async fn register_triggers(pool: &PgPool, app_id: Uuid) -> Result<(), outbox
     if !existing.iter().any(|t| t.name == "heartbeat") {
         let spec = TriggerSpec::Cron {
             schedule: "*/10 * * * * *".into(),
+            timezone: "UTC".into(),
         };
         triggers::create(
             &mut tx,

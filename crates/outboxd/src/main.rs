@@ -218,9 +218,12 @@ enum TriggerCommand {
         /// Operations of a KV trigger.
         #[arg(long, value_delimiter = ',', default_value = "put,delete")]
         ops: Vec<String>,
-        /// Cron trigger with this schedule (5 fields, or 6 with seconds; UTC).
+        /// Cron trigger with this schedule (5 fields, or 6 with seconds).
         #[arg(long)]
         cron: Option<String>,
+        /// The IANA time zone a cron schedule is read in.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
         /// Dead-letter trigger.
         #[arg(long)]
         dead_letter: bool,
@@ -749,13 +752,14 @@ async fn trigger_command(settings: Settings, cmd: TriggerCommand) -> anyhow::Res
             kv,
             ops,
             cron,
+            timezone,
             dead_letter,
             topics,
             sources,
         } => {
             let spec = match (kv, cron, dead_letter) {
                 (Some(collection), None, false) => TriggerSpec::Kv { collection, ops },
-                (None, Some(schedule), false) => TriggerSpec::Cron { schedule },
+                (None, Some(schedule), false) => TriggerSpec::Cron { schedule, timezone },
                 (None, None, true) => TriggerSpec::DeadLetter {
                     sources,
                     topics,

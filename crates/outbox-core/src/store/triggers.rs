@@ -20,10 +20,12 @@ pub enum TriggerSpec {
         /// The operations.
         ops: Vec<String>,
     },
-    /// A cron schedule (5 fields, or 6 with seconds), in UTC.
+    /// A cron schedule (5 fields, or 6 with seconds) in an IANA time zone.
     Cron {
         /// The cron expression.
         schedule: String,
+        /// The zone the schedule is read in (`UTC`, `Europe/Paris`, ...).
+        timezone: String,
     },
     /// Dead letters of these sources / topics / triggers (empty: any).
     DeadLetter {
@@ -59,6 +61,8 @@ pub struct Trigger {
     pub ops: Option<Vec<String>>,
     /// Cron: the expression.
     pub schedule: Option<String>,
+    /// Cron: the zone the schedule is read in.
+    pub timezone: Option<String>,
     /// Cron: the next due tick.
     pub next_fire_at: Option<DateTime<Utc>>,
 }
@@ -84,8 +88,18 @@ pub fn parse_glob(glob: &str) -> Result<(&'static str, String), Error> {
     }
 }
 
-/// Parses a cron expression and returns the first tick after `after`.
+/// Parses a cron expression and returns the first tick after `after`, in UTC.
 pub fn next_tick(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, Error> {
+    next_tick_in(schedule, "UTC", after)
+}
+
+/// Like [`next_tick`], reading the schedule in the IANA zone `timezone` (so
+/// "0 9 * * *" in Europe/Paris is 09:00 Paris time, summer and winter).
+pub fn next_tick_in(
+    schedule: &str,
+    timezone: &str,
+    after: DateTime<Utc>,
+) -> Result<DateTime<Utc>, Error> {
     // Seconds are optional: 5 fields, or 6 with seconds first.
     let cron: croner::Cron = schedule.parse().map_err(|e| {
         Error::invalid(
@@ -93,9 +107,16 @@ pub fn next_tick(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, 
             format!("{schedule:?} is not a cron expression: {e}"),
         )
     })?;
+    let tz: chrono_tz::Tz = timezone.parse().map_err(|_| {
+        Error::invalid(
+            "timezone",
+            format!("{timezone:?} is not an IANA time zone (e.g. UTC, Europe/Paris)"),
+        )
+    })?;
     // Ticks fall on whole seconds: search from the start of `after`'s second.
-    let after = after.with_nanosecond(0).unwrap_or(after);
+    let after = after.with_nanosecond(0).unwrap_or(after).with_timezone(&tz);
     cron.find_next_occurrence(&after, false)
+        .map(|t| t.with_timezone(&Utc))
         .map_err(|e| Error::invalid("schedule", format!("{schedule:?} never fires: {e}")))
 }
 
@@ -150,7 +171,9 @@ pub async fn create(
         _ => None,
     };
     let next = match spec {
-        TriggerSpec::Cron { schedule } => Some(next_tick(schedule, Utc::now())?),
+        TriggerSpec::Cron { schedule, timezone } => {
+            Some(next_tick_in(schedule, timezone, Utc::now())?)
+        }
         _ => None,
     };
     let id: Uuid = sqlx::query_scalar(
@@ -186,12 +209,13 @@ pub async fn create(
             .execute(&mut *conn)
             .await?;
         }
-        TriggerSpec::Cron { schedule } => {
+        TriggerSpec::Cron { schedule, timezone } => {
             sqlx::query(
-                "INSERT INTO cron_trigger_details (trigger_id, schedule, next_fire_at) VALUES ($1, $2, $3)",
+                "INSERT INTO cron_trigger_details (trigger_id, schedule, timezone, next_fire_at) VALUES ($1, $2, $3, $4)",
             )
             .bind(id)
             .bind(schedule)
+            .bind(timezone)
             .bind(next)
             .execute(&mut *conn)
             .await?;
@@ -220,7 +244,7 @@ pub async fn create(
 pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigger>, Error> {
     Ok(sqlx::query_as(
         "SELECT t.id, t.kind, t.name, t.enabled, t.target, t.registered_by_principal, t.created_at,
-                k.collection_glob, k.ops, c.schedule, c.next_fire_at
+                k.collection_glob, k.ops, c.schedule, c.timezone, c.next_fire_at
          FROM triggers t
          LEFT JOIN kv_trigger_details k ON k.trigger_id = t.id
          LEFT JOIN cron_trigger_details c ON c.trigger_id = t.id
@@ -273,6 +297,7 @@ struct DueCron {
     app_id: Uuid,
     target: String,
     schedule: String,
+    timezone: String,
     principal: Option<String>,
     tick: DateTime<Utc>,
 }
@@ -284,7 +309,7 @@ struct DueCron {
 /// ran fire once, not once per missed tick.
 pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, Error> {
     let due: Vec<DueCron> = sqlx::query_as(
-        "SELECT t.id AS trigger_id, t.app_id, t.target, c.schedule,
+        "SELECT t.id AS trigger_id, t.app_id, t.target, c.schedule, c.timezone,
                 t.registered_by_principal AS principal, c.next_fire_at AS tick
          FROM cron_trigger_details c JOIN triggers t ON t.id = c.trigger_id
          WHERE t.enabled AND c.next_fire_at <= now()
@@ -304,6 +329,7 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
         app_id,
         target,
         schedule,
+        timezone,
         principal,
         tick,
     } in due
@@ -318,7 +344,7 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
         event.target = Some(target);
         event.registered_by_principal = principal;
         ids.push(crate::enqueue(conn, app_id, &event).await?);
-        let next = next_tick(&schedule, now)?;
+        let next = next_tick_in(&schedule, &timezone, now)?;
         sqlx::query("UPDATE cron_trigger_details SET last_fire_at = $2, next_fire_at = $3 WHERE trigger_id = $1")
             .bind(trigger_id)
             .bind(tick)
@@ -343,6 +369,23 @@ mod tests {
         assert_eq!(parse_glob("orders").ok(), Some(("exact", "orders".into())));
         assert!(parse_glob("or*ders").is_err());
         assert!(parse_glob("").is_err());
+    }
+
+    #[test]
+    fn cron_in_a_time_zone() {
+        let base = DateTime::parse_from_rfc3339("2026-07-01T00:00:00Z")
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_default();
+        // 09:00 in Paris is 07:00 UTC in summer.
+        let next = next_tick_in("0 9 * * *", "Europe/Paris", base).ok();
+        assert_eq!(
+            next.map(|d| d.to_rfc3339()),
+            Some("2026-07-01T07:00:00+00:00".into())
+        );
+        let err = next_tick_in("0 9 * * *", "Mars/Olympus", base)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timezone"), "{err}");
     }
 
     #[test]

@@ -192,6 +192,7 @@ async fn trigger_validation_names_the_problem() -> TestResult {
         (
             TriggerSpec::Cron {
                 schedule: "every day".into(),
+                timezone: "UTC".into(),
             },
             "schedule",
         ),
@@ -210,6 +211,7 @@ async fn trigger_validation_names_the_problem() -> TestResult {
         None,
         &TriggerSpec::Cron {
             schedule: "* * * * *".into(),
+            timezone: "UTC".into(),
         },
     )
     .await
@@ -223,6 +225,7 @@ async fn trigger_validation_names_the_problem() -> TestResult {
         None,
         &TriggerSpec::Cron {
             schedule: "* * * * *".into(),
+            timezone: "UTC".into(),
         },
     )
     .await
@@ -244,6 +247,7 @@ async fn cron_ticks_fire_once_with_two_schedulers_and_missed_ticks_fire_once() -
         None,
         &TriggerSpec::Cron {
             schedule: "* * * * * *".into(),
+            timezone: "UTC".into(),
         },
     )
     .await?;

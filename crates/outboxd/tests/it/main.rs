@@ -859,6 +859,7 @@ async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult 
     let mut tx = db.pool.begin().await?;
     let spec = outbox_core::store::triggers::TriggerSpec::Cron {
         schedule: "* * * * * *".into(),
+        timezone: "UTC".into(),
     };
     outbox_core::store::triggers::create(&mut tx, app, "tick", "tick", None, &spec).await?;
     tx.commit().await?;
