@@ -53,6 +53,12 @@ pub fn registry() -> Registry {
             Ok(())
         })
         .register("demo.heartbeat", |_event: Event| async { Ok(()) })
+        .register("invoice.compensate", |event: Event| async move {
+            // Fired by the dead-letter trigger: a failed invoice is voided,
+            // which resolves its dead letter as handled_by_script.
+            tracing::info!(dead_letter = %event.payload["dead_letter_id"], "voiding a failed invoice");
+            Ok(())
+        })
         .register("report.build", |event: Event| async move {
             if event.payload["crash"].as_bool() == Some(true) {
                 panic!("report template is missing");
@@ -96,8 +102,8 @@ fn workload(round: u64) -> Vec<NewEvent> {
     events
 }
 
-/// Registers the demo's triggers once: a KV trigger on `orders:*` and a cron
-/// trigger every 10 seconds.
+/// Registers the demo's triggers once: a KV trigger on `orders:*`, a cron
+/// trigger every 10 seconds, and a dead-letter trigger for `invoice.render`.
 pub async fn register_triggers(pool: &PgPool, app_id: Uuid) -> Result<(), outbox_core::Error> {
     use outbox_core::store::triggers::{self, TriggerSpec};
     let existing = triggers::list(pool, app_id).await?;
@@ -127,6 +133,22 @@ pub async fn register_triggers(pool: &PgPool, app_id: Uuid) -> Result<(), outbox
             app_id,
             "heartbeat",
             "demo.heartbeat",
+            Some("demo"),
+            &spec,
+        )
+        .await?;
+    }
+    if !existing.iter().any(|t| t.name == "void-failed-invoices") {
+        let spec = TriggerSpec::DeadLetter {
+            sources: Vec::new(),
+            topics: vec!["invoice.render".into()],
+            trigger_ids: Vec::new(),
+        };
+        triggers::create(
+            &mut tx,
+            app_id,
+            "void-failed-invoices",
+            "invoice.compensate",
             Some("demo"),
             &spec,
         )

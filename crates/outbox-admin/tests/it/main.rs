@@ -917,3 +917,106 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_triggers_page_creates_lists_and_disables_with_csrf_and_roles() -> TestResult {
+    let w = World::new().await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let session = |email: &'static str| {
+        let app = app();
+        async move {
+            let login = Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!(
+                    "email={}&password={}",
+                    urlencode(email),
+                    urlencode(PASSWORD)
+                )))?;
+            let res = app.oneshot(login).await?;
+            let cookies: Vec<String> = res
+                .headers()
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_owned))
+                .collect();
+            let jar = cookies
+                .iter()
+                .filter_map(|c| c.split(';').next())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let csrf = cookies
+                .iter()
+                .find_map(|c| c.strip_prefix("outboxd_csrf="))
+                .and_then(|c| c.split(';').next())
+                .unwrap_or_default()
+                .to_owned();
+            Ok::<_, Box<dyn std::error::Error>>((jar, csrf))
+        }
+    };
+    let post = |jar: String, uri: String, body: String| {
+        let app = app();
+        async move {
+            let req = Request::post(uri)
+                .header(header::COOKIE, jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))?;
+            Ok::<_, Box<dyn std::error::Error>>(app.oneshot(req).await?.status())
+        }
+    };
+    let (admin_jar, admin_csrf) = session("a-admin@x.io").await?;
+    let (viewer_jar, viewer_csrf) = session("viewer@x.io").await?;
+    let create = format!(
+        "csrf={admin_csrf}&kind=cron&name=nightly&target=report.build&schedule=0+3+*+*+*&timezone=Europe%2FParis"
+    );
+    assert_eq!(
+        post(admin_jar.clone(), "/apps/app-a/triggers".into(), create).await?,
+        StatusCode::SEE_OTHER
+    );
+    let forged = "csrf=nope&kind=kv&name=x&target=y&collection=*".to_owned();
+    assert_eq!(
+        post(admin_jar.clone(), "/apps/app-a/triggers".into(), forged).await?,
+        StatusCode::FORBIDDEN
+    );
+    let viewer_try = format!("csrf={viewer_csrf}&kind=kv&name=x&target=y&collection=*");
+    assert_eq!(
+        post(
+            viewer_jar.clone(),
+            "/apps/app-a/triggers".into(),
+            viewer_try
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    let listed = principals_triggers(&w).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].timezone.as_deref(), Some("Europe/Paris"));
+    let page = app()
+        .oneshot(
+            Request::get("/apps/app-a/triggers")
+                .header(header::COOKIE, &viewer_jar)
+                .body(Body::empty())?,
+        )
+        .await?;
+    let html = String::from_utf8(
+        axum::body::to_bytes(page.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains("nightly") && html.contains("0 3 * * * Europe/Paris"),
+        "{html}"
+    );
+    let disable = format!("/apps/app-a/triggers/{}/disable", listed[0].id);
+    assert_eq!(
+        post(admin_jar.clone(), disable, format!("csrf={admin_csrf}")).await?,
+        StatusCode::SEE_OTHER
+    );
+    assert!(!principals_triggers(&w).await?[0].enabled);
+    Ok(())
+}
+
+async fn principals_triggers(
+    w: &World,
+) -> Result<Vec<outbox_core::store::triggers::Trigger>, Box<dyn std::error::Error>> {
+    Ok(outbox_core::store::triggers::list(&w.db.pool, w.app_a).await?)
+}

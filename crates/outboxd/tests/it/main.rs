@@ -257,11 +257,18 @@ async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResu
 async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestResult {
     let db = TestDb::new().await?;
     let (mut child, _addr) = spawn_server(&db.url, &["demo"]).await?;
+    // Dead letters of two topics, one of them handled by the demo's
+    // dead-letter trigger, and the KV and cron triggers' rows.
     let appeared = wait_until(Duration::from_secs(30), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(DISTINCT topic) FROM dead_letters")
-            .fetch_one(&db.pool)
-            .await
-            .is_ok_and(|n| n >= 2)
+        sqlx::query_scalar::<_, bool>(
+            "SELECT (SELECT count(DISTINCT topic) FROM dead_letters) >= 2
+                AND EXISTS (SELECT 1 FROM dead_letters WHERE resolution = 'handled_by_script')
+                AND EXISTS (SELECT 1 FROM kv_entries)
+                AND EXISTS (SELECT 1 FROM cron_trigger_details WHERE last_fire_at IS NOT NULL)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
     })
     .await;
     let status = stop(&mut child).await?;
