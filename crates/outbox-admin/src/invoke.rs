@@ -41,6 +41,10 @@ impl ReplyHub {
         tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
+                // The pool closes when the server shuts down: stop listening then.
+                if pool.is_closed() {
+                    return;
+                }
                 let listened = async {
                     let mut listener = PgListener::connect_with(&pool).await?;
                     listener.listen(invocations::REPLY_CHANNEL).await?;
