@@ -400,23 +400,26 @@ async fn detail_page(
 }
 
 /// A state-changing form: read it, check its CSRF token, and authorize the
-/// session to manage the app's dead letters.
-async fn managed_form(
+/// session for `capability` on the app.
+async fn checked_form(
     state: &AdminState,
     session: &Session,
     app: &str,
+    capability: Capability,
     req: Request,
 ) -> Result<(Vec<(String, String)>, outbox_core::App), ApiError> {
     let form = form(req).await?;
     check_csrf(session, &form)?;
-    let app = auth::authorize(
-        &state.pool,
-        &session.principal,
-        app,
-        Capability::DeadLetterManage,
-    )
-    .await?;
+    let app = auth::authorize(&state.pool, &session.principal, app, capability).await?;
     Ok((form, app))
+}
+
+/// Redirects to the page a form action leads to, or shows its error.
+fn after_form(result: Result<String, ApiError>) -> Response {
+    match result {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(err) => error_page(&err),
+    }
 }
 
 async fn act(
@@ -428,7 +431,8 @@ async fn act(
     replay: bool,
 ) -> Response {
     let result = async {
-        let (_, app) = managed_form(&state, &session, &app, req).await?;
+        let (_, app) =
+            checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         if replay {
             api::replay_one(&state.pool, app.id, id).await?;
@@ -438,10 +442,7 @@ async fn act(
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}", app.slug))
     }
     .await;
-    match result {
-        Ok(to) => Redirect::to(&to).into_response(),
-        Err(err) => error_page(&err),
-    }
+    after_form(result)
 }
 
 async fn replay(
@@ -469,7 +470,8 @@ async fn bulk(
     req: Request,
 ) -> Response {
     let result = async {
-        let (form, app) = managed_form(&state, &session, &app, req).await?;
+        let (form, app) =
+            checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
         let ids = form
             .iter()
             .filter(|(k, _)| k == "ids")
@@ -486,10 +488,7 @@ async fn bulk(
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
     }
     .await;
-    match result {
-        Ok(to) => Redirect::to(&to).into_response(),
-        Err(err) => error_page(&err),
-    }
+    after_form(result)
 }
 
 async fn triggers_page(
@@ -578,15 +577,8 @@ async fn create_trigger(
 ) -> Response {
     use outbox_core::store::triggers::{self, TriggerSpec};
     let result = async {
-        let form = form(req).await?;
-        check_csrf(&session, &form)?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::ManageTriggers,
-        )
-        .await?;
+        let (form, app) =
+            checked_form(&state, &session, &app, Capability::ManageTriggers, req).await?;
         let text = |name: &str| field(&form, name).unwrap_or_default().trim().to_owned();
         let spec = match text("kind").as_str() {
             "kv" => TriggerSpec::Kv {
@@ -633,10 +625,7 @@ async fn create_trigger(
         Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
     }
     .await;
-    match result {
-        Ok(to) => Redirect::to(&to).into_response(),
-        Err(err) => error_page(&err),
-    }
+    after_form(result)
 }
 
 async fn change_trigger(
@@ -647,15 +636,8 @@ async fn change_trigger(
 ) -> Response {
     use outbox_core::store::triggers;
     let result = async {
-        let form = form(req).await?;
-        check_csrf(&session, &form)?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::ManageTriggers,
-        )
-        .await?;
+        let (_, app) =
+            checked_form(&state, &session, &app, Capability::ManageTriggers, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("trigger"))?;
         match action.as_str() {
             "enable" => triggers::set_enabled(&state.pool, app.id, id, true).await?,
@@ -666,8 +648,5 @@ async fn change_trigger(
         Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
     }
     .await;
-    match result {
-        Ok(to) => Redirect::to(&to).into_response(),
-        Err(err) => error_page(&err),
-    }
+    after_form(result)
 }

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::Error;
 
@@ -48,20 +48,13 @@ impl Replayer {
         leader: Option<tokio::sync::watch::Receiver<bool>>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
-        tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                _ = tick.tick() => {}
-            }
-            if leader.as_ref().is_some_and(|l| !*l.borrow()) {
-                continue;
-            }
-            if let Err(err) = self.run_once().await {
-                warn!(error = %err, "automatic replay pass failed");
-            }
-        }
+        super::every(
+            self.interval,
+            leader,
+            shutdown,
+            "automatic replay pass",
+            || self.run_once(),
+        )
+        .await;
     }
 }
