@@ -105,11 +105,7 @@ async fn invoke(
     bytes: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let body: InvokeBody = if bytes.is_empty() {
-        InvokeBody::default()
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("bad body: {e}")))?
-    };
+    let body: InvokeBody = crate::platform::body_or_default(&bytes)?;
     let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(10_000));
     if timeout.is_zero() || timeout > MAX_TIMEOUT {
         return Err(ApiError::Invalid(format!(

@@ -45,6 +45,17 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid(format!("bad body: {e}")))
 }
 
+/// A JSON body whose fields are all optional: an empty body is the default.
+pub(crate) fn body_or_default<T: serde::de::DeserializeOwned + Default>(
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        Ok(T::default())
+    } else {
+        body(bytes)
+    }
+}
+
 async fn kv_get(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
@@ -177,11 +188,7 @@ async fn publish(
     bytes: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let b: EnqueueBody = if bytes.is_empty() {
-        EnqueueBody::default()
-    } else {
-        body(&bytes)?
-    };
+    let b: EnqueueBody = body_or_default(&bytes)?;
     if b.run_at.is_some() || b.ordering_key.is_some() {
         return Err(ApiError::Invalid("events take payload, headers and idempotency_key; use jobs for run_at and ordering_key".into()));
     }
@@ -195,11 +202,7 @@ async fn job(
     bytes: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let b: EnqueueBody = if bytes.is_empty() {
-        EnqueueBody::default()
-    } else {
-        body(&bytes)?
-    };
+    let b: EnqueueBody = body_or_default(&bytes)?;
     enqueue(&state, app.id, event_from(queue, Source::Queue, b)).await
 }
 
