@@ -114,7 +114,13 @@ start_postgres() {
     PG_PORT="$(cat "$dir/port")"
     log "reusing PostgreSQL on 127.0.0.1:$PG_PORT"
   else
-    PG_PORT="$(free_port)"
+    # A restarted cluster comes back on its old port while that is free, so
+    # clients (and the chaos suite's crash scenario) reconnect to the same URL.
+    if [ -f "$dir/port" ] && ! (exec 3<>"/dev/tcp/127.0.0.1/$(cat "$dir/port")") 2>/dev/null; then
+      PG_PORT="$(cat "$dir/port")"
+    else
+      PG_PORT="$(free_port)"
+    fi
     local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400"
     if [ "$mode" = fast ]; then
       opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a real, private PostgreSQL and a real
 # JetStream nats-server: formatting, clippy, unit and integration tests, and
-# the dashboard in a real Chromium. Installs PostgreSQL, nats-server,
+# the dashboard in a real Chromium, and the chaos suite (scripts/chaos.sh). Installs PostgreSQL, nats-server,
 # Chromium and playwright-core if they are missing.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -29,6 +29,12 @@ cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
 status=${PIPESTATUS[0]}
 set -e
 
+log "chaos suite (fault injection against real processes)"
+set +e
+bash "$ROOT/scripts/chaos.sh" 2>&1 | tee -a "$TEST_LOG"
+chaos_status=${PIPESTATUS[0]}
+set -e
+
 log "browser test (Chromium)"
 set +e
 bash "$ROOT/scripts/browser-test.sh" 2>&1 | tee -a "$TEST_LOG"
@@ -41,4 +47,5 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
 [ "$status" = 0 ] || exit "$status"
+[ "$chaos_status" = 0 ] || { log "the chaos suite failed (logs in target/chaos/last-failure)"; exit "$chaos_status"; }
 [ "$browser_status" = 0 ] || { log "the browser test failed"; exit "$browser_status"; }

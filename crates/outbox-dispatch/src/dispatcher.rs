@@ -51,9 +51,12 @@ pub struct Config {
     pub poll_interval: Duration,
     /// How long a claim holds a row; a crashed worker's rows are due again after it.
     pub lease: Duration,
-    /// A handler running longer than this fails the attempt. Shorter than `lease`.
+    /// A handler running longer than this fails the attempt. Shorter than
+    /// `lease` when the heartbeat is off; with it on, the heartbeat keeps a
+    /// long handler's lease alive.
     pub handler_timeout: Duration,
-    /// How often running rows' leases are extended. Shorter than `lease`.
+    /// How often running rows' leases are extended; shorter than `lease`.
+    /// Zero turns the heartbeat off.
     pub heartbeat_interval: Duration,
     /// On shutdown, how long running handlers may take before their rows are released.
     pub drain_grace: Duration,
@@ -108,9 +111,9 @@ impl Config {
         if self.claimers == 0 || self.claimers > 16 {
             return fail(format!("claimers {} is outside 1..=16", self.claimers));
         }
-        if self.handler_timeout >= self.lease {
+        if self.heartbeat_interval.is_zero() && self.handler_timeout >= self.lease {
             return fail(format!(
-                "handler_timeout ({:?}) must be shorter than lease ({:?})",
+                "handler_timeout ({:?}) must be shorter than lease ({:?}) when the heartbeat is off",
                 self.handler_timeout, self.lease
             ));
         }
@@ -841,6 +844,9 @@ impl Inner {
 
     /// Keeps the leases of running rows fresh.
     async fn heartbeat(self: Arc<Self>, stop: CancellationToken) {
+        if self.config.heartbeat_interval.is_zero() {
+            return;
+        }
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

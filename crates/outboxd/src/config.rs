@@ -326,18 +326,29 @@ impl Settings {
             600_000,
         )?;
         range("dispatcher.lease_ms", d.lease_ms, 1000, 86_400_000)?;
-        range(
-            "dispatcher.handler_timeout_ms",
-            d.handler_timeout_ms,
-            10,
-            d.lease_ms - 1,
-        )?;
-        range(
-            "dispatcher.heartbeat_interval_ms",
-            d.heartbeat_interval_ms,
-            100,
-            d.lease_ms - 1,
-        )?;
+        if d.heartbeat_interval_ms == 0 {
+            // Without a heartbeat nothing extends a lease: a handler must
+            // finish (or time out) before its lease runs out.
+            range(
+                "dispatcher.handler_timeout_ms",
+                d.handler_timeout_ms,
+                10,
+                d.lease_ms - 1,
+            )?;
+        } else {
+            range(
+                "dispatcher.handler_timeout_ms",
+                d.handler_timeout_ms,
+                10,
+                86_400_000,
+            )?;
+            range(
+                "dispatcher.heartbeat_interval_ms",
+                d.heartbeat_interval_ms,
+                100,
+                d.lease_ms - 1,
+            )?;
+        }
         range("dispatcher.drain_grace_ms", d.drain_grace_ms, 0, 3_600_000)?;
         if self.http.listen.parse::<SocketAddr>().is_err() {
             return Err(ConfigError::Range {
@@ -709,15 +720,30 @@ mod tests {
     }
 
     #[test]
-    fn handler_timeout_must_be_below_lease() {
+    fn handler_timeout_must_be_below_lease_without_heartbeat() {
         let err = load(&[
             ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),
+            ("OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS", "0"),
             ("OUTBOXD_DISPATCHER__HANDLER_TIMEOUT_MS", "5000"),
         ])
         .unwrap_err()
         .to_string();
         assert!(err.contains("dispatcher.handler_timeout_ms"), "{err}");
         assert!(err.contains("10..=4999"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_lets_handler_timeout_exceed_lease() {
+        let settings = load(&[
+            ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),
+            ("OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS", "1000"),
+            ("OUTBOXD_DISPATCHER__HANDLER_TIMEOUT_MS", "7500"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            settings.dispatcher_config().handler_timeout,
+            Duration::from_millis(7500)
+        );
     }
 
     #[test]

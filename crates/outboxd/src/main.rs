@@ -5,6 +5,7 @@
 //! this file parses the command line and wires the pieces together.
 
 mod bench;
+mod chaos;
 mod config;
 mod demo;
 mod http;
@@ -56,6 +57,9 @@ enum Command {
         /// Also run the demo handlers and producer.
         #[arg(long)]
         demo: bool,
+        /// Run the fault-injection handlers (for the chaos harness).
+        #[arg(long, hide = true, conflicts_with = "demo")]
+        chaos: bool,
     },
     /// Run with the demo workload (same as `run --demo`).
     Demo,
@@ -386,8 +390,8 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Run { demo } => run(settings, demo).await,
-        Command::Demo => run(settings, true).await,
+        Command::Run { demo, chaos } => run(settings, demo, chaos).await,
+        Command::Demo => run(settings, true, false).await,
         Command::Consume => consume(settings).await,
         Command::Enqueue(args) => enqueue(settings, args).await,
         Command::App(cmd) => app(settings, cmd).await,
@@ -453,7 +457,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
+async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> {
     let pool = connect(&settings).await?;
     if settings.database.auto_migrate {
         outbox_core::migrate(&pool)
@@ -535,6 +539,8 @@ async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
             demo::APP
         );
         demo::registry()
+    } else if chaos {
+        chaos::registry(pool.clone())?
     } else {
         Registry::new()
     };
