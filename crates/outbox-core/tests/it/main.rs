@@ -1,0 +1,2 @@
+//! Integration tests of the stores against a real PostgreSQL.
+mod state_machine;
