@@ -78,7 +78,8 @@ pub async fn check_login(
     password: &str,
     addr: Option<std::net::IpAddr>,
 ) -> Result<Uuid, ApiError> {
-    if email.len() > 254 || password.len() > 1024 {
+    // No stored e-mail contains NUL (PostgreSQL text cannot hold it).
+    if email.len() > 254 || password.len() > 1024 || email.contains('\0') {
         return Err(ApiError::BadLogin);
     }
     if state.limiter.is_limited(&state.auth, email, addr) {

@@ -2,7 +2,7 @@
 //! no database detail for clients.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 /// An error answered to an API client.
@@ -74,6 +74,13 @@ impl ApiError {
     }
 }
 
+/// SQLSTATE 22P05: e.g. `\u0000` in a jsonb string.
+const UNSTORABLE_TEXT: &str = "22P05";
+/// SQLSTATE 22021: a byte sequence invalid in the database encoding (e.g. NUL in text).
+const BAD_TEXT: &str = "22021";
+/// SQLSTATE 54000: a value over a PostgreSQL limit (e.g. an index row too large).
+const TOO_LARGE: &str = "54000";
+
 impl From<outbox_core::Error> for ApiError {
     fn from(err: outbox_core::Error) -> Self {
         match err {
@@ -82,6 +89,15 @@ impl From<outbox_core::Error> for ApiError {
             outbox_core::Error::Conflict(message) => Self::Conflict(message),
             outbox_core::Error::Invalid { field, reason } => {
                 Self::Invalid(format!("{field}: {reason}"))
+            }
+            // A value PostgreSQL cannot store is the client's input, not our failure.
+            outbox_core::Error::Database(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some(UNSTORABLE_TEXT | BAD_TEXT | TOO_LARGE)) =>
+            {
+                Self::Invalid(
+                    "a value cannot be stored: text must not contain \\u0000, and values must fit PostgreSQL's limits"
+                        .into(),
+                )
             }
             other => Self::Internal(other.to_string()),
         }
@@ -99,5 +115,54 @@ impl IntoResponse for ApiError {
             Json(serde_json::json!({ "error": { "code": code, "message": self.to_string() } })),
         )
             .into_response()
+    }
+}
+
+/// Gives the framework's own refusals (a path or query that does not parse,
+/// a body over the size limit, a wrong method) the API's JSON error shape
+/// with a stable code; the API's own errors pass unchanged.
+pub(crate) async fn json_rejections(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        s if s.is_server_error() => "internal",
+        _ => "invalid",
+    };
+    // 422 is what the framework says for a body of the wrong shape; the API says 400.
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let message = match axum::body::to_bytes(res.into_body(), 4096).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned(),
+    };
+    (
+        status,
+        Json(serde_json::json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+/// No route: JSON under `/api`, plain text elsewhere.
+pub(crate) async fn not_found(uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        ApiError::NotFound("route").into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "not found").into_response()
     }
 }

@@ -60,7 +60,9 @@ pub fn router(state: AdminState) -> Router {
     api::routes()
         .merge(platform::routes())
         .merge(invoke::routes())
+        .layer(axum::middleware::map_response(error::json_rejections))
         .merge(dashboard::routes())
+        .fallback(error::not_found)
         .with_state(state)
 }
 

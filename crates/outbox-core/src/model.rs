@@ -180,8 +180,30 @@ impl NewEvent {
         if !self.headers.is_object() {
             return Err(Error::invalid("headers", "must be a JSON object"));
         }
+        check_storable_json("payload", &self.payload)?;
+        check_storable_json("headers", &self.headers)?;
         Ok(())
     }
+}
+
+/// PostgreSQL's `jsonb` cannot hold the character U+0000 in a string or a
+/// key; refuse it by name instead of failing the insert.
+pub(crate) fn check_storable_json(field: &'static str, value: &Value) -> Result<(), Error> {
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    if has_nul(value) {
+        return Err(Error::invalid(
+            field,
+            "must not contain \\u0000 (PostgreSQL jsonb cannot store it)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_key(field: &'static str, value: Option<&str>) -> Result<(), Error> {
@@ -350,5 +372,46 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("headers"), "{err}");
         assert!(NewEvent::new("t", Value::Null).validate().is_ok());
+    }
+
+    #[test]
+    fn nul_anywhere_in_json_is_refused_by_name() {
+        for bad in [
+            serde_json::json!("a\u{0}b"),
+            serde_json::json!({"k\u{0}": 1}),
+            serde_json::json!({"deep": [1, {"x": "\u{0}"}]}),
+        ] {
+            let err = NewEvent::new("t", bad).validate().unwrap_err();
+            assert!(err.to_string().contains("payload"), "{err}");
+        }
+        let err = NewEvent::new("t", Value::Null)
+            .with_headers(serde_json::json!({"h": "\u{0}"}))
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("headers"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Validation never panics, and every refusal names its field.
+        #[test]
+        fn validate_names_the_field_it_refuses(
+            topic in ".{0,300}",
+            key in proptest::option::of(".{0,300}"),
+            ordering in proptest::option::of(".{0,300}"),
+            max in proptest::option::of(-3i32..5),
+            text in ".{0,20}",
+        ) {
+            let mut event = NewEvent::new(topic, serde_json::json!({ "text": text }));
+            event.idempotency_key = key;
+            event.ordering_key = ordering;
+            event.max_attempts = max;
+            if let Err(Error::Invalid { field, reason }) = event.validate() {
+                proptest::prop_assert!(
+                    ["topic", "idempotency_key", "ordering_key", "max_attempts", "payload"].contains(&field),
+                    "{field}: {reason}"
+                );
+                proptest::prop_assert!(!reason.is_empty());
+            }
+        }
     }
 }

@@ -627,22 +627,35 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
-/// Replaces the values of `fields` (at any depth) with `"***"`.
+/// Replaces the values of `fields` (at any depth) with `"***"`, and makes
+/// the rest storable (see `storable`).
 pub fn mask(value: &Value, fields: &[String]) -> Value {
     match value {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
                     if fields.iter().any(|f| f == k) {
-                        (k.clone(), Value::String("***".into()))
+                        (storable(k), Value::String("***".into()))
                     } else {
-                        (k.clone(), mask(v, fields))
+                        (storable(k), mask(v, fields))
                     }
                 })
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.iter().map(|v| mask(v, fields)).collect()),
+        Value::String(s) => Value::String(storable(s)),
         other => other.clone(),
+    }
+}
+
+/// PostgreSQL's jsonb cannot hold U+0000: a dead letter keeps the message
+/// with each one replaced by U+FFFD rather than failing to be written (which
+/// would redeliver the poison message forever).
+fn storable(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
     }
 }
 
@@ -650,6 +663,18 @@ pub fn mask(value: &Value, fields: &[String]) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn masked_payloads_are_storable() {
+        let masked = mask(
+            &json!({"email": "a@b", "note\u{0}": ["x\u{0}y"]}),
+            &["email".to_owned()],
+        );
+        assert_eq!(
+            masked,
+            json!({"email": "***", "note\u{FFFD}": ["x\u{FFFD}y"]})
+        );
+    }
 
     #[test]
     fn wildcards() {

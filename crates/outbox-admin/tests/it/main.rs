@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
 
+mod hostile;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const PASSWORD: &str = "correct horse battery";

@@ -91,6 +91,7 @@ pub async fn put(
     ctx: &WriteContext,
 ) -> Result<Written, Error> {
     check(collection, key)?;
+    crate::model::check_storable_json("value", value)?;
     let version: Option<i64> =
         match expected_version {
             None => sqlx::query_scalar(

@@ -163,3 +163,67 @@ async fn sql_function_enqueues_with_the_same_semantics() -> TestResult {
     assert_eq!(calls.of(first), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -> TestResult {
+    let db = TestDb::new().await?;
+    db.app("shop").await?;
+    let long = "t".repeat(256);
+    // (call, SQLSTATE): 23503 unknown app, 23502 a required value is NULL,
+    // 23514 a CHECK (empty/too long key, bad source, max_attempts < 1),
+    // 22P02 text that is not JSON, 22P05 \u0000 in JSON, 22007 a bad timestamp.
+    let cases: Vec<(String, &str)> = vec![
+        ("SELECT outbox_enqueue('nope', 't')".into(), "23503"),
+        ("SELECT outbox_enqueue(NULL, 't')".into(), "23503"),
+        (
+            "SELECT outbox_enqueue('''; DROP TABLE outbox; --', 't')".into(),
+            "23503",
+        ),
+        ("SELECT outbox_enqueue('shop', NULL)".into(), "23502"),
+        ("SELECT outbox_enqueue('shop', '')".into(), "23514"),
+        (format!("SELECT outbox_enqueue('shop', '{long}')"), "23514"),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_idempotency_key => '')".into(),
+            "23514",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_ordering_key => '')".into(),
+            "23514",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_source => 'bogus')".into(),
+            "23514",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_max_attempts => 0)".into(),
+            "23514",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', '{not json')".into(),
+            "22P02",
+        ),
+        (
+            r#"SELECT outbox_enqueue('shop', 't', '{"a": "\u0000"}')"#.into(),
+            "22P05",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_run_at => 'someday')".into(),
+            "22007",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_headers => '[1]')".into(),
+            "23514",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (call, state) in &cases {
+        match sqlx::query(call).execute(&db.pool).await {
+            Ok(_) => wrong.push(format!("{call}: accepted")),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(*state) => {}
+            Err(e) => wrong.push(format!("{call}: want SQLSTATE {state}, got {e:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    Ok(())
+}

@@ -913,3 +913,325 @@ async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult 
     );
     Ok(())
 }
+
+/// An HTTP/1.1 request with a JSON body; returns status and body.
+async fn http_send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Result<(u16, String), Box<dyn std::error::Error>> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test]
+async fn logs_hold_no_secret_password_token_or_seeded_pii() -> TestResult {
+    let db = TestDb::new().await?;
+    const JWT: &str = "jwt-secret-NEVER-LOG-0123456789abcdef";
+    const WEBHOOK: &str = "whsec-NEVER-LOG-42";
+    const DB_PASSWORD: &str = "db-pass-NEVER-LOG";
+    const PASSWORD: &str = "Password-NEVER-LOG-1";
+    const WRONG: &str = "Wrong-NEVER-LOG-2";
+    const EMAIL: &str = "pii.person.never.log@example.com";
+    const SSN: &str = "987-65-4321";
+    // Trust authentication ignores the password, so it can ride in the URL.
+    let url = db.url.replacen(
+        "postgres://outboxd@",
+        &format!("postgres://outboxd:{DB_PASSWORD}@"),
+        1,
+    );
+    run(outboxd(Some(&url)).args(["app", "create", "shop"]))?;
+    let mut create = outboxd(Some(&url));
+    create
+        .args(["user", "create", EMAIL, "--admin", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = create.spawn()?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .ok_or("stdin")?
+        .write_all(PASSWORD.as_bytes())?;
+    let created = child.wait_with_output()?;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    // Its stdout is the answer the operator asked for ("created user …"), not a log.
+    let mut captured = text(&created.stderr);
+
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&url));
+        c.env("JWT_SECRET", JWT)
+            .env("OUTBOXD_WEBHOOK__SECRET", WEBHOOK)
+            // The most talkative level a production might set.
+            .env("OUTBOXD_LOG__FILTER", "debug")
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut server = cmd.spawn()?;
+    let mut stderr = server.stderr.take().ok_or("stderr")?;
+    let stderr_task = tokio::spawn(async move {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all).await;
+        all
+    });
+    let stdout = server.stdout.take().ok_or("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut out = String::new();
+    let addr = loop {
+        let line = lines.next_line().await?.ok_or("outboxd exited")?;
+        out.push_str(&line);
+        if let Some(a) = line.strip_prefix("outboxd listening on http://") {
+            break a.trim().to_owned();
+        }
+    };
+    let login = |password: &str| format!(r#"{{"email": "{EMAIL}", "password": "{password}"}}"#);
+    let (s, _) = http_send(&addr, "POST", "/api/login", None, &login(WRONG)).await?;
+    assert_eq!(s, 401);
+    let (s, answer) = http_send(&addr, "POST", "/api/login", None, &login(PASSWORD)).await?;
+    assert_eq!(s, 200, "{answer}");
+    let token = serde_json::from_str::<serde_json::Value>(&answer)?["token"]
+        .as_str()
+        .ok_or("token")?
+        .to_owned();
+    let pii = format!(r#"{{"value": {{"email": "{EMAIL}", "ssn": "{SSN}"}}}}"#);
+    let (s, answer) = http_send(
+        &addr,
+        "PUT",
+        "/api/apps/shop/kv/people/p1",
+        Some(&token),
+        &pii,
+    )
+    .await?;
+    assert_eq!(s, 200, "{answer}");
+    let event = format!(r#"{{"payload": {{"email": "{EMAIL}", "ssn": "{SSN}"}}}}"#);
+    let (s, answer) = http_send(
+        &addr,
+        "POST",
+        "/api/apps/shop/events/no.handler",
+        Some(&token),
+        &event,
+    )
+    .await?;
+    assert_eq!(s, 200, "{answer}");
+    // A malformed body that carries the password is refused without echoing it.
+    let (s, _) = http_send(&addr, "POST", "/api/login", None, &format!("{{{PASSWORD}")).await?;
+    assert_eq!(s, 400);
+    // The unhandled event fails at least once (and logs why) before we stop.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, i32>("SELECT max(attempt_count) FROM outbox")
+                .fetch_one(&db.pool)
+                .await
+                .is_ok_and(|n| n >= 1)
+        })
+        .await
+    );
+    let status = stop(&mut server).await?;
+    assert!(status.success());
+    while let Ok(Some(line)) = lines.next_line().await {
+        out.push_str(&line);
+    }
+    captured.push_str(&out);
+    captured.push_str(&stderr_task.await?);
+    assert!(
+        captured.contains("dispatcher started") || captured.contains("DEBUG"),
+        "the capture is empty: {captured}"
+    );
+    for secret in [
+        JWT,
+        WEBHOOK,
+        DB_PASSWORD,
+        PASSWORD,
+        WRONG,
+        EMAIL,
+        SSN,
+        token.as_str(),
+    ] {
+        assert!(
+            !captured.contains(secret),
+            "the logs contain {secret:?}:\n{}",
+            captured
+                .lines()
+                .filter(|l| l.contains(secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult {
+    use std::os::unix::ffi::OsStrExt;
+    let db = TestDb::new().await?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let snapshot = || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT jsonb_build_array((SELECT count(*) FROM outbox), (SELECT count(*) FROM apps),
+                    (SELECT count(*) FROM triggers), (SELECT count(*) FROM users),
+                    (SELECT count(*) FROM app_members), (SELECT jsonb_agg(to_jsonb(a) ORDER BY slug) FROM apps a))",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    let before = snapshot().await?;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{bad",
+            ],
+            "not valid JSON",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "\"a\\u0000b\"",
+            ],
+            "payload",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "nope",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+            ],
+            "unknown app",
+        ),
+        (
+            &["enqueue", "--app", "shop", "--topic", "", "--payload", "{}"],
+            "topic: must not be empty",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+                "--max-attempts",
+                "0",
+            ],
+            "max_attempts",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+                "--max-attempts",
+                "x",
+            ],
+            "invalid value",
+        ),
+        (&["app", "create", "BAD_SLUG!"], "invalid slug"),
+        (&["app", "create", "' OR 1=1 --"], "invalid slug"),
+        (&["app", "retention", "shop", "0"], "days"),
+        (&["app", "suspend", "nope"], "unknown app"),
+        (&["dead-letters", "show", "not-a-uuid"], "not a UUID"),
+        (&["dead-letters", "list", "--app", "nope"], "unknown app"),
+        (
+            &["dead-letters", "replay", "--app", "shop", "zzz"],
+            "not a UUID",
+        ),
+        (
+            &["user", "grant", "nobody@x.io", "shop", "superuser"],
+            "invalid role",
+        ),
+        (&["user", "create", "not-an-email"], "e-mail"),
+        (&["api-key", "create", "nobody@x.io"], "no user"),
+        (
+            &[
+                "trigger",
+                "create",
+                "--app",
+                "shop",
+                "--name",
+                "n",
+                "--target",
+                "t",
+                "--schedule",
+                "99 * * * *",
+            ],
+            "schedule",
+        ),
+        (&["gc", "--once", "--bogus"], "unexpected argument"),
+        (&["no-such-command"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let out = outboxd(Some(&db.url))
+            .args(*args)
+            .stdin(Stdio::null())
+            .output()?;
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded: {}",
+            text(&out.stdout)
+        );
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: want {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    // An argument that is not UTF-8 at all.
+    let out = outboxd(Some(&db.url))
+        .args(["app", "create"])
+        .arg(std::ffi::OsStr::from_bytes(b"sh\xffop"))
+        .output()?;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
+    assert_eq!(snapshot().await?, before, "a refused command changed data");
+    Ok(())
+}
