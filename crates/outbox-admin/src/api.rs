@@ -385,3 +385,26 @@ async fn bulk(
     let changed = run_bulk(&state, app.id, &body).await?;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// A cursor is a cursor or a 400 with a message; never a panic.
+        #[test]
+        fn arbitrary_cursors_are_refused_not_panicked(s in ".{0,60}|-?[0-9]{1,25}_.{0,40}") {
+            if let Err(err) = decode_cursor(&s) {
+                proptest::prop_assert_eq!(err.status_and_code().1, "invalid");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cursor_round_trips() {
+        let id = Uuid::now_v7();
+        let at = DateTime::<Utc>::from_timestamp_micros(1_700_000_000_123_456).unwrap_or_default();
+        let cursor = decode_cursor(&format!("{}_{id}", at.timestamp_micros()));
+        assert!(matches!(cursor, Ok(c) if c.id == id && c.created_at == at));
+    }
+}

@@ -462,6 +462,17 @@ mod tests {
         out
     }
 
+    proptest::proptest! {
+        /// Anything in the Authorization header that is not a token we
+        /// issued is refused, without a panic.
+        #[test]
+        fn arbitrary_tokens_are_refused(
+            token in ".{0,80}|[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{0,43}",
+        ) {
+            proptest::prop_assert!(verify_token(&config(), &token).is_err());
+        }
+    }
+
     #[test]
     fn roles_map_to_capabilities() {
         use Capability::*;

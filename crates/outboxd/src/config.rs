@@ -719,6 +719,36 @@ mod tests {
         assert!(err.contains("bach_size"), "{err}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        /// Any value for any setting loads or is refused with the key named.
+        #[test]
+        fn arbitrary_setting_values_are_named_refusals(
+            key in proptest::sample::select(vec![
+                "OUTBOXD_DISPATCHER__BATCH_SIZE",
+                "OUTBOXD_DISPATCHER__LEASE_MS",
+                "OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS",
+                "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+                "OUTBOXD_HTTP__LISTEN",
+                "OUTBOXD_NATS__STREAM__RETENTION",
+                "OUTBOXD_GC__SCHEDULE",
+                "OUTBOXD_LOG__FORMAT",
+                "OUTBOXD_CONSUMER__MAX_DELIVER",
+            ]),
+            value in ".{0,20}|-?[0-9]{1,22}",
+        ) {
+            if let Err(err) = load(&[(key, value.as_str())]) {
+                let text = err.to_string().to_lowercase();
+                let section_key = key
+                    .trim_start_matches("OUTBOXD_")
+                    .replace("__", ".")
+                    .to_lowercase();
+                let leaf = section_key.rsplit('.').next().unwrap_or_default().to_owned();
+                proptest::prop_assert!(text.contains(&leaf), "{key}={value:?}: {err}");
+            }
+        }
+    }
+
     #[test]
     fn handler_timeout_must_be_below_lease_without_heartbeat() {
         let err = load(&[

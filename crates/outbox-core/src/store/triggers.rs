@@ -359,6 +359,24 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any text as a schedule, a time zone or a glob is an answer or a
+        /// named refusal, never a panic.
+        #[test]
+        fn schedules_zones_and_globs_never_panic(
+            schedule in "([0-9*/,-]{1,4} ){4,6}|.{0,40}",
+            zone in "[A-Za-z_/+-]{0,24}",
+            glob in ".{0,40}",
+        ) {
+            if let Err(Error::Invalid { field, .. }) =
+                next_tick_in(&schedule, &zone, chrono::Utc::now())
+            {
+                proptest::prop_assert!(field == "schedule" || field == "timezone");
+            }
+            let _ = parse_glob(&glob);
+        }
+    }
+
     #[test]
     fn globs() {
         assert_eq!(parse_glob("*").ok(), Some(("all", String::new())));
