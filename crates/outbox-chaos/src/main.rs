@@ -117,8 +117,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
 fn render(outcomes: &[scenarios::Outcome]) -> String {
     let mut out = String::from(
-        "| Scenario | Faults | Committed | Ambiguous | Not committed | Lost | Unexpected | Double effects | Extra invocations | Stream copies | Stuck | Result | Notes |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| Scenario | Faults | Committed | Ambiguous | Not committed | Lost | Unexpected | Double effects | Over max_attempts | Extra invocations | Stream copies | Stuck | Result | Notes |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let v = &o.verdict;
@@ -127,7 +127,7 @@ fn render(outcomes: &[scenarios::Outcome]) -> String {
             notes.push(format!("FAILED: {f}"));
         }
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             o.name,
             o.faults,
             v.committed,
@@ -136,6 +136,7 @@ fn render(outcomes: &[scenarios::Outcome]) -> String {
             v.lost,
             v.unexpected,
             v.double_effects,
+            v.over_attempts,
             v.extra_invocations,
             v.stream_copies,
             v.stuck,

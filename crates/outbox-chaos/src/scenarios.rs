@@ -359,11 +359,17 @@ async fn pg_partition(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let produced = producer.await?;
     stage.quiesce(Duration::from_secs(60), false).await?;
     // A's held statements reach the database when the partition heals; its
-    // refused outcomes show in its metrics moments later.
+    // refused outcomes show in its metrics as they arrive: wait until the
+    // count is positive and has not moved for a second.
     let mut fenced = 0.0;
-    for _ in 0..100 {
-        fenced = stage.fleet[0].metric("outboxd_fenced_total").await?;
-        if fenced > 0.0 {
+    let mut steady_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let now = stage.fleet[0].metric("outboxd_fenced_total").await?;
+        if now != fenced {
+            fenced = now;
+            steady_since = Instant::now();
+        } else if fenced > 0.0 && steady_since.elapsed() >= Duration::from_secs(1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

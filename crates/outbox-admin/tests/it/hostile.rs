@@ -12,18 +12,28 @@ use uuid::Uuid;
 
 use super::{TestResult, World};
 
-/// Everything an API call could change, for before/after comparisons.
-async fn snapshot(w: &World) -> Result<Value, Box<dyn std::error::Error>> {
+/// Everything an API call could change (of one app, or of all), for
+/// before/after comparisons.
+async fn snapshot_of(w: &World, app: Option<Uuid>) -> Result<Value, Box<dyn std::error::Error>> {
     let row: (Value,) = sqlx::query_as(
         "SELECT jsonb_build_object(
-            'outbox', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'app', app_id, 'topic', topic, 'payload', payload) ORDER BY id), '[]') FROM outbox),
-            'kv', (SELECT coalesce(jsonb_agg(to_jsonb(k) ORDER BY k.app_id, k.collection, k.key), '[]') FROM kv_entries k),
-            'triggers', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'enabled', enabled) ORDER BY id), '[]') FROM triggers),
-            'dead_letters', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'resolution', resolution) ORDER BY id), '[]') FROM dead_letters))",
+            'outbox', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'topic', topic, 'payload', payload) ORDER BY id), '[]')
+                       FROM outbox WHERE $1::uuid IS NULL OR app_id = $1),
+            'kv', (SELECT coalesce(jsonb_agg(to_jsonb(k) ORDER BY k.app_id, k.collection, k.key), '[]')
+                   FROM kv_entries k WHERE $1::uuid IS NULL OR app_id = $1),
+            'triggers', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'enabled', enabled) ORDER BY id), '[]')
+                         FROM triggers WHERE $1::uuid IS NULL OR app_id = $1),
+            'dead_letters', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'resolution', resolution) ORDER BY id), '[]')
+                             FROM dead_letters WHERE $1::uuid IS NULL OR app_id = $1))",
     )
+    .bind(app)
     .fetch_one(&w.db.pool)
     .await?;
     Ok(row.0)
+}
+
+async fn snapshot(w: &World) -> Result<Value, Box<dyn std::error::Error>> {
+    snapshot_of(w, None).await
 }
 
 impl World {
@@ -47,8 +57,12 @@ impl World {
             .await?;
         let status = res.status();
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
         Ok((status, value))
     }
 
@@ -328,7 +342,7 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
                 let body = body.as_ref().map(|b| {
                     serde_json::from_str::<Value>(&fill(&b.to_string())).unwrap_or(Value::Null)
                 });
-                let foreign_before = snapshot_of(&w, w.app_b).await?;
+                let foreign_before = snapshot_of(&w, Some(w.app_b)).await?;
                 let (status, answer) = w.call(method, &uri, token.as_deref(), body).await?;
                 let expected = match (who, app) {
                     (Who::Anonymous, _) => StatusCode::UNAUTHORIZED,
@@ -348,7 +362,7 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
                     assert!(answer["error"]["code"].is_string(), "{answer}");
                     if app == "app-b" {
                         assert_eq!(
-                            snapshot_of(&w, w.app_b).await?,
+                            snapshot_of(&w, Some(w.app_b)).await?,
                             foreign_before,
                             "{who:?} {method} {uri} changed app B"
                         );
@@ -360,21 +374,6 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
     }
     assert_eq!(checked, endpoints.len() * tokens.len() * 2);
     Ok(())
-}
-
-/// App `app`'s rows in every table a call could change.
-async fn snapshot_of(w: &World, app: Uuid) -> Result<Value, Box<dyn std::error::Error>> {
-    let row: (Value,) = sqlx::query_as(
-        "SELECT jsonb_build_object(
-            'outbox', (SELECT count(*) FROM outbox WHERE app_id = $1),
-            'kv', (SELECT coalesce(jsonb_agg(to_jsonb(k) ORDER BY k.collection, k.key), '[]') FROM kv_entries k WHERE app_id = $1),
-            'triggers', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'enabled', enabled) ORDER BY id), '[]') FROM triggers WHERE app_id = $1),
-            'dead_letters', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'resolution', resolution) ORDER BY id), '[]') FROM dead_letters WHERE app_id = $1))",
-    )
-    .bind(app)
-    .fetch_one(&w.db.pool)
-    .await?;
-    Ok(row.0)
 }
 
 /// Whatever bytes arrive as a body, the answer is never a 5xx, a refusal

@@ -93,28 +93,8 @@ impl World {
         token: Option<&str>,
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), Box<dyn std::error::Error>> {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = match body {
-            Some(b) => req
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(b.to_string()))?,
-            None => req.body(Body::empty())?,
-        };
-        let res = outbox_admin::router(self.state.clone())
-            .oneshot(req)
-            .await?;
-        let status = res.status();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        Ok((status, value))
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.call_raw(method, uri, token, bytes).await
     }
 
     async fn login(&self, email: &str) -> Result<String, Box<dyn std::error::Error>> {

@@ -35,25 +35,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// A minimal HTTP/1.1 GET, enough for the health and metrics endpoints.
 async fn http_get(addr: &str, path: &str) -> Result<(u16, String), Box<dyn std::error::Error>> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status line")?;
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    Ok((status, body))
+    http_send(addr, "GET", path, None, "").await
 }
 
 /// Starts `outboxd <args>` and returns the child and the HTTP address it printed.
