@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a real, private PostgreSQL and a real
-# JetStream nats-server: formatting, clippy, unit and integration tests, and
-# the dashboard in a real Chromium, and the chaos suite (scripts/chaos.sh). Installs PostgreSQL, nats-server,
+# JetStream nats-server: formatting, clippy, unit, property and integration
+# tests, the chaos suite (scripts/chaos.sh), a benchmark smoke run, and the
+# dashboard in a real Chromium. Installs PostgreSQL, nats-server, libfaketime,
 # Chromium and playwright-core if they are missing.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -35,6 +36,17 @@ bash "$ROOT/scripts/chaos.sh" 2>&1 | tee -a "$TEST_LOG"
 chaos_status=${PIPESTATUS[0]}
 set -e
 
+log "benchmark smoke run (small sizes, no targets asserted)"
+set +e
+"$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U outboxd -d postgres -qc "CREATE DATABASE bench_smoke" >/dev/null
+DATABASE_URL="${DATABASE_URL%/*}/bench_smoke" OUTBOXD_LOG__FILTER=warn target/debug/outboxd bench \
+  --rows 2000 --enqueue-rows 500 --latency-samples 20 --relay-rows 1000 \
+  --steady-secs 2 --steady-rate 500 --backlogs 2000,5000 --backlog-measured 500 \
+  --scale-rows 2000 --processes 1,2 --explain --out target/bench-smoke 2>&1 | tee -a "$TEST_LOG"
+bench_status=${PIPESTATUS[0]}
+set -e
+if [ "$bench_status" = 0 ]; then echo "1 passed, 0 failed" | tee -a "$TEST_LOG"; else echo "0 passed, 1 failed" | tee -a "$TEST_LOG"; fi
+
 log "browser test (Chromium)"
 set +e
 bash "$ROOT/scripts/browser-test.sh" 2>&1 | tee -a "$TEST_LOG"
@@ -47,5 +59,6 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
 [ "$status" = 0 ] || exit "$status"
+[ "$bench_status" = 0 ] || { log "the benchmark smoke run failed"; exit "$bench_status"; }
 [ "$chaos_status" = 0 ] || { log "the chaos suite failed (logs in target/chaos/last-failure)"; exit "$chaos_status"; }
 [ "$browser_status" = 0 ] || { log "the browser test failed"; exit "$browser_status"; }

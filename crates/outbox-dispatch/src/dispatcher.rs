@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 use uuid::Uuid;
 
-use crate::{Error, Event, HandlerError, Registry, RetryPolicy};
+use crate::{ClaimTx, Error, Event, HandlerError, Registry, RetryPolicy};
 
 /// The channel dispatchers LISTEN on; the outbox insert trigger notifies it.
 pub const NOTIFY_CHANNEL: &str = "outbox_due";
@@ -64,6 +64,15 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Rows deeper in a trigger chain than this are dead-lettered, not run.
     pub max_trigger_depth: u32,
+    /// Transactional mode: each claim loop deletes a batch of rows in a
+    /// transaction, runs their handlers one after another inside it (see
+    /// [`crate::Event::claim_tx`]) and commits; a failure rolls the batch back
+    /// and its rows are run again one per transaction. One write per row
+    /// instead of a lease and a delete; but a process that dies mid-batch
+    /// leaves its rows untouched, so such a crash does not count an attempt.
+    /// Rows with a synchronous caller and dead-letter-trigger rows are left to
+    /// lease-mode dispatchers.
+    pub in_transaction: bool,
 }
 
 impl Default for Config {
@@ -80,6 +89,7 @@ impl Default for Config {
             drain_grace: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             max_trigger_depth: 8,
+            in_transaction: false,
         }
     }
 }
@@ -261,6 +271,9 @@ impl Dispatcher {
     /// Tests drive this until `claimed == 0` instead of sleeping.
     pub async fn run_once(&self) -> Result<BatchReport, Error> {
         let inner = &self.inner;
+        if inner.config.in_transaction {
+            return inner.tx_batch().await;
+        }
         let rows = store::claim(
             &inner.pool,
             &inner.config.worker_id,
@@ -323,11 +336,15 @@ impl Dispatcher {
         info!(worker = %config.worker_id, topics = ?inner.registry.topics(), claimers = config.claimers, "dispatcher started");
         let loops: Vec<_> = (0..config.claimers)
             .map(|_| {
-                tokio::spawn(inner.clone().claim_loop(
-                    permits.clone(),
-                    stop.clone(),
-                    done_tx.clone(),
-                ))
+                if config.in_transaction {
+                    tokio::spawn(inner.clone().tx_loop(stop.clone()))
+                } else {
+                    tokio::spawn(inner.clone().claim_loop(
+                        permits.clone(),
+                        stop.clone(),
+                        done_tx.clone(),
+                    ))
+                }
             })
             .collect();
         for claim_loop in loops {
@@ -535,6 +552,150 @@ impl Inner {
         }
     }
 
+    /// Transactional mode: take a batch, run it in its transaction, commit;
+    /// repeat until stopped. A stop lets the batch in hand finish.
+    async fn tx_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut errors = 0u32;
+        while !stop.is_cancelled() {
+            match self.tx_batch().await {
+                Ok(report) => {
+                    errors = 0;
+                    if report.claimed < self.config.batch_size as usize {
+                        tokio::select! {
+                            biased;
+                            () = stop.cancelled() => break,
+                            () = self.wake.notified() => {}
+                            () = tokio::time::sleep(self.config.poll_interval) => {}
+                        }
+                    }
+                }
+                Err(err) => {
+                    errors = errors.saturating_add(1);
+                    let pause = Duration::from_millis(100u64 << errors.min(6));
+                    warn!(error = %err, ?pause, "transactional batch failed; backing off");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transactional batch.
+    async fn tx_batch(&self) -> Result<BatchReport, Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = store::take(&mut tx, self.config.batch_size).await?;
+        let taken = rows.len();
+        if taken == 0 {
+            tx.commit().await?;
+            return Ok(BatchReport::default());
+        }
+        metrics::counter!("outboxd_claimed_total").increment(taken as u64);
+        let shared = ClaimTx::new(tx);
+        let mut all_done = true;
+        for row in &rows {
+            let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
+            if !matches!(outcome, Outcome::Done) {
+                all_done = false;
+                break;
+            }
+        }
+        let Some(tx) = shared.finish().await else {
+            return Err(Error::Internal("the claim transaction vanished"));
+        };
+        if all_done {
+            match tx.commit().await {
+                Ok(()) => {
+                    self.record_completed(taken, taken);
+                    return Ok(BatchReport {
+                        claimed: taken,
+                        completed: taken,
+                        ..BatchReport::default()
+                    });
+                }
+                Err(err) => {
+                    warn!(error = %err, "committing a transactional batch failed; running its rows one by one")
+                }
+            }
+        } else {
+            let _ = tx.rollback().await;
+        }
+        // Something failed (or the commit did): nothing of the batch happened.
+        // Run each row on its own so one failure cannot hold back the rest.
+        let mut report = BatchReport::default();
+        for row in rows {
+            report.add(self.tx_single(row.id).await?);
+        }
+        report.claimed = taken;
+        Ok(report)
+    }
+
+    /// Runs one row in a transaction of its own. The row stays locked
+    /// throughout; a failure rolls back the handler's writes (to a savepoint)
+    /// and records the attempt in the same transaction.
+    async fn tx_single(&self, id: Uuid) -> Result<BatchReport, Error> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = store::lock_one(&mut tx, id).await? else {
+            // Taken, finished or rescheduled by someone else meanwhile.
+            return Ok(BatchReport::default());
+        };
+        sqlx::query("SAVEPOINT handler").execute(&mut *tx).await?;
+        let shared = ClaimTx::new(tx);
+        let outcome = self.decide(taken_attempt(&row), Some(shared.clone())).await;
+        let Some(mut tx) = shared.finish().await else {
+            return Err(Error::Internal("the claim transaction vanished"));
+        };
+        if matches!(outcome, Outcome::Done) {
+            store::delete_locked(&mut tx, id).await?;
+            tx.commit().await?;
+            self.record_completed(1, 1);
+            return Ok(BatchReport {
+                claimed: 1,
+                completed: 1,
+                ..BatchReport::default()
+            });
+        }
+        sqlx::query("ROLLBACK TO SAVEPOINT handler")
+            .execute(&mut *tx)
+            .await?;
+        let (delay, count, error, bury) = match outcome {
+            Outcome::Retry { delay, error } => (delay, true, Some(error), None),
+            Outcome::Snooze(delay) => (delay, false, None, None),
+            Outcome::Bury { error } => (Duration::ZERO, true, Some(error.clone()), Some(error)),
+            Outcome::Done | Outcome::Reply { .. } => (Duration::ZERO, false, None, None),
+        };
+        let token =
+            store::record_failed_attempt(&mut *tx, id, delay, count, error.as_deref()).await?;
+        let (retried, dead_lettered) = match (bury, token) {
+            (Some(error), Some(token)) => {
+                let moved = store::dead_letter(
+                    &mut tx,
+                    &[Bury {
+                        lease: Lease { id, token },
+                        error,
+                        handler: None,
+                    }],
+                )
+                .await?;
+                (0, moved.len())
+            }
+            (None, Some(_)) if count => (1, 0),
+            _ => (0, 0),
+        };
+        tx.commit().await?;
+        metrics::counter!("outboxd_retried_total").increment(retried as u64);
+        metrics::counter!("outboxd_dead_lettered_total").increment(dead_lettered as u64);
+        let report = BatchReport {
+            claimed: 1,
+            retried,
+            dead_lettered,
+            ..BatchReport::default()
+        };
+        self.add_totals(report);
+        Ok(report)
+    }
+
     /// Runs one claimed row and decides its outcome. Never fails: every
     /// problem, panics included, becomes an outcome.
     async fn run_row(&self, row: ClaimedEvent, permit: Option<OwnedSemaphorePermit>) -> Finished {
@@ -548,7 +709,7 @@ impl Inner {
             .to_owned();
         let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %row.topic,
             attempt = row.attempt_count, correlation_id = %correlation);
-        let outcome = self.decide(row).instrument(span).await;
+        let outcome = self.decide(row, None).instrument(span).await;
         Finished {
             lease,
             outcome,
@@ -557,7 +718,7 @@ impl Inner {
         }
     }
 
-    async fn decide(&self, row: ClaimedEvent) -> Outcome {
+    async fn decide(&self, row: ClaimedEvent, claim_tx: Option<ClaimTx>) -> Outcome {
         let retry = &self.config.retry;
         let max = row.max_attempts.unwrap_or(retry.max_attempts as i32);
         if row.attempt_count > max {
@@ -628,7 +789,8 @@ impl Inner {
         let Some(handler) = self.registry.get(&row.topic) else {
             return failed(format!("no handler registered for topic {:?}", row.topic));
         };
-        let event = Event::from_claimed(&row);
+        let mut event = Event::from_claimed(&row);
+        event.claim_tx = claim_tx;
         let reply = event.reply.clone();
         let started = Instant::now();
         let started_at = chrono::Utc::now();
@@ -906,4 +1068,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// A taken row as its handler sees it: a take does not count the attempt in
+/// the table (a failure does, after the rollback), so the attempt running
+/// now is one more than those recorded.
+fn taken_attempt(row: &ClaimedEvent) -> ClaimedEvent {
+    let mut row = row.clone();
+    row.attempt_count += 1;
+    row
 }

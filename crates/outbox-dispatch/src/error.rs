@@ -10,4 +10,7 @@ pub enum Error {
     /// The configuration is inconsistent.
     #[error("invalid dispatcher config: {0}")]
     Config(String),
+    /// An internal invariant did not hold (a bug, reported instead of a panic).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }

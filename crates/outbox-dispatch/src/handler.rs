@@ -40,6 +40,42 @@ pub struct Event {
     pub principal: Option<String>,
     /// Where [`Event::set_reply`] puts the answer for a synchronous caller.
     pub reply: ReplySlot,
+    /// In transactional mode, the transaction that deletes this row; see
+    /// [`Event::claim_tx`].
+    pub claim_tx: Option<ClaimTx>,
+}
+
+/// The transaction a row is handled in when the dispatcher runs in
+/// transactional mode (`Config::in_transaction`): the handler's statements
+/// and the row's deletion commit together, or neither does.
+#[derive(Clone)]
+pub struct ClaimTx(
+    pub(crate) Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>>,
+);
+
+impl std::fmt::Debug for ClaimTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClaimTx")
+    }
+}
+
+impl ClaimTx {
+    pub(crate) fn new(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> Self {
+        Self(Arc::new(tokio::sync::Mutex::new(Some(tx))))
+    }
+
+    /// The connection of the transaction, for one or more statements:
+    /// `sqlx::query(…).execute(&mut *tx.lock().await?)`.
+    pub async fn lock(
+        &self,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, sqlx::PgConnection>, HandlerError> {
+        tokio::sync::MutexGuard::try_map(self.0.lock().await, |tx| tx.as_deref_mut())
+            .map_err(|_| HandlerError::retry("the claim transaction has ended"))
+    }
+
+    pub(crate) async fn finish(self) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.0.lock().await.take()
+    }
 }
 
 /// Holds a handler's answer to a synchronous invocation (`POST …/invoke/{topic}`).
@@ -69,7 +105,26 @@ impl Event {
             trigger_id: row.trigger_id,
             principal: row.registered_by_principal.clone(),
             reply: ReplySlot::default(),
+            claim_tx: None,
         }
+    }
+
+    /// The claim transaction, in transactional mode; `None` in lease mode.
+    /// Write through it to make an effect atomic with the row's deletion:
+    ///
+    /// ```no_run
+    /// # async fn h(event: outbox_dispatch::Event) -> Result<(), outbox_dispatch::HandlerError> {
+    /// if let Some(tx) = event.claim_tx() {
+    ///     sqlx::query("INSERT INTO notifications (event_id) VALUES ($1)")
+    ///         .bind(event.id)
+    ///         .execute(&mut *tx.lock().await?)
+    ///         .await
+    ///         .map_err(outbox_dispatch::HandlerError::retry)?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn claim_tx(&self) -> Option<&ClaimTx> {
+        self.claim_tx.as_ref()
     }
 
     /// Answers a synchronous caller (ignored for rows nobody waits on).

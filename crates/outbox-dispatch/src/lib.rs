@@ -43,5 +43,5 @@ pub mod targets;
 
 pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport};
 pub use error::Error;
-pub use handler::{Event, Handler, HandlerError, Registry};
+pub use handler::{ClaimTx, Event, Handler, HandlerError, Registry};
 pub use retry::RetryPolicy;

@@ -178,6 +178,7 @@ pub struct DispatcherSettings {
     pub handler_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub drain_grace_ms: u64,
+    pub in_transaction: bool,
 }
 
 /// `[http]`.
@@ -590,6 +591,7 @@ impl Settings {
                 max: Duration::from_millis(self.trigger_retry_max_ms),
             },
             max_trigger_depth: self.max_trigger_depth,
+            in_transaction: d.in_transaction,
             ..outbox_dispatch::Config::default()
         };
         if !d.worker_id.is_empty() {

@@ -35,7 +35,11 @@ macro_rules! handled_by_script_cte {
 /// suspended apps skipped, and locks them. Shared by [`claim`] and [`complete_and_claim`].
 macro_rules! picked_cte {
     () => {
-        "picked AS (
+        picked_cte!("")
+    };
+    ($extra:literal) => {
+        concat!(
+            "picked AS (
     SELECT c.ctid
     FROM (SELECT id FROM apps WHERE suspended_at IS NULL ORDER BY random()) AS a
     CROSS JOIN LATERAL (
@@ -51,19 +55,34 @@ macro_rules! picked_cte {
                     WHERE e.app_id = o.app_id
                       AND e.ordering_key = o.ordering_key
                       AND (e.enqueue_xid, e.id) < (o.enqueue_xid, o.id))))
+        ",
+            $extra,
+            "
         ORDER BY o.run_at, o.id
         LIMIT $1
         FOR UPDATE OF o SKIP LOCKED
     ) AS c
     LIMIT $1
 )"
+        )
+    };
+}
+
+/// The columns of a [`ClaimedEvent`].
+macro_rules! claimed_columns {
+    () => {
+        "o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
+          o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
+          o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
+          o.registered_by_principal, o.created_at"
     };
 }
 
 /// Leases the picked rows: bumps the attempt and the fencing token.
 macro_rules! lease_picked {
     () => {
-        "UPDATE outbox o
+        concat!(
+            "UPDATE outbox o
 SET attempt_count    = o.attempt_count + 1,
     lease_token      = o.lease_token + 1,
     locked_by        = $2,
@@ -72,14 +91,17 @@ SET attempt_count    = o.attempt_count + 1,
     last_attempt_at  = now()
 FROM picked
 WHERE o.ctid = picked.ctid
-RETURNING o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
-          o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
-          o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
-          o.registered_by_principal, o.created_at"
+RETURNING ",
+            claimed_columns!()
+        )
     };
 }
 
 const CLAIM: &str = concat!("WITH ", picked_cte!(), "\n", lease_picked!());
+
+/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds), for
+/// `EXPLAIN` in the benchmark.
+pub const CLAIM_SQL: &str = CLAIM;
 
 /// One round trip, one commit: delete the finished rows `$4`/`$5` (ids and
 /// fencing tokens) and claim the next batch. The single row of `done` is
@@ -102,6 +124,87 @@ SELECT c.*, d.completed
 FROM (SELECT count(*) AS completed FROM done) AS d
 LEFT JOIN claimed AS c ON true"
 );
+
+/// The complete-and-claim statement (`$4` ids and `$5` tokens done, then as
+/// [`CLAIM_SQL`]), for `EXPLAIN` in the benchmark.
+pub const COMPLETE_AND_CLAIM_SQL: &str = COMPLETE_AND_CLAIM;
+
+/// Transactional handling: the picked rows are deleted by the caller's
+/// transaction, which the handlers then write in. Rows a synchronous caller
+/// waits on and dead-letter-trigger rows keep the lease path.
+const TAKE: &str = concat!(
+    "WITH ",
+    picked_cte!(" AND o.reply_to IS NULL AND o.source <> 'dead_letter'"),
+    "\nDELETE FROM outbox o USING picked WHERE o.ctid = picked.ctid RETURNING ",
+    claimed_columns!()
+);
+
+const LOCK_ONE: &str = concat!(
+    "SELECT ",
+    claimed_columns!(),
+    " FROM outbox o
+     WHERE o.id = $1 AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
+     FOR UPDATE SKIP LOCKED"
+);
+
+/// Deletes up to `limit` claimable rows in the caller's transaction and
+/// returns them (transactional handling: the handlers' writes and the
+/// deletion commit together, or neither does). Same choice of rows as
+/// [`claim`], minus rows with a synchronous caller and dead-letter-trigger rows.
+pub async fn take(conn: &mut PgConnection, limit: u32) -> Result<Vec<ClaimedEvent>, Error> {
+    Ok(sqlx::query_as(TAKE)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Locks one row in the caller's transaction if it is still claimable and
+/// nobody else holds it (transactional handling of a single row: it stays
+/// locked from the handler's run to its deletion or its failure's record).
+pub async fn lock_one(conn: &mut PgConnection, id: Uuid) -> Result<Option<ClaimedEvent>, Error> {
+    Ok(sqlx::query_as(LOCK_ONE)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Deletes a row locked by [`lock_one`].
+pub async fn delete_locked(conn: &mut PgConnection, id: Uuid) -> Result<(), Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a failed transactional attempt (after its writes were rolled back):
+/// counts the attempt (unless `count` is false, for a snooze) and makes the
+/// row due after `delay`. Returns the row's fencing token, for
+/// [`dead_letter`], or `None` when the row is gone or leased meanwhile.
+pub async fn record_failed_attempt<'e>(
+    db: impl PgExecutor<'e>,
+    id: Uuid,
+    delay: Duration,
+    count: bool,
+    error: Option<&str>,
+) -> Result<Option<i64>, Error> {
+    Ok(sqlx::query_scalar(
+        "UPDATE outbox o
+         SET attempt_count    = o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END,
+             run_at           = now() + make_interval(secs => $2),
+             last_error       = coalesce($4, o.last_error),
+             first_attempt_at = coalesce(o.first_attempt_at, now()),
+             last_attempt_at  = now()
+         WHERE o.id = $1 AND (o.locked_until IS NULL OR o.locked_until < now())
+         RETURNING o.lease_token",
+    )
+    .bind(id)
+    .bind(delay.as_secs_f64())
+    .bind(count)
+    .bind(error)
+    .fetch_optional(db)
+    .await?)
+}
 
 /// Claims up to `limit` due rows for `worker`, leasing them for `lease`.
 ///

@@ -6,6 +6,7 @@ mod enqueueing;
 mod leases;
 mod maintenance;
 mod ordering;
+mod transactional;
 mod triggers;
 mod webhook;
 

@@ -170,6 +170,7 @@ async fn a_republished_row_is_dropped_by_the_duplicate_window() -> TestResult {
         trigger_id: None,
         principal: None,
         reply: Default::default(),
+        claim_tx: None,
     };
     // A crash between PubAck and the row's deletion publishes the row again.
     let first = relay.publish(event.clone()).await?;

@@ -1,0 +1,124 @@
+//! Transactional mode: handlers write through the claim transaction, so a
+//! handler's effect and the row's deletion commit together or not at all.
+
+use outbox_core::NewEvent;
+use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
+use outbox_testkit::TestDb;
+use serde_json::json;
+
+use super::{TestResult, config, dead_letter_count, enqueue_committed, make_all_due};
+
+fn transactional() -> Config {
+    Config {
+        in_transaction: true,
+        ..config()
+    }
+}
+
+/// A handler that records `n` in `effects` through the claim transaction,
+/// then fails as the payload says (after writing, to prove the rollback).
+fn effect_writer() -> Registry {
+    let mut registry = Registry::new();
+    registry.register("tx.work", |event: Event| async move {
+        let tx = event
+            .claim_tx()
+            .ok_or_else(|| HandlerError::permanent("not in transactional mode"))?;
+        sqlx::query("INSERT INTO effects (n, attempt) VALUES ($1, $2)")
+            .bind(event.payload["n"].as_i64().unwrap_or_default())
+            .bind(event.attempt)
+            .execute(&mut *tx.lock().await?)
+            .await
+            .map_err(HandlerError::retry)?;
+        match event.payload["fail"].as_str() {
+            Some("retry") if event.attempt < 2 => Err(HandlerError::retry("first attempt fails")),
+            Some("permanent") => Err(HandlerError::permanent("never works")),
+            Some("panic") => panic!("handler panics after writing"),
+            _ => Ok(()),
+        }
+    });
+    registry
+}
+
+async fn effects(db: &TestDb) -> Result<Vec<(i64, i32)>, sqlx::Error> {
+    sqlx::query_as("SELECT n, attempt FROM effects ORDER BY n, attempt")
+        .fetch_all(&db.pool)
+        .await
+}
+
+#[tokio::test]
+async fn effects_commit_with_the_deletion_and_failures_roll_back_their_writes() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    sqlx::query("CREATE TABLE effects (n bigint, attempt int)")
+        .execute(&db.pool)
+        .await?;
+    for (n, fail) in [
+        (1, ""),
+        (2, "retry"),
+        (3, ""),
+        (4, "permanent"),
+        (5, "panic"),
+        (6, ""),
+    ] {
+        enqueue_committed(
+            &db.pool,
+            app,
+            NewEvent::new("tx.work", json!({"n": n, "fail": fail})).with_max_attempts(3),
+        )
+        .await?;
+    }
+    let dispatcher = Dispatcher::new(db.pool.clone(), effect_writer(), transactional())?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (dispatcher, stop) = (dispatcher.clone(), stop.clone());
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let settled = outbox_testkit::wait_until(std::time::Duration::from_secs(20), || async {
+        let _ = make_all_due(&db.pool).await;
+        outbox_core::store::outbox::count(&db.pool)
+            .await
+            .is_ok_and(|n| n == 0)
+    })
+    .await;
+    stop.cancel();
+    let report = run.await??;
+    assert!(settled, "the outbox did not empty");
+    // Successes once; the flaky one's first write rolled back with its
+    // failure, its second committed; the permanent and the panicking one
+    // left no write at all.
+    assert_eq!(effects(&db).await?, vec![(1, 1), (2, 2), (3, 1), (6, 1)]);
+    assert_eq!(dead_letter_count(&db.pool).await?, 2);
+    let attempts: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT (payload->>'n')::bigint, attempt_count FROM dead_letters ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        attempts,
+        vec![(4, 1), (5, 3)],
+        "permanent at once; panics use every attempt"
+    );
+    assert_eq!(report.totals.completed, 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rolled_back_batch_leaves_rows_for_lease_mode_and_rows_with_callers_alone() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // A synchronous invocation's row is not taken in transactional mode.
+    let mut tx = db.pool.begin().await?;
+    outbox_core::store::invocations::start(&mut tx, app, NewEvent::new("tx.invoke", json!({})))
+        .await?;
+    tx.commit().await?;
+    let mut registry = Registry::new();
+    registry.register("tx.invoke", |_e: Event| async {
+        Ok::<(), HandlerError>(())
+    });
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, transactional())?;
+    let report = dispatcher.run_until_idle().await?;
+    assert_eq!(report.completed, 0);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 1);
+    Ok(())
+}

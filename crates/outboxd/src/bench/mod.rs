@@ -1,0 +1,878 @@
+//! `outboxd bench`: outboxd's throughput and latency next to the raw
+//! PostgreSQL ceiling for the same work, measured in one run on one database.
+//!
+//! The raw baseline drains a backlog with plain
+//! `DELETE … WHERE id IN (SELECT … LIMIT 100 FOR UPDATE SKIP LOCKED)`;
+//! every outboxd figure is printed with its ratio to that ceiling (and
+//! enqueue figures also to plain INSERTs of the same row shape).
+//!
+//! Layout: this module runs the scenarios in order and prints the table;
+//! [`load`] holds the scenarios under a steady offered load, the deep
+//! backlog and scale-out; [`report`] writes CSV and SVG charts.
+
+mod load;
+mod report;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Args;
+use outbox_core::{NewEvent, enqueue, enqueue_batch};
+use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Settings;
+use report::{Figure, Series};
+
+/// Sizes of the benchmark run.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Backlog size for the drain scenarios (raw and end-to-end).
+    #[arg(long, default_value_t = 200_000)]
+    rows: u32,
+    /// Rows enqueued by the enqueue scenarios.
+    #[arg(long, default_value_t = 20_000)]
+    enqueue_rows: u32,
+    /// Concurrent producers for the single-row enqueue scenarios.
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// Concurrent connections of the raw drain baseline.
+    #[arg(long, default_value_t = 2)]
+    raw_consumers: u32,
+    /// Samples for each latency scenario.
+    #[arg(long, default_value_t = 500)]
+    latency_samples: u32,
+    /// Rows for the relay and consume scenarios (they need NATS_URL).
+    #[arg(long, default_value_t = 50_000)]
+    relay_rows: u32,
+    /// Length of the steady and bloat windows, in seconds.
+    #[arg(long, default_value_t = 60)]
+    steady_secs: u32,
+    /// Offered load of the steady and bloat scenarios, in events per second.
+    #[arg(long, default_value_t = 8_000)]
+    steady_rate: u32,
+    /// The small and the large backlog of the backlog scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+    backlogs: Vec<u32>,
+    /// Rows handled to measure the drain rate in the backlog scenario.
+    #[arg(long, default_value_t = 10_000)]
+    backlog_measured: u32,
+    /// Rows drained by the scale-out scenario for each process count.
+    #[arg(long, default_value_t = 100_000)]
+    scale_rows: u32,
+    /// Process counts of the scale-out scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    processes: Vec<u32>,
+    /// Print `EXPLAIN (ANALYZE, BUFFERS)` of the hot statements.
+    #[arg(long)]
+    explain: bool,
+    /// Write results.csv, series.csv, SVG charts (and plans.txt) here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Run only these scenarios (comma-separated: enqueue, drain, latency,
+    /// steady, bloat, backlog, relay, scale-out); the raw drain baseline
+    /// always runs.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "enqueue,drain,latency,steady,bloat,backlog,relay,scale-out"
+    )]
+    scenarios: Vec<String>,
+}
+
+const BATCH: usize = 100;
+
+const KNOWN: &[&str] = &[
+    "enqueue",
+    "drain",
+    "latency",
+    "steady",
+    "bloat",
+    "backlog",
+    "relay",
+    "scale-out",
+];
+
+pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    ensure!(args.rows >= 1000, "--rows must be at least 1000");
+    ensure!(
+        args.enqueue_rows >= 100,
+        "--enqueue-rows must be at least 100"
+    );
+    ensure!(
+        (1..=64).contains(&args.producers),
+        "--producers must be in 1..=64"
+    );
+    ensure!(
+        (1..=16).contains(&args.raw_consumers),
+        "--raw-consumers must be in 1..=16"
+    );
+    ensure!(
+        args.latency_samples >= 10,
+        "--latency-samples must be at least 10"
+    );
+    ensure!(args.steady_secs >= 2, "--steady-secs must be at least 2");
+    ensure!(
+        args.steady_rate >= 100,
+        "--steady-rate must be at least 100"
+    );
+    ensure!(
+        args.backlogs.len() == 2 && args.backlogs.iter().all(|b| *b >= 1000),
+        "--backlogs takes two sizes of at least 1000, small then large"
+    );
+    ensure!(
+        args.backlog_measured >= 100 && args.backlog_measured <= args.backlogs[0],
+        "--backlog-measured must be in 100..=the small backlog"
+    );
+    ensure!(
+        args.processes.iter().all(|p| (1..=16).contains(p)),
+        "--processes takes counts in 1..=16"
+    );
+    if let Some(unknown) = args.scenarios.iter().find(|s| !KNOWN.contains(&s.as_str())) {
+        anyhow::bail!("unknown scenario {unknown:?}; known: {}", KNOWN.join(", "));
+    }
+    let mut settings = settings;
+    settings.database.max_connections = settings.database.max_connections.max(args.producers + 8);
+    let pool = crate::connect(&settings).await?;
+    outbox_core::migrate(&pool).await?;
+    let raw_app = outbox_core::store::apps::ensure(&pool, "bench-raw", "bench raw SQL")
+        .await?
+        .id;
+    let app = outbox_core::store::apps::ensure(&pool, "bench", "bench outboxd")
+        .await?
+        .id;
+    let leftover = outbox_core::store::outbox::count(&pool).await?;
+    ensure!(
+        leftover == 0,
+        "the outbox already holds {leftover} rows; run the benchmark on an empty database"
+    );
+    let machine: (String, String, String) = sqlx::query_as(
+        "SELECT current_setting('fsync'), current_setting('synchronous_commit'), version()",
+    )
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "outboxd bench: rows={} fsync={} synchronous_commit={} cores={} server={}",
+        args.rows,
+        machine.0,
+        machine.1,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine.2.split(" on ").next().unwrap_or_default(),
+    );
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut series: Vec<Series> = Vec::new();
+    let mut plans = String::new();
+    let fig = |scenario, name: String, value, unit, ratio_to: Option<(f64, &str)>| Figure {
+        scenario,
+        name,
+        value,
+        unit,
+        ratio_to: ratio_to.map(|(v, l)| (v, l.to_owned())),
+    };
+
+    // (a) the raw ceiling: claim-and-delete batches with plain SQL.
+    prefill(&pool, raw_app, args.rows, "bench.noop").await?;
+    if args.explain {
+        plans.push_str(&explain(&pool, raw_app).await?);
+    }
+    let raw_drain = raw_drain(&pool, raw_app, args.rows, args.raw_consumers).await?;
+    let ceiling = (raw_drain, "raw drain");
+    figures.push(fig(
+        "drain",
+        format!(
+            "raw drain: DELETE…SKIP LOCKED LIMIT {BATCH}, {} conns",
+            args.raw_consumers
+        ),
+        raw_drain,
+        "rows/s",
+        Some(ceiling),
+    ));
+    let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
+    if wants("enqueue") {
+        let raw_single = raw_insert(&pool, raw_app, args.enqueue_rows, args.producers, 1).await?;
+        figures.push(fig(
+            "enqueue",
+            format!("raw insert: 1 row/txn, {} producers", args.producers),
+            raw_single,
+            "rows/s",
+            None,
+        ));
+        let raw_batch = raw_insert(&pool, raw_app, args.enqueue_rows, 1, BATCH).await?;
+        figures.push(fig(
+            "enqueue",
+            format!("raw insert: {BATCH} rows/txn (unnest), 1 producer"),
+            raw_batch,
+            "rows/s",
+            None,
+        ));
+        truncate(&pool).await?;
+        let single = outboxd_enqueue(&pool, app, args.enqueue_rows, args.producers, 1).await?;
+        figures.push(fig(
+            "enqueue",
+            format!("outboxd enqueue: 1 event/txn, {} producers", args.producers),
+            single,
+            "events/s",
+            Some((raw_single, "raw 1-row insert")),
+        ));
+        let batch = outboxd_enqueue(&pool, app, args.enqueue_rows, 1, BATCH).await?;
+        figures.push(fig(
+            "enqueue",
+            format!("outboxd enqueue_batch: {BATCH} events/txn"),
+            batch,
+            "events/s",
+            Some((raw_batch, "raw batch insert")),
+        ));
+        truncate(&pool).await?;
+    }
+
+    // (b) end-to-end dispatch of a backlog with a no-op handler.
+    let mut drain = None;
+    if wants("drain") {
+        prefill(&pool, app, args.rows, "bench.noop").await?;
+        let rate = outboxd_drain(&pool, &settings, args.rows, false).await?;
+        drain = Some(rate);
+        figures.push(fig(
+            "drain",
+            "outboxd dispatch: backlog, no-op handler".into(),
+            rate,
+            "events/s",
+            Some(ceiling),
+        ));
+        truncate(&pool).await?;
+        prefill(&pool, app, args.rows, "bench.noop").await?;
+        let rate = outboxd_drain(&pool, &settings, args.rows, true).await?;
+        figures.push(fig(
+            "drain",
+            "outboxd dispatch: transactional mode".into(),
+            rate,
+            "events/s",
+            Some(ceiling),
+        ));
+        truncate(&pool).await?;
+    }
+
+    // (c) latency from enqueue commit to handler start, idle and under half
+    // of the drain capacity.
+    if wants("latency") {
+        let idle = load::latency(&pool, &settings, app, args.latency_samples, 0).await?;
+        let load_rate = (drain.unwrap_or(raw_drain * 0.4) * 0.5) as u32;
+        let loaded = load::latency(&pool, &settings, app, args.latency_samples, load_rate).await?;
+        for (label, l) in [
+            ("idle".to_owned(), idle),
+            (format!("{load_rate}/s load"), loaded),
+        ] {
+            for (q, v) in [("p50", l.p50), ("p95", l.p95), ("p99", l.p99)] {
+                figures.push(fig(
+                    "latency",
+                    format!("latency {label}, {q}"),
+                    v,
+                    "ms",
+                    None,
+                ));
+            }
+        }
+        truncate(&pool).await?;
+    }
+
+    // (d) a fixed offered load for a while: outboxd against one plain-SQL
+    // consumer with the same producers.
+    if wants("steady") {
+        let raw = load::steady(
+            &pool,
+            &settings,
+            raw_app,
+            args.steady_rate,
+            args.steady_secs,
+            load::Drainer::Raw,
+            false,
+        )
+        .await?;
+        truncate(&pool).await?;
+        let ours = load::steady(
+            &pool,
+            &settings,
+            app,
+            args.steady_rate,
+            args.steady_secs,
+            load::Drainer::Outboxd,
+            false,
+        )
+        .await?;
+        truncate(&pool).await?;
+        figures.push(fig(
+            "steady",
+            "producers: offered load achieved".into(),
+            ours.offered,
+            "events/s",
+            None,
+        ));
+        figures.push(fig(
+            "steady",
+            format!("raw steady: {}/s offered, 1 consumer", args.steady_rate),
+            raw.completed,
+            "events/s",
+            None,
+        ));
+        figures.push(fig(
+            "steady",
+            format!("outboxd steady: {}/s offered", args.steady_rate),
+            ours.completed,
+            "events/s",
+            Some((raw.completed, "raw steady")),
+        ));
+        figures.push(fig(
+            "steady",
+            "outboxd steady: deepest queue".into(),
+            ours.max_depth as f64,
+            "rows",
+            Some((raw.max_depth.max(1) as f64, "raw deepest queue")),
+        ));
+        figures.push(fig(
+            "steady",
+            "outboxd steady: queue at the end".into(),
+            ours.final_depth as f64,
+            "rows",
+            None,
+        ));
+        series.push(Series {
+            chart: "steady-depth",
+            label: "raw consumer".into(),
+            points: raw.depth,
+        });
+        series.push(Series {
+            chart: "steady-depth",
+            label: "outboxd".into(),
+            points: ours.depth,
+        });
+    }
+
+    // (e) the same load while another connection holds a snapshot open.
+    if wants("bloat") {
+        let held = load::steady(
+            &pool,
+            &settings,
+            app,
+            args.steady_rate,
+            args.steady_secs,
+            load::Drainer::Outboxd,
+            true,
+        )
+        .await?;
+        truncate(&pool).await?;
+        let before = held.completed_before.unwrap_or_default();
+        let during = held.completed_during.unwrap_or_default();
+        figures.push(fig(
+            "bloat",
+            "outboxd: before the snapshot is held".into(),
+            before,
+            "events/s",
+            None,
+        ));
+        figures.push(fig(
+            "bloat",
+            "outboxd: while a REPEATABLE READ snapshot is held".into(),
+            during,
+            "events/s",
+            Some((before, "before")),
+        ));
+        figures.push(fig(
+            "bloat",
+            "outbox dead tuples at the end".into(),
+            held.dead_tuples as f64,
+            "tuples",
+            None,
+        ));
+        figures.push(fig(
+            "bloat",
+            "deepest queue".into(),
+            held.max_depth as f64,
+            "rows",
+            None,
+        ));
+        series.push(Series {
+            chart: "bloat-depth",
+            label: "outboxd, snapshot held from the middle".into(),
+            points: held.depth,
+        });
+    }
+
+    // (f) claim latency and drain rate with a small and a large backlog; the
+    // large one is drained to the end while the resident set is sampled.
+    if wants("backlog") {
+        let small = load::backlog(
+            &pool,
+            &settings,
+            app,
+            args.backlogs[0],
+            args.backlog_measured,
+        )
+        .await?;
+        truncate(&pool).await?;
+        let large = load::backlog(
+            &pool,
+            &settings,
+            app,
+            args.backlogs[1],
+            args.backlog_measured,
+        )
+        .await?;
+        truncate(&pool).await?;
+        let (s, l) = (args.backlogs[0], args.backlogs[1]);
+        figures.push(fig(
+            "backlog",
+            format!("claim of 100, {s} waiting, p50"),
+            small.claim_p50_ms,
+            "ms claim",
+            None,
+        ));
+        figures.push(fig(
+            "backlog",
+            format!("claim of 100, {l} waiting, p50"),
+            large.claim_p50_ms,
+            "ms claim",
+            Some((small.claim_p50_ms, "small backlog")),
+        ));
+        figures.push(fig(
+            "backlog",
+            format!("drain, {s} waiting"),
+            small.drain_rate,
+            "events/s",
+            None,
+        ));
+        figures.push(fig(
+            "backlog",
+            format!("drain, {l} waiting"),
+            large.drain_rate,
+            "events/s",
+            Some((small.drain_rate, "small backlog")),
+        ));
+        figures.push(fig(
+            "backlog",
+            format!("peak RSS draining {l} rows"),
+            large.peak_rss_mib,
+            "MiB",
+            None,
+        ));
+    }
+
+    // (g) relay to JetStream (PubAck before delete) and the consumer runtime.
+    if wants("relay") {
+        if settings.nats.url.is_empty() {
+            println!("relay and consume: skipped (set NATS_URL)");
+        } else {
+            let (relay, consume) =
+                relay_and_consume(&pool, &settings, app, args.relay_rows).await?;
+            figures.push(fig(
+                "relay",
+                "outboxd relay: outbox → JetStream, PubAck".into(),
+                relay,
+                "events/s",
+                Some(drain.map_or(ceiling, |d| (d, "in-process dispatch"))),
+            ));
+            figures.push(fig(
+                "relay",
+                "consumer runtime: JetStream → handler, ack".into(),
+                consume,
+                "msgs/s",
+                Some((relay, "relay")),
+            ));
+            truncate(&pool).await?;
+        }
+    }
+
+    // (h) several dispatcher processes on one database.
+    if wants("scale-out") {
+        let mut one = None;
+        for &n in &args.processes {
+            let rate = load::scale_out(&pool, args.scale_rows, n).await?;
+            truncate(&pool).await?;
+            let base = *one.get_or_insert(rate);
+            figures.push(fig(
+                "scale-out",
+                format!("{n} dispatcher process(es)"),
+                rate,
+                "events/s",
+                Some((base, "1 process")),
+            ));
+        }
+    }
+
+    println!();
+    println!("{:<58} {:>12}  {:<9} RATIO", "SCENARIO", "VALUE", "UNIT");
+    for f in &figures {
+        let ratio = f
+            .ratio()
+            .zip(f.ratio_to.as_ref())
+            .map(|(r, (_, label))| format!("{r:.2} of {label}"))
+            .unwrap_or_default();
+        println!("{:<58} {:>12.1}  {:<9} {ratio}", f.name, f.value, f.unit);
+    }
+    if args.explain {
+        println!("\n{plans}");
+    }
+    if let Some(dir) = &args.out {
+        report::write(dir, &figures, &series)?;
+        if args.explain {
+            std::fs::write(dir.join("plans.txt"), &plans)?;
+        }
+        println!("results, series and charts written to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the claim, the combined complete-and-claim
+/// and the raw baseline's statement, on the backlog of `app` (rolled back).
+async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
+    use outbox_core::store::outbox::{CLAIM_SQL, COMPLETE_AND_CLAIM_SQL};
+    let mut out = String::new();
+    let mut tx = pool.begin().await?;
+    let claimed =
+        outbox_core::store::outbox::claim(&mut *tx, "explain", 100, Duration::from_secs(30))
+            .await?;
+    let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
+    let tokens: Vec<i64> = claimed.iter().map(|c| c.lease_token).collect();
+    for (title, sql, done) in [
+        ("claim (batch 100)", CLAIM_SQL, false),
+        ("complete 100 and claim 100", COMPLETE_AND_CLAIM_SQL, true),
+    ] {
+        let text = format!("EXPLAIN (ANALYZE, BUFFERS) {sql}");
+        let mut q = sqlx::query_scalar::<_, String>(&text)
+            .bind(100i64)
+            .bind("explain")
+            .bind(30.0f64);
+        if done {
+            q = q.bind(&ids).bind(&tokens);
+        }
+        let lines = q.fetch_all(&mut *tx).await?;
+        out.push_str(&format!("## {title}\n\n{}\n\n", lines.join("\n")));
+    }
+    let lines: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN (ANALYZE, BUFFERS) DELETE FROM outbox WHERE id IN (
+             SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
+             ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(app)
+    .fetch_all(&mut *tx)
+    .await?;
+    out.push_str(&format!(
+        "## raw baseline: DELETE … LIMIT 100 SKIP LOCKED\n\n{}\n",
+        lines.join("\n")
+    ));
+    tx.rollback().await?;
+    Ok(out)
+}
+
+/// `outboxd bench-worker`: a dispatcher whose handlers do nothing, for the
+/// scale-out scenario; runs until SIGTERM.
+pub async fn worker(settings: Settings) -> anyhow::Result<()> {
+    let pool = crate::connect(&settings).await?;
+    let mut registry = Registry::new();
+    registry.fallback(|_e: Event| async { Ok::<(), HandlerError>(()) });
+    let dispatcher = Dispatcher::new(pool, registry, settings.dispatcher_config())?;
+    println!("bench-worker ready");
+    dispatcher.run(crate::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn truncate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("TRUNCATE outbox").execute(pool).await?;
+    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
+    Ok(())
+}
+
+/// Fills the backlog with due rows, in chunks, and settles statistics.
+async fn prefill(pool: &PgPool, app: Uuid, rows: u32, topic: &str) -> anyhow::Result<()> {
+    let mut left = rows;
+    while left > 0 {
+        let n = left.min(20_000);
+        sqlx::query(
+            "INSERT INTO outbox (id, app_id, topic, payload, run_at)
+             SELECT outbox_uuid_v7(), $1, $3, jsonb_build_object('n', g), now() - interval '1 second'
+             FROM generate_series(1, $2) g",
+        )
+        .bind(app)
+        .bind(n as i32)
+        .bind(topic)
+        .execute(pool)
+        .await
+        .context("prefilling the backlog")?;
+        left -= n;
+    }
+    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
+    Ok(())
+}
+
+async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut total = 0u64;
+            loop {
+                let n = sqlx::query(
+                    "DELETE FROM outbox WHERE id IN (
+                         SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
+                         ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)",
+                )
+                .bind(app)
+                .execute(&pool)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Ok::<u64, sqlx::Error>(total);
+                }
+                total += n;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    ensure!(
+        total == rows as u64,
+        "raw drain deleted {total} of {rows} rows"
+    );
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn raw_insert(
+    pool: &PgPool,
+    app: Uuid,
+    rows: u32,
+    producers: u32,
+    per_txn: usize,
+) -> anyhow::Result<f64> {
+    let per_producer = rows / producers;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while done < per_producer {
+                let n = (per_producer - done).min(per_txn as u32) as usize;
+                let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+                let payloads: Vec<serde_json::Value> =
+                    (0..n).map(|i| json!({"n": done as usize + i})).collect();
+                let mut tx = pool.begin().await?;
+                if n == 1 {
+                    sqlx::query("INSERT INTO outbox (id, app_id, topic, payload) VALUES ($1, $2, 'bench.noop', $3)")
+                        .bind(ids[0])
+                        .bind(app)
+                        .bind(&payloads[0])
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(
+                        "INSERT INTO outbox (id, app_id, topic, payload)
+                         SELECT u.id, $1, 'bench.noop', u.payload FROM unnest($2::uuid[], $3::jsonb[]) AS u(id, payload)",
+                    )
+                    .bind(app)
+                    .bind(&ids)
+                    .bind(&payloads)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                done += n as u32;
+            }
+            Ok::<u32, sqlx::Error>(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn outboxd_enqueue(
+    pool: &PgPool,
+    app: Uuid,
+    rows: u32,
+    producers: u32,
+    per_txn: usize,
+) -> anyhow::Result<f64> {
+    let per_producer = rows / producers;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while done < per_producer {
+                let n = (per_producer - done).min(per_txn as u32) as usize;
+                let events: Vec<NewEvent> = (0..n)
+                    .map(|i| NewEvent::new("bench.noop", json!({"n": done as usize + i})))
+                    .collect();
+                let mut tx = pool.begin().await?;
+                if n == 1 {
+                    enqueue(&mut tx, app, &events[0]).await?;
+                } else {
+                    enqueue_batch(&mut tx, app, &events).await?;
+                }
+                tx.commit().await?;
+                done += n as u32;
+            }
+            Ok::<u32, outbox_core::Error>(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn outboxd_drain(
+    pool: &PgPool,
+    settings: &Settings,
+    rows: u32,
+    in_transaction: bool,
+) -> anyhow::Result<f64> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let all_handled = Arc::new(Notify::new());
+    let mut registry = Registry::new();
+    {
+        let (handled, all_handled) = (handled.clone(), all_handled.clone());
+        registry.register("bench.noop", move |_e: Event| {
+            if handled.fetch_add(1, Ordering::Relaxed) + 1 == u64::from(rows) {
+                all_handled.notify_one();
+            }
+            async { Ok::<(), HandlerError>(()) }
+        });
+    }
+    let config = outbox_dispatch::Config {
+        in_transaction,
+        ..settings.dispatcher_config()
+    };
+    let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    // Counting rows while the dispatcher works would compete with it for the
+    // two cores; count handler calls instead, then wait for the last deletes.
+    tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
+        .await
+        .context("the backlog was not handled within 10 minutes")?;
+    while outbox_core::store::outbox::count(pool).await? > 0 {
+        ensure!(
+            !run.is_finished(),
+            "the dispatcher stopped before the backlog was drained"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let report = run.await??;
+    ensure!(
+        report.totals.completed == rows as usize,
+        "dispatcher completed {} of {rows} rows",
+        report.totals.completed
+    );
+    Ok(rows as f64 / elapsed.as_secs_f64())
+}
+
+/// Relays a backlog to a fresh bench stream, then consumes it back; returns
+/// both rates.
+async fn relay_and_consume(
+    pool: &PgPool,
+    settings: &Settings,
+    app: Uuid,
+    rows: u32,
+) -> anyhow::Result<(f64, f64)> {
+    use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
+    let client = outbox_nats::connect(&settings.nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let contract = outbox_nats::StreamContract {
+        name: "OUTBOXD_BENCH".into(),
+        subjects: vec!["bench.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        replicas: 1,
+        max_age: Duration::from_secs(3600),
+        max_bytes: -1,
+        max_messages: -1,
+        duplicate_window: Duration::from_secs(120),
+    };
+    let _ = js.delete_stream(&contract.name).await;
+    let mut stream = outbox_nats::ensure_stream(&js, &contract).await?;
+    prefill(pool, app, rows, "bench.relay").await?;
+
+    let mut registry = Registry::new();
+    registry.fallback(outbox_nats::Relay::new(
+        js.clone(),
+        pool.clone(),
+        outbox_nats::RelayConfig {
+            subject_template: "bench.{app}.{topic}".into(),
+            ack_timeout: Duration::from_secs(30),
+        },
+    ));
+    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stream.info().await?.state.messages < u64::from(rows) {
+        ensure!(
+            Instant::now() < deadline,
+            "relay did not finish within 10 minutes"
+        );
+        ensure!(!run.is_finished(), "the dispatcher stopped while relaying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while outbox_core::store::outbox::count(pool).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let relay = f64::from(rows) / started.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await??;
+
+    let config = outbox_nats::ConsumerConfig {
+        stream: contract.name.clone(),
+        durable: outbox_nats::durable_name("bench", "consume"),
+        concurrency: 512,
+        batch: 256,
+        ..outbox_nats::ConsumerConfig::default()
+    };
+    let runtime = outbox_nats::ConsumerRuntime::new(js.clone(), pool.clone(), config)
+        .route("bench.>", |_d: outbox_nats::Delivery| async {
+            Ok::<(), outbox_nats::ConsumeError>(())
+        });
+    let counters = runtime.counters.clone();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let consume = tokio::spawn({
+        let stop = stop.clone();
+        async move { runtime.run(stop.cancelled_owned()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while outbox_nats::consumer::ConsumeCounters::get(&counters.consumed) < u64::from(rows) {
+        ensure!(
+            Instant::now() < deadline,
+            "consume did not finish within 10 minutes"
+        );
+        ensure!(!consume.is_finished(), "the consumer stopped early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let consumed = f64::from(rows) / started.elapsed().as_secs_f64();
+    stop.cancel();
+    consume.await??;
+    let _ = js.delete_stream(&contract.name).await;
+    Ok((relay, consumed))
+}
