@@ -121,7 +121,8 @@ start_postgres() {
     else
       PG_PORT="$(free_port)"
     fi
-    local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400"
+    # autovacuum_naptime 1s: the outbox is a queue (see docs/performance.md).
+    local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400 -c autovacuum_naptime=1s"
     if [ "$mode" = fast ]; then
       opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     fi

@@ -147,6 +147,9 @@ const LOCK_ONE: &str = concat!(
      FOR UPDATE SKIP LOCKED"
 );
 
+/// The transactional take (`$1` limit), for `EXPLAIN` in the benchmark.
+pub const TAKE_SQL: &str = TAKE;
+
 /// Deletes up to `limit` claimable rows in the caller's transaction and
 /// returns them (transactional handling: the handlers' writes and the
 /// deletion commit together, or neither does). Same choice of rows as

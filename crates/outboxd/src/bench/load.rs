@@ -258,13 +258,15 @@ pub struct Latency {
 }
 
 /// Commit → handler start for `samples` single-event transactions, while
-/// producers offer `load_rate` other events per second (0: idle).
+/// producers offer `load_rate` other events per second (0: idle), in lease
+/// or transactional mode.
 pub async fn latency(
     pool: &PgPool,
     settings: &Settings,
     app: Uuid,
     samples: u32,
     load_rate: u32,
+    in_transaction: bool,
 ) -> anyhow::Result<Latency> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Uuid, Instant)>();
     let tx = Arc::new(tx);
@@ -276,7 +278,11 @@ pub async fn latency(
             Ok::<(), HandlerError>(())
         }
     });
-    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
+    let config = outbox_dispatch::Config {
+        in_transaction,
+        ..settings.dispatcher_config()
+    };
+    let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
     let stop = CancellationToken::new();
     let run = tokio::spawn({
         let stop = stop.clone();

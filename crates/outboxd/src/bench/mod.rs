@@ -260,12 +260,23 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // (c) latency from enqueue commit to handler start, idle and under half
     // of the drain capacity.
     if wants("latency") {
-        let idle = load::latency(&pool, &settings, app, args.latency_samples, 0).await?;
+        let idle = load::latency(&pool, &settings, app, args.latency_samples, 0, false).await?;
         let load_rate = (drain.unwrap_or(raw_drain * 0.4) * 0.5) as u32;
-        let loaded = load::latency(&pool, &settings, app, args.latency_samples, load_rate).await?;
+        let loaded = load::latency(
+            &pool,
+            &settings,
+            app,
+            args.latency_samples,
+            load_rate,
+            false,
+        )
+        .await?;
+        let loaded_tx =
+            load::latency(&pool, &settings, app, args.latency_samples, load_rate, true).await?;
         for (label, l) in [
             ("idle".to_owned(), idle),
             (format!("{load_rate}/s load"), loaded),
+            (format!("{load_rate}/s load, transactional mode"), loaded_tx),
         ] {
             for (q, v) in [("p50", l.p50), ("p95", l.p95), ("p99", l.p99)] {
                 figures.push(fig(
@@ -552,6 +563,17 @@ async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
         let lines = q.fetch_all(&mut *tx).await?;
         out.push_str(&format!("## {title}\n\n{}\n\n", lines.join("\n")));
     }
+    let lines: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        outbox_core::store::outbox::TAKE_SQL
+    ))
+    .bind(100i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    out.push_str(&format!(
+        "## transactional take (batch 100)\n\n{}\n\n",
+        lines.join("\n")
+    ));
     let lines: Vec<String> = sqlx::query_scalar(
         "EXPLAIN (ANALYZE, BUFFERS) DELETE FROM outbox WHERE id IN (
              SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
