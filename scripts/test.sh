@@ -16,6 +16,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 TEST_DIR="$STATE_DIR/test-$$"
 cleanup() { stop_nats "$TEST_DIR/nats"; stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }

@@ -22,6 +22,7 @@ use crate::error::ApiError;
 /// The `/api` routes.
 pub fn routes() -> Router<AdminState> {
     Router::new()
+        .route("/api/openapi.json", get(openapi))
         .route("/api/login", post(login))
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/dead-letters", get(list))
@@ -56,6 +57,14 @@ pub fn client_addr(parts_extensions: &axum::http::Extensions) -> Option<std::net
     parts_extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
+}
+
+/// The OpenAPI description of the HTTP API (checked against the routes in
+/// the tests).
+pub const OPENAPI: &str = include_str!("../api/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 #[derive(Deserialize)]

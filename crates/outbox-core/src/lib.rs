@@ -2,7 +2,7 @@
 //! stores that own every SQL statement the other crates run.
 //!
 //! The outbox property comes from one rule: **enqueue writes through the
-//! caller's connection**. Call [`enqueue`] (or [`enqueue_batch`]) with the
+//! caller's connection**. Call [`enqueue()`] (or [`enqueue_batch`]) with the
 //! same transaction that writes your data; the event becomes visible to
 //! dispatchers only when that transaction commits, and a rollback leaves no row.
 //!

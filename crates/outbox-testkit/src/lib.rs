@@ -1,9 +1,31 @@
-//! Test support for outboxd and its users.
+//! Test support for outboxd and its users (a dev-dependency).
 //!
-//! [`TestDb::new`] gives each test its own freshly migrated database on the
-//! server named by `DATABASE_URL`, so tests run in parallel without sharing
-//! rows. The databases are left behind for post-mortems; the test scripts run
-//! a throw-away PostgreSQL cluster.
+//! - [`TestDb::new`] gives each test its own freshly migrated database on the
+//!   server named by `DATABASE_URL`, so tests run in parallel without sharing
+//!   rows. The databases are left behind for post-mortems.
+//! - [`TestDb::enqueued`] and [`TestDb::dead_lettered`] show what a use case
+//!   left in the outbox and in `dead_letters`, for assertions.
+//! - [`TestDb::advance`] moves the database's clock forward for outboxd's
+//!   rows (backoff, leases, delays, cron ticks, retention) without waiting.
+//! - [`run_until_idle`] runs a dispatcher with your handlers until nothing is
+//!   due.
+//! - [`wait_until`] waits on a condition instead of sleeping.
+//!
+//! ```no_run
+//! # async fn t() -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_testkit::{TestDb, run_until_idle};
+//! let db = TestDb::new().await?;
+//! let app = db.app("shop").await?;
+//! let mut tx = db.pool.begin().await?;
+//! outbox_core::enqueue(&mut tx, app, &outbox_core::NewEvent::new("order.placed", serde_json::json!({"id": 7}))).await?;
+//! tx.commit().await?;
+//! assert_eq!(db.enqueued("order.placed").await?, vec![serde_json::json!({"id": 7})]);
+//! let mut handlers = outbox_dispatch::Registry::new();
+//! handlers.register("order.placed", |_e: outbox_dispatch::Event| async { Ok(()) });
+//! let report = run_until_idle(&db.pool, handlers).await?;
+//! assert_eq!(report.completed, 1);
+//! # Ok(()) }
+//! ```
 
 use std::str::FromStr;
 
@@ -77,6 +99,84 @@ impl TestDb {
             .map(|a| a.id)
             .map_err(|e| TestDbError(e.to_string()))
     }
+}
+
+impl TestDb {
+    /// The payloads of `topic` waiting in the outbox, oldest first.
+    pub async fn enqueued(&self, topic: &str) -> Result<Vec<serde_json::Value>, TestDbError> {
+        sqlx::query_scalar("SELECT payload FROM outbox WHERE topic = $1 ORDER BY created_at, id")
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| TestDbError(format!("reading the outbox: {e}")))
+    }
+
+    /// The payloads of `topic` in `dead_letters`, oldest first, with the
+    /// last error of each.
+    pub async fn dead_lettered(
+        &self,
+        topic: &str,
+    ) -> Result<Vec<(serde_json::Value, Option<String>)>, TestDbError> {
+        sqlx::query_as(
+            "SELECT payload, last_error FROM dead_letters WHERE topic = $1 ORDER BY created_at, id",
+        )
+        .bind(topic)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| TestDbError(format!("reading dead letters: {e}")))
+    }
+
+    /// Moves the clock forward by `by` for everything outboxd times with the
+    /// database clock: due times, leases, attempts, dead-letter ages, cron
+    /// ticks, replay quarantines and de-duplication records. (Every stored
+    /// timestamp moves back by `by`, which is what the clock moving forward
+    /// looks like to statements that compare with `now()`.)
+    pub async fn advance(&self, by: std::time::Duration) -> Result<(), TestDbError> {
+        let shift = format!("{} milliseconds", by.as_millis());
+        let statements = [
+            "UPDATE outbox SET run_at = run_at - $1::interval, locked_until = locked_until - $1::interval,
+                    created_at = created_at - $1::interval, first_attempt_at = first_attempt_at - $1::interval,
+                    last_attempt_at = last_attempt_at - $1::interval",
+            "UPDATE dead_letters SET created_at = created_at - $1::interval,
+                    replay_due_at = replay_due_at - $1::interval",
+            "UPDATE cron_trigger_details SET next_fire_at = next_fire_at - $1::interval,
+                    last_fire_at = last_fire_at - $1::interval",
+            "UPDATE abandoned_executions SET created_at = created_at - $1::interval",
+            "UPDATE processed_messages SET claimed_until = claimed_until - $1::interval,
+                    expires_at = expires_at - $1::interval",
+        ];
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| TestDbError(e.to_string()))?;
+        for sql in statements {
+            sqlx::query(sql)
+                .bind(&shift)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| TestDbError(format!("advancing the clock: {e}")))?;
+        }
+        tx.commit().await.map_err(|e| TestDbError(e.to_string()))
+    }
+}
+
+/// Runs a dispatcher with `handlers` (test-friendly settings: short backoff)
+/// until a claim finds nothing due; returns what it did. Rows waiting for a
+/// backoff are not due: [`TestDb::advance`] the clock and call it again.
+pub async fn run_until_idle(
+    pool: &PgPool,
+    handlers: outbox_dispatch::Registry,
+) -> Result<outbox_dispatch::BatchReport, TestDbError> {
+    let config = outbox_dispatch::Config {
+        handler_timeout: std::time::Duration::from_secs(10),
+        ..outbox_dispatch::Config::default()
+    };
+    outbox_dispatch::Dispatcher::new(pool.clone(), handlers, config)
+        .map_err(|e| TestDbError(e.to_string()))?
+        .run_until_idle()
+        .await
+        .map_err(|e| TestDbError(format!("dispatching: {e}")))
 }
 
 /// Polls `check` every 10 ms until it returns `true` or `timeout` passes;

@@ -752,6 +752,42 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_lists_every_setting() {
+        use figment::value::Value;
+        fn flatten(prefix: &str, value: &Value, out: &mut std::collections::BTreeSet<String>) {
+            match value {
+                Value::Dict(_, dict) => {
+                    for (k, v) in dict {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                _ => {
+                    out.insert(prefix.to_owned());
+                }
+            }
+        }
+        let defaults: Value = Figment::from(Toml::string(EMBEDDED_DEFAULT))
+            .extract()
+            .expect("the embedded defaults parse");
+        let mut keys = std::collections::BTreeSet::new();
+        flatten("", &defaults, &mut keys);
+        let reference = include_str!("../../../docs/configuration.md");
+        let documented: std::collections::BTreeSet<String> = reference
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_owned))
+            .collect();
+        assert_eq!(
+            keys, documented,
+            "config/default.toml (left) and docs/configuration.md (right) differ: run python3 scripts/config-reference.py"
+        );
+    }
+
+    #[test]
     fn handler_timeout_must_be_below_lease_without_heartbeat() {
         let err = load(&[
             ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),

@@ -1,8 +1,9 @@
 //! `outboxd`: the transactional-outbox dispatcher as a daemon and CLI.
 //!
 //! Layout: [`config`] (layered settings), [`http`] (health, readiness,
-//! metrics), [`demo`] (the demo workload), [`bench`] (the benchmark command);
-//! this file parses the command line and wires the pieces together.
+//! metrics), [`demo`] (the demo workload), [`mod@bench`] (the benchmark
+//! command), [`chaos`] (the fault-injection handlers); this file parses the
+//! command line and wires the pieces together.
 
 mod bench;
 mod chaos;
@@ -41,7 +42,7 @@ struct Cli {
         global = true
     )]
     config_dir: PathBuf,
-    /// Environment overlay to apply (config/<ENV>.toml).
+    /// Environment overlay to apply (`config/<ENV>.toml`).
     #[arg(long, env = "OUTBOXD_ENV", global = true)]
     env: Option<String>,
     #[command(subcommand)]

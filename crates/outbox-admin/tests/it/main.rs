@@ -11,6 +11,7 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 mod hostile;
+mod openapi;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
