@@ -11,6 +11,17 @@
 //! - [`ApiError`]: stable error codes and statuses.
 //!
 //! All SQL goes through `outbox_core::store`.
+//!
+//! Mount it in your own axum server:
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let auth = outbox_admin::AuthConfig::new(std::env::var("JWT_SECRET")?.into_bytes())?;
+//! let admin = outbox_admin::router(outbox_admin::AdminState::new(pool, auth)?);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, admin).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod api;
 pub mod auth;

@@ -1,5 +1,25 @@
 //! outboxd's NATS JetStream adapter: the only crate that speaks NATS.
 //!
+//! Relay every topic without an in-process handler, and consume it back in
+//! another service:
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool, contract: outbox_nats::StreamContract) -> Result<(), Box<dyn std::error::Error>> {
+//! let js = async_nats::jetstream::new(outbox_nats::connect("nats://127.0.0.1:4222").await?);
+//! outbox_nats::ensure_stream(&js, &contract).await?;
+//! let mut registry = outbox_dispatch::Registry::new();
+//! registry.fallback(outbox_nats::Relay::new(js.clone(), pool.clone(), Default::default()));
+//!
+//! let consumer = outbox_nats::ConsumerRuntime::new(js, pool, outbox_nats::ConsumerConfig::default())
+//!     .route("tenant.*.order.created", |d: outbox_nats::Delivery| async move {
+//!         println!("order from {}: {}", d.tenant, d.payload);
+//!         Ok::<(), outbox_nats::ConsumeError>(())
+//!     });
+//! consumer.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
 //! - [`contract`]: the stream contract — created when missing, validated when
 //!   present; a mismatch is a start-up error that names every differing field.
 //! - [`consumer`]: the consumer runtime for services that consume what

@@ -1,5 +1,7 @@
 //! Test support for outboxd and its users (a dev-dependency).
 //!
+//! # Layout
+//! One module:
 //! - [`TestDb::new`] gives each test its own freshly migrated database on the
 //!   server named by `DATABASE_URL`, so tests run in parallel without sharing
 //!   rows. The databases are left behind for post-mortems.
