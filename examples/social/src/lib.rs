@@ -143,11 +143,13 @@ pub mod repo {
             author: Uuid,
             body: &str,
         ) -> Result<Uuid, sqlx::Error> {
-            sqlx::query_scalar("INSERT INTO social.notes (author_id, body) VALUES ($1, $2) RETURNING id")
-                .bind(author)
-                .bind(body)
-                .fetch_one(conn)
-                .await
+            sqlx::query_scalar(
+                "INSERT INTO social.notes (author_id, body) VALUES ($1, $2) RETURNING id",
+            )
+            .bind(author)
+            .bind(body)
+            .fetch_one(conn)
+            .await
         }
 
         /// The author of a note that is not deleted.
@@ -155,10 +157,12 @@ pub mod repo {
             conn: &mut PgConnection,
             note: Uuid,
         ) -> Result<Option<Uuid>, sqlx::Error> {
-            sqlx::query_scalar("SELECT author_id FROM social.notes WHERE id = $1 AND deleted_at IS NULL")
-                .bind(note)
-                .fetch_optional(conn)
-                .await
+            sqlx::query_scalar(
+                "SELECT author_id FROM social.notes WHERE id = $1 AND deleted_at IS NULL",
+            )
+            .bind(note)
+            .fetch_optional(conn)
+            .await
         }
 
         /// Soft-deletes the author's note; whether it did.
