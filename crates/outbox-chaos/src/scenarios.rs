@@ -57,6 +57,7 @@ impl Outcome {
 /// The scenarios, in the order they run.
 pub const ALL: &[&str] = &[
     "kill9",
+    "kill9-transactional",
     "pg-crash",
     "nats-kill",
     "nats-stop",
@@ -73,7 +74,8 @@ pub const ALL: &[&str] = &[
 /// Runs one scenario by name.
 pub async fn run(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
     match name {
-        "kill9" => kill9(ctx).await,
+        "kill9" => kill9(ctx, false).await,
+        "kill9-transactional" => kill9(ctx, true).await,
         "pg-crash" => pg_crash(ctx).await,
         "nats-kill" => nats_kill(ctx).await,
         "nats-stop" => nats_stop(ctx).await,
@@ -235,11 +237,23 @@ fn mixed_work(total: i64, max_attempts: i32) -> Vec<Planned> {
         .collect()
 }
 
-/// kill -9 of a dispatcher at random moments under load, 5 times, with restarts.
-async fn kill9(ctx: &Ctx) -> anyhow::Result<Outcome> {
-    let mut stage = Stage::new(ctx, "kill9").await?;
-    stage.launch(stage.spec("a", &[])).await?;
-    stage.launch(stage.spec("b", &[])).await?;
+/// kill -9 of a dispatcher at random moments under load, 5 times, with
+/// restarts; in lease mode or in transactional mode (where a killed batch's
+/// transaction rolls back and its rows run again).
+async fn kill9(ctx: &Ctx, transactional: bool) -> anyhow::Result<Outcome> {
+    let name = if transactional {
+        "kill9-transactional"
+    } else {
+        "kill9"
+    };
+    let mut stage = Stage::new(ctx, name).await?;
+    let env: &[(&str, &str)] = if transactional {
+        &[("OUTBOXD_DISPATCHER__IN_TRANSACTION", "true")]
+    } else {
+        &[]
+    };
+    stage.launch(stage.spec("a", env)).await?;
+    stage.launch(stage.spec("b", env)).await?;
     let producer = stage.producer(mixed_work(3000, 10), 400);
     for _ in 0..5 {
         tokio::time::sleep(jitter(300, 1400)).await;
@@ -251,7 +265,14 @@ async fn kill9(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let (outcome, _) = stage
         .finish(
             produced,
-            "5 × kill -9 of one of 2 dispatchers, restarted".into(),
+            format!(
+                "5 × kill -9 of one of 2 dispatchers, restarted{}",
+                if transactional {
+                    "; transactional mode"
+                } else {
+                    ""
+                }
+            ),
             false,
         )
         .await?;

@@ -6,8 +6,10 @@
 //! named by `CHAOS_HISTORY` before doing anything else, so a process that
 //! dies mid-handler still leaves its invocation behind (a `write` reaches the
 //! page cache; `kill -9` does not undo it). The effect is a row in
-//! `chaos_effects`, keyed by `n`, written in the handler's own transaction:
-//! the unique key is what turns at-least-once invocations into one effect.
+//! `chaos_effects`, keyed by `n`, written in the handler's own transaction
+//! (the unique key turns at-least-once invocations into one effect), or in
+//! transactional mode through the claim transaction (atomic with the row's
+//! deletion).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -104,7 +106,21 @@ async fn write_effect(
     event: &Event,
     worker: &str,
 ) -> Result<(), HandlerError> {
+    // In transactional mode the effect commits with the row's deletion.
+    if let Some(claim) = event.claim_tx() {
+        return insert_effect(&mut *claim.lock().await?, n, event, worker).await;
+    }
     let mut tx = pool.begin().await.map_err(HandlerError::retry)?;
+    insert_effect(&mut tx, n, event, worker).await?;
+    tx.commit().await.map_err(HandlerError::retry)
+}
+
+async fn insert_effect(
+    conn: &mut sqlx::PgConnection,
+    n: i64,
+    event: &Event,
+    worker: &str,
+) -> Result<(), HandlerError> {
     sqlx::query(
         "INSERT INTO chaos_effects (n, event_id, attempt, worker, worker_clock)
          VALUES ($1, $2, $3, $4, $5)
@@ -115,8 +131,8 @@ async fn write_effect(
     .bind(event.attempt)
     .bind(worker)
     .bind(chrono::Utc::now())
-    .execute(&mut *tx)
+    .execute(conn)
     .await
     .map_err(HandlerError::retry)?;
-    tx.commit().await.map_err(HandlerError::retry)
+    Ok(())
 }
