@@ -262,7 +262,7 @@ async fn kill9(ctx: &Ctx, transactional: bool) -> anyhow::Result<Outcome> {
     }
     let produced = producer.await?;
     stage.quiesce(Duration::from_secs(60), false).await?;
-    let (outcome, _) = stage
+    let (mut outcome, observed) = stage
         .finish(
             produced,
             format!(
@@ -276,6 +276,21 @@ async fn kill9(ctx: &Ctx, transactional: bool) -> anyhow::Result<Outcome> {
             false,
         )
         .await?;
+    if transactional {
+        // A crash rolls a batch back without counting an attempt, and a
+        // failure runs the rows before it once more: the bound is twice the
+        // attempts plus the kills.
+        const BOUND: u32 = 2 * 10 + 5;
+        outcome.verdict.over_attempts = observed
+            .invocations
+            .values()
+            .filter(|&&n| n > BOUND)
+            .count();
+        let most = observed.invocations.values().max().copied().unwrap_or(0);
+        outcome.notes.push(format!(
+            "at most {most} invocations of one event (bound in transactional mode: 2 × max_attempts + kills = {BOUND})"
+        ));
+    }
     Ok(outcome)
 }
 

@@ -582,7 +582,17 @@ impl Inner {
         }
     }
 
-    /// One transactional batch.
+    /// One transactional batch: delete the rows, run their handlers in the
+    /// same transaction, commit — one write per row.
+    ///
+    /// When a handler fails, the batch rolls back (nothing of it happened)
+    /// and its rows are locked again at once in a new transaction, where each
+    /// handler runs inside a savepoint: a failure then undoes only its own
+    /// writes and records its attempt in that transaction, and the rows that
+    /// succeed are deleted when it commits. The failed row's outcome is kept
+    /// from the first run; the rows before it run a second time (their first
+    /// writes were rolled back). A row another claim takes in the moment
+    /// between the two transactions is simply run there.
     async fn tx_batch(&self) -> Result<BatchReport, Error> {
         let mut tx = self.pool.begin().await?;
         let rows = store::take(&mut tx, self.config.batch_size).await?;
@@ -592,73 +602,109 @@ impl Inner {
             return Ok(BatchReport::default());
         }
         metrics::counter!("outboxd_claimed_total").increment(taken as u64);
-        let shared = ClaimTx::new(tx);
-        let mut all_done = true;
-        for row in &rows {
-            let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
-            if !matches!(outcome, Outcome::Done) {
-                all_done = false;
-                break;
-            }
-        }
-        let Some(tx) = shared.finish().await else {
-            return Err(Error::Internal("the claim transaction vanished"));
+        let (tx, first_failure) = self.run_batch(tx, &rows).await?;
+        let Some((failed_at, failed_outcome)) = first_failure else {
+            tx.commit().await?;
+            self.record_completed(taken, taken);
+            return Ok(BatchReport {
+                claimed: taken,
+                completed: taken,
+                ..BatchReport::default()
+            });
         };
-        if all_done {
-            match tx.commit().await {
-                Ok(()) => {
-                    self.record_completed(taken, taken);
-                    return Ok(BatchReport {
-                        claimed: taken,
-                        completed: taken,
-                        ..BatchReport::default()
-                    });
+        tx.rollback().await?;
+        let failed_id = rows[failed_at].id;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let mut tx = self.pool.begin().await?;
+        let locked = store::lock_ids(&mut tx, &ids).await?;
+        let mut report = BatchReport {
+            claimed: taken,
+            ..BatchReport::default()
+        };
+        let mut done = Vec::new();
+        let mut failed_outcome = Some(failed_outcome);
+        for row in &locked {
+            let outcome = if row.id == failed_id {
+                failed_outcome.take().unwrap_or(Outcome::Done)
+            } else {
+                sqlx::query("SAVEPOINT row").execute(&mut *tx).await?;
+                let shared = ClaimTx::new(tx);
+                let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
+                tx = shared
+                    .finish()
+                    .await
+                    .ok_or(Error::Internal("the claim transaction vanished"))?;
+                if !matches!(outcome, Outcome::Done) {
+                    sqlx::query("ROLLBACK TO SAVEPOINT row")
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                Err(err) => {
-                    warn!(error = %err, "committing a transactional batch failed; running its rows one by one")
-                }
+                sqlx::query("RELEASE SAVEPOINT row")
+                    .execute(&mut *tx)
+                    .await?;
+                outcome
+            };
+            if matches!(outcome, Outcome::Done) {
+                done.push(row.id);
+                report.completed += 1;
+            } else {
+                let (retried, dead_lettered) =
+                    self.record_tx_failure(&mut tx, row.id, outcome).await?;
+                report.retried += retried;
+                report.dead_lettered += dead_lettered;
             }
-        } else {
-            let _ = tx.rollback().await;
         }
-        // Something failed (or the commit did): nothing of the batch happened.
-        // Run each row on its own so one failure cannot hold back the rest.
-        let mut report = BatchReport::default();
-        for row in rows {
-            report.add(self.tx_single(row.id).await?);
-        }
-        report.claimed = taken;
+        store::delete_locked(&mut tx, &done).await?;
+        tx.commit().await?;
+        self.record_completed(report.completed, report.completed);
+        metrics::counter!("outboxd_retried_total").increment(report.retried as u64);
+        metrics::counter!("outboxd_dead_lettered_total").increment(report.dead_lettered as u64);
+        self.add_totals(BatchReport {
+            retried: report.retried,
+            dead_lettered: report.dead_lettered,
+            ..BatchReport::default()
+        });
         Ok(report)
     }
 
-    /// Runs one row in a transaction of its own. The row stays locked
-    /// throughout; a failure rolls back the handler's writes (to a savepoint)
-    /// and records the attempt in the same transaction.
-    async fn tx_single(&self, id: Uuid) -> Result<BatchReport, Error> {
-        let mut tx = self.pool.begin().await?;
-        let Some(row) = store::lock_one(&mut tx, id).await? else {
-            // Taken, finished or rescheduled by someone else meanwhile.
-            return Ok(BatchReport::default());
-        };
-        sqlx::query("SAVEPOINT handler").execute(&mut *tx).await?;
+    /// Runs the handlers of `rows` one after another in `tx` until one does
+    /// not succeed; returns the transaction and that row's index and outcome.
+    async fn run_batch(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        rows: &[ClaimedEvent],
+    ) -> Result<
+        (
+            sqlx::Transaction<'static, sqlx::Postgres>,
+            Option<(usize, Outcome)>,
+        ),
+        Error,
+    > {
         let shared = ClaimTx::new(tx);
-        let outcome = self.decide(taken_attempt(&row), Some(shared.clone())).await;
-        let Some(mut tx) = shared.finish().await else {
-            return Err(Error::Internal("the claim transaction vanished"));
-        };
-        if matches!(outcome, Outcome::Done) {
-            store::delete_locked(&mut tx, id).await?;
-            tx.commit().await?;
-            self.record_completed(1, 1);
-            return Ok(BatchReport {
-                claimed: 1,
-                completed: 1,
-                ..BatchReport::default()
-            });
+        let mut failure = None;
+        for (i, row) in rows.iter().enumerate() {
+            let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
+            if !matches!(outcome, Outcome::Done) {
+                failure = Some((i, outcome));
+                break;
+            }
         }
-        sqlx::query("ROLLBACK TO SAVEPOINT handler")
-            .execute(&mut *tx)
-            .await?;
+        let tx = shared
+            .finish()
+            .await
+            .ok_or(Error::Internal("the claim transaction vanished"))?;
+        Ok((tx, failure))
+    }
+
+    /// Records a failed transactional attempt in the batch's transaction:
+    /// counts it (a snooze does not) and reschedules the row, or moves it to
+    /// `dead_letters`. Returns (retried, dead-lettered).
+    async fn record_tx_failure(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: Uuid,
+        outcome: Outcome,
+    ) -> Result<(usize, usize), Error> {
         let (delay, count, error, bury) = match outcome {
             Outcome::Retry { delay, error } => (delay, true, Some(error), None),
             Outcome::Snooze(delay) => (delay, false, None, None),
@@ -667,10 +713,10 @@ impl Inner {
         };
         let token =
             store::record_failed_attempt(&mut *tx, id, delay, count, error.as_deref()).await?;
-        let (retried, dead_lettered) = match (bury, token) {
+        Ok(match (bury, token) {
             (Some(error), Some(token)) => {
                 let moved = store::dead_letter(
-                    &mut tx,
+                    tx,
                     &[Bury {
                         lease: Lease { id, token },
                         error,
@@ -682,18 +728,7 @@ impl Inner {
             }
             (None, Some(_)) if count => (1, 0),
             _ => (0, 0),
-        };
-        tx.commit().await?;
-        metrics::counter!("outboxd_retried_total").increment(retried as u64);
-        metrics::counter!("outboxd_dead_lettered_total").increment(dead_lettered as u64);
-        let report = BatchReport {
-            claimed: 1,
-            retried,
-            dead_lettered,
-            ..BatchReport::default()
-        };
-        self.add_totals(report);
-        Ok(report)
+        })
     }
 
     /// Runs one claimed row and decides its outcome. Never fails: every

@@ -139,14 +139,6 @@ const TAKE: &str = concat!(
     claimed_columns!()
 );
 
-const LOCK_ONE: &str = concat!(
-    "SELECT ",
-    claimed_columns!(),
-    " FROM outbox o
-     WHERE o.id = $1 AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
-     FOR UPDATE SKIP LOCKED"
-);
-
 /// The transactional take (`$1` limit), for `EXPLAIN` in the benchmark.
 pub const TAKE_SQL: &str = TAKE;
 
@@ -161,20 +153,30 @@ pub async fn take(conn: &mut PgConnection, limit: u32) -> Result<Vec<ClaimedEven
         .await?)
 }
 
-/// Locks one row in the caller's transaction if it is still claimable and
-/// nobody else holds it (transactional handling of a single row: it stays
-/// locked from the handler's run to its deletion or its failure's record).
-pub async fn lock_one(conn: &mut PgConnection, id: Uuid) -> Result<Option<ClaimedEvent>, Error> {
-    Ok(sqlx::query_as(LOCK_ONE)
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+/// Locks, in the caller's transaction, those of `ids` that are still
+/// claimable and not held by anyone else, and returns them in `ids` order
+/// (a transactional batch that failed takes its rows back this way).
+pub async fn lock_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ClaimedEvent>, Error> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        claimed_columns!(),
+        " FROM outbox o JOIN unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord) ON o.id = t.id
+          WHERE o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
+          ORDER BY t.ord
+          FOR UPDATE OF o SKIP LOCKED"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await?)
 }
 
-/// Deletes a row locked by [`lock_one`].
-pub async fn delete_locked(conn: &mut PgConnection, id: Uuid) -> Result<(), Error> {
-    sqlx::query("DELETE FROM outbox WHERE id = $1")
-        .bind(id)
+/// Deletes rows locked by [`lock_ids`] in the same transaction.
+pub async fn delete_locked(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
         .execute(conn)
         .await?;
     Ok(())

@@ -221,15 +221,11 @@ fn spawn_producers(
 
 async fn raw_consumer(pool: PgPool, app: Uuid, stop: CancellationToken) -> anyhow::Result<()> {
     loop {
-        let n = sqlx::query(
-            "DELETE FROM outbox WHERE id IN (
-                 SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
-                 ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(app)
-        .execute(&pool)
-        .await?
-        .rows_affected();
+        let n = sqlx::query(super::RAW_DELETE)
+            .bind(app)
+            .execute(&pool)
+            .await?
+            .rows_affected();
         if n == 0 {
             if stop.is_cancelled() {
                 return Ok(());

@@ -88,6 +88,11 @@ pub struct BenchArgs {
 
 const BATCH: usize = 100;
 
+/// The raw baseline's unit of work: claim and delete 100 due rows of app `$1`.
+const RAW_DELETE: &str = "DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
+    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)";
+
 const KNOWN: &[&str] = &[
     "enqueue",
     "drain",
@@ -574,14 +579,11 @@ async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
         "## transactional take (batch 100)\n\n{}\n\n",
         lines.join("\n")
     ));
-    let lines: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN (ANALYZE, BUFFERS) DELETE FROM outbox WHERE id IN (
-             SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
-             ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(app)
-    .fetch_all(&mut *tx)
-    .await?;
+    let lines: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {RAW_DELETE}"))
+            .bind(app)
+            .fetch_all(&mut *tx)
+            .await?;
     out.push_str(&format!(
         "## raw baseline: DELETE … LIMIT 100 SKIP LOCKED\n\n{}\n",
         lines.join("\n")
@@ -638,15 +640,11 @@ async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyho
         tasks.push(tokio::spawn(async move {
             let mut total = 0u64;
             loop {
-                let n = sqlx::query(
-                    "DELETE FROM outbox WHERE id IN (
-                         SELECT id FROM outbox WHERE app_id = $1 AND run_at <= now()
-                         ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)",
-                )
-                .bind(app)
-                .execute(&pool)
-                .await?
-                .rows_affected();
+                let n = sqlx::query(RAW_DELETE)
+                    .bind(app)
+                    .execute(&pool)
+                    .await?
+                    .rows_affected();
                 if n == 0 {
                     return Ok::<u64, sqlx::Error>(total);
                 }
