@@ -200,7 +200,15 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     ));
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
     if wants("enqueue") {
-        let raw_single = raw_insert(&pool, raw_app, args.enqueue_rows, args.producers, 1).await?;
+        let raw_single = insert_rate(
+            &pool,
+            raw_app,
+            args.enqueue_rows,
+            args.producers,
+            1,
+            Writer::Raw,
+        )
+        .await?;
         figures.push(fig(
             "enqueue",
             format!("raw insert: 1 row/txn, {} producers", args.producers),
@@ -208,7 +216,8 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "rows/s",
             None,
         ));
-        let raw_batch = raw_insert(&pool, raw_app, args.enqueue_rows, 1, BATCH).await?;
+        let raw_batch =
+            insert_rate(&pool, raw_app, args.enqueue_rows, 1, BATCH, Writer::Raw).await?;
         figures.push(fig(
             "enqueue",
             format!("raw insert: {BATCH} rows/txn (unnest), 1 producer"),
@@ -217,7 +226,15 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
         truncate(&pool).await?;
-        let single = outboxd_enqueue(&pool, app, args.enqueue_rows, args.producers, 1).await?;
+        let single = insert_rate(
+            &pool,
+            app,
+            args.enqueue_rows,
+            args.producers,
+            1,
+            Writer::Outboxd,
+        )
+        .await?;
         figures.push(fig(
             "enqueue",
             format!("outboxd enqueue: 1 event/txn, {} producers", args.producers),
@@ -225,7 +242,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "events/s",
             Some((raw_single, "raw 1-row insert")),
         ));
-        let batch = outboxd_enqueue(&pool, app, args.enqueue_rows, 1, BATCH).await?;
+        let batch = insert_rate(&pool, app, args.enqueue_rows, 1, BATCH, Writer::Outboxd).await?;
         figures.push(fig(
             "enqueue",
             format!("outboxd enqueue_batch: {BATCH} events/txn"),
@@ -663,12 +680,24 @@ async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyho
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn raw_insert(
+/// How the enqueue scenario writes rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// Plain INSERTs of the same row shape (the baseline).
+    Raw,
+    /// `enqueue` / `enqueue_batch`.
+    Outboxd,
+}
+
+/// `producers` tasks write `rows` rows in transactions of `per_txn`; returns
+/// rows per second.
+async fn insert_rate(
     pool: &PgPool,
     app: Uuid,
     rows: u32,
     producers: u32,
     per_txn: usize,
+    writer: Writer,
 ) -> anyhow::Result<f64> {
     let per_producer = rows / producers;
     let started = Instant::now();
@@ -679,32 +708,14 @@ async fn raw_insert(
             let mut done = 0u32;
             while done < per_producer {
                 let n = (per_producer - done).min(per_txn as u32) as usize;
-                let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
                 let payloads: Vec<serde_json::Value> =
                     (0..n).map(|i| json!({"n": done as usize + i})).collect();
                 let mut tx = pool.begin().await?;
-                if n == 1 {
-                    sqlx::query("INSERT INTO outbox (id, app_id, topic, payload) VALUES ($1, $2, 'bench.noop', $3)")
-                        .bind(ids[0])
-                        .bind(app)
-                        .bind(&payloads[0])
-                        .execute(&mut *tx)
-                        .await?;
-                } else {
-                    sqlx::query(
-                        "INSERT INTO outbox (id, app_id, topic, payload)
-                         SELECT u.id, $1, 'bench.noop', u.payload FROM unnest($2::uuid[], $3::jsonb[]) AS u(id, payload)",
-                    )
-                    .bind(app)
-                    .bind(&ids)
-                    .bind(&payloads)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                write_rows(&mut tx, app, payloads, writer).await?;
                 tx.commit().await?;
                 done += n as u32;
             }
-            Ok::<u32, sqlx::Error>(done)
+            Ok::<u32, anyhow::Error>(done)
         }));
     }
     let mut total = 0;
@@ -714,42 +725,51 @@ async fn raw_insert(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn outboxd_enqueue(
-    pool: &PgPool,
+async fn write_rows(
+    conn: &mut sqlx::PgConnection,
     app: Uuid,
-    rows: u32,
-    producers: u32,
-    per_txn: usize,
-) -> anyhow::Result<f64> {
-    let per_producer = rows / producers;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..producers {
-        let pool = pool.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0u32;
-            while done < per_producer {
-                let n = (per_producer - done).min(per_txn as u32) as usize;
-                let events: Vec<NewEvent> = (0..n)
-                    .map(|i| NewEvent::new("bench.noop", json!({"n": done as usize + i})))
-                    .collect();
-                let mut tx = pool.begin().await?;
-                if n == 1 {
-                    enqueue(&mut tx, app, &events[0]).await?;
-                } else {
-                    enqueue_batch(&mut tx, app, &events).await?;
-                }
-                tx.commit().await?;
-                done += n as u32;
-            }
-            Ok::<u32, outbox_core::Error>(done)
-        }));
+    payloads: Vec<serde_json::Value>,
+    writer: Writer,
+) -> anyhow::Result<()> {
+    match (writer, payloads.len()) {
+        (Writer::Raw, 1) => {
+            sqlx::query(
+                "INSERT INTO outbox (id, app_id, topic, payload) VALUES ($1, $2, 'bench.noop', $3)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(app)
+            .bind(&payloads[0])
+            .execute(conn)
+            .await?;
+        }
+        (Writer::Raw, n) => {
+            let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+            sqlx::query(
+                "INSERT INTO outbox (id, app_id, topic, payload)
+                 SELECT u.id, $1, 'bench.noop', u.payload FROM unnest($2::uuid[], $3::jsonb[]) AS u(id, payload)",
+            )
+            .bind(app)
+            .bind(&ids)
+            .bind(&payloads)
+            .execute(conn)
+            .await?;
+        }
+        (Writer::Outboxd, 1) => {
+            let event = NewEvent::new(
+                "bench.noop",
+                payloads.into_iter().next().unwrap_or_default(),
+            );
+            enqueue(conn, app, &event).await?;
+        }
+        (Writer::Outboxd, _) => {
+            let events: Vec<NewEvent> = payloads
+                .into_iter()
+                .map(|p| NewEvent::new("bench.noop", p))
+                .collect();
+            enqueue_batch(conn, app, &events).await?;
+        }
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok(())
 }
 
 async fn outboxd_drain(
