@@ -15,16 +15,24 @@ use uuid::Uuid;
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
 
+/// What a `done` CTE returns: the id, and for a dead-letter-trigger row the
+/// dead letter it handled (the payload itself is not copied for every row).
+macro_rules! done_returning {
+    () => {
+        "RETURNING o.id,
+        CASE WHEN o.source = 'dead_letter' THEN o.payload->>'dead_letter_id' END AS dead_letter_id"
+    };
+}
+
 /// Marks the dead letters behind successful dead-letter-trigger rows
-/// `handled_by_script`; expects a `done` CTE returning `source` and `payload`.
+/// `handled_by_script`; expects a `done` CTE ending in [`done_returning`].
 macro_rules! handled_by_script_cte {
     () => {
         "handled AS (
     UPDATE dead_letters d SET resolution = 'handled_by_script', resolved_at = now()
     FROM done
-    WHERE done.source = 'dead_letter'
-      AND done.payload->>'dead_letter_id' ~ '^[0-9a-fA-F-]{36}$'
-      AND d.id = (done.payload->>'dead_letter_id')::uuid
+    WHERE done.dead_letter_id ~ '^[0-9a-fA-F-]{36}$'
+      AND d.id = done.dead_letter_id::uuid
       AND d.resolved_at IS NULL
     RETURNING d.id
 )"
@@ -112,7 +120,9 @@ const COMPLETE_AND_CLAIM: &str = concat!(
     DELETE FROM outbox o
     USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
     WHERE o.id = t.id AND o.lease_token = t.token
-    RETURNING o.id, o.source, o.payload
+    ",
+    done_returning!(),
+    "
 ), ",
     handled_by_script_cte!(),
     ", ",
@@ -275,7 +285,10 @@ fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
 }
 
 /// Extends the leases still held; returns the ids whose lease was kept. An id
-/// missing from the answer was taken over (or finished) elsewhere.
+/// missing from the answer was taken over, finished, or is being written by
+/// another statement right now (it is skipped, not waited for: a heartbeat
+/// that waited on a row lock could deadlock with a completion that locks the
+/// same rows in another order; the next beat extends it if it still runs).
 pub async fn heartbeat<'e>(
     db: impl PgExecutor<'e>,
     leases: &[Lease],
@@ -286,10 +299,17 @@ pub async fn heartbeat<'e>(
     }
     let (ids, tokens) = split(leases);
     Ok(sqlx::query_scalar(
-        "UPDATE outbox o
+        "WITH held AS (
+            SELECT o.ctid
+            FROM outbox o
+            JOIN unnest($1::uuid[], $2::int8[]) AS t(id, token) ON o.id = t.id
+            WHERE o.lease_token = t.token AND o.locked_by IS NOT NULL
+            FOR UPDATE OF o SKIP LOCKED
+         )
+         UPDATE outbox o
          SET locked_until = now() + make_interval(secs => $3)
-         FROM unnest($1::uuid[], $2::int8[]) AS t(id, token)
-         WHERE o.id = t.id AND o.lease_token = t.token AND o.locked_by IS NOT NULL
+         FROM held
+         WHERE o.ctid = held.ctid
          RETURNING o.id",
     )
     .bind(&ids)
@@ -311,7 +331,9 @@ pub async fn complete<'e>(db: impl PgExecutor<'e>, leases: &[Lease]) -> Result<V
             DELETE FROM outbox o
             USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
             WHERE o.id = t.id AND o.lease_token = t.token
-            RETURNING o.id, o.source, o.payload
+            ",
+        done_returning!(),
+        "
          ), ",
         handled_by_script_cte!(),
         " SELECT id FROM done"

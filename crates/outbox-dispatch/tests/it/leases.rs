@@ -286,3 +286,37 @@ async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() 
     assert_eq!(store::count(&db.pool).await?, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_heartbeat_skips_rows_another_statement_holds_instead_of_waiting() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    for n in 0..2 {
+        enqueue_committed(&db.pool, app, NewEvent::new("t", payload(n))).await?;
+    }
+    let claimed = store::claim(&db.pool, "worker-a", 10, Duration::from_secs(30)).await?;
+    assert_eq!(claimed.len(), 2);
+    let leases: Vec<_> = claimed.iter().map(|r| r.lease()).collect();
+
+    // A completion of the first row is under way in another transaction. A
+    // heartbeat that waited for it could deadlock with a completion locking
+    // the same rows in the other order; it must extend the free row and move on.
+    let mut completing = db.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE")
+        .bind(claimed[0].id)
+        .execute(&mut *completing)
+        .await?;
+    let kept = tokio::time::timeout(
+        Duration::from_secs(5),
+        store::heartbeat(&db.pool, &leases, Duration::from_secs(60)),
+    )
+    .await
+    .map_err(|_| "the heartbeat waited on a locked row")??;
+    assert_eq!(kept, vec![claimed[1].id]);
+    completing.rollback().await?;
+
+    // Once the row is free, the next beat extends it again.
+    let kept = store::heartbeat(&db.pool, &leases, Duration::from_secs(60)).await?;
+    assert_eq!(kept.len(), 2);
+    Ok(())
+}

@@ -1,0 +1,11 @@
+-- A claim updates every row of its batch once (lease, token, attempt). The
+-- rows of a batch are neighbours on disk (inserted together, claimed in
+-- insertion order), so a whole page is updated at once; the update is only
+-- HOT (no new index entries, a smaller WAL record) when the page has room for
+-- a second copy of each of its rows. Measured on the benchmark's drain:
+--   fillfactor 80: 21% of claims HOT, 525 WAL bytes per event;
+--   fillfactor 40: 100% HOT, 333 WAL bytes per event, dispatch 30% faster.
+-- 40 rather than 50 leaves room for the lease columns the claim fills in.
+-- Pages hold fewer rows, which the queue does not feel: it is read through
+-- its indexes and stays short.
+ALTER TABLE outbox SET (fillfactor = 40);
