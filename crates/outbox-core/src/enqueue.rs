@@ -37,6 +37,14 @@ const INSERT_MANY: &str = "
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id";
 
+/// [`INSERT_MANY`] for a batch of plain events (see [`is_plain`]): the other
+/// columns keep their defaults, so eleven arrays of NULLs are neither sent nor
+/// unpacked, and with no idempotency key nothing can conflict.
+const INSERT_MANY_PLAIN: &str = "
+    INSERT INTO outbox (id, app_id, source, topic, payload)
+    SELECT u.id, $1, u.source, u.topic, u.payload
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) AS u(id, source, topic, payload)";
+
 const FIND_BY_KEY: &str =
     "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
 
@@ -108,6 +116,9 @@ pub async fn enqueue_batch(
         return Ok(Vec::new());
     }
     let n = events.len();
+    if events.iter().all(is_plain) {
+        return enqueue_plain_batch(conn, app_id, events).await;
+    }
     let mut ids = Vec::with_capacity(n);
     let mut sources = Vec::with_capacity(n);
     let mut ops = Vec::with_capacity(n);
@@ -200,6 +211,53 @@ pub async fn enqueue_batch(
                 })
         })
         .collect()
+}
+
+/// An event whose row needs only id, source, topic and payload: every other
+/// column keeps its default.
+fn is_plain(event: &NewEvent) -> bool {
+    event.op.is_empty()
+        && event.headers.as_object().is_some_and(|h| h.is_empty())
+        && event.run_at.is_none()
+        && event.idempotency_key.is_none()
+        && event.ordering_key.is_none()
+        && event.max_attempts.is_none()
+        && event.depth == 0
+        && event.trigger_id.is_none()
+        && event.target.is_none()
+        && event.reply_to.is_none()
+        && event.registered_by_principal.is_none()
+}
+
+async fn enqueue_plain_batch(
+    conn: &mut PgConnection,
+    app_id: Uuid,
+    events: &[NewEvent],
+) -> Result<Vec<Uuid>, Error> {
+    let n = events.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
+    let mut topics = Vec::with_capacity(n);
+    let mut payloads: Vec<&Value> = Vec::with_capacity(n);
+    for event in events {
+        event.validate()?;
+        ids.push(Uuid::now_v7());
+        sources.push(event.source.as_str());
+        topics.push(event.topic.as_str());
+        payloads.push(&event.payload);
+    }
+    let inserted = sqlx::query(INSERT_MANY_PLAIN)
+        .bind(app_id)
+        .bind(&ids)
+        .bind(&sources)
+        .bind(&topics)
+        .bind(&payloads)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| map_insert_error(e, app_id))?
+        .rows_affected();
+    debug_assert_eq!(inserted, n as u64, "a plain batch cannot conflict");
+    Ok(ids)
 }
 
 fn map_insert_error(err: sqlx::Error, app_id: Uuid) -> Error {

@@ -1,4 +1,4 @@
-use outbox_core::{NewEvent, enqueue, enqueue_batch};
+use outbox_core::{NewEvent, Source, enqueue, enqueue_batch};
 use outbox_testkit::TestDb;
 
 use crate::{Calls, TestResult, config, enqueue_committed, payload, recording};
@@ -106,6 +106,37 @@ async fn batch_enqueue_keeps_order_and_options() -> TestResult {
     .fetch_one(&db.pool)
     .await?;
     assert!(delayed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_plain_batch_stores_the_same_rows_as_the_full_statement() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // Plain events take the short statement; one event with a header sends
+    // the whole batch through the full one. The stored rows must not differ.
+    let plain: Vec<NewEvent> = (0..3)
+        .map(|n| NewEvent::new("bulk", payload(n)).with_source(Source::Pubsub))
+        .collect();
+    let mut full = plain.clone();
+    full.push(NewEvent::new("bulk", payload(9)).with_headers(serde_json::json!({"k": "v"})));
+    let mut tx = db.pool.begin().await?;
+    let plain_ids = enqueue_batch(&mut tx, app, &plain).await?;
+    let full_ids = enqueue_batch(&mut tx, app, &full).await?;
+    tx.commit().await?;
+    // Every column but the ones that differ by nature (id, times, xid).
+    let stored = |ids: Vec<uuid::Uuid>| {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT to_jsonb(o) - 'id' - 'created_at' - 'run_at' - 'enqueue_xid'
+             FROM outbox o WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&db.pool)
+    };
+    let stored_plain = stored(plain_ids).await?;
+    let stored_full = stored(full_ids[..3].to_vec()).await?;
+    assert_eq!(stored_plain.len(), 3);
+    assert_eq!(stored_plain, stored_full);
     Ok(())
 }
 
