@@ -95,9 +95,9 @@ enum Command {
     ConfigCheck,
     /// Measure throughput and latency against the raw SQL ceiling.
     Bench(bench::BenchArgs),
-    /// A dispatcher with no-op handlers, for the benchmark's scale-out scenario.
+    /// A dispatcher for the benchmark's scale-out scenario.
     #[command(hide = true)]
-    BenchWorker,
+    BenchWorker(bench::WorkerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -405,7 +405,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Trigger(cmd) => trigger_command(settings, cmd).await,
         Command::Gc { once } => gc(settings, once).await,
         Command::Bench(args) => bench::run(settings, args).await,
-        Command::BenchWorker => bench::worker(settings).await,
+        Command::BenchWorker(args) => bench::worker(settings, args).await,
     }
 }
 

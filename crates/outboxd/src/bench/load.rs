@@ -123,7 +123,7 @@ pub async fn steady(
         conn.close().await?;
     }
     // Let the drainer finish the tail so the next scenario starts empty.
-    while queue_depth(pool, app).await? > 0 {
+    while !queue_empty(pool, app).await? {
         ensure!(!drainer_task.is_finished(), "the drainer stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -167,6 +167,18 @@ async fn hold_xmin(pool: &PgPool) -> anyhow::Result<sqlx::PgConnection> {
 async fn queue_depth(pool: &PgPool, app: Uuid) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE app_id = $1")
+            .bind(app)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Whether `app` has no rows left. Polled in tight loops while dispatchers
+/// run, so it stops at the first row instead of counting a backlog (a count
+/// every few milliseconds would take a core from what is being measured).
+async fn queue_empty(pool: &PgPool, app: Uuid) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE app_id = $1)")
             .bind(app)
             .fetch_one(pool)
             .await?,
@@ -251,6 +263,9 @@ pub struct Latency {
     pub p95: f64,
     /// 99th percentile.
     pub p99: f64,
+    /// 99th percentile of the producer's own commit, which the figures
+    /// above include.
+    pub commit_p99: f64,
 }
 
 /// Commit → handler start for `samples` single-event transactions, while
@@ -300,11 +315,13 @@ pub async fn latency(
     // Let the dispatcher reach its steady state before measuring.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut histogram = Histogram::<u64>::new(3)?;
+    let mut commits = Histogram::<u64>::new(3)?;
     for _ in 0..samples {
         let mut txn = pool.begin().await?;
         let id = enqueue(&mut txn, app, &NewEvent::new("bench.latency", json!({}))).await?;
         let committing = Instant::now();
         txn.commit().await?;
+        commits.record(committing.elapsed().as_micros() as u64)?;
         let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .context("no handler start within 10 s")?
@@ -317,7 +334,7 @@ pub async fn latency(
     for p in producers {
         p.await??;
     }
-    while queue_depth(pool, app).await? > 0 {
+    while !queue_empty(pool, app).await? {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.cancel();
@@ -327,6 +344,7 @@ pub async fn latency(
         p50: ms(0.5),
         p95: ms(0.95),
         p99: ms(0.99),
+        commit_p99: commits.value_at_quantile(0.99) as f64 / 1000.0,
     })
 }
 
@@ -416,10 +434,24 @@ pub fn rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// What each scale-out worker process does per event.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerLoad {
+    /// Handler time, ms (0: a no-op handler).
+    pub handler_ms: u64,
+    /// The process's `dispatcher.concurrency` (0: the configured one).
+    pub concurrency: u32,
+}
+
 /// Drains `rows` with `processes` separate `outboxd bench-worker` processes;
 /// returns events per second. The rows wait in a suspended app until every
 /// worker is up, so start-up is not measured.
-pub async fn scale_out(pool: &PgPool, rows: u32, processes: u32) -> anyhow::Result<f64> {
+pub async fn scale_out(
+    pool: &PgPool,
+    rows: u32,
+    processes: u32,
+    load: WorkerLoad,
+) -> anyhow::Result<f64> {
     let app = outbox_core::store::apps::ensure(pool, "bench-scale", "bench scale-out")
         .await?
         .id;
@@ -428,9 +460,17 @@ pub async fn scale_out(pool: &PgPool, rows: u32, processes: u32) -> anyhow::Resu
     let exe = std::env::current_exe().context("finding the outboxd binary")?;
     let mut workers = Vec::new();
     for _ in 0..processes {
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("bench-worker")
-            .stdin(std::process::Stdio::null())
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .args(["bench-worker", "--handler-ms", &load.handler_ms.to_string()])
+            .stdin(std::process::Stdio::null());
+        if load.concurrency > 0 {
+            command.env(
+                "OUTBOXD_DISPATCHER__CONCURRENCY",
+                load.concurrency.to_string(),
+            );
+        }
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -456,7 +496,7 @@ pub async fn scale_out(pool: &PgPool, rows: u32, processes: u32) -> anyhow::Resu
     sqlx::query("SELECT pg_notify('outbox_due', '')")
         .execute(pool)
         .await?;
-    while queue_depth(pool, app).await? > 0 {
+    while !queue_empty(pool, app).await? {
         for w in &mut workers {
             ensure!(w.try_wait()?.is_none(), "a bench worker died");
         }

@@ -106,7 +106,7 @@ pub fn write(dir: &Path, figures: &[Figure], series: &[Series]) -> anyhow::Resul
     )?;
     let latency: Vec<(String, f64)> = figures
         .iter()
-        .filter(|f| f.unit == "ms")
+        .filter(|f| f.scenario == "latency")
         .map(|f| (f.name.clone(), f.value))
         .collect();
     write_file(
