@@ -277,9 +277,10 @@ async fn kill9(ctx: &Ctx, transactional: bool) -> anyhow::Result<Outcome> {
         )
         .await?;
     if transactional {
-        // A crash rolls a batch back without counting an attempt, and a
-        // failure runs the rows before it once more: the bound is twice the
-        // attempts plus the kills.
+        // A crash rolls a batch back (its attempt is counted through the
+        // batch record once the dead worker's lock is free), and a failure
+        // runs the rows before it once more: within twice the attempts plus
+        // the kills.
         const BOUND: u32 = 2 * 10 + 5;
         outcome.verdict.over_attempts = observed
             .invocations

@@ -21,8 +21,8 @@ use futures::FutureExt;
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, Bury, Reschedule};
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -68,8 +68,9 @@ pub struct Config {
     /// transaction, runs their handlers one after another inside it (see
     /// [`crate::Event::claim_tx`]) and commits; a failure rolls the batch back
     /// and its rows are run again one per transaction. One write per row
-    /// instead of a lease and a delete; but a process that dies mid-batch
-    /// leaves its rows untouched, so such a crash does not count an attempt.
+    /// instead of a lease and a delete. A process that dies mid-batch still
+    /// counts an attempt for the batch's rows (see
+    /// [`outbox_core::store::outbox::open_tx_batch`]).
     /// Rows with a synchronous caller and dead-letter-trigger rows are left to
     /// lease-mode dispatchers.
     pub in_transaction: bool,
@@ -272,7 +273,14 @@ impl Dispatcher {
     pub async fn run_once(&self) -> Result<BatchReport, Error> {
         let inner = &self.inner;
         if inner.config.in_transaction {
-            return inner.tx_batch().await;
+            inner.count_abandoned().await;
+            // The keeper lives for this batch only; closing it frees its lock.
+            let mut keeper = None;
+            let report = inner.tx_batch(&mut keeper).await;
+            if let Some(keeper) = keeper {
+                let _ = keeper.close().await;
+            }
+            return report;
         }
         let rows = store::claim(
             &inner.pool,
@@ -556,8 +564,14 @@ impl Inner {
     /// repeat until stopped. A stop lets the batch in hand finish.
     async fn tx_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut errors = 0u32;
+        let mut keeper = None;
+        let mut abandoned_checked: Option<Instant> = None;
         while !stop.is_cancelled() {
-            match self.tx_batch().await {
+            if abandoned_checked.is_none_or(|at| at.elapsed() >= ABANDONED_CHECK_INTERVAL) {
+                abandoned_checked = Some(Instant::now());
+                self.count_abandoned().await;
+            }
+            match self.tx_batch(&mut keeper).await {
                 Ok(report) => {
                     errors = 0;
                     if report.claimed < self.config.batch_size as usize {
@@ -580,6 +594,9 @@ impl Inner {
                 }
             }
         }
+        if let Some(keeper) = keeper {
+            let _ = keeper.close().await;
+        }
     }
 
     /// One transactional batch: delete the rows, run their handlers in the
@@ -593,7 +610,11 @@ impl Inner {
     /// from the first run; the rows before it run a second time (their first
     /// writes were rolled back). A row another claim takes in the moment
     /// between the two transactions is simply run there.
-    async fn tx_batch(&self) -> Result<BatchReport, Error> {
+    ///
+    /// Before any handler runs, the batch's events are recorded through
+    /// `keeper` (see [`store::open_tx_batch`]), so a worker that dies
+    /// mid-batch still counts an attempt for each of them.
+    async fn tx_batch(&self, keeper: &mut Option<PgConnection>) -> Result<BatchReport, Error> {
         let mut tx = self.pool.begin().await?;
         let rows = store::take(&mut tx, self.config.batch_size).await?;
         let taken = rows.len();
@@ -602,8 +623,12 @@ impl Inner {
             return Ok(BatchReport::default());
         }
         metrics::counter!("outboxd_claimed_total").increment(taken as u64);
-        let (tx, first_failure) = self.run_batch(tx, &rows).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let lock_key = fastrand::i64(..);
+        self.open_tx_batch(keeper, lock_key, &ids).await?;
+        let (mut tx, first_failure) = self.run_batch(tx, &rows).await?;
         let Some((failed_at, failed_outcome)) = first_failure else {
+            store::close_tx_batch(&mut tx, lock_key).await?;
             tx.commit().await?;
             self.record_completed(taken, taken);
             return Ok(BatchReport {
@@ -614,8 +639,8 @@ impl Inner {
         };
         tx.rollback().await?;
         let failed_id = rows[failed_at].id;
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let mut tx = self.pool.begin().await?;
+        store::close_tx_batch(&mut tx, lock_key).await?;
         let locked = store::lock_ids(&mut tx, &ids).await?;
         let mut report = BatchReport {
             claimed: taken,
@@ -665,6 +690,55 @@ impl Inner {
             ..BatchReport::default()
         });
         Ok(report)
+    }
+
+    /// Records a transactional batch's events through the loop's keeper
+    /// connection, connecting it first if needed (a broken one is replaced).
+    async fn open_tx_batch(
+        &self,
+        keeper: &mut Option<PgConnection>,
+        lock_key: i64,
+        ids: &[Uuid],
+    ) -> Result<(), Error> {
+        let mut conn = match keeper.take() {
+            Some(conn) => conn,
+            None => {
+                let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+                // The record guards against the worker's death, which a
+                // commit survives without waiting for the disk; if the server
+                // itself crashes, the batch dies with it and there is no
+                // death of the worker to count.
+                sqlx::query("SET synchronous_commit = off")
+                    .execute(&mut conn)
+                    .await?;
+                conn
+            }
+        };
+        store::open_tx_batch(&mut conn, lock_key, &self.config.worker_id, ids).await?;
+        // Kept only after a success: a connection that failed is dropped,
+        // which also frees any lock it held.
+        *keeper = Some(conn);
+        Ok(())
+    }
+
+    /// Counts an attempt for the events of transactional batches whose
+    /// worker died, in a transaction of its own.
+    async fn count_abandoned(&self) {
+        let counted = async {
+            let mut tx = self.pool.begin().await?;
+            let counted = store::count_abandoned_tx_batches(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<_, Error>(counted)
+        }
+        .await;
+        match counted {
+            Ok(0) => {}
+            Ok(events) => warn!(
+                events,
+                "a worker died during a transactional batch; its events' attempt was counted"
+            ),
+            Err(err) => warn!(error = %err, "counting abandoned transactional batches failed"),
+        }
     }
 
     /// Runs the handlers of `rows` one after another in `tx` until one does
@@ -759,7 +833,7 @@ impl Inner {
         if row.attempt_count > max {
             return Outcome::Bury {
                 error: format!(
-                    "attempts exhausted: attempt {} of {max} was lost with its worker (lease expired)",
+                    "attempts exhausted: attempt {} of {max} was lost with its worker (it died, or its lease expired)",
                     row.attempt_count - 1
                 ),
             };
@@ -1108,6 +1182,9 @@ impl Inner {
 /// A taken row as its handler sees it: a take does not count the attempt in
 /// the table (a failure does, after the rollback), so the attempt running
 /// now is one more than those recorded.
+/// How often each transactional claim loop looks for batches whose worker died.
+const ABANDONED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 fn taken_attempt(row: &ClaimedEvent) -> ClaimedEvent {
     let mut row = row.clone();
     row.attempt_count += 1;

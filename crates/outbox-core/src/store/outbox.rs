@@ -192,6 +192,79 @@ pub async fn delete_locked(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), 
     Ok(())
 }
 
+/// Records which events a transactional batch holds, on `keeper`: a
+/// connection of the batch's worker outside the batch's transaction, so the
+/// record commits before any handler runs. The same statement makes `keeper`
+/// hold the session-level advisory lock `lock_key` (and drops the lock of
+/// its previous batch): while the lock is held the batch counts as alive; the
+/// keeper's death frees it, which is how [`count_abandoned_tx_batches`]
+/// tells a dead batch from a running one.
+pub async fn open_tx_batch(
+    keeper: &mut PgConnection,
+    lock_key: i64,
+    worker: &str,
+    ids: &[Uuid],
+) -> Result<(), Error> {
+    sqlx::query(
+        "WITH released AS (SELECT pg_advisory_unlock_all()),
+              locked AS (SELECT pg_advisory_lock($1) FROM released)
+         INSERT INTO outbox_tx_batches (lock_key, worker, event_ids)
+         SELECT $1, $2, $3 FROM locked",
+    )
+    .bind(lock_key)
+    .bind(worker)
+    .bind(ids)
+    .execute(keeper)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the record of [`open_tx_batch`] in the batch's transaction, so it
+/// disappears exactly when the batch commits (a rollback brings it back; the
+/// keeper's lock still marks it alive).
+pub async fn close_tx_batch(conn: &mut PgConnection, lock_key: i64) -> Result<(), Error> {
+    sqlx::query("DELETE FROM outbox_tx_batches WHERE lock_key = $1")
+        .bind(lock_key)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Counts one attempt for every event of a transactional batch whose worker
+/// died (its advisory lock is free; one per batch it died in), in the caller's transaction, and forgets
+/// those batches. Returns how many events were counted. An event that another
+/// batch is running right now is skipped, not waited for: should that batch
+/// die too, its own record counts it.
+pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "WITH abandoned AS (
+            DELETE FROM outbox_tx_batches b
+            WHERE b.lock_key IN (
+                SELECT lock_key FROM outbox_tx_batches
+                WHERE pg_try_advisory_xact_lock(lock_key)
+                LIMIT 64
+                FOR UPDATE SKIP LOCKED)
+            RETURNING b.event_ids
+         )
+         UPDATE outbox o
+         SET attempt_count    = o.attempt_count + held.deaths,
+             last_error       = 'the worker died while the event ran in a transactional batch',
+             first_attempt_at = coalesce(o.first_attempt_at, now()),
+             last_attempt_at  = now()
+         FROM (
+            SELECT e.ctid, a.deaths FROM outbox e
+            JOIN (SELECT id, count(*) AS deaths
+                  FROM abandoned, unnest(abandoned.event_ids) AS id
+                  GROUP BY id) AS a ON e.id = a.id
+            FOR UPDATE OF e SKIP LOCKED
+         ) AS held
+         WHERE o.ctid = held.ctid",
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 /// Records a failed transactional attempt (after its writes were rolled back):
 /// counts the attempt (unless `count` is false, for a snooze) and makes the
 /// row due after `delay`. Returns the row's fencing token, for

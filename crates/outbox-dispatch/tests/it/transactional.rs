@@ -122,3 +122,81 @@ async fn a_rolled_back_batch_leaves_rows_for_lease_mode_and_rows_with_callers_al
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 1);
     Ok(())
 }
+
+/// What a worker that dies mid-batch leaves behind: its batch record
+/// committed, its transaction rolled back, its keeper connection gone.
+async fn die_mid_batch(db: &TestDb) -> Result<usize, Box<dyn std::error::Error>> {
+    use outbox_core::store::outbox as store;
+    use sqlx::Connection;
+    let mut keeper = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    let mut tx = db.pool.begin().await?;
+    let rows = store::take(&mut tx, 10).await?;
+    let ids: Vec<_> = rows.iter().map(|r| r.id).collect();
+    store::open_tx_batch(&mut keeper, fastrand::i64(..), "dies", &ids).await?;
+    keeper.close().await?;
+    tx.rollback().await?;
+    Ok(rows.len())
+}
+
+#[tokio::test]
+async fn a_row_that_kills_its_worker_mid_batch_still_exhausts_its_attempts() -> TestResult {
+    use outbox_core::store::outbox as store;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let id = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("tx.work", json!({"n": 1})).with_max_attempts(2),
+    )
+    .await?;
+
+    // A batch whose worker is alive is not counted.
+    let mut keeper = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?
+    };
+    let mut tx = db.pool.begin().await?;
+    let rows = store::take(&mut tx, 10).await?;
+    store::open_tx_batch(&mut keeper, 7, "alive", &[rows[0].id]).await?;
+    let mut other = db.pool.begin().await?;
+    assert_eq!(store::count_abandoned_tx_batches(&mut other).await?, 0);
+    other.commit().await?;
+    store::close_tx_batch(&mut tx, 7).await?;
+    tx.rollback().await?;
+
+    // Two workers die while running it, one after the other.
+    assert_eq!(die_mid_batch(&db).await?, 1);
+    assert_eq!(die_mid_batch(&db).await?, 1);
+
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let seen = calls.clone();
+    registry.register("tx.work", move |_e: Event| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async { Ok::<(), HandlerError>(()) }
+    });
+    let report = Dispatcher::new(db.pool.clone(), registry, transactional())?
+        .run_until_idle()
+        .await?;
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a third run would exceed max_attempts"
+    );
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("lost with its worker")),
+        "{:?}",
+        dead[0].last_error
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_tx_batches")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(left, 1, "only the live batch's record is left");
+    drop(keeper);
+    Ok(())
+}
