@@ -6,7 +6,9 @@ use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
 use outbox_testkit::TestDb;
 use serde_json::json;
 
-use super::{TestResult, config, dead_letter_count, enqueue_committed, make_all_due};
+use super::{
+    Calls, TestResult, config, dead_letter_count, enqueue_committed, make_all_due, recording,
+};
 
 fn transactional() -> Config {
     Config {
@@ -168,22 +170,12 @@ async fn a_row_that_kills_its_worker_mid_batch_still_exhausts_its_attempts() -> 
     assert_eq!(die_mid_batch(&db).await?, 1);
     assert_eq!(die_mid_batch(&db).await?, 1);
 
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    let seen = calls.clone();
-    registry.register("tx.work", move |_e: Event| {
-        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        async { Ok::<(), HandlerError>(()) }
-    });
-    let report = Dispatcher::new(db.pool.clone(), registry, transactional())?
+    let calls = Calls::default();
+    let report = recording(&db, "tx.work", &calls, |_| Ok(()), transactional())
         .run_until_idle()
         .await?;
     assert_eq!(report.dead_lettered, 1);
-    assert_eq!(
-        calls.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "a third run would exceed max_attempts"
-    );
+    assert_eq!(calls.of(id), 0, "a third run would exceed max_attempts");
     let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
     assert!(
         dead[0]
