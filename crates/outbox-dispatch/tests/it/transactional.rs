@@ -3,7 +3,9 @@
 
 use outbox_core::NewEvent;
 use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
-use outbox_testkit::TestDb;
+use std::time::Duration;
+
+use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
 
 use super::{
@@ -135,8 +137,24 @@ async fn die_mid_batch(db: &TestDb) -> Result<usize, Box<dyn std::error::Error>>
     let rows = store::take(&mut tx, 10).await?;
     let ids: Vec<_> = rows.iter().map(|r| r.id).collect();
     store::open_tx_batch(&mut keeper, fastrand::i64(..), "dies", &ids).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut keeper)
+        .await?;
     keeper.close().await?;
     tx.rollback().await?;
+    // The server ends a closed session (and frees its advisory lock) after
+    // the client has already moved on; the death is only visible once it has.
+    let gone = wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+        )
+        .bind(backend)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(gone, "the dead worker's session never ended");
     Ok(rows.len())
 }
 
