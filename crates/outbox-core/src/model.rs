@@ -234,7 +234,9 @@ pub struct App {
 }
 
 /// A row a dispatcher has claimed: the event plus its lease.
-#[derive(Debug, Clone, sqlx::FromRow)]
+///
+/// Decoded by column position (see `store::outbox`), in field order.
+#[derive(Debug, Clone)]
 pub struct ClaimedEvent {
     /// The outbox id (UUIDv7); also the NATS `Nats-Msg-Id`.
     pub id: Uuid,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, Bury, Reschedule};
@@ -386,9 +387,9 @@ impl Dispatcher {
 }
 
 impl Inner {
-    fn running_insert(&self, lease: Lease) {
+    fn running_insert_all(&self, rows: &[ClaimedEvent]) {
         if let Ok(mut running) = self.running.lock() {
-            running.insert(lease.id, lease);
+            running.extend(rows.iter().map(|row| (row.id, row.lease())));
         }
     }
 
@@ -473,6 +474,7 @@ impl Inner {
         let config = &self.config;
         let mut tasks = JoinSet::new();
         let mut claim_errors = 0u32;
+        let mut claim_conn: Option<PgConnection> = None;
         loop {
             let first = tokio::select! {
                 biased;
@@ -492,14 +494,24 @@ impl Inner {
             let wanted = held.len();
             let succeeded = self.take_succeeded();
             let leases: Vec<Lease> = succeeded.iter().map(|f| f.lease).collect();
-            let claimed = store::complete_and_claim(
-                &self.pool,
-                &leases,
-                &config.worker_id,
-                wanted as u32,
-                config.lease,
-            )
-            .await;
+            let claimed = match self.claim_connection(&mut claim_conn).await {
+                Ok(conn) => {
+                    store::complete_and_claim(
+                        conn,
+                        &leases,
+                        &config.worker_id,
+                        wanted as u32,
+                        config.lease,
+                    )
+                    .await
+                }
+                Err(err) => Err(err.into()),
+            };
+            if claimed.is_err() {
+                // The next round connects afresh rather than reuse a
+                // connection in an unknown state.
+                claim_conn = None;
+            }
             let rows = match claimed {
                 Ok((completed, rows)) => {
                     claim_errors = 0;
@@ -520,19 +532,34 @@ impl Inner {
             };
             metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
             let got = rows.len();
-            for row in rows {
-                let permit = held.pop();
-                self.running_insert(row.lease());
+            self.running_insert_all(&rows);
+            let mut rows = rows.into_iter();
+            loop {
+                let chunk: Vec<_> = rows
+                    .by_ref()
+                    .take(ROWS_PER_TASK)
+                    .map(|row| (row, held.pop()))
+                    .collect();
+                if chunk.is_empty() {
+                    break;
+                }
                 let inner = self.clone();
                 let done_tx = done_tx.clone();
+                // Each row's outcome is handed on as soon as it is known, not
+                // when the rest of its chunk is.
                 tasks.spawn(async move {
-                    let finished = inner.run_row(row, permit).await;
-                    inner.running_remove(finished.lease.id);
-                    if matches!(finished.outcome, Outcome::Done) && !finished.ordered {
-                        inner.push_succeeded(finished);
-                    } else {
-                        // The completer only stops after every sender is gone.
-                        let _ = done_tx.send(finished);
+                    let mut running: FuturesUnordered<_> = chunk
+                        .into_iter()
+                        .map(|(row, permit)| inner.run_row(row, permit))
+                        .collect();
+                    while let Some(finished) = running.next().await {
+                        inner.running_remove(finished.lease.id);
+                        if matches!(finished.outcome, Outcome::Done) && !finished.ordered {
+                            inner.push_succeeded(finished);
+                        } else {
+                            // The completer only stops after every sender is gone.
+                            let _ = done_tx.send(finished);
+                        }
                     }
                 });
             }
@@ -690,6 +717,31 @@ impl Inner {
             ..BatchReport::default()
         });
         Ok(report)
+    }
+
+    /// The claim loop's own connection, connected first if needed.
+    ///
+    /// It plans the claim statement once (a generic plan) instead of for
+    /// every batch: planning the statement anew took about a sixth of its
+    /// time. The statement is written so that its generic plan is the same
+    /// as a custom one (TID scans, no estimate of the batch size matters).
+    async fn claim_connection<'c>(
+        &self,
+        conn: &'c mut Option<PgConnection>,
+    ) -> Result<&'c mut PgConnection, sqlx::Error> {
+        let connected = match conn.take() {
+            Some(connected) => connected,
+            None => {
+                let options = self
+                    .pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("plan_cache_mode", "force_generic_plan")]);
+                PgConnection::connect_with(&options).await?
+            }
+        };
+        Ok(conn.insert(connected))
     }
 
     /// Records a transactional batch's events through the loop's keeper
@@ -1182,6 +1234,11 @@ impl Inner {
 /// A taken row as its handler sees it: a take does not count the attempt in
 /// the table (a failure does, after the rollback), so the attempt running
 /// now is one more than those recorded.
+/// Claimed rows run together in one task: spawning a task per row cost more
+/// than a no-op handler, while a batch still spreads over the runtime's
+/// threads in chunks of this size.
+const ROWS_PER_TASK: usize = 32;
+
 /// How often each transactional claim loop looks for batches whose worker died.
 const ABANDONED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
