@@ -719,12 +719,8 @@ impl Inner {
         Ok(report)
     }
 
-    /// The claim loop's own connection, connected first if needed.
-    ///
-    /// It plans the claim statement once (a generic plan) instead of for
-    /// every batch: planning the statement anew took about a sixth of its
-    /// time. The statement is written so that its generic plan is the same
-    /// as a custom one (TID scans, no estimate of the batch size matters).
+    /// The claim loop's own connection (see [`store::claim_connect_options`]),
+    /// connected first if needed.
     async fn claim_connection<'c>(
         &self,
         conn: &'c mut Option<PgConnection>,
@@ -732,12 +728,7 @@ impl Inner {
         let connected = match conn.take() {
             Some(connected) => connected,
             None => {
-                let options = self
-                    .pool
-                    .connect_options()
-                    .as_ref()
-                    .clone()
-                    .options([("plan_cache_mode", "force_generic_plan")]);
+                let options = store::claim_connect_options(&self.pool.connect_options());
                 PgConnection::connect_with(&options).await?
             }
         };

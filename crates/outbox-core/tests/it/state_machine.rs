@@ -336,6 +336,8 @@ impl ReferenceStateMachine for RowMachine {
 struct Real {
     rt: tokio::runtime::Runtime,
     pool: PgPool,
+    /// A connection like a dispatcher's claim loop's (generic plans).
+    claimer: sqlx::PgConnection,
     app: Uuid,
     /// Outbox ids by model row (nil for rolled-back rows).
     ids: Vec<Uuid>,
@@ -378,7 +380,7 @@ impl StateMachineTest for RealRows {
             .enable_all()
             .build()
             .expect("a runtime");
-        let (pool, app) = rt.block_on(async {
+        let (pool, claimer, app) = rt.block_on(async {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(2)
                 .connect(url)
@@ -392,11 +394,27 @@ impl StateMachineTest for RealRows {
                 .await
                 .expect("app")
                 .id;
-            (pool, app)
+            let mut claimer = {
+                use sqlx::Connection;
+                sqlx::PgConnection::connect_with(&outbox::claim_connect_options(
+                    &pool.connect_options(),
+                ))
+                .await
+                .expect("connect the claimer")
+            };
+            for (setting, want) in [("plan_cache_mode", "force_generic_plan"), ("jit", "off")] {
+                let got: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+                    .fetch_one(&mut claimer)
+                    .await
+                    .expect("show");
+                assert_eq!(got, want, "{setting} of a claim connection");
+            }
+            (pool, claimer, app)
         });
         Real {
             rt,
             pool,
+            claimer,
             app,
             ids: Vec::new(),
             dead_ids: Vec::new(),
@@ -427,15 +445,25 @@ impl StateMachineTest for RealRows {
                 real.ids.push(id);
             }
             Step::Claim { worker, limit } => {
-                let claimed = real
-                    .rt
-                    .block_on(outbox::claim(
-                        &pool,
-                        &format!("w{worker}"),
-                        limit,
-                        Duration::from_secs(LEASE_SECS as u64),
-                    ))
-                    .expect("claim");
+                let worker = format!("w{worker}");
+                let lease = Duration::from_secs(LEASE_SECS as u64);
+                // Odd limits claim as a claim loop does: complete nothing and
+                // claim, on a connection that reuses one generic plan.
+                let claimed = if limit % 2 == 1 {
+                    real.rt
+                        .block_on(outbox::complete_and_claim(
+                            &mut real.claimer,
+                            &[],
+                            &worker,
+                            limit,
+                            lease,
+                        ))
+                        .map(|(_, claimed)| claimed)
+                } else {
+                    real.rt
+                        .block_on(outbox::claim(&pool, &worker, limit, lease))
+                }
+                .expect("claim");
                 let mut got: Vec<(Uuid, i64)> =
                     claimed.iter().map(|c| (c.id, c.lease_token)).collect();
                 got.sort();
