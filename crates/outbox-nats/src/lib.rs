@@ -39,7 +39,7 @@ pub mod relay;
 
 pub use consumer::{ConsumeError, ConsumerConfig, ConsumerRuntime, Delivery, durable_name};
 pub use contract::{StreamContract, ensure_stream};
-pub use relay::{Relay, RelayConfig};
+pub use relay::{Relay, RelayConfig, new_traceparent};
 
 /// Errors of the NATS adapter.
 #[derive(Debug, thiserror::Error)]

@@ -56,9 +56,12 @@ pub fn subject_for(template: &str, app_slug: &str, topic: &str) -> String {
 
 /// A W3C `traceparent` for a new trace.
 pub fn new_traceparent() -> String {
-    let trace = Uuid::new_v4().simple().to_string();
-    let span = &Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
+    // Trace ids must be unique, not secret: a thread-local generator spares
+    // the two `getrandom` system calls per relayed event of a v4 UUID each.
+    // Zero is not a valid id.
+    let trace = fastrand::u128(1..);
+    let span = fastrand::u64(1..);
+    format!("00-{trace:032x}-{span:016x}-01")
 }
 
 impl Relay {
@@ -99,14 +102,13 @@ impl Relay {
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         };
+        let id = event.id.to_string();
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+        headers.insert("Nats-Msg-Id", id.as_str());
         headers.insert("tenant-id", slug.as_str());
         headers.insert(
             "correlation-id",
-            header("correlation-id")
-                .unwrap_or_else(|| event.id.to_string())
-                .as_str(),
+            header("correlation-id").unwrap_or(id).as_str(),
         );
         headers.insert(
             "traceparent",
@@ -190,6 +192,15 @@ mod tests {
             (parts[0], parts[1].len(), parts[2].len(), parts[3]),
             ("00", 32, 16, "01")
         );
+        for id in &parts[1..3] {
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{tp}"
+            );
+            assert!(id.bytes().any(|b| b != b'0'), "an all-zero id: {tp}");
+        }
+        assert_ne!(new_traceparent(), tp, "every trace is new");
     }
 
     #[test]
