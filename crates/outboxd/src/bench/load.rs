@@ -349,26 +349,29 @@ pub async fn latency(
 }
 
 /// What a deep backlog looks like to the dispatcher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Backlog {
     /// Median time of one claim of 100 rows, ms.
     pub claim_p50_ms: f64,
-    /// Events per second over the first `measured` events.
-    pub drain_rate: f64,
+    /// Events per second in each of the first windows of `measured` events
+    /// (the first from the first handled event, so the dispatcher's start
+    /// does not count).
+    pub drain_rates: Vec<f64>,
     /// Largest resident set size while draining everything, MiB.
     pub peak_rss_mib: f64,
 }
 
 /// With `waiting` due rows: claim latency (claims rolled back, so every
-/// sample sees the same backlog), then the rate of handling the first
-/// `measured` rows, then everything is drained while the resident set size
-/// is sampled.
+/// sample sees the same backlog), then the rates of handling the first
+/// `windows` windows of `measured` rows each, then everything is drained
+/// while the resident set size is sampled.
 pub async fn backlog(
     pool: &PgPool,
     settings: &Settings,
     app: Uuid,
     waiting: u32,
     measured: u32,
+    windows: u32,
 ) -> anyhow::Result<Backlog> {
     super::prefill(pool, app, waiting, "bench.noop").await?;
     // Claims as a claim loop makes them: on a connection of its own kind,
@@ -398,11 +401,21 @@ pub async fn backlog(
     drop(claimer);
     let handled = Arc::new(AtomicU64::new(0));
     let reached = Arc::new(Notify::new());
+    // When the first event and each `measured`-th one were handled.
+    let marks = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let last = u64::from(measured) * u64::from(windows.max(1));
     let mut registry = Registry::new();
     {
-        let (handled, reached) = (handled.clone(), reached.clone());
+        let (handled, reached, marks) = (handled.clone(), reached.clone(), marks.clone());
         registry.register("bench.noop", move |_e: Event| {
-            if handled.fetch_add(1, Ordering::Relaxed) + 1 == u64::from(measured) {
+            let n = handled.fetch_add(1, Ordering::Relaxed) + 1;
+            if (n == 1 || n % u64::from(measured) == 0)
+                && n <= last
+                && let Ok(mut marks) = marks.lock()
+            {
+                marks.push(Instant::now());
+            }
+            if n == last {
                 reached.notify_one();
             }
             async { Ok::<(), HandlerError>(()) }
@@ -410,7 +423,6 @@ pub async fn backlog(
     }
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
     let stop = CancellationToken::new();
-    let started = Instant::now();
     let run = tokio::spawn({
         let stop = stop.clone();
         async move { dispatcher.run(async move { stop.cancelled().await }).await }
@@ -418,7 +430,18 @@ pub async fn backlog(
     tokio::time::timeout(Duration::from_secs(600), reached.notified())
         .await
         .context("the measured rows were not handled within 10 minutes")?;
-    let drain_rate = f64::from(measured) / started.elapsed().as_secs_f64();
+    let mut marks = marks.lock().map(|m| m.clone()).unwrap_or_default();
+    marks.sort();
+    let drain_rates: Vec<f64> = marks
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| {
+            // The first window starts at its first event, not before it.
+            let events = if i == 0 { measured - 1 } else { measured };
+            f64::from(events) / w[1].duration_since(w[0]).as_secs_f64().max(1e-6)
+        })
+        .collect();
+    ensure!(!drain_rates.is_empty(), "no drain window was measured");
     let mut peak_rss_mib = rss_mib();
     while handled.load(Ordering::Relaxed) < u64::from(waiting)
         || outbox_core::store::outbox::count(pool).await? > 0
@@ -431,7 +454,7 @@ pub async fn backlog(
     run.await??;
     Ok(Backlog {
         claim_p50_ms: claims.value_at_quantile(0.5) as f64 / 1000.0,
-        drain_rate,
+        drain_rates,
         peak_rss_mib,
     })
 }
