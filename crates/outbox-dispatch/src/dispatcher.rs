@@ -574,6 +574,9 @@ impl Inner {
                 }
             }
         }
+        if let Some(conn) = claim_conn.take() {
+            let _ = conn.close().await;
+        }
         debug!(running = tasks.len(), grace = ?config.drain_grace, "claim loop draining");
         let deadline = tokio::time::Instant::now() + config.drain_grace;
         while !tasks.is_empty() {

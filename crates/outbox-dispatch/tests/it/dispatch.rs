@@ -410,3 +410,52 @@ async fn a_suspended_apps_rows_wait_until_it_resumes() -> TestResult {
     assert_eq!(calls.of(id), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn claim_loops_claim_on_connections_of_their_own_that_end_with_the_dispatcher() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let ids: Vec<_> = (0..20)
+        .map(|n| NewEvent::new("t", payload(n)))
+        .collect::<Vec<_>>();
+    let mut tx = db.pool.begin().await?;
+    let ids = enqueue_batch(&mut tx, app, &ids).await?;
+    tx.commit().await?;
+    let handled = wait_until(Duration::from_secs(10), || async {
+        ids.iter().all(|id| calls.of(*id) == 1)
+    })
+    .await;
+    assert!(handled, "not every row was handled");
+    // Only claim loops run the complete-and-claim statement, on their own
+    // connections (see `store::outbox::claim_connect_options`).
+    let claimers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'WITH done AS%'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(claimers >= 1, "no claim connection seen");
+    stop.cancel();
+    run.await??;
+    let closed = wait_until(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'WITH done AS%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .is_ok_and(|n| n == 0)
+    })
+    .await;
+    assert!(closed, "a claim loop's connection outlived the dispatcher");
+    Ok(())
+}
