@@ -427,7 +427,15 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
         .options([(
             "idle_in_transaction_session_timeout",
             format!("{}ms", db.idle_in_transaction_timeout_ms),
-        )]);
+        )])
+        // A process cut off by the network keeps its row and advisory locks
+        // until the server notices it is gone; probing an idle connection
+        // after 30 s (3 probes, 10 s apart) bounds that to about a minute.
+        .options([
+            ("tcp_keepalives_idle", 30),
+            ("tcp_keepalives_interval", 10),
+            ("tcp_keepalives_count", 3),
+        ]);
     let shown = options.to_url_lossy();
     PgPoolOptions::new()
         .max_connections(db.max_connections)
@@ -1001,4 +1009,34 @@ async fn dead_letter_command(settings: Settings, cmd: DeadLetterCommand) -> anyh
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sessions_end_idle_transactions_and_probe_a_silent_client()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let db = outbox_testkit::TestDb::new().await?;
+        let settings = config::Settings::load_from(
+            std::path::Path::new("../../config"),
+            None,
+            [("DATABASE_URL".to_owned(), db.url.clone())],
+        )?;
+        let pool = connect(&settings).await?;
+        for (name, want) in [
+            ("idle_in_transaction_session_timeout", "60000"),
+            ("tcp_keepalives_idle", "30"),
+            ("tcp_keepalives_interval", "10"),
+            ("tcp_keepalives_count", "3"),
+        ] {
+            let got: String = sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = $1")
+                .bind(name)
+                .fetch_one(&pool)
+                .await?;
+            assert_eq!(got, want, "{name}");
+        }
+        Ok(())
+    }
 }
