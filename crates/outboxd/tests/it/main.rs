@@ -289,13 +289,42 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
     Ok(())
 }
 
+/// A folder of one test's own, removed with everything in it (a JetStream
+/// store preallocates tens of megabytes) when the test ends.
+struct ScratchDir(std::path::PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for ScratchDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for ScratchDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A config folder whose overlay points the stream contract at a stream and
 /// subject space of this test's own on the shared nats-server.
 fn nats_config_dir(
     prefix: &str,
     max_age_secs: u64,
-) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("outboxd-{prefix}"));
+) -> Result<ScratchDir, Box<dyn std::error::Error>> {
+    let dir = ScratchDir(std::env::temp_dir().join(format!("outboxd-{prefix}")));
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(
         concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default.toml"),
@@ -470,7 +499,7 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     let db = TestDb::new().await?;
     let prefix = format!("k{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let dir = nats_config_dir(&prefix, 3600)?;
-    let mut nats = OwnNats::start(free_port()?, dir.clone())?;
+    let mut nats = OwnNats::start(free_port()?, dir.to_path_buf())?;
     let url = nats.url();
     assert!(
         wait_until(Duration::from_secs(10), || async {
