@@ -11,6 +11,11 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// The ceiling never grows past this.
     pub max: Duration,
+    /// Draw each delay uniformly from `[0, ceiling]` ("full jitter"). Off,
+    /// the delay is the ceiling itself: deterministic, for tests (the test
+    /// kit), not for production, where rows that failed together would
+    /// retry together.
+    pub jitter: bool,
 }
 
 impl Default for RetryPolicy {
@@ -19,6 +24,7 @@ impl Default for RetryPolicy {
             max_attempts: 20,
             base: Duration::from_millis(500),
             max: Duration::from_secs(600),
+            jitter: true,
         }
     }
 }
@@ -36,6 +42,9 @@ impl RetryPolicy {
     /// A delay drawn uniformly from `[0, ceiling(attempt)]` ("full jitter"), so
     /// rows that failed together do not retry together.
     pub fn backoff(&self, attempt: u32) -> Duration {
+        if !self.jitter {
+            return self.ceiling(attempt);
+        }
         let ceiling = self.ceiling(attempt).as_millis() as u64;
         Duration::from_millis(fastrand::u64(0..=ceiling))
     }
@@ -57,6 +66,7 @@ mod tests {
             max_attempts: 10,
             base: Duration::from_millis(100),
             max: Duration::from_secs(1),
+            jitter: true,
         };
         let ceilings: Vec<u128> = (1..=7).map(|a| p.ceiling(a).as_millis()).collect();
         assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000, 1000]);
@@ -84,5 +94,16 @@ mod tests {
         assert!(!p.has_attempts_left(3, None));
         assert!(p.has_attempts_left(3, Some(5)));
         assert!(!p.has_attempts_left(1, Some(1)));
+    }
+
+    #[test]
+    fn without_jitter_the_delay_is_the_ceiling() {
+        let p = RetryPolicy {
+            jitter: false,
+            ..RetryPolicy::default()
+        };
+        for attempt in 1..12 {
+            assert_eq!(p.backoff(attempt), p.ceiling(attempt));
+        }
     }
 }

@@ -163,8 +163,9 @@ impl TestDb {
     }
 }
 
-/// Runs a dispatcher with `handlers` (test-friendly settings: short backoff)
-/// until a claim finds nothing due; returns what it did. Rows waiting for a
+/// Runs a dispatcher with `handlers` (test-friendly settings: backoff without
+/// jitter, 500 ms after the first failure and doubling) until a claim finds
+/// nothing due; returns what it did. Rows waiting for a
 /// backoff are not due: [`TestDb::advance`] the clock and call it again.
 pub async fn run_until_idle(
     pool: &PgPool,
@@ -172,6 +173,13 @@ pub async fn run_until_idle(
 ) -> Result<outbox_dispatch::BatchReport, TestDbError> {
     let config = outbox_dispatch::Config {
         handler_timeout: std::time::Duration::from_secs(10),
+        // A failed row waits exactly its backoff ceiling (500 ms after the
+        // first failure, doubling), so whether it is due depends only on
+        // `TestDb::advance`, never on a random draw.
+        retry: outbox_dispatch::RetryPolicy {
+            jitter: false,
+            ..outbox_dispatch::RetryPolicy::default()
+        },
         ..outbox_dispatch::Config::default()
     };
     outbox_dispatch::Dispatcher::new(pool.clone(), handlers, config)

@@ -589,6 +589,7 @@ impl Settings {
                 max_attempts: self.trigger_retry_max_attempts,
                 base: Duration::from_millis(self.trigger_retry_base_ms),
                 max: Duration::from_millis(self.trigger_retry_max_ms),
+                jitter: true,
             },
             max_trigger_depth: self.max_trigger_depth,
             in_transaction: d.in_transaction,

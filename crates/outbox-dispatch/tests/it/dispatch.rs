@@ -42,6 +42,7 @@ async fn retries_back_off_within_a_growing_capped_ceiling() -> TestResult {
         max_attempts: 10,
         base: Duration::from_secs(10),
         max: Duration::from_secs(40),
+        jitter: true,
     };
     let mut cfg = config();
     cfg.retry = policy;

@@ -37,6 +37,7 @@ pub(crate) fn config() -> Config {
             max_attempts: 5,
             base: Duration::from_millis(10),
             max: Duration::from_millis(100),
+            jitter: true,
         },
         ..Config::default()
     }
