@@ -25,6 +25,9 @@ ADMIN_EMAIL=admin@example.com
 ADMIN_PASSWORD="$(cat "$STATE_DIR/admin_password")"
 umask 022
 HTTP_PORT="${OUTBOXD_HTTP_PORT:-$(free_port)}"
+# The port is this script's knob, not a setting: outboxd refuses unknown
+# OUTBOXD_* variables.
+unset OUTBOXD_HTTP_PORT
 export OUTBOXD_HTTP__LISTEN="127.0.0.1:$HTTP_PORT"
 "$BIN" migrate
 "$BIN" app create demo >/dev/null
