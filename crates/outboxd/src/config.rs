@@ -330,11 +330,11 @@ impl Settings {
         if d.heartbeat_interval_ms == 0 {
             // Without a heartbeat nothing extends a lease: a handler must
             // finish (or time out) before its lease runs out.
-            range(
+            below_lease(
                 "dispatcher.handler_timeout_ms",
                 d.handler_timeout_ms,
                 10,
-                d.lease_ms - 1,
+                d.lease_ms,
             )?;
         } else {
             range(
@@ -343,11 +343,11 @@ impl Settings {
                 10,
                 86_400_000,
             )?;
-            range(
+            below_lease(
                 "dispatcher.heartbeat_interval_ms",
                 d.heartbeat_interval_ms,
                 100,
-                d.lease_ms - 1,
+                d.lease_ms,
             )?;
         }
         range("dispatcher.drain_grace_ms", d.drain_grace_ms, 0, 3_600_000)?;
@@ -645,6 +645,30 @@ fn range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), Config
     })
 }
 
+/// Like [`range`] with `lease_ms - 1` as the maximum, but the refusal says
+/// where that maximum comes from: it may be `lease_ms` that was just set.
+fn below_lease(key: &'static str, value: u64, min: u64, lease_ms: u64) -> Result<(), ConfigError> {
+    range(key, value, min, lease_ms - 1).map_err(|err| match err {
+        ConfigError::Range {
+            key,
+            value,
+            problem,
+            env_hint,
+            ..
+        } => ConfigError::Range {
+            key,
+            value,
+            problem,
+            accepted: format!(
+                "{min}..={}, shorter than dispatcher.lease_ms = {lease_ms}",
+                lease_ms - 1
+            ),
+            env_hint,
+        },
+        other => other,
+    })
+}
+
 fn describe_figment_error(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| {
@@ -704,6 +728,18 @@ mod tests {
         assert!(err.contains("max_trigger_depth = 0"), "{err}");
         assert!(err.contains("1..=64"), "{err}");
         assert!(err.contains("OUTBOXD_MAX_TRIGGER_DEPTH"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_heartbeat_is_named_in_the_refusal() {
+        let err = load(&[("OUTBOXD_DISPATCHER__LEASE_MS", "1000")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heartbeat_interval_ms = 10000"), "{err}");
+        assert!(
+            err.contains("shorter than dispatcher.lease_ms = 1000"),
+            "{err}"
+        );
     }
 
     #[test]
