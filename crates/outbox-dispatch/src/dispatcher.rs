@@ -1225,9 +1225,6 @@ impl Inner {
     }
 }
 
-/// A taken row as its handler sees it: a take does not count the attempt in
-/// the table (a failure does, after the rollback), so the attempt running
-/// now is one more than those recorded.
 /// Claimed rows run together in one task: spawning a task per row cost more
 /// than a no-op handler, while a batch still spreads over the runtime's
 /// threads in chunks of this size.
@@ -1236,6 +1233,9 @@ const ROWS_PER_TASK: usize = 32;
 /// How often each transactional claim loop looks for batches whose worker died.
 const ABANDONED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A taken row as its handler sees it: a take does not count the attempt in
+/// the table (a failure does, after the rollback), so the attempt running
+/// now is one more than those recorded.
 fn taken_attempt(row: &ClaimedEvent) -> ClaimedEvent {
     let mut row = row.clone();
     row.attempt_count += 1;

@@ -438,23 +438,19 @@ async fn claim_loops_claim_on_connections_of_their_own_that_end_with_the_dispatc
     assert!(handled, "not every row was handled");
     // Only claim loops run the complete-and-claim statement, on their own
     // connections (see `store::outbox::claim_connect_options`).
-    let claimers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND query LIKE 'WITH done AS%'",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    assert!(claimers >= 1, "no claim connection seen");
-    stop.cancel();
-    run.await??;
-    let closed = wait_until(Duration::from_secs(5), || async {
+    let claim_sessions = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND query LIKE 'WITH done AS%'",
         )
         .fetch_one(&db.pool)
         .await
-        .is_ok_and(|n| n == 0)
+    };
+    assert!(claim_sessions().await? >= 1, "no claim connection seen");
+    stop.cancel();
+    run.await??;
+    let closed = wait_until(Duration::from_secs(5), || async {
+        claim_sessions().await.is_ok_and(|n| n == 0)
     })
     .await;
     assert!(closed, "a claim loop's connection outlived the dispatcher");

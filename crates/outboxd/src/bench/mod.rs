@@ -480,24 +480,13 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         )
         .await?;
         truncate(&pool).await?;
-        struct Side {
-            claim_p50_ms: f64,
-            drain_rate: f64,
-        }
-        let small = Side {
-            claim_p50_ms: median(small_claims),
-            drain_rate: median(small_rates),
-        };
-        let peak_rss_mib = large.peak_rss_mib;
-        let large = Side {
-            claim_p50_ms: large.claim_p50_ms,
-            drain_rate: median(large.drain_rates),
-        };
+        let (small_claim, small_rate) = (median(small_claims), median(small_rates));
+        let large_rate = median(large.drain_rates);
         let (s, l) = (args.backlogs[0], args.backlogs[1]);
         figures.push(fig(
             "backlog",
             format!("claim of 100, {s} waiting, p50"),
-            small.claim_p50_ms,
+            small_claim,
             "ms claim",
             None,
         ));
@@ -506,26 +495,26 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             format!("claim of 100, {l} waiting, p50"),
             large.claim_p50_ms,
             "ms claim",
-            Some((small.claim_p50_ms, "small backlog")),
+            Some((small_claim, "small backlog")),
         ));
         figures.push(fig(
             "backlog",
             format!("drain, {s} waiting"),
-            small.drain_rate,
+            small_rate,
             "events/s",
             None,
         ));
         figures.push(fig(
             "backlog",
             format!("drain, {l} waiting"),
-            large.drain_rate,
+            large_rate,
             "events/s",
-            Some((small.drain_rate, "small backlog")),
+            Some((small_rate, "small backlog")),
         ));
         figures.push(fig(
             "backlog",
             format!("peak RSS draining {l} rows"),
-            peak_rss_mib,
+            large.peak_rss_mib,
             "MiB",
             None,
         ));
