@@ -1,11 +1,18 @@
 //! The claim loop and everything around it: heartbeat, completer, drain.
 //!
 //! ```text
-//!  NOTIFY / poll ──▶ claim loop ──spawn──▶ handler tasks ──Finished──▶ completer
+//!  pacer: NOTIFY while asleep,
+//!         a tick while busy ──▶ claim loop ──spawn──▶ handler tasks ──Finished──▶ completer
 //!                      ▲  (semaphore: at most `concurrency` rows claimed)   │
 //!                      └──────────── permits return after the flush ◀───────┘
 //!  heartbeat: extends the leases of running rows every `heartbeat_interval`
 //! ```
+//!
+//! The pacer decides when claim loops look for rows. While rows keep coming
+//! it is *busy*: it wakes a claim loop every [`BUSY_POLL`] and inserts send
+//! no `NOTIFY` (see [`outbox_core::store::wake`]). Once claims come back
+//! empty it *sleeps*: inserts notify, and each notification wakes a claim
+//! loop. Many notifications in a short time make it busy again.
 //!
 //! Completions are written in batches: one `DELETE` for every success the
 //! completer has in hand, one `UPDATE` for every retry, one statement for
@@ -14,6 +21,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +30,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, Bury, Reschedule};
+use outbox_core::store::wake;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -32,8 +41,24 @@ use uuid::Uuid;
 
 use crate::{ClaimTx, Error, Event, HandlerError, Registry, RetryPolicy};
 
-/// The channel dispatchers LISTEN on; the outbox insert trigger notifies it.
-pub const NOTIFY_CHANNEL: &str = "outbox_due";
+/// The channel dispatchers LISTEN on; the outbox insert trigger notifies it
+/// while some dispatcher sleeps.
+pub const NOTIFY_CHANNEL: &str = outbox_core::store::wake::CHANNEL;
+
+/// How often a busy dispatcher looks for new rows: at most this long passes
+/// between a commit and the claim that sees it, at a cost of one claim per
+/// tick (an empty claim costs about 0.1 ms of server time).
+pub const BUSY_POLL: Duration = Duration::from_millis(1);
+
+/// A busy dispatcher sleeps after this many ticks in a row claimed nothing.
+const IDLE_TICKS: u32 = 8;
+
+/// A sleeping dispatcher turns busy when this many notifications arrive
+/// within [`BUSY_WINDOW`] (about 250 inserting commits a second): polling
+/// then costs the database less than the notifications, which make those
+/// commits wait for one another.
+const BUSY_NOTIFICATIONS: u32 = 8;
+const BUSY_WINDOW: Duration = Duration::from_millis(32);
 
 /// Dispatcher settings. [`Config::default`] is a sane start; [`Config::validate`]
 /// checks the relations between them.
@@ -219,8 +244,16 @@ struct Inner {
     config: Config,
     // Rows whose handler is running, for the heartbeat and for drain.
     running: Mutex<HashMap<Uuid, Lease>>,
-    // Wakes the claim loop: a notification arrived or an ordered row finished.
+    // Wakes the claim loop: the pacer's tick, a notification, or an ordered
+    // row finished.
     wake: Notify,
+    // Rows claimed over the dispatcher's life; the pacer sleeps when it
+    // stops moving.
+    claimed_rows: AtomicU64,
+    // Tells the pacer a notification arrived.
+    notified: Notify,
+    // Whether the LISTEN connection is up; without it the pacer never sleeps.
+    listening: AtomicBool,
     // Successes waiting to be deleted. A claim loop deletes them in its next
     // claim statement (one commit for both); the completer takes whatever a
     // claim loop does not pick up soon.
@@ -257,6 +290,9 @@ impl Dispatcher {
                 config,
                 running: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                claimed_rows: AtomicU64::new(0),
+                notified: Notify::new(),
+                listening: AtomicBool::new(false),
                 succeeded: Mutex::new(Vec::new()),
                 succeeded_ready: Notify::new(),
                 totals: Mutex::new(BatchReport::default()),
@@ -337,6 +373,7 @@ impl Dispatcher {
         // rows keep their leases fresh while they finish.
         let helpers = CancellationToken::new();
         let listener = tokio::spawn(inner.clone().listen(helpers.clone()));
+        let pacer = tokio::spawn(inner.clone().pace(helpers.clone()));
         let heartbeat = tokio::spawn(inner.clone().heartbeat(helpers.clone()));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
         let completer = tokio::spawn(inner.clone().complete(done_rx));
@@ -380,6 +417,7 @@ impl Dispatcher {
         };
         helpers.cancel();
         let _ = listener.await;
+        let _ = pacer.await;
         let _ = heartbeat.await;
         info!(?totals, released, "dispatcher stopped");
         Ok(DrainReport { totals, released })
@@ -532,6 +570,7 @@ impl Inner {
             };
             metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
             let got = rows.len();
+            self.claimed_rows.fetch_add(got as u64, Ordering::Relaxed);
             self.running_insert_all(&rows);
             let mut rows = rows.into_iter();
             loop {
@@ -653,6 +692,7 @@ impl Inner {
             return Ok(BatchReport::default());
         }
         metrics::counter!("outboxd_claimed_total").increment(taken as u64);
+        self.claimed_rows.fetch_add(taken as u64, Ordering::Relaxed);
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let lock_key = fastrand::i64(..);
         self.open_tx_batch(keeper, lock_key, &ids).await?;
@@ -1191,17 +1231,24 @@ impl Inner {
         }
     }
 
-    /// Wakes the claim loop on every `NOTIFY outbox_due`; reconnects with backoff.
+    /// Wakes a claim loop on every `NOTIFY outbox_due` and tells the pacer;
+    /// reconnects with backoff.
     async fn listen(self: Arc<Self>, stop: CancellationToken) {
         let mut failures = 0u32;
         loop {
             let attempt = async {
                 let mut listener = PgListener::connect_with(&self.pool).await?;
                 listener.listen(NOTIFY_CHANNEL).await?;
+                self.listening.store(true, Ordering::Relaxed);
                 // Anything inserted while we were not listening is due now.
                 self.wake.notify_one();
                 loop {
-                    listener.recv().await?;
+                    // `None`: the connection was lost and has been replaced
+                    // (LISTEN again in force); notifications sent meanwhile
+                    // are gone, so look for rows.
+                    if listener.try_recv().await?.is_some() {
+                        self.notified.notify_one();
+                    }
                     self.wake.notify_one();
                 }
                 #[allow(unreachable_code)]
@@ -1210,6 +1257,7 @@ impl Inner {
             tokio::select! {
                 () = stop.cancelled() => return,
                 result = attempt => {
+                    self.listening.store(false, Ordering::Relaxed);
                     if let Err(err) = result {
                         failures = failures.saturating_add(1);
                         warn!(error = %err, "LISTEN connection lost; polling until it is back");
@@ -1223,6 +1271,196 @@ impl Inner {
             }
         }
     }
+
+    /// Paces the claim loops (see the module docs): ticks while busy, sleeps
+    /// on notifications while idle. The `sleep` lock lives on a connection of
+    /// its own, closed when the dispatcher stops.
+    async fn pace(self: Arc<Self>, stop: CancellationToken) {
+        let mut sleeper: Option<PgConnection> = None;
+        let mut state = Pace::Busy { idle_ticks: 0 };
+        let mut last_claimed = self.claimed_rows.load(Ordering::Relaxed);
+        loop {
+            state = match state {
+                Pace::Busy { idle_ticks } => {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(BUSY_POLL) => {}
+                    }
+                    let claimed = self.claimed_rows.load(Ordering::Relaxed);
+                    let idle_ticks = if claimed == last_claimed {
+                        idle_ticks + 1
+                    } else {
+                        0
+                    };
+                    last_claimed = claimed;
+                    self.wake.notify_one();
+                    if idle_ticks < IDLE_TICKS || !self.listening.load(Ordering::Relaxed) {
+                        Pace::Busy { idle_ticks }
+                    } else {
+                        self.fall_asleep(&mut sleeper).await
+                    }
+                }
+                Pace::Asleep { recheck } => {
+                    match self
+                        .doze(&stop, tokio::time::Instant::now() + recheck)
+                        .await
+                    {
+                        Woken::Stopped => break,
+                        Woken::Recheck => {
+                            // Until every insert open at the start of the
+                            // sleep has ended, poll at growing intervals;
+                            // then once per poll interval, which also finds
+                            // out when the pacer's connection (and with it
+                            // the lock) is gone. The claim this wakes starts
+                            // after the check, so it sees the rows of every
+                            // insert the check found ended.
+                            let settled = self.settled(&mut sleeper).await;
+                            self.wake.notify_one();
+                            match settled {
+                                Some(true) => Pace::Asleep {
+                                    recheck: self.config.poll_interval,
+                                },
+                                Some(false) => Pace::Asleep {
+                                    recheck: (recheck * 2).min(self.config.poll_interval),
+                                },
+                                None => Pace::Busy { idle_ticks: 0 },
+                            }
+                        }
+                        Woken::Busy => {
+                            self.wake_up(&mut sleeper).await;
+                            last_claimed = self.claimed_rows.load(Ordering::Relaxed);
+                            Pace::Busy { idle_ticks: 0 }
+                        }
+                    }
+                }
+            };
+        }
+        if let Some(conn) = sleeper.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Waits, asleep, until notifications come fast enough to poll instead
+    /// (or the LISTEN connection is lost), until `recheck_at`, or until stopped.
+    async fn doze(&self, stop: &CancellationToken, recheck_at: tokio::time::Instant) -> Woken {
+        let mut burst = Burst::new(Instant::now());
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Woken::Stopped,
+                () = tokio::time::sleep_until(recheck_at) => return Woken::Recheck,
+                () = self.notified.notified() => {}
+            }
+            if !self.listening.load(Ordering::Relaxed) || burst.record(Instant::now()) {
+                return Woken::Busy;
+            }
+        }
+    }
+
+    /// Takes the `sleep` lock on the pacer's connection (connecting it first
+    /// if needed) and wakes a claim loop for one last look; stays busy when
+    /// that fails.
+    async fn fall_asleep(&self, sleeper: &mut Option<PgConnection>) -> Pace {
+        let began = async {
+            let conn = match sleeper {
+                Some(conn) => conn,
+                None => {
+                    sleeper.insert(PgConnection::connect_with(&self.pool.connect_options()).await?)
+                }
+            };
+            wake::begin_sleep(conn).await
+        }
+        .await;
+        match began {
+            Ok(Some(settled)) => {
+                // The claim this wakes starts after the lock was taken.
+                self.wake.notify_one();
+                Pace::Asleep {
+                    recheck: if settled {
+                        self.config.poll_interval
+                    } else {
+                        BUSY_POLL
+                    },
+                }
+            }
+            Ok(None) => Pace::Busy { idle_ticks: 0 },
+            Err(err) => {
+                debug!(error = %err, "could not start sleeping; polling");
+                *sleeper = None;
+                Pace::Busy { idle_ticks: 0 }
+            }
+        }
+    }
+
+    /// Asks whether inserts open when the sleep began have ended; `None`
+    /// (and the connection dropped, which frees its lock) when the pacer's
+    /// connection failed.
+    async fn settled(&self, sleeper: &mut Option<PgConnection>) -> Option<bool> {
+        let conn = sleeper.as_mut()?;
+        match wake::settled(conn).await {
+            Ok(settled) => Some(settled),
+            Err(err) => {
+                debug!(error = %err, "lost the pacer's connection; polling");
+                *sleeper = None;
+                None
+            }
+        }
+    }
+
+    /// Releases the `sleep` lock: this dispatcher polls from now on.
+    async fn wake_up(&self, sleeper: &mut Option<PgConnection>) {
+        if let Some(conn) = sleeper.as_mut()
+            && let Err(err) = wake::end_sleep(conn).await
+        {
+            debug!(error = %err, "lost the pacer's connection");
+            *sleeper = None;
+        }
+    }
+}
+
+/// What the pacer is doing.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// Waking a claim loop every [`BUSY_POLL`]; `idle_ticks` in a row claimed nothing.
+    Busy { idle_ticks: u32 },
+    /// Holding the `sleep` lock and waking claim loops on notifications,
+    /// and after `recheck`: short while an insert open since before the
+    /// sleep may still commit unannounced, the poll interval once none is.
+    Asleep { recheck: Duration },
+}
+
+/// Notifications counted in windows of [`BUSY_WINDOW`].
+#[derive(Debug)]
+struct Burst {
+    window_start: Instant,
+    count: u32,
+}
+
+impl Burst {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            count: 0,
+        }
+    }
+
+    /// Counts a notification at `now`; true once [`BUSY_NOTIFICATIONS`] of
+    /// them arrived within one window.
+    fn record(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.window_start) > BUSY_WINDOW {
+            *self = Self::new(now);
+        }
+        self.count += 1;
+        self.count >= BUSY_NOTIFICATIONS
+    }
+}
+
+/// Why a sleeping pacer woke up.
+enum Woken {
+    Stopped,
+    /// Time to ask again whether the sleep has settled.
+    Recheck,
+    /// Rows come fast: poll instead.
+    Busy,
 }
 
 /// Claimed rows run together in one task: spawning a task per row cost more
@@ -1240,4 +1478,25 @@ fn taken_attempt(row: &ClaimedEvent) -> ClaimedEvent {
     let mut row = row.clone();
     row.attempt_count += 1;
     row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_notifications_turns_the_pacer_busy_a_trickle_does_not() {
+        let start = Instant::now();
+        let mut burst = Burst::new(start);
+        let fast: Vec<bool> = (0..BUSY_NOTIFICATIONS)
+            .map(|i| burst.record(start + Duration::from_millis(u64::from(i))))
+            .collect();
+        assert!(fast[..fast.len() - 1].iter().all(|busy| !busy));
+        assert_eq!(fast.last(), Some(&true));
+
+        // One notification per window never adds up, however long it goes on.
+        let mut burst = Burst::new(start);
+        let spaced = BUSY_WINDOW + Duration::from_millis(1);
+        assert!((1..1000u32).all(|i| !burst.record(start + spaced * i)));
+    }
 }

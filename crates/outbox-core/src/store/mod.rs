@@ -10,3 +10,4 @@ pub mod outbox;
 pub mod principals;
 pub mod retention;
 pub mod triggers;
+pub mod wake;

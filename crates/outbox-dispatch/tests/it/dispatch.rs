@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::{NewEvent, enqueue_batch};
-use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry, RetryPolicy};
+use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry, RetryPolicy};
 use outbox_testkit::{TestDb, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -454,5 +454,82 @@ async fn claim_loops_claim_on_connections_of_their_own_that_end_with_the_dispatc
     })
     .await;
     assert!(closed, "a claim loop's connection outlived the dispatcher");
+    Ok(())
+}
+
+/// Whether some dispatcher holds the wake protocol's `sleep` lock.
+async fn a_dispatcher_sleeps(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND classid = 1869968482 AND objid = 1 AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_sleeping_dispatcher_is_woken_by_an_insert_not_by_its_poll() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let config = Config {
+        poll_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let asleep = wait_until(Duration::from_secs(10), || a_dispatcher_sleeps(&db.pool)).await;
+    assert!(asleep, "an idle dispatcher never went to sleep");
+    for n in 0..3 {
+        let id = enqueue_committed(&db.pool, app, NewEvent::new("t", payload(n))).await?;
+        let handled = wait_until(Duration::from_secs(5), || async { calls.of(id) == 1 }).await;
+        assert!(handled, "event {n} waited for the 60 s poll");
+        let asleep = wait_until(Duration::from_secs(10), || a_dispatcher_sleeps(&db.pool)).await;
+        assert!(asleep, "the dispatcher did not go back to sleep");
+    }
+    stop.cancel();
+    run.await??;
+    let gone = wait_until(Duration::from_secs(5), || async {
+        !a_dispatcher_sleeps(&db.pool).await
+    })
+    .await;
+    assert!(gone, "the sleep lock outlived the dispatcher");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_insert_open_while_the_dispatcher_falls_asleep_is_not_left_to_the_poll() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let config = Config {
+        poll_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config);
+    // Inserted before any dispatcher sleeps, so it sends no NOTIFY, and
+    // committed only once the dispatcher has gone to sleep.
+    let mut producer = db.pool.begin().await?;
+    let id = outbox_core::enqueue(&mut producer, app, &NewEvent::new("t", payload(1))).await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let asleep = wait_until(Duration::from_secs(10), || a_dispatcher_sleeps(&db.pool)).await;
+    assert!(asleep, "an idle dispatcher never went to sleep");
+    producer.commit().await?;
+    let handled = wait_until(Duration::from_secs(5), || async { calls.of(id) == 1 }).await;
+    stop.cancel();
+    run.await??;
+    assert!(handled, "the row waited for the 60 s poll");
     Ok(())
 }
