@@ -266,40 +266,74 @@ pub struct Latency {
     /// 99th percentile of the producer's own commit, which the figures
     /// above include.
     pub commit_p99: f64,
+    /// Load events the producers committed per second (what was asked for,
+    /// as achieved).
+    pub offered: f64,
 }
 
-/// Commit → handler start for `samples` single-event transactions, while
-/// producers offer `load_rate` other events per second (0: idle), in lease
-/// or transactional mode.
+/// Who takes the events in a latency run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taker {
+    /// Two plain-SQL consumers running `DELETE … LIMIT 100 FOR UPDATE SKIP
+    /// LOCKED RETURNING` back to back (1 ms apart when the queue is empty):
+    /// what the same load allows without any dispatcher.
+    Raw,
+    /// outboxd in lease mode (`false`) or transactional mode (`true`).
+    Outboxd { in_transaction: bool },
+}
+
+/// Commit → handler start (for [`Taker::Raw`]: → the DELETE returning the
+/// row) for `samples` single-event transactions, while producers offer
+/// `load_rate` other events per second (0: idle).
 pub async fn latency(
     pool: &PgPool,
     settings: &Settings,
     app: Uuid,
     samples: u32,
     load_rate: u32,
-    in_transaction: bool,
+    taker: Taker,
 ) -> anyhow::Result<Latency> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Uuid, Instant)>();
-    let tx = Arc::new(tx);
-    let mut registry = noop("bench.load");
-    registry.register("bench.latency", move |e: Event| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send((e.id, Instant::now()));
-            Ok::<(), HandlerError>(())
-        }
-    });
-    let config = outbox_dispatch::Config {
-        in_transaction,
-        ..settings.dispatcher_config()
-    };
-    let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = match taker {
+        Taker::Raw => {
+            let consumers: Vec<_> = (0..2)
+                .map(|_| tokio::spawn(raw_taker(pool.clone(), app, tx.clone(), stop.clone())))
+                .collect();
+            tokio::spawn(async move {
+                for consumer in consumers {
+                    consumer.await??;
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        }
+        Taker::Outboxd { in_transaction } => {
+            let tx = Arc::new(tx);
+            let mut registry = noop("bench.load");
+            registry.register("bench.latency", move |e: Event| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((e.id, Instant::now()));
+                    Ok::<(), HandlerError>(())
+                }
+            });
+            let config = outbox_dispatch::Config {
+                in_transaction,
+                ..settings.dispatcher_config()
+            };
+            let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .run(async move { stop.cancelled().await })
+                    .await?;
+                Ok(())
+            })
+        }
+    };
     let stop_load = CancellationToken::new();
+    let produced = Arc::new(AtomicU64::new(0));
+    let load_started = Instant::now();
     let producers = if load_rate > 0 {
         spawn_producers(
             pool,
@@ -307,7 +341,7 @@ pub async fn latency(
             "bench.load",
             load_rate,
             stop_load.clone(),
-            Arc::new(AtomicU64::new(0)),
+            produced.clone(),
         )
     } else {
         Vec::new()
@@ -316,25 +350,38 @@ pub async fn latency(
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut histogram = Histogram::<u64>::new(3)?;
     let mut commits = Histogram::<u64>::new(3)?;
+    let mut fell_behind = false;
     for _ in 0..samples {
         let mut txn = pool.begin().await?;
         let id = enqueue(&mut txn, app, &NewEvent::new("bench.latency", json!({}))).await?;
         let committing = Instant::now();
         txn.commit().await?;
         commits.record(committing.elapsed().as_micros() as u64)?;
-        let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .context("no handler start within 10 s")?
-            .context("latency handler gone")?;
-        ensure!(got == id, "handler saw an unexpected event");
-        histogram.record(at.duration_since(committing).as_micros() as u64)?;
+        match tokio::time::timeout(TAKE_TIMEOUT, rx.recv()).await {
+            Ok(taken) => {
+                let (got, at) = taken.context("latency handler gone")?;
+                ensure!(got == id, "handler saw an unexpected event");
+                histogram.record(at.duration_since(committing).as_micros() as u64)?;
+            }
+            Err(_) => {
+                // The taker cannot keep up with the load: the queue grows
+                // without bound. Counted as the timeout, and no further
+                // samples are taken (each would wait as long).
+                histogram.record(TAKE_TIMEOUT.as_micros() as u64)?;
+                fell_behind = true;
+                break;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(2 + fastrand::u64(..3))).await;
     }
     stop_load.cancel();
+    let offered = produced.load(Ordering::Relaxed) as f64 / load_started.elapsed().as_secs_f64();
     for p in producers {
         p.await??;
     }
-    while !queue_empty(pool, app).await? {
+    // A taker that fell behind would take long to drain what is left; the
+    // caller truncates the outbox instead.
+    while !fell_behind && !queue_empty(pool, app).await? {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.cancel();
@@ -345,8 +392,43 @@ pub async fn latency(
         p95: ms(0.95),
         p99: ms(0.99),
         commit_p99: commits.value_at_quantile(0.99) as f64 / 1000.0,
+        offered,
     })
 }
+
+/// A plain-SQL consumer for [`Taker::Raw`]: deletes batches of due rows and
+/// reports when each latency sample was deleted.
+async fn raw_taker(
+    pool: PgPool,
+    app: Uuid,
+    taken: mpsc::UnboundedSender<(Uuid, Instant)>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let sql = format!("{} RETURNING id, topic", super::RAW_DELETE);
+    // Planned once, like a claim loop's statement: a custom plan chosen from
+    // the statistics of a short queue can be a sequential scan and a sort,
+    // which falls over as soon as the queue grows.
+    let options = outbox_core::store::outbox::claim_connect_options(&pool.connect_options());
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    while !stop.is_cancelled() {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(&sql).bind(app).fetch_all(&mut conn).await?;
+        let at = Instant::now();
+        for (id, topic) in &rows {
+            if topic == "bench.latency" {
+                let _ = taken.send((*id, at));
+            }
+        }
+        if rows.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+/// How long a latency sample may wait for its taker before the run counts
+/// as fallen behind.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a deep backlog looks like to the dispatcher.
 #[derive(Debug, Clone)]

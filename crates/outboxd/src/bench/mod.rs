@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Samples for each latency scenario.
     #[arg(long, default_value_t = 500)]
     latency_samples: u32,
+    /// Offered load of the loaded latency scenarios, in events per second
+    /// (0: half of the measured drain rate).
+    #[arg(long, default_value_t = 0)]
+    latency_load: u32,
     /// Rows for the relay and consume scenarios (they need NATS_URL).
     #[arg(long, default_value_t = 50_000)]
     relay_rows: u32,
@@ -289,36 +293,68 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // (c) latency from enqueue commit to handler start, idle and under half
     // of the drain capacity.
     if wants("latency") {
-        let idle = load::latency(&pool, &settings, app, args.latency_samples, 0, false).await?;
-        let load_rate = (drain.unwrap_or(raw_drain * 0.4) * 0.5) as u32;
-        let loaded = load::latency(
-            &pool,
-            &settings,
-            app,
-            args.latency_samples,
-            load_rate,
-            false,
-        )
-        .await?;
-        let loaded_tx =
-            load::latency(&pool, &settings, app, args.latency_samples, load_rate, true).await?;
-        for (label, l) in [
-            ("idle".to_owned(), idle),
-            (format!("{load_rate}/s load"), loaded),
-            (format!("{load_rate}/s load, transactional mode"), loaded_tx),
-        ] {
-            for (q, v) in [
-                ("p50", l.p50),
-                ("p95", l.p95),
-                ("p99", l.p99),
-                ("p99 of the producer's commit alone", l.commit_p99),
+        use load::Taker;
+        let lease = Taker::Outboxd {
+            in_transaction: false,
+        };
+        let transactional = Taker::Outboxd {
+            in_transaction: true,
+        };
+        let idle = load::latency(&pool, &settings, app, args.latency_samples, 0, lease).await?;
+        let load_rate = match args.latency_load {
+            0 => (drain.unwrap_or(raw_drain * 0.4) * 0.5) as u32,
+            rate => rate,
+        };
+        let mut loaded = Vec::new();
+        for taker in [Taker::Raw, lease, transactional] {
+            eprintln!("bench: latency under {load_rate}/s load, {taker:?}");
+            let run = load::latency(
+                &pool,
+                &settings,
+                app,
+                args.latency_samples,
+                load_rate,
+                taker,
+            )
+            .await?;
+            truncate(&pool).await?;
+            loaded.push(run);
+        }
+        let labels = [
+            format!("{load_rate}/s load, raw SQL consumers"),
+            format!("{load_rate}/s load"),
+            format!("{load_rate}/s load, transactional mode"),
+        ];
+        let raw_p99 = loaded.first().map(|l| (l.p99, "raw consumers' p99"));
+        let runs = std::iter::once(("idle".to_owned(), idle, None)).chain(
+            labels
+                .into_iter()
+                .zip(loaded)
+                .enumerate()
+                .map(|(i, (label, l))| (label, l, raw_p99.filter(|_| i > 0))),
+        );
+        for (label, l, baseline) in runs {
+            for (q, v, ratio_to) in [
+                ("p50", l.p50, None),
+                ("p95", l.p95, None),
+                ("p99", l.p99, baseline),
+                ("p99 of the producer's commit alone", l.commit_p99, None),
             ] {
                 figures.push(fig(
                     "latency",
                     format!("latency {label}, {q}"),
                     v,
                     "ms",
-                    None,
+                    ratio_to,
+                ));
+            }
+            if l.offered > 0.0 {
+                figures.push(fig(
+                    "latency",
+                    format!("latency {label}: load achieved"),
+                    l.offered,
+                    "events/s",
+                    Some((f64::from(load_rate), "asked")),
                 ));
             }
         }

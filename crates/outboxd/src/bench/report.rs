@@ -82,7 +82,7 @@ pub fn write(dir: &Path, figures: &[Figure], series: &[Series]) -> anyhow::Resul
     write_file(
         dir,
         "throughput.svg",
-        &bars("Throughput (events or rows per second)", &throughput),
+        &bars("Throughput (events or rows per second)", &throughput, None),
     )?;
     let ratios: Vec<(String, f64)> = figures
         .iter()
@@ -102,17 +102,23 @@ pub fn write(dir: &Path, figures: &[Figure], series: &[Series]) -> anyhow::Resul
     write_file(
         dir,
         "ratios.svg",
-        &bars("Ratio to the raw baseline of the same run", &ratios),
+        &bars("Ratio to the raw baseline of the same run", &ratios, None),
     )?;
     let latency: Vec<(String, f64)> = figures
         .iter()
-        .filter(|f| f.scenario == "latency")
+        .filter(|f| f.scenario == "latency" && f.unit == "ms")
         .map(|f| (f.name.clone(), f.value))
         .collect();
+    // A taker that fell behind waits seconds; drawn to scale, it would hide
+    // every other bar.
     write_file(
         dir,
         "latency.svg",
-        &bars("Latency commit → handler start (ms)", &latency),
+        &bars(
+            "Latency commit → handler start (ms; bars cut at 100)",
+            &latency,
+            Some(100.0),
+        ),
     )?;
     let mut charts: Vec<&'static str> = series.iter().map(|s| s.chart).collect();
     charts.dedup();
@@ -143,7 +149,7 @@ const COLORS: [&str; 6] = [
 ];
 
 /// Horizontal bars, one per item, with the value printed.
-pub fn bars(title: &str, items: &[(String, f64)]) -> String {
+pub fn bars(title: &str, items: &[(String, f64)], cap: Option<f64>) -> String {
     let row = 26.0;
     let (left, width) = (420.0, 360.0);
     let height = 50.0 + row * items.len() as f64;
@@ -151,6 +157,7 @@ pub fn bars(title: &str, items: &[(String, f64)]) -> String {
         .iter()
         .map(|(_, v)| *v)
         .fold(0.0_f64, f64::max)
+        .min(cap.unwrap_or(f64::INFINITY))
         .max(1e-9);
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="15">{}</text>"#,
@@ -158,7 +165,7 @@ pub fn bars(title: &str, items: &[(String, f64)]) -> String {
     );
     for (i, (label, value)) in items.iter().enumerate() {
         let y = 40.0 + row * i as f64;
-        let w = width * value / max;
+        let w = width * value.min(max) / max;
         let _ = write!(
             svg,
             r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{left}" y="{}" width="{w:.1}" height="{}" fill="{}"/><text x="{}" y="{}">{}</text>"#,
@@ -244,7 +251,7 @@ mod tests {
 
     #[test]
     fn charts_are_svg_with_every_label() {
-        let svg = bars("t", &[("a <b>".into(), 2.0), ("c".into(), 1.0)]);
+        let svg = bars("t", &[("a <b>".into(), 2.0), ("c".into(), 1.0)], None);
         assert!(svg.starts_with("<svg") && svg.contains("a &lt;b&gt;") && svg.contains(">c<"));
         let series = Series {
             chart: "depth",
@@ -253,6 +260,18 @@ mod tests {
         };
         let svg = line_chart("depth", &[&series]);
         assert!(svg.contains("polyline") && svg.contains("outboxd"));
+    }
+
+    #[test]
+    fn a_capped_bar_stops_at_the_full_width_and_keeps_its_value() {
+        let svg = bars(
+            "t",
+            &[("slow".into(), 9000.0), ("fast".into(), 5.0)],
+            Some(100.0),
+        );
+        assert!(svg.contains(r#"width="360.0""#), "{svg}");
+        assert!(svg.contains(r#"width="18.0""#), "{svg}");
+        assert!(svg.contains(">9000<"), "{svg}");
     }
 
     #[test]
