@@ -50,8 +50,10 @@ pub const NOTIFY_CHANNEL: &str = outbox_core::store::wake::CHANNEL;
 /// tick (an empty claim costs about 0.1 ms of server time).
 pub const BUSY_POLL: Duration = Duration::from_millis(1);
 
-/// A busy dispatcher sleeps after this many ticks in a row claimed nothing.
-const IDLE_TICKS: u32 = 8;
+/// A busy dispatcher sleeps once its claims have found nothing for this long
+/// (a gap that a steady 250 commits a second practically never leaves, so
+/// the two thresholds do not flap against each other).
+const BUSY_IDLE: Duration = Duration::from_millis(32);
 
 /// A sleeping dispatcher turns busy when this many notifications arrive
 /// within [`BUSY_WINDOW`] (about 250 inserting commits a second): polling
@@ -1277,25 +1279,26 @@ impl Inner {
     /// its own, closed when the dispatcher stops.
     async fn pace(self: Arc<Self>, stop: CancellationToken) {
         let mut sleeper: Option<PgConnection> = None;
-        let mut state = Pace::Busy { idle_ticks: 0 };
+        let mut state = Pace::busy();
         let mut last_claimed = self.claimed_rows.load(Ordering::Relaxed);
         loop {
             state = match state {
-                Pace::Busy { idle_ticks } => {
+                Pace::Busy { quiet_since } => {
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(BUSY_POLL) => {}
                     }
                     let claimed = self.claimed_rows.load(Ordering::Relaxed);
-                    let idle_ticks = if claimed == last_claimed {
-                        idle_ticks + 1
+                    let quiet_since = if claimed == last_claimed {
+                        quiet_since
                     } else {
-                        0
+                        Instant::now()
                     };
                     last_claimed = claimed;
                     self.wake.notify_one();
-                    if idle_ticks < IDLE_TICKS || !self.listening.load(Ordering::Relaxed) {
-                        Pace::Busy { idle_ticks }
+                    if quiet_since.elapsed() < BUSY_IDLE || !self.listening.load(Ordering::Relaxed)
+                    {
+                        Pace::Busy { quiet_since }
                     } else {
                         self.fall_asleep(&mut sleeper).await
                     }
@@ -1323,13 +1326,13 @@ impl Inner {
                                 Some(false) => Pace::Asleep {
                                     recheck: (recheck * 2).min(self.config.poll_interval),
                                 },
-                                None => Pace::Busy { idle_ticks: 0 },
+                                None => Pace::busy(),
                             }
                         }
                         Woken::Busy => {
                             self.wake_up(&mut sleeper).await;
                             last_claimed = self.claimed_rows.load(Ordering::Relaxed);
-                            Pace::Busy { idle_ticks: 0 }
+                            Pace::busy()
                         }
                     }
                 }
@@ -1382,11 +1385,11 @@ impl Inner {
                     },
                 }
             }
-            Ok(None) => Pace::Busy { idle_ticks: 0 },
+            Ok(None) => Pace::busy(),
             Err(err) => {
                 debug!(error = %err, "could not start sleeping; polling");
                 *sleeper = None;
-                Pace::Busy { idle_ticks: 0 }
+                Pace::busy()
             }
         }
     }
@@ -1420,8 +1423,8 @@ impl Inner {
 /// What the pacer is doing.
 #[derive(Debug, Clone, Copy)]
 enum Pace {
-    /// Waking a claim loop every [`BUSY_POLL`]; `idle_ticks` in a row claimed nothing.
-    Busy { idle_ticks: u32 },
+    /// Waking a claim loop every [`BUSY_POLL`]; no row claimed since `quiet_since`.
+    Busy { quiet_since: Instant },
     /// Holding the `sleep` lock and waking claim loops on notifications,
     /// and after `recheck`: short while an insert open since before the
     /// sleep may still commit unannounced, the poll interval once none is.
@@ -1451,6 +1454,14 @@ impl Burst {
         }
         self.count += 1;
         self.count >= BUSY_NOTIFICATIONS
+    }
+}
+
+impl Pace {
+    fn busy() -> Self {
+        Self::Busy {
+            quiet_since: Instant::now(),
+        }
     }
 }
 
