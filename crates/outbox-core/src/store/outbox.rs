@@ -361,9 +361,17 @@ pub async fn claim<'e>(
 /// Without a known batch size the generic plan's cost grows with the backlog
 /// and, past `jit_above_cost`, PostgreSQL would compile it to machine code
 /// on every execution (tens of ms for a claim of a millisecond); JIT is off.
+///
+/// Sequential scans are off too: planned while the statistics describe a
+/// short queue in a few pages, the statement would find the completed rows
+/// and the picked `ctid`s by scanning the whole table, and keep doing so
+/// after the table has grown.
 pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
-    base.clone()
-        .options([("plan_cache_mode", "force_generic_plan"), ("jit", "off")])
+    base.clone().options([
+        ("plan_cache_mode", "force_generic_plan"),
+        ("jit", "off"),
+        ("enable_seqscan", "off"),
+    ])
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`

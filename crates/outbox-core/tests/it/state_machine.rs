@@ -402,7 +402,11 @@ impl StateMachineTest for RealRows {
                 .await
                 .expect("connect the claimer")
             };
-            for (setting, want) in [("plan_cache_mode", "force_generic_plan"), ("jit", "off")] {
+            for (setting, want) in [
+                ("plan_cache_mode", "force_generic_plan"),
+                ("jit", "off"),
+                ("enable_seqscan", "off"),
+            ] {
                 let got: String = sqlx::query_scalar(&format!("SHOW {setting}"))
                     .fetch_one(&mut claimer)
                     .await

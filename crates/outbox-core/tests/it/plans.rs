@@ -1,0 +1,65 @@
+//! The hot statements keep their index and TID scans when the statistics
+//! describe a short queue, which is what they describe most of the time.
+
+use outbox_core::store::outbox::{COMPLETE_AND_CLAIM_SQL, claim_connect_options};
+use outbox_testkit::TestDb;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn fill(db: &TestDb, app: Uuid, rows: i32) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (id, app_id, topic, payload)
+         SELECT outbox_uuid_v7(), $1, 't', jsonb_build_object('n', g) FROM generate_series(1, $2) g",
+    )
+    .bind(app)
+    .bind(rows)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, 300).await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    let mut claimer =
+        PgConnection::connect_with(&claim_connect_options(&db.pool.connect_options())).await?;
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {COMPLETE_AND_CLAIM_SQL}"))
+            .bind(100i64)
+            .bind("w")
+            .bind(30.0f64)
+            .bind(Vec::<Uuid>::new())
+            .bind(Vec::<i64>::new())
+            .fetch_all(&mut claimer)
+            .await?;
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
+    assert!(plan.contains("Tid Scan on outbox"), "{plan}");
+    claimer.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn vacuum_leaves_an_emptied_outbox_its_pages() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, 20_000).await?;
+    sqlx::query("VACUUM outbox").execute(&db.pool).await?;
+    let pages = || async {
+        sqlx::query_scalar::<_, i64>("SELECT pg_relation_size('outbox') / 8192")
+            .fetch_one(&db.pool)
+            .await
+    };
+    let full = pages().await?;
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+    sqlx::query("VACUUM outbox").execute(&db.pool).await?;
+    assert_eq!(pages().await?, full, "vacuum truncated the outbox");
+    Ok(())
+}
