@@ -274,9 +274,9 @@ pub struct Latency {
 /// Who takes the events in a latency run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taker {
-    /// Two plain-SQL consumers running `DELETE … LIMIT 100 FOR UPDATE SKIP
-    /// LOCKED RETURNING` back to back (1 ms apart when the queue is empty):
-    /// what the same load allows without any dispatcher.
+    /// Two plain-SQL consumers deleting batches of 100 with `FOR UPDATE SKIP
+    /// LOCKED … RETURNING` back to back (1 ms apart when the queue is
+    /// empty): what the same load allows without any dispatcher.
     Raw,
     /// outboxd in lease mode (`false`) or transactional mode (`true`).
     Outboxd { in_transaction: bool },
@@ -404,14 +404,19 @@ async fn raw_taker(
     taken: mpsc::UnboundedSender<(Uuid, Instant)>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let sql = format!("{} RETURNING id, topic", super::RAW_DELETE);
-    // Planned once, like a claim loop's statement: a custom plan chosen from
-    // the statistics of a short queue can be a sequential scan and a sort,
-    // which falls over as soon as the queue grows.
+    // Planned once, like a claim loop's statement. `DELETE … WHERE id IN
+    // (SELECT …)` as in the drain baseline is at the planner's mercy here:
+    // planned from a short queue's statistics it becomes a sequential scan
+    // (with a hash join or a sort) of the whole outbox per batch, and falls
+    // behind for good once the queue grows. Deleting the picked `ctid`s is
+    // always an index range scan and a TID scan.
     let options = outbox_core::store::outbox::claim_connect_options(&pool.connect_options());
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
     while !stop.is_cancelled() {
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(&sql).bind(app).fetch_all(&mut conn).await?;
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(RAW_TAKE)
+            .bind(app)
+            .fetch_all(&mut conn)
+            .await?;
         let at = Instant::now();
         for (id, topic) in &rows {
             if topic == "bench.latency" {
@@ -425,6 +430,13 @@ async fn raw_taker(
     conn.close().await?;
     Ok(())
 }
+
+/// What a [`Taker::Raw`] consumer runs: the drain baseline's batch of 100,
+/// deleted by `ctid`.
+const RAW_TAKE: &str = "DELETE FROM outbox WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
+    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED))
+RETURNING id, topic";
 
 /// How long a latency sample may wait for its taker before the run counts
 /// as fallen behind.

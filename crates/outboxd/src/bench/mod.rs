@@ -48,10 +48,14 @@ pub struct BenchArgs {
     /// Samples for each latency scenario.
     #[arg(long, default_value_t = 500)]
     latency_samples: u32,
-    /// Offered load of the loaded latency scenarios, in events per second
-    /// (0: half of the measured drain rate).
-    #[arg(long, default_value_t = 0)]
-    latency_load: u32,
+    /// Offered loads of the loaded latency scenarios, as fractions of the
+    /// measured drain rate.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.25")]
+    latency_loads: Vec<f64>,
+    /// One offered load for the loaded latency scenarios, in events per
+    /// second, instead of --latency-loads.
+    #[arg(long)]
+    latency_load: Option<u32>,
     /// Rows for the relay and consume scenarios (they need NATS_URL).
     #[arg(long, default_value_t = 50_000)]
     relay_rows: u32,
@@ -132,6 +136,14 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     ensure!(
         args.latency_samples >= 10,
         "--latency-samples must be at least 10"
+    );
+    ensure!(
+        args.latency_loads.iter().all(|f| *f > 0.0 && *f <= 1.0),
+        "--latency-loads takes fractions of the drain rate in (0, 1]"
+    );
+    ensure!(
+        args.latency_load.is_none_or(|rate| rate >= 100),
+        "--latency-load must be at least 100 events/s"
     );
     ensure!(args.steady_secs >= 2, "--steady-secs must be at least 2");
     ensure!(
@@ -290,8 +302,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         truncate(&pool).await?;
     }
 
-    // (c) latency from enqueue commit to handler start, idle and under half
-    // of the drain capacity.
+    // (c) latency from enqueue commit to handler start, idle and under loads
+    // of half and a quarter of the drain capacity, for outboxd in both modes
+    // and for plain-SQL consumers on the same load.
     if wants("latency") {
         use load::Taker;
         let lease = Taker::Outboxd {
@@ -301,39 +314,45 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             in_transaction: true,
         };
         let idle = load::latency(&pool, &settings, app, args.latency_samples, 0, lease).await?;
-        let load_rate = match args.latency_load {
-            0 => (drain.unwrap_or(raw_drain * 0.4) * 0.5) as u32,
-            rate => rate,
+        let drain_rate = drain.unwrap_or(raw_drain * 0.4);
+        let load_rates: Vec<u32> = match args.latency_load {
+            Some(rate) => vec![rate],
+            None => args
+                .latency_loads
+                .iter()
+                .map(|fraction| (drain_rate * fraction) as u32)
+                .collect(),
         };
-        let mut loaded = Vec::new();
-        for taker in [Taker::Raw, lease, transactional] {
-            eprintln!("bench: latency under {load_rate}/s load, {taker:?}");
-            let run = load::latency(
-                &pool,
-                &settings,
-                app,
-                args.latency_samples,
-                load_rate,
-                taker,
-            )
-            .await?;
-            truncate(&pool).await?;
-            loaded.push(run);
+        let mut runs = vec![("idle".to_owned(), idle, None, 0)];
+        for load_rate in load_rates {
+            let mut raw_p99 = None;
+            for (taker, label) in [
+                (Taker::Raw, "raw SQL consumers"),
+                (lease, "outboxd"),
+                (transactional, "outboxd transactional mode"),
+            ] {
+                eprintln!("bench: latency under {load_rate}/s load, {label}");
+                let run = load::latency(
+                    &pool,
+                    &settings,
+                    app,
+                    args.latency_samples,
+                    load_rate,
+                    taker,
+                )
+                .await?;
+                truncate(&pool).await?;
+                let baseline = raw_p99.map(|p99| (p99, "raw consumers' p99"));
+                raw_p99.get_or_insert(run.p99);
+                runs.push((
+                    format!("{load_rate}/s load, {label}"),
+                    run,
+                    baseline,
+                    load_rate,
+                ));
+            }
         }
-        let labels = [
-            format!("{load_rate}/s load, raw SQL consumers"),
-            format!("{load_rate}/s load"),
-            format!("{load_rate}/s load, transactional mode"),
-        ];
-        let raw_p99 = loaded.first().map(|l| (l.p99, "raw consumers' p99"));
-        let runs = std::iter::once(("idle".to_owned(), idle, None)).chain(
-            labels
-                .into_iter()
-                .zip(loaded)
-                .enumerate()
-                .map(|(i, (label, l))| (label, l, raw_p99.filter(|_| i > 0))),
-        );
-        for (label, l, baseline) in runs {
+        for (label, l, baseline, load_rate) in runs {
             for (q, v, ratio_to) in [
                 ("p50", l.p50, None),
                 ("p95", l.p95, None),
@@ -348,7 +367,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
                     ratio_to,
                 ));
             }
-            if l.offered > 0.0 {
+            if load_rate > 0 {
                 figures.push(fig(
                     "latency",
                     format!("latency {label}: load achieved"),
