@@ -45,6 +45,11 @@ const INSERT_MANY_PLAIN: &str = "
     SELECT u.id, $1, u.source, u.topic, u.payload
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) AS u(id, source, topic, payload)";
 
+/// [`INSERT_ONE`] for a plain event (see [`is_plain`]): five parameters
+/// instead of sixteen, and nothing to conflict on or return.
+const INSERT_ONE_PLAIN: &str = "
+    INSERT INTO outbox (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)";
+
 const FIND_BY_KEY: &str =
     "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
 
@@ -62,6 +67,19 @@ pub async fn enqueue(
     event: &NewEvent,
 ) -> Result<Uuid, Error> {
     event.validate()?;
+    if is_plain(event) {
+        let id = Uuid::now_v7();
+        sqlx::query(INSERT_ONE_PLAIN)
+            .bind(id)
+            .bind(app_id)
+            .bind(event.source.as_str())
+            .bind(&event.topic)
+            .bind(&event.payload)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| map_insert_error(e, app_id))?;
+        return Ok(id);
+    }
     for _ in 0..IDEMPOTENCY_RACE_RETRIES {
         let inserted: Option<Uuid> = sqlx::query_scalar(INSERT_ONE)
             .bind(Uuid::now_v7())
