@@ -469,22 +469,34 @@ async fn a_dispatcher_sleeps(pool: &sqlx::PgPool) -> bool {
     .unwrap_or(false)
 }
 
+/// Runs a dispatcher recording topic `t` that polls once a minute, until the
+/// token is cancelled: whatever it handles sooner, something woke it for.
+fn run_polling_once_a_minute(
+    db: &TestDb,
+    calls: &Calls,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<outbox_dispatch::DrainReport, outbox_dispatch::Error>>,
+) {
+    let config = Config {
+        poll_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let dispatcher = recording(db, "t", calls, |_| Ok(()), config);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    (stop, run)
+}
+
 #[tokio::test]
 async fn a_sleeping_dispatcher_is_woken_by_an_insert_not_by_its_poll() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
     let calls = Calls::default();
-    let config = Config {
-        poll_interval: Duration::from_secs(60),
-        ..config()
-    };
-    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config);
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        let dispatcher = dispatcher.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let (stop, run) = run_polling_once_a_minute(&db, &calls);
     let asleep = wait_until(Duration::from_secs(10), || a_dispatcher_sleeps(&db.pool)).await;
     assert!(asleep, "an idle dispatcher never went to sleep");
     for n in 0..3 {
@@ -509,21 +521,11 @@ async fn an_insert_open_while_the_dispatcher_falls_asleep_is_not_left_to_the_pol
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
     let calls = Calls::default();
-    let config = Config {
-        poll_interval: Duration::from_secs(60),
-        ..config()
-    };
-    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config);
     // Inserted before any dispatcher sleeps, so it sends no NOTIFY, and
     // committed only once the dispatcher has gone to sleep.
     let mut producer = db.pool.begin().await?;
     let id = outbox_core::enqueue(&mut producer, app, &NewEvent::new("t", payload(1))).await?;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        let dispatcher = dispatcher.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let (stop, run) = run_polling_once_a_minute(&db, &calls);
     let asleep = wait_until(Duration::from_secs(10), || a_dispatcher_sleeps(&db.pool)).await;
     assert!(asleep, "an idle dispatcher never went to sleep");
     producer.commit().await?;

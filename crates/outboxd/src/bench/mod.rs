@@ -42,8 +42,8 @@ pub struct BenchArgs {
     /// Concurrent producers for the single-row enqueue scenarios.
     #[arg(long, default_value_t = 4)]
     producers: u32,
-    /// Rounds of the drain scenario (raw, lease mode, transactional mode in
-    /// turn); each figure is the median of its rounds.
+    /// Rounds of the drain and enqueue scenarios (raw and outboxd in turn);
+    /// each figure is the median of its rounds.
     #[arg(long, default_value_t = 3)]
     drain_rounds: u32,
     /// Concurrent connections of the raw drain baseline.
@@ -279,17 +279,34 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         ));
     }
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
-    // (b) enqueue: one row per transaction from several producers, and batches.
+    // (b) enqueue: one row per transaction from several producers, and
+    // batches; raw and outboxd alternate for as many rounds as the drain
+    // (the machine drifts), each figure the median of its rounds.
     if wants("enqueue") {
-        let raw_single = insert_rate(
-            &pool,
-            raw_app,
-            args.enqueue_rows,
-            args.producers,
-            1,
-            Writer::Raw,
-        )
-        .await?;
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        for round in 0..args.drain_rounds {
+            eprintln!(
+                "bench: enqueue, round {} of {}",
+                round + 1,
+                args.drain_rounds
+            );
+            for (i, (target, producers, per_txn, writer)) in [
+                (raw_app, args.producers, 1, Writer::Raw),
+                (app, args.producers, 1, Writer::Outboxd),
+                (raw_app, 1, BATCH, Writer::Raw),
+                (app, 1, BATCH, Writer::Outboxd),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                rates[i].push(
+                    insert_rate(&pool, target, args.enqueue_rows, producers, per_txn, writer)
+                        .await?,
+                );
+                truncate(&pool).await?;
+            }
+        }
+        let [raw_single, single, raw_batch, batch] = rates.map(median);
         figures.push(fig(
             "enqueue",
             format!("raw insert: 1 row/txn, {} producers", args.producers),
@@ -297,8 +314,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "rows/s",
             None,
         ));
-        let raw_batch =
-            insert_rate(&pool, raw_app, args.enqueue_rows, 1, BATCH, Writer::Raw).await?;
         figures.push(fig(
             "enqueue",
             format!("raw insert: {BATCH} rows/txn (unnest), 1 producer"),
@@ -306,16 +321,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "rows/s",
             None,
         ));
-        truncate(&pool).await?;
-        let single = insert_rate(
-            &pool,
-            app,
-            args.enqueue_rows,
-            args.producers,
-            1,
-            Writer::Outboxd,
-        )
-        .await?;
         figures.push(fig(
             "enqueue",
             format!("outboxd enqueue: 1 event/txn, {} producers", args.producers),
@@ -323,7 +328,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "events/s",
             Some((raw_single, "raw 1-row insert")),
         ));
-        let batch = insert_rate(&pool, app, args.enqueue_rows, 1, BATCH, Writer::Outboxd).await?;
         figures.push(fig(
             "enqueue",
             format!("outboxd enqueue_batch: {BATCH} events/txn"),
@@ -331,7 +335,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "events/s",
             Some((raw_batch, "raw batch insert")),
         ));
-        truncate(&pool).await?;
     }
 
     // (c) latency from enqueue commit to handler start, idle and under loads
