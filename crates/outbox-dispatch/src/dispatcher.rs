@@ -252,7 +252,9 @@ struct Inner {
     // Rows claimed over the dispatcher's life; the pacer sleeps when it
     // stops moving.
     claimed_rows: AtomicU64,
-    // Tells the pacer a notification arrived.
+    // Notifications received over the dispatcher's life, and a wake-up for
+    // the pacer when one arrives (several may arrive per wake-up).
+    notifications: AtomicU64,
     notified: Notify,
     // Whether the LISTEN connection is up; without it the pacer never sleeps.
     listening: AtomicBool,
@@ -293,6 +295,7 @@ impl Dispatcher {
                 running: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 claimed_rows: AtomicU64::new(0),
+                notifications: AtomicU64::new(0),
                 notified: Notify::new(),
                 listening: AtomicBool::new(false),
                 succeeded: Mutex::new(Vec::new()),
@@ -1249,6 +1252,7 @@ impl Inner {
                     // (LISTEN again in force); notifications sent meanwhile
                     // are gone, so look for rows.
                     if listener.try_recv().await?.is_some() {
+                        self.notifications.fetch_add(1, Ordering::Relaxed);
                         self.notified.notify_one();
                     }
                     self.wake.notify_one();
@@ -1347,13 +1351,17 @@ impl Inner {
     /// (or the LISTEN connection is lost), until `recheck_at`, or until stopped.
     async fn doze(&self, stop: &CancellationToken, recheck_at: tokio::time::Instant) -> Woken {
         let mut burst = Burst::new(Instant::now());
+        let mut seen = self.notifications.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Woken::Stopped,
                 () = tokio::time::sleep_until(recheck_at) => return Woken::Recheck,
                 () = self.notified.notified() => {}
             }
-            if !self.listening.load(Ordering::Relaxed) || burst.record(Instant::now()) {
+            let received = self.notifications.load(Ordering::Relaxed);
+            let arrived = received.saturating_sub(seen);
+            seen = received;
+            if !self.listening.load(Ordering::Relaxed) || burst.record(Instant::now(), arrived) {
                 return Woken::Busy;
             }
         }
@@ -1446,13 +1454,15 @@ impl Burst {
         }
     }
 
-    /// Counts a notification at `now`; true once [`BUSY_NOTIFICATIONS`] of
-    /// them arrived within one window.
-    fn record(&mut self, now: Instant) -> bool {
+    /// Counts `arrived` notifications at `now`; true once
+    /// [`BUSY_NOTIFICATIONS`] of them arrived within one window.
+    fn record(&mut self, now: Instant, arrived: u64) -> bool {
         if now.saturating_duration_since(self.window_start) > BUSY_WINDOW {
             *self = Self::new(now);
         }
-        self.count += 1;
+        self.count = self
+            .count
+            .saturating_add(u32::try_from(arrived).unwrap_or(u32::MAX));
         self.count >= BUSY_NOTIFICATIONS
     }
 }
@@ -1500,14 +1510,18 @@ mod tests {
         let start = Instant::now();
         let mut burst = Burst::new(start);
         let fast: Vec<bool> = (0..BUSY_NOTIFICATIONS)
-            .map(|i| burst.record(start + Duration::from_millis(u64::from(i))))
+            .map(|i| burst.record(start + Duration::from_millis(u64::from(i)), 1))
             .collect();
         assert!(fast[..fast.len() - 1].iter().all(|busy| !busy));
         assert_eq!(fast.last(), Some(&true));
 
+        // Notifications that arrived while the pacer was not looking count.
+        let mut burst = Burst::new(start);
+        assert!(burst.record(start, u64::from(BUSY_NOTIFICATIONS)));
+
         // One notification per window never adds up, however long it goes on.
         let mut burst = Burst::new(start);
         let spaced = BUSY_WINDOW + Duration::from_millis(1);
-        assert!((1..1000u32).all(|i| !burst.record(start + spaced * i)));
+        assert!((1..1000u32).all(|i| !burst.record(start + spaced * i, 1)));
     }
 }
