@@ -254,21 +254,42 @@ pub fn noop(topic: &str) -> Registry {
     registry
 }
 
-/// Percentiles of commit → handler start, in ms.
-#[derive(Debug, Clone, Copy)]
+/// Commit → handler start of the samples of one or more latency runs.
+#[derive(Debug, Clone)]
 pub struct Latency {
-    /// Median.
-    pub p50: f64,
-    /// 95th percentile.
-    pub p95: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// 99th percentile of the producer's own commit, which the figures
-    /// above include.
-    pub commit_p99: f64,
+    /// Commit → handler start, µs.
+    taken: Histogram<u64>,
+    /// The producer's own commit, µs (part of `taken`).
+    commits: Histogram<u64>,
+    /// Load events committed, and the seconds they took.
+    offered: (u64, f64),
+}
+
+impl Latency {
+    /// Adds the samples of `other` (a run of the same taker and load).
+    pub fn merge(&mut self, other: &Latency) -> anyhow::Result<()> {
+        self.taken.add(&other.taken)?;
+        self.commits.add(&other.commits)?;
+        self.offered.0 += other.offered.0;
+        self.offered.1 += other.offered.1;
+        Ok(())
+    }
+
+    /// The `q` quantile of commit → handler start, ms.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        self.taken.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// The 99th percentile of the producer's own commit, ms.
+    pub fn commit_p99_ms(&self) -> f64 {
+        self.commits.value_at_quantile(0.99) as f64 / 1000.0
+    }
+
     /// Load events the producers committed per second (what was asked for,
     /// as achieved).
-    pub offered: f64,
+    pub fn offered(&self) -> f64 {
+        self.offered.0 as f64 / self.offered.1.max(1e-9)
+    }
 }
 
 /// Who takes the events in a latency run.
@@ -375,7 +396,10 @@ pub async fn latency(
         tokio::time::sleep(Duration::from_millis(2 + fastrand::u64(..3))).await;
     }
     stop_load.cancel();
-    let offered = produced.load(Ordering::Relaxed) as f64 / load_started.elapsed().as_secs_f64();
+    let offered = (
+        produced.load(Ordering::Relaxed),
+        load_started.elapsed().as_secs_f64(),
+    );
     for p in producers {
         p.await??;
     }
@@ -386,12 +410,9 @@ pub async fn latency(
     }
     stop.cancel();
     run.await??;
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(Latency {
-        p50: ms(0.5),
-        p95: ms(0.95),
-        p99: ms(0.99),
-        commit_p99: commits.value_at_quantile(0.99) as f64 / 1000.0,
+        taken: histogram,
+        commits,
         offered,
     })
 }
@@ -445,8 +466,6 @@ const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a deep backlog looks like to the dispatcher.
 #[derive(Debug, Clone)]
 pub struct Backlog {
-    /// Median time of one claim of 100 rows, ms.
-    pub claim_p50_ms: f64,
     /// Events per second in each of the first windows of `measured` events
     /// (the first from the first handled event, so the dispatcher's start
     /// does not count).
@@ -455,44 +474,58 @@ pub struct Backlog {
     pub peak_rss_mib: f64,
 }
 
-/// With `waiting` due rows: claim latency (claims rolled back, so every
-/// sample sees the same backlog), then the rates of handling the first
-/// `windows` windows of `measured` rows each, then everything is drained
-/// while the resident set size is sampled.
+/// Median times, in ms, of one claim of 100 rows from the backlog of
+/// `small` and from that of `large` (each a database of its own), as a claim
+/// loop makes them: on a connection of its own kind, with nothing to
+/// complete. The claims are rolled back, so every sample sees the same
+/// backlog, and they alternate between the two (in turn first), so a drift
+/// of the machine's speed during the run weighs on both alike.
+pub async fn backlog_claims(
+    small: &PgPool,
+    large: &PgPool,
+    pairs: u32,
+) -> anyhow::Result<(f64, f64)> {
+    use outbox_core::store::outbox::claim_connect_options;
+    let mut claimers = [
+        sqlx::PgConnection::connect_with(&claim_connect_options(&small.connect_options())).await?,
+        sqlx::PgConnection::connect_with(&claim_connect_options(&large.connect_options())).await?,
+    ];
+    let mut claims = [Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?];
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let mut tx = claimers[side].begin().await?;
+            let started = Instant::now();
+            let (_, rows) = outbox_core::store::outbox::complete_and_claim(
+                &mut *tx,
+                &[],
+                "bench",
+                100,
+                Duration::from_secs(30),
+            )
+            .await?;
+            claims[side].record(started.elapsed().as_micros() as u64)?;
+            ensure!(rows.len() == 100, "a claim returned {} rows", rows.len());
+            tx.rollback().await?;
+        }
+    }
+    for claimer in claimers {
+        claimer.close().await?;
+    }
+    let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64 / 1000.0;
+    Ok((p50(&claims[0]), p50(&claims[1])))
+}
+
+/// With `waiting` due rows already in the outbox of `pool`: the rates of
+/// handling the first `windows` windows of `measured` rows each, then
+/// everything is drained while the resident set size is sampled.
 pub async fn backlog(
     pool: &PgPool,
     settings: &Settings,
-    app: Uuid,
     waiting: u32,
     measured: u32,
     windows: u32,
 ) -> anyhow::Result<Backlog> {
-    super::prefill(pool, app, waiting, "bench.noop").await?;
-    // Claims as a claim loop makes them: on a connection of its own kind,
-    // with nothing to complete.
-    let mut claimer = {
-        use outbox_core::store::outbox::claim_connect_options;
-        use sqlx::Connection;
-        sqlx::PgConnection::connect_with(&claim_connect_options(&pool.connect_options())).await?
-    };
-    let mut claims = Histogram::<u64>::new(3)?;
-    for _ in 0..50 {
-        use sqlx::Connection;
-        let mut tx = claimer.begin().await?;
-        let started = Instant::now();
-        let (_, rows) = outbox_core::store::outbox::complete_and_claim(
-            &mut *tx,
-            &[],
-            "bench",
-            100,
-            Duration::from_secs(30),
-        )
-        .await?;
-        claims.record(started.elapsed().as_micros() as u64)?;
-        ensure!(rows.len() == 100, "a claim returned {} rows", rows.len());
-        tx.rollback().await?;
-    }
-    drop(claimer);
     let handled = Arc::new(AtomicU64::new(0));
     let reached = Arc::new(Notify::new());
     // When the first event and each `measured`-th one were handled.
@@ -547,7 +580,6 @@ pub async fn backlog(
     stop.cancel();
     run.await??;
     Ok(Backlog {
-        claim_p50_ms: claims.value_at_quantile(0.5) as f64 / 1000.0,
         drain_rates,
         peak_rss_mib,
     })

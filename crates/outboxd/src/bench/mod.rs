@@ -49,9 +49,13 @@ pub struct BenchArgs {
     /// Concurrent connections of the raw drain baseline.
     #[arg(long, default_value_t = 2)]
     raw_consumers: u32,
-    /// Samples for each latency scenario.
-    #[arg(long, default_value_t = 500)]
+    /// Samples for each latency scenario (idle, and each taker under each
+    /// load, spread over the rounds).
+    #[arg(long, default_value_t = 1500)]
     latency_samples: u32,
+    /// Rounds of the loaded latency scenarios (the takers in turn).
+    #[arg(long, default_value_t = 3)]
+    latency_rounds: u32,
     /// Offered loads of the loaded latency scenarios, as fractions of the
     /// measured drain rate.
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.25")]
@@ -144,6 +148,10 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     ensure!(
         args.latency_samples >= 10,
         "--latency-samples must be at least 10"
+    );
+    ensure!(
+        (1..=args.latency_samples).contains(&args.latency_rounds),
+        "--latency-rounds must be in 1..=--latency-samples"
     );
     ensure!(
         args.latency_loads.iter().all(|f| *f > 0.0 && *f <= 1.0),
@@ -348,6 +356,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         let transactional = Taker::Outboxd {
             in_transaction: true,
         };
+        // Idle means nothing else to do, including the writes the drains
+        // left behind.
+        checkpoint(&pool).await;
         let idle = load::latency(&pool, &settings, app, args.latency_samples, 0, lease).await?;
         let drain_rate = drain.unwrap_or(raw_drain * 0.4);
         let load_rates: Vec<u32> = match args.latency_load {
@@ -359,26 +370,36 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
                 .collect(),
         };
         let mut runs = vec![("idle".to_owned(), idle, None, 0)];
+        let takers = [
+            (Taker::Raw, "raw SQL consumers"),
+            (lease, "outboxd"),
+            (transactional, "outboxd transactional mode"),
+        ];
+        // The takers take turns for --latency-rounds rounds and each one's
+        // samples are pooled, so a slow minute of the machine falls on all.
+        let rounds = args.latency_rounds;
+        let per_round = args.latency_samples.div_ceil(rounds);
         for load_rate in load_rates {
+            let mut pooled: Vec<Option<load::Latency>> = vec![None; takers.len()];
+            for round in 1..=rounds {
+                for ((taker, label), pooled) in takers.iter().zip(pooled.iter_mut()) {
+                    eprintln!(
+                        "bench: latency under {load_rate}/s load, {label}, round {round} of {rounds}"
+                    );
+                    let run =
+                        load::latency(&pool, &settings, app, per_round, load_rate, *taker).await?;
+                    truncate(&pool).await?;
+                    match pooled {
+                        Some(all) => all.merge(&run)?,
+                        None => *pooled = Some(run),
+                    }
+                }
+            }
             let mut raw_p99 = None;
-            for (taker, label) in [
-                (Taker::Raw, "raw SQL consumers"),
-                (lease, "outboxd"),
-                (transactional, "outboxd transactional mode"),
-            ] {
-                eprintln!("bench: latency under {load_rate}/s load, {label}");
-                let run = load::latency(
-                    &pool,
-                    &settings,
-                    app,
-                    args.latency_samples,
-                    load_rate,
-                    taker,
-                )
-                .await?;
-                truncate(&pool).await?;
+            for ((_, label), run) in takers.iter().zip(pooled) {
+                let Some(run) = run else { continue };
                 let baseline = raw_p99.map(|p99| (p99, "raw consumers' p99"));
-                raw_p99.get_or_insert(run.p99);
+                raw_p99.get_or_insert(run.quantile_ms(0.99));
                 runs.push((
                     format!("{load_rate}/s load, {label}"),
                     run,
@@ -389,10 +410,14 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         }
         for (label, l, baseline, load_rate) in runs {
             for (q, v, ratio_to) in [
-                ("p50", l.p50, None),
-                ("p95", l.p95, None),
-                ("p99", l.p99, baseline),
-                ("p99 of the producer's commit alone", l.commit_p99, None),
+                ("p50", l.quantile_ms(0.5), None),
+                ("p95", l.quantile_ms(0.95), None),
+                ("p99", l.quantile_ms(0.99), baseline),
+                (
+                    "p99 of the producer's commit alone",
+                    l.commit_p99_ms(),
+                    None,
+                ),
             ] {
                 figures.push(fig(
                     "latency",
@@ -406,7 +431,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
                 figures.push(fig(
                     "latency",
                     format!("latency {label}: load achieved"),
-                    l.offered,
+                    l.offered(),
                     "events/s",
                     Some((f64::from(load_rate), "asked")),
                 ));
@@ -540,39 +565,38 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // (f) claim latency and drain rate with a small and a large backlog; the
     // large one is drained to the end while the resident set is sampled.
     if wants("backlog") {
+        let (s, l) = (args.backlogs[0], args.backlogs[1]);
+        // The large backlog waits in a database of its own while the claims
+        // of the two alternate (see `load::backlog_claims`).
+        let large_db = ScratchDatabase::create(&pool, "outboxd_bench_backlog").await?;
+        let large_app = outbox_core::store::apps::ensure(&large_db.pool, "bench", "bench outboxd")
+            .await?
+            .id;
+        eprintln!("bench: backlog, filling {s} and {l} rows");
+        prefill(&pool, app, s, "bench.noop").await?;
+        prefill(&large_db.pool, large_app, l, "bench.noop").await?;
+        eprintln!("bench: backlog, {CLAIM_PAIRS} claims from each in turn");
+        let (small_claim, large_claim) =
+            load::backlog_claims(&pool, &large_db.pool, CLAIM_PAIRS).await?;
         // A window of `backlog_measured` events lasts a tenth of a second, so
         // each side is the median of five: five fills of the small backlog,
         // the first five windows of the large one.
         const WINDOWS: u32 = 5;
-        let mut small_claims = Vec::new();
         let mut small_rates = Vec::new();
-        for _ in 0..WINDOWS {
-            let run = load::backlog(
-                &pool,
-                &settings,
-                app,
-                args.backlogs[0],
-                args.backlog_measured,
-                1,
-            )
-            .await?;
-            small_claims.push(run.claim_p50_ms);
+        for window in 0..WINDOWS {
+            if window > 0 {
+                prefill(&pool, app, s, "bench.noop").await?;
+            }
+            let run = load::backlog(&pool, &settings, s, args.backlog_measured, 1).await?;
             small_rates.extend(run.drain_rates);
             truncate(&pool).await?;
         }
-        let large = load::backlog(
-            &pool,
-            &settings,
-            app,
-            args.backlogs[1],
-            args.backlog_measured,
-            WINDOWS,
-        )
-        .await?;
-        truncate(&pool).await?;
-        let (small_claim, small_rate) = (median(small_claims), median(small_rates));
+        eprintln!("bench: backlog, draining {l} rows");
+        let large =
+            load::backlog(&large_db.pool, &settings, l, args.backlog_measured, WINDOWS).await?;
+        large_db.drop_it(&pool).await?;
+        let small_rate = median(small_rates);
         let large_rate = median(large.drain_rates);
-        let (s, l) = (args.backlogs[0], args.backlogs[1]);
         figures.push(fig(
             "backlog",
             format!("claim of 100, {s} waiting, p50"),
@@ -583,7 +607,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         figures.push(fig(
             "backlog",
             format!("claim of 100, {l} waiting, p50"),
-            large.claim_p50_ms,
+            large_claim,
             "ms claim",
             Some((small_claim, "small backlog")),
         ));
@@ -794,6 +818,45 @@ async fn truncate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Claims taken from each backlog by the backlog scenario, in turn.
+const CLAIM_PAIRS: u32 = 200;
+
+/// A migrated database beside the benchmark's own, dropped when done with
+/// (and dropped first if a failed run left it behind).
+struct ScratchDatabase {
+    name: &'static str,
+    pool: PgPool,
+}
+
+impl ScratchDatabase {
+    async fn create(pool: &PgPool, name: &'static str) -> anyhow::Result<Self> {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(pool)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(pool)
+            .await
+            .with_context(|| format!("creating database {name} (needs CREATEDB)"))?;
+        let scratch = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(pool.options().get_max_connections())
+            .connect_with(pool.connect_options().as_ref().clone().database(name))
+            .await?;
+        outbox_core::migrate(&scratch).await?;
+        Ok(Self {
+            name,
+            pool: scratch,
+        })
+    }
+
+    async fn drop_it(self, pool: &PgPool) -> anyhow::Result<()> {
+        self.pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -825,11 +888,17 @@ async fn prefill(pool: &PgPool, app: Uuid, rows: u32, topic: &str) -> anyhow::Re
     sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
     // The fill's WAL would otherwise be checkpointed in the middle of the
     // measurement that follows (a 1M-row fill is about a gigabyte of it).
-    // Needs superuser or pg_checkpoint; without it the run is only noisier.
-    if let Err(err) = sqlx::query("CHECKPOINT").execute(pool).await {
-        tracing::debug!(error = %err, "no CHECKPOINT after the fill");
-    }
+    checkpoint(pool).await;
     Ok(())
+}
+
+/// Writes out what earlier scenarios left dirty, so that it is not written
+/// during the measurement that follows. Needs superuser or pg_checkpoint;
+/// without it the run is only noisier.
+async fn checkpoint(pool: &PgPool) {
+    if let Err(err) = sqlx::query("CHECKPOINT").execute(pool).await {
+        tracing::debug!(error = %err, "no CHECKPOINT");
+    }
 }
 
 async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyhow::Result<f64> {
