@@ -640,39 +640,47 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             println!("relay and consume: skipped (set NATS_URL)");
         } else {
             let in_flight = settings.dispatcher_config().concurrency;
-            let (publish, relay, consume) =
-                relay_and_consume(&pool, &settings, app, args.relay_rows).await?;
+            let rates =
+                relay_and_consume(&pool, &settings, app, args.relay_rows, args.drain_rounds)
+                    .await?;
+            let rows = args.relay_rows;
+            figures.push(fig(
+                "relay",
+                format!("outboxd dispatch: {rows} rows, no-op handler, same rounds"),
+                rates.drain,
+                "events/s",
+                None,
+            ));
             figures.push(fig(
                 "relay",
                 format!("raw JetStream publish: same headers, PubAck, {in_flight} in flight"),
-                publish,
+                rates.publish,
                 "msgs/s",
                 None,
             ));
-            let drain_rate = drain.map_or(ceiling, |d| (d, "in-process dispatch"));
             figures.push(fig(
                 "relay",
                 "outboxd relay: outbox → JetStream, PubAck".into(),
-                relay,
+                rates.relay,
                 "events/s",
-                Some(drain_rate),
+                Some((rates.drain, "in-process dispatch")),
             ));
             // Relaying does a drain's database work and a publish's NATS work
             // on the same cores: at best 1 / (1/drain + 1/publish) per second.
-            let shared = 1.0 / (1.0 / drain_rate.0 + 1.0 / publish);
+            let shared = 1.0 / (1.0 / rates.drain + 1.0 / rates.publish);
             figures.push(fig(
                 "relay",
                 "outboxd relay, against drain and publish sharing the cores".into(),
-                relay,
+                rates.relay,
                 "events/s",
                 Some((shared, "1/(1/drain + 1/publish)")),
             ));
             figures.push(fig(
                 "relay",
                 "consumer runtime: JetStream → handler, ack".into(),
-                consume,
+                rates.consume,
                 "msgs/s",
-                Some((relay, "relay")),
+                Some((rates.relay, "relay")),
             ));
             truncate(&pool).await?;
         }
@@ -1077,15 +1085,29 @@ async fn outboxd_drain(
     Ok(rows as f64 / elapsed.as_secs_f64())
 }
 
-/// Publishes `rows` messages straight to JetStream (the relay's NATS
-/// ceiling), relays a backlog to a fresh bench stream, then consumes it back;
-/// returns the three rates.
+/// What the relay scenario measured, in events (messages) per second.
+struct RelayRates {
+    /// In-process dispatch of the same rows, no-op handler.
+    drain: f64,
+    /// Straight JetStream publishes with the relay's headers.
+    publish: f64,
+    /// Outbox → JetStream, PubAck before the delete.
+    relay: f64,
+    /// The consumer runtime reading the relayed messages back.
+    consume: f64,
+}
+
+/// For `rounds` rounds, in turn: drains `rows` rows in-process, publishes
+/// `rows` messages straight to JetStream (the relay's NATS ceiling) and
+/// relays `rows` rows to a fresh bench stream; then consumes the last
+/// round's messages back. The first three are medians of their rounds.
 async fn relay_and_consume(
     pool: &PgPool,
     settings: &Settings,
     app: Uuid,
     rows: u32,
-) -> anyhow::Result<(f64, f64, f64)> {
+    rounds: u32,
+) -> anyhow::Result<RelayRates> {
     use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
     let client = outbox_nats::connect(&settings.nats.url).await?;
     let js = async_nats::jetstream::new(client);
@@ -1100,42 +1122,19 @@ async fn relay_and_consume(
         max_messages: -1,
         duplicate_window: Duration::from_secs(120),
     };
-    let publish = raw_publish(&js, rows, settings.dispatcher_config().concurrency).await?;
-    let _ = js.delete_stream(&contract.name).await;
-    let mut stream = outbox_nats::ensure_stream(&js, &contract).await?;
-    prefill(pool, app, rows, "bench.relay").await?;
-
-    let mut registry = Registry::new();
-    registry.fallback(outbox_nats::Relay::new(
-        js.clone(),
-        pool.clone(),
-        outbox_nats::RelayConfig {
-            subject_template: "bench.{app}.{topic}".into(),
-            ack_timeout: Duration::from_secs(30),
-        },
-    ));
-    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
-    let stop = CancellationToken::new();
-    let started = Instant::now();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while stream.info().await?.state.messages < u64::from(rows) {
-        ensure!(
-            Instant::now() < deadline,
-            "relay did not finish within 10 minutes"
-        );
-        ensure!(!run.is_finished(), "the dispatcher stopped while relaying");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let (mut drains, mut publishes, mut relays) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("bench: relay, round {round} of {rounds}");
+        prefill(pool, app, rows, "bench.noop").await?;
+        drains.push(outboxd_drain(pool, settings, rows, false).await?);
+        truncate(pool).await?;
+        publishes.push(raw_publish(&js, rows, settings.dispatcher_config().concurrency).await?);
+        let _ = js.delete_stream(&contract.name).await;
+        let stream = outbox_nats::ensure_stream(&js, &contract).await?;
+        prefill(pool, app, rows, "bench.relay").await?;
+        relays.push(relay(pool, settings, &js, stream, rows).await?);
+        truncate(pool).await?;
     }
-    while outbox_core::store::outbox::count(pool).await? > 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let relay = f64::from(rows) / started.elapsed().as_secs_f64();
-    stop.cancel();
-    run.await??;
 
     let config = outbox_nats::ConsumerConfig {
         stream: contract.name.clone(),
@@ -1168,7 +1167,55 @@ async fn relay_and_consume(
     stop.cancel();
     consume.await??;
     let _ = js.delete_stream(&contract.name).await;
-    Ok((publish, relay, consumed))
+    Ok(RelayRates {
+        drain: median(drains),
+        publish: median(publishes),
+        relay: median(relays),
+        consume: consumed,
+    })
+}
+
+/// Relays the `rows` rows waiting in the outbox to `stream` with outboxd;
+/// events per second.
+async fn relay(
+    pool: &PgPool,
+    settings: &Settings,
+    js: &async_nats::jetstream::Context,
+    mut stream: async_nats::jetstream::stream::Stream,
+    rows: u32,
+) -> anyhow::Result<f64> {
+    let mut registry = Registry::new();
+    registry.fallback(outbox_nats::Relay::new(
+        js.clone(),
+        pool.clone(),
+        outbox_nats::RelayConfig {
+            subject_template: "bench.{app}.{topic}".into(),
+            ack_timeout: Duration::from_secs(30),
+        },
+    ));
+    let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stream.info().await?.state.messages < u64::from(rows) {
+        ensure!(
+            Instant::now() < deadline,
+            "relay did not finish within 10 minutes"
+        );
+        ensure!(!run.is_finished(), "the dispatcher stopped while relaying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while outbox_core::store::outbox::count(pool).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let relay = f64::from(rows) / started.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await??;
+    Ok(relay)
 }
 
 /// The relay's NATS ceiling: `rows` JetStream publishes with the relay's
