@@ -1,18 +1,84 @@
 #!/usr/bin/env bash
 # Runs outboxd with the demo workload on a private PostgreSQL under .outboxd/.
-# Installs PostgreSQL if missing, builds the binary, migrates, and runs until Ctrl-C.
+# Installs PostgreSQL if missing, builds the binary, migrates, and runs until
+# stopped.
+#
+# Stopping: Ctrl-C, or SIGINT or SIGTERM to this script's PID. outboxd gets
+# SIGTERM and drains (in-flight work finishes, leases are released), the
+# script waits for it, then stops PostgreSQL and exits 0 (outboxd's status if
+# that was not 0; 130 or 143 when stopped before outboxd had started).
+# Further Ctrl-Cs while stopping are ignored: the stop finishes in order.
+#
+# Knobs (environment):
+#   OUTBOXD_HTTP_PORT=8080   serve the dashboard and API on this port
+#                            (default: a free one, printed in the banner)
+#   OUTBOXD_BIN=path         use this outboxd binary instead of building
+#                            target/release/outboxd
+#   OUTBOXD_STATE_DIR=dir    keep the cluster, secrets and password here
+#                            instead of .outboxd/ (for tests)
+# They are this script's, not outboxd settings: outboxd refuses unknown
+# OUTBOXD_* variables, so they are not passed on to it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
-ensure_rust
-ensure_postgres
 
-log "building outboxd (release)"
-cargo build --release --quiet -p outboxd
+OUTBOXD_PID=""
+PG_STARTING=""
+STOPPING=""
+
+# A stop request (SIGINT, SIGTERM): forward it to outboxd as SIGTERM, once;
+# the main loop below keeps waiting until it has drained.
+on_signal() {
+  local code="$1"
+  if [ -z "$OUTBOXD_PID" ]; then
+    # Nothing to drain yet: the EXIT trap stops what was started.
+    exit "$code"
+  fi
+  if [ -n "$STOPPING" ]; then
+    log "already stopping: waiting for outboxd to finish draining"
+    return 0
+  fi
+  STOPPING=1
+  log "stopping: outboxd drains, then PostgreSQL stops"
+  kill -TERM "$OUTBOXD_PID" 2>/dev/null || true
+}
+
+# On every exit: outboxd (if it still runs) first, then PostgreSQL. Signals
+# are ignored from here on, so a second Ctrl-C cannot cut the stop short
+# (pg_ctl and the rest inherit that).
+cleanup() {
+  local rc=$? pids pid
+  trap '' INT TERM
+  # outboxd, also when a signal came just as it was started.
+  pids="$OUTBOXD_PID $(jobs -p 2>/dev/null || true)"
+  for pid in $pids; do
+    if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+  for pid in $pids; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$PG_STARTING" ]; then
+    log "stopping PostgreSQL"
+    stop_postgres "$STATE_DIR/pg"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+
+if [ -n "${OUTBOXD_BIN:-}" ]; then
+  BIN="$OUTBOXD_BIN"
+  [ -f "$BIN" ] && [ -x "$BIN" ] || die "OUTBOXD_BIN=$BIN is not an executable file"
+  ensure_postgres
+else
+  ensure_rust
+  ensure_postgres
+  log "building outboxd (release)"
+  cargo build --release --quiet -p outboxd
+  BIN="$ROOT/target/release/outboxd"
+fi
+PG_STARTING=1
 start_postgres "$STATE_DIR/pg" durable
-trap 'stop_postgres "$STATE_DIR/pg"' EXIT
 
-BIN="$ROOT/target/release/outboxd"
 export OUTBOXD_ENV=demo
 # A JWT secret and an admin account for the dashboard, made once and kept
 # under .outboxd/ (readable by you only).
@@ -40,9 +106,30 @@ cat <<TXT
   dashboard:     http://127.0.0.1:$HTTP_PORT/login
   sign in as:    $ADMIN_EMAIL / $ADMIN_PASSWORD
   health:        http://127.0.0.1:$HTTP_PORT/healthz
+  readiness:     http://127.0.0.1:$HTTP_PORT/readyz
   metrics:       http://127.0.0.1:$HTTP_PORT/metrics
+  API (OpenAPI): http://127.0.0.1:$HTTP_PORT/api/openapi.json
   dead letters:  scripts/outboxd.sh dead-letters list --app demo   (in another terminal)
   stop:          Ctrl-C (drains in-flight work, then stops PostgreSQL)
 
 TXT
-"$BIN" demo
+
+# In the background, so that this shell handles the signals: a trapped
+# signal interrupts `wait`, hence the loop; the last `wait` gives outboxd's
+# exit status (bash keeps it after the process is gone).
+"$BIN" demo &
+OUTBOXD_PID=$!
+while kill -0 "$OUTBOXD_PID" 2>/dev/null; do
+  wait "$OUTBOXD_PID" 2>/dev/null || true
+done
+status=0
+wait "$OUTBOXD_PID" 2>/dev/null || status=$?
+OUTBOXD_PID=""
+if [ -z "$STOPPING" ]; then
+  log "outboxd exited by itself (status $status)"
+elif [ "$status" = 0 ]; then
+  log "outboxd drained and stopped"
+else
+  log "outboxd stopped with status $status"
+fi
+exit "$status"

@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
 # Helpers shared by the scripts: install what is missing, and run a private
 # PostgreSQL under the project folder on a free 127.0.0.1 port.
-# Source it; it defines functions and ROOT, and changes nothing by itself.
+# Source it; it defines functions, ROOT and STATE_DIR, and changes nothing
+# by itself (but for keeping its two overrides, below, from child processes).
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STATE_DIR="$ROOT/.outboxd"
+
+# Two overrides for the scripts (and their tests), read here relative to the
+# caller's directory: OUTBOXD_STATE_DIR (instead of .outboxd/) and OUTBOXD_BIN
+# (an outboxd binary already built). They are not settings, and outboxd
+# refuses unknown OUTBOXD_* variables, so they stay in this shell and are not
+# passed on to the processes it starts (a script that runs another script
+# passes them explicitly).
+if [ -n "${OUTBOXD_STATE_DIR:-}" ]; then
+  case "$OUTBOXD_STATE_DIR" in /*) ;; *) OUTBOXD_STATE_DIR="$PWD/$OUTBOXD_STATE_DIR" ;; esac
+fi
+if [ -n "${OUTBOXD_BIN:-}" ]; then
+  case "$OUTBOXD_BIN" in
+    /*) ;;
+    */*) OUTBOXD_BIN="$PWD/$OUTBOXD_BIN" ;;
+    *) OUTBOXD_BIN="$(command -v "$OUTBOXD_BIN" || printf '%s' "$OUTBOXD_BIN")" ;;
+  esac
+fi
+export -n OUTBOXD_STATE_DIR OUTBOXD_BIN
+STATE_DIR="${OUTBOXD_STATE_DIR:-$ROOT/.outboxd}"
 
 log() { printf '[outboxd] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -107,7 +126,9 @@ start_postgres() {
   local data="$dir/data"
   if [ ! -f "$data/PG_VERSION" ]; then
     log "initialising a private PostgreSQL cluster in $data"
-    pg_run "$PG_BIN/initdb" -D "$data" -U outboxd --auth=trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
+    # In a subshell: a trap that runs meanwhile (a script stopping on a
+    # signal) must not log into initdb.log.
+    (pg_run "$PG_BIN/initdb" -D "$data" -U outboxd --auth=trust -E UTF8 --no-locale) >"$dir/initdb.log" 2>&1 \
       || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
   fi
   if pg_run "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1 && [ -f "$dir/port" ]; then

@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # Runs the outboxd CLI against the demo's private PostgreSQL (started by scripts/demo.sh).
 # Example: scripts/outboxd.sh dead-letters list --app demo
+# OUTBOXD_BIN=path uses that binary instead of target/release/outboxd (built
+# when missing); OUTBOXD_STATE_DIR=dir looks for the demo there instead of .outboxd/.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 PORT_FILE="$STATE_DIR/pg/port"
 [ -L "$STATE_DIR/pg/cluster" ] && PORT_FILE="$(readlink -f "$STATE_DIR/pg/cluster")/port"
 [ -f "$PORT_FILE" ] || die "no demo database: run scripts/demo.sh first"
-export DATABASE_URL="postgres://outboxd@127.0.0.1:$(cat "$PORT_FILE")/outboxd"
-BIN="$ROOT/target/release/outboxd"
-[ -x "$BIN" ] || cargo build --release --quiet -p outboxd
+PORT="$(cat "$PORT_FILE")"
+# Fail at once, not after the driver's connect timeout, when the demo is not running.
+PG_BIN="$(pg_bindir)"
+if [ -n "$PG_BIN" ] && [ -x "$PG_BIN/pg_isready" ]; then
+  "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 1 >/dev/null 2>&1 && up=1 || up=""
+else
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && up=1 || up=""
+fi
+[ -n "$up" ] || die "the demo's PostgreSQL is not running: start it with scripts/demo.sh"
+export DATABASE_URL="postgres://outboxd@127.0.0.1:$PORT/outboxd"
+if [ -n "${OUTBOXD_BIN:-}" ]; then
+  BIN="$OUTBOXD_BIN"
+  [ -f "$BIN" ] && [ -x "$BIN" ] || die "OUTBOXD_BIN=$BIN is not an executable file"
+else
+  BIN="$ROOT/target/release/outboxd"
+  [ -x "$BIN" ] || cargo build --release --quiet -p outboxd
+fi
 exec "$BIN" "$@"

@@ -55,6 +55,12 @@ bash "$ROOT/scripts/browser-test.sh" 2>&1 | tee -a "$TEST_LOG"
 browser_status=${PIPESTATUS[0]}
 set -e
 
+log "demo start and stop (scripts/demo.sh under SIGTERM and SIGINT)"
+set +e
+bash "$ROOT/scripts/demo-test.sh" "$ROOT/target/debug/outboxd" 2>&1 | tee -a "$TEST_LOG"
+demo_status=${PIPESTATUS[0]}
+set -e
+
 # One closing line for the whole run: cargo prints one per test binary, and
 # the browser test prints its own.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
@@ -64,3 +70,4 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-
 [ "$bench_status" = 0 ] || { log "the benchmark smoke run failed"; exit "$bench_status"; }
 [ "$chaos_status" = 0 ] || { log "the chaos suite failed (logs in target/chaos/last-failure)"; exit "$chaos_status"; }
 [ "$browser_status" = 0 ] || { log "the browser test failed"; exit "$browser_status"; }
+[ "$demo_status" = 0 ] || { log "the demo start/stop test failed"; exit "$demo_status"; }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::accounts;
 use crate::auth::{self, Capability, Principal};
 use crate::error::ApiError;
 
@@ -24,12 +25,28 @@ pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/users", get(users).post(create_user))
+        .route("/api/users/{user}", axum::routing::delete(delete_user))
+        .route(
+            "/api/users/{user}/password",
+            axum::routing::put(set_password),
+        )
+        .route("/api/users/{user}/unlock", post(unlock_user))
+        .route("/api/users/{user}/revoke-sessions", post(revoke_sessions))
+        .route("/api/api-keys", get(api_keys))
+        .route(
+            "/api/api-keys/{prefix}",
+            axum::routing::delete(revoke_api_key),
+        )
         .route("/api/apps", get(apps))
         .route("/api/apps/{app}/dead-letters", get(list))
         .route("/api/apps/{app}/dead-letters/count", get(count))
         .route("/api/apps/{app}/dead-letters/bulk", post(bulk))
         .route("/api/apps/{app}/dead-letters/{id}", get(show))
-        .route("/api/apps/{app}/dead-letters/{id}/resolve", post(resolve))
+        .route("/api/apps/{app}/dead-letters/{id}/ignore", post(ignore))
+        // `resolve` is the earlier name of `ignore`, kept as an alias.
+        .route("/api/apps/{app}/dead-letters/{id}/resolve", post(ignore))
         .route("/api/apps/{app}/dead-letters/{id}/replay", post(replay))
 }
 
@@ -63,11 +80,22 @@ pub fn client_addr(parts_extensions: &axum::http::Extensions) -> Option<std::net
 /// the tests).
 pub const OPENAPI: &str = include_str!("../api/openapi.json");
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// The document, with `servers` set to where this server is reached.
+async fn openapi(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI)
+        .map_err(|e| ApiError::internal(format!("the OpenAPI document does not parse: {e}")))?;
+    if !state.api_servers.is_empty() {
+        doc["servers"] = state
+            .api_servers
+            .iter()
+            .map(|url| serde_json::json!({ "url": url }))
+            .collect();
+    }
+    Ok(Json(doc).into_response())
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LoginBody {
     email: String,
     password: String,
@@ -91,18 +119,18 @@ pub async fn check_login(
     if email.len() > 254 || password.len() > 1024 || email.contains('\0') {
         return Err(ApiError::BadLogin);
     }
-    if state.limiter.is_limited(&state.auth, email, addr) {
-        return Err(ApiError::RateLimited);
+    if let Some(wait) = state.throttle.hold_back(email, addr).await? {
+        return Err(ApiError::RateLimited(wait));
     }
     let user = outbox_core::store::principals::user_by_email(&state.pool, email).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     if state.hasher.verify(password.to_owned(), hash).await
         && let Some(user) = user
     {
-        state.limiter.record_success(email);
+        state.throttle.record_success(email, addr).await?;
         return Ok(user.id);
     }
-    state.limiter.record_failure(email, addr);
+    state.throttle.record_failure(email, addr).await?;
     Err(ApiError::BadLogin)
 }
 
@@ -111,14 +139,149 @@ async fn login(
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let addr = client_addr(req.extensions());
-    let bytes = axum::body::to_bytes(req.into_body(), 16 * 1024)
-        .await
-        .map_err(|_| ApiError::Invalid("body too large".into()))?;
-    let body: LoginBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::Invalid(format!("expected {{\"email\", \"password\"}}: {e}")))?;
+    let bytes = crate::strict::body(req, state.body_limit).await?;
+    let body: LoginBody = crate::strict::json(&bytes)?;
     let user_id = check_login(&state, &body.email, &body.password, addr).await?;
-    let (token, expires_at) = auth::issue_token(&state.auth, user_id)?;
-    Ok(Json(LoginAnswer { token, expires_at }).into_response())
+    let issued = auth::open_session(&state.pool, &state.auth, user_id).await?;
+    Ok(Json(LoginAnswer {
+        token: issued.token,
+        expires_at: issued.expires_at,
+    })
+    .into_response())
+}
+
+/// Ends the session of the token presented (an API key has none: revoke it).
+async fn logout(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(session) = p.session_id else {
+        return Err(ApiError::Invalid(
+            "an API key has no session to end: revoke the key instead".into(),
+        ));
+    };
+    outbox_core::store::sessions::close(&state.pool, session).await?;
+    Ok(Json(serde_json::json!({ "signed_out": true })))
+}
+
+/// Only instance admins manage accounts.
+fn instance_admin(p: &Principal) -> Result<(), ApiError> {
+    if p.user.is_admin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
+}
+
+async fn users(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let users = accounts::list_users(&state.pool).await?;
+    Ok(Json(serde_json::json!({ "items": users })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserBody {
+    email: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn create_user(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    instance_admin(&p)?;
+    let body: NewUserBody = crate::strict::json(&body)?;
+    let user = crate::create_user(&state.pool, &body.email, &body.password, body.admin).await?;
+    let mut response = (
+        axum::http::StatusCode::CREATED,
+        Json(serde_json::json!({ "id": user.id, "email": user.email, "is_admin": user.is_admin })),
+    )
+        .into_response();
+    if let Ok(location) = header::HeaderValue::from_str(&format!("/api/users/{}", user.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+async fn delete_user(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let user = accounts::delete_user(&state.pool, &user).await?;
+    Ok(Json(serde_json::json!({ "deleted": user.email })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+async fn set_password(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(user): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let body: PasswordBody = crate::strict::json(&body)?;
+    let ended = accounts::set_password(&state.pool, &state.hasher, &user, &body.password).await?;
+    Ok(Json(serde_json::json!({ "sessions_ended": ended })))
+}
+
+async fn unlock_user(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let cleared = accounts::unlock(&state.pool, &user).await?;
+    Ok(Json(serde_json::json!({ "cleared": cleared })))
+}
+
+async fn revoke_sessions(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let ended = accounts::revoke_sessions(&state.pool, &user).await?;
+    Ok(Json(serde_json::json!({ "sessions_ended": ended })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyQuery {
+    owner: Option<String>,
+}
+
+async fn api_keys(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    crate::strict::Query(q): crate::strict::Query<ApiKeyQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let keys = accounts::list_api_keys(&state.pool, q.owner.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "items": keys })))
+}
+
+async fn revoke_api_key(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(prefix): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    instance_admin(&p)?;
+    let prefix = accounts::revoke_api_key(&state.pool, &prefix).await?;
+    Ok(Json(serde_json::json!({ "revoked": prefix })))
 }
 
 #[derive(Serialize)]
@@ -148,6 +311,7 @@ async fn apps(
 
 /// List filters and paging, as query parameters.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this source.
     pub source: Option<String>,
@@ -161,7 +325,7 @@ pub struct ListQuery {
     #[serde(default)]
     pub unresolved: bool,
     /// Page size (1..=200, default 50).
-    pub limit: Option<u32>,
+    pub limit: Option<i64>,
     /// The `next_cursor` of the previous page.
     pub after: Option<String>,
 }
@@ -178,7 +342,7 @@ impl ListQuery {
             )
         {
             return Err(ApiError::Invalid(format!(
-                "resolution {r:?} is not one of replayed, ignored, handled_by_script, handler_failed"
+                "resolution: {r:?} is not one of replayed, ignored, handled_by_script, handler_failed"
             )));
         }
         Ok(Filter {
@@ -202,8 +366,8 @@ impl ListQuery {
     /// The page size.
     pub fn limit(&self) -> Result<u32, ApiError> {
         match self.limit.unwrap_or(50) {
-            n @ 1..=200 => Ok(n),
-            n => Err(ApiError::Invalid(format!("limit {n} is outside 1..=200"))),
+            n @ 1..=200 => Ok(n as u32),
+            n => Err(ApiError::Invalid(format!("limit: {n} is outside 1..=200"))),
         }
     }
 }
@@ -213,8 +377,9 @@ pub fn encode_cursor(row: &DeadLetter) -> String {
     format!("{}_{}", row.created_at.timestamp_micros(), row.id)
 }
 
-fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
-    let bad = || ApiError::Invalid(format!("after {s:?} is not a cursor from a previous page"));
+/// Reads a cursor from [`encode_cursor`].
+pub fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
+    let bad = || ApiError::Invalid(format!("after: {s:?} is not a cursor from a previous page"));
     let (micros, id) = s.split_once('_').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     Ok(Cursor {
@@ -233,7 +398,7 @@ async fn list(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
-    Query(q): Query<ListQuery>,
+    crate::strict::Query(q): crate::strict::Query<ListQuery>,
 ) -> Result<Json<Page>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
     let limit = q.limit()?;
@@ -282,9 +447,16 @@ pub async fn ignore_one(pool: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<(
     Ok(())
 }
 
-/// Replays one dead letter; returns the new outbox id; 409 when resolved already.
-pub async fn replay_one(pool: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<Uuid, ApiError> {
-    let replayed = dead_letters::replay(pool, app_id, &[id]).await?;
+/// Replays one dead letter, with its own attempt budget unless
+/// `max_attempts` overrides it; returns the new outbox id; 409 when resolved
+/// already.
+pub async fn replay_one(
+    pool: &sqlx::PgPool,
+    app_id: Uuid,
+    id: Uuid,
+    max_attempts: Option<i32>,
+) -> Result<Uuid, ApiError> {
+    let replayed = dead_letters::replay_with(pool, app_id, &[id], max_attempts).await?;
     match replayed.first() {
         Some((_, outbox_id)) => Ok(*outbox_id),
         None => {
@@ -297,7 +469,7 @@ pub async fn replay_one(pool: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<U
     }
 }
 
-async fn resolve(
+async fn ignore(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, id)): Path<(String, String)>,
@@ -310,14 +482,36 @@ async fn resolve(
     ))
 }
 
+/// The optional body of a replay.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    /// Attempts the replayed row gets (default: the dead letter's own).
+    pub max_attempts: Option<i64>,
+}
+
+/// Checks a replay's `max_attempts` override.
+pub fn replay_attempts(max_attempts: Option<i64>) -> Result<Option<i32>, ApiError> {
+    max_attempts
+        .map(|n| {
+            i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))
+            })
+        })
+        .transpose()
+}
+
 async fn replay(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, id)): Path<(String, String)>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
+    let body: ReplayBody = crate::strict::json_or_default(&body)?;
+    let max_attempts = replay_attempts(body.max_attempts)?;
     let id = parse_id(&id)?;
-    let outbox_id = replay_one(&state.pool, app.id, id).await?;
+    let outbox_id = replay_one(&state.pool, app.id, id, max_attempts).await?;
     Ok(Json(
         serde_json::json!({ "id": id, "resolution": "replayed", "outbox_id": outbox_id }),
     ))
@@ -325,17 +519,23 @@ async fn replay(
 
 /// A bulk action: by id list, or by filter (unresolved rows only).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BulkBody {
-    /// `replay` or `ignore`.
+    /// `replay` or `ignore` (`resolve` is accepted for `ignore`).
     pub action: String,
     /// These dead letters.
     pub ids: Option<Vec<Uuid>>,
     /// Or every unresolved dead letter matching this.
     pub filter: Option<BulkFilter>,
+    /// For `replay`: attempts the replayed rows get (default: each dead
+    /// letter's own).
+    #[serde(default)]
+    pub max_attempts: Option<i64>,
 }
 
 /// The filter of a bulk action.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BulkFilter {
     /// Only this source.
     pub source: Option<String>,
@@ -364,19 +564,22 @@ pub async fn run_bulk(
         }
         _ => {
             return Err(ApiError::Invalid(
-                "give exactly one of ids and filter".into(),
+                "ids, filter: give exactly one of them".into(),
             ));
         }
     };
     if ids.len() > 10_000 {
-        return Err(ApiError::Invalid("at most 10000 ids per request".into()));
+        return Err(ApiError::Invalid("ids: at most 10000 per request".into()));
     }
+    let max_attempts = replay_attempts(body.max_attempts)?;
     Ok(match body.action.as_str() {
-        "replay" => dead_letters::replay(&state.pool, app_id, &ids).await?.len(),
-        "ignore" => dead_letters::ignore(&state.pool, app_id, &ids).await?.len(),
+        "replay" => dead_letters::replay_with(&state.pool, app_id, &ids, max_attempts)
+            .await?
+            .len(),
+        "ignore" | "resolve" => dead_letters::ignore(&state.pool, app_id, &ids).await?.len(),
         other => {
             return Err(ApiError::Invalid(format!(
-                "action {other:?} is not replay or ignore"
+                "action: {other:?} is not replay or ignore"
             )));
         }
     })
@@ -389,8 +592,7 @@ async fn bulk(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
-    let body: BulkBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Invalid(format!("bad bulk body: {e}")))?;
+    let body: BulkBody = crate::strict::json(&body)?;
     let changed = run_bulk(&state, app.id, &body).await?;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }

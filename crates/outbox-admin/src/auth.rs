@@ -1,16 +1,16 @@
 //! Authentication: argon2id passwords (hashed off the async runtime), JWTs,
 //! API keys, login rate limits, and capabilities per app.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm as Argon2Algorithm, Argon2, Params, Version};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use outbox_core::store::principals::{self, Role, User};
+use outbox_core::store::{login_throttle, sessions};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -35,12 +35,47 @@ pub struct AuthConfig {
     pub audience: String,
     /// Mark cookies `Secure` (serve behind TLS).
     pub secure_cookies: bool,
-    /// Failed logins per account within `login_window` before 429.
-    pub login_limit_per_account: usize,
-    /// Failed logins per client address within `login_window` before 429.
-    pub login_limit_per_address: usize,
-    /// The window the limits count in.
-    pub login_window: Duration,
+    /// How failed logins are slowed down.
+    pub throttle: ThrottleConfig,
+}
+
+/// Login throttling: failures are counted per account, per client address
+/// and per (account, address) pair, in PostgreSQL. Once a key has used its
+/// free failures, the next attempt under it waits `base_delay`, doubling with
+/// each further failure up to `max_delay`; a count lapses `window` after its
+/// last failure.
+///
+/// An address that is held back is refused for every account. An account
+/// that is held back is refused only to addresses that have failed on it:
+/// someone guessing elsewhere can never lock the rightful owner out of a
+/// client that has not been failing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleConfig {
+    /// Failures of one account (from anywhere) before it is held back.
+    pub free_per_account: u32,
+    /// Failures from one address (on any account) before it is held back.
+    pub free_per_address: u32,
+    /// Failures of one account from one address before that pair is held back.
+    pub free_per_pair: u32,
+    /// The first hold-back.
+    pub base_delay: Duration,
+    /// The longest hold-back.
+    pub max_delay: Duration,
+    /// How long a count is remembered after its last failure.
+    pub window: Duration,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            free_per_account: 5,
+            free_per_address: 20,
+            free_per_pair: 3,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15 * 60),
+            window: Duration::from_secs(60 * 60),
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -55,8 +90,7 @@ impl std::fmt::Debug for AuthConfig {
 }
 
 impl AuthConfig {
-    /// Defaults around a secret: 24 h tokens, 5 failures per account and 20
-    /// per address in 15 minutes.
+    /// Defaults around a secret: 24 h tokens, [`ThrottleConfig::default`].
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Result<Self, String> {
         let jwt_secret = jwt_secret.into();
         if jwt_secret.len() < MIN_JWT_SECRET_BYTES {
@@ -71,9 +105,7 @@ impl AuthConfig {
             issuer: "outboxd".into(),
             audience: "outboxd-admin".into(),
             secure_cookies: false,
-            login_limit_per_account: 5,
-            login_limit_per_address: 20,
-            login_window: Duration::from_secs(15 * 60),
+            throttle: ThrottleConfig::default(),
         })
     }
 }
@@ -159,10 +191,47 @@ pub struct Claims {
     pub exp: i64,
     /// Issued at (seconds since the epoch).
     pub iat: i64,
+    /// The session the token belongs to; the token is valid only while the
+    /// session row exists.
+    pub sid: String,
 }
 
-/// Issues a token for `user_id`; returns it with its expiry.
-pub fn issue_token(config: &AuthConfig, user_id: Uuid) -> Result<(String, i64), ApiError> {
+/// A token and what it stands for.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The signed JWT.
+    pub token: String,
+    /// Its expiry (seconds since the epoch).
+    pub expires_at: i64,
+    /// The session it belongs to.
+    pub session_id: Uuid,
+}
+
+/// Opens a session for `user_id` and issues its token.
+pub async fn open_session(
+    pool: &PgPool,
+    config: &AuthConfig,
+    user_id: Uuid,
+) -> Result<IssuedToken, ApiError> {
+    let expires = chrono::Utc::now()
+        + chrono::Duration::from_std(config.token_ttl)
+            .map_err(|_| ApiError::internal("token_ttl out of range"))?;
+    let session_id = sessions::open(pool, user_id, expires).await?;
+    let (token, expires_at) = issue_token(config, user_id, session_id)?;
+    Ok(IssuedToken {
+        token,
+        expires_at,
+        session_id,
+    })
+}
+
+/// Signs a token for `user_id` in session `session_id`; returns it with its
+/// expiry. The session must exist for the token to be accepted.
+pub fn issue_token(
+    config: &AuthConfig,
+    user_id: Uuid,
+    session_id: Uuid,
+) -> Result<(String, i64), ApiError> {
     let now = chrono::Utc::now().timestamp();
     let exp = now + config.token_ttl.as_secs() as i64;
     let claims = Claims {
@@ -171,6 +240,7 @@ pub fn issue_token(config: &AuthConfig, user_id: Uuid) -> Result<(String, i64), 
         aud: config.audience.clone(),
         exp,
         iat: now,
+        sid: session_id.to_string(),
     };
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -182,8 +252,10 @@ pub fn issue_token(config: &AuthConfig, user_id: Uuid) -> Result<(String, i64), 
 }
 
 /// Verifies a token: HS256 only, signature, `exp`, `iat` (not in the
-/// future), `iss`, `aud` and `sub` all required.
-pub fn verify_token(config: &AuthConfig, token: &str) -> Result<Uuid, ApiError> {
+/// future), `iss`, `aud`, `sub` and `sid` all required. Returns the user and
+/// the session; whether the session is still open is the caller's check
+/// ([`authenticate`]).
+pub fn verify_token(config: &AuthConfig, token: &str) -> Result<(Uuid, Uuid), ApiError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.algorithms = vec![Algorithm::HS256];
     validation.leeway = 5;
@@ -199,7 +271,9 @@ pub fn verify_token(config: &AuthConfig, token: &str) -> Result<Uuid, ApiError> 
     if data.claims.iat > chrono::Utc::now().timestamp() + 5 {
         return Err(ApiError::unauthorized());
     }
-    Uuid::parse_str(&data.claims.sub).map_err(|_| ApiError::unauthorized())
+    let user = Uuid::parse_str(&data.claims.sub).map_err(|_| ApiError::unauthorized())?;
+    let session = Uuid::parse_str(&data.claims.sid).map_err(|_| ApiError::unauthorized())?;
+    Ok((user, session))
 }
 
 /// Prefix of every API key: `obx_<prefix>_<secret>`.
@@ -225,11 +299,13 @@ fn sha256_hex(secret: &str) -> String {
 }
 
 /// Who is calling, re-read from the database on every request so a removed
-/// user or role takes effect at once.
+/// user, role or session takes effect at once.
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// The user.
     pub user: User,
+    /// The session of a token; `None` for an API key.
+    pub session_id: Option<Uuid>,
 }
 
 /// Resolves a bearer credential (JWT or API key) to its user.
@@ -238,7 +314,7 @@ pub async fn authenticate(
     config: &AuthConfig,
     credential: &str,
 ) -> Result<Principal, ApiError> {
-    let user_id = if let Some(rest) = credential.strip_prefix(API_KEY_TAG) {
+    if let Some(rest) = credential.strip_prefix(API_KEY_TAG) {
         let (prefix, secret) = rest.split_once('_').ok_or_else(ApiError::unauthorized)?;
         let (user_id, hash) = principals::api_key_by_prefix(pool, prefix)
             .await?
@@ -246,14 +322,22 @@ pub async fn authenticate(
         if !constant_time_eq(sha256_hex(secret).as_bytes(), hash.as_bytes()) {
             return Err(ApiError::unauthorized());
         }
-        user_id
-    } else {
-        verify_token(config, credential)?
-    };
-    let user = principals::user_by_id(pool, user_id)
+        let user = principals::user_by_id(pool, user_id)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
+        return Ok(Principal {
+            user,
+            session_id: None,
+        });
+    }
+    let (user_id, session_id) = verify_token(config, credential)?;
+    let user = sessions::user_of(pool, session_id, user_id)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
-    Ok(Principal { user })
+    Ok(Principal {
+        user,
+        session_id: Some(session_id),
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -306,56 +390,119 @@ pub async fn authorize(
     }
 }
 
-/// Counts failed logins per key (account, client address) in a sliding window.
-#[derive(Clone, Default)]
-pub struct LoginLimiter {
-    failures: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
+/// The login throttle of [`ThrottleConfig`], kept in PostgreSQL so every
+/// outboxd process sees the same counts and a restart forgets nothing.
+#[derive(Clone)]
+pub struct Throttle {
+    pool: PgPool,
+    config: ThrottleConfig,
 }
 
-impl LoginLimiter {
-    fn keys(email: &str, addr: Option<IpAddr>) -> (String, String) {
-        (
-            format!("account:{}", email.trim().to_lowercase()),
-            format!(
-                "address:{}",
-                addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
-            ),
+/// The keys one login attempt is counted under.
+struct ThrottleKeys {
+    account: String,
+    address: String,
+    pair: String,
+}
+
+impl ThrottleKeys {
+    fn new(email: &str, addr: Option<IpAddr>) -> Self {
+        let email = email.trim().to_lowercase();
+        let addr = addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        Self {
+            account: format!("account:{email}"),
+            address: format!("address:{addr}"),
+            pair: format!("pair:{email}|{addr}"),
+        }
+    }
+}
+
+impl Throttle {
+    /// A throttle over `pool`.
+    pub fn new(pool: PgPool, config: ThrottleConfig) -> Self {
+        Self { pool, config }
+    }
+
+    fn window_secs(&self) -> i64 {
+        self.config.window.as_secs().max(1) as i64
+    }
+
+    /// `Some(wait)` when this attempt must be refused, checked before the
+    /// password is, so known and unknown accounts answer alike.
+    pub async fn hold_back(
+        &self,
+        email: &str,
+        addr: Option<IpAddr>,
+    ) -> Result<Option<Duration>, ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        let states = login_throttle::recent(
+            &self.pool,
+            &[
+                keys.account.clone(),
+                keys.address.clone(),
+                keys.pair.clone(),
+            ],
+            self.window_secs(),
         )
-    }
-
-    /// Whether this attempt is over either limit (checked before verifying,
-    /// so known and unknown accounts answer alike).
-    pub fn is_limited(&self, config: &AuthConfig, email: &str, addr: Option<IpAddr>) -> bool {
-        let (account, address) = Self::keys(email, addr);
-        let Ok(mut failures) = self.failures.lock() else {
-            return true;
+        .await?;
+        let now = chrono::Utc::now();
+        let wait = |key: &str| {
+            states
+                .iter()
+                .find(|s| s.key == key)
+                .and_then(|s| s.blocked_until)
+                .filter(|until| *until > now)
+                .map(|until| (until - now).to_std().unwrap_or_default())
         };
-        let now = Instant::now();
-        let mut count = |key: &str| {
-            let entry = failures.entry(key.to_owned()).or_default();
-            entry.retain(|t| now.duration_since(*t) < config.login_window);
-            entry.len()
-        };
-        count(&account) >= config.login_limit_per_account
-            || count(&address) >= config.login_limit_per_address
+        let pair_failing = states.iter().any(|s| s.key == keys.pair && s.failures > 0);
+        let account_wait = wait(&keys.account).filter(|_| pair_failing);
+        Ok([wait(&keys.address), wait(&keys.pair), account_wait]
+            .into_iter()
+            .flatten()
+            .max())
     }
 
-    /// Records a failed attempt against both keys.
-    pub fn record_failure(&self, email: &str, addr: Option<IpAddr>) {
-        let (account, address) = Self::keys(email, addr);
-        if let Ok(mut failures) = self.failures.lock() {
-            let now = Instant::now();
-            failures.entry(account).or_default().push(now);
-            failures.entry(address).or_default().push(now);
-        }
+    /// Counts a failed attempt under all its keys.
+    pub async fn record_failure(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        let c = &self.config;
+        let free = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(outbox_core::Error::from)?;
+        login_throttle::record_failure(
+            &mut conn,
+            &[keys.account, keys.address, keys.pair],
+            &[
+                free(c.free_per_account),
+                free(c.free_per_address),
+                free(c.free_per_pair),
+            ],
+            self.window_secs(),
+            c.base_delay.as_secs_f64(),
+            c.max_delay.as_secs_f64(),
+        )
+        .await?;
+        Ok(())
     }
 
-    /// Forgets an account's failures after a successful login.
-    pub fn record_success(&self, email: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(&format!("account:{}", email.trim().to_lowercase()));
-        }
+    /// Forgets the account's failures, and this address's on it, after a
+    /// successful login (the address's count over all accounts stays).
+    pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        login_throttle::clear(&self.pool, &[keys.account, keys.pair]).await?;
+        Ok(())
     }
+}
+
+/// Clears an account's login throttle (`outboxd user unlock`): its own count
+/// and the counts of every address on it. Returns how many counts went.
+pub async fn unlock(pool: &PgPool, email: &str) -> Result<u64, ApiError> {
+    let email = email.trim().to_lowercase();
+    let pairs = login_throttle::clear_prefixed(pool, &[format!("pair:{email}|")]).await?;
+    Ok(pairs + login_throttle::clear(pool, &[format!("account:{email}")]).await?)
 }
 
 #[cfg(test)]
@@ -379,8 +526,9 @@ mod tests {
     fn tokens_round_trip_and_negatives_fail() {
         let c = config();
         let user = Uuid::new_v4();
-        let (token, _) = issue_token(&c, user).expect("token");
-        assert_eq!(verify_token(&c, &token).ok(), Some(user));
+        let session = Uuid::new_v4();
+        let (token, _) = issue_token(&c, user, session).expect("token");
+        assert_eq!(verify_token(&c, &token).ok(), Some((user, session)));
 
         // Tampered payload.
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -424,7 +572,7 @@ mod tests {
         // Missing aud.
         let no_aud = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": user.to_string(), "iss": c.issuer, "exp": chrono::Utc::now().timestamp() + 60, "iat": chrono::Utc::now().timestamp()}),
+            &serde_json::json!({"sub": user.to_string(), "sid": Uuid::new_v4().to_string(), "iss": c.issuer, "exp": chrono::Utc::now().timestamp() + 60, "iat": chrono::Utc::now().timestamp()}),
             &EncodingKey::from_secret(&c.jwt_secret),
         )
         .expect("sign");
@@ -444,6 +592,7 @@ mod tests {
                 now + 600
             },
             iat: now + exp_offset.min(0) - 10,
+            sid: Uuid::new_v4().to_string(),
         }
     }
 
@@ -483,21 +632,6 @@ mod tests {
         assert!(role_grants(Role::Operator, Write));
         assert!(!role_grants(Role::Viewer, Write));
         assert!(role_grants(Role::Admin, ManageTriggers));
-    }
-
-    #[test]
-    fn limiter_counts_per_account_and_address() {
-        let c = config();
-        let l = LoginLimiter::default();
-        let addr = Some("127.0.0.1".parse().expect("ip"));
-        for _ in 0..c.login_limit_per_account {
-            assert!(!l.is_limited(&c, "A@x.io", addr));
-            l.record_failure("a@x.io", addr);
-        }
-        assert!(l.is_limited(&c, "a@x.io", addr), "account limit");
-        assert!(!l.is_limited(&c, "b@x.io", Some("10.0.0.1".parse().expect("ip"))));
-        l.record_success("a@x.io");
-        assert!(!l.is_limited(&c, "a@x.io", Some("10.0.0.2".parse().expect("ip"))));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! nothing changes on GET.
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -13,6 +13,7 @@ use outbox_core::store::dead_letters;
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::accounts;
 use crate::api::{self, BulkBody, ListQuery};
 use crate::auth::{self, Capability, Principal};
 use crate::error::ApiError;
@@ -20,10 +21,13 @@ use crate::error::ApiError;
 const SESSION_COOKIE: &str = "outboxd_session";
 const CSRF_COOKIE: &str = "outboxd_csrf";
 
-/// The dashboard routes.
+/// The dashboard routes, each answer carrying [`security_headers`].
 pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/apps") }))
+        .route("/admin/accounts", get(accounts_page))
+        .route("/admin/accounts/{user}/{action}", post(account_action))
+        .route("/admin/api-keys/{prefix}/revoke", post(revoke_key))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/apps", get(apps_page))
@@ -37,6 +41,27 @@ pub fn routes() -> Router<AdminState> {
             get(triggers_page).post(create_trigger),
         )
         .route("/apps/{app}/triggers/{id}/{action}", post(change_trigger))
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+/// What every dashboard answer carries: no script may run but ours (there
+/// is none inline), no framing, no MIME sniffing, no referrer leaving the
+/// site, and nothing kept in caches (pages show payloads).
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -56,6 +81,11 @@ struct Session {
     csrf: String,
 }
 
+/// A fresh random token (CSRF).
+fn random_token() -> String {
+    auth::new_api_key().2
+}
+
 impl FromRequestParts<AdminState> for Session {
     type Rejection = Response;
 
@@ -70,11 +100,9 @@ impl FromRequestParts<AdminState> for Session {
     }
 }
 
-/// Reads a urlencoded form (all values of every key), at most 64 KiB.
-async fn form(req: Request) -> Result<Vec<(String, String)>, ApiError> {
-    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| ApiError::Invalid("form too large".into()))?;
+/// Reads a urlencoded form (all values of every key), within the body limit.
+async fn form(req: Request, limit: usize) -> Result<Vec<(String, String)>, ApiError> {
+    let bytes = crate::strict::body(req, limit).await?;
     Ok(form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
@@ -139,21 +167,41 @@ fn error_page(err: &ApiError) -> Response {
         .into_response()
 }
 
-async fn login_page() -> Html<String> {
-    login_form(None)
+/// The sign-in page. Its form carries a CSRF token bound to a cookie set
+/// here, so another site cannot sign a browser in to an account of its own.
+async fn login_page(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let csrf = cookie(&headers, CSRF_COOKIE)
+        .filter(|c| c.len() >= 32)
+        .unwrap_or_else(random_token);
+    with_csrf_cookie(login_form(None, "", &csrf).into_response(), &csrf, &state)
 }
 
-fn login_form(message: Option<&str>) -> Html<String> {
+fn with_csrf_cookie(mut response: Response, csrf: &str, state: &AdminState) -> Response {
+    if let Some(c) = set_cookie(
+        CSRF_COOKIE,
+        csrf,
+        state.auth.token_ttl.as_secs(),
+        state.auth.secure_cookies,
+    ) {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
     page(
         "Sign in",
         &format!(
-            r#"<h1>Sign in</h1>{}<form method="post" action="/login">
-<p><label>E-mail<br><input name="email" type="email" autocomplete="username" required></label></p>
-<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required></label></p>
+            r#"<h1>Sign in</h1>{}<form method="post" action="/login"><input type=hidden name=csrf value="{}">
+<p><label>E-mail<br><input name="email" type="email" autocomplete="username" required value="{}"></label></p>
+<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required{}></label></p>
 <p><button type="submit">Sign in</button></p></form>"#,
             message
-                .map(|m| format!("<p class=err>{}</p>", esc(m)))
-                .unwrap_or_default()
+                .map(|m| format!("<p class=err role=alert>{}</p>", esc(m)))
+                .unwrap_or_default(),
+            esc(csrf),
+            esc(email),
+            if email.is_empty() { "" } else { " autofocus" },
         ),
     )
 }
@@ -168,23 +216,48 @@ fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> Option<Hea
 
 async fn login(State(state): State<AdminState>, req: Request) -> Response {
     let addr = api::client_addr(req.extensions());
-    let form = match form(req).await {
+    let csrf_cookie = cookie(req.headers(), CSRF_COOKIE);
+    let form = match form(req, state.body_limit).await {
         Ok(f) => f,
         Err(err) => return error_page(&err),
     };
     let email = field(&form, "email").unwrap_or_default().to_owned();
     let password = field(&form, "password").unwrap_or_default().to_owned();
+    let fresh = random_token();
+    // The form's token must match the cookie the sign-in page set.
+    if csrf_cookie.is_none() || field(&form, "csrf") != csrf_cookie.as_deref() {
+        let form = login_form(
+            Some("The sign-in form expired: please sign in again."),
+            &email,
+            &fresh,
+        );
+        return with_csrf_cookie(
+            (axum::http::StatusCode::FORBIDDEN, form).into_response(),
+            &fresh,
+            &state,
+        );
+    }
     let user_id = match api::check_login(&state, &email, &password, addr).await {
         Ok(id) => id,
         Err(err) => {
             let (status, _) = err.status_and_code();
-            return (status, login_form(Some(&err.to_string()))).into_response();
+            let mut response =
+                (status, login_form(Some(&err.to_string()), &email, &fresh)).into_response();
+            if let ApiError::RateLimited(wait) = &err {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    crate::error::retry_after_secs(wait).into(),
+                );
+            }
+            return with_csrf_cookie(response, &fresh, &state);
         }
     };
-    let Ok((token, _)) = auth::issue_token(&state.auth, user_id) else {
-        return error_page(&ApiError::internal("token"));
+    let token = match auth::open_session(&state.pool, &state.auth, user_id).await {
+        Ok(issued) => issued.token,
+        Err(err) => return error_page(&err),
     };
-    let csrf = auth::new_api_key().1 + &auth::new_api_key().1;
+    // A new CSRF token for the signed-in session.
+    let csrf = fresh;
     let ttl = state.auth.token_ttl.as_secs();
     let mut response = Redirect::to("/apps").into_response();
     for c in [
@@ -200,11 +273,16 @@ async fn login(State(state): State<AdminState>, req: Request) -> Response {
 }
 
 async fn logout(State(state): State<AdminState>, session: Session, req: Request) -> Response {
-    let Ok(form) = form(req).await else {
+    let Ok(form) = form(req, state.body_limit).await else {
         return Redirect::to("/login").into_response();
     };
     if let Err(err) = check_csrf(&session, &form) {
         return error_page(&err);
+    }
+    if let Some(id) = session.principal.session_id
+        && let Err(err) = outbox_core::store::sessions::close(&state.pool, id).await
+    {
+        return error_page(&err.into());
     }
     let mut response = Redirect::to("/login").into_response();
     for name in [SESSION_COOKIE, CSRF_COOKIE] {
@@ -215,11 +293,17 @@ async fn logout(State(state): State<AdminState>, session: Session, req: Request)
     response
 }
 
-fn logout_form(csrf: &str, email: &str) -> String {
+fn logout_form(session: &Session) -> String {
+    let user = &session.principal.user;
     format!(
-        r#"<div class=muted>Signed in as {} · <form class=inline method=post action="/logout"><input type=hidden name=csrf value="{}"><button type=submit>Sign out</button></form></div>"#,
-        esc(email),
-        esc(csrf)
+        r#"<div class=muted>Signed in as {}{} · <form class=inline method=post action="/logout"><input type=hidden name=csrf value="{}"><button type=submit>Sign out</button></form></div>"#,
+        esc(&user.email),
+        if user.is_admin {
+            r#" · <a href="/admin/accounts">Accounts</a>"#
+        } else {
+            ""
+        },
+        esc(&session.csrf)
     )
 }
 
@@ -234,7 +318,7 @@ async fn apps_page(State(state): State<AdminState>, session: Session) -> Respons
         Ok(rows) => rows,
         Err(err) => return error_page(&err.into()),
     };
-    let mut body = logout_form(&session.csrf, &session.principal.user.email);
+    let mut body = logout_form(&session);
     body.push_str(
         "<h1>Apps</h1><table><tr><th>App</th><th>Name</th><th>Unresolved dead letters</th></tr>",
     );
@@ -265,8 +349,12 @@ async fn list_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
-    Query(q): Query<ListQuery>,
+    q: Result<crate::strict::Query<ListQuery>, ApiError>,
 ) -> Response {
+    let q = match q {
+        Ok(crate::strict::Query(q)) => q,
+        Err(err) => return error_page(&err),
+    };
     let result = async {
         let app = auth::authorize(
             &state.pool,
@@ -287,7 +375,7 @@ async fn list_page(
         Err(err) => return error_page(&err),
     };
     let slug = esc(&app.slug);
-    let mut body = logout_form(&session.csrf, &session.principal.user.email);
+    let mut body = logout_form(&session);
     body.push_str(&format!(
         r#"<h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>
 <form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
@@ -361,10 +449,13 @@ async fn detail_page(
     let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
     let actions = if row.resolved_at.is_none() {
         format!(
-            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay"><input type=hidden name=csrf value="{c}"><button type=submit id=replay>Replay</button></form>
+            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay"><input type=hidden name=csrf value="{c}"><label>Attempts <input name=max_attempts type=number min=1 placeholder="{budget}" size=6></label> <button type=submit id=replay>Replay</button></form>
 <form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore"><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,
             id = row.id,
-            c = esc(&session.csrf)
+            c = esc(&session.csrf),
+            budget = row
+                .max_attempts
+                .map_or_else(|| "default".to_owned(), |n| n.to_string()),
         )
     } else {
         format!(
@@ -378,7 +469,7 @@ async fn detail_page(
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
 <h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
-        logout = logout_form(&session.csrf, &session.principal.user.email),
+        logout = logout_form(&session),
         topic = esc(&row.topic),
         id = row.id,
         orig = row.original_event_id,
@@ -408,7 +499,7 @@ async fn checked_form(
     capability: Capability,
     req: Request,
 ) -> Result<(Vec<(String, String)>, outbox_core::App), ApiError> {
-    let form = form(req).await?;
+    let form = form(req, state.body_limit).await?;
     check_csrf(session, &form)?;
     let app = auth::authorize(&state.pool, &session.principal, app, capability).await?;
     Ok((form, app))
@@ -431,11 +522,18 @@ async fn act(
     replay: bool,
 ) -> Response {
     let result = async {
-        let (_, app) =
+        let (form, app) =
             checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         if replay {
-            api::replay_one(&state.pool, app.id, id).await?;
+            let max_attempts = match field(&form, "max_attempts").map(str::trim) {
+                None | Some("") => None,
+                Some(n) => Some(n.parse::<i64>().map_err(|_| {
+                    ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
+                })?),
+            };
+            let max_attempts = api::replay_attempts(max_attempts)?;
+            api::replay_one(&state.pool, app.id, id, max_attempts).await?;
         } else {
             api::ignore_one(&state.pool, app.id, id).await?;
         }
@@ -483,6 +581,7 @@ async fn bulk(
             action: field(&form, "action").unwrap_or_default().to_owned(),
             ids: Some(ids),
             filter: None,
+            max_attempts: None,
         };
         api::run_bulk(&state, app.id, &body).await?;
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
@@ -514,7 +613,7 @@ async fn triggers_page(
     };
     let slug = esc(&app.slug);
     let csrf = esc(&session.csrf);
-    let mut body = logout_form(&session.csrf, &session.principal.user.email);
+    let mut body = logout_form(&session);
     body.push_str(&format!(
         r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · triggers</h1>
 <table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#
@@ -646,6 +745,151 @@ async fn change_trigger(
             _ => return Err(ApiError::not_found("action")),
         }
         Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
+    }
+    .await;
+    after_form(result)
+}
+
+/// The instance admin's accounts page: users (roles, sessions, throttle)
+/// and API keys, with the same actions as `outboxd user …` and
+/// `outboxd api-key …`.
+async fn accounts_page(State(state): State<AdminState>, session: Session) -> Response {
+    if !session.principal.user.is_admin {
+        return error_page(&ApiError::Forbidden);
+    }
+    let result = async {
+        Ok::<_, ApiError>((
+            accounts::list_users(&state.pool).await?,
+            accounts::list_api_keys(&state.pool, None).await?,
+        ))
+    }
+    .await;
+    let (users, keys) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let csrf = esc(&session.csrf);
+    let mut body = logout_form(&session);
+    body.push_str(
+        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1><table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
+    );
+    for u in &users {
+        let button = |action: &str, label: &str, confirm: bool| {
+            format!(
+                r#"<form class=inline method=post action="/admin/accounts/{id}/{action}"><input type=hidden name=csrf value="{csrf}">{c}<button type=submit>{label}</button></form>"#,
+                id = u.id,
+                c = if confirm {
+                    r#"<label><input type=checkbox name=confirm value=yes required> sure</label> "#
+                } else {
+                    ""
+                },
+            )
+        };
+        body.push_str(&format!(
+            r#"<tr data-user="{email}"><td>{email}</td><td>{admin}</td><td>{roles}</td><td>{sessions}</td><td>{keys}</td><td>{created}</td><td>{revoke} {unlock} {delete}
+<form class=inline method=post action="/admin/accounts/{id}/password"><input type=hidden name=csrf value="{csrf}"><input name=password type=password minlength=12 autocomplete=new-password placeholder="new password" required> <button type=submit>Set password</button></form></td></tr>"#,
+            email = esc(&u.email),
+            admin = if u.is_admin { "yes" } else { "" },
+            roles = esc(&u.roles.join(", ")),
+            sessions = u.sessions,
+            keys = u.api_keys,
+            created = u.created_at.format("%Y-%m-%d"),
+            revoke = button("revoke-sessions", "Sign out everywhere", false),
+            unlock = button("unlock", "Unlock", false),
+            delete = button("delete", "Delete", true),
+            id = u.id,
+        ));
+    }
+    body.push_str(
+        r#"</table><h2>API keys</h2><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
+    );
+    if keys.is_empty() {
+        body.push_str(r#"<tr><td colspan=7 class=muted>No API keys yet: create one with <code>outboxd api-key create EMAIL</code>.</td></tr>"#);
+    }
+    for k in &keys {
+        let state_cell = k.revoked_at.map_or_else(
+            || "active".to_owned(),
+            |at| format!("revoked {}", at.format("%Y-%m-%d %H:%M")),
+        );
+        let action = if k.revoked_at.is_none() {
+            format!(
+                r#"<form class=inline method=post action="/admin/api-keys/{p}/revoke"><input type=hidden name=csrf value="{csrf}"><button type=submit>Revoke</button></form>"#,
+                p = esc(&k.prefix)
+            )
+        } else {
+            String::new()
+        };
+        body.push_str(&format!(
+            r#"<tr data-key="{p}"><td><code>obx_{p}_…</code></td><td>{name}</td><td>{owner}</td><td>{created}</td><td>{used}</td><td>{state_cell}</td><td>{action}</td></tr>"#,
+            p = esc(&k.prefix),
+            name = esc(&k.name),
+            owner = esc(&k.owner),
+            created = k.created_at.format("%Y-%m-%d %H:%M"),
+            used = k
+                .last_used_at
+                .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_else(|| "never".into()),
+        ));
+    }
+    body.push_str("</table>");
+    page("Accounts", &body).into_response()
+}
+
+/// An instance admin's action on a user, from the accounts page.
+async fn account_action(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((user, action)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = form(req, state.body_limit).await?;
+        check_csrf(&session, &form)?;
+        if !session.principal.user.is_admin {
+            return Err(ApiError::Forbidden);
+        }
+        match action.as_str() {
+            "revoke-sessions" => {
+                accounts::revoke_sessions(&state.pool, &user).await?;
+            }
+            "unlock" => {
+                accounts::unlock(&state.pool, &user).await?;
+            }
+            "delete" => {
+                if field(&form, "confirm") != Some("yes") {
+                    return Err(ApiError::Invalid(
+                        "confirm: tick the box to delete the user".into(),
+                    ));
+                }
+                accounts::delete_user(&state.pool, &user).await?;
+            }
+            "password" => {
+                let password = field(&form, "password").unwrap_or_default();
+                accounts::set_password(&state.pool, &state.hasher, &user, password).await?;
+            }
+            _ => return Err(ApiError::not_found("action")),
+        }
+        Ok("/admin/accounts".to_owned())
+    }
+    .await;
+    after_form(result)
+}
+
+/// Revokes an API key from the accounts page.
+async fn revoke_key(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(prefix): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = form(req, state.body_limit).await?;
+        check_csrf(&session, &form)?;
+        if !session.principal.user.is_admin {
+            return Err(ApiError::Forbidden);
+        }
+        accounts::revoke_api_key(&state.pool, &prefix).await?;
+        Ok("/admin/accounts".to_owned())
     }
     .await;
     after_form(result)

@@ -20,15 +20,22 @@ pub enum ApiError {
     /// Nothing here for this principal (404, `not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// Nobody serves this topic (404, `no_handler`).
+    #[error("no running outboxd process serves topic {0:?}")]
+    NoHandler(String),
+    /// The body is over the size limit (413, `too_large`).
+    #[error("the request body is over the limit of {0} bytes")]
+    TooLarge(usize),
     /// The row is in a state that refuses the action (409, `conflict`).
     #[error("{0}")]
     Conflict(String),
     /// The request is malformed (400, `invalid`).
     #[error("{0}")]
     Invalid(String),
-    /// Too many failed logins (429, `rate_limited`).
-    #[error("too many failed logins; try again later")]
-    RateLimited,
+    /// Too many failed logins from here (429, `rate_limited`, with
+    /// `Retry-After`).
+    #[error("too many failed logins; try again in {} s", retry_after_secs(.0))]
+    RateLimited(std::time::Duration),
     /// A synchronously invoked handler failed (502, `handler_failed`).
     #[error("handler failed: {0}")]
     HandlerFailed(String),
@@ -64,14 +71,39 @@ impl ApiError {
             Self::Unauthorized | Self::BadLogin => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NoHandler(_) => (StatusCode::NOT_FOUND, "no_handler"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
-            Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::HandlerFailed(_) => (StatusCode::BAD_GATEWAY, "handler_failed"),
             Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
+}
+
+/// The one name per resource that "not found" messages use.
+fn resource(what: &str) -> &'static str {
+    [
+        "dead letter",
+        "trigger",
+        "user",
+        "api key",
+        "app",
+        "entry",
+        "session",
+    ]
+    .into_iter()
+    .find(|r| what.starts_with(r))
+    .unwrap_or("row")
+}
+
+/// Whole seconds to wait, at least 1 (what `Retry-After` carries).
+pub(crate) fn retry_after_secs(wait: &std::time::Duration) -> u64 {
+    u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// SQLSTATE 22P05: e.g. `\u0000` in a jsonb string.
@@ -85,7 +117,7 @@ impl From<outbox_core::Error> for ApiError {
     fn from(err: outbox_core::Error) -> Self {
         match err {
             outbox_core::Error::UnknownApp(_) => Self::NotFound("app"),
-            outbox_core::Error::NotFound(_) => Self::NotFound("row"),
+            outbox_core::Error::NotFound(what) => Self::NotFound(resource(&what)),
             outbox_core::Error::Conflict(message) => Self::Conflict(message),
             outbox_core::Error::Invalid { field, reason } => {
                 Self::Invalid(format!("{field}: {reason}"))
@@ -110,18 +142,32 @@ impl IntoResponse for ApiError {
         if let Self::Internal(detail) = &self {
             tracing::error!(%detail, "admin request failed");
         }
-        (
+        let mut response = (
             status,
             Json(serde_json::json!({ "error": { "code": code, "message": self.to_string() } })),
         )
-            .into_response()
+            .into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Self::RateLimited(wait) => {
+                headers.insert(header::RETRY_AFTER, retry_after_secs(wait).into());
+            }
+            Self::Unauthorized | Self::BadLogin => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"outboxd\""),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 
 /// Gives the framework's own refusals (a path or query that does not parse,
 /// a body over the size limit, a wrong method) the API's JSON error shape
 /// with a stable code; the API's own errors pass unchanged.
-pub(crate) async fn json_rejections(res: Response) -> Response {
+pub(crate) async fn json_rejections(res: Response, body_limit: usize) -> Response {
     let status = res.status();
     let is_json = res
         .headers()
@@ -129,6 +175,9 @@ pub(crate) async fn json_rejections(res: Response) -> Response {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if is_json || !(status.is_client_error() || status.is_server_error()) {
         return res;
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::TooLarge(body_limit).into_response();
     }
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",

@@ -24,6 +24,11 @@ use crate::api::Bearer;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
+/// The `code` the dispatcher puts in an answer when no handler serves the
+/// topic (the same as `outbox_dispatch::NO_HANDLER`; the admin crate does not
+/// depend on the dispatcher).
+const NO_HANDLER: &str = "no_handler";
+
 /// Longest a caller may wait.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -91,11 +96,12 @@ pub fn routes() -> Router<AdminState> {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct InvokeBody {
     #[serde(default)]
     payload: Value,
     headers: Option<Value>,
-    timeout_ms: Option<u64>,
+    timeout_ms: Option<i64>,
 }
 
 async fn invoke(
@@ -105,15 +111,16 @@ async fn invoke(
     bytes: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let body: InvokeBody = crate::platform::body_or_default(&bytes)?;
-    let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(10_000));
-    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+    let body: InvokeBody = crate::strict::json_or_default(&bytes)?;
+    let timeout_ms = body.timeout_ms.unwrap_or(10_000);
+    let max_ms = MAX_TIMEOUT.as_millis() as i64;
+    if !(1..=max_ms).contains(&timeout_ms) {
         return Err(ApiError::Invalid(format!(
-            "timeout_ms must be within 1..={}",
-            MAX_TIMEOUT.as_millis()
+            "timeout_ms: {timeout_ms} is outside 1..={max_ms}"
         )));
     }
-    let mut event = NewEvent::new(topic, body.payload)
+    let timeout = Duration::from_millis(timeout_ms.unsigned_abs());
+    let mut event = NewEvent::new(topic.clone(), body.payload)
         .with_source(Source::Pubsub)
         .with_max_attempts(1);
     if let Some(h) = body.headers {
@@ -155,6 +162,9 @@ async fn invoke(
             json!({ "id": outbox_id, "ok": true, "result": answer.result }),
         ))
     } else {
+        if answer.result.get("code").and_then(Value::as_str) == Some(NO_HANDLER) {
+            return Err(ApiError::NoHandler(topic));
+        }
         let message = answer
             .result
             .get("error")

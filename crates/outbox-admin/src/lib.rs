@@ -4,7 +4,7 @@
 //! on the same server).
 //!
 //! # Layout
-//! - [`auth`]: hashing, tokens, API keys, the login limiter, [`auth::authorize`].
+//! - [`auth`]: hashing, tokens and sessions, API keys, the login throttle, [`auth::authorize`].
 //! - [`api`]: the dead-letter JSON endpoints.
 //! - [`platform`]: KV, events, jobs and triggers over HTTP.
 //! - [`dashboard`]: the HTML pages and their forms (cookie session + CSRF).
@@ -23,12 +23,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod dashboard;
 mod error;
 pub mod invoke;
 pub mod platform;
+pub mod strict;
 
 pub use auth::AuthConfig;
 pub use error::ApiError;
@@ -45,10 +47,15 @@ pub struct AdminState {
     pub auth: AuthConfig,
     /// Password hashing off the async runtime.
     pub hasher: auth::Hasher,
-    /// Failed-login counters.
-    pub limiter: auth::LoginLimiter,
+    /// Failed-login counters, in the database.
+    pub throttle: auth::Throttle,
     /// Wakes synchronous callers when their answer is in.
     pub replies: invoke::ReplyHub,
+    /// The largest request body accepted on any route (413 `too_large` past it).
+    pub body_limit: usize,
+    /// Base URLs the OpenAPI document lists under `servers` (where clients
+    /// reach this server); empty keeps the document's placeholder.
+    pub api_servers: Vec<String>,
 }
 
 impl AdminState {
@@ -57,23 +64,30 @@ impl AdminState {
     pub fn new(pool: PgPool, auth: AuthConfig) -> Result<Self, ApiError> {
         let pool_for_replies = pool.clone();
         Ok(Self {
+            throttle: auth::Throttle::new(pool.clone(), auth.throttle.clone()),
             pool,
             auth,
             hasher: auth::Hasher::new()?,
-            limiter: auth::LoginLimiter::default(),
             replies: invoke::ReplyHub::start(pool_for_replies),
+            body_limit: strict::DEFAULT_BODY_LIMIT,
+            api_servers: Vec::new(),
         })
     }
 }
 
-/// The admin router: `/api/...` and the dashboard pages.
+/// The admin router: `/api/...` and the dashboard pages, every route
+/// bounded by `state.body_limit`.
 pub fn router(state: AdminState) -> Router {
+    let limit = state.body_limit;
     api::routes()
         .merge(platform::routes())
         .merge(invoke::routes())
-        .layer(axum::middleware::map_response(error::json_rejections))
+        .layer(axum::middleware::map_response(move |res| {
+            error::json_rejections(res, limit)
+        }))
         .merge(dashboard::routes())
         .fallback(error::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -84,9 +98,7 @@ pub async fn create_user(
     password: &str,
     is_admin: bool,
 ) -> Result<outbox_core::store::principals::User, ApiError> {
-    if password.len() < 12 {
-        return Err(ApiError::Invalid("password: at least 12 characters".into()));
-    }
+    accounts::check_password(password)?;
     if !email.contains('@') {
         return Err(ApiError::Invalid(format!(
             "email: {email:?} is not an e-mail address"

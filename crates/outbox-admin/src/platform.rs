@@ -1,7 +1,9 @@
 //! outboxd as a platform over HTTP: KV writes that fire triggers, events,
 //! jobs, and trigger management. Each write is one transaction.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -41,19 +43,15 @@ pub fn routes() -> Router<AdminState> {
         )
 }
 
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid(format!("bad body: {e}")))
-}
+use crate::strict::{self, json as body, json_or_default as body_or_default};
 
-/// A JSON body whose fields are all optional: an empty body is the default.
-pub(crate) fn body_or_default<T: serde::de::DeserializeOwned + Default>(
-    bytes: &[u8],
-) -> Result<T, ApiError> {
-    if bytes.is_empty() {
-        Ok(T::default())
-    } else {
-        body(bytes)
+/// A 201 answer with `Location` set to `location`.
+fn created(location: &str, answer: Value) -> Response {
+    let mut response = (StatusCode::CREATED, Json(answer)).into_response();
+    if let Ok(value) = axum::http::HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
     }
+    response
 }
 
 async fn kv_get(
@@ -74,6 +72,7 @@ async fn kv_get(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PutBody {
     value: Value,
     expected_version: Option<i64>,
@@ -84,7 +83,7 @@ async fn kv_put(
     Bearer(p): Bearer,
     Path((app, collection, key)): Path<(String, String, String)>,
     bytes: axum::body::Bytes,
-) -> Result<Json<kv::Written>, ApiError> {
+) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
     let put: PutBody = body(&bytes)?;
     let mut tx = state
@@ -105,10 +104,16 @@ async fn kv_put(
     tx.commit()
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(written))
+    // Version 1 is a new entry: 201 at its own URL; later versions are updates.
+    if written.version == 1 {
+        let location = format!("/api/apps/{}/kv/{collection}/{key}", app.slug);
+        return Ok(created(&location, json!(written)));
+    }
+    Ok(Json(written).into_response())
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeleteQuery {
     expected_version: Option<i64>,
 }
@@ -117,7 +122,7 @@ async fn kv_delete(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, collection, key)): Path<(String, String, String)>,
-    Query(q): Query<DeleteQuery>,
+    strict::Query(q): strict::Query<DeleteQuery>,
 ) -> Result<Json<kv::Written>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
     let mut tx = state
@@ -141,22 +146,36 @@ async fn kv_delete(
     Ok(Json(written))
 }
 
+/// The body of `POST …/events/{topic}`: an event is published now, once
+/// per idempotency key.
 #[derive(Deserialize, Default)]
-struct EnqueueBody {
+#[serde(deny_unknown_fields)]
+struct EventBody {
     #[serde(default)]
     payload: Value,
     headers: Option<Value>,
-    run_at: Option<DateTime<Utc>>,
     idempotency_key: Option<String>,
-    ordering_key: Option<String>,
-    max_attempts: Option<i32>,
 }
 
-async fn enqueue(
-    state: &AdminState,
-    app_id: Uuid,
-    event: NewEvent,
-) -> Result<Json<Value>, ApiError> {
+/// The body of `POST …/jobs/{queue}`: a job may also wait, keep an order
+/// and limit its attempts.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    #[serde(default)]
+    payload: Value,
+    headers: Option<Value>,
+    idempotency_key: Option<String>,
+    ordering_key: Option<String>,
+    max_attempts: Option<i64>,
+    run_at: Option<DateTime<Utc>>,
+    delay_ms: Option<i64>,
+}
+
+/// The longest a job may be delayed: ten years.
+const MAX_DELAY_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
+
+async fn enqueue(state: &AdminState, app_id: Uuid, event: NewEvent) -> Result<Response, ApiError> {
     let mut tx = state
         .pool
         .begin()
@@ -166,19 +185,11 @@ async fn enqueue(
     tx.commit()
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(json!({ "id": id })))
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }
 
-fn event_from(topic: String, source: Source, b: EnqueueBody) -> NewEvent {
-    let mut event = NewEvent::new(topic, b.payload).with_source(source);
-    if let Some(h) = b.headers {
-        event.headers = h;
-    }
-    event.run_at = b.run_at;
-    event.idempotency_key = b.idempotency_key;
-    event.ordering_key = b.ordering_key;
-    event.max_attempts = b.max_attempts;
-    event
+fn headers_of(headers: Option<Value>) -> Value {
+    headers.unwrap_or_else(|| json!({}))
 }
 
 async fn publish(
@@ -186,13 +197,13 @@ async fn publish(
     Bearer(p): Bearer,
     Path((app, topic)): Path<(String, String)>,
     bytes: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let b: EnqueueBody = body_or_default(&bytes)?;
-    if b.run_at.is_some() || b.ordering_key.is_some() {
-        return Err(ApiError::Invalid("events take payload, headers and idempotency_key; use jobs for run_at and ordering_key".into()));
-    }
-    enqueue(&state, app.id, event_from(topic, Source::Pubsub, b)).await
+    let b: EventBody = body_or_default(&bytes)?;
+    let mut event = NewEvent::new(topic, b.payload).with_source(Source::Pubsub);
+    event.headers = headers_of(b.headers);
+    event.idempotency_key = b.idempotency_key;
+    enqueue(&state, app.id, event).await
 }
 
 async fn job(
@@ -200,13 +211,40 @@ async fn job(
     Bearer(p): Bearer,
     Path((app, queue)): Path<(String, String)>,
     bytes: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
-    let b: EnqueueBody = body_or_default(&bytes)?;
-    enqueue(&state, app.id, event_from(queue, Source::Queue, b)).await
+    let b: JobBody = body_or_default(&bytes)?;
+    let mut event = NewEvent::new(queue, b.payload).with_source(Source::Queue);
+    event.headers = headers_of(b.headers);
+    event.idempotency_key = b.idempotency_key;
+    event.ordering_key = b.ordering_key;
+    if let Some(n) = b.max_attempts {
+        event.max_attempts = Some(i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))
+        })?);
+    }
+    event.run_at = match (b.run_at, b.delay_ms) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::Invalid(
+                "run_at, delay_ms: give at most one of them".into(),
+            ));
+        }
+        (Some(at), None) => Some(at),
+        (None, Some(ms)) if (0..=MAX_DELAY_MS).contains(&ms) => {
+            Some(Utc::now() + chrono::Duration::milliseconds(ms))
+        }
+        (None, Some(ms)) => {
+            return Err(ApiError::Invalid(format!(
+                "delay_ms: {ms} is outside 0..={MAX_DELAY_MS} (ten years)"
+            )));
+        }
+        (None, None) => None,
+    };
+    enqueue(&state, app.id, event).await
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TriggerBody {
     kind: String,
     name: String,
@@ -259,7 +297,7 @@ async fn create_trigger(
     Bearer(p): Bearer,
     Path(app): Path<String>,
     bytes: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
     let b: TriggerBody = body(&bytes)?;
     let spec = spec(&b)?;
@@ -273,7 +311,10 @@ async fn create_trigger(
     tx.commit()
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(json!({ "id": id })))
+    Ok(created(
+        &format!("/api/apps/{}/triggers/{id}", app.slug),
+        json!({ "id": id }),
+    ))
 }
 
 async fn list_triggers(

@@ -14,8 +14,9 @@ async fn an_unknown_email_costs_what_a_wrong_password_costs()
 -> Result<(), Box<dyn std::error::Error>> {
     let db = TestDb::new().await?;
     let mut auth = AuthConfig::new(b"0123456789abcdef0123456789abcdef".to_vec())?;
-    auth.login_limit_per_account = 1000;
-    auth.login_limit_per_address = 1000;
+    auth.throttle.free_per_account = 1000;
+    auth.throttle.free_per_address = 1000;
+    auth.throttle.free_per_pair = 1000;
     let state = AdminState::new(db.pool.clone(), auth)?;
     outbox_admin::create_user(&db.pool, "root@x.io", "correct horse battery", true).await?;
     let attempt = |email: &'static str| {

@@ -336,6 +336,9 @@ pub struct DeadLetter {
     pub resolved_at: Option<DateTime<Utc>>,
     /// `replayed`, `ignored`, `handled_by_script` or `handler_failed`.
     pub resolution: Option<String>,
+    /// The attempts its row was allowed; `None` means the configured default.
+    /// A replay starts over with this budget unless told otherwise.
+    pub max_attempts: Option<i32>,
 }
 
 #[cfg(test)]

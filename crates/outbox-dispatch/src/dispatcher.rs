@@ -41,6 +41,9 @@ use uuid::Uuid;
 
 use crate::{ClaimTx, Error, Event, HandlerError, Registry, RetryPolicy};
 
+/// The `code` of a synchronous caller's answer when no handler serves the
+/// topic (the admin API answers it with 404 `no_handler`).
+pub const NO_HANDLER: &str = "no_handler";
 /// The channel dispatchers LISTEN on; the outbox insert trigger notifies it
 /// while some dispatcher sleeps.
 pub const NOTIFY_CHANNEL: &str = outbox_core::store::wake::CHANNEL;
@@ -987,7 +990,19 @@ impl Inner {
             }
         };
         let Some(handler) = self.registry.get(&row.topic) else {
-            return failed(format!("no handler registered for topic {:?}", row.topic));
+            let error = format!("no handler registered for topic {:?}", row.topic);
+            if let Some(reply_to) = row.reply_to.clone() {
+                // The caller learns that nobody serves the topic, not that a handler failed.
+                return Outcome::Reply {
+                    app_id: row.app_id,
+                    reply_to,
+                    topic: row.topic.clone(),
+                    ok: false,
+                    result: serde_json::json!({ "error": error, "code": NO_HANDLER }),
+                    started_at: chrono::Utc::now(),
+                };
+            }
+            return failed(error);
         };
         let mut event = Event::from_claimed(&row);
         event.claim_tx = claim_tx;

@@ -41,7 +41,7 @@ pub mod maintenance;
 pub mod retry;
 pub mod targets;
 
-pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport};
+pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport, NO_HANDLER};
 pub use error::Error;
 pub use handler::{ClaimTx, Event, Handler, HandlerError, Registry};
 pub use retry::RetryPolicy;

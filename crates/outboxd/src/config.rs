@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The base layer, compiled in so the binary runs outside the repository.
 const EMBEDDED_DEFAULT: &str = include_str!("../../../config/default.toml");
@@ -42,6 +42,13 @@ pub enum ConfigError {
 #[serde(transparent)]
 pub struct Secret(String);
 
+/// What a secret prints as: whether it is set, never its value.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "[redacted]" })
+    }
+}
+
 impl Secret {
     /// The secret itself; call it only where the value is used.
     pub fn expose(&self) -> &str {
@@ -56,7 +63,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// All settings. See `config/default.toml` for what each one does.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct Settings {
@@ -78,7 +85,7 @@ pub struct Settings {
 }
 
 /// `[webhook]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct WebhookSettings {
@@ -87,7 +94,7 @@ pub struct WebhookSettings {
 }
 
 /// `[gc]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct GcSettings {
@@ -96,7 +103,7 @@ pub struct GcSettings {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct AdminSettings {
@@ -105,11 +112,14 @@ pub struct AdminSettings {
     pub secure_cookies: bool,
     pub login_limit_per_account: u32,
     pub login_limit_per_address: u32,
+    pub login_limit_per_pair: u32,
+    pub login_delay_base_ms: u64,
+    pub login_delay_max_secs: u64,
     pub login_window_secs: u64,
 }
 
 /// `[consumer]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct ConsumerSettings {
@@ -125,7 +135,7 @@ pub struct ConsumerSettings {
 }
 
 /// `[nats]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct NatsSettings {
@@ -137,7 +147,7 @@ pub struct NatsSettings {
 }
 
 /// `[nats.stream]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct StreamSettings {
@@ -153,7 +163,7 @@ pub struct StreamSettings {
 }
 
 /// `[database]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct DatabaseSettings {
@@ -165,7 +175,7 @@ pub struct DatabaseSettings {
 }
 
 /// `[dispatcher]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct DispatcherSettings {
@@ -182,15 +192,17 @@ pub struct DispatcherSettings {
 }
 
 /// `[http]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct HttpSettings {
     pub listen: String,
+    pub max_body_bytes: u64,
+    pub public_url: String,
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct LogSettings {
@@ -220,9 +232,11 @@ impl Settings {
         if let Some(env) = env.filter(|e| !e.is_empty()) {
             let overlay: PathBuf = config_dir.join(format!("{env}.toml"));
             if !overlay.is_file() {
+                let shown = std::path::absolute(&overlay).unwrap_or(overlay);
                 return Err(ConfigError::Load(format!(
-                    "environment overlay {} does not exist (set by --env / OUTBOXD_ENV = {env:?})",
-                    overlay.display()
+                    "environment overlay {} does not exist (--env / OUTBOXD_ENV = {env:?} is looked up in --config-dir / OUTBOXD_CONFIG_DIR = {})",
+                    shown.display(),
+                    config_dir.display()
                 )));
             }
             figment = figment.merge(Toml::file(&overlay));
@@ -401,7 +415,42 @@ impl Settings {
             1,
             10_000,
         )?;
-        range("admin.login_window_secs", ad.login_window_secs, 1, 86_400)?;
+        range(
+            "admin.login_limit_per_pair",
+            ad.login_limit_per_pair as u64,
+            1,
+            10_000,
+        )?;
+        range(
+            "admin.login_delay_base_ms",
+            ad.login_delay_base_ms,
+            100,
+            60_000,
+        )?;
+        range(
+            "admin.login_delay_max_secs",
+            ad.login_delay_max_secs,
+            1,
+            86_400,
+        )?;
+        range("admin.login_window_secs", ad.login_window_secs, 60, 604_800)?;
+        let public_url = &self.http.public_url;
+        let is_url = public_url.starts_with("http://") || public_url.starts_with("https://");
+        if !(public_url.is_empty() || is_url) {
+            return Err(ConfigError::Range {
+                key: "http.public_url",
+                value: format!("{public_url:?}"),
+                problem: "is not an http(s) URL",
+                accepted: "empty, or a URL such as https://outboxd.example.com".into(),
+                env_hint: env_hint("http.public_url"),
+            });
+        }
+        range(
+            "http.max_body_bytes",
+            self.http.max_body_bytes,
+            1024,
+            64 * 1024 * 1024,
+        )?;
         let cs = &self.consumer;
         range("consumer.ack_wait_ms", cs.ack_wait_ms, 1000, 3_600_000)?;
         range("consumer.max_deliver", cs.max_deliver as u64, 1, 1000)?;
@@ -530,6 +579,35 @@ impl Settings {
         }
     }
 
+    /// The effective configuration as TOML, secrets shown only as set or
+    /// not, the database URL without its password.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let mut value = toml::Value::try_from(self)
+            .map_err(|e| ConfigError::Load(format!("printing the configuration: {e}")))?;
+        if let Some(db) = value
+            .get_mut("database")
+            .and_then(toml::Value::as_table_mut)
+        {
+            db.insert(
+                "url".into(),
+                toml::Value::String(crate::redact_url(self.database.url.expose())),
+            );
+        }
+        toml::to_string_pretty(&value)
+            .map_err(|e| ConfigError::Load(format!("printing the configuration: {e}")))
+    }
+
+    /// Where clients reach the HTTP API, for the OpenAPI document's
+    /// `servers`: `http.public_url`, or else `http://<http.listen>`.
+    pub fn api_servers(&self) -> Vec<String> {
+        let url = if self.http.public_url.is_empty() {
+            format!("http://{}", self.http.listen)
+        } else {
+            self.http.public_url.trim_end_matches('/').to_owned()
+        };
+        vec![url]
+    }
+
     /// The admin API's auth settings, or None when no secret is configured.
     pub fn admin_auth(&self) -> Option<outbox_admin::AuthConfig> {
         let ad = &self.admin;
@@ -537,9 +615,14 @@ impl Settings {
             outbox_admin::AuthConfig::new(ad.jwt_secret.expose().as_bytes().to_vec()).ok()?;
         auth.token_ttl = Duration::from_secs(ad.token_ttl_secs);
         auth.secure_cookies = ad.secure_cookies;
-        auth.login_limit_per_account = ad.login_limit_per_account as usize;
-        auth.login_limit_per_address = ad.login_limit_per_address as usize;
-        auth.login_window = Duration::from_secs(ad.login_window_secs);
+        auth.throttle = outbox_admin::auth::ThrottleConfig {
+            free_per_account: ad.login_limit_per_account,
+            free_per_address: ad.login_limit_per_address,
+            free_per_pair: ad.login_limit_per_pair,
+            base_delay: Duration::from_millis(ad.login_delay_base_ms),
+            max_delay: Duration::from_secs(ad.login_delay_max_secs),
+            window: Duration::from_secs(ad.login_window_secs),
+        };
         Some(auth)
     }
 

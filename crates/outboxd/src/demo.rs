@@ -53,6 +53,15 @@ pub fn registry() -> Registry {
             Ok(())
         })
         .register("demo.heartbeat", |_event: Event| async { Ok(()) })
+        // The README's HTTP examples post to these two.
+        .register("user.signed_up", |event: Event| async move {
+            tracing::info!(user = %event.payload["id"], "welcome e-mail queued");
+            Ok(())
+        })
+        .register("reports", |_event: Event| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        })
         .register("invoice.compensate", |event: Event| async move {
             // Fired by the dead-letter trigger: a failed invoice is voided,
             // which resolves its dead letter as handled_by_script.

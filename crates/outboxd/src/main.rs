@@ -7,6 +7,7 @@
 
 mod bench;
 mod chaos;
+mod commands;
 mod config;
 mod demo;
 mod http;
@@ -22,12 +23,14 @@ use clap::{Args, Parser, Subcommand};
 use outbox_core::store::{apps, dead_letters};
 use outbox_core::{NewEvent, Source};
 use outbox_dispatch::{Dispatcher, Registry};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use uuid::Uuid;
 
+use crate::commands::accounts::{ApiKeyCommand, UserCommand};
+use crate::commands::dead_letters::DeadLetterCommand;
 use crate::config::Settings;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
@@ -72,7 +75,7 @@ enum Command {
     /// Manage apps (tenants).
     #[command(subcommand)]
     App(AppCommand),
-    /// Inspect, replay and resolve dead letters.
+    /// Inspect, replay and ignore dead letters.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetterCommand),
     /// Manage operator accounts.
@@ -178,30 +181,6 @@ enum AppCommand {
 }
 
 #[derive(Debug, Subcommand)]
-enum UserCommand {
-    /// Create a user; the password comes from standard input, or is generated and printed.
-    Create {
-        /// E-mail (the login name).
-        email: String,
-        /// Make the user an instance admin (every capability on every app).
-        #[arg(long)]
-        admin: bool,
-        /// Read the password from standard input instead of generating one.
-        #[arg(long)]
-        password_stdin: bool,
-    },
-    /// Give a user a role on an app: viewer, operator or admin.
-    Grant {
-        /// E-mail of the user.
-        email: String,
-        /// App slug.
-        app: String,
-        /// viewer, operator or admin.
-        role: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 enum TriggerCommand {
     /// List an app's triggers.
     List {
@@ -264,64 +243,6 @@ enum TriggerCommand {
         #[arg(long)]
         app: String,
         /// Trigger id.
-        id: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ApiKeyCommand {
-    /// Create an API key acting as a user; the key is printed once.
-    Create {
-        /// E-mail of the user the key acts as.
-        email: String,
-        /// A name to tell keys apart.
-        #[arg(long, default_value = "cli")]
-        name: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DeadLetterCommand {
-    /// List an app's dead letters, newest first.
-    List {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Only unresolved rows.
-        #[arg(long)]
-        unresolved: bool,
-        /// Only this topic.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Only this source.
-        #[arg(long)]
-        source: Option<String>,
-        /// At most this many rows (1..=1000).
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        /// Print JSON lines instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show one dead letter with its payload and error.
-    Show {
-        /// Dead letter id.
-        id: String,
-    },
-    /// Replay a dead letter: a fresh outbox row, and the dead letter marked replayed.
-    Replay {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Dead letter id.
-        id: String,
-    },
-    /// Resolve a dead letter as ignored.
-    Resolve {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Dead letter id.
         id: String,
     },
 }
@@ -394,7 +315,7 @@ fn init_tracing(settings: &Settings) {
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::ConfigCheck => {
-            println!("{settings:#?}");
+            print!("{}", settings.to_toml()?);
             Ok(())
         }
         Command::Migrate => {
@@ -408,9 +329,9 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Consume => consume(settings).await,
         Command::Enqueue(args) => enqueue(settings, args).await,
         Command::App(cmd) => app(settings, cmd).await,
-        Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
-        Command::User(cmd) => user_command(settings, cmd).await,
-        Command::ApiKey(cmd) => api_key_command(settings, cmd).await,
+        Command::DeadLetters(cmd) => commands::dead_letters::run(settings, cmd).await,
+        Command::User(cmd) => commands::accounts::user(settings, cmd).await,
+        Command::ApiKey(cmd) => commands::accounts::api_key(settings, cmd).await,
         Command::Trigger(cmd) => trigger_command(settings, cmd).await,
         Command::Gc { once } => gc(settings, once).await,
         Command::Bench(args) => bench::run(settings, args).await,
@@ -419,7 +340,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
 }
 
 /// Opens the pool with the session settings dispatchers rely on.
-async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let db = &settings.database;
     let options = PgConnectOptions::from_str(db.url.expose())
         .context("database.url (DATABASE_URL) is not a valid PostgreSQL URL")?
@@ -436,24 +357,26 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
             ("tcp_keepalives_interval", 10),
             ("tcp_keepalives_count", 3),
         ]);
-    let shown = options.to_url_lossy();
+    let shown = redact_url(db.url.expose());
     PgPoolOptions::new()
         .max_connections(db.max_connections)
         .acquire_timeout(Duration::from_millis(db.acquire_timeout_ms))
         .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&shown)))
+        .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))
 }
 
-fn redact(url: &impl std::fmt::Display) -> String {
-    let url = url.to_string();
+/// A database URL fit for a log or a terminal: no password, no query
+/// parameters (which may carry credentials or driver noise).
+pub(crate) fn redact_url(url: &str) -> String {
+    let url = url.split('?').next().unwrap_or_default();
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or_default();
             format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
         }
-        _ => url,
+        _ => url.to_owned(),
     }
 }
 
@@ -514,10 +437,13 @@ async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> 
     };
 
     let admin = match settings.admin_auth() {
-        Some(auth) => Some(outbox_admin::router(outbox_admin::AdminState::new(
-            pool.clone(),
-            auth,
-        )?)),
+        Some(auth) => {
+            let mut state = outbox_admin::AdminState::new(pool.clone(), auth)?;
+            state.body_limit = usize::try_from(settings.http.max_body_bytes)
+                .context("http.max_body_bytes does not fit this machine")?;
+            state.api_servers = settings.api_servers();
+            Some(outbox_admin::router(state))
+        }
         None => {
             tracing::warn!(
                 "admin API and dashboard are off: set JWT_SECRET (at least 32 bytes) to turn them on"
@@ -673,64 +599,6 @@ async fn consume(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A readable random password: 20 characters from a 56-letter alphabet.
-fn generate_password() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let (_, prefix, hash) = outbox_admin::auth::new_api_key();
-    // new_api_key draws from the OS generator; reuse its randomness.
-    (prefix + &hash)
-        .bytes()
-        .step_by(2)
-        .take(20)
-        .zip(hash.bytes().skip(1))
-        .map(|(a, b)| ALPHABET[(usize::from(a) * 31 + usize::from(b)) % ALPHABET.len()] as char)
-        .collect()
-}
-
-async fn user_command(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    match cmd {
-        UserCommand::Create {
-            email,
-            admin,
-            password_stdin,
-        } => {
-            let (password, generated) = if password_stdin {
-                let mut buf = String::new();
-                std::io::stdin()
-                    .read_line(&mut buf)
-                    .context("reading the password")?;
-                (buf.trim_end_matches(['\r', '\n']).to_owned(), false)
-            } else {
-                (generate_password(), true)
-            };
-            let user = outbox_admin::create_user(&pool, &email, &password, admin).await?;
-            println!(
-                "created user {} ({})",
-                user.email,
-                if user.is_admin {
-                    "instance admin"
-                } else {
-                    "no roles yet"
-                }
-            );
-            if generated {
-                println!("password: {password}");
-            }
-        }
-        UserCommand::Grant { email, app, role } => {
-            let role: outbox_core::store::principals::Role = role.parse()?;
-            let app = apps::by_slug(&pool, &app).await?;
-            let user = outbox_core::store::principals::user_by_email(&pool, &email)
-                .await?
-                .with_context(|| format!("no user {email:?}"))?;
-            outbox_core::store::principals::set_role(&pool, app.id, user.id, role).await?;
-            println!("{} is {} of {}", user.email, role.as_str(), app.slug);
-        }
-    }
-    Ok(())
-}
-
 async fn gc(settings: Settings, once: bool) -> anyhow::Result<()> {
     let pool = connect(&settings).await?;
     let sweeper = outbox_dispatch::maintenance::Sweeper::new(pool, settings.sweeper_config());
@@ -815,21 +683,6 @@ async fn trigger_command(settings: Settings, cmd: TriggerCommand) -> anyhow::Res
             let app = apps::by_slug(&pool, &app).await?;
             triggers::delete(&pool, app.id, parse_id(&id)?).await?;
             println!("deleted");
-        }
-    }
-    Ok(())
-}
-
-async fn api_key_command(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    match cmd {
-        ApiKeyCommand::Create { email, name } => {
-            let user = outbox_core::store::principals::user_by_email(&pool, &email)
-                .await?
-                .with_context(|| format!("no user {email:?}"))?;
-            let key = outbox_admin::create_api_key(&pool, user.id, &name).await?;
-            println!("{key}");
-            eprintln!("(shown once: store it now)");
         }
     }
     Ok(())
@@ -933,79 +786,6 @@ async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
                 "{slug}: dead letters kept {}",
                 days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
             );
-        }
-    }
-    Ok(())
-}
-
-async fn dead_letter_command(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    match cmd {
-        DeadLetterCommand::List {
-            app,
-            unresolved,
-            topic,
-            source,
-            limit,
-            json,
-        } => {
-            if !(1..=1000).contains(&limit) {
-                bail!("--limit {limit} is outside 1..=1000");
-            }
-            let app = apps::by_slug(&pool, &app).await?;
-            let filter = dead_letters::Filter {
-                source,
-                topic,
-                unresolved_only: unresolved,
-                ..Default::default()
-            };
-            let rows = dead_letters::list(&pool, app.id, &filter, None, limit).await?;
-            if json {
-                for row in &rows {
-                    println!("{}", serde_json::to_string(row)?);
-                }
-                return Ok(());
-            }
-            println!(
-                "{:<36}  {:<12}  {:<18}  {:>8}  {:<20}  LAST ERROR",
-                "ID", "SOURCE", "TOPIC", "ATTEMPTS", "CREATED"
-            );
-            for row in &rows {
-                let error: String = row
-                    .last_error
-                    .as_deref()
-                    .unwrap_or("")
-                    .chars()
-                    .take(70)
-                    .collect();
-                println!(
-                    "{:<36}  {:<12}  {:<18}  {:>8}  {:<20}  {}",
-                    row.id,
-                    row.source,
-                    row.topic,
-                    row.attempt_count,
-                    row.created_at.format("%Y-%m-%d %H:%M:%S"),
-                    error
-                );
-            }
-            println!("{} dead letter(s)", rows.len());
-        }
-        DeadLetterCommand::Replay { app, id } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
-            let outbox_id = outbox_admin::api::replay_one(&pool, app.id, id).await?;
-            println!("replayed {id} as outbox row {outbox_id}");
-        }
-        DeadLetterCommand::Resolve { app, id } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
-            outbox_admin::api::ignore_one(&pool, app.id, id).await?;
-            println!("resolved {id} as ignored");
-        }
-        DeadLetterCommand::Show { id } => {
-            let id = Uuid::parse_str(&id).with_context(|| format!("{id:?} is not a UUID"))?;
-            let row = dead_letters::get_any(&pool, id).await?;
-            println!("{}", serde_json::to_string_pretty(&row)?);
         }
     }
     Ok(())

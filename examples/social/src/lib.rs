@@ -299,7 +299,9 @@ pub mod usecase {
         if state.hasher.verify(password.to_owned(), hash).await
             && let Some((id, _)) = found
         {
-            return Ok(outbox_admin::auth::issue_token(&state.auth, id)?.0);
+            // This example keeps no server-side sessions: a token lives until it
+            // expires, and its session id is only a unique token id.
+            return Ok(outbox_admin::auth::issue_token(&state.auth, id, Uuid::new_v4())?.0);
         }
         Err(AppError::Unauthorized)
     }
@@ -522,7 +524,7 @@ pub mod http {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .ok_or(AppError::Unauthorized)?;
             outbox_admin::auth::verify_token(&state.auth, token)
-                .map(Caller)
+                .map(|(user, _session)| Caller(user))
                 .map_err(|_| AppError::Unauthorized)
         }
     }

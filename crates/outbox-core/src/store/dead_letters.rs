@@ -8,7 +8,7 @@ use crate::{DeadLetter, Error};
 
 const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, handler, \
      payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
-     resolved_at, resolution";
+     resolved_at, resolution, max_attempts";
 
 /// Filters for [`list`]. Every field narrows the result; all are optional.
 #[derive(Debug, Clone, Default)]
@@ -110,6 +110,25 @@ pub async fn count_unresolved<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Resu
     .await?)
 }
 
+/// How many of an app's dead letters match `filter` (for "showing 50 of
+/// 123"); counting stops at `bound`, so a huge table costs at most that.
+pub async fn count<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    filter: &Filter,
+    bound: i64,
+) -> Result<i64, Error> {
+    let mut q: QueryBuilder<'_, Postgres> =
+        QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM dead_letters WHERE app_id = ");
+    q.push_bind(app_id);
+    if filter.unresolved_only {
+        q.push(" AND resolved_at IS NULL");
+    }
+    push_filter(&mut q, filter);
+    q.push(" LIMIT ").push_bind(bound).push(") matching");
+    Ok(q.build_query_scalar().fetch_one(db).await?)
+}
+
 /// Dead letters of the app whose original outbox id is `original_event_id`.
 pub async fn by_original<'e>(
     db: impl PgExecutor<'e>,
@@ -201,28 +220,49 @@ pub async fn ignore<'e>(
 }
 
 /// Replays an app's unresolved dead letters in one statement (so in one
-/// transaction): a fresh outbox row per dead letter, from its payload and
-/// headers, linked by `replayed_from`, and the dead letter marked `replayed`.
-/// Returns (dead letter id, new outbox id) pairs; resolved rows are skipped.
+/// transaction): a fresh outbox row per dead letter, from its payload,
+/// headers and attempt budget, linked by `replayed_from`, and the dead letter
+/// marked `replayed`. Returns (dead letter id, new outbox id) pairs; resolved
+/// rows are skipped.
 pub async fn replay<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
     ids: &[Uuid],
 ) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    replay_with(db, app_id, ids, None).await
+}
+
+/// [`replay`] with the replayed rows' `max_attempts` set to `max_attempts`
+/// instead of the dead letter's own (at least 1).
+pub async fn replay_with<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    ids: &[Uuid],
+    max_attempts: Option<i32>,
+) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    if let Some(n) = max_attempts
+        && n < 1
+    {
+        return Err(Error::invalid(
+            "max_attempts",
+            format!("{n} is below the minimum of 1"),
+        ));
+    }
     Ok(sqlx::query_as(
         "WITH resolved AS (
             UPDATE dead_letters SET resolution = 'replayed', resolved_at = now()
             WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
             RETURNING id, app_id, source, op, topic, trigger_id, payload, headers, ordering_key,
-                      depth, registered_by_principal
+                      depth, registered_by_principal, max_attempts
          ), enqueued AS (
             INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, payload, headers,
-                                ordering_key, depth, registered_by_principal, replayed_from)
+                                ordering_key, depth, registered_by_principal, replayed_from,
+                                max_attempts)
             SELECT outbox_uuid_v7(), app_id,
                    CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
                         THEN source ELSE 'queue' END,
                    op, topic, trigger_id, payload, headers, ordering_key, depth,
-                   registered_by_principal, id
+                   registered_by_principal, id, coalesce($3, max_attempts)
             FROM resolved
             RETURNING replayed_from, id
          )
@@ -230,6 +270,7 @@ pub async fn replay<'e>(
     )
     .bind(app_id)
     .bind(ids)
+    .bind(max_attempts)
     .fetch_all(db)
     .await?)
 }

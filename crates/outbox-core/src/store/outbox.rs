@@ -569,7 +569,8 @@ pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<U
             INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
                                       payload, headers, ordering_key, depth, attempt_count,
                                       first_attempt_at, last_attempt_at, last_error,
-                                      registered_by_principal, replay_round, replay_due_at)
+                                      registered_by_principal, replay_round, replay_due_at,
+                                      max_attempts)
             SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
                    coalesce(m.failed_handler, m.target, m.topic),
                    m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
@@ -578,7 +579,8 @@ pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<U
                    -- Quarantine: the policy's delay, doubled each round, while rounds remain.
                    CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
                         THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
-                   END
+                   END,
+                   m.max_attempts
             FROM moved m
             LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
             CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r

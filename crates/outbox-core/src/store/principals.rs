@@ -63,7 +63,8 @@ impl std::str::FromStr for Role {
     }
 }
 
-const USER_COLUMNS: &str = "id, email, password_hash, is_admin, created_at";
+/// The columns of [`User`], in its field order.
+pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, is_admin, created_at";
 
 /// Creates a user; the e-mail is stored lower-case.
 pub async fn create_user<'e>(
@@ -186,19 +187,185 @@ pub async fn create_api_key<'e>(
     .await?)
 }
 
-/// The owner and secret hash of an unrevoked key with this prefix.
+/// The owner and secret hash of an unrevoked key with this prefix. Its
+/// `last_used_at` is brought up to date at most once a minute, so a busy
+/// machine client does not turn every request into a write.
 pub async fn api_key_by_prefix<'e>(
     db: impl PgExecutor<'e>,
     prefix: &str,
 ) -> Result<Option<(Uuid, String)>, Error> {
     Ok(sqlx::query_as(
-        "UPDATE api_keys SET last_used_at = now()
-         WHERE prefix = $1 AND revoked_at IS NULL
-         RETURNING user_id, secret_hash",
+        "WITH key AS (
+            SELECT id, user_id, secret_hash, last_used_at FROM api_keys
+            WHERE prefix = $1 AND revoked_at IS NULL
+         ), touched AS (
+            UPDATE api_keys a SET last_used_at = now()
+            FROM key
+            WHERE a.id = key.id
+              AND (key.last_used_at IS NULL OR key.last_used_at < now() - interval '1 minute')
+         )
+         SELECT user_id, secret_hash FROM key",
     )
     .bind(prefix)
     .fetch_optional(db)
     .await?)
+}
+
+/// A user as listed to operators: no hash, with role and session counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct UserSummary {
+    /// Primary key.
+    pub id: Uuid,
+    /// Lower-case e-mail.
+    pub email: String,
+    /// Holds every capability on every app.
+    pub is_admin: bool,
+    /// When the account was created.
+    pub created_at: DateTime<Utc>,
+    /// `app:role` for each app the user is a member of.
+    pub roles: Vec<String>,
+    /// Live sessions (signed-in browsers and API tokens).
+    pub sessions: i64,
+    /// Unrevoked API keys.
+    pub api_keys: i64,
+}
+
+/// Every user, by e-mail.
+pub async fn list_users<'e>(db: impl PgExecutor<'e>) -> Result<Vec<UserSummary>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT u.id, u.email, u.is_admin, u.created_at,
+                coalesce((SELECT array_agg(a.slug || ':' || m.role ORDER BY a.slug)
+                          FROM app_members m JOIN apps a ON a.id = m.app_id
+                          WHERE m.user_id = u.id), '{}') AS roles,
+                (SELECT count(*) FROM sessions s WHERE s.user_id = u.id AND s.expires_at > now()) AS sessions,
+                (SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) AS api_keys
+         FROM users u ORDER BY u.email",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Deletes a user with their roles, sessions and API keys. Refuses to
+/// delete the last instance admin, in the same statement (so two operators
+/// deleting the last two admins at once cannot both succeed).
+pub async fn delete_user(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<(), Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // Serialises admin removals: the count below is then exact.
+    sqlx::query("SELECT id FROM users WHERE is_admin FOR UPDATE")
+        .execute(&mut *tx)
+        .await?;
+    let (exists, is_admin, admins): (bool, bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1),
+                coalesce((SELECT is_admin FROM users WHERE id = $1), false),
+                (SELECT count(*) FROM users WHERE is_admin)",
+    )
+    .bind(user_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !exists {
+        return Err(Error::NotFound("user".into()));
+    }
+    if is_admin && admins <= 1 {
+        return Err(Error::Conflict(
+            "this is the last instance admin: make another user admin first (outboxd user create EMAIL --admin)".into(),
+        ));
+    }
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Replaces a user's password hash and ends all their sessions, in one
+/// transaction; returns how many sessions ended.
+pub async fn set_password(
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    password_hash: &str,
+) -> Result<u64, Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let changed = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+        .bind(user_id)
+        .bind(password_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if changed == 0 {
+        return Err(Error::NotFound("user".into()));
+    }
+    let ended = crate::store::sessions::close_all(&mut *tx, user_id).await?;
+    tx.commit().await?;
+    Ok(ended)
+}
+
+/// Removes a user's role on an app; returns whether there was one.
+pub async fn remove_role<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    user_id: Uuid,
+) -> Result<bool, Error> {
+    Ok(
+        sqlx::query("DELETE FROM app_members WHERE app_id = $1 AND user_id = $2")
+            .bind(app_id)
+            .bind(user_id)
+            .execute(db)
+            .await?
+            .rows_affected()
+            > 0,
+    )
+}
+
+/// An API key as listed to operators: never its secret or hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ApiKeySummary {
+    /// Primary key.
+    pub id: Uuid,
+    /// The public part of the key (`obx_<prefix>_…`), to tell keys apart.
+    pub prefix: String,
+    /// The name given at creation.
+    pub name: String,
+    /// E-mail of the user the key acts as.
+    pub owner: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was last used (to the minute).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Every API key (revoked ones too, marked), newest first; only `owner`'s
+/// when given.
+pub async fn list_api_keys<'e>(
+    db: impl PgExecutor<'e>,
+    owner: Option<Uuid>,
+) -> Result<Vec<ApiKeySummary>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT k.id, k.prefix, k.name, u.email AS owner, k.created_at, k.last_used_at, k.revoked_at
+         FROM api_keys k JOIN users u ON u.id = k.user_id
+         WHERE $1::uuid IS NULL OR k.user_id = $1
+         ORDER BY k.created_at DESC",
+    )
+    .bind(owner)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Revokes the key with this prefix; the next request with it is refused.
+pub async fn revoke_api_key<'e>(db: impl PgExecutor<'e>, prefix: &str) -> Result<(), Error> {
+    let changed = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
+    )
+    .bind(prefix)
+    .execute(db)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Err(Error::NotFound("api key".into()));
+    }
+    Ok(())
 }
 
 /// Whether a principal may still run a trigger's work on `app_id`: an

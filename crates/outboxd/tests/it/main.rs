@@ -278,14 +278,121 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
         .and_then(|l| l.split_whitespace().next())
         .ok_or("no row in the listing")?
         .to_owned();
-    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "show", &first_id]))?;
+    let out =
+        run(outboxd(Some(&db.url)).args(["dead-letters", "show", "--app", "demo", &first_id]))?;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(shown["id"], first_id);
     assert!(shown["payload"].is_object());
-    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "show", "not-a-uuid"]))?;
+    let out =
+        run(outboxd(Some(&db.url)).args(["dead-letters", "show", "--app", "demo", "not-a-uuid"]))?;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not a UUID"));
+
+    // Pages tell the truth, rows carry their state, long errors end in an ellipsis.
+    let out = run(outboxd(Some(&db.url)).args([
+        "dead-letters",
+        "list",
+        "--app",
+        "demo",
+        "--limit",
+        "1",
+    ]))?;
+    let listing = text(&out.stdout);
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dead_letters d JOIN apps a ON a.id = d.app_id WHERE a.slug = 'demo'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(
+        listing.contains(&format!("showing 1 of {total} dead letter(s)")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("STATE") && listing.contains("--after"),
+        "{listing}"
+    );
+    let out = run(outboxd(Some(&db.url)).args([
+        "dead-letters",
+        "list",
+        "--app",
+        "demo",
+        "--all",
+        "--limit",
+        "2",
+        "--json",
+    ]))?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        doc["items"].as_array().map(Vec::len),
+        Some(total as usize),
+        "--all pages through everything"
+    );
+    assert_eq!(doc["total"], total);
+    // The dead letter remembers its attempt budget; replay keeps it or takes an override.
+    let replayable: Vec<(uuid::Uuid, Option<i32>)> = sqlx::query_as(
+        "SELECT d.id, d.max_attempts FROM dead_letters d WHERE d.resolved_at IS NULL AND d.topic = 'webhook.deliver' LIMIT 2",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    if let [(keep, budget), (change, _)] = replayable.as_slice() {
+        assert_eq!(
+            *budget,
+            Some(3),
+            "webhook.deliver rows are enqueued with 3 attempts"
+        );
+        for (id, extra) in [(keep, None), (change, Some("9"))] {
+            let id = id.to_string();
+            let mut args = vec!["dead-letters", "replay", "--app", "demo", id.as_str()];
+            args.extend(extra.iter().flat_map(|n| ["--max-attempts", *n]));
+            let out = run(outboxd(Some(&db.url)).args(&args))?;
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+        let budgets: Vec<Option<i32>> = sqlx::query_scalar(
+            "SELECT max_attempts FROM outbox WHERE replayed_from = ANY($1) ORDER BY replayed_from = $2 DESC",
+        )
+        .bind(vec![*keep, *change])
+        .bind(*keep)
+        .fetch_all(&db.pool)
+        .await?;
+        assert_eq!(budgets, vec![Some(3), Some(9)]);
+    }
+    // `ignore`, and its older name `resolve`, say the same thing.
+    let unresolved: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM dead_letters WHERE resolved_at IS NULL LIMIT 2")
+            .fetch_all(&db.pool)
+            .await?;
+    for (verb, id) in ["ignore", "resolve"].iter().zip(&unresolved) {
+        let out = run(outboxd(Some(&db.url)).args([
+            "dead-letters",
+            verb,
+            "--app",
+            "demo",
+            &id.to_string(),
+        ]))?;
+        assert!(
+            text(&out.stdout).contains(&format!("ignored {id}")),
+            "{verb}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = run(outboxd(Some(&db.url)).args([
+        "dead-letters",
+        "list",
+        "--app",
+        "demo",
+        "--state",
+        "ignored",
+        "--json",
+    ]))?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        doc["items"]
+            .as_array()
+            .is_some_and(|rows| rows.len() >= unresolved.len()
+                && rows.iter().all(|r| r["resolution"] == "ignored")),
+        "{doc}"
+    );
     Ok(())
 }
 
@@ -1043,7 +1150,7 @@ async fn logs_hold_no_secret_password_token_or_seeded_pii() -> TestResult {
         &pii,
     )
     .await?;
-    assert_eq!(s, 200, "{answer}");
+    assert_eq!(s, 201, "{answer}");
     let event = format!(r#"{{"payload": {{"email": "{EMAIL}", "ssn": "{SSN}"}}}}"#);
     let (s, answer) = http_send(
         &addr,
@@ -1053,7 +1160,7 @@ async fn logs_hold_no_secret_password_token_or_seeded_pii() -> TestResult {
         &event,
     )
     .await?;
-    assert_eq!(s, 200, "{answer}");
+    assert_eq!(s, 201, "{answer}");
     // A malformed body that carries the password is refused without echoing it.
     let (s, _) = http_send(&addr, "POST", "/api/login", None, &format!("{{{PASSWORD}")).await?;
     assert_eq!(s, 400);
@@ -1189,7 +1296,10 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
         (&["app", "create", "' OR 1=1 --"], "invalid slug"),
         (&["app", "retention", "shop", "0"], "days"),
         (&["app", "suspend", "nope"], "unknown app"),
-        (&["dead-letters", "show", "not-a-uuid"], "not a UUID"),
+        (
+            &["dead-letters", "show", "--app", "shop", "not-a-uuid"],
+            "not a UUID",
+        ),
         (&["dead-letters", "list", "--app", "nope"], "unknown app"),
         (
             &["dead-letters", "replay", "--app", "shop", "zzz"],
@@ -1244,5 +1354,203 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
     assert_eq!(snapshot().await?, before, "a refused command changed data");
+    Ok(())
+}
+
+/// Runs outboxd with `input` on standard input.
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<Output, std::io::Error> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
+#[tokio::test]
+async fn account_commands_list_change_and_revoke_through_the_binary() -> TestResult {
+    let db = TestDb::new().await?;
+    let cli = |args: &[&str]| run(outboxd(Some(&db.url)).args(args));
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "create", "boss@x.io", "--admin", "--password-stdin"]),
+        "first password 123\n",
+    )?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&["user", "create", "ops@x.io"])?;
+    assert!(
+        text(&out.stdout).contains("password: "),
+        "a generated password is shown once"
+    );
+    let out = cli(&["app", "create", "shop"])?;
+    assert!(out.status.success());
+    assert!(
+        cli(&["user", "grant", "ops@x.io", "shop", "operator"])?
+            .status
+            .success()
+    );
+
+    let out = cli(&["user", "list"])?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("boss@x.io")
+            && listing.contains("shop:operator")
+            && listing.contains("2 user(s)"),
+        "{listing}"
+    );
+    let out = cli(&["user", "list", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(2));
+    assert!(!text(&out.stdout).contains("argon2"), "no hash is shown");
+
+    // Sessions: opened by a login, ended by revoke-sessions and by passwd.
+    let boss = outbox_core::store::principals::user_by_email(&db.pool, "boss@x.io")
+        .await?
+        .ok_or("boss")?;
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    outbox_core::store::sessions::open(&db.pool, boss.id, in_an_hour).await?;
+    let out = cli(&["user", "revoke-sessions", "boss@x.io"])?;
+    assert!(
+        text(&out.stdout).contains("1 session(s) ended"),
+        "{}",
+        text(&out.stdout)
+    );
+    outbox_core::store::sessions::open(&db.pool, boss.id, in_an_hour).await?;
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "passwd", "boss@x.io", "--password-stdin"]),
+        "second password 456\n",
+    )?;
+    assert!(
+        text(&out.stdout).contains("1 session(s) ended"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "passwd", "boss@x.io", "--password-stdin"]),
+        "short\n",
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("at least 12 characters"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // unlock clears the login throttle of an account.
+    sqlx::query("INSERT INTO login_throttle (key, failures, last_failure_at, blocked_until) VALUES ('account:boss@x.io', 9, now(), now() + interval '10 minutes')")
+        .execute(&db.pool)
+        .await?;
+    let out = cli(&["user", "unlock", "boss@x.io"])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM login_throttle")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(left, 0);
+
+    // API keys: listed with owner and last use, revoked by prefix.
+    let out = cli(&["api-key", "create", "ops@x.io", "--name", "deploy-bot"])?;
+    let key = text(&out.stdout).trim().to_owned();
+    let prefix = key
+        .trim_start_matches("obx_")
+        .split('_')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let out = cli(&["api-key", "list"])?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains(&prefix)
+            && listing.contains("deploy-bot")
+            && listing.contains("ops@x.io")
+            && listing.contains("never"),
+        "{listing}"
+    );
+    assert!(!listing.contains(&key), "the secret is never listed");
+    assert!(cli(&["api-key", "revoke", &prefix])?.status.success());
+    let out = cli(&["api-key", "list", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(doc["items"][0]["revoked_at"].is_string(), "{doc}");
+    let out = cli(&["api-key", "revoke", &prefix])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("api key not found"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Roles and users go; the last instance admin stays.
+    let out = cli(&["user", "revoke", "ops@x.io", "shop"])?;
+    assert!(text(&out.stdout).contains("no role on shop"));
+    let out = cli(&["user", "delete", "boss@x.io"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("last instance admin"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(cli(&["user", "delete", "ops@x.io"])?.status.success());
+    let out = cli(&["user", "delete", "ops@x.io"])?;
+    assert!(
+        text(&out.stderr).contains("no user \"ops@x.io\""),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult {
+    let out = run(outboxd(Some(
+        "postgres://app:hunter2hunter2@db.internal:5432/shop?sslmode=require",
+    ))
+    .env("JWT_SECRET", "s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t")
+    .env("OUTBOXD_DISPATCHER__CONCURRENCY", "17")
+    .arg("config"))?;
+    let printed = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let parsed: toml::Value = toml::from_str(&printed)?;
+    assert_eq!(parsed["dispatcher"]["concurrency"].as_integer(), Some(17));
+    assert_eq!(parsed["admin"]["jwt_secret"].as_str(), Some("[redacted]"));
+    assert_eq!(
+        parsed["database"]["url"].as_str(),
+        Some("postgres://app@db.internal:5432/shop")
+    );
+    for secret in ["hunter2", "s3cr3t", "sslmode"] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    // An overlay is looked up in --config-dir, and a missing one names where.
+    let dir =
+        ScratchDir(std::env::temp_dir().join(format!("outboxd-config-env-{}", std::process::id())));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("staging.toml"), "[dispatcher]\nconcurrency = 5\n")?;
+    let out = run(outboxd(None).args([
+        "--config-dir",
+        dir.to_str().ok_or("utf-8")?,
+        "--env",
+        "staging",
+        "config",
+    ]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("concurrency = 5"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(outboxd(None).args([
+        "--config-dir",
+        dir.to_str().ok_or("utf-8")?,
+        "--env",
+        "prod",
+        "config",
+    ]))?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&dir.join("prod.toml").display().to_string()),
+        "{err}"
+    );
     Ok(())
 }

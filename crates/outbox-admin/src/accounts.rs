@@ -1,0 +1,112 @@
+//! Account management for instance admins: users, their sessions and login
+//! throttle, and API keys. The admin API, the dashboard's accounts page and
+//! the CLI (`outboxd user …`, `outboxd api-key …`) all call these, so each
+//! action means the same everywhere.
+
+use outbox_core::store::principals::{self, ApiKeySummary, User, UserSummary};
+use outbox_core::store::sessions;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::auth::{self, Hasher};
+use crate::error::ApiError;
+
+/// The shortest password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// The longest password accepted (argon2 input stays bounded).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Checks a new password's length.
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "password: at least {MIN_PASSWORD_CHARS} characters"
+        )));
+    }
+    if password.len() > MAX_PASSWORD_BYTES || password.contains('\0') {
+        return Err(ApiError::Invalid(format!(
+            "password: at most {MAX_PASSWORD_BYTES} bytes, without NUL characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Finds a user by id or e-mail.
+pub async fn find_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
+    let found = match Uuid::parse_str(user) {
+        Ok(id) => principals::user_by_id(pool, id).await?,
+        Err(_) if user.contains('\0') => None,
+        Err(_) => principals::user_by_email(pool, user).await?,
+    };
+    found.ok_or(ApiError::NotFound("user"))
+}
+
+/// Every user, with roles and counts of live sessions and API keys.
+pub async fn list_users(pool: &PgPool) -> Result<Vec<UserSummary>, ApiError> {
+    Ok(principals::list_users(pool).await?)
+}
+
+/// Deletes a user (roles, sessions and API keys go with it); the last
+/// instance admin cannot be deleted.
+pub async fn delete_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
+    let found = find_user(pool, user).await?;
+    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
+    principals::delete_user(&mut conn, found.id).await?;
+    Ok(found)
+}
+
+/// Sets a user's password and ends every session they have; returns how
+/// many sessions ended.
+pub async fn set_password(
+    pool: &PgPool,
+    hasher: &Hasher,
+    user: &str,
+    password: &str,
+) -> Result<u64, ApiError> {
+    check_password(password)?;
+    let found = find_user(pool, user).await?;
+    let hash = hasher.hash(password.to_owned()).await?;
+    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
+    Ok(principals::set_password(&mut conn, found.id, &hash).await?)
+}
+
+/// Ends every session of a user (API keys stay: revoke them by prefix);
+/// returns how many ended.
+pub async fn revoke_sessions(pool: &PgPool, user: &str) -> Result<u64, ApiError> {
+    let found = find_user(pool, user).await?;
+    Ok(sessions::close_all(pool, found.id).await?)
+}
+
+/// Clears a user's login throttle; returns how many counts were cleared.
+pub async fn unlock(pool: &PgPool, user: &str) -> Result<u64, ApiError> {
+    let found = find_user(pool, user).await?;
+    auth::unlock(pool, &found.email).await
+}
+
+/// API keys, newest first (of one user when given).
+pub async fn list_api_keys(
+    pool: &PgPool,
+    owner: Option<&str>,
+) -> Result<Vec<ApiKeySummary>, ApiError> {
+    let owner = match owner {
+        Some(user) => Some(find_user(pool, user).await?.id),
+        None => None,
+    };
+    Ok(principals::list_api_keys(pool, owner).await?)
+}
+
+/// Revokes an API key by its prefix (the part after `obx_`; a whole key is
+/// accepted too).
+pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<String, ApiError> {
+    let prefix = prefix
+        .strip_prefix(auth::API_KEY_TAG)
+        .unwrap_or(prefix)
+        .split('_')
+        .next()
+        .unwrap_or_default();
+    if prefix.is_empty() || prefix.contains('\0') {
+        return Err(ApiError::NotFound("api key"));
+    }
+    principals::revoke_api_key(pool, prefix).await?;
+    Ok(prefix.to_owned())
+}

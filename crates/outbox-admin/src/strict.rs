@@ -1,0 +1,251 @@
+//! Strict request parsing: JSON bodies and query strings are read into typed
+//! structs that refuse unknown fields, and every refusal is a 400 whose
+//! message names the field and what it accepts, in the API's words — never
+//! a Rust type, serde or the web framework.
+
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// The one limit on request bodies, every route included (`413 too_large`).
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Reads a whole request body of at most `limit` bytes (413 `too_large`
+/// past it).
+pub async fn body(
+    req: axum::extract::Request,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(limit))
+}
+
+/// Parses a JSON body into `T`.
+pub fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let (path, inner) = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(value) => match de.end() {
+            Ok(()) => return Ok(value),
+            Err(trailing) => (String::new(), trailing),
+        },
+        Err(err) => (err.path().to_string(), err.into_inner()),
+    };
+    {
+        {
+            Err(ApiError::Invalid(match inner.classify() {
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+                    if bytes.iter().all(u8::is_ascii_whitespace) =>
+                {
+                    "the body is empty: send a JSON object".to_owned()
+                }
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!(
+                    "the body is not valid JSON (line {}, column {})",
+                    inner.line(),
+                    inner.column()
+                ),
+                _ => field_message(&path, &inner.to_string()),
+            }))
+        }
+    }
+}
+
+/// [`json`], or `T::default()` for an empty body (every field optional).
+pub fn json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json(bytes)
+    }
+}
+
+/// Parses a query string into `T`.
+pub fn query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(
+        query.unwrap_or_default().as_bytes(),
+    ));
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        ApiError::Invalid(field_message(&path, &err.into_inner().to_string()))
+    })
+}
+
+/// Axum extractor for [`query`].
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        query(parts.uri.query()).map(Self)
+    }
+}
+
+/// Turns serde's message about the value at `path` into the API's words:
+/// the field first, then what is wrong and what is accepted.
+fn field_message(path: &str, message: &str) -> String {
+    // serde appends " at line L column C" for JSON.
+    let message = message.rsplit_once(" at line ").map_or(message, |(m, _)| m);
+    // What the query-string parser says about a number that is not one.
+    if message.contains("invalid digit") || message.contains("number too") {
+        return format!("{}: expected a whole number", path.trim_start_matches('.'));
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let known = expected
+            .trim_start_matches(", expected one of ")
+            .trim_start_matches(", expected ")
+            .replace('`', "");
+        let field = if path == "." || path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        return if known.is_empty() || known.starts_with("there are no fields") {
+            format!("{field}: unknown field (this object takes no fields)")
+        } else {
+            format!("{field}: unknown field (accepted: {known})")
+        };
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        let field = if path == "." || path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        return format!("{field}: required");
+    }
+    let field = if path == "." || path.is_empty() {
+        "body".to_owned()
+    } else {
+        path.to_owned()
+    };
+    // "invalid type: string \"x\", expected u32" / "invalid value: integer `-5`, expected u64"
+    let (got, expected) = message
+        .split_once(", expected ")
+        .map_or((message, ""), |(g, e)| (g, e));
+    let got = if got.starts_with("invalid length") {
+        // serde reads a JSON array into a struct field by field.
+        "sequence".to_owned()
+    } else {
+        got.trim_start_matches("invalid type: ")
+            .trim_start_matches("invalid value: ")
+            .replace('`', "")
+    };
+    let accepted = expectation(expected);
+    if accepted.is_empty() {
+        format!("{field}: {}", humanize(&got))
+    } else {
+        format!("{field}: got {}, expected {accepted}", humanize(&got))
+    }
+}
+
+/// What serde calls an expected value, in the API's words.
+fn expectation(expected: &str) -> String {
+    let range = |lo: i128, hi: i128| format!("an integer in {lo}..={hi}");
+    match expected.trim() {
+        "" => String::new(),
+        "u8" => range(0, u8::MAX.into()),
+        "u16" => range(0, u16::MAX.into()),
+        "u32" => range(0, u32::MAX.into()),
+        "u64" | "usize" => range(0, u64::MAX.into()),
+        "i8" => range(i8::MIN.into(), i8::MAX.into()),
+        "i16" => range(i16::MIN.into(), i16::MAX.into()),
+        "i32" => range(i32::MIN.into(), i32::MAX.into()),
+        "i64" | "isize" => range(i64::MIN.into(), i64::MAX.into()),
+        "f32" | "f64" => "a number".into(),
+        "a boolean" | "bool" => "true or false".into(),
+        "a string" | "a borrowed string" | "a character" => "a string".into(),
+        "a sequence" => "an array".into(),
+        "a map" => "an object".into(),
+        "a UUID string" | "UUID parsing failed" => "a UUID".into(),
+        "an RFC 3339 formatted date and time string" => {
+            "an RFC 3339 time, e.g. 2026-01-31T12:00:00Z".into()
+        }
+        other if other.starts_with("struct ") => "an object".into(),
+        other if other.starts_with("a sequence") || other.starts_with("tuple") => "an array".into(),
+        other if other.starts_with("variant identifier") => "one of the documented values".into(),
+        other => other.replace('`', ""),
+    }
+}
+
+/// serde's names for the kinds of values, in JSON's words.
+fn humanize(got: &str) -> String {
+    got.replace("map", "an object")
+        .replace("sequence", "an array")
+        .replace("unit value", "null")
+        .replace("integer ", "")
+        .replace("floating point ", "")
+        .replace("boolean ", "")
+        .replace("string ", "the string ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        delay_ms: Option<u64>,
+        run_at: Option<chrono::DateTime<chrono::Utc>>,
+        name: String,
+    }
+
+    fn message<T: DeserializeOwned + std::fmt::Debug>(body: &str) -> String {
+        match json::<T>(body.as_bytes()) {
+            Err(ApiError::Invalid(m)) => m,
+            other => format!("unexpected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_field_in_the_apis_words() {
+        let cases = [
+            (r#"{"name":"a","extra":1}"#, "extra: unknown field"),
+            (
+                r#"{"name":"a","delay_ms":-5}"#,
+                "delay_ms: got -5, expected an integer in 0..=",
+            ),
+            (r#"{"name":"a","run_at":"yesterday"}"#, "run_at:"),
+            (r#"{"delay_ms":1}"#, "name: required"),
+            (r#"[]"#, "body: got an array, expected an object"),
+            ("", "the body is empty"),
+            ("{", "not valid JSON"),
+        ];
+        for (body, want) in cases {
+            let got = message::<Body>(body);
+            assert!(got.contains(want), "{body}: {got}");
+            for leak in ["struct", "serde", "Body", "u64", "deserialize", "Failed to"] {
+                assert!(!got.contains(leak), "{body}: {got} mentions {leak}");
+            }
+        }
+    }
+
+    #[test]
+    fn query_strings_are_strict_too() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Q {
+            limit: Option<u32>,
+        }
+        let err = query::<Q>(Some("limit=-1")).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|m| m.starts_with("limit: ")),
+            "{err:?}"
+        );
+        let err = query::<Q>(Some("limt=5")).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|m| m.contains("limt: unknown field")),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,671 @@
+//! Accounts and sessions: sign-out, password changes, deleted users and
+//! removed roles end access on the next request; the login throttle slows
+//! guessing without locking the owner out; the API is strict and says so in
+//! its own words; the dashboard's security headers and sign-in CSRF.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use outbox_admin::AdminState;
+use outbox_core::store::principals;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{PASSWORD, PRE_LOGIN_CSRF, TestResult, World};
+
+type Answer = (StatusCode, HeaderMap, Value);
+
+/// One request to `state`'s router from client address `from`.
+async fn send(
+    state: &AdminState,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+    from: &str,
+) -> Result<Answer, Box<dyn std::error::Error>> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let mut req = req.body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))?;
+    let addr: SocketAddr = format!("{from}:40000").parse()?;
+    req.extensions_mut().insert(ConnectInfo(addr));
+    let res = outbox_admin::router(state.clone()).oneshot(req).await?;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, headers, value))
+}
+
+async fn login_from(
+    state: &AdminState,
+    email: &str,
+    password: &str,
+    from: &str,
+) -> Result<Answer, Box<dyn std::error::Error>> {
+    send(
+        state,
+        "POST",
+        "/api/login",
+        None,
+        Some(json!({"email": email, "password": password})),
+        from,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn sign_out_password_change_deletion_and_role_removal_end_access_at_once() -> TestResult {
+    let w = World::new().await?;
+    let root = w.login("root@x.io").await?;
+    // Sign-out ends exactly that session.
+    let first = w.login("operator@x.io").await?;
+    let second = w.login("operator@x.io").await?;
+    assert_eq!(
+        w.call("POST", "/api/logout", Some(&first), None).await?.0,
+        StatusCode::OK
+    );
+    let (s, body) = w.call("GET", "/api/apps", Some(&first), None).await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&second), None).await?.0,
+        StatusCode::OK
+    );
+
+    // Removing a role: the next request no longer sees the app.
+    let list = "/api/apps/app-a/dead-letters";
+    assert_eq!(
+        w.call("GET", list, Some(&second), None).await?.0,
+        StatusCode::OK
+    );
+    let operator = principals::user_by_email(&w.db.pool, "operator@x.io")
+        .await?
+        .ok_or("op")?;
+    principals::remove_role(&w.db.pool, w.app_a, operator.id).await?;
+    assert_eq!(
+        w.call("GET", list, Some(&second), None).await?.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A password change ends every session of the user.
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/users/operator@x.io/password",
+            Some(&root),
+            Some(json!({"password": "a brand new passphrase"})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["sessions_ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&second), None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _) = w
+        .call(
+            "POST",
+            "/api/login",
+            None,
+            Some(json!({"email": "operator@x.io", "password": "a brand new passphrase"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+
+    // revoke-sessions signs a user out everywhere.
+    let viewer = w.login("viewer@x.io").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/users/viewer@x.io/revoke-sessions",
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (s, body["sessions_ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&viewer), None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Deleting a user ends their session and their API keys.
+    let a_admin = w.login("a-admin@x.io").await?;
+    let a_admin_user = principals::user_by_email(&w.db.pool, "a-admin@x.io")
+        .await?
+        .ok_or("a")?;
+    let key = outbox_admin::create_api_key(&w.db.pool, a_admin_user.id, "ci").await?;
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&key), None).await?.0,
+        StatusCode::OK
+    );
+    let (s, _) = w
+        .call("DELETE", "/api/users/a-admin@x.io", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    for gone in [&a_admin, &key] {
+        assert_eq!(
+            w.call("GET", "/api/apps", Some(gone), None).await?.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    // Only instance admins manage accounts, and the last one stays.
+    assert_eq!(
+        w.call("GET", "/api/users", Some(&second), None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let operator_token = w
+        .login_with("operator@x.io", "a brand new passphrase")
+        .await?;
+    assert_eq!(
+        w.call("GET", "/api/users", Some(&operator_token), None)
+            .await?
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, body) = w
+        .call("DELETE", "/api/users/root@x.io", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last instance admin"),
+        "{body}"
+    );
+    let (_, users) = w.call("GET", "/api/users", Some(&root), None).await?;
+    assert_eq!(users["items"].as_array().map(Vec::len), Some(3), "{users}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_keys_are_listed_with_owner_and_last_use_and_can_be_revoked() -> TestResult {
+    let w = World::new().await?;
+    let root = w.login("root@x.io").await?;
+    let viewer = principals::user_by_email(&w.db.pool, "viewer@x.io")
+        .await?
+        .ok_or("v")?;
+    let key = outbox_admin::create_api_key(&w.db.pool, viewer.id, "reporting").await?;
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&key), None).await?.0,
+        StatusCode::OK
+    );
+    let (s, list) = w
+        .call("GET", "/api/api-keys?owner=viewer@x.io", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let item = &list["items"][0];
+    assert_eq!(
+        (item["name"].as_str(), item["owner"].as_str()),
+        (Some("reporting"), Some("viewer@x.io"))
+    );
+    assert!(item["last_used_at"].is_string(), "{item}");
+    assert!(
+        item.get("secret_hash").is_none() && !list.to_string().contains(&key[13..]),
+        "{list}"
+    );
+    let prefix = item["prefix"].as_str().ok_or("prefix")?.to_owned();
+    let (s, _) = w
+        .call(
+            "DELETE",
+            &format!("/api/api-keys/{prefix}"),
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&key), None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, body) = w
+        .call(
+            "DELETE",
+            &format!("/api/api-keys/{prefix}"),
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (s, body["error"]["message"].as_str()),
+        (StatusCode::NOT_FOUND, Some("api key not found"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_login_throttle_slows_guessing_but_never_locks_the_owner_out() -> TestResult {
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_account = 3;
+    w.state.auth.throttle.free_per_pair = 3;
+    w.state.auth.throttle.free_per_address = 6;
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let attacker = "203.0.113.9";
+    let owner = "198.51.100.7";
+    for _ in 0..3 {
+        let (s, _, _) = login_from(&w.state, "root@x.io", "guess guess guess", attacker).await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // The guesser is held back, even with the right password, and told how long.
+    let (s, headers, body) = login_from(&w.state, "root@x.io", PASSWORD, attacker).await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    let wait: u64 = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("Retry-After")?
+        .parse()?;
+    assert!((1..=60).contains(&wait), "{wait}");
+    // The owner, from an address that has not been failing, signs in.
+    let (s, _, body) = login_from(&w.state, "root@x.io", PASSWORD, owner).await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    // The counts live in PostgreSQL: another process (and a restarted one)
+    // holds the guesser back too.
+    let mut auth = w.state.auth.clone();
+    auth.throttle = w.state.auth.throttle.clone();
+    let other_process = AdminState::new(w.db.pool.clone(), auth)?;
+    let (s, _, _) = login_from(&other_process, "root@x.io", PASSWORD, attacker).await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+
+    // Guessing many accounts from one address holds the address back.
+    for n in 0..6 {
+        login_from(
+            &w.state,
+            &format!("ghost{n}@x.io"),
+            "guess guess guess",
+            "192.0.2.1",
+        )
+        .await?;
+    }
+    let (s, _, _) = login_from(&w.state, "viewer@x.io", PASSWORD, "192.0.2.1").await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+
+    // `outboxd user unlock` clears the account (and its failing addresses).
+    // (the owner's sign-in already cleared the account; the guesser's pair is left)
+    assert!(outbox_admin::auth::unlock(&w.db.pool, "ROOT@x.io").await? >= 1);
+    let (s, _, body) = login_from(&other_process, "root@x.io", PASSWORD, attacker).await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
+    let w = World::new().await?;
+    let root = w.login("root@x.io").await?;
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"payload": {}, "colour": "red"}),
+            "colour: unknown field",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"delay_ms": -5}),
+            "delay_ms: -5 is outside 0..=",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"run_at": "tomorrow"}),
+            "run_at:",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"max_attempts": 0}),
+            "max_attempts",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/events/e",
+            json!({"run_at": "2030-01-01T00:00:00Z"}),
+            "run_at: unknown field",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/events/e",
+            json!([1, 2]),
+            "body: got an array, expected an object",
+        ),
+        (
+            "POST",
+            "/api/login",
+            json!({"email": "a@x.io"}),
+            "password: required",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/dead-letters/bulk",
+            json!({"action": "ignore", "ids": [], "force": true}),
+            "force: unknown field",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/invoke/t",
+            json!({"timeout_ms": -1}),
+            "timeout_ms: -1 is outside 1..=60000",
+        ),
+    ];
+    for (method, uri, body, want) in cases {
+        let (s, answer) = w.call(method, uri, Some(&root), Some(body.clone())).await?;
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {answer}");
+        assert!(message.contains(want), "{uri} {body}: {message}");
+        for leak in [
+            "struct",
+            "serde",
+            "Failed to",
+            "expected u",
+            "expected i",
+            "Body",
+        ] {
+            assert!(
+                !message.contains(leak),
+                "{uri} {body}: {message} mentions {leak}"
+            );
+        }
+    }
+    for (uri, want) in [
+        (
+            "/api/apps/app-a/dead-letters?limit=-1",
+            "limit: -1 is outside 1..=200",
+        ),
+        (
+            "/api/apps/app-a/dead-letters?limit=abc",
+            "limit: expected a whole number",
+        ),
+        (
+            "/api/apps/app-a/dead-letters?colour=red",
+            "colour: unknown field",
+        ),
+    ] {
+        let (s, answer) = w.call("GET", uri, Some(&root), None).await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(want),
+            "{uri}: {answer}"
+        );
+    }
+    // One body limit, answered 413 too_large on every route, login included.
+    let huge = json!({"email": "x".repeat(2 << 20), "password": "p"});
+    for uri in ["/api/login", "/api/apps/app-a/events/e"] {
+        let (s, answer) = w.call("POST", uri, Some(&root), Some(huge.clone())).await?;
+        assert_eq!(
+            (s, answer["error"]["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")),
+            "{uri}"
+        );
+    }
+    // 401 says how to authenticate.
+    let (s, headers, _) = send(&w.state, "GET", "/api/apps", None, None, "127.0.0.1").await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        headers
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("Bearer"))
+    );
+    // Creations answer 201, with Location where the resource has a URL.
+    let (s, headers, _) = send(
+        &w.state,
+        "PUT",
+        "/api/apps/app-a/kv/notes/n1",
+        Some(&root),
+        Some(json!({"value": 1})),
+        "127.0.0.1",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(
+        headers.get(header::LOCATION).and_then(|v| v.to_str().ok()),
+        Some("/api/apps/app-a/kv/notes/n1")
+    );
+    let (s, _, _) = send(
+        &w.state,
+        "PUT",
+        "/api/apps/app-a/kv/notes/n1",
+        Some(&root),
+        Some(json!({"value": 2})),
+        "127.0.0.1",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "an update is not a creation");
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_keeps_the_attempt_budget_unless_told_otherwise() -> TestResult {
+    let w = World::new().await?;
+    let root = w.login("root@x.io").await?;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let row =
+            outbox_core::NewEvent::new("billing.charge", json!({"n": 1})).with_max_attempts(2);
+        let mut tx = w.db.pool.begin().await?;
+        let id = outbox_core::enqueue(&mut tx, w.app_a, &row).await?;
+        tx.commit().await?;
+        // Exhausted: moved to dead_letters with its budget.
+        sqlx::query("INSERT INTO dead_letters (app_id, original_event_id, source, topic, payload, headers, attempt_count, max_attempts, last_error)
+                     SELECT app_id, id, source, topic, payload, headers, 2, max_attempts, 'boom' FROM outbox WHERE id = $1")
+            .bind(id).execute(&w.db.pool).await?;
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id)
+            .execute(&w.db.pool)
+            .await?;
+        let dl: uuid::Uuid =
+            sqlx::query_scalar("SELECT id FROM dead_letters WHERE original_event_id = $1")
+                .bind(id)
+                .fetch_one(&w.db.pool)
+                .await?;
+        ids.push(dl);
+    }
+    let (s, same) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{}/replay", ids[0]),
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{same}");
+    let (s, more) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{}/replay", ids[1]),
+            Some(&root),
+            Some(json!({"max_attempts": 7})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{more}");
+    for (answer, want) in [(same, 2), (more, 7)] {
+        let budget: Option<i32> =
+            sqlx::query_scalar("SELECT max_attempts FROM outbox WHERE id = $1::text::uuid")
+                .bind(answer["outbox_id"].as_str().ok_or("outbox_id")?)
+                .fetch_one(&w.db.pool)
+                .await?;
+        assert_eq!(budget, Some(want));
+    }
+    let (_, shown) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/dead-letters/{}", ids[0]),
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(shown["max_attempts"], 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dashboard_pages_send_security_headers_and_sign_in_needs_its_csrf_token() -> TestResult {
+    let w = World::new().await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let res = app()
+        .oneshot(Request::get("/login").body(Body::empty())?)
+        .await?;
+    let headers = res.headers().clone();
+    let csp = headers
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && !csp.contains("script-src 'unsafe-inline'"),
+        "{csp}"
+    );
+    for (name, want) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        assert_eq!(
+            headers.get(&name).and_then(|v| v.to_str().ok()),
+            Some(want),
+            "{name}"
+        );
+    }
+    let cookie = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("outboxd_csrf="))
+        .and_then(|c| c.split(';').next())
+        .ok_or("a CSRF cookie on the sign-in page")?
+        .to_owned();
+    let page = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        page.contains(&cookie),
+        "the form carries the cookie's token"
+    );
+    let post = |body: String, cookie: Option<String>| {
+        let mut req = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, format!("outboxd_csrf={c}"));
+        }
+        let app = app();
+        async move {
+            Ok::<_, Box<dyn std::error::Error>>(app.oneshot(req.body(Body::from(body))?).await?)
+        }
+    };
+    // Without the token (a cross-site form), nobody is signed in.
+    let res = post(
+        format!("email=root%40x.io&password={}", PASSWORD.replace(' ', "+")),
+        None,
+    )
+    .await?;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(res.headers().get_all(header::SET_COOKIE).iter().all(|c| {
+        !c.to_str()
+            .unwrap_or_default()
+            .starts_with("outboxd_session=")
+    }));
+    // A wrong password keeps the typed e-mail.
+    let res = post(
+        format!("csrf={PRE_LOGIN_CSRF}&email=root%40x.io&password=wrong+wrong+wrong"),
+        Some(PRE_LOGIN_CSRF.into()),
+    )
+    .await?;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let page = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(page.contains(r#"value="root@x.io""#), "{page}");
+    // Signed in, then signed out: the cookie opens nothing any more.
+    let res = post(
+        format!(
+            "csrf={PRE_LOGIN_CSRF}&email=root%40x.io&password={}",
+            PASSWORD.replace(' ', "+")
+        ),
+        Some(PRE_LOGIN_CSRF.into()),
+    )
+    .await?;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let cookies: Vec<String> = res
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|c| c.split(';').next())
+        .map(str::to_owned)
+        .collect();
+    let jar = cookies.join("; ");
+    let csrf = cookies
+        .iter()
+        .find_map(|c| c.strip_prefix("outboxd_csrf="))
+        .ok_or("csrf")?
+        .to_owned();
+    let session = cookies
+        .iter()
+        .find_map(|c| c.strip_prefix("outboxd_session="))
+        .ok_or("session")?
+        .to_owned();
+    let get_apps = |jar: String| {
+        let app = app();
+        async move {
+            Ok::<_, Box<dyn std::error::Error>>(
+                app.oneshot(
+                    Request::get("/apps")
+                        .header(header::COOKIE, jar)
+                        .body(Body::empty())?,
+                )
+                .await?
+                .status(),
+            )
+        }
+    };
+    assert_eq!(get_apps(jar.clone()).await?, StatusCode::OK);
+    let res = app()
+        .oneshot(
+            Request::post("/logout")
+                .header(header::COOKIE, jar.clone())
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("csrf={csrf}")))?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        get_apps(jar).await?,
+        StatusCode::SEE_OTHER,
+        "the old cookie is sent to /login"
+    );
+    assert_eq!(
+        w.call("GET", "/api/apps", Some(&session), None).await?.0,
+        StatusCode::UNAUTHORIZED,
+        "nor is it a bearer token"
+    );
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `outboxd dead-letters …`: the same actions, under the same names, as the
+//! admin API (`…/dead-letters/{id}/replay`, `…/ignore`) and the dashboard's
+//! Replay and Ignore buttons. `resolve` is accepted for `ignore`.
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use outbox_core::DeadLetter;
+use outbox_core::store::{apps, dead_letters};
+use uuid::Uuid;
+
+use crate::config::Settings;
+
+/// Counting matching rows stops here ("showing 50 of 10000+").
+const COUNT_BOUND: i64 = 10_000;
+
+/// `outboxd dead-letters …`; every subcommand names the app.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List an app's dead letters, newest first, a page at a time.
+    List {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Only unresolved rows (same as --state unresolved).
+        #[arg(long)]
+        unresolved: bool,
+        /// Only this state: unresolved, replayed, ignored, handled_by_script, handler_failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Rows per page (1..=1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue after this cursor (printed under the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Every matching row, not one page.
+        #[arg(long, conflicts_with = "after")]
+        all: bool,
+        /// Print one JSON document (items, total, next_cursor) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its payload, headers and error.
+    Show {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Dead letter id.
+        id: String,
+    },
+    /// Replay a dead letter: a fresh outbox row (same payload, headers and
+    /// attempts as the original, unless --max-attempts), the dead letter marked replayed.
+    Replay {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Dead letter id.
+        id: String,
+        /// Attempts the replayed row gets (default: the original row's).
+        #[arg(long)]
+        max_attempts: Option<i64>,
+    },
+    /// Ignore a dead letter: mark it resolved as ignored.
+    #[command(alias = "resolve")]
+    Ignore {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Dead letter id.
+        id: String,
+    },
+}
+
+fn parse_id(id: &str) -> anyhow::Result<Uuid> {
+    Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID (a dead-letter id)"))
+}
+
+/// The state a dead letter is in: unresolved, or its resolution.
+fn state(row: &DeadLetter) -> &str {
+    row.resolution.as_deref().unwrap_or("unresolved")
+}
+
+/// Runs `outboxd dead-letters …`.
+pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    let pool = crate::connect(&settings).await?;
+    match cmd {
+        DeadLetterCommand::List {
+            app,
+            unresolved,
+            state: wanted,
+            topic,
+            source,
+            limit,
+            after,
+            all,
+            json,
+        } => {
+            if !(1..=1000).contains(&limit) {
+                bail!("--limit {limit} is outside 1..=1000");
+            }
+            let (unresolved_only, resolution) = match wanted.as_deref() {
+                None => (unresolved, None),
+                Some("unresolved") => (true, None),
+                Some(r @ ("replayed" | "ignored" | "handled_by_script" | "handler_failed"))
+                    if !unresolved =>
+                {
+                    (false, Some(r.to_owned()))
+                }
+                Some(other) => bail!(
+                    "--state {other:?} is not one of unresolved, replayed, ignored, handled_by_script, handler_failed{}",
+                    if unresolved {
+                        " (or conflicts with --unresolved)"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            let app = apps::by_slug(&pool, &app).await?;
+            let filter = dead_letters::Filter {
+                source,
+                topic,
+                resolution,
+                unresolved_only,
+                ..Default::default()
+            };
+            let total = dead_letters::count(&pool, app.id, &filter, COUNT_BOUND).await?;
+            let mut cursor = after
+                .as_deref()
+                .map(outbox_admin::api::decode_cursor)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--after: {e}"))?;
+            let mut rows = Vec::new();
+            let next = loop {
+                let page = dead_letters::list(&pool, app.id, &filter, cursor, limit).await?;
+                let full = page.len() == limit as usize;
+                rows.extend(page);
+                let next = full
+                    .then(|| rows.last().map(outbox_admin::api::encode_cursor))
+                    .flatten();
+                match next {
+                    Some(_) if all => {
+                        cursor = rows.last().map(|r| dead_letters::Cursor {
+                            created_at: r.created_at,
+                            id: r.id,
+                        });
+                    }
+                    next => break next,
+                }
+            };
+            let total_shown = if total >= COUNT_BOUND {
+                format!("{COUNT_BOUND}+")
+            } else {
+                total.to_string()
+            };
+            if json {
+                let doc = serde_json::json!({
+                    "items": rows,
+                    "total": total,
+                    "total_is_lower_bound": total >= COUNT_BOUND,
+                    "next_cursor": next,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:<17}  {:<8}  {:<20}  {:>8}  {:<16}  LAST ERROR",
+                "ID", "STATE", "SOURCE", "TOPIC", "ATTEMPTS", "CREATED"
+            );
+            for row in &rows {
+                println!(
+                    "{:<36}  {:<17}  {:<8}  {:<20}  {:>8}  {:<16}  {}",
+                    row.id,
+                    state(row),
+                    super::ellipsize(&row.source, 8),
+                    super::ellipsize(&row.topic, 20),
+                    row.attempt_count,
+                    row.created_at.format("%Y-%m-%d %H:%M"),
+                    super::ellipsize(row.last_error.as_deref().unwrap_or(""), 60)
+                );
+            }
+            println!("showing {} of {total_shown} dead letter(s)", rows.len());
+            if let Some(next) = next {
+                println!("more: --after {next}  (or --all)");
+            }
+        }
+        DeadLetterCommand::Show { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let row = dead_letters::get(&pool, app.id, parse_id(&id)?).await?;
+            println!("{}", serde_json::to_string_pretty(&row)?);
+        }
+        DeadLetterCommand::Replay {
+            app,
+            id,
+            max_attempts,
+        } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let id = parse_id(&id)?;
+            let max_attempts = outbox_admin::api::replay_attempts(max_attempts)
+                .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+            let outbox_id = outbox_admin::api::replay_one(&pool, app.id, id, max_attempts).await?;
+            println!("replayed {id} as outbox row {outbox_id}");
+        }
+        DeadLetterCommand::Ignore { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let id = parse_id(&id)?;
+            outbox_admin::api::ignore_one(&pool, app.id, id).await?;
+            println!("ignored {id}");
+        }
+    }
+    Ok(())
+}
