@@ -28,13 +28,34 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage();
-  await page.goto(`${base}/apps`);
+  // An inline script would be blocked by the page's policy: count violations.
+  await page.addInitScript(() => {
+    window.__cspViolations = 0;
+    document.addEventListener("securitypolicyviolation", () => { window.__cspViolations += 1; });
+  });
+  const response = await page.goto(`${base}/apps`);
   check(page.url().endsWith("/login"), "an anonymous visit is sent to the login page");
+  const headers = response.headers();
+  const csp = headers["content-security-policy"] ?? "";
+  check(csp.includes("frame-ancestors 'none'") && !/script-src[^;]*'unsafe-inline'/.test(csp),
+        `the page forbids framing and inline scripts (${csp})`);
+  check(headers["x-content-type-options"] === "nosniff" && headers["cache-control"] === "no-store"
+        && (headers["referrer-policy"] ?? "") !== "", "nosniff, no-store and a referrer policy");
+  const token = await page.getAttribute('input[name="csrf"]', "value");
+  const cookie = (await page.context().cookies()).find((c) => c.name === "outboxd_csrf");
+  check(token && cookie && cookie.value === token && cookie.httpOnly, "the sign-in form carries the CSRF cookie's token");
 
   await page.fill('input[name="email"]', env("ADMIN_EMAIL"));
   await page.fill('input[name="password"]', "not the password");
   await page.click('button[type="submit"]');
   check((await page.textContent("body")).includes("wrong e-mail or password"), "a wrong password is refused");
+  check((await page.inputValue('input[name="email"]')) === env("ADMIN_EMAIL"), "a failed sign-in keeps the typed e-mail");
+
+  // A sign-in form posted without the token (as another site would) signs nobody in.
+  const forged = (await page.request.post(`${base}/login`, {
+    form: { email: env("ADMIN_EMAIL"), password: env("ADMIN_PASSWORD") }, maxRedirects: 0,
+  })).status();
+  check(forged === 403, `a sign-in without the CSRF token is refused (${forged})`);
 
   await page.fill('input[name="email"]', env("ADMIN_EMAIL"));
   await page.fill('input[name="password"]', env("ADMIN_PASSWORD"));
@@ -54,6 +75,9 @@ try {
   await page.goto(`${base}/apps/shop/dead-letters/${toReplay}`);
   check((await page.textContent("#payload")).includes('"order"'), "the detail page shows the pretty payload");
   await page.screenshot({ path: `${shots}/detail.png`, fullPage: true });
+  // The replayed row keeps its attempt budget (here 1) unless told otherwise:
+  // give it 1000, so it is still retrying (backoff) when the database is checked.
+  await page.fill('input[name="max_attempts"]', "1000");
   await page.click("#replay");
   await page.waitForSelector("#resolution");
   check((await page.textContent("#resolution")) === "replayed", "Replay resolves the dead letter as replayed");
@@ -65,11 +89,13 @@ try {
 
   check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toReplay}'`) === "replayed", "the database has the replay");
   check(sql(`SELECT count(*) FROM outbox WHERE replayed_from = '${toReplay}'`) === "1", "the replay enqueued one outbox row");
+  check(sql(`SELECT max_attempts FROM outbox WHERE replayed_from = '${toReplay}'`) === "1000", "the replayed row got the 1000 attempts asked for");
   check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toIgnore}'`) === "ignored", "the database has the ignore");
 
   await page.goto(`${base}/apps`);
   const after = (await page.textContent('.badge[data-app="shop"]')).trim();
   check(Number(after) === Number(badge) - 2, `the badge drops to ${after}`);
+  check((await page.evaluate(() => window.__cspViolations)) === 0, "no page broke its own content policy");
   await page.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
   console.log("1 passed, 0 failed");
 } finally {

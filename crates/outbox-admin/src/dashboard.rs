@@ -223,8 +223,14 @@ async fn login(State(state): State<AdminState>, req: Request) -> Response {
     };
     let email = field(&form, "email").unwrap_or_default().to_owned();
     let password = field(&form, "password").unwrap_or_default().to_owned();
-    let fresh = random_token();
-    // The form's token must match the cookie the sign-in page set.
+    // The form's token must match the cookie the sign-in page set. A page
+    // shown again keeps the cookie's token (another site's forged post must
+    // not invalidate the form open in the owner's tab); only a successful
+    // sign-in rotates it.
+    let fresh = csrf_cookie
+        .clone()
+        .filter(|c| c.len() >= 32)
+        .unwrap_or_else(random_token);
     if csrf_cookie.is_none() || field(&form, "csrf") != csrf_cookie.as_deref() {
         let form = login_form(
             Some("The sign-in form expired: please sign in again."),
@@ -257,7 +263,7 @@ async fn login(State(state): State<AdminState>, req: Request) -> Response {
         Err(err) => return error_page(&err),
     };
     // A new CSRF token for the signed-in session.
-    let csrf = fresh;
+    let csrf = random_token();
     let ttl = state.auth.token_ttl.as_secs();
     let mut response = Redirect::to("/apps").into_response();
     for c in [

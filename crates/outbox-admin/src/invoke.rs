@@ -66,6 +66,10 @@ impl ReplyHub {
                 }
                 .await;
                 if let Err(err) = listened {
+                    // The server is shutting down: not a lost connection.
+                    if pool.is_closed() {
+                        return;
+                    }
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %err, "reply listener lost; waiting callers poll meanwhile");
                 }

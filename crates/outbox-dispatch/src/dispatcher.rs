@@ -37,9 +37,15 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
+
+use crate::failure_log::{FailureLog, RowFacts};
+use crate::telemetry::{TopicHandles, TopicMetrics};
 use uuid::Uuid;
 
 use crate::{ClaimTx, Error, Event, HandlerError, Registry, RetryPolicy};
+
+/// Retries of one topic are logged once per this window, with a count.
+const RETRY_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// The `code` of a synchronous caller's answer when no handler serves the
 /// topic (the admin API answers it with 404 `no_handler`).
@@ -237,6 +243,8 @@ struct Finished {
     lease: Lease,
     outcome: Outcome,
     ordered: bool,
+    // Only for failures (what their log lines say); successes stay cheap.
+    facts: Option<Box<RowFacts>>,
     // Bounds the rows a dispatcher holds. A failure keeps its permit until the
     // outcome is written; a success gives it back as soon as the handler
     // returns, since the next claim statement deletes it anyway.
@@ -269,6 +277,10 @@ struct Inner {
     succeeded_ready: Notify,
     // Totals over the dispatcher's life.
     totals: Mutex<BatchReport>,
+    // Logs retries (summarised per topic) and dead letters.
+    failures: FailureLog,
+    // Counters and the handler histogram per app and topic.
+    topic_metrics: TopicMetrics,
 }
 
 /// Claims due rows and runs their handlers. Cheap to clone; clones share state.
@@ -304,6 +316,8 @@ impl Dispatcher {
                 succeeded: Mutex::new(Vec::new()),
                 succeeded_ready: Notify::new(),
                 totals: Mutex::new(BatchReport::default()),
+                failures: FailureLog::new(RETRY_LOG_WINDOW),
+                topic_metrics: TopicMetrics::default(),
             }),
         })
     }
@@ -334,7 +348,6 @@ impl Dispatcher {
             inner.config.lease,
         )
         .await?;
-        metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
         let claimed = rows.len();
         let finished = futures::future::join_all(rows.into_iter().map(|row| {
             let inner = inner.clone();
@@ -427,7 +440,16 @@ impl Dispatcher {
         let _ = listener.await;
         let _ = pacer.await;
         let _ = heartbeat.await;
-        info!(?totals, released, "dispatcher stopped");
+        info!(
+            claimed = totals.claimed,
+            completed = totals.completed,
+            retried = totals.retried,
+            snoozed = totals.snoozed,
+            dead_lettered = totals.dead_lettered,
+            fenced = totals.fenced,
+            released,
+            "dispatcher stopped"
+        );
         Ok(DrainReport { totals, released })
     }
 }
@@ -478,7 +500,6 @@ impl Inner {
                 "completions refused: the lease was taken over (row ran too long or lost its connection)"
             );
         }
-        metrics::counter!("outboxd_completed_total").increment(completed as u64);
         metrics::counter!("outboxd_fenced_total").increment(fenced as u64);
         self.add_totals(BatchReport {
             claimed: sent,
@@ -576,7 +597,6 @@ impl Inner {
                     }
                 }
             };
-            metrics::counter!("outboxd_claimed_total").increment(rows.len() as u64);
             let got = rows.len();
             self.claimed_rows.fetch_add(got as u64, Ordering::Relaxed);
             self.running_insert_all(&rows);
@@ -699,7 +719,6 @@ impl Inner {
             tx.commit().await?;
             return Ok(BatchReport::default());
         }
-        metrics::counter!("outboxd_claimed_total").increment(taken as u64);
         self.claimed_rows.fetch_add(taken as u64, Ordering::Relaxed);
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let lock_key = fastrand::i64(..);
@@ -751,8 +770,9 @@ impl Inner {
                 done.push(row.id);
                 report.completed += 1;
             } else {
+                let facts = RowFacts::of(row, self.config.retry.max_attempts);
                 let (retried, dead_lettered) =
-                    self.record_tx_failure(&mut tx, row.id, outcome).await?;
+                    self.record_tx_failure(&mut tx, &facts, outcome).await?;
                 report.retried += retried;
                 report.dead_lettered += dead_lettered;
             }
@@ -760,8 +780,6 @@ impl Inner {
         store::delete_locked(&mut tx, &done).await?;
         tx.commit().await?;
         self.record_completed(report.completed, report.completed);
-        metrics::counter!("outboxd_retried_total").increment(report.retried as u64);
-        metrics::counter!("outboxd_dead_lettered_total").increment(report.dead_lettered as u64);
         self.add_totals(BatchReport {
             retried: report.retried,
             dead_lettered: report.dead_lettered,
@@ -870,9 +888,10 @@ impl Inner {
     async fn record_tx_failure(
         &self,
         tx: &mut sqlx::PgConnection,
-        id: Uuid,
+        facts: &RowFacts,
         outcome: Outcome,
     ) -> Result<(usize, usize), Error> {
+        let id = facts.id;
         let (delay, count, error, bury) = match outcome {
             Outcome::Retry { delay, error } => (delay, true, Some(error), None),
             Outcome::Snooze(delay) => (delay, false, None, None),
@@ -887,14 +906,21 @@ impl Inner {
                     tx,
                     &[Bury {
                         lease: Lease { id, token },
-                        error,
+                        error: error.clone(),
                         handler: None,
                     }],
                 )
                 .await?;
+                if !moved.is_empty() {
+                    self.failures.dead_lettered(facts, &error);
+                }
                 (0, moved.len())
             }
-            (None, Some(_)) if count => (1, 0),
+            (None, Some(_)) if count => {
+                self.failures
+                    .retry_scheduled(facts, error.as_deref().unwrap_or_default(), delay);
+                (1, 0)
+            }
             _ => (0, 0),
         })
     }
@@ -904,24 +930,49 @@ impl Inner {
     async fn run_row(&self, row: ClaimedEvent, permit: Option<OwnedSemaphorePermit>) -> Finished {
         let lease = row.lease();
         let ordered = row.ordering_key.is_some();
-        let correlation = row
-            .headers
-            .get("correlation-id")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
         let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %row.topic,
-            attempt = row.attempt_count, correlation_id = %correlation);
+            attempt = row.attempt_count, correlation_id = tracing::field::Empty);
+        // Only rows that carry a correlation id get the field (no empty ones).
+        if let Some(correlation) = row.headers.get("correlation-id").and_then(|v| v.as_str()) {
+            span.record("correlation_id", correlation);
+        }
+        let facts = RowFacts::of(&row, self.config.retry.max_attempts);
         let outcome = self.decide(row, None).instrument(span).await;
+        let facts = matches!(outcome, Outcome::Retry { .. } | Outcome::Bury { .. })
+            .then(|| Box::new(facts));
         Finished {
             lease,
             outcome,
             ordered,
+            facts,
             permit,
         }
     }
 
+    /// Runs a row ([`Inner::decide_unmetered`]) and counts the attempt and
+    /// its outcome under the row's app and topic.
     async fn decide(&self, row: ClaimedEvent, claim_tx: Option<ClaimTx>) -> Outcome {
+        let meter = self
+            .topic_metrics
+            .of(&self.pool, row.app_id, &row.topic)
+            .await;
+        meter.claimed.increment(1);
+        let outcome = self.decide_unmetered(row, claim_tx, &meter).await;
+        match &outcome {
+            Outcome::Done | Outcome::Reply { ok: true, .. } => meter.completed.increment(1),
+            Outcome::Retry { .. } => meter.retried.increment(1),
+            Outcome::Bury { .. } => meter.dead_lettered.increment(1),
+            Outcome::Snooze(_) | Outcome::Reply { ok: false, .. } => {}
+        }
+        outcome
+    }
+
+    async fn decide_unmetered(
+        &self,
+        row: ClaimedEvent,
+        claim_tx: Option<ClaimTx>,
+        meter: &TopicHandles,
+    ) -> Outcome {
         let retry = &self.config.retry;
         let max = row.max_attempts.unwrap_or(retry.max_attempts as i32);
         if row.attempt_count > max {
@@ -1011,7 +1062,8 @@ impl Inner {
         let started_at = chrono::Utc::now();
         let run = AssertUnwindSafe(handler.handle(event)).catch_unwind();
         let result = tokio::time::timeout(self.config.handler_timeout, run).await;
-        metrics::histogram!("outboxd_handler_duration_seconds")
+        meter
+            .handler_duration
             .record(started.elapsed().as_secs_f64());
         if let Some(reply_to) = row.reply_to.clone() {
             // A synchronous caller waits: answer it, success or not; no retries.
@@ -1119,13 +1171,16 @@ impl Inner {
             }
         }
         let completed = store::complete(&self.pool, &done).await?.len() + answered;
-        let rescheduled = store::reschedule(&self.pool, &later).await?.len();
-        let dead_lettered = if buried.is_empty() {
-            0
+        let rescheduled_ids = store::reschedule(&self.pool, &later).await?;
+        let rescheduled = rescheduled_ids.len();
+        let dead_lettered_ids = if buried.is_empty() {
+            Vec::new()
         } else {
             let mut conn = self.pool.acquire().await?;
-            store::dead_letter(&mut conn, &buried).await?.len()
+            store::dead_letter(&mut conn, &buried).await?
         };
+        let dead_lettered = dead_lettered_ids.len();
+        self.log_failures(finished, &rescheduled_ids, &dead_lettered_ids);
         let expected = finished.len();
         let fenced = expected - completed - rescheduled - dead_lettered;
         if fenced > 0 {
@@ -1134,10 +1189,6 @@ impl Inner {
                 "outcomes refused: the lease was taken over (row ran too long or lost its connection)"
             );
         }
-        metrics::counter!("outboxd_completed_total").increment(completed as u64);
-        metrics::counter!("outboxd_retried_total")
-            .increment((rescheduled - snoozed.min(rescheduled)) as u64);
-        metrics::counter!("outboxd_dead_lettered_total").increment(dead_lettered as u64);
         metrics::counter!("outboxd_fenced_total").increment(fenced as u64);
         if finished.iter().any(|f| f.ordered) {
             // The next row of the key is claimable now; do not wait for the poll.
@@ -1151,6 +1202,23 @@ impl Inner {
             dead_lettered,
             fenced,
         })
+    }
+
+    /// Logs the failures that were written (a fenced outcome changed nothing,
+    /// so it is not logged as a retry or a dead letter).
+    fn log_failures(&self, finished: &[Finished], rescheduled: &[Uuid], dead_lettered: &[Uuid]) {
+        for f in finished {
+            let Some(facts) = &f.facts else { continue };
+            match &f.outcome {
+                Outcome::Retry { delay, error } if rescheduled.contains(&f.lease.id) => {
+                    self.failures.retry_scheduled(facts, error, *delay);
+                }
+                Outcome::Bury { error } if dead_lettered.contains(&f.lease.id) => {
+                    self.failures.dead_lettered(facts, error);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Writes outcomes as they arrive, batching whatever is waiting: failures

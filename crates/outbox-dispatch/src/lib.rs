@@ -36,10 +36,12 @@
 
 pub mod dispatcher;
 mod error;
+mod failure_log;
 pub mod handler;
 pub mod maintenance;
 pub mod retry;
 pub mod targets;
+pub mod telemetry;
 
 pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport, NO_HANDLER};
 pub use error::Error;

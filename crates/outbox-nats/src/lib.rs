@@ -97,3 +97,46 @@ pub async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
             source,
         })
 }
+
+/// Describes the relay's and the consumer runtime's metrics (the exporter
+/// prints these as `# HELP`). Call once, after installing a recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_histogram!(
+        "outboxd_publish_duration_seconds",
+        metrics::Unit::Seconds,
+        "JetStream publish time, until the PubAck."
+    );
+    describe_counter!(
+        "outboxd_published_total",
+        "Events relayed to JetStream (PubAck received)."
+    );
+    describe_counter!(
+        "outboxd_published_duplicates_total",
+        "Relayed events the stream had already (dropped by its duplicate window)."
+    );
+    describe_counter!(
+        "outboxd_consumer_consumed_total",
+        "Messages the consumer runtime handled and acked."
+    );
+    describe_counter!(
+        "outboxd_consumer_retried_total",
+        "Messages nak'ed for redelivery."
+    );
+    describe_counter!(
+        "outboxd_consumer_dead_lettered_total",
+        "Messages given up and written to dead_letters."
+    );
+    describe_counter!(
+        "outboxd_consumer_poisoned_total",
+        "Unknown or undecodable messages, terminated."
+    );
+    describe_counter!(
+        "outboxd_consumer_tenant_rejected_total",
+        "Messages whose tenant header disagreed with the subject, terminated."
+    );
+    describe_counter!(
+        "outboxd_consumer_deduped_total",
+        "Messages skipped as already processed (de-duplication)."
+    );
+}

@@ -199,6 +199,7 @@ pub struct HttpSettings {
     pub listen: String,
     pub max_body_bytes: u64,
     pub public_url: String,
+    pub metrics_sample_secs: u64,
 }
 
 /// `[log]`.
@@ -445,6 +446,12 @@ impl Settings {
                 env_hint: env_hint("http.public_url"),
             });
         }
+        range(
+            "http.metrics_sample_secs",
+            self.http.metrics_sample_secs,
+            1,
+            3600,
+        )?;
         range(
             "http.max_body_bytes",
             self.http.max_body_bytes,

@@ -19,6 +19,39 @@ struct AppState {
     nats: Option<async_nats::Client>,
 }
 
+/// Histogram buckets for handler and publish durations, in seconds: from
+/// a millisecond to half a minute (handler_timeout's default is 30 s).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Installs the Prometheus recorder (histograms with buckets, so they can
+/// be summed across processes) and describes every metric outboxd exports.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    use anyhow::Context;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(DURATION_BUCKETS)
+        .context("setting histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    outbox_dispatch::telemetry::describe();
+    outbox_nats::describe_metrics();
+    metrics::describe_gauge!(
+        "outboxd_oldest_due_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest row that is due (0 when none), read at scrape time."
+    );
+    metrics::describe_gauge!(
+        "outboxd_dead_letters_unresolved",
+        "Unresolved dead letters per app, read at scrape time."
+    );
+    metrics::describe_gauge!(
+        "outboxd_table_dead_tuples",
+        "Dead tuples of outboxd's tables (PostgreSQL statistics), read at scrape time."
+    );
+    Ok(handle)
+}
+
 /// The router, for serving and for tests; `admin` adds the admin API and dashboard.
 pub fn router(
     pool: PgPool,

@@ -297,8 +297,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.filter)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&settings.log.filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // PostgreSQL's notices ("relation … already exists, skipping" on every
+    // migrate) are noise at info; a filter that names sqlx decides itself.
+    if !settings.log.filter.contains("sqlx")
+        && let Ok(directive) = "sqlx::postgres::notice=warn".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, not in log files
@@ -409,9 +416,7 @@ async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> 
             .await
             .context("migrating on start")?;
     }
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let metrics = http::install_metrics()?;
 
     let stop = CancellationToken::new();
     tokio::spawn({
@@ -513,7 +518,7 @@ async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> 
                 ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
             },
         ));
-        info!(url = %settings.nats.url, stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
+        info!(url = %redact_url(&settings.nats.url), stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
     }
     // The GC schedule and the cron scheduler run on the elected leader only.
     let (leader, leader_task) = outbox_dispatch::maintenance::leader::campaign(
@@ -535,6 +540,15 @@ async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> 
         let leader = leader.clone();
         async move { replayer.run(Some(leader), stop.cancelled_owned()).await }
     });
+    let sampler = outbox_dispatch::maintenance::Sampler::new(
+        pool.clone(),
+        Duration::from_secs(settings.http.metrics_sample_secs),
+    );
+    let sampler_task = tokio::spawn({
+        let stop = stop.clone();
+        let leader = leader.clone();
+        async move { sampler.run(Some(leader), stop.cancelled_owned()).await }
+    });
     let scheduler = outbox_dispatch::maintenance::Scheduler::new(pool.clone(), Default::default());
     let scheduler_task = tokio::spawn({
         let stop = stop.clone();
@@ -551,6 +565,7 @@ async fn run(settings: Settings, demo: bool, chaos: bool) -> anyhow::Result<()> 
     let _ = scheduler_task.await;
     let _ = sweeper_task.await;
     let _ = replayer_task.await;
+    let _ = sampler_task.await;
     let _ = leader_task.await;
     let _ = server.await;
     pool.close().await;

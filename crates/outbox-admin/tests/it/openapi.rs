@@ -178,7 +178,13 @@ impl Contract {
 }
 
 /// (method, documented path, concrete URI, token, body).
-type Call = (&'static str, &'static str, String, Option<String>, Option<Value>);
+type Call = (
+    &'static str,
+    &'static str,
+    String,
+    Option<String>,
+    Option<Value>,
+);
 
 #[tokio::test]
 async fn real_answers_match_the_documented_schemas() -> TestResult {

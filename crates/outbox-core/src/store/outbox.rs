@@ -670,6 +670,39 @@ pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
     .await?)
 }
 
+/// How many rows of one app and topic are in each state.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StateCounts {
+    /// The app's slug.
+    pub app: String,
+    /// The topic.
+    pub topic: String,
+    /// Due now and not leased.
+    pub due: i64,
+    /// Due later (delayed, or waiting for a retry's backoff), not leased.
+    pub scheduled: i64,
+    /// Leased: a handler is running it.
+    pub running: i64,
+}
+
+/// Rows per app, topic and state. It counts every row (a sequential scan),
+/// so one elected process samples it now and then, not every scrape.
+pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT a.slug AS app, o.topic,
+                count(*) FILTER (WHERE o.run_at <= now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
+                count(*) FILTER (WHERE o.run_at > now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())) AS scheduled,
+                count(*) FILTER (WHERE o.locked_until > now()) AS running
+         FROM outbox o JOIN apps a ON a.id = o.app_id
+         GROUP BY a.slug, o.topic
+         ORDER BY count(*) DESC",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::CLAIMED_COLUMNS;

@@ -5,10 +5,12 @@
 
 pub mod leader;
 pub mod replayer;
+pub mod sampler;
 pub mod scheduler;
 pub mod sweeper;
 
 pub use replayer::Replayer;
+pub use sampler::Sampler;
 pub use scheduler::Scheduler;
 pub use sweeper::Sweeper;
 

@@ -1554,3 +1554,197 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn logs_show_retries_and_dead_letters_without_noise() -> TestResult {
+    let db = TestDb::new().await?;
+    // Migrated once by hand: the automatic migration on start then has nothing to say.
+    assert!(run(outboxd(Some(&db.url)).arg("migrate"))?.status.success());
+    let mut cmd = tokio::process::Command::from(outboxd(Some(&db.url)));
+    cmd.env("OUTBOXD_LOG__FILTER", "info")
+        .env("JWT_SECRET", "0123456789abcdef0123456789abcdef0123")
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut stderr = child.stderr.take().ok_or("stderr")?;
+    let collected = tokio::spawn(async move {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all).await;
+        all
+    });
+    // Long enough for retries of one topic to repeat within a 10 s window.
+    let failing = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT (SELECT count(*) FROM dead_letters) >= 3
+                AND (SELECT count(*) FROM dead_letters WHERE topic = 'webhook.deliver') >= 2",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(failing, "the demo produced no failures");
+    let status = stop(&mut child).await?;
+    assert!(status.success(), "{status:?}");
+    let log = collected.await?;
+
+    let dead: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dead-lettered"))
+        .collect();
+    assert!(!dead.is_empty(), "{log}");
+    for line in &dead {
+        assert!(line.contains(" WARN "), "{line}");
+        for field in ["id=", "app_id=", "topic=", "attempts=", "error="] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retry scheduled"))
+        .collect();
+    assert!(!retries.is_empty(), "{log}");
+    assert!(
+        retries
+            .iter()
+            .all(|l| l.contains("next_run_at=") && l.contains("error=")),
+        "{retries:?}"
+    );
+    // One line per topic per 10 s: the run lasted less than two windows.
+    for topic in ["webhook.deliver", "email.send"] {
+        let lines = retries
+            .iter()
+            .filter(|l| l.contains(&format!("topic={topic} ")))
+            .count();
+        assert!(
+            lines <= 3,
+            "{topic}: {lines} retry lines in one run:\n{retries:#?}"
+        );
+    }
+    // No empty fields, no debug dumps, no migration chatter, no warning on a clean stop.
+    assert!(
+        !log.contains("correlation_id= ") && !log.contains("correlation_id=}"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("BatchReport {") && !log.contains("totals="),
+        "{log}"
+    );
+    assert!(!log.contains("already exists, skipping"), "{log}");
+    let after_stop = log
+        .split("shutdown signal received")
+        .nth(1)
+        .ok_or("no shutdown line")?;
+    assert!(
+        !after_stop
+            .lines()
+            .any(|l| l.contains(" WARN ") || l.contains(" ERROR ")),
+        "a clean stop warned:\n{after_stop}"
+    );
+    assert!(
+        !log.contains(&db.url),
+        "the database URL is never logged whole"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // More topics than the label cap: the rest are counted as "other".
+    let cap = outbox_dispatch::telemetry::MAX_LABELLED;
+    let events: Vec<outbox_core::NewEvent> = (0..cap + 5)
+        .map(|n| {
+            outbox_core::NewEvent::new(format!("t.{n}"), serde_json::json!({})).with_max_attempts(1)
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let (mut child, addr) = spawn_server(&db.url, &["run"]).await?;
+    let drained = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .is_ok_and(|n| n == (cap + 5) as i64)
+    })
+    .await;
+    assert!(drained, "every row was tried once");
+    let mut cmd = outboxd(Some(&db.url));
+    cmd.args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "later",
+        "--delay-ms",
+        "600000",
+    ]);
+    assert!(run(&mut cmd)?.status.success());
+    // The leader samples row states every second in the test configuration.
+    let sampled = wait_until(Duration::from_secs(20), || async {
+        http_get(&addr, "/metrics")
+            .await
+            .is_ok_and(|(_, m)| m.contains(r#"outboxd_rows_scheduled{app="shop",topic="later"} 1"#))
+    })
+    .await;
+    let (_, metrics) = http_get(&addr, "/metrics").await?;
+    let status = stop(&mut child).await?;
+    assert!(status.success());
+    assert!(sampled, "no row-state gauges:\n{metrics}");
+
+    // Every family has HELP and TYPE.
+    let families: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("outboxd_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name)
+        })
+        .collect();
+    assert!(families.len() >= 8, "{families:?}");
+    for family in &families {
+        assert!(
+            metrics.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}"
+        );
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "no TYPE for {family}"
+        );
+    }
+    // Counters carry app and topic; past the cap, topic is "other".
+    assert!(
+        metrics.contains(r#"outboxd_claimed_total{app="shop",topic="t.0"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outboxd_dead_lettered_total{app="shop",topic="other"}"#),
+        "{metrics}"
+    );
+    let labelled_topics = metrics
+        .lines()
+        .filter(|l| l.starts_with("outboxd_claimed_total{"))
+        .count();
+    assert!(
+        labelled_topics <= cap + 1,
+        "{labelled_topics} claimed series"
+    );
+    // Durations are histograms (they sum across processes), not summaries.
+    assert!(
+        metrics.contains("# TYPE outboxd_handler_duration_seconds histogram"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outboxd_handler_duration_seconds_bucket{"),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The dispatcher's metrics: their descriptions (`# HELP`), and counters and
+//! a handler-duration histogram labelled by app and topic. Label values are
+//! capped: past [`MAX_LABELLED`] distinct (app, topic) pairs new ones are
+//! counted under `topic="other"`, so a producer inventing topics cannot blow
+//! up the metrics' cardinality.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use metrics::{Counter, Histogram};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Distinct (app, topic) label pairs at most; further topics share `other`.
+pub const MAX_LABELLED: usize = 200;
+
+/// The `topic` label of everything past the cap.
+pub const OTHER: &str = "other";
+
+/// Describes every metric the dispatcher and its maintenance services
+/// export (the exporter prints these as `# HELP`). Call once, after
+/// installing a recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "outboxd_claimed_total",
+        "Rows claimed (attempts started), by app and topic."
+    );
+    describe_counter!(
+        "outboxd_completed_total",
+        "Rows whose handler succeeded, by app and topic."
+    );
+    describe_counter!(
+        "outboxd_retried_total",
+        "Failed attempts rescheduled with backoff, by app and topic."
+    );
+    describe_counter!(
+        "outboxd_dead_lettered_total",
+        "Rows moved to dead_letters, by app and topic."
+    );
+    describe_counter!(
+        "outboxd_fenced_total",
+        "Outcomes refused because another worker had taken the row's lease over."
+    );
+    describe_counter!(
+        "outboxd_abandoned_executions_total",
+        "Synchronous invocations whose caller had gone when the answer came."
+    );
+    describe_histogram!(
+        "outboxd_handler_duration_seconds",
+        metrics::Unit::Seconds,
+        "Handler run time, by app and topic."
+    );
+    describe_gauge!(
+        "outboxd_leader",
+        "1 while this process is the maintenance leader."
+    );
+    describe_counter!(
+        "outboxd_auto_replayed_total",
+        "Dead letters replayed by an automatic replay policy."
+    );
+    describe_counter!(
+        "outboxd_gc_deleted_total",
+        "Rows deleted by the GC sweeper, by table."
+    );
+    describe_counter!("outboxd_gc_runs_total", "GC sweeps run.");
+    describe_counter!("outboxd_gc_errors_total", "GC sweeps that failed.");
+    describe_histogram!(
+        "outboxd_gc_duration_seconds",
+        metrics::Unit::Seconds,
+        "GC sweep run time."
+    );
+    describe_counter!("outboxd_cron_fired_total", "Cron ticks enqueued.");
+    describe_gauge!(
+        "outboxd_rows_due",
+        "Rows due now and not leased, by app and topic (sampled by the leader)."
+    );
+    describe_gauge!(
+        "outboxd_rows_scheduled",
+        "Rows due later (delay or backoff), by app and topic (sampled by the leader)."
+    );
+    describe_gauge!(
+        "outboxd_rows_running",
+        "Leased rows (a handler runs them), by app and topic (sampled by the leader)."
+    );
+}
+
+/// One (app, topic)'s handles, looked up once and kept.
+pub(crate) struct TopicHandles {
+    pub claimed: Counter,
+    pub completed: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub handler_duration: Histogram,
+}
+
+impl TopicHandles {
+    fn new(app: &str, topic: &str) -> Self {
+        let labels = [("app", app.to_owned()), ("topic", topic.to_owned())];
+        Self {
+            claimed: metrics::counter!("outboxd_claimed_total", &labels),
+            completed: metrics::counter!("outboxd_completed_total", &labels),
+            retried: metrics::counter!("outboxd_retried_total", &labels),
+            dead_lettered: metrics::counter!("outboxd_dead_lettered_total", &labels),
+            handler_duration: metrics::histogram!("outboxd_handler_duration_seconds", &labels),
+        }
+    }
+}
+
+/// Labelled handles by (app id, topic), with app slugs looked up once.
+#[derive(Default)]
+pub(crate) struct TopicMetrics {
+    handles: RwLock<HashMap<(Uuid, String), Arc<TopicHandles>>>,
+    slugs: RwLock<HashMap<Uuid, String>>,
+    overflow: RwLock<HashMap<Uuid, Arc<TopicHandles>>>,
+}
+
+impl TopicMetrics {
+    /// The handles of `app_id`'s `topic`: a read lock and a hash lookup,
+    /// except the first time (one query for the app's slug).
+    pub async fn of(&self, pool: &PgPool, app_id: Uuid, topic: &str) -> Arc<TopicHandles> {
+        if let Some(found) = self
+            .handles
+            .read()
+            .ok()
+            .and_then(|h| h.get(&(app_id, topic.to_owned())).cloned())
+        {
+            return found;
+        }
+        let slug = self.slug(pool, app_id).await;
+        if self
+            .handles
+            .read()
+            .map_or(true, |h| h.len() >= MAX_LABELLED)
+        {
+            return self.overflow_of(app_id, &slug);
+        }
+        let Ok(mut handles) = self.handles.write() else {
+            return Arc::new(TopicHandles::new(&slug, OTHER));
+        };
+        if handles.len() >= MAX_LABELLED {
+            drop(handles);
+            return self.overflow_of(app_id, &slug);
+        }
+        handles
+            .entry((app_id, topic.to_owned()))
+            .or_insert_with(|| Arc::new(TopicHandles::new(&slug, topic)))
+            .clone()
+    }
+
+    fn overflow_of(&self, app_id: Uuid, slug: &str) -> Arc<TopicHandles> {
+        if let Some(found) = self
+            .overflow
+            .read()
+            .ok()
+            .and_then(|o| o.get(&app_id).cloned())
+        {
+            return found;
+        }
+        let handles = Arc::new(TopicHandles::new(slug, OTHER));
+        if let Ok(mut overflow) = self.overflow.write() {
+            overflow.entry(app_id).or_insert_with(|| handles.clone());
+        }
+        handles
+    }
+
+    async fn slug(&self, pool: &PgPool, app_id: Uuid) -> String {
+        if let Some(slug) = self.slugs.read().ok().and_then(|s| s.get(&app_id).cloned()) {
+            return slug;
+        }
+        // An app that cannot be looked up (database briefly away) is
+        // labelled by its id this time and looked up again next time.
+        match outbox_core::store::apps::by_id(pool, app_id).await {
+            Ok(app) => {
+                if let Ok(mut slugs) = self.slugs.write() {
+                    slugs.insert(app_id, app.slug.clone());
+                }
+                app.slug
+            }
+            Err(_) => app_id.to_string(),
+        }
+    }
+}
