@@ -841,6 +841,20 @@ async fn accounts_page(State(state): State<AdminState>, session: Session) -> Res
     page("Accounts", &body).into_response()
 }
 
+/// An instance admin's form: read, CSRF-checked, and refused to anyone else.
+async fn admin_form(
+    state: &AdminState,
+    session: &Session,
+    req: Request,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let form = form(req, state.body_limit).await?;
+    check_csrf(session, &form)?;
+    if !session.principal.user.is_admin {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(form)
+}
+
 /// An instance admin's action on a user, from the accounts page.
 async fn account_action(
     State(state): State<AdminState>,
@@ -849,11 +863,7 @@ async fn account_action(
     req: Request,
 ) -> Response {
     let result = async {
-        let form = form(req, state.body_limit).await?;
-        check_csrf(&session, &form)?;
-        if !session.principal.user.is_admin {
-            return Err(ApiError::Forbidden);
-        }
+        let form = admin_form(&state, &session, req).await?;
         match action.as_str() {
             "revoke-sessions" => {
                 accounts::revoke_sessions(&state.pool, &user).await?;
@@ -889,11 +899,7 @@ async fn revoke_key(
     req: Request,
 ) -> Response {
     let result = async {
-        let form = form(req, state.body_limit).await?;
-        check_csrf(&session, &form)?;
-        if !session.principal.user.is_admin {
-            return Err(ApiError::Forbidden);
-        }
+        admin_form(&state, &session, req).await?;
         accounts::revoke_api_key(&state.pool, &prefix).await?;
         Ok("/admin/accounts".to_owned())
     }

@@ -669,3 +669,109 @@ async fn dashboard_pages_send_security_headers_and_sign_in_needs_its_csrf_token(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_accounts_page_lists_and_acts_for_instance_admins_only() -> TestResult {
+    let w = World::new().await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let session = |email: &'static str| w.dashboard_session(email);
+    let get = |jar: String| {
+        let app = app();
+        async move {
+            let res = app
+                .oneshot(
+                    Request::get("/admin/accounts")
+                        .header(header::COOKIE, jar)
+                        .body(Body::empty())?,
+                )
+                .await?;
+            let status = res.status();
+            let body = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+            Ok::<_, Box<dyn std::error::Error>>((
+                status,
+                String::from_utf8_lossy(&body).into_owned(),
+            ))
+        }
+    };
+    let post = |jar: String, uri: String, body: String| {
+        let app = app();
+        async move {
+            let req = Request::post(uri)
+                .header(header::COOKIE, jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))?;
+            Ok::<_, Box<dyn std::error::Error>>(app.oneshot(req).await?.status())
+        }
+    };
+    let (root_jar, root_csrf) = session("root@x.io").await?;
+    let (status, page) = get(root_jar.clone()).await?;
+    assert_eq!(status, StatusCode::OK);
+    for email in ["root@x.io", "viewer@x.io", "operator@x.io"] {
+        assert!(page.contains(&format!(r#"data-user="{email}""#)), "{page}");
+    }
+    let (viewer_jar, viewer_csrf) = session("viewer@x.io").await?;
+    assert_eq!(get(viewer_jar.clone()).await?.0, StatusCode::FORBIDDEN);
+    let viewer = principals::user_by_email(&w.db.pool, "viewer@x.io")
+        .await?
+        .ok_or("viewer")?;
+    // A viewer cannot act, even with its own valid CSRF token.
+    let uri = format!("/admin/accounts/{}/revoke-sessions", viewer.id);
+    assert_eq!(
+        post(
+            viewer_jar.clone(),
+            uri.clone(),
+            format!("csrf={viewer_csrf}")
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    // The admin signs the viewer out everywhere.
+    assert_eq!(
+        post(root_jar.clone(), uri, format!("csrf={root_csrf}")).await?,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        get(viewer_jar).await?.0,
+        StatusCode::SEE_OTHER,
+        "the viewer's cookie now leads to /login"
+    );
+    // Deleting asks for confirmation; the last instance admin stays.
+    let delete = format!("/admin/accounts/{}/delete", viewer.id);
+    assert_eq!(
+        post(
+            root_jar.clone(),
+            delete.clone(),
+            format!("csrf={root_csrf}")
+        )
+        .await?,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        post(
+            root_jar.clone(),
+            delete,
+            format!("csrf={root_csrf}&confirm=yes")
+        )
+        .await?,
+        StatusCode::SEE_OTHER
+    );
+    assert!(
+        principals::user_by_email(&w.db.pool, "viewer@x.io")
+            .await?
+            .is_none()
+    );
+    let root = principals::user_by_email(&w.db.pool, "root@x.io")
+        .await?
+        .ok_or("root")?;
+    let delete_root = format!("/admin/accounts/{}/delete", root.id);
+    assert_eq!(
+        post(
+            root_jar,
+            delete_root,
+            format!("csrf={root_csrf}&confirm=yes")
+        )
+        .await?,
+        StatusCode::CONFLICT
+    );
+    Ok(())
+}

@@ -110,6 +110,39 @@ impl World {
         self.call_raw(method, uri, token, bytes).await
     }
 
+    /// Signs in through the dashboard's form; returns the cookie jar and the
+    /// session's CSRF token.
+    async fn dashboard_session(
+        &self,
+        email: &str,
+    ) -> Result<(String, String), Box<dyn std::error::Error>> {
+        let login = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
+            .body(Body::from(format!(
+                "csrf={PRE_LOGIN_CSRF}&email={}&password={}",
+                urlencode(email),
+                urlencode(PASSWORD)
+            )))?;
+        let res = outbox_admin::router(self.state.clone())
+            .oneshot(login)
+            .await?;
+        let cookies: Vec<String> = res
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|c| c.split(';').next())
+            .map(str::to_owned)
+            .collect();
+        let csrf = cookies
+            .iter()
+            .find_map(|c| c.strip_prefix("outboxd_csrf="))
+            .unwrap_or_default()
+            .to_owned();
+        Ok((cookies.join("; "), csrf))
+    }
+
     async fn login(&self, email: &str) -> Result<String, Box<dyn std::error::Error>> {
         self.login_with(email, PASSWORD).await
     }
@@ -936,38 +969,7 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
 async fn the_triggers_page_creates_lists_and_disables_with_csrf_and_roles() -> TestResult {
     let w = World::new().await?;
     let app = || outbox_admin::router(w.state.clone());
-    let session = |email: &'static str| {
-        let app = app();
-        async move {
-            let login = Request::post("/login")
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
-                .body(Body::from(format!(
-                    "csrf={PRE_LOGIN_CSRF}&email={}&password={}",
-                    urlencode(email),
-                    urlencode(PASSWORD)
-                )))?;
-            let res = app.oneshot(login).await?;
-            let cookies: Vec<String> = res
-                .headers()
-                .get_all(header::SET_COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok().map(str::to_owned))
-                .collect();
-            let jar = cookies
-                .iter()
-                .filter_map(|c| c.split(';').next())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let csrf = cookies
-                .iter()
-                .find_map(|c| c.strip_prefix("outboxd_csrf="))
-                .and_then(|c| c.split(';').next())
-                .unwrap_or_default()
-                .to_owned();
-            Ok::<_, Box<dyn std::error::Error>>((jar, csrf))
-        }
-    };
+    let session = |email: &'static str| w.dashboard_session(email);
     let post = |jar: String, uri: String, body: String| {
         let app = app();
         async move {

@@ -63,8 +63,9 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// The columns of [`User`], in its field order.
-pub(crate) const USER_COLUMNS: &str = "id, email, password_hash, is_admin, created_at";
+/// The columns of [`User`], in its field order (`sessions::user_of` names
+/// them too).
+const USER_COLUMNS: &str = "id, email, password_hash, is_admin, created_at";
 
 /// Creates a user; the e-mail is stored lower-case.
 pub async fn create_user<'e>(

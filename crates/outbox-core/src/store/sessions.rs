@@ -7,7 +7,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::store::principals::{USER_COLUMNS, User};
+use crate::store::principals::User;
 
 /// Opens a session for `user_id` until `expires_at`; returns its id. Expired
 /// sessions of the same user are removed on the way, so the table stays as
@@ -34,15 +34,14 @@ pub async fn user_of<'e>(
     session_id: Uuid,
     user_id: Uuid,
 ) -> Result<Option<User>, Error> {
-    let columns = USER_COLUMNS
-        .split(", ")
-        .map(|c| format!("u.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    Ok(sqlx::query_as(&format!(
-        "SELECT {columns} FROM sessions s JOIN users u ON u.id = s.user_id
-         WHERE s.id = $1 AND s.user_id = $2 AND s.expires_at > now()"
-    ))
+    // The user's columns in `User`'s order (see `principals::USER_COLUMNS`).
+    Ok(sqlx::query_as(
+        "SELECT u.id, u.email, u.password_hash, u.is_admin, u.created_at
+         FROM users u
+         WHERE u.id = $2
+           AND EXISTS (SELECT 1 FROM sessions s
+                       WHERE s.id = $1 AND s.user_id = $2 AND s.expires_at > now())",
+    )
     .bind(session_id)
     .bind(user_id)
     .fetch_optional(db)

@@ -98,13 +98,13 @@ pub struct BenchArgs {
     /// Write results.csv, series.csv, SVG charts (and plans.txt) here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-    /// Run only these scenarios (comma-separated: enqueue, drain, latency,
+    /// Run only these scenarios (comma-separated: auth, enqueue, drain, latency,
     /// steady, bloat, backlog, relay, scale-out); the raw drain baseline
     /// always runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "enqueue,drain,latency,steady,bloat,backlog,relay,scale-out"
+        default_value = "auth,enqueue,drain,latency,steady,bloat,backlog,relay,scale-out"
     )]
     scenarios: Vec<String>,
 }
@@ -117,6 +117,7 @@ const RAW_DELETE: &str = "DELETE FROM outbox WHERE id IN (
     ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)";
 
 const KNOWN: &[&str] = &[
+    "auth",
     "enqueue",
     "drain",
     "latency",
@@ -690,6 +691,35 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // No-op handlers: one process already drives PostgreSQL to its limit on
     // this machine. I/O-bound handlers with a per-process concurrency: the
     // processes, not the database, are the limit, which is when adding one helps.
+    // (i) what authenticating an API request costs now that a token is
+    // checked against its session row, next to the user lookup a token
+    // needed before: alone, and within the database work of a typical
+    // request (role check and an unresolved count); rounds in turn, 4
+    // callers at once.
+    if wants("auth") {
+        let checks = (args.enqueue_rows as usize).clamp(100, 20_000);
+        let rates = auth_rates(&pool, app, checks, args.drain_rounds as usize).await?;
+        for (what, unit, [before, after]) in [
+            ("authentication", "checks/s", rates[0]),
+            ("request (auth, role, count)", "requests/s", rates[1]),
+        ] {
+            figures.push(fig(
+                "auth",
+                format!("{what}: token + user lookup (before sessions)"),
+                before,
+                unit,
+                None,
+            ));
+            figures.push(fig(
+                "auth",
+                format!("{what}: token + session lookup"),
+                after,
+                unit,
+                Some((before, "before sessions")),
+            ));
+        }
+    }
+
     if wants("scale-out") {
         let io_bound = load::WorkerLoad {
             handler_ms: args.scale_handler_ms,
@@ -866,6 +896,66 @@ impl ScratchDatabase {
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
+/// Per second, [before, after] sessions: token checks alone, and the
+/// database work of a typical request (authentication, the caller's role on
+/// `app`, an unresolved dead-letter count). Medians of `rounds` rounds taken
+/// in turn, with 4 callers at once.
+async fn auth_rates(
+    pool: &PgPool,
+    app: uuid::Uuid,
+    checks: usize,
+    rounds: usize,
+) -> anyhow::Result<[[f64; 2]; 2]> {
+    use outbox_core::store::{dead_letters, principals};
+    let auth = outbox_admin::AuthConfig::new(vec![7u8; 32]).map_err(anyhow::Error::msg)?;
+    let email = format!("bench-{}@x.io", uuid::Uuid::new_v4().simple());
+    let user = principals::create_user(pool, &email, "not a hash", false).await?;
+    principals::set_role(pool, app, user.id, principals::Role::Viewer).await?;
+    let issued = outbox_admin::auth::open_session(pool, &auth, user.id).await?;
+    // [with sessions][whole request]
+    let mut rates: [[Vec<f64>; 2]; 2] = Default::default();
+    for _ in 0..rounds.max(1) {
+        for whole in [false, true] {
+            for with_session in [false, true] {
+                let started = std::time::Instant::now();
+                let mut callers = tokio::task::JoinSet::new();
+                for _ in 0..4 {
+                    let (pool, auth, token) = (pool.clone(), auth.clone(), issued.token.clone());
+                    callers.spawn(async move {
+                        for _ in 0..checks / 4 {
+                            let user = if with_session {
+                                outbox_admin::auth::authenticate(&pool, &auth, &token)
+                                    .await?
+                                    .user
+                            } else {
+                                let (id, _) = outbox_admin::auth::verify_token(&auth, &token)?;
+                                principals::user_by_id(&pool, id)
+                                    .await?
+                                    .ok_or(outbox_admin::ApiError::Unauthorized)?
+                            };
+                            if whole {
+                                principals::role_on(&pool, app, user.id).await?;
+                                dead_letters::count_unresolved(&pool, app).await?;
+                            }
+                        }
+                        Ok::<_, outbox_admin::ApiError>(())
+                    });
+                }
+                while let Some(done) = callers.join_next().await {
+                    done?.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                let rate = (checks / 4 * 4) as f64 / started.elapsed().as_secs_f64();
+                rates[usize::from(whole)][usize::from(with_session)].push(rate);
+            }
+        }
+    }
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(user.id)
+        .execute(pool)
+        .await?;
+    Ok(rates.map(|pair| pair.map(median)))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
