@@ -21,7 +21,8 @@ use crate::error::ApiError;
 const SESSION_COOKIE: &str = "outboxd_session";
 const CSRF_COOKIE: &str = "outboxd_csrf";
 
-/// The dashboard routes, each answer carrying [`security_headers`].
+/// The dashboard routes; every answer carries the security headers (CSP,
+/// nosniff, no-referrer, no-store).
 pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/apps") }))

@@ -1,9 +1,10 @@
 //! `outboxd`: the transactional-outbox dispatcher as a daemon and CLI.
 //!
 //! Layout: [`config`] (layered settings), [`http`] (health, readiness,
-//! metrics), [`demo`] (the demo workload), [`mod@bench`] (the benchmark
-//! command), [`chaos`] (the fault-injection handlers); this file parses the
-//! command line and wires the pieces together.
+//! metrics), [`commands`] (the operator commands, one file per noun),
+//! [`demo`] (the demo workload), [`mod@bench`] (the benchmark command),
+//! [`chaos`] (the fault-injection handlers); this file parses the command
+//! line, runs the daemon and wires the pieces together.
 
 mod bench;
 mod chaos;
@@ -12,25 +13,25 @@ mod config;
 mod demo;
 mod http;
 
-use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
-use outbox_core::store::{apps, dead_letters};
-use outbox_core::{NewEvent, Source};
+use clap::{Parser, Subcommand};
+use outbox_core::store::apps;
 use outbox_dispatch::{Dispatcher, Registry};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use uuid::Uuid;
 
 use crate::commands::accounts::{ApiKeyCommand, UserCommand};
+use crate::commands::apps::AppCommand;
 use crate::commands::dead_letters::DeadLetterCommand;
+use crate::commands::enqueue::EnqueueArgs;
+use crate::commands::triggers::TriggerCommand;
 use crate::config::Settings;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
@@ -101,150 +102,6 @@ enum Command {
     /// A dispatcher for the benchmark's scale-out scenario.
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
-}
-
-#[derive(Debug, Args)]
-struct EnqueueArgs {
-    /// App slug.
-    #[arg(long)]
-    app: String,
-    /// Topic.
-    #[arg(long)]
-    topic: String,
-    /// JSON payload; read from standard input when absent and stdin is not a
-    /// terminal. Empty input means `{}`.
-    #[arg(long)]
-    payload: Option<String>,
-    /// Not due before this many milliseconds from now.
-    #[arg(long)]
-    delay_ms: Option<u64>,
-    /// Idempotency key.
-    #[arg(long)]
-    idempotency_key: Option<String>,
-    /// Ordering key.
-    #[arg(long)]
-    ordering_key: Option<String>,
-    /// Attempts before dead-lettering.
-    #[arg(long)]
-    max_attempts: Option<i32>,
-    /// Source (queue, pubsub, ...).
-    #[arg(long, default_value = "queue")]
-    source: String,
-}
-
-#[derive(Debug, Subcommand)]
-enum AppCommand {
-    /// Create an app (or show the existing one with this slug).
-    Create {
-        /// URL-safe identifier: a-z, 0-9, '_' and '-'.
-        slug: String,
-        /// Display name (defaults to the slug).
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// List apps.
-    List,
-    /// Suspend an app: its outbox rows wait and its NATS messages are dead-lettered.
-    Suspend {
-        /// App slug.
-        slug: String,
-    },
-    /// Resume a suspended app.
-    Resume {
-        /// App slug.
-        slug: String,
-    },
-    /// Replay an app's dead letters automatically: after --delay-secs, doubling per round, --rounds times.
-    ReplayPolicy {
-        /// App slug.
-        slug: String,
-        /// Only this topic.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Only this source.
-        #[arg(long)]
-        source: Option<String>,
-        /// Quarantine before the first replay, in seconds.
-        #[arg(long)]
-        delay_secs: u32,
-        /// Replays before the dead letter waits for an operator.
-        #[arg(long)]
-        rounds: u32,
-    },
-    /// Set an app's own dead-letter retention in days ("default" for the global setting).
-    Retention {
-        /// App slug.
-        slug: String,
-        /// Days (1..=3650) or "default".
-        days: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum TriggerCommand {
-    /// List an app's triggers.
-    List {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-    },
-    /// Create a trigger: give exactly one of --kv, --cron, --dead-letter.
-    Create {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Unique name within the app.
-        #[arg(long)]
-        name: String,
-        /// The handler that runs the trigger's rows.
-        #[arg(long)]
-        target: String,
-        /// KV trigger on collections matching this glob: "*", "prefix:*" or an exact name.
-        #[arg(long)]
-        kv: Option<String>,
-        /// Operations of a KV trigger.
-        #[arg(long, value_delimiter = ',', default_value = "put,delete")]
-        ops: Vec<String>,
-        /// Cron trigger with this schedule (5 fields, or 6 with seconds).
-        #[arg(long)]
-        cron: Option<String>,
-        /// The IANA time zone a cron schedule is read in.
-        #[arg(long, default_value = "UTC")]
-        timezone: String,
-        /// Dead-letter trigger.
-        #[arg(long)]
-        dead_letter: bool,
-        /// Dead-letter trigger: only these topics.
-        #[arg(long, value_delimiter = ',')]
-        topics: Vec<String>,
-        /// Dead-letter trigger: only these sources.
-        #[arg(long, value_delimiter = ',')]
-        sources: Vec<String>,
-    },
-    /// Enable a trigger.
-    Enable {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Trigger id.
-        id: String,
-    },
-    /// Disable a trigger.
-    Disable {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Trigger id.
-        id: String,
-    },
-    /// Delete a trigger.
-    Delete {
-        /// App slug.
-        #[arg(long)]
-        app: String,
-        /// Trigger id.
-        id: String,
-    },
 }
 
 /// A dispatched event makes dozens of small, short-lived allocations across
@@ -334,13 +191,13 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Run { demo, chaos } => run(settings, demo, chaos).await,
         Command::Demo => run(settings, true, false).await,
         Command::Consume => consume(settings).await,
-        Command::Enqueue(args) => enqueue(settings, args).await,
-        Command::App(cmd) => app(settings, cmd).await,
+        Command::Enqueue(args) => commands::enqueue::run(settings, args).await,
+        Command::App(cmd) => commands::apps::run(settings, cmd).await,
         Command::DeadLetters(cmd) => commands::dead_letters::run(settings, cmd).await,
         Command::User(cmd) => commands::accounts::user(settings, cmd).await,
         Command::ApiKey(cmd) => commands::accounts::api_key(settings, cmd).await,
-        Command::Trigger(cmd) => trigger_command(settings, cmd).await,
-        Command::Gc { once } => gc(settings, once).await,
+        Command::Trigger(cmd) => commands::triggers::run(settings, cmd).await,
+        Command::Gc { once } => commands::gc::run(settings, once).await,
         Command::Bench(args) => bench::run(settings, args).await,
         Command::BenchWorker(args) => bench::worker(settings, args).await,
     }
@@ -388,7 +245,7 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -611,198 +468,6 @@ async fn consume(settings: Settings) -> anyhow::Result<()> {
         },
     );
     runtime.run(shutdown_signal()).await?;
-    Ok(())
-}
-
-async fn gc(settings: Settings, once: bool) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    let sweeper = outbox_dispatch::maintenance::Sweeper::new(pool, settings.sweeper_config());
-    if !once {
-        sweeper.run(None, shutdown_signal()).await;
-        return Ok(());
-    }
-    let report = sweeper.run_once().await.context("gc sweep")?;
-    println!(
-        "deleted {} dead letters (older than {} days), {} abandoned executions (older than {} days), {} expired de-duplication records",
-        report.dead_letters,
-        settings.dead_letter_retention_days,
-        report.abandoned_executions,
-        settings.abandoned_executions_retention_days,
-        report.processed_messages
-    );
-    Ok(())
-}
-
-async fn trigger_command(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> {
-    use outbox_core::store::triggers::{self, TriggerSpec};
-    let pool = connect(&settings).await?;
-    let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
-    match cmd {
-        TriggerCommand::List { app } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            for t in triggers::list(&pool, app.id).await? {
-                let detail = t
-                    .collection_glob
-                    .map(|g| format!("collection {g} ops {}", t.ops.unwrap_or_default().join(",")))
-                    .or(t.schedule.map(|s| format!("cron {s}")))
-                    .unwrap_or_default();
-                println!(
-                    "{}\t{}\t{}\t{}\t{}\t{detail}",
-                    t.id,
-                    t.kind,
-                    t.name,
-                    if t.enabled { "enabled" } else { "disabled" },
-                    t.target
-                );
-            }
-        }
-        TriggerCommand::Create {
-            app,
-            name,
-            target,
-            kv,
-            ops,
-            cron,
-            timezone,
-            dead_letter,
-            topics,
-            sources,
-        } => {
-            let spec = match (kv, cron, dead_letter) {
-                (Some(collection), None, false) => TriggerSpec::Kv { collection, ops },
-                (None, Some(schedule), false) => TriggerSpec::Cron { schedule, timezone },
-                (None, None, true) => TriggerSpec::DeadLetter {
-                    sources,
-                    topics,
-                    trigger_ids: Vec::new(),
-                },
-                _ => bail!("give exactly one of --kv, --cron, --dead-letter"),
-            };
-            let app = apps::by_slug(&pool, &app).await?;
-            let mut tx = pool.begin().await?;
-            let id = triggers::create(&mut tx, app.id, &name, &target, Some("cli"), &spec).await?;
-            tx.commit().await?;
-            println!("{id}");
-        }
-        TriggerCommand::Enable { app, id } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            triggers::set_enabled(&pool, app.id, parse_id(&id)?, true).await?;
-            println!("enabled");
-        }
-        TriggerCommand::Disable { app, id } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            triggers::set_enabled(&pool, app.id, parse_id(&id)?, false).await?;
-            println!("disabled");
-        }
-        TriggerCommand::Delete { app, id } => {
-            let app = apps::by_slug(&pool, &app).await?;
-            triggers::delete(&pool, app.id, parse_id(&id)?).await?;
-            println!("deleted");
-        }
-    }
-    Ok(())
-}
-
-async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
-    let payload_text = match args.payload {
-        Some(p) => p,
-        None if !std::io::stdin().is_terminal() => {
-            let mut buf = String::new();
-            std::io::stdin()
-                .read_to_string(&mut buf)
-                .context("reading the payload from standard input")?;
-            buf
-        }
-        None => "{}".to_owned(),
-    };
-    let payload: serde_json::Value = if payload_text.trim().is_empty() {
-        serde_json::json!({})
-    } else {
-        serde_json::from_str(payload_text.trim()).context("the payload is not valid JSON")?
-    };
-    let source: Source = args.source.parse()?;
-    let mut event = NewEvent::new(args.topic, payload).with_source(source);
-    if let Some(ms) = args.delay_ms {
-        let delay = chrono::Duration::try_milliseconds(ms as i64)
-            .filter(|d| *d <= chrono::Duration::days(3650))
-            .context("--delay-ms must be at most ten years")?;
-        event = event.with_run_at(chrono::Utc::now() + delay);
-    }
-    event.idempotency_key = args.idempotency_key;
-    event.ordering_key = args.ordering_key;
-    event.max_attempts = args.max_attempts;
-    event.validate()?;
-    let pool = connect(&settings).await?;
-    let app = apps::by_slug(&pool, &args.app).await?;
-    let mut tx = pool.begin().await?;
-    let id = outbox_core::enqueue(&mut tx, app.id, &event).await?;
-    tx.commit().await?;
-    println!("{id}");
-    Ok(())
-}
-
-async fn app(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
-    let pool = connect(&settings).await?;
-    match cmd {
-        AppCommand::Create { slug, name } => {
-            let name = name.unwrap_or_else(|| slug.clone());
-            let app = apps::ensure(&pool, &slug, &name).await?;
-            println!("{}\t{}", app.id, app.slug);
-        }
-        AppCommand::List => {
-            for app in apps::list(&pool).await? {
-                let state = if app.suspended_at.is_some() {
-                    "suspended"
-                } else {
-                    "active"
-                };
-                println!("{}\t{}\t{}\t{state}", app.id, app.slug, app.name);
-            }
-        }
-        AppCommand::Suspend { slug } => {
-            apps::set_suspended(&pool, &slug, true).await?;
-            println!("{slug} suspended");
-        }
-        AppCommand::Resume { slug } => {
-            apps::set_suspended(&pool, &slug, false).await?;
-            println!("{slug} resumed");
-        }
-        AppCommand::ReplayPolicy {
-            slug,
-            topic,
-            source,
-            delay_secs,
-            rounds,
-        } => {
-            let app = apps::by_slug(&pool, &slug).await?;
-            dead_letters::set_replay_policy(
-                &pool,
-                app.id,
-                source.as_deref(),
-                topic.as_deref(),
-                delay_secs,
-                rounds,
-            )
-            .await?;
-            println!(
-                "{slug}: dead letters replay after {delay_secs}s, doubling, {rounds} round(s)"
-            );
-        }
-        AppCommand::Retention { slug, days } => {
-            let days = match days.as_str() {
-                "default" => None,
-                n => Some(
-                    n.parse::<u32>()
-                        .with_context(|| format!("{n:?} is not a number of days or \"default\""))?,
-                ),
-            };
-            outbox_core::store::retention::set_app_retention(&pool, &slug, days).await?;
-            println!(
-                "{slug}: dead letters kept {}",
-                days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
-            );
-        }
-    }
     Ok(())
 }
 

@@ -3,7 +3,11 @@
 //! the library crates, shared with the admin API and the dashboard.
 
 pub mod accounts;
+pub mod apps;
 pub mod dead_letters;
+pub mod enqueue;
+pub mod gc;
+pub mod triggers;
 
 /// Shortens `text` to at most `max` characters at a word boundary, marking
 /// the cut with an ellipsis (never half a word, unless one word is longer

@@ -1,0 +1,122 @@
+//! `outboxd app …`: apps (tenants), their suspension, replay policy and retention.
+
+use anyhow::Context;
+use clap::Subcommand;
+use outbox_core::store::{apps, dead_letters};
+
+use crate::config::Settings;
+
+/// `outboxd app …`.
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Create an app (or show the existing one with this slug).
+    Create {
+        /// URL-safe identifier: a-z, 0-9, '_' and '-'.
+        slug: String,
+        /// Display name (defaults to the slug).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List apps.
+    List,
+    /// Suspend an app: its outbox rows wait and its NATS messages are dead-lettered.
+    Suspend {
+        /// App slug.
+        slug: String,
+    },
+    /// Resume a suspended app.
+    Resume {
+        /// App slug.
+        slug: String,
+    },
+    /// Replay an app's dead letters automatically: after --delay-secs, doubling per round, --rounds times.
+    ReplayPolicy {
+        /// App slug.
+        slug: String,
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Quarantine before the first replay, in seconds.
+        #[arg(long)]
+        delay_secs: u32,
+        /// Replays before the dead letter waits for an operator.
+        #[arg(long)]
+        rounds: u32,
+    },
+    /// Set an app's own dead-letter retention in days ("default" for the global setting).
+    Retention {
+        /// App slug.
+        slug: String,
+        /// Days (1..=3650) or "default".
+        days: String,
+    },
+}
+
+/// Runs `outboxd app …`.
+pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
+    let pool = crate::connect(&settings).await?;
+    match cmd {
+        AppCommand::Create { slug, name } => {
+            let name = name.unwrap_or_else(|| slug.clone());
+            let app = apps::ensure(&pool, &slug, &name).await?;
+            println!("{}\t{}", app.id, app.slug);
+        }
+        AppCommand::List => {
+            for app in apps::list(&pool).await? {
+                let state = if app.suspended_at.is_some() {
+                    "suspended"
+                } else {
+                    "active"
+                };
+                println!("{}\t{}\t{}\t{state}", app.id, app.slug, app.name);
+            }
+        }
+        AppCommand::Suspend { slug } => {
+            apps::set_suspended(&pool, &slug, true).await?;
+            println!("{slug} suspended");
+        }
+        AppCommand::Resume { slug } => {
+            apps::set_suspended(&pool, &slug, false).await?;
+            println!("{slug} resumed");
+        }
+        AppCommand::ReplayPolicy {
+            slug,
+            topic,
+            source,
+            delay_secs,
+            rounds,
+        } => {
+            let app = apps::by_slug(&pool, &slug).await?;
+            dead_letters::set_replay_policy(
+                &pool,
+                app.id,
+                source.as_deref(),
+                topic.as_deref(),
+                delay_secs,
+                rounds,
+            )
+            .await?;
+            println!(
+                "{slug}: dead letters replay after {delay_secs}s, doubling, {rounds} round(s)"
+            );
+        }
+        AppCommand::Retention { slug, days } => {
+            let days = match days.as_str() {
+                "default" => None,
+                n => Some(
+                    n.parse::<u32>()
+                        .with_context(|| format!("{n:?} is not a number of days or \"default\""))?,
+                ),
+            };
+            outbox_core::store::retention::set_app_retention(&pool, &slug, days).await?;
+            println!(
+                "{slug}: dead letters kept {}",
+                days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
+            );
+        }
+    }
+    Ok(())
+}

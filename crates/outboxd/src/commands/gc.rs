@@ -1,0 +1,25 @@
+//! `outboxd gc`: the GC sweeper once (for an external cron) or on its schedule.
+
+use anyhow::Context;
+
+use crate::config::Settings;
+
+/// Runs `outboxd gc [--once]`.
+pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
+    let pool = crate::connect(&settings).await?;
+    let sweeper = outbox_dispatch::maintenance::Sweeper::new(pool, settings.sweeper_config());
+    if !once {
+        sweeper.run(None, crate::shutdown_signal()).await;
+        return Ok(());
+    }
+    let report = sweeper.run_once().await.context("gc sweep")?;
+    println!(
+        "deleted {} dead letters (older than {} days), {} abandoned executions (older than {} days), {} expired de-duplication records",
+        report.dead_letters,
+        settings.dead_letter_retention_days,
+        report.abandoned_executions,
+        settings.abandoned_executions_retention_days,
+        report.processed_messages
+    );
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! `outboxd trigger …`: KV, cron and dead-letter triggers.
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use outbox_core::store::apps;
+use uuid::Uuid;
+
+use crate::config::Settings;
+
+/// `outboxd trigger …`.
+#[derive(Debug, Subcommand)]
+pub enum TriggerCommand {
+    /// List an app's triggers.
+    List {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+    },
+    /// Create a trigger: give exactly one of --kv, --cron, --dead-letter.
+    Create {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Unique name within the app.
+        #[arg(long)]
+        name: String,
+        /// The handler that runs the trigger's rows.
+        #[arg(long)]
+        target: String,
+        /// KV trigger on collections matching this glob: "*", "prefix:*" or an exact name.
+        #[arg(long)]
+        kv: Option<String>,
+        /// Operations of a KV trigger.
+        #[arg(long, value_delimiter = ',', default_value = "put,delete")]
+        ops: Vec<String>,
+        /// Cron trigger with this schedule (5 fields, or 6 with seconds).
+        #[arg(long)]
+        cron: Option<String>,
+        /// The IANA time zone a cron schedule is read in.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// Dead-letter trigger.
+        #[arg(long)]
+        dead_letter: bool,
+        /// Dead-letter trigger: only these topics.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Dead-letter trigger: only these sources.
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<String>,
+    },
+    /// Enable a trigger.
+    Enable {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
+    },
+    /// Disable a trigger.
+    Disable {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
+    },
+    /// Delete a trigger.
+    Delete {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// Trigger id.
+        id: String,
+    },
+}
+
+/// Runs `outboxd trigger …`.
+pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> {
+    use outbox_core::store::triggers::{self, TriggerSpec};
+    let pool = crate::connect(&settings).await?;
+    let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
+    match cmd {
+        TriggerCommand::List { app } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            for t in triggers::list(&pool, app.id).await? {
+                let detail = t
+                    .collection_glob
+                    .map(|g| format!("collection {g} ops {}", t.ops.unwrap_or_default().join(",")))
+                    .or(t.schedule.map(|s| format!("cron {s}")))
+                    .unwrap_or_default();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{detail}",
+                    t.id,
+                    t.kind,
+                    t.name,
+                    if t.enabled { "enabled" } else { "disabled" },
+                    t.target
+                );
+            }
+        }
+        TriggerCommand::Create {
+            app,
+            name,
+            target,
+            kv,
+            ops,
+            cron,
+            timezone,
+            dead_letter,
+            topics,
+            sources,
+        } => {
+            let spec = match (kv, cron, dead_letter) {
+                (Some(collection), None, false) => TriggerSpec::Kv { collection, ops },
+                (None, Some(schedule), false) => TriggerSpec::Cron { schedule, timezone },
+                (None, None, true) => TriggerSpec::DeadLetter {
+                    sources,
+                    topics,
+                    trigger_ids: Vec::new(),
+                },
+                _ => bail!("give exactly one of --kv, --cron, --dead-letter"),
+            };
+            let app = apps::by_slug(&pool, &app).await?;
+            let mut tx = pool.begin().await?;
+            let id = triggers::create(&mut tx, app.id, &name, &target, Some("cli"), &spec).await?;
+            tx.commit().await?;
+            println!("{id}");
+        }
+        TriggerCommand::Enable { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::set_enabled(&pool, app.id, parse_id(&id)?, true).await?;
+            println!("enabled");
+        }
+        TriggerCommand::Disable { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::set_enabled(&pool, app.id, parse_id(&id)?, false).await?;
+            println!("disabled");
+        }
+        TriggerCommand::Delete { app, id } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            triggers::delete(&pool, app.id, parse_id(&id)?).await?;
+            println!("deleted");
+        }
+    }
+    Ok(())
+}
