@@ -110,7 +110,10 @@ impl TopicHandles {
 /// Labelled handles by (app id, topic), with app slugs looked up once.
 #[derive(Default)]
 pub(crate) struct TopicMetrics {
-    handles: RwLock<HashMap<(Uuid, String), Arc<TopicHandles>>>,
+    // app → topic → handles: looked up by `&str`, without allocating a key.
+    handles: RwLock<HashMap<Uuid, HashMap<String, Arc<TopicHandles>>>>,
+    // How many (app, topic) pairs `handles` holds.
+    pairs: std::sync::atomic::AtomicUsize,
     slugs: RwLock<HashMap<Uuid, String>>,
     overflow: RwLock<HashMap<Uuid, Arc<TopicHandles>>>,
 }
@@ -119,33 +122,30 @@ impl TopicMetrics {
     /// The handles of `app_id`'s `topic`: a read lock and a hash lookup,
     /// except the first time (one query for the app's slug).
     pub async fn of(&self, pool: &PgPool, app_id: Uuid, topic: &str) -> Arc<TopicHandles> {
+        use std::sync::atomic::Ordering;
         if let Some(found) = self
             .handles
             .read()
             .ok()
-            .and_then(|h| h.get(&(app_id, topic.to_owned())).cloned())
+            .and_then(|h| h.get(&app_id).and_then(|t| t.get(topic)).cloned())
         {
             return found;
         }
         let slug = self.slug(pool, app_id).await;
-        if self
-            .handles
-            .read()
-            .map_or(true, |h| h.len() >= MAX_LABELLED)
-        {
+        if self.pairs.load(Ordering::Relaxed) >= MAX_LABELLED {
             return self.overflow_of(app_id, &slug);
         }
         let Ok(mut handles) = self.handles.write() else {
             return Arc::new(TopicHandles::new(&slug, OTHER));
         };
-        if handles.len() >= MAX_LABELLED {
-            drop(handles);
-            return self.overflow_of(app_id, &slug);
+        let topics = handles.entry(app_id).or_default();
+        if let Some(found) = topics.get(topic) {
+            return found.clone();
         }
-        handles
-            .entry((app_id, topic.to_owned()))
-            .or_insert_with(|| Arc::new(TopicHandles::new(&slug, topic)))
-            .clone()
+        let created = Arc::new(TopicHandles::new(&slug, topic));
+        topics.insert(topic.to_owned(), created.clone());
+        self.pairs.fetch_add(1, Ordering::Relaxed);
+        created
     }
 
     fn overflow_of(&self, app_id: Uuid, slug: &str) -> Arc<TopicHandles> {
