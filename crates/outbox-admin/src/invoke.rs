@@ -11,11 +11,11 @@ use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use outbox_core::store::invocations;
+use outbox_core::store::listen::{Heard, Listener, reconnect_pause};
 use outbox_core::{NewEvent, Source};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -51,18 +51,19 @@ impl ReplyHub {
                     return;
                 }
                 let listened = async {
-                    let mut listener = PgListener::connect_with(&pool).await?;
-                    listener.listen(invocations::REPLY_CHANNEL).await?;
+                    let mut listener =
+                        Listener::connect(&pool, &[invocations::REPLY_CHANNEL]).await?;
                     loop {
-                        let n = listener.recv().await?;
-                        if let Ok(inbox) = Uuid::parse_str(n.payload())
+                        // After a reconnection waiting callers poll, as always.
+                        if let Heard::Notification(payload) = listener.next().await?
+                            && let Ok(inbox) = Uuid::parse_str(&payload)
                             && let Some(tx) = waiters.lock().ok().and_then(|mut w| w.remove(&inbox))
                         {
                             let _ = tx.send(());
                         }
                     }
                     #[allow(unreachable_code)]
-                    Ok::<(), sqlx::Error>(())
+                    Ok::<(), outbox_core::Error>(())
                 }
                 .await;
                 if let Err(err) = listened {
@@ -73,7 +74,7 @@ impl ReplyHub {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %err, "reply listener lost; waiting callers poll meanwhile");
                 }
-                tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))).await;
+                tokio::time::sleep(reconnect_pause(failures)).await;
             }
         });
         hub

@@ -29,9 +29,9 @@ use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
+use outbox_core::store::listen::{Heard, Listener, reconnect_pause};
 use outbox_core::store::outbox::{self as store, Bury, Reschedule};
 use outbox_core::store::wake;
-use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -588,7 +588,7 @@ impl Inner {
                 Err(err) => {
                     self.return_succeeded(succeeded);
                     claim_errors = claim_errors.saturating_add(1);
-                    let pause = Duration::from_millis(100u64 << claim_errors.min(6));
+                    let pause = reconnect_pause(claim_errors);
                     warn!(error = %err, ?pause, "claim failed; backing off");
                     drop(held);
                     tokio::select! {
@@ -682,7 +682,7 @@ impl Inner {
                 }
                 Err(err) => {
                     errors = errors.saturating_add(1);
-                    let pause = Duration::from_millis(100u64 << errors.min(6));
+                    let pause = reconnect_pause(errors);
                     warn!(error = %err, ?pause, "transactional batch failed; backing off");
                     tokio::select! {
                         () = stop.cancelled() => break,
@@ -749,7 +749,7 @@ impl Inner {
             let outcome = if row.id == failed_id {
                 failed_outcome.take().unwrap_or(Outcome::Done)
             } else {
-                sqlx::query("SAVEPOINT row").execute(&mut *tx).await?;
+                outbox_core::store::tx_batch::savepoint(&mut tx).await?;
                 let shared = ClaimTx::new(tx);
                 let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
                 tx = shared
@@ -757,13 +757,9 @@ impl Inner {
                     .await
                     .ok_or(Error::Internal("the claim transaction vanished"))?;
                 if !matches!(outcome, Outcome::Done) {
-                    sqlx::query("ROLLBACK TO SAVEPOINT row")
-                        .execute(&mut *tx)
-                        .await?;
+                    outbox_core::store::tx_batch::rollback_to_savepoint(&mut tx).await?;
                 }
-                sqlx::query("RELEASE SAVEPOINT row")
-                    .execute(&mut *tx)
-                    .await?;
+                outbox_core::store::tx_batch::release_savepoint(&mut tx).await?;
                 outcome
             };
             if matches!(outcome, Outcome::Done) {
@@ -816,13 +812,7 @@ impl Inner {
             Some(conn) => conn,
             None => {
                 let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-                // The record guards against the worker's death, which a
-                // commit survives without waiting for the disk; if the server
-                // itself crashes, the batch dies with it and there is no
-                // death of the worker to count.
-                sqlx::query("SET synchronous_commit = off")
-                    .execute(&mut conn)
-                    .await?;
+                outbox_core::store::tx_batch::commit_asynchronously(&mut conn).await?;
                 conn
             }
         };
@@ -1055,7 +1045,7 @@ impl Inner {
             }
             return failed(error);
         };
-        let mut event = Event::from_claimed(&row);
+        let mut event = Event::from_claimed(&row, max);
         event.claim_tx = claim_tx;
         let reply = event.reply.clone();
         let started = Instant::now();
@@ -1275,7 +1265,7 @@ impl Inner {
                 }
                 Err(err) if tries < 5 => {
                     tries += 1;
-                    let pause = Duration::from_millis(100u64 << tries);
+                    let pause = reconnect_pause(tries);
                     warn!(error = %err, rows = batch.len(), ?pause, "writing outcomes failed; retrying");
                     tokio::time::sleep(pause).await;
                 }
@@ -1325,23 +1315,21 @@ impl Inner {
         let mut failures = 0u32;
         loop {
             let attempt = async {
-                let mut listener = PgListener::connect_with(&self.pool).await?;
-                listener.listen(NOTIFY_CHANNEL).await?;
+                let mut listener = Listener::connect(&self.pool, &[NOTIFY_CHANNEL]).await?;
                 self.listening.store(true, Ordering::Relaxed);
                 // Anything inserted while we were not listening is due now.
                 self.wake.notify_one();
                 loop {
-                    // `None`: the connection was lost and has been replaced
-                    // (LISTEN again in force); notifications sent meanwhile
-                    // are gone, so look for rows.
-                    if listener.try_recv().await?.is_some() {
+                    // After a reconnection, notifications sent meanwhile are
+                    // gone: look for rows either way.
+                    if let Heard::Notification(_) = listener.next().await? {
                         self.notifications.fetch_add(1, Ordering::Relaxed);
                         self.notified.notify_one();
                     }
                     self.wake.notify_one();
                 }
                 #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
+                Ok::<(), outbox_core::Error>(())
             };
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -1353,7 +1341,7 @@ impl Inner {
                     }
                 }
             }
-            let pause = Duration::from_millis(100u64 << failures.min(7));
+            let pause = reconnect_pause(failures);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}

@@ -30,6 +30,13 @@ pub struct Event {
     pub headers: Value,
     /// This attempt's number, starting at 1.
     pub attempt: i32,
+    /// Attempts the row may make in all (its own limit, or the dispatcher's
+    /// default); the last attempt is `attempt == max_attempts`.
+    pub max_attempts: i32,
+    /// When the row was enqueued (the producer's transaction).
+    pub enqueued_at: chrono::DateTime<chrono::Utc>,
+    /// When its first attempt started.
+    pub first_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Ordering key, if any.
     pub ordering_key: Option<String>,
     /// Trigger-chain depth; enqueue follow-up work with `depth + 1`.
@@ -90,7 +97,7 @@ impl ReplySlot {
 }
 
 impl Event {
-    pub(crate) fn from_claimed(row: &ClaimedEvent) -> Self {
+    pub(crate) fn from_claimed(row: &ClaimedEvent, default_max_attempts: i32) -> Self {
         Self {
             id: row.id,
             app_id: row.app_id,
@@ -100,6 +107,9 @@ impl Event {
             payload: row.payload.clone(),
             headers: row.headers.clone(),
             attempt: row.attempt_count,
+            max_attempts: row.max_attempts.unwrap_or(default_max_attempts),
+            enqueued_at: row.created_at,
+            first_attempt_at: row.first_attempt_at,
             ordering_key: row.ordering_key.clone(),
             depth: row.depth,
             trigger_id: row.trigger_id,

@@ -88,7 +88,8 @@ pub async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
         .name("outboxd")
         .retry_on_initial_connect()
         .reconnect_delay_callback(|attempts| {
-            std::time::Duration::from_millis((100u64 << attempts.min(6)).min(5000))
+            outbox_core::store::listen::reconnect_pause(u32::try_from(attempts).unwrap_or(u32::MAX))
+                .min(std::time::Duration::from_secs(5))
         })
         .connect(servers)
         .await

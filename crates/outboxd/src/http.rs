@@ -98,10 +98,10 @@ pub async fn serve(
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let check = tokio::time::timeout(
         Duration::from_secs(2),
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
+        outbox_core::store::ping(&state.pool),
     )
     .await;
-    let postgres_ok = matches!(check, Ok(Ok(1)));
+    let postgres_ok = matches!(check, Ok(Ok(())));
     let nats_ok = state
         .nats
         .as_ref()

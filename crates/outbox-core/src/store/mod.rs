@@ -1,15 +1,31 @@
 //! Every SQL statement outboxd runs lives in this module. The dispatcher, the
 //! admin API and the CLI call these typed functions.
+//!
+//! The rule for arguments: a function that runs **one** statement takes
+//! `impl PgExecutor` (a pool, a connection or the caller's transaction, so
+//! it composes into the caller's atomic unit); a function that runs
+//! **several** statements, or needs session state (a lock, a setting, a
+//! savepoint), takes `&mut PgConnection` and says whether it opens a
+//! transaction of its own.
+
+/// Checks that the database answers (readiness).
+pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
 
 pub mod apps;
 pub mod dead_letters;
 pub mod dedupe;
 pub mod invocations;
 pub mod kv;
+pub mod leader;
+pub mod listen;
 pub mod login_throttle;
 pub mod outbox;
 pub mod principals;
 pub mod retention;
 pub mod sessions;
 pub mod triggers;
+pub mod tx_batch;
 pub mod wake;

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use outbox_core::store::leader;
 use sqlx::{Connection, PgPool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -32,13 +33,9 @@ pub fn campaign(
         loop {
             let held = async {
                 let mut conn = pool.acquire().await?.detach();
-                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(LEADER_LOCK_KEY)
-                    .fetch_one(&mut conn)
-                    .await?;
-                if !got {
+                if !leader::try_lead(&mut conn, LEADER_LOCK_KEY).await? {
                     let _ = conn.close().await;
-                    return Ok::<bool, sqlx::Error>(false);
+                    return Ok::<bool, crate::Error>(false);
                 }
                 info!("elected maintenance leader");
                 metrics::gauge!("outboxd_leader").set(1.0);
@@ -52,7 +49,7 @@ pub fn campaign(
                         }
                         () = tokio::time::sleep(retry) => {}
                     }
-                    sqlx::query("SELECT 1").execute(&mut conn).await?;
+                    leader::ping(&mut conn).await?;
                 }
             }
             .await;
