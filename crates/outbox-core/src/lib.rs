@@ -35,8 +35,19 @@ pub use model::{App, ClaimedEvent, DeadLetter, NewEvent, Source};
 /// The forward-only migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
-/// Applies every pending migration.
+/// Applies every pending migration. Run it once at start (it is safe to run
+/// from several processes and skips what is applied).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// The app (tenant) with this slug, created with `name` if it does not exist
+/// yet; its `id` is the `app_id` every enqueue takes.
+pub async fn ensure_app<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    slug: &str,
+    name: &str,
+) -> Result<App, Error> {
+    store::apps::ensure(db, slug, name).await
 }

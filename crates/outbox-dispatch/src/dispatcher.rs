@@ -144,7 +144,19 @@ pub fn default_worker_id() -> String {
 }
 
 impl Config {
-    /// Checks the relations the dispatcher relies on.
+    /// The connections a running dispatcher opens outside its pool (see
+    /// [`Dispatcher::new`]).
+    pub fn own_connections(&self) -> usize {
+        let keepers = if self.in_transaction {
+            self.claimers
+        } else {
+            0
+        };
+        self.claimers + keepers + 2
+    }
+
+    /// Checks the relations the dispatcher relies on; a refusal names the
+    /// setting and its range.
     pub fn validate(&self) -> Result<(), Error> {
         let fail = |m: String| Err(Error::Config(m));
         if self.batch_size == 0 || self.batch_size > 10_000 {
@@ -300,6 +312,15 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher over `pool` with the handlers of `registry`.
+    ///
+    /// **Connection budget.** Besides what it borrows from `pool` (outcome
+    /// writes, heartbeats, handlers' own queries), a running dispatcher opens
+    /// connections of its own with `pool`'s options, outside the pool's
+    /// limit: one per claim loop (`claimers`), one for LISTEN, one that holds
+    /// the pacer's place while it sleeps, and in transactional mode one batch
+    /// keeper per claim loop. So it needs up to `claimers + 2` (lease mode)
+    /// or `2 × claimers + 2` (transactional) connections on the server beyond
+    /// `pool`'s `max_connections`; see [`Config::own_connections`].
     pub fn new(pool: PgPool, registry: Registry, config: Config) -> Result<Self, Error> {
         config.validate()?;
         Ok(Self {
@@ -1570,6 +1591,26 @@ fn taken_attempt(row: &ClaimedEvent) -> ClaimedEvent {
     let mut row = row.clone();
     row.attempt_count += 1;
     row
+}
+
+#[cfg(test)]
+mod connection_budget_tests {
+    use super::Config;
+
+    #[test]
+    fn the_budget_counts_claim_loops_listen_pacer_and_keepers() {
+        let lease = Config {
+            claimers: 3,
+            ..Config::default()
+        };
+        assert_eq!(lease.own_connections(), 5);
+        let transactional = Config {
+            claimers: 3,
+            in_transaction: true,
+            ..Config::default()
+        };
+        assert_eq!(transactional.own_connections(), 8);
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,20 @@
 //! for each row's topic, and records the outcome.
 //!
 //! ```no_run
-//! # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_dispatch::Error> {
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_core::{NewEvent, enqueue};
 //! use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
 //!
+//! // Once at start: outboxd's tables, and the app (tenant) your rows belong to.
+//! outbox_core::migrate(&pool).await?;
+//! let app_id = outbox_core::ensure_app(&pool, "shop", "Shop").await?.id;
+//!
+//! // Producer: the event commits or rolls back with the caller's data.
+//! let mut tx = pool.begin().await?;
+//! enqueue(&mut tx, app_id, &NewEvent::new("order.created", serde_json::json!({"id": 42}))).await?;
+//! tx.commit().await?;
+//!
+//! // Consumer: handlers by topic.
 //! let mut registry = Registry::new();
 //! registry.register("order.created", |event: Event| async move {
 //!     println!("order {} created", event.payload["id"]);
