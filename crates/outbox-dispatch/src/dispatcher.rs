@@ -30,7 +30,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::listen::{Heard, Listener, reconnect_pause};
-use outbox_core::store::outbox::{self as store, Bury, Reschedule};
+use outbox_core::store::outbox::{self as store, Reschedule, ToDeadLetter};
 use outbox_core::store::wake;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -237,7 +237,7 @@ enum Outcome {
         error: String,
     },
     Snooze(Duration),
-    Bury {
+    ToDeadLetter {
         error: String,
     },
     /// A synchronous invocation's answer: delivered to its caller, never retried.
@@ -772,7 +772,9 @@ impl Inner {
             } else {
                 outbox_core::store::tx_batch::savepoint(&mut tx).await?;
                 let shared = ClaimTx::new(tx);
-                let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
+                let outcome = self
+                    .run_handler(taken_attempt(row), Some(shared.clone()))
+                    .await;
                 tx = shared
                     .finish()
                     .await
@@ -880,7 +882,9 @@ impl Inner {
         let shared = ClaimTx::new(tx);
         let mut failure = None;
         for (i, row) in rows.iter().enumerate() {
-            let outcome = self.decide(taken_attempt(row), Some(shared.clone())).await;
+            let outcome = self
+                .run_handler(taken_attempt(row), Some(shared.clone()))
+                .await;
             if !matches!(outcome, Outcome::Done) {
                 failure = Some((i, outcome));
                 break;
@@ -906,7 +910,9 @@ impl Inner {
         let (delay, count, error, bury) = match outcome {
             Outcome::Retry { delay, error } => (delay, true, Some(error), None),
             Outcome::Snooze(delay) => (delay, false, None, None),
-            Outcome::Bury { error } => (Duration::ZERO, true, Some(error.clone()), Some(error)),
+            Outcome::ToDeadLetter { error } => {
+                (Duration::ZERO, true, Some(error.clone()), Some(error))
+            }
             Outcome::Done | Outcome::Reply { .. } => (Duration::ZERO, false, None, None),
         };
         let token =
@@ -915,7 +921,7 @@ impl Inner {
             (Some(error), Some(token)) => {
                 let moved = store::dead_letter(
                     tx,
-                    &[Bury {
+                    &[ToDeadLetter {
                         lease: Lease { id, token },
                         error: error.clone(),
                         handler: None,
@@ -948,9 +954,12 @@ impl Inner {
             span.record("correlation_id", correlation);
         }
         let facts = RowFacts::of(&row, self.config.retry.max_attempts);
-        let outcome = self.decide(row, None).instrument(span).await;
-        let facts = matches!(outcome, Outcome::Retry { .. } | Outcome::Bury { .. })
-            .then(|| Box::new(facts));
+        let outcome = self.run_handler(row, None).instrument(span).await;
+        let facts = matches!(
+            outcome,
+            Outcome::Retry { .. } | Outcome::ToDeadLetter { .. }
+        )
+        .then(|| Box::new(facts));
         Finished {
             lease,
             outcome,
@@ -960,25 +969,25 @@ impl Inner {
         }
     }
 
-    /// Runs a row ([`Inner::decide_unmetered`]) and counts the attempt and
+    /// Runs a row ([`Inner::run_handler_unmetered`]) and counts the attempt and
     /// its outcome under the row's app and topic.
-    async fn decide(&self, row: ClaimedEvent, claim_tx: Option<ClaimTx>) -> Outcome {
+    async fn run_handler(&self, row: ClaimedEvent, claim_tx: Option<ClaimTx>) -> Outcome {
         let meter = self
             .topic_metrics
             .of(&self.pool, row.app_id, &row.topic)
             .await;
         meter.claimed.increment(1);
-        let outcome = self.decide_unmetered(row, claim_tx, &meter).await;
+        let outcome = self.run_handler_unmetered(row, claim_tx, &meter).await;
         match &outcome {
             Outcome::Done | Outcome::Reply { ok: true, .. } => meter.completed.increment(1),
             Outcome::Retry { .. } => meter.retried.increment(1),
-            Outcome::Bury { .. } => meter.dead_lettered.increment(1),
+            Outcome::ToDeadLetter { .. } => meter.dead_lettered.increment(1),
             Outcome::Snooze(_) | Outcome::Reply { ok: false, .. } => {}
         }
         outcome
     }
 
-    async fn decide_unmetered(
+    async fn run_handler_unmetered(
         &self,
         row: ClaimedEvent,
         claim_tx: Option<ClaimTx>,
@@ -987,7 +996,7 @@ impl Inner {
         let retry = &self.config.retry;
         let max = row.max_attempts.unwrap_or(retry.max_attempts as i32);
         if row.attempt_count > max {
-            return Outcome::Bury {
+            return Outcome::ToDeadLetter {
                 error: format!(
                     "attempts exhausted: attempt {} of {max} was lost with its worker (it died, or its lease expired)",
                     row.attempt_count - 1
@@ -995,7 +1004,7 @@ impl Inner {
             };
         }
         if row.depth > self.config.max_trigger_depth as i32 {
-            return Outcome::Bury {
+            return Outcome::ToDeadLetter {
                 error: format!(
                     "trigger chain depth {} exceeds max_trigger_depth {}; not run (a trigger loop?)",
                     row.depth, self.config.max_trigger_depth
@@ -1014,7 +1023,7 @@ impl Inner {
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Outcome::Bury {
+                    return Outcome::ToDeadLetter {
                         error: format!(
                             "principal {principal} may no longer run this app's triggers (needs the app's admin role); not run"
                         ),
@@ -1046,7 +1055,7 @@ impl Inner {
                     error,
                 }
             } else {
-                Outcome::Bury {
+                Outcome::ToDeadLetter {
                     error: format!("{error} (attempt {} of {max})", row.attempt_count),
                 }
             }
@@ -1099,7 +1108,7 @@ impl Inner {
         match result {
             Ok(Ok(Ok(()))) => Outcome::Done,
             Ok(Ok(Err(HandlerError::Retry(error)))) => failed(error),
-            Ok(Ok(Err(HandlerError::Permanent(error)))) => Outcome::Bury {
+            Ok(Ok(Err(HandlerError::Permanent(error)))) => Outcome::ToDeadLetter {
                 error: format!("permanent: {error}"),
             },
             Ok(Ok(Err(HandlerError::Snooze(delay)))) => Outcome::Snooze(delay),
@@ -1143,7 +1152,7 @@ impl Inner {
                         refund_attempt: true,
                     })
                 }
-                Outcome::Bury { error } => buried.push(Bury {
+                Outcome::ToDeadLetter { error } => buried.push(ToDeadLetter {
                     lease: f.lease,
                     error: error.clone(),
                     handler: None,
@@ -1224,7 +1233,7 @@ impl Inner {
                 Outcome::Retry { delay, error } if rescheduled.contains(&f.lease.id) => {
                     self.failures.retry_scheduled(facts, error, *delay);
                 }
-                Outcome::Bury { error } if dead_lettered.contains(&f.lease.id) => {
+                Outcome::ToDeadLetter { error } if dead_lettered.contains(&f.lease.id) => {
                     self.failures.dead_lettered(facts, error);
                 }
                 _ => {}

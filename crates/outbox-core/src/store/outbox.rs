@@ -522,7 +522,7 @@ pub async fn reschedule<'e>(
 
 /// A row to move to `dead_letters`.
 #[derive(Debug, Clone)]
-pub struct Bury {
+pub struct ToDeadLetter {
     /// The claim being ended.
     pub lease: Lease,
     /// Why: the last error, or the reason the row was refused.
@@ -537,7 +537,10 @@ pub struct Bury {
 ///
 /// A dead-letter trigger's own exhausted row is not dead-lettered again: its
 /// dead letter is resolved `handler_failed` instead (no recursion).
-pub async fn dead_letter(conn: &mut PgConnection, rows: &[Bury]) -> Result<Vec<Uuid>, Error> {
+pub async fn dead_letter(
+    conn: &mut PgConnection,
+    rows: &[ToDeadLetter],
+) -> Result<Vec<Uuid>, Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }

@@ -497,7 +497,7 @@ impl StateMachineTest for RealRows {
                     let mut conn = pool.acquire().await.expect("conn");
                     outbox::dead_letter(
                         &mut conn,
-                        &[outbox::Bury {
+                        &[outbox::ToDeadLetter {
                             lease,
                             error: "permanent".into(),
                             handler: None,

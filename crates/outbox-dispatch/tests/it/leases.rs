@@ -57,7 +57,7 @@ async fn expired_lease_is_reclaimed_and_the_stale_worker_is_fenced() -> TestResu
             .await?
             .is_empty()
     );
-    let bury = store::Bury {
+    let bury = store::ToDeadLetter {
         lease: stale[0].lease(),
         error: "late".into(),
         handler: None,
