@@ -8,11 +8,13 @@
 //!    (never redelivered forever);
 //! 2. with de-duplication on, claim the `Nats-Msg-Id`: a duplicate is acked
 //!    and skipped, a message another consumer is running is nak'ed for later;
-//! 3. run the handler: `Ok` → mark done, `ack`; [`ConsumeError::Retry`] →
+//! 3. run the handler; it answers in the dispatcher's vocabulary,
+//!    [`HandlerError`]: `Ok` → mark done, `ack`; [`HandlerError::Retry`] →
 //!    release the claim, `nak` with backoff, or after the last allowed
-//!    delivery write a dead letter and `term`; [`ConsumeError::DeadLetter`] →
-//!    dead letter, `term`. If the dead letter cannot be written the message is
-//!    nak'ed, never lost.
+//!    delivery write a dead letter and `term`; [`HandlerError::Snooze`] →
+//!    `nak` after exactly that delay (JetStream counts it as a delivery);
+//!    [`HandlerError::Permanent`] → dead letter, `term`. If the dead letter
+//!    cannot be written the message is nak'ed, never lost.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -128,19 +130,10 @@ pub struct Delivery {
     pub stream_sequence: u64,
 }
 
-/// Why a handler did not finish a delivery.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConsumeError {
-    /// Transient: redeliver after a backoff (dead letter after the last delivery).
-    #[error("{0}")]
-    Retry(String),
-    /// Retrying cannot help: dead letter now.
-    #[error("dead letter: {0}")]
-    DeadLetter(String),
-}
+pub use outbox_dispatch::HandlerError;
 
 /// The future a message handler returns.
-pub type ConsumeFuture = Pin<Box<dyn Future<Output = Result<(), ConsumeError>> + Send + 'static>>;
+pub type ConsumeFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
 
 /// Handles deliveries of the subjects it is routed.
 pub trait MessageHandler: Send + Sync + 'static {
@@ -151,7 +144,7 @@ pub trait MessageHandler: Send + Sync + 'static {
 impl<F, Fut> MessageHandler for F
 where
     F: Fn(Delivery) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     fn handle(&self, delivery: Delivery) -> ConsumeFuture {
         Box::pin(self(delivery))
@@ -517,8 +510,8 @@ impl ConsumerRuntime {
         let run = AssertUnwindSafe(handler.handle(delivery)).catch_unwind();
         let result = match tokio::time::timeout(self.config.ack_wait, run).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ConsumeError::Retry("handler panicked".into())),
-            Err(_) => Err(ConsumeError::Retry(format!(
+            Ok(Err(_)) => Err(HandlerError::Retry("handler panicked".into())),
+            Err(_) => Err(HandlerError::Retry(format!(
                 "handler ran past ack_wait {:?}",
                 self.config.ack_wait
             ))),
@@ -534,7 +527,17 @@ impl ConsumerRuntime {
                 ConsumeCounters::bump(&c.consumed, "outboxd_consumer_consumed_total");
                 return Verdict::Ack;
             }
-            Err(ConsumeError::Retry(e)) if delivered < self.config.max_deliver => {
+            Err(HandlerError::Snooze(delay)) if delivered < self.config.max_deliver => {
+                if let Some(key) = &dedupe_key {
+                    let _ = dedupe::release(&self.pool, &self.config.durable, key).await;
+                }
+                return Verdict::Nak(delay);
+            }
+            Err(HandlerError::Snooze(_)) => format!(
+                "snoozed past the last delivery ({delivered} of {})",
+                self.config.max_deliver
+            ),
+            Err(HandlerError::Retry(e)) if delivered < self.config.max_deliver => {
                 tracing::debug!(%subject, delivered, error = %e, "handler failed; redelivering");
                 if let Some(key) = &dedupe_key {
                     let _ = dedupe::release(&self.pool, &self.config.durable, key).await;
@@ -542,10 +545,10 @@ impl ConsumerRuntime {
                 ConsumeCounters::bump(&c.retried, "outboxd_consumer_retried_total");
                 return Verdict::Nak(self.nak_delay(delivered));
             }
-            Err(ConsumeError::Retry(e)) => {
+            Err(HandlerError::Retry(e)) => {
                 format!("{e} (delivery {delivered} of {})", self.config.max_deliver)
             }
-            Err(ConsumeError::DeadLetter(e)) => e,
+            Err(HandlerError::Permanent(e)) => e,
         };
         self.dead_letter(
             &subject,

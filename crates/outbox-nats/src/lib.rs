@@ -13,7 +13,7 @@
 //! let consumer = outbox_nats::ConsumerRuntime::new(js, pool, outbox_nats::ConsumerConfig::default())
 //!     .route("tenant.*.order.created", |d: outbox_nats::Delivery| async move {
 //!         println!("order from {}: {}", d.tenant, d.payload);
-//!         Ok::<(), outbox_nats::ConsumeError>(())
+//!         Ok::<(), outbox_nats::HandlerError>(())
 //!     });
 //! consumer.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
 //! # Ok(()) }
@@ -37,7 +37,7 @@ pub mod consumer;
 pub mod contract;
 pub mod relay;
 
-pub use consumer::{ConsumeError, ConsumerConfig, ConsumerRuntime, Delivery, durable_name};
+pub use consumer::{ConsumerConfig, ConsumerRuntime, Delivery, HandlerError, durable_name};
 pub use contract::{StreamContract, ensure_stream};
 pub use relay::{Relay, RelayConfig, new_traceparent};
 

@@ -464,7 +464,7 @@ async fn consume(settings: Settings) -> anyhow::Result<()> {
                 message_id = delivery.message_id.as_deref().unwrap_or(""),
                 "consumed"
             );
-            Ok::<(), outbox_nats::ConsumeError>(())
+            Ok::<(), outbox_nats::HandlerError>(())
         },
     );
     runtime.run(shutdown_signal()).await?;

@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use outbox_nats::consumer::ConsumeCounters;
 use outbox_nats::{
-    ConsumeError, ConsumerConfig, ConsumerRuntime, Delivery, durable_name, ensure_stream,
+    ConsumerConfig, ConsumerRuntime, Delivery, HandlerError, durable_name, ensure_stream,
 };
 use outbox_testkit::{TestDb, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -77,7 +77,7 @@ async fn retries_with_nak_backoff_then_one_masked_dead_letter() -> TestResult {
                 d.delivered,
                 Instant::now(),
             ));
-            async { Err::<(), _>(ConsumeError::Retry("downstream 503".into())) }
+            async { Err::<(), _>(HandlerError::Retry("downstream 503".into())) }
         });
     let (stop, task) = spawn(&runtime);
     let id = uuid::Uuid::now_v7().to_string();
@@ -144,7 +144,7 @@ async fn poison_unknown_subject_and_foreign_tenant_are_terminated_not_redelivere
     let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "poison"))
         .route(format!("{prefix}.*.known"), move |_d: Delivery| {
             *counter.lock().expect("lock") += 1;
-            async { Ok::<(), ConsumeError>(()) }
+            async { Ok::<(), HandlerError>(()) }
         });
     // The server announces each term with its reason (nats-server 2.10.4+).
     let client = outbox_nats::connect(&std::env::var("NATS_URL")?).await?;
@@ -231,7 +231,7 @@ async fn dead_letter_error_and_a_failed_dead_letter_insert_that_naks() -> TestRe
         .await?;
     let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "dl"))
         .route(format!("{prefix}.>"), |_d: Delivery| async {
-            Err::<(), _>(ConsumeError::DeadLetter("invalid order".into()))
+            Err::<(), _>(HandlerError::Permanent("invalid order".into()))
         });
     let (stop, task) = spawn(&runtime);
     let id = uuid::Uuid::now_v7();
@@ -287,7 +287,7 @@ async fn dedupe_skips_a_second_copy_but_reruns_a_failed_first_delivery() -> Test
             let first = d.delivered == 1;
             async move {
                 if first {
-                    Err(ConsumeError::Retry("flaky".into()))
+                    Err(HandlerError::Retry("flaky".into()))
                 } else {
                     Ok(())
                 }
@@ -342,7 +342,7 @@ async fn two_runtimes_on_one_durable_split_the_work() -> TestResult {
                         .expect("lock")
                         .entry(d.message_id.clone().unwrap_or_default())
                         .or_default() += 1;
-                    async { Ok::<(), ConsumeError>(()) }
+                    async { Ok::<(), HandlerError>(()) }
                 },
             ),
         );
@@ -392,7 +392,7 @@ async fn a_suspended_apps_messages_are_dead_lettered_not_processed() -> TestResu
     let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "suspended"))
         .route(format!("{prefix}.>"), move |_d: Delivery| {
             *counter.lock().expect("lock") += 1;
-            async { Ok::<(), ConsumeError>(()) }
+            async { Ok::<(), HandlerError>(()) }
         });
     let (stop, task) = spawn(&runtime);
     let id = uuid::Uuid::now_v7();

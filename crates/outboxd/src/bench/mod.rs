@@ -1235,7 +1235,7 @@ async fn relay_and_consume(
     };
     let runtime = outbox_nats::ConsumerRuntime::new(js.clone(), pool.clone(), config)
         .route("bench.>", |_d: outbox_nats::Delivery| async {
-            Ok::<(), outbox_nats::ConsumeError>(())
+            Ok::<(), outbox_nats::HandlerError>(())
         });
     let counters = runtime.counters.clone();
     let stop = CancellationToken::new();
