@@ -168,6 +168,12 @@ impl Config {
         if self.concurrency == 0 {
             return fail("concurrency must be at least 1".into());
         }
+        if self.in_transaction && self.concurrency != Config::default().concurrency {
+            return fail(format!(
+                "concurrency {} applies to lease mode only: in transactional mode each claim loop runs its batch's rows one after another; set claimers (and batch_size) instead",
+                self.concurrency
+            ));
+        }
         if self.claimers == 0 || self.claimers > 16 {
             return fail(format!("claimers {} is outside 1..=16", self.claimers));
         }
@@ -1619,6 +1625,26 @@ mod connection_budget_tests {
             ..Config::default()
         };
         assert_eq!(transactional.own_connections(), 8);
+    }
+
+    #[test]
+    fn concurrency_is_refused_where_it_does_not_apply() {
+        let transactional = Config {
+            in_transaction: true,
+            concurrency: 64,
+            ..Config::default()
+        };
+        let err = transactional.validate().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|m| m.contains("lease mode only") && m.contains("claimers")),
+            "{err:?}"
+        );
+        let lease = Config {
+            concurrency: 64,
+            ..Config::default()
+        };
+        assert!(lease.validate().is_ok());
     }
 }
 

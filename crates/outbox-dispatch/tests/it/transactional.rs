@@ -15,6 +15,8 @@ use super::{
 fn transactional() -> Config {
     Config {
         in_transaction: true,
+        // Lease mode's handler concurrency does not apply here (refused if set).
+        concurrency: Config::default().concurrency,
         ..config()
     }
 }
