@@ -24,11 +24,6 @@ use crate::api::Bearer;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
-/// The `code` the dispatcher puts in an answer when no handler serves the
-/// topic (the same as `outbox_dispatch::NO_HANDLER`; the admin crate does not
-/// depend on the dispatcher).
-const NO_HANDLER: &str = "no_handler";
-
 /// Longest a caller may wait.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -167,7 +162,7 @@ async fn invoke(
             json!({ "id": outbox_id, "ok": true, "result": answer.result }),
         ))
     } else {
-        if answer.result.get("code").and_then(Value::as_str) == Some(NO_HANDLER) {
+        if answer.result.get("code").and_then(Value::as_str) == Some(invocations::NO_HANDLER) {
             return Err(ApiError::NoHandler(topic));
         }
         let message = answer

@@ -47,9 +47,7 @@ use crate::{ClaimTx, Error, Event, HandlerError, Registry, RetryPolicy};
 /// Retries of one topic are logged once per this window, with a count.
 const RETRY_LOG_WINDOW: Duration = Duration::from_secs(10);
 
-/// The `code` of a synchronous caller's answer when no handler serves the
-/// topic (the admin API answers it with 404 `no_handler`).
-pub const NO_HANDLER: &str = "no_handler";
+pub use outbox_core::store::invocations::NO_HANDLER;
 /// The channel dispatchers LISTEN on; the outbox insert trigger notifies it
 /// while some dispatcher sleeps.
 pub const NOTIFY_CHANNEL: &str = outbox_core::store::wake::CHANNEL;

@@ -11,6 +11,10 @@ use crate::{Error, enqueue};
 /// The channel a dispatcher notifies (payload: the inbox id) when an answer is in.
 pub const REPLY_CHANNEL: &str = "outbox_reply";
 
+/// The `code` in a caller's answer when no handler serves the topic (the
+/// admin API answers it with 404 `no_handler`).
+pub const NO_HANDLER: &str = "no_handler";
+
 /// Creates an inbox and enqueues the invocation's row (with `reply_to` set,
 /// so it is never retried) in the caller's transaction; returns (inbox, outbox id).
 pub async fn start(

@@ -106,17 +106,3 @@ pub async fn clear_prefixed<'e>(
     .await?
     .rows_affected())
 }
-
-/// Forgets every count that lapsed more than `window_secs` ago (the GC
-/// sweeper's housekeeping); returns how many went.
-pub async fn sweep<'e>(db: impl PgExecutor<'e>, window_secs: i64) -> Result<u64, Error> {
-    Ok(sqlx::query(
-        "DELETE FROM login_throttle
-         WHERE last_failure_at < now() - make_interval(secs => $1)
-           AND (blocked_until IS NULL OR blocked_until < now())",
-    )
-    .bind(window_secs as f64)
-    .execute(db)
-    .await?
-    .rows_affected())
-}

@@ -69,6 +69,24 @@ pub async fn sweep_processed_messages<'e>(
     .rows_affected())
 }
 
+/// Deletes up to `limit` login-throttle counts whose last failure is more
+/// than a week old (the longest `admin.login_window_secs` allows) and that
+/// hold nothing back; returns how many went.
+pub async fn sweep_login_throttle<'e>(db: impl PgExecutor<'e>, limit: i64) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM login_throttle WHERE key IN (
+            SELECT key FROM login_throttle
+            WHERE last_failure_at < now() - interval '7 days'
+              AND (blocked_until IS NULL OR blocked_until < now())
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// Sets (or with `None` clears) an app's own dead-letter retention.
 pub async fn set_app_retention<'e>(
     db: impl PgExecutor<'e>,

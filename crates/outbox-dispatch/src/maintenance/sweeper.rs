@@ -51,12 +51,14 @@ pub struct SweepReport {
     pub abandoned_executions: u64,
     /// Expired de-duplication records deleted.
     pub processed_messages: u64,
+    /// Login-throttle counts deleted (last failure over a week ago).
+    pub login_counts: u64,
 }
 
 impl SweepReport {
     /// Rows deleted in all tables.
     pub fn total(&self) -> u64 {
-        self.dead_letters + self.abandoned_executions + self.processed_messages
+        self.dead_letters + self.abandoned_executions + self.processed_messages + self.login_counts
     }
 }
 
@@ -113,6 +115,11 @@ impl Sweeper {
             processed_messages: self
                 .drain("processed_messages", || {
                     retention::sweep_processed_messages(&self.pool, c.batch)
+                })
+                .await?,
+            login_counts: self
+                .drain("login_throttle", || {
+                    retention::sweep_login_throttle(&self.pool, c.batch)
                 })
                 .await?,
         };

@@ -253,3 +253,24 @@ async fn automatic_replay_doubles_its_quarantine_then_parks_for_an_operator() ->
     assert_eq!(calls.total(), 3, "the event ran three times in all");
     Ok(())
 }
+
+#[tokio::test]
+async fn gc_forgets_login_counts_that_lapsed_a_week_ago() -> TestResult {
+    let db = TestDb::new().await?;
+    sqlx::query(
+        "INSERT INTO login_throttle (key, failures, last_failure_at, blocked_until) VALUES
+            ('address:192.0.2.1', 9, now() - interval '8 days', NULL),
+            ('address:192.0.2.2', 9, now() - interval '1 hour', now() + interval '5 minutes')",
+    )
+    .execute(&db.pool)
+    .await?;
+    let report = Sweeper::new(db.pool.clone(), SweeperConfig::default())
+        .run_once()
+        .await?;
+    assert_eq!(report.login_counts, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM login_throttle")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(left, vec!["address:192.0.2.2".to_owned()]);
+    Ok(())
+}

@@ -14,12 +14,13 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     }
     let report = sweeper.run_once().await.context("gc sweep")?;
     println!(
-        "deleted {} dead letters (older than {} days), {} abandoned executions (older than {} days), {} expired de-duplication records",
+        "deleted {} dead letters (older than {} days), {} abandoned executions (older than {} days), {} expired de-duplication records, {} lapsed login-throttle counts",
         report.dead_letters,
         settings.dead_letter_retention_days,
         report.abandoned_executions,
         settings.abandoned_executions_retention_days,
-        report.processed_messages
+        report.processed_messages,
+        report.login_counts
     );
     Ok(())
 }
