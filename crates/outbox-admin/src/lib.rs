@@ -6,7 +6,7 @@
 //! # Layout
 //! - [`auth`]: hashing, tokens and sessions, API keys, the login throttle, [`auth::authorize`].
 //! - [`api`]: the dead-letter JSON endpoints.
-//! - [`platform`]: KV, events, jobs and triggers over HTTP.
+//! - [`events_api`]: the producer API: KV, events, jobs and triggers over HTTP.
 //! - [`dashboard`]: the HTML pages and their forms (cookie session + CSRF).
 //! - [`ApiError`]: stable error codes and statuses.
 //!
@@ -28,8 +28,8 @@ pub mod api;
 pub mod auth;
 pub mod dashboard;
 mod error;
+pub mod events_api;
 pub mod invoke;
-pub mod platform;
 pub mod strict;
 
 pub use auth::AuthConfig;
@@ -80,7 +80,7 @@ impl AdminState {
 pub fn router(state: AdminState) -> Router {
     let limit = state.body_limit;
     api::routes()
-        .merge(platform::routes())
+        .merge(events_api::routes())
         .merge(invoke::routes())
         .layer(axum::middleware::map_response(move |res| {
             error::json_rejections(res, limit)

@@ -1,14 +1,9 @@
-//! The JSON API under `/api`. Every endpoint checks the capability for the
-//! app in its path; another app's rows answer 404.
+//! Dead letters over the API: list (filters, keyset paging), count, show,
+//! ignore, replay and bulk actions, and the helpers the dashboard and the
+//! CLI share.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
-use axum::http::header;
-use axum::http::request::Parts;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use outbox_core::DeadLetter;
 use outbox_core::store::dead_letters::{self, Cursor, Filter};
@@ -16,298 +11,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::AdminState;
-use crate::accounts;
-use crate::auth::{self, Capability, Principal};
+use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
-/// The `/api` routes.
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/api/openapi.json", get(openapi))
-        .route("/api/login", post(login))
-        .route("/api/logout", post(logout))
-        .route("/api/users", get(users).post(create_user))
-        .route("/api/users/{user}", axum::routing::delete(delete_user))
-        .route(
-            "/api/users/{user}/password",
-            axum::routing::put(set_password),
-        )
-        .route("/api/users/{user}/unlock", post(unlock_user))
-        .route("/api/users/{user}/revoke-sessions", post(revoke_sessions))
-        .route("/api/api-keys", get(api_keys))
-        .route(
-            "/api/api-keys/{prefix}",
-            axum::routing::delete(revoke_api_key),
-        )
-        .route("/api/apps", get(apps))
-        .route("/api/apps/{app}/dead-letters", get(list))
-        .route("/api/apps/{app}/dead-letters/count", get(count))
-        .route("/api/apps/{app}/dead-letters/bulk", post(bulk))
-        .route("/api/apps/{app}/dead-letters/{id}", get(show))
-        .route("/api/apps/{app}/dead-letters/{id}/ignore", post(ignore))
-        // `resolve` is the earlier name of `ignore`, kept as an alias.
-        .route("/api/apps/{app}/dead-letters/{id}/resolve", post(ignore))
-        .route("/api/apps/{app}/dead-letters/{id}/replay", post(replay))
-}
-
-/// A principal from `Authorization: Bearer <jwt | api key>`.
-pub struct Bearer(pub Principal);
-
-impl FromRequestParts<AdminState> for Bearer {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
-        let credential = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(ApiError::unauthorized)?;
-        Ok(Self(
-            auth::authenticate(&state.pool, &state.auth, credential.trim()).await?,
-        ))
-    }
-}
-
-/// The client address, when the server records it.
-pub fn client_addr(parts_extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    parts_extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-}
-
-/// The OpenAPI description of the HTTP API (checked against the routes in
-/// the tests).
-pub const OPENAPI: &str = include_str!("../api/openapi.json");
-
-/// The document, with `servers` set to where this server is reached.
-async fn openapi(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI)
-        .map_err(|e| ApiError::internal(format!("the OpenAPI document does not parse: {e}")))?;
-    if !state.api_servers.is_empty() {
-        doc["servers"] = state
-            .api_servers
-            .iter()
-            .map(|url| serde_json::json!({ "url": url }))
-            .collect();
-    }
-    Ok(Json(doc).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    email: String,
-    password: String,
-}
-
-#[derive(Serialize)]
-struct LoginAnswer {
-    token: String,
-    expires_at: i64,
-}
-
-/// Checks a login, rate limits included. The same error and the same cost
-/// for an unknown e-mail and a wrong password.
-pub async fn check_login(
-    state: &AdminState,
-    email: &str,
-    password: &str,
-    addr: Option<std::net::IpAddr>,
-) -> Result<Uuid, ApiError> {
-    // No stored e-mail contains NUL (PostgreSQL text cannot hold it).
-    if email.len() > 254 || password.len() > 1024 || email.contains('\0') {
-        return Err(ApiError::BadLogin);
-    }
-    if let Some(wait) = state.throttle.hold_back(email, addr).await? {
-        return Err(ApiError::RateLimited(wait));
-    }
-    let user = outbox_core::store::principals::user_by_email(&state.pool, email).await?;
-    let hash = user.as_ref().map(|u| u.password_hash.clone());
-    if state.hasher.verify(password.to_owned(), hash).await
-        && let Some(user) = user
-    {
-        state.throttle.record_success(email, addr).await?;
-        return Ok(user.id);
-    }
-    state.throttle.record_failure(email, addr).await?;
-    Err(ApiError::BadLogin)
-}
-
-async fn login(
-    State(state): State<AdminState>,
-    req: axum::extract::Request,
-) -> Result<Response, ApiError> {
-    let addr = client_addr(req.extensions());
-    let bytes = crate::strict::body(req, state.body_limit).await?;
-    let body: LoginBody = crate::strict::json(&bytes)?;
-    let user_id = check_login(&state, &body.email, &body.password, addr).await?;
-    let issued = auth::open_session(&state.pool, &state.auth, user_id).await?;
-    Ok(Json(LoginAnswer {
-        token: issued.token,
-        expires_at: issued.expires_at,
-    })
-    .into_response())
-}
-
-/// Ends the session of the token presented (an API key has none: revoke it).
-async fn logout(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let Some(session) = p.session_id else {
-        return Err(ApiError::Invalid(
-            "an API key has no session to end: revoke the key instead".into(),
-        ));
-    };
-    outbox_core::store::sessions::close(&state.pool, session).await?;
-    Ok(Json(serde_json::json!({ "signed_out": true })))
-}
-
-/// Only instance admins manage accounts.
-fn instance_admin(p: &Principal) -> Result<(), ApiError> {
-    if p.user.is_admin {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden)
-    }
-}
-
-async fn users(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let users = accounts::list_users(&state.pool).await?;
-    Ok(Json(serde_json::json!({ "items": users })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewUserBody {
-    email: String,
-    password: String,
-    #[serde(default)]
-    admin: bool,
-}
-
-async fn create_user(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    instance_admin(&p)?;
-    let body: NewUserBody = crate::strict::json(&body)?;
-    let user = crate::create_user(&state.pool, &body.email, &body.password, body.admin).await?;
-    let mut response = (
-        axum::http::StatusCode::CREATED,
-        Json(serde_json::json!({ "id": user.id, "email": user.email, "is_admin": user.is_admin })),
-    )
-        .into_response();
-    if let Ok(location) = header::HeaderValue::from_str(&format!("/api/users/{}", user.id)) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
-}
-
-async fn delete_user(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(user): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let user = accounts::delete_user(&state.pool, &user).await?;
-    Ok(Json(serde_json::json!({ "deleted": user.email })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PasswordBody {
-    password: String,
-}
-
-async fn set_password(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(user): Path<String>,
-    body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let body: PasswordBody = crate::strict::json(&body)?;
-    let ended = accounts::set_password(&state.pool, &state.hasher, &user, &body.password).await?;
-    Ok(Json(serde_json::json!({ "sessions_ended": ended })))
-}
-
-async fn unlock_user(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(user): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let cleared = accounts::unlock(&state.pool, &user).await?;
-    Ok(Json(serde_json::json!({ "cleared": cleared })))
-}
-
-async fn revoke_sessions(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(user): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let ended = accounts::revoke_sessions(&state.pool, &user).await?;
-    Ok(Json(serde_json::json!({ "sessions_ended": ended })))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ApiKeyQuery {
-    owner: Option<String>,
-}
-
-async fn api_keys(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    crate::strict::Query(q): crate::strict::Query<ApiKeyQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let keys = accounts::list_api_keys(&state.pool, q.owner.as_deref()).await?;
-    Ok(Json(serde_json::json!({ "items": keys })))
-}
-
-async fn revoke_api_key(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(prefix): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    instance_admin(&p)?;
-    let prefix = accounts::revoke_api_key(&state.pool, &prefix).await?;
-    Ok(Json(serde_json::json!({ "revoked": prefix })))
-}
-
-#[derive(Serialize)]
-struct AppSummary {
-    slug: String,
-    name: String,
-    unresolved_dead_letters: i64,
-}
-
-async fn apps(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-) -> Result<Json<Vec<AppSummary>>, ApiError> {
-    let rows =
-        outbox_core::store::principals::visible_apps(&state.pool, p.user.id, p.user.is_admin)
-            .await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(slug, name, unresolved_dead_letters)| AppSummary {
-                slug,
-                name,
-                unresolved_dead_letters,
-            })
-            .collect(),
-    ))
-}
+use super::Bearer;
 
 /// List filters and paging, as query parameters.
 #[derive(Debug, Default, Deserialize)]
@@ -389,12 +96,12 @@ pub fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
 }
 
 #[derive(Serialize)]
-struct Page {
+pub(super) struct Page {
     items: Vec<DeadLetter>,
     next_cursor: Option<String>,
 }
 
-async fn list(
+pub(super) async fn list(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
@@ -409,7 +116,7 @@ async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
-async fn count(
+pub(super) async fn count(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
@@ -423,7 +130,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found("dead letter"))
 }
 
-async fn show(
+pub(super) async fn show(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, id)): Path<(String, String)>,
@@ -469,7 +176,7 @@ pub async fn replay_one(
     }
 }
 
-async fn ignore(
+pub(super) async fn ignore(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, id)): Path<(String, String)>,
@@ -501,7 +208,7 @@ pub fn replay_attempts(max_attempts: Option<i64>) -> Result<Option<i32>, ApiErro
         .transpose()
 }
 
-async fn replay(
+pub(super) async fn replay(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, id)): Path<(String, String)>,
@@ -585,7 +292,7 @@ pub async fn run_bulk(
     })
 }
 
-async fn bulk(
+pub(super) async fn bulk(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,

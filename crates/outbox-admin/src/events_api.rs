@@ -19,7 +19,7 @@ use crate::api::Bearer;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
-/// The platform routes.
+/// The producer API routes: KV, events, jobs and triggers.
 pub fn routes() -> Router<AdminState> {
     Router::new()
         .route(

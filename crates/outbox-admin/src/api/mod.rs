@@ -1,0 +1,112 @@
+//! The JSON API under `/api`. Every endpoint checks the capability for the
+//! app in its path; another app's rows answer 404.
+//!
+//! This module holds the router, the bearer extractor and the OpenAPI
+//! document; the handlers live in one file per noun (`login`, `accounts`,
+//! `apps`, `dead_letters`).
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::AdminState;
+use crate::auth::{self, Principal};
+use crate::error::ApiError;
+
+mod accounts;
+mod apps;
+mod dead_letters;
+mod login;
+
+pub use self::dead_letters::{
+    BulkBody, BulkFilter, ListQuery, ReplayBody, decode_cursor, encode_cursor, ignore_one,
+    replay_attempts, replay_one, run_bulk,
+};
+pub use self::login::check_login;
+
+use self::accounts::{
+    api_keys, create_user, delete_user, revoke_api_key, revoke_sessions, set_password, unlock_user,
+    users,
+};
+use self::apps::apps;
+use self::dead_letters::{bulk, count, ignore, list, replay, show};
+use self::login::{login, logout};
+
+/// The `/api` routes.
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/users", get(users).post(create_user))
+        .route("/api/users/{user}", axum::routing::delete(delete_user))
+        .route(
+            "/api/users/{user}/password",
+            axum::routing::put(set_password),
+        )
+        .route("/api/users/{user}/unlock", post(unlock_user))
+        .route("/api/users/{user}/revoke-sessions", post(revoke_sessions))
+        .route("/api/api-keys", get(api_keys))
+        .route(
+            "/api/api-keys/{prefix}",
+            axum::routing::delete(revoke_api_key),
+        )
+        .route("/api/apps", get(apps))
+        .route("/api/apps/{app}/dead-letters", get(list))
+        .route("/api/apps/{app}/dead-letters/count", get(count))
+        .route("/api/apps/{app}/dead-letters/bulk", post(bulk))
+        .route("/api/apps/{app}/dead-letters/{id}", get(show))
+        .route("/api/apps/{app}/dead-letters/{id}/ignore", post(ignore))
+        // `resolve` is the earlier name of `ignore`, kept as an alias.
+        .route("/api/apps/{app}/dead-letters/{id}/resolve", post(ignore))
+        .route("/api/apps/{app}/dead-letters/{id}/replay", post(replay))
+}
+
+/// A principal from `Authorization: Bearer <jwt | api key>`.
+pub struct Bearer(pub Principal);
+
+impl FromRequestParts<AdminState> for Bearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let credential = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(ApiError::unauthorized)?;
+        Ok(Self(
+            auth::authenticate(&state.pool, &state.auth, credential.trim()).await?,
+        ))
+    }
+}
+
+/// The client address, when the server records it.
+pub fn client_addr(parts_extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    parts_extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The OpenAPI description of the HTTP API (checked against the routes in
+/// the tests).
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+/// The document, with `servers` set to where this server is reached.
+async fn openapi(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI)
+        .map_err(|e| ApiError::internal(format!("the OpenAPI document does not parse: {e}")))?;
+    if !state.api_servers.is_empty() {
+        doc["servers"] = state
+            .api_servers
+            .iter()
+            .map(|url| serde_json::json!({ "url": url }))
+            .collect();
+    }
+    Ok(Json(doc).into_response())
+}

@@ -1,0 +1,164 @@
+//! The login throttle: failed logins counted per account, per address and
+//! per (account, address) pair, in PostgreSQL.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use outbox_core::store::login_throttle;
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+
+/// Login throttling: failures are counted per account, per client address
+/// and per (account, address) pair, in PostgreSQL. Once a key has used its
+/// free failures, the next attempt under it waits `base_delay`, doubling with
+/// each further failure up to `max_delay`; a count lapses `window` after its
+/// last failure.
+///
+/// An address that is held back is refused for every account. An account
+/// that is held back is refused only to addresses that have failed on it:
+/// someone guessing elsewhere can never lock the rightful owner out of a
+/// client that has not been failing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThrottleConfig {
+    /// Failures of one account (from anywhere) before it is held back.
+    pub free_per_account: u32,
+    /// Failures from one address (on any account) before it is held back.
+    pub free_per_address: u32,
+    /// Failures of one account from one address before that pair is held back.
+    pub free_per_pair: u32,
+    /// The first hold-back.
+    pub base_delay: Duration,
+    /// The longest hold-back.
+    pub max_delay: Duration,
+    /// How long a count is remembered after its last failure.
+    pub window: Duration,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            free_per_account: 5,
+            free_per_address: 20,
+            free_per_pair: 3,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15 * 60),
+            window: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// The login throttle of [`ThrottleConfig`], kept in PostgreSQL so every
+/// outboxd process sees the same counts and a restart forgets nothing.
+#[derive(Clone)]
+pub struct Throttle {
+    pool: PgPool,
+    config: ThrottleConfig,
+}
+
+/// The keys one login attempt is counted under.
+struct ThrottleKeys {
+    account: String,
+    address: String,
+    pair: String,
+}
+
+impl ThrottleKeys {
+    fn new(email: &str, addr: Option<IpAddr>) -> Self {
+        let email = email.trim().to_lowercase();
+        let addr = addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        Self {
+            account: format!("account:{email}"),
+            address: format!("address:{addr}"),
+            pair: format!("pair:{email}|{addr}"),
+        }
+    }
+}
+
+impl Throttle {
+    /// A throttle over `pool`.
+    pub fn new(pool: PgPool, config: ThrottleConfig) -> Self {
+        Self { pool, config }
+    }
+
+    fn window_secs(&self) -> i64 {
+        self.config.window.as_secs().max(1) as i64
+    }
+
+    /// `Some(wait)` when this attempt must be refused, checked before the
+    /// password is, so known and unknown accounts answer alike.
+    pub async fn hold_back(
+        &self,
+        email: &str,
+        addr: Option<IpAddr>,
+    ) -> Result<Option<Duration>, ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        let states = login_throttle::recent(
+            &self.pool,
+            &[
+                keys.account.clone(),
+                keys.address.clone(),
+                keys.pair.clone(),
+            ],
+            self.window_secs(),
+        )
+        .await?;
+        let now = chrono::Utc::now();
+        let wait = |key: &str| {
+            states
+                .iter()
+                .find(|s| s.key == key)
+                .and_then(|s| s.blocked_until)
+                .filter(|until| *until > now)
+                .map(|until| (until - now).to_std().unwrap_or_default())
+        };
+        let pair_failing = states.iter().any(|s| s.key == keys.pair && s.failures > 0);
+        let account_wait = wait(&keys.account).filter(|_| pair_failing);
+        Ok([wait(&keys.address), wait(&keys.pair), account_wait]
+            .into_iter()
+            .flatten()
+            .max())
+    }
+
+    /// Counts a failed attempt under all its keys.
+    pub async fn record_failure(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        let c = &self.config;
+        let free = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(outbox_core::Error::from)?;
+        login_throttle::record_failure(
+            &mut conn,
+            &[keys.account, keys.address, keys.pair],
+            &[
+                free(c.free_per_account),
+                free(c.free_per_address),
+                free(c.free_per_pair),
+            ],
+            self.window_secs(),
+            c.base_delay.as_secs_f64(),
+            c.max_delay.as_secs_f64(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the account's failures, and this address's on it, after a
+    /// successful login (the address's count over all accounts stays).
+    pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        login_throttle::clear(&self.pool, &[keys.account, keys.pair]).await?;
+        Ok(())
+    }
+}
+
+/// Clears an account's login throttle (`outboxd user unlock`): its own count
+/// and the counts of every address on it. Returns how many counts went.
+pub async fn unlock(pool: &PgPool, email: &str) -> Result<u64, ApiError> {
+    let email = email.trim().to_lowercase();
+    let pairs = login_throttle::clear_prefixed(pool, &[format!("pair:{email}|")]).await?;
+    Ok(pairs + login_throttle::clear(pool, &[format!("account:{email}")]).await?)
+}

@@ -1,0 +1,163 @@
+//! The instance admin's accounts page: users and API keys, and the actions
+//! on them.
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+
+use crate::AdminState;
+use crate::accounts;
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, logout_form, page};
+use super::session::{Session, after_form, check_csrf, field, form};
+
+/// The instance admin's accounts page: users (roles, sessions, throttle)
+/// and API keys, with the same actions as `outboxd user …` and
+/// `outboxd api-key …`.
+pub(super) async fn accounts_page(State(state): State<AdminState>, session: Session) -> Response {
+    if !session.principal.user.is_admin {
+        return error_page(&ApiError::Forbidden);
+    }
+    let result = async {
+        Ok::<_, ApiError>((
+            accounts::list_users(&state.pool).await?,
+            accounts::list_api_keys(&state.pool, None).await?,
+        ))
+    }
+    .await;
+    let (users, keys) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let csrf = esc(&session.csrf);
+    let mut body = logout_form(&session);
+    body.push_str(
+        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1><table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
+    );
+    for u in &users {
+        let button = |action: &str, label: &str, confirm: bool| {
+            format!(
+                r#"<form class=inline method=post action="/admin/accounts/{id}/{action}"><input type=hidden name=csrf value="{csrf}">{c}<button type=submit>{label}</button></form>"#,
+                id = u.id,
+                c = if confirm {
+                    r#"<label><input type=checkbox name=confirm value=yes required> sure</label> "#
+                } else {
+                    ""
+                },
+            )
+        };
+        body.push_str(&format!(
+            r#"<tr data-user="{email}"><td>{email}</td><td>{admin}</td><td>{roles}</td><td>{sessions}</td><td>{keys}</td><td>{created}</td><td>{revoke} {unlock} {delete}
+<form class=inline method=post action="/admin/accounts/{id}/password"><input type=hidden name=csrf value="{csrf}"><input name=password type=password minlength=12 autocomplete=new-password placeholder="new password" required> <button type=submit>Set password</button></form></td></tr>"#,
+            email = esc(&u.email),
+            admin = if u.is_admin { "yes" } else { "" },
+            roles = esc(&u.roles.join(", ")),
+            sessions = u.sessions,
+            keys = u.api_keys,
+            created = u.created_at.format("%Y-%m-%d"),
+            revoke = button("revoke-sessions", "Sign out everywhere", false),
+            unlock = button("unlock", "Unlock", false),
+            delete = button("delete", "Delete", true),
+            id = u.id,
+        ));
+    }
+    body.push_str(
+        r#"</table><h2>API keys</h2><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
+    );
+    if keys.is_empty() {
+        body.push_str(r#"<tr><td colspan=7 class=muted>No API keys yet: create one with <code>outboxd api-key create EMAIL</code>.</td></tr>"#);
+    }
+    for k in &keys {
+        let state_cell = k.revoked_at.map_or_else(
+            || "active".to_owned(),
+            |at| format!("revoked {}", at.format("%Y-%m-%d %H:%M")),
+        );
+        let action = if k.revoked_at.is_none() {
+            format!(
+                r#"<form class=inline method=post action="/admin/api-keys/{p}/revoke"><input type=hidden name=csrf value="{csrf}"><button type=submit>Revoke</button></form>"#,
+                p = esc(&k.prefix)
+            )
+        } else {
+            String::new()
+        };
+        body.push_str(&format!(
+            r#"<tr data-key="{p}"><td><code>obx_{p}_…</code></td><td>{name}</td><td>{owner}</td><td>{created}</td><td>{used}</td><td>{state_cell}</td><td>{action}</td></tr>"#,
+            p = esc(&k.prefix),
+            name = esc(&k.name),
+            owner = esc(&k.owner),
+            created = k.created_at.format("%Y-%m-%d %H:%M"),
+            used = k
+                .last_used_at
+                .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_else(|| "never".into()),
+        ));
+    }
+    body.push_str("</table>");
+    page("Accounts", &body).into_response()
+}
+
+/// An instance admin's form: read, CSRF-checked, and refused to anyone else.
+async fn admin_form(
+    state: &AdminState,
+    session: &Session,
+    req: Request,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let form = form(req, state.body_limit).await?;
+    check_csrf(session, &form)?;
+    if !session.principal.user.is_admin {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(form)
+}
+
+/// An instance admin's action on a user, from the accounts page.
+pub(super) async fn account_action(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((user, action)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = admin_form(&state, &session, req).await?;
+        match action.as_str() {
+            "revoke-sessions" => {
+                accounts::revoke_sessions(&state.pool, &user).await?;
+            }
+            "unlock" => {
+                accounts::unlock(&state.pool, &user).await?;
+            }
+            "delete" => {
+                if field(&form, "confirm") != Some("yes") {
+                    return Err(ApiError::Invalid(
+                        "confirm: tick the box to delete the user".into(),
+                    ));
+                }
+                accounts::delete_user(&state.pool, &user).await?;
+            }
+            "password" => {
+                let password = field(&form, "password").unwrap_or_default();
+                accounts::set_password(&state.pool, &state.hasher, &user, password).await?;
+            }
+            _ => return Err(ApiError::not_found("action")),
+        }
+        Ok("/admin/accounts".to_owned())
+    }
+    .await;
+    after_form(result)
+}
+
+/// Revokes an API key from the accounts page.
+pub(super) async fn revoke_key(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(prefix): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        admin_form(&state, &session, req).await?;
+        accounts::revoke_api_key(&state.pool, &prefix).await?;
+        Ok("/admin/accounts".to_owned())
+    }
+    .await;
+    after_form(result)
+}

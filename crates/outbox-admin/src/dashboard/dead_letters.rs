@@ -1,0 +1,247 @@
+//! The dead-letter pages: the list (filters, paging, bulk actions), one
+//! dead letter, and its replay and ignore forms.
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use outbox_core::store::dead_letters;
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::api::{self, BulkBody, ListQuery};
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, logout_form, page};
+use super::session::{Session, after_form, checked_form, field};
+
+fn age(created: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - created).num_seconds().max(0);
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86_399 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+pub(super) async fn list_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<ListQuery>, ApiError>,
+) -> Response {
+    let q = match q {
+        Ok(crate::strict::Query(q)) => q,
+        Err(err) => return error_page(&err),
+    };
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let limit = q.limit()?;
+        let rows =
+            dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
+        let unresolved = dead_letters::count_unresolved(&state.pool, app.id).await?;
+        Ok::<_, ApiError>((app, rows, unresolved, limit))
+    }
+    .await;
+    let (app, rows, unresolved, limit) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let mut body = logout_form(&session);
+    body.push_str(&format!(
+        r#"<h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>
+<form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
+<label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
+<form method=post action="/apps/{slug}/dead-letters/bulk"><input type=hidden name=csrf value="{csrf}">
+<p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
+<table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
+        z = if unresolved == 0 { " zero" } else { "" },
+        t = esc(q.topic.as_deref().unwrap_or("")),
+        src = esc(q.source.as_deref().unwrap_or("")),
+        chk = if q.unresolved { "checked" } else { "" },
+        csrf = esc(&session.csrf),
+    ));
+    for row in &rows {
+        let error: String = row
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect();
+        body.push_str(&format!(
+            r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
+            id = row.id,
+            cb = if row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
+            src = esc(&row.source),
+            topic = esc(&row.topic),
+            att = row.attempt_count,
+            err = esc(&error),
+            age = age(row.created_at),
+            state = esc(row.resolution.as_deref().unwrap_or("unresolved")),
+        ));
+    }
+    body.push_str("</table></form>");
+    if rows.len() == limit as usize
+        && let Some(last) = rows.last()
+    {
+        body.push_str(&format!(
+            r#"<p><a href="?unresolved={}&topic={}&source={}&after={}">Older →</a></p>"#,
+            q.unresolved,
+            esc(q.topic.as_deref().unwrap_or("")),
+            esc(q.source.as_deref().unwrap_or("")),
+            api::encode_cursor(last)
+        ));
+    }
+    page(&format!("{} dead letters", app.slug), &body).into_response()
+}
+
+pub(super) async fn detail_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
+        Ok::<_, ApiError>((dead_letters::get(&state.pool, app.id, id).await?, app))
+    }
+    .await;
+    let (row, app) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
+    let actions = if row.resolved_at.is_none() {
+        format!(
+            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay"><input type=hidden name=csrf value="{c}"><label>Attempts <input name=max_attempts type=number min=1 placeholder="{budget}" size=6></label> <button type=submit id=replay>Replay</button></form>
+<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore"><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,
+            id = row.id,
+            c = esc(&session.csrf),
+            budget = row
+                .max_attempts
+                .map_or_else(|| "default".to_owned(), |n| n.to_string()),
+        )
+    } else {
+        format!(
+            "<p>Resolved: <b id=resolution>{}</b></p>",
+            esc(row.resolution.as_deref().unwrap_or(""))
+        )
+    };
+    let body = format!(
+        r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>
+<table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr><tr><th>Source</th><td>{src}</td></tr>
+<tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
+<tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
+<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
+        logout = logout_form(&session),
+        topic = esc(&row.topic),
+        id = row.id,
+        orig = row.original_event_id,
+        src = esc(&row.source),
+        att = row.attempt_count,
+        first = row
+            .first_attempt_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        last = row
+            .last_attempt_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        created = row.created_at.to_rfc3339(),
+        err = esc(row.last_error.as_deref().unwrap_or("")),
+        payload = esc(&pretty),
+    );
+    page(&row.topic, &body).into_response()
+}
+
+async fn act(
+    state: AdminState,
+    session: Session,
+    app: String,
+    id: String,
+    req: Request,
+    replay: bool,
+) -> Response {
+    let result = async {
+        let (form, app) =
+            checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
+        if replay {
+            let max_attempts = match field(&form, "max_attempts").map(str::trim) {
+                None | Some("") => None,
+                Some(n) => Some(n.parse::<i64>().map_err(|_| {
+                    ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
+                })?),
+            };
+            let max_attempts = api::replay_attempts(max_attempts)?;
+            api::replay_one(&state.pool, app.id, id, max_attempts).await?;
+        } else {
+            api::ignore_one(&state.pool, app.id, id).await?;
+        }
+        Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}", app.slug))
+    }
+    .await;
+    after_form(result)
+}
+
+pub(super) async fn replay(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    act(state, session, app, id, req, true).await
+}
+
+pub(super) async fn ignore(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    act(state, session, app, id, req, false).await
+}
+
+pub(super) async fn bulk(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let (form, app) =
+            checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
+        let ids = form
+            .iter()
+            .filter(|(k, _)| k == "ids")
+            .map(|(_, v)| {
+                Uuid::parse_str(v).map_err(|_| ApiError::Invalid(format!("{v:?} is not an id")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = BulkBody {
+            action: field(&form, "action").unwrap_or_default().to_owned(),
+            ids: Some(ids),
+            filter: None,
+            max_attempts: None,
+        };
+        api::run_bulk(&state, app.id, &body).await?;
+        Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
+    }
+    .await;
+    after_form(result)
+}

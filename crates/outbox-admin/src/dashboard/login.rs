@@ -1,0 +1,152 @@
+//! Signing in and out of the dashboard: the sign-in page and form, the
+//! session and CSRF cookies, and sign-out.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+
+use crate::AdminState;
+use crate::api;
+use crate::auth;
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, page};
+use super::session::{
+    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token,
+};
+
+/// The sign-in page. Its form carries a CSRF token bound to a cookie set
+/// here, so another site cannot sign a browser in to an account of its own.
+pub(super) async fn login_page(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let csrf = cookie(&headers, CSRF_COOKIE)
+        .filter(|c| c.len() >= 32)
+        .unwrap_or_else(random_token);
+    with_csrf_cookie(login_form(None, "", &csrf).into_response(), &csrf, &state)
+}
+
+fn with_csrf_cookie(mut response: Response, csrf: &str, state: &AdminState) -> Response {
+    if let Some(c) = set_cookie(
+        CSRF_COOKIE,
+        csrf,
+        state.auth.token_ttl.as_secs(),
+        state.auth.secure_cookies,
+    ) {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
+    page(
+        "Sign in",
+        &format!(
+            r#"<h1>Sign in</h1>{}<form method="post" action="/login"><input type=hidden name=csrf value="{}">
+<p><label>E-mail<br><input name="email" type="email" autocomplete="username" required value="{}"></label></p>
+<p><label>Password<br><input name="password" type="password" autocomplete="current-password" required{}></label></p>
+<p><button type="submit">Sign in</button></p></form>"#,
+            message
+                .map(|m| format!("<p class=err role=alert>{}</p>", esc(m)))
+                .unwrap_or_default(),
+            esc(csrf),
+            esc(email),
+            if email.is_empty() { "" } else { " autofocus" },
+        ),
+    )
+}
+
+fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    ))
+    .ok()
+}
+
+pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {
+    let addr = api::client_addr(req.extensions());
+    let csrf_cookie = cookie(req.headers(), CSRF_COOKIE);
+    let form = match form(req, state.body_limit).await {
+        Ok(f) => f,
+        Err(err) => return error_page(&err),
+    };
+    let email = field(&form, "email").unwrap_or_default().to_owned();
+    let password = field(&form, "password").unwrap_or_default().to_owned();
+    // The form's token must match the cookie the sign-in page set. A page
+    // shown again keeps the cookie's token (another site's forged post must
+    // not invalidate the form open in the owner's tab); only a successful
+    // sign-in rotates it.
+    let fresh = csrf_cookie
+        .clone()
+        .filter(|c| c.len() >= 32)
+        .unwrap_or_else(random_token);
+    if csrf_cookie.is_none() || field(&form, "csrf") != csrf_cookie.as_deref() {
+        let form = login_form(
+            Some("The sign-in form expired: please sign in again."),
+            &email,
+            &fresh,
+        );
+        return with_csrf_cookie(
+            (axum::http::StatusCode::FORBIDDEN, form).into_response(),
+            &fresh,
+            &state,
+        );
+    }
+    let user_id = match api::check_login(&state, &email, &password, addr).await {
+        Ok(id) => id,
+        Err(err) => {
+            let (status, _) = err.status_and_code();
+            let mut response =
+                (status, login_form(Some(&err.to_string()), &email, &fresh)).into_response();
+            if let ApiError::RateLimited(wait) = &err {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    crate::error::retry_after_secs(wait).into(),
+                );
+            }
+            return with_csrf_cookie(response, &fresh, &state);
+        }
+    };
+    let token = match auth::open_session(&state.pool, &state.auth, user_id).await {
+        Ok(issued) => issued.token,
+        Err(err) => return error_page(&err),
+    };
+    // A new CSRF token for the signed-in session.
+    let csrf = random_token();
+    let ttl = state.auth.token_ttl.as_secs();
+    let mut response = Redirect::to("/apps").into_response();
+    for c in [
+        set_cookie(SESSION_COOKIE, &token, ttl, state.auth.secure_cookies),
+        set_cookie(CSRF_COOKIE, &csrf, ttl, state.auth.secure_cookies),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+pub(super) async fn logout(
+    State(state): State<AdminState>,
+    session: Session,
+    req: Request,
+) -> Response {
+    let Ok(form) = form(req, state.body_limit).await else {
+        return Redirect::to("/login").into_response();
+    };
+    if let Err(err) = check_csrf(&session, &form) {
+        return error_page(&err);
+    }
+    if let Some(id) = session.principal.session_id
+        && let Err(err) = outbox_core::store::sessions::close(&state.pool, id).await
+    {
+        return error_page(&err.into());
+    }
+    let mut response = Redirect::to("/login").into_response();
+    for name in [SESSION_COOKIE, CSRF_COOKIE] {
+        if let Some(c) = set_cookie(name, "", 0, state.auth.secure_cookies) {
+            response.headers_mut().append(header::SET_COOKIE, c);
+        }
+    }
+    response
+}

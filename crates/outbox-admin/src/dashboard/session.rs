@@ -1,0 +1,95 @@
+//! The dashboard session (the cookie's token and its CSRF token) and the
+//! form helpers every state-changing page shares.
+
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Redirect, Response};
+
+use crate::AdminState;
+use crate::auth::{self, Capability, Principal};
+use crate::error::ApiError;
+
+use super::render::error_page;
+
+pub(super) const SESSION_COOKIE: &str = "outboxd_session";
+pub(super) const CSRF_COOKIE: &str = "outboxd_csrf";
+
+pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// A signed-in operator and the CSRF token of the session.
+pub(super) struct Session {
+    pub(super) principal: Principal,
+    pub(super) csrf: String,
+}
+
+/// A fresh random token (CSRF).
+pub(super) fn random_token() -> String {
+    auth::new_api_key().2
+}
+
+impl FromRequestParts<AdminState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Response> {
+        let to_login = || Redirect::to("/login").into_response();
+        let token = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(to_login)?;
+        let csrf = cookie(&parts.headers, CSRF_COOKIE).ok_or_else(to_login)?;
+        let principal = auth::authenticate(&state.pool, &state.auth, &token)
+            .await
+            .map_err(|_| to_login())?;
+        Ok(Self { principal, csrf })
+    }
+}
+
+/// Reads a urlencoded form (all values of every key), within the body limit.
+pub(super) async fn form(req: Request, limit: usize) -> Result<Vec<(String, String)>, ApiError> {
+    let bytes = crate::strict::body(req, limit).await?;
+    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The form's CSRF token must equal the session's (double submit).
+pub(super) fn check_csrf(session: &Session, form: &[(String, String)]) -> Result<(), ApiError> {
+    match field(form, "csrf") {
+        Some(token) if !token.is_empty() && token == session.csrf => Ok(()),
+        _ => Err(ApiError::Forbidden),
+    }
+}
+
+/// A state-changing form: read it, check its CSRF token, and authorize the
+/// session for `capability` on the app.
+pub(super) async fn checked_form(
+    state: &AdminState,
+    session: &Session,
+    app: &str,
+    capability: Capability,
+    req: Request,
+) -> Result<(Vec<(String, String)>, outbox_core::App), ApiError> {
+    let form = form(req, state.body_limit).await?;
+    check_csrf(session, &form)?;
+    let app = auth::authorize(&state.pool, &session.principal, app, capability).await?;
+    Ok((form, app))
+}
+
+/// Redirects to the page a form action leads to, or shows its error.
+pub(super) fn after_form(result: Result<String, ApiError>) -> Response {
+    match result {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(err) => error_page(&err),
+    }
+}

@@ -1,0 +1,172 @@
+//! The triggers page: list, create, enable, disable and delete an app's triggers.
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, logout_form, page};
+use super::session::{Session, after_form, checked_form, field};
+
+pub(super) async fn triggers_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let rows = outbox_core::store::triggers::list(&state.pool, app.id).await?;
+        Ok::<_, ApiError>((app, rows))
+    }
+    .await;
+    let (app, rows) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let csrf = esc(&session.csrf);
+    let mut body = logout_form(&session);
+    body.push_str(&format!(
+        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · triggers</h1>
+<table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#
+    ));
+    for t in &rows {
+        let detail = match t.kind.as_str() {
+            "kv" => format!(
+                "{} ({})",
+                t.collection_glob.as_deref().unwrap_or(""),
+                t.ops.clone().unwrap_or_default().join(", ")
+            ),
+            "cron" => format!(
+                "{} {} · next {}",
+                t.schedule.as_deref().unwrap_or(""),
+                t.timezone.as_deref().unwrap_or("UTC"),
+                t.next_fire_at.map(|n| n.to_rfc3339()).unwrap_or_default()
+            ),
+            _ => "dead letters".to_owned(),
+        };
+        let toggle = if t.enabled { "disable" } else { "enable" };
+        body.push_str(&format!(
+            r#"<tr data-trigger="{name}"><td>{name}</td><td>{kind}</td><td>{detail}</td><td>{target}</td><td>{state}</td><td>
+<form class=inline method=post action="/apps/{slug}/triggers/{id}/{toggle}"><input type=hidden name=csrf value="{csrf}"><button type=submit>{toggle}</button></form>
+<form class=inline method=post action="/apps/{slug}/triggers/{id}/delete"><input type=hidden name=csrf value="{csrf}"><button type=submit>delete</button></form></td></tr>"#,
+            name = esc(&t.name),
+            kind = esc(&t.kind),
+            detail = esc(&detail),
+            target = esc(&t.target),
+            state = if t.enabled { "enabled" } else { "disabled" },
+            id = t.id,
+        ));
+    }
+    body.push_str(&format!(
+        r#"</table><h2>New trigger</h2><form method=post action="/apps/{slug}/triggers"><input type=hidden name=csrf value="{csrf}">
+<p><select name=kind><option value=kv>KV writes</option><option value=cron>cron</option><option value=dead_letter>dead letters</option></select>
+<input name=name placeholder=name required> <input name=target placeholder="handler or webhook:https://…" required></p>
+<p><input name=collection placeholder="collection glob (kv)"> <input name=ops placeholder="put,delete (kv)"></p>
+<p><input name=schedule placeholder="cron schedule"> <input name=timezone placeholder="UTC"></p>
+<p><input name=topics placeholder="topics, comma-separated (dead letters)"></p>
+<p><button type=submit>Create</button></p></form>"#
+    ));
+    page(&format!("{} triggers", app.slug), &body).into_response()
+}
+
+fn list_field(form: &[(String, String)], name: &str) -> Vec<String> {
+    field(form, name)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+pub(super) async fn create_trigger(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    req: Request,
+) -> Response {
+    use outbox_core::store::triggers::{self, TriggerSpec};
+    let result = async {
+        let (form, app) =
+            checked_form(&state, &session, &app, Capability::ManageTriggers, req).await?;
+        let text = |name: &str| field(&form, name).unwrap_or_default().trim().to_owned();
+        let spec = match text("kind").as_str() {
+            "kv" => TriggerSpec::Kv {
+                collection: text("collection"),
+                ops: Some(list_field(&form, "ops"))
+                    .filter(|o| !o.is_empty())
+                    .unwrap_or_else(|| vec!["put".into(), "delete".into()]),
+            },
+            "cron" => TriggerSpec::Cron {
+                schedule: text("schedule"),
+                timezone: Some(text("timezone"))
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| "UTC".into()),
+            },
+            "dead_letter" => TriggerSpec::DeadLetter {
+                sources: Vec::new(),
+                topics: list_field(&form, "topics"),
+                trigger_ids: Vec::new(),
+            },
+            other => {
+                return Err(ApiError::Invalid(format!(
+                    "kind {other:?} is not kv, cron or dead_letter"
+                )));
+            }
+        };
+        let principal = format!("user:{}", session.principal.user.id);
+        let mut tx = state
+            .pool
+            .begin()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        triggers::create(
+            &mut tx,
+            app.id,
+            &text("name"),
+            &text("target"),
+            Some(&principal),
+            &spec,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
+    }
+    .await;
+    after_form(result)
+}
+
+pub(super) async fn change_trigger(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id, action)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    use outbox_core::store::triggers;
+    let result = async {
+        let (_, app) =
+            checked_form(&state, &session, &app, Capability::ManageTriggers, req).await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("trigger"))?;
+        match action.as_str() {
+            "enable" => triggers::set_enabled(&state.pool, app.id, id, true).await?,
+            "disable" => triggers::set_enabled(&state.pool, app.id, id, false).await?,
+            "delete" => triggers::delete(&state.pool, app.id, id).await?,
+            _ => return Err(ApiError::not_found("action")),
+        }
+        Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
+    }
+    .await;
+    after_form(result)
+}

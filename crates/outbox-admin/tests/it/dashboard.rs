@@ -1,0 +1,179 @@
+//! The dashboard: a session and a CSRF token on the dead-letter forms, and
+//! the triggers page.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use outbox_core::store::dead_letters;
+use tower::ServiceExt;
+
+use super::{PASSWORD, PRE_LOGIN_CSRF, TestResult, World, urlencode};
+
+#[tokio::test]
+async fn dashboard_needs_a_session_and_a_csrf_token() -> TestResult {
+    let w = World::new().await?;
+    let a1 = w.dead_letter(w.app_a, "a.one").await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let res = app()
+        .oneshot(Request::get("/apps").body(Body::empty())?)
+        .await?;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        res.headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok()),
+        Some("/login")
+    );
+    let login = Request::post("/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
+        .body(Body::from(format!(
+            "csrf={PRE_LOGIN_CSRF}&email=operator%40x.io&password={}",
+            urlencode(PASSWORD)
+        )))?;
+    let res = app().oneshot(login).await?;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let cookies: Vec<String> = res
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    assert!(
+        cookies
+            .iter()
+            .all(|c| c.contains("HttpOnly") && c.contains("SameSite=Strict")),
+        "{cookies:?}"
+    );
+    let jar: String = cookies
+        .iter()
+        .filter_map(|c| c.split(';').next())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let csrf = cookies
+        .iter()
+        .find_map(|c| c.strip_prefix("outboxd_csrf="))
+        .and_then(|c| c.split(';').next())
+        .ok_or("no csrf cookie")?
+        .to_owned();
+    let page = app()
+        .oneshot(
+            Request::get("/apps")
+                .header(header::COOKIE, &jar)
+                .body(Body::empty())?,
+        )
+        .await?;
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = String::from_utf8(
+        axum::body::to_bytes(page.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(html.contains("app-a") && !html.contains("app-b"), "{html}");
+    // A form post without the token changes nothing.
+    let forged = Request::post(format!("/apps/app-a/dead-letters/{a1}/ignore"))
+        .header(header::COOKIE, &jar)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from("csrf=wrong"))?;
+    assert_eq!(app().oneshot(forged).await?.status(), StatusCode::FORBIDDEN);
+    assert!(
+        dead_letters::get(&w.db.pool, w.app_a, a1)
+            .await?
+            .resolved_at
+            .is_none()
+    );
+    let real = Request::post(format!("/apps/app-a/dead-letters/{a1}/ignore"))
+        .header(header::COOKIE, &jar)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("csrf={csrf}")))?;
+    assert_eq!(app().oneshot(real).await?.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        dead_letters::get(&w.db.pool, w.app_a, a1)
+            .await?
+            .resolution
+            .as_deref(),
+        Some("ignored")
+    );
+    // GET never changes state.
+    let res = app()
+        .oneshot(
+            Request::get(format!("/apps/app-a/dead-letters/{a1}/replay"))
+                .header(header::COOKIE, &jar)
+                .body(Body::empty())?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_triggers_page_creates_lists_and_disables_with_csrf_and_roles() -> TestResult {
+    let w = World::new().await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let session = |email: &'static str| w.dashboard_session(email);
+    let post = |jar: String, uri: String, body: String| {
+        let app = app();
+        async move {
+            let req = Request::post(uri)
+                .header(header::COOKIE, jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))?;
+            Ok::<_, Box<dyn std::error::Error>>(app.oneshot(req).await?.status())
+        }
+    };
+    let (admin_jar, admin_csrf) = session("a-admin@x.io").await?;
+    let (viewer_jar, viewer_csrf) = session("viewer@x.io").await?;
+    let create = format!(
+        "csrf={admin_csrf}&kind=cron&name=nightly&target=report.build&schedule=0+3+*+*+*&timezone=Europe%2FParis"
+    );
+    assert_eq!(
+        post(admin_jar.clone(), "/apps/app-a/triggers".into(), create).await?,
+        StatusCode::SEE_OTHER
+    );
+    let forged = "csrf=nope&kind=kv&name=x&target=y&collection=*".to_owned();
+    assert_eq!(
+        post(admin_jar.clone(), "/apps/app-a/triggers".into(), forged).await?,
+        StatusCode::FORBIDDEN
+    );
+    let viewer_try = format!("csrf={viewer_csrf}&kind=kv&name=x&target=y&collection=*");
+    assert_eq!(
+        post(
+            viewer_jar.clone(),
+            "/apps/app-a/triggers".into(),
+            viewer_try
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    let listed = principals_triggers(&w).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].timezone.as_deref(), Some("Europe/Paris"));
+    let page = app()
+        .oneshot(
+            Request::get("/apps/app-a/triggers")
+                .header(header::COOKIE, &viewer_jar)
+                .body(Body::empty())?,
+        )
+        .await?;
+    let html = String::from_utf8(
+        axum::body::to_bytes(page.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains("nightly") && html.contains("0 3 * * * Europe/Paris"),
+        "{html}"
+    );
+    let disable = format!("/apps/app-a/triggers/{}/disable", listed[0].id);
+    assert_eq!(
+        post(admin_jar.clone(), disable, format!("csrf={admin_csrf}")).await?,
+        StatusCode::SEE_OTHER
+    );
+    assert!(!principals_triggers(&w).await?[0].enabled);
+    Ok(())
+}
+
+async fn principals_triggers(
+    w: &World,
+) -> Result<Vec<outbox_core::store::triggers::Trigger>, Box<dyn std::error::Error>> {
+    Ok(outbox_core::store::triggers::list(&w.db.pool, w.app_a).await?)
+}

@@ -1,0 +1,170 @@
+//! The producer API: KV writes that fire triggers, events, jobs and
+//! trigger management over HTTP.
+
+use axum::http::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{TestResult, World};
+
+#[tokio::test]
+async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
+    let w = World::new().await?;
+    let a_admin = w.login("a-admin@x.io").await?;
+    let operator = w.login("operator@x.io").await?;
+    let viewer = w.login("viewer@x.io").await?;
+    // Triggers need AppManageTriggers (admin role); validation errors are 400 with the field named.
+    let (s, _) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/triggers",
+            Some(&operator),
+            Some(json!({"kind": "kv", "name": "t", "target": "h", "collection": "*"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    for (bad, field) in [
+        (
+            json!({"kind": "kv", "name": "t", "target": "h", "collection": "a*b"}),
+            "collection",
+        ),
+        (
+            json!({"kind": "cron", "name": "t", "target": "h", "schedule": "soon"}),
+            "schedule",
+        ),
+        (
+            json!({"kind": "webhook", "name": "t", "target": "h"}),
+            "kind",
+        ),
+    ] {
+        let (s, body) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/triggers",
+                Some(&a_admin),
+                Some(bad),
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field),
+            "{body}"
+        );
+    }
+    let (s, body) = w.call("POST", "/api/apps/app-a/triggers", Some(&a_admin), Some(json!({"kind": "kv", "name": "orders", "target": "orders.changed", "collection": "orders:*", "ops": ["put"]}))).await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (_, list) = w
+        .call("GET", "/api/apps/app-a/triggers", Some(&viewer), None)
+        .await?;
+    assert_eq!(list[0]["collection_glob"], "orders:*");
+
+    // A KV write fires the trigger in the same transaction; versions are optimistic.
+    let (s, _) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/kv/orders:eu/o1",
+            Some(&viewer),
+            Some(json!({"value": 1})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "viewers cannot write");
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/kv/orders:eu/o1",
+            Some(&operator),
+            Some(json!({"value": {"total": 9}, "expected_version": 0})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["version"], 1);
+    let fired: Uuid = body["fired"][0].as_str().ok_or("fired")?.parse()?;
+    let (topic, trigger): (String, Option<Uuid>) =
+        sqlx::query_as("SELECT topic, trigger_id FROM outbox WHERE id = $1")
+            .bind(fired)
+            .fetch_one(&w.db.pool)
+            .await?;
+    assert_eq!(topic, "orders.changed");
+    assert!(trigger.is_some());
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/kv/orders:eu/o1",
+            Some(&operator),
+            Some(json!({"value": 2, "expected_version": 0})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("conflict"))
+    );
+    let (s, entry) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/kv/orders:eu/o1",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(
+        (s, entry["value"]["total"].as_i64()),
+        (StatusCode::OK, Some(9))
+    );
+    let (s, body) = w
+        .call(
+            "DELETE",
+            "/api/apps/app-a/kv/users/u1",
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+
+    // Events and jobs: one transaction each, the outbox id back.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/events/user.signed_up",
+            Some(&operator),
+            Some(json!({"payload": {"id": 1}})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            Some(&operator),
+            Some(json!({"payload": {}, "ordering_key": "r", "idempotency_key": "r-1"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (_, again) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/jobs/reports",
+            Some(&operator),
+            Some(json!({"payload": {}, "idempotency_key": "r-1"})),
+        )
+        .await?;
+    assert_eq!(again["id"], body["id"], "idempotent");
+    let sources: Vec<String> =
+        sqlx::query_scalar("SELECT source FROM outbox WHERE trigger_id IS NULL ORDER BY id")
+            .fetch_all(&w.db.pool)
+            .await?;
+    assert_eq!(sources, vec!["pubsub", "queue"]);
+    // Another app's KV is out of reach.
+    let (s, _) = w
+        .call(
+            "PUT",
+            "/api/apps/app-b/kv/x/y",
+            Some(&a_admin),
+            Some(json!({"value": 1})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Synchronous invocations: the handler's answer, its error, no handler,
+//! and a timeout that records the abandoned execution.
+
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::{TestResult, World};
+
+/// A dispatcher on its own pool (as another process would have) running these handlers.
+async fn dispatcher_for(
+    w: &World,
+) -> Result<
+    (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<Result<outbox_dispatch::DrainReport, outbox_dispatch::Error>>,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
+    let mut registry = Registry::new();
+    registry.register("echo", |e: Event| async move {
+        e.set_reply(json!({ "echo": e.payload }));
+        Ok::<(), HandlerError>(())
+    });
+    registry.register("fail", |_e: Event| async {
+        Err::<(), _>(HandlerError::retry("upstream said no"))
+    });
+    registry.register("slow", |e: Event| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        e.set_reply(json!("late"));
+        Ok::<(), HandlerError>(())
+    });
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&w.db.url)
+        .await?;
+    let config = Config {
+        poll_interval: std::time::Duration::from_millis(50),
+        ..Config::default()
+    };
+    let dispatcher = Dispatcher::new(pool, registry, config)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let waiter = stop.clone();
+    Ok((
+        stop,
+        tokio::spawn(async move { dispatcher.run(waiter.cancelled_owned()).await }),
+    ))
+}
+
+#[tokio::test]
+async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonment() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let (stop, run) = dispatcher_for(&w).await?;
+
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/invoke/echo",
+            Some(&operator),
+            Some(json!({"payload": {"n": 7}})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["result"], json!({"echo": {"n": 7}}));
+
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/invoke/fail",
+            Some(&operator),
+            Some(json!({})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("handler_failed"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("upstream said no"),
+        "{body}"
+    );
+
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/invoke/nobody",
+            Some(&operator),
+            Some(json!({})),
+        )
+        .await?;
+    // Nobody serves the topic: its own code, not a handler failure.
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "no retries, the error comes back: {body}"
+    );
+    assert_eq!(body["error"]["code"], "no_handler", "{body}");
+
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/invoke/slow",
+            Some(&operator),
+            Some(json!({"timeout_ms": 300})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, Some("timeout"))
+    );
+    // The caller is gone when the handler finishes: one abandoned execution.
+    let recorded = outbox_testkit::wait_until(std::time::Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM abandoned_executions WHERE topic = 'slow' AND outcome = 'succeeded'")
+            .fetch_one(&w.db.pool)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    stop.cancel();
+    run.await??;
+    assert!(recorded, "no abandoned_executions row");
+    let (rows, dead, inboxes): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM dead_letters), (SELECT count(*) FROM invocation_inboxes)",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(
+        (rows, dead, inboxes),
+        (0, 0, 0),
+        "no retries, no dead letters, no leftover inboxes"
+    );
+    Ok(())
+}

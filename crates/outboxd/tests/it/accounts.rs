@@ -1,0 +1,151 @@
+//! `outboxd user` and `outboxd api-key`.
+
+use std::process::{Command, Output, Stdio};
+
+use outbox_testkit::TestDb;
+
+use crate::support::{TestResult, outboxd, run, text};
+
+/// Runs outboxd with `input` on standard input.
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<Output, std::io::Error> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
+#[tokio::test]
+async fn account_commands_list_change_and_revoke_through_the_binary() -> TestResult {
+    let db = TestDb::new().await?;
+    let cli = |args: &[&str]| run(outboxd(Some(&db.url)).args(args));
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "create", "boss@x.io", "--admin", "--password-stdin"]),
+        "first password 123\n",
+    )?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&["user", "create", "ops@x.io"])?;
+    assert!(
+        text(&out.stdout).contains("password: "),
+        "a generated password is shown once"
+    );
+    let out = cli(&["app", "create", "shop"])?;
+    assert!(out.status.success());
+    assert!(
+        cli(&["user", "grant", "ops@x.io", "shop", "operator"])?
+            .status
+            .success()
+    );
+
+    let out = cli(&["user", "list"])?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("boss@x.io")
+            && listing.contains("shop:operator")
+            && listing.contains("2 user(s)"),
+        "{listing}"
+    );
+    let out = cli(&["user", "list", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(2));
+    assert!(!text(&out.stdout).contains("argon2"), "no hash is shown");
+
+    // Sessions: opened by a login, ended by revoke-sessions and by passwd.
+    let boss = outbox_core::store::principals::user_by_email(&db.pool, "boss@x.io")
+        .await?
+        .ok_or("boss")?;
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    outbox_core::store::sessions::open(&db.pool, boss.id, in_an_hour).await?;
+    let out = cli(&["user", "revoke-sessions", "boss@x.io"])?;
+    assert!(
+        text(&out.stdout).contains("1 session(s) ended"),
+        "{}",
+        text(&out.stdout)
+    );
+    outbox_core::store::sessions::open(&db.pool, boss.id, in_an_hour).await?;
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "passwd", "boss@x.io", "--password-stdin"]),
+        "second password 456\n",
+    )?;
+    assert!(
+        text(&out.stdout).contains("1 session(s) ended"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_with_input(
+        outboxd(Some(&db.url)).args(["user", "passwd", "boss@x.io", "--password-stdin"]),
+        "short\n",
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("at least 12 characters"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // unlock clears the login throttle of an account.
+    sqlx::query("INSERT INTO login_throttle (key, failures, last_failure_at, blocked_until) VALUES ('account:boss@x.io', 9, now(), now() + interval '10 minutes')")
+        .execute(&db.pool)
+        .await?;
+    let out = cli(&["user", "unlock", "boss@x.io"])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM login_throttle")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(left, 0);
+
+    // API keys: listed with owner and last use, revoked by prefix.
+    let out = cli(&["api-key", "create", "ops@x.io", "--name", "deploy-bot"])?;
+    let key = text(&out.stdout).trim().to_owned();
+    let prefix = key
+        .trim_start_matches("obx_")
+        .split('_')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let out = cli(&["api-key", "list"])?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains(&prefix)
+            && listing.contains("deploy-bot")
+            && listing.contains("ops@x.io")
+            && listing.contains("never"),
+        "{listing}"
+    );
+    assert!(!listing.contains(&key), "the secret is never listed");
+    assert!(cli(&["api-key", "revoke", &prefix])?.status.success());
+    let out = cli(&["api-key", "list", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(doc["items"][0]["revoked_at"].is_string(), "{doc}");
+    let out = cli(&["api-key", "revoke", &prefix])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("api key not found"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Roles and users go; the last instance admin stays.
+    let out = cli(&["user", "revoke", "ops@x.io", "shop"])?;
+    assert!(text(&out.stdout).contains("no role on shop"));
+    let out = cli(&["user", "delete", "boss@x.io"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("last instance admin"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(cli(&["user", "delete", "ops@x.io"])?.status.success());
+    let out = cli(&["user", "delete", "ops@x.io"])?;
+    assert!(
+        text(&out.stderr).contains("no user \"ops@x.io\""),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Bad command-line arguments.
+
+use std::process::Stdio;
+
+use outbox_testkit::TestDb;
+
+use crate::support::{TestResult, outboxd, run, text};
+
+#[tokio::test]
+async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult {
+    use std::os::unix::ffi::OsStrExt;
+    let db = TestDb::new().await?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let snapshot = || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT jsonb_build_array((SELECT count(*) FROM outbox), (SELECT count(*) FROM apps),
+                    (SELECT count(*) FROM triggers), (SELECT count(*) FROM users),
+                    (SELECT count(*) FROM app_members), (SELECT jsonb_agg(to_jsonb(a) ORDER BY slug) FROM apps a))",
+        )
+        .fetch_one(&db.pool)
+        .await
+    };
+    let before = snapshot().await?;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{bad",
+            ],
+            "not valid JSON",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "\"a\\u0000b\"",
+            ],
+            "payload",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "nope",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+            ],
+            "unknown app",
+        ),
+        (
+            &["enqueue", "--app", "shop", "--topic", "", "--payload", "{}"],
+            "topic: must not be empty",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+                "--max-attempts",
+                "0",
+            ],
+            "max_attempts",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--payload",
+                "{}",
+                "--max-attempts",
+                "x",
+            ],
+            "invalid value",
+        ),
+        (&["app", "create", "BAD_SLUG!"], "invalid slug"),
+        (&["app", "create", "' OR 1=1 --"], "invalid slug"),
+        (&["app", "retention", "shop", "0"], "days"),
+        (&["app", "suspend", "nope"], "unknown app"),
+        (
+            &["dead-letters", "show", "--app", "shop", "not-a-uuid"],
+            "not a UUID",
+        ),
+        (&["dead-letters", "list", "--app", "nope"], "unknown app"),
+        (
+            &["dead-letters", "replay", "--app", "shop", "zzz"],
+            "not a UUID",
+        ),
+        (
+            &["user", "grant", "nobody@x.io", "shop", "superuser"],
+            "invalid role",
+        ),
+        (&["user", "create", "not-an-email"], "e-mail"),
+        (&["api-key", "create", "nobody@x.io"], "no user"),
+        (
+            &[
+                "trigger",
+                "create",
+                "--app",
+                "shop",
+                "--name",
+                "n",
+                "--target",
+                "t",
+                "--schedule",
+                "99 * * * *",
+            ],
+            "schedule",
+        ),
+        (&["gc", "--once", "--bogus"], "unexpected argument"),
+        (&["no-such-command"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let out = outboxd(Some(&db.url))
+            .args(*args)
+            .stdin(Stdio::null())
+            .output()?;
+        let stderr = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded: {}",
+            text(&out.stdout)
+        );
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: want {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    // An argument that is not UTF-8 at all.
+    let out = outboxd(Some(&db.url))
+        .args(["app", "create"])
+        .arg(std::ffi::OsStr::from_bytes(b"sh\xffop"))
+        .output()?;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
+    assert_eq!(snapshot().await?, before, "a refused command changed data");
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `outboxd config`, and configuration errors at start-up.
+
+use crate::support::{ScratchDir, TestResult, outboxd, run, text};
+
+#[test]
+fn bad_config_is_a_clear_error_and_a_nonzero_exit() -> TestResult {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "OUTBOXD_DISPATCHER__BATCH_SIZE",
+            "0",
+            &["dispatcher.batch_size", "1..=10000"],
+        ),
+        (
+            "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+            "many",
+            &[
+                "trigger_retry_max_attempts",
+                "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+            ],
+        ),
+        (
+            "OUTBOXD_DEAD_LETTER_RETENTION_DAYS",
+            "-1",
+            &["dead_letter_retention_days"],
+        ),
+        (
+            "OUTBOXD_HTTP__LISTEN",
+            "nowhere",
+            &["http.listen", "socket address"],
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://x",
+            &["database.url", "PostgreSQL URL"],
+        ),
+        ("OUTBOXD_DISPATCHER__BOGUS", "1", &["bogus"]),
+        (
+            "JWT_SECRET",
+            "short-secret",
+            &["admin.jwt_secret", "12 bytes", "at least 32"],
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let out = run(outboxd(None).env(key, value).arg("config"))?;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
+        for needle in *expected {
+            assert!(
+                stderr.contains(needle),
+                "{key}={value}: {stderr:?} lacks {needle:?}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = run(outboxd(None).env("OUTBOXD_ENV", "nope").arg("config"))?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nope.toml"));
+    Ok(())
+}
+
+#[test]
+fn unreachable_database_is_a_clear_error_without_the_password() -> TestResult {
+    let out = run(outboxd(Some("postgres://user:s3cret@127.0.0.1:1/db"))
+        .env("OUTBOXD_DATABASE__ACQUIRE_TIMEOUT_MS", "500")
+        .arg("migrate"))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL at postgres://user@127.0.0.1:1/db"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult {
+    let out = run(outboxd(Some(
+        "postgres://app:hunter2hunter2@db.internal:5432/shop?sslmode=require",
+    ))
+    .env("JWT_SECRET", "s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t")
+    .env("OUTBOXD_DISPATCHER__CONCURRENCY", "17")
+    .arg("config"))?;
+    let printed = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let parsed: toml::Value = toml::from_str(&printed)?;
+    assert_eq!(parsed["dispatcher"]["concurrency"].as_integer(), Some(17));
+    assert_eq!(parsed["admin"]["jwt_secret"].as_str(), Some("[redacted]"));
+    assert_eq!(
+        parsed["database"]["url"].as_str(),
+        Some("postgres://app@db.internal:5432/shop")
+    );
+    for secret in ["hunter2", "s3cr3t", "sslmode"] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    // An overlay is looked up in --config-dir, and a missing one names where.
+    let dir =
+        ScratchDir(std::env::temp_dir().join(format!("outboxd-config-env-{}", std::process::id())));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("staging.toml"), "[dispatcher]\nconcurrency = 5\n")?;
+    let out = run(outboxd(None).args([
+        "--config-dir",
+        dir.to_str().ok_or("utf-8")?,
+        "--env",
+        "staging",
+        "config",
+    ]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("concurrency = 5"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(outboxd(None).args([
+        "--config-dir",
+        dir.to_str().ok_or("utf-8")?,
+        "--env",
+        "prod",
+        "config",
+    ]))?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&dir.join("prod.toml").display().to_string()),
+        "{err}"
+    );
+    Ok(())
+}

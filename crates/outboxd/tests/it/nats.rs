@@ -1,0 +1,298 @@
+//! Relaying to NATS JetStream and consuming back, the stream contract, and a
+//! nats-server outage.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use outbox_testkit::{TestDb, wait_until};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::{ScratchDir, TestResult, http_get, outboxd, run, stop, text};
+
+/// A config folder whose overlay points the stream contract at a stream and
+/// subject space of this test's own on the shared nats-server.
+pub(crate) fn nats_config_dir(
+    prefix: &str,
+    max_age_secs: u64,
+) -> Result<ScratchDir, Box<dyn std::error::Error>> {
+    let dir = ScratchDir(std::env::temp_dir().join(format!("outboxd-{prefix}")));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default.toml"),
+        dir.join("default.toml"),
+    )?;
+    std::fs::write(
+        dir.join("nats-test.toml"),
+        format!(
+            "[dispatcher]\npoll_interval_ms = 100\n[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n\
+             [nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = {max_age_secs}\n\
+             [consumer]\nsubjects = [\"{prefix}.>\"]\n"
+        ),
+    )?;
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_stream() -> TestResult {
+    let nats_url =
+        std::env::var("NATS_URL").map_err(|_| "NATS_URL is not set: run scripts/test.sh")?;
+    let db = TestDb::new().await?;
+    let prefix = format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    for n in 0..3 {
+        let out = run(outboxd(Some(&db.url)).args([
+            "enqueue",
+            "--app",
+            "shop",
+            "--topic",
+            "order.created",
+            "--payload",
+            &format!("{{\"n\":{n}}}"),
+        ]))?;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &nats_url)
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let drained = wait_until(Duration::from_secs(30), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    let status = stop(&mut child).await?;
+    assert!(drained, "rows were not relayed");
+    assert!(status.success(), "{status:?}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(stream.info().await?.state.messages, 3);
+
+    // `outboxd consume` reads them back through the consumer runtime and acks them.
+    let mut consumer = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &nats_url)
+            .env("OUTBOXD_CONSUMER__GROUP", &prefix)
+            .arg("consume");
+        c
+    });
+    consumer
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut consumer = consumer.spawn()?;
+    let durable = outbox_nats::durable_name("consume", &prefix);
+    let acked = wait_until(Duration::from_secs(20), || async {
+        match stream.consumer_info(&durable).await {
+            Ok(info) => info.ack_floor.stream_sequence == 3 && info.num_ack_pending == 0,
+            Err(_) => false,
+        }
+    })
+    .await;
+    let exit = stop(&mut consumer).await?;
+    assert!(acked, "outboxd consume did not ack the relayed events");
+    assert!(exit.success(), "{exit:?}");
+
+    // Same stream, different contract: a clear start-up error, nothing replaced.
+    let other = nats_config_dir(&format!("{prefix}m"), 60)?;
+    std::fs::write(
+        other.join("nats-test.toml"),
+        format!(
+            "[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n[nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = 60\n"
+        ),
+    )?;
+    let out = run(outboxd(Some(&db.url))
+        .env("OUTBOXD_CONFIG_DIR", &other)
+        .env("OUTBOXD_ENV", "nats-test")
+        .env("NATS_URL", &nats_url)
+        .arg("run"))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("max_age: configured 60s, server 3600s"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stream.info().await?.config.max_age,
+        Duration::from_secs(3600)
+    );
+    Ok(())
+}
+
+/// A nats-server of this test's own (it gets killed), on a fixed port so a
+/// restart comes back at the same address with the same store.
+pub(crate) struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(port: u16, dir: std::path::PathBuf) -> Result<Self, Box<dyn std::error::Error>> {
+        Self::start_with(port, dir, &[])
+    }
+
+    pub(crate) fn start_with(
+        port: u16,
+        dir: std::path::PathBuf,
+        extra: &[String],
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let bin =
+            std::env::var("NATS_BIN").map_err(|_| "NATS_BIN is not set: run scripts/test.sh")?;
+        let child = Command::new(bin)
+            .args(["-js", "-sd"])
+            .arg(dir.join("js"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, port, dir })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) fn kill9(&mut self) -> Result<(), std::io::Error> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test]
+async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> TestResult {
+    let db = TestDb::new().await?;
+    let prefix = format!("k{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    let mut nats = OwnNats::start(free_port()?, dir.to_path_buf())?;
+    let url = nats.url();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            async_nats::connect(&url).await.is_ok()
+        })
+        .await
+    );
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &url)
+            .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "1000")
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next_line().await?.ok_or("outboxd exited")?;
+        if let Some(a) = line.strip_prefix("outboxd listening on http://") {
+            break a.trim().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nats\":true"), "{body}");
+
+    let enqueue_some = |from: u32, to: u32| {
+        let url = db.url.clone();
+        move || -> Result<(), Box<dyn std::error::Error>> {
+            for n in from..to {
+                let out = run(outboxd(Some(&url)).args([
+                    "enqueue",
+                    "--app",
+                    "shop",
+                    "--topic",
+                    "t",
+                    "--payload",
+                    &format!("{{\"n\":{n}}}"),
+                ]))?;
+                assert!(out.status.success(), "{}", text(&out.stderr));
+            }
+            Ok(())
+        }
+    };
+    enqueue_some(0, 5)()?;
+    // A backlog that is still being relayed when the server is killed.
+    let app = outbox_core::store::apps::by_slug(&db.pool, "shop")
+        .await?
+        .id;
+    let mut tx = db.pool.begin().await?;
+    let backlog: Vec<outbox_core::NewEvent> = (0..20_000)
+        .map(|n| outbox_core::NewEvent::new("t", serde_json::json!({ "backlog": n })))
+        .collect();
+    outbox_core::enqueue_batch(&mut tx, app, &backlog).await?;
+    tx.commit().await?;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            outbox_core::store::outbox::count(&db.pool)
+                .await
+                .is_ok_and(|n| n < 15_000)
+        })
+        .await
+    );
+    nats.kill9()?;
+    let remaining_at_kill = outbox_core::store::outbox::count(&db.pool).await?;
+    let down = wait_until(Duration::from_secs(15), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .is_ok_and(|(s, _)| s == 503)
+    })
+    .await;
+    assert!(down, "/readyz stayed ready while NATS was down");
+    enqueue_some(5, 10)()?;
+    let nats = OwnNats::start(nats.port, nats.dir.clone())?;
+    let drained = wait_until(Duration::from_secs(60), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    let (status, _) = http_get(&addr, "/readyz").await?;
+    let exit = stop(&mut child).await?;
+    assert!(drained, "relaying did not resume after NATS came back");
+    assert_eq!(status, 200);
+    assert!(exit.success());
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert!(
+        remaining_at_kill > 0,
+        "the server was killed only after relaying had finished"
+    );
+    assert_eq!(
+        stream.info().await?.state.messages,
+        20_010,
+        "every event exactly once"
+    );
+    Ok(())
+}

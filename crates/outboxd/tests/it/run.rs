@@ -1,0 +1,159 @@
+//! `outboxd enqueue` and `outboxd run`: health, draining on SIGTERM, and
+//! maintenance leadership.
+
+use std::time::Duration;
+
+use outbox_testkit::{TestDb, wait_until};
+
+use crate::support::{TestResult, http_get, outboxd, run, spawn_server, stop, text};
+
+#[tokio::test]
+async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResult {
+    let db = TestDb::new().await?;
+    let out = run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        r#"{"a":1}"#,
+        "--idempotency-key",
+        "k1",
+    ]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    uuid::Uuid::parse_str(&id)?;
+    let again = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        r#"{"a":2}"#,
+        "--idempotency-key",
+        "k1",
+    ]))?;
+    assert_eq!(
+        text(&again.stdout).trim(),
+        id,
+        "idempotent through the CLI too"
+    );
+    let bad = run(outboxd(Some(&db.url)).args([
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "t",
+        "--payload",
+        "{not json",
+    ]))?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("not valid JSON"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let unknown = run(outboxd(Some(&db.url)).args(["enqueue", "--app", "nope", "--topic", "t"]))?;
+    assert!(
+        text(&unknown.stderr).contains("unknown app"),
+        "{}",
+        text(&unknown.stderr)
+    );
+
+    let (mut child, addr) = spawn_server(&db.url, &["run"]).await?;
+    assert_eq!(http_get(&addr, "/healthz").await?, (200, "ok".to_owned()));
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    // The row has no handler in a plain `run`: it is retried with a clear error.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, Option<String>>("SELECT last_error FROM outbox LIMIT 1")
+                .fetch_optional(&db.pool)
+                .await
+                .ok()
+                .flatten()
+                .flatten()
+                .is_some_and(|e| e.contains("no handler registered"))
+        })
+        .await
+    );
+    let (status, metrics) = http_get(&addr, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("outboxd_claimed_total"), "{metrics}");
+    assert!(
+        metrics.contains("outboxd_oldest_due_age_seconds"),
+        "{metrics}"
+    );
+    let status = stop(&mut child).await?;
+    assert!(status.success(), "drain must exit 0, got {status:?}");
+    assert_eq!(outbox_core::store::outbox::count_leased(&db.pool).await?, 0);
+    Ok(())
+}
+
+/// Reads the `outboxd_leader` gauge of a running process (None while unreadable).
+async fn leads(addr: &str) -> Option<bool> {
+    let (_, metrics) = http_get(addr, "/metrics").await.ok()?;
+    let line = metrics.lines().find(|l| l.starts_with("outboxd_leader "))?;
+    Some(line.trim_end().ends_with(" 1"))
+}
+
+#[tokio::test]
+async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = outbox_core::store::apps::ensure(&db.pool, "shop", "shop")
+        .await?
+        .id;
+    let mut tx = db.pool.begin().await?;
+    let spec = outbox_core::store::triggers::TriggerSpec::Cron {
+        schedule: "* * * * * *".into(),
+        timezone: "UTC".into(),
+    };
+    outbox_core::store::triggers::create(&mut tx, app, "tick", "tick", None, &spec).await?;
+    tx.commit().await?;
+    let (mut first, first_addr) = spawn_server(&db.url, &["run"]).await?;
+    let (mut second, second_addr) = spawn_server(&db.url, &["run"]).await?;
+    let one_leader = wait_until(Duration::from_secs(15), || async {
+        matches!((leads(&first_addr).await, leads(&second_addr).await), (Some(a), Some(b)) if a != b)
+    })
+    .await;
+    assert!(one_leader, "exactly one process should lead");
+    let (leader, leader_addr, mut other, other_addr) = if leads(&first_addr).await == Some(true) {
+        (&mut first, first_addr.clone(), second, second_addr.clone())
+    } else {
+        (&mut second, second_addr.clone(), first, first_addr.clone())
+    };
+    leader.start_kill()?;
+    leader.wait().await?;
+    let _ = leader_addr;
+    let took_over = wait_until(Duration::from_secs(15), || async {
+        leads(&other_addr).await == Some(true)
+    })
+    .await;
+    // Ticks keep coming under the new leader, and none was enqueued twice.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let status = stop(&mut other).await?;
+    assert!(
+        took_over,
+        "leadership did not move to the surviving process"
+    );
+    assert!(status.success());
+    let ticks: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tick, count(*) FROM (
+            SELECT payload->>'scheduled_at' AS tick FROM outbox WHERE source = 'cron'
+            UNION ALL
+            SELECT payload->>'scheduled_at' FROM dead_letters WHERE source = 'cron') t
+         GROUP BY tick",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert!(ticks.len() >= 2, "{ticks:?}");
+    assert!(
+        ticks.iter().all(|(_, n)| *n == 1),
+        "a tick was enqueued twice: {ticks:?}"
+    );
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! `outboxd trigger`.
+
+use outbox_testkit::TestDb;
+
+use crate::support::{TestResult, outboxd, run, text};
+
+#[tokio::test]
+async fn trigger_cli_creates_lists_and_refuses_bad_input() -> TestResult {
+    let db = TestDb::new().await?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let out = run(outboxd(Some(&db.url)).args([
+        "trigger",
+        "create",
+        "--app",
+        "shop",
+        "--name",
+        "audit",
+        "--target",
+        "audit.record",
+        "--kv",
+        "orders:*",
+        "--ops",
+        "put",
+    ]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "list", "--app", "shop"]))?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains(&id) && listing.contains("collection orders:* ops put"),
+        "{listing}"
+    );
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "disable", "--app", "shop", &id]))?;
+    assert!(out.status.success());
+    let out = run(outboxd(Some(&db.url)).args([
+        "trigger",
+        "create",
+        "--app",
+        "shop",
+        "--name",
+        "tick",
+        "--target",
+        "t",
+        "--cron",
+        "sometimes",
+    ]))?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("schedule"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(outboxd(Some(&db.url)).args([
+        "trigger", "create", "--app", "shop", "--name", "x", "--target", "t",
+    ]))?;
+    assert!(
+        text(&out.stderr).contains("exactly one of"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(outboxd(Some(&db.url)).args([
+        "trigger",
+        "delete",
+        "--app",
+        "shop",
+        &uuid::Uuid::new_v4().to_string(),
+    ]))?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not found"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
