@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs `outboxd bench` on a fresh private PostgreSQL with full durability
+# Runs the benchmark (`outbox-bench`) on a fresh private PostgreSQL with full durability
 # (fsync and synchronous_commit on) and a fresh JetStream nats-server (file
-# storage) for the relay scenarios. Extra arguments go to `outboxd bench`,
+# storage) for the relay scenarios. Extra arguments go to `outbox-bench`,
 # e.g. scripts/bench.sh --rows 200000
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -9,10 +9,10 @@ cd "$ROOT"
 ensure_rust
 ensure_postgres
 ensure_nats
-cargo build --release --quiet -p outboxd
+cargo build --release --quiet -p outbox-bench
 BENCH_DIR="$STATE_DIR/bench-$$"
 cleanup() { stop_nats "$BENCH_DIR/nats"; stop_postgres "$BENCH_DIR"; rm -rf "$BENCH_DIR"; }
 trap cleanup EXIT
 start_postgres "$BENCH_DIR" durable
 start_nats "$BENCH_DIR/nats"
-OUTBOXD_LOG__FILTER=warn "$ROOT/target/release/outboxd" bench "$@"
+OUTBOXD_LOG__FILTER=warn "$ROOT/target/release/outbox-bench" "$@"

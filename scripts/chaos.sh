@@ -24,12 +24,12 @@ LIB="$ROOT/scripts/lib.sh"
 export CHAOS_PG_CRASH="source '$LIB'; PG_BIN='$PG_BIN'; pg_run '$PG_BIN/pg_ctl' -D '$PG_DIR/data' -m immediate -w stop >/dev/null"
 export CHAOS_PG_START="source '$LIB'; start_postgres '$PG_DIR' durable"
 
-log "building outboxd and outbox-chaos"
-cargo build --quiet -p outboxd -p outbox-chaos
+log "building outbox-chaos (the harness and its worker)"
+cargo build --quiet -p outbox-chaos
 mkdir -p "$CHAOS_DIR/work" target/chaos
 log "running the chaos scenarios (logs under $CHAOS_DIR/work; kept in target/chaos on failure)"
 set +e
-target/debug/outbox-chaos --outboxd target/debug/outboxd --work-dir "$CHAOS_DIR/work" \
+target/debug/outbox-chaos --worker target/debug/outbox-chaos-worker --work-dir "$CHAOS_DIR/work" \
   --report target/chaos/report.md "$@"
 status=$?
 set -e

@@ -60,12 +60,7 @@ async fn kv_get(
     Path((app, collection, key)): Path<(String, String, String)>,
 ) -> Result<Json<kv::Entry>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let mut conn = state
-        .pool
-        .acquire()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    kv::get(&mut conn, app.id, &collection, &key)
+    kv::get(&state.pool, app.id, &collection, &key)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("entry"))

@@ -1,4 +1,5 @@
-//! `outbox-chaos`: runs real `outboxd` processes against a real PostgreSQL
+//! `outbox-chaos`: runs real outboxd daemons (`outbox-chaos-worker`: the
+//! daemon `outboxd run` starts, with fault-injection handlers) against a real PostgreSQL
 //! and real nats-servers, injects faults (kill -9, crashes, SIGSTOP,
 //! partitions through its own TCP proxy, slow and poisonous handlers, clock
 //! skew), records the history and checks outboxd's promises on it:
@@ -31,8 +32,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The outboxd binary to run.
-    #[arg(long, env = "OUTBOXD_BIN")]
+    /// The chaos worker binary (`outbox-chaos-worker`: outboxd's daemon with
+    /// the fault-injection handlers) to run as the outboxd processes.
+    #[arg(long = "worker", env = "OUTBOX_CHAOS_WORKER")]
     outboxd: PathBuf,
     /// The nats-server binary.
     #[arg(long, env = "NATS_BIN")]
@@ -67,10 +69,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&cli.work_dir)
         .with_context(|| format!("creating {}", cli.work_dir.display()))?;
     let ctx = scenarios::Ctx {
-        outboxd: cli
-            .outboxd
-            .canonicalize()
-            .with_context(|| format!("the outboxd binary {} is missing", cli.outboxd.display()))?,
+        outboxd: cli.outboxd.canonicalize().with_context(|| {
+            format!(
+                "the chaos worker binary {} is missing",
+                cli.outboxd.display()
+            )
+        })?,
         config_dir: cli.config_dir.canonicalize().context("config dir")?,
         nats_bin: cli.nats_bin.clone(),
         work_dir: cli.work_dir.canonicalize()?,

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// How to start one `outboxd run --chaos` process.
+/// How to start one chaos worker (`outbox-chaos-worker run`).
 #[derive(Debug, Clone)]
 pub struct OutboxdSpec {
     /// The binary.
@@ -94,7 +94,7 @@ impl Outboxd {
                 // Timers and timeouts keep real time; only the wall clock is skewed.
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
-        cmd.args(["run", "--chaos"])
+        cmd.arg("run")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

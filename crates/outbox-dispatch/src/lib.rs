@@ -42,19 +42,33 @@
 //! # Layout
 //! - [`handler`]: the [`Event`] handlers receive, [`HandlerError`], [`Registry`].
 //! - [`retry`]: [`RetryPolicy`] (backoff).
-//! - [`dispatcher`]: [`Dispatcher`] — the claim loop, heartbeat, completer and drain.
-//! - [`maintenance`]: background services of the same shape (the cron [`maintenance::Scheduler`]).
+//! - [`config`]: [`Config`] and the rules that relate its settings.
+//! - [`dispatcher`]: [`Dispatcher`] — construction, run and drain, and the
+//!   state its parts share. The parts: `lease/` (claim loop, completer,
+//!   heartbeat), `transactional` (transactional mode), [`pacer`] (when claim
+//!   loops look, and the wake vocabulary), `outcome` (running a handler and
+//!   the one mapping from its outcome to a write).
+//! - [`maintenance`]: background services of one shape ([`maintenance::Service`])
+//!   started and stopped by one [`maintenance::Supervisor`].
+//! - [`targets`]: built-in handlers (webhooks).
 
+pub mod config;
 pub mod dispatcher;
 mod error;
 mod failure_log;
 pub mod handler;
+mod lease;
 pub mod maintenance;
+mod outcome;
+pub mod pacer;
 pub mod retry;
 pub mod targets;
 pub mod telemetry;
+mod transactional;
 
-pub use dispatcher::{BatchReport, Config, Dispatcher, DrainReport, NO_HANDLER};
+pub use config::{Config, default_worker_id};
+pub use dispatcher::{BatchReport, Dispatcher, DrainReport};
 pub use error::Error;
 pub use handler::{ClaimTx, Event, Handler, HandlerError, Registry};
+pub use outcome::NO_HANDLER;
 pub use retry::RetryPolicy;

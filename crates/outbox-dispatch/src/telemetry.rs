@@ -65,6 +65,10 @@ pub fn describe() {
     );
     describe_counter!("outboxd_gc_runs_total", "GC sweeps run.");
     describe_counter!("outboxd_gc_errors_total", "GC sweeps that failed.");
+    describe_counter!(
+        "outboxd_maintenance_errors_total",
+        "Maintenance passes that failed, by service."
+    );
     describe_histogram!(
         "outboxd_gc_duration_seconds",
         metrics::Unit::Seconds,

@@ -2,7 +2,10 @@
 //! or panic, and a producer that keeps enqueueing, so every outcome — dead
 //! letters included — shows up within seconds.
 
+use std::future::Future;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use outbox_core::{NewEvent, enqueue_batch};
 use outbox_dispatch::{Event, HandlerError, Registry};
@@ -10,6 +13,40 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Runs the daemon ([`crate::daemon::run`]) with the demo handlers, its
+/// triggers, and a producer that enqueues a few events every two seconds,
+/// until `shutdown`.
+pub async fn run(
+    settings: crate::config::Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // The set-up and the producer use a pool of their own; the producer
+    // holds one connection at a time.
+    let pool = crate::db::connect(&settings, 0).await?;
+    if settings.database.auto_migrate {
+        outbox_core::migrate(&pool)
+            .await
+            .context("migrating on start")?;
+    }
+    let app = outbox_core::ensure_app(&pool, APP, "Demo app").await?;
+    register_triggers(&pool, app.id).await?;
+    let stop = CancellationToken::new();
+    let producer = tokio::spawn(produce(
+        pool.clone(),
+        app.id,
+        Duration::from_secs(2),
+        stop.clone(),
+    ));
+    println!(
+        "demo running: app {APP:?}; see its dead letters with `outboxd dead-letters list --app {APP}`"
+    );
+    let report = crate::daemon::run(settings, registry(), shutdown).await;
+    stop.cancel();
+    let _ = producer.await;
+    pool.close().await;
+    report.map(|_| ())
+}
 
 /// The demo app's slug.
 pub const APP: &str = "demo";

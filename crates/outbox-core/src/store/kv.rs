@@ -61,8 +61,8 @@ fn check(collection: &str, key: &str) -> Result<(), Error> {
 }
 
 /// Reads an entry.
-pub async fn get(
-    conn: &mut PgConnection,
+pub async fn get<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
     app_id: Uuid,
     collection: &str,
     key: &str,

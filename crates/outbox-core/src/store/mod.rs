@@ -26,6 +26,7 @@ pub mod outbox;
 pub mod principals;
 pub mod retention;
 pub mod sessions;
+pub mod stats;
 pub mod triggers;
 pub mod tx_batch;
 pub mod wake;

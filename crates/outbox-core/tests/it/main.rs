@@ -1,4 +1,6 @@
-//! Integration tests of the stores against a real PostgreSQL.
+//! Integration tests of enqueue and the stores against a real PostgreSQL.
+mod enqueue;
+mod inspect;
 mod plans;
 mod state_machine;
 mod wake;

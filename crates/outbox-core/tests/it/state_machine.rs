@@ -496,7 +496,7 @@ impl StateMachineTest for RealRows {
                 let moved = real.rt.block_on(async {
                     let mut conn = pool.acquire().await.expect("conn");
                     outbox::dead_letter(
-                        &mut conn,
+                        &mut *conn,
                         &[outbox::ToDeadLetter {
                             lease,
                             error: "permanent".into(),

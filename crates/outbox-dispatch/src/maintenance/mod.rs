@@ -1,7 +1,20 @@
-//! Background services besides the dispatcher. Each has the same shape: a
-//! documented config, a `run_once()` that returns what it did (tests step it
-//! instead of sleeping), and a `run()` loop that only handles timing and
-//! shutdown.
+//! Background services besides the dispatcher, all of one shape: a
+//! [`Service`] has a name, a [`Cadence`] and a `pass` that does the work
+//! once and says what it did (tests step it instead of sleeping); the
+//! [`Supervisor`] owns the timing, leadership and shutdown of all of them.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
+//! use outbox_dispatch::maintenance::{Replayer, Scheduler, Supervisor};
+//! use std::time::Duration;
+//!
+//! Supervisor::new(pool.clone())
+//!     .with(Scheduler::new(pool.clone(), Default::default()))
+//!     .with(Replayer::new(pool, Duration::from_secs(1)))
+//!     .run(stop.cancelled_owned())
+//!     .await;
+//! # }
+//! ```
 
 pub mod leader;
 pub mod replayer;
@@ -9,37 +22,163 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sweeper;
 
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
 pub use replayer::Replayer;
 pub use sampler::Sampler;
 pub use scheduler::Scheduler;
 pub use sweeper::Sweeper;
 
-/// The loop every periodic service shares: run `pass` every `interval` until
-/// `shutdown`, skipping passes while `leader` (when given) says another
-/// process leads, and logging failures as `what failed`.
-pub(crate) async fn every<F, Fut, T>(
-    interval: std::time::Duration,
-    leader: Option<tokio::sync::watch::Receiver<bool>>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-    what: &'static str,
-    mut pass: F,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::Error>>,
-{
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            _ = tick.tick() => {}
+use crate::Error;
+
+/// When a service's passes run.
+#[derive(Debug, Clone)]
+pub enum Cadence {
+    /// A pass every interval (the first one interval after the start).
+    Every(Duration),
+    /// A pass at each tick of a cron expression (6 fields with seconds, or 5).
+    Cron(String),
+}
+
+/// What one pass did: how many things it acted on (rows enqueued, dead
+/// letters replayed, rows deleted, gauges set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Things acted on.
+    pub items: u64,
+}
+
+/// A background service the [`Supervisor`] runs.
+pub trait Service: Send + Sync + 'static {
+    /// Names the service in logs and metrics (`outboxd_maintenance_errors_total`).
+    fn name(&self) -> &'static str;
+    /// When its passes run.
+    fn cadence(&self) -> Cadence;
+    /// One pass.
+    fn pass(&self) -> BoxFuture<'_, Result<Report, Error>>;
+}
+
+/// Runs services on their cadences. With leadership (the default), one
+/// process at a time runs them: the elected leader (see [`leader`]); the
+/// others wait and take over when it goes. The services stay correct
+/// without it (`SKIP LOCKED`, idempotency keys); leadership keeps them from
+/// doing the work twice.
+pub struct Supervisor {
+    pool: PgPool,
+    services: Vec<Arc<dyn Service>>,
+    leadership: bool,
+    leader_retry: Duration,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.services.iter().map(|s| s.name()).collect();
+        f.debug_struct("Supervisor")
+            .field("services", &names)
+            .field("leadership", &self.leadership)
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor that campaigns for leadership on `pool` every second.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            services: Vec::new(),
+            leadership: true,
+            leader_retry: Duration::from_secs(1),
         }
+    }
+
+    /// Adds a service.
+    pub fn with(mut self, service: impl Service) -> Self {
+        self.services.push(Arc::new(service));
+        self
+    }
+
+    /// Runs every service in this process whatever other processes do (for
+    /// `outboxd gc` on its schedule, driven by an operator).
+    pub fn without_leadership(mut self) -> Self {
+        self.leadership = false;
+        self
+    }
+
+    /// Runs the services until `shutdown`, then waits for passes in flight.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let stop = CancellationToken::new();
+        let guard = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => guard.cancel(),
+                () = guard.cancelled() => {}
+            }
+        });
+        let (leader, campaign) = if self.leadership {
+            let (leader, task) = leader::campaign(self.pool, self.leader_retry, stop.clone());
+            (Some(leader), Some(task))
+        } else {
+            (None, None)
+        };
+        let loops: Vec<_> = self
+            .services
+            .into_iter()
+            .map(|service| tokio::spawn(run_service(service, leader.clone(), stop.clone())))
+            .collect();
+        for service in loops {
+            let _ = service.await;
+        }
+        stop.cancel();
+        if let Some(campaign) = campaign {
+            let _ = campaign.await;
+        }
+    }
+}
+
+/// The one loop every service runs in: wait for the next tick of its
+/// cadence, skip it while another process leads, run a pass, log a failure.
+async fn run_service(
+    service: Arc<dyn Service>,
+    leader: Option<watch::Receiver<bool>>,
+    stop: CancellationToken,
+) {
+    let name = service.name();
+    let mut first = true;
+    loop {
+        let wait = match service.cadence() {
+            // The first pass at once, then one per interval after the last.
+            Cadence::Every(_) if first => Duration::ZERO,
+            Cadence::Every(interval) => interval,
+            Cadence::Cron(schedule) => {
+                let now = chrono::Utc::now();
+                match outbox_core::store::triggers::next_tick(&schedule, now) {
+                    Ok(tick) => (tick - now).to_std().unwrap_or(Duration::from_secs(1)),
+                    Err(err) => {
+                        warn!(service = name, error = %err, "schedule invalid; running hourly");
+                        Duration::from_secs(3600)
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        first = false;
         if leader.as_ref().is_some_and(|l| !*l.borrow()) {
             continue;
         }
-        if let Err(err) = pass().await {
-            tracing::warn!(error = %err, "{what} failed");
+        if let Err(err) = service.pass().await {
+            metrics::counter!("outboxd_maintenance_errors_total", "service" => name).increment(1);
+            warn!(service = name, error = %err, "{name} pass failed");
         }
     }
 }

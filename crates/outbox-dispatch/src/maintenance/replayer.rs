@@ -4,7 +4,6 @@
 //! letter of that event is quarantined twice as long, until the policy's
 //! rounds are spent and it waits for an operator.
 
-use std::future::Future;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -41,20 +40,22 @@ impl Replayer {
         }
         Ok(replayed.len())
     }
+}
 
-    /// Runs passes every interval (only while `leader`, when given) until `shutdown`.
-    pub async fn run(
-        &self,
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) {
-        super::every(
-            self.interval,
-            leader,
-            shutdown,
-            "automatic replay pass",
-            || self.run_once(),
-        )
-        .await;
+impl super::Service for Replayer {
+    fn name(&self) -> &'static str {
+        "auto_replay"
+    }
+
+    fn cadence(&self) -> super::Cadence {
+        super::Cadence::Every(self.interval)
+    }
+
+    fn pass(&self) -> futures::future::BoxFuture<'_, Result<super::Report, Error>> {
+        Box::pin(async move {
+            Ok(super::Report {
+                items: self.run_once().await? as u64,
+            })
+        })
     }
 }

@@ -6,7 +6,6 @@
 //! are summed under `topic="other"`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -63,17 +62,23 @@ impl Sampler {
         *shown = merged.keys().cloned().collect();
         Ok(merged.len())
     }
+}
 
-    /// Runs passes every interval (only while `leader`, when given) until `shutdown`.
-    pub async fn run(
-        &self,
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) {
-        super::every(self.interval, leader, shutdown, "row-state sample", || {
-            self.run_once()
+impl super::Service for Sampler {
+    fn name(&self) -> &'static str {
+        "row_state_sampler"
+    }
+
+    fn cadence(&self) -> super::Cadence {
+        super::Cadence::Every(self.interval)
+    }
+
+    fn pass(&self) -> futures::future::BoxFuture<'_, Result<super::Report, Error>> {
+        Box::pin(async move {
+            Ok(super::Report {
+                items: self.run_once().await? as u64,
+            })
         })
-        .await;
     }
 }
 

@@ -7,7 +7,6 @@
 //! idempotency key `cron:<trigger>:<tick>`. After downtime, missed ticks fire
 //! once (not once per missed tick), then the schedule resumes from now.
 
-use std::future::Future;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -57,18 +56,22 @@ impl Scheduler {
         }
         Ok(ids.len())
     }
+}
 
-    /// Runs passes every `interval` until `shutdown` completes.
-    ///
-    /// With `leader`, passes run only while it says this process leads.
-    pub async fn run(
-        &self,
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) {
-        super::every(self.config.interval, leader, shutdown, "cron pass", || {
-            self.run_once()
+impl super::Service for Scheduler {
+    fn name(&self) -> &'static str {
+        "cron_scheduler"
+    }
+
+    fn cadence(&self) -> super::Cadence {
+        super::Cadence::Every(self.config.interval)
+    }
+
+    fn pass(&self) -> futures::future::BoxFuture<'_, Result<super::Report, Error>> {
+        Box::pin(async move {
+            Ok(super::Report {
+                items: self.run_once().await? as u64,
+            })
         })
-        .await;
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use outbox_core::store::retention;
 use sqlx::PgPool;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::Error;
 
@@ -130,36 +130,25 @@ impl Sweeper {
         }
         Ok(report)
     }
+}
 
-    /// Sweeps on the configured cron schedule until `shutdown` completes.
-    ///
-    /// With `leader`, passes run only while it says this process leads.
-    pub async fn run(
-        &self,
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) {
-        tokio::pin!(shutdown);
-        loop {
-            let now = chrono::Utc::now();
-            let wait = match outbox_core::store::triggers::next_tick(&self.config.schedule, now) {
-                Ok(next) => (next - now).to_std().unwrap_or(Duration::from_secs(1)),
-                Err(err) => {
-                    warn!(error = %err, "gc schedule invalid; sweeping hourly");
-                    Duration::from_secs(3600)
-                }
-            };
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            if leader.as_ref().is_some_and(|l| !*l.borrow()) {
-                continue;
-            }
-            if let Err(err) = self.run_once().await {
+impl super::Service for Sweeper {
+    fn name(&self) -> &'static str {
+        "gc_sweeper"
+    }
+
+    fn cadence(&self) -> super::Cadence {
+        super::Cadence::Cron(self.config.schedule.clone())
+    }
+
+    fn pass(&self) -> futures::future::BoxFuture<'_, Result<super::Report, Error>> {
+        Box::pin(async move {
+            let report = self.run_once().await.inspect_err(|_| {
                 metrics::counter!("outboxd_gc_errors_total").increment(1);
-                warn!(error = %err, "gc sweep failed");
-            }
-        }
+            })?;
+            Ok(super::Report {
+                items: report.total(),
+            })
+        })
     }
 }

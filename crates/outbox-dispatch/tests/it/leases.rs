@@ -6,6 +6,7 @@ use outbox_core::NewEvent;
 use outbox_core::store::outbox as store;
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use outbox_testkit::{TestDb, wait_until};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Calls, TestResult, config, enqueue_committed, payload, recording};
@@ -63,7 +64,7 @@ async fn expired_lease_is_reclaimed_and_the_stale_worker_is_fenced() -> TestResu
         handler: None,
     };
     let mut conn = db.pool.acquire().await?;
-    assert!(store::dead_letter(&mut conn, &[bury]).await?.is_empty());
+    assert!(store::dead_letter(&mut *conn, &[bury]).await?.is_empty());
     assert_eq!(crate::dead_letter_count(&db.pool).await?, 0);
     let (locked_by, last_error): (Option<String>, Option<String>) =
         sqlx::query_as("SELECT locked_by, last_error FROM outbox WHERE id = $1")
@@ -318,5 +319,28 @@ async fn a_heartbeat_skips_rows_another_statement_holds_instead_of_waiting() -> 
     // Once the row is free, the next beat extends it again.
     let kept = store::heartbeat(&db.pool, &leases, Duration::from_secs(60)).await?;
     assert_eq!(kept.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_head_of_leased_rows_never_strands_the_due_rows_behind_it() -> TestResult {
+    use std::time::Duration;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let events: Vec<outbox_core::NewEvent> = (0..200)
+        .map(|n| outbox_core::NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    // The oldest 150 rows are leased (a busy or dead worker holds them).
+    let held =
+        outbox_core::store::outbox::claim(&db.pool, "busy", 150, Duration::from_secs(60)).await?;
+    assert_eq!(held.len(), 150);
+    // A claim of 10 skips the leased head and gets rows behind it.
+    let next =
+        outbox_core::store::outbox::claim(&db.pool, "other", 10, Duration::from_secs(60)).await?;
+    assert_eq!(next.len(), 10);
+    assert!(next.iter().all(|r| held.iter().all(|h| h.id != r.id)));
     Ok(())
 }

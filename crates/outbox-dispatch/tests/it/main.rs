@@ -3,9 +3,11 @@
 
 mod dispatch;
 mod enqueueing;
+mod leadership;
 mod leases;
-mod maintenance;
 mod ordering;
+mod replayer;
+mod sweeper;
 mod transactional;
 mod triggers;
 mod webhook;

@@ -65,7 +65,7 @@ async fn kv_writes_fire_exactly_the_matching_triggers_atomically() -> TestResult
     tx.rollback().await?;
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
     let mut conn = db.pool.acquire().await?;
-    assert!(kv::get(&mut conn, app, "orders:eu", "o1").await?.is_none());
+    assert!(kv::get(&mut *conn, app, "orders:eu", "o1").await?.is_none());
 
     // The glob table: which triggers fire for which write.
     let cases: &[(&str, &str, &[Uuid])] = &[

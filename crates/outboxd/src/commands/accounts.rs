@@ -8,7 +8,7 @@ use clap::Subcommand;
 use outbox_admin::accounts;
 use outbox_core::store::{apps, principals};
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// `outboxd user …`.
 #[derive(Debug, Subcommand)]
@@ -137,7 +137,7 @@ fn named(email: &str) -> impl FnOnce(outbox_admin::ApiError) -> anyhow::Error + 
 
 /// Runs `outboxd user …`.
 pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     match cmd {
         UserCommand::Create {
             email,
@@ -247,7 +247,7 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
 
 /// Runs `outboxd api-key …`.
 pub async fn api_key(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<()> {
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     match cmd {
         ApiKeyCommand::Create { email, name } => {
             let user = accounts::find_user(&pool, &email)

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use outbox_core::store::{apps, dead_letters};
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// `outboxd app …`.
 #[derive(Debug, Subcommand)]
@@ -57,7 +57,7 @@ pub enum AppCommand {
 
 /// Runs `outboxd app …`.
 pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     match cmd {
         AppCommand::Create { slug, name } => {
             let name = name.unwrap_or_else(|| slug.clone());

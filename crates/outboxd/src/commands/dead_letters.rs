@@ -8,7 +8,7 @@ use outbox_core::DeadLetter;
 use outbox_core::store::{apps, dead_letters};
 use uuid::Uuid;
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// Counting matching rows stops here ("showing 50 of 10000+").
 const COUNT_BOUND: i64 = 10_000;
@@ -88,7 +88,7 @@ fn state(row: &DeadLetter) -> &str {
 
 /// Runs `outboxd dead-letters …`.
 pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<()> {
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     match cmd {
         DeadLetterCommand::List {
             app,

@@ -7,7 +7,7 @@ use clap::Args;
 use outbox_core::store::apps;
 use outbox_core::{NewEvent, Source};
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// `outboxd enqueue` arguments.
 #[derive(Debug, Args)]
@@ -69,7 +69,7 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     event.ordering_key = args.ordering_key;
     event.max_attempts = args.max_attempts;
     event.validate()?;
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     let app = apps::by_slug(&pool, &args.app).await?;
     let mut tx = pool.begin().await?;
     let id = outbox_core::enqueue(&mut tx, app.id, &event).await?;

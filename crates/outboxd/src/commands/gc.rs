@@ -1,15 +1,20 @@
 //! `outboxd gc`: the GC sweeper once (for an external cron) or on its schedule.
 
 use anyhow::Context;
+use outbox_dispatch::maintenance::{Supervisor, Sweeper};
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// Runs `outboxd gc [--once]`.
 pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
-    let pool = crate::connect(&settings).await?;
-    let sweeper = outbox_dispatch::maintenance::Sweeper::new(pool, settings.sweeper_config());
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    let sweeper = Sweeper::new(pool.clone(), settings.sweeper_config());
     if !once {
-        sweeper.run(None, crate::shutdown_signal()).await;
+        Supervisor::new(pool)
+            .without_leadership()
+            .with(sweeper)
+            .run(outboxd::daemon::shutdown_signal())
+            .await;
         return Ok(());
     }
     let report = sweeper.run_once().await.context("gc sweep")?;

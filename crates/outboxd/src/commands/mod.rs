@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod apps;
+pub mod consume;
 pub mod dead_letters;
 pub mod enqueue;
 pub mod gc;

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use outbox_core::store::apps;
 use uuid::Uuid;
 
-use crate::config::Settings;
+use outboxd::config::Settings;
 
 /// `outboxd trigger …`.
 #[derive(Debug, Subcommand)]
@@ -78,7 +78,7 @@ pub enum TriggerCommand {
 /// Runs `outboxd trigger …`.
 pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> {
     use outbox_core::store::triggers::{self, TriggerSpec};
-    let pool = crate::connect(&settings).await?;
+    let pool = outboxd::db::connect(&settings, 0).await?;
     let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
     match cmd {
         TriggerCommand::List { app } => {

@@ -1,6 +1,5 @@
-//! The fault-injection workload (`outboxd run --chaos`, hidden): handlers
-//! whose behaviour the payload chooses, and which leave a history the chaos
-//! harness (`crates/outbox-chaos`) checks.
+//! The fault-injection handlers: their behaviour is chosen by the payload,
+//! and they leave a history the chaos harness checks.
 //!
 //! Every invocation appends `<n> <event id> <attempt> <worker>` to the file
 //! named by `CHAOS_HISTORY` before doing anything else, so a process that
@@ -54,7 +53,7 @@ enum Mode {
 /// The chaos handlers; they write their effects through `pool`.
 pub fn registry(pool: PgPool) -> anyhow::Result<Registry> {
     let path = std::env::var("CHAOS_HISTORY")
-        .map_err(|_| anyhow::anyhow!("--chaos needs CHAOS_HISTORY (the history file)"))?;
+        .map_err(|_| anyhow::anyhow!("the chaos worker needs CHAOS_HISTORY (the history file)"))?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,3 +1,5 @@
+//! The GC sweeper: retention horizons, concurrent sweepers, per-app retention.
+
 use outbox_core::store::dead_letters::{self, External};
 use outbox_dispatch::maintenance::Sweeper;
 use outbox_dispatch::maintenance::sweeper::SweeperConfig;
@@ -148,109 +150,6 @@ async fn an_app_can_keep_its_dead_letters_for_a_different_time() -> TestResult {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("1..=3650"), "{err}");
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_head_of_leased_rows_never_strands_the_due_rows_behind_it() -> TestResult {
-    use std::time::Duration;
-    let db = TestDb::new().await?;
-    let app = db.app("shop").await?;
-    let mut tx = db.pool.begin().await?;
-    let events: Vec<outbox_core::NewEvent> = (0..200)
-        .map(|n| outbox_core::NewEvent::new("t", json!({ "n": n })))
-        .collect();
-    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
-    // The oldest 150 rows are leased (a busy or dead worker holds them).
-    let held =
-        outbox_core::store::outbox::claim(&db.pool, "busy", 150, Duration::from_secs(60)).await?;
-    assert_eq!(held.len(), 150);
-    // A claim of 10 skips the leased head and gets rows behind it.
-    let next =
-        outbox_core::store::outbox::claim(&db.pool, "other", 10, Duration::from_secs(60)).await?;
-    assert_eq!(next.len(), 10);
-    assert!(next.iter().all(|r| held.iter().all(|h| h.id != r.id)));
-    Ok(())
-}
-
-#[tokio::test]
-async fn automatic_replay_doubles_its_quarantine_then_parks_for_an_operator() -> TestResult {
-    use outbox_dispatch::HandlerError;
-    use outbox_dispatch::maintenance::Replayer;
-    let db = TestDb::new().await?;
-    let app = db.app("shop").await?;
-    dead_letters::set_replay_policy(&db.pool, app, None, Some("sync"), 10, 2).await?;
-    let calls = crate::Calls::default();
-    let dispatcher = crate::recording(
-        &db,
-        "sync",
-        &calls,
-        |_| Err(HandlerError::permanent("partner down")),
-        crate::config(),
-    );
-    let replayer = Replayer::new(db.pool.clone(), std::time::Duration::from_secs(1));
-    let first = crate::enqueue_committed(
-        &db.pool,
-        app,
-        outbox_core::NewEvent::new("sync", json!({"n": 1})),
-    )
-    .await?;
-    dispatcher.run_until_idle().await?;
-    let quarantine = || async {
-        sqlx::query_as::<_, (i32, Option<f64>)>(
-            "SELECT replay_round, extract(epoch FROM replay_due_at - created_at)::float8
-             FROM dead_letters WHERE resolved_at IS NULL",
-        )
-        .fetch_one(&db.pool)
-        .await
-    };
-    let (round, delay) = quarantine().await?;
-    assert_eq!(round, 0);
-    assert!(
-        delay.is_some_and(|d| (9.0..=11.0).contains(&d)),
-        "first quarantine {delay:?}"
-    );
-    assert_eq!(replayer.run_once().await?, 0, "not due yet");
-    // "Advance the clock" past the quarantine.
-    sqlx::query("UPDATE dead_letters SET replay_due_at = now() WHERE replay_due_at IS NOT NULL")
-        .execute(&db.pool)
-        .await?;
-    assert_eq!(replayer.run_once().await?, 1);
-    dispatcher.run_until_idle().await?;
-    let (round, delay) = quarantine().await?;
-    assert_eq!(round, 1);
-    assert!(
-        delay.is_some_and(|d| (19.0..=21.0).contains(&d)),
-        "doubled quarantine {delay:?}"
-    );
-    sqlx::query("UPDATE dead_letters SET replay_due_at = now() WHERE replay_due_at IS NOT NULL")
-        .execute(&db.pool)
-        .await?;
-    assert_eq!(replayer.run_once().await?, 1);
-    dispatcher.run_until_idle().await?;
-    // Rounds spent: the last dead letter waits for an operator.
-    let (round, delay) = quarantine().await?;
-    assert_eq!((round, delay), (2, None));
-    assert_eq!(replayer.run_once().await?, 0);
-    let resolutions: Vec<Option<String>> =
-        sqlx::query_scalar("SELECT resolution FROM dead_letters ORDER BY replay_round")
-            .fetch_all(&db.pool)
-            .await?;
-    assert_eq!(
-        resolutions,
-        vec![Some("replayed".into()), Some("replayed".into()), None]
-    );
-    // Each replay links to the dead letter it came from.
-    let linked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM dead_letters d JOIN dead_letters prev ON prev.original_event_id <> d.original_event_id
-         WHERE d.replay_round = prev.replay_round + 1",
-    )
-    .fetch_one(&db.pool)
-    .await?;
-    assert_eq!(linked, 2);
-    assert_eq!(calls.of(first), 1);
-    assert_eq!(calls.total(), 3, "the event ran three times in all");
     Ok(())
 }
 

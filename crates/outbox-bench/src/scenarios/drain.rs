@@ -1,0 +1,229 @@
+//! (a) The raw ceiling: claim-and-delete batches with plain SQL, and (with
+//! the drain scenario) the same backlog dispatched by outboxd in lease and
+//! transactional mode; with `--explain`, the plans of the hot statements.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use outbox_core::model::Lease;
+use outbox_core::store::stats;
+use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use outboxd::config::Settings;
+
+use crate::bench::Bench;
+use crate::support::{BATCH, RAW_DELETE, median, prefill, truncate};
+
+/// The raw drain baseline (always), and outboxd's drains of the same backlog
+/// when `drain` is wanted. The machine's speed drifts by tens of percent
+/// from one minute to the next, so the three alternate for
+/// `--drain-rounds` rounds and each figure is the median of its rounds.
+/// Sets `raw_drain` and `drain` of `b` for the scenarios that follow.
+pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
+    let (app, raw_app, rows) = (b.app, b.raw_app, b.args.rows);
+    let wanted = b.wants("drain");
+    let rounds = if wanted { b.args.drain_rounds } else { 1 };
+    let (mut raw_rates, mut lease_rates, mut tx_rates) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        eprintln!("bench: drain, round {} of {rounds}", round + 1);
+        prefill(&b.pool, raw_app, rows, "bench.noop").await?;
+        if b.args.explain && round == 0 {
+            let plans = explain(&b.pool, raw_app).await?;
+            b.plans.push_str(&plans);
+        }
+        raw_rates.push(raw_drain(&b.pool, raw_app, rows, b.args.raw_consumers).await?);
+        truncate(&b.pool).await?;
+        if wanted {
+            for (in_transaction, rates) in [(false, &mut lease_rates), (true, &mut tx_rates)] {
+                prefill(&b.pool, app, rows, "bench.noop").await?;
+                rates.push(outboxd_drain(&b.pool, &b.settings, rows, in_transaction).await?);
+                truncate(&b.pool).await?;
+            }
+        }
+    }
+    let raw_drain = median(raw_rates.clone());
+    let ceiling = (raw_drain, "raw drain");
+    b.figure(
+        "drain",
+        format!(
+            "raw drain: DELETE…SKIP LOCKED LIMIT {BATCH}, {} conns ({})",
+            b.args.raw_consumers,
+            spread(&raw_rates)
+        ),
+        raw_drain,
+        "rows/s",
+        Some(ceiling),
+    );
+    let drain = (!lease_rates.is_empty()).then(|| median(lease_rates.clone()));
+    if let Some(rate) = drain {
+        b.figure(
+            "drain",
+            format!(
+                "outboxd dispatch: backlog, no-op handler ({})",
+                spread(&lease_rates)
+            ),
+            rate,
+            "events/s",
+            Some(ceiling),
+        );
+        b.figure(
+            "drain",
+            format!(
+                "outboxd dispatch: transactional mode ({})",
+                spread(&tx_rates)
+            ),
+            median(tx_rates.clone()),
+            "events/s",
+            Some(ceiling),
+        );
+    }
+    b.raw_drain = raw_drain;
+    b.drain = drain;
+    Ok(())
+}
+
+/// The lowest and the highest of `rates`, in thousands: "41k–47k".
+fn spread(rates: &[f64]) -> String {
+    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+        (lo.min(*r), hi.max(*r))
+    });
+    format!("{:.0}k–{:.0}k", lo / 1000.0, hi / 1000.0)
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the claim, the combined complete-and-claim
+/// and the raw baseline's statement, on the backlog of `app` (rolled back).
+async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
+    const WORKER: &str = "explain";
+    const LEASE: Duration = Duration::from_secs(30);
+    let mut out = String::new();
+    let mut tx = pool.begin().await?;
+    let claimed = outbox_core::store::outbox::claim(&mut *tx, WORKER, 100, LEASE).await?;
+    let done: Vec<Lease> = claimed
+        .iter()
+        .map(|c| Lease {
+            id: c.id,
+            token: c.lease_token,
+        })
+        .collect();
+    let lines = stats::explain_claim(&mut *tx, WORKER, 100, LEASE).await?;
+    out.push_str(&format!("## claim (batch 100)\n\n{}\n\n", lines.join("\n")));
+    let lines = stats::explain_complete_and_claim(&mut *tx, &done, WORKER, 100, LEASE).await?;
+    out.push_str(&format!(
+        "## complete 100 and claim 100\n\n{}\n\n",
+        lines.join("\n")
+    ));
+    let lines = stats::explain_take(&mut *tx, 100).await?;
+    out.push_str(&format!(
+        "## transactional take (batch 100)\n\n{}\n\n",
+        lines.join("\n")
+    ));
+    // Baseline: the plan of the raw-SQL ceiling's statement, plain SQL on
+    // purpose.
+    let lines: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {RAW_DELETE}"))
+            .bind(app)
+            .fetch_all(&mut *tx)
+            .await?;
+    out.push_str(&format!(
+        "## raw baseline: DELETE … LIMIT 100 SKIP LOCKED\n\n{}\n",
+        lines.join("\n")
+    ));
+    tx.rollback().await?;
+    Ok(out)
+}
+
+/// The raw ceiling: `consumers` connections delete the `rows` rows of `app`
+/// in batches of 100 until none is left; rows per second.
+async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut total = 0u64;
+            loop {
+                // Baseline: the raw-SQL ceiling, plain SQL on purpose.
+                let n = sqlx::query(RAW_DELETE)
+                    .bind(app)
+                    .execute(&pool)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok::<u64, sqlx::Error>(total);
+                }
+                total += n;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    ensure!(
+        total == rows as u64,
+        "raw drain deleted {total} of {rows} rows"
+    );
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// outboxd dispatches the `rows` rows waiting in the outbox (topic
+/// `bench.noop`) with a no-op handler, in lease or transactional mode;
+/// events per second.
+pub async fn outboxd_drain(
+    pool: &PgPool,
+    settings: &Settings,
+    rows: u32,
+    in_transaction: bool,
+) -> anyhow::Result<f64> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let all_handled = Arc::new(Notify::new());
+    let mut registry = Registry::new();
+    {
+        let (handled, all_handled) = (handled.clone(), all_handled.clone());
+        registry.register("bench.noop", move |_e: Event| {
+            if handled.fetch_add(1, Ordering::Relaxed) + 1 == u64::from(rows) {
+                all_handled.notify_one();
+            }
+            async { Ok::<(), HandlerError>(()) }
+        });
+    }
+    let config = outbox_dispatch::Config {
+        in_transaction,
+        ..settings.dispatcher_config()
+    };
+    let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    // Counting rows while the dispatcher works would compete with it for the
+    // two cores; count handler calls instead, then wait for the last deletes.
+    tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
+        .await
+        .context("the backlog was not handled within 10 minutes")?;
+    while outbox_core::store::outbox::count(pool).await? > 0 {
+        ensure!(
+            !run.is_finished(),
+            "the dispatcher stopped before the backlog was drained"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let report = run.await??;
+    ensure!(
+        report.totals.completed == rows as usize,
+        "dispatcher completed {} of {rows} rows",
+        report.totals.completed
+    );
+    Ok(rows as f64 / elapsed.as_secs_f64())
+}

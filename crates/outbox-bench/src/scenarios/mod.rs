@@ -1,0 +1,29 @@
+//! The scenarios, one function each, in the order `bench::run` calls them;
+//! each takes the shared `Bench` and adds its figures (and series) to it.
+//!
+//! - `drain`: the raw ceiling (always), and outboxd draining the same backlog.
+//! - `enqueue`: single-row and batch enqueue against plain INSERTs.
+//! - `latency`: commit → handler start, idle and under load.
+//! - `steady`, `bloat`: a fixed offered load, then with a snapshot held open.
+//! - `backlog`: a small and a large backlog.
+//! - `relay`: relay to JetStream and the consumer runtime (needs NATS_URL).
+//! - `auth`: what authenticating an API request costs.
+//! - `scale_out`: several dispatcher processes on one database.
+
+mod auth;
+mod backlog;
+mod drain;
+mod enqueue;
+mod latency;
+mod relay;
+mod scale_out;
+mod steady;
+
+pub use self::auth::auth;
+pub use self::backlog::backlog;
+pub use self::drain::drain;
+pub use self::enqueue::enqueue;
+pub use self::latency::latency;
+pub use self::relay::relay;
+pub use self::scale_out::scale_out;
+pub use self::steady::{bloat, steady};

@@ -1,0 +1,127 @@
+//! Claiming: the claim statement, the combined complete-and-claim, and the
+//! connection options of a claim loop.
+
+use std::time::Duration;
+
+use sqlx::PgExecutor;
+use sqlx::postgres::PgConnectOptions;
+use uuid::Uuid;
+
+use super::{CLAIMED_COLUMNS, split};
+use crate::Error;
+use crate::model::{ClaimedEvent, Lease};
+
+const CLAIM: &str = concat!("WITH ", picked_cte!(), "\n", lease_picked!());
+
+/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds), for
+/// `EXPLAIN` in the benchmark.
+pub const CLAIM_SQL: &str = CLAIM;
+
+/// One round trip, one commit: delete the finished rows `$4`/`$5` (ids and
+/// fencing tokens) and claim the next batch. The single row of `done` is
+/// joined to the claimed rows so the deleted count arrives even when nothing
+/// was claimed.
+const COMPLETE_AND_CLAIM: &str = concat!(
+    "WITH done AS (
+    DELETE FROM outbox o
+    USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
+    WHERE o.id = t.id AND o.lease_token = t.token
+    ",
+    done_returning!(),
+    "
+), ",
+    handled_by_script_cte!(),
+    ", ",
+    picked_cte!(),
+    ", claimed AS (\n",
+    lease_picked!(),
+    "\n)
+SELECT c.*, d.completed
+FROM (SELECT count(*) AS completed FROM done) AS d
+LEFT JOIN claimed AS c ON true"
+);
+
+/// The complete-and-claim statement (`$4` ids and `$5` tokens done, then as
+/// [`CLAIM_SQL`]), for `EXPLAIN` in the benchmark.
+pub const COMPLETE_AND_CLAIM_SQL: &str = COMPLETE_AND_CLAIM;
+
+/// Claims up to `limit` due rows for `worker`, leasing them for `lease`.
+///
+/// The picked rows are locked by the same statement, so their `ctid` cannot
+/// change before the `UPDATE` reaches them; joining on it skips a primary-key
+/// lookup per row.
+/// Apps are visited in random order each call, so one busy app cannot starve
+/// the others. A row with an ordering key is claimable only when it is the
+/// oldest row of its key and no transaction that could still commit an earlier
+/// row of that key is open.
+pub async fn claim<'e>(
+    db: impl PgExecutor<'e>,
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<ClaimedEvent>, Error> {
+    let limit = i64::from(limit.max(1));
+    Ok(sqlx::query_as(CLAIM)
+        .bind(limit)
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .fetch_all(db)
+        .await?)
+}
+
+/// Options for a connection that runs [`complete_and_claim`] over and over:
+/// it plans the statement once (a generic plan) instead of for every batch,
+/// where planning took about a sixth of the statement's time and grew with
+/// the backlog. The statement is written so that its generic plan is the one
+/// a custom plan would be (index scan for the pick, TID scan for the lease).
+///
+/// Without a known batch size the generic plan's cost grows with the backlog
+/// and, past `jit_above_cost`, PostgreSQL would compile it to machine code
+/// on every execution (tens of ms for a claim of a millisecond); JIT is off.
+///
+/// Sequential scans are off too: planned while the statistics describe a
+/// short queue in a few pages, the statement would find the completed rows
+/// and the picked `ctid`s by scanning the whole table, and keep doing so
+/// after the table has grown.
+pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
+    base.clone().options([
+        ("plan_cache_mode", "force_generic_plan"),
+        ("jit", "off"),
+        ("enable_seqscan", "off"),
+    ])
+}
+
+/// Deletes the successfully handled rows of `done` and claims up to `limit`
+/// more, in one statement (one commit). Returns how many of `done` were
+/// deleted (the rest were fenced) and the claimed rows.
+///
+/// A row of `done` whose lease expired before this call could also be picked
+/// by the claim half; PostgreSQL then applies only one of the two changes, so
+/// such a row may run again (at-least-once), never get lost.
+pub async fn complete_and_claim<'e>(
+    db: impl PgExecutor<'e>,
+    done: &[Lease],
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<(usize, Vec<ClaimedEvent>), Error> {
+    use sqlx::{FromRow, Row};
+    let (ids, tokens) = split(done);
+    let rows = sqlx::query(COMPLETE_AND_CLAIM)
+        .bind(i64::from(limit.max(1)))
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(db)
+        .await?;
+    let mut completed = 0;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        completed = row.try_get::<i64, _>(CLAIMED_COLUMNS)? as usize;
+        if row.try_get::<Option<Uuid>, _>(0)?.is_some() {
+            claimed.push(ClaimedEvent::from_row(row)?);
+        }
+    }
+    Ok((completed, claimed))
+}

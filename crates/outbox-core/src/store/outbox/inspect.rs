@@ -1,0 +1,95 @@
+//! Inspection: row counts, the oldest due row's age, and per-state counts.
+
+use sqlx::PgExecutor;
+
+use crate::Error;
+
+/// Counts rows, for tests and the CLI.
+pub async fn count<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(db)
+        .await?)
+}
+
+/// Counts rows that are leased right now.
+pub async fn count_leased<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE locked_by IS NOT NULL AND locked_until > now()",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// Age in seconds of the oldest due row, expired leases included (0 when none is due).
+pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(run_at))::float8, 0)
+         FROM outbox WHERE run_at <= now()",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// How many rows of one app and topic are in each state.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StateCounts {
+    /// The app's slug.
+    pub app: String,
+    /// The topic.
+    pub topic: String,
+    /// Due now and not leased.
+    pub due: i64,
+    /// Due later (delayed, or waiting for a retry's backoff), not leased.
+    pub scheduled: i64,
+    /// Leased: a handler is running it.
+    pub running: i64,
+}
+
+/// Rows per app, topic and state. It counts every row (a sequential scan),
+/// so one elected process samples it now and then, not every scrape.
+pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT a.slug AS app, o.topic,
+                count(*) FILTER (WHERE o.run_at <= now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
+                count(*) FILTER (WHERE o.run_at > now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())) AS scheduled,
+                count(*) FILTER (WHERE o.locked_until > now()) AS running
+         FROM outbox o JOIN apps a ON a.id = o.app_id
+         GROUP BY a.slug, o.topic
+         ORDER BY count(*) DESC",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// How many rows are due and not leased, counted up to a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueCount {
+    /// Rows counted: all of them when `exact`, else the bound.
+    pub rows: i64,
+    /// False when the count stopped at the bound: there are at least `rows`.
+    pub exact: bool,
+}
+
+/// Counts rows that are due now and not leased, stopping at `bound`: the
+/// cost grows with the bound, not with the backlog, so a dashboard or a
+/// metrics scrape can ask often ("at least 10,000 due" is as useful there as
+/// the exact number).
+pub async fn count_due<'e>(db: impl PgExecutor<'e>, bound: i64) -> Result<DueCount, Error> {
+    let bound = bound.max(1);
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM outbox
+             WHERE run_at <= now() AND (locked_until IS NULL OR locked_until <= now())
+             LIMIT $1
+         ) due",
+    )
+    .bind(bound)
+    .fetch_one(db)
+    .await?;
+    Ok(DueCount {
+        rows,
+        exact: rows < bound,
+    })
+}

@@ -1,0 +1,200 @@
+//! Statistics and housekeeping statements for operators, benchmarks and
+//! tests: server facts, table health, and explicit VACUUM/CHECKPOINT.
+//!
+//! Beside those, what a benchmark or a test needs around the product's own
+//! statements: a synthetic backlog, one app's queue depth, a snapshot held
+//! open, a wake-up of every sleeping dispatcher, and `EXPLAIN (ANALYZE,
+//! BUFFERS)` of the hot statements. None of them is on the dispatcher's path.
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::model::Lease;
+
+/// Server settings that decide what a measurement means.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ServerFacts {
+    /// The `fsync` setting (`on` or `off`).
+    pub fsync: String,
+    /// The `synchronous_commit` setting.
+    pub synchronous_commit: String,
+    /// `version()`: the server's full version string.
+    pub version: String,
+}
+
+/// The server's durability settings and version.
+pub async fn server_facts<'e>(db: impl PgExecutor<'e>) -> Result<ServerFacts, Error> {
+    Ok(sqlx::query_as(
+        "SELECT current_setting('fsync') AS fsync,
+                current_setting('synchronous_commit') AS synchronous_commit,
+                version() AS version",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// Dead row versions of the user table `table` in PostgreSQL's statistics
+/// (0 when the statistics do not know the table yet).
+pub async fn table_dead_tuples<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_optional(db)
+    .await?
+    .unwrap_or_default())
+}
+
+/// Rows of `app` in the outbox, whatever their state. Counts every row of
+/// the app: a sample now and then, not a tight loop (see [`queue_empty`]).
+pub async fn queue_depth<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<i64, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE app_id = $1")
+            .bind(app)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// Whether `app` has no rows left in the outbox. Stops at the first row
+/// instead of counting a backlog, so it may be polled in tight loops.
+pub async fn queue_empty<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<bool, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE app_id = $1)")
+            .bind(app)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// Inserts `rows` rows of `topic` for `app`, due a second ago, with payloads
+/// `{"n": 1}` … `{"n": rows}`, in one statement: a synthetic backlog for
+/// benchmarks and tests (no validation, no de-duplication). Returns how many
+/// rows were inserted.
+pub async fn fill_backlog<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    rows: u32,
+    topic: &str,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "INSERT INTO outbox (id, app_id, topic, payload, run_at)
+         SELECT outbox_uuid_v7(), $1, $3, jsonb_build_object('n', g), now() - interval '1 second'
+         FROM generate_series(1, $2) g",
+    )
+    .bind(app)
+    .bind(i64::from(rows))
+    .bind(topic)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes every row of the outbox, of every app, at once (`TRUNCATE`).
+/// For benchmarks and tests between runs: it takes an exclusive lock and
+/// leaves no dead tuples behind.
+pub async fn truncate_outbox<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
+    sqlx::query("TRUNCATE outbox").execute(db).await?;
+    Ok(())
+}
+
+/// `VACUUM ANALYZE outbox`: removes the dead row versions no snapshot can
+/// see any more and refreshes the planner's statistics of the table. Cannot
+/// run inside a transaction block.
+pub async fn vacuum_analyze_outbox<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
+    sqlx::query("VACUUM ANALYZE outbox").execute(db).await?;
+    Ok(())
+}
+
+/// An explicit `CHECKPOINT`: writes out every dirty buffer now, so that it is
+/// not written during what follows. Needs superuser or the `pg_checkpoint`
+/// role.
+pub async fn checkpoint<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
+    sqlx::query("CHECKPOINT").execute(db).await?;
+    Ok(())
+}
+
+/// Opens a `REPEATABLE READ` transaction on `conn` and takes its snapshot,
+/// then leaves the transaction open: until it ends, VACUUM cannot remove any
+/// row version deleted after the snapshot (what a long report or a
+/// forgotten session does to the outbox). Runs `BEGIN` itself; the caller
+/// ends the transaction with `ROLLBACK` or by closing the connection.
+pub async fn hold_snapshot(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT count(*) FROM apps")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Notifies the wake-up channel (`outbox_due`, see the `wake` module) once:
+/// every sleeping dispatcher claims at once instead of at its next poll,
+/// e.g. right after an app was resumed.
+pub async fn wake_dispatchers<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::wake::CHANNEL)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the claim statement
+/// (`store::outbox::CLAIM_SQL`) for `worker`, `limit` rows and a `lease`,
+/// one plan line per element. ANALYZE runs the statement: the rows are
+/// claimed, so run it in a transaction and roll that back.
+pub async fn explain_claim<'e>(
+    db: impl PgExecutor<'e>,
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<String>, Error> {
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", super::outbox::CLAIM_SQL);
+    Ok(sqlx::query_scalar::<_, String>(&sql)
+        .bind(i64::from(limit.max(1)))
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .fetch_all(db)
+        .await?)
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the combined complete-and-claim statement
+/// (`store::outbox::COMPLETE_AND_CLAIM_SQL`): `done` completed, then as
+/// [`explain_claim`]. ANALYZE runs the statement: the rows of `done` are
+/// deleted and others claimed, so run it in a transaction and roll that back.
+pub async fn explain_complete_and_claim<'e>(
+    db: impl PgExecutor<'e>,
+    done: &[Lease],
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<String>, Error> {
+    let (ids, tokens): (Vec<Uuid>, Vec<i64>) = done.iter().map(|l| (l.id, l.token)).unzip();
+    let sql = format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        super::outbox::COMPLETE_AND_CLAIM_SQL
+    );
+    Ok(sqlx::query_scalar::<_, String>(&sql)
+        .bind(i64::from(limit.max(1)))
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(db)
+        .await?)
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of the transactional take
+/// (`store::outbox::TAKE_SQL`) of `limit` rows. ANALYZE runs the statement:
+/// the rows are deleted, so run it in a transaction and roll that back.
+pub async fn explain_take<'e>(db: impl PgExecutor<'e>, limit: u32) -> Result<Vec<String>, Error> {
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", super::outbox::TAKE_SQL);
+    Ok(sqlx::query_scalar::<_, String>(&sql)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(db)
+        .await?)
+}

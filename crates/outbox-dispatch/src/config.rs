@@ -1,0 +1,170 @@
+//! Dispatcher settings and the rules that relate them.
+
+use std::time::Duration;
+
+use crate::{Error, RetryPolicy};
+
+/// Dispatcher settings. [`Config::default`] is a sane start; [`Config::validate`]
+/// checks the relations between them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Written to `locked_by`, so operators can tell which process holds a row.
+    pub worker_id: String,
+    /// Most rows claimed by one statement.
+    pub batch_size: u32,
+    /// Most rows claimed and not yet completed at once (bounds handler concurrency).
+    pub concurrency: usize,
+    /// Claim loops running side by side, so one claim's commit overlaps the next.
+    pub claimers: usize,
+    /// How often to look for due rows when no notification arrives (delayed
+    /// rows, retries, missed notifications).
+    pub poll_interval: Duration,
+    /// How long a claim holds a row; a crashed worker's rows are due again after it.
+    pub lease: Duration,
+    /// A handler running longer than this fails the attempt. Shorter than
+    /// `lease` when the heartbeat is off; with it on, the heartbeat keeps a
+    /// long handler's lease alive.
+    pub handler_timeout: Duration,
+    /// How often running rows' leases are extended; shorter than `lease`.
+    /// Zero turns the heartbeat off.
+    pub heartbeat_interval: Duration,
+    /// On shutdown, how long running handlers may take before their rows are released.
+    pub drain_grace: Duration,
+    /// Backoff and attempt limit.
+    pub retry: RetryPolicy,
+    /// Rows deeper in a trigger chain than this are dead-lettered, not run.
+    pub max_trigger_depth: u32,
+    /// Transactional mode: each claim loop deletes a batch of rows in a
+    /// transaction, runs their handlers one after another inside it (see
+    /// [`crate::Event::claim_tx`]) and commits; a failure rolls the batch back
+    /// and its rows are run again one per transaction. One write per row
+    /// instead of a lease and a delete. A process that dies mid-batch still
+    /// counts an attempt for the batch's rows (see
+    /// [`outbox_core::store::outbox::open_tx_batch`]).
+    /// Rows with a synchronous caller and dead-letter-trigger rows are left to
+    /// lease-mode dispatchers.
+    pub in_transaction: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            worker_id: default_worker_id(),
+            batch_size: 500,
+            concurrency: 2048,
+            claimers: 3,
+            poll_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            max_trigger_depth: 8,
+            in_transaction: false,
+        }
+    }
+}
+
+/// `<hostname>-<pid>-<random>`: unique per process, readable in `locked_by`.
+pub fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "outboxd".to_owned());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+impl Config {
+    /// The connections a running dispatcher opens outside its pool (see
+    /// [`crate::Dispatcher::new`]).
+    pub fn own_connections(&self) -> usize {
+        let keepers = if self.in_transaction {
+            self.claimers
+        } else {
+            0
+        };
+        self.claimers + keepers + 2
+    }
+
+    /// Checks the relations the dispatcher relies on; a refusal names the
+    /// setting and its range.
+    pub fn validate(&self) -> Result<(), Error> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return fail(format!(
+                "batch_size {} is outside 1..=10000",
+                self.batch_size
+            ));
+        }
+        if self.concurrency == 0 {
+            return fail("concurrency must be at least 1".into());
+        }
+        if self.in_transaction && self.concurrency != Config::default().concurrency {
+            return fail(format!(
+                "concurrency {} applies to lease mode only: in transactional mode each claim loop runs its batch's rows one after another; set claimers (and batch_size) instead",
+                self.concurrency
+            ));
+        }
+        if self.claimers == 0 || self.claimers > 16 {
+            return fail(format!("claimers {} is outside 1..=16", self.claimers));
+        }
+        if self.heartbeat_interval.is_zero() && self.handler_timeout >= self.lease {
+            return fail(format!(
+                "handler_timeout ({:?}) must be shorter than lease ({:?}) when the heartbeat is off",
+                self.handler_timeout, self.lease
+            ));
+        }
+        if self.heartbeat_interval >= self.lease {
+            return fail(format!(
+                "heartbeat_interval ({:?}) must be shorter than lease ({:?})",
+                self.heartbeat_interval, self.lease
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return fail("retry.max_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod connection_budget_tests {
+    use super::Config;
+
+    #[test]
+    fn the_budget_counts_claim_loops_listen_pacer_and_keepers() {
+        let lease = Config {
+            claimers: 3,
+            ..Config::default()
+        };
+        assert_eq!(lease.own_connections(), 5);
+        let transactional = Config {
+            claimers: 3,
+            in_transaction: true,
+            ..Config::default()
+        };
+        assert_eq!(transactional.own_connections(), 8);
+    }
+
+    #[test]
+    fn concurrency_is_refused_where_it_does_not_apply() {
+        let transactional = Config {
+            in_transaction: true,
+            concurrency: 64,
+            ..Config::default()
+        };
+        let err = transactional.validate().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|m| m.contains("lease mode only") && m.contains("claimers")),
+            "{err:?}"
+        );
+        let lease = Config {
+            concurrency: 64,
+            ..Config::default()
+        };
+        assert!(lease.validate().is_ok());
+    }
+}

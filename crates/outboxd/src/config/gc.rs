@@ -1,0 +1,62 @@
+//! `[gc]` and the retention settings at the top level: what the GC sweeper
+//! is built from.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Settings, env_hint, range};
+
+/// `[gc]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct GcSettings {
+    pub schedule: String,
+    pub batch: u32,
+}
+
+impl Settings {
+    /// `*_retention_days`.
+    pub(super) fn validate_retention(&self) -> Result<(), ConfigError> {
+        range(
+            "dead_letter_retention_days",
+            self.dead_letter_retention_days as u64,
+            1,
+            3650,
+        )?;
+        range(
+            "abandoned_executions_retention_days",
+            self.abandoned_executions_retention_days as u64,
+            1,
+            3650,
+        )?;
+        Ok(())
+    }
+
+    /// `[gc]`.
+    pub(super) fn validate_gc(&self) -> Result<(), ConfigError> {
+        if let Err(err) =
+            outbox_core::store::triggers::next_tick(&self.gc.schedule, chrono::Utc::now())
+        {
+            return Err(ConfigError::Range {
+                key: "gc.schedule",
+                value: format!("{:?}", self.gc.schedule),
+                problem: "is not a cron expression",
+                accepted: format!("5 or 6 cron fields, e.g. \"0 */10 * * * *\" ({err})"),
+                env_hint: env_hint("gc.schedule"),
+            });
+        }
+        range("gc.batch", self.gc.batch as u64, 1, 100_000)?;
+        Ok(())
+    }
+
+    /// The GC sweeper's settings in its own types.
+    pub fn sweeper_config(&self) -> outbox_dispatch::maintenance::sweeper::SweeperConfig {
+        outbox_dispatch::maintenance::sweeper::SweeperConfig {
+            dead_letter_retention_days: self.dead_letter_retention_days,
+            abandoned_executions_retention_days: self.abandoned_executions_retention_days,
+            batch: i64::from(self.gc.batch),
+            schedule: self.gc.schedule.clone(),
+            ..Default::default()
+        }
+    }
+}

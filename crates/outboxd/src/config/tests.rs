@@ -1,0 +1,194 @@
+//! The configuration's refusals and defaults.
+
+use std::time::Duration;
+
+use super::*;
+
+fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::load_from(
+        Path::new("../../config"),
+        None,
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+#[test]
+fn defaults_are_valid() {
+    let s = load(&[]).expect("default config");
+    assert_eq!(s.dispatcher.batch_size, 500);
+    assert!(s.dispatcher_config().validate().is_ok());
+}
+
+#[test]
+fn env_overrides_flat_and_nested_keys() {
+    let s = load(&[
+        ("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "5"),
+        ("OUTBOXD_DISPATCHER__BATCH_SIZE", "7"),
+        ("OUTBOXD_ENV", "ignored-here"),
+        ("DATABASE_URL", "postgres://x@127.0.0.1:1/db"),
+    ])
+    .expect("config");
+    assert_eq!(s.trigger_retry_max_attempts, 5);
+    assert_eq!(s.dispatcher.batch_size, 7);
+    assert_eq!(s.database.url.expose(), "postgres://x@127.0.0.1:1/db");
+}
+
+#[test]
+fn out_of_range_names_key_range_and_env() {
+    let err = load(&[("OUTBOXD_MAX_TRIGGER_DEPTH", "0")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_trigger_depth = 0"), "{err}");
+    assert!(err.contains("1..=64"), "{err}");
+    assert!(err.contains("OUTBOXD_MAX_TRIGGER_DEPTH"), "{err}");
+}
+
+#[test]
+fn a_lease_shorter_than_the_heartbeat_is_named_in_the_refusal() {
+    let err = load(&[("OUTBOXD_DISPATCHER__LEASE_MS", "1000")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("heartbeat_interval_ms = 10000"), "{err}");
+    assert!(
+        err.contains("shorter than dispatcher.lease_ms = 1000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let err = load(&[("OUTBOXD_DISPATCHER__BATCH_SIZE", "lots")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dispatcher.batch_size"), "{err}");
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let err = load(&[("OUTBOXD_DISPATCHER__BACH_SIZE", "3")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bach_size"), "{err}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+    /// Any value for any setting loads or is refused with the key named.
+    #[test]
+    fn arbitrary_setting_values_are_named_refusals(
+        key in proptest::sample::select(vec![
+            "OUTBOXD_DISPATCHER__BATCH_SIZE",
+            "OUTBOXD_DISPATCHER__LEASE_MS",
+            "OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS",
+            "OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS",
+            "OUTBOXD_HTTP__LISTEN",
+            "OUTBOXD_NATS__STREAM__RETENTION",
+            "OUTBOXD_GC__SCHEDULE",
+            "OUTBOXD_LOG__FORMAT",
+            "OUTBOXD_CONSUMER__MAX_DELIVER",
+        ]),
+        value in ".{0,20}|-?[0-9]{1,22}",
+    ) {
+        if let Err(err) = load(&[(key, value.as_str())]) {
+            let text = err.to_string().to_lowercase();
+            let section_key = key
+                .trim_start_matches("OUTBOXD_")
+                .replace("__", ".")
+                .to_lowercase();
+            let leaf = section_key.rsplit('.').next().unwrap_or_default().to_owned();
+            proptest::prop_assert!(text.contains(&leaf), "{key}={value:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn the_reference_lists_every_setting() {
+    use figment::value::Value;
+    fn flatten(prefix: &str, value: &Value, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            Value::Dict(_, dict) => {
+                for (k, v) in dict {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+    let defaults: Value = Figment::from(Toml::string(EMBEDDED_DEFAULT))
+        .extract()
+        .expect("the embedded defaults parse");
+    let mut keys = std::collections::BTreeSet::new();
+    flatten("", &defaults, &mut keys);
+    let reference = include_str!("../../../../docs/configuration.md");
+    let documented: std::collections::BTreeSet<String> = reference
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        keys, documented,
+        "config/default.toml (left) and docs/configuration.md (right) differ: run python3 scripts/config-reference.py"
+    );
+}
+
+#[test]
+fn handler_timeout_must_be_below_lease_without_heartbeat() {
+    let err = load(&[
+        ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),
+        ("OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS", "0"),
+        ("OUTBOXD_DISPATCHER__HANDLER_TIMEOUT_MS", "5000"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("dispatcher.handler_timeout_ms"), "{err}");
+    assert!(err.contains("10..=4999"), "{err}");
+}
+
+#[test]
+fn heartbeat_lets_handler_timeout_exceed_lease() {
+    let settings = load(&[
+        ("OUTBOXD_DISPATCHER__LEASE_MS", "5000"),
+        ("OUTBOXD_DISPATCHER__HEARTBEAT_INTERVAL_MS", "1000"),
+        ("OUTBOXD_DISPATCHER__HANDLER_TIMEOUT_MS", "7500"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        settings.dispatcher_config().handler_timeout,
+        Duration::from_millis(7500)
+    );
+}
+
+#[test]
+fn short_jwt_secret_is_refused_with_its_length_not_its_value() {
+    let err = load(&[("JWT_SECRET", "too-short-secret")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admin.jwt_secret") && err.contains("16 bytes") && err.contains("at least 32"),
+        "{err}"
+    );
+    assert!(!err.contains("too-short-secret"), "{err}");
+    let ok = load(&[("JWT_SECRET", "0123456789abcdef0123456789abcdef")]).expect("32 bytes");
+    assert!(ok.admin_auth().is_some());
+    assert!(!format!("{ok:?}").contains("0123456789abcdef"));
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let s = load(&[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/db")]).expect("config");
+    assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+#[test]
+fn missing_overlay_is_an_error() {
+    let err = Settings::load_from(Path::new("../../config"), Some("nope"), Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope.toml"), "{err}");
+}

@@ -1,0 +1,166 @@
+//! The daemon: everything `outboxd run` does, as one library call, so the
+//! binary, the demo and the chaos worker start the same thing (the shape of
+//! mini-redis's `server::run`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use outbox_dispatch::maintenance::{Replayer, Sampler, Scheduler, Supervisor, Sweeper};
+use outbox_dispatch::{Dispatcher, DrainReport, Registry};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Settings;
+use crate::{db, http};
+
+/// Runs the dispatcher with `registry`'s handlers, the HTTP endpoints (health,
+/// metrics, and the admin API and dashboard when configured), the NATS relay
+/// for unhandled topics (when `nats.url` is set), webhook targets (when
+/// `webhook.secret` is set) and the maintenance services, until `shutdown`
+/// completes; then drains and returns what the dispatcher did.
+///
+/// Prints `outboxd listening on http://<addr>` once the HTTP endpoints are up.
+pub async fn run(
+    settings: Settings,
+    mut registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<DrainReport> {
+    let dispatcher_config = settings.dispatcher_config();
+    let pool = db::connect(&settings, dispatcher_config.own_connections()).await?;
+    if settings.database.auto_migrate {
+        outbox_core::migrate(&pool)
+            .await
+            .context("migrating on start")?;
+    }
+    let metrics = http::install_metrics()?;
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => info!("shutdown signal received"),
+                () = stop.cancelled() => {}
+            }
+            stop.cancel();
+        }
+    });
+
+    // NATS first: a stream-contract mismatch must stop start-up before
+    // anything serves.
+    let (nats_client, jetstream) = if settings.nats.url.is_empty() {
+        (None, None)
+    } else {
+        let client = outbox_nats::connect(&settings.nats.url).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        outbox_nats::ensure_stream(&js, &settings.stream_contract())
+            .await
+            .context("checking the NATS stream contract")?;
+        (Some(client), Some(js))
+    };
+
+    let admin = match settings.admin_auth() {
+        Some(auth) => {
+            let mut state = outbox_admin::AdminState::new(pool.clone(), auth)?;
+            state.body_limit = usize::try_from(settings.http.max_body_bytes)
+                .context("http.max_body_bytes does not fit this machine")?;
+            state.api_servers = settings.api_servers();
+            Some(outbox_admin::router(state))
+        }
+        None => {
+            tracing::warn!(
+                "admin API and dashboard are off: set JWT_SECRET (at least 32 bytes) to turn them on"
+            );
+            None
+        }
+    };
+    let addr = settings
+        .http
+        .listen
+        .parse()
+        .context("http.listen is not a socket address")?;
+    let (bound, server) = http::serve(
+        addr,
+        http::router(pool.clone(), metrics, nats_client, admin),
+        stop.clone().cancelled_owned(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {addr}"))?;
+    info!(%bound, "http listening: /healthz /readyz /metrics");
+    println!("outboxd listening on http://{bound}");
+    if settings.admin_auth().is_some() {
+        println!("dashboard: http://{bound}/login");
+    }
+
+    if settings.webhook.secret.expose().is_empty() {
+        info!("webhook targets are off: set OUTBOXD_WEBHOOK__SECRET to sign and send them");
+    } else {
+        registry.prefix(
+            outbox_dispatch::targets::webhook::PREFIX,
+            outbox_dispatch::targets::Webhook::new(
+                settings.webhook.secret.expose().as_bytes().to_vec(),
+                Duration::from_millis(settings.webhook.timeout_ms),
+            ),
+        );
+    }
+    if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
+        registry.fallback(outbox_nats::Relay::new(
+            js,
+            pool.clone(),
+            outbox_nats::RelayConfig {
+                subject_template: settings.nats.subject_template.clone(),
+                ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
+            },
+        ));
+        info!(url = %db::redact_url(&settings.nats.url), stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
+    }
+
+    // The GC schedule, automatic replays, the row-state sample and the cron
+    // scheduler run on the elected leader only.
+    let maintenance = tokio::spawn(
+        Supervisor::new(pool.clone())
+            .with(Sweeper::new(pool.clone(), settings.sweeper_config()))
+            .with(Replayer::new(pool.clone(), Duration::from_secs(1)))
+            .with(Sampler::new(
+                pool.clone(),
+                Duration::from_secs(settings.http.metrics_sample_secs),
+            ))
+            .with(Scheduler::new(pool.clone(), Default::default()))
+            .run(stop.clone().cancelled_owned()),
+    );
+    let dispatcher = Dispatcher::new(pool.clone(), registry, dispatcher_config)?;
+    let report = dispatcher.run(stop.clone().cancelled_owned()).await?;
+    stop.cancel();
+    let _ = maintenance.await;
+    let _ = server.await;
+    pool.close().await;
+    info!(
+        completed = report.totals.completed,
+        released = report.released,
+        "bye"
+    );
+    Ok(report)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
