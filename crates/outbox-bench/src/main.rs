@@ -21,27 +21,17 @@ mod report;
 mod scenarios;
 mod support;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outboxd::config::Settings;
+use outboxd::launch::{ConfigArgs, launch};
 
 /// Measure outboxd's throughput and latency against the raw SQL ceiling.
 #[derive(Debug, Parser)]
 #[command(name = "outbox-bench", args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Folder with default.toml and the environment overlays.
-    #[arg(
-        long,
-        env = "OUTBOXD_CONFIG_DIR",
-        default_value = "config",
-        global = true
-    )]
-    config_dir: PathBuf,
-    /// Environment overlay to apply (`config/<ENV>.toml`).
-    #[arg(long, env = "OUTBOXD_ENV", global = true)]
-    env: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(flatten)]
     args: bench::BenchArgs,
     #[command(subcommand)]
@@ -61,35 +51,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.config_dir, cli.env.as_deref()) {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("outbox-bench: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    outboxd::logging::init_tracing(&settings);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("outbox-bench: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    launch("outbox-bench", &cli.config, |settings| async move {
         match cli.command {
             Some(Command::Worker(args)) => bench::worker(settings, args).await,
             None => bench::run(settings, cli.args).await,
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("outbox-bench: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -10,10 +10,12 @@
 //! - [`http`]: health, readiness and metrics endpoints.
 //! - [`demo`]: the demo workload.
 //! - [`logging`]: the tracing subscriber and the panic hook.
+//! - [`launch`]: what every outboxd binary does before its command runs.
 
 pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod http;
+pub mod launch;
 pub mod logging;

@@ -4,13 +4,13 @@
 
 mod commands;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outboxd::config::Settings;
-use outboxd::{daemon, db, demo, logging};
+use outboxd::launch::{ConfigArgs, launch};
+use outboxd::{daemon, db, demo};
 
 use crate::commands::accounts::{ApiKeyCommand, UserCommand};
 use crate::commands::apps::AppCommand;
@@ -22,17 +22,8 @@ use crate::commands::triggers::TriggerCommand;
 #[derive(Debug, Parser)]
 #[command(name = "outboxd", version, about)]
 struct Cli {
-    /// Folder with default.toml and the environment overlays.
-    #[arg(
-        long,
-        env = "OUTBOXD_CONFIG_DIR",
-        default_value = "config",
-        global = true
-    )]
-    config_dir: PathBuf,
-    /// Environment overlay to apply (`config/<ENV>.toml`).
-    #[arg(long, env = "OUTBOXD_ENV", global = true)]
-    env: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,32 +79,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.config_dir, cli.env.as_deref()) {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("outboxd: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    logging::init_tracing(&settings);
-    logging::log_panics();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("outboxd: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(cli.command, settings)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("outboxd: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    launch("outboxd", &cli.config, |settings| {
+        execute(cli.command, settings)
+    })
 }
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
