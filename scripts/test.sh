@@ -45,7 +45,8 @@ set +e
 DATABASE_URL="${DATABASE_URL%/*}/bench_smoke" OUTBOXD_LOG__FILTER=warn target/debug/outbox-bench \
   --rows 2000 --enqueue-rows 500 --latency-samples 20 --relay-rows 1000 \
   --steady-secs 2 --steady-rate 500 --backlogs 2000,5000 --backlog-measured 500 \
-  --scale-rows 2000 --processes 1,2 --explain --out target/bench-smoke 2>&1 | tee -a "$TEST_LOG"
+  --scale-rows 2000 --processes 1,2 --phase-secs 2 --phase-sample-secs 1 --phase-rate 200 \
+  --explain --out target/bench-smoke 2>&1 | tee -a "$TEST_LOG"
 bench_status=${PIPESTATUS[0]}
 set -e
 if [ "$bench_status" = 0 ]; then echo "1 passed, 0 failed" | tee -a "$TEST_LOG"; else echo "0 passed, 1 failed" | tee -a "$TEST_LOG"; fi

@@ -82,6 +82,26 @@ pub struct BenchArgs {
     /// Handlers each process runs at once in the I/O-bound variant.
     #[arg(long, default_value_t = 64)]
     pub scale_concurrency: u32,
+    /// The phases of the phases scenario, in order (clean first): clean,
+    /// recovery, idle-in-tx, active-readers, backend-kill, pool-exhaustion.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "clean,idle-in-tx,recovery,active-readers,recovery,backend-kill,recovery,pool-exhaustion,recovery"
+    )]
+    pub phases: Vec<String>,
+    /// Length of each phase, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub phase_secs: u32,
+    /// One sample of the phases' series every this many seconds.
+    #[arg(long, default_value_t = 5)]
+    pub phase_sample_secs: u32,
+    /// Offered load of the phases scenario, in events per second.
+    #[arg(long, default_value_t = 800)]
+    pub phase_rate: u32,
+    /// Each handler of the phases scenario sleeps this long, in ms.
+    #[arg(long, default_value_t = 1)]
+    pub phase_handler_ms: u64,
     /// Print `EXPLAIN (ANALYZE, BUFFERS)` of the hot statements.
     #[arg(long)]
     pub explain: bool,
@@ -89,12 +109,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
     /// Run only these scenarios (comma-separated: auth, enqueue, drain, latency,
-    /// steady, bloat, backlog, relay, scale-out); the raw drain baseline
-    /// always runs.
+    /// steady, bloat, phases, backlog, relay, scale-out); the raw drain
+    /// baseline always runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,enqueue,drain,latency,steady,bloat,backlog,relay,scale-out"
+        default_value = "auth,enqueue,drain,latency,steady,bloat,phases,backlog,relay,scale-out"
     )]
     pub scenarios: Vec<String>,
 }
@@ -107,6 +127,7 @@ const KNOWN: &[&str] = &[
     "latency",
     "steady",
     "bloat",
+    "phases",
     "backlog",
     "relay",
     "scale-out",
@@ -153,6 +174,16 @@ impl BenchArgs {
         ensure!(
             args.steady_rate >= 100,
             "--steady-rate must be at least 100"
+        );
+        ensure!(args.phase_secs >= 1, "--phase-secs must be at least 1");
+        ensure!(
+            (1..=args.phase_secs).contains(&args.phase_sample_secs),
+            "--phase-sample-secs must be in 1..=--phase-secs"
+        );
+        ensure!(args.phase_rate >= 10, "--phase-rate must be at least 10");
+        ensure!(
+            args.phase_handler_ms <= 10_000,
+            "--phase-handler-ms must be at most 10000"
         );
         ensure!(
             args.backlogs.len() == 2 && args.backlogs.iter().all(|b| *b >= 1000),
@@ -326,6 +357,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     }
     if bench.wants("bloat") {
         scenarios::bloat(&mut bench).await?;
+    }
+    if bench.wants("phases") {
+        scenarios::phases(&mut bench).await?;
     }
     if bench.wants("backlog") {
         scenarios::backlog(&mut bench).await?;

@@ -5,7 +5,7 @@
 //!
 //! One file per kind: `steady` (steady load and bloat), `latency` (the
 //! latency takers), `backlog` (claims and drain rates of a deep backlog) and
-//! `scale_out` (worker processes). The producers and the no-op registry they
+//! `scale_out` (worker processes), `phases` (trouble under a steady load). The producers and the no-op registry they
 //! share are here.
 
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 mod backlog;
 mod latency;
+pub mod phases;
 mod scale_out;
 mod steady;
 

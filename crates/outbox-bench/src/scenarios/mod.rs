@@ -5,6 +5,7 @@
 //! - `enqueue`: single-row and batch enqueue against plain INSERTs.
 //! - `latency`: commit → handler start, idle and under load.
 //! - `steady`, `bloat`: a fixed offered load, then with a snapshot held open.
+//! - `phases`: a steady load through phases of trouble, each with a recovery.
 //! - `backlog`: a small and a large backlog.
 //! - `relay`: relay to JetStream and the consumer runtime (needs NATS_URL).
 //! - `auth`: what authenticating an API request costs.
@@ -15,6 +16,7 @@ mod backlog;
 mod drain;
 mod enqueue;
 mod latency;
+mod phases;
 mod relay;
 mod scale_out;
 mod steady;
@@ -24,6 +26,7 @@ pub use self::backlog::backlog;
 pub use self::drain::drain;
 pub use self::enqueue::enqueue;
 pub use self::latency::latency;
+pub use self::phases::phases;
 pub use self::relay::relay;
 pub use self::scale_out::scale_out;
 pub use self::steady::{bloat, steady};

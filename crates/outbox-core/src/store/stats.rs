@@ -132,6 +132,70 @@ pub async fn hold_snapshot(conn: &mut PgConnection) -> Result<(), Error> {
     Ok(())
 }
 
+/// Opens a transaction and takes a transaction id, then leaves it idle: the
+/// `idle in transaction` session that holds the xmin horizon back (a
+/// forgotten session, an application bug). Commit or close to end it.
+pub async fn hold_transaction_id(conn: &mut PgConnection) -> Result<(), Error> {
+    sqlx::query("BEGIN").execute(&mut *conn).await?;
+    sqlx::query("SELECT txid_current()")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// One pass of a reporting reader: counts the rows of outboxd's busiest
+/// tables (inside the caller's transaction, when it holds one open).
+pub async fn scan_outboxd_tables(conn: &mut PgConnection) -> Result<(), Error> {
+    for table in ["outbox", "dead_letters", "outbox_tx_batches"] {
+        sqlx::query(&format!("SELECT count(*) FROM {table}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Dead row versions of every table in the `public` schema that has any, by
+/// table, largest first (PostgreSQL's statistics, updated with a delay of
+/// up to a second or so).
+pub async fn dead_tuples<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
+         WHERE schemaname = 'public' AND n_dead_tup > 0
+         ORDER BY n_dead_tup DESC, relname",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Terminates every other session whose `application_name` is `application`;
+/// returns how many. (A fault to inject, as an operator's script or a
+/// failover would.)
+pub async fn terminate_sessions<'e>(
+    db: impl PgExecutor<'e>,
+    application: &str,
+) -> Result<u64, Error> {
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(application)
+    .fetch_one(db)
+    .await?;
+    Ok(u64::try_from(ended).unwrap_or_default())
+}
+
+/// How many more client connections the server accepts now
+/// (`max_connections` less those open and the superuser reserve).
+pub async fn connection_headroom<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT current_setting('max_connections')::int
+              - current_setting('superuser_reserved_connections')::int
+              - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
 /// Notifies the wake-up channel (`outbox_due`, see the `wake` module) once:
 /// every sleeping dispatcher claims at once instead of at its next poll,
 /// e.g. right after an app was resumed.

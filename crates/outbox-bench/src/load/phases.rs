@@ -1,0 +1,362 @@
+//! Phases of trouble under a steady load: outboxd keeps dispatching while the
+//! database holds an old snapshot, serves long readers, loses its
+//! connections or runs out of them — each phase followed by a recovery
+//! window, every series sampled every few seconds.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use hdrhistogram::Histogram;
+use outbox_core::store::stats;
+use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use outboxd::config::Settings;
+
+use super::spawn_producers;
+
+/// The topic of the phases' events.
+const TOPIC: &str = "bench.phase";
+
+/// The `application_name` of the dispatcher's connections, which the
+/// `backend-kill` phase terminates (and nothing else).
+const DISPATCHER_APPLICATION: &str = "outbox-bench-dispatcher";
+
+/// How often `backend-kill` terminates the dispatcher's connections.
+const KILL_EVERY: Duration = Duration::from_secs(3);
+
+/// Readers of the `active-readers` phase.
+const READERS: usize = 4;
+
+/// Most idle connections `pool-exhaustion` opens (fewer when the server's
+/// `max_connections` leaves less room; some are always left over).
+const IDLE_CONNECTIONS: i64 = 300;
+
+/// A phase: what is done to the database while the load runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing: the baseline.
+    Clean,
+    /// Nothing, right after a fault ended: how fast things come back.
+    Recovery,
+    /// A session holds `BEGIN; SELECT txid_current()` and idles.
+    IdleInTx,
+    /// Four REPEATABLE READ sessions scan outboxd's tables over and over.
+    ActiveReaders,
+    /// The dispatcher's connections are terminated every few seconds.
+    BackendKill,
+    /// Hundreds of idle connections take the server's free slots.
+    PoolExhaustion,
+}
+
+impl Phase {
+    /// The phases `--phases` accepts, by name.
+    pub const NAMES: &'static [&'static str] = &[
+        "clean",
+        "recovery",
+        "idle-in-tx",
+        "active-readers",
+        "backend-kill",
+        "pool-exhaustion",
+    ];
+
+    /// The phase called `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "clean" => Self::Clean,
+            "recovery" => Self::Recovery,
+            "idle-in-tx" => Self::IdleInTx,
+            "active-readers" => Self::ActiveReaders,
+            "backend-kill" => Self::BackendKill,
+            "pool-exhaustion" => Self::PoolExhaustion,
+            _ => return None,
+        })
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::Recovery => "recovery",
+            Self::IdleInTx => "idle-in-tx",
+            Self::ActiveReaders => "active-readers",
+            Self::BackendKill => "backend-kill",
+            Self::PoolExhaustion => "pool-exhaustion",
+        }
+    }
+}
+
+/// The load of a phase run.
+#[derive(Debug, Clone)]
+pub struct PhaseLoad {
+    /// Events offered per second.
+    pub rate: u32,
+    /// Each handler sleeps this long.
+    pub handler: Duration,
+    /// Length of each phase.
+    pub phase: Duration,
+    /// One sample every this long.
+    pub sample: Duration,
+}
+
+/// One sample: a window of `sample` length.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Seconds since the run began (the window's end).
+    pub at: f64,
+    /// Index of the phase in the run.
+    pub phase: usize,
+    /// Commit → handler start, milliseconds: p50, p95, p99 of the window
+    /// (None when no handler started in it).
+    pub claim_ms: Option<[f64; 3]>,
+    /// Handlers finished per second.
+    pub completed_per_sec: f64,
+    /// Rows of the app in the outbox at the window's end.
+    pub depth: i64,
+    /// Dead tuples of all outboxd tables at the window's end.
+    pub dead_tuples: i64,
+}
+
+/// What a phase run saw.
+#[derive(Debug, Clone)]
+pub struct PhaseRun {
+    /// Every sample, in order.
+    pub samples: Vec<Sample>,
+    /// Dead tuples per table at the end of each phase.
+    pub dead_by_table: Vec<Vec<(String, i64)>>,
+    /// Events enqueued.
+    pub produced: u64,
+    /// Distinct events whose handler ran.
+    pub handled: u64,
+}
+
+/// Runs `phases` back to back under one steady load and one dispatcher;
+/// afterwards waits until every event was handled, and fails if one was lost.
+pub async fn run(
+    pool: &PgPool,
+    settings: &Settings,
+    app: Uuid,
+    load: &PhaseLoad,
+    phases: &[Phase],
+) -> anyhow::Result<PhaseRun> {
+    let latencies = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram bounds")?,
+    ));
+    let finished = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(Mutex::new(HashSet::<Uuid>::new()));
+    let registry = recording(load.handler, &latencies, &finished, &seen);
+    let dispatcher_pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .connect_with(
+            pool.connect_options()
+                .as_ref()
+                .clone()
+                .application_name(DISPATCHER_APPLICATION),
+        )
+        .await?;
+    let mut config = settings.dispatcher_config();
+    config.worker_id = "bench-phases".into();
+    let dispatcher = Dispatcher::new(dispatcher_pool.clone(), registry, config)?;
+    let stop_dispatcher = CancellationToken::new();
+    let dispatching = tokio::spawn({
+        let stop = stop_dispatcher.clone();
+        async move { dispatcher.run(stop.cancelled_owned()).await }
+    });
+
+    let produced = Arc::new(AtomicU64::new(0));
+    let stop_producers = CancellationToken::new();
+    let producers = spawn_producers(
+        pool,
+        app,
+        TOPIC,
+        load.rate,
+        stop_producers.clone(),
+        produced.clone(),
+    );
+
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut dead_by_table = Vec::new();
+    let mut last_finished = 0;
+    for (index, phase) in phases.iter().enumerate() {
+        eprintln!("bench: phases, {}", phase.name());
+        let fault = Fault::start(*phase, pool).await?;
+        let phase_end = Instant::now() + load.phase;
+        while Instant::now() < phase_end {
+            tokio::time::sleep(load.sample.min(phase_end - Instant::now())).await;
+            let claim_ms = latencies.lock().ok().and_then(|mut h| {
+                let quantiles = (!h.is_empty())
+                    .then(|| [0.5, 0.95, 0.99].map(|q| h.value_at_quantile(q) as f64 / 1000.0));
+                h.reset();
+                quantiles
+            });
+            let now_finished = finished.load(Ordering::Relaxed);
+            let window = load.sample.as_secs_f64();
+            let dead: i64 = stats::dead_tuples(pool).await?.iter().map(|(_, n)| n).sum();
+            samples.push(Sample {
+                at: started.elapsed().as_secs_f64(),
+                phase: index,
+                claim_ms,
+                completed_per_sec: (now_finished - last_finished) as f64 / window,
+                depth: stats::queue_depth(pool, app).await?,
+                dead_tuples: dead,
+            });
+            last_finished = now_finished;
+        }
+        fault.end().await?;
+        dead_by_table.push(stats::dead_tuples(pool).await?);
+    }
+
+    stop_producers.cancel();
+    for producer in producers {
+        producer.await??;
+    }
+    let produced = produced.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stats::queue_empty(pool, app).await? {
+        ensure!(
+            Instant::now() < deadline,
+            "the dispatcher did not drain the queue within 2 minutes after the phases"
+        );
+        ensure!(!dispatching.is_finished(), "the dispatcher stopped early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_dispatcher.cancel();
+    dispatching.await??;
+    dispatcher_pool.close().await;
+    let handled = seen.lock().map(|s| s.len() as u64).unwrap_or_default();
+    ensure!(
+        handled == produced,
+        "{produced} events enqueued but {handled} handled: {} lost",
+        produced.saturating_sub(handled)
+    );
+    Ok(PhaseRun {
+        samples,
+        dead_by_table,
+        produced,
+        handled,
+    })
+}
+
+/// Handlers of [`TOPIC`] that note when they started relative to the
+/// event's commit, sleep `handler`, and count themselves.
+fn recording(
+    handler: Duration,
+    latencies: &Arc<Mutex<Histogram<u64>>>,
+    finished: &Arc<AtomicU64>,
+    seen: &Arc<Mutex<HashSet<Uuid>>>,
+) -> Registry {
+    let (latencies, finished, seen) = (latencies.clone(), finished.clone(), seen.clone());
+    let mut registry = Registry::new();
+    registry.register(TOPIC, move |event: Event| {
+        let waited = chrono::Utc::now() - event.enqueued_at;
+        let micros = u64::try_from(waited.num_microseconds().unwrap_or(0)).unwrap_or(0);
+        if let Ok(mut h) = latencies.lock() {
+            h.saturating_record(micros.max(1));
+        }
+        let (finished, seen) = (finished.clone(), seen.clone());
+        async move {
+            if !handler.is_zero() {
+                tokio::time::sleep(handler).await;
+            }
+            if let Ok(mut seen) = seen.lock() {
+                seen.insert(event.id);
+            }
+            finished.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), HandlerError>(())
+        }
+    });
+    registry
+}
+
+/// A fault in progress, ended by [`Fault::end`].
+enum Fault {
+    None,
+    Held(PgConnection),
+    Tasks(CancellationToken, Vec<JoinHandle<anyhow::Result<()>>>),
+    Idle(Vec<PgConnection>),
+}
+
+impl Fault {
+    async fn start(phase: Phase, pool: &PgPool) -> anyhow::Result<Self> {
+        let options = pool.connect_options();
+        Ok(match phase {
+            Phase::Clean | Phase::Recovery => Self::None,
+            Phase::IdleInTx => {
+                let mut conn = PgConnection::connect_with(&options).await?;
+                stats::hold_transaction_id(&mut conn).await?;
+                Self::Held(conn)
+            }
+            Phase::ActiveReaders => {
+                let stop = CancellationToken::new();
+                let mut readers = Vec::new();
+                for _ in 0..READERS {
+                    let mut conn = PgConnection::connect_with(&options).await?;
+                    let stop = stop.clone();
+                    readers.push(tokio::spawn(async move {
+                        stats::hold_snapshot(&mut conn).await?;
+                        while !stop.is_cancelled() {
+                            stats::scan_outboxd_tables(&mut conn).await?;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        conn.close().await?;
+                        Ok(())
+                    }));
+                }
+                Self::Tasks(stop, readers)
+            }
+            Phase::BackendKill => {
+                let stop = CancellationToken::new();
+                let killer = tokio::spawn({
+                    let (pool, stop) = (pool.clone(), stop.clone());
+                    async move {
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return Ok(()),
+                                () = tokio::time::sleep(KILL_EVERY) => {}
+                            }
+                            stats::terminate_sessions(&pool, DISPATCHER_APPLICATION).await?;
+                        }
+                    }
+                });
+                Self::Tasks(stop, vec![killer])
+            }
+            Phase::PoolExhaustion => {
+                // Leave room for the dispatcher's reconnections and the
+                // benchmark's own samples.
+                let room = stats::connection_headroom(pool).await? - 40;
+                let mut idle = Vec::new();
+                for _ in 0..room.clamp(0, IDLE_CONNECTIONS) {
+                    idle.push(PgConnection::connect_with(&options).await?);
+                }
+                Self::Idle(idle)
+            }
+        })
+    }
+
+    async fn end(self) -> anyhow::Result<()> {
+        match self {
+            Self::None => {}
+            Self::Held(conn) => conn.close().await?,
+            Self::Tasks(stop, tasks) => {
+                stop.cancel();
+                for task in tasks {
+                    task.await??;
+                }
+            }
+            Self::Idle(conns) => {
+                for conn in conns {
+                    conn.close().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
