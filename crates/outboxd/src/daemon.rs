@@ -26,6 +26,7 @@ pub async fn run(
     mut registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<DrainReport> {
+    db::require_direct(&settings, "the dispatcher")?;
     let dispatcher_config = settings.dispatcher_config();
     let pool = db::connect(&settings, dispatcher_config.own_connections()).await?;
     if settings.database.auto_migrate {

@@ -9,30 +9,26 @@ use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::config::Settings;
+use crate::config::{Pooler, Settings};
 
 /// Opens the pool. `database.max_connections` bounds every connection the
 /// process opens: `own` of them are kept for connections a component opens
 /// outside the pool (a dispatcher's claim loops, LISTEN and pacer; see
 /// [`outbox_dispatch::Config::own_connections`]), the pool gets the rest.
 /// Configuration checks that at least two are left for the pool.
+///
+/// Behind a transaction-pooling PgBouncer (`database.pooler = "transaction"`)
+/// the connections carry no session settings and no statement cache (see
+/// [`outbox_core::store::pooled_connect_options`]).
 pub async fn connect(settings: &Settings, own: usize) -> anyhow::Result<PgPool> {
     let db = &settings.database;
-    let options = PgConnectOptions::from_str(db.url.expose())
+    let url = PgConnectOptions::from_str(db.url.expose())
         .context("database.url (DATABASE_URL) is not a valid PostgreSQL URL")?
-        .application_name("outboxd")
-        .options([(
-            "idle_in_transaction_session_timeout",
-            format!("{}ms", db.idle_in_transaction_timeout_ms),
-        )])
-        // A process cut off by the network keeps its row and advisory locks
-        // until the server notices it is gone; probing an idle connection
-        // after 30 s (3 probes, 10 s apart) bounds that to about a minute.
-        .options([
-            ("tcp_keepalives_idle", 30),
-            ("tcp_keepalives_interval", 10),
-            ("tcp_keepalives_count", 3),
-        ]);
+        .application_name("outboxd");
+    let options = match db.pooler() {
+        Pooler::Transaction => outbox_core::store::pooled_connect_options(&url),
+        Pooler::None => session_options(url, db.idle_in_transaction_timeout_ms),
+    };
     let shown = redact_url(db.url.expose());
     let own = u32::try_from(own).unwrap_or(u32::MAX);
     let pooled = db.max_connections.saturating_sub(own).max(1);
@@ -42,6 +38,33 @@ pub async fn connect(settings: &Settings, own: usize) -> anyhow::Result<PgPool> 
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))
+}
+
+/// Refuses to go on behind a transaction-pooling PgBouncer: `what` (the
+/// dispatcher, migrations, the consumer runtime) needs a direct connection.
+pub fn require_direct(settings: &Settings, what: &str) -> anyhow::Result<()> {
+    if settings.database.pooler() == Pooler::Transaction {
+        anyhow::bail!(
+            "{what} needs a direct connection to PostgreSQL (LISTEN, session advisory locks and session settings do not survive transaction pooling), but database.pooler = \"transaction\": point database.url (DATABASE_URL) at the server itself or at a session-pooling PgBouncer, and give the transaction-pooled URL to producers only"
+        );
+    }
+    Ok(())
+}
+
+/// The session settings a direct connection carries.
+fn session_options(url: PgConnectOptions, idle_in_transaction_timeout_ms: u64) -> PgConnectOptions {
+    url.options([(
+        "idle_in_transaction_session_timeout",
+        format!("{idle_in_transaction_timeout_ms}ms"),
+    )])
+    // A process cut off by the network keeps its row and advisory locks
+    // until the server notices it is gone; probing an idle connection
+    // after 30 s (3 probes, 10 s apart) bounds that to about a minute.
+    .options([
+        ("tcp_keepalives_idle", 30),
+        ("tcp_keepalives_interval", 10),
+        ("tcp_keepalives_count", 3),
+    ])
 }
 
 /// A database URL fit for a log or a terminal: no password, no query

@@ -21,6 +21,7 @@ pub async fn run(
     settings: crate::config::Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    crate::db::require_direct(&settings, "the dispatcher")?;
     // The set-up and the producer use a pool of their own; the producer
     // holds one connection at a time.
     let pool = crate::db::connect(&settings, 0).await?;

@@ -85,6 +85,18 @@ fn main() -> ExitCode {
 }
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    // Only producers go through a transaction-pooling PgBouncer: the other
+    // commands' statements are prepared, or need the session.
+    let direct = match &command {
+        Command::Enqueue(_) | Command::ConfigCheck => None,
+        Command::Run { .. } | Command::Demo => Some("the dispatcher"),
+        Command::Migrate => Some("migrating (a session advisory lock)"),
+        Command::Consume => Some("the consumer runtime"),
+        _ => Some("this command"),
+    };
+    if let Some(what) = direct {
+        db::require_direct(&settings, what)?;
+    }
     match command {
         Command::ConfigCheck => {
             print!("{}", settings.to_toml()?);

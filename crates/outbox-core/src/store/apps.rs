@@ -21,8 +21,12 @@ pub async fn ensure<'e>(db: impl PgExecutor<'e>, slug: &str, name: &str) -> Resu
 }
 
 /// Finds an app by slug.
+///
+/// Unprepared (an unnamed statement), like enqueue: producers call it, and a
+/// producer's connection may pass through a transaction-pooling PgBouncer.
 pub async fn by_slug<'e>(db: impl PgExecutor<'e>, slug: &str) -> Result<App, Error> {
     sqlx::query_as("SELECT id, slug, name, created_at, suspended_at FROM apps WHERE slug = $1")
+        .persistent(false)
         .bind(slug)
         .fetch_optional(db)
         .await?

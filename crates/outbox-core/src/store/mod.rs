@@ -8,6 +8,22 @@
 //! savepoint), takes `&mut PgConnection` and says whether it opens a
 //! transaction of its own.
 
+/// Connection options for a transaction-pooling PgBouncer in front of the
+/// server: no statement cache (a prepared statement lives on one server
+/// connection, and the pooler hands out another at the next transaction)
+/// and no `extra_float_digits` startup parameter (PgBouncer refuses
+/// parameters it does not track). Producers may use such connections
+/// (`enqueue`, the SQL function, one-transaction store calls); dispatchers
+/// may not: LISTEN, session advisory locks and session settings need a
+/// connection of their own.
+pub fn pooled_connect_options(
+    base: &sqlx::postgres::PgConnectOptions,
+) -> sqlx::postgres::PgConnectOptions {
+    base.clone()
+        .statement_cache_capacity(0)
+        .extra_float_digits(None)
+}
+
 /// Checks that the database answers (readiness).
 pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error> {
     sqlx::query("SELECT 1").execute(db).await?;

@@ -70,8 +70,11 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     event.max_attempts = args.max_attempts;
     event.validate()?;
     let pool = outboxd::db::connect(&settings, 0).await?;
-    let app = apps::by_slug(&pool, &args.app).await?;
+    // One transaction for both: behind a transaction-pooling PgBouncer a
+    // statement outside a transaction may reach another server connection
+    // between its parse and its execution.
     let mut tx = pool.begin().await?;
+    let app = apps::by_slug(&mut *tx, &args.app).await?;
     let id = outbox_core::enqueue(&mut tx, app.id, &event).await?;
     tx.commit().await?;
     println!("{id}");

@@ -14,6 +14,28 @@ pub struct DatabaseSettings {
     pub acquire_timeout_ms: u64,
     pub idle_in_transaction_timeout_ms: u64,
     pub auto_migrate: bool,
+    pub pooler: String,
+}
+
+/// What `database.pooler` says sits between outboxd and PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooler {
+    /// A direct connection (or a session-pooling PgBouncer).
+    None,
+    /// A transaction-pooling PgBouncer: fine for producers and one-shot
+    /// commands, refused for the dispatcher.
+    Transaction,
+}
+
+impl DatabaseSettings {
+    /// `database.pooler`, parsed (validation has refused anything else).
+    pub fn pooler(&self) -> Pooler {
+        if self.pooler == "transaction" {
+            Pooler::Transaction
+        } else {
+            Pooler::None
+        }
+    }
 }
 
 impl Settings {
@@ -38,6 +60,15 @@ impl Settings {
             1000,
             3_600_000,
         )?;
+        if !matches!(db.pooler.as_str(), "none" | "transaction") {
+            return Err(ConfigError::Range {
+                key: "database.pooler",
+                value: format!("{:?}", db.pooler),
+                problem: "is not a known pooler",
+                accepted: "\"none\" (a direct connection) or \"transaction\" (a transaction-pooling PgBouncer)".into(),
+                env_hint: super::env_hint("database.pooler"),
+            });
+        }
         let url = db.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::Range {

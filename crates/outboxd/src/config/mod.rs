@@ -75,7 +75,7 @@ mod nats;
 mod tests;
 
 pub use admin::{AdminSettings, HttpSettings};
-pub use database::DatabaseSettings;
+pub use database::{DatabaseSettings, Pooler};
 pub use dispatcher::{DispatcherSettings, WebhookSettings};
 pub use gc::GcSettings;
 pub use nats::{ConsumerSettings, NatsSettings, StreamSettings};

@@ -192,3 +192,17 @@ fn missing_overlay_is_an_error() {
         .to_string();
     assert!(err.contains("nope.toml"), "{err}");
 }
+
+#[test]
+fn an_unknown_pooler_is_refused_with_the_accepted_values() {
+    let err = load(&[("OUTBOXD_DATABASE__POOLER", "session")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("database.pooler") && err.contains("\"transaction\""),
+        "{err}"
+    );
+    let transaction = load(&[("OUTBOXD_DATABASE__POOLER", "transaction")]);
+    assert!(transaction.is_ok_and(|s| s.database.pooler() == Pooler::Transaction));
+}

@@ -9,6 +9,7 @@ mod http;
 mod logs;
 mod nats;
 mod nats_cluster;
+mod pgbouncer;
 mod run;
 mod support;
 mod triggers;
