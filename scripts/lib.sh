@@ -224,6 +224,7 @@ INI
   local i
   for i in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    [ "$i" = 100 ] && { tail -n 20 "$dir/pgbouncer.log" >&2; die "PgBouncer did not listen on 127.0.0.1:$port"; }
     sleep 0.05
   done
   export PGBOUNCER_ADDR="127.0.0.1:$port"

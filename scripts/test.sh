@@ -42,8 +42,8 @@ chaos_status=${PIPESTATUS[0]}
 set -e
 
 log "benchmark smoke run (small sizes, no targets asserted)"
-cargo build --quiet -p outbox-bench
 set +e
+cargo build --quiet -p outbox-bench
 "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U outboxd -d postgres -qc "CREATE DATABASE bench_smoke" >/dev/null
 DATABASE_URL="${DATABASE_URL%/*}/bench_smoke" OUTBOXD_LOG__FILTER=warn target/debug/outbox-bench \
   --rows 2000 --enqueue-rows 500 --latency-samples 20 --relay-rows 1000 \

@@ -28,7 +28,11 @@ pub async fn run(
 ) -> anyhow::Result<DrainReport> {
     db::require_direct(&settings, "the dispatcher")?;
     let dispatcher_config = settings.dispatcher_config();
-    let pool = db::connect(&settings, dispatcher_config.own_connections()).await?;
+    // Before anything starts: a refusal must not leave a server running.
+    dispatcher_config.validate()?;
+    // The leader's connection leaves the pool while it leads (one more).
+    let own = dispatcher_config.own_connections() + 1;
+    let pool = db::connect(&settings, own).await?;
     if settings.database.auto_migrate {
         outbox_core::migrate(&pool)
             .await
@@ -37,6 +41,8 @@ pub async fn run(
     let metrics = http::install_metrics()?;
 
     let stop = CancellationToken::new();
+    // Whatever way this function returns, everything it started stops.
+    let _stop_on_return = stop.clone().drop_guard();
     tokio::spawn({
         let stop = stop.clone();
         async move {

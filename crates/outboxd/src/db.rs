@@ -21,6 +21,19 @@ use crate::config::{Pooler, Settings};
 /// the connections carry no session settings and no statement cache (see
 /// [`outbox_core::store::pooled_connect_options`]).
 pub async fn connect(settings: &Settings, own: usize) -> anyhow::Result<PgPool> {
+    let own = u32::try_from(own).unwrap_or(u32::MAX);
+    let size = settings.database.max_connections.saturating_sub(own).max(1);
+    open(settings, size).await
+}
+
+/// A small pool of `size` connections beside the daemon's, outside the
+/// budget, for work that is not outboxd's own: the demo's producer, the
+/// chaos worker's effects.
+pub async fn connect_beside(settings: &Settings, size: u32) -> anyhow::Result<PgPool> {
+    open(settings, size.max(1)).await
+}
+
+async fn open(settings: &Settings, size: u32) -> anyhow::Result<PgPool> {
     let db = &settings.database;
     let url = PgConnectOptions::from_str(db.url.expose())
         .context("database.url (DATABASE_URL) is not a valid PostgreSQL URL")?
@@ -30,10 +43,8 @@ pub async fn connect(settings: &Settings, own: usize) -> anyhow::Result<PgPool> 
         Pooler::None => session_options(url, db.idle_in_transaction_timeout_ms),
     };
     let shown = redact_url(db.url.expose());
-    let own = u32::try_from(own).unwrap_or(u32::MAX);
-    let pooled = db.max_connections.saturating_sub(own).max(1);
     PgPoolOptions::new()
-        .max_connections(pooled)
+        .max_connections(size)
         .acquire_timeout(Duration::from_millis(db.acquire_timeout_ms))
         .connect_with(options)
         .await

@@ -22,9 +22,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::db::require_direct(&settings, "the dispatcher")?;
-    // The set-up and the producer use a pool of their own; the producer
-    // holds one connection at a time.
-    let pool = crate::db::connect(&settings, 0).await?;
+    // The set-up and the producer use two connections beside the daemon's.
+    let pool = crate::db::connect_beside(&settings, 2).await?;
     if settings.database.auto_migrate {
         outbox_core::migrate(&pool)
             .await
@@ -32,7 +31,17 @@ pub async fn run(
     }
     let app = outbox_core::ensure_app(&pool, APP, "Demo app").await?;
     register_triggers(&pool, app.id).await?;
+    // The producer stops at the signal, before the daemon drains.
     let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        }
+    });
     let producer = tokio::spawn(produce(
         pool.clone(),
         app.id,
@@ -42,7 +51,7 @@ pub async fn run(
     println!(
         "demo running: app {APP:?}; see its dead letters with `outboxd dead-letters list --app {APP}`"
     );
-    let report = crate::daemon::run(settings, registry(), shutdown).await;
+    let report = crate::daemon::run(settings, registry(), stop.clone().cancelled_owned()).await;
     stop.cancel();
     let _ = producer.await;
     pool.close().await;

@@ -29,7 +29,8 @@ const TOPIC: &str = "bench.phase";
 /// `backend-kill` phase terminates (and nothing else).
 const DISPATCHER_APPLICATION: &str = "outbox-bench-dispatcher";
 
-/// How often `backend-kill` terminates the dispatcher's connections.
+/// How often `backend-kill` terminates the dispatcher's connections (twice
+/// per phase at least, for short phases).
 const KILL_EVERY: Duration = Duration::from_secs(3);
 
 /// Readers of the `active-readers` phase.
@@ -187,7 +188,7 @@ pub async fn run(
     let mut last_finished = 0;
     for (index, phase) in phases.iter().enumerate() {
         eprintln!("bench: phases, {}", phase.name());
-        let fault = Fault::start(*phase, pool).await?;
+        let fault = Fault::start(*phase, pool, load.phase).await?;
         let phase_end = Instant::now() + load.phase;
         while Instant::now() < phase_end {
             tokio::time::sleep(load.sample.min(phase_end - Instant::now())).await;
@@ -285,12 +286,18 @@ enum Fault {
 }
 
 impl Fault {
-    async fn start(phase: Phase, pool: &PgPool) -> anyhow::Result<Self> {
+    async fn start(phase: Phase, pool: &PgPool, length: Duration) -> anyhow::Result<Self> {
         let options = pool.connect_options();
         Ok(match phase {
             Phase::Clean | Phase::Recovery => Self::None,
             Phase::IdleInTx => {
-                let mut conn = PgConnection::connect_with(&options).await?;
+                // outboxd's own sessions end an idle transaction after a
+                // minute; this one stands for a session that is not outboxd's.
+                let held = options
+                    .as_ref()
+                    .clone()
+                    .options([("idle_in_transaction_session_timeout", "0")]);
+                let mut conn = PgConnection::connect_with(&held).await?;
                 stats::hold_transaction_id(&mut conn).await?;
                 Self::Held(conn)
             }
@@ -314,13 +321,14 @@ impl Fault {
             }
             Phase::BackendKill => {
                 let stop = CancellationToken::new();
+                let every = KILL_EVERY.min(length / 2);
                 let killer = tokio::spawn({
                     let (pool, stop) = (pool.clone(), stop.clone());
                     async move {
                         loop {
                             tokio::select! {
                                 () = stop.cancelled() => return Ok(()),
-                                () = tokio::time::sleep(KILL_EVERY) => {}
+                                () = tokio::time::sleep(every) => {}
                             }
                             stats::terminate_sessions(&pool, DISPATCHER_APPLICATION).await?;
                         }

@@ -12,10 +12,13 @@
 /// server: no statement cache (a prepared statement lives on one server
 /// connection, and the pooler hands out another at the next transaction)
 /// and no `extra_float_digits` startup parameter (PgBouncer refuses
-/// parameters it does not track). Producers may use such connections
-/// (`enqueue`, the SQL function, one-transaction store calls); dispatchers
-/// may not: LISTEN, session advisory locks and session settings need a
-/// connection of their own.
+/// parameters it does not track). Only producer statements are safe on such
+/// connections: [`crate::enqueue`], [`crate::enqueue_batch`],
+/// [`apps::by_slug`] and the SQL function `outbox_enqueue`, inside a
+/// transaction. sqlx still names every other statement (and never closes
+/// it), and a named statement left on a shared server connection breaks the
+/// next client. Dispatchers may not use them at all: LISTEN, session
+/// advisory locks and session settings need a connection of their own.
 pub fn pooled_connect_options(
     base: &sqlx::postgres::PgConnectOptions,
 ) -> sqlx::postgres::PgConnectOptions {

@@ -42,7 +42,8 @@ use crate::Error;
 /// When a service's passes run.
 #[derive(Debug, Clone)]
 pub enum Cadence {
-    /// A pass every interval (the first one interval after the start).
+    /// A pass at once, then one every interval (at a fixed rate; a pass that
+    /// overruns its interval delays the next ones instead of bunching them).
     Every(Duration),
     /// A pass at each tick of a cron expression (6 fields with seconds, or 5).
     Cron(String),
@@ -151,12 +152,16 @@ async fn run_service(
     stop: CancellationToken,
 ) {
     let name = service.name();
-    let mut first = true;
+    let mut next_every = tokio::time::Instant::now();
     loop {
         let wait = match service.cadence() {
-            // The first pass at once, then one per interval after the last.
-            Cadence::Every(_) if first => Duration::ZERO,
-            Cadence::Every(interval) => interval,
+            Cadence::Every(interval) => {
+                let now = tokio::time::Instant::now();
+                let wait = next_every.saturating_duration_since(now);
+                // The tick after this one; from now when this one is late.
+                next_every = next_every.max(now) + interval;
+                wait
+            }
             Cadence::Cron(schedule) => {
                 let now = chrono::Utc::now();
                 match outbox_core::store::triggers::next_tick(&schedule, now) {
@@ -172,7 +177,6 @@ async fn run_service(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        first = false;
         if leader.as_ref().is_some_and(|l| !*l.borrow()) {
             continue;
         }

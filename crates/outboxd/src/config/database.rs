@@ -79,17 +79,18 @@ impl Settings {
                 env_hint: " (env DATABASE_URL)".into(),
             });
         }
-        // The one connection budget: what a running dispatcher opens outside
-        // the pool comes out of it, and the pool needs two at least (an
-        // outcome write and a handler's query at the same time).
-        let own = self.dispatcher_config().own_connections() as u64;
+        // The one connection budget: what a running daemon opens outside
+        // the pool comes out of it (the dispatcher's own connections, and the
+        // leader's, which leaves the pool while it leads), and the pool needs
+        // two at least (an outcome write and a handler's query at once).
+        let own = self.dispatcher_config().own_connections() as u64 + 1;
         if u64::from(db.max_connections) < own + 2 {
             return Err(ConfigError::Range {
                 key: "database.max_connections",
                 value: db.max_connections.to_string(),
                 problem: "is too small for the dispatcher",
                 accepted: format!(
-                    "at least {} with dispatcher.claimers = {} ({own} connections of the dispatcher's own: one per claim loop{}, LISTEN and the pacer; and 2 for the pool)",
+                    "at least {} with dispatcher.claimers = {} ({own} connections of the daemon's own: one per claim loop{}, LISTEN, the pacer and the leader; and 2 for the pool)",
                     own + 2,
                     self.dispatcher.claimers,
                     if self.dispatcher.in_transaction {

@@ -32,8 +32,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Run = cli.command;
     launch("outbox-chaos-worker", &cli.config, |settings| async {
-        // The handlers write their effects through a pool of their own.
-        let pool = db::connect(&settings, 0).await?;
+        // The handlers write their effects through a pool of their own, as
+        // an application's handlers would (as large as the daemon's was).
+        let pool = db::connect_beside(&settings, 10).await?;
         let registry = handlers::registry(pool)?;
         daemon::run(settings, registry, daemon::shutdown_signal()).await?;
         Ok(())
