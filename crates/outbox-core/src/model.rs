@@ -341,8 +341,51 @@ pub struct DeadLetter {
     pub max_attempts: Option<i32>,
 }
 
+impl DeadLetter {
+    /// What the dashboard and the CLI show as its state: `unresolved`, or
+    /// its resolution.
+    pub fn state(&self) -> &str {
+        self.resolution.as_deref().unwrap_or("unresolved")
+    }
+
+    /// The last error shortened to at most `max` characters at a word
+    /// boundary (see [`ellipsize`]), for a row of a list.
+    pub fn error_summary(&self, max: usize) -> String {
+        ellipsize(self.last_error.as_deref().unwrap_or(""), max)
+    }
+}
+
+/// Shortens `text` to at most `max` characters at a word boundary, marking
+/// the cut with an ellipsis (never half a word, unless one word is longer
+/// than the whole width); runs of whitespace become one space.
+pub fn ellipsize(text: &str, max: usize) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.chars().count() <= max {
+        return text;
+    }
+    let budget = max.saturating_sub(1);
+    let cut: String = text.chars().take(budget).collect();
+    let at_word = match cut.rfind(' ') {
+        Some(i) if i > budget / 2 => &cut[..i],
+        _ => cut.as_str(),
+    };
+    format!("{}…", at_word.trim_end())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ellipsize_cuts_between_words() {
+        use super::ellipsize;
+        assert_eq!(ellipsize("short", 10), "short");
+        assert_eq!(
+            ellipsize("connection refused by upstream server", 20),
+            "connection refused…"
+        );
+        assert!(ellipsize(&"x".repeat(50), 10).chars().count() <= 10);
+        assert_eq!(ellipsize("a\nb", 10), "a b");
+    }
+
     use super::*;
 
     #[test]

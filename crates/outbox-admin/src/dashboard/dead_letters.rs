@@ -69,13 +69,7 @@ pub(super) async fn list_page(
         csrf = esc(&session.csrf),
     ));
     for row in &rows {
-        let error: String = row
-            .last_error
-            .as_deref()
-            .unwrap_or("")
-            .chars()
-            .take(120)
-            .collect();
+        let error = row.error_summary(120);
         body.push_str(&format!(
             r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
             id = row.id,
@@ -85,7 +79,7 @@ pub(super) async fn list_page(
             att = row.attempt_count,
             err = esc(&error),
             age = age(row.created_at),
-            state = esc(row.resolution.as_deref().unwrap_or("unresolved")),
+            state = esc(row.state()),
         ));
     }
     body.push_str("</table></form>");

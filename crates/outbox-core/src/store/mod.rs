@@ -13,7 +13,7 @@
 /// connection, and the pooler hands out another at the next transaction)
 /// and no `extra_float_digits` startup parameter (PgBouncer refuses
 /// parameters it does not track). Only producer statements are safe on such
-/// connections: [`crate::enqueue`], [`crate::enqueue_batch`],
+/// connections: [`crate::enqueue()`], [`crate::enqueue_batch`],
 /// [`apps::by_slug`] and the SQL function `outbox_enqueue`, inside a
 /// transaction. sqlx still names every other statement (and never closes
 /// it), and a named statement left on a shared server connection breaks the

@@ -4,7 +4,6 @@
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use outbox_core::DeadLetter;
 use outbox_core::store::{apps, dead_letters};
 use uuid::Uuid;
 
@@ -79,11 +78,6 @@ pub enum DeadLetterCommand {
 
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID (a dead-letter id)"))
-}
-
-/// The state a dead letter is in: unresolved, or its resolution.
-fn state(row: &DeadLetter) -> &str {
-    row.resolution.as_deref().unwrap_or("unresolved")
 }
 
 /// Runs `outboxd dead-letters …`.
@@ -176,12 +170,12 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 println!(
                     "{:<36}  {:<17}  {:<8}  {:<20}  {:>8}  {:<16}  {}",
                     row.id,
-                    state(row),
+                    row.state(),
                     super::ellipsize(&row.source, 8),
                     super::ellipsize(&row.topic, 20),
                     row.attempt_count,
                     row.created_at.format("%Y-%m-%d %H:%M"),
-                    super::ellipsize(row.last_error.as_deref().unwrap_or(""), 60)
+                    row.error_summary(60)
                 );
             }
             println!("showing {} of {total_shown} dead letter(s)", rows.len());
