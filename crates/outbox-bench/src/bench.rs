@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use outboxd::config::Settings;
 
+use crate::load::phases::Phase;
 use crate::report::{self, Figure, Series};
 use crate::scenarios;
 
@@ -196,6 +197,14 @@ impl BenchArgs {
         ensure!(
             args.processes.iter().all(|p| (1..=16).contains(p)),
             "--processes takes counts in 1..=16"
+        );
+        if let Some(unknown) = args.phases.iter().find(|p| Phase::parse(p).is_none()) {
+            let known: Vec<_> = Phase::ALL.iter().map(|(n, _)| *n).collect();
+            anyhow::bail!("unknown phase {unknown:?}; known: {}", known.join(", "));
+        }
+        ensure!(
+            args.phases.first().map(String::as_str) == Some("clean"),
+            "--phases must start with clean (the baseline the others are compared with)"
         );
         if let Some(unknown) = args.scenarios.iter().find(|s| !KNOWN.contains(&s.as_str())) {
             anyhow::bail!("unknown scenario {unknown:?}; known: {}", KNOWN.join(", "));

@@ -213,16 +213,7 @@ impl Dispatcher {
     ) -> Result<DrainReport, Error> {
         let inner = self.inner.clone();
         let config = &inner.config;
-        let stop = CancellationToken::new();
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                tokio::select! {
-                    () = shutdown => stop.cancel(),
-                    () = stop.cancelled() => {}
-                }
-            }
-        });
+        let stop = crate::cancelled_by(shutdown);
         // Background helpers stop after the drain, not at the signal: running
         // rows keep their leases fresh while they finish.
         let helpers = CancellationToken::new();

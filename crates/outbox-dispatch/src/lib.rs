@@ -72,3 +72,20 @@ pub use error::Error;
 pub use handler::{ClaimTx, Event, Handler, HandlerError, Registry};
 pub use outcome::NO_HANDLER;
 pub use retry::RetryPolicy;
+
+/// A token cancelled when `shutdown` completes (or when cancelled itself):
+/// how a `run(shutdown)` future becomes something every task it starts
+/// can watch.
+pub fn cancelled_by(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watched = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => watched.cancel(),
+            () = watched.cancelled() => {}
+        }
+    });
+    stop
+}

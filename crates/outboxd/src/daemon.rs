@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use outbox_dispatch::maintenance::{Replayer, Sampler, Scheduler, Supervisor, Sweeper};
 use outbox_dispatch::{Dispatcher, DrainReport, Registry};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Settings;
@@ -40,19 +39,12 @@ pub async fn run(
     }
     let metrics = http::install_metrics()?;
 
-    let stop = CancellationToken::new();
+    let stop = outbox_dispatch::cancelled_by(async {
+        shutdown.await;
+        info!("shutdown signal received");
+    });
     // Whatever way this function returns, everything it started stops.
     let _stop_on_return = stop.clone().drop_guard();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                () = shutdown => info!("shutdown signal received"),
-                () = stop.cancelled() => {}
-            }
-            stop.cancel();
-        }
-    });
 
     // NATS first: a stream-contract mismatch must stop start-up before
     // anything serves.

@@ -112,10 +112,7 @@ mod tests {
             ("tcp_keepalives_interval", "10"),
             ("tcp_keepalives_count", "3"),
         ] {
-            let got: String = sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = $1")
-                .bind(name)
-                .fetch_one(&pool)
-                .await?;
+            let got = outbox_core::store::stats::setting(&pool, name).await?;
             assert_eq!(got, want, "{name}");
         }
         Ok(())

@@ -32,16 +32,7 @@ pub async fn run(
     let app = outbox_core::ensure_app(&pool, APP, "Demo app").await?;
     register_triggers(&pool, app.id).await?;
     // The producer stops at the signal, before the daemon drains.
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                () = shutdown => stop.cancel(),
-                () = stop.cancelled() => {}
-            }
-        }
-    });
+    let stop = outbox_dispatch::cancelled_by(shutdown);
     let producer = tokio::spawn(produce(
         pool.clone(),
         app.id,

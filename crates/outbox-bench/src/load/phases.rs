@@ -58,39 +58,27 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phases `--phases` accepts, by name.
-    pub const NAMES: &'static [&'static str] = &[
-        "clean",
-        "recovery",
-        "idle-in-tx",
-        "active-readers",
-        "backend-kill",
-        "pool-exhaustion",
+    /// Every phase with its name, as `--phases` takes it.
+    pub const ALL: &'static [(&'static str, Phase)] = &[
+        ("clean", Self::Clean),
+        ("recovery", Self::Recovery),
+        ("idle-in-tx", Self::IdleInTx),
+        ("active-readers", Self::ActiveReaders),
+        ("backend-kill", Self::BackendKill),
+        ("pool-exhaustion", Self::PoolExhaustion),
     ];
 
     /// The phase called `name`.
     pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "clean" => Self::Clean,
-            "recovery" => Self::Recovery,
-            "idle-in-tx" => Self::IdleInTx,
-            "active-readers" => Self::ActiveReaders,
-            "backend-kill" => Self::BackendKill,
-            "pool-exhaustion" => Self::PoolExhaustion,
-            _ => return None,
-        })
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
     }
 
     /// Its name.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Clean => "clean",
-            Self::Recovery => "recovery",
-            Self::IdleInTx => "idle-in-tx",
-            Self::ActiveReaders => "active-readers",
-            Self::BackendKill => "backend-kill",
-            Self::PoolExhaustion => "pool-exhaustion",
-        }
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("unknown", |(n, _)| *n)
     }
 }
 

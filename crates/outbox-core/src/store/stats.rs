@@ -36,6 +36,17 @@ pub async fn server_facts<'e>(db: impl PgExecutor<'e>) -> Result<ServerFacts, Er
     .await?)
 }
 
+/// The value of a server setting as `pg_settings` shows it (without units),
+/// as the current session sees it.
+pub async fn setting<'e>(db: impl PgExecutor<'e>, name: &str) -> Result<String, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
 /// Dead row versions of the user table `table` in PostgreSQL's statistics
 /// (0 when the statistics do not know the table yet).
 pub async fn table_dead_tuples<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<i64, Error> {

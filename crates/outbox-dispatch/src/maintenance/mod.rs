@@ -115,14 +115,7 @@ impl Supervisor {
 
     /// Runs the services until `shutdown`, then waits for passes in flight.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let stop = CancellationToken::new();
-        let guard = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown => guard.cancel(),
-                () = guard.cancelled() => {}
-            }
-        });
+        let stop = crate::cancelled_by(shutdown);
         let (leader, campaign) = if self.leadership {
             let (leader, task) = leader::campaign(self.pool, self.leader_retry, stop.clone());
             (Some(leader), Some(task))
