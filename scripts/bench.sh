@@ -15,4 +15,7 @@ cleanup() { stop_nats "$BENCH_DIR/nats"; stop_postgres "$BENCH_DIR"; rm -rf "$BE
 trap cleanup EXIT
 start_postgres "$BENCH_DIR" durable
 start_nats "$BENCH_DIR/nats"
+# For the postgres-restart phase.
+OUTBOX_BENCH_PG_RESTART="$(postgres_restart_command durable)"
+export OUTBOX_BENCH_PG_RESTART
 OUTBOXD_LOG__FILTER=warn "$ROOT/target/release/outbox-bench" "$@"

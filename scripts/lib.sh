@@ -159,6 +159,12 @@ start_postgres() {
   export DATABASE_URL="postgres://outboxd@127.0.0.1:$PG_PORT/outboxd"
 }
 
+# The shell command that restarts the cluster start_postgres last started
+# (a fast shutdown, then a start on the same port); MODE as for start_postgres.
+postgres_restart_command() {
+  echo "source '$ROOT/scripts/lib.sh'; PG_BIN='$PG_BIN'; pg_run '$PG_BIN/pg_ctl' -D '$PG_DIR/data' -m fast -w stop >/dev/null && start_postgres '$PG_DIR' ${1:-durable} 2>/dev/null"
+}
+
 stop_postgres() {
   local dir="${1:-${PG_DIR:-}}"
   [ -n "$dir" ] || return 0

@@ -45,7 +45,8 @@ log "benchmark smoke run (small sizes, no targets asserted)"
 set +e
 cargo build --quiet -p outbox-bench
 "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U outboxd -d postgres -qc "CREATE DATABASE bench_smoke" >/dev/null
-DATABASE_URL="${DATABASE_URL%/*}/bench_smoke" OUTBOXD_LOG__FILTER=warn target/debug/outbox-bench \
+DATABASE_URL="${DATABASE_URL%/*}/bench_smoke" OUTBOXD_LOG__FILTER=warn \
+  OUTBOX_BENCH_PG_RESTART="$(postgres_restart_command fast)" target/debug/outbox-bench \
   --rows 2000 --enqueue-rows 500 --latency-samples 20 --relay-rows 1000 \
   --steady-secs 2 --steady-rate 500 --backlogs 2000,5000 --backlog-measured 500 \
   --scale-rows 2000 --processes 1,2 --phase-secs 2 --phase-sample-secs 1 --phase-rate 200 \

@@ -84,14 +84,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub scale_concurrency: u32,
     /// The phases of the phases scenario, in order (clean first): clean,
-    /// recovery, idle-in-tx, active-readers, backend-kill, pool-exhaustion.
+    /// recovery, idle-in-tx, active-readers, backend-kill, pool-exhaustion,
+    /// postgres-restart; `NAME:SECS` gives one phase its own length.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "clean,idle-in-tx,recovery,active-readers,recovery,backend-kill,recovery,pool-exhaustion,recovery"
+        default_value = "clean,idle-in-tx,recovery,active-readers,recovery,backend-kill,recovery,pool-exhaustion,recovery,postgres-restart,recovery"
     )]
     pub phases: Vec<String>,
-    /// Length of each phase, in seconds.
+    /// Length of each phase without its own, in seconds.
     #[arg(long, default_value_t = 30)]
     pub phase_secs: u32,
     /// One sample of the phases' series every this many seconds.
@@ -198,14 +199,33 @@ impl BenchArgs {
             args.processes.iter().all(|p| (1..=16).contains(p)),
             "--processes takes counts in 1..=16"
         );
-        if let Some(unknown) = args.phases.iter().find(|p| Phase::parse(p).is_none()) {
+        if let Some(unknown) = args.phases.iter().find(|p| Phase::parse_entry(p).is_none()) {
             let known: Vec<_> = Phase::ALL.iter().map(|(n, _)| *n).collect();
-            anyhow::bail!("unknown phase {unknown:?}; known: {}", known.join(", "));
+            anyhow::bail!(
+                "unknown phase {unknown:?}; known: {} (each optionally NAME:SECS, SECS ≥ 1)",
+                known.join(", ")
+            );
         }
         ensure!(
-            args.phases.first().map(String::as_str) == Some("clean"),
+            args.phases
+                .first()
+                .and_then(|p| Phase::parse_entry(p))
+                .map(|(p, _)| p)
+                == Some(Phase::Clean),
             "--phases must start with clean (the baseline the others are compared with)"
         );
+        if args
+            .phases
+            .iter()
+            .filter_map(|p| Phase::parse_entry(p))
+            .any(|(p, _)| p == Phase::PostgresRestart)
+        {
+            ensure!(
+                std::env::var_os(crate::load::phases::RESTART_COMMAND_ENV).is_some(),
+                "the postgres-restart phase needs {} (run it through scripts/bench.sh)",
+                crate::load::phases::RESTART_COMMAND_ENV
+            );
+        }
         if let Some(unknown) = args.scenarios.iter().find(|s| !KNOWN.contains(&s.as_str())) {
             anyhow::bail!("unknown scenario {unknown:?}; known: {}", KNOWN.join(", "));
         }

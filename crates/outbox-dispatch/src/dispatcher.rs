@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
-use outbox_core::store::outbox as store;
+use outbox_core::store::outbox::{self as store, Positions};
 use sqlx::{Connection, PgPool};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -105,6 +105,13 @@ pub(crate) struct Shared {
     pub(crate) failures: FailureLog,
     // Counters and the handler histogram per app and topic.
     pub(crate) topic_metrics: TopicMetrics,
+    // Bumped when claim loops must move their positions on before their
+    // next claim (the pacer's last look before sleeping).
+    pub(crate) fresh_look: AtomicU64,
+    // What the rewind task last found from every app's first row, and how
+    // many times it has found something.
+    pub(crate) rewound: Mutex<Positions>,
+    pub(crate) rewound_generation: AtomicU64,
 }
 
 /// Claims due rows and runs their handlers. Cheap to clone; clones share state.
@@ -151,6 +158,9 @@ impl Dispatcher {
                 totals: Mutex::new(BatchReport::default()),
                 failures: FailureLog::new(RETRY_LOG_WINDOW),
                 topic_metrics: TopicMetrics::default(),
+                fresh_look: AtomicU64::new(0),
+                rewound: Mutex::new(Positions::default()),
+                rewound_generation: AtomicU64::new(0),
             }),
         })
     }
@@ -168,7 +178,7 @@ impl Dispatcher {
             inner.count_abandoned().await;
             // The keeper lives for this batch only; closing it frees its lock.
             let mut keeper = None;
-            let report = inner.tx_batch(&mut keeper).await;
+            let report = inner.tx_batch(&mut keeper, &Positions::default()).await;
             if let Some(keeper) = keeper {
                 let _ = keeper.close().await;
             }
@@ -220,6 +230,7 @@ impl Dispatcher {
         let listener = tokio::spawn(inner.clone().listen(helpers.clone()));
         let pacer = tokio::spawn(inner.clone().pace(helpers.clone()));
         let heartbeat = tokio::spawn(inner.clone().heartbeat(helpers.clone()));
+        let rewind = tokio::spawn(inner.clone().rewind(helpers.clone()));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
         let completer = tokio::spawn(inner.clone().complete(done_rx));
 
@@ -264,6 +275,7 @@ impl Dispatcher {
         let _ = listener.await;
         let _ = pacer.await;
         let _ = heartbeat.await;
+        let _ = rewind.await;
         info!(
             claimed = totals.claimed,
             completed = totals.completed,

@@ -61,6 +61,7 @@ mod lease;
 pub mod maintenance;
 mod outcome;
 pub mod pacer;
+pub mod positions;
 pub mod retry;
 pub mod targets;
 pub mod telemetry;

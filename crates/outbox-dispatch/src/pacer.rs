@@ -137,6 +137,7 @@ impl Shared {
                             // after the check, so it sees the rows of every
                             // insert the check found ended.
                             let settled = self.settled(&mut sleeper).await;
+                            self.ask_fresh_look();
                             self.wake.notify_one();
                             match settled {
                                 Some(true) => Pace::Asleep {
@@ -202,7 +203,9 @@ impl Shared {
         .await;
         match began {
             Ok(Some(settled)) => {
-                // The claim this wakes starts after the lock was taken.
+                // The claim this wakes starts after the lock was taken, from
+                // positions taken after it too.
+                self.ask_fresh_look();
                 self.wake.notify_one();
                 Pace::Asleep {
                     recheck: if settled {

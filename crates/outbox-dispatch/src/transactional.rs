@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::listen::reconnect_pause;
-use outbox_core::store::outbox::{self as store, ToDeadLetter};
+use outbox_core::store::outbox::{self as store, Positions, ToDeadLetter};
 use outbox_core::store::tx_batch;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::dispatcher::{BatchReport, Shared};
 use crate::failure_log::RowFacts;
 use crate::outcome::{Outcome, RowWrite};
+use crate::positions::ClaimFrom;
 use crate::{ClaimTx, Error};
 
 /// How often each transactional claim loop looks for batches whose worker died.
@@ -47,12 +48,17 @@ impl Shared {
         let mut errors = 0u32;
         let mut keeper = None;
         let mut abandoned_checked: Option<Instant> = None;
+        let mut from = ClaimFrom::default();
         while !stop.is_cancelled() {
             if abandoned_checked.is_none_or(|at| at.elapsed() >= ABANDONED_CHECK_INTERVAL) {
                 abandoned_checked = Some(Instant::now());
                 self.count_abandoned().await;
             }
-            match self.tx_batch(&mut keeper).await {
+            let batch = match from.current(&self, &self.pool).await {
+                Ok(positions) => self.tx_batch(&mut keeper, positions).await,
+                Err(err) => Err(err.into()),
+            };
+            match batch {
                 Ok(report) => {
                     errors = 0;
                     if report.claimed < self.config.batch_size as usize {
@@ -98,9 +104,10 @@ impl Shared {
     pub(crate) async fn tx_batch(
         &self,
         keeper: &mut Option<PgConnection>,
+        positions: &Positions,
     ) -> Result<BatchReport, Error> {
         let mut tx = self.pool.begin().await?;
-        let rows = store::take(&mut *tx, self.config.batch_size).await?;
+        let rows = store::take(&mut *tx, positions, self.config.batch_size).await?;
         let taken = rows.len();
         if taken == 0 {
             tx.commit().await?;

@@ -49,6 +49,7 @@ pub async fn backlog_claims(
             let started = Instant::now();
             let (_, rows) = outbox_core::store::outbox::complete_and_claim(
                 &mut *tx,
+                &outbox_core::store::outbox::Positions::default(),
                 &[],
                 "bench",
                 100,

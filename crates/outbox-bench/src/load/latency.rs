@@ -129,6 +129,7 @@ pub async fn latency(
             load_rate,
             stop_load.clone(),
             produced.clone(),
+            None,
         )
     } else {
         Vec::new()

@@ -31,7 +31,9 @@ pub use self::scale_out::{WorkerLoad, scale_out};
 pub use self::steady::{Drainer, steady};
 
 /// Four producers that together enqueue `rate` events per second of
-/// `topic`, in one transaction per producer every 10 ms.
+/// `topic`, in one transaction per producer every 10 ms. With `uncertain`,
+/// they ride out a restart of the server (counting there the events of
+/// commits that failed) instead of stopping at the first error.
 fn spawn_producers(
     pool: &PgPool,
     app: Uuid,
@@ -39,6 +41,7 @@ fn spawn_producers(
     rate: u32,
     stop: CancellationToken,
     produced: Arc<AtomicU64>,
+    uncertain: Option<Arc<AtomicU64>>,
 ) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
     const PRODUCERS: u32 = 4;
     const TICK: Duration = Duration::from_millis(10);
@@ -46,6 +49,7 @@ fn spawn_producers(
     (0..PRODUCERS)
         .map(|_| {
             let (pool, stop, produced) = (pool.clone(), stop.clone(), produced.clone());
+            let uncertain = uncertain.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(TICK);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -66,10 +70,28 @@ fn spawn_producers(
                         .map(|i| NewEvent::new(topic, json!({ "n": n + i as u64 })))
                         .collect();
                     n += count as u64;
-                    let mut tx = pool.begin().await?;
-                    enqueue_batch(&mut tx, app, &events).await?;
-                    tx.commit().await?;
-                    produced.fetch_add(count as u64, Ordering::Relaxed);
+                    let Some(uncertain) = &uncertain else {
+                        let mut tx = pool.begin().await?;
+                        enqueue_batch(&mut tx, app, &events).await?;
+                        tx.commit().await?;
+                        produced.fetch_add(count as u64, Ordering::Relaxed);
+                        continue;
+                    };
+                    // Riding out a restart: a failed begin or insert
+                    // enqueued nothing (the events stay owed); a failed
+                    // commit may or may not have.
+                    let Ok(mut tx) = pool.begin().await else {
+                        owed += count as f64;
+                        continue;
+                    };
+                    if enqueue_batch(&mut tx, app, &events).await.is_err() {
+                        owed += count as f64;
+                        continue;
+                    }
+                    match tx.commit().await {
+                        Ok(()) => produced.fetch_add(count as u64, Ordering::Relaxed),
+                        Err(_) => uncertain.fetch_add(count as u64, Ordering::Relaxed),
+                    };
                 }
             })
         })

@@ -40,6 +40,14 @@ const READERS: usize = 4;
 /// `max_connections` leaves less room; some are always left over).
 const IDLE_CONNECTIONS: i64 = 300;
 
+/// How often `postgres-restart` restarts the server within a long phase.
+const RESTART_EVERY: Duration = Duration::from_secs(20);
+
+/// The environment variable holding the shell command that restarts the
+/// benchmark's PostgreSQL (`scripts/bench.sh` sets it); `postgres-restart`
+/// needs it.
+pub const RESTART_COMMAND_ENV: &str = "OUTBOX_BENCH_PG_RESTART";
+
 /// A phase: what is done to the database while the load runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -55,6 +63,9 @@ pub enum Phase {
     BackendKill,
     /// Hundreds of idle connections take the server's free slots.
     PoolExhaustion,
+    /// PostgreSQL restarts (a fast shutdown, then a start) at the phase's
+    /// start and every [`RESTART_EVERY`] within it.
+    PostgresRestart,
 }
 
 impl Phase {
@@ -66,11 +77,25 @@ impl Phase {
         ("active-readers", Self::ActiveReaders),
         ("backend-kill", Self::BackendKill),
         ("pool-exhaustion", Self::PoolExhaustion),
+        ("postgres-restart", Self::PostgresRestart),
     ];
 
     /// The phase called `name`.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
+    /// A `--phases` entry: a name, optionally with its own length in
+    /// seconds (`idle-in-tx:3600`); `None` when the name is unknown or the
+    /// length is not a whole number of at least one.
+    pub fn parse_entry(entry: &str) -> Option<(Self, Option<u32>)> {
+        match entry.split_once(':') {
+            None => Some((Self::parse(entry)?, None)),
+            Some((name, secs)) => {
+                let secs = secs.parse::<u32>().ok().filter(|s| *s >= 1)?;
+                Some((Self::parse(name)?, Some(secs)))
+            }
+        }
     }
 
     /// Its name.
@@ -89,8 +114,6 @@ pub struct PhaseLoad {
     pub rate: u32,
     /// Each handler sleeps this long.
     pub handler: Duration,
-    /// Length of each phase.
-    pub phase: Duration,
     /// One sample every this long.
     pub sample: Duration,
 }
@@ -124,6 +147,9 @@ pub struct PhaseRun {
     pub produced: u64,
     /// Distinct events whose handler ran.
     pub handled: u64,
+    /// Enqueues whose commit failed without saying whether it happened (a
+    /// restart in the middle): their events may or may not exist.
+    pub uncertain: u64,
 }
 
 /// Runs `phases` back to back under one steady load and one dispatcher;
@@ -133,7 +159,7 @@ pub async fn run(
     settings: &Settings,
     app: Uuid,
     load: &PhaseLoad,
-    phases: &[Phase],
+    phases: &[(Phase, Duration)],
 ) -> anyhow::Result<PhaseRun> {
     let latencies = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram bounds")?,
@@ -160,6 +186,7 @@ pub async fn run(
     });
 
     let produced = Arc::new(AtomicU64::new(0));
+    let uncertain = Arc::new(AtomicU64::new(0));
     let stop_producers = CancellationToken::new();
     let producers = spawn_producers(
         pool,
@@ -168,16 +195,18 @@ pub async fn run(
         load.rate,
         stop_producers.clone(),
         produced.clone(),
+        Some(uncertain.clone()),
     );
 
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut dead_by_table = Vec::new();
     let mut last_finished = 0;
-    for (index, phase) in phases.iter().enumerate() {
-        eprintln!("bench: phases, {}", phase.name());
-        let fault = Fault::start(*phase, pool, load.phase).await?;
-        let phase_end = Instant::now() + load.phase;
+    let (mut depth, mut dead) = (0, 0);
+    for (index, &(phase, length)) in phases.iter().enumerate() {
+        eprintln!("bench: phases, {} ({} s)", phase.name(), length.as_secs());
+        let fault = Fault::start(phase, pool, length).await?;
+        let phase_end = Instant::now() + length;
         while Instant::now() < phase_end {
             tokio::time::sleep(load.sample.min(phase_end - Instant::now())).await;
             let claim_ms = latencies.lock().ok().and_then(|mut h| {
@@ -188,19 +217,25 @@ pub async fn run(
             });
             let now_finished = finished.load(Ordering::Relaxed);
             let window = load.sample.as_secs_f64();
-            let dead: i64 = stats::dead_tuples(pool).await?.iter().map(|(_, n)| n).sum();
+            // While the server restarts, a sample keeps the last figures.
+            if let Ok(tables) = stats::dead_tuples(pool).await {
+                dead = tables.iter().map(|(_, n)| n).sum();
+            }
+            if let Ok(rows) = stats::queue_depth(pool, app).await {
+                depth = rows;
+            }
             samples.push(Sample {
                 at: started.elapsed().as_secs_f64(),
                 phase: index,
                 claim_ms,
                 completed_per_sec: (now_finished - last_finished) as f64 / window,
-                depth: stats::queue_depth(pool, app).await?,
+                depth,
                 dead_tuples: dead,
             });
             last_finished = now_finished;
         }
         fault.end().await?;
-        dead_by_table.push(stats::dead_tuples(pool).await?);
+        dead_by_table.push(stats::dead_tuples(pool).await.unwrap_or_default());
     }
 
     stop_producers.cancel();
@@ -221,16 +256,22 @@ pub async fn run(
     dispatching.await??;
     dispatcher_pool.close().await;
     let handled = seen.lock().map(|s| s.len() as u64).unwrap_or_default();
+    let uncertain = uncertain.load(Ordering::Relaxed);
     ensure!(
-        handled == produced,
+        handled >= produced,
         "{produced} events enqueued but {handled} handled: {} lost",
-        produced.saturating_sub(handled)
+        produced - handled
+    );
+    ensure!(
+        handled <= produced + uncertain,
+        "{handled} events handled but only {produced} enqueued (and {uncertain} in doubt)"
     );
     Ok(PhaseRun {
         samples,
         dead_by_table,
         produced,
         handled,
+        uncertain,
     })
 }
 
@@ -323,6 +364,32 @@ impl Fault {
                     }
                 });
                 Self::Tasks(stop, vec![killer])
+            }
+            Phase::PostgresRestart => {
+                let command = std::env::var(RESTART_COMMAND_ENV).with_context(|| {
+                    format!(
+                        "postgres-restart needs {RESTART_COMMAND_ENV} (scripts/bench.sh sets it)"
+                    )
+                })?;
+                let stop = CancellationToken::new();
+                let restarter = tokio::spawn({
+                    let stop = stop.clone();
+                    async move {
+                        loop {
+                            let status = tokio::process::Command::new("bash")
+                                .arg("-c")
+                                .arg(&command)
+                                .status()
+                                .await?;
+                            ensure!(status.success(), "restarting PostgreSQL failed: {status}");
+                            tokio::select! {
+                                () = stop.cancelled() => return Ok(()),
+                                () = tokio::time::sleep(RESTART_EVERY) => {}
+                            }
+                        }
+                    }
+                });
+                Self::Tasks(stop, vec![restarter])
             }
             Phase::PoolExhaustion => {
                 // Leave room for the dispatcher's reconnections and the

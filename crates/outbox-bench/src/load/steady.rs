@@ -69,6 +69,7 @@ pub async fn steady(
         rate,
         stop_producers.clone(),
         produced.clone(),
+        None,
     );
     let stop_drainer = CancellationToken::new();
     let drainer_task = match drainer {

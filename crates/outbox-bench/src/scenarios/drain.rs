@@ -113,7 +113,9 @@ async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
         .collect();
     let lines = stats::explain_claim(&mut *tx, WORKER, 100, LEASE).await?;
     out.push_str(&format!("## claim (batch 100)\n\n{}\n\n", lines.join("\n")));
-    let lines = stats::explain_complete_and_claim(&mut *tx, &done, WORKER, 100, LEASE).await?;
+    let lines =
+        stats::explain_complete_and_claim(&mut *tx, &Default::default(), &done, WORKER, 100, LEASE)
+            .await?;
     out.push_str(&format!(
         "## complete 100 and claim 100\n\n{}\n\n",
         lines.join("\n")

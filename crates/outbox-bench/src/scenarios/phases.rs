@@ -12,16 +12,19 @@ use crate::support::{median, truncate};
 /// `phases`: see the module docs.
 pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     // BenchArgs::check refused unknown phases and a first one other than clean.
-    let run_of: Vec<Phase> = b
+    let run_of: Vec<(Phase, Duration)> = b
         .args
         .phases
         .iter()
-        .filter_map(|n| Phase::parse(n))
+        .filter_map(|entry| Phase::parse_entry(entry))
+        .map(|(phase, secs)| {
+            let secs = secs.unwrap_or(b.args.phase_secs);
+            (phase, Duration::from_secs(u64::from(secs)))
+        })
         .collect();
     let load = PhaseLoad {
         rate: b.args.phase_rate,
         handler: Duration::from_millis(b.args.phase_handler_ms),
-        phase: Duration::from_secs(u64::from(b.args.phase_secs)),
         sample: Duration::from_secs(u64::from(b.args.phase_sample_secs)),
     };
     let run = phases::run(&b.pool, &b.settings, b.app, &load, &run_of).await?;
@@ -41,7 +44,7 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     let clean = of(0);
     let clean_rate = median(clean.iter().map(|s| s.completed_per_sec).collect());
     let clean_p99 = quantile(&clean, 2);
-    for (index, phase) in run_of.iter().enumerate() {
+    for (index, (phase, _)) in run_of.iter().enumerate() {
         let samples = of(index);
         let name = phase.name();
         let label = format!("{name} (phase {})", index + 1);
@@ -101,6 +104,15 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
         "events",
         Some((run.produced as f64, "enqueued")),
     );
+    if run.uncertain > 0 {
+        b.figure(
+            "phases",
+            "phases: events whose commit failed in a restart (may exist)".into(),
+            run.uncertain as f64,
+            "events",
+            None,
+        );
+    }
     let series = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
         run.samples
             .iter()

@@ -19,7 +19,7 @@ use crate::history::{Commit, Observed, Planned, Verdict, create_effects_table, p
 use crate::procs::{NatsServer, Outboxd, OutboxdSpec};
 
 use nats::{nats_kill, nats_partition, nats_stop};
-use postgres::{pg_crash, pg_partition};
+use postgres::{held_snapshot, pg_crash, pg_partition};
 use process::{kill9, poison, sigterm};
 use timing::{clock_skew, slow};
 
@@ -75,6 +75,7 @@ pub const ALL: &[&str] = &[
     "poison",
     "sigterm",
     "clock-skew",
+    "held-snapshot",
 ];
 
 /// Runs one scenario by name.
@@ -93,6 +94,7 @@ pub async fn run(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
         "poison" => poison(ctx).await,
         "sigterm" => sigterm(ctx).await,
         "clock-skew" => clock_skew(ctx).await,
+        "held-snapshot" => held_snapshot(ctx).await,
         other => bail!("unknown scenario {other:?}; known: {}", ALL.join(", ")),
     }
 }

@@ -1,14 +1,15 @@
-//! PostgreSQL faults: a crash under load, and a partition between one
-//! dispatcher and the database.
+//! PostgreSQL faults: a crash under load, a partition between one
+//! dispatcher and the database, and an old snapshot held throughout.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sqlx::ConnectOptions;
+use outbox_core::store::stats;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
-use super::{Ctx, Outcome, Stage, mixed_work};
+use super::{Ctx, Outcome, Stage, jitter, mixed_work};
 use crate::history::Planned;
 use crate::procs::PgControl;
 use crate::proxy::{Mode, Proxy};
@@ -90,5 +91,42 @@ pub(super) async fn pg_partition(ctx: &Ctx) -> anyhow::Result<Outcome> {
     if fenced == 0.0 {
         outcome.failure = Some("no outcome of A was fenced: the fault missed".into());
     }
+    Ok(outcome)
+}
+
+/// A session holds a transaction id (and with it the xmin horizon) for the
+/// whole run, so no row finished meanwhile can be vacuumed, while two
+/// dispatchers work and are killed twice: claims start from positions,
+/// which must never pass a row that is still there (a leased row of a
+/// killed dispatcher, a retry, a row committed late).
+pub(super) async fn held_snapshot(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let mut stage = Stage::new(ctx, "held-snapshot").await?;
+    // outboxd's own sessions end idle transactions; this one is not outboxd's.
+    let options = PgConnectOptions::from_str(&stage.db.url)?
+        .options([("idle_in_transaction_session_timeout", "0")]);
+    let mut holder = PgConnection::connect_with(&options).await?;
+    stats::hold_transaction_id(&mut holder).await?;
+    stage.launch(stage.spec("a", &[])).await?;
+    stage.launch(stage.spec("b", &[])).await?;
+    let producer = stage.producer(mixed_work(3000, 10), 400);
+    for _ in 0..2 {
+        tokio::time::sleep(jitter(800, 2000)).await;
+        let victim = fastrand::usize(..stage.fleet.len());
+        stage.fleet[victim].kill9_and_restart().await?;
+    }
+    let produced = producer.await?;
+    stage.quiesce(Duration::from_secs(90), false).await?;
+    let dead = stats::table_dead_tuples(&stage.db.pool, "outbox").await?;
+    holder.close().await?;
+    let (mut outcome, _) = stage
+        .finish(
+            produced,
+            "an idle transaction holds the xmin horizon throughout; 2 × kill -9 of one of 2 dispatchers".into(),
+            false,
+        )
+        .await?;
+    outcome.notes.push(format!(
+        "{dead} dead tuples in outbox while the snapshot was held"
+    ));
     Ok(outcome)
 }

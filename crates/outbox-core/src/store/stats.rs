@@ -239,10 +239,11 @@ pub async fn explain_claim<'e>(
 
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the combined complete-and-claim statement
 /// (`store::outbox::COMPLETE_AND_CLAIM_SQL`): `done` completed, then as
-/// [`explain_claim`]. ANALYZE runs the statement: the rows of `done` are
+/// [`explain_claim`] from `positions`. ANALYZE runs the statement: the rows of `done` are
 /// deleted and others claimed, so run it in a transaction and roll that back.
 pub async fn explain_complete_and_claim<'e>(
     db: impl PgExecutor<'e>,
+    positions: &super::outbox::Positions,
     done: &[Lease],
     worker: &str,
     limit: u32,
@@ -259,17 +260,25 @@ pub async fn explain_complete_and_claim<'e>(
         .bind(lease.as_secs_f64())
         .bind(&ids)
         .bind(&tokens)
+        .bind(&positions.apps)
+        .bind(&positions.run_at)
+        .bind(&positions.ids)
         .fetch_all(db)
         .await?)
 }
 
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the transactional take
-/// (`store::outbox::TAKE_SQL`) of `limit` rows. ANALYZE runs the statement:
-/// the rows are deleted, so run it in a transaction and roll that back.
+/// (`store::outbox::TAKE_SQL`) of `limit` rows, every app from its first
+/// row. ANALYZE runs the statement: the rows are deleted, so run it in a
+/// transaction and roll that back.
 pub async fn explain_take<'e>(db: impl PgExecutor<'e>, limit: u32) -> Result<Vec<String>, Error> {
     let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", super::outbox::TAKE_SQL);
+    let from = super::outbox::Positions::default();
     Ok(sqlx::query_scalar::<_, String>(&sql)
         .bind(i64::from(limit.max(1)))
+        .bind(&from.apps)
+        .bind(&from.run_at)
+        .bind(&from.ids)
         .fetch_all(db)
         .await?)
 }

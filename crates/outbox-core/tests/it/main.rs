@@ -2,5 +2,6 @@
 mod enqueue;
 mod inspect;
 mod plans;
+mod positions;
 mod state_machine;
 mod wake;

@@ -37,11 +37,20 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
             .bind(30.0f64)
             .bind(Vec::<Uuid>::new())
             .bind(Vec::<i64>::new())
+            .bind(vec![app])
+            .bind(vec![chrono::Utc::now()])
+            .bind(vec![Uuid::nil()])
             .fetch_all(&mut claimer)
             .await?;
     let plan = plan.join("\n");
     assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
     assert!(plan.contains("Tid Scan on outbox"), "{plan}");
+    // The scan starts at the app's position: the row comparison bounds the
+    // index scan instead of filtering the rows it returns.
+    assert!(
+        plan.contains("Index Cond: ((app_id = a.id) AND (ROW(run_at, id) >= ROW("),
+        "{plan}"
+    );
     claimer.close().await?;
     Ok(())
 }

@@ -457,6 +457,7 @@ impl StateMachineTest for RealRows {
                     real.rt
                         .block_on(outbox::complete_and_claim(
                             &mut real.claimer,
+                            &outbox::Positions::default(),
                             &[],
                             &worker,
                             limit,

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use crate::dispatcher::Shared;
 use crate::outcome::{Finished, Outcome};
+use crate::positions::ClaimFrom;
 
 /// Claimed rows run together in one task: spawning a task per row cost more
 /// than a no-op handler, while a batch still spreads over the runtime's
@@ -40,6 +41,7 @@ impl Shared {
         let mut tasks = JoinSet::new();
         let mut claim_errors = 0u32;
         let mut claim_conn: Option<PgConnection> = None;
+        let mut from = ClaimFrom::default();
         loop {
             let first = tokio::select! {
                 biased;
@@ -60,16 +62,20 @@ impl Shared {
             let succeeded = self.take_succeeded();
             let leases: Vec<Lease> = succeeded.iter().map(|f| f.lease).collect();
             let claimed = match self.claim_connection(&mut claim_conn).await {
-                Ok(conn) => {
-                    store::complete_and_claim(
-                        conn,
-                        &leases,
-                        &config.worker_id,
-                        wanted as u32,
-                        config.lease,
-                    )
-                    .await
-                }
+                Ok(conn) => match from.current(&self, &mut *conn).await {
+                    Ok(positions) => {
+                        store::complete_and_claim(
+                            conn,
+                            positions,
+                            &leases,
+                            &config.worker_id,
+                            wanted as u32,
+                            config.lease,
+                        )
+                        .await
+                    }
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err.into()),
             };
             if claimed.is_err() {

@@ -535,3 +535,62 @@ async fn an_insert_open_while_the_dispatcher_falls_asleep_is_not_left_to_the_pol
     assert!(handled, "the row waited for the 60 s poll");
     Ok(())
 }
+
+/// Positions: a busy dispatcher claims from positions that have passed the
+/// `run_at` of a row committed late (a long producer transaction), and of
+/// a row whose `run_at` an operator moved back by hand; both still run.
+#[tokio::test]
+async fn rows_that_land_behind_a_busy_dispatchers_positions_still_run() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let calls = Calls::default();
+    let (stop, run) = run_polling_once_a_minute(&db, &calls);
+    // A steady trickle keeps the dispatcher claiming (and its positions
+    // moving on) while the two rows land behind them.
+    let trickle = tokio::spawn({
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                enqueue_committed(&pool, app, NewEvent::new("t", payload(n))).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }
+    });
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut long = db.pool.begin().await?;
+    let late = outbox_core::enqueue(
+        &mut long,
+        app,
+        &NewEvent::new("t", payload(1_000_001)).with_run_at(an_hour_ago),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    long.commit().await?;
+    let handled = wait_until(Duration::from_secs(5), || async { calls.of(late) == 1 }).await;
+    assert!(
+        handled,
+        "a row committed behind the positions was not claimed"
+    );
+
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    let moved = enqueue_committed(
+        &db.pool,
+        app,
+        NewEvent::new("t", payload(1_000_002)).with_run_at(in_an_hour),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("UPDATE outbox SET run_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(moved)
+        .execute(&db.pool)
+        .await?;
+    let handled = wait_until(Duration::from_secs(10), || async { calls.of(moved) == 1 }).await;
+    assert!(handled, "a row moved back by hand was not claimed");
+    stop.cancel();
+    run.await??;
+    trickle.await?.map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -262,6 +262,7 @@ async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() 
     // the third row is claimed in the same statement.
     let (completed, claimed) = store::complete_and_claim(
         &db.pool,
+        &store::Positions::default(),
         &[first[0].lease(), stale],
         "w",
         10,
@@ -277,6 +278,7 @@ async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() 
     // Nothing left to claim: the count still arrives.
     let (completed, claimed) = store::complete_and_claim(
         &db.pool,
+        &store::Positions::default(),
         &[first[1].lease(), claimed[0].lease()],
         "w",
         10,

@@ -7,18 +7,23 @@ use sqlx::PgExecutor;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
-use super::{CLAIMED_COLUMNS, split};
+use super::{CLAIMED_COLUMNS, Positions, split};
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
 
-const CLAIM: &str = concat!("WITH ", picked_cte!(), "\n", lease_picked!());
+const CLAIM: &str = concat!(
+    "WITH ",
+    picked_cte!(apps_from_start!()),
+    "\n",
+    lease_picked!()
+);
 
 /// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds), for
 /// `EXPLAIN` in the benchmark.
 pub const CLAIM_SQL: &str = CLAIM;
 
 /// One round trip, one commit: delete the finished rows `$4`/`$5` (ids and
-/// fencing tokens) and claim the next batch. The single row of `done` is
+/// fencing tokens) and claim the next batch from the positions `$6`–`$8`. The single row of `done` is
 /// joined to the claimed rows so the deleted count arrives even when nothing
 /// was claimed.
 const COMPLETE_AND_CLAIM: &str = concat!(
@@ -32,7 +37,7 @@ const COMPLETE_AND_CLAIM: &str = concat!(
 ), ",
     handled_by_script_cte!(),
     ", ",
-    picked_cte!(),
+    picked_cte!(apps_from_positions!("$6", "$7", "$8")),
     ", claimed AS (\n",
     lease_picked!(),
     "\n)
@@ -42,10 +47,12 @@ LEFT JOIN claimed AS c ON true"
 );
 
 /// The complete-and-claim statement (`$4` ids and `$5` tokens done, then as
-/// [`CLAIM_SQL`]), for `EXPLAIN` in the benchmark.
+/// [`CLAIM_SQL`] from the positions `$6`–`$8`), for `EXPLAIN` in the benchmark.
 pub const COMPLETE_AND_CLAIM_SQL: &str = COMPLETE_AND_CLAIM;
 
-/// Claims up to `limit` due rows for `worker`, leasing them for `lease`.
+/// Claims up to `limit` due rows for `worker`, leasing them for `lease`,
+/// scanning every app from its first row (tests and one-off runs; a claim
+/// loop uses [`complete_and_claim`] with its [`Positions`]).
 ///
 /// The picked rows are locked by the same statement, so their `ctid` cannot
 /// change before the `UPDATE` reaches them; joining on it skips a primary-key
@@ -92,7 +99,7 @@ pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`
-/// more, in one statement (one commit). Returns how many of `done` were
+/// more from `positions`, in one statement (one commit). Returns how many of `done` were
 /// deleted (the rest were fenced) and the claimed rows.
 ///
 /// A row of `done` whose lease expired before this call could also be picked
@@ -100,6 +107,7 @@ pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
 /// such a row may run again (at-least-once), never get lost.
 pub async fn complete_and_claim<'e>(
     db: impl PgExecutor<'e>,
+    positions: &Positions,
     done: &[Lease],
     worker: &str,
     limit: u32,
@@ -113,6 +121,9 @@ pub async fn complete_and_claim<'e>(
         .bind(lease.as_secs_f64())
         .bind(&ids)
         .bind(&tokens)
+        .bind(&positions.apps)
+        .bind(&positions.run_at)
+        .bind(&positions.ids)
         .fetch_all(db)
         .await?;
     let mut completed = 0;

@@ -39,21 +39,58 @@ macro_rules! handled_by_script_cte {
     };
 }
 
-/// Picks up to `$1` claimable rows, apps in random order (fairness) and
-/// suspended apps skipped, and locks them. Shared by [`claim`] and [`complete_and_claim`].
-macro_rules! picked_cte {
+/// The apps a claim visits, each with where its scan starts: every
+/// unsuspended app, from its first row. Columns `id`, `from_run_at`, `from_id`.
+macro_rules! apps_from_start {
     () => {
-        picked_cte!("")
+        "SELECT id, '-infinity'::timestamptz AS from_run_at,
+                '00000000-0000-0000-0000-000000000000'::uuid AS from_id
+         FROM apps WHERE suspended_at IS NULL"
     };
-    ($extra:literal) => {
+}
+
+/// As [`apps_from_start`], but each app from its [`Positions`] entry (the
+/// three parameters are its arrays: apps, `run_at`s, ids); an app without
+/// one starts from its first row.
+macro_rules! apps_from_positions {
+    ($apps:literal, $run_at:literal, $ids:literal) => {
+        concat!(
+            "SELECT a.id, coalesce(p.run_at, '-infinity') AS from_run_at,
+                coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS from_id
+         FROM apps a
+         LEFT JOIN unnest(",
+            $apps,
+            "::uuid[], ",
+            $run_at,
+            "::timestamptz[], ",
+            $ids,
+            "::uuid[]) AS p(app_id, run_at, id) ON p.app_id = a.id
+         WHERE a.suspended_at IS NULL"
+        )
+    };
+}
+
+/// Picks up to `$1` claimable rows of the apps `$apps` lists (see
+/// [`apps_from_start`]), apps in random order (fairness), and locks them.
+/// Each app's scan starts at its `from_run_at`/`from_id`, so it does not
+/// walk over the finished rows behind that point. Shared by [`claim`],
+/// [`complete_and_claim`] and [`take`].
+macro_rules! picked_cte {
+    ($apps:expr) => {
+        picked_cte!($apps, "")
+    };
+    ($apps:expr, $extra:literal) => {
         concat!(
             "picked AS (
     SELECT c.ctid
-    FROM (SELECT id FROM apps WHERE suspended_at IS NULL ORDER BY random()) AS a
+    FROM (",
+            $apps,
+            " ORDER BY random()) AS a
     CROSS JOIN LATERAL (
         SELECT o.ctid
         FROM outbox o
         WHERE o.app_id = a.id
+          AND (o.run_at, o.id) >= (a.from_run_at, a.from_id)
           AND o.run_at <= now()
           AND (o.locked_until IS NULL OR o.locked_until < now())
           AND (o.ordering_key IS NULL OR (
@@ -145,11 +182,13 @@ fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
 mod claiming;
 mod inspect;
 mod leases;
+mod positions;
 mod tx;
 
 pub use claiming::*;
 pub use inspect::*;
 pub use leases::*;
+pub use positions::*;
 pub use tx::*;
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use super::Positions;
 use crate::Error;
 use crate::model::ClaimedEvent;
 
@@ -15,21 +16,32 @@ use crate::model::ClaimedEvent;
 /// waits on and dead-letter-trigger rows keep the lease path.
 const TAKE: &str = concat!(
     "WITH ",
-    picked_cte!(" AND o.reply_to IS NULL AND o.source <> 'dead_letter'"),
+    picked_cte!(
+        apps_from_positions!("$2", "$3", "$4"),
+        " AND o.reply_to IS NULL AND o.source <> 'dead_letter'"
+    ),
     "\nDELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked)) RETURNING ",
     claimed_columns!()
 );
 
-/// The transactional take (`$1` limit), for `EXPLAIN` in the benchmark.
+/// The transactional take (`$1` limit, positions `$2`–`$4`), for `EXPLAIN`
+/// in the benchmark.
 pub const TAKE_SQL: &str = TAKE;
 
-/// Deletes up to `limit` claimable rows in the caller's transaction and
+/// Deletes up to `limit` claimable rows from `positions` in the caller's transaction and
 /// returns them (transactional handling: the handlers' writes and the
 /// deletion commit together, or neither does). Same choice of rows as
 /// [`claim`](super::claim), minus rows with a synchronous caller and dead-letter-trigger rows.
-pub async fn take<'e>(conn: impl PgExecutor<'e>, limit: u32) -> Result<Vec<ClaimedEvent>, Error> {
+pub async fn take<'e>(
+    conn: impl PgExecutor<'e>,
+    positions: &Positions,
+    limit: u32,
+) -> Result<Vec<ClaimedEvent>, Error> {
     Ok(sqlx::query_as(TAKE)
         .bind(i64::from(limit.max(1)))
+        .bind(&positions.apps)
+        .bind(&positions.run_at)
+        .bind(&positions.ids)
         .fetch_all(conn)
         .await?)
 }

@@ -1,0 +1,205 @@
+//! Claim positions: where each app's claim scan starts.
+//!
+//! A deleted row stays in `outbox_due_idx` until vacuum removes it, and
+//! vacuum cannot remove it while any session holds a snapshot older than the
+//! delete (a `pg_dump`, a long report, an `idle in transaction` session). A
+//! claim that scanned from an app's first row would visit every such entry
+//! before finding live work, so the cost of a claim would grow with the time
+//! the snapshot has been held. Scanning from a position instead bounds the
+//! walk by the rows finished since the position was taken.
+//!
+//! A position is the `(run_at, id)` of the first row of the app that was
+//! still there when the position was taken, but never later than a little
+//! before that moment. A row can appear behind it afterwards only if the
+//! transaction that inserts it commits later: [`advance_positions`] finds
+//! those rows by the transaction id they carry (`enqueue_xid`), comparing it
+//! with the snapshot the previous positions were taken in, and moves the
+//! position back to them.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::Error;
+
+/// Where a claim loop's scans start, one entry per app; an app without an
+/// entry is scanned from its first row. Taken and moved on by
+/// [`advance_positions`]; [`Positions::default`] is every app from its
+/// first row.
+#[derive(Debug, Clone, Default)]
+pub struct Positions {
+    pub(crate) apps: Vec<Uuid>,
+    pub(crate) run_at: Vec<DateTime<Utc>>,
+    pub(crate) ids: Vec<Uuid>,
+    /// The snapshot the positions were taken in (`pg_snapshot` as text): rows
+    /// of transactions it did not see as ended may lie behind them.
+    snapshot: Option<String>,
+}
+
+impl Positions {
+    /// Where `app`'s scan starts, when it has a position.
+    pub fn of(&self, app: Uuid) -> Option<(DateTime<Utc>, Uuid)> {
+        let i = self.apps.iter().position(|a| *a == app)?;
+        Some((self.run_at[i], self.ids[i]))
+    }
+}
+
+/// Finds each app's position from its previous one: the first row still
+/// there at or after it, or a row inserted behind it by a transaction that
+/// `previous` did not see as ended, whichever comes first — and never later
+/// than `margin` before now, so that a producer's transaction that began a
+/// moment ago (its rows' `run_at` is its start) is claimed without waiting
+/// for the next advance.
+///
+/// The scan from the previous position walks only what was finished since
+/// it was taken, and the lookup by transaction id only the rows inserted
+/// since, so the cost does not grow while an old snapshot is held.
+pub async fn advance_positions<'e>(
+    db: impl PgExecutor<'e>,
+    previous: &Positions,
+    margin: Duration,
+) -> Result<Positions, Error> {
+    let rows: Vec<(Uuid, DateTime<Utc>, Uuid, String)> = sqlx::query_as(
+        "WITH prev AS (
+            SELECT a.id AS app_id,
+                   coalesce(p.run_at, '-infinity') AS run_at,
+                   coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS id
+            FROM apps a
+            LEFT JOIN unnest($1::uuid[], $2::timestamptz[], $3::uuid[]) AS p(app_id, run_at, id)
+              ON p.app_id = a.id
+         ), unseen AS MATERIALIZED (
+            SELECT o.app_id, o.run_at, o.id FROM outbox o
+            WHERE o.enqueue_xid >= pg_snapshot_xmax($4::text::pg_snapshot)
+            UNION ALL
+            SELECT o.app_id, o.run_at, o.id FROM outbox o
+            WHERE o.enqueue_xid IN (SELECT pg_snapshot_xip($4::text::pg_snapshot))
+         )
+         SELECT prev.app_id, next.run_at, next.id, pg_current_snapshot()::text
+         FROM prev
+         CROSS JOIN LATERAL (
+            SELECT c.run_at, c.id FROM (
+                (SELECT o.run_at, o.id FROM outbox o
+                 WHERE o.app_id = prev.app_id AND (o.run_at, o.id) >= (prev.run_at, prev.id)
+                 ORDER BY o.run_at, o.id LIMIT 1)
+                UNION ALL
+                (SELECT u.run_at, u.id FROM unseen u WHERE u.app_id = prev.app_id
+                 ORDER BY u.run_at, u.id LIMIT 1)
+                UNION ALL
+                SELECT now() - make_interval(secs => $5),
+                       '00000000-0000-0000-0000-000000000000'::uuid
+            ) AS c
+            ORDER BY c.run_at, c.id
+            LIMIT 1
+         ) AS next",
+    )
+    .bind(&previous.apps)
+    .bind(&previous.run_at)
+    .bind(&previous.ids)
+    .bind(previous.snapshot.as_deref())
+    .bind(margin.as_secs_f64())
+    .fetch_all(db)
+    .await?;
+    let mut next = Positions {
+        apps: Vec::with_capacity(rows.len()),
+        run_at: Vec::with_capacity(rows.len()),
+        ids: Vec::with_capacity(rows.len()),
+        snapshot: None,
+    };
+    for (app, run_at, id, snapshot) in rows {
+        next.apps.push(app);
+        next.run_at.push(run_at);
+        next.ids.push(id);
+        next.snapshot = Some(snapshot);
+    }
+    Ok(next)
+}
+
+impl Positions {
+    /// These positions, each moved back to `floor`'s entry for its app where
+    /// that one is earlier; the snapshot stays these positions'.
+    pub fn lowered_to(&self, floor: &Positions) -> Positions {
+        let mut lowered = self.clone();
+        for (i, app) in floor.apps.iter().enumerate() {
+            let key = (floor.run_at[i], floor.ids[i]);
+            match lowered.apps.iter().position(|a| a == app) {
+                Some(j) if key < (lowered.run_at[j], lowered.ids[j]) => {
+                    lowered.run_at[j] = key.0;
+                    lowered.ids[j] = key.1;
+                }
+                Some(_) => {}
+                None => {
+                    lowered.apps.push(*app);
+                    lowered.run_at.push(key.0);
+                    lowered.ids.push(key.1);
+                }
+            }
+        }
+        lowered
+    }
+}
+
+/// Takes positions afresh, every app from its first row, within `budget`
+/// when one is given: `None` when the scan took longer (while an old
+/// snapshot is held it walks every row finished since).
+///
+/// Positions only move back for rows inserted behind them; this finds a row
+/// whose `run_at` was moved earlier by hand (an operator's `UPDATE`), which
+/// a claim loop's positions may have passed.
+pub async fn rewind_positions(
+    pool: &sqlx::PgPool,
+    margin: Duration,
+    budget: Option<Duration>,
+) -> Result<Option<Positions>, Error> {
+    let mut tx = pool.begin().await?;
+    if let Some(budget) = budget {
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(format!("{}ms", budget.as_millis().max(1)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    match advance_positions(&mut *tx, &Positions::default(), margin).await {
+        Ok(positions) => {
+            tx.commit().await?;
+            Ok(Some(positions))
+        }
+        Err(Error::Database(sqlx::Error::Database(err)))
+            if err.code().as_deref() == Some("57014") =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn lowering_keeps_the_earlier_entry_of_each_app_and_adds_missing_ones() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let own = Positions {
+            apps: vec![a, b],
+            run_at: vec![at(10), at(10)],
+            ids: vec![Uuid::from_u128(5), Uuid::from_u128(5)],
+            snapshot: Some("10:10:".into()),
+        };
+        let floor = Positions {
+            apps: vec![a, b, c],
+            run_at: vec![at(5), at(20), at(7)],
+            ids: vec![Uuid::nil(), Uuid::nil(), Uuid::nil()],
+            snapshot: Some("3:3:".into()),
+        };
+        let lowered = own.lowered_to(&floor);
+        assert_eq!(lowered.of(a), Some((at(5), Uuid::nil())));
+        assert_eq!(lowered.of(b), Some((at(10), Uuid::from_u128(5))));
+        assert_eq!(lowered.of(c), Some((at(7), Uuid::nil())));
+        assert_eq!(lowered.snapshot.as_deref(), Some("10:10:"));
+    }
+}

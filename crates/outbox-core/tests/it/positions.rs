@@ -1,0 +1,205 @@
+//! Claim positions: claims that do not walk over finished rows while an old
+//! snapshot is held, and rows that land behind a position still claimed.
+
+use std::time::Duration;
+
+use outbox_core::store::outbox::{self as store, Positions};
+use outbox_core::store::stats;
+use outbox_core::{NewEvent, enqueue, enqueue_batch};
+use outbox_testkit::TestDb;
+use serde_json::json;
+use sqlx::Connection;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const LEASE: Duration = Duration::from_secs(30);
+const MARGIN: Duration = Duration::from_millis(250);
+
+/// Shared buffers a plan touched: the first `Buffers:` line of
+/// `EXPLAIN (ANALYZE, BUFFERS)`, which totals the whole statement.
+fn buffers_touched(plan: &[String]) -> u64 {
+    let line = plan
+        .iter()
+        .find(|l| l.trim_start().starts_with("Buffers:"))
+        .map(String::as_str)
+        .unwrap_or_default();
+    ["hit=", "read="]
+        .iter()
+        .filter_map(|key| {
+            let rest = &line[line.find(key)? + key.len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+async fn claim_plan(
+    db: &TestDb,
+    from: &Positions,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut tx = db.pool.begin().await?;
+    let plan = stats::explain_complete_and_claim(&mut *tx, from, &[], "w", 10, LEASE).await?;
+    tx.rollback().await?;
+    Ok(plan)
+}
+
+#[tokio::test]
+async fn a_claim_from_positions_does_not_walk_rows_finished_under_a_held_snapshot() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // An idle transaction holds the horizon back: no row deleted from now on
+    // can be removed, nor its index entries.
+    let mut holder = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    stats::hold_transaction_id(&mut holder).await?;
+
+    let events: Vec<NewEvent> = (0..20_000)
+        .map(|n| NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+    let mut tx = db.pool.begin().await?;
+    enqueue(&mut tx, app, &NewEvent::new("t", json!({ "live": true }))).await?;
+    tx.commit().await?;
+
+    // No margin: the live row, behind the dead ones, is the position.
+    let positions =
+        store::advance_positions(&db.pool, &Positions::default(), Duration::ZERO).await?;
+    let positions = store::advance_positions(&db.pool, &positions, Duration::ZERO).await?;
+    let from_start = buffers_touched(&claim_plan(&db, &Positions::default()).await?);
+    let from_positions = buffers_touched(&claim_plan(&db, &positions).await?);
+    assert!(
+        from_start > 1_000,
+        "the 20,000 dead rows should cost a claim from the first row: {from_start} buffers"
+    );
+    assert!(
+        from_positions < 100,
+        "a claim from the positions walked {from_positions} buffers (from the first row: {from_start})"
+    );
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the live row is claimed from the positions"
+    );
+    holder.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+
+    // A transaction that is open when the positions are taken...
+    let mut running = db.pool.begin().await?;
+    enqueue(
+        &mut running,
+        app,
+        &NewEvent::new("t", json!({ "n": "running" })).with_run_at(an_hour_ago),
+    )
+    .await?;
+    let positions = store::advance_positions(&db.pool, &Positions::default(), MARGIN).await?;
+    let (taken_at, _) = positions.of(app).ok_or("no position for the app")?;
+    assert!(
+        taken_at > an_hour_ago,
+        "the position is past the uncommitted row"
+    );
+    running.commit().await?;
+    // ...and one that begins afterwards, both with rows due an hour ago.
+    let mut tx = db.pool.begin().await?;
+    enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("t", json!({ "n": "later" })).with_run_at(an_hour_ago),
+    )
+    .await?;
+    tx.commit().await?;
+
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert!(
+        claimed.is_empty(),
+        "rows behind the positions wait for the next advance"
+    );
+    let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert_eq!(claimed.len(), 2, "the next advance moves back to both rows");
+    Ok(())
+}
+
+#[tokio::test]
+async fn positions_stop_at_leased_rows_so_an_expired_lease_is_claimed_again() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let events: Vec<NewEvent> = (0..3)
+        .map(|n| NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let leased = store::claim(&db.pool, "crashed", 3, Duration::from_millis(200)).await?;
+    assert_eq!(leased.len(), 3);
+    let mut positions = Positions::default();
+    for _ in 0..3 {
+        positions = store::advance_positions(&db.pool, &positions, Duration::ZERO).await?;
+    }
+    let mut claimed = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        positions = store::advance_positions(&db.pool, &positions, Duration::ZERO).await?;
+        claimed = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE)
+            .await?
+            .1;
+        if !claimed.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        claimed.len(),
+        3,
+        "the expired leases are claimed again from the positions"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut tx = db.pool.begin().await?;
+    enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("t", json!({})).with_run_at(in_an_hour),
+    )
+    .await?;
+    tx.commit().await?;
+    let positions = store::advance_positions(&db.pool, &Positions::default(), MARGIN).await?;
+    sqlx::query("UPDATE outbox SET run_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await?;
+    let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert!(
+        claimed.is_empty(),
+        "a move behind the positions is not seen by the advance"
+    );
+
+    let floor = store::rewind_positions(&db.pool, MARGIN, Some(Duration::from_secs(5)))
+        .await?
+        .ok_or("the rewind ran over its budget")?;
+    let positions =
+        store::advance_positions(&db.pool, &positions.lowered_to(&floor), MARGIN).await?;
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the rewind brings the positions back to the row"
+    );
+    Ok(())
+}

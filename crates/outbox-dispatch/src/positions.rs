@@ -1,0 +1,117 @@
+//! Where claim loops start their scans: each loop keeps its own
+//! [`Positions`] and moves them on every [`ADVANCE_EVERY`]; a rewind task
+//! looks from every app's first row now and then, at a bounded cost.
+//!
+//! Without positions, a claim scans each app from its first row, and while a
+//! session holds an old snapshot that scan visits every row deleted since
+//! (their index entries cannot be removed), so claims slow down for as long
+//! as the snapshot is held. See `outbox_core::store::outbox::advance_positions`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use outbox_core::store::outbox::{self as store, Positions};
+use sqlx::PgExecutor;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::dispatcher::Shared;
+
+/// How often a claim loop moves its positions on while it keeps claiming:
+/// a claim walks over at most the rows finished in about this long.
+pub const ADVANCE_EVERY: Duration = Duration::from_millis(100);
+
+/// Positions stay this far behind the moment they are taken. A producer's
+/// rows carry the start of its transaction as `run_at`; rows of a
+/// transaction shorter than this are claimed without waiting for the next
+/// advance.
+pub const LATE_MARGIN: Duration = Duration::from_millis(250);
+
+/// How often the rewind task looks from every app's first row while that is
+/// cheap, and the time a look may take to count as cheap.
+const REWIND_EVERY: Duration = Duration::from_secs(1);
+const REWIND_BUDGET: Duration = Duration::from_millis(100);
+/// Looks that run over the budget space out, doubling, up to this interval;
+/// a look at this interval runs to the end however long it takes.
+const REWIND_AT_MOST: Duration = Duration::from_secs(60);
+
+/// One claim loop's positions and when it last moved them.
+#[derive(Debug, Default)]
+pub(crate) struct ClaimFrom {
+    positions: Positions,
+    taken_at: Option<Instant>,
+    seen_epoch: u64,
+    seen_rewind: u64,
+}
+
+impl ClaimFrom {
+    /// The positions to claim from, moved on first when they are older than
+    /// [`ADVANCE_EVERY`], when the pacer asked for a fresh look (before a
+    /// dispatcher sleeps, its last claim must see every committed row), or
+    /// when the rewind task found an earlier row.
+    pub(crate) async fn current<'e>(
+        &mut self,
+        shared: &Shared,
+        db: impl PgExecutor<'e>,
+    ) -> Result<&Positions, outbox_core::Error> {
+        let epoch = shared.fresh_look.load(Ordering::Acquire);
+        let rewind = shared.rewound_generation.load(Ordering::Acquire);
+        let due = self.taken_at.is_none_or(|at| at.elapsed() >= ADVANCE_EVERY)
+            || epoch != self.seen_epoch
+            || rewind != self.seen_rewind;
+        if due {
+            let from = if rewind == self.seen_rewind {
+                None
+            } else {
+                shared
+                    .rewound
+                    .lock()
+                    .ok()
+                    .map(|floor| self.positions.lowered_to(&floor))
+            };
+            let from = from.as_ref().unwrap_or(&self.positions);
+            self.positions = store::advance_positions(db, from, LATE_MARGIN).await?;
+            self.taken_at = Some(Instant::now());
+            self.seen_epoch = epoch;
+            self.seen_rewind = rewind;
+        }
+        Ok(&self.positions)
+    }
+}
+
+impl Shared {
+    /// Makes every claim loop move its positions on before its next claim.
+    pub(crate) fn ask_fresh_look(&self) {
+        self.fresh_look.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The rewind task: every [`REWIND_EVERY`] while a look from the first
+    /// rows stays within [`REWIND_BUDGET`], less often while it does not
+    /// (an old snapshot is held); claim loops lower their positions to what
+    /// it found.
+    pub(crate) async fn rewind(self: Arc<Self>, stop: CancellationToken) {
+        let mut every = REWIND_EVERY;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let budget = (every < REWIND_AT_MOST).then_some(REWIND_BUDGET);
+            match store::rewind_positions(&self.pool, LATE_MARGIN, budget).await {
+                Ok(Some(floor)) => {
+                    if let Ok(mut rewound) = self.rewound.lock() {
+                        *rewound = floor;
+                    }
+                    self.rewound_generation.fetch_add(1, Ordering::AcqRel);
+                    every = REWIND_EVERY;
+                }
+                Ok(None) => every = (every * 2).min(REWIND_AT_MOST),
+                Err(err) => {
+                    debug!(error = %err, "could not rewind the claim positions");
+                    every = (every * 2).min(REWIND_AT_MOST);
+                }
+            }
+        }
+    }
+}
