@@ -64,6 +64,49 @@ impl TestDb {
 
     /// Like [`TestDb::new`] with a pool of `max_connections`.
     pub async fn with_pool_size(max_connections: u32) -> Result<Self, TestDbError> {
+        let db = Self::unmigrated(max_connections).await?;
+        outbox_core::migrate(&db.pool)
+            .await
+            .map_err(|e| TestDbError(format!("migrate {}: {e}", db.name)))?;
+        Ok(db)
+    }
+
+    /// A new database with the migrations up to and including `last` only:
+    /// the schema of an earlier version, for upgrade tests (which then run
+    /// [`outbox_core::migrate`] with rows in place).
+    pub async fn migrated_to(last: i64) -> Result<Self, TestDbError> {
+        let db = Self::unmigrated(8).await?;
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+        let earlier = std::env::temp_dir().join(format!("{}_migrations", db.name));
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&earlier)?;
+            for entry in std::fs::read_dir(&source)? {
+                let path = entry?.path();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let version = name.split('_').next().and_then(|v| v.parse::<i64>().ok());
+                if version.is_some_and(|v| v <= last) {
+                    std::fs::copy(&path, earlier.join(name))?;
+                }
+            }
+            Ok(())
+        };
+        copy().map_err(|e| TestDbError(format!("copying the migrations up to {last}: {e}")))?;
+        let migrated = async {
+            sqlx::migrate::Migrator::new(earlier.as_path())
+                .await?
+                .run(&db.pool)
+                .await
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&earlier);
+        migrated.map_err(|e| TestDbError(format!("migrate {} up to {last}: {e}", db.name)))?;
+        Ok(db)
+    }
+
+    async fn unmigrated(max_connections: u32) -> Result<Self, TestDbError> {
         let server_url = std::env::var("DATABASE_URL").map_err(|_| {
             TestDbError(
                 "DATABASE_URL is not set: run the tests through scripts/test.sh, which starts PostgreSQL"
@@ -87,9 +130,6 @@ impl TestDb {
             .connect_with(options.clone())
             .await
             .map_err(|e| TestDbError(format!("connect to {name}: {e}")))?;
-        outbox_core::migrate(&pool)
-            .await
-            .map_err(|e| TestDbError(format!("migrate {name}: {e}")))?;
         let url = options.to_url_lossy().to_string();
         Ok(Self { pool, url, name })
     }

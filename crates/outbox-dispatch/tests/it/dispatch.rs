@@ -594,3 +594,66 @@ async fn rows_that_land_behind_a_busy_dispatchers_positions_still_run() -> TestR
     trickle.await?.map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// The upgrade to claim positions (migration 0016) with rows in flight:
+/// rows the previous version left due, scheduled, and leased by a
+/// dispatcher that is gone all run once under the new one, while a
+/// dispatcher of the previous version (which claims from every app's first
+/// row, as `store::outbox::claim` does) keeps running beside it.
+#[tokio::test]
+async fn the_upgrade_to_claim_positions_keeps_rows_in_flight() -> TestResult {
+    let db = TestDb::migrated_to(15).await?;
+    let app = db.app("shop").await?;
+    sqlx::query(
+        "INSERT INTO outbox (id, app_id, topic, payload, run_at)
+         SELECT outbox_uuid_v7(), $1, 't', jsonb_build_object('n', g),
+                now() + CASE WHEN g % 3 = 0 THEN interval '1 second' ELSE interval '0' END
+         FROM generate_series(1, 300) g",
+    )
+    .bind(app)
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(
+        "UPDATE outbox SET attempt_count = 1, lease_token = lease_token + 1, locked_by = 'gone',
+                locked_until = now() + interval '1 second', first_attempt_at = now(), last_attempt_at = now()
+         WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 100)",
+    )
+    .execute(&db.pool)
+    .await?;
+    outbox_core::migrate(&db.pool).await?;
+
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let previous_version = tokio::spawn({
+        let (pool, stop, calls) = (db.pool.clone(), stop.clone(), calls.clone());
+        async move {
+            while !stop.is_cancelled() {
+                let rows =
+                    outbox_core::store::outbox::claim(&pool, "old", 5, Duration::from_secs(10))
+                        .await?;
+                let leases: Vec<_> = rows.iter().map(|r| r.lease()).collect();
+                for row in &rows {
+                    calls.record(row.id);
+                }
+                outbox_core::store::outbox::complete(&pool, &leases).await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, outbox_core::Error>(())
+        }
+    });
+    let all = wait_until(Duration::from_secs(20), || async {
+        calls.distinct() == 300
+    })
+    .await;
+    stop.cancel();
+    run.await??;
+    previous_version.await??;
+    assert!(all, "{} of 300 rows ran", calls.distinct());
+    assert_eq!(calls.total(), 300, "a row ran twice");
+    Ok(())
+}
