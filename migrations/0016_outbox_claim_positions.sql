@@ -12,5 +12,6 @@
 -- the transaction id they were inserted with: the rows of the transactions
 -- that were running when the position was taken, and of those that began
 -- since. This index serves that lookup; its entries are appended at the
--- right end, like the primary key's.
-CREATE INDEX outbox_enqueue_xid_idx ON outbox (enqueue_xid);
+-- right end, like the primary key's. With a large backlog, build it first
+-- with CREATE INDEX CONCURRENTLY under this name (docs/operations.md).
+CREATE INDEX IF NOT EXISTS outbox_enqueue_xid_idx ON outbox (enqueue_xid);

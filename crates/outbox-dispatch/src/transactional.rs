@@ -54,9 +54,24 @@ impl Shared {
                 abandoned_checked = Some(Instant::now());
                 self.count_abandoned().await;
             }
-            let batch = match from.current(&self, &self.pool).await {
+            // Positions move on over the keeper, a connection planned like
+            // a claim loop's.
+            let advanced = match keeper.as_mut() {
+                Some(conn) => from.current(&self, conn).await.map_err(Error::from),
+                None => match self.connect_keeper().await {
+                    Ok(conn) => from
+                        .current(&self, keeper.insert(conn))
+                        .await
+                        .map_err(Error::from),
+                    Err(err) => Err(err),
+                },
+            };
+            let batch = match advanced {
                 Ok(positions) => self.tx_batch(&mut keeper, positions).await,
-                Err(err) => Err(err.into()),
+                Err(err) => {
+                    keeper = None;
+                    Err(err)
+                }
             };
             match batch {
                 Ok(report) => {
@@ -180,6 +195,16 @@ impl Shared {
         Ok(report)
     }
 
+    /// A batch keeper: commits asynchronously (see
+    /// [`tx_batch::commit_asynchronously`]) and plans like a claim loop's
+    /// connection, since the loop's positions move on over it too.
+    async fn connect_keeper(&self) -> Result<PgConnection, Error> {
+        let options = store::claim_connect_options(&self.pool.connect_options());
+        let mut conn = PgConnection::connect_with(&options).await?;
+        tx_batch::commit_asynchronously(&mut conn).await?;
+        Ok(conn)
+    }
+
     /// Records a transactional batch's events through the loop's keeper
     /// connection, connecting it first if needed (a broken one is replaced).
     async fn open_tx_batch(
@@ -190,11 +215,7 @@ impl Shared {
     ) -> Result<(), Error> {
         let mut conn = match keeper.take() {
             Some(conn) => conn,
-            None => {
-                let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-                tx_batch::commit_asynchronously(&mut conn).await?;
-                conn
-            }
+            None => self.connect_keeper().await?,
         };
         store::open_tx_batch(&mut conn, lock_key, &self.config.worker_id, ids).await?;
         // Kept only after a success: a connection that failed is dropped,

@@ -1,7 +1,9 @@
 //! The hot statements keep their index and TID scans when the statistics
 //! describe a short queue, which is what they describe most of the time.
 
-use outbox_core::store::outbox::{COMPLETE_AND_CLAIM_SQL, claim_connect_options};
+use outbox_core::store::outbox::{
+    ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, claim_connect_options,
+};
 use outbox_testkit::TestDb;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -47,6 +49,41 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
     assert!(plan.contains("Tid Scan on outbox"), "{plan}");
     // The scan starts at the app's position: the row comparison bounds the
     // index scan instead of filtering the rows it returns.
+    assert!(
+        plan.contains("Index Cond: ((app_id = a.id) AND (ROW(run_at, id) >= ROW("),
+        "{plan}"
+    );
+    claimer.close().await?;
+    Ok(())
+}
+
+/// The advance of the claim positions looks rows up by transaction id
+/// (the range begun since the last snapshot, and the list running then)
+/// through the index, never by reading the table or the whole index: while
+/// an old snapshot is held, either would walk every row finished since.
+#[tokio::test]
+async fn the_advance_of_positions_reads_only_index_ranges() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, 300).await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    let mut claimer =
+        PgConnection::connect_with(&claim_connect_options(&db.pool.connect_options())).await?;
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {ADVANCE_POSITIONS_SQL}"))
+            .bind(vec![app])
+            .bind(vec![chrono::Utc::now()])
+            .bind(vec![Uuid::nil()])
+            .bind("100:104:100,102")
+            .bind(0.25f64)
+            .fetch_all(&mut claimer)
+            .await?;
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
+    assert!(plan.contains("Index Cond: (enqueue_xid >= "), "{plan}");
+    assert!(plan.contains("Index Cond: (enqueue_xid = ANY "), "{plan}");
     assert!(
         plan.contains("Index Cond: ((app_id = a.id) AND (ROW(run_at, id) >= ROW("),
         "{plan}"

@@ -46,6 +46,41 @@ impl Positions {
     }
 }
 
+/// The statement of [`advance_positions`] (`$1`–`$3` the previous
+/// positions' arrays, `$4` their snapshot as text, `$5` the margin in
+/// seconds), for `EXPLAIN`.
+pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
+    SELECT a.id AS app_id,
+           coalesce(p.run_at, '-infinity') AS run_at,
+           coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS id
+    FROM apps a
+    LEFT JOIN unnest($1::uuid[], $2::timestamptz[], $3::uuid[]) AS p(app_id, run_at, id)
+      ON p.app_id = a.id
+ ), unseen AS MATERIALIZED (
+    SELECT o.app_id, o.run_at, o.id FROM outbox o
+    WHERE o.enqueue_xid >= pg_snapshot_xmax($4::text::pg_snapshot)
+    UNION ALL
+    SELECT o.app_id, o.run_at, o.id FROM outbox o
+    WHERE o.enqueue_xid = ANY (ARRAY(SELECT pg_snapshot_xip($4::text::pg_snapshot)))
+ )
+ SELECT prev.app_id, next.run_at, next.id, pg_current_snapshot()::text
+ FROM prev
+ CROSS JOIN LATERAL (
+    SELECT c.run_at, c.id FROM (
+        (SELECT o.run_at, o.id FROM outbox o
+         WHERE o.app_id = prev.app_id AND (o.run_at, o.id) >= (prev.run_at, prev.id)
+         ORDER BY o.run_at, o.id LIMIT 1)
+        UNION ALL
+        (SELECT u.run_at, u.id FROM unseen u WHERE u.app_id = prev.app_id
+         ORDER BY u.run_at, u.id LIMIT 1)
+        UNION ALL
+        SELECT now() - make_interval(secs => $5),
+               '00000000-0000-0000-0000-000000000000'::uuid
+    ) AS c
+    ORDER BY c.run_at, c.id
+    LIMIT 1
+ ) AS next";
+
 /// Finds each app's position from its previous one: the first row still
 /// there at or after it, or a row inserted behind it by a transaction that
 /// `previous` did not see as ended, whichever comes first — and never later
@@ -55,52 +90,23 @@ impl Positions {
 ///
 /// The scan from the previous position walks only what was finished since
 /// it was taken, and the lookup by transaction id only the rows inserted
-/// since, so the cost does not grow while an old snapshot is held.
+/// since, so the cost does not grow while an old snapshot is held. Run it
+/// on a connection with [`claim_connect_options`](super::claim_connect_options):
+/// planned for an unknown snapshot on a short queue, the lookup would
+/// otherwise read the whole table.
 pub async fn advance_positions<'e>(
     db: impl PgExecutor<'e>,
     previous: &Positions,
     margin: Duration,
 ) -> Result<Positions, Error> {
-    let rows: Vec<(Uuid, DateTime<Utc>, Uuid, String)> = sqlx::query_as(
-        "WITH prev AS (
-            SELECT a.id AS app_id,
-                   coalesce(p.run_at, '-infinity') AS run_at,
-                   coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS id
-            FROM apps a
-            LEFT JOIN unnest($1::uuid[], $2::timestamptz[], $3::uuid[]) AS p(app_id, run_at, id)
-              ON p.app_id = a.id
-         ), unseen AS MATERIALIZED (
-            SELECT o.app_id, o.run_at, o.id FROM outbox o
-            WHERE o.enqueue_xid >= pg_snapshot_xmax($4::text::pg_snapshot)
-            UNION ALL
-            SELECT o.app_id, o.run_at, o.id FROM outbox o
-            WHERE o.enqueue_xid IN (SELECT pg_snapshot_xip($4::text::pg_snapshot))
-         )
-         SELECT prev.app_id, next.run_at, next.id, pg_current_snapshot()::text
-         FROM prev
-         CROSS JOIN LATERAL (
-            SELECT c.run_at, c.id FROM (
-                (SELECT o.run_at, o.id FROM outbox o
-                 WHERE o.app_id = prev.app_id AND (o.run_at, o.id) >= (prev.run_at, prev.id)
-                 ORDER BY o.run_at, o.id LIMIT 1)
-                UNION ALL
-                (SELECT u.run_at, u.id FROM unseen u WHERE u.app_id = prev.app_id
-                 ORDER BY u.run_at, u.id LIMIT 1)
-                UNION ALL
-                SELECT now() - make_interval(secs => $5),
-                       '00000000-0000-0000-0000-000000000000'::uuid
-            ) AS c
-            ORDER BY c.run_at, c.id
-            LIMIT 1
-         ) AS next",
-    )
-    .bind(&previous.apps)
-    .bind(&previous.run_at)
-    .bind(&previous.ids)
-    .bind(previous.snapshot.as_deref())
-    .bind(margin.as_secs_f64())
-    .fetch_all(db)
-    .await?;
+    let rows: Vec<(Uuid, DateTime<Utc>, Uuid, String)> = sqlx::query_as(ADVANCE_POSITIONS_SQL)
+        .bind(&previous.apps)
+        .bind(&previous.run_at)
+        .bind(&previous.ids)
+        .bind(previous.snapshot.as_deref())
+        .bind(margin.as_secs_f64())
+        .fetch_all(db)
+        .await?;
     let mut next = Positions {
         apps: Vec::with_capacity(rows.len()),
         run_at: Vec::with_capacity(rows.len()),
