@@ -14,4 +14,15 @@
 -- since. This index serves that lookup; its entries are appended at the
 -- right end, like the primary key's. With a large backlog, build it first
 -- with CREATE INDEX CONCURRENTLY under this name (docs/operations.md).
+--
+-- A CREATE INDEX CONCURRENTLY that failed leaves an invalid index behind,
+-- which the planner never uses: every advance would then read the table.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_index
+               WHERE indexrelid = to_regclass('outbox_enqueue_xid_idx') AND NOT indisvalid) THEN
+        DROP INDEX outbox_enqueue_xid_idx;
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS outbox_enqueue_xid_idx ON outbox (enqueue_xid);

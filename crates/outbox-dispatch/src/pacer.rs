@@ -62,6 +62,7 @@ impl Shared {
                 let mut listener = Listener::connect(&self.pool, &[NOTIFY_CHANNEL]).await?;
                 self.listening.store(true, Ordering::Relaxed);
                 // Anything inserted while we were not listening is due now.
+                self.ask_fresh_look();
                 self.wake.notify_one();
                 loop {
                     // After a reconnection, notifications sent meanwhile are
@@ -70,6 +71,7 @@ impl Shared {
                         self.notifications.fetch_add(1, Ordering::Relaxed);
                         self.notified.notify_one();
                     }
+                    self.ask_fresh_look();
                     self.wake.notify_one();
                 }
                 #[allow(unreachable_code)]

@@ -7,8 +7,8 @@
 //! (their index entries cannot be removed), so claims slow down for as long
 //! as the snapshot is held. See `outbox_core::store::outbox::advance_positions`.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use outbox_core::store::outbox::{self as store, Positions};
@@ -64,11 +64,11 @@ impl ClaimFrom {
             let from = if rewind == self.seen_rewind {
                 None
             } else {
-                shared
+                let floor = shared
                     .rewound
                     .lock()
-                    .ok()
-                    .map(|floor| self.positions.lowered_to(&floor))
+                    .unwrap_or_else(PoisonError::into_inner);
+                Some(self.positions.lowered_to(&floor))
             };
             let from = from.as_ref().unwrap_or(&self.positions);
             self.positions = store::advance_positions(db, from, LATE_MARGIN).await?;
@@ -81,7 +81,9 @@ impl ClaimFrom {
 }
 
 impl Shared {
-    /// Makes every claim loop move its positions on before its next claim.
+    /// Makes every claim loop move its positions on before its next claim:
+    /// before the pacer's last look, and on a notification (whose row may
+    /// lie behind the positions when its transaction began long ago).
     pub(crate) fn ask_fresh_look(&self) {
         self.fresh_look.fetch_add(1, Ordering::AcqRel);
     }
@@ -98,13 +100,17 @@ impl Shared {
                 () = tokio::time::sleep(every) => {}
             }
             let budget = (every < REWIND_AT_MOST).then_some(REWIND_BUDGET);
+            let started = Instant::now();
             match store::rewind_positions(&self.pool, LATE_MARGIN, budget).await {
                 Ok(Some(floor)) => {
-                    if let Ok(mut rewound) = self.rewound.lock() {
-                        *rewound = floor;
-                    }
+                    *self.rewound.lock().unwrap_or_else(PoisonError::into_inner) = floor;
                     self.rewound_generation.fetch_add(1, Ordering::AcqRel);
-                    every = REWIND_EVERY;
+                    // A slow look keeps the longest interval (whatever made
+                    // it slow has probably not ended); a quick one, the
+                    // shortest.
+                    if started.elapsed() < REWIND_BUDGET {
+                        every = REWIND_EVERY;
+                    }
                 }
                 Ok(None) => every = (every * 2).min(REWIND_AT_MOST),
                 Err(err) => {

@@ -103,10 +103,14 @@ async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance(
         &NewEvent::new("t", json!({ "n": "running" })).with_run_at(an_hour_ago),
     )
     .await?;
+    // A later transaction commits first, so the snapshot of the advance
+    // lists `running` among the transactions still open (rather than
+    // beyond all it knows): the lookup by that list is what finds its row.
+    db.app("later").await?;
     let positions = store::advance_positions(&db.pool, &Positions::default(), MARGIN).await?;
     let (taken_at, _) = positions.of(app).ok_or("no position for the app")?;
     assert!(
-        taken_at > an_hour_ago,
+        taken_at > Some(an_hour_ago),
         "the position is past the uncommitted row"
     );
     running.commit().await?;
@@ -201,5 +205,22 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
         1,
         "the rewind brings the positions back to the row"
     );
+    Ok(())
+}
+
+/// `-infinity` is a valid `run_at` (the SQL function takes any timestamp);
+/// a position there is kept as "from the first row", not decoded.
+#[tokio::test]
+async fn a_row_due_since_minus_infinity_is_a_position_too() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    sqlx::query("SELECT outbox_enqueue('shop', 't', '{}'::jsonb, p_run_at => '-infinity')")
+        .execute(&db.pool)
+        .await?;
+    let positions = store::advance_positions(&db.pool, &Positions::default(), MARGIN).await?;
+    assert_eq!(positions.of(app).map(|(run_at, _)| run_at), Some(None));
+    let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
+    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    assert_eq!(claimed.len(), 1);
     Ok(())
 }

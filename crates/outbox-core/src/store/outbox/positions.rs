@@ -31,7 +31,9 @@ use crate::Error;
 #[derive(Debug, Clone, Default)]
 pub struct Positions {
     pub(crate) apps: Vec<Uuid>,
-    pub(crate) run_at: Vec<DateTime<Utc>>,
+    /// `None` is `-infinity` (a row may be due since then), which the
+    /// driver cannot represent.
+    pub(crate) run_at: Vec<Option<DateTime<Utc>>>,
     pub(crate) ids: Vec<Uuid>,
     /// The snapshot the positions were taken in (`pg_snapshot` as text): rows
     /// of transactions it did not see as ended may lie behind them.
@@ -39,8 +41,9 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// Where `app`'s scan starts, when it has a position.
-    pub fn of(&self, app: Uuid) -> Option<(DateTime<Utc>, Uuid)> {
+    /// Where `app`'s scan starts, when it has a position (a `run_at` of
+    /// `None` is `-infinity`).
+    pub fn of(&self, app: Uuid) -> Option<(Option<DateTime<Utc>>, Uuid)> {
         let i = self.apps.iter().position(|a| *a == app)?;
         Some((self.run_at[i], self.ids[i]))
     }
@@ -62,8 +65,11 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
     UNION ALL
     SELECT o.app_id, o.run_at, o.id FROM outbox o
     WHERE o.enqueue_xid = ANY (ARRAY(SELECT pg_snapshot_xip($4::text::pg_snapshot)))
+ ), unseen_first AS (
+    SELECT DISTINCT ON (app_id) app_id, run_at, id FROM unseen ORDER BY app_id, run_at, id
  )
- SELECT prev.app_id, next.run_at, next.id, pg_current_snapshot()::text
+ SELECT prev.app_id, CASE WHEN isfinite(next.run_at) THEN next.run_at END, next.id,
+        pg_current_snapshot()::text
  FROM prev
  CROSS JOIN LATERAL (
     SELECT c.run_at, c.id FROM (
@@ -71,8 +77,7 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
          WHERE o.app_id = prev.app_id AND (o.run_at, o.id) >= (prev.run_at, prev.id)
          ORDER BY o.run_at, o.id LIMIT 1)
         UNION ALL
-        (SELECT u.run_at, u.id FROM unseen u WHERE u.app_id = prev.app_id
-         ORDER BY u.run_at, u.id LIMIT 1)
+        (SELECT u.run_at, u.id FROM unseen_first u WHERE u.app_id = prev.app_id)
         UNION ALL
         SELECT now() - make_interval(secs => $5),
                '00000000-0000-0000-0000-000000000000'::uuid
@@ -99,14 +104,15 @@ pub async fn advance_positions<'e>(
     previous: &Positions,
     margin: Duration,
 ) -> Result<Positions, Error> {
-    let rows: Vec<(Uuid, DateTime<Utc>, Uuid, String)> = sqlx::query_as(ADVANCE_POSITIONS_SQL)
-        .bind(&previous.apps)
-        .bind(&previous.run_at)
-        .bind(&previous.ids)
-        .bind(previous.snapshot.as_deref())
-        .bind(margin.as_secs_f64())
-        .fetch_all(db)
-        .await?;
+    let rows: Vec<(Uuid, Option<DateTime<Utc>>, Uuid, String)> =
+        sqlx::query_as(ADVANCE_POSITIONS_SQL)
+            .bind(&previous.apps)
+            .bind(&previous.run_at)
+            .bind(&previous.ids)
+            .bind(previous.snapshot.as_deref())
+            .bind(margin.as_secs_f64())
+            .fetch_all(db)
+            .await?;
     let mut next = Positions {
         apps: Vec::with_capacity(rows.len()),
         run_at: Vec::with_capacity(rows.len()),
@@ -124,23 +130,22 @@ pub async fn advance_positions<'e>(
 
 impl Positions {
     /// These positions, each moved back to `floor`'s entry for its app where
-    /// that one is earlier; the snapshot stays these positions'.
+    /// that one is earlier (an app without an entry already starts from its
+    /// first row). The snapshot stays these positions', or becomes
+    /// `floor`'s when these have none.
     pub fn lowered_to(&self, floor: &Positions) -> Positions {
         let mut lowered = self.clone();
         for (i, app) in floor.apps.iter().enumerate() {
             let key = (floor.run_at[i], floor.ids[i]);
-            match lowered.apps.iter().position(|a| a == app) {
-                Some(j) if key < (lowered.run_at[j], lowered.ids[j]) => {
-                    lowered.run_at[j] = key.0;
-                    lowered.ids[j] = key.1;
-                }
-                Some(_) => {}
-                None => {
-                    lowered.apps.push(*app);
-                    lowered.run_at.push(key.0);
-                    lowered.ids.push(key.1);
-                }
+            if let Some(j) = lowered.apps.iter().position(|a| a == app)
+                && key < (lowered.run_at[j], lowered.ids[j])
+            {
+                lowered.run_at[j] = key.0;
+                lowered.ids[j] = key.1;
             }
+        }
+        if lowered.snapshot.is_none() {
+            lowered.snapshot.clone_from(&floor.snapshot);
         }
         lowered
     }
@@ -159,12 +164,12 @@ pub async fn rewind_positions(
     budget: Option<Duration>,
 ) -> Result<Option<Positions>, Error> {
     let mut tx = pool.begin().await?;
-    if let Some(budget) = budget {
-        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-            .bind(format!("{}ms", budget.as_millis().max(1)))
-            .execute(&mut *tx)
-            .await?;
-    }
+    // Without a budget, a timeout set for the role must not cut it short.
+    let timeout = budget.map_or_else(|| "0".to_owned(), |b| format!("{}ms", b.as_millis().max(1)));
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(timeout)
+        .execute(&mut *tx)
+        .await?;
     match advance_positions(&mut *tx, &Positions::default(), margin).await {
         Ok(positions) => {
             tx.commit().await?;
@@ -183,12 +188,12 @@ pub async fn rewind_positions(
 mod tests {
     use super::*;
 
-    fn at(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(secs, 0).unwrap_or_default()
+    fn at(secs: i64) -> Option<DateTime<Utc>> {
+        DateTime::from_timestamp(secs, 0)
     }
 
     #[test]
-    fn lowering_keeps_the_earlier_entry_of_each_app_and_adds_missing_ones() {
+    fn lowering_keeps_the_earlier_entry_of_each_app() {
         let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         let own = Positions {
             apps: vec![a, b],
@@ -205,7 +210,31 @@ mod tests {
         let lowered = own.lowered_to(&floor);
         assert_eq!(lowered.of(a), Some((at(5), Uuid::nil())));
         assert_eq!(lowered.of(b), Some((at(10), Uuid::from_u128(5))));
-        assert_eq!(lowered.of(c), Some((at(7), Uuid::nil())));
+        assert_eq!(
+            lowered.of(c),
+            None,
+            "an app without a position starts from its first row"
+        );
         assert_eq!(lowered.snapshot.as_deref(), Some("10:10:"));
+        let fresh = Positions::default().lowered_to(&floor);
+        assert_eq!(fresh.snapshot.as_deref(), Some("3:3:"));
+    }
+
+    #[test]
+    fn minus_infinity_comes_first() {
+        let app = Uuid::from_u128(1);
+        let own = Positions {
+            apps: vec![app],
+            run_at: vec![at(10)],
+            ids: vec![Uuid::nil()],
+            snapshot: None,
+        };
+        let floor = Positions {
+            apps: vec![app],
+            run_at: vec![None],
+            ids: vec![Uuid::nil()],
+            snapshot: None,
+        };
+        assert_eq!(own.lowered_to(&floor).of(app), Some((None, Uuid::nil())));
     }
 }
