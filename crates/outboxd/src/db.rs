@@ -64,18 +64,19 @@ pub fn require_direct(settings: &Settings, what: &str) -> anyhow::Result<()> {
 
 /// The session settings a direct connection carries.
 fn session_options(url: PgConnectOptions, idle_in_transaction_timeout_ms: u64) -> PgConnectOptions {
-    url.options([(
-        "idle_in_transaction_session_timeout",
-        format!("{idle_in_transaction_timeout_ms}ms"),
-    )])
-    // A process cut off by the network keeps its row and advisory locks
-    // until the server notices it is gone; probing an idle connection
-    // after 30 s (3 probes, 10 s apart) bounds that to about a minute.
-    .options([
-        ("tcp_keepalives_idle", 30),
-        ("tcp_keepalives_interval", 10),
-        ("tcp_keepalives_count", 3),
-    ])
+    outbox_core::store::outbox::planner_options(&url)
+        .options([(
+            "idle_in_transaction_session_timeout",
+            format!("{idle_in_transaction_timeout_ms}ms"),
+        )])
+        // A process cut off by the network keeps its row and advisory locks
+        // until the server notices it is gone; probing an idle connection
+        // after 30 s (3 probes, 10 s apart) bounds that to about a minute.
+        .options([
+            ("tcp_keepalives_idle", 30),
+            ("tcp_keepalives_interval", 10),
+            ("tcp_keepalives_count", 3),
+        ])
 }
 
 /// A database URL fit for a log or a terminal: no password, no query
@@ -111,6 +112,7 @@ mod tests {
             ("tcp_keepalives_idle", "30"),
             ("tcp_keepalives_interval", "10"),
             ("tcp_keepalives_count", "3"),
+            ("enable_bitmapscan", "off"),
         ] {
             let got = outbox_core::store::stats::setting(&pool, name).await?;
             assert_eq!(got, want, "{name}");

@@ -2,7 +2,7 @@
 //! describe a short queue, which is what they describe most of the time.
 
 use outbox_core::store::outbox::{
-    ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, claim_connect_options,
+    ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, claim_connect_options, planner_options,
 };
 use outbox_testkit::TestDb;
 use sqlx::{Connection, PgConnection};
@@ -89,6 +89,38 @@ async fn the_advance_of_positions_reads_only_index_ranges() -> TestResult {
         "{plan}"
     );
     claimer.close().await?;
+    Ok(())
+}
+
+/// While a snapshot is held, vacuum finds few live rows among many dead ones
+/// and the statistics say "a few rows"; a lookup by id must still go
+/// through the primary key, not through a whole scan of `outbox_due_idx`
+/// (which a connection without [`planner_options`] takes).
+#[tokio::test]
+async fn a_lookup_by_id_takes_the_primary_key_when_a_held_snapshot_bloats_the_outbox() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut holder = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    outbox_core::store::stats::hold_transaction_id(&mut holder).await?;
+    fill(&db, app, 20_000).await?;
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+    fill(&db, app, 3).await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    let mut dispatcher =
+        PgConnection::connect_with(&planner_options(&db.pool.connect_options())).await?;
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN (COSTS OFF) DELETE FROM outbox o USING unnest($1::uuid[]) AS t(id) WHERE o.id = t.id",
+    )
+    .bind(vec![Uuid::nil()])
+    .fetch_all(&mut dispatcher)
+    .await?;
+    let plan = plan.join("\n");
+    assert!(plan.contains("using outbox_pkey"), "{plan}");
+    dispatcher.close().await?;
+    holder.close().await?;
     Ok(())
 }
 

@@ -91,11 +91,27 @@ pub async fn claim<'e>(
 /// and the picked `ctid`s by scanning the whole table, and keep doing so
 /// after the table has grown.
 pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
-    base.clone().options([
+    planner_options(base).options([
         ("plan_cache_mode", "force_generic_plan"),
         ("jit", "off"),
         ("enable_seqscan", "off"),
     ])
+}
+
+/// Options every dispatcher connection needs, pooled or not: bitmap scans
+/// off.
+///
+/// While an old snapshot is held, vacuum cannot remove the outbox's dead
+/// rows, but it does record how many live rows it found — a few, for a
+/// queue that keeps up — and the planner scales its estimates by that
+/// count. A bitmap scan of `outbox_due_idx` (`app_id, run_at, id`) for an
+/// `id` then looks as cheap as the primary key, although without its
+/// leading columns it reads the whole index: measured at 35 ms per row
+/// deleted after 8 minutes of a held snapshot at 800 events/s, against
+/// microseconds through the primary key. Without bitmap scans, the planner
+/// costs that scan for what it is and takes the primary key.
+pub fn planner_options(base: &PgConnectOptions) -> PgConnectOptions {
+    base.clone().options([("enable_bitmapscan", "off")])
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`
