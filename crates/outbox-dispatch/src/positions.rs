@@ -33,8 +33,11 @@ pub const LATE_MARGIN: Duration = Duration::from_millis(250);
 const REWIND_EVERY: Duration = Duration::from_secs(1);
 const REWIND_BUDGET: Duration = Duration::from_millis(100);
 /// Looks that run over the budget space out, doubling, up to this interval;
-/// a look at this interval runs to the end however long it takes.
-const REWIND_AT_MOST: Duration = Duration::from_secs(60);
+/// a look at this interval runs to the end however long it takes. While an
+/// old snapshot is held such a look reads the whole table and its index,
+/// pushing the claims' pages out of shared buffers; it only matters for rows
+/// moved earlier by hand, so it is rare.
+const REWIND_AT_MOST: Duration = Duration::from_secs(600);
 
 /// One claim loop's positions and when it last moved them.
 #[derive(Debug, Default)]

@@ -2,7 +2,8 @@
 //! describe a short queue, which is what they describe most of the time.
 
 use outbox_core::store::outbox::{
-    ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, claim_connect_options, planner_options,
+    ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, COMPLETE_SQL, claim_connect_options,
+    planner_options,
 };
 use outbox_testkit::TestDb;
 use sqlx::{Connection, PgConnection};
@@ -119,6 +120,20 @@ async fn a_lookup_by_id_takes_the_primary_key_when_a_held_snapshot_bloats_the_ou
     .await?;
     let plan = plan.join("\n");
     assert!(plan.contains("using outbox_pkey"), "{plan}");
+    // Completing 500 rows reads the primary key for those ids only, whatever
+    // the join (a hash join read all of it).
+    let ids: Vec<Uuid> = (0..500).map(|_| Uuid::new_v4()).collect();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {COMPLETE_SQL}"))
+        .bind(&ids)
+        .bind(vec![1i64; 500])
+        .fetch_all(&mut dispatcher)
+        .await?;
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Cond: (id = ANY (") || plan.contains("AND (id = ANY ("),
+        "{}",
+        plan.chars().take(2000).collect::<String>()
+    );
     dispatcher.close().await?;
     holder.close().await?;
     Ok(())

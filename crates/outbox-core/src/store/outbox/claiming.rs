@@ -30,7 +30,7 @@ const COMPLETE_AND_CLAIM: &str = concat!(
     "WITH done AS (
     DELETE FROM outbox o
     USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
-    WHERE o.id = t.id AND o.lease_token = t.token
+    WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($4::uuid[])
     ",
     done_returning!(),
     "

@@ -31,6 +31,7 @@ pub async fn heartbeat<'e>(
             FROM outbox o
             JOIN unnest($1::uuid[], $2::int8[]) AS t(id, token) ON o.id = t.id
             WHERE o.lease_token = t.token AND o.locked_by IS NOT NULL
+              AND o.id = ANY ($1::uuid[])
             FOR UPDATE OF o SKIP LOCKED
          )
          UPDATE outbox o
@@ -46,6 +47,20 @@ pub async fn heartbeat<'e>(
     .await?)
 }
 
+/// The statement of [`complete`] (`$1` ids, `$2` fencing tokens), for `EXPLAIN`.
+pub const COMPLETE_SQL: &str = concat!(
+    "WITH done AS (
+            DELETE FROM outbox o
+            USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
+            WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
+            ",
+    done_returning!(),
+    "
+         ), ",
+    handled_by_script_cte!(),
+    " SELECT id FROM done"
+);
+
 /// Deletes successfully handled rows; returns the ids deleted. Rows whose
 /// token no longer matches (lease taken over) are left alone.
 pub async fn complete<'e>(db: impl PgExecutor<'e>, leases: &[Lease]) -> Result<Vec<Uuid>, Error> {
@@ -53,22 +68,11 @@ pub async fn complete<'e>(db: impl PgExecutor<'e>, leases: &[Lease]) -> Result<V
         return Ok(Vec::new());
     }
     let (ids, tokens) = split(leases);
-    Ok(sqlx::query_scalar(concat!(
-        "WITH done AS (
-            DELETE FROM outbox o
-            USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
-            WHERE o.id = t.id AND o.lease_token = t.token
-            ",
-        done_returning!(),
-        "
-         ), ",
-        handled_by_script_cte!(),
-        " SELECT id FROM done"
-    ))
-    .bind(&ids)
-    .bind(&tokens)
-    .fetch_all(db)
-    .await?)
+    Ok(sqlx::query_scalar(COMPLETE_SQL)
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(db)
+        .await?)
 }
 
 /// A row to run again later.
@@ -106,7 +110,7 @@ pub async fn reschedule<'e>(
              attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END
          FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
               AS t(id, token, delay, error, refund)
-         WHERE o.id = t.id AND o.lease_token = t.token
+         WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
          RETURNING o.id",
     )
     .bind(&ids)
@@ -150,7 +154,7 @@ pub async fn dead_letter<'e>(
         "WITH moved AS (
             DELETE FROM outbox o
             USING unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
-            WHERE o.id = t.id AND o.lease_token = t.token
+            WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
             RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
          ),
          -- A dead-letter trigger's own work failed for good: its dead letter

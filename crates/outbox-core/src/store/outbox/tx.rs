@@ -57,7 +57,8 @@ pub async fn lock_ids<'e>(
         "SELECT ",
         claimed_columns!(),
         " FROM outbox o JOIN unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord) ON o.id = t.id
-          WHERE o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
+          WHERE o.id = ANY ($1::uuid[])
+            AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
           ORDER BY t.ord
           FOR UPDATE OF o SKIP LOCKED"
     ))
