@@ -23,8 +23,16 @@ async fn fill(db: &TestDb, app: Uuid, rows: i32) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult {
+type Explain<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
+
+/// `EXPLAIN (COSTS OFF)` of `sql` on a claim loop's connection, with the
+/// statistics of a short queue (300 rows of one app, analysed); `bind`
+/// gives the statement its parameters for that app.
+async fn short_queue_plan(
+    sql: &str,
+    bind: impl for<'q> FnOnce(Explain<'q>, Uuid) -> Explain<'q>,
+) -> Result<String, Box<dyn std::error::Error>> {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
     fill(&db, app, 300).await?;
@@ -33,8 +41,18 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
         .await?;
     let mut claimer =
         PgConnection::connect_with(&claim_connect_options(&db.pool.connect_options())).await?;
-    let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {COMPLETE_AND_CLAIM_SQL}"))
+    let explain = format!("EXPLAIN (COSTS OFF) {sql}");
+    let plan: Vec<String> = bind(sqlx::query_scalar(&explain), app)
+        .fetch_all(&mut claimer)
+        .await?;
+    claimer.close().await?;
+    Ok(plan.join("\n"))
+}
+
+#[tokio::test]
+async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult {
+    let plan = short_queue_plan(COMPLETE_AND_CLAIM_SQL, |explain, app| {
+        explain
             .bind(100i64)
             .bind("w")
             .bind(30.0f64)
@@ -43,9 +61,8 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
             .bind(vec![app])
             .bind(vec![chrono::Utc::now()])
             .bind(vec![Uuid::nil()])
-            .fetch_all(&mut claimer)
-            .await?;
-    let plan = plan.join("\n");
+    })
+    .await?;
     assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
     assert!(plan.contains("Tid Scan on outbox"), "{plan}");
     // The scan starts at the app's position: the row comparison bounds the
@@ -54,7 +71,6 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
         plan.contains("Index Cond: ((app_id = a.id) AND (ROW(run_at, id) >= ROW("),
         "{plan}"
     );
-    claimer.close().await?;
     Ok(())
 }
 
@@ -64,24 +80,15 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
 /// an old snapshot is held, either would walk every row finished since.
 #[tokio::test]
 async fn the_advance_of_positions_reads_only_index_ranges() -> TestResult {
-    let db = TestDb::new().await?;
-    let app = db.app("shop").await?;
-    fill(&db, app, 300).await?;
-    sqlx::query("VACUUM ANALYZE outbox")
-        .execute(&db.pool)
-        .await?;
-    let mut claimer =
-        PgConnection::connect_with(&claim_connect_options(&db.pool.connect_options())).await?;
-    let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {ADVANCE_POSITIONS_SQL}"))
+    let plan = short_queue_plan(ADVANCE_POSITIONS_SQL, |explain, app| {
+        explain
             .bind(vec![app])
             .bind(vec![chrono::Utc::now()])
             .bind(vec![Uuid::nil()])
             .bind("100:104:100,102")
             .bind(0.25f64)
-            .fetch_all(&mut claimer)
-            .await?;
-    let plan = plan.join("\n");
+    })
+    .await?;
     assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
     assert!(plan.contains("Index Cond: (enqueue_xid >= "), "{plan}");
     assert!(plan.contains("Index Cond: (enqueue_xid = ANY "), "{plan}");
@@ -89,7 +96,6 @@ async fn the_advance_of_positions_reads_only_index_ranges() -> TestResult {
         plan.contains("Index Cond: ((app_id = a.id) AND (ROW(run_at, id) >= ROW("),
         "{plan}"
     );
-    claimer.close().await?;
     Ok(())
 }
 

@@ -27,14 +27,9 @@ pub const CLAIM_SQL: &str = CLAIM;
 /// joined to the claimed rows so the deleted count arrives even when nothing
 /// was claimed.
 const COMPLETE_AND_CLAIM: &str = concat!(
-    "WITH done AS (
-    DELETE FROM outbox o
-    USING unnest($4::uuid[], $5::int8[]) AS t(id, token)
-    WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($4::uuid[])
-    ",
-    done_returning!(),
-    "
-), ",
+    "WITH ",
+    done_cte!("$4", "$5"),
+    ", ",
     handled_by_script_cte!(),
     ", ",
     picked_cte!(apps_from_positions!("$6", "$7", "$8")),

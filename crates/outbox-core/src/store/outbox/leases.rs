@@ -49,14 +49,9 @@ pub async fn heartbeat<'e>(
 
 /// The statement of [`complete`] (`$1` ids, `$2` fencing tokens), for `EXPLAIN`.
 pub const COMPLETE_SQL: &str = concat!(
-    "WITH done AS (
-            DELETE FROM outbox o
-            USING unnest($1::uuid[], $2::int8[]) AS t(id, token)
-            WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
-            ",
-    done_returning!(),
-    "
-         ), ",
+    "WITH ",
+    done_cte!("$1", "$2"),
+    ", ",
     handled_by_script_cte!(),
     " SELECT id FROM done"
 );

@@ -31,6 +31,31 @@ macro_rules! done_returning {
     };
 }
 
+/// The `done` CTE: deletes the finished rows whose ids and fencing tokens
+/// are the two array parameters named, returning as [`done_returning`]. The
+/// `o.id = ANY` bound keeps the read of the primary key to those ids whatever
+/// join the planner picks (see the module docs).
+macro_rules! done_cte {
+    ($ids:literal, $tokens:literal) => {
+        concat!(
+            "done AS (
+    DELETE FROM outbox o
+    USING unnest(",
+            $ids,
+            "::uuid[], ",
+            $tokens,
+            "::int8[]) AS t(id, token)
+    WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY (",
+            $ids,
+            "::uuid[])
+    ",
+            done_returning!(),
+            "
+)"
+        )
+    };
+}
+
 /// Marks the dead letters behind successful dead-letter-trigger rows
 /// `handled_by_script`; expects a `done` CTE ending in [`done_returning`].
 macro_rules! handled_by_script_cte {
