@@ -113,6 +113,7 @@ mod tests {
             ("tcp_keepalives_interval", "10"),
             ("tcp_keepalives_count", "3"),
             ("enable_bitmapscan", "off"),
+            ("enable_seqscan", "off"),
         ] {
             let got = outbox_core::store::stats::setting(&pool, name).await?;
             assert_eq!(got, want, "{name}");

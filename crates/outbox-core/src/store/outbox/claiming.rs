@@ -80,21 +80,12 @@ pub async fn claim<'e>(
 /// Without a known batch size the generic plan's cost grows with the backlog
 /// and, past `jit_above_cost`, PostgreSQL would compile it to machine code
 /// on every execution (tens of ms for a claim of a millisecond); JIT is off.
-///
-/// Sequential scans are off too: planned while the statistics describe a
-/// short queue in a few pages, the statement would find the completed rows
-/// and the picked `ctid`s by scanning the whole table, and keep doing so
-/// after the table has grown.
 pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
-    planner_options(base).options([
-        ("plan_cache_mode", "force_generic_plan"),
-        ("jit", "off"),
-        ("enable_seqscan", "off"),
-    ])
+    planner_options(base).options([("plan_cache_mode", "force_generic_plan"), ("jit", "off")])
 }
 
-/// Options every dispatcher connection needs, pooled or not: bitmap scans
-/// off.
+/// Options every dispatcher connection needs, pooled or not: bitmap and
+/// sequential scans off.
 ///
 /// While an old snapshot is held, vacuum cannot remove the outbox's dead
 /// rows, but it does record how many live rows it found — a few, for a
@@ -105,8 +96,18 @@ pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
 /// deleted after 8 minutes of a held snapshot at 800 events/s, against
 /// microseconds through the primary key. Without bitmap scans, the planner
 /// costs that scan for what it is and takes the primary key.
+///
+/// The same statistics make a sequential scan of the bloated table look
+/// about as cheap as probing the primary key for a batch of ids: which of
+/// the two wins then turns on the correlation ANALYZE computed from the few
+/// live rows, a coin toss, and the losing side reads every dead row. A short
+/// queue in a few pages invites the same plan, which a generic plan keeps
+/// after the table has grown. Nothing outboxd runs on these connections
+/// wants a whole table read where an index serves, so sequential scans
+/// are off.
 pub fn planner_options(base: &PgConnectOptions) -> PgConnectOptions {
-    base.clone().options([("enable_bitmapscan", "off")])
+    base.clone()
+        .options([("enable_bitmapscan", "off"), ("enable_seqscan", "off")])
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`
