@@ -124,10 +124,16 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     let completed = series(&|s| Some(s.completed_per_sec));
     let depth = series(&|s| Some(s.depth as f64));
     let dead = series(&|s| Some(s.dead_tuples as f64));
+    let autovacuums = series(&|s| Some(s.autovacuums as f64));
     b.add_series("phases-claim-ms", "p99".into(), p99);
     b.add_series("phases-claim-ms", "p50".into(), p50);
     b.add_series("phases-completions", "completed/s".into(), completed);
     b.add_series("phases-depth", "queue depth".into(), depth);
     b.add_series("phases-dead-tuples", "outboxd tables".into(), dead);
+    b.add_series(
+        "phases-autovacuum",
+        "passes over the outbox".into(),
+        autovacuums,
+    );
     Ok(())
 }

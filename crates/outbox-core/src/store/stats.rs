@@ -59,6 +59,18 @@ pub async fn table_dead_tuples<'e>(db: impl PgExecutor<'e>, table: &str) -> Resu
     .unwrap_or_default())
 }
 
+/// How many times autovacuum has finished a pass over the user table
+/// `table` since the statistics were reset (0 when they do not know it).
+pub async fn autovacuum_count<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(autovacuum_count, 0) FROM pg_stat_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_optional(db)
+    .await?
+    .unwrap_or_default())
+}
+
 /// Rows of `app` in the outbox, whatever their state. Counts every row of
 /// the app: a sample now and then, not a tight loop (see [`queue_empty`]).
 pub async fn queue_depth<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<i64, Error> {
