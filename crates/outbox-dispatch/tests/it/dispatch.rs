@@ -441,7 +441,8 @@ async fn claim_loops_claim_on_connections_of_their_own_that_end_with_the_dispatc
     let claim_sessions = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND query LIKE 'WITH done AS%'",
+             WHERE datname = current_database()
+               AND query LIKE 'WITH found AS%' AND query LIKE '%picked AS%'",
         )
         .fetch_one(&db.pool)
         .await

@@ -25,27 +25,133 @@ pub async fn heartbeat<'e>(
         return Ok(Vec::new());
     }
     let (ids, tokens) = split(leases);
-    Ok(sqlx::query_scalar(
-        "WITH held AS (
-            SELECT o.ctid
-            FROM outbox o
-            JOIN unnest($1::uuid[], $2::int8[]) AS t(id, token) ON o.id = t.id
-            WHERE o.lease_token = t.token AND o.locked_by IS NOT NULL
-              AND o.id = ANY ($1::uuid[])
-            FOR UPDATE OF o SKIP LOCKED
-         )
-         UPDATE outbox o
-         SET locked_until = now() + make_interval(secs => $3)
-         FROM held
-         WHERE o.ctid = held.ctid
-         RETURNING o.id",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(lease.as_secs_f64())
-    .fetch_all(db)
-    .await?)
+    Ok(sqlx::query_scalar(HEARTBEAT_SQL)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(lease.as_secs_f64())
+        .fetch_all(db)
+        .await?)
 }
+
+/// The heartbeat (`$1` ids, `$2` fencing tokens, `$3` lease seconds), for
+/// `EXPLAIN` in tests and the benchmark.
+pub const HEARTBEAT_SQL: &str = concat!(
+    "WITH held AS MATERIALIZED (
+        SELECT i.ctid
+        FROM unnest($1::uuid[], $2::int8[]) AS t(id, token)
+        ",
+    lease_lookup!("FOR UPDATE SKIP LOCKED"),
+    "
+     )
+     UPDATE outbox o
+     SET locked_until = now() + make_interval(secs => $3)
+     FROM held
+     WHERE o.ctid = held.ctid AND o.locked_by IS NOT NULL
+     RETURNING o.id"
+);
+
+/// The retry of failed rows (`$1` ids, `$2` tokens, `$3` delays in seconds,
+/// `$4` errors, `$5` whether the attempt is given back), for `EXPLAIN`.
+pub const RESCHEDULE_SQL: &str = concat!(
+    "WITH found AS MATERIALIZED (
+        SELECT i.ctid, t.*
+        FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
+             AS t(id, token, delay, error, refund)
+        ",
+    lease_lookup!(),
+    "
+     )
+     UPDATE outbox o
+     SET run_at        = now() + make_interval(secs => t.delay),
+         locked_by     = NULL,
+         locked_until  = NULL,
+         last_error    = coalesce(t.error, o.last_error),
+         attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END
+     FROM found t
+     WHERE o.ctid = t.ctid AND o.lease_token = t.token
+     RETURNING o.id"
+);
+
+/// The move of rows to `dead_letters` (`$1` ids, `$2` tokens, `$3` errors,
+/// `$4` handlers), for `EXPLAIN`.
+pub const DEAD_LETTER_SQL: &str = concat!(
+        "WITH found AS MATERIALIZED (
+        SELECT i.ctid, t.*
+        FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
+        ",
+        lease_lookup!(),
+        "
+     ),
+     moved AS (
+        DELETE FROM outbox o
+        USING found t
+        WHERE o.ctid = t.ctid AND o.lease_token = t.token
+        RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
+     ),
+     -- A dead-letter trigger's own work failed for good: its dead letter
+     -- becomes handler_failed; no new dead letter, no further trigger.
+     failed_scripts AS (
+        UPDATE dead_letters d
+        SET resolution = 'handler_failed', resolved_at = now(),
+            last_error = coalesce(d.last_error, '') || E'\n[dead-letter trigger] ' || m.final_error
+        FROM moved m
+        WHERE m.source = 'dead_letter'
+          AND m.payload->>'dead_letter_id' ~ '^[0-9a-fA-F-]{36}$'
+          AND d.id = (m.payload->>'dead_letter_id')::uuid
+          AND d.resolved_at IS NULL
+        RETURNING m.id
+     ),
+     buried AS (
+        INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
+                                  payload, headers, ordering_key, depth, attempt_count,
+                                  first_attempt_at, last_attempt_at, last_error,
+                                  registered_by_principal, replay_round, replay_due_at,
+                                  max_attempts)
+        SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
+               coalesce(m.failed_handler, m.target, m.topic),
+               m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
+               m.first_attempt_at, m.last_attempt_at, m.final_error, m.registered_by_principal,
+               r.round,
+               -- Quarantine: the policy's delay, doubled each round, while rounds remain.
+               CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
+                    THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
+               END,
+               m.max_attempts
+        FROM moved m
+        LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
+        CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
+        LEFT JOIN LATERAL (
+            SELECT p.id, p.initial_delay_secs, p.max_rounds FROM replay_policies p
+            WHERE p.app_id = m.app_id
+              AND (p.source IS NULL OR p.source = m.source)
+              AND (p.topic IS NULL OR p.topic = m.topic)
+            ORDER BY (p.topic IS NULL), (p.source IS NULL)
+            LIMIT 1
+        ) pol ON true
+        WHERE m.source <> 'dead_letter'
+        RETURNING id, app_id, original_event_id, source, topic, trigger_id, payload, last_error, depth
+     ),
+     -- Matching dead-letter triggers get their rows in the same statement.
+     fired AS (
+        INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, depth,
+                            registered_by_principal)
+        SELECT outbox_uuid_v7(), b.app_id, 'dead_letter', 'dead_lettered', t.target, t.id, t.target,
+               jsonb_build_object('dead_letter_id', b.id, 'original_event_id', b.original_event_id,
+                                  'source', b.source, 'topic', b.topic, 'trigger_id', b.trigger_id,
+                                  'payload', b.payload, 'last_error', b.last_error),
+               b.depth + 1, t.registered_by_principal
+        FROM buried b
+        JOIN triggers t ON t.app_id = b.app_id AND t.kind = 'dead_letter' AND t.enabled
+        JOIN dead_letter_trigger_details x ON x.trigger_id = t.id
+        WHERE (cardinality(x.sources) = 0 OR b.source = ANY(x.sources))
+          AND (cardinality(x.topics) = 0 OR b.topic = ANY(x.topics))
+          AND (cardinality(x.trigger_ids) = 0 OR b.trigger_id = ANY(x.trigger_ids))
+        RETURNING 1
+     )
+     SELECT original_event_id FROM buried
+     UNION ALL
+     SELECT id FROM failed_scripts"
+    );
 
 /// The statement of [`complete`] (`$1` ids, `$2` fencing tokens), for `EXPLAIN`.
 pub const COMPLETE_SQL: &str = concat!(
@@ -96,25 +202,14 @@ pub async fn reschedule<'e>(
     let delays: Vec<f64> = rows.iter().map(|r| r.delay.as_secs_f64()).collect();
     let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
     let refunds: Vec<bool> = rows.iter().map(|r| r.refund_attempt).collect();
-    Ok(sqlx::query_scalar(
-        "UPDATE outbox o
-         SET run_at        = now() + make_interval(secs => t.delay),
-             locked_by     = NULL,
-             locked_until  = NULL,
-             last_error    = coalesce(t.error, o.last_error),
-             attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END
-         FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
-              AS t(id, token, delay, error, refund)
-         WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
-         RETURNING o.id",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&delays)
-    .bind(&errors)
-    .bind(&refunds)
-    .fetch_all(db)
-    .await?)
+    Ok(sqlx::query_scalar(RESCHEDULE_SQL)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&delays)
+        .bind(&errors)
+        .bind(&refunds)
+        .fetch_all(db)
+        .await?)
 }
 
 /// A row to move to `dead_letters`.
@@ -145,83 +240,13 @@ pub async fn dead_letter<'e>(
     let tokens: Vec<i64> = rows.iter().map(|r| r.lease.token).collect();
     let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
     let handlers: Vec<Option<&str>> = rows.iter().map(|r| r.handler.as_deref()).collect();
-    Ok(sqlx::query_scalar(
-        "WITH moved AS (
-            DELETE FROM outbox o
-            USING unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
-            WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY ($1::uuid[])
-            RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
-         ),
-         -- A dead-letter trigger's own work failed for good: its dead letter
-         -- becomes handler_failed; no new dead letter, no further trigger.
-         failed_scripts AS (
-            UPDATE dead_letters d
-            SET resolution = 'handler_failed', resolved_at = now(),
-                last_error = coalesce(d.last_error, '') || E'\n[dead-letter trigger] ' || m.final_error
-            FROM moved m
-            WHERE m.source = 'dead_letter'
-              AND m.payload->>'dead_letter_id' ~ '^[0-9a-fA-F-]{36}$'
-              AND d.id = (m.payload->>'dead_letter_id')::uuid
-              AND d.resolved_at IS NULL
-            RETURNING m.id
-         ),
-         buried AS (
-            INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
-                                      payload, headers, ordering_key, depth, attempt_count,
-                                      first_attempt_at, last_attempt_at, last_error,
-                                      registered_by_principal, replay_round, replay_due_at,
-                                      max_attempts)
-            SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
-                   coalesce(m.failed_handler, m.target, m.topic),
-                   m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
-                   m.first_attempt_at, m.last_attempt_at, m.final_error, m.registered_by_principal,
-                   r.round,
-                   -- Quarantine: the policy's delay, doubled each round, while rounds remain.
-                   CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
-                        THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
-                   END,
-                   m.max_attempts
-            FROM moved m
-            LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
-            CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
-            LEFT JOIN LATERAL (
-                SELECT p.id, p.initial_delay_secs, p.max_rounds FROM replay_policies p
-                WHERE p.app_id = m.app_id
-                  AND (p.source IS NULL OR p.source = m.source)
-                  AND (p.topic IS NULL OR p.topic = m.topic)
-                ORDER BY (p.topic IS NULL), (p.source IS NULL)
-                LIMIT 1
-            ) pol ON true
-            WHERE m.source <> 'dead_letter'
-            RETURNING id, app_id, original_event_id, source, topic, trigger_id, payload, last_error, depth
-         ),
-         -- Matching dead-letter triggers get their rows in the same statement.
-         fired AS (
-            INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, depth,
-                                registered_by_principal)
-            SELECT outbox_uuid_v7(), b.app_id, 'dead_letter', 'dead_lettered', t.target, t.id, t.target,
-                   jsonb_build_object('dead_letter_id', b.id, 'original_event_id', b.original_event_id,
-                                      'source', b.source, 'topic', b.topic, 'trigger_id', b.trigger_id,
-                                      'payload', b.payload, 'last_error', b.last_error),
-                   b.depth + 1, t.registered_by_principal
-            FROM buried b
-            JOIN triggers t ON t.app_id = b.app_id AND t.kind = 'dead_letter' AND t.enabled
-            JOIN dead_letter_trigger_details x ON x.trigger_id = t.id
-            WHERE (cardinality(x.sources) = 0 OR b.source = ANY(x.sources))
-              AND (cardinality(x.topics) = 0 OR b.topic = ANY(x.topics))
-              AND (cardinality(x.trigger_ids) = 0 OR b.trigger_id = ANY(x.trigger_ids))
-            RETURNING 1
-         )
-         SELECT original_event_id FROM buried
-         UNION ALL
-         SELECT id FROM failed_scripts",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&errors)
-    .bind(&handlers)
-    .fetch_all(conn)
-    .await?)
+    Ok(sqlx::query_scalar(DEAD_LETTER_SQL)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&errors)
+        .bind(&handlers)
+        .fetch_all(conn)
+        .await?)
 }
 
 /// Releases leases without running the rows (drain): they are due at once for

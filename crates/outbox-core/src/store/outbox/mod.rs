@@ -7,12 +7,16 @@
 //! out. A claim only writes unindexed columns, so PostgreSQL can update the
 //! row in place (a HOT update) instead of adding index entries for every claim.
 //!
-//! Statements that take rows by id from an array join the array and also
-//! say `o.id = ANY (ids)`: while an old snapshot is held, the statistics
-//! count a few live rows among many dead ones, and without that condition
-//! the planner hashed the array and read the whole primary key (1.2 s for
-//! 500 completed rows after 11 minutes of a held snapshot); with it, the
-//! primary key is read for those ids only, whatever the join.
+//! Statements that take rows by id from an array find each row with its own
+//! probe of the primary key (`lease_lookup!`), then change it by `ctid`.
+//! While an old snapshot is held, vacuum finds almost no live rows and the
+//! statistics say so; the planner then costs a read of a whole index (the
+//! primary key, or `outbox_due_idx`, which also holds `id`) as cheap as the
+//! probes, and chose it: 1.2 s, then 15 s, for one completion after ten
+//! minutes of a held snapshot. A probe inside a `LATERAL` subquery with a
+//! `LIMIT` can only be a nested loop over the ids, a `ctid` can only be
+//! reached by a TID scan, and `outbox_due_idx` is partial so that a lookup
+//! by id cannot use it (migration 0017).
 //!
 //! The statements live in private files by concern (claiming, the ends of a
 //! lease, transactional handling, inspection); every item is re-exported
@@ -31,23 +35,49 @@ macro_rules! done_returning {
     };
 }
 
+/// The `LATERAL` subquery that finds the row of `t.id` still holding lease
+/// `t.token` through the primary key, one probe per id whatever the
+/// statistics say (see the module docs); `$lock` is empty or a locking
+/// clause. Its `ctid` column is the row's current version.
+macro_rules! lease_lookup {
+    () => {
+        lease_lookup!("")
+    };
+    ($lock:literal) => {
+        concat!(
+            "CROSS JOIN LATERAL (
+        SELECT i.ctid FROM outbox i
+        WHERE i.id = t.id AND i.lease_token = t.token
+        LIMIT 1 ",
+            $lock,
+            "
+    ) AS i"
+        )
+    };
+}
+
 /// The `done` CTE: deletes the finished rows whose ids and fencing tokens
-/// are the two array parameters named, returning as [`done_returning`]. The
-/// `o.id = ANY` bound keeps the read of the primary key to those ids whatever
-/// join the planner picks (see the module docs).
+/// are the two array parameters named, returning as [`done_returning`]. Each
+/// row is found by `lease_lookup!` and deleted by `ctid`; the token is
+/// checked again on the row being deleted, so a row taken over meanwhile is
+/// left alone.
 macro_rules! done_cte {
     ($ids:literal, $tokens:literal) => {
         concat!(
-            "done AS (
-    DELETE FROM outbox o
-    USING unnest(",
+            "found AS MATERIALIZED (
+    SELECT i.ctid, t.token
+    FROM unnest(",
             $ids,
             "::uuid[], ",
             $tokens,
             "::int8[]) AS t(id, token)
-    WHERE o.id = t.id AND o.lease_token = t.token AND o.id = ANY (",
-            $ids,
-            "::uuid[])
+    ",
+            lease_lookup!(),
+            "
+), done AS (
+    DELETE FROM outbox o
+    USING found f
+    WHERE o.ctid = f.ctid AND o.lease_token = f.token
     ",
             done_returning!(),
             "

@@ -46,6 +46,23 @@ pub async fn take<'e>(
         .await?)
 }
 
+/// The statement of [`lock_ids`] (`$1` ids), for `EXPLAIN`: one probe of
+/// the primary key per id, whatever the statistics say (see the module docs
+/// of `store::outbox`).
+pub const LOCK_IDS_SQL: &str = concat!(
+    "SELECT c.* FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord)
+     CROSS JOIN LATERAL (
+        SELECT ",
+    claimed_columns!(),
+    " FROM outbox o
+        WHERE o.id = t.id
+          AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
+        LIMIT 1
+        FOR UPDATE OF o SKIP LOCKED
+     ) AS c
+     ORDER BY t.ord"
+);
+
 /// Locks, in the caller's transaction, those of `ids` that are still
 /// claimable and not held by anyone else, and returns them in `ids` order
 /// (a transactional batch that failed takes its rows back this way).
@@ -53,18 +70,10 @@ pub async fn lock_ids<'e>(
     conn: impl PgExecutor<'e>,
     ids: &[Uuid],
 ) -> Result<Vec<ClaimedEvent>, Error> {
-    Ok(sqlx::query_as(concat!(
-        "SELECT ",
-        claimed_columns!(),
-        " FROM outbox o JOIN unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord) ON o.id = t.id
-          WHERE o.id = ANY ($1::uuid[])
-            AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
-          ORDER BY t.ord
-          FOR UPDATE OF o SKIP LOCKED"
-    ))
-    .bind(ids)
-    .fetch_all(conn)
-    .await?)
+    Ok(sqlx::query_as(LOCK_IDS_SQL)
+        .bind(ids)
+        .fetch_all(conn)
+        .await?)
 }
 
 /// Deletes rows locked by [`lock_ids`] in the same transaction.
