@@ -102,10 +102,12 @@ pg_run() {
   fi
 }
 
-# start_postgres DIR [durable|fast]
+# start_postgres DIR [durable|fast|stock]
 # Starts (or reuses) a cluster in DIR on a free port, creates database
 # "outboxd" and exports PG_DIR, PG_PORT and DATABASE_URL. "fast" turns fsync
-# off (tests only); the demo and the benchmark keep full durability.
+# off (tests only); the demo and the benchmark keep full durability. "stock"
+# is durable and leaves autovacuum at PostgreSQL's defaults (the benchmark's
+# OUTBOX_BENCH_POSTGRES=stock), as on a server nobody tuned for a queue.
 start_postgres() {
   local dir="$1" mode="${2:-durable}"
   ensure_postgres
@@ -143,7 +145,10 @@ start_postgres() {
       PG_PORT="$(free_port)"
     fi
     # autovacuum_naptime 1s: the outbox is a queue (see docs/performance.md).
-    local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400 -c autovacuum_naptime=1s"
+    local opts="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=400"
+    if [ "$mode" != stock ]; then
+      opts="$opts -c autovacuum_naptime=1s"
+    fi
     if [ "$mode" = fast ]; then
       opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     fi
