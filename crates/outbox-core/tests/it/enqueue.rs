@@ -51,15 +51,19 @@ async fn batch_enqueue_keeps_order_and_options() -> TestResult {
 async fn a_plain_batch_stores_the_same_rows_as_the_full_statement() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    // Plain events take the short statement; one event with a header sends
-    // the whole batch through the full one. The stored rows must not differ.
-    let plain: Vec<NewEvent> = (0..3)
-        .map(|n| NewEvent::new("bulk", payload(n)).with_source(Source::Pubsub))
-        .collect();
-    let mut full = plain.clone();
+    // Plain events take the short statement, or COPY from 64 of them on; one
+    // event with a header sends the whole batch through the full statement.
+    // The stored rows must not differ. The payloads carry what a text format
+    // would have to escape.
+    let tricky = |n: u64| json!({ "n": n, "s": "quote \" backslash \\ tab \t newline \n \\N é 😀", "nested": [1.5, null, {"k": true}] });
+    let event = |n: u64| NewEvent::new("bulk", tricky(n)).with_source(Source::Pubsub);
+    let short: Vec<NewEvent> = (0..3).map(event).collect();
+    let copied: Vec<NewEvent> = (0..200).map(event).collect();
+    let mut full = short.clone();
     full.push(NewEvent::new("bulk", payload(9)).with_headers(serde_json::json!({"k": "v"})));
     let mut tx = db.pool.begin().await?;
-    let plain_ids = enqueue_batch(&mut tx, app, &plain).await?;
+    let short_ids = enqueue_batch(&mut tx, app, &short).await?;
+    let copied_ids = enqueue_batch(&mut tx, app, &copied).await?;
     let full_ids = enqueue_batch(&mut tx, app, &full).await?;
     tx.commit().await?;
     // Every column but the ones that differ by nature (id, times, xid).
@@ -71,10 +75,46 @@ async fn a_plain_batch_stores_the_same_rows_as_the_full_statement() -> TestResul
         .bind(ids)
         .fetch_all(&db.pool)
     };
-    let stored_plain = stored(plain_ids).await?;
+    let stored_short = stored(short_ids).await?;
     let stored_full = stored(full_ids[..3].to_vec()).await?;
-    assert_eq!(stored_plain.len(), 3);
-    assert_eq!(stored_plain, stored_full);
+    assert_eq!(stored_short.len(), 3);
+    assert_eq!(stored_short, stored_full);
+    assert!(copied_ids.windows(2).all(|w| w[0] < w[1]));
+    let stored_copied = stored(copied_ids.clone()).await?;
+    assert_eq!(stored_copied.len(), 200);
+    assert_eq!(stored_copied[..3], stored_full[..]);
+    for (n, row) in stored_copied.iter().enumerate() {
+        assert_eq!(row["payload"], tricky(n as u64), "row {n}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_copied_batch_for_an_unknown_app_or_with_a_bad_event_stores_nothing() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let events: Vec<NewEvent> = (0..100)
+        .map(|n| NewEvent::new("bulk", payload(n)))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    let err = enqueue_batch(&mut tx, uuid::Uuid::new_v4(), &events)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, outbox_core::Error::UnknownApp(_)), "{err}");
+    tx.rollback().await?;
+    let mut bad = events.clone();
+    bad[70] = NewEvent::new("", payload(70));
+    let mut conn = db.pool.acquire().await?;
+    let err = enqueue_batch(&mut conn, app, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("topic"), "{err}");
+    // \u0000 is valid JSON but not storable in jsonb: the server refuses the
+    // COPY, and the connection stays usable.
+    let mut nul = events.clone();
+    nul[99] = NewEvent::new("bulk", json!({ "s": "\u{0}" }));
+    assert!(enqueue_batch(&mut conn, app, &nul).await.is_err());
+    assert_eq!(outbox_core::store::outbox::count(&mut *conn).await?, 0);
+    enqueue_batch(&mut conn, app, &events).await?;
+    assert_eq!(outbox_core::store::outbox::count(&mut *conn).await?, 100);
     Ok(())
 }
 

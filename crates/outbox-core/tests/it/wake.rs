@@ -50,6 +50,13 @@ async fn inserts_notify_only_while_a_dispatcher_sleeps() -> TestResult {
         notified(&mut listener, Duration::from_secs(5)).await?,
         "a sleeper was not notified"
     );
+    // A large plain batch goes in with COPY, which fires the trigger too.
+    let batch: Vec<NewEvent> = (0..100).map(|_| NewEvent::new("t", json!({}))).collect();
+    outbox_core::enqueue_batch(&mut producer, app, &batch).await?;
+    assert!(
+        notified(&mut listener, Duration::from_secs(5)).await?,
+        "a sleeper was not notified of a copied batch"
+    );
 
     wake::end_sleep(&mut sleeper).await?;
     insert(&mut producer, app).await?;

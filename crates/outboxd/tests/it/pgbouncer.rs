@@ -1,10 +1,11 @@
 //! Producers through a real transaction-pooling PgBouncer (started by
 //! `scripts/test.sh`, which exports `PGBOUNCER_ADDR`): `outboxd enqueue`,
-//! the library's `enqueue` from many tasks at once, and the SQL function;
+//! the library's `enqueue` from many tasks at once and a batch sent with
+//! `COPY`, and the SQL function;
 //! and the commands that need a direct connection refuse, saying why.
 
 use futures::future::try_join_all;
-use outbox_core::{NewEvent, enqueue};
+use outbox_core::{NewEvent, enqueue, enqueue_batch};
 use outbox_testkit::TestDb;
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -69,6 +70,13 @@ async fn producers_enqueue_through_a_transaction_pooling_pgbouncer() -> TestResu
             .await?;
         tx.commit().await?;
     }
+    // A large plain batch, which goes in with COPY.
+    let batch: Vec<NewEvent> = (0..100)
+        .map(|n| NewEvent::new("copied", json!({ "n": n })))
+        .collect();
+    let mut tx = pool.begin().await?;
+    enqueue_batch(&mut tx, app, &batch).await?;
+    tx.commit().await?;
     pool.close().await;
 
     let counts: Vec<(String, i64)> =
@@ -79,6 +87,7 @@ async fn producers_enqueue_through_a_transaction_pooling_pgbouncer() -> TestResu
         counts,
         vec![
             ("cli".to_owned(), 3),
+            ("copied".to_owned(), 100),
             ("library".to_owned(), 400),
             ("sql".to_owned(), 3)
         ]
