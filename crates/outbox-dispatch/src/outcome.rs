@@ -356,9 +356,20 @@ impl Shared {
             }
         }
         let completed = store::complete(&self.pool, &done).await?.len() + answered;
-        let rescheduled_ids = store::reschedule(&self.pool, &later).await?;
+        let pool = &self.pool;
+        let rescheduled_ids = again_for_missed(
+            &later,
+            |r| r.lease.id,
+            |rows| async move { store::reschedule(pool, &rows).await },
+        )
+        .await?;
         let rescheduled = rescheduled_ids.len();
-        let dead_lettered_ids = store::dead_letter(&self.pool, &dead_letters).await?;
+        let dead_lettered_ids = again_for_missed(
+            &dead_letters,
+            |r| r.lease.id,
+            |rows| async move { store::dead_letter(pool, &rows).await },
+        )
+        .await?;
         let dead_lettered = dead_lettered_ids.len();
         self.log_failures(finished, &rescheduled_ids, &dead_lettered_ids);
         let expected = finished.len();
@@ -400,4 +411,34 @@ impl Shared {
             }
         }
     }
+}
+
+/// Ends the leases of `rows` with `end`, then once more for the rows it left
+/// unchanged: a row a heartbeat changed at the same moment is found in its
+/// newer version only by a fresh statement (see `store::outbox`'s lease
+/// lookups). A row that is missed twice was taken over.
+async fn again_for_missed<T, F, Fut>(
+    rows: &[T],
+    id: impl Fn(&T) -> Uuid,
+    end: F,
+) -> Result<Vec<Uuid>, outbox_core::Error>
+where
+    T: Clone,
+    F: Fn(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Uuid>, outbox_core::Error>>,
+{
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut changed = end(rows.to_vec()).await?;
+    let seen: std::collections::HashSet<Uuid> = changed.iter().copied().collect();
+    let missed: Vec<T> = rows
+        .iter()
+        .filter(|r| !seen.contains(&id(r)))
+        .cloned()
+        .collect();
+    if !missed.is_empty() {
+        changed.extend(end(missed).await?);
+    }
+    Ok(changed)
 }

@@ -205,7 +205,7 @@ pub async fn run(
     let mut dead_by_table = Vec::new();
     let mut last_finished = 0;
     let mut dead = 0;
-    let mut last_autovacuums = stats::autovacuum_count(pool, "outbox").await?;
+    let mut last_autovacuums = stats::table_vacuum(pool, "outbox").await?.autovacuum_count;
     for (index, &(phase, length)) in phases.iter().enumerate() {
         eprintln!("bench: phases, {} ({} s)", phase.name(), length.as_secs());
         let fault = Fault::start(phase, pool, length).await?;
@@ -230,9 +230,9 @@ pub async fn run(
             let handled = seen.lock().map(|s| s.len() as u64).unwrap_or_default();
             let depth = i64::try_from(produced.load(Ordering::Relaxed).saturating_sub(handled))
                 .unwrap_or(i64::MAX);
-            let autovacuums = stats::autovacuum_count(pool, "outbox")
+            let autovacuums = stats::table_vacuum(pool, "outbox")
                 .await
-                .unwrap_or(last_autovacuums);
+                .map_or(last_autovacuums, |t| t.autovacuum_count);
             samples.push(Sample {
                 at: started.elapsed().as_secs_f64(),
                 phase: index,

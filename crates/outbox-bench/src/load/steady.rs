@@ -113,7 +113,7 @@ pub async fn steady(
     for p in producers {
         p.await??;
     }
-    let dead_tuples = stats::table_dead_tuples(pool, "outbox").await?;
+    let dead_tuples = stats::table_vacuum(pool, "outbox").await?.dead_tuples;
     if let Some(conn) = holder.take() {
         conn.close().await?;
     }

@@ -116,7 +116,9 @@ pub(super) async fn held_snapshot(ctx: &Ctx) -> anyhow::Result<Outcome> {
     }
     let produced = producer.await?;
     stage.quiesce(Duration::from_secs(90), false).await?;
-    let dead = stats::table_dead_tuples(&stage.db.pool, "outbox").await?;
+    let dead = stats::table_vacuum(&stage.db.pool, "outbox")
+        .await?
+        .dead_tuples;
     holder.close().await?;
     let (mut outcome, _) = stage
         .finish(

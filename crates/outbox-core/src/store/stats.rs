@@ -47,28 +47,31 @@ pub async fn setting<'e>(db: impl PgExecutor<'e>, name: &str) -> Result<String, 
     )
 }
 
-/// Dead row versions of the user table `table` in PostgreSQL's statistics
-/// (0 when the statistics do not know the table yet).
-pub async fn table_dead_tuples<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<i64, Error> {
-    Ok(sqlx::query_scalar::<_, i64>(
-        "SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = $1",
-    )
-    .bind(table)
-    .fetch_optional(db)
-    .await?
-    .unwrap_or_default())
+/// What PostgreSQL's statistics say about vacuuming one user table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableVacuum {
+    /// Dead row versions waiting for vacuum.
+    pub dead_tuples: i64,
+    /// Autovacuum passes finished since the statistics were reset.
+    pub autovacuum_count: i64,
 }
 
-/// How many times autovacuum has finished a pass over the user table
-/// `table` since the statistics were reset (0 when they do not know it).
-pub async fn autovacuum_count<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<i64, Error> {
-    Ok(sqlx::query_scalar::<_, i64>(
-        "SELECT coalesce(autovacuum_count, 0) FROM pg_stat_user_tables WHERE relname = $1",
+/// [`TableVacuum`] of the user table `table` (zeros when the statistics do
+/// not know the table yet).
+pub async fn table_vacuum<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<TableVacuum, Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT coalesce(n_dead_tup, 0), coalesce(autovacuum_count, 0)
+         FROM pg_stat_user_tables WHERE relname = $1",
     )
     .bind(table)
     .fetch_optional(db)
-    .await?
-    .unwrap_or_default())
+    .await?;
+    Ok(row
+        .map(|(dead_tuples, autovacuum_count)| TableVacuum {
+            dead_tuples,
+            autovacuum_count,
+        })
+        .unwrap_or_default())
 }
 
 /// Rows of `app` in the outbox, whatever their state. Counts every row of

@@ -58,7 +58,7 @@ pub const RESCHEDULE_SQL: &str = concat!(
         FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
              AS t(id, token, delay, error, refund)
         ",
-    lease_lookup!(),
+    lease_lookup!("FOR UPDATE"),
     "
      )
      UPDATE outbox o
@@ -79,7 +79,7 @@ pub const DEAD_LETTER_SQL: &str = concat!(
         SELECT i.ctid, t.*
         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
         ",
-        lease_lookup!(),
+        lease_lookup!("FOR UPDATE"),
         "
      ),
      moved AS (
@@ -189,7 +189,10 @@ pub struct Reschedule {
     pub refund_attempt: bool,
 }
 
-/// Reschedules rows (retry with backoff, snooze, or release); returns the ids changed.
+/// Reschedules rows (retry with backoff, snooze, or release); returns the ids
+/// changed. A row a concurrent heartbeat changed at the same moment may be
+/// missing from the answer although its lease still holds: call again for
+/// the rows missing (see `lease_lookup!` in this module's source).
 pub async fn reschedule<'e>(
     db: impl PgExecutor<'e>,
     rows: &[Reschedule],
@@ -228,7 +231,9 @@ pub struct ToDeadLetter {
 /// dead-letter triggers in the same statement; returns the original ids moved.
 ///
 /// A dead-letter trigger's own exhausted row is not dead-lettered again: its
-/// dead letter is resolved `handler_failed` instead (no recursion).
+/// dead letter is resolved `handler_failed` instead (no recursion). As with
+/// [`reschedule`], a row a concurrent heartbeat changed may be missing from
+/// the answer: call again for it.
 pub async fn dead_letter<'e>(
     conn: impl PgExecutor<'e>,
     rows: &[ToDeadLetter],

@@ -7,16 +7,18 @@
 //! out. A claim only writes unindexed columns, so PostgreSQL can update the
 //! row in place (a HOT update) instead of adding index entries for every claim.
 //!
-//! Statements that take rows by id from an array find each row with its own
-//! probe of the primary key (`lease_lookup!`), then change it by `ctid`.
+//! Statements that take rows by id from an array find and lock each row with
+//! its own probe of the primary key (`lease_lookup!`), then change it by id
+//! alone or by `ctid`, never through a join on `id`.
 //! While an old snapshot is held, vacuum finds almost no live rows and the
 //! statistics say so; the planner then costs a read of a whole index (the
 //! primary key, or `outbox_due_idx`, which also holds `id`) as cheap as the
 //! probes, and chose it: 1.2 s, then 15 s, for one completion after ten
 //! minutes of a held snapshot. A probe inside a `LATERAL` subquery with a
-//! `LIMIT` can only be a nested loop over the ids, a `ctid` can only be
-//! reached by a TID scan, and `outbox_due_idx` is partial so that a lookup
-//! by id cannot use it (migration 0017).
+//! `LIMIT` can only be a nested loop over the ids; `id = ANY (…)` with no
+//! join can only be probes of the primary key (no other index holds `id`
+//! for it: `outbox_due_idx` is partial, migration 0017, and sequential
+//! scans are off); a `ctid` can only be reached by a TID scan.
 //!
 //! The statements live in private files by concern (claiming, the ends of a
 //! lease, transactional handling, inspection); every item is re-exported
@@ -35,14 +37,16 @@ macro_rules! done_returning {
     };
 }
 
-/// The `LATERAL` subquery that finds the row of `t.id` still holding lease
-/// `t.token` through the primary key, one probe per id whatever the
-/// statistics say (see the module docs); `$lock` is empty or a locking
-/// clause. Its `ctid` column is the row's current version.
+/// The `LATERAL` subquery that finds and locks the row of `t.id` still
+/// holding lease `t.token` through the primary key, one probe per id
+/// whatever the statistics say (see the module docs); `$lock` is the locking
+/// clause. Its `ctid` column is the row's version that was locked: when the
+/// lock had to wait for another statement that changed the row (a
+/// heartbeat), that version is newer than the statement's snapshot, and a
+/// change by `ctid` in the same statement does not see it. Statements that
+/// change rows by `ctid` after a lookup that may wait therefore report the
+/// row as unchanged and are run once more for those rows.
 macro_rules! lease_lookup {
-    () => {
-        lease_lookup!("")
-    };
     ($lock:literal) => {
         concat!(
             "CROSS JOIN LATERAL (
@@ -58,26 +62,25 @@ macro_rules! lease_lookup {
 
 /// The `done` CTE: deletes the finished rows whose ids and fencing tokens
 /// are the two array parameters named, returning as [`done_returning`]. Each
-/// row is found by `lease_lookup!` and deleted by `ctid`; the token is
-/// checked again on the row being deleted, so a row taken over meanwhile is
-/// left alone.
+/// row is found and locked by `lease_lookup!`, then deleted by id with no
+/// join the planner could turn into a read of a whole index; a row a
+/// heartbeat changed meanwhile is deleted in its newest version.
 macro_rules! done_cte {
     ($ids:literal, $tokens:literal) => {
         concat!(
             "found AS MATERIALIZED (
-    SELECT i.ctid, t.token
+    SELECT t.id
     FROM unnest(",
             $ids,
             "::uuid[], ",
             $tokens,
             "::int8[]) AS t(id, token)
     ",
-            lease_lookup!(),
+            lease_lookup!("FOR UPDATE"),
             "
 ), done AS (
     DELETE FROM outbox o
-    USING found f
-    WHERE o.ctid = f.ctid AND o.lease_token = f.token
+    WHERE o.id = ANY (ARRAY(SELECT id FROM found))
     ",
             done_returning!(),
             "

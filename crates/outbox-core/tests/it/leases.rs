@@ -1,0 +1,123 @@
+//! The ends of a lease against statements that change the same rows at the
+//! same moment: a heartbeat's update must not make a completion, a retry or
+//! a dead-lettering miss a row whose lease it still holds.
+
+use std::time::Duration;
+
+use outbox_core::model::Lease;
+use outbox_core::store::outbox::{self as store, Reschedule, ToDeadLetter};
+use outbox_core::{NewEvent, enqueue_batch};
+use outbox_testkit::{TestDb, wait_until};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Claims three rows, then for each end of a lease: holds a heartbeat-like
+/// update of one row open, starts the end, lets the update commit, and
+/// checks that the end changed the row (a retry or a dead-lettering on its
+/// second call, as `outbox_dispatch` makes it).
+#[tokio::test]
+async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the_row() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let events: Vec<NewEvent> = (0..3)
+        .map(|n| NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let claimed = store::claim(&db.pool, "w", 3, Duration::from_secs(30)).await?;
+    assert_eq!(claimed.len(), 3);
+    let leases: Vec<Lease> = claimed.iter().map(|c| c.lease()).collect();
+
+    for (n, lease) in leases.iter().enumerate() {
+        let mut heartbeat = PgConnection::connect_with(&db.pool.connect_options()).await?;
+        sqlx::query("BEGIN").execute(&mut heartbeat).await?;
+        sqlx::query(
+            "UPDATE outbox SET locked_until = locked_until + interval '1 second' WHERE id = $1",
+        )
+        .bind(lease.id)
+        .execute(&mut heartbeat)
+        .await?;
+        let pool = db.pool.clone();
+        let lease = *lease;
+        let end = tokio::spawn(async move {
+            match n {
+                0 => store::complete(&pool, &[lease]).await,
+                1 => {
+                    let retry = Reschedule {
+                        lease,
+                        delay: Duration::from_secs(60),
+                        error: Some("boom".into()),
+                        refund_attempt: false,
+                    };
+                    store::reschedule(&pool, &[retry]).await
+                }
+                _ => {
+                    let dead = ToDeadLetter {
+                        lease,
+                        error: "boom".into(),
+                        handler: None,
+                    };
+                    store::dead_letter(&pool, &[dead]).await
+                }
+            }
+        });
+        let waiting = wait_until(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(false)
+        })
+        .await;
+        assert!(waiting, "end {n} did not wait for the heartbeat");
+        sqlx::query("COMMIT").execute(&mut heartbeat).await?;
+        heartbeat.close().await?;
+        let changed = end.await??;
+        if n == 0 {
+            // A completion deletes the row's newest version in the same
+            // statement.
+            assert_eq!(changed, vec![lease.id], "end {n} missed the row");
+        } else {
+            // A retry or a dead-lettering reports the row unchanged, and
+            // changes it when called again (as the dispatcher does).
+            let changed = if changed.is_empty() {
+                match n {
+                    1 => {
+                        let retry = Reschedule {
+                            lease,
+                            delay: Duration::from_secs(60),
+                            error: Some("boom".into()),
+                            refund_attempt: false,
+                        };
+                        store::reschedule(&db.pool, &[retry]).await?
+                    }
+                    _ => {
+                        let dead = ToDeadLetter {
+                            lease,
+                            error: "boom".into(),
+                            handler: None,
+                        };
+                        store::dead_letter(&db.pool, &[dead]).await?
+                    }
+                }
+            } else {
+                changed
+            };
+            assert_eq!(changed, vec![lease.id], "end {n} missed the row twice");
+        }
+    }
+    let (left, dead): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox WHERE locked_by IS NOT NULL),
+                (SELECT count(*) FROM dead_letters)",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!((left, dead), (0, 1));
+    Ok(())
+}
