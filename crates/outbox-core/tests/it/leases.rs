@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, Reschedule, ToDeadLetter};
-use outbox_core::{NewEvent, enqueue_batch};
 use outbox_testkit::{TestDb, wait_until};
-use serde_json::json;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -22,12 +21,7 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
 {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    let events: Vec<NewEvent> = (0..3)
-        .map(|n| NewEvent::new("t", json!({ "n": n })))
-        .collect();
-    let mut tx = db.pool.begin().await?;
-    enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
+    crate::enqueue_committed(&db, app, 3).await?;
     let claimed = store::claim(&db.pool, "w", 3, Duration::from_secs(30)).await?;
     assert_eq!(claimed.len(), 3);
     let leases: Vec<Lease> = claimed.iter().map(|c| c.lease()).collect();
@@ -43,28 +37,7 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
         .await?;
         let pool = db.pool.clone();
         let lease = *lease;
-        let end = tokio::spawn(async move {
-            match n {
-                0 => store::complete(&pool, &[lease]).await,
-                1 => {
-                    let retry = Reschedule {
-                        lease,
-                        delay: Duration::from_secs(60),
-                        error: Some("boom".into()),
-                        refund_attempt: false,
-                    };
-                    store::reschedule(&pool, &[retry]).await
-                }
-                _ => {
-                    let dead = ToDeadLetter {
-                        lease,
-                        error: "boom".into(),
-                        handler: None,
-                    };
-                    store::dead_letter(&pool, &[dead]).await
-                }
-            }
-        });
+        let end = tokio::spawn(async move { end_lease(&pool, n, lease).await });
         let waiting = wait_until(Duration::from_secs(5), || async {
             sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
@@ -87,25 +60,7 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
             // A retry or a dead-lettering reports the row unchanged, and
             // changes it when called again (as the dispatcher does).
             let changed = if changed.is_empty() {
-                match n {
-                    1 => {
-                        let retry = Reschedule {
-                            lease,
-                            delay: Duration::from_secs(60),
-                            error: Some("boom".into()),
-                            refund_attempt: false,
-                        };
-                        store::reschedule(&db.pool, &[retry]).await?
-                    }
-                    _ => {
-                        let dead = ToDeadLetter {
-                            lease,
-                            error: "boom".into(),
-                            handler: None,
-                        };
-                        store::dead_letter(&db.pool, &[dead]).await?
-                    }
-                }
+                end_lease(&db.pool, n, lease).await?
             } else {
                 changed
             };
@@ -120,4 +75,28 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
     .await?;
     assert_eq!((left, dead), (0, 1));
     Ok(())
+}
+
+/// The `n`th end of a lease: a completion, a retry, then a dead-lettering.
+async fn end_lease(pool: &PgPool, n: usize, lease: Lease) -> Result<Vec<Uuid>, outbox_core::Error> {
+    match n {
+        0 => store::complete(pool, &[lease]).await,
+        1 => {
+            let retry = Reschedule {
+                lease,
+                delay: Duration::from_secs(60),
+                error: Some("boom".into()),
+                refund_attempt: false,
+            };
+            store::reschedule(pool, &[retry]).await
+        }
+        _ => {
+            let dead = ToDeadLetter {
+                lease,
+                error: "boom".into(),
+                handler: None,
+            };
+            store::dead_letter(pool, &[dead]).await
+        }
+    }
 }

@@ -6,3 +6,18 @@ mod plans;
 mod positions;
 mod state_machine;
 mod wake;
+
+/// Enqueues `n` plain events of topic `t` for `app` and commits them.
+async fn enqueue_committed(
+    db: &outbox_testkit::TestDb,
+    app: uuid::Uuid,
+    n: u64,
+) -> Result<(), outbox_core::Error> {
+    let events: Vec<outbox_core::NewEvent> = (0..n)
+        .map(|n| outbox_core::NewEvent::new("t", serde_json::json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    Ok(())
+}

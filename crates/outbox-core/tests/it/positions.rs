@@ -139,12 +139,7 @@ async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance(
 async fn positions_stop_at_leased_rows_so_an_expired_lease_is_claimed_again() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    let events: Vec<NewEvent> = (0..3)
-        .map(|n| NewEvent::new("t", json!({ "n": n })))
-        .collect();
-    let mut tx = db.pool.begin().await?;
-    enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
+    crate::enqueue_committed(&db, app, 3).await?;
     let leased = store::claim(&db.pool, "crashed", 3, Duration::from_millis(200)).await?;
     assert_eq!(leased.len(), 3);
     let mut positions = Positions::default();
