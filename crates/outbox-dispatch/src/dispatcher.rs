@@ -263,7 +263,13 @@ impl Dispatcher {
         let released = if abandoned.is_empty() {
             0
         } else {
-            match store::release(&inner.pool, &abandoned, true).await {
+            let pool = &inner.pool;
+            let released = crate::outcome::again_for_missed(
+                &abandoned,
+                |l| l.id,
+                |leases| async move { store::release(pool, &leases, true).await },
+            );
+            match released.await {
                 Ok(ids) => ids.len(),
                 Err(err) => {
                     warn!(error = %err, rows = abandoned.len(), "could not release leases; they expire by themselves");

@@ -417,7 +417,7 @@ impl Shared {
 /// unchanged: a row a heartbeat changed at the same moment is found in its
 /// newer version only by a fresh statement (see `store::outbox`'s lease
 /// lookups). A row that is missed twice was taken over.
-async fn again_for_missed<T, F, Fut>(
+pub(crate) async fn again_for_missed<T, F, Fut>(
     rows: &[T],
     id: impl Fn(&T) -> Uuid,
     end: F,
