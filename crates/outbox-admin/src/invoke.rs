@@ -126,6 +126,10 @@ async fn invoke(
     if let Some(h) = body.headers {
         event.headers = h;
     }
+    // A row nobody serves would wait, unclaimed, until the timeout.
+    if !outbox_core::store::processes::served_by_any(&state.pool, &topic).await? {
+        return Err(ApiError::NoHandler(topic));
+    }
     let db = |e: sqlx::Error| ApiError::internal(e.to_string());
     let mut tx = state.pool.begin().await.map_err(db)?;
     let (inbox, outbox_id) = invocations::start(&mut tx, app.id, event).await?;

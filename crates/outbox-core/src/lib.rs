@@ -21,12 +21,14 @@
 //! - [`model`]: ids, sources, new and claimed events, dead letters.
 //! - [`enqueue`](mod@enqueue): single and batch enqueue in the caller's transaction.
 //! - [`store`]: all SQL — apps, the dispatcher's claim/complete statements, dead letters.
+//! - [`topics`]: which topics a dispatcher serves (names, prefixes, NATS-style patterns).
 //! - [`MIGRATOR`]: the embedded, forward-only migrations.
 
 pub mod enqueue;
 mod error;
 pub mod model;
 pub mod store;
+pub mod topics;
 
 pub use enqueue::{enqueue, enqueue_batch};
 pub use error::Error;

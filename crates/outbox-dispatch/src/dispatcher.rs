@@ -23,6 +23,7 @@ use std::time::Duration;
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, Positions};
+use outbox_core::store::processes::ProcessInfo;
 use sqlx::{Connection, PgPool};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,7 @@ use uuid::Uuid;
 
 use crate::failure_log::FailureLog;
 use crate::outcome::Finished;
+use crate::subscription::ServedNow;
 use crate::telemetry::TopicMetrics;
 use crate::{Config, Error, Registry};
 
@@ -112,6 +114,10 @@ pub(crate) struct Shared {
     // many times it has found something.
     pub(crate) rewound: Mutex<Positions>,
     pub(crate) rewound_generation: AtomicU64,
+    // The topics a claim takes, as of the last beat of `process`.
+    pub(crate) served: ServedNow,
+    // This process's row in `outbox_processes`.
+    pub(crate) process: ProcessInfo,
 }
 
 /// Claims due rows and runs their handlers. Cheap to clone; clones share state.
@@ -142,6 +148,8 @@ impl Dispatcher {
     /// `pool`'s `max_connections`; see [`Config::own_connections`].
     pub fn new(pool: PgPool, registry: Registry, config: Config) -> Result<Self, Error> {
         config.validate()?;
+        let served = ServedNow::new(registry.subscription());
+        let process = served.process_info(Uuid::now_v7(), &config.worker_id);
         Ok(Self {
             inner: Arc::new(Shared {
                 pool,
@@ -161,6 +169,8 @@ impl Dispatcher {
                 fresh_look: AtomicU64::new(0),
                 rewound: Mutex::new(Positions::default()),
                 rewound_generation: AtomicU64::new(0),
+                served,
+                process,
             }),
         })
     }
@@ -170,10 +180,18 @@ impl Dispatcher {
         &self.inner.config
     }
 
-    /// Claims one batch, runs it, writes the outcomes, and says what happened.
-    /// Tests drive this until `claimed == 0` instead of sleeping.
+    /// This process's id in `outbox_processes` (written while [`Dispatcher::run`]
+    /// runs, and by [`Dispatcher::run_once`]).
+    pub fn process_id(&self) -> Uuid {
+        self.inner.process.id
+    }
+
+    /// Claims one batch of the topics it serves, runs it, writes the
+    /// outcomes, and says what happened. Tests drive this until
+    /// `claimed == 0` instead of sleeping.
     pub async fn run_once(&self) -> Result<BatchReport, Error> {
         let inner = &self.inner;
+        inner.beat().await?;
         if inner.config.in_transaction {
             inner.count_abandoned().await;
             // The keeper lives for this batch only; closing it frees its lock.
@@ -184,8 +202,9 @@ impl Dispatcher {
             }
             return report;
         }
-        let rows = store::claim(
+        let rows = store::claim_served(
             &inner.pool,
+            &inner.served.get(),
             &inner.config.worker_id,
             inner.config.batch_size,
             inner.config.lease,
@@ -227,6 +246,11 @@ impl Dispatcher {
         // Background helpers stop after the drain, not at the signal: running
         // rows keep their leases fresh while they finish.
         let helpers = CancellationToken::new();
+        // Known to the others, and knowing them, before the first claim.
+        if let Err(err) = inner.beat().await {
+            warn!(error = %err, "could not record this process in outbox_processes; retrying every second");
+        }
+        let announce = tokio::spawn(inner.clone().announce(helpers.clone()));
         let listener = tokio::spawn(inner.clone().listen(helpers.clone()));
         let pacer = tokio::spawn(inner.clone().pace(helpers.clone()));
         let heartbeat = tokio::spawn(inner.clone().heartbeat(helpers.clone()));
@@ -235,7 +259,7 @@ impl Dispatcher {
         let completer = tokio::spawn(inner.clone().complete(done_rx));
 
         let permits = Arc::new(Semaphore::new(config.concurrency));
-        info!(worker = %config.worker_id, topics = ?inner.registry.topics(), claimers = config.claimers, "dispatcher started");
+        info!(worker = %config.worker_id, process = %inner.process.id, topics = ?inner.process.topics, patterns = ?inner.process.patterns, claimers = config.claimers, "dispatcher started");
         let loops: Vec<_> = (0..config.claimers)
             .map(|_| {
                 if config.in_transaction {
@@ -282,6 +306,7 @@ impl Dispatcher {
         let _ = pacer.await;
         let _ = heartbeat.await;
         let _ = rewind.await;
+        let _ = announce.await;
         info!(
             claimed = totals.claimed,
             completed = totals.completed,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::ClaimedEvent;
+use outbox_core::topics::{TopicPattern, prefix_regex};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -199,14 +200,33 @@ where
     }
 }
 
-/// Handlers by topic.
+/// Handlers by topic. What a registry has handlers for is what its
+/// dispatcher serves: a claim takes only rows of those topics (see
+/// [`outbox_core::topics`]), so processes with different registries can
+/// share one database without taking each other's rows.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Arc<dyn Handler>>,
-    // Runs topics that have no handler of their own (e.g. the NATS relay).
-    fallback: Option<Arc<dyn Handler>>,
+    // Runs topics that have no handler of their own (e.g. the NATS relay),
+    // among those its patterns match.
+    fallback: Option<(Vec<TopicPattern>, Arc<dyn Handler>)>,
     // Runs every topic that starts with a prefix (e.g. "webhook:").
     prefixed: Vec<(String, Arc<dyn Handler>)>,
+}
+
+/// What a [`Registry`] serves, before other processes are taken into account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Subscription {
+    /// Topics with a handler of their own.
+    pub(crate) topics: Vec<String>,
+    /// Prefixes (as `prefix*`) and fallback patterns, as declared.
+    pub(crate) patterns: Vec<String>,
+    /// Regular expressions of the prefixes.
+    pub(crate) prefix_regexes: Vec<String>,
+    /// Regular expressions of the fallback's patterns.
+    pub(crate) fallback_regexes: Vec<String>,
+    /// The fallback takes every topic (`>`).
+    pub(crate) fallback_everything: bool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -232,9 +252,24 @@ impl Registry {
         self
     }
 
-    /// Runs every topic that has no handler of its own.
+    /// Runs every topic that has no handler of its own in this registry, nor
+    /// in another live process's (its topics are left to it): the fallback
+    /// pattern `>`. See [`Registry::fallback_for`] to narrow it.
     pub fn fallback(&mut self, handler: impl Handler) -> &mut Self {
-        self.fallback = Some(Arc::new(handler));
+        self.fallback = Some((vec![TopicPattern::everything()], Arc::new(handler)));
+        self
+    }
+
+    /// Runs the topics matching `patterns` (NATS-style, see
+    /// [`outbox_core::topics`]) that have no handler of their own here, nor
+    /// in another live process. Other topics are not claimed by this
+    /// process: they wait for a process that serves them.
+    pub fn fallback_for(
+        &mut self,
+        patterns: impl IntoIterator<Item = TopicPattern>,
+        handler: impl Handler,
+    ) -> &mut Self {
+        self.fallback = Some((patterns.into_iter().collect(), Arc::new(handler)));
         self
     }
 
@@ -244,7 +279,8 @@ impl Registry {
         self
     }
 
-    /// The handler for `topic`: its own, else a prefix handler, else the fallback.
+    /// The handler for `topic`: its own, else a prefix handler, else the
+    /// fallback when one of its patterns matches.
     pub fn get(&self, topic: &str) -> Option<Arc<dyn Handler>> {
         self.handlers
             .get(topic)
@@ -254,8 +290,33 @@ impl Registry {
                     .find(|(p, _)| topic.starts_with(p.as_str()))
                     .map(|(_, h)| h)
             })
-            .or(self.fallback.as_ref())
+            .or_else(|| {
+                self.fallback
+                    .as_ref()
+                    .filter(|(patterns, _)| patterns.iter().any(|p| p.matches(topic)))
+                    .map(|(_, h)| h)
+            })
             .cloned()
+    }
+
+    /// What this registry serves.
+    pub(crate) fn subscription(&self) -> Subscription {
+        let mut patterns: Vec<String> =
+            self.prefixed.iter().map(|(p, _)| format!("{p}*")).collect();
+        let prefix_regexes = self.prefixed.iter().map(|(p, _)| prefix_regex(p)).collect();
+        let fallback = self
+            .fallback
+            .as_ref()
+            .map(|(p, _)| p.as_slice())
+            .unwrap_or_default();
+        patterns.extend(fallback.iter().map(|p| p.as_str().to_owned()));
+        Subscription {
+            topics: self.topics(),
+            patterns,
+            prefix_regexes,
+            fallback_regexes: fallback.iter().map(TopicPattern::to_regex).collect(),
+            fallback_everything: fallback.iter().any(TopicPattern::is_everything),
+        }
     }
 
     /// Registered topics, sorted.

@@ -50,6 +50,8 @@
 //!   the one mapping from its outcome to a write).
 //! - [`maintenance`]: background services of one shape ([`maintenance::Service`])
 //!   started and stopped by one [`maintenance::Supervisor`].
+//! - [`subscription`]: what this process serves, and its row in
+//!   `outbox_processes` that tells the others.
 //! - [`targets`]: built-in handlers (webhooks).
 
 pub mod config;
@@ -63,6 +65,7 @@ mod outcome;
 pub mod pacer;
 pub mod positions;
 pub mod retry;
+pub mod subscription;
 pub mod targets;
 pub mod telemetry;
 mod transactional;

@@ -87,6 +87,15 @@ pub fn describe() {
         "outboxd_rows_running",
         "Leased rows (a handler runs them), by app and topic (sampled by the leader)."
     );
+    describe_gauge!(
+        "outboxd_rows_unserved",
+        "Due rows whose topic no live process serves: they wait for one, by app and topic (sampled by the leader)."
+    );
+    describe_gauge!(
+        "outboxd_unserved_oldest_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest unserved due row, by app and topic (sampled by the leader)."
+    );
 }
 
 /// One (app, topic)'s handles, looked up once and kept.

@@ -122,7 +122,13 @@ impl Shared {
         positions: &Positions,
     ) -> Result<BatchReport, Error> {
         let mut tx = self.pool.begin().await?;
-        let rows = store::take(&mut *tx, positions, self.config.batch_size).await?;
+        let rows = store::take(
+            &mut *tx,
+            positions,
+            &self.served.get(),
+            self.config.batch_size,
+        )
+        .await?;
         let taken = rows.len();
         if taken == 0 {
             tx.commit().await?;

@@ -104,15 +104,18 @@ pub async fn run(
         );
     }
     if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
-        registry.fallback(outbox_nats::Relay::new(
-            js,
-            pool.clone(),
-            outbox_nats::RelayConfig {
-                subject_template: settings.nats.subject_template.clone(),
-                ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
-            },
-        ));
-        info!(url = %db::redact_url(&settings.nats.url), stream = %settings.nats.stream.name, "relaying unhandled topics to NATS JetStream");
+        registry.fallback_for(
+            settings.relay_patterns()?,
+            outbox_nats::Relay::new(
+                js,
+                pool.clone(),
+                outbox_nats::RelayConfig {
+                    subject_template: settings.nats.subject_template.clone(),
+                    ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
+                },
+            ),
+        );
+        info!(url = %db::redact_url(&settings.nats.url), stream = %settings.nats.stream.name, topics = ?settings.nats.relay_topics, "relaying unhandled topics to NATS JetStream");
     }
 
     // The GC schedule, automatic replays, the row-state sample and the cron

@@ -39,12 +39,26 @@ async fn dispatcher_for(
         ..Config::default()
     };
     let dispatcher = Dispatcher::new(pool, registry, config)?;
+    let id = dispatcher.process_id();
     let stop = tokio_util::sync::CancellationToken::new();
     let waiter = stop.clone();
-    Ok((
-        stop,
-        tokio::spawn(async move { dispatcher.run(waiter.cancelled_owned()).await }),
-    ))
+    let run = tokio::spawn(async move { dispatcher.run(waiter.cancelled_owned()).await });
+    // Invoke answers no_handler at once while no live process serves the
+    // topic, so wait until this one has recorded itself.
+    let pool = w.db.pool.clone();
+    let up = outbox_testkit::wait_until(std::time::Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            outbox_core::store::processes::live(&pool)
+                .await
+                .is_ok_and(|live| live.iter().any(|p| p.id == id))
+        }
+    })
+    .await;
+    if !up {
+        return Err("the dispatcher never recorded itself".into());
+    }
+    Ok((stop, run))
 }
 
 #[tokio::test]

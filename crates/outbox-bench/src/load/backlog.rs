@@ -50,6 +50,7 @@ pub async fn backlog_claims(
             let (_, rows) = outbox_core::store::outbox::complete_and_claim(
                 &mut *tx,
                 &outbox_core::store::outbox::Positions::default(),
+                &outbox_core::topics::Served::everything(),
                 &[],
                 "bench",
                 100,

@@ -43,6 +43,7 @@ pub mod listen;
 pub mod login_throttle;
 pub mod outbox;
 pub mod principals;
+pub mod processes;
 pub mod retention;
 pub mod sessions;
 pub mod stats;

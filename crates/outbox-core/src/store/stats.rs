@@ -235,7 +235,7 @@ pub async fn wake_dispatchers<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> 
 
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the claim statement
 /// (`store::outbox::CLAIM_SQL`) for `worker`, `limit` rows and a `lease`,
-/// one plan line per element. ANALYZE runs the statement: the rows are
+/// serving every topic, one plan line per element. ANALYZE runs the statement: the rows are
 /// claimed, so run it in a transaction and roll that back.
 pub async fn explain_claim<'e>(
     db: impl PgExecutor<'e>,
@@ -248,6 +248,10 @@ pub async fn explain_claim<'e>(
         .bind(i64::from(limit.max(1)))
         .bind(worker)
         .bind(lease.as_secs_f64())
+        .bind(true)
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(db)
         .await?)
 }
@@ -278,6 +282,10 @@ pub async fn explain_complete_and_claim<'e>(
         .bind(&positions.apps)
         .bind(&positions.run_at)
         .bind(&positions.ids)
+        .bind(true)
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(db)
         .await?)
 }
@@ -294,6 +302,10 @@ pub async fn explain_take<'e>(db: impl PgExecutor<'e>, limit: u32) -> Result<Vec
         .bind(&from.apps)
         .bind(&from.run_at)
         .bind(&from.ids)
+        .bind(true)
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(db)
         .await?)
 }

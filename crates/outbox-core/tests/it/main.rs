@@ -5,6 +5,7 @@ mod leases;
 mod plans;
 mod positions;
 mod state_machine;
+mod subscriptions;
 mod wake;
 
 /// Enqueues `n` plain events of topic `t` for `app` and commits them.

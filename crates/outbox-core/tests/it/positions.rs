@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use outbox_core::store::outbox::{self as store, Positions};
 use outbox_core::store::stats;
+use outbox_core::topics::Served;
 use outbox_core::{NewEvent, enqueue, enqueue_batch};
 use outbox_testkit::TestDb;
 use serde_json::json;
@@ -79,7 +80,16 @@ async fn a_claim_from_positions_does_not_walk_rows_finished_under_a_held_snapsho
         from_positions < 100,
         "a claim from the positions walked {from_positions} buffers (from the first row: {from_start})"
     );
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert_eq!(
         claimed.len(),
         1,
@@ -124,13 +134,31 @@ async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance(
     .await?;
     tx.commit().await?;
 
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert!(
         claimed.is_empty(),
         "rows behind the positions wait for the next advance"
     );
     let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert_eq!(claimed.len(), 2, "the next advance moves back to both rows");
     Ok(())
 }
@@ -150,9 +178,17 @@ async fn positions_stop_at_leased_rows_so_an_expired_lease_is_claimed_again() ->
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         positions = store::advance_positions(&db.pool, &positions, Duration::ZERO).await?;
-        claimed = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE)
-            .await?
-            .1;
+        claimed = store::complete_and_claim(
+            &db.pool,
+            &positions,
+            &Served::everything(),
+            &[],
+            "w",
+            10,
+            LEASE,
+        )
+        .await?
+        .1;
         if !claimed.is_empty() {
             break;
         }
@@ -183,7 +219,16 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
         .execute(&db.pool)
         .await?;
     let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert!(
         claimed.is_empty(),
         "a move behind the positions is not seen by the advance"
@@ -194,7 +239,16 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
         .ok_or("the rewind ran over its budget")?;
     let positions =
         store::advance_positions(&db.pool, &positions.lowered_to(&floor), MARGIN).await?;
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert_eq!(
         claimed.len(),
         1,
@@ -215,7 +269,16 @@ async fn a_row_due_since_minus_infinity_is_a_position_too() -> TestResult {
     let positions = store::advance_positions(&db.pool, &Positions::default(), MARGIN).await?;
     assert_eq!(positions.of(app).map(|(run_at, _)| run_at), Some(None));
     let positions = store::advance_positions(&db.pool, &positions, MARGIN).await?;
-    let (_, claimed) = store::complete_and_claim(&db.pool, &positions, &[], "w", 10, LEASE).await?;
+    let (_, claimed) = store::complete_and_claim(
+        &db.pool,
+        &positions,
+        &Served::everything(),
+        &[],
+        "w",
+        10,
+        LEASE,
+    )
+    .await?;
     assert_eq!(claimed.len(), 1);
     Ok(())
 }

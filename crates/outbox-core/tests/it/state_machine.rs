@@ -458,6 +458,7 @@ impl StateMachineTest for RealRows {
                         .block_on(outbox::complete_and_claim(
                             &mut real.claimer,
                             &outbox::Positions::default(),
+                            &outbox_core::topics::Served::everything(),
                             &[],
                             &worker,
                             limit,

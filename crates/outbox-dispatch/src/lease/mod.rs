@@ -67,6 +67,7 @@ impl Shared {
                         store::complete_and_claim(
                             conn,
                             positions,
+                            &self.served.get(),
                             &leases,
                             &config.worker_id,
                             wanted as u32,

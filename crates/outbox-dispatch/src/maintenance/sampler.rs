@@ -1,6 +1,7 @@
 //! The sampler: gauges of the rows due, scheduled and running per app and
 //! topic (`outboxd_rows_due`, `outboxd_rows_scheduled`,
-//! `outboxd_rows_running`). Counting them scans the outbox, so only the
+//! `outboxd_rows_running`), and of the due rows no live process serves
+//! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`). Counting them scans the outbox, so only the
 //! elected leader samples, every interval; the other processes export
 //! nothing for these names. Pairs past [`crate::telemetry::MAX_LABELLED`]
 //! are summed under `topic="other"`.
@@ -36,7 +37,7 @@ impl Sampler {
     /// One pass; returns how many (app, topic) pairs it set.
     pub async fn run_once(&self) -> Result<usize, Error> {
         let counts = outbox_core::store::outbox::state_counts(&self.pool).await?;
-        let mut merged: BTreeMap<(String, String), [i64; 3]> = BTreeMap::new();
+        let mut merged: BTreeMap<(String, String), Sample> = BTreeMap::new();
         for (i, c) in counts.into_iter().enumerate() {
             let topic = if i < MAX_LABELLED {
                 c.topic
@@ -44,20 +45,22 @@ impl Sampler {
                 OTHER.to_owned()
             };
             let entry = merged.entry((c.app, topic)).or_default();
-            entry[0] += c.due;
-            entry[1] += c.scheduled;
-            entry[2] += c.running;
+            entry.due += c.due;
+            entry.scheduled += c.scheduled;
+            entry.running += c.running;
+            entry.unserved += c.unserved;
+            entry.unserved_age_secs = entry.unserved_age_secs.max(c.unserved_age_secs);
         }
         let Ok(mut shown) = self.shown.lock() else {
             return Ok(0);
         };
         for (app, topic) in shown.iter() {
             if !merged.contains_key(&(app.clone(), topic.clone())) {
-                set(app, topic, [0, 0, 0]);
+                set(app, topic, &Sample::default());
             }
         }
-        for ((app, topic), values) in &merged {
-            set(app, topic, *values);
+        for ((app, topic), sample) in &merged {
+            set(app, topic, sample);
         }
         *shown = merged.keys().cloned().collect();
         Ok(merged.len())
@@ -82,9 +85,21 @@ impl super::Service for Sampler {
     }
 }
 
-fn set(app: &str, topic: &str, [due, scheduled, running]: [i64; 3]) {
+/// The gauges of one (app, topic).
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    due: i64,
+    scheduled: i64,
+    running: i64,
+    unserved: i64,
+    unserved_age_secs: f64,
+}
+
+fn set(app: &str, topic: &str, s: &Sample) {
     let labels = [("app", app.to_owned()), ("topic", topic.to_owned())];
-    metrics::gauge!("outboxd_rows_due", &labels).set(due as f64);
-    metrics::gauge!("outboxd_rows_scheduled", &labels).set(scheduled as f64);
-    metrics::gauge!("outboxd_rows_running", &labels).set(running as f64);
+    metrics::gauge!("outboxd_rows_due", &labels).set(s.due as f64);
+    metrics::gauge!("outboxd_rows_scheduled", &labels).set(s.scheduled as f64);
+    metrics::gauge!("outboxd_rows_running", &labels).set(s.running as f64);
+    metrics::gauge!("outboxd_rows_unserved", &labels).set(s.unserved as f64);
+    metrics::gauge!("outboxd_unserved_oldest_age_seconds", &labels).set(s.unserved_age_secs);
 }

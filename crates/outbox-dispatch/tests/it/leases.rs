@@ -263,6 +263,7 @@ async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() 
     let (completed, claimed) = store::complete_and_claim(
         &db.pool,
         &store::Positions::default(),
+        &outbox_core::topics::Served::everything(),
         &[first[0].lease(), stale],
         "w",
         10,
@@ -279,6 +280,7 @@ async fn complete_and_claim_deletes_only_current_leases_and_reports_the_count() 
     let (completed, claimed) = store::complete_and_claim(
         &db.pool,
         &store::Positions::default(),
+        &outbox_core::topics::Served::everything(),
         &[first[1].lease(), claimed[0].lease()],
         "w",
         10,

@@ -7,6 +7,7 @@ mod leadership;
 mod leases;
 mod ordering;
 mod replayer;
+mod subscriptions;
 mod sweeper;
 mod transactional;
 mod triggers;

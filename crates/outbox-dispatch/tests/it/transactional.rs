@@ -2,6 +2,7 @@
 //! handler's effect and the row's deletion commit together or not at all.
 
 use outbox_core::NewEvent;
+use outbox_core::topics::Served;
 use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
 use std::time::Duration;
 
@@ -136,7 +137,13 @@ async fn die_mid_batch(db: &TestDb) -> Result<usize, Box<dyn std::error::Error>>
     use sqlx::Connection;
     let mut keeper = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
     let mut tx = db.pool.begin().await?;
-    let rows = store::take(&mut *tx, &store::Positions::default(), 10).await?;
+    let rows = store::take(
+        &mut *tx,
+        &store::Positions::default(),
+        &Served::everything(),
+        10,
+    )
+    .await?;
     let ids: Vec<_> = rows.iter().map(|r| r.id).collect();
     store::open_tx_batch(&mut keeper, fastrand::i64(..), "dies", &ids).await?;
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -178,7 +185,13 @@ async fn a_row_that_kills_its_worker_mid_batch_still_exhausts_its_attempts() -> 
         sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?
     };
     let mut tx = db.pool.begin().await?;
-    let rows = store::take(&mut *tx, &store::Positions::default(), 10).await?;
+    let rows = store::take(
+        &mut *tx,
+        &store::Positions::default(),
+        &Served::everything(),
+        10,
+    )
+    .await?;
     store::open_tx_batch(&mut keeper, 7, "alive", &[rows[0].id]).await?;
     let mut other = db.pool.begin().await?;
     assert_eq!(store::count_abandoned_tx_batches(&mut other).await?, 0);

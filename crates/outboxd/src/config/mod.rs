@@ -218,11 +218,22 @@ impl Settings {
     }
 }
 
-/// Environment values are typed like TOML: numbers and booleans parse, the
-/// rest stays a string.
+/// Environment values are typed like TOML: numbers and booleans parse, a
+/// value in brackets is a TOML array (e.g. `["orders.*", "billing.>"]`),
+/// the rest stays a string.
 fn parse_env_value(raw: &str) -> figment::value::Value {
     use figment::value::Value;
     let trimmed = raw.trim();
+    if trimmed.starts_with('[') {
+        let array = format!("v = {trimmed}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .and_then(|v| v.try_into::<Value>().ok());
+        if let Some(array) = array {
+            return array;
+        }
+    }
     if let Ok(n) = trimmed.parse::<u64>() {
         return Value::from(n);
     }

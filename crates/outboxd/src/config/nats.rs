@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use outbox_core::topics::TopicPattern;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, Settings, env_hint, range};
@@ -14,6 +15,7 @@ use super::{ConfigError, Settings, env_hint, range};
 pub struct NatsSettings {
     pub url: String,
     pub relay_unhandled: bool,
+    pub relay_topics: Vec<String>,
     pub subject_template: String,
     pub ack_timeout_ms: u64,
     pub stream: StreamSettings,
@@ -81,6 +83,15 @@ impl Settings {
             );
         }
         range("nats.ack_timeout_ms", n.ack_timeout_ms, 100, 600_000)?;
+        if n.relay_topics.is_empty() {
+            return invalid(
+                "nats.relay_topics",
+                "[]".into(),
+                "is empty",
+                "at least one topic pattern, e.g. [\">\"] (every topic) or [\"orders.*\", \"billing.>\"]; to relay nothing, set relay_unhandled = false",
+            );
+        }
+        self.relay_patterns()?;
         let st = &n.stream;
         if st.name.is_empty() || st.name.contains(['.', ' ', '*', '>']) {
             return invalid(
@@ -130,6 +141,27 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    /// `nats.relay_topics` as patterns; the first invalid one is refused
+    /// with the rule it breaks.
+    pub fn relay_patterns(&self) -> Result<Vec<TopicPattern>, ConfigError> {
+        self.nats
+            .relay_topics
+            .iter()
+            .map(|p| {
+                TopicPattern::parse(p).map_err(|e| ConfigError::Range {
+                    key: "nats.relay_topics",
+                    value: format!("{p:?}"),
+                    problem: "is not a topic pattern",
+                    accepted: match e {
+                        outbox_core::Error::Invalid { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                    env_hint: env_hint("nats.relay_topics"),
+                })
+            })
+            .collect()
     }
 
     /// `[consumer]`.

@@ -4,23 +4,33 @@ use std::time::Duration;
 
 use outbox_testkit::{TestDb, wait_until};
 
-use crate::support::{TestResult, http_get, outboxd, run, spawn_server, stop};
+use crate::support::{TestResult, http_get, outboxd, run, spawn_server_with, stop};
 
 #[tokio::test]
 async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    // More topics than the label cap: the rest are counted as "other".
+    // More topics than the label cap: the rest are counted as "other". Each
+    // is a webhook target that refuses the connection, so every row fails.
     let cap = outbox_dispatch::telemetry::MAX_LABELLED;
     let events: Vec<outbox_core::NewEvent> = (0..cap + 5)
         .map(|n| {
-            outbox_core::NewEvent::new(format!("t.{n}"), serde_json::json!({})).with_max_attempts(1)
+            outbox_core::NewEvent::new(
+                format!("webhook:http://127.0.0.1:9/t/{n}"),
+                serde_json::json!({}),
+            )
+            .with_max_attempts(1)
         })
         .collect();
     let mut tx = db.pool.begin().await?;
     outbox_core::enqueue_batch(&mut tx, app, &events).await?;
     tx.commit().await?;
-    let (mut child, addr) = spawn_server(&db.url, &["run"]).await?;
+    let (mut child, addr) = spawn_server_with(
+        &db.url,
+        &["run"],
+        &[("OUTBOXD_WEBHOOK__SECRET", "metrics-test-secret")],
+    )
+    .await?;
     let drained = wait_until(Duration::from_secs(30), || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters")
             .fetch_one(&db.pool)
@@ -77,7 +87,9 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
     }
     // Counters carry app and topic; past the cap, topic is "other".
     assert!(
-        metrics.contains(r#"outboxd_claimed_total{app="shop",topic="t.0"} 1"#),
+        metrics.contains(
+            r#"outboxd_claimed_total{app="shop",topic="webhook:http://127.0.0.1:9/t/0"} 1"#
+        ),
         "{metrics}"
     );
     assert!(

@@ -97,7 +97,8 @@ async fn logs_hold_no_secret_password_token_or_seeded_pii() -> TestResult {
     let (s, answer) = http_send(
         &addr,
         "POST",
-        "/api/apps/shop/events/no.handler",
+        // A webhook target that refuses the connection: the row fails.
+        "/api/apps/shop/events/webhook:http%3A%2F%2F127.0.0.1%3A9%2Fpii",
         Some(&token),
         &event,
     )
@@ -106,7 +107,7 @@ async fn logs_hold_no_secret_password_token_or_seeded_pii() -> TestResult {
     // A malformed body that carries the password is refused without echoing it.
     let (s, _) = http_send(&addr, "POST", "/api/login", None, &format!("{{{PASSWORD}")).await?;
     assert_eq!(s, 400);
-    // The unhandled event fails at least once (and logs why) before we stop.
+    // The event fails at least once (and logs why) before we stop.
     assert!(
         wait_until(Duration::from_secs(10), || async {
             sqlx::query_scalar::<_, i32>("SELECT max(attempt_count) FROM outbox")

@@ -68,22 +68,32 @@ async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResu
     assert_eq!(http_get(&addr, "/healthz").await?, (200, "ok".to_owned()));
     let (status, body) = http_get(&addr, "/readyz").await?;
     assert_eq!(status, 200, "{body}");
-    // The row has no handler in a plain `run`: it is retried with a clear error.
+    // A plain `run` has no handler for the row's topic: the row waits for a
+    // process that serves it, without spending attempts, and /metrics shows
+    // it as unserved once the leader has sampled.
+    let unserved = r#"outboxd_rows_unserved{app="shop",topic="t"} 1"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (status, body) = http_get(&addr, "/metrics").await?;
+        assert_eq!(status, 200);
+        if body.contains(unserved) || tokio::time::Instant::now() >= deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains(unserved), "{metrics}");
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            sqlx::query_scalar::<_, Option<String>>("SELECT last_error FROM outbox LIMIT 1")
-                .fetch_optional(&db.pool)
-                .await
-                .ok()
-                .flatten()
-                .flatten()
-                .is_some_and(|e| e.contains("no handler registered"))
-        })
-        .await
+        metrics.contains(r#"outboxd_unserved_oldest_age_seconds{app="shop",topic="t"}"#),
+        "{metrics}"
     );
-    let (status, metrics) = http_get(&addr, "/metrics").await?;
-    assert_eq!(status, 200);
-    assert!(metrics.contains("outboxd_claimed_total"), "{metrics}");
+    let attempts: i32 = sqlx::query_scalar("SELECT attempt_count FROM outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(attempts, 0);
+    assert!(
+        metrics.contains(r#"outboxd_rows_due{app="shop",topic="t"} 1"#),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("outboxd_oldest_due_age_seconds"),
         "{metrics}"

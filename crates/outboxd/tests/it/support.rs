@@ -46,8 +46,18 @@ pub(crate) async fn spawn_server(
     db_url: &str,
     args: &[&str],
 ) -> Result<(tokio::process::Child, String), Box<dyn std::error::Error>> {
+    spawn_server_with(db_url, args, &[]).await
+}
+
+/// As [`spawn_server`], with these environment variables set as well.
+pub(crate) async fn spawn_server_with(
+    db_url: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<(tokio::process::Child, String), Box<dyn std::error::Error>> {
     let mut cmd = tokio::process::Command::from(outboxd(Some(db_url)));
     cmd.args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

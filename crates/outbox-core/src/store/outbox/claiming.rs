@@ -10,16 +10,17 @@ use uuid::Uuid;
 use super::{CLAIMED_COLUMNS, Positions, split};
 use crate::Error;
 use crate::model::{ClaimedEvent, Lease};
+use crate::topics::Served;
 
 const CLAIM: &str = concat!(
     "WITH ",
-    picked_cte!(apps_from_start!()),
+    picked_cte!(apps_from_start!(), served_filter!("$4", "$5", "$6", "$7")),
     "\n",
     lease_picked!()
 );
 
-/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds), for
-/// `EXPLAIN` in the benchmark.
+/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds, `$4`–`$7`
+/// the [`Served`] topics), for `EXPLAIN` in the benchmark.
 pub const CLAIM_SQL: &str = CLAIM;
 
 /// One round trip, one commit: delete the finished rows `$4`/`$5` (ids and
@@ -32,7 +33,10 @@ const COMPLETE_AND_CLAIM: &str = concat!(
     ", ",
     handled_by_script_cte!(),
     ", ",
-    picked_cte!(apps_from_positions!("$6", "$7", "$8")),
+    picked_cte!(
+        apps_from_positions!("$6", "$7", "$8"),
+        served_filter!("$9", "$10", "$11", "$12")
+    ),
     ", claimed AS (\n",
     lease_picked!(),
     "\n)
@@ -42,7 +46,8 @@ LEFT JOIN claimed AS c ON true"
 );
 
 /// The complete-and-claim statement (`$4` ids and `$5` tokens done, then as
-/// [`CLAIM_SQL`] from the positions `$6`–`$8`), for `EXPLAIN` in the benchmark.
+/// [`CLAIM_SQL`] from the positions `$6`–`$8` for the [`Served`] topics
+/// `$9`–`$12`), for `EXPLAIN` in the benchmark.
 pub const COMPLETE_AND_CLAIM_SQL: &str = COMPLETE_AND_CLAIM;
 
 /// Claims up to `limit` due rows for `worker`, leasing them for `lease`,
@@ -62,11 +67,26 @@ pub async fn claim<'e>(
     limit: u32,
     lease: Duration,
 ) -> Result<Vec<ClaimedEvent>, Error> {
+    claim_served(db, &Served::everything(), worker, limit, lease).await
+}
+
+/// As [`claim`], but only rows whose topic `served` takes.
+pub async fn claim_served<'e>(
+    db: impl PgExecutor<'e>,
+    served: &Served,
+    worker: &str,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<ClaimedEvent>, Error> {
     let limit = i64::from(limit.max(1));
     Ok(sqlx::query_as(CLAIM)
         .bind(limit)
         .bind(worker)
         .bind(lease.as_secs_f64())
+        .bind(served.all)
+        .bind(&served.exact)
+        .bind(&served.regexes)
+        .bind(&served.excluded)
         .fetch_all(db)
         .await?)
 }
@@ -111,7 +131,7 @@ pub fn planner_options(base: &PgConnectOptions) -> PgConnectOptions {
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`
-/// more from `positions`, in one statement (one commit). Returns how many of `done` were
+/// more from `positions` whose topic `served` takes, in one statement (one commit). Returns how many of `done` were
 /// deleted (the rest were fenced) and the claimed rows.
 ///
 /// A row of `done` whose lease expired before this call could also be picked
@@ -120,6 +140,7 @@ pub fn planner_options(base: &PgConnectOptions) -> PgConnectOptions {
 pub async fn complete_and_claim<'e>(
     db: impl PgExecutor<'e>,
     positions: &Positions,
+    served: &Served,
     done: &[Lease],
     worker: &str,
     limit: u32,
@@ -136,6 +157,10 @@ pub async fn complete_and_claim<'e>(
         .bind(&positions.apps)
         .bind(&positions.run_at)
         .bind(&positions.ids)
+        .bind(served.all)
+        .bind(&served.exact)
+        .bind(&served.regexes)
+        .bind(&served.excluded)
         .fetch_all(db)
         .await?;
     let mut completed = 0;

@@ -31,7 +31,7 @@ pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
 }
 
 /// How many rows of one app and topic are in each state.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StateCounts {
     /// The app's slug.
     pub app: String,
@@ -43,21 +43,42 @@ pub struct StateCounts {
     pub scheduled: i64,
     /// Leased: a handler is running it.
     pub running: i64,
+    /// Due, but no live process serves the topic (`outbox_processes`): the
+    /// rows wait for one. Equal to `due` or 0.
+    pub unserved: i64,
+    /// Age in seconds of the oldest of the `unserved` rows (0 when none).
+    pub unserved_age_secs: f64,
 }
 
 /// Rows per app, topic and state. It counts every row (a sequential scan),
 /// so one elected process samples it now and then, not every scrape.
 pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
     Ok(sqlx::query_as(
-        "SELECT a.slug AS app, o.topic,
+        "WITH counts AS (
+            SELECT a.slug AS app, o.topic,
                 count(*) FILTER (WHERE o.run_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
                 count(*) FILTER (WHERE o.run_at > now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS scheduled,
-                count(*) FILTER (WHERE o.locked_until > now()) AS running
-         FROM outbox o JOIN apps a ON a.id = o.app_id
-         GROUP BY a.slug, o.topic
-         ORDER BY count(*) DESC",
+                count(*) FILTER (WHERE o.locked_until > now()) AS running,
+                min(o.run_at) FILTER (WHERE o.run_at <= now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())) AS oldest_due,
+                count(*) AS total
+            FROM outbox o JOIN apps a ON a.id = o.app_id
+            GROUP BY a.slug, o.topic
+         )
+         SELECT c.app, c.topic, c.due, c.scheduled, c.running,
+                CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
+                CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
+                     ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
+         FROM counts c
+         CROSS JOIN LATERAL (
+            SELECT EXISTS (
+                SELECT 1 FROM outbox_processes p
+                WHERE p.expires_at > now()
+                  AND (c.topic = ANY (p.topics) OR c.topic ~ ANY (p.regexes))) AS served
+         ) AS s
+         ORDER BY c.total DESC",
     )
     .fetch_all(db)
     .await?)

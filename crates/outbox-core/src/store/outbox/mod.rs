@@ -135,16 +135,36 @@ macro_rules! apps_from_positions {
     };
 }
 
+/// The condition that a row's topic is served, from the four parameters of
+/// a [`Served`](crate::topics::Served): every topic, or one of the exact
+/// topics, or one matching a regular expression and not excluded.
+macro_rules! served_filter {
+    ($all:literal, $exact:literal, $regexes:literal, $excluded:literal) => {
+        concat!(
+            "AND (",
+            $all,
+            "::bool OR o.topic = ANY (",
+            $exact,
+            "::text[]) OR (o.topic ~ ANY (",
+            $regexes,
+            "::text[]) AND o.topic <> ALL (",
+            $excluded,
+            "::text[])))"
+        )
+    };
+}
+
 /// Picks up to `$1` claimable rows of the apps `$apps` lists (see
-/// [`apps_from_start`]), apps in random order (fairness), and locks them.
+/// [`apps_from_start`]) whose topic `$served` (a [`served_filter`]) takes,
+/// apps in random order (fairness), and locks them.
 /// Each app's scan starts at its `from_run_at`/`from_id`, so it does not
 /// walk over the finished rows behind that point. Shared by [`claim`],
 /// [`complete_and_claim`] and [`take`].
 macro_rules! picked_cte {
-    ($apps:expr) => {
-        picked_cte!($apps, "")
+    ($apps:expr, $served:expr) => {
+        picked_cte!($apps, $served, "")
     };
-    ($apps:expr, $extra:literal) => {
+    ($apps:expr, $served:expr, $extra:literal) => {
         concat!(
             "picked AS (
     SELECT c.ctid
@@ -165,6 +185,9 @@ macro_rules! picked_cte {
                     WHERE e.app_id = o.app_id
                       AND e.ordering_key = o.ordering_key
                       AND (e.enqueue_xid, e.id) < (o.enqueue_xid, o.id))))
+        ",
+            $served,
+            "
         ",
             $extra,
             "

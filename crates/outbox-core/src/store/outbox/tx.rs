@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::Positions;
 use crate::Error;
 use crate::model::ClaimedEvent;
+use crate::topics::Served;
 
 /// Transactional handling: the picked rows are deleted by the caller's
 /// transaction, which the handlers then write in. Rows a synchronous caller
@@ -18,23 +19,26 @@ const TAKE: &str = concat!(
     "WITH ",
     picked_cte!(
         apps_from_positions!("$2", "$3", "$4"),
+        served_filter!("$5", "$6", "$7", "$8"),
         " AND o.reply_to IS NULL AND o.source <> 'dead_letter'"
     ),
     "\nDELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked)) RETURNING ",
     claimed_columns!()
 );
 
-/// The transactional take (`$1` limit, positions `$2`–`$4`), for `EXPLAIN`
+/// The transactional take (`$1` limit, positions `$2`–`$4`, the [`Served`]
+/// topics `$5`–`$8`), for `EXPLAIN`
 /// in the benchmark.
 pub const TAKE_SQL: &str = TAKE;
 
 /// Deletes up to `limit` claimable rows from `positions` in the caller's transaction and
 /// returns them (transactional handling: the handlers' writes and the
 /// deletion commit together, or neither does). Same choice of rows as
-/// [`claim`](super::claim), minus rows with a synchronous caller and dead-letter-trigger rows.
+/// [`claim_served`](super::claim_served), minus rows with a synchronous caller and dead-letter-trigger rows.
 pub async fn take<'e>(
     conn: impl PgExecutor<'e>,
     positions: &Positions,
+    served: &Served,
     limit: u32,
 ) -> Result<Vec<ClaimedEvent>, Error> {
     Ok(sqlx::query_as(TAKE)
@@ -42,6 +46,10 @@ pub async fn take<'e>(
         .bind(&positions.apps)
         .bind(&positions.run_at)
         .bind(&positions.ids)
+        .bind(served.all)
+        .bind(&served.exact)
+        .bind(&served.regexes)
+        .bind(&served.excluded)
         .fetch_all(conn)
         .await?)
 }

@@ -1,0 +1,131 @@
+//! The dispatcher processes that are up and what each serves
+//! (`outbox_processes`, migration 0018). Each process writes its row when it
+//! starts and on every beat; a row past its `expires_at` belongs to a
+//! process that is gone, and the next beat of any process deletes it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::Error;
+
+/// What one process is and serves, as it writes it on every beat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Chosen at start; a restarted process is a new one.
+    pub id: Uuid,
+    /// The dispatcher's worker id (also the lease holder of its rows).
+    pub worker: String,
+    /// The host name.
+    pub host: String,
+    /// The operating-system process id.
+    pub pid: i32,
+    /// The version of outboxd (or of the library) it runs.
+    pub version: String,
+    /// Topics it serves by name.
+    pub topics: Vec<String>,
+    /// Patterns it serves, as declared (NATS-style, or `prefix*`).
+    pub patterns: Vec<String>,
+    /// The same patterns as PostgreSQL regular expressions.
+    pub regexes: Vec<String>,
+}
+
+/// A live process, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct Process {
+    /// Chosen at start.
+    pub id: Uuid,
+    /// The dispatcher's worker id.
+    pub worker: String,
+    /// The host name.
+    pub host: String,
+    /// The operating-system process id.
+    pub pid: i32,
+    /// The version it runs.
+    pub version: String,
+    /// Topics served by name.
+    pub topics: Vec<String>,
+    /// Patterns served, as declared.
+    pub patterns: Vec<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last beat.
+    pub last_seen: DateTime<Utc>,
+    /// When it counts as gone unless it beats again.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The statement of [`beat`]: writes the process's row, deletes the rows of
+/// processes that are gone, and returns the topics the other live processes
+/// serve by name (`$1`–`$8` the row, `$9` seconds until it expires).
+const BEAT: &str = "WITH me AS (
+    INSERT INTO outbox_processes AS p
+        (id, worker, host, pid, version, topics, patterns, regexes, expires_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
+    ON CONFLICT (id) DO UPDATE
+        SET topics = excluded.topics, patterns = excluded.patterns,
+            regexes = excluded.regexes, last_seen = now(), expires_at = excluded.expires_at
+    RETURNING p.id
+ ), gone AS (
+    DELETE FROM outbox_processes WHERE expires_at < now() AND id <> $1 RETURNING id
+ )
+ SELECT coalesce(array_agg(DISTINCT t.topic ORDER BY t.topic), '{}')
+ FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
+ WHERE p.id <> $1 AND p.expires_at > now()";
+
+/// Records that `info`'s process is up until `expires_in` from now, deletes
+/// the rows of processes that are gone, and returns the topics the other
+/// live processes serve by name (a fallback leaves those to them).
+pub async fn beat<'e>(
+    db: impl PgExecutor<'e>,
+    info: &ProcessInfo,
+    expires_in: Duration,
+) -> Result<Vec<String>, Error> {
+    Ok(sqlx::query_scalar(BEAT)
+        .bind(info.id)
+        .bind(&info.worker)
+        .bind(&info.host)
+        .bind(info.pid)
+        .bind(&info.version)
+        .bind(&info.topics)
+        .bind(&info.patterns)
+        .bind(&info.regexes)
+        .bind(expires_in.as_secs_f64())
+        .fetch_one(db)
+        .await?)
+}
+
+/// Removes a process's row (it stops).
+pub async fn leave<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<(), Error> {
+    sqlx::query("DELETE FROM outbox_processes WHERE id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The live processes, oldest first.
+pub async fn live<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Process>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT id, worker, host, pid, version, topics, patterns, started_at, last_seen, expires_at
+         FROM outbox_processes WHERE expires_at > now()
+         ORDER BY started_at, id",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Whether some live process serves `topic`.
+pub async fn served_by_any<'e>(db: impl PgExecutor<'e>, topic: &str) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (
+            SELECT 1 FROM outbox_processes p
+            WHERE p.expires_at > now()
+              AND ($1 = ANY (p.topics) OR $1 ~ ANY (p.regexes)))",
+    )
+    .bind(topic)
+    .fetch_one(db)
+    .await?)
+}

@@ -1,0 +1,203 @@
+//! Which topics a dispatcher serves: the topics of its handlers, the
+//! prefixes of its prefix handlers, and NATS-style patterns for a fallback
+//! (the relay). A claim takes only rows whose topic its process serves, so
+//! several services with different handlers can share one database.
+//!
+//! Patterns use NATS subject wildcards over `.`-separated tokens: `*`
+//! matches exactly one token, `>` (last token only) matches one or more.
+//! `orders.*` matches `orders.created` but not `orders.eu.created`;
+//! `billing.>` matches both `billing.paid` and `billing.eu.paid`; `>` alone
+//! matches every topic.
+
+use crate::Error;
+
+/// The longest pattern accepted, as the longest topic (bytes).
+const MAX_PATTERN_LEN: usize = 255;
+
+/// A validated NATS-style topic pattern (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicPattern(String);
+
+impl TopicPattern {
+    /// Parses `pattern`, refusing what could never match as meant: an empty
+    /// pattern or token, whitespace, a wildcard inside a token, or `>`
+    /// anywhere but as the last token.
+    pub fn parse(pattern: &str) -> Result<Self, Error> {
+        let refuse = |why: &str| {
+            Error::invalid(
+                "topic pattern",
+                format!(
+                    "{pattern:?}: {why} (tokens separated by '.', '*' for one token, '>' as the last token for the rest)"
+                ),
+            )
+        };
+        if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
+            return Err(refuse("must be 1 to 255 bytes"));
+        }
+        if pattern.contains(char::is_whitespace) {
+            return Err(refuse("must not contain whitespace"));
+        }
+        let tokens: Vec<&str> = pattern.split('.').collect();
+        for (i, token) in tokens.iter().enumerate() {
+            if token.is_empty() {
+                return Err(refuse("has an empty token"));
+            }
+            if token.len() > 1 && token.contains(['*', '>']) {
+                return Err(refuse("a wildcard must be a whole token"));
+            }
+            if *token == ">" && i + 1 != tokens.len() {
+                return Err(refuse("'>' may only be the last token"));
+            }
+        }
+        Ok(Self(pattern.to_owned()))
+    }
+
+    /// `>`: every topic.
+    pub fn everything() -> Self {
+        Self(">".to_owned())
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the pattern matches every topic (`>`).
+    pub fn is_everything(&self) -> bool {
+        self.0 == ">"
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut topic_tokens = topic.split('.');
+        for token in self.0.split('.') {
+            match token {
+                ">" => return topic_tokens.next().is_some_and(|t| !t.is_empty()),
+                "*" => {
+                    if topic_tokens.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                literal => {
+                    if topic_tokens.next() != Some(literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        topic_tokens.next().is_none()
+    }
+
+    /// The same match as a PostgreSQL regular expression (`topic ~ regex`).
+    pub fn to_regex(&self) -> String {
+        let body: Vec<String> = self
+            .0
+            .split('.')
+            .map(|token| match token {
+                "*" => "[^.]+".to_owned(),
+                ">" => "[^.].*".to_owned(),
+                literal => escape_regex(literal),
+            })
+            .collect();
+        format!("^{}$", body.join("\\."))
+    }
+}
+
+impl std::fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A regular expression matching every topic that starts with `prefix`.
+pub fn prefix_regex(prefix: &str) -> String {
+    format!("^{}", escape_regex(prefix))
+}
+
+fn escape_regex(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What a claim takes, as the claim statements bind it: every topic, or the
+/// exact topics plus the topics matching the regular expressions except the
+/// excluded ones (the exact topics of other live processes, which a
+/// fallback leaves to them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Every topic (a fallback for `>` with nothing excluded).
+    pub all: bool,
+    /// Topics served by name.
+    pub exact: Vec<String>,
+    /// PostgreSQL regular expressions of prefix handlers and patterns.
+    pub regexes: Vec<String>,
+    /// Topics a regular expression does not take.
+    pub excluded: Vec<String>,
+}
+
+impl Served {
+    /// Serves every topic (tests, one-off runs, the benchmark).
+    pub fn everything() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(p: &str) -> TopicPattern {
+        TopicPattern::parse(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    #[test]
+    fn wildcards_match_as_in_nats() {
+        let cases = [
+            ("orders.*", "orders.created", true),
+            ("orders.*", "orders.eu.created", false),
+            ("orders.*", "orders", false),
+            ("orders.*", "orders.", false),
+            ("billing.>", "billing.paid", true),
+            ("billing.>", "billing.eu.paid", true),
+            ("billing.>", "billing", false),
+            (">", "anything.at.all", true),
+            (">", "x", true),
+            ("*.created", "order.created", true),
+            ("*.created", "order.updated", false),
+            ("email.send", "email.send", true),
+            ("email.send", "email.sends", false),
+            ("a+b.c", "a+b.c", true),
+            ("a+b.c", "aab.c", false),
+        ];
+        for (p, topic, expected) in cases {
+            assert_eq!(pattern(p).matches(topic), expected, "{p} ~ {topic}");
+        }
+    }
+
+    #[test]
+    fn regexes_escape_literal_tokens() {
+        assert_eq!(pattern("orders.*").to_regex(), "^orders\\.[^.]+$");
+        assert_eq!(pattern("billing.>").to_regex(), "^billing\\.[^.].*$");
+        assert_eq!(pattern("a+b").to_regex(), "^a\\+b$");
+        assert_eq!(prefix_regex("webhook:"), "^webhook:");
+    }
+
+    #[test]
+    fn malformed_patterns_are_refused_with_the_rule() {
+        for bad in ["", "a..b", "a.>.b", "a*", "or ders", ".a", "a.", "b>"] {
+            let err = TopicPattern::parse(bad).err().map(|e| e.to_string());
+            let err = err.unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert!(err.contains("topic pattern"), "{err}");
+        }
+        assert!(TopicPattern::parse(&"a".repeat(256)).is_err());
+    }
+}

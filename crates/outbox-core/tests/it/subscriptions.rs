@@ -1,0 +1,161 @@
+//! Claims take only the topics they serve; processes record what they serve,
+//! and the state counts show the due rows nobody serves.
+
+use std::time::Duration;
+
+use outbox_core::store::outbox::{self as store, Positions};
+use outbox_core::store::processes::{self, ProcessInfo};
+use outbox_core::topics::{Served, TopicPattern};
+use outbox_core::{NewEvent, enqueue_batch};
+use outbox_testkit::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn enqueue_topics(db: &TestDb, app: Uuid, topics: &[&str]) -> TestResult {
+    let events: Vec<NewEvent> = topics
+        .iter()
+        .map(|t| NewEvent::new(*t, json!({})))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+fn claimed_topics(rows: &[outbox_core::ClaimedEvent]) -> Vec<String> {
+    let mut topics: Vec<String> = rows.iter().map(|r| r.topic.clone()).collect();
+    topics.sort();
+    topics
+}
+
+#[tokio::test]
+async fn a_claim_takes_its_exact_topics_and_patterns_but_not_what_it_excludes() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let topics = [
+        "email.send",
+        "orders.created",
+        "orders.eu.created",
+        "billing.paid",
+        "billing.eu.paid",
+        "webhook:https://x.io/h",
+        "other",
+    ];
+    enqueue_topics(&db, app, &topics).await?;
+    let patterns = ["orders.*", "billing.>"].map(|p| TopicPattern::parse(p).map(|p| p.to_regex()));
+    let served = Served {
+        all: false,
+        exact: vec!["email.send".into()],
+        regexes: patterns
+            .into_iter()
+            .chain([Ok(outbox_core::topics::prefix_regex("webhook:"))])
+            .collect::<Result<_, _>>()?,
+        excluded: vec!["billing.eu.paid".into()],
+    };
+    let rows = store::claim_served(&db.pool, &served, "w", 100, LEASE).await?;
+    assert_eq!(
+        claimed_topics(&rows),
+        [
+            "billing.paid",
+            "email.send",
+            "orders.created",
+            "webhook:https://x.io/h"
+        ]
+    );
+    // The complete-and-claim of a claim loop and the transactional take
+    // filter the same way; what is left is the three rows nobody took.
+    let (_, rows) = store::complete_and_claim(
+        &db.pool,
+        &Positions::default(),
+        &served,
+        &[],
+        "w",
+        100,
+        LEASE,
+    )
+    .await?;
+    assert!(rows.is_empty(), "{:?}", claimed_topics(&rows));
+    let mut tx = db.pool.begin().await?;
+    let taken = store::take(&mut *tx, &Positions::default(), &served, 100).await?;
+    assert!(taken.is_empty(), "{:?}", claimed_topics(&taken));
+    let everything =
+        store::take(&mut *tx, &Positions::default(), &Served::everything(), 100).await?;
+    assert_eq!(
+        claimed_topics(&everything),
+        ["billing.eu.paid", "orders.eu.created", "other"]
+    );
+    tx.rollback().await?;
+    // Nobody claimed them: no attempt was spent on the rows left.
+    let attempts: Vec<i32> =
+        sqlx::query_scalar("SELECT attempt_count FROM outbox WHERE locked_by IS NULL")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(attempts, [0, 0, 0]);
+    Ok(())
+}
+
+fn process(topics: &[&str], patterns: &[&str]) -> Result<ProcessInfo, outbox_core::Error> {
+    let parsed: Vec<TopicPattern> = patterns
+        .iter()
+        .map(|p| TopicPattern::parse(p))
+        .collect::<Result<_, _>>()?;
+    Ok(ProcessInfo {
+        id: Uuid::now_v7(),
+        worker: "w".into(),
+        host: "h".into(),
+        pid: 1,
+        version: "0".into(),
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+        patterns: patterns.iter().map(|p| p.to_string()).collect(),
+        regexes: parsed.iter().map(TopicPattern::to_regex).collect(),
+    })
+}
+
+#[tokio::test]
+async fn processes_learn_what_the_others_serve_and_expired_ones_disappear() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let demo = process(&["invoice.compensate", "email.send"], &[])?;
+    let relay = process(&[], &[">"])?;
+    assert!(processes::beat(&db.pool, &demo, LEASE).await?.is_empty());
+    assert_eq!(
+        processes::beat(&db.pool, &relay, LEASE).await?,
+        ["email.send", "invoice.compensate"]
+    );
+    assert!(processes::beat(&db.pool, &demo, LEASE).await?.is_empty());
+    let live = processes::live(&db.pool).await?;
+    assert_eq!(live.len(), 2);
+    assert_eq!(live[0].topics, ["invoice.compensate", "email.send"]);
+    assert_eq!(live[1].patterns, [">"]);
+    assert!(processes::served_by_any(&db.pool, "anything").await?);
+
+    // Without the relay, a topic only it matched is served by nobody, and
+    // the state counts show its due rows as unserved, with their age.
+    processes::leave(&db.pool, relay.id).await?;
+    assert!(!processes::served_by_any(&db.pool, "anything").await?);
+    assert!(processes::served_by_any(&db.pool, "email.send").await?);
+    enqueue_topics(&db, app, &["email.send", "anything", "anything"]).await?;
+    let counts = store::state_counts(&db.pool).await?;
+    let of = |topic: &str| counts.iter().find(|c| c.topic == topic).cloned();
+    let anything = of("anything").ok_or("no count for anything")?;
+    assert_eq!((anything.due, anything.unserved), (2, 2));
+    assert!(anything.unserved_age_secs >= 0.0);
+    let email = of("email.send").ok_or("no count for email.send")?;
+    assert_eq!((email.due, email.unserved), (1, 0));
+
+    // A process that stops beating is gone once its row expires: the next
+    // beat of another deletes it.
+    processes::beat(&db.pool, &demo, Duration::from_millis(1)).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(processes::live(&db.pool).await?.is_empty());
+    assert!(processes::beat(&db.pool, &relay, LEASE).await?.is_empty());
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_processes")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, 1, "the expired row was deleted");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! What this process serves, and its row in `outbox_processes`: written at
+//! start and every [`BEAT_EVERY`], deleted at the end of the drain. Each
+//! beat also learns the topics other live processes serve by name; a
+//! fallback (the relay) leaves those to them, so a relay process started
+//! beside a service with handlers does not take that service's rows.
+//!
+//! Until the first beat has answered, the fallback takes nothing: it cannot
+//! know yet what other processes serve.
+
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use outbox_core::store::processes::{self, ProcessInfo};
+use outbox_core::topics::Served;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::dispatcher::Shared;
+use crate::handler::Subscription;
+
+/// How often a process writes its row and learns what the others serve: a
+/// process started elsewhere is left its topics within about this long.
+pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// The served topics a claim binds, as of the last beat.
+#[derive(Debug)]
+pub(crate) struct ServedNow {
+    subscription: Subscription,
+    current: RwLock<Arc<Served>>,
+}
+
+impl ServedNow {
+    /// Before the first beat: names and prefixes only.
+    pub(crate) fn new(subscription: Subscription) -> Self {
+        let current = RwLock::new(Arc::new(served(&subscription, None)));
+        Self {
+            subscription,
+            current,
+        }
+    }
+
+    /// The served topics for the next claim.
+    pub(crate) fn get(&self) -> Arc<Served> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update(&self, others: Vec<String>) {
+        let next = Arc::new(served(&self.subscription, Some(others)));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+
+    /// The row this process writes.
+    pub(crate) fn process_info(&self, id: Uuid, worker: &str) -> ProcessInfo {
+        let s = &self.subscription;
+        ProcessInfo {
+            id,
+            worker: worker.to_owned(),
+            host: host_name(),
+            pid: i32::try_from(std::process::id()).unwrap_or(-1),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            topics: s.topics.clone(),
+            patterns: s.patterns.clone(),
+            regexes: s
+                .prefix_regexes
+                .iter()
+                .chain(&s.fallback_regexes)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The served topics of `subscription` while `others` (when known) serve
+/// these topics by name.
+fn served(subscription: &Subscription, others: Option<Vec<String>>) -> Served {
+    let mut regexes = subscription.prefix_regexes.clone();
+    let Some(mut excluded) = others else {
+        return Served {
+            all: false,
+            exact: subscription.topics.clone(),
+            regexes,
+            excluded: Vec::new(),
+        };
+    };
+    // A topic this process handles by name is its own, whoever else does.
+    excluded.retain(|t| !subscription.topics.contains(t));
+    if subscription.fallback_everything && excluded.is_empty() {
+        return Served::everything();
+    }
+    regexes.extend(subscription.fallback_regexes.iter().cloned());
+    Served {
+        all: false,
+        exact: subscription.topics.clone(),
+        regexes,
+        excluded,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+impl Shared {
+    /// Writes this process's row and learns what the others serve; the
+    /// row expires one lease from now unless the next beat renews it.
+    pub(crate) async fn beat(&self) -> Result<(), outbox_core::Error> {
+        let others = processes::beat(&self.pool, &self.process, self.config.lease).await?;
+        self.served.update(others);
+        Ok(())
+    }
+
+    /// Beats every [`BEAT_EVERY`] until `stop`, then deletes the row.
+    pub(crate) async fn announce(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(BEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(err) = self.beat().await {
+                debug!(error = %err, "could not record this process in outbox_processes");
+            }
+        }
+        if let Err(err) = processes::leave(&self.pool, self.process.id).await {
+            warn!(error = %err, "could not remove this process from outbox_processes; it expires by itself");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> Subscription {
+        Subscription {
+            topics: vec!["own".into()],
+            patterns: vec![">".into()],
+            prefix_regexes: vec!["^webhook:".into()],
+            fallback_regexes: vec!["^[^.].*$".into()],
+            fallback_everything: true,
+        }
+    }
+
+    #[test]
+    fn a_fallback_takes_nothing_until_it_knows_what_others_serve() {
+        let before = served(&relay(), None);
+        assert!(!before.all);
+        assert_eq!(before.exact, ["own"]);
+        assert_eq!(before.regexes, ["^webhook:"]);
+    }
+
+    #[test]
+    fn a_fallback_for_everything_leaves_the_topics_of_others_to_them() {
+        assert_eq!(served(&relay(), Some(Vec::new())), Served::everything());
+        let sharing = served(&relay(), Some(vec!["own".into(), "theirs".into()]));
+        assert!(!sharing.all);
+        assert_eq!(sharing.exact, ["own"]);
+        assert_eq!(sharing.excluded, ["theirs"], "its own topic stays its own");
+        assert_eq!(sharing.regexes, ["^webhook:", "^[^.].*$"]);
+    }
+}

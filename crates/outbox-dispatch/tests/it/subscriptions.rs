@@ -1,0 +1,191 @@
+//! Several processes with different handlers on one database: each claims
+//! only the topics it serves, a relay-style fallback leaves the topics of
+//! other live processes to them, and a topic nobody serves waits.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::NewEvent;
+use outbox_core::store::processes;
+use outbox_core::topics::TopicPattern;
+use outbox_dispatch::{Dispatcher, DrainReport, Event, HandlerError, Registry};
+use outbox_testkit::{TestDb, wait_until};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{TestResult, config};
+
+/// The topics one process ran, in order.
+#[derive(Clone, Default)]
+struct Ran(Arc<Mutex<Vec<String>>>);
+
+impl Ran {
+    fn handler(
+        &self,
+    ) -> impl Fn(Event) -> futures::future::Ready<Result<(), HandlerError>> + Clone + use<> {
+        let ran = self.clone();
+        move |event: Event| {
+            if let Ok(mut ran) = ran.0.lock() {
+                ran.push(event.topic.clone());
+            }
+            futures::future::ready(Ok(()))
+        }
+    }
+
+    fn topics(&self) -> Vec<String> {
+        let mut topics = self.0.lock().map(|r| r.clone()).unwrap_or_default();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().map(|r| r.len()).unwrap_or_default()
+    }
+}
+
+/// Runs `registry` as a process of its own (its own pool) until the token is cancelled.
+async fn start(
+    db: &TestDb,
+    registry: Registry,
+) -> Result<
+    (
+        CancellationToken,
+        JoinHandle<Result<DrainReport, outbox_dispatch::Error>>,
+        uuid::Uuid,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await?;
+    let dispatcher = Dispatcher::new(pool, registry, config())?;
+    let id = dispatcher.process_id();
+    let stop = CancellationToken::new();
+    let waiter = stop.clone();
+    let run = tokio::spawn(async move { dispatcher.run(waiter.cancelled_owned()).await });
+    let pool = db.pool.clone();
+    let up = wait_until(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            processes::live(&pool)
+                .await
+                .is_ok_and(|live| live.iter().any(|p| p.id == id))
+        }
+    })
+    .await;
+    if !up {
+        return Err("the process never recorded itself".into());
+    }
+    Ok((stop, run, id))
+}
+
+async fn enqueue_each(db: &TestDb, app: uuid::Uuid, topics: &[&str], n: usize) -> TestResult {
+    let mut events = Vec::new();
+    for topic in topics {
+        events.extend((0..n).map(|i| NewEvent::new(*topic, serde_json::json!({ "i": i }))));
+    }
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn processes_with_different_handlers_each_run_only_their_own_topics() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // The demo: handlers by name. The relay: a fallback for every topic.
+    // The billing relay: a fallback for billing.> only.
+    let (demo_ran, relay_ran, billing_ran) = (Ran::default(), Ran::default(), Ran::default());
+    let mut demo = Registry::new();
+    demo.register("invoice.compensate", demo_ran.handler())
+        .register("email.send", demo_ran.handler());
+    let mut relay = Registry::new();
+    relay.fallback(relay_ran.handler());
+    let mut billing = Registry::new();
+    billing.fallback_for([TopicPattern::parse("billing.>")?], billing_ran.handler());
+    let (demo_stop, demo_run, demo_id) = start(&db, demo).await?;
+    let (relay_stop, relay_run, _) = start(&db, relay).await?;
+    let (billing_stop, billing_run, _) = start(&db, billing).await?;
+
+    enqueue_each(
+        &db,
+        app,
+        &[
+            "invoice.compensate",
+            "email.send",
+            "orders.created",
+            "billing.eu.paid",
+        ],
+        25,
+    )
+    .await?;
+    let pool = db.pool.clone();
+    let drained = wait_until(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            outbox_core::store::outbox::count(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
+    assert!(
+        drained,
+        "rows left: the processes did not serve every topic"
+    );
+    assert_eq!(demo_ran.topics(), ["email.send", "invoice.compensate"]);
+    assert_eq!(demo_ran.count(), 50);
+    // Both fallbacks match billing.eu.paid: either may run each row, once.
+    let relayed = relay_ran.topics();
+    assert!(
+        relayed
+            .iter()
+            .all(|t| t == "orders.created" || t == "billing.eu.paid"),
+        "the relay ran another process's topic: {relayed:?}"
+    );
+    assert!(billing_ran.topics().iter().all(|t| t == "billing.eu.paid"));
+    assert_eq!(relay_ran.count() + billing_ran.count(), 50);
+    assert_eq!(super::dead_letter_count(&db.pool).await?, 0);
+
+    // The demo stops: its row goes, and its topics now wait while the billing
+    // relay runs alone (the relay is stopped first).
+    relay_stop.cancel();
+    relay_run.await??;
+    demo_stop.cancel();
+    demo_run.await??;
+    let live = processes::live(&db.pool).await?;
+    assert!(
+        live.iter().all(|p| p.id != demo_id),
+        "a stopped process left its row"
+    );
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].patterns, ["billing.>"]);
+    enqueue_each(&db, app, &["email.send", "billing.paid"], 3).await?;
+    let pool = db.pool.clone();
+    let billed = wait_until(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE topic = 'billing.paid'")
+                .fetch_one(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
+    assert!(billed);
+    let waiting: Vec<(String, i32)> =
+        sqlx::query_as("SELECT topic, attempt_count FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(
+        waiting,
+        vec![("email.send".to_owned(), 0); 3],
+        "unserved rows wait, no attempt spent"
+    );
+    billing_stop.cancel();
+    billing_run.await??;
+    Ok(())
+}
