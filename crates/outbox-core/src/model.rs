@@ -206,6 +206,11 @@ pub(crate) fn check_storable_json(field: &'static str, value: &Value) -> Result<
     Ok(())
 }
 
+/// Checks a topic named on its own (a pause, a filter) as an event's topic is.
+pub(crate) fn validate_topic(topic: &str) -> Result<(), Error> {
+    check_key("topic", Some(topic))
+}
+
 fn check_key(field: &'static str, value: Option<&str>) -> Result<(), Error> {
     match value {
         Some("") => Err(Error::invalid(field, "must not be empty")),

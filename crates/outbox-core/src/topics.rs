@@ -128,7 +128,7 @@ fn escape_regex(literal: &str) -> String {
 /// What a claim takes, as the claim statements bind it: every topic, or the
 /// exact topics plus the topics matching the regular expressions except the
 /// excluded ones (the exact topics of other live processes, which a
-/// fallback leaves to them).
+/// fallback leaves to them); in either case, no topic that is paused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Served {
     /// Every topic (a fallback for `>` with nothing excluded).
@@ -139,6 +139,9 @@ pub struct Served {
     pub regexes: Vec<String>,
     /// Topics a regular expression does not take.
     pub excluded: Vec<String>,
+    /// Paused topics, as `store::pauses::pause_key` names them (app id,
+    /// `/`, topic): not taken whatever the rest says.
+    pub paused: Vec<String>,
 }
 
 impl Served {

@@ -4,13 +4,16 @@
 //! fallback (the relay) leaves those to them, so a relay process started
 //! beside a service with handlers does not take that service's rows.
 //!
+//! Each beat also reads the paused topics, so every process honours a pause
+//! or a resume within about a second.
+//!
 //! Until the first beat has answered, the fallback takes nothing: it cannot
 //! know yet what other processes serve.
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use outbox_core::store::processes::{self, ProcessInfo};
+use outbox_core::store::processes::{self, Beat, ProcessInfo};
 use outbox_core::topics::Served;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -48,8 +51,10 @@ impl ServedNow {
             .clone()
     }
 
-    fn update(&self, others: Vec<String>) {
-        let next = Arc::new(served(&self.subscription, Some(others)));
+    fn update(&self, beat: Beat) {
+        let mut next = served(&self.subscription, Some(beat.others));
+        next.paused = beat.paused;
+        let next = Arc::new(next);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
     }
 
@@ -84,6 +89,7 @@ fn served(subscription: &Subscription, others: Option<Vec<String>>) -> Served {
             exact: subscription.topics.clone(),
             regexes,
             excluded: Vec::new(),
+            paused: Vec::new(),
         };
     };
     // A topic this process handles by name is its own, whoever else does.
@@ -97,6 +103,7 @@ fn served(subscription: &Subscription, others: Option<Vec<String>>) -> Served {
         exact: subscription.topics.clone(),
         regexes,
         excluded,
+        paused: Vec::new(),
     }
 }
 
@@ -113,8 +120,8 @@ impl Shared {
     /// Writes this process's row and learns what the others serve; the
     /// row expires one lease from now unless the next beat renews it.
     pub(crate) async fn beat(&self) -> Result<(), outbox_core::Error> {
-        let others = processes::beat(&self.pool, &self.process, self.config.lease).await?;
-        self.served.update(others);
+        let beat = processes::beat(&self.pool, &self.process, self.config.lease).await?;
+        self.served.update(beat);
         Ok(())
     }
 

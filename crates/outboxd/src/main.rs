@@ -16,6 +16,7 @@ use crate::commands::accounts::{ApiKeyCommand, UserCommand};
 use crate::commands::apps::AppCommand;
 use crate::commands::dead_letters::DeadLetterCommand;
 use crate::commands::enqueue::EnqueueArgs;
+use crate::commands::topics::{CancelArgs, TopicCommand};
 use crate::commands::triggers::TriggerCommand;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
@@ -60,6 +61,13 @@ enum Command {
     /// Manage triggers (KV, cron, dead-letter).
     #[command(subcommand)]
     Trigger(TriggerCommand),
+    /// Pause, resume and list paused topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// List the live dispatcher processes and what each serves.
+    Processes,
+    /// Cancel rows that have not run: they become ignored dead letters with the reason.
+    Cancel(CancelArgs),
     /// Garbage-collect: delete dead letters and abandoned executions past retention.
     Gc {
         /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.
@@ -123,6 +131,9 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::User(cmd) => commands::accounts::user(settings, cmd).await,
         Command::ApiKey(cmd) => commands::accounts::api_key(settings, cmd).await,
         Command::Trigger(cmd) => commands::triggers::run(settings, cmd).await,
+        Command::Topic(cmd) => commands::topics::topic(settings, cmd).await,
+        Command::Processes => commands::topics::list_processes(settings).await,
+        Command::Cancel(args) => commands::topics::cancel(settings, args).await,
         Command::Gc { once } => commands::gc::run(settings, once).await,
     }
 }

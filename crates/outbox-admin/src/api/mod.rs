@@ -3,7 +3,7 @@
 //!
 //! This module holds the router, the bearer extractor and the OpenAPI
 //! document; the handlers live in one file per noun (`login`, `accounts`,
-//! `apps`, `dead_letters`).
+//! `apps`, `dead_letters`, `topics`).
 
 use std::net::SocketAddr;
 
@@ -22,6 +22,7 @@ mod accounts;
 mod apps;
 mod dead_letters;
 mod login;
+mod topics;
 
 pub use self::dead_letters::{
     BulkBody, BulkFilter, ListQuery, ReplayBody, decode_cursor, encode_cursor, ignore_one,
@@ -36,6 +37,7 @@ use self::accounts::{
 use self::apps::apps;
 use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
+use self::topics::{cancel, list_pauses, list_processes, pause, resume};
 
 /// The `/api` routes.
 pub fn routes() -> Router<AdminState> {
@@ -65,6 +67,13 @@ pub fn routes() -> Router<AdminState> {
         // `resolve` is the earlier name of `ignore`, kept as an alias.
         .route("/api/apps/{app}/dead-letters/{id}/resolve", post(ignore))
         .route("/api/apps/{app}/dead-letters/{id}/replay", post(replay))
+        .route("/api/apps/{app}/processes", get(list_processes))
+        .route("/api/apps/{app}/pauses", get(list_pauses))
+        .route(
+            "/api/apps/{app}/pauses/{topic}",
+            axum::routing::put(pause).delete(resume),
+        )
+        .route("/api/apps/{app}/outbox/cancel", post(cancel))
 }
 
 /// A principal from `Authorization: Bearer <jwt | api key>`.

@@ -131,6 +131,8 @@ pub enum Capability {
     ManageTriggers,
     /// `AppWrite(app)`: write KV entries, publish events, enqueue jobs.
     Write,
+    /// `AppOperate(app)`: pause and resume topics, cancel rows.
+    Operate,
 }
 
 /// Which capabilities a role grants.
@@ -139,7 +141,10 @@ pub fn role_grants(role: Role, capability: Capability) -> bool {
         Role::Admin => true,
         Role::Operator => matches!(
             capability,
-            Capability::DeadLetterRead | Capability::DeadLetterManage | Capability::Write
+            Capability::DeadLetterRead
+                | Capability::DeadLetterManage
+                | Capability::Write
+                | Capability::Operate
         ),
         Role::Viewer => capability == Capability::DeadLetterRead,
     }

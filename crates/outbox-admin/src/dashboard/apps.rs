@@ -25,7 +25,7 @@ pub(super) async fn apps_page(State(state): State<AdminState>, session: Session)
     );
     for (slug, name, unresolved) in rows {
         body.push_str(&format!(
-            r#"<tr><td><a href="/apps/{s}/dead-letters?unresolved=true">{s}</a> · <a href="/apps/{s}/triggers">triggers</a></td><td>{n}</td><td><span class="badge{z}" data-app="{s}">{u}</span></td></tr>"#,
+            r#"<tr><td><a href="/apps/{s}/dead-letters?unresolved=true">{s}</a> · <a href="/apps/{s}/topics">topics</a> · <a href="/apps/{s}/triggers">triggers</a></td><td>{n}</td><td><span class="badge{z}" data-app="{s}">{u}</span></td></tr>"#,
             s = esc(&slug),
             n = esc(&name),
             z = if unresolved == 0 { " zero" } else { "" },

@@ -4,7 +4,7 @@
 //! nothing changes on GET.
 //!
 //! This module holds the routes and the security headers; the pages live
-//! in one file per noun (`apps`, `dead_letters`, `triggers`, `accounts`),
+//! in one file per noun (`apps`, `dead_letters`, `topics`, `triggers`, `accounts`),
 //! sign-in in `login`, the session and form helpers in `session`, and the
 //! HTML helpers in `render`.
 
@@ -21,6 +21,7 @@ mod dead_letters;
 mod login;
 mod render;
 mod session;
+mod topics;
 mod triggers;
 
 pub use self::render::esc;
@@ -29,6 +30,7 @@ use self::accounts::{account_action, accounts_page, revoke_key};
 use self::apps::apps_page;
 use self::dead_letters::{bulk, detail_page, ignore, list_page, replay};
 use self::login::{login, login_page, logout};
+use self::topics::{change_topic, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
 /// The dashboard routes; every answer carries the security headers (CSP,
@@ -47,6 +49,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/apps/{app}/dead-letters/{id}", get(detail_page))
         .route("/apps/{app}/dead-letters/{id}/replay", post(replay))
         .route("/apps/{app}/dead-letters/{id}/ignore", post(ignore))
+        .route("/apps/{app}/topics", get(topics_page))
+        .route("/apps/{app}/topics/{action}", post(change_topic))
         .route(
             "/apps/{app}/triggers",
             get(triggers_page).post(create_trigger),

@@ -177,3 +177,87 @@ async fn principals_triggers(
 ) -> Result<Vec<outbox_core::store::triggers::Trigger>, Box<dyn std::error::Error>> {
     Ok(outbox_core::store::triggers::list(&w.db.pool, w.app_a).await?)
 }
+
+#[tokio::test]
+async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult {
+    use outbox_core::store::pauses;
+    let w = World::new().await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let post = |jar: String, uri: &'static str, body: String| {
+        let app = app();
+        async move {
+            let req = Request::post(uri)
+                .header(header::COOKIE, jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))?;
+            Ok::<_, Box<dyn std::error::Error>>(app.oneshot(req).await?.status())
+        }
+    };
+    let page = |jar: String| {
+        let app = app();
+        async move {
+            let res = app
+                .oneshot(
+                    Request::get("/apps/app-a/topics")
+                        .header(header::COOKIE, jar)
+                        .body(Body::empty())?,
+                )
+                .await?;
+            let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+            Ok::<_, Box<dyn std::error::Error>>(String::from_utf8(bytes.to_vec())?)
+        }
+    };
+    let (operator_jar, operator_csrf) = w.dashboard_session("operator@x.io").await?;
+    let (viewer_jar, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
+    let html = page(viewer_jar.clone()).await?;
+    assert!(
+        html.contains("data-paused=none") && html.contains("data-processes=none"),
+        "{html}"
+    );
+
+    let pause = |csrf: &str| format!("csrf={csrf}&topic=mail&reason=SMTP+%3Cdown%3E");
+    assert_eq!(
+        post(
+            viewer_jar.clone(),
+            "/apps/app-a/topics/pause",
+            pause(&viewer_csrf)
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(
+            operator_jar.clone(),
+            "/apps/app-a/topics/pause",
+            pause("forged")
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    assert!(pauses::list(&w.db.pool, w.app_a).await?.is_empty());
+    assert_eq!(
+        post(
+            operator_jar.clone(),
+            "/apps/app-a/topics/pause",
+            pause(&operator_csrf)
+        )
+        .await?,
+        StatusCode::SEE_OTHER
+    );
+    let html = page(viewer_jar.clone()).await?;
+    assert!(
+        html.contains(r#"data-paused="mail""#) && html.contains("SMTP &lt;down&gt;"),
+        "{html}"
+    );
+    assert_eq!(
+        post(
+            operator_jar.clone(),
+            "/apps/app-a/topics/resume",
+            format!("csrf={operator_csrf}&topic=mail")
+        )
+        .await?,
+        StatusCode::SEE_OTHER
+    );
+    assert!(pauses::list(&w.db.pool, w.app_a).await?.is_empty());
+    Ok(())
+}

@@ -259,6 +259,20 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
             Some(json!({"action": "ignore", "ids": ["{dl}"]})),
             Needs::Manage,
         ),
+        ("GET", "/api/apps/{app}/processes", None, Needs::Read),
+        ("GET", "/api/apps/{app}/pauses", None, Needs::Read),
+        (
+            "PUT",
+            "/api/apps/{app}/pauses/{fresh}",
+            Some(json!({"reason": "r"})),
+            Needs::Manage,
+        ),
+        (
+            "POST",
+            "/api/apps/{app}/outbox/cancel",
+            Some(json!({"topic": "{fresh}", "reason": "r"})),
+            Needs::Manage,
+        ),
         ("GET", "/api/apps/{app}/kv/c/k", None, Needs::Read),
         (
             "PUT",

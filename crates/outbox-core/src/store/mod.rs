@@ -42,6 +42,7 @@ pub mod leader;
 pub mod listen;
 pub mod login_throttle;
 pub mod outbox;
+pub mod pauses;
 pub mod principals;
 pub mod processes;
 pub mod retention;

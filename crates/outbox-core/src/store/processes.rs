@@ -57,9 +57,19 @@ pub struct Process {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What a beat learns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// The topics the other live processes serve by name.
+    pub others: Vec<String>,
+    /// The paused topics of every app, as [`super::pauses::pause_key`] names them.
+    pub paused: Vec<String>,
+}
+
 /// The statement of [`beat`]: writes the process's row, deletes the rows of
 /// processes that are gone, and returns the topics the other live processes
-/// serve by name (`$1`–`$8` the row, `$9` seconds until it expires).
+/// serve by name and the paused topics (`$1`–`$8` the row, `$9` seconds
+/// until it expires).
 const BEAT: &str = "WITH me AS (
     INSERT INTO outbox_processes AS p
         (id, worker, host, pid, version, topics, patterns, regexes, expires_at)
@@ -71,19 +81,23 @@ const BEAT: &str = "WITH me AS (
  ), gone AS (
     DELETE FROM outbox_processes WHERE expires_at < now() AND id <> $1 RETURNING id
  )
- SELECT coalesce(array_agg(DISTINCT t.topic ORDER BY t.topic), '{}')
- FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
- WHERE p.id <> $1 AND p.expires_at > now()";
+ SELECT
+    (SELECT coalesce(array_agg(DISTINCT t.topic ORDER BY t.topic), '{}')
+     FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
+     WHERE p.id <> $1 AND p.expires_at > now()),
+    (SELECT coalesce(array_agg(app_id::text || '/' || topic ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_pauses)";
 
 /// Records that `info`'s process is up until `expires_in` from now, deletes
-/// the rows of processes that are gone, and returns the topics the other
-/// live processes serve by name (a fallback leaves those to them).
+/// the rows of processes that are gone, and returns what the process must
+/// know to claim: the topics the other live processes serve by name (a
+/// fallback leaves those to them) and the paused topics.
 pub async fn beat<'e>(
     db: impl PgExecutor<'e>,
     info: &ProcessInfo,
     expires_in: Duration,
-) -> Result<Vec<String>, Error> {
-    Ok(sqlx::query_scalar(BEAT)
+) -> Result<Beat, Error> {
+    let (others, paused) = sqlx::query_as(BEAT)
         .bind(info.id)
         .bind(&info.worker)
         .bind(&info.host)
@@ -94,7 +108,8 @@ pub async fn beat<'e>(
         .bind(&info.regexes)
         .bind(expires_in.as_secs_f64())
         .fetch_one(db)
-        .await?)
+        .await?;
+    Ok(Beat { others, paused })
 }
 
 /// Removes a process's row (it stops).

@@ -119,6 +119,28 @@ pub async fn fill_backlog<'e>(
     .rows_affected())
 }
 
+/// As [`fill_backlog`], the `g`th row's topic being `topics[g % topics.len()]`:
+/// the topics interleave in claim order.
+pub async fn fill_backlog_topics<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    rows: u32,
+    topics: &[&str],
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "INSERT INTO outbox (id, app_id, topic, payload, run_at)
+         SELECT outbox_uuid_v7(), $1, ($3::text[])[1 + g % cardinality($3::text[])],
+                jsonb_build_object('n', g), now() - interval '1 second'
+         FROM generate_series(1, $2) g",
+    )
+    .bind(app)
+    .bind(i64::from(rows))
+    .bind(topics)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// Deletes every row of the outbox, of every app, at once (`TRUNCATE`).
 /// For benchmarks and tests between runs: it takes an exclusive lock and
 /// leaves no dead tuples behind.
@@ -252,6 +274,7 @@ pub async fn explain_claim<'e>(
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(db)
         .await?)
 }
@@ -286,6 +309,7 @@ pub async fn explain_complete_and_claim<'e>(
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(db)
         .await?)
 }
@@ -303,6 +327,7 @@ pub async fn explain_take<'e>(db: impl PgExecutor<'e>, limit: u32) -> Result<Vec
         .bind(&from.run_at)
         .bind(&from.ids)
         .bind(true)
+        .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())
         .bind(Vec::<String>::new())

@@ -1,4 +1,5 @@
 //! Integration tests of enqueue and the stores against a real PostgreSQL.
+mod cancel;
 mod enqueue;
 mod inspect;
 mod leases;

@@ -65,6 +65,7 @@ async fn a_claim_loop_plans_no_sequential_scan_of_a_short_queue() -> TestResult 
             .bind(vec!["t"])
             .bind(vec!["^x\\."])
             .bind(Vec::<String>::new())
+            .bind(vec!["paused"])
     })
     .await?;
     assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
@@ -172,6 +173,7 @@ async fn lookups_by_id_probe_the_primary_key_when_a_held_snapshot_bloats_the_out
                     .bind(vec![chrono::Utc::now()])
                     .bind(vec![Uuid::nil()])
                     .bind(true)
+                    .bind(Vec::<String>::new())
                     .bind(Vec::<String>::new())
                     .bind(Vec::<String>::new())
                     .bind(Vec::<String>::new())

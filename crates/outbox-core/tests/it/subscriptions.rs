@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use outbox_core::store::outbox::{self as store, Positions};
+use outbox_core::store::pauses;
 use outbox_core::store::processes::{self, ProcessInfo};
 use outbox_core::topics::{Served, TopicPattern};
 use outbox_core::{NewEvent, enqueue_batch};
@@ -55,6 +56,7 @@ async fn a_claim_takes_its_exact_topics_and_patterns_but_not_what_it_excludes() 
             .chain([Ok(outbox_core::topics::prefix_regex("webhook:"))])
             .collect::<Result<_, _>>()?,
         excluded: vec!["billing.eu.paid".into()],
+        paused: Vec::new(),
     };
     let rows = store::claim_served(&db.pool, &served, "w", 100, LEASE).await?;
     assert_eq!(
@@ -121,12 +123,22 @@ async fn processes_learn_what_the_others_serve_and_expired_ones_disappear() -> T
     let app = db.app("shop").await?;
     let demo = process(&["invoice.compensate", "email.send"], &[])?;
     let relay = process(&[], &[">"])?;
-    assert!(processes::beat(&db.pool, &demo, LEASE).await?.is_empty());
+    assert!(
+        processes::beat(&db.pool, &demo, LEASE)
+            .await?
+            .others
+            .is_empty()
+    );
     assert_eq!(
-        processes::beat(&db.pool, &relay, LEASE).await?,
+        processes::beat(&db.pool, &relay, LEASE).await?.others,
         ["email.send", "invoice.compensate"]
     );
-    assert!(processes::beat(&db.pool, &demo, LEASE).await?.is_empty());
+    assert!(
+        processes::beat(&db.pool, &demo, LEASE)
+            .await?
+            .others
+            .is_empty()
+    );
     let live = processes::live(&db.pool).await?;
     assert_eq!(live.len(), 2);
     assert_eq!(live[0].topics, ["invoice.compensate", "email.send"]);
@@ -152,10 +164,88 @@ async fn processes_learn_what_the_others_serve_and_expired_ones_disappear() -> T
     processes::beat(&db.pool, &demo, Duration::from_millis(1)).await?;
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(processes::live(&db.pool).await?.is_empty());
-    assert!(processes::beat(&db.pool, &relay, LEASE).await?.is_empty());
+    assert!(
+        processes::beat(&db.pool, &relay, LEASE)
+            .await?
+            .others
+            .is_empty()
+    );
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_processes")
         .fetch_one(&db.pool)
         .await?;
     assert_eq!(rows, 1, "the expired row was deleted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_topic_is_not_claimed_by_anyone_until_it_resumes() -> TestResult {
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let other = db.app("other").await?;
+    enqueue_topics(&db, shop, &["email.send", "orders.created"]).await?;
+    enqueue_topics(&db, other, &["email.send"]).await?;
+    assert!(
+        pauses::pause(
+            &db.pool,
+            shop,
+            "email.send",
+            Some("ops@x.io"),
+            Some("SMTP down")
+        )
+        .await?
+    );
+    assert!(
+        !pauses::pause(&db.pool, shop, "email.send", None, None).await?,
+        "already paused"
+    );
+    let listed = pauses::list(&db.pool, shop).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].reason.as_deref(), Some("SMTP down"));
+    assert_eq!(listed[0].paused_by.as_deref(), Some("ops@x.io"));
+
+    // A beat reads the pause; a claim serving every topic leaves it out,
+    // for that app only.
+    let beat = processes::beat(&db.pool, &process(&[], &[">"])?, LEASE).await?;
+    assert_eq!(beat.paused, [pauses::pause_key(shop, "email.send")]);
+    let served = Served {
+        paused: beat.paused,
+        ..Served::everything()
+    };
+    let mut tx = db.pool.begin().await?;
+    let rows = store::claim_served(&mut *tx, &served, "w", 100, LEASE).await?;
+    let mut claimed: Vec<(Uuid, String)> =
+        rows.iter().map(|r| (r.app_id, r.topic.clone())).collect();
+    claimed.sort();
+    let mut expected = vec![
+        (shop, "orders.created".to_owned()),
+        (other, "email.send".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    tx.rollback().await?;
+
+    assert!(pauses::resume(&db.pool, shop, "email.send").await?);
+    assert!(
+        !pauses::resume(&db.pool, shop, "email.send").await?,
+        "not paused any more"
+    );
+    let beat = processes::beat(&db.pool, &process(&[], &[">"])?, LEASE).await?;
+    assert!(beat.paused.is_empty());
+    let rows = store::claim_served(&db.pool, &Served::everything(), "w", 100, LEASE).await?;
+    assert_eq!(rows.len(), 3);
+
+    // Bad input is refused by name, and nothing is written.
+    let err = pauses::pause(&db.pool, shop, "", None, None)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("topic")));
+    let long = "x".repeat(pauses::MAX_REASON_CHARS + 1);
+    let err = pauses::pause(&db.pool, shop, "t", None, Some(&long))
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("reason")));
+    assert!(pauses::list(&db.pool, shop).await?.is_empty());
     Ok(())
 }

@@ -189,3 +189,93 @@ async fn processes_with_different_handlers_each_run_only_their_own_topics() -> T
     billing_run.await??;
     Ok(())
 }
+
+/// Waits until process `id` has beaten after `since` (it has read the pauses since).
+async fn beaten_since(db: &TestDb, id: uuid::Uuid, since: chrono::DateTime<chrono::Utc>) -> bool {
+    let pool = db.pool.clone();
+    wait_until(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            processes::live(&pool)
+                .await
+                .is_ok_and(|live| live.iter().any(|p| p.id == id && p.last_seen > since))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_pause_holds_new_rows_in_every_process_lets_running_ones_finish_and_resumes_live()
+-> TestResult {
+    use outbox_core::store::pauses;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let ran = Ran::default();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let mut registry = Registry::new();
+    let slow = ran.clone();
+    registry.register("mail", move |event: Event| {
+        let ran = slow.clone();
+        let started = started_tx.clone();
+        let mut release = release_rx.clone();
+        async move {
+            let _ = started.send(());
+            // Runs until the test lets it finish.
+            let _ = release.wait_for(|go| *go).await;
+            ran.handler()(event).await
+        }
+    });
+    let (stop, run, id) = start(&db, registry).await?;
+
+    // A row is running when the topic is paused: it finishes.
+    enqueue_each(&db, app, &["mail"], 1).await?;
+    tokio::time::timeout(Duration::from_secs(10), started_rx.recv())
+        .await?
+        .ok_or("the handler never started")?;
+    let paused_at = chrono::Utc::now();
+    assert!(pauses::pause(&db.pool, app, "mail", Some("ops"), Some("SMTP down")).await?);
+    assert!(
+        beaten_since(&db, id, paused_at).await,
+        "no beat after the pause"
+    );
+    let _ = release_tx.send(true);
+    let pool = db.pool.clone();
+    let finished = wait_until(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            outbox_core::store::outbox::count(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
+    assert!(finished, "the running row did not finish under the pause");
+
+    // New rows wait while paused: several claim polls pass without them.
+    enqueue_each(&db, app, &["mail"], 5).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(ran.count(), 1);
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempt_count FROM outbox")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(attempts, [0; 5], "paused rows are not claimed");
+
+    // Resumed without a restart: they run.
+    assert!(pauses::resume(&db.pool, app, "mail").await?);
+    let pool = db.pool.clone();
+    let drained = wait_until(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            outbox_core::store::outbox::count(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
+    assert!(drained, "the rows did not run after the resume");
+    assert_eq!(ran.count(), 6);
+    stop.cancel();
+    run.await??;
+    Ok(())
+}

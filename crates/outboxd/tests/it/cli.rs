@@ -154,3 +154,89 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
     assert_eq!(snapshot().await?, before, "a refused command changed data");
     Ok(())
 }
+
+#[tokio::test]
+async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
+    let db = TestDb::new().await?;
+    let ok = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let out = run(outboxd(Some(&db.url)).args(args))?;
+        if !out.status.success() {
+            return Err(format!("{args:?}: {}", text(&out.stderr)).into());
+        }
+        Ok(text(&out.stdout))
+    };
+    ok(&["app", "create", "shop"])?;
+    for _ in 0..3 {
+        ok(&["enqueue", "--app", "shop", "--topic", "mail"])?;
+    }
+    assert!(
+        ok(&[
+            "topic",
+            "pause",
+            "--app",
+            "shop",
+            "--topic",
+            "mail",
+            "--reason",
+            "SMTP down"
+        ])?
+        .contains("mail paused")
+    );
+    let listed = ok(&["topic", "paused", "--app", "shop"])?;
+    assert!(
+        listed.starts_with("mail\t") && listed.contains("SMTP down"),
+        "{listed}"
+    );
+    assert_eq!(ok(&["processes"])?, "", "no dispatcher runs");
+    assert!(
+        ok(&[
+            "cancel", "--app", "shop", "--topic", "mail", "--reason", "retired"
+        ])?
+        .contains("3 row(s) cancelled")
+    );
+    let ignored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE resolution = 'ignored'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(ignored, 3);
+    assert!(ok(&["topic", "resume", "--app", "shop", "--topic", "mail"])?.contains("resumed"));
+
+    // Mistakes are errors that say what is wrong.
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["topic", "resume", "--app", "shop", "--topic", "mail"],
+            "not paused",
+        ),
+        (
+            &["topic", "pause", "--app", "nope", "--topic", "mail"],
+            "unknown app",
+        ),
+        (&["cancel", "--app", "shop", "--reason", "r"], "--topic"),
+        (
+            &[
+                "cancel", "--app", "shop", "--topic", "mail", "--reason", " ",
+            ],
+            "reason",
+        ),
+        (
+            &[
+                "cancel",
+                "--app",
+                "shop",
+                "--id",
+                "not-a-uuid",
+                "--reason",
+                "r",
+            ],
+            "not-a-uuid",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run(outboxd(Some(&db.url)).args(*args))?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    Ok(())
+}

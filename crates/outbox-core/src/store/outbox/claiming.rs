@@ -14,12 +14,15 @@ use crate::topics::Served;
 
 const CLAIM: &str = concat!(
     "WITH ",
-    picked_cte!(apps_from_start!(), served_filter!("$4", "$5", "$6", "$7")),
+    picked_cte!(
+        apps_from_start!(),
+        served_filter!("$4", "$5", "$6", "$7", "$8")
+    ),
     "\n",
     lease_picked!()
 );
 
-/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds, `$4`–`$7`
+/// The claim statement (`$1` limit, `$2` worker, `$3` lease seconds, `$4`–`$8`
 /// the [`Served`] topics), for `EXPLAIN` in the benchmark.
 pub const CLAIM_SQL: &str = CLAIM;
 
@@ -35,7 +38,7 @@ const COMPLETE_AND_CLAIM: &str = concat!(
     ", ",
     picked_cte!(
         apps_from_positions!("$6", "$7", "$8"),
-        served_filter!("$9", "$10", "$11", "$12")
+        served_filter!("$9", "$10", "$11", "$12", "$13")
     ),
     ", claimed AS (\n",
     lease_picked!(),
@@ -47,7 +50,7 @@ LEFT JOIN claimed AS c ON true"
 
 /// The complete-and-claim statement (`$4` ids and `$5` tokens done, then as
 /// [`CLAIM_SQL`] from the positions `$6`–`$8` for the [`Served`] topics
-/// `$9`–`$12`), for `EXPLAIN` in the benchmark.
+/// `$9`–`$13`), for `EXPLAIN` in the benchmark.
 pub const COMPLETE_AND_CLAIM_SQL: &str = COMPLETE_AND_CLAIM;
 
 /// Claims up to `limit` due rows for `worker`, leasing them for `lease`,
@@ -87,6 +90,7 @@ pub async fn claim_served<'e>(
         .bind(&served.exact)
         .bind(&served.regexes)
         .bind(&served.excluded)
+        .bind(&served.paused)
         .fetch_all(db)
         .await?)
 }
@@ -161,6 +165,7 @@ pub async fn complete_and_claim<'e>(
         .bind(&served.exact)
         .bind(&served.regexes)
         .bind(&served.excluded)
+        .bind(&served.paused)
         .fetch_all(db)
         .await?;
     let mut completed = 0;

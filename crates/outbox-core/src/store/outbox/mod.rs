@@ -1,5 +1,5 @@
 //! The dispatcher's statements: claim, heartbeat, complete, retry, dead-letter,
-//! release. Every statement that ends a claim names the row's fencing token, so
+//! release; and an operator's cancel. Every statement that ends a claim names the row's fencing token, so
 //! a worker whose lease was taken over changes nothing.
 //!
 //! Claimable means `run_at <= now()` and no live lease (`locked_until` unset or
@@ -135,11 +135,12 @@ macro_rules! apps_from_positions {
     };
 }
 
-/// The condition that a row's topic is served, from the four parameters of
+/// The condition that a row's topic is served, from the five parameters of
 /// a [`Served`](crate::topics::Served): every topic, or one of the exact
-/// topics, or one matching a regular expression and not excluded.
+/// topics, or one matching a regular expression and not excluded; and not
+/// paused (the key test only runs while something is paused).
 macro_rules! served_filter {
-    ($all:literal, $exact:literal, $regexes:literal, $excluded:literal) => {
+    ($all:literal, $exact:literal, $regexes:literal, $excluded:literal, $paused:literal) => {
         concat!(
             "AND (",
             $all,
@@ -149,7 +150,12 @@ macro_rules! served_filter {
             $regexes,
             "::text[]) AND o.topic <> ALL (",
             $excluded,
-            "::text[])))"
+            "::text[])))
+          AND (cardinality(",
+            $paused,
+            "::text[]) = 0 OR (o.app_id::text || '/' || o.topic) <> ALL (",
+            $paused,
+            "::text[]))"
         )
     };
 }
@@ -267,12 +273,14 @@ fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.token)).unzip()
 }
 
+mod cancel;
 mod claiming;
 mod inspect;
 mod leases;
 mod positions;
 mod tx;
 
+pub use cancel::*;
 pub use claiming::*;
 pub use inspect::*;
 pub use leases::*;

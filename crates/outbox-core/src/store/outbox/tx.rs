@@ -19,7 +19,7 @@ const TAKE: &str = concat!(
     "WITH ",
     picked_cte!(
         apps_from_positions!("$2", "$3", "$4"),
-        served_filter!("$5", "$6", "$7", "$8"),
+        served_filter!("$5", "$6", "$7", "$8", "$9"),
         " AND o.reply_to IS NULL AND o.source <> 'dead_letter'"
     ),
     "\nDELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked)) RETURNING ",
@@ -27,7 +27,7 @@ const TAKE: &str = concat!(
 );
 
 /// The transactional take (`$1` limit, positions `$2`–`$4`, the [`Served`]
-/// topics `$5`–`$8`), for `EXPLAIN`
+/// topics `$5`–`$9`), for `EXPLAIN`
 /// in the benchmark.
 pub const TAKE_SQL: &str = TAKE;
 
@@ -50,6 +50,7 @@ pub async fn take<'e>(
         .bind(&served.exact)
         .bind(&served.regexes)
         .bind(&served.excluded)
+        .bind(&served.paused)
         .fetch_all(conn)
         .await?)
 }

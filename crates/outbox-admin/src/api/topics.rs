@@ -1,0 +1,128 @@
+//! Topics as the unit of control: who serves what (live processes), paused
+//! topics, and cancelling rows that have not run.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use outbox_core::store::outbox::{self as store, CancelFilter};
+use outbox_core::store::{pauses, processes};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+use super::Bearer;
+
+/// `GET /api/apps/{app}/processes`: the live dispatcher processes and what
+/// each serves (they serve every app).
+pub(super) async fn list_processes(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<processes::Process>>, ApiError> {
+    auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(processes::live(&state.pool).await?))
+}
+
+/// `GET /api/apps/{app}/pauses`: the app's paused topics.
+pub(super) async fn list_pauses(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<pauses::TopicPause>>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(pauses::list(&state.pool, app.id).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PauseBody {
+    reason: Option<String>,
+}
+
+/// `PUT /api/apps/{app}/pauses/{topic}`: pauses the topic in every process
+/// within about a second; 201 when paused now, 200 when it already was.
+pub(super) async fn pause(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    let body: PauseBody = crate::strict::json_or_default(&bytes)?;
+    let paused = pauses::pause(
+        &state.pool,
+        app.id,
+        &topic,
+        Some(&p.user.email),
+        body.reason.as_deref(),
+    )
+    .await?;
+    let status = if paused {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "topic": topic, "paused": true }))))
+}
+
+/// `DELETE /api/apps/{app}/pauses/{topic}`: resumes the topic; 404 when it
+/// was not paused.
+pub(super) async fn resume(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    if pauses::resume(&state.pool, app.id, &topic).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("pause"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CancelBody {
+    ids: Option<Vec<Uuid>>,
+    topic: Option<String>,
+    reason: String,
+}
+
+/// `POST /api/apps/{app}/outbox/cancel`: cancels rows that have not run
+/// (by `ids`, or every row of `topic`, at most 10,000 per call); each
+/// becomes an `ignored` dead letter carrying the reason.
+pub(super) async fn cancel(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    let body: CancelBody = crate::strict::json(&bytes)?;
+    let filter = match (body.ids, body.topic) {
+        (Some(ids), None) => CancelFilter::Ids(ids),
+        (None, Some(topic)) => CancelFilter::Topic(topic),
+        _ => {
+            return Err(ApiError::Invalid(
+                "give either ids (row ids) or topic, not both".into(),
+            ));
+        }
+    };
+    let ids = store::cancel(
+        &state.pool,
+        app.id,
+        &filter,
+        Some(&p.user.email),
+        &body.reason,
+    )
+    .await?;
+    let more =
+        matches!(filter, CancelFilter::Topic(_)) && ids.len() as i64 == store::MAX_CANCEL_BATCH;
+    Ok(Json(
+        json!({ "cancelled": ids.len(), "ids": ids, "more": more }),
+    ))
+}

@@ -1,0 +1,141 @@
+//! Pausing and resuming topics, cancelling rows, and who serves what,
+//! through the API with each role.
+
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::{TestResult, World};
+
+#[tokio::test]
+async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let viewer = w.login("viewer@x.io").await?;
+
+    // The viewer may look but not act.
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/pauses/mail",
+            Some(&viewer),
+            Some(json!({})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/pauses/mail",
+            Some(&operator),
+            Some(json!({"reason": "SMTP down"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, _) = w
+        .call("PUT", "/api/apps/app-a/pauses/mail", Some(&operator), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "pausing twice is not an error");
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/pauses", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body[0]["topic"], "mail");
+    assert_eq!(body[0]["reason"], "SMTP down");
+    assert_eq!(body[0]["paused_by"], "operator@x.io");
+    // Another app's pauses are its own.
+    let (s, _) = w
+        .call("GET", "/api/apps/app-b/pauses", Some(&operator), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = w
+        .call(
+            "DELETE",
+            "/api/apps/app-a/pauses/mail",
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = w
+        .call(
+            "DELETE",
+            "/api/apps/app-a/pauses/mail",
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+
+    // Cancel: by topic, then by id; each row becomes an ignored dead letter.
+    let mut tx = w.db.pool.begin().await?;
+    let events: Vec<outbox_core::NewEvent> = ["old", "old", "dup"]
+        .iter()
+        .map(|t| outbox_core::NewEvent::new(*t, json!({})))
+        .collect();
+    let ids = outbox_core::enqueue_batch(&mut tx, w.app_a, &events).await?;
+    tx.commit().await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            Some(&operator),
+            Some(json!({"topic": "old", "reason": "retired"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["cancelled"].as_u64(), body["more"].as_bool()),
+        (Some(2), Some(false))
+    );
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            Some(&operator),
+            Some(json!({"ids": [ids[2]], "reason": "duplicate"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["ids"], json!([ids[2]]));
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/dead-letters", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let ignored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dead_letters WHERE resolution = 'ignored' AND last_error LIKE 'cancelled by operator@x.io: %'",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(ignored, 3);
+
+    // Bad input names the field; nothing is cancelled.
+    for (body, field) in [
+        (
+            json!({"topic": "t", "ids": [ids[0]], "reason": "r"}),
+            "either ids",
+        ),
+        (json!({"topic": "t", "reason": ""}), "reason"),
+        (json!({"topic": "t"}), "reason"),
+        (json!({"ids": [], "reason": "r"}), "ids"),
+        (json!({"topic": "t", "reason": "r", "limit": 3}), "limit"),
+    ] {
+        let (s, answer) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/outbox/cancel",
+                Some(&operator),
+                Some(body),
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{message}");
+    }
+
+    // Who serves what: nobody yet.
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/processes", Some(&viewer), None)
+        .await?;
+    assert_eq!((s, body), (StatusCode::OK, json!([])));
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! `outboxd topic …`, `outboxd processes` and `outboxd cancel`: pausing and
+//! resuming topics, who serves what, and cancelling rows that have not run.
+
+use clap::{Args, Subcommand};
+use outbox_core::store::outbox::{self as store, CancelFilter};
+use outbox_core::store::{apps, pauses, processes};
+use uuid::Uuid;
+
+use outboxd::config::Settings;
+
+/// Recorded as who paused or cancelled, for operators reading it later.
+const CLI: &str = "cli";
+
+/// `outboxd topic …`.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Pause a topic of an app in every process (within about a second); running rows finish.
+    Pause {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// Why, for the operators who read it later.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a paused topic (no restart needed).
+    Resume {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+    },
+    /// List an app's paused topics.
+    Paused {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+    },
+}
+
+/// `outboxd cancel`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("rows").required(true).args(["ids", "topic"])))]
+pub struct CancelArgs {
+    /// App slug.
+    #[arg(long)]
+    app: String,
+    /// A row to cancel (repeat for several).
+    #[arg(
+        long = "id",
+        required_unless_present = "topic",
+        conflicts_with = "topic"
+    )]
+    ids: Vec<Uuid>,
+    /// Cancel every row of this topic that is not running.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Why (kept on each dead letter).
+    #[arg(long)]
+    reason: String,
+}
+
+/// Runs `outboxd topic …`.
+pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> {
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    match cmd {
+        TopicCommand::Pause { app, topic, reason } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            if pauses::pause(&pool, id, &topic, Some(CLI), reason.as_deref()).await? {
+                println!("{app}: {topic} paused");
+            } else {
+                println!("{app}: {topic} was already paused");
+            }
+        }
+        TopicCommand::Resume { app, topic } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            if pauses::resume(&pool, id, &topic).await? {
+                println!("{app}: {topic} resumed");
+            } else {
+                anyhow::bail!("{app}: {topic} is not paused");
+            }
+        }
+        TopicCommand::Paused { app } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            for p in pauses::list(&pool, id).await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    p.topic,
+                    p.paused_at.to_rfc3339(),
+                    p.paused_by.unwrap_or_default(),
+                    p.reason.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `outboxd processes`: the live dispatchers and what each serves.
+pub async fn list_processes(settings: Settings) -> anyhow::Result<()> {
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    for p in processes::live(&pool).await? {
+        let mut serves = p.topics.clone();
+        serves.extend(p.patterns.iter().cloned());
+        println!(
+            "{}\t{}\t{}@{}\t{}\tsince {}\t{}",
+            p.id,
+            p.worker,
+            p.pid,
+            p.host,
+            p.version,
+            p.started_at.to_rfc3339(),
+            serves.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `outboxd cancel`: a topic's rows in batches until none is left.
+pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> {
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    let app = apps::by_slug(&pool, &args.app).await?.id;
+    let mut total = 0;
+    match args.topic {
+        Some(topic) => loop {
+            let filter = CancelFilter::Topic(topic.clone());
+            let done = store::cancel(&pool, app, &filter, Some(CLI), &args.reason).await?;
+            total += done.len();
+            if (done.len() as i64) < store::MAX_CANCEL_BATCH {
+                break;
+            }
+        },
+        None => {
+            let filter = CancelFilter::Ids(args.ids);
+            total = store::cancel(&pool, app, &filter, Some(CLI), &args.reason)
+                .await?
+                .len();
+        }
+    }
+    println!(
+        "{}: {total} row(s) cancelled (now ignored dead letters)",
+        args.app
+    );
+    Ok(())
+}
