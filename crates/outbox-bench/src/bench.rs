@@ -111,12 +111,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
     /// Run only these scenarios (comma-separated: auth, enqueue, drain, latency,
-    /// steady, bloat, phases, backlog, relay, scale-out); the raw drain
+    /// steady, bloat, phases, backlog, paused, relay, scale-out); the raw drain
     /// baseline always runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,enqueue,drain,latency,steady,bloat,phases,backlog,relay,scale-out"
+        default_value = "auth,enqueue,drain,latency,steady,bloat,phases,backlog,paused,relay,scale-out"
     )]
     pub scenarios: Vec<String>,
 }
@@ -131,6 +131,7 @@ const KNOWN: &[&str] = &[
     "bloat",
     "phases",
     "backlog",
+    "paused",
     "relay",
     "scale-out",
 ];
@@ -392,6 +393,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     }
     if bench.wants("backlog") {
         scenarios::backlog(&mut bench).await?;
+    }
+    if bench.wants("paused") {
+        scenarios::paused(&mut bench).await?;
     }
     if bench.wants("relay") {
         scenarios::relay(&mut bench).await?;

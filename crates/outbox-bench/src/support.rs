@@ -29,10 +29,21 @@ pub async fn truncate(pool: &PgPool) -> anyhow::Result<()> {
 
 /// Fills the backlog with due rows, in chunks, and settles statistics.
 pub async fn prefill(pool: &PgPool, app: Uuid, rows: u32, topic: &str) -> anyhow::Result<()> {
+    prefill_topics(pool, app, rows, &[topic]).await
+}
+
+/// As [`prefill`], the topics interleaving in claim order (see
+/// `stats::fill_backlog_topics`).
+pub async fn prefill_topics(
+    pool: &PgPool,
+    app: Uuid,
+    rows: u32,
+    topics: &[&str],
+) -> anyhow::Result<()> {
     let mut left = rows;
     while left > 0 {
         let n = left.min(20_000);
-        stats::fill_backlog(pool, app, n, topic)
+        stats::fill_backlog_topics(pool, app, n, topics)
             .await
             .context("prefilling the backlog")?;
         left -= n;

@@ -36,6 +36,17 @@ pub async fn backlog_claims(
     large: &PgPool,
     pairs: u32,
 ) -> anyhow::Result<(f64, f64)> {
+    let everything = outbox_core::topics::Served::everything();
+    served_claims([small, large], [&everything, &everything], pairs).await
+}
+
+/// As [`backlog_claims`], each side claiming only what its `served` takes
+/// (e.g. with a topic paused).
+pub async fn served_claims(
+    [small, large]: [&PgPool; 2],
+    served: [&outbox_core::topics::Served; 2],
+    pairs: u32,
+) -> anyhow::Result<(f64, f64)> {
     use outbox_core::store::outbox::claim_connect_options;
     let mut claimers = [
         sqlx::PgConnection::connect_with(&claim_connect_options(&small.connect_options())).await?,
@@ -50,7 +61,7 @@ pub async fn backlog_claims(
             let (_, rows) = outbox_core::store::outbox::complete_and_claim(
                 &mut *tx,
                 &outbox_core::store::outbox::Positions::default(),
-                &outbox_core::topics::Served::everything(),
+                served[side],
                 &[],
                 "bench",
                 100,

@@ -25,7 +25,7 @@ pub mod phases;
 mod scale_out;
 mod steady;
 
-pub use self::backlog::{backlog, backlog_claims};
+pub use self::backlog::{backlog, backlog_claims, served_claims};
 pub use self::latency::{Latency, Taker, latency};
 pub use self::scale_out::{WorkerLoad, scale_out};
 pub use self::steady::{Drainer, steady};

@@ -7,6 +7,7 @@
 //! - `steady`, `bloat`: a fixed offered load, then with a snapshot held open.
 //! - `phases`: a steady load through phases of trouble, each with a recovery.
 //! - `backlog`: a small and a large backlog.
+//! - `paused`: claims past a large backlog of a paused topic.
 //! - `relay`: relay to JetStream and the consumer runtime (needs NATS_URL).
 //! - `auth`: what authenticating an API request costs.
 //! - `scale_out`: several dispatcher processes on one database.
@@ -16,6 +17,7 @@ mod backlog;
 mod drain;
 mod enqueue;
 mod latency;
+mod paused;
 mod phases;
 mod relay;
 mod scale_out;
@@ -26,6 +28,7 @@ pub use self::backlog::backlog;
 pub use self::drain::drain;
 pub use self::enqueue::enqueue;
 pub use self::latency::latency;
+pub use self::paused::paused;
 pub use self::phases::phases;
 pub use self::relay::relay;
 pub use self::scale_out::scale_out;
