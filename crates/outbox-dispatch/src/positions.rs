@@ -46,6 +46,7 @@ pub(crate) struct ClaimFrom {
     taken_at: Option<Instant>,
     seen_epoch: u64,
     seen_rewind: u64,
+    seen_served: u64,
 }
 
 impl ClaimFrom {
@@ -60,10 +61,18 @@ impl ClaimFrom {
     ) -> Result<&Positions, outbox_core::Error> {
         let epoch = shared.fresh_look.load(Ordering::Acquire);
         let rewind = shared.rewound_generation.load(Ordering::Acquire);
+        let served_generation = shared.served.generation();
         let due = self.taken_at.is_none_or(|at| at.elapsed() >= ADVANCE_EVERY)
             || epoch != self.seen_epoch
-            || rewind != self.seen_rewind;
+            || rewind != self.seen_rewind
+            || served_generation != self.seen_served;
         if due {
+            // The positions passed the rows that were not served; when more
+            // is served now, they start again from every app's first row.
+            if served_generation != self.seen_served {
+                self.positions = Positions::default();
+                self.seen_served = served_generation;
+            }
             let from = if rewind == self.seen_rewind {
                 None
             } else {
@@ -74,7 +83,8 @@ impl ClaimFrom {
                 Some(self.positions.lowered_to(&floor))
             };
             let from = from.as_ref().unwrap_or(&self.positions);
-            self.positions = store::advance_positions(db, from, LATE_MARGIN).await?;
+            let served = shared.served.get();
+            self.positions = store::advance_positions(db, from, &served, LATE_MARGIN).await?;
             self.taken_at = Some(Instant::now());
             self.seen_epoch = epoch;
             self.seen_rewind = rewind;
@@ -104,7 +114,8 @@ impl Shared {
             }
             let budget = (every < REWIND_AT_MOST).then_some(REWIND_BUDGET);
             let started = Instant::now();
-            match store::rewind_positions(&self.pool, LATE_MARGIN, budget).await {
+            let served = self.served.get();
+            match store::rewind_positions(&self.pool, &served, LATE_MARGIN, budget).await {
                 Ok(Some(floor)) => {
                     *self.rewound.lock().unwrap_or_else(PoisonError::into_inner) = floor;
                     self.rewound_generation.fetch_add(1, Ordering::AcqRel);

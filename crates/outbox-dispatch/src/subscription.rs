@@ -10,6 +10,7 @@
 //! Until the first beat has answered, the fallback takes nothing: it cannot
 //! know yet what other processes serve.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct ServedNow {
     subscription: Subscription,
     current: RwLock<Arc<Served>>,
+    // Bumped whenever the served topics change: claim positions may have
+    // passed rows that are claimable now, and are taken afresh.
+    generation: AtomicU64,
 }
 
 impl ServedNow {
@@ -40,7 +44,13 @@ impl ServedNow {
         Self {
             subscription,
             current,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the served topics have changed.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The served topics for the next claim.
@@ -54,8 +64,11 @@ impl ServedNow {
     fn update(&self, beat: Beat) {
         let mut next = served(&self.subscription, Some(beat.others));
         next.paused = beat.paused;
-        let next = Arc::new(next);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if **current != next {
+            *current = Arc::new(next);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// The row this process writes.

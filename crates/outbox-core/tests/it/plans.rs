@@ -92,6 +92,11 @@ async fn the_advance_of_positions_reads_only_index_ranges() -> TestResult {
             .bind(vec![Uuid::nil()])
             .bind("100:104:100,102")
             .bind(0.25f64)
+            .bind(false)
+            .bind(vec!["t"])
+            .bind(vec!["^x\\."])
+            .bind(Vec::<String>::new())
+            .bind(vec!["paused"])
     })
     .await?;
     assert!(!plan.contains("Seq Scan on outbox"), "{plan}");

@@ -249,3 +249,41 @@ async fn a_paused_topic_is_not_claimed_by_anyone_until_it_resumes() -> TestResul
     assert!(pauses::list(&db.pool, shop).await?.is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn positions_move_past_the_rows_a_claim_does_not_take() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut topics = vec!["paused"; 50];
+    topics.extend(["served"; 5]);
+    enqueue_topics(&db, app, &topics).await?;
+    let first_served: (chrono::DateTime<chrono::Utc>, Uuid) = sqlx::query_as(
+        "SELECT run_at, id FROM outbox WHERE topic = 'served' ORDER BY run_at, id LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let paused = Served {
+        paused: vec![pauses::pause_key(app, "paused")],
+        ..Served::everything()
+    };
+    let at =
+        store::advance_positions(&db.pool, &Positions::default(), &paused, Duration::ZERO).await?;
+    assert_eq!(at.of(app), Some((Some(first_served.0), first_served.1)));
+    let everything = store::advance_positions(
+        &db.pool,
+        &Positions::default(),
+        &Served::everything(),
+        Duration::ZERO,
+    )
+    .await?;
+    let (run_at, id) = everything.of(app).ok_or("no position")?;
+    assert!(
+        (run_at, id) < (Some(first_served.0), first_served.1),
+        "all rows count"
+    );
+    // A claim from the position finds the served rows without the paused ones.
+    let (_, claimed) =
+        store::complete_and_claim(&db.pool, &at, &paused, &[], "w", 10, LEASE).await?;
+    assert_eq!(claimed_topics(&claimed), ["served"; 5]);
+    Ok(())
+}

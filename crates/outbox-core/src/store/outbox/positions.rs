@@ -23,6 +23,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::Error;
+use crate::topics::Served;
 
 /// Where a claim loop's scans start, one entry per app; an app without an
 /// entry is scanned from its first row. Taken and moved on by
@@ -51,8 +52,9 @@ impl Positions {
 
 /// The statement of [`advance_positions`] (`$1`–`$3` the previous
 /// positions' arrays, `$4` their snapshot as text, `$5` the margin in
-/// seconds), for `EXPLAIN`.
-pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
+/// seconds, `$6`–`$10` the [`Served`] topics), for `EXPLAIN`.
+pub const ADVANCE_POSITIONS_SQL: &str = concat!(
+    "WITH prev AS (
     SELECT a.id AS app_id,
            coalesce(p.run_at, '-infinity') AS run_at,
            coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS id
@@ -62,9 +64,15 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
  ), unseen AS MATERIALIZED (
     SELECT o.app_id, o.run_at, o.id FROM outbox o
     WHERE o.enqueue_xid >= pg_snapshot_xmax($4::text::pg_snapshot)
+    ",
+    served_filter!("$6", "$7", "$8", "$9", "$10"),
+    "
     UNION ALL
     SELECT o.app_id, o.run_at, o.id FROM outbox o
     WHERE o.enqueue_xid = ANY (ARRAY(SELECT pg_snapshot_xip($4::text::pg_snapshot)))
+    ",
+    served_filter!("$6", "$7", "$8", "$9", "$10"),
+    "
  ), unseen_first AS (
     SELECT DISTINCT ON (app_id) app_id, run_at, id FROM unseen ORDER BY app_id, run_at, id
  )
@@ -75,6 +83,9 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
     SELECT c.run_at, c.id FROM (
         (SELECT o.run_at, o.id FROM outbox o
          WHERE o.app_id = prev.app_id AND (o.run_at, o.id) >= (prev.run_at, prev.id)
+         ",
+    served_filter!("$6", "$7", "$8", "$9", "$10"),
+    "
          ORDER BY o.run_at, o.id LIMIT 1)
         UNION ALL
         (SELECT u.run_at, u.id FROM unseen_first u WHERE u.app_id = prev.app_id)
@@ -84,7 +95,8 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
     ) AS c
     ORDER BY c.run_at, c.id
     LIMIT 1
- ) AS next";
+ ) AS next"
+);
 
 /// Finds each app's position from its previous one: the first row still
 /// there at or after it, or a row inserted behind it by a transaction that
@@ -92,6 +104,12 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
 /// than `margin` before now, so that a producer's transaction that began a
 /// moment ago (its rows' `run_at` is its start) is claimed without waiting
 /// for the next advance.
+///
+/// Only rows whose topic `served` takes count: a position moves past the
+/// rows of paused and unserved topics, so claims do not walk over them
+/// again. When `served` takes more than before (a resume, a process that
+/// left), positions must be taken afresh ([`Positions::default`]): rows it
+/// passed may be claimable now.
 ///
 /// The scan from the previous position walks only what was finished since
 /// it was taken, and the lookup by transaction id only the rows inserted
@@ -102,6 +120,7 @@ pub const ADVANCE_POSITIONS_SQL: &str = "WITH prev AS (
 pub async fn advance_positions<'e>(
     db: impl PgExecutor<'e>,
     previous: &Positions,
+    served: &Served,
     margin: Duration,
 ) -> Result<Positions, Error> {
     let rows: Vec<(Uuid, Option<DateTime<Utc>>, Uuid, String)> =
@@ -111,6 +130,11 @@ pub async fn advance_positions<'e>(
             .bind(&previous.ids)
             .bind(previous.snapshot.as_deref())
             .bind(margin.as_secs_f64())
+            .bind(served.all)
+            .bind(&served.exact)
+            .bind(&served.regexes)
+            .bind(&served.excluded)
+            .bind(&served.paused)
             .fetch_all(db)
             .await?;
     let mut next = Positions {
@@ -151,7 +175,8 @@ impl Positions {
     }
 }
 
-/// Takes positions afresh, every app from its first row, within `budget`
+/// Takes positions afresh, every app from its first row whose topic
+/// `served` takes, within `budget`
 /// when one is given: `None` when the scan took longer (while an old
 /// snapshot is held it walks every row finished since).
 ///
@@ -160,6 +185,7 @@ impl Positions {
 /// a claim loop's positions may have passed.
 pub async fn rewind_positions(
     pool: &sqlx::PgPool,
+    served: &Served,
     margin: Duration,
     budget: Option<Duration>,
 ) -> Result<Option<Positions>, Error> {
@@ -170,7 +196,7 @@ pub async fn rewind_positions(
         .bind(timeout)
         .execute(&mut *tx)
         .await?;
-    match advance_positions(&mut *tx, &Positions::default(), margin).await {
+    match advance_positions(&mut *tx, &Positions::default(), served, margin).await {
         Ok(positions) => {
             tx.commit().await?;
             Ok(Some(positions))
