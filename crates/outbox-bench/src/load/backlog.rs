@@ -41,17 +41,28 @@ pub async fn backlog_claims(
 }
 
 /// As [`backlog_claims`], each side claiming only what its `served` takes
-/// (e.g. with a topic paused).
+/// (e.g. with a topic paused), from claim positions taken for it once
+/// before the claims, as a claim loop takes them.
 pub async fn served_claims(
     [small, large]: [&PgPool; 2],
     served: [&outbox_core::topics::Served; 2],
     pairs: u32,
 ) -> anyhow::Result<(f64, f64)> {
-    use outbox_core::store::outbox::claim_connect_options;
+    use outbox_core::store::outbox::{Positions, advance_positions, claim_connect_options};
     let mut claimers = [
         sqlx::PgConnection::connect_with(&claim_connect_options(&small.connect_options())).await?,
         sqlx::PgConnection::connect_with(&claim_connect_options(&large.connect_options())).await?,
     ];
+    let mut positions = [Positions::default(), Positions::default()];
+    for side in 0..2 {
+        positions[side] = advance_positions(
+            &mut claimers[side],
+            &Positions::default(),
+            served[side],
+            Duration::ZERO,
+        )
+        .await?;
+    }
     let mut claims = [Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?];
     for pair in 0..pairs {
         let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -60,7 +71,7 @@ pub async fn served_claims(
             let started = Instant::now();
             let (_, rows) = outbox_core::store::outbox::complete_and_claim(
                 &mut *tx,
-                &outbox_core::store::outbox::Positions::default(),
+                &positions[side],
                 served[side],
                 &[],
                 "bench",
