@@ -296,3 +296,96 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     );
     Ok(())
 }
+
+/// The README's recipe for two processes: the demo, and a relay started
+/// beside it with NATS. The relay leaves the demo's topics to the demo: it
+/// claims none of its rows and publishes none of them.
+#[tokio::test]
+async fn a_relay_started_beside_the_demo_leaves_the_demos_rows_to_it() -> TestResult {
+    use outbox_core::store::processes;
+    let nats_url =
+        std::env::var("NATS_URL").map_err(|_| "NATS_URL is not set: run scripts/test.sh")?;
+    let db = TestDb::new().await?;
+    let prefix = format!("d{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    let (mut demo, _) = crate::support::spawn_server(&db.url, &["demo"]).await?;
+    let up = |n: usize| {
+        let pool = db.pool.clone();
+        async move {
+            wait_until(Duration::from_secs(20), || {
+                let pool = pool.clone();
+                async move { processes::live(&pool).await.is_ok_and(|l| l.len() == n) }
+            })
+            .await
+        }
+    };
+    assert!(up(1).await, "the demo never recorded itself");
+    let (mut relay, relay_addr) = {
+        let mut cmd = tokio::process::Command::from({
+            let mut c = outboxd(Some(&db.url));
+            c.env("OUTBOXD_CONFIG_DIR", &dir)
+                .env("OUTBOXD_ENV", "nats-test")
+                .env("OUTBOXD_HTTP__LISTEN", "127.0.0.1:0")
+                .env("NATS_URL", &nats_url)
+                .arg("run");
+            c
+        });
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("outboxd listening on http://") {
+                    return Ok::<String, std::io::Error>(url.trim().to_owned());
+                }
+            }
+            Err(std::io::Error::other("the relay exited before listening"))
+        })
+        .await??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        (child, addr)
+    };
+    assert!(up(2).await, "the relay never recorded itself");
+    // The demo keeps producing and handling: wait until three more of its
+    // rows failed for good while both ran (its rows also succeed, retry
+    // and panic in between).
+    let dead_letters = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters")
+            .fetch_one(&pool)
+            .await
+    };
+    let before = dead_letters(db.pool.clone()).await?;
+    let produced = wait_until(Duration::from_secs(30), || {
+        let pool = db.pool.clone();
+        async move { dead_letters(pool).await.is_ok_and(|n| n >= before + 3) }
+    })
+    .await;
+    assert!(produced, "the demo did not run while the relay was up");
+    let (_, metrics) = http_get(&relay_addr, "/metrics").await?;
+    let relay_stopped = stop(&mut relay).await?;
+    let demo_stopped = stop(&mut demo).await?;
+    assert!(relay_stopped.success() && demo_stopped.success());
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("outboxd_claimed_total{")),
+        "the relay claimed rows: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("outboxd_claimed_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(
+        stream.info().await?.state.messages,
+        0,
+        "the relay published demo rows"
+    );
+    Ok(())
+}
