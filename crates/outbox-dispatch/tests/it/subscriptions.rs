@@ -81,6 +81,20 @@ async fn start(
     Ok((stop, run, id))
 }
 
+/// Waits until the outbox is empty.
+async fn emptied(db: &TestDb) -> bool {
+    let pool = db.pool.clone();
+    wait_until(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            outbox_core::store::outbox::count(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await
+}
+
 async fn enqueue_each(db: &TestDb, app: uuid::Uuid, topics: &[&str], n: usize) -> TestResult {
     let mut events = Vec::new();
     for topic in topics {
@@ -122,16 +136,7 @@ async fn processes_with_different_handlers_each_run_only_their_own_topics() -> T
         25,
     )
     .await?;
-    let pool = db.pool.clone();
-    let drained = wait_until(Duration::from_secs(20), || {
-        let pool = pool.clone();
-        async move {
-            outbox_core::store::outbox::count(&pool)
-                .await
-                .is_ok_and(|n| n == 0)
-        }
-    })
-    .await;
+    let drained = emptied(&db).await;
     assert!(
         drained,
         "rows left: the processes did not serve every topic"
@@ -240,16 +245,7 @@ async fn a_pause_holds_new_rows_in_every_process_lets_running_ones_finish_and_re
         "no beat after the pause"
     );
     let _ = release_tx.send(true);
-    let pool = db.pool.clone();
-    let finished = wait_until(Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            outbox_core::store::outbox::count(&pool)
-                .await
-                .is_ok_and(|n| n == 0)
-        }
-    })
-    .await;
+    let finished = emptied(&db).await;
     assert!(finished, "the running row did not finish under the pause");
 
     // New rows wait while paused: several claim polls pass without them.
@@ -263,16 +259,7 @@ async fn a_pause_holds_new_rows_in_every_process_lets_running_ones_finish_and_re
 
     // Resumed without a restart: they run.
     assert!(pauses::resume(&db.pool, app, "mail").await?);
-    let pool = db.pool.clone();
-    let drained = wait_until(Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            outbox_core::store::outbox::count(&pool)
-                .await
-                .is_ok_and(|n| n == 0)
-        }
-    })
-    .await;
+    let drained = emptied(&db).await;
     assert!(drained, "the rows did not run after the resume");
     assert_eq!(ran.count(), 6);
     stop.cancel();

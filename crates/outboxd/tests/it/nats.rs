@@ -320,35 +320,20 @@ async fn a_relay_started_beside_the_demo_leaves_the_demos_rows_to_it() -> TestRe
         }
     };
     assert!(up(1).await, "the demo never recorded itself");
-    let (mut relay, relay_addr) = {
-        let mut cmd = tokio::process::Command::from({
-            let mut c = outboxd(Some(&db.url));
-            c.env("OUTBOXD_CONFIG_DIR", &dir)
-                .env("OUTBOXD_ENV", "nats-test")
-                .env("OUTBOXD_HTTP__LISTEN", "127.0.0.1:0")
-                .env("NATS_URL", &nats_url)
-                .arg("run");
-            c
-        });
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("outboxd listening on http://") {
-                    return Ok::<String, std::io::Error>(url.trim().to_owned());
-                }
-            }
-            Err(std::io::Error::other("the relay exited before listening"))
-        })
-        .await??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        (child, addr)
-    };
+    let config_dir = dir
+        .to_str()
+        .ok_or("the scratch folder's path is not UTF-8")?;
+    let (mut relay, relay_addr) = crate::support::spawn_server_with(
+        &db.url,
+        &["run"],
+        &[
+            ("OUTBOXD_CONFIG_DIR", config_dir),
+            ("OUTBOXD_ENV", "nats-test"),
+            ("OUTBOXD_HTTP__LISTEN", "127.0.0.1:0"),
+            ("NATS_URL", &nats_url),
+        ],
+    )
+    .await?;
     assert!(up(2).await, "the relay never recorded itself");
     // The demo keeps producing and handling: wait until three more of its
     // rows failed for good while both ran (its rows also succeed, retry
