@@ -20,9 +20,12 @@ PSQL="$PG_BIN/psql"
 SERVER_URL="${DATABASE_URL%/*}"
 "$PSQL" "$SERVER_URL/postgres" -qc "DROP DATABASE IF EXISTS outboxd_browser" -c "CREATE DATABASE outboxd_browser" >/dev/null
 export DATABASE_URL="$SERVER_URL/outboxd_browser"
-# No relaying here: rows without a handler must dead-letter.
+# No relaying here. The rows go to a webhook target that refuses the
+# connection (port 9, discard), so each fails and dead-letters.
 unset NATS_URL
 export OUTBOXD_CONFIG_DIR="$ROOT/config" OUTBOXD_ENV=test OUTBOXD_LOG__FILTER=warn
+OUTBOXD_WEBHOOK__SECRET="$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=')"
+export OUTBOXD_WEBHOOK__SECRET
 JWT_SECRET="$(head -c 48 /dev/urandom | base64 | tr -d '\n/+=' | head -c 48)"
 export JWT_SECRET
 ADMIN_EMAIL=admin@example.com
@@ -32,9 +35,9 @@ ADMIN_PASSWORD="$(head -c 24 /dev/urandom | base64 | tr -d '\n/+=' | head -c 20)
 "$BIN" app create shop >/dev/null
 printf '%s\n' "$ADMIN_PASSWORD" | "$BIN" user create "$ADMIN_EMAIL" --admin --password-stdin >/dev/null
 for n in 1 2 3 4; do
-  # No handler serves this topic in a plain `run`, and one attempt is allowed:
+  # The webhook target refuses the connection, and one attempt is allowed:
   # each row becomes a dead letter at its first claim.
-  "$BIN" enqueue --app shop --topic order.sync --payload "{\"order\": $n, \"customer\": \"c-$n\"}" --max-attempts 1 >/dev/null
+  "$BIN" enqueue --app shop --topic webhook:http://127.0.0.1:9/orders --payload "{\"order\": $n, \"customer\": \"c-$n\"}" --max-attempts 1 >/dev/null
 done
 
 PORT="$(free_port)"
