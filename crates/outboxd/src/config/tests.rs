@@ -206,3 +206,24 @@ fn an_unknown_pooler_is_refused_with_the_accepted_values() {
     let transaction = load(&[("OUTBOXD_DATABASE__POOLER", "transaction")]);
     assert!(transaction.is_ok_and(|s| s.database.pooler() == Pooler::Transaction));
 }
+
+#[test]
+fn relay_topics_come_from_an_env_array_and_bad_patterns_name_the_rule() {
+    let s =
+        load(&[("OUTBOXD_NATS__RELAY_TOPICS", r#"["orders.*", "billing.>"]"#)]).expect("config");
+    assert_eq!(s.nats.relay_topics, ["orders.*", "billing.>"]);
+    let patterns = s.relay_patterns().expect("valid patterns");
+    assert!(patterns[1].matches("billing.eu.paid"));
+    for (bad, rule) in [
+        (r#"["orders.>.eu"]"#, "'>' may only be the last token"),
+        (r#"["or*ders"]"#, "a wildcard must be a whole token"),
+        ("[]", "is empty"),
+    ] {
+        let err = load(&[("OUTBOXD_NATS__RELAY_TOPICS", bad)])
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("nats.relay_topics"), "{err}");
+        assert!(err.contains(rule), "{err}");
+        assert!(err.contains("OUTBOXD_NATS__RELAY_TOPICS"), "{err}");
+    }
+}
