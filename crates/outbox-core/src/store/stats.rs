@@ -106,17 +106,7 @@ pub async fn fill_backlog<'e>(
     rows: u32,
     topic: &str,
 ) -> Result<u64, Error> {
-    Ok(sqlx::query(
-        "INSERT INTO outbox (id, app_id, topic, payload, run_at)
-         SELECT outbox_uuid_v7(), $1, $3, jsonb_build_object('n', g), now() - interval '1 second'
-         FROM generate_series(1, $2) g",
-    )
-    .bind(app)
-    .bind(i64::from(rows))
-    .bind(topic)
-    .execute(db)
-    .await?
-    .rows_affected())
+    fill_backlog_topics(db, app, rows, &[topic]).await
 }
 
 /// As [`fill_backlog`], the `g`th row's topic being `topics[g % topics.len()]`:

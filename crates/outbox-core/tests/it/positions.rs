@@ -67,16 +67,8 @@ async fn a_claim_from_positions_does_not_walk_rows_finished_under_a_held_snapsho
     tx.commit().await?;
 
     // No margin: the live row, behind the dead ones, is the position.
-    let positions = store::advance_positions(
-        &db.pool,
-        &Positions::default(),
-        &Served::everything(),
-        Duration::ZERO,
-    )
-    .await?;
-    let positions =
-        store::advance_positions(&db.pool, &positions, &Served::everything(), Duration::ZERO)
-            .await?;
+    let positions = advance(&db, &Positions::default(), Duration::ZERO).await?;
+    let positions = advance(&db, &positions, Duration::ZERO).await?;
     let from_start = buffers_touched(&claim_plan(&db, &Positions::default()).await?);
     let from_positions = buffers_touched(&claim_plan(&db, &positions).await?);
     assert!(
@@ -124,13 +116,7 @@ async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance(
     // lists `running` among the transactions still open (rather than
     // beyond all it knows): the lookup by that list is what finds its row.
     db.app("later").await?;
-    let positions = store::advance_positions(
-        &db.pool,
-        &Positions::default(),
-        &Served::everything(),
-        MARGIN,
-    )
-    .await?;
+    let positions = advance(&db, &Positions::default(), MARGIN).await?;
     let (taken_at, _) = positions.of(app).ok_or("no position for the app")?;
     assert!(
         taken_at > Some(an_hour_ago),
@@ -161,8 +147,7 @@ async fn rows_committed_behind_the_positions_are_claimed_after_the_next_advance(
         claimed.is_empty(),
         "rows behind the positions wait for the next advance"
     );
-    let positions =
-        store::advance_positions(&db.pool, &positions, &Served::everything(), MARGIN).await?;
+    let positions = advance(&db, &positions, MARGIN).await?;
     let (_, claimed) = store::complete_and_claim(
         &db.pool,
         &positions,
@@ -186,16 +171,12 @@ async fn positions_stop_at_leased_rows_so_an_expired_lease_is_claimed_again() ->
     assert_eq!(leased.len(), 3);
     let mut positions = Positions::default();
     for _ in 0..3 {
-        positions =
-            store::advance_positions(&db.pool, &positions, &Served::everything(), Duration::ZERO)
-                .await?;
+        positions = advance(&db, &positions, Duration::ZERO).await?;
     }
     let mut claimed = Vec::new();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        positions =
-            store::advance_positions(&db.pool, &positions, &Served::everything(), Duration::ZERO)
-                .await?;
+        positions = advance(&db, &positions, Duration::ZERO).await?;
         claimed = store::complete_and_claim(
             &db.pool,
             &positions,
@@ -232,18 +213,11 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
     )
     .await?;
     tx.commit().await?;
-    let positions = store::advance_positions(
-        &db.pool,
-        &Positions::default(),
-        &Served::everything(),
-        MARGIN,
-    )
-    .await?;
+    let positions = advance(&db, &Positions::default(), MARGIN).await?;
     sqlx::query("UPDATE outbox SET run_at = now() - interval '1 hour'")
         .execute(&db.pool)
         .await?;
-    let positions =
-        store::advance_positions(&db.pool, &positions, &Served::everything(), MARGIN).await?;
+    let positions = advance(&db, &positions, MARGIN).await?;
     let (_, claimed) = store::complete_and_claim(
         &db.pool,
         &positions,
@@ -267,13 +241,7 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
     )
     .await?
     .ok_or("the rewind ran over its budget")?;
-    let positions = store::advance_positions(
-        &db.pool,
-        &positions.lowered_to(&floor),
-        &Served::everything(),
-        MARGIN,
-    )
-    .await?;
+    let positions = advance(&db, &positions.lowered_to(&floor), MARGIN).await?;
     let (_, claimed) = store::complete_and_claim(
         &db.pool,
         &positions,
@@ -301,16 +269,9 @@ async fn a_row_due_since_minus_infinity_is_a_position_too() -> TestResult {
     sqlx::query("SELECT outbox_enqueue('shop', 't', '{}'::jsonb, p_run_at => '-infinity')")
         .execute(&db.pool)
         .await?;
-    let positions = store::advance_positions(
-        &db.pool,
-        &Positions::default(),
-        &Served::everything(),
-        MARGIN,
-    )
-    .await?;
+    let positions = advance(&db, &Positions::default(), MARGIN).await?;
     assert_eq!(positions.of(app).map(|(run_at, _)| run_at), Some(None));
-    let positions =
-        store::advance_positions(&db.pool, &positions, &Served::everything(), MARGIN).await?;
+    let positions = advance(&db, &positions, MARGIN).await?;
     let (_, claimed) = store::complete_and_claim(
         &db.pool,
         &positions,
@@ -323,4 +284,13 @@ async fn a_row_due_since_minus_infinity_is_a_position_too() -> TestResult {
     .await?;
     assert_eq!(claimed.len(), 1);
     Ok(())
+}
+
+/// Moves positions on from `from`, every topic served.
+async fn advance(
+    db: &TestDb,
+    from: &Positions,
+    margin: Duration,
+) -> Result<Positions, outbox_core::Error> {
+    store::advance_positions(&db.pool, from, &Served::everything(), margin).await
 }
