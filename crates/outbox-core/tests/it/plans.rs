@@ -3,7 +3,7 @@
 
 use outbox_core::store::outbox::{
     ADVANCE_POSITIONS_SQL, COMPLETE_AND_CLAIM_SQL, COMPLETE_SQL, DEAD_LETTER_SQL, HEARTBEAT_SQL,
-    LOCK_IDS_SQL, RESCHEDULE_SQL, claim_connect_options,
+    LOCK_IDS_SQL, RESCHEDULE_SQL, claim_connect_options, planner_options,
 };
 use outbox_testkit::TestDb;
 use sqlx::{Connection, PgConnection};
@@ -47,6 +47,26 @@ async fn short_queue_plan(
         .await?;
     claimer.close().await?;
     Ok(plan.join("\n"))
+}
+
+/// With sequential scans off, a statement on a table without a usable index
+/// is costed past `jit_above_cost`; compiled, a beat of a millisecond took
+/// hundreds of ms of CPU every second.
+#[tokio::test]
+async fn a_dispatcher_connection_compiles_no_statement_to_machine_code() -> TestResult {
+    let db = TestDb::new().await?;
+    let mut conn = PgConnection::connect_with(&planner_options(&db.pool.connect_options())).await?;
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&mut conn).await?;
+    assert_eq!(jit, "off");
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN (ANALYZE, COSTS ON) SELECT count(*) FROM outbox_processes WHERE expires_at < now()")
+            .fetch_all(&mut conn)
+            .await?;
+    let plan = plan.join("\n");
+    assert!(plan.contains("Seq Scan"), "{plan}");
+    assert!(!plan.contains("JIT"), "{plan}");
+    conn.close().await?;
+    Ok(())
 }
 
 #[tokio::test]

@@ -101,11 +101,10 @@ pub async fn claim_served<'e>(
 /// the backlog. The statement is written so that its generic plan is the one
 /// a custom plan would be (index scan for the pick, TID scan for the lease).
 ///
-/// Without a known batch size the generic plan's cost grows with the backlog
-/// and, past `jit_above_cost`, PostgreSQL would compile it to machine code
-/// on every execution (tens of ms for a claim of a millisecond); JIT is off.
+/// Without a known batch size the generic plan's cost grows with the backlog;
+/// JIT stays off, as on every dispatcher connection ([`planner_options`]).
 pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
-    planner_options(base).options([("plan_cache_mode", "force_generic_plan"), ("jit", "off")])
+    planner_options(base).options([("plan_cache_mode", "force_generic_plan")])
 }
 
 /// Options every dispatcher connection needs, pooled or not: bitmap and
@@ -129,9 +128,19 @@ pub fn claim_connect_options(base: &PgConnectOptions) -> PgConnectOptions {
 /// after the table has grown. Nothing outboxd runs on these connections
 /// wants a whole table read where an index serves, so sequential scans
 /// are off.
+///
+/// With them off, a statement on a table without a usable index (the
+/// process table, the transactional batches) is costed in the billions,
+/// past `jit_above_cost`, and PostgreSQL compiled each one to machine code:
+/// about 300 ms of CPU for a beat of a millisecond, every second, which took
+/// a quarter of the drain's throughput on two cores. Nothing outboxd runs
+/// is long enough to gain from JIT, so it is off.
 pub fn planner_options(base: &PgConnectOptions) -> PgConnectOptions {
-    base.clone()
-        .options([("enable_bitmapscan", "off"), ("enable_seqscan", "off")])
+    base.clone().options([
+        ("enable_bitmapscan", "off"),
+        ("enable_seqscan", "off"),
+        ("jit", "off"),
+    ])
 }
 
 /// Deletes the successfully handled rows of `done` and claims up to `limit`
