@@ -4,8 +4,10 @@
 //! fallback (the relay) leaves those to them, so a relay process started
 //! beside a service with handlers does not take that service's rows.
 //!
-//! Each beat also reads the paused topics, so every process honours a pause
-//! or a resume within about a second.
+//! Each beat also reads the paused topics and the concurrency limits, so
+//! every process honours a pause, a resume or a limit within about a second.
+//! Ordinary claims leave limited topics out; the claim loops take those one
+//! topic at a time ([`outbox_core::store::outbox::claim_limited`]).
 //!
 //! Until the first beat has answered, the fallback takes nothing: it cannot
 //! know yet what other processes serve.
@@ -14,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use outbox_core::store::limits::LimitedTopic;
+use outbox_core::store::pauses;
 use outbox_core::store::processes::{self, Beat, ProcessInfo};
 use outbox_core::topics::Served;
 use tokio_util::sync::CancellationToken;
@@ -27,11 +31,22 @@ use crate::handler::Subscription;
 /// process started elsewhere is left its topics within about this long.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 
+/// The limited topics and what their claims serve, as of the last beat.
+#[derive(Debug, Default)]
+pub(crate) struct Limits {
+    /// The topics with a concurrency limit, of every app.
+    pub(crate) topics: Vec<LimitedTopic>,
+    /// The served topics of their claims: the pauses apply, not the limits.
+    pub(crate) served: Served,
+}
+
 /// The served topics a claim binds, as of the last beat.
 #[derive(Debug)]
 pub(crate) struct ServedNow {
     subscription: Subscription,
+    // What the ordinary claims take: neither paused nor limited topics.
     current: RwLock<Arc<Served>>,
+    limits: RwLock<Arc<Limits>>,
     // Bumped whenever the served topics change: claim positions may have
     // passed rows that are claimable now, and are taken afresh.
     generation: AtomicU64,
@@ -44,6 +59,7 @@ impl ServedNow {
         Self {
             subscription,
             current,
+            limits: RwLock::default(),
             generation: AtomicU64::new(0),
         }
     }
@@ -61,14 +77,43 @@ impl ServedNow {
             .clone()
     }
 
-    fn update(&self, beat: Beat) {
-        let mut next = served(&self.subscription, Some(beat.others));
-        next.paused = beat.paused;
+    /// The limited topics, claimed one by one with their own statement.
+    pub(crate) fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes what a beat learnt; true when the limited topics changed.
+    fn update(&self, beat: Beat) -> bool {
+        let mut for_limited = served(&self.subscription, Some(beat.others));
+        for_limited.paused = beat.paused;
+        let mut next = for_limited.clone();
+        next.paused.extend(
+            beat.limited
+                .iter()
+                .map(|l| pauses::pause_key(l.app_id, &l.topic)),
+        );
+        next.paused.sort();
+        next.paused.dedup();
+        let limits_changed = {
+            let mut limits = self.limits.write().unwrap_or_else(PoisonError::into_inner);
+            let changed = limits.topics != beat.limited;
+            if changed || limits.served != for_limited {
+                *limits = Arc::new(Limits {
+                    topics: beat.limited,
+                    served: for_limited,
+                });
+            }
+            changed
+        };
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         if **current != next {
             *current = Arc::new(next);
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        limits_changed
     }
 
     /// The row this process writes.
@@ -134,13 +179,24 @@ impl Shared {
     /// row expires one lease from now unless the next beat renews it.
     pub(crate) async fn beat(&self) -> Result<(), outbox_core::Error> {
         let beat = processes::beat(&self.pool, &self.process, self.config.lease).await?;
-        self.served.update(beat);
+        if self.served.update(beat) && self.config.in_transaction {
+            let limits = self.served.limits();
+            if !limits.topics.is_empty() {
+                let topics: Vec<&str> = limits.topics.iter().map(|t| t.topic.as_str()).collect();
+                warn!(
+                    ?topics,
+                    "topics with a concurrency limit are claimed by lease-mode dispatchers only; this transactional dispatcher leaves them to those"
+                );
+            }
+        }
         Ok(())
     }
 
     /// Beats every [`BEAT_EVERY`] until `stop`, then deletes the row.
     pub(crate) async fn announce(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(BEAT_EVERY);
+        // `run` beat once already, before the first claim.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + BEAT_EVERY, BEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

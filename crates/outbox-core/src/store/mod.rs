@@ -39,6 +39,7 @@ pub mod dedupe;
 pub mod invocations;
 pub mod kv;
 pub mod leader;
+pub mod limits;
 pub mod listen;
 pub mod login_throttle;
 pub mod outbox;

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::limits::LimitedTopic;
 use crate::Error;
 
 /// What one process is and serves, as it writes it on every beat.
@@ -64,11 +65,13 @@ pub struct Beat {
     pub others: Vec<String>,
     /// The paused topics of every app, as [`super::pauses::pause_key`] names them.
     pub paused: Vec<String>,
+    /// The topics with a concurrency limit, of every app.
+    pub limited: Vec<LimitedTopic>,
 }
 
 /// The statement of [`beat`]: writes the process's row, deletes the rows of
 /// processes that are gone, and returns the topics the other live processes
-/// serve by name and the paused topics (`$1`–`$8` the row, `$9` seconds
+/// serve by name, the paused topics and the limited ones (`$1`–`$8` the row, `$9` seconds
 /// until it expires).
 const BEAT: &str = "WITH me AS (
     INSERT INTO outbox_processes AS p
@@ -86,7 +89,11 @@ const BEAT: &str = "WITH me AS (
      FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
      WHERE p.id <> $1 AND p.expires_at > now()),
     (SELECT coalesce(array_agg(app_id::text || '/' || topic ORDER BY app_id, topic), '{}')
-     FROM outbox_topic_pauses)";
+     FROM outbox_topic_pauses),
+    (SELECT coalesce(array_agg(app_id ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_limits),
+    (SELECT coalesce(array_agg(topic ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_limits)";
 
 /// Records that `info`'s process is up until `expires_in` from now, deletes
 /// the rows of processes that are gone, and returns what the process must
@@ -97,19 +104,29 @@ pub async fn beat<'e>(
     info: &ProcessInfo,
     expires_in: Duration,
 ) -> Result<Beat, Error> {
-    let (others, paused) = sqlx::query_as(BEAT)
-        .bind(info.id)
-        .bind(&info.worker)
-        .bind(&info.host)
-        .bind(info.pid)
-        .bind(&info.version)
-        .bind(&info.topics)
-        .bind(&info.patterns)
-        .bind(&info.regexes)
-        .bind(expires_in.as_secs_f64())
-        .fetch_one(db)
-        .await?;
-    Ok(Beat { others, paused })
+    let (others, paused, limited_apps, limited_topics): (_, _, Vec<Uuid>, Vec<String>) =
+        sqlx::query_as(BEAT)
+            .bind(info.id)
+            .bind(&info.worker)
+            .bind(&info.host)
+            .bind(info.pid)
+            .bind(&info.version)
+            .bind(&info.topics)
+            .bind(&info.patterns)
+            .bind(&info.regexes)
+            .bind(expires_in.as_secs_f64())
+            .fetch_one(db)
+            .await?;
+    let limited = limited_apps
+        .into_iter()
+        .zip(limited_topics)
+        .map(|(app_id, topic)| LimitedTopic { app_id, topic })
+        .collect();
+    Ok(Beat {
+        others,
+        paused,
+        limited,
+    })
 }
 
 /// Removes a process's row (it stops).

@@ -5,10 +5,13 @@
 pub(crate) mod completer;
 pub(crate) mod heartbeat;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::listen::reconnect_pause;
 use outbox_core::store::outbox as store;
@@ -17,10 +20,30 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+use uuid::Uuid;
 
 use crate::dispatcher::Shared;
 use crate::outcome::{Finished, Outcome};
 use crate::positions::ClaimFrom;
+
+/// How long a claim loop leaves a limited topic alone after finding all its
+/// slots taken.
+const LIMITED_LOOK_AGAIN: Duration = Duration::from_millis(25);
+
+/// The limited topics a claim loop found at their limit, and until when it
+/// leaves them alone.
+#[derive(Debug, Default)]
+struct LimitedLooks {
+    full: HashMap<(Uuid, String), Instant>,
+    start: usize,
+}
+
+impl LimitedLooks {
+    /// Some limited topic was at its limit: its rows may be waiting.
+    fn at_capacity(&self) -> bool {
+        !self.full.is_empty()
+    }
+}
 
 /// Claimed rows run together in one task: spawning a task per row cost more
 /// than a no-op handler, while a batch still spreads over the runtime's
@@ -42,6 +65,7 @@ impl Shared {
         let mut claim_errors = 0u32;
         let mut claim_conn: Option<PgConnection> = None;
         let mut from = ClaimFrom::default();
+        let mut looks = LimitedLooks::default();
         loop {
             let first = tokio::select! {
                 biased;
@@ -62,21 +86,10 @@ impl Shared {
             let succeeded = self.take_succeeded();
             let leases: Vec<Lease> = succeeded.iter().map(|f| f.lease).collect();
             let claimed = match self.claim_connection(&mut claim_conn).await {
-                Ok(conn) => match from.current(&self, &mut *conn).await {
-                    Ok(positions) => {
-                        store::complete_and_claim(
-                            conn,
-                            positions,
-                            &self.served.get(),
-                            &leases,
-                            &config.worker_id,
-                            wanted as u32,
-                            config.lease,
-                        )
+                Ok(conn) => {
+                    self.claim_round(conn, &mut from, &mut looks, &leases, wanted)
                         .await
-                    }
-                    Err(err) => Err(err),
-                },
+                }
                 Err(err) => Err(err.into()),
             };
             if claimed.is_err() {
@@ -138,11 +151,18 @@ impl Shared {
             drop(held);
             while tasks.try_join_next().is_some() {}
             if got < wanted {
+                // A limited topic whose slots were all taken is looked at
+                // again soon: other processes' rows free them.
+                let pause = if looks.at_capacity() {
+                    config.poll_interval.min(LIMITED_LOOK_AGAIN)
+                } else {
+                    config.poll_interval
+                };
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
                     () = self.wake.notified() => {}
-                    () = tokio::time::sleep(config.poll_interval) => {}
+                    () = tokio::time::sleep(pause) => {}
                 }
             }
         }
@@ -160,6 +180,84 @@ impl Shared {
                 while tasks.join_next().await.is_some() {}
             }
         }
+    }
+
+    /// One claim: the limited topics whose slots may be free first, then
+    /// the others for the rest of `wanted`, completing `done` on the way.
+    /// Limited rows are bounded by their slots, so they cannot starve the
+    /// others; the others, claimed second, cannot starve them.
+    async fn claim_round(
+        &self,
+        conn: &mut PgConnection,
+        from: &mut ClaimFrom,
+        looks: &mut LimitedLooks,
+        done: &[Lease],
+        wanted: usize,
+    ) -> Result<(usize, Vec<ClaimedEvent>), outbox_core::Error> {
+        let config = &self.config;
+        let mut rows = self.claim_limited(conn, looks, wanted).await?;
+        let rest = wanted - rows.len();
+        if rest == 0 {
+            let completed = store::complete(&mut *conn, done).await?.len();
+            return Ok((completed, rows));
+        }
+        let positions = from.current(self, &mut *conn).await?;
+        let (completed, more) = store::complete_and_claim(
+            conn,
+            positions,
+            &self.served.get(),
+            done,
+            &config.worker_id,
+            rest as u32,
+            config.lease,
+        )
+        .await?;
+        rows.extend(more);
+        Ok((completed, rows))
+    }
+
+    /// Claims up to `wanted` rows of the limited topics, each from its
+    /// free slots; a topic found at its limit is left alone for
+    /// [`LIMITED_LOOK_AGAIN`].
+    async fn claim_limited(
+        &self,
+        conn: &mut PgConnection,
+        looks: &mut LimitedLooks,
+        wanted: usize,
+    ) -> Result<Vec<ClaimedEvent>, outbox_core::Error> {
+        let limits = self.served.limits();
+        let now = Instant::now();
+        looks.full.retain(|_, until| *until > now);
+        let mut rows = Vec::new();
+        let count = limits.topics.len();
+        // Each round starts at the next topic, so none is always last.
+        looks.start = looks.start.wrapping_add(1);
+        for i in 0..count {
+            let topic = &limits.topics[(looks.start + i) % count];
+            let asked = wanted - rows.len();
+            if asked == 0 {
+                break;
+            }
+            let key = (topic.app_id, topic.topic.clone());
+            if looks.full.contains_key(&key) {
+                continue;
+            }
+            let claim = store::claim_limited(
+                &mut *conn,
+                topic,
+                &limits.served,
+                &self.config.worker_id,
+                asked as u32,
+                self.config.lease,
+            )
+            .await?;
+            let free = claim.free as usize;
+            if free <= asked && claim.rows.len() == free {
+                looks.full.insert(key, now + LIMITED_LOOK_AGAIN);
+            }
+            rows.extend(claim.rows);
+        }
+        Ok(rows)
     }
 
     /// The claim loop's own connection (see [`store::claim_connect_options`]),

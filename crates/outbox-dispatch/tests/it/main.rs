@@ -5,6 +5,7 @@ mod dispatch;
 mod enqueueing;
 mod leadership;
 mod leases;
+mod limits;
 mod ordering;
 mod replayer;
 mod subscriptions;

@@ -45,9 +45,25 @@ impl Ran {
 }
 
 /// Runs `registry` as a process of its own (its own pool) until the token is cancelled.
-async fn start(
+pub(crate) async fn start(
     db: &TestDb,
     registry: Registry,
+) -> Result<
+    (
+        CancellationToken,
+        JoinHandle<Result<DrainReport, outbox_dispatch::Error>>,
+        uuid::Uuid,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    start_with(db, registry, config()).await
+}
+
+/// As [`start`], with `config`.
+pub(crate) async fn start_with(
+    db: &TestDb,
+    registry: Registry,
+    config: outbox_dispatch::Config,
 ) -> Result<
     (
         CancellationToken,
@@ -60,7 +76,7 @@ async fn start(
         .max_connections(4)
         .connect(&db.url)
         .await?;
-    let dispatcher = Dispatcher::new(pool, registry, config())?;
+    let dispatcher = Dispatcher::new(pool, registry, config)?;
     let id = dispatcher.process_id();
     let stop = CancellationToken::new();
     let waiter = stop.clone();
@@ -82,7 +98,7 @@ async fn start(
 }
 
 /// Waits until the outbox is empty.
-async fn emptied(db: &TestDb) -> bool {
+pub(crate) async fn emptied(db: &TestDb) -> bool {
     let pool = db.pool.clone();
     wait_until(Duration::from_secs(20), || {
         let pool = pool.clone();
@@ -95,7 +111,12 @@ async fn emptied(db: &TestDb) -> bool {
     .await
 }
 
-async fn enqueue_each(db: &TestDb, app: uuid::Uuid, topics: &[&str], n: usize) -> TestResult {
+pub(crate) async fn enqueue_each(
+    db: &TestDb,
+    app: uuid::Uuid,
+    topics: &[&str],
+    n: usize,
+) -> TestResult {
     let mut events = Vec::new();
     for topic in topics {
         events.extend((0..n).map(|i| NewEvent::new(*topic, serde_json::json!({ "i": i }))));

@@ -160,6 +160,23 @@ macro_rules! served_filter {
     };
 }
 
+/// That the row `o` may be claimed now: due, not leased, and, with an
+/// ordering key, the oldest row of its key while no transaction that could
+/// still commit an earlier row of that key is open.
+macro_rules! claimable {
+    () => {
+        "o.run_at <= now()
+          AND (o.locked_until IS NULL OR o.locked_until < now())
+          AND (o.ordering_key IS NULL OR (
+                o.enqueue_xid < pg_snapshot_xmin(pg_current_snapshot())
+                AND NOT EXISTS (
+                    SELECT 1 FROM outbox e
+                    WHERE e.app_id = o.app_id
+                      AND e.ordering_key = o.ordering_key
+                      AND (e.enqueue_xid, e.id) < (o.enqueue_xid, o.id))))"
+    };
+}
+
 /// Picks up to `$1` claimable rows of the apps `$apps` lists (see
 /// [`apps_from_start`]) whose topic `$served` (a [`served_filter`]) takes,
 /// apps in random order (fairness), and locks them.
@@ -182,15 +199,9 @@ macro_rules! picked_cte {
         FROM outbox o
         WHERE o.app_id = a.id
           AND (o.run_at, o.id) >= (a.from_run_at, a.from_id)
-          AND o.run_at <= now()
-          AND (o.locked_until IS NULL OR o.locked_until < now())
-          AND (o.ordering_key IS NULL OR (
-                o.enqueue_xid < pg_snapshot_xmin(pg_current_snapshot())
-                AND NOT EXISTS (
-                    SELECT 1 FROM outbox e
-                    WHERE e.app_id = o.app_id
-                      AND e.ordering_key = o.ordering_key
-                      AND (e.enqueue_xid, e.id) < (o.enqueue_xid, o.id))))
+          AND ",
+            claimable!(),
+            "
         ",
             $served,
             "
@@ -277,6 +288,7 @@ mod cancel;
 mod claiming;
 mod inspect;
 mod leases;
+mod limited;
 mod positions;
 mod tx;
 
@@ -284,6 +296,7 @@ pub use cancel::*;
 pub use claiming::*;
 pub use inspect::*;
 pub use leases::*;
+pub use limited::*;
 pub use positions::*;
 pub use tx::*;
 

@@ -1,0 +1,184 @@
+//! Concurrency limits per topic, across several processes: never more of a
+//! limited topic's rows run at once than its limit, other topics are not
+//! held back, and the slots of a process that died come back with its
+//! leases.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox_core::store::limits::{self, LimitedTopic};
+use outbox_core::store::outbox as store;
+use outbox_core::topics::Served;
+use outbox_dispatch::{Event, HandlerError, Registry};
+use outbox_testkit::TestDb;
+use sqlx::Connection;
+
+use super::subscriptions::{emptied, enqueue_each, start, start_with};
+use super::{TestResult, config};
+
+/// When each run of one topic started and ended, in every process.
+#[derive(Clone, Default)]
+struct Runs(Arc<Mutex<Vec<(Instant, Instant)>>>);
+
+impl Runs {
+    /// A handler that takes `busy` and records its run.
+    fn handler(
+        &self,
+        busy: Duration,
+    ) -> impl Fn(Event) -> futures::future::BoxFuture<'static, Result<(), HandlerError>> + Clone + use<>
+    {
+        let runs = self.clone();
+        move |_event: Event| {
+            let runs = runs.clone();
+            Box::pin(async move {
+                let started = Instant::now();
+                tokio::time::sleep(busy).await;
+                if let Ok(mut runs) = runs.0.lock() {
+                    runs.push((started, Instant::now()));
+                }
+                Ok(())
+            })
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().map(|r| r.len()).unwrap_or_default()
+    }
+
+    fn first_start(&self) -> Option<Instant> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|r| r.iter().map(|(s, _)| *s).min())
+    }
+
+    /// The most runs that overlapped at any instant.
+    fn most_at_once(&self) -> usize {
+        let runs = self.0.lock().map(|r| r.clone()).unwrap_or_default();
+        // An end sorts before a start at the same instant: back-to-back runs
+        // do not overlap.
+        let mut edges: Vec<(Instant, i32)> = runs
+            .iter()
+            .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
+            .collect();
+        edges.sort();
+        let (mut now, mut most) = (0i32, 0i32);
+        for (_, step) in edges {
+            now += step;
+            most = most.max(now);
+        }
+        usize::try_from(most).unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn a_limited_topic_never_runs_more_rows_at_once_than_its_limit_across_four_processes()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    limits::set(&db.pool, app, "report.render", 2, Some("ops@example.com")).await?;
+    let (limited, free) = (Runs::default(), Runs::default());
+    let mut processes = Vec::new();
+    for _ in 0..4 {
+        let mut registry = Registry::new();
+        registry
+            .register("report.render", limited.handler(Duration::from_millis(20)))
+            .register("email.send", free.handler(Duration::from_millis(20)));
+        processes.push(start(&db, registry).await?);
+    }
+    enqueue_each(&db, app, &["report.render", "email.send"], 40).await?;
+    assert!(emptied(&db).await, "rows left");
+    assert_eq!(limited.count(), 40);
+    assert_eq!(free.count(), 40);
+    assert_eq!(
+        limited.most_at_once(),
+        2,
+        "the limit of 2 was exceeded, or never reached"
+    );
+    assert!(
+        free.most_at_once() > 2,
+        "the unlimited topic was held back: {} at once",
+        free.most_at_once()
+    );
+    let shown = limits::list(&db.pool, app).await?;
+    assert_eq!(shown.len(), 1);
+    assert_eq!(
+        (
+            shown[0].topic.as_str(),
+            shown[0].max_running,
+            shown[0].running
+        ),
+        ("report.render", 2, 0)
+    );
+    assert_eq!(shown[0].set_by.as_deref(), Some("ops@example.com"));
+
+    // Without its limit the topic runs as wide as the processes allow.
+    assert!(limits::remove(&db.pool, app, "report.render").await?);
+    assert!(!limits::remove(&db.pool, app, "report.render").await?);
+    let unlimited = Runs::default();
+    for (stop, run, _) in processes {
+        stop.cancel();
+        run.await??;
+    }
+    let mut registry = Registry::new();
+    registry.register(
+        "report.render",
+        unlimited.handler(Duration::from_millis(50)),
+    );
+    let (stop, run, _) = start(&db, registry).await?;
+    enqueue_each(&db, app, &["report.render"], 20).await?;
+    assert!(emptied(&db).await, "rows left");
+    assert!(unlimited.most_at_once() > 2);
+    stop.cancel();
+    run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_slots_of_a_process_that_died_come_back_when_its_leases_expire() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    limits::set(&db.pool, app, "report.render", 1, None).await?;
+    enqueue_each(&db, app, &["report.render"], 5).await?;
+    // A process claims the topic's one slot with a lease of a second, and dies.
+    let lease = Duration::from_secs(1);
+    let mut dead = sqlx::PgConnection::connect(&db.url).await?;
+    let topic = LimitedTopic {
+        app_id: app,
+        topic: "report.render".into(),
+    };
+    // The lease runs from the claim statement's start, after this instant.
+    let expires = Instant::now() + lease;
+    let taken =
+        store::claim_limited(&mut dead, &topic, &Served::everything(), "dead", 5, lease).await?;
+    assert_eq!(taken.rows.len(), 1, "one slot, one row");
+    assert_eq!(taken.free, 1);
+    let again =
+        store::claim_limited(&mut dead, &topic, &Served::everything(), "dead", 5, lease).await?;
+    assert_eq!((again.rows.len(), again.free), (0, 0), "the slot is taken");
+    dead.close().await?;
+
+    let runs = Runs::default();
+    let mut registry = Registry::new();
+    registry.register("report.render", runs.handler(Duration::from_millis(5)));
+    let (stop, run, _) = start_with(&db, registry, config()).await?;
+    assert!(
+        emptied(&db).await,
+        "the dead process's slot never came back"
+    );
+    assert_eq!(runs.count(), 5, "the dead process's row runs again too");
+    assert!(
+        runs.first_start().is_some_and(|first| first >= expires),
+        "a row ran while the dead process still held the only slot"
+    );
+    assert_eq!(runs.most_at_once(), 1);
+    stop.cancel();
+    run.await??;
+    Ok(())
+}
+
+#[test]
+fn a_limit_outside_its_range_names_the_field() {
+    let message = limits::validate_max_running(0).err().map(|e| e.to_string());
+    assert!(message.is_some_and(|m| m.contains("max_running")));
+}
