@@ -37,7 +37,9 @@ use self::accounts::{
 use self::apps::apps;
 use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
-use self::topics::{cancel, list_pauses, list_processes, pause, resume};
+use self::topics::{
+    cancel, list_limits, list_pauses, list_processes, pause, remove_limit, resume, set_limit,
+};
 
 /// The `/api` routes.
 pub fn routes() -> Router<AdminState> {
@@ -72,6 +74,11 @@ pub fn routes() -> Router<AdminState> {
         .route(
             "/api/apps/{app}/pauses/{topic}",
             axum::routing::put(pause).delete(resume),
+        )
+        .route("/api/apps/{app}/limits", get(list_limits))
+        .route(
+            "/api/apps/{app}/limits/{topic}",
+            axum::routing::put(set_limit).delete(remove_limit),
         )
         .route("/api/apps/{app}/outbox/cancel", post(cancel))
 }

@@ -1,11 +1,11 @@
 //! Topics as the unit of control: who serves what (live processes), paused
-//! topics, and cancelling rows that have not run.
+//! topics, concurrency limits, and cancelling rows that have not run.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outbox_core::store::outbox::{self as store, CancelFilter};
-use outbox_core::store::{pauses, processes};
+use outbox_core::store::{limits, pauses, processes};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -81,6 +81,66 @@ pub(super) async fn resume(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("pause"))
+    }
+}
+
+/// `GET /api/apps/{app}/limits`: the app's topics with a concurrency limit,
+/// each with how many of its rows run now.
+pub(super) async fn list_limits(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<limits::TopicLimit>>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(limits::list(&state.pool, app.id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LimitBody {
+    max_running: Option<i64>,
+    rate_per_sec: Option<f64>,
+    burst: Option<i64>,
+}
+
+/// `PUT /api/apps/{app}/limits/{topic}`: at most `max_running` rows of the
+/// topic run at once, and at most `rate_per_sec` start per second (bursts
+/// of `burst`), across every process, from about a second on. Replaces the
+/// topic's limits.
+pub(super) async fn set_limit(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    let body: LimitBody = crate::strict::json(&bytes)?;
+    let wanted = limits::Limits {
+        max_running: body.max_running,
+        rate_per_sec: body.rate_per_sec,
+        burst: body.burst,
+    };
+    let set = limits::set(&state.pool, app.id, &topic, &wanted, Some(&p.user.email)).await?;
+    Ok(Json(json!({
+        "topic": topic,
+        "max_running": set.max_running(),
+        "rate_per_sec": set.rate().map(|(r, _)| r),
+        "burst": set.rate().map(|(_, b)| b),
+    })))
+}
+
+/// `DELETE /api/apps/{app}/limits/{topic}`: removes the topic's limit; 404
+/// when it had none.
+pub(super) async fn remove_limit(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, topic)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    if limits::remove(&state.pool, app.id, &topic).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("limit"))
     }
 }
 

@@ -1,9 +1,10 @@
 //! The topics page: who serves what (the live processes), the paused
-//! topics with a resume button, and a form to pause one.
+//! topics with a resume button and a form to pause one, and the limited
+//! topics with a form to limit one.
 
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use outbox_core::store::{pauses, processes};
+use outbox_core::store::{limits, pauses, processes};
 
 use crate::AdminState;
 use crate::auth::{self, Capability};
@@ -26,11 +27,12 @@ pub(super) async fn topics_page(
         )
         .await?;
         let paused = pauses::list(&state.pool, app.id).await?;
+        let limited = limits::list(&state.pool, app.id).await?;
         let live = processes::live(&state.pool).await?;
-        Ok::<_, ApiError>((app, paused, live))
+        Ok::<_, ApiError>((app, paused, limited, live))
     }
     .await;
-    let (app, paused, live) = match result {
+    let (app, paused, limited, live) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -62,7 +64,36 @@ pub(super) async fn topics_page(
     body.push_str(&format!(
         r#"<form method=post action="/apps/{slug}/topics/pause"><input type=hidden name=csrf value="{csrf}">
 <p><label>Topic <input name=topic required maxlength=255></label> <label>Reason <input name=reason maxlength=1000></label> <button type=submit>Pause</button></p></form>
-<h2>Processes</h2>"#
+<h2>Limits</h2>"#
+    ));
+    if limited.is_empty() {
+        body.push_str(r#"<p class=muted data-limits=none>No topic is limited. A concurrency limit lets at most that many of a topic's rows run at once, a rate limit at most that many start per second, across every process (lease mode), from about a second on.</p>"#);
+    } else {
+        body.push_str(
+            "<table><tr><th>Topic</th><th>Running</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
+        );
+        for l in &limited {
+            body.push_str(&format!(
+                r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>
+<form class=inline method=post action="/apps/{slug}/topics/unlimit"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form></td></tr>"#,
+                topic = esc(&l.topic),
+                running = l.running,
+                max = l.max_running.map_or("∞".to_owned(), |n| n.to_string()),
+                rate = l
+                    .rate_per_sec
+                    .zip(l.burst)
+                    .map_or(String::new(), |(r, b)| format!("{r}/s, burst {b}")),
+                at = l.set_at.to_rfc3339(),
+                by = esc(l.set_by.as_deref().unwrap_or("")),
+            ));
+        }
+        body.push_str("</table>");
+    }
+    body.push_str(&format!(
+        r#"<form method=post action="/apps/{slug}/topics/limit"><input type=hidden name=csrf value="{csrf}">
+<p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>
+<h2>Processes</h2>"#,
+        max = limits::MAX_RUNNING,
     ));
     if live.is_empty() {
         body.push_str(r#"<p class=muted data-processes=none>No dispatcher is running: rows wait until one serving their topic starts (<code>outboxd run</code>).</p>"#);
@@ -88,7 +119,8 @@ pub(super) async fn topics_page(
     page(&format!("{} topics", app.slug), &body).into_response()
 }
 
-/// `POST /apps/{app}/topics/{pause|resume}` with the topic (and a reason).
+/// `POST /apps/{app}/topics/{pause|resume|limit|unlimit}` with the topic
+/// (and a reason, or a limit).
 pub(super) async fn change_topic(
     State(state): State<AdminState>,
     session: Session,
@@ -111,10 +143,38 @@ pub(super) async fn change_topic(
                     return Err(ApiError::not_found("pause"));
                 }
             }
+            "limit" => {
+                let wanted = limits::Limits {
+                    max_running: number(&form, "max_running")?,
+                    rate_per_sec: number(&form, "rate_per_sec")?,
+                    burst: number(&form, "burst")?,
+                };
+                let by = session.principal.user.email.as_str();
+                limits::set(&state.pool, app.id, &topic, &wanted, Some(by)).await?;
+            }
+            "unlimit" => {
+                if !limits::remove(&state.pool, app.id, &topic).await? {
+                    return Err(ApiError::not_found("limit"));
+                }
+            }
             _ => return Err(ApiError::not_found("action")),
         }
         Ok::<_, ApiError>(format!("/apps/{}/topics", app.slug))
     }
     .await;
     after_form(result)
+}
+
+/// A number field of a form: absent or blank is `None`.
+fn number<T: std::str::FromStr>(
+    form: &[(String, String)],
+    name: &'static str,
+) -> Result<Option<T>, ApiError> {
+    match field(form, name).map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::Invalid(format!("invalid {name}: {v:?} is not a number"))),
+    }
 }

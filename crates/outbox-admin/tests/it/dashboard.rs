@@ -259,5 +259,55 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
         StatusCode::SEE_OTHER
     );
     assert!(pauses::list(&w.db.pool, w.app_a).await?.is_empty());
+
+    // Limits: set from the form, shown with how many run, removed.
+    use outbox_core::store::limits;
+    assert!(page(viewer_jar.clone()).await?.contains("data-limits=none"));
+    assert_eq!(
+        post(
+            viewer_jar.clone(),
+            "/apps/app-a/topics/limit",
+            format!("csrf={viewer_csrf}&topic=report&max_running=2")
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
+    for bad in ["0", "two", ""] {
+        assert_eq!(
+            post(
+                operator_jar.clone(),
+                "/apps/app-a/topics/limit",
+                format!("csrf={operator_csrf}&topic=report&max_running={bad}")
+            )
+            .await?,
+            StatusCode::BAD_REQUEST,
+            "{bad:?}"
+        );
+    }
+    assert!(limits::list(&w.db.pool, w.app_a).await?.is_empty());
+    assert_eq!(
+        post(
+            operator_jar.clone(),
+            "/apps/app-a/topics/limit",
+            format!("csrf={operator_csrf}&topic=report&max_running=2")
+        )
+        .await?,
+        StatusCode::SEE_OTHER
+    );
+    let html = page(viewer_jar.clone()).await?;
+    assert!(
+        html.contains(r#"data-limited="report""#) && html.contains("0 / 2"),
+        "{html}"
+    );
+    assert_eq!(
+        post(
+            operator_jar.clone(),
+            "/apps/app-a/topics/unlimit",
+            format!("csrf={operator_csrf}&topic=report")
+        )
+        .await?,
+        StatusCode::SEE_OTHER
+    );
+    assert!(limits::list(&w.db.pool, w.app_a).await?.is_empty());
     Ok(())
 }

@@ -267,6 +267,13 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
             Some(json!({"reason": "r"})),
             Needs::Manage,
         ),
+        ("GET", "/api/apps/{app}/limits", None, Needs::Read),
+        (
+            "PUT",
+            "/api/apps/{app}/limits/{fresh}",
+            Some(json!({"max_running": 2})),
+            Needs::Manage,
+        ),
         (
             "POST",
             "/api/apps/{app}/outbox/cancel",

@@ -139,3 +139,91 @@ async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult
     assert_eq!((s, body), (StatusCode::OK, json!([])));
     Ok(())
 }
+
+#[tokio::test]
+async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let viewer = w.login("viewer@x.io").await?;
+    let path = "/api/apps/app-a/limits/report.render";
+
+    let (s, body) = w
+        .call("PUT", path, Some(&viewer), Some(json!({"max_running": 2})))
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    for (bad, field) in [
+        (json!({"max_running": 0}), "max_running"),
+        (json!({"max_running": -1}), "max_running"),
+        (json!({"max_running": 10_001}), "max_running"),
+        (json!({"max_running": "2"}), "max_running"),
+        (json!({}), "max_running"),
+        (json!({"rate_per_sec": 0}), "rate_per_sec"),
+        (json!({"rate_per_sec": -2.5}), "rate_per_sec"),
+        (json!({"rate_per_sec": 1e9}), "rate_per_sec"),
+        (json!({"rate_per_sec": 5, "burst": 0}), "burst"),
+        (json!({"max_running": 2, "burst": 3}), "burst"),
+    ] {
+        let (s, body) = w
+            .call("PUT", path, Some(&operator), Some(bad.clone()))
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(field)),
+            "{bad}: {body}"
+        );
+    }
+    let (s, body) = w
+        .call(
+            "PUT",
+            path,
+            Some(&operator),
+            Some(json!({"max_running": 2})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"topic": "report.render", "max_running": 2, "rate_per_sec": null, "burst": null})
+    );
+    let (s, body) = w
+        .call(
+            "PUT",
+            path,
+            Some(&operator),
+            Some(json!({"max_running": 3})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "setting again changes the limit: {body}");
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/limits/partner.call",
+            Some(&operator),
+            Some(json!({"rate_per_sec": 2.5})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["burst"], 3, "one second's worth, rounded up: {body}");
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/limits", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body[0]["topic"], "partner.call");
+    assert_eq!(body[0]["rate_per_sec"], 2.5);
+    assert_eq!(body[0]["max_running"], json!(null));
+    assert_eq!(body[1]["topic"], "report.render");
+    assert_eq!(body[1]["max_running"], 3);
+    assert_eq!(body[1]["running"], 0);
+    assert_eq!(body[1]["set_by"], "operator@x.io");
+    let (s, _) = w
+        .call("GET", "/api/apps/app-b/limits", Some(&operator), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another app's limits are its own");
+    let (s, _) = w.call("DELETE", path, Some(&operator), None).await?;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = w.call("DELETE", path, Some(&operator), None).await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    Ok(())
+}

@@ -20,8 +20,11 @@ use crate::procs::{NatsServer, Outboxd, OutboxdSpec};
 
 use nats::{nats_kill, nats_partition, nats_stop};
 use postgres::{held_snapshot, pg_crash, pg_partition};
-use process::{kill9, poison, sigterm};
+use process::{kill9, kill9_limited, poison, sigterm};
 use timing::{clock_skew, slow};
+
+/// The topic of the chaos handlers (`outbox-chaos-worker`).
+const TOPIC: &str = "chaos.work";
 
 /// What every scenario needs from the command line.
 #[derive(Debug, Clone)]
@@ -64,6 +67,7 @@ impl Outcome {
 pub const ALL: &[&str] = &[
     "kill9",
     "kill9-transactional",
+    "kill9-limited",
     "pg-crash",
     "nats-kill",
     "nats-stop",
@@ -83,6 +87,7 @@ pub async fn run(ctx: &Ctx, name: &str) -> anyhow::Result<Outcome> {
     match name {
         "kill9" => kill9(ctx, false).await,
         "kill9-transactional" => kill9(ctx, true).await,
+        "kill9-limited" => kill9_limited(ctx).await,
         "pg-crash" => pg_crash(ctx).await,
         "nats-kill" => nats_kill(ctx).await,
         "nats-stop" => nats_stop(ctx).await,

@@ -1,10 +1,14 @@
-//! Process faults: kill -9 of a dispatcher, SIGTERM under load, and
-//! handlers that panic or abort the process.
+//! Process faults: kill -9 of a dispatcher (also while it holds the slots of
+//! a topic with a concurrency limit), SIGTERM under load, and handlers that
+//! panic or abort the process.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Ctx, Outcome, Stage, jitter, mixed_work};
 use crate::history::Planned;
+use crate::scenarios::TOPIC;
 
 /// kill -9 of a dispatcher at random moments under load, 5 times, with
 /// restarts; in lease mode or in transactional mode (where a killed batch's
@@ -60,6 +64,84 @@ pub(super) async fn kill9(ctx: &Ctx, transactional: bool) -> anyhow::Result<Outc
         outcome.notes.push(format!(
             "at most {most} invocations of one event (bound in transactional mode: 2 × max_attempts + kills = {BOUND})"
         ));
+    }
+    Ok(outcome)
+}
+
+/// kill -9 of dispatchers that hold the slots of a limited topic: two
+/// dispatchers share a limit of 3 and are killed and restarted 4 times. The
+/// topic's leased rows are counted every 5 ms and must never be more than 3
+/// (a killed process's leases count until they expire: its slots come back
+/// with them, or the outbox would never empty); nothing is lost.
+pub(super) async fn kill9_limited(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    const LIMIT: i64 = 3;
+    let mut stage = Stage::new(ctx, "kill9-limited").await?;
+    let limit = outbox_core::store::limits::Limits {
+        max_running: Some(LIMIT),
+        ..Default::default()
+    };
+    outbox_core::store::limits::set(&stage.db.pool, stage.app, TOPIC, &limit, Some("chaos"))
+        .await?;
+    stage.launch(stage.spec("a", &[])).await?;
+    stage.launch(stage.spec("b", &[])).await?;
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let (pool, app, sampling) = (stage.db.pool.clone(), stage.app, sampling.clone());
+        async move {
+            let (mut most, mut samples) = (0i64, 0u64);
+            while sampling.load(Ordering::Relaxed) {
+                let leased: Result<i64, sqlx::Error> = sqlx::query_scalar(
+                    "SELECT count(*) FROM outbox
+                     WHERE app_id = $1 AND topic = $2 AND locked_until > now()",
+                )
+                .bind(app)
+                .bind(TOPIC)
+                .fetch_one(&pool)
+                .await;
+                if let Ok(n) = leased {
+                    most = most.max(n);
+                    samples += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (most, samples)
+        }
+    });
+    let plan: Vec<Planned> = (0..400)
+        .map(|n| {
+            if n % 10 == 7 {
+                Planned::work(n, "flaky", 10)
+            } else {
+                Planned::slow(n, 20, 10)
+            }
+        })
+        .collect();
+    let producer = stage.producer(plan, 200);
+    for _ in 0..4 {
+        tokio::time::sleep(jitter(300, 1200)).await;
+        let victim = fastrand::usize(..stage.fleet.len());
+        stage.fleet[victim].kill9_and_restart().await?;
+    }
+    let produced = producer.await?;
+    stage.quiesce(Duration::from_secs(60), false).await?;
+    sampling.store(false, Ordering::Relaxed);
+    let (most, samples) = sampler.await?;
+    let (mut outcome, _) = stage
+        .finish(
+            produced,
+            format!("4 × kill -9 of one of 2 dispatchers sharing a limit of {LIMIT}, restarted"),
+            false,
+        )
+        .await?;
+    outcome.notes.push(format!(
+        "at most {most} leased rows of the limited topic at once ({samples} samples, limit {LIMIT})"
+    ));
+    if most > LIMIT {
+        outcome.failure = Some(format!(
+            "{most} rows of a topic limited to {LIMIT} were leased at once"
+        ));
+    } else if samples == 0 {
+        outcome.failure = Some("the leased rows were never counted".into());
     }
     Ok(outcome)
 }

@@ -1,7 +1,8 @@
-//! Concurrency limits per topic (`outbox_topic_limits`, migration 0020): at
-//! most `max_running` rows of the topic run at once across every process.
-//! Dispatchers read the limits on their beat ([`super::processes::beat`]),
-//! claim limited topics apart from the others
+//! Limits per topic (`outbox_topic_limits`, migrations 0020 and 0021): at
+//! most `max_running` rows of the topic run at once, and at most
+//! `rate_per_sec` start per second (bursts of up to `burst`), across every
+//! process. Dispatchers read the limits on their beat
+//! ([`super::processes::beat`]), claim limited topics apart from the others
 //! ([`super::outbox::claim_limited`]), and a dead process's slots come back
 //! when its leases expire.
 
@@ -14,7 +15,13 @@ use crate::Error;
 /// The highest concurrency limit accepted.
 pub const MAX_RUNNING: i32 = 10_000;
 
-/// A topic of one app that has a concurrency limit.
+/// The highest rate limit accepted, in rows per second.
+pub const MAX_RATE_PER_SEC: f64 = 100_000.0;
+
+/// The largest burst accepted.
+pub const MAX_BURST: i32 = 100_000;
+
+/// A topic of one app that has a limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitedTopic {
     /// The app.
@@ -23,22 +30,90 @@ pub struct LimitedTopic {
     pub topic: String,
 }
 
-/// A topic's concurrency limit, as operators see it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+/// A topic's limits, as operators see them.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
 pub struct TopicLimit {
     /// The topic.
     pub topic: String,
     /// At most this many of its rows run at once, across every process.
-    pub max_running: i32,
+    pub max_running: Option<i32>,
+    /// At most this many of its rows start per second, across every process.
+    pub rate_per_sec: Option<f64>,
+    /// With a rate: how many may start at once after a quiet spell.
+    pub burst: Option<i32>,
     /// How many run now.
     pub running: i64,
-    /// When the limit was last set.
+    /// When the limits were last set.
     pub set_at: DateTime<Utc>,
-    /// Who set it (a user's email or an API key's name), when known.
+    /// Who set them (a user's email or an API key's name), when known.
     pub set_by: Option<String>,
 }
 
-/// Refuses a limit outside `1..=MAX_RUNNING`, naming the field.
+/// The limits to set on a topic: a concurrency limit, a rate limit, or both.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// At most this many rows at once (1 to [`MAX_RUNNING`]).
+    pub max_running: Option<i64>,
+    /// At most this many starts per second (above 0, up to [`MAX_RATE_PER_SEC`]).
+    pub rate_per_sec: Option<f64>,
+    /// With a rate: how many may start at once after a quiet spell (1 to
+    /// [`MAX_BURST`]; by default one second's worth, at least 1).
+    pub burst: Option<i64>,
+}
+
+/// [`Limits`] checked: what [`set`] writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValidLimits {
+    max_running: Option<i32>,
+    rate: Option<(f64, i32)>,
+}
+
+impl Limits {
+    /// Refuses limits out of range, or none at all, naming the field and the range.
+    pub fn validate(&self) -> Result<ValidLimits, Error> {
+        let max_running = self.max_running.map(validate_max_running).transpose()?;
+        let rate = match (self.rate_per_sec, self.burst) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "burst",
+                    "applies to a rate limit; give rate_per_sec too",
+                ));
+            }
+            (Some(rate), burst) => {
+                if !(rate.is_finite() && rate > 0.0 && rate <= MAX_RATE_PER_SEC) {
+                    return Err(Error::invalid(
+                        "rate_per_sec",
+                        format!("is {rate}; it must be above 0 and at most {MAX_RATE_PER_SEC}"),
+                    ));
+                }
+                let burst = match burst {
+                    Some(b) => i32::try_from(b)
+                        .ok()
+                        .filter(|b| (1..=MAX_BURST).contains(b))
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "burst",
+                                format!("is {b}; it must be between 1 and {MAX_BURST}"),
+                            )
+                        })?,
+                    // One second's worth; `rate` is at most MAX_BURST.
+                    None => (rate.ceil() as i32).clamp(1, MAX_BURST),
+                };
+                Some((rate, burst))
+            }
+        };
+        if max_running.is_none() && rate.is_none() {
+            return Err(Error::invalid(
+                "max_running",
+                "or rate_per_sec is needed: give a concurrency limit, a rate limit, or both",
+            ));
+        }
+        Ok(ValidLimits { max_running, rate })
+    }
+}
+
+/// Refuses a concurrency limit outside `1..=MAX_RUNNING`, naming the field.
 pub fn validate_max_running(max_running: i64) -> Result<i32, Error> {
     i32::try_from(max_running)
         .ok()
@@ -51,33 +126,52 @@ pub fn validate_max_running(max_running: i64) -> Result<i32, Error> {
         })
 }
 
-/// Sets at most `max_running` rows of `topic` of `app` to run at once. A new
-/// limit counts the rows of the topic that are running already; processes
-/// honour it from their next beat, within about a second.
+/// Sets the limits of `topic` of `app`, replacing any it had. A new
+/// concurrency limit counts the rows of the topic that are running already;
+/// a new rate limit starts with a full burst. Processes honour them from
+/// their next beat, within about a second.
 pub async fn set<'e>(
     db: impl PgExecutor<'e>,
     app: Uuid,
     topic: &str,
-    max_running: i64,
+    limits: &Limits,
     by: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<ValidLimits, Error> {
     crate::model::validate_topic(topic)?;
-    let max_running = validate_max_running(max_running)?;
+    let valid = limits.validate()?;
     sqlx::query(
-        "INSERT INTO outbox_topic_limits (app_id, topic, max_running, set_by, running)
-         VALUES ($1, $2, $3, $4, ARRAY(
+        "INSERT INTO outbox_topic_limits
+             (app_id, topic, max_running, rate_per_sec, burst, tokens, set_by, running)
+         VALUES ($1, $2, $3, $4, $5, coalesce($5, 0), $6, ARRAY(
              SELECT id FROM outbox
              WHERE app_id = $1 AND topic = $2 AND locked_until > now()))
          ON CONFLICT (app_id, topic) DO UPDATE
-             SET max_running = excluded.max_running, set_by = excluded.set_by, set_at = now()",
+             SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
+                 burst = excluded.burst,
+                 tokens = least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)),
+                 set_by = excluded.set_by, set_at = now()",
     )
     .bind(app)
     .bind(topic)
-    .bind(max_running)
+    .bind(valid.max_running)
+    .bind(valid.rate.map(|(r, _)| r))
+    .bind(valid.rate.map(|(_, b)| b))
     .bind(by)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(valid)
+}
+
+impl ValidLimits {
+    /// The concurrency limit.
+    pub fn max_running(&self) -> Option<i32> {
+        self.max_running
+    }
+
+    /// The rate limit and its burst.
+    pub fn rate(&self) -> Option<(f64, i32)> {
+        self.rate
+    }
 }
 
 /// Removes the limit of `topic` of `app`; returns false when it had none.
@@ -94,7 +188,7 @@ pub async fn remove<'e>(db: impl PgExecutor<'e>, app: Uuid, topic: &str) -> Resu
 /// The limited topics of `app`, by topic, each with how many of its rows run.
 pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicLimit>, Error> {
     Ok(sqlx::query_as(
-        "SELECT l.topic, l.max_running, l.set_at, l.set_by,
+        "SELECT l.topic, l.max_running, l.rate_per_sec, l.burst, l.set_at, l.set_by,
                 (SELECT count(*) FROM unnest(l.running) AS r(id)
                  WHERE EXISTS (SELECT 1 FROM outbox o
                                WHERE o.id = r.id AND o.locked_until > now())) AS running
@@ -110,6 +204,14 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicLim
 mod tests {
     use super::*;
 
+    fn refused(limits: Limits) -> String {
+        limits
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn a_limit_outside_its_range_is_refused_with_the_field_and_the_range() {
         for bad in [0, -1, i64::from(MAX_RUNNING) + 1, i64::MAX] {
@@ -123,5 +225,48 @@ mod tests {
         }
         assert_eq!(validate_max_running(1).ok(), Some(1));
         assert_eq!(validate_max_running(10_000).ok(), Some(10_000));
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY, 100_000.5] {
+            let m = refused(Limits {
+                rate_per_sec: Some(rate),
+                ..Limits::default()
+            });
+            assert!(
+                m.contains("rate_per_sec") && m.contains("100000"),
+                "{rate}: {m}"
+            );
+        }
+        for burst in [0, -5, 100_001] {
+            let m = refused(Limits {
+                rate_per_sec: Some(5.0),
+                burst: Some(burst),
+                ..Limits::default()
+            });
+            assert!(m.contains("burst") && m.contains("100000"), "{burst}: {m}");
+        }
+        assert!(refused(Limits::default()).contains("rate_per_sec"));
+        assert!(
+            refused(Limits {
+                burst: Some(3),
+                max_running: Some(1),
+                ..Limits::default()
+            })
+            .contains("burst")
+        );
+    }
+
+    #[test]
+    fn a_rate_without_a_burst_bursts_one_seconds_worth() -> Result<(), Error> {
+        let rate = |r: f64| {
+            Limits {
+                rate_per_sec: Some(r),
+                ..Limits::default()
+            }
+            .validate()
+            .map(|v| v.rate())
+        };
+        assert_eq!(rate(20.0)?, Some((20.0, 20)));
+        assert_eq!(rate(0.5)?, Some((0.5, 1)));
+        assert_eq!(rate(2.5)?, Some((2.5, 3)));
+        Ok(())
     }
 }

@@ -30,18 +30,25 @@ use crate::positions::ClaimFrom;
 /// slots taken.
 const LIMITED_LOOK_AGAIN: Duration = Duration::from_millis(25);
 
-/// The limited topics a claim loop found at their limit, and until when it
-/// leaves them alone.
+/// The limited topics a claim loop found at their limit or without due
+/// rows, and until when it leaves them alone: a limited claim costs a
+/// transaction of its own, which a claim loop draining other topics should
+/// not pay on every round.
 #[derive(Debug, Default)]
 struct LimitedLooks {
     full: HashMap<(Uuid, String), Instant>,
+    idle: HashMap<(Uuid, String), Instant>,
     start: usize,
 }
 
 impl LimitedLooks {
-    /// Some limited topic was at its limit: its rows may be waiting.
-    fn at_capacity(&self) -> bool {
-        !self.full.is_empty()
+    /// How long until a limited topic found at its limit is looked at
+    /// again, when one was: its rows may be waiting.
+    fn next_look(&self) -> Option<Duration> {
+        self.full
+            .values()
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -151,17 +158,15 @@ impl Shared {
             drop(held);
             while tasks.try_join_next().is_some() {}
             if got < wanted {
-                // A limited topic whose slots were all taken is looked at
-                // again soon: other processes' rows free them.
-                let pause = if looks.at_capacity() {
-                    config.poll_interval.min(LIMITED_LOOK_AGAIN)
-                } else {
-                    config.poll_interval
-                };
+                // A limited topic found at its limit is looked at again when
+                // a slot may have freed or its next token is due.
+                let pause = looks
+                    .next_look()
+                    .map_or(config.poll_interval, |next| next.min(config.poll_interval));
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
-                    () = self.wake.notified() => {}
+                    () = self.wake.notified() => looks.idle.clear(),
                     () = tokio::time::sleep(pause) => {}
                 }
             }
@@ -216,9 +221,9 @@ impl Shared {
         Ok((completed, rows))
     }
 
-    /// Claims up to `wanted` rows of the limited topics, each from its
-    /// free slots; a topic found at its limit is left alone for
-    /// [`LIMITED_LOOK_AGAIN`].
+    /// Claims up to `wanted` rows of the limited topics, each within its
+    /// limits; a topic found at its concurrency limit is left alone for
+    /// [`LIMITED_LOOK_AGAIN`], one at its rate limit until its next token.
     async fn claim_limited(
         &self,
         conn: &mut PgConnection,
@@ -228,6 +233,7 @@ impl Shared {
         let limits = self.served.limits();
         let now = Instant::now();
         looks.full.retain(|_, until| *until > now);
+        looks.idle.retain(|_, until| *until > now);
         let mut rows = Vec::new();
         let count = limits.topics.len();
         // Each round starts at the next topic, so none is always last.
@@ -239,7 +245,7 @@ impl Shared {
                 break;
             }
             let key = (topic.app_id, topic.topic.clone());
-            if looks.full.contains_key(&key) {
+            if looks.full.contains_key(&key) || looks.idle.contains_key(&key) {
                 continue;
             }
             let claim = store::claim_limited(
@@ -253,7 +259,17 @@ impl Shared {
             .await?;
             let free = claim.free as usize;
             if free <= asked && claim.rows.len() == free {
-                looks.full.insert(key, now + LIMITED_LOOK_AGAIN);
+                // At its limit: a slot frees when another row ends, a token
+                // comes when its time comes.
+                let again = claim
+                    .ready_in
+                    .filter(|wait| !wait.is_zero())
+                    .unwrap_or(LIMITED_LOOK_AGAIN);
+                looks.full.insert(key, now + again);
+            } else if claim.rows.len() < asked {
+                // Nothing more is due: looked at again after a poll interval,
+                // or when a notification says rows came.
+                looks.idle.insert(key, now + self.config.poll_interval);
             }
             rows.extend(claim.rows);
         }

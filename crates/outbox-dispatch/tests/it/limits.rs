@@ -16,6 +16,14 @@ use sqlx::Connection;
 use super::subscriptions::{emptied, enqueue_each, start, start_with};
 use super::{TestResult, config};
 
+/// At most `n` rows at once.
+fn at_once(n: i64) -> limits::Limits {
+    limits::Limits {
+        max_running: Some(n),
+        ..limits::Limits::default()
+    }
+}
+
 /// When each run of one topic started and ended, in every process.
 #[derive(Clone, Default)]
 struct Runs(Arc<Mutex<Vec<(Instant, Instant)>>>);
@@ -76,7 +84,14 @@ async fn a_limited_topic_never_runs_more_rows_at_once_than_its_limit_across_four
 -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    limits::set(&db.pool, app, "report.render", 2, Some("ops@example.com")).await?;
+    limits::set(
+        &db.pool,
+        app,
+        "report.render",
+        &at_once(2),
+        Some("ops@example.com"),
+    )
+    .await?;
     let (limited, free) = (Runs::default(), Runs::default());
     let mut processes = Vec::new();
     for _ in 0..4 {
@@ -108,7 +123,7 @@ async fn a_limited_topic_never_runs_more_rows_at_once_than_its_limit_across_four
             shown[0].max_running,
             shown[0].running
         ),
-        ("report.render", 2, 0)
+        ("report.render", Some(2), 0)
     );
     assert_eq!(shown[0].set_by.as_deref(), Some("ops@example.com"));
 
@@ -138,7 +153,7 @@ async fn a_limited_topic_never_runs_more_rows_at_once_than_its_limit_across_four
 async fn the_slots_of_a_process_that_died_come_back_when_its_leases_expire() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    limits::set(&db.pool, app, "report.render", 1, None).await?;
+    limits::set(&db.pool, app, "report.render", &at_once(1), None).await?;
     enqueue_each(&db, app, &["report.render"], 5).await?;
     // A process claims the topic's one slot with a lease of a second, and dies.
     let lease = Duration::from_secs(1);
@@ -181,4 +196,55 @@ async fn the_slots_of_a_process_that_died_come_back_when_its_leases_expire() -> 
 fn a_limit_outside_its_range_names_the_field() {
     let message = limits::validate_max_running(0).err().map(|e| e.to_string());
     assert!(message.is_some_and(|m| m.contains("max_running")));
+}
+
+#[tokio::test]
+async fn a_rate_limited_topic_starts_its_rate_across_two_processes() -> TestResult {
+    const RATE: f64 = 20.0;
+    const WINDOW: Duration = Duration::from_secs(30);
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let limit = limits::Limits {
+        rate_per_sec: Some(RATE),
+        burst: Some(1),
+        ..limits::Limits::default()
+    };
+    limits::set(&db.pool, app, "partner.call", &limit, None).await?;
+    let runs = Runs::default();
+    let mut processes = Vec::new();
+    for _ in 0..2 {
+        let mut registry = Registry::new();
+        registry.register("partner.call", runs.handler(Duration::from_millis(1)));
+        processes.push(start(&db, registry).await?);
+    }
+    // More rows than the window lets start: the limit, not the backlog, decides.
+    enqueue_each(&db, app, &["partner.call"], 1000).await?;
+    let pool = db.pool.clone();
+    let began = outbox_testkit::wait_until(Duration::from_secs(10), || {
+        let runs = runs.clone();
+        async move { runs.count() > 0 }
+    })
+    .await;
+    assert!(began, "nothing ran");
+    let first = runs.first_start().ok_or("no first start")?;
+    tokio::time::sleep_until((first + WINDOW).into()).await;
+    let started = runs
+        .0
+        .lock()
+        .map(|r| r.iter().filter(|(s, _)| *s < first + WINDOW).count())
+        .unwrap_or_default();
+    let expected = RATE * WINDOW.as_secs_f64();
+    let ratio = started as f64 / expected;
+    println!("{started} starts in {WINDOW:?} at {RATE}/s: {ratio:.3} of the rate");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{started} starts in {WINDOW:?} at {RATE}/s: {ratio:.3} of the rate"
+    );
+    let left = outbox_core::store::outbox::count(&pool).await?;
+    assert!(left > 0, "the backlog ran out before the window closed");
+    for (stop, run, _) in processes {
+        stop.cancel();
+        run.await??;
+    }
+    Ok(())
 }

@@ -1,9 +1,10 @@
-//! `outboxd topic …`, `outboxd processes` and `outboxd cancel`: pausing and
-//! resuming topics, who serves what, and cancelling rows that have not run.
+//! `outboxd topic …`, `outboxd processes` and `outboxd cancel`: pausing,
+//! resuming and limiting topics, who serves what, and cancelling rows that
+//! have not run.
 
 use clap::{Args, Subcommand};
 use outbox_core::store::outbox::{self as store, CancelFilter};
-use outbox_core::store::{apps, pauses, processes};
+use outbox_core::store::{apps, limits, pauses, processes};
 use uuid::Uuid;
 
 use outboxd::config::Settings;
@@ -37,6 +38,40 @@ pub enum TopicCommand {
     },
     /// List an app's paused topics.
     Paused {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+    },
+    /// Limit a topic across every process (within about a second): how many of its rows run at once, how many start per second, or both.
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_running", "rate"])))]
+    Limit {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// At most this many of its rows run at once (1 to 10000).
+        #[arg(long, allow_negative_numbers = true)]
+        max_running: Option<i64>,
+        /// At most this many of its rows start per second (above 0, up to 100000).
+        #[arg(long, allow_negative_numbers = true)]
+        rate: Option<f64>,
+        /// With --rate: how many may start at once after a quiet spell (default: one second's worth).
+        #[arg(long, allow_negative_numbers = true, requires = "rate")]
+        burst: Option<i64>,
+    },
+    /// Remove a topic's concurrency limit.
+    Unlimit {
+        /// App slug.
+        #[arg(long)]
+        app: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+    },
+    /// List an app's limited topics, with how many of each run now.
+    Limits {
         /// App slug.
         #[arg(long)]
         app: String,
@@ -97,8 +132,61 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 );
             }
         }
+        TopicCommand::Limit {
+            app,
+            topic,
+            max_running,
+            rate,
+            burst,
+        } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            let wanted = limits::Limits {
+                max_running,
+                rate_per_sec: rate,
+                burst,
+            };
+            let set = limits::set(&pool, id, &topic, &wanted, Some(CLI)).await?;
+            println!(
+                "{app}: {topic} limited to {}",
+                describe(set.max_running(), set.rate())
+            );
+        }
+        TopicCommand::Unlimit { app, topic } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            if limits::remove(&pool, id, &topic).await? {
+                println!("{app}: {topic} is no longer limited");
+            } else {
+                anyhow::bail!("{app}: {topic} has no limit");
+            }
+        }
+        TopicCommand::Limits { app } => {
+            let id = apps::by_slug(&pool, &app).await?.id;
+            for l in limits::list(&pool, id).await? {
+                let rate = l.rate_per_sec.zip(l.burst);
+                println!(
+                    "{}\t{}\t{} running\t{}\t{}",
+                    l.topic,
+                    describe(l.max_running, rate),
+                    l.running,
+                    l.set_at.to_rfc3339(),
+                    l.set_by.unwrap_or_default()
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// A topic's limits in words: "2 at once, 20/s (burst 20)".
+fn describe(max_running: Option<i32>, rate: Option<(f64, i32)>) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = max_running {
+        parts.push(format!("{n} at once"));
+    }
+    if let Some((r, b)) = rate {
+        parts.push(format!("{r}/s (burst {b})"));
+    }
+    parts.join(", ")
 }
 
 /// Runs `outboxd processes`: the live dispatchers and what each serves.

@@ -200,6 +200,31 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             .await?;
     assert_eq!(ignored, 3);
     assert!(ok(&["topic", "resume", "--app", "shop", "--topic", "mail"])?.contains("resumed"));
+    assert!(
+        ok(&[
+            "topic",
+            "limit",
+            "--app",
+            "shop",
+            "--topic",
+            "report",
+            "--max-running",
+            "2"
+        ])?
+        .contains("report limited to 2 at once")
+    );
+    let limited = ok(&["topic", "limits", "--app", "shop"])?;
+    assert!(
+        limited.starts_with("report\t2 at once\t0 running\t"),
+        "{limited}"
+    );
+    assert!(
+        ok(&[
+            "topic", "limit", "--app", "shop", "--topic", "partner", "--rate", "2.5"
+        ])?
+        .contains("partner limited to 2.5/s (burst 3)")
+    );
+    assert!(ok(&["topic", "unlimit", "--app", "shop", "--topic", "report"])?.contains("no longer"));
 
     // Mistakes are errors that say what is wrong.
     let cases: &[(&[&str], &str)] = &[
@@ -212,6 +237,46 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             "unknown app",
         ),
         (&["cancel", "--app", "shop", "--reason", "r"], "--topic"),
+        (
+            &["topic", "unlimit", "--app", "shop", "--topic", "report"],
+            "has no limit",
+        ),
+        (
+            &[
+                "topic",
+                "limit",
+                "--app",
+                "shop",
+                "--topic",
+                "report",
+                "--max-running",
+                "0",
+            ],
+            "max_running",
+        ),
+        (
+            &[
+                "topic",
+                "limit",
+                "--app",
+                "shop",
+                "--topic",
+                "report",
+                "--max-running",
+                "-3",
+            ],
+            "between 1 and 10000",
+        ),
+        (
+            &[
+                "topic", "limit", "--app", "shop", "--topic", "report", "--rate", "0",
+            ],
+            "rate_per_sec",
+        ),
+        (
+            &["topic", "limit", "--app", "shop", "--topic", "report"],
+            "--max-running",
+        ),
         (
             &[
                 "cancel", "--app", "shop", "--topic", "mail", "--reason", " ",

@@ -1,5 +1,6 @@
-//! Claiming a topic with a concurrency limit (`outbox_topic_limits`,
-//! migration 0020): one claim at a time per topic, at most its free slots.
+//! Claiming a topic with a concurrency or rate limit (`outbox_topic_limits`,
+//! migrations 0020 and 0021): one claim at a time per topic, at most its
+//! free slots and its whole tokens.
 
 use std::time::Duration;
 
@@ -11,20 +12,31 @@ use crate::model::ClaimedEvent;
 use crate::store::limits::LimitedTopic;
 use crate::topics::Served;
 
-/// Claims up to the free slots of the limited topic `$4`/`$5` (at most `$1`
-/// rows) for worker `$2` and a lease of `$3` seconds, among the rows the
-/// [`Served`] topics `$6`–`$10` take, and records them in the limit's
-/// `running`. A recorded row holds its slot while its lease is live: done,
-/// retried, or left by a dead process, it frees it.
+/// Claims rows of the limited topic `$4`/`$5` (at most `$1`) for worker `$2`
+/// and a lease of `$3` seconds, among the rows the [`Served`] topics
+/// `$6`–`$10` take: no more than its free slots (concurrency limit) nor its
+/// whole tokens (rate limit). Records them in the limit's `running` and
+/// takes their tokens. A recorded row holds its slot while its lease is
+/// live: done, retried, or left by a dead process, it frees it. The bucket
+/// gains `rate_per_sec` tokens a second up to `burst`, by the clock of the
+/// claim that holds the limit's lock.
 const CLAIM_LIMITED: &str = concat!(
     "WITH lim AS (
-    SELECT l.max_running,
+    SELECT l.max_running, l.rate_per_sec, c.at,
            ARRAY(SELECT r.id FROM unnest(l.running) AS r(id)
                  WHERE EXISTS (SELECT 1 FROM outbox o
-                               WHERE o.id = r.id AND o.locked_until > now())) AS live
+                               WHERE o.id = r.id AND o.locked_until > now())) AS live,
+           least(l.burst::float8, l.tokens + l.rate_per_sec
+                 * greatest(extract(epoch FROM c.at - l.refilled_at)::float8, 0)) AS tokens
     FROM outbox_topic_limits l
     JOIN apps a ON a.id = l.app_id AND a.suspended_at IS NULL
+    CROSS JOIN (SELECT clock_timestamp() AS at) AS c
     WHERE l.app_id = $4 AND l.topic = $5
+), allowed AS (
+    SELECT least(CASE WHEN max_running IS NULL THEN $1
+                      ELSE greatest(max_running - cardinality(live), 0) END,
+                 coalesce(floor(tokens)::int8, $1)) AS free
+    FROM lim
 ), picked AS (
     SELECT o.ctid
     FROM outbox o
@@ -36,7 +48,7 @@ const CLAIM_LIMITED: &str = concat!(
     served_filter!("$6", "$7", "$8", "$9", "$10"),
     "
     ORDER BY o.run_at, o.id
-    LIMIT coalesce((SELECT least($1, greatest(max_running - cardinality(live), 0)) FROM lim), 0)
+    LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
     FOR UPDATE OF o SKIP LOCKED
 ), claimed AS (
 ",
@@ -44,11 +56,16 @@ const CLAIM_LIMITED: &str = concat!(
     "
 ), recorded AS (
     UPDATE outbox_topic_limits l
-    SET running = (SELECT live FROM lim) || ARRAY(SELECT id FROM claimed)
-    WHERE l.app_id = $4 AND l.topic = $5 AND EXISTS (SELECT 1 FROM lim)
+    SET running = lim.live || ARRAY(SELECT id FROM claimed),
+        tokens = coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
+        refilled_at = lim.at
+    FROM lim
+    WHERE l.app_id = $4 AND l.topic = $5
 )
-SELECT c.*, f.free
-FROM (SELECT coalesce((SELECT greatest(max_running - cardinality(live), 0) FROM lim), 0) AS free) AS f
+SELECT c.*, f.free, f.ready_in
+FROM (SELECT coalesce((SELECT free FROM allowed), 0) AS free,
+             (SELECT greatest(1 - (tokens - (SELECT count(*) FROM claimed)), 0) / rate_per_sec
+              FROM lim) AS ready_in) AS f
 LEFT JOIN claimed AS c ON true"
 );
 
@@ -57,14 +74,19 @@ LEFT JOIN claimed AS c ON true"
 pub struct LimitedClaim {
     /// The rows claimed.
     pub rows: Vec<ClaimedEvent>,
-    /// How many slots were free before the claim: when it is not more than
-    /// were asked for, the limit, not the rows due, decided how many came.
+    /// How many rows the limits allowed before the claim (free slots,
+    /// whole tokens): when it is not more than were asked for, the limit,
+    /// not the rows due, decided how many came.
     pub free: u32,
+    /// With a rate limit: how long until the bucket holds a whole token
+    /// again after this claim.
+    pub ready_in: Option<Duration>,
 }
 
-/// Claims rows of the limited topic `limited` for `worker`: at most `limit`
-/// and at most its free slots, so that across every process no more of its
-/// rows run at once than its limit allows. Only one process claims a
+/// Claims rows of the limited topic `limited` for `worker`: at most `limit`,
+/// its free slots and its whole tokens, so that across every process no
+/// more of its rows run at once, nor start per second, than its limits
+/// allow. Only one process claims a
 /// limited topic at a time; while another does, this returns nothing at
 /// once rather than wait. Rows of a paused topic, or of a topic `served`
 /// does not take, are not claimed.
@@ -81,8 +103,8 @@ pub async fn claim_limited(
 ) -> Result<LimitedClaim, Error> {
     use sqlx::{FromRow, Row};
     let mut tx = conn.begin().await?;
-    let locked: Option<i32> = sqlx::query_scalar(
-        "SELECT max_running FROM outbox_topic_limits
+    let locked: Option<bool> = sqlx::query_scalar(
+        "SELECT true FROM outbox_topic_limits
          WHERE app_id = $1 AND topic = $2
          FOR UPDATE SKIP LOCKED",
     )
@@ -110,10 +132,14 @@ pub async fn claim_limited(
     tx.commit().await?;
     let mut claim = LimitedClaim {
         rows: Vec::with_capacity(rows.len()),
-        free: 0,
+        ..LimitedClaim::default()
     };
     for row in &rows {
-        claim.free = u32::try_from(row.try_get::<i32, _>(CLAIMED_COLUMNS)?).unwrap_or(0);
+        claim.free = u32::try_from(row.try_get::<i64, _>(CLAIMED_COLUMNS)?).unwrap_or(0);
+        claim.ready_in = row
+            .try_get::<Option<f64>, _>(CLAIMED_COLUMNS + 1)?
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
         if row.try_get::<Option<uuid::Uuid>, _>(0)?.is_some() {
             claim.rows.push(ClaimedEvent::from_row(row)?);
         }
