@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use outbox_core::model::Lease;
-use outbox_core::store::stats;
+use outbox_core::store::{limits, stats};
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -20,8 +20,12 @@ use outboxd::config::Settings;
 use crate::bench::Bench;
 use crate::support::{BATCH, RAW_DELETE, median, prefill, truncate};
 
+/// A topic with a concurrency limit while another one drains.
+const LIMITED: &str = "bench.limited";
+
 /// The raw drain baseline (always), and outboxd's drains of the same backlog
-/// when `drain` is wanted. The machine's speed drifts by tens of percent
+/// when `drain` is wanted (lease mode, transactional mode, and lease mode
+/// while another topic has a limit). The machine's speed drifts by tens of percent
 /// from one minute to the next, so the three alternate for
 /// `--drain-rounds` rounds and each figure is the median of its rounds.
 /// Sets `raw_drain` and `drain` of `b` for the scenarios that follow.
@@ -30,6 +34,11 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
     let wanted = b.wants("drain");
     let rounds = if wanted { b.args.drain_rounds } else { 1 };
     let (mut raw_rates, mut lease_rates, mut tx_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut limited_rates = Vec::new();
+    let other_topic_limited = limits::Limits {
+        max_running: Some(4),
+        ..limits::Limits::default()
+    };
     for round in 0..rounds {
         eprintln!("bench: drain, round {} of {rounds}", round + 1);
         prefill(&b.pool, raw_app, rows, "bench.noop").await?;
@@ -45,6 +54,13 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
                 rates.push(outboxd_drain(&b.pool, &b.settings, rows, in_transaction).await?);
                 truncate(&b.pool).await?;
             }
+            // Limits in place that do not constrain this topic: the claim
+            // loops look at the limited topic besides draining this one.
+            limits::set(&b.pool, app, LIMITED, &other_topic_limited, None).await?;
+            prefill(&b.pool, app, rows, "bench.noop").await?;
+            limited_rates.push(outboxd_drain(&b.pool, &b.settings, rows, false).await?);
+            truncate(&b.pool).await?;
+            limits::remove(&b.pool, app, LIMITED).await?;
         }
     }
     let raw_drain = median(raw_rates.clone());
@@ -81,6 +97,16 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
             median(tx_rates.clone()),
             "events/s",
             Some(ceiling),
+        );
+        b.figure(
+            "drain",
+            format!(
+                "outboxd dispatch: another topic limited ({})",
+                spread(&limited_rates)
+            ),
+            median(limited_rates.clone()),
+            "events/s",
+            Some((rate, "lease-mode drain")),
         );
     }
     b.raw_drain = raw_drain;

@@ -138,7 +138,9 @@ macro_rules! apps_from_positions {
 /// The condition that a row's topic is served, from the five parameters of
 /// a [`Served`](crate::topics::Served): every topic, or one of the exact
 /// topics, or one matching a regular expression and not excluded; and not
-/// paused (the key test only runs while something is paused).
+/// paused (the key test only runs while something is paused, and builds a
+/// row's key only when its topic is paused or limited in some app: the
+/// topics are cut from the keys, `app id/topic`, once per statement).
 macro_rules! served_filter {
     ($all:literal, $exact:literal, $regexes:literal, $excluded:literal, $paused:literal) => {
         concat!(
@@ -153,7 +155,11 @@ macro_rules! served_filter {
             "::text[])))
           AND (cardinality(",
             $paused,
-            "::text[]) = 0 OR (o.app_id::text || '/' || o.topic) <> ALL (",
+            "::text[]) = 0
+               OR o.topic <> ALL (ARRAY(SELECT substr(k, 38) FROM unnest(",
+            $paused,
+            "::text[]) AS k))
+               OR (o.app_id::text || '/' || o.topic) <> ALL (",
             $paused,
             "::text[]))"
         )
