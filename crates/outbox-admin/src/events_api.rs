@@ -150,6 +150,7 @@ struct EventBody {
     payload: Value,
     headers: Option<Value>,
     idempotency_key: Option<String>,
+    priority: Option<i64>,
 }
 
 /// The body of `POST …/jobs/{queue}`: a job may also wait, keep an order
@@ -165,6 +166,21 @@ struct JobBody {
     max_attempts: Option<i64>,
     run_at: Option<DateTime<Utc>>,
     delay_ms: Option<i64>,
+    priority: Option<i64>,
+}
+
+/// A body's `priority`, refused by name outside 0..=9.
+fn priority_of(priority: Option<i64>) -> Result<i16, ApiError> {
+    let Some(p) = priority else { return Ok(0) };
+    i16::try_from(p)
+        .ok()
+        .filter(|p| (0..=outbox_core::model::MAX_PRIORITY).contains(p))
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "priority: {p} is outside 0..={}",
+                outbox_core::model::MAX_PRIORITY
+            ))
+        })
 }
 
 /// The longest a job may be delayed: ten years.
@@ -198,6 +214,7 @@ async fn publish(
     let mut event = NewEvent::new(topic, b.payload).with_source(Source::Pubsub);
     event.headers = headers_of(b.headers);
     event.idempotency_key = b.idempotency_key;
+    event.priority = priority_of(b.priority)?;
     enqueue(&state, app.id, event).await
 }
 
@@ -213,6 +230,7 @@ async fn job(
     event.headers = headers_of(b.headers);
     event.idempotency_key = b.idempotency_key;
     event.ordering_key = b.ordering_key;
+    event.priority = priority_of(b.priority)?;
     if let Some(n) = b.max_attempts {
         event.max_attempts = Some(i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
             ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))

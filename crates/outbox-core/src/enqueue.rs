@@ -19,24 +19,25 @@ use crate::{Error, NewEvent};
 const INSERT_ONE: &str = "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, coalesce($14, now()), $15, $16)
+                        registered_by_principal, priority)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, coalesce($14, now()), $15, $16,
+            $17)
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id";
 
 const INSERT_MANY: &str = "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal)
+                        registered_by_principal, priority)
     SELECT u.id, $1, u.source, u.op, u.topic, u.trigger_id, u.target, u.payload, u.headers,
            u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, coalesce(u.run_at, now()),
-           u.reply_to, u.principal
+           u.reply_to, u.principal, u.priority
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::text[],
                 $8::jsonb[], $9::jsonb[], $10::text[], $11::text[], $12::int4[], $13::int4[],
-                $14::timestamptz[], $15::text[], $16::text[])
+                $14::timestamptz[], $15::text[], $16::text[], $17::int2[])
          WITH ORDINALITY AS u(id, source, op, topic, trigger_id, target, payload, headers,
                               idempotency_key, ordering_key, depth, max_attempts, run_at,
-                              reply_to, principal, ord)
+                              reply_to, principal, priority, ord)
     ORDER BY u.ord
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id";
@@ -115,6 +116,7 @@ pub async fn enqueue(
             .bind(event.run_at)
             .bind(&event.reply_to)
             .bind(&event.registered_by_principal)
+            .bind(event.priority)
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, app_id))?;
@@ -173,6 +175,7 @@ pub async fn enqueue_batch(
     let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
     let mut reply_tos = Vec::with_capacity(n);
     let mut principals = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
     for event in events {
         event.validate()?;
         ids.push(Uuid::now_v7());
@@ -190,6 +193,7 @@ pub async fn enqueue_batch(
         run_ats.push(event.run_at);
         reply_tos.push(event.reply_to.as_deref());
         principals.push(event.registered_by_principal.as_deref());
+        priorities.push(event.priority);
     }
     let payloads: Vec<&Value> = payloads;
     let headers: Vec<&Value> = headers;
@@ -211,6 +215,7 @@ pub async fn enqueue_batch(
         .bind(&run_ats)
         .bind(&reply_tos)
         .bind(&principals)
+        .bind(&priorities)
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| map_insert_error(e, app_id))?;
@@ -268,6 +273,7 @@ fn is_plain(event: &NewEvent) -> bool {
         && event.target.is_none()
         && event.reply_to.is_none()
         && event.registered_by_principal.is_none()
+        && event.priority == 0
 }
 
 async fn enqueue_plain_batch(

@@ -341,6 +341,18 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         ),
         (
             "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"priority": 10}),
+            "priority: 10 is outside 0..=9",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/events/e",
+            json!({"priority": -1}),
+            "priority: -1 is outside 0..=9",
+        ),
+        (
+            "POST",
             "/api/apps/app-a/events/e",
             json!({"run_at": "2030-01-01T00:00:00Z"}),
             "run_at: unknown field",

@@ -156,6 +156,19 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             .fetch_all(&w.db.pool)
             .await?;
     assert_eq!(sources, vec!["pubsub", "queue"]);
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/jobs/urgent",
+            Some(&operator),
+            Some(json!({"payload": {}, "priority": 7})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let priority: i16 = sqlx::query_scalar("SELECT priority FROM outbox WHERE topic = 'urgent'")
+        .fetch_one(&w.db.pool)
+        .await?;
+    assert_eq!(priority, 7);
     // Another app's KV is out of reach.
     let (s, _) = w
         .call(

@@ -5,6 +5,7 @@ mod inspect;
 mod leases;
 mod plans;
 mod positions;
+mod priorities;
 mod state_machine;
 mod subscriptions;
 mod wake;

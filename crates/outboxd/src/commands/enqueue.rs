@@ -34,6 +34,9 @@ pub struct EnqueueArgs {
     /// Attempts before dead-lettering.
     #[arg(long)]
     pub max_attempts: Option<i32>,
+    /// 0 (the default) to 9: claimed as if due this many × 10 s earlier.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i16,
     /// Source (queue, pubsub, ...).
     #[arg(long, default_value = "queue")]
     pub source: String,
@@ -68,6 +71,7 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     event.idempotency_key = args.idempotency_key;
     event.ordering_key = args.ordering_key;
     event.max_attempts = args.max_attempts;
+    event.priority = args.priority;
     event.validate()?;
     let pool = outboxd::db::connect(&settings, 0).await?;
     // One transaction for both: behind a transaction-pooling PgBouncer a

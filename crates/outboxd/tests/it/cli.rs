@@ -169,6 +169,15 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
     for _ in 0..3 {
         ok(&["enqueue", "--app", "shop", "--topic", "mail"])?;
     }
+    ok(&[
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "urgent",
+        "--priority",
+        "9",
+    ])?;
     assert!(
         ok(&[
             "topic",
@@ -237,6 +246,18 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             "unknown app",
         ),
         (&["cancel", "--app", "shop", "--reason", "r"], "--topic"),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
+                "--priority",
+                "12",
+            ],
+            "priority",
+        ),
         (
             &["topic", "unlimit", "--app", "shop", "--topic", "report"],
             "has no limit",

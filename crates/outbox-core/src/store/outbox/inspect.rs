@@ -20,11 +20,13 @@ pub async fn count_leased<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
     .await?)
 }
 
-/// Age in seconds of the oldest due row, expired leases included (0 when none is due).
+/// Age in seconds of the oldest due row, expired leases included (0 when none
+/// is due), from when it was really due (a priority moves `run_at` earlier).
 pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
     Ok(sqlx::query_scalar(
-        "SELECT coalesce(extract(epoch FROM now() - min(run_at))::float8, 0)
-         FROM outbox WHERE run_at <= now()",
+        "SELECT coalesce(extract(epoch FROM now() - min(
+                    coalesce(not_before, run_at + make_interval(secs => priority * 10))))::float8, 0)
+         FROM outbox WHERE run_at <= now() AND (not_before IS NULL OR not_before <= now())",
     )
     .fetch_one(db)
     .await?)
@@ -56,15 +58,19 @@ pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts
     Ok(sqlx::query_as(
         "WITH counts AS (
             SELECT a.slug AS app, o.topic,
-                count(*) FILTER (WHERE o.run_at <= now()
+                count(*) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
-                count(*) FILTER (WHERE o.run_at > now()
+                count(*) FILTER (WHERE d.due_at > now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS scheduled,
                 count(*) FILTER (WHERE o.locked_until > now()) AS running,
-                min(o.run_at) FILTER (WHERE o.run_at <= now()
+                min(d.due_at) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS oldest_due,
                 count(*) AS total
             FROM outbox o JOIN apps a ON a.id = o.app_id
+            -- When the row is really due: a priority moved run_at earlier.
+            CROSS JOIN LATERAL (SELECT coalesce(o.not_before,
+                                                o.run_at + make_interval(secs => o.priority * 10))
+                                       AS due_at) AS d
             GROUP BY a.slug, o.topic
          )
          SELECT c.app, c.topic, c.due, c.scheduled, c.running,
@@ -102,7 +108,8 @@ pub async fn count_due<'e>(db: impl PgExecutor<'e>, bound: i64) -> Result<DueCou
     let rows: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT 1 FROM outbox
-             WHERE run_at <= now() AND (locked_until IS NULL OR locked_until <= now())
+             WHERE run_at <= now() AND (not_before IS NULL OR not_before <= now())
+               AND (locked_until IS NULL OR locked_until <= now())
              LIMIT $1
          ) due",
     )

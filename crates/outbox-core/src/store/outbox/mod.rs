@@ -166,12 +166,14 @@ macro_rules! served_filter {
     };
 }
 
-/// That the row `o` may be claimed now: due, not leased, and, with an
-/// ordering key, the oldest row of its key while no transaction that could
-/// still commit an earlier row of that key is open.
+/// That the row `o` may be claimed now: due (a priority moves `run_at`
+/// earlier, never past `not_before`), not leased, and, with an ordering
+/// key, the oldest row of its key while no transaction that could still
+/// commit an earlier row of that key is open.
 macro_rules! claimable {
     () => {
         "o.run_at <= now()
+          AND (o.not_before IS NULL OR o.not_before <= now())
           AND (o.locked_until IS NULL OR o.locked_until < now())
           AND (o.ordering_key IS NULL OR (
                 o.enqueue_xid < pg_snapshot_xmin(pg_current_snapshot())

@@ -65,7 +65,8 @@ pub const LOCK_IDS_SQL: &str = concat!(
     claimed_columns!(),
     " FROM outbox o
         WHERE o.id = t.id
-          AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until < now())
+          AND o.run_at <= now() AND (o.not_before IS NULL OR o.not_before <= now())
+          AND (o.locked_until IS NULL OR o.locked_until < now())
         LIMIT 1
         FOR UPDATE OF o SKIP LOCKED
      ) AS c
