@@ -202,14 +202,40 @@ impl Dispatcher {
             }
             return report;
         }
-        let rows = store::claim_served(
-            &inner.pool,
-            &inner.served.get(),
-            &inner.config.worker_id,
-            inner.config.batch_size,
-            inner.config.lease,
-        )
-        .await?;
+        let (config, limits) = (&inner.config, inner.served.limits());
+        let mut rows = Vec::new();
+        if !limits.topics.is_empty() {
+            let mut conn = inner.pool.acquire().await?;
+            for topic in limits.topics.iter().filter(|t| inner.serves(&limits, t)) {
+                let want = config.batch_size.saturating_sub(rows.len() as u32);
+                if want == 0 {
+                    break;
+                }
+                let claim = store::claim_limited(
+                    &mut conn,
+                    topic,
+                    &limits.served,
+                    &config.worker_id,
+                    want,
+                    config.lease,
+                )
+                .await?;
+                rows.extend(claim.rows);
+            }
+        }
+        let rest = config.batch_size.saturating_sub(rows.len() as u32);
+        if rest > 0 {
+            rows.extend(
+                store::claim_served(
+                    &inner.pool,
+                    &inner.served.get(),
+                    &config.worker_id,
+                    rest,
+                    config.lease,
+                )
+                .await?,
+            );
+        }
         let claimed = rows.len();
         let finished = futures::future::join_all(rows.into_iter().map(|row| {
             let inner = inner.clone();

@@ -4,7 +4,7 @@
 //! fallback (the relay) leaves those to them, so a relay process started
 //! beside a service with handlers does not take that service's rows.
 //!
-//! Each beat also reads the paused topics and the concurrency limits, so
+//! Each beat also reads the paused topics and the limits (concurrency and rate), so
 //! every process honours a pause, a resume or a limit within about a second.
 //! Ordinary claims leave limited topics out; the claim loops take those one
 //! topic at a time ([`outbox_core::store::outbox::claim_limited`]).
@@ -34,7 +34,7 @@ pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 /// The limited topics and what their claims serve, as of the last beat.
 #[derive(Debug, Default)]
 pub(crate) struct Limits {
-    /// The topics with a concurrency limit, of every app.
+    /// The topics with a concurrency or rate limit, of every app.
     pub(crate) topics: Vec<LimitedTopic>,
     /// The served topics of their claims: the pauses apply, not the limits.
     pub(crate) served: Served,
@@ -175,6 +175,13 @@ fn host_name() -> String {
 }
 
 impl Shared {
+    /// Whether this process serves the limited topic `topic`: it has a
+    /// handler for it that another live process does not take by name. The
+    /// others' limited topics are not this process's to lock.
+    pub(crate) fn serves(&self, limits: &Limits, topic: &LimitedTopic) -> bool {
+        self.registry.get(&topic.topic).is_some() && !limits.served.excluded.contains(&topic.topic)
+    }
+
     /// Writes this process's row and learns what the others serve; the
     /// row expires one lease from now unless the next beat renews it.
     pub(crate) async fn beat(&self) -> Result<(), outbox_core::Error> {
@@ -185,7 +192,7 @@ impl Shared {
                 let topics: Vec<&str> = limits.topics.iter().map(|t| t.topic.as_str()).collect();
                 warn!(
                     ?topics,
-                    "topics with a concurrency limit are claimed by lease-mode dispatchers only; this transactional dispatcher leaves them to those"
+                    "limited topics are claimed by lease-mode dispatchers only; this transactional dispatcher leaves them to those"
                 );
             }
         }

@@ -1,5 +1,5 @@
 //! Topics as the unit of control: who serves what (live processes), paused
-//! topics, concurrency limits, and cancelling rows that have not run.
+//! topics, concurrency and rate limits, and cancelling rows that have not run.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -84,7 +84,7 @@ pub(super) async fn resume(
     }
 }
 
-/// `GET /api/apps/{app}/limits`: the app's topics with a concurrency limit,
+/// `GET /api/apps/{app}/limits`: the app's topics with a concurrency or rate limit,
 /// each with how many of its rows run now.
 pub(super) async fn list_limits(
     State(state): State<AdminState>,

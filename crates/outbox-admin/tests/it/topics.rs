@@ -160,6 +160,7 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
         (json!({"rate_per_sec": 0}), "rate_per_sec"),
         (json!({"rate_per_sec": -2.5}), "rate_per_sec"),
         (json!({"rate_per_sec": 1e9}), "rate_per_sec"),
+        (json!({"rate_per_sec": 1e-300}), "rate_per_sec"),
         (json!({"rate_per_sec": 5, "burst": 0}), "burst"),
         (json!({"max_running": 2, "burst": 3}), "burst"),
     ] {
@@ -221,6 +222,8 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
         .call("GET", "/api/apps/app-b/limits", Some(&operator), None)
         .await?;
     assert_eq!(s, StatusCode::NOT_FOUND, "another app's limits are its own");
+    let (s, _) = w.call("DELETE", path, Some(&viewer), None).await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a viewer cannot remove a limit");
     let (s, _) = w.call("DELETE", path, Some(&operator), None).await?;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, body) = w.call("DELETE", path, Some(&operator), None).await?;

@@ -18,6 +18,10 @@ pub const MAX_RUNNING: i32 = 10_000;
 /// The highest rate limit accepted, in rows per second.
 pub const MAX_RATE_PER_SEC: f64 = 100_000.0;
 
+/// The lowest rate limit accepted, in rows per second: one row in about 17
+/// minutes. A slower topic is better paused.
+pub const MIN_RATE_PER_SEC: f64 = 0.001;
+
 /// The largest burst accepted.
 pub const MAX_BURST: i32 = 100_000;
 
@@ -41,7 +45,7 @@ pub struct TopicLimit {
     pub rate_per_sec: Option<f64>,
     /// With a rate: how many may start at once after a quiet spell.
     pub burst: Option<i32>,
-    /// How many run now.
+    /// How many hold a slot of its concurrency limit now (0 without one).
     pub running: i64,
     /// When the limits were last set.
     pub set_at: DateTime<Utc>,
@@ -54,7 +58,7 @@ pub struct TopicLimit {
 pub struct Limits {
     /// At most this many rows at once (1 to [`MAX_RUNNING`]).
     pub max_running: Option<i64>,
-    /// At most this many starts per second (above 0, up to [`MAX_RATE_PER_SEC`]).
+    /// At most this many starts per second ([`MIN_RATE_PER_SEC`] to [`MAX_RATE_PER_SEC`]).
     pub rate_per_sec: Option<f64>,
     /// With a rate: how many may start at once after a quiet spell (1 to
     /// [`MAX_BURST`]; by default one second's worth, at least 1).
@@ -81,22 +85,16 @@ impl Limits {
                 ));
             }
             (Some(rate), burst) => {
-                if !(rate.is_finite() && rate > 0.0 && rate <= MAX_RATE_PER_SEC) {
+                if !(MIN_RATE_PER_SEC..=MAX_RATE_PER_SEC).contains(&rate) {
                     return Err(Error::invalid(
                         "rate_per_sec",
-                        format!("is {rate}; it must be above 0 and at most {MAX_RATE_PER_SEC}"),
+                        format!(
+                            "is {rate}; it must be between {MIN_RATE_PER_SEC} and {MAX_RATE_PER_SEC}"
+                        ),
                     ));
                 }
                 let burst = match burst {
-                    Some(b) => i32::try_from(b)
-                        .ok()
-                        .filter(|b| (1..=MAX_BURST).contains(b))
-                        .ok_or_else(|| {
-                            Error::invalid(
-                                "burst",
-                                format!("is {b}; it must be between 1 and {MAX_BURST}"),
-                            )
-                        })?,
+                    Some(b) => in_range("burst", b, 1..=MAX_BURST)?,
                     // One second's worth; `rate` is at most MAX_BURST.
                     None => (rate.ceil() as i32).clamp(1, MAX_BURST),
                 };
@@ -115,13 +113,27 @@ impl Limits {
 
 /// Refuses a concurrency limit outside `1..=MAX_RUNNING`, naming the field.
 pub fn validate_max_running(max_running: i64) -> Result<i32, Error> {
-    i32::try_from(max_running)
+    in_range("max_running", max_running, 1..=MAX_RUNNING)
+}
+
+/// `value` as an `i32` when `range` holds it; else an error naming `field`
+/// and the range.
+fn in_range(
+    field: &'static str,
+    value: i64,
+    range: std::ops::RangeInclusive<i32>,
+) -> Result<i32, Error> {
+    i32::try_from(value)
         .ok()
-        .filter(|n| (1..=MAX_RUNNING).contains(n))
+        .filter(|n| range.contains(n))
         .ok_or_else(|| {
             Error::invalid(
-                "max_running",
-                format!("is {max_running}; it must be between 1 and {MAX_RUNNING}"),
+                field,
+                format!(
+                    "is {value}; it must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
             )
         })
 }
@@ -148,7 +160,9 @@ pub async fn set<'e>(
          ON CONFLICT (app_id, topic) DO UPDATE
              SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
                  burst = excluded.burst,
-                 tokens = least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)),
+                 tokens = CASE WHEN outbox_topic_limits.rate_per_sec IS NULL
+                               THEN coalesce(excluded.burst, 0)
+                               ELSE least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)) END,
                  set_by = excluded.set_by, set_at = now()",
     )
     .bind(app)
@@ -187,14 +201,14 @@ pub async fn remove<'e>(db: impl PgExecutor<'e>, app: Uuid, topic: &str) -> Resu
 
 /// The limited topics of `app`, by topic, each with how many of its rows run.
 pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicLimit>, Error> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(concat!(
         "SELECT l.topic, l.max_running, l.rate_per_sec, l.burst, l.set_at, l.set_by,
-                (SELECT count(*) FROM unnest(l.running) AS r(id)
-                 WHERE EXISTS (SELECT 1 FROM outbox o
-                               WHERE o.id = r.id AND o.locked_until > now())) AS running
-         FROM outbox_topic_limits l
-         WHERE l.app_id = $1 ORDER BY l.topic",
-    )
+                    cardinality(",
+        live_running!(),
+        ")::int8 AS running
+             FROM outbox_topic_limits l
+             WHERE l.app_id = $1 ORDER BY l.topic"
+    ))
     .bind(app)
     .fetch_all(db)
     .await?)
@@ -225,7 +239,15 @@ mod tests {
         }
         assert_eq!(validate_max_running(1).ok(), Some(1));
         assert_eq!(validate_max_running(10_000).ok(), Some(10_000));
-        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY, 100_000.5] {
+        for rate in [
+            0.0,
+            1e-300,
+            0.0009,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            100_000.5,
+        ] {
             let m = refused(Limits {
                 rate_per_sec: Some(rate),
                 ..Limits::default()

@@ -33,6 +33,16 @@ pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error>
     Ok(())
 }
 
+/// The ids of `l.running` (a limit's row `l` of `outbox_topic_limits`) whose
+/// row still holds a live lease: the slots taken.
+macro_rules! live_running {
+    () => {
+        "ARRAY(SELECT r.id FROM unnest(l.running) AS r(id)
+               WHERE EXISTS (SELECT 1 FROM outbox o
+                             WHERE o.id = r.id AND o.locked_until > now()))"
+    };
+}
+
 pub mod apps;
 pub mod dead_letters;
 pub mod dedupe;

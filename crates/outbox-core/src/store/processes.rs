@@ -65,7 +65,7 @@ pub struct Beat {
     pub others: Vec<String>,
     /// The paused topics of every app, as [`super::pauses::pause_key`] names them.
     pub paused: Vec<String>,
-    /// The topics with a concurrency limit, of every app.
+    /// The topics with a concurrency or rate limit, of every app.
     pub limited: Vec<LimitedTopic>,
 }
 

@@ -3,6 +3,7 @@ mod cancel;
 mod enqueue;
 mod inspect;
 mod leases;
+mod limits;
 mod plans;
 mod positions;
 mod priorities;

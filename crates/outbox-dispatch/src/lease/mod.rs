@@ -4,14 +4,12 @@
 
 pub(crate) mod completer;
 pub(crate) mod heartbeat;
+mod limited;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::listen::reconnect_pause;
 use outbox_core::store::outbox as store;
@@ -20,37 +18,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use uuid::Uuid;
 
 use crate::dispatcher::Shared;
 use crate::outcome::{Finished, Outcome};
 use crate::positions::ClaimFrom;
 
-/// How long a claim loop leaves a limited topic alone after finding all its
-/// slots taken.
-const LIMITED_LOOK_AGAIN: Duration = Duration::from_millis(25);
-
-/// The limited topics a claim loop found at their limit or without due
-/// rows, and until when it leaves them alone: a limited claim costs a
-/// transaction of its own, which a claim loop draining other topics should
-/// not pay on every round.
-#[derive(Debug, Default)]
-struct LimitedLooks {
-    full: HashMap<(Uuid, String), Instant>,
-    idle: HashMap<(Uuid, String), Instant>,
-    start: usize,
-}
-
-impl LimitedLooks {
-    /// How long until a limited topic found at its limit is looked at
-    /// again, when one was: its rows may be waiting.
-    fn next_look(&self) -> Option<Duration> {
-        self.full
-            .values()
-            .min()
-            .map(|at| at.saturating_duration_since(Instant::now()))
-    }
-}
+use self::limited::LimitedLooks;
 
 /// Claimed rows run together in one task: spawning a task per row cost more
 /// than a no-op handler, while a batch still spreads over the runtime's
@@ -157,7 +130,7 @@ impl Shared {
             }
             drop(held);
             while tasks.try_join_next().is_some() {}
-            if got < wanted {
+            if got < wanted && !looks.more_waiting() {
                 // A limited topic found at its limit is looked at again when
                 // a slot may have freed or its next token is due.
                 let pause = looks
@@ -166,7 +139,7 @@ impl Shared {
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
-                    () = self.wake.notified() => looks.idle.clear(),
+                    () = self.wake.notified() => looks.rows_came(),
                     () = tokio::time::sleep(pause) => {}
                 }
             }
@@ -185,95 +158,6 @@ impl Shared {
                 while tasks.join_next().await.is_some() {}
             }
         }
-    }
-
-    /// One claim: the limited topics whose slots may be free first, then
-    /// the others for the rest of `wanted`, completing `done` on the way.
-    /// Limited rows are bounded by their slots, so they cannot starve the
-    /// others; the others, claimed second, cannot starve them.
-    async fn claim_round(
-        &self,
-        conn: &mut PgConnection,
-        from: &mut ClaimFrom,
-        looks: &mut LimitedLooks,
-        done: &[Lease],
-        wanted: usize,
-    ) -> Result<(usize, Vec<ClaimedEvent>), outbox_core::Error> {
-        let config = &self.config;
-        let mut rows = self.claim_limited(conn, looks, wanted).await?;
-        let rest = wanted - rows.len();
-        if rest == 0 {
-            let completed = store::complete(&mut *conn, done).await?.len();
-            return Ok((completed, rows));
-        }
-        let positions = from.current(self, &mut *conn).await?;
-        let (completed, more) = store::complete_and_claim(
-            conn,
-            positions,
-            &self.served.get(),
-            done,
-            &config.worker_id,
-            rest as u32,
-            config.lease,
-        )
-        .await?;
-        rows.extend(more);
-        Ok((completed, rows))
-    }
-
-    /// Claims up to `wanted` rows of the limited topics, each within its
-    /// limits; a topic found at its concurrency limit is left alone for
-    /// [`LIMITED_LOOK_AGAIN`], one at its rate limit until its next token.
-    async fn claim_limited(
-        &self,
-        conn: &mut PgConnection,
-        looks: &mut LimitedLooks,
-        wanted: usize,
-    ) -> Result<Vec<ClaimedEvent>, outbox_core::Error> {
-        let limits = self.served.limits();
-        let now = Instant::now();
-        looks.full.retain(|_, until| *until > now);
-        looks.idle.retain(|_, until| *until > now);
-        let mut rows = Vec::new();
-        let count = limits.topics.len();
-        // Each round starts at the next topic, so none is always last.
-        looks.start = looks.start.wrapping_add(1);
-        for i in 0..count {
-            let topic = &limits.topics[(looks.start + i) % count];
-            let asked = wanted - rows.len();
-            if asked == 0 {
-                break;
-            }
-            let key = (topic.app_id, topic.topic.clone());
-            if looks.full.contains_key(&key) || looks.idle.contains_key(&key) {
-                continue;
-            }
-            let claim = store::claim_limited(
-                &mut *conn,
-                topic,
-                &limits.served,
-                &self.config.worker_id,
-                asked as u32,
-                self.config.lease,
-            )
-            .await?;
-            let free = claim.free as usize;
-            if free <= asked && claim.rows.len() == free {
-                // At its limit: a slot frees when another row ends, a token
-                // comes when its time comes.
-                let again = claim
-                    .ready_in
-                    .filter(|wait| !wait.is_zero())
-                    .unwrap_or(LIMITED_LOOK_AGAIN);
-                looks.full.insert(key, now + again);
-            } else if claim.rows.len() < asked {
-                // Nothing more is due: looked at again after a poll interval,
-                // or when a notification says rows came.
-                looks.idle.insert(key, now + self.config.poll_interval);
-            }
-            rows.extend(claim.rows);
-        }
-        Ok(rows)
     }
 
     /// The claim loop's own connection (see [`store::claim_connect_options`]),

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use outbox_core::store::limits::{self, LimitedTopic};
 use outbox_core::store::outbox as store;
 use outbox_core::topics::Served;
@@ -192,12 +193,6 @@ async fn the_slots_of_a_process_that_died_come_back_when_its_leases_expire() -> 
     Ok(())
 }
 
-#[test]
-fn a_limit_outside_its_range_names_the_field() {
-    let message = limits::validate_max_running(0).err().map(|e| e.to_string());
-    assert!(message.is_some_and(|m| m.contains("max_running")));
-}
-
 #[tokio::test]
 async fn a_rate_limited_topic_starts_its_rate_across_two_processes() -> TestResult {
     const RATE: f64 = 20.0;
@@ -242,6 +237,71 @@ async fn a_rate_limited_topic_starts_its_rate_across_two_processes() -> TestResu
     );
     let left = outbox_core::store::outbox::count(&pool).await?;
     assert!(left > 0, "the backlog ran out before the window closed");
+    for (stop, run, _) in processes {
+        stop.cancel();
+        run.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_limit_set_while_rows_run_counts_them() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let runs = Runs::default();
+    let narrow = outbox_dispatch::Config {
+        concurrency: 3,
+        batch_size: 3,
+        ..config()
+    };
+    let mut processes = Vec::new();
+    for _ in 0..2 {
+        let mut registry = Registry::new();
+        registry.register("report.render", runs.handler(Duration::from_millis(400)));
+        processes.push(start_with(&db, registry, narrow.clone()).await?);
+    }
+    enqueue_each(&db, app, &["report.render"], 20).await?;
+    let leased = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox WHERE topic = 'report.render' AND locked_until > now()",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(-1)
+    };
+    let busy = outbox_testkit::wait_until(Duration::from_secs(10), || {
+        leased(db.pool.clone()).map(|n| n >= 4)
+    })
+    .await;
+    assert!(busy, "the rows never ran side by side");
+    limits::set(&db.pool, app, "report.render", &at_once(1), None).await?;
+    // Every process knows of the limit after its next beat.
+    let set = chrono::Utc::now();
+    let known = outbox_testkit::wait_until(Duration::from_secs(5), || {
+        let pool = db.pool.clone();
+        async move {
+            outbox_core::store::processes::live(&pool)
+                .await
+                .is_ok_and(|live| live.len() == 2 && live.iter().all(|p| p.last_seen > set))
+        }
+    })
+    .await;
+    assert!(known);
+    // From then on the rows already running count: none starts until fewer
+    // than the limit run, and then one at a time.
+    let mut last = leased(db.pool.clone()).await;
+    let mut samples = 0;
+    while outbox_core::store::outbox::count(&db.pool).await? > 0 && samples < 2000 {
+        let now = leased(db.pool.clone()).await;
+        assert!(now >= 0);
+        assert!(
+            now <= last.max(1),
+            "{now} running after {last}: a row started while the limit was exceeded"
+        );
+        last = now;
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for (stop, run, _) in processes {
         stop.cancel();
         run.await??;

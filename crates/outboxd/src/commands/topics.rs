@@ -61,7 +61,7 @@ pub enum TopicCommand {
         #[arg(long, allow_negative_numbers = true, requires = "rate")]
         burst: Option<i64>,
     },
-    /// Remove a topic's concurrency limit.
+    /// Remove a topic's limits (concurrency and rate).
     Unlimit {
         /// App slug.
         #[arg(long)]

@@ -12,6 +12,19 @@ use crate::model::ClaimedEvent;
 use crate::store::limits::LimitedTopic;
 use crate::topics::Served;
 
+/// How long after a limit is set its claims also count the topic's rows
+/// that ordinary claims leased: a few beats
+/// (`outbox_dispatch::subscription::BEAT_EVERY`, a second), time for every
+/// process to learn of the limit.
+macro_rules! adopt_window_secs {
+    () => {
+        "5"
+    };
+}
+
+/// [`adopt_window_secs`] as a number.
+pub const ADOPT_WINDOW_SECS: u64 = 5;
+
 /// Claims rows of the limited topic `$4`/`$5` (at most `$1`) for worker `$2`
 /// and a lease of `$3` seconds, among the rows the [`Served`] topics
 /// `$6`–`$10` take: no more than its free slots (concurrency limit) nor its
@@ -20,12 +33,23 @@ use crate::topics::Served;
 /// live: done, retried, or left by a dead process, it frees it. The bucket
 /// gains `rate_per_sec` tokens a second up to `burst`, by the clock of the
 /// claim that holds the limit's lock.
+///
+/// For [`ADOPT_WINDOW_SECS`] after a limit is set, rows of the topic leased
+/// by ordinary claims (processes that had not beaten since) count too, and
+/// are recorded: they hold their slots until they end.
 const CLAIM_LIMITED: &str = concat!(
     "WITH lim AS (
     SELECT l.max_running, l.rate_per_sec, c.at,
-           ARRAY(SELECT r.id FROM unnest(l.running) AS r(id)
-                 WHERE EXISTS (SELECT 1 FROM outbox o
-                               WHERE o.id = r.id AND o.locked_until > now())) AS live,
+           ARRAY(SELECT unnest(",
+    live_running!(),
+    ")
+                 UNION
+                 SELECT o.id FROM outbox o
+                 WHERE l.set_at > c.at - make_interval(secs => ",
+    adopt_window_secs!(),
+    ")
+                   AND o.app_id = l.app_id AND o.topic = l.topic
+                   AND o.locked_until > now()) AS live,
            least(l.burst::float8, l.tokens + l.rate_per_sec
                  * greatest(extract(epoch FROM c.at - l.refilled_at)::float8, 0)) AS tokens
     FROM outbox_topic_limits l
@@ -56,9 +80,10 @@ const CLAIM_LIMITED: &str = concat!(
     "
 ), recorded AS (
     UPDATE outbox_topic_limits l
-    SET running = lim.live || ARRAY(SELECT id FROM claimed),
+    SET running = CASE WHEN lim.max_running IS NULL THEN '{}'
+                       ELSE lim.live || ARRAY(SELECT id FROM claimed) END,
         tokens = coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
-        refilled_at = lim.at
+        refilled_at = greatest(l.refilled_at, lim.at)
     FROM lim
     WHERE l.app_id = $4 AND l.topic = $5
 )
@@ -138,8 +163,7 @@ pub async fn claim_limited(
         claim.free = u32::try_from(row.try_get::<i64, _>(CLAIMED_COLUMNS)?).unwrap_or(0);
         claim.ready_in = row
             .try_get::<Option<f64>, _>(CLAIMED_COLUMNS + 1)?
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
         if row.try_get::<Option<uuid::Uuid>, _>(0)?.is_some() {
             claim.rows.push(ClaimedEvent::from_row(row)?);
         }

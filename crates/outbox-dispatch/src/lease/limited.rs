@@ -1,0 +1,201 @@
+//! A lease-mode claim round with limited topics: their claims come first
+//! (each its own short transaction, see
+//! [`outbox_core::store::outbox::claim_limited`]), the ordinary claim takes
+//! the rest. A claim loop remembers which limited topics were at their
+//! limit or had nothing due, and leaves them alone for a while: a limited
+//! claim costs a transaction, which a loop draining other topics should not
+//! pay on every round.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_core::ClaimedEvent;
+use outbox_core::model::Lease;
+use outbox_core::store::outbox as store;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::dispatcher::Shared;
+use crate::positions::ClaimFrom;
+use crate::subscription::Limits;
+
+/// How long a claim loop first leaves a limited topic alone after finding
+/// all its slots taken; doubled at each further look that finds the same,
+/// up to the poll interval.
+const LIMITED_LOOK_AGAIN: Duration = Duration::from_millis(25);
+
+/// One claim loop's memory of the limited topics.
+#[derive(Debug, Default)]
+pub(super) struct LimitedLooks {
+    // Topics at their limit: until when they are left alone.
+    full: HashMap<(Uuid, String), Instant>,
+    // How many looks in a row found a topic at its limit with no slot free.
+    strikes: HashMap<(Uuid, String), u32>,
+    // Topics without due rows: until the next poll or notification.
+    idle: HashMap<(Uuid, String), Instant>,
+    // The limits these looks are about: new limits, a fresh start.
+    seen: Option<Arc<Limits>>,
+    start: usize,
+    // The last ordinary claim filled its share: limited topics get half.
+    ordinary_busy: bool,
+    // The last limited claims filled their share: more may be due.
+    more: bool,
+}
+
+impl LimitedLooks {
+    /// How long until a limited topic found at its limit is looked at
+    /// again, when one was: its rows may be waiting.
+    pub(super) fn next_look(&self) -> Option<Duration> {
+        self.full
+            .values()
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// The last round's limited claims took all they were offered.
+    pub(super) fn more_waiting(&self) -> bool {
+        self.more
+    }
+
+    /// A notification: rows came, perhaps of a topic that had none.
+    pub(super) fn rows_came(&mut self) {
+        self.idle.clear();
+    }
+
+    /// How many of `wanted` the limited topics are offered: all, unless the
+    /// ordinary claim also has work, then half (turn about with one).
+    fn share(&mut self, wanted: usize) -> usize {
+        if !self.ordinary_busy {
+            wanted
+        } else if wanted > 1 {
+            wanted - wanted / 2
+        } else {
+            self.start = self.start.wrapping_add(1);
+            self.start % 2
+        }
+    }
+}
+
+impl Shared {
+    /// One claim: completes `done`, claims the limited topics' share of
+    /// `wanted`, then ordinary rows for the rest. Neither side starves the
+    /// other: limited rows are bounded by their limits, and while ordinary
+    /// rows are waiting the limited ones get half of each round.
+    pub(super) async fn claim_round(
+        &self,
+        conn: &mut PgConnection,
+        from: &mut ClaimFrom,
+        looks: &mut LimitedLooks,
+        done: &[Lease],
+        wanted: usize,
+    ) -> Result<(usize, Vec<ClaimedEvent>), outbox_core::Error> {
+        let config = &self.config;
+        let limits = self.served.limits();
+        let mut done = done;
+        let mut completed = 0;
+        let mut rows = Vec::new();
+        looks.more = false;
+        if !limits.topics.is_empty() {
+            // Finished rows give their slots back before the limits are counted.
+            completed += store::complete(&mut *conn, done).await?.len();
+            done = &[];
+            let share = looks.share(wanted);
+            if share > 0 {
+                rows = self.claim_limited(conn, &limits, looks, share).await?;
+                looks.more = rows.len() == share;
+            }
+        }
+        let rest = wanted - rows.len();
+        if rest == 0 {
+            completed += store::complete(&mut *conn, done).await?.len();
+            looks.ordinary_busy = true;
+            return Ok((completed, rows));
+        }
+        let positions = from.current(self, &mut *conn).await?;
+        let (done_now, more) = store::complete_and_claim(
+            conn,
+            positions,
+            &self.served.get(),
+            done,
+            &config.worker_id,
+            rest as u32,
+            config.lease,
+        )
+        .await?;
+        looks.ordinary_busy = more.len() == rest;
+        rows.extend(more);
+        Ok((completed + done_now, rows))
+    }
+
+    /// Claims up to `wanted` rows of the limited topics this process
+    /// serves, each within its limits. A topic found at its concurrency
+    /// limit is left alone for [`LIMITED_LOOK_AGAIN`] (doubling up to the
+    /// poll interval), one at its rate limit until its next token, one
+    /// without due rows until the next poll or notification.
+    async fn claim_limited(
+        &self,
+        conn: &mut PgConnection,
+        limits: &Arc<Limits>,
+        looks: &mut LimitedLooks,
+        wanted: usize,
+    ) -> Result<Vec<ClaimedEvent>, outbox_core::Error> {
+        let poll = self.config.poll_interval;
+        if !looks.seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, limits)) {
+            looks.full.clear();
+            looks.idle.clear();
+            looks.strikes.clear();
+            looks.seen = Some(limits.clone());
+        }
+        let now = Instant::now();
+        looks.full.retain(|_, until| *until > now);
+        looks.idle.retain(|_, until| *until > now);
+        let mut rows = Vec::new();
+        let count = limits.topics.len();
+        // Each round starts at the next topic, so none is always last.
+        looks.start = looks.start.wrapping_add(1);
+        for i in 0..count {
+            let topic = &limits.topics[(looks.start + i) % count];
+            let asked = wanted - rows.len();
+            if asked == 0 {
+                break;
+            }
+            if !self.serves(limits, topic) {
+                continue;
+            }
+            let key = (topic.app_id, topic.topic.clone());
+            if looks.full.contains_key(&key) || looks.idle.contains_key(&key) {
+                continue;
+            }
+            let claim = store::claim_limited(
+                &mut *conn,
+                topic,
+                &limits.served,
+                &self.config.worker_id,
+                asked as u32,
+                self.config.lease,
+            )
+            .await?;
+            let (free, got) = (claim.free as usize, claim.rows.len());
+            if free <= asked && got == free {
+                // At its limit: a slot frees when another row ends (looked
+                // for more rarely while it stays full), a token comes when
+                // its time comes.
+                let strikes = looks.strikes.entry(key.clone()).or_default();
+                *strikes = if got == 0 { *strikes + 1 } else { 0 };
+                let wait = match claim.ready_in.filter(|w| !w.is_zero()) {
+                    Some(token) => token,
+                    None => LIMITED_LOOK_AGAIN.saturating_mul(1 << (*strikes).min(10)),
+                };
+                looks.full.insert(key, now + wait.min(poll));
+            } else {
+                looks.strikes.remove(&key);
+                if got < asked {
+                    looks.idle.insert(key, now + poll);
+                }
+            }
+            rows.extend(claim.rows);
+        }
+        Ok(rows)
+    }
+}
