@@ -16,22 +16,32 @@ use uuid::Uuid;
 
 use crate::{Error, NewEvent};
 
-const INSERT_ONE: &str = "
+const INSERT_ONE: &str = concat!(
+    "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal, priority)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, coalesce($14, now()), $15, $16,
-            $17)
+                        registered_by_principal, priority, not_before)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+    priority_run_at!("coalesce($14, now())", "$17"),
+    ", $15, $16, $17, ",
+    priority_not_before!("$14", "$17"),
+    ")
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id";
+    RETURNING id"
+);
 
-const INSERT_MANY: &str = "
+const INSERT_MANY: &str = concat!(
+    "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal, priority)
+                        registered_by_principal, priority, not_before)
     SELECT u.id, $1, u.source, u.op, u.topic, u.trigger_id, u.target, u.payload, u.headers,
-           u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, coalesce(u.run_at, now()),
-           u.reply_to, u.principal, u.priority
+           u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, ",
+    priority_run_at!("coalesce(u.run_at, now())", "u.priority"),
+    ",
+           u.reply_to, u.principal, u.priority, ",
+    priority_not_before!("u.run_at", "u.priority"),
+    "
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::text[],
                 $8::jsonb[], $9::jsonb[], $10::text[], $11::text[], $12::int4[], $13::int4[],
                 $14::timestamptz[], $15::text[], $16::text[], $17::int2[])
@@ -40,7 +50,8 @@ const INSERT_MANY: &str = "
                               reply_to, principal, priority, ord)
     ORDER BY u.ord
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id";
+    RETURNING id"
+);
 
 /// [`INSERT_MANY`] for a batch of plain events (see [`is_plain`]): the other
 /// columns keep their defaults, so eleven arrays of NULLs are neither sent nor

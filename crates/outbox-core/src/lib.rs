@@ -24,6 +24,33 @@
 //! - [`topics`]: which topics a dispatcher serves (names, prefixes, NATS-style patterns).
 //! - [`MIGRATOR`]: the embedded, forward-only migrations.
 
+/// The `run_at` a row due at `$due` (an SQL expression) is stored with at
+/// priority `$priority`: earlier by the priority × 10 s, so that the claim
+/// order, the index order of `outbox_due_idx`, puts higher priorities first
+/// and lower ones still age in (see `model::NewEvent::priority`).
+macro_rules! priority_run_at {
+    ($due:expr, $priority:expr) => {
+        concat!("(", $due, " - make_interval(secs => ", $priority, " * 10))")
+    };
+}
+
+/// The `not_before` of a row due at `$due` at priority `$priority`: its
+/// real due time when a priority moved `run_at` back past it, so that it
+/// does not run early.
+macro_rules! priority_not_before {
+    ($due:expr, $priority:expr) => {
+        concat!(
+            "(CASE WHEN ",
+            $priority,
+            " > 0 AND ",
+            $due,
+            " > now() THEN ",
+            $due,
+            " END)"
+        )
+    };
+}
+
 pub mod enqueue;
 mod error;
 pub mod model;

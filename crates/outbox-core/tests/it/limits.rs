@@ -16,16 +16,22 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const LEASE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn rows_an_ordinary_claim_took_after_the_limit_was_set_hold_slots() -> TestResult {
-    let db = TestDb::new().await?;
-    let app = db.app("shop").await?;
-    let events: Vec<NewEvent> = (0..5)
-        .map(|i| NewEvent::new("report", json!({ "i": i })))
+/// `n` due rows of `topic`.
+async fn fill(db: &TestDb, app: uuid::Uuid, topic: &str, n: usize) -> TestResult {
+    let events: Vec<NewEvent> = (0..n)
+        .map(|i| NewEvent::new(topic, json!({ "i": i })))
         .collect();
     let mut tx = db.pool.begin().await?;
     outbox_core::enqueue_batch(&mut tx, app, &events).await?;
     tx.commit().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rows_an_ordinary_claim_took_after_the_limit_was_set_hold_slots() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, "report", 5).await?;
     let one = Limits {
         max_running: Some(1),
         ..Limits::default()
@@ -56,12 +62,7 @@ async fn rows_an_ordinary_claim_took_after_the_limit_was_set_hold_slots() -> Tes
 async fn a_rate_limit_issues_its_burst_then_waits_for_the_next_token() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    let events: Vec<NewEvent> = (0..10)
-        .map(|i| NewEvent::new("partner", json!({ "i": i })))
-        .collect();
-    let mut tx = db.pool.begin().await?;
-    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
+    fill(&db, app, "partner", 10).await?;
     let rate = Limits {
         rate_per_sec: Some(2.0),
         burst: Some(3),

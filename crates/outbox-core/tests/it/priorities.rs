@@ -112,7 +112,7 @@ async fn a_scheduled_row_with_a_priority_does_not_run_early() -> TestResult {
     let counts = store::state_counts(&db.pool).await?;
     assert_eq!((counts[0].due, counts[0].scheduled), (0, 1));
     // Due now: it runs.
-    sqlx::query("UPDATE outbox SET run_at = now()")
+    sqlx::query("UPDATE outbox SET not_before = now()")
         .execute(&db.pool)
         .await?;
     assert_eq!(next(&db, 10).await?, ["later"]);
@@ -148,5 +148,43 @@ async fn a_priority_out_of_range_is_refused_by_name_and_nothing_is_written() -> 
             .unwrap_or_default();
     assert!(err.contains("priority 12"), "{err}");
     assert_eq!(store::count(&db.pool).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_row_keeps_its_priority() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    enqueue(
+        &db,
+        app,
+        &[NewEvent::new("urgent", json!({})).with_priority(9)],
+    )
+    .await?;
+    let claimed = store::claim(&db.pool, "w", 1, LEASE).await?;
+    let lease = outbox_core::model::Lease {
+        id: claimed[0].id,
+        token: claimed[0].lease_token,
+    };
+    // Waiting 60 s: behind the retry (seen as due 90 s before its retry time).
+    enqueue(
+        &db,
+        app,
+        &[NewEvent::new("waiting", json!({}))
+            .with_run_at(Utc::now() - chrono::Duration::seconds(60))],
+    )
+    .await?;
+    let retried = store::reschedule(
+        &db.pool,
+        &[store::Reschedule {
+            lease,
+            delay: Duration::ZERO,
+            error: Some("try again".into()),
+            refund_attempt: false,
+        }],
+    )
+    .await?;
+    assert_eq!(retried.len(), 1);
+    assert_eq!(next(&db, 2).await?, ["urgent", "waiting"]);
     Ok(())
 }

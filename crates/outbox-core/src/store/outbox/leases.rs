@@ -62,7 +62,12 @@ pub const RESCHEDULE_SQL: &str = concat!(
     "
      )
      UPDATE outbox o
-     SET run_at        = now() + make_interval(secs => t.delay),
+     SET run_at        = ",
+    priority_run_at!("(now() + make_interval(secs => t.delay))", "o.priority"),
+    ",
+         not_before    = ",
+    priority_not_before!("(now() + make_interval(secs => t.delay))", "o.priority"),
+    ",
          locked_by     = NULL,
          locked_until  = NULL,
          last_error    = coalesce(t.error, o.last_error),

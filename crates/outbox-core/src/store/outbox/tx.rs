@@ -182,16 +182,21 @@ pub async fn record_failed_attempt<'e>(
     count: bool,
     error: Option<&str>,
 ) -> Result<Option<i64>, Error> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar(concat!(
         "UPDATE outbox o
          SET attempt_count    = o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END,
-             run_at           = now() + make_interval(secs => $2),
+             run_at           = ",
+        priority_run_at!("(now() + make_interval(secs => $2))", "o.priority"),
+        ",
+             not_before       = ",
+        priority_not_before!("(now() + make_interval(secs => $2))", "o.priority"),
+        ",
              last_error       = coalesce($4, o.last_error),
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          WHERE o.id = $1 AND (o.locked_until IS NULL OR o.locked_until < now())
-         RETURNING o.lease_token",
-    )
+         RETURNING o.lease_token"
+    ))
     .bind(id)
     .bind(delay.as_secs_f64())
     .bind(count)
