@@ -151,6 +151,7 @@ struct EventBody {
     headers: Option<Value>,
     idempotency_key: Option<String>,
     priority: Option<i64>,
+    partition_key: Option<String>,
 }
 
 /// The body of `POST …/jobs/{queue}`: a job may also wait, keep an order
@@ -167,6 +168,7 @@ struct JobBody {
     run_at: Option<DateTime<Utc>>,
     delay_ms: Option<i64>,
     priority: Option<i64>,
+    partition_key: Option<String>,
 }
 
 /// A body's `priority`, refused by name outside 0..=9.
@@ -215,6 +217,7 @@ async fn publish(
     event.headers = headers_of(b.headers);
     event.idempotency_key = b.idempotency_key;
     event.priority = priority_of(b.priority)?;
+    event.partition_key = b.partition_key;
     enqueue(&state, app.id, event).await
 }
 
@@ -231,6 +234,7 @@ async fn job(
     event.idempotency_key = b.idempotency_key;
     event.ordering_key = b.ordering_key;
     event.priority = priority_of(b.priority)?;
+    event.partition_key = b.partition_key;
     if let Some(n) = b.max_attempts {
         event.max_attempts = Some(i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
             ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))

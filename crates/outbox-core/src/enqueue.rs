@@ -20,12 +20,12 @@ const INSERT_ONE: &str = concat!(
     "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal, priority, not_before)
+                        registered_by_principal, priority, not_before, partition_key)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
     priority_run_at!("coalesce($14, now())", "$17"),
     ", $15, $16, $17, ",
     priority_not_before!("$14", "$17"),
-    ")
+    ", $18)
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id"
 );
@@ -34,27 +34,27 @@ const INSERT_MANY: &str = concat!(
     "
     INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal, priority, not_before)
+                        registered_by_principal, priority, not_before, partition_key)
     SELECT u.id, $1, u.source, u.op, u.topic, u.trigger_id, u.target, u.payload, u.headers,
            u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, ",
     priority_run_at!("coalesce(u.run_at, now())", "u.priority"),
     ",
            u.reply_to, u.principal, u.priority, ",
     priority_not_before!("u.run_at", "u.priority"),
-    "
+    ", u.partition_key
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::text[],
                 $8::jsonb[], $9::jsonb[], $10::text[], $11::text[], $12::int4[], $13::int4[],
-                $14::timestamptz[], $15::text[], $16::text[], $17::int2[])
+                $14::timestamptz[], $15::text[], $16::text[], $17::int2[], $18::text[])
          WITH ORDINALITY AS u(id, source, op, topic, trigger_id, target, payload, headers,
                               idempotency_key, ordering_key, depth, max_attempts, run_at,
-                              reply_to, principal, priority, ord)
+                              reply_to, principal, priority, partition_key, ord)
     ORDER BY u.ord
     ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id"
 );
 
 /// [`INSERT_MANY`] for a batch of plain events (see [`is_plain`]): the other
-/// columns keep their defaults, so eleven arrays of NULLs are neither sent nor
+/// columns keep their defaults, so thirteen arrays of NULLs are neither sent nor
 /// unpacked, and with no idempotency key nothing can conflict.
 const INSERT_MANY_PLAIN: &str = "
     INSERT INTO outbox (id, app_id, source, topic, payload)
@@ -73,7 +73,7 @@ const COPY_PLAIN: &str =
 const COPY_FROM: usize = 64;
 
 /// [`INSERT_ONE`] for a plain event (see [`is_plain`]): five parameters
-/// instead of sixteen, and nothing to conflict on or return.
+/// instead of eighteen, and nothing to conflict on or return.
 const INSERT_ONE_PLAIN: &str = "
     INSERT INTO outbox (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)";
 
@@ -128,6 +128,7 @@ pub async fn enqueue(
             .bind(&event.reply_to)
             .bind(&event.registered_by_principal)
             .bind(event.priority)
+            .bind(&event.partition_key)
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, app_id))?;
@@ -187,6 +188,7 @@ pub async fn enqueue_batch(
     let mut reply_tos = Vec::with_capacity(n);
     let mut principals = Vec::with_capacity(n);
     let mut priorities = Vec::with_capacity(n);
+    let mut partition_keys = Vec::with_capacity(n);
     for event in events {
         event.validate()?;
         ids.push(Uuid::now_v7());
@@ -205,6 +207,7 @@ pub async fn enqueue_batch(
         reply_tos.push(event.reply_to.as_deref());
         principals.push(event.registered_by_principal.as_deref());
         priorities.push(event.priority);
+        partition_keys.push(event.partition_key.as_deref());
     }
     let payloads: Vec<&Value> = payloads;
     let headers: Vec<&Value> = headers;
@@ -227,6 +230,7 @@ pub async fn enqueue_batch(
         .bind(&reply_tos)
         .bind(&principals)
         .bind(&priorities)
+        .bind(&partition_keys)
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| map_insert_error(e, app_id))?;
@@ -285,6 +289,7 @@ fn is_plain(event: &NewEvent) -> bool {
         && event.reply_to.is_none()
         && event.registered_by_principal.is_none()
         && event.priority == 0
+        && event.partition_key.is_none()
 }
 
 async fn enqueue_plain_batch(

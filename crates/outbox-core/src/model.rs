@@ -89,6 +89,10 @@ pub struct NewEvent {
     pub idempotency_key: Option<String>,
     /// Rows of one app with the same key run one at a time, in enqueue order.
     pub ordering_key: Option<String>,
+    /// The value a topic's per-key concurrency limit counts by (a customer,
+    /// a tenant): at most `max_running_per_key` rows of one key run at once,
+    /// in no strict order (migration 0024). No effect without such a limit.
+    pub partition_key: Option<String>,
     /// Attempts before dead-lettering; `None` uses the dispatcher's default.
     pub max_attempts: Option<i32>,
     /// Trigger-chain depth; handlers that enqueue pass their event's depth + 1.
@@ -125,6 +129,7 @@ impl NewEvent {
             run_at: None,
             idempotency_key: None,
             ordering_key: None,
+            partition_key: None,
             max_attempts: None,
             depth: 0,
             trigger_id: None,
@@ -159,6 +164,12 @@ impl NewEvent {
         self
     }
 
+    /// Sets the partition key (see [`NewEvent::partition_key`]).
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
     /// Sets the maximum number of attempts.
     pub fn with_max_attempts(mut self, max_attempts: i32) -> Self {
         self.max_attempts = Some(max_attempts);
@@ -183,6 +194,7 @@ impl NewEvent {
         check_key("topic", Some(&self.topic))?;
         check_key("idempotency_key", self.idempotency_key.as_deref())?;
         check_key("ordering_key", self.ordering_key.as_deref())?;
+        check_key("partition_key", self.partition_key.as_deref())?;
         if let Some(max) = self.max_attempts
             && max < 1
         {

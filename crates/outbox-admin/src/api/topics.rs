@@ -99,12 +99,13 @@ pub(super) async fn list_limits(
 #[serde(deny_unknown_fields)]
 pub(super) struct LimitBody {
     max_running: Option<i64>,
+    max_running_per_key: Option<i64>,
     rate_per_sec: Option<f64>,
     burst: Option<i64>,
 }
 
 /// `PUT /api/apps/{app}/limits/{topic}`: at most `max_running` rows of the
-/// topic run at once, and at most `rate_per_sec` start per second (bursts
+/// topic run at once (`max_running_per_key` per partition key), and at most `rate_per_sec` start per second (bursts
 /// of `burst`), across every process, from about a second on. Replaces the
 /// topic's limits.
 pub(super) async fn set_limit(
@@ -117,6 +118,7 @@ pub(super) async fn set_limit(
     let body: LimitBody = crate::strict::json(&bytes)?;
     let wanted = limits::Limits {
         max_running: body.max_running,
+        max_running_per_key: body.max_running_per_key,
         rate_per_sec: body.rate_per_sec,
         burst: body.burst,
     };
@@ -124,6 +126,7 @@ pub(super) async fn set_limit(
     Ok(Json(json!({
         "topic": topic,
         "max_running": set.max_running(),
+        "max_running_per_key": set.max_running_per_key(),
         "rate_per_sec": set.rate().map(|(r, _)| r),
         "burst": set.rate().map(|(_, b)| b),
     })))

@@ -67,18 +67,19 @@ pub(super) async fn topics_page(
 <h2>Limits</h2>"#
     ));
     if limited.is_empty() {
-        body.push_str(r#"<p class=muted data-limits=none>No topic is limited. A concurrency limit lets at most that many of a topic's rows run at once, a rate limit at most that many start per second, across every process (lease mode), from about a second on.</p>"#);
+        body.push_str(r#"<p class=muted data-limits=none>No topic is limited. A concurrency limit lets at most that many of a topic's rows run at once (in all, or per partition key), a rate limit at most that many start per second, across every process (lease mode), from about a second on.</p>"#);
     } else {
         body.push_str(
-            "<table><tr><th>Topic</th><th>Running</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
+            "<table><tr><th>Topic</th><th>Running</th><th>Per key</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
         );
         for l in &limited {
             body.push_str(&format!(
-                r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>
+                r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{per_key}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>
 <form class=inline method=post action="/apps/{slug}/topics/unlimit"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form></td></tr>"#,
                 topic = esc(&l.topic),
                 running = l.running,
                 max = l.max_running.map_or("∞".to_owned(), |n| n.to_string()),
+                per_key = l.max_running_per_key.map_or(String::new(), |n| n.to_string()),
                 rate = l
                     .rate_per_sec
                     .zip(l.burst)
@@ -91,7 +92,7 @@ pub(super) async fn topics_page(
     }
     body.push_str(&format!(
         r#"<form method=post action="/apps/{slug}/topics/limit"><input type=hidden name=csrf value="{csrf}">
-<p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>
+<p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Per partition key <input name=max_running_per_key type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>
 <h2>Processes</h2>"#,
         max = limits::MAX_RUNNING,
     ));
@@ -146,6 +147,7 @@ pub(super) async fn change_topic(
             "limit" => {
                 let wanted = limits::Limits {
                     max_running: number(&form, "max_running")?,
+                    max_running_per_key: number(&form, "max_running_per_key")?,
                     rate_per_sec: number(&form, "rate_per_sec")?,
                     burst: number(&form, "burst")?,
                 };

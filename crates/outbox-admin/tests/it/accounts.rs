@@ -353,6 +353,12 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         ),
         (
             "POST",
+            "/api/apps/app-a/jobs/reports",
+            json!({"partition_key": ""}),
+            "partition_key",
+        ),
+        (
+            "POST",
             "/api/apps/app-a/events/e",
             json!({"run_at": "2030-01-01T00:00:00Z"}),
             "run_at: unknown field",

@@ -289,14 +289,14 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
         post(
             operator_jar.clone(),
             "/apps/app-a/topics/limit",
-            format!("csrf={operator_csrf}&topic=report&max_running=2")
+            format!("csrf={operator_csrf}&topic=report&max_running=2&max_running_per_key=1")
         )
         .await?,
         StatusCode::SEE_OTHER
     );
     let html = page(viewer_jar.clone()).await?;
     assert!(
-        html.contains(r#"data-limited="report""#) && html.contains("0 / 2"),
+        html.contains(r#"data-limited="report""#) && html.contains("0 / 2</td><td>1</td>"),
         "{html}"
     );
     assert_eq!(

@@ -161,14 +161,15 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             "POST",
             "/api/apps/app-a/jobs/urgent",
             Some(&operator),
-            Some(json!({"payload": {}, "priority": 7})),
+            Some(json!({"payload": {}, "priority": 7, "partition_key": "acme"})),
         )
         .await?;
     assert_eq!(s, StatusCode::CREATED, "{body}");
-    let priority: i16 = sqlx::query_scalar("SELECT priority FROM outbox WHERE topic = 'urgent'")
-        .fetch_one(&w.db.pool)
-        .await?;
-    assert_eq!(priority, 7);
+    let (priority, key): (i16, Option<String>) =
+        sqlx::query_as("SELECT priority, partition_key FROM outbox WHERE topic = 'urgent'")
+            .fetch_one(&w.db.pool)
+            .await?;
+    assert_eq!((priority, key.as_deref()), (7, Some("acme")));
     // Another app's KV is out of reach.
     let (s, _) = w
         .call(

@@ -163,6 +163,11 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
         (json!({"rate_per_sec": 1e-300}), "rate_per_sec"),
         (json!({"rate_per_sec": 5, "burst": 0}), "burst"),
         (json!({"max_running": 2, "burst": 3}), "burst"),
+        (json!({"max_running_per_key": 0}), "max_running_per_key"),
+        (
+            json!({"max_running_per_key": 20_000}),
+            "max_running_per_key",
+        ),
     ] {
         let (s, body) = w
             .call("PUT", path, Some(&operator), Some(bad.clone()))
@@ -186,14 +191,15 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(
         body,
-        json!({"topic": "report.render", "max_running": 2, "rate_per_sec": null, "burst": null})
+        json!({"topic": "report.render", "max_running": 2, "max_running_per_key": null,
+               "rate_per_sec": null, "burst": null})
     );
     let (s, body) = w
         .call(
             "PUT",
             path,
             Some(&operator),
-            Some(json!({"max_running": 3})),
+            Some(json!({"max_running": 3, "max_running_per_key": 1})),
         )
         .await?;
     assert_eq!(s, StatusCode::OK, "setting again changes the limit: {body}");
@@ -216,6 +222,7 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
     assert_eq!(body[0]["max_running"], json!(null));
     assert_eq!(body[1]["topic"], "report.render");
     assert_eq!(body[1]["max_running"], 3);
+    assert_eq!(body[1]["max_running_per_key"], 1);
     assert_eq!(body[1]["running"], 0);
     assert_eq!(body[1]["set_by"], "operator@x.io");
     let (s, _) = w

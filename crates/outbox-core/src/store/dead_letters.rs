@@ -253,16 +253,16 @@ pub async fn replay_with<'e>(
             UPDATE dead_letters SET resolution = 'replayed', resolved_at = now()
             WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
             RETURNING id, app_id, source, op, topic, trigger_id, payload, headers, ordering_key,
-                      depth, registered_by_principal, max_attempts
+                      depth, registered_by_principal, max_attempts, partition_key
          ), enqueued AS (
             INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, payload, headers,
                                 ordering_key, depth, registered_by_principal, replayed_from,
-                                max_attempts)
+                                max_attempts, partition_key)
             SELECT outbox_uuid_v7(), app_id,
                    CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
                         THEN source ELSE 'queue' END,
                    op, topic, trigger_id, payload, headers, ordering_key, depth,
-                   registered_by_principal, id, coalesce($3, max_attempts)
+                   registered_by_principal, id, coalesce($3, max_attempts), partition_key
             FROM resolved
             RETURNING replayed_from, id
          )

@@ -1,5 +1,6 @@
-//! Limits per topic (`outbox_topic_limits`, migrations 0020 and 0021): at
-//! most `max_running` rows of the topic run at once, and at most
+//! Limits per topic (`outbox_topic_limits`, migrations 0020, 0021 and
+//! 0024): at most `max_running` rows of the topic run at once, at most
+//! `max_running_per_key` of them per partition key, and at most
 //! `rate_per_sec` start per second (bursts of up to `burst`), across every
 //! process. Dispatchers read the limits on their beat
 //! ([`super::processes::beat`]), claim limited topics apart from the others
@@ -41,6 +42,8 @@ pub struct TopicLimit {
     pub topic: String,
     /// At most this many of its rows run at once, across every process.
     pub max_running: Option<i32>,
+    /// At most this many of its rows with one partition key run at once.
+    pub max_running_per_key: Option<i32>,
     /// At most this many of its rows start per second, across every process.
     pub rate_per_sec: Option<f64>,
     /// With a rate: how many may start at once after a quiet spell.
@@ -53,11 +56,15 @@ pub struct TopicLimit {
     pub set_by: Option<String>,
 }
 
-/// The limits to set on a topic: a concurrency limit, a rate limit, or both.
+/// The limits to set on a topic: a concurrency limit (in all, per
+/// partition key, or both), a rate limit, or both.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Limits {
     /// At most this many rows at once (1 to [`MAX_RUNNING`]).
     pub max_running: Option<i64>,
+    /// At most this many rows of one partition key at once (1 to
+    /// [`MAX_RUNNING`]); 1 runs each key's rows one at a time.
+    pub max_running_per_key: Option<i64>,
     /// At most this many starts per second ([`MIN_RATE_PER_SEC`] to [`MAX_RATE_PER_SEC`]).
     pub rate_per_sec: Option<f64>,
     /// With a rate: how many may start at once after a quiet spell (1 to
@@ -69,6 +76,7 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ValidLimits {
     max_running: Option<i32>,
+    max_running_per_key: Option<i32>,
     rate: Option<(f64, i32)>,
 }
 
@@ -76,6 +84,10 @@ impl Limits {
     /// Refuses limits out of range, or none at all, naming the field and the range.
     pub fn validate(&self) -> Result<ValidLimits, Error> {
         let max_running = self.max_running.map(validate_max_running).transpose()?;
+        let max_running_per_key = self
+            .max_running_per_key
+            .map(|n| in_range("max_running_per_key", n, 1..=MAX_RUNNING))
+            .transpose()?;
         let rate = match (self.rate_per_sec, self.burst) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -101,13 +113,17 @@ impl Limits {
                 Some((rate, burst))
             }
         };
-        if max_running.is_none() && rate.is_none() {
+        if max_running.is_none() && max_running_per_key.is_none() && rate.is_none() {
             return Err(Error::invalid(
                 "max_running",
-                "or rate_per_sec is needed: give a concurrency limit, a rate limit, or both",
+                "max_running_per_key or rate_per_sec is needed: give a concurrency limit, a rate limit, or both",
             ));
         }
-        Ok(ValidLimits { max_running, rate })
+        Ok(ValidLimits {
+            max_running,
+            max_running_per_key,
+            rate,
+        })
     }
 }
 
@@ -153,13 +169,14 @@ pub async fn set<'e>(
     let valid = limits.validate()?;
     sqlx::query(
         "INSERT INTO outbox_topic_limits
-             (app_id, topic, max_running, rate_per_sec, burst, tokens, set_by, running)
-         VALUES ($1, $2, $3, $4, $5, coalesce($5, 0), $6, ARRAY(
+             (app_id, topic, max_running, rate_per_sec, burst, tokens, set_by,
+              max_running_per_key, running)
+         VALUES ($1, $2, $3, $4, $5, coalesce($5, 0), $6, $7, ARRAY(
              SELECT id FROM outbox
              WHERE app_id = $1 AND topic = $2 AND locked_until > now()))
          ON CONFLICT (app_id, topic) DO UPDATE
              SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
-                 burst = excluded.burst,
+                 burst = excluded.burst, max_running_per_key = excluded.max_running_per_key,
                  tokens = CASE WHEN outbox_topic_limits.rate_per_sec IS NULL
                                THEN coalesce(excluded.burst, 0)
                                ELSE least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)) END,
@@ -171,6 +188,7 @@ pub async fn set<'e>(
     .bind(valid.rate.map(|(r, _)| r))
     .bind(valid.rate.map(|(_, b)| b))
     .bind(by)
+    .bind(valid.max_running_per_key)
     .execute(db)
     .await?;
     Ok(valid)
@@ -180,6 +198,11 @@ impl ValidLimits {
     /// The concurrency limit.
     pub fn max_running(&self) -> Option<i32> {
         self.max_running
+    }
+
+    /// The concurrency limit per partition key.
+    pub fn max_running_per_key(&self) -> Option<i32> {
+        self.max_running_per_key
     }
 
     /// The rate limit and its burst.
@@ -202,7 +225,7 @@ pub async fn remove<'e>(db: impl PgExecutor<'e>, app: Uuid, topic: &str) -> Resu
 /// The limited topics of `app`, by topic, each with how many of its rows run.
 pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicLimit>, Error> {
     Ok(sqlx::query_as(concat!(
-        "SELECT l.topic, l.max_running, l.rate_per_sec, l.burst, l.set_at, l.set_by,
+        "SELECT l.topic, l.max_running, l.max_running_per_key, l.rate_per_sec, l.burst, l.set_at, l.set_by,
                     cardinality(",
         live_running!(),
         ")::int8 AS running
@@ -239,6 +262,16 @@ mod tests {
         }
         assert_eq!(validate_max_running(1).ok(), Some(1));
         assert_eq!(validate_max_running(10_000).ok(), Some(10_000));
+        for bad in [0, -3, 10_001] {
+            let m = refused(Limits {
+                max_running_per_key: Some(bad),
+                ..Limits::default()
+            });
+            assert!(
+                m.contains("max_running_per_key") && m.contains("10000"),
+                "{bad}: {m}"
+            );
+        }
         for rate in [
             0.0,
             1e-300,

@@ -1,6 +1,7 @@
 //! The limited claim against the store: the rows an ordinary claim leased
 //! in the seconds after a limit was set (a process that had not yet beaten)
-//! hold slots too, and rate tokens are issued at the rate.
+//! hold slots too, rate tokens are issued at the rate, and a limit per
+//! partition key takes each key's free slots.
 
 use std::time::Duration;
 
@@ -90,5 +91,120 @@ async fn a_rate_limit_issues_its_burst_then_waits_for_the_next_token() -> TestRe
         store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
     assert_eq!(next.rows.len(), 1, "one token came");
     conn.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_limit_per_key_takes_one_row_of_each_key_until_its_row_ends() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let keyed = |key: Option<&str>, i: usize| {
+        let event = NewEvent::new("sync", json!({ "key": key, "i": i }));
+        match key {
+            Some(k) => event.with_partition_key(k),
+            None => event,
+        }
+    };
+    // Three rows of key a first (they fill the front of the queue), two of
+    // b, and two without a key.
+    let events: Vec<NewEvent> = [
+        Some("a"),
+        Some("a"),
+        Some("a"),
+        Some("b"),
+        None,
+        Some("b"),
+        None,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, key)| keyed(key, i))
+    .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let per_key = Limits {
+        max_running_per_key: Some(1),
+        max_running: Some(10),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "sync", &per_key, None).await?;
+    let topic = LimitedTopic {
+        app_id: app,
+        topic: "sync".into(),
+    };
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let first =
+        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let mut got: Vec<i64> = first
+        .rows
+        .iter()
+        .filter_map(|r| r.payload["i"].as_i64())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [0, 3, 4, 6],
+        "the first of a, the first of b, both keyless"
+    );
+    assert!(first.held, "rows of a and b were left");
+    let second =
+        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    assert!(second.rows.is_empty(), "a and b are at their limit");
+    assert!(second.held);
+    assert_eq!(limits::list(&db.pool, app).await?[0].running, 4);
+
+    // The row of a ends: the next row of a may run, b still waits.
+    let done: Vec<_> = first
+        .rows
+        .iter()
+        .filter(|r| r.payload["i"] == 0)
+        .map(|r| r.lease())
+        .collect();
+    store::complete(&mut conn, &done).await?;
+    let third =
+        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let got: Vec<i64> = third
+        .rows
+        .iter()
+        .filter_map(|r| r.payload["i"].as_i64())
+        .collect();
+    assert_eq!(got, [1]);
+    conn.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_partition_key_out_of_range_is_refused_and_nothing_is_written() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    for bad in [String::new(), "k".repeat(256)] {
+        let event = NewEvent::new("sync", json!({})).with_partition_key(bad);
+        let message = outbox_core::enqueue(&mut tx, app, &event)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("partition_key"), "{message}");
+    }
+    tx.commit().await?;
+    assert_eq!(store::count(&db.pool).await?, 0);
+    let refused = sqlx::query("SELECT outbox_enqueue('shop', 'sync', p_partition_key => '')")
+        .execute(&db.pool)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(refused.contains("partition_key"), "{refused}");
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT outbox_enqueue('shop', 'sync', p_partition_key => 'acme')")
+            .fetch_one(&db.pool)
+            .await?;
+    let key: Option<String> = sqlx::query_scalar("SELECT partition_key FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(key.as_deref(), Some("acme"));
     Ok(())
 }

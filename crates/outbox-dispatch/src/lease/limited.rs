@@ -130,7 +130,7 @@ impl Shared {
 
     /// Claims up to `wanted` rows of the limited topics this process
     /// serves, each within its limits. A topic found at its concurrency
-    /// limit is left alone for [`LIMITED_LOOK_AGAIN`] (doubling up to the
+    /// limit (or with rows left because their key was at its limit) is left alone for [`LIMITED_LOOK_AGAIN`] (doubling up to the
     /// poll interval), one at its rate limit until its next token, one
     /// without due rows until the next poll or notification.
     async fn claim_limited(
@@ -177,10 +177,10 @@ impl Shared {
             )
             .await?;
             let (free, got) = (claim.free as usize, claim.rows.len());
-            if free <= asked && got == free {
-                // At its limit: a slot frees when another row ends (looked
-                // for more rarely while it stays full), a token comes when
-                // its time comes.
+            if (free <= asked && got == free) || claim.held {
+                // At its limit, or some of its keys at theirs: a slot frees
+                // when another row ends (looked for more rarely while it
+                // stays full), a token comes when its time comes.
                 let strikes = looks.strikes.entry(key.clone()).or_default();
                 *strikes = if got == 0 { *strikes + 1 } else { 0 };
                 let wait = match claim.ready_in.filter(|w| !w.is_zero()) {

@@ -1,17 +1,21 @@
 //! Concurrency limits per topic, across several processes: never more of a
-//! limited topic's rows run at once than its limit, other topics are not
+//! limited topic's rows run at once than its limit (in all, or of one
+//! partition key), other topics are not
 //! held back, and the slots of a process that died come back with its
 //! leases.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use outbox_core::NewEvent;
 use outbox_core::store::limits::{self, LimitedTopic};
 use outbox_core::store::outbox as store;
 use outbox_core::topics::Served;
 use outbox_dispatch::{Event, HandlerError, Registry};
 use outbox_testkit::TestDb;
+use serde_json::json;
 use sqlx::Connection;
 
 use super::subscriptions::{emptied, enqueue_each, start, start_with};
@@ -63,21 +67,25 @@ impl Runs {
 
     /// The most runs that overlapped at any instant.
     fn most_at_once(&self) -> usize {
-        let runs = self.0.lock().map(|r| r.clone()).unwrap_or_default();
-        // An end sorts before a start at the same instant: back-to-back runs
-        // do not overlap.
-        let mut edges: Vec<(Instant, i32)> = runs
-            .iter()
-            .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
-            .collect();
-        edges.sort();
-        let (mut now, mut most) = (0i32, 0i32);
-        for (_, step) in edges {
-            now += step;
-            most = most.max(now);
-        }
-        usize::try_from(most).unwrap_or(0)
+        overlap(&self.0.lock().map(|r| r.clone()).unwrap_or_default())
     }
+}
+
+/// The most of `runs` (start, end) that overlapped at any instant.
+fn overlap(runs: &[(Instant, Instant)]) -> usize {
+    // An end sorts before a start at the same instant: back-to-back runs
+    // do not overlap.
+    let mut edges: Vec<(Instant, i32)> = runs
+        .iter()
+        .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -147,6 +155,90 @@ async fn a_limited_topic_never_runs_more_rows_at_once_than_its_limit_across_four
     assert!(unlimited.most_at_once() > 2);
     stop.cancel();
     run.await??;
+    Ok(())
+}
+
+/// When each run started and ended.
+type Spans = Vec<(Instant, Instant)>;
+
+/// When each run started and ended, by the `customer` of its payload.
+#[derive(Clone, Default)]
+struct RunsByKey(Arc<Mutex<HashMap<String, Spans>>>);
+
+impl RunsByKey {
+    /// A handler that takes `busy` and records its run under its customer.
+    fn handler(
+        &self,
+        busy: Duration,
+    ) -> impl Fn(Event) -> futures::future::BoxFuture<'static, Result<(), HandlerError>> + Clone + use<>
+    {
+        let runs = self.clone();
+        move |event: Event| {
+            let runs = runs.clone();
+            let key = event.payload["customer"].as_str().unwrap_or("").to_owned();
+            Box::pin(async move {
+                let started = Instant::now();
+                tokio::time::sleep(busy).await;
+                if let Ok(mut runs) = runs.0.lock() {
+                    runs.entry(key).or_default().push((started, Instant::now()));
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_key_limited_to_one_runs_its_rows_one_at_a_time_across_four_processes_while_keys_run_side_by_side()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let one_per_key = limits::Limits {
+        max_running_per_key: Some(1),
+        ..limits::Limits::default()
+    };
+    limits::set(&db.pool, app, "invoice.sync", &one_per_key, None).await?;
+    let runs = RunsByKey::default();
+    let mut processes = Vec::new();
+    for _ in 0..4 {
+        let mut registry = Registry::new();
+        registry.register("invoice.sync", runs.handler(Duration::from_millis(20)));
+        processes.push(start(&db, registry).await?);
+    }
+    let customers = ["acme", "globex", "initech", "umbrella"];
+    let events: Vec<NewEvent> = (0..8)
+        .flat_map(|i| {
+            customers.iter().map(move |c| {
+                NewEvent::new("invoice.sync", json!({ "customer": c, "i": i }))
+                    .with_partition_key(*c)
+            })
+        })
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    assert!(emptied(&db).await, "rows left");
+    let by_key = runs.0.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut all = Vec::new();
+    for customer in customers {
+        let of_key = by_key.get(customer).cloned().unwrap_or_default();
+        assert_eq!(of_key.len(), 8, "{customer}: runs");
+        assert_eq!(
+            overlap(&of_key),
+            1,
+            "{customer}: rows of one key overlapped"
+        );
+        all.extend(of_key);
+    }
+    assert!(
+        overlap(&all) > 1,
+        "different keys never ran side by side: {} at once",
+        overlap(&all)
+    );
+    for (stop, run, _) in processes {
+        stop.cancel();
+        run.await??;
+    }
     Ok(())
 }
 

@@ -31,6 +31,9 @@ pub struct EnqueueArgs {
     /// Ordering key.
     #[arg(long)]
     pub ordering_key: Option<String>,
+    /// Partition key: a topic's per-key concurrency limit counts by it.
+    #[arg(long)]
+    pub partition_key: Option<String>,
     /// Attempts before dead-lettering.
     #[arg(long)]
     pub max_attempts: Option<i32>,
@@ -70,6 +73,7 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     }
     event.idempotency_key = args.idempotency_key;
     event.ordering_key = args.ordering_key;
+    event.partition_key = args.partition_key;
     event.max_attempts = args.max_attempts;
     event.priority = args.priority;
     event.validate()?;

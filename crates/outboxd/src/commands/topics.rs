@@ -42,8 +42,8 @@ pub enum TopicCommand {
         #[arg(long)]
         app: String,
     },
-    /// Limit a topic across every process (within about a second): how many of its rows run at once, how many start per second, or both.
-    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_running", "rate"])))]
+    /// Limit a topic across every process (within about a second): how many of its rows run at once (in all, or per partition key), how many start per second, or both.
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_running", "max_running_per_key", "rate"])))]
     Limit {
         /// App slug.
         #[arg(long)]
@@ -54,6 +54,9 @@ pub enum TopicCommand {
         /// At most this many of its rows run at once (1 to 10000).
         #[arg(long, allow_negative_numbers = true)]
         max_running: Option<i64>,
+        /// At most this many of its rows with one partition key run at once (1 to 10000; 1 runs each key's rows one at a time).
+        #[arg(long, allow_negative_numbers = true)]
+        max_running_per_key: Option<i64>,
         /// At most this many of its rows start per second (above 0, up to 100000).
         #[arg(long, allow_negative_numbers = true)]
         rate: Option<f64>,
@@ -136,19 +139,21 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             app,
             topic,
             max_running,
+            max_running_per_key,
             rate,
             burst,
         } => {
             let id = apps::by_slug(&pool, &app).await?.id;
             let wanted = limits::Limits {
                 max_running,
+                max_running_per_key,
                 rate_per_sec: rate,
                 burst,
             };
             let set = limits::set(&pool, id, &topic, &wanted, Some(CLI)).await?;
             println!(
                 "{app}: {topic} limited to {}",
-                describe(set.max_running(), set.rate())
+                describe(set.max_running(), set.max_running_per_key(), set.rate())
             );
         }
         TopicCommand::Unlimit { app, topic } => {
@@ -166,7 +171,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 println!(
                     "{}\t{}\t{} running\t{}\t{}",
                     l.topic,
-                    describe(l.max_running, rate),
+                    describe(l.max_running, l.max_running_per_key, rate),
                     l.running,
                     l.set_at.to_rfc3339(),
                     l.set_by.unwrap_or_default()
@@ -177,11 +182,14 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A topic's limits in words: "2 at once, 20/s (burst 20)".
-fn describe(max_running: Option<i32>, rate: Option<(f64, i32)>) -> String {
+/// A topic's limits in words: "2 at once, 1 at once per key, 20/s (burst 20)".
+fn describe(max_running: Option<i32>, per_key: Option<i32>, rate: Option<(f64, i32)>) -> String {
     let mut parts = Vec::new();
     if let Some(n) = max_running {
         parts.push(format!("{n} at once"));
+    }
+    if let Some(n) = per_key {
+        parts.push(format!("{n} at once per key"));
     }
     if let Some((r, b)) = rate {
         parts.push(format!("{r}/s (burst {b})"));

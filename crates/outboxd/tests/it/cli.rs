@@ -233,6 +233,36 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         ])?
         .contains("partner limited to 2.5/s (burst 3)")
     );
+    assert!(
+        ok(&[
+            "topic",
+            "limit",
+            "--app",
+            "shop",
+            "--topic",
+            "invoice.sync",
+            "--max-running-per-key",
+            "1"
+        ])?
+        .contains("invoice.sync limited to 1 at once per key")
+    );
+    assert!(
+        ok(&[
+            "enqueue",
+            "--app",
+            "shop",
+            "--topic",
+            "invoice.sync",
+            "--partition-key",
+            "acme"
+        ])
+        .is_ok()
+    );
+    let key: Option<String> =
+        sqlx::query_scalar("SELECT partition_key FROM outbox WHERE topic = 'invoice.sync'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(key.as_deref(), Some("acme"));
     assert!(ok(&["topic", "unlimit", "--app", "shop", "--topic", "report"])?.contains("no longer"));
 
     // Mistakes are errors that say what is wrong.
@@ -297,6 +327,19 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         (
             &["topic", "limit", "--app", "shop", "--topic", "report"],
             "--max-running",
+        ),
+        (
+            &[
+                "topic",
+                "limit",
+                "--app",
+                "shop",
+                "--topic",
+                "report",
+                "--max-running-per-key",
+                "0",
+            ],
+            "max_running_per_key",
         ),
         (
             &[

@@ -111,7 +111,7 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                                   payload, headers, ordering_key, depth, attempt_count,
                                   first_attempt_at, last_attempt_at, last_error,
                                   registered_by_principal, replay_round, replay_due_at,
-                                  max_attempts)
+                                  max_attempts, partition_key)
         SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
                coalesce(m.failed_handler, m.target, m.topic),
                m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
@@ -121,7 +121,7 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
                     THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
                END,
-               m.max_attempts
+               m.max_attempts, m.partition_key
         FROM moved m
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
         CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r

@@ -1,6 +1,6 @@
 //! Claiming a topic with a concurrency or rate limit (`outbox_topic_limits`,
-//! migrations 0020 and 0021): one claim at a time per topic, at most its
-//! free slots and its whole tokens.
+//! migrations 0020, 0021 and 0024): one claim at a time per topic, at most
+//! its free slots, its whole tokens, and the free slots of each partition key.
 
 use std::time::Duration;
 
@@ -22,32 +22,29 @@ macro_rules! adopt_window_secs {
     };
 }
 
-/// [`adopt_window_secs`] as a number.
+/// `adopt_window_secs!` as a number.
 pub const ADOPT_WINDOW_SECS: u64 = 5;
 
-/// Claims rows of the limited topic `$4`/`$5` (at most `$1`) for worker `$2`
-/// and a lease of `$3` seconds, among the rows the [`Served`] topics
-/// `$6`–`$10` take: no more than its free slots (concurrency limit) nor its
-/// whole tokens (rate limit). Records them in the limit's `running` and
-/// takes their tokens. A recorded row holds its slot while its lease is
-/// live: done, retried, or left by a dead process, it frees it. The bucket
-/// gains `rate_per_sec` tokens a second up to `burst`, by the clock of the
-/// claim that holds the limit's lock.
+/// The start of a limited claim of topic `$4`/`$5`: `lim`, the limit's row
+/// with its live running rows and its refilled tokens, and `allowed`, how
+/// many rows its concurrency and rate limits let start now.
 ///
 /// For [`ADOPT_WINDOW_SECS`] after a limit is set, rows of the topic leased
 /// by ordinary claims (processes that had not beaten since) count too, and
 /// are recorded: they hold their slots until they end.
-const CLAIM_LIMITED: &str = concat!(
-    "WITH lim AS (
-    SELECT l.max_running, l.rate_per_sec, c.at,
+macro_rules! limited_head {
+    () => {
+        concat!(
+            "WITH lim AS (
+    SELECT l.max_running, l.max_running_per_key, l.rate_per_sec, c.at,
            ARRAY(SELECT unnest(",
-    live_running!(),
-    ")
+            live_running!(),
+            ")
                  UNION
                  SELECT o.id FROM outbox o
                  WHERE l.set_at > c.at - make_interval(secs => ",
-    adopt_window_secs!(),
-    ")
+            adopt_window_secs!(),
+            ")
                    AND o.app_id = l.app_id AND o.topic = l.topic
                    AND o.locked_until > now()) AS live,
            least(l.burst::float8, l.tokens + l.rate_per_sec
@@ -61,7 +58,54 @@ const CLAIM_LIMITED: &str = concat!(
                       ELSE greatest(max_running - cardinality(live), 0) END,
                  coalesce(floor(tokens)::int8, $1)) AS free
     FROM lim
-), picked AS (
+)"
+        )
+    };
+}
+
+/// The end of a limited claim: leases the `picked` rows, records them in
+/// the limit's `running` (with a concurrency limit of either kind) and
+/// takes their tokens; answers the rows with `free`, `ready_in` and
+/// `$held` (whether rows were left because their key was at its limit).
+macro_rules! limited_tail {
+    ($held:expr) => {
+        concat!(
+            ", claimed AS (
+",
+            lease_picked!(),
+            "
+), recorded AS (
+    UPDATE outbox_topic_limits l
+    SET running = CASE WHEN lim.max_running IS NULL AND lim.max_running_per_key IS NULL
+                       THEN '{}'
+                       ELSE lim.live || ARRAY(SELECT id FROM claimed) END,
+        tokens = coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
+        refilled_at = greatest(l.refilled_at, lim.at)
+    FROM lim
+    WHERE l.app_id = $4 AND l.topic = $5
+)
+SELECT c.*, f.free, f.ready_in, f.held
+FROM (SELECT coalesce((SELECT free FROM allowed), 0) AS free,
+             (SELECT greatest(1 - (tokens - (SELECT count(*) FROM claimed)), 0) / rate_per_sec
+              FROM lim) AS ready_in,
+             ",
+            $held,
+            " AS held) AS f
+LEFT JOIN claimed AS c ON true"
+        )
+    };
+}
+
+/// Claims rows of the limited topic `$4`/`$5` (at most `$1`) for worker `$2`
+/// and a lease of `$3` seconds, among the rows the [`Served`] topics
+/// `$6`–`$10` take: no more than its free slots (concurrency limit) nor its
+/// whole tokens (rate limit). A recorded row holds its slot while its lease
+/// is live: done, retried, or left by a dead process, it frees it. The
+/// bucket gains `rate_per_sec` tokens a second up to `burst`, by the clock
+/// of the claim that holds the limit's lock.
+const CLAIM_LIMITED: &str = concat!(
+    limited_head!(),
+    ", picked AS (
     SELECT o.ctid
     FROM outbox o
     WHERE o.app_id = $4 AND o.topic = $5
@@ -74,25 +118,70 @@ const CLAIM_LIMITED: &str = concat!(
     ORDER BY o.run_at, o.id
     LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
     FOR UPDATE OF o SKIP LOCKED
-), claimed AS (
-",
-    lease_picked!(),
-    "
-), recorded AS (
-    UPDATE outbox_topic_limits l
-    SET running = CASE WHEN lim.max_running IS NULL THEN '{}'
-                       ELSE lim.live || ARRAY(SELECT id FROM claimed) END,
-        tokens = coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
-        refilled_at = greatest(l.refilled_at, lim.at)
-    FROM lim
-    WHERE l.app_id = $4 AND l.topic = $5
-)
-SELECT c.*, f.free, f.ready_in
-FROM (SELECT coalesce((SELECT free FROM allowed), 0) AS free,
-             (SELECT greatest(1 - (tokens - (SELECT count(*) FROM claimed)), 0) / rate_per_sec
-              FROM lim) AS ready_in) AS f
-LEFT JOIN claimed AS c ON true"
+)",
+    limited_tail!("false")
 );
+
+/// [`CLAIM_LIMITED`] for a topic with a limit per partition key: counts the
+/// live running rows by key (`busy`), reads up to `$11` due rows in order
+/// without the keys at their limit (`candidates`), and keeps of each key
+/// only as many as it has slots free (`chosen`), in due order. A key whose
+/// rows fill the window gets its slots and leaves the rest for the next
+/// claim, when it is at its limit and left out of the scan.
+const CLAIM_LIMITED_PER_KEY: &str = concat!(
+    limited_head!(),
+    ", busy AS (
+    SELECT r.partition_key AS key, count(*) AS running
+    FROM lim, outbox r
+    WHERE r.id = ANY (lim.live) AND r.partition_key IS NOT NULL
+    GROUP BY r.partition_key
+), candidates AS (
+    SELECT o.id, o.run_at, o.partition_key
+    FROM outbox o
+    WHERE o.app_id = $4 AND o.topic = $5
+      AND ",
+    claimable!(),
+    "
+      ",
+    served_filter!("$6", "$7", "$8", "$9", "$10"),
+    "
+      AND (o.partition_key IS NULL OR o.partition_key <> ALL (ARRAY(
+            SELECT b.key FROM busy b, lim WHERE b.running >= lim.max_running_per_key)))
+    ORDER BY o.run_at, o.id
+    LIMIT $11
+), chosen AS (
+    SELECT c.id
+    FROM (SELECT c.*, row_number() OVER (PARTITION BY c.partition_key
+                                         ORDER BY c.run_at, c.id) AS nth
+          FROM candidates c) AS c
+    CROSS JOIN lim
+    LEFT JOIN busy b ON b.key = c.partition_key
+    WHERE c.partition_key IS NULL
+       OR c.nth + coalesce(b.running, 0) <= lim.max_running_per_key
+    ORDER BY c.run_at, c.id
+    LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
+), picked AS (
+    SELECT o.ctid
+    FROM outbox o
+    WHERE o.id IN (SELECT id FROM chosen)
+      AND ",
+    claimable!(),
+    "
+    FOR UPDATE OF o SKIP LOCKED
+)",
+    limited_tail!(
+        "((SELECT count(*) FROM candidates) > (SELECT count(*) FROM chosen)
+              OR EXISTS (SELECT 1 FROM busy b, lim WHERE b.running >= lim.max_running_per_key))"
+    )
+);
+
+/// How many due rows a claim with a limit per key reads for each row it
+/// may claim, at least [`MIN_CANDIDATES`]: room for keys that have more
+/// rows waiting than slots free.
+const CANDIDATES_PER_ROW: i64 = 16;
+
+/// The fewest due rows a claim with a limit per key reads.
+const MIN_CANDIDATES: i64 = 256;
 
 /// What [`claim_limited`] did.
 #[derive(Debug, Default)]
@@ -106,13 +195,16 @@ pub struct LimitedClaim {
     /// With a rate limit: how long until the bucket holds a whole token
     /// again after this claim.
     pub ready_in: Option<Duration>,
+    /// With a limit per key: rows were left because their key was at its
+    /// limit. They may be claimed as soon as a row of that key ends.
+    pub held: bool,
 }
 
 /// Claims rows of the limited topic `limited` for `worker`: at most `limit`,
-/// its free slots and its whole tokens, so that across every process no
-/// more of its rows run at once, nor start per second, than its limits
-/// allow. Only one process claims a
-/// limited topic at a time; while another does, this returns nothing at
+/// its free slots, its whole tokens and the free slots of each partition
+/// key, so that across every process no more of its rows run at once (in
+/// all or per key), nor start per second, than its limits allow. Only one
+/// process claims a limited topic at a time; while another does, this returns nothing at
 /// once rather than wait. Rows of a paused topic, or of a topic `served`
 /// does not take, are not claimed.
 ///
@@ -128,8 +220,9 @@ pub async fn claim_limited(
 ) -> Result<LimitedClaim, Error> {
     use sqlx::{FromRow, Row};
     let mut tx = conn.begin().await?;
-    let locked: Option<bool> = sqlx::query_scalar(
-        "SELECT true FROM outbox_topic_limits
+    // Whether the topic has a limit per key; None while another claim holds it.
+    let per_key: Option<bool> = sqlx::query_scalar(
+        "SELECT max_running_per_key IS NOT NULL FROM outbox_topic_limits
          WHERE app_id = $1 AND topic = $2
          FOR UPDATE SKIP LOCKED",
     )
@@ -137,12 +230,18 @@ pub async fn claim_limited(
     .bind(&limited.topic)
     .fetch_optional(&mut *tx)
     .await?;
-    if locked.is_none() {
+    let Some(per_key) = per_key else {
         tx.commit().await?;
         return Ok(LimitedClaim::default());
-    }
-    let rows = sqlx::query(CLAIM_LIMITED)
-        .bind(i64::from(limit.max(1)))
+    };
+    let limit = i64::from(limit.max(1));
+    let statement = if per_key {
+        CLAIM_LIMITED_PER_KEY
+    } else {
+        CLAIM_LIMITED
+    };
+    let rows = sqlx::query(statement)
+        .bind(limit)
         .bind(worker)
         .bind(lease.as_secs_f64())
         .bind(limited.app_id)
@@ -152,6 +251,7 @@ pub async fn claim_limited(
         .bind(&served.regexes)
         .bind(&served.excluded)
         .bind(&served.paused)
+        .bind((limit * CANDIDATES_PER_ROW).max(MIN_CANDIDATES))
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -164,6 +264,7 @@ pub async fn claim_limited(
         claim.ready_in = row
             .try_get::<Option<f64>, _>(CLAIMED_COLUMNS + 1)?
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+        claim.held = row.try_get::<bool, _>(CLAIMED_COLUMNS + 2)?;
         if row.try_get::<Option<uuid::Uuid>, _>(0)?.is_some() {
             claim.rows.push(ClaimedEvent::from_row(row)?);
         }
