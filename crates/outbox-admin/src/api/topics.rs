@@ -27,6 +27,20 @@ pub(super) async fn list_processes(
     Ok(Json(processes::live(&state.pool).await?))
 }
 
+/// `GET /api/apps/{app}/topics`: the app's topics with rows, each with its
+/// rows by state (due, scheduled, running, unserved), as the leader last
+/// counted them (every `metrics_sample_secs`); empty until it has.
+pub(super) async fn list_topics(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<store::TopicStates>>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(
+        store::recorded_state_counts(&state.pool, app.id).await?,
+    ))
+}
+
 /// `GET /api/apps/{app}/pauses`: the app's paused topics.
 pub(super) async fn list_pauses(
     State(state): State<AdminState>,

@@ -1,9 +1,11 @@
-//! The topics page: who serves what (the live processes), the paused
-//! topics with a resume button and a form to pause one, and the limited
-//! topics with a form to limit one.
+//! The topics page: each topic's rows by state as the leader last counted
+//! them (unserved ones stand out), who serves what (the live processes),
+//! the paused topics with a resume button and a form to pause one, and the
+//! limited topics with a form to limit one.
 
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
+use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::{limits, pauses, processes};
 
 use crate::AdminState;
@@ -29,10 +31,11 @@ pub(super) async fn topics_page(
         let paused = pauses::list(&state.pool, app.id).await?;
         let limited = limits::list(&state.pool, app.id).await?;
         let live = processes::live(&state.pool).await?;
-        Ok::<_, ApiError>((app, paused, limited, live))
+        let states = recorded_state_counts(&state.pool, app.id).await?;
+        Ok::<_, ApiError>((app, paused, limited, live, states))
     }
     .await;
-    let (app, paused, limited, live) = match result {
+    let (app, paused, limited, live, states) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -41,8 +44,10 @@ pub(super) async fn topics_page(
     let mut body = logout_form(&session);
     body.push_str(&format!(
         r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · topics</h1>
-<h2>Paused</h2>"#
+<h2>Rows</h2>"#
     ));
+    body.push_str(&rows_by_state(&states));
+    body.push_str("<h2>Paused</h2>");
     if paused.is_empty() {
         body.push_str(r#"<p class=muted data-paused=none>No topic is paused. Pausing one stops every process from claiming its rows within about a second; rows already running finish.</p>"#);
     } else {
@@ -165,6 +170,36 @@ pub(super) async fn change_topic(
     }
     .await;
     after_form(result)
+}
+
+/// The table of each topic's rows by state, or what to expect without one.
+fn rows_by_state(states: &[TopicStates]) -> String {
+    let Some(sampled_at) = states.iter().map(|s| s.sampled_at).max() else {
+        return r#"<p class=muted data-states=none>No rows counted: either the app has no rows, or no dispatcher has counted them yet (the elected one counts every <code>metrics_sample_secs</code>, 15 s by default).</p>"#.to_owned();
+    };
+    let mut html = format!(
+        r#"<p class=muted>Counted at {}.</p><table><tr><th>Topic</th><th>Due</th><th>Scheduled</th><th>Running</th><th>Unserved</th></tr>"#,
+        sampled_at.to_rfc3339()
+    );
+    for s in states {
+        let unserved = match s.oldest_unserved_at {
+            Some(since) if s.unserved > 0 => format!(
+                r#"<strong class=err>{} waiting since {}</strong>: no running process serves this topic"#,
+                s.unserved,
+                since.to_rfc3339()
+            ),
+            _ => "0".to_owned(),
+        };
+        html.push_str(&format!(
+            r#"<tr data-topic-states="{topic}"><td>{topic}</td><td>{due}</td><td>{scheduled}</td><td>{running}</td><td>{unserved}</td></tr>"#,
+            topic = esc(&s.topic),
+            due = s.due,
+            scheduled = s.scheduled,
+            running = s.running,
+        ));
+    }
+    html.push_str("</table>");
+    html
 }
 
 /// A number field of a form: absent or blank is `None`.

@@ -211,7 +211,25 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
     let (viewer_jar, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
     let html = page(viewer_jar.clone()).await?;
     assert!(
-        html.contains("data-paused=none") && html.contains("data-processes=none"),
+        html.contains("data-paused=none")
+            && html.contains("data-processes=none")
+            && html.contains("data-states=none"),
+        "{html}"
+    );
+
+    // Rows nobody serves stand out, once the leader has counted them.
+    let mut tx = w.db.pool.begin().await?;
+    outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &outbox_core::NewEvent::new("mail", serde_json::json!({})),
+    )
+    .await?;
+    tx.commit().await?;
+    outbox_core::store::outbox::record_state_counts(&w.db.pool).await?;
+    let html = page(viewer_jar.clone()).await?;
+    assert!(
+        html.contains(r#"data-topic-states="mail""#) && html.contains("1 waiting since"),
         "{html}"
     );
 

@@ -137,6 +137,36 @@ async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult
         .call("GET", "/api/apps/app-a/processes", Some(&viewer), None)
         .await?;
     assert_eq!((s, body), (StatusCode::OK, json!([])));
+
+    // Rows by state, as the leader's sampler last counted them: nothing
+    // before it has; then the rows nobody serves, with their age.
+    let states = "/api/apps/app-a/topics";
+    let (s, body) = w.call("GET", states, Some(&viewer), None).await?;
+    assert_eq!((s, body), (StatusCode::OK, json!([])));
+    let mut tx = w.db.pool.begin().await?;
+    outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &outbox_core::NewEvent::new("report.render", json!({})),
+    )
+    .await?;
+    tx.commit().await?;
+    outbox_core::store::outbox::record_state_counts(&w.db.pool).await?;
+    let (s, body) = w.call("GET", states, Some(&viewer), None).await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let waiting = body
+        .as_array()
+        .and_then(|topics| topics.iter().find(|t| t["topic"] == "report.render"))
+        .ok_or(format!("no report.render in {body}"))?;
+    assert_eq!(
+        (&waiting["due"], &waiting["unserved"]),
+        (&json!(1), &json!(1))
+    );
+    assert!(waiting["oldest_unserved_at"].is_string(), "{body}");
+    let (s, _) = w
+        .call("GET", "/api/apps/app-b/topics", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another app's topics are its own");
     Ok(())
 }
 

@@ -158,6 +158,22 @@ async fn processes_learn_what_the_others_serve_and_expired_ones_disappear() -> T
     assert!(anything.unserved_age_secs >= 0.0);
     let email = of("email.send").ok_or("no count for email.send")?;
     assert_eq!((email.due, email.unserved), (1, 0));
+    // Recorded, the same counts are there to read without a scan; a topic
+    // whose rows are gone leaves at the next sample.
+    assert_eq!(store::record_state_counts(&db.pool).await?.len(), 2);
+    let recorded = store::recorded_state_counts(&db.pool, app).await?;
+    let topics: Vec<(&str, i64, i64)> = recorded
+        .iter()
+        .map(|s| (s.topic.as_str(), s.due, s.unserved))
+        .collect();
+    assert_eq!(topics, [("anything", 2, 2), ("email.send", 1, 0)]);
+    assert!(recorded[0].oldest_unserved_at.is_some());
+    assert!(recorded[1].oldest_unserved_at.is_none());
+    sqlx::query("DELETE FROM outbox WHERE topic = 'anything'")
+        .execute(&db.pool)
+        .await?;
+    store::record_state_counts(&db.pool).await?;
+    assert_eq!(store::recorded_state_counts(&db.pool, app).await?.len(), 1);
 
     // A process that stops beating is gone once its row expires: the next
     // beat of another deletes it.

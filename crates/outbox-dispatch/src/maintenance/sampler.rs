@@ -1,9 +1,10 @@
 //! The sampler: gauges of the rows due, scheduled and running per app and
 //! topic (`outboxd_rows_due`, `outboxd_rows_scheduled`,
 //! `outboxd_rows_running`), and of the due rows no live process serves
-//! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`). Counting them scans the outbox, so only the
-//! elected leader samples, every interval; the other processes export
-//! nothing for these names. Pairs past [`crate::telemetry::MAX_LABELLED`]
+//! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`).
+//! Counting them scans the outbox, so only the elected leader samples,
+//! every interval; the other processes export nothing for these names. The
+//! counts are also written to `outbox_topic_states` for the dashboard. Pairs past [`crate::telemetry::MAX_LABELLED`]
 //! are summed under `topic="other"`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,7 +37,7 @@ impl Sampler {
 
     /// One pass; returns how many (app, topic) pairs it set.
     pub async fn run_once(&self) -> Result<usize, Error> {
-        let counts = outbox_core::store::outbox::state_counts(&self.pool).await?;
+        let counts = outbox_core::store::outbox::record_state_counts(&self.pool).await?;
         let mut merged: BTreeMap<(String, String), Sample> = BTreeMap::new();
         for (i, c) in counts.into_iter().enumerate() {
             let topic = if i < MAX_LABELLED {

@@ -52,12 +52,13 @@ pub struct StateCounts {
     pub unserved_age_secs: f64,
 }
 
-/// Rows per app, topic and state. It counts every row (a sequential scan),
-/// so one elected process samples it now and then, not every scrape.
-pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
-    Ok(sqlx::query_as(
+/// The rows of every app and topic by state (`sampled`): its columns are
+/// those of [`StateCounts`], with `app_id`, `oldest_unserved` and `total`.
+/// It counts every row (a sequential scan).
+macro_rules! sampled_states {
+    () => {
         "WITH counts AS (
-            SELECT a.slug AS app, o.topic,
+            SELECT a.id AS app_id, a.slug AS app, o.topic,
                 count(*) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
                 count(*) FILTER (WHERE d.due_at > now()
@@ -71,21 +72,94 @@ pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts
             CROSS JOIN LATERAL (SELECT coalesce(o.not_before,
                                                 o.run_at + make_interval(secs => o.priority * 10))
                                        AS due_at) AS d
-            GROUP BY a.slug, o.topic
+            GROUP BY a.id, a.slug, o.topic
+         ), sampled AS (
+            SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.total,
+                   CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
+                   CASE WHEN s.served THEN NULL ELSE c.oldest_due END AS oldest_unserved,
+                   CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
+                        ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
+            FROM counts c
+            CROSS JOIN LATERAL (
+               SELECT EXISTS (
+                   SELECT 1 FROM outbox_processes p
+                   WHERE p.expires_at > now()
+                     AND (c.topic = ANY (p.topics) OR c.topic ~ ANY (p.regexes))) AS served
+            ) AS s
+         )"
+    };
+}
+
+/// Rows per app, topic and state, most rows first. It counts every row (a
+/// sequential scan), so one elected process samples it now and then
+/// ([`record_state_counts`]), not every scrape or page.
+pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
+    Ok(sqlx::query_as(concat!(
+        sampled_states!(),
+        " SELECT * FROM sampled ORDER BY total DESC"
+    ))
+    .fetch_all(db)
+    .await?)
+}
+
+/// [`state_counts`], also written to `outbox_topic_states` (migration
+/// 0025) in the same statement, for [`recorded_state_counts`] to read
+/// cheaply; topics without rows left are removed there.
+pub async fn record_state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
+    Ok(sqlx::query_as(concat!(
+        sampled_states!(),
+        ", gone AS (
+            DELETE FROM outbox_topic_states t
+            WHERE NOT EXISTS (SELECT 1 FROM sampled s
+                              WHERE s.app_id = t.app_id AND s.topic = t.topic)
+         ), kept AS (
+            INSERT INTO outbox_topic_states AS t
+                (app_id, topic, due, scheduled, running, unserved, oldest_unserved_at, sampled_at)
+            SELECT app_id, topic, due, scheduled, running, unserved, oldest_unserved, now()
+            FROM sampled
+            ON CONFLICT (app_id, topic) DO UPDATE
+                SET due = excluded.due, scheduled = excluded.scheduled,
+                    running = excluded.running, unserved = excluded.unserved,
+                    oldest_unserved_at = excluded.oldest_unserved_at,
+                    sampled_at = excluded.sampled_at
          )
-         SELECT c.app, c.topic, c.due, c.scheduled, c.running,
-                CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
-                CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
-                     ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
-         FROM counts c
-         CROSS JOIN LATERAL (
-            SELECT EXISTS (
-                SELECT 1 FROM outbox_processes p
-                WHERE p.expires_at > now()
-                  AND (c.topic = ANY (p.topics) OR c.topic ~ ANY (p.regexes))) AS served
-         ) AS s
-         ORDER BY c.total DESC",
+         SELECT * FROM sampled ORDER BY total DESC"
+    ))
+    .fetch_all(db)
+    .await?)
+}
+
+/// One topic's rows by state, as the last sample counted them.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct TopicStates {
+    /// The topic.
+    pub topic: String,
+    /// Due now and not leased.
+    pub due: i64,
+    /// Due later (delayed, or waiting for a retry's backoff), not leased.
+    pub scheduled: i64,
+    /// Leased: a handler is running it.
+    pub running: i64,
+    /// Due, but no live process served the topic: the rows wait for one.
+    pub unserved: i64,
+    /// When the oldest unserved row became due (none without unserved rows).
+    pub oldest_unserved_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the rows were counted.
+    pub sampled_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The topics of `app` with rows, as [`record_state_counts`] last counted
+/// them: unserved first, then by rows due. Empty until a leader has sampled.
+pub async fn recorded_state_counts<'e>(
+    db: impl PgExecutor<'e>,
+    app: uuid::Uuid,
+) -> Result<Vec<TopicStates>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT topic, due, scheduled, running, unserved, oldest_unserved_at, sampled_at
+         FROM outbox_topic_states WHERE app_id = $1
+         ORDER BY unserved DESC, due DESC, topic",
     )
+    .bind(app)
     .fetch_all(db)
     .await?)
 }
