@@ -7,19 +7,22 @@
 -- A limited claim (which holds the topic's outbox_topic_limits row) counts
 -- the running rows it recorded by key, leaves out the rows of keys at their
 -- limit, and takes at most the free slots of each other key.
-ALTER TABLE outbox ADD COLUMN partition_key text;
-ALTER TABLE outbox
-    ADD CONSTRAINT outbox_partition_key_length
-        CHECK (length(partition_key) BETWEEN 1 AND 255) NOT VALID;
--- A replayed dead letter keeps its key.
-ALTER TABLE dead_letters ADD COLUMN partition_key text;
-
+--
+-- The limits first: a limited claim locks its limit's row, then the
+-- outbox; taking the tables in the same order cannot deadlock with one.
 ALTER TABLE outbox_topic_limits
     ADD COLUMN max_running_per_key integer CHECK (max_running_per_key BETWEEN 1 AND 10000),
     DROP CONSTRAINT outbox_topic_limits_some_limit,
     ADD CONSTRAINT outbox_topic_limits_some_limit
         CHECK (max_running IS NOT NULL OR rate_per_sec IS NOT NULL
                OR max_running_per_key IS NOT NULL);
+
+ALTER TABLE outbox ADD COLUMN partition_key text;
+ALTER TABLE outbox
+    ADD CONSTRAINT outbox_partition_key_length
+        CHECK (length(partition_key) BETWEEN 1 AND 255) NOT VALID;
+-- A replayed dead letter keeps its key.
+ALTER TABLE dead_letters ADD COLUMN partition_key text;
 
 -- outbox_enqueue() gains p_partition_key, last and optional: existing calls
 -- are unchanged.

@@ -177,6 +177,10 @@ pub async fn set<'e>(
          ON CONFLICT (app_id, topic) DO UPDATE
              SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
                  burst = excluded.burst, max_running_per_key = excluded.max_running_per_key,
+                 -- A topic that had only a rate limit recorded nothing: count
+                 -- its running rows too (and keep any a concurrent claim added).
+                 running = ARRAY(SELECT DISTINCT unnest(outbox_topic_limits.running
+                                                        || excluded.running)),
                  tokens = CASE WHEN outbox_topic_limits.rate_per_sec IS NULL
                                THEN coalesce(excluded.burst, 0)
                                ELSE least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)) END,

@@ -208,3 +208,73 @@ async fn a_partition_key_out_of_range_is_refused_and_nothing_is_written() -> Tes
     assert_eq!(key.as_deref(), Some("acme"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_key_with_more_rows_than_the_window_does_not_take_the_other_keys_turns() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // 300 rows of one busy customer ahead of one row each of two others:
+    // more than one claim's window of due rows.
+    let mut events: Vec<NewEvent> = (0..300)
+        .map(|i| NewEvent::new("sync", json!({ "i": i })).with_partition_key("busy"))
+        .collect();
+    events.push(NewEvent::new("sync", json!({ "i": "b" })).with_partition_key("b"));
+    events.push(NewEvent::new("sync", json!({ "i": "c" })).with_partition_key("c"));
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let per_key = Limits {
+        max_running_per_key: Some(1),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "sync", &per_key, None).await?;
+    let topic = LimitedTopic {
+        app_id: app,
+        topic: "sync".into(),
+    };
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let claim =
+        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let mut got: Vec<String> = claim
+        .rows
+        .iter()
+        .map(|r| r.payload["i"].to_string())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, ["\"b\"", "\"c\"", "0"], "one row of each customer");
+    conn.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_limit_per_key_added_to_a_rate_limit_counts_the_rows_running_already() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("sync", json!({})).with_partition_key("acme"),
+    )
+    .await?;
+    tx.commit().await?;
+    let rate = Limits {
+        rate_per_sec: Some(5.0),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "sync", &rate, None).await?;
+    // Long after the rate limit was set (past the window in which claims
+    // adopt rows leased elsewhere), a row of the topic runs unrecorded.
+    sqlx::query("UPDATE outbox_topic_limits SET set_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await?;
+    assert_eq!(store::claim(&db.pool, "w", 1, LEASE).await?.len(), 1);
+    let both = Limits {
+        rate_per_sec: Some(5.0),
+        max_running_per_key: Some(1),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "sync", &both, None).await?;
+    assert_eq!(limits::list(&db.pool, app).await?[0].running, 1);
+    Ok(())
+}

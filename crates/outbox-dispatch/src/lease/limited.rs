@@ -34,6 +34,14 @@ pub(super) struct LimitedLooks {
     strikes: HashMap<(Uuid, String), u32>,
     // Topics without due rows: until the next poll or notification.
     idle: HashMap<(Uuid, String), Instant>,
+    // Topics with keys at their limit and nothing else due: until a row
+    // ends or comes, or their wait is over.
+    held: HashMap<(Uuid, String), Instant>,
+    // The rows this loop claimed from limited topics, by id, with their
+    // topic and when they were claimed: when one ends here, its topic has
+    // a slot free, so it is looked at again at once. Entries older than a
+    // lease (rows that failed, or ended elsewhere) are dropped.
+    inflight: HashMap<Uuid, ((Uuid, String), Instant)>,
     // The limits these looks are about: new limits, a fresh start.
     seen: Option<Arc<Limits>>,
     start: usize,
@@ -49,6 +57,7 @@ impl LimitedLooks {
     pub(super) fn next_look(&self) -> Option<Duration> {
         self.full
             .values()
+            .chain(self.held.values())
             .min()
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
@@ -58,9 +67,22 @@ impl LimitedLooks {
         self.more
     }
 
-    /// A notification: rows came, perhaps of a topic that had none.
+    /// A notification: rows came, perhaps of a topic that had none, or of
+    /// a key with a slot free.
     pub(super) fn rows_came(&mut self) {
         self.idle.clear();
+        self.held.clear();
+    }
+
+    /// Rows ended here: the topics they were claimed from have slots free.
+    fn rows_ended(&mut self, done: &[Lease]) {
+        for lease in done {
+            if let Some((key, _)) = self.inflight.remove(&lease.id) {
+                self.full.remove(&key);
+                self.held.remove(&key);
+                self.strikes.remove(&key);
+            }
+        }
     }
 
     /// How many of `wanted` the limited topics are offered: all, unless the
@@ -98,6 +120,7 @@ impl Shared {
         looks.more = false;
         if !limits.topics.is_empty() {
             // Finished rows give their slots back before the limits are counted.
+            looks.rows_ended(done);
             completed += store::complete(&mut *conn, done).await?.len();
             done = &[];
             let share = looks.share(wanted);
@@ -130,7 +153,7 @@ impl Shared {
 
     /// Claims up to `wanted` rows of the limited topics this process
     /// serves, each within its limits. A topic found at its concurrency
-    /// limit (or with rows left because their key was at its limit) is left alone for [`LIMITED_LOOK_AGAIN`] (doubling up to the
+    /// limit (or with keys at theirs) is left alone for [`LIMITED_LOOK_AGAIN`] (doubling up to the
     /// poll interval), one at its rate limit until its next token, one
     /// without due rows until the next poll or notification.
     async fn claim_limited(
@@ -144,12 +167,18 @@ impl Shared {
         if !looks.seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, limits)) {
             looks.full.clear();
             looks.idle.clear();
+            looks.held.clear();
             looks.strikes.clear();
             looks.seen = Some(limits.clone());
         }
         let now = Instant::now();
         looks.full.retain(|_, until| *until > now);
         looks.idle.retain(|_, until| *until > now);
+        looks.held.retain(|_, until| *until > now);
+        let lease = self.config.lease;
+        looks
+            .inflight
+            .retain(|_, (_, claimed)| now.saturating_duration_since(*claimed) < lease);
         let mut rows = Vec::new();
         let count = limits.topics.len();
         // Each round starts at the next topic, so none is always last.
@@ -164,7 +193,10 @@ impl Shared {
                 continue;
             }
             let key = (topic.app_id, topic.topic.clone());
-            if looks.full.contains_key(&key) || looks.idle.contains_key(&key) {
+            if looks.full.contains_key(&key)
+                || looks.idle.contains_key(&key)
+                || looks.held.contains_key(&key)
+            {
                 continue;
             }
             let claim = store::claim_limited(
@@ -177,17 +209,26 @@ impl Shared {
             )
             .await?;
             let (free, got) = (claim.free as usize, claim.rows.len());
-            if (free <= asked && got == free) || claim.held {
-                // At its limit, or some of its keys at theirs: a slot frees
-                // when another row ends (looked for more rarely while it
-                // stays full), a token comes when its time comes.
+            for row in &claim.rows {
+                looks.inflight.insert(row.id, (key.clone(), now));
+            }
+            let at_limit = free <= asked && got == free;
+            if at_limit || (claim.held && got < asked) {
+                // At its limit, or with keys at theirs: a slot frees when
+                // another row ends (at once when it ends here; looked for
+                // more rarely while none does), a token comes when its
+                // time comes.
                 let strikes = looks.strikes.entry(key.clone()).or_default();
                 *strikes = if got == 0 { *strikes + 1 } else { 0 };
                 let wait = match claim.ready_in.filter(|w| !w.is_zero()) {
                     Some(token) => token,
                     None => LIMITED_LOOK_AGAIN.saturating_mul(1 << (*strikes).min(10)),
                 };
-                looks.full.insert(key, now + wait.min(poll));
+                if at_limit {
+                    looks.full.insert(key, now + wait.min(poll));
+                } else {
+                    looks.held.insert(key, now + wait.min(poll));
+                }
             } else {
                 looks.strikes.remove(&key);
                 if got < asked {

@@ -53,7 +53,7 @@ pub struct StateCounts {
 }
 
 /// The rows of every app and topic by state (`sampled`): its columns are
-/// those of [`StateCounts`], with `app_id`, `oldest_unserved` and `total`.
+/// those of [`StateCounts`], with `app_id`, `oldest_due` and `total`.
 /// It counts every row (a sequential scan).
 macro_rules! sampled_states {
     () => {
@@ -75,8 +75,7 @@ macro_rules! sampled_states {
             GROUP BY a.id, a.slug, o.topic
          ), sampled AS (
             SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.total,
-                   CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
-                   CASE WHEN s.served THEN NULL ELSE c.oldest_due END AS oldest_unserved,
+                   c.oldest_due, CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
                    CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
                         ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
             FROM counts c
@@ -114,13 +113,12 @@ pub async fn record_state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Stat
                               WHERE s.app_id = t.app_id AND s.topic = t.topic)
          ), kept AS (
             INSERT INTO outbox_topic_states AS t
-                (app_id, topic, due, scheduled, running, unserved, oldest_unserved_at, sampled_at)
-            SELECT app_id, topic, due, scheduled, running, unserved, oldest_unserved, now()
+                (app_id, topic, due, scheduled, running, oldest_due_at, sampled_at)
+            SELECT app_id, topic, due, scheduled, running, oldest_due, now()
             FROM sampled
             ON CONFLICT (app_id, topic) DO UPDATE
                 SET due = excluded.due, scheduled = excluded.scheduled,
-                    running = excluded.running, unserved = excluded.unserved,
-                    oldest_unserved_at = excluded.oldest_unserved_at,
+                    running = excluded.running, oldest_due_at = excluded.oldest_due_at,
                     sampled_at = excluded.sampled_at
          )
          SELECT * FROM sampled ORDER BY total DESC"
@@ -140,7 +138,7 @@ pub struct TopicStates {
     pub scheduled: i64,
     /// Leased: a handler is running it.
     pub running: i64,
-    /// Due, but no live process served the topic: the rows wait for one.
+    /// Due, and no live process serves the topic now: the rows wait for one.
     pub unserved: i64,
     /// When the oldest unserved row became due (none without unserved rows).
     pub oldest_unserved_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -149,15 +147,27 @@ pub struct TopicStates {
 }
 
 /// The topics of `app` with rows, as [`record_state_counts`] last counted
-/// them: unserved first, then by rows due. Empty until a leader has sampled.
+/// them: unserved first, then by rows due. Whether a topic is served is
+/// decided now, from the live processes. Empty until a leader has sampled.
 pub async fn recorded_state_counts<'e>(
     db: impl PgExecutor<'e>,
     app: uuid::Uuid,
 ) -> Result<Vec<TopicStates>, Error> {
     Ok(sqlx::query_as(
-        "SELECT topic, due, scheduled, running, unserved, oldest_unserved_at, sampled_at
-         FROM outbox_topic_states WHERE app_id = $1
-         ORDER BY unserved DESC, due DESC, topic",
+        "SELECT t.topic, t.due, t.scheduled, t.running,
+                CASE WHEN s.served THEN 0 ELSE t.due END AS unserved,
+                CASE WHEN s.served OR t.due = 0 THEN NULL ELSE t.oldest_due_at END
+                    AS oldest_unserved_at,
+                t.sampled_at
+         FROM outbox_topic_states t
+         CROSS JOIN LATERAL (
+            SELECT EXISTS (
+                SELECT 1 FROM outbox_processes p
+                WHERE p.expires_at > now()
+                  AND (t.topic = ANY (p.topics) OR t.topic ~ ANY (p.regexes))) AS served
+         ) AS s
+         WHERE t.app_id = $1
+         ORDER BY unserved DESC, t.due DESC, t.topic",
     )
     .bind(app)
     .fetch_all(db)

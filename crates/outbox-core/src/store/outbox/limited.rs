@@ -65,10 +65,11 @@ macro_rules! limited_head {
 
 /// The end of a limited claim: leases the `picked` rows, records them in
 /// the limit's `running` (with a concurrency limit of either kind) and
-/// takes their tokens; answers the rows with `free`, `ready_in` and
-/// `$held` (whether rows were left because their key was at its limit).
+/// takes their tokens; answers the rows with `free`, `ready_in`, `$held`
+/// (rows of keys at their limit may be waiting) and `$cut` (rows were left
+/// because their key's slots ran out in this statement).
 macro_rules! limited_tail {
-    ($held:expr) => {
+    ($held:expr, $cut:expr) => {
         concat!(
             ", claimed AS (
 ",
@@ -84,13 +85,16 @@ macro_rules! limited_tail {
     FROM lim
     WHERE l.app_id = $4 AND l.topic = $5
 )
-SELECT c.*, f.free, f.ready_in, f.held
+SELECT c.*, f.free, f.ready_in, f.held, f.cut
 FROM (SELECT coalesce((SELECT free FROM allowed), 0) AS free,
              (SELECT greatest(1 - (tokens - (SELECT count(*) FROM claimed)), 0) / rate_per_sec
               FROM lim) AS ready_in,
              ",
             $held,
-            " AS held) AS f
+            " AS held,
+             ",
+            $cut,
+            " AS cut) AS f
 LEFT JOIN claimed AS c ON true"
         )
     };
@@ -119,15 +123,17 @@ const CLAIM_LIMITED: &str = concat!(
     LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
     FOR UPDATE OF o SKIP LOCKED
 )",
-    limited_tail!("false")
+    limited_tail!("false", "false")
 );
 
 /// [`CLAIM_LIMITED`] for a topic with a limit per partition key: counts the
 /// live running rows by key (`busy`), reads up to `$11` due rows in order
-/// without the keys at their limit (`candidates`), and keeps of each key
-/// only as many as it has slots free (`chosen`), in due order. A key whose
-/// rows fill the window gets its slots and leaves the rest for the next
-/// claim, when it is at its limit and left out of the scan.
+/// without the keys at their limit (`candidates`), ranks each key's rows
+/// (`ranked`: `fits` while the key has a slot free for it), and keeps the
+/// rows that fit (`chosen`), in due order. Answers `cut` when rows were
+/// left because their key's slots ran out in this claim: the next claim of
+/// the same transaction leaves that key out of its scan
+/// ([`PER_KEY_PASSES`]).
 const CLAIM_LIMITED_PER_KEY: &str = concat!(
     limited_head!(),
     ", busy AS (
@@ -148,32 +154,42 @@ const CLAIM_LIMITED_PER_KEY: &str = concat!(
       AND (o.partition_key IS NULL OR o.partition_key <> ALL (ARRAY(
             SELECT b.key FROM busy b, lim WHERE b.running >= lim.max_running_per_key)))
     ORDER BY o.run_at, o.id
-    LIMIT $11
-), chosen AS (
-    SELECT c.id
+    LIMIT CASE WHEN coalesce((SELECT free FROM allowed), 0) > 0 THEN $11 ELSE 0 END
+), ranked AS (
+    SELECT c.id, c.run_at,
+           c.partition_key IS NULL
+           OR c.nth + coalesce(b.running, 0) <= lim.max_running_per_key AS fits
     FROM (SELECT c.*, row_number() OVER (PARTITION BY c.partition_key
                                          ORDER BY c.run_at, c.id) AS nth
           FROM candidates c) AS c
     CROSS JOIN lim
     LEFT JOIN busy b ON b.key = c.partition_key
-    WHERE c.partition_key IS NULL
-       OR c.nth + coalesce(b.running, 0) <= lim.max_running_per_key
-    ORDER BY c.run_at, c.id
+), chosen AS (
+    SELECT id FROM ranked
+    WHERE fits
+    ORDER BY run_at, id
     LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
 ), picked AS (
     SELECT o.ctid
     FROM outbox o
-    WHERE o.id IN (SELECT id FROM chosen)
+    WHERE o.id = ANY (ARRAY(SELECT id FROM chosen))
       AND ",
     claimable!(),
     "
     FOR UPDATE OF o SKIP LOCKED
 )",
     limited_tail!(
-        "((SELECT count(*) FROM candidates) > (SELECT count(*) FROM chosen)
-              OR EXISTS (SELECT 1 FROM busy b, lim WHERE b.running >= lim.max_running_per_key))"
+        "(EXISTS (SELECT 1 FROM ranked WHERE NOT fits)
+              OR EXISTS (SELECT 1 FROM busy b, lim WHERE b.running >= lim.max_running_per_key))",
+        "EXISTS (SELECT 1 FROM ranked WHERE NOT fits)"
     )
 );
+
+/// How many claim statements a claim with a limit per key makes at most,
+/// in its transaction, while rows were left for a key whose slots the
+/// statement filled: each next one leaves that key out of its scan, so a
+/// key with many rows due does not take the whole window from the others.
+const PER_KEY_PASSES: usize = 4;
 
 /// How many due rows a claim with a limit per key reads for each row it
 /// may claim, at least [`MIN_CANDIDATES`]: room for keys that have more
@@ -195,8 +211,8 @@ pub struct LimitedClaim {
     /// With a rate limit: how long until the bucket holds a whole token
     /// again after this claim.
     pub ready_in: Option<Duration>,
-    /// With a limit per key: rows were left because their key was at its
-    /// limit. They may be claimed as soon as a row of that key ends.
+    /// With a limit per key: keys were at their limit, so rows of theirs
+    /// may be waiting; they may be claimed as soon as a row of that key ends.
     pub held: bool,
 }
 
@@ -235,39 +251,50 @@ pub async fn claim_limited(
         return Ok(LimitedClaim::default());
     };
     let limit = i64::from(limit.max(1));
-    let statement = if per_key {
-        CLAIM_LIMITED_PER_KEY
+    let (statement, passes) = if per_key {
+        (CLAIM_LIMITED_PER_KEY, PER_KEY_PASSES)
     } else {
-        CLAIM_LIMITED
+        (CLAIM_LIMITED, 1)
     };
-    let rows = sqlx::query(statement)
-        .bind(limit)
-        .bind(worker)
-        .bind(lease.as_secs_f64())
-        .bind(limited.app_id)
-        .bind(&limited.topic)
-        .bind(served.all)
-        .bind(&served.exact)
-        .bind(&served.regexes)
-        .bind(&served.excluded)
-        .bind(&served.paused)
-        .bind((limit * CANDIDATES_PER_ROW).max(MIN_CANDIDATES))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    let mut claim = LimitedClaim {
-        rows: Vec::with_capacity(rows.len()),
-        ..LimitedClaim::default()
-    };
-    for row in &rows {
-        claim.free = u32::try_from(row.try_get::<i64, _>(CLAIMED_COLUMNS)?).unwrap_or(0);
-        claim.ready_in = row
-            .try_get::<Option<f64>, _>(CLAIMED_COLUMNS + 1)?
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
-        claim.held = row.try_get::<bool, _>(CLAIMED_COLUMNS + 2)?;
-        if row.try_get::<Option<uuid::Uuid>, _>(0)?.is_some() {
-            claim.rows.push(ClaimedEvent::from_row(row)?);
+    let mut claim = LimitedClaim::default();
+    for pass in 0..passes {
+        let wanted = limit - claim.rows.len() as i64;
+        if wanted <= 0 {
+            break;
+        }
+        let rows = sqlx::query(statement)
+            .bind(wanted)
+            .bind(worker)
+            .bind(lease.as_secs_f64())
+            .bind(limited.app_id)
+            .bind(&limited.topic)
+            .bind(served.all)
+            .bind(&served.exact)
+            .bind(&served.regexes)
+            .bind(&served.excluded)
+            .bind(&served.paused)
+            .bind((wanted * CANDIDATES_PER_ROW).max(MIN_CANDIDATES))
+            .fetch_all(&mut *tx)
+            .await?;
+        let before = claim.rows.len();
+        let mut cut = false;
+        for row in &rows {
+            if pass == 0 {
+                claim.free = u32::try_from(row.try_get::<i64, _>(CLAIMED_COLUMNS)?).unwrap_or(0);
+            }
+            claim.ready_in = row
+                .try_get::<Option<f64>, _>(CLAIMED_COLUMNS + 1)?
+                .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+            claim.held = row.try_get::<bool, _>(CLAIMED_COLUMNS + 2)?;
+            cut = row.try_get::<bool, _>(CLAIMED_COLUMNS + 3)?;
+            if row.try_get::<Option<uuid::Uuid>, _>(0)?.is_some() {
+                claim.rows.push(ClaimedEvent::from_row(row)?);
+            }
+        }
+        if !cut || claim.rows.len() == before {
+            break;
         }
     }
+    tx.commit().await?;
     Ok(claim)
 }
