@@ -28,6 +28,42 @@ async fn fill(db: &TestDb, app: uuid::Uuid, topic: &str, n: usize) -> TestResult
     Ok(())
 }
 
+/// Enqueues `events` in one transaction.
+async fn enqueue_all(db: &TestDb, app: uuid::Uuid, events: &[NewEvent]) -> TestResult {
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, app, events).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `topic` of `app`, as the beat names a limited topic.
+fn limited(app: uuid::Uuid, topic: &str) -> LimitedTopic {
+    LimitedTopic {
+        app_id: app,
+        topic: topic.into(),
+    }
+}
+
+/// A limited claim of up to `n` rows of `topic` by a process serving everything.
+async fn claim(
+    conn: &mut sqlx::PgConnection,
+    topic: &LimitedTopic,
+    n: u32,
+) -> Result<store::LimitedClaim, outbox_core::Error> {
+    store::claim_limited(conn, topic, &Served::everything(), "w", n, LEASE).await
+}
+
+/// The `i` of the claimed rows' payloads, sorted.
+fn claimed_i(claim: &store::LimitedClaim) -> Vec<String> {
+    let mut got: Vec<String> = claim
+        .rows
+        .iter()
+        .map(|r| r.payload["i"].to_string())
+        .collect();
+    got.sort_unstable();
+    got
+}
+
 #[tokio::test]
 async fn rows_an_ordinary_claim_took_after_the_limit_was_set_hold_slots() -> TestResult {
     let db = TestDb::new().await?;
@@ -41,15 +77,11 @@ async fn rows_an_ordinary_claim_took_after_the_limit_was_set_hold_slots() -> Tes
     // A process that has not beaten since claims as before the limit.
     let early = store::claim(&db.pool, "not-yet-told", 1, LEASE).await?;
     assert_eq!(early.len(), 1);
-    let topic = LimitedTopic {
-        app_id: app,
-        topic: "report".into(),
-    };
+    let topic = limited(app, "report");
     let mut conn = sqlx::PgConnection::connect(&db.url).await?;
-    let claim =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "told", 5, LEASE).await?;
+    let taken = claim(&mut conn, &topic, 5).await?;
     assert_eq!(
-        (claim.rows.len(), claim.free),
+        (taken.rows.len(), taken.free),
         (0, 0),
         "the row the early claim leased holds the only slot"
     );
@@ -70,25 +102,19 @@ async fn a_rate_limit_issues_its_burst_then_waits_for_the_next_token() -> TestRe
         ..Limits::default()
     };
     limits::set(&db.pool, app, "partner", &rate, None).await?;
-    let topic = LimitedTopic {
-        app_id: app,
-        topic: "partner".into(),
-    };
+    let topic = limited(app, "partner");
     let mut conn = sqlx::PgConnection::connect(&db.url).await?;
-    let first =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let first = claim(&mut conn, &topic, 10).await?;
     assert_eq!(first.rows.len(), 3, "a full burst to start with");
     let wait = first.ready_in.ok_or("no wait for the next token")?;
     assert!(
         wait > Duration::from_millis(300) && wait <= Duration::from_millis(500),
         "{wait:?} until the next token at 2/s"
     );
-    let none =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let none = claim(&mut conn, &topic, 10).await?;
     assert_eq!(none.rows.len(), 0, "no token left");
     tokio::time::sleep(wait + Duration::from_millis(20)).await;
-    let next =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let next = claim(&mut conn, &topic, 10).await?;
     assert_eq!(next.rows.len(), 1, "one token came");
     conn.close().await?;
     Ok(())
@@ -98,16 +124,9 @@ async fn a_rate_limit_issues_its_burst_then_waits_for_the_next_token() -> TestRe
 async fn a_limit_per_key_takes_one_row_of_each_key_until_its_row_ends() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    let keyed = |key: Option<&str>, i: usize| {
-        let event = NewEvent::new("sync", json!({ "key": key, "i": i }));
-        match key {
-            Some(k) => event.with_partition_key(k),
-            None => event,
-        }
-    };
     // Three rows of key a first (they fill the front of the queue), two of
     // b, and two without a key.
-    let events: Vec<NewEvent> = [
+    let keys = [
         Some("a"),
         Some("a"),
         Some("a"),
@@ -115,41 +134,35 @@ async fn a_limit_per_key_takes_one_row_of_each_key_until_its_row_ends() -> TestR
         None,
         Some("b"),
         None,
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, key)| keyed(key, i))
-    .collect();
-    let mut tx = db.pool.begin().await?;
-    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
+    ];
+    let events: Vec<NewEvent> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let event = NewEvent::new("sync", json!({ "i": i }));
+            match key {
+                Some(k) => event.with_partition_key(k),
+                None => event,
+            }
+        })
+        .collect();
+    enqueue_all(&db, app, &events).await?;
     let per_key = Limits {
         max_running_per_key: Some(1),
         max_running: Some(10),
         ..Limits::default()
     };
     limits::set(&db.pool, app, "sync", &per_key, None).await?;
-    let topic = LimitedTopic {
-        app_id: app,
-        topic: "sync".into(),
-    };
+    let topic = limited(app, "sync");
     let mut conn = sqlx::PgConnection::connect(&db.url).await?;
-    let first =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
-    let mut got: Vec<i64> = first
-        .rows
-        .iter()
-        .filter_map(|r| r.payload["i"].as_i64())
-        .collect();
-    got.sort_unstable();
+    let first = claim(&mut conn, &topic, 10).await?;
     assert_eq!(
-        got,
-        [0, 3, 4, 6],
+        claimed_i(&first),
+        ["0", "3", "4", "6"],
         "the first of a, the first of b, both keyless"
     );
     assert!(first.held, "rows of a and b were left");
-    let second =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
+    let second = claim(&mut conn, &topic, 10).await?;
     assert!(second.rows.is_empty(), "a and b are at their limit");
     assert!(second.held);
     assert_eq!(limits::list(&db.pool, app).await?[0].running, 4);
@@ -162,14 +175,7 @@ async fn a_limit_per_key_takes_one_row_of_each_key_until_its_row_ends() -> TestR
         .map(|r| r.lease())
         .collect();
     store::complete(&mut conn, &done).await?;
-    let third =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
-    let got: Vec<i64> = third
-        .rows
-        .iter()
-        .filter_map(|r| r.payload["i"].as_i64())
-        .collect();
-    assert_eq!(got, [1]);
+    assert_eq!(claimed_i(&claim(&mut conn, &topic, 10).await?), ["1"]);
     conn.close().await?;
     Ok(())
 }
@@ -220,28 +226,24 @@ async fn a_key_with_more_rows_than_the_window_does_not_take_the_other_keys_turns
         .collect();
     events.push(NewEvent::new("sync", json!({ "i": "b" })).with_partition_key("b"));
     events.push(NewEvent::new("sync", json!({ "i": "c" })).with_partition_key("c"));
-    let mut tx = db.pool.begin().await?;
-    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
-    tx.commit().await?;
+    enqueue_all(&db, app, &events).await?;
     let per_key = Limits {
         max_running_per_key: Some(1),
         ..Limits::default()
     };
     limits::set(&db.pool, app, "sync", &per_key, None).await?;
-    let topic = LimitedTopic {
-        app_id: app,
-        topic: "sync".into(),
-    };
     let mut conn = sqlx::PgConnection::connect(&db.url).await?;
-    let claim =
-        store::claim_limited(&mut conn, &topic, &Served::everything(), "w", 10, LEASE).await?;
-    let mut got: Vec<String> = claim
-        .rows
-        .iter()
-        .map(|r| r.payload["i"].to_string())
-        .collect();
-    got.sort_unstable();
-    assert_eq!(got, ["\"b\"", "\"c\"", "0"], "one row of each customer");
+    let first = claim(&mut conn, &limited(app, "sync"), 10).await?;
+    assert_eq!(
+        claimed_i(&first),
+        ["\"b\"", "\"c\"", "0"],
+        "one row of each customer"
+    );
+    assert!(
+        first.free > 10,
+        "without a concurrency or rate limit the topic's limits allow any number: {}",
+        first.free
+    );
     conn.close().await?;
     Ok(())
 }
@@ -250,14 +252,12 @@ async fn a_key_with_more_rows_than_the_window_does_not_take_the_other_keys_turns
 async fn a_limit_per_key_added_to_a_rate_limit_counts_the_rows_running_already() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    let mut tx = db.pool.begin().await?;
-    outbox_core::enqueue(
-        &mut tx,
+    enqueue_all(
+        &db,
         app,
-        &NewEvent::new("sync", json!({})).with_partition_key("acme"),
+        &[NewEvent::new("sync", json!({})).with_partition_key("acme")],
     )
     .await?;
-    tx.commit().await?;
     let rate = Limits {
         rate_per_sec: Some(5.0),
         ..Limits::default()

@@ -27,7 +27,8 @@ pub const ADOPT_WINDOW_SECS: u64 = 5;
 
 /// The start of a limited claim of topic `$4`/`$5`: `lim`, the limit's row
 /// with its live running rows and its refilled tokens, and `allowed`, how
-/// many rows its concurrency and rate limits let start now.
+/// many rows its concurrency and rate limits let start now (claims take at
+/// most `$1` of them).
 ///
 /// For [`ADOPT_WINDOW_SECS`] after a limit is set, rows of the topic leased
 /// by ordinary claims (processes that had not beaten since) count too, and
@@ -54,9 +55,11 @@ macro_rules! limited_head {
     CROSS JOIN (SELECT clock_timestamp() AS at) AS c
     WHERE l.app_id = $4 AND l.topic = $5
 ), allowed AS (
-    SELECT least(CASE WHEN max_running IS NULL THEN $1
+    -- Without a limit of a kind, that kind allows any number (2^31 - 1):
+    -- the caller can tell that the rows due, not a limit, ended the claim.
+    SELECT least(CASE WHEN max_running IS NULL THEN 2147483647
                       ELSE greatest(max_running - cardinality(live), 0) END,
-                 coalesce(floor(tokens)::int8, $1)) AS free
+                 coalesce(floor(tokens)::int8, 2147483647)) AS free
     FROM lim
 )"
         )
@@ -205,8 +208,9 @@ pub struct LimitedClaim {
     /// The rows claimed.
     pub rows: Vec<ClaimedEvent>,
     /// How many rows the limits allowed before the claim (free slots,
-    /// whole tokens): when it is not more than were asked for, the limit,
-    /// not the rows due, decided how many came.
+    /// whole tokens; `i32::MAX` without a concurrency or rate limit): when
+    /// it is not more than were asked for, the limit, not the rows due,
+    /// decided how many came.
     pub free: u32,
     /// With a rate limit: how long until the bucket holds a whole token
     /// again after this claim.
