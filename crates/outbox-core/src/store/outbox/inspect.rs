@@ -52,12 +52,30 @@ pub struct StateCounts {
     pub unserved_age_secs: f64,
 }
 
+/// `served`: whether a live process serves the topic `$topic` now, by name
+/// or by pattern.
+macro_rules! served_now {
+    ($topic:expr) => {
+        concat!(
+            "SELECT EXISTS (
+                SELECT 1 FROM outbox_processes p
+                WHERE p.expires_at > now()
+                  AND (",
+            $topic,
+            " = ANY (p.topics) OR ",
+            $topic,
+            " ~ ANY (p.regexes))) AS served"
+        )
+    };
+}
+
 /// The rows of every app and topic by state (`sampled`): its columns are
 /// those of [`StateCounts`], with `app_id`, `oldest_due` and `total`.
 /// It counts every row (a sequential scan).
 macro_rules! sampled_states {
     () => {
-        "WITH counts AS (
+        concat!(
+            "WITH counts AS (
             SELECT a.id AS app_id, a.slug AS app, o.topic,
                 count(*) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS due,
@@ -79,13 +97,11 @@ macro_rules! sampled_states {
                    CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
                         ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
             FROM counts c
-            CROSS JOIN LATERAL (
-               SELECT EXISTS (
-                   SELECT 1 FROM outbox_processes p
-                   WHERE p.expires_at > now()
-                     AND (c.topic = ANY (p.topics) OR c.topic ~ ANY (p.regexes))) AS served
-            ) AS s
+            CROSS JOIN LATERAL (",
+            served_now!("c.topic"),
+            ") AS s
          )"
+        )
     };
 }
 
@@ -153,22 +169,19 @@ pub async fn recorded_state_counts<'e>(
     db: impl PgExecutor<'e>,
     app: uuid::Uuid,
 ) -> Result<Vec<TopicStates>, Error> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(concat!(
         "SELECT t.topic, t.due, t.scheduled, t.running,
                 CASE WHEN s.served THEN 0 ELSE t.due END AS unserved,
                 CASE WHEN s.served OR t.due = 0 THEN NULL ELSE t.oldest_due_at END
                     AS oldest_unserved_at,
                 t.sampled_at
          FROM outbox_topic_states t
-         CROSS JOIN LATERAL (
-            SELECT EXISTS (
-                SELECT 1 FROM outbox_processes p
-                WHERE p.expires_at > now()
-                  AND (t.topic = ANY (p.topics) OR t.topic ~ ANY (p.regexes))) AS served
-         ) AS s
+         CROSS JOIN LATERAL (",
+        served_now!("t.topic"),
+        ") AS s
          WHERE t.app_id = $1
-         ORDER BY unserved DESC, t.due DESC, t.topic",
-    )
+         ORDER BY unserved DESC, t.due DESC, t.topic"
+    ))
     .bind(app)
     .fetch_all(db)
     .await?)
