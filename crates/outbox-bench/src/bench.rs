@@ -110,13 +110,13 @@ pub struct BenchArgs {
     /// Write results.csv, series.csv, SVG charts (and plans.txt) here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Run only these scenarios (comma-separated: auth, enqueue, drain, latency,
-    /// steady, bloat, phases, backlog, paused, relay, scale-out); the raw drain
-    /// baseline always runs.
+    /// Run only these scenarios (comma-separated: auth, enqueue, drain, history,
+    /// latency, steady, bloat, phases, backlog, paused, relay, scale-out); the
+    /// raw drain baseline always runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,enqueue,drain,latency,steady,bloat,phases,backlog,paused,relay,scale-out"
+        default_value = "auth,enqueue,drain,history,latency,steady,bloat,phases,backlog,paused,relay,scale-out"
     )]
     pub scenarios: Vec<String>,
 }
@@ -126,6 +126,7 @@ const KNOWN: &[&str] = &[
     "auth",
     "enqueue",
     "drain",
+    "history",
     "latency",
     "steady",
     "bloat",
@@ -376,6 +377,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // The raw drain baseline always runs: it is the ceiling of the table,
     // and the latency loads fall back on it without the drain scenario.
     scenarios::drain(&mut bench).await?;
+    if bench.wants("history") {
+        scenarios::history(&mut bench).await?;
+    }
     if bench.wants("enqueue") {
         scenarios::enqueue(&mut bench).await?;
     }

@@ -64,6 +64,14 @@ pub async fn checkpoint(pool: &PgPool) {
     }
 }
 
+/// The lowest and the highest of `rates`, in thousands: "41k–47k".
+pub fn spread(rates: &[f64]) -> String {
+    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+        (lo.min(*r), hi.max(*r))
+    });
+    format!("{:.0}k–{:.0}k", lo / 1000.0, hi / 1000.0)
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -59,7 +59,7 @@ pub mod topics;
 
 pub use enqueue::{enqueue, enqueue_batch};
 pub use error::Error;
-pub use model::{App, ClaimedEvent, DeadLetter, NewEvent, Source};
+pub use model::{App, Attempt, ClaimedEvent, DeadLetter, NewEvent, OutboxRow, Source};
 
 /// The forward-only migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

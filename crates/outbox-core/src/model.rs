@@ -2,7 +2,7 @@
 //! exhausted rows become.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -382,6 +382,90 @@ pub struct DeadLetter {
     /// The attempts its row was allowed; `None` means the configured default.
     /// A replay starts over with this budget unless told otherwise.
     pub max_attempts: Option<i32>,
+    /// Its row's last failed attempts, oldest first (`None`: none recorded).
+    #[sqlx(json(nullable))]
+    pub attempts: Option<Vec<Attempt>>,
+    /// The outbox row a replay made of it (its `replayed_from` points back).
+    pub replayed_as: Option<Uuid>,
+}
+
+/// A row of the outbox that has not finished, as operators inspect it.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct OutboxRow {
+    /// Primary key (also the NATS message id).
+    pub id: Uuid,
+    /// The tenant.
+    pub app_id: Uuid,
+    /// `running` (a handler holds its lease), `retrying` (a failed attempt
+    /// waits for its backoff), `scheduled` (due later) or `due`.
+    pub state: String,
+    /// Where the row came from.
+    pub source: String,
+    /// Source-specific operation.
+    pub op: String,
+    /// Routing key.
+    pub topic: String,
+    /// The trigger that produced the row, if any.
+    pub trigger_id: Option<Uuid>,
+    /// Where a trigger's row goes (a handler topic, `nats:`, `webhook:`).
+    pub target: Option<String>,
+    /// The event body.
+    pub payload: Value,
+    /// The event headers.
+    pub headers: Value,
+    /// Deduplicates enqueues while the row lives.
+    pub idempotency_key: Option<String>,
+    /// Rows with the same key run one at a time, in order.
+    pub ordering_key: Option<String>,
+    /// The key of per-key concurrency limits.
+    pub partition_key: Option<String>,
+    /// Higher runs first within its app.
+    pub priority: i16,
+    /// Position in a trigger chain.
+    pub depth: i32,
+    /// Attempts started.
+    pub attempt_count: i32,
+    /// Its attempt budget; `None` means the configured default.
+    pub max_attempts: Option<i32>,
+    /// When it is (or was) due.
+    pub due_at: DateTime<Utc>,
+    /// The process holding (or that last held) its lease.
+    pub locked_by: Option<String>,
+    /// When that lease expires.
+    pub locked_until: Option<DateTime<Utc>>,
+    /// First attempt.
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// Last attempt.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// The principal its trigger runs as.
+    pub registered_by_principal: Option<String>,
+    /// The dead letter it was replayed from.
+    pub replayed_from: Option<Uuid>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// Its last failed attempts, oldest first (`None`: none recorded).
+    #[sqlx(json(nullable))]
+    pub attempts: Option<Vec<Attempt>>,
+}
+
+/// One failed attempt of a row, as its attempt history keeps it (migration
+/// 0026). An attempt number missing from a history had no outcome written:
+/// its process stopped or its lease expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The attempt's number, from 1.
+    pub attempt: i32,
+    /// When it was claimed (lease mode) or its handler started
+    /// (transactional mode).
+    pub started_at: Option<DateTime<Utc>>,
+    /// When its failure was written.
+    pub ended_at: DateTime<Utc>,
+    /// The process that ran it (`dispatcher.worker_id`).
+    pub worker: Option<String>,
+    /// Why it failed, cut to `dispatcher.attempt_error_chars`.
+    pub error: Option<String>,
 }
 
 impl DeadLetter {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use outbox_core::store::outbox::AttemptHistory;
+
 use crate::{Error, RetryPolicy};
 
 /// Dispatcher settings. [`Config::default`] is a sane start; [`Config::validate`]
@@ -44,6 +46,9 @@ pub struct Config {
     /// Rows with a synchronous caller and dead-letter-trigger rows are left to
     /// lease-mode dispatchers.
     pub in_transaction: bool,
+    /// How many failed attempts a row keeps in its history (carried into its
+    /// dead letter), and how long each error may be.
+    pub attempt_history: AttemptHistory,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             max_trigger_depth: 8,
             in_transaction: false,
+            attempt_history: AttemptHistory::default(),
         }
     }
 }
@@ -124,6 +130,20 @@ impl Config {
         }
         if self.retry.max_attempts == 0 {
             return fail("retry.max_attempts must be at least 1".into());
+        }
+        if self.attempt_history.keep > 100 {
+            return fail(format!(
+                "attempt_history {} is outside 0..=100",
+                self.attempt_history.keep
+            ));
+        }
+        if self.attempt_history.keep > 0
+            && !(16..=100_000).contains(&self.attempt_history.error_chars)
+        {
+            return fail(format!(
+                "attempt_error_chars {} is outside 16..=100000",
+                self.attempt_history.error_chars
+            ));
         }
         Ok(())
     }

@@ -314,10 +314,11 @@ impl Dispatcher {
             0
         } else {
             let pool = &inner.pool;
+            let history = inner.config.attempt_history;
             let released = crate::outcome::again_for_missed(
                 &abandoned,
                 |l| l.id,
-                |leases| async move { store::release(pool, &leases, true).await },
+                |leases| async move { store::release(pool, &leases, true, history).await },
             );
             match released.await {
                 Ok(ids) => ids.len(),

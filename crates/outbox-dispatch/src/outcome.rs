@@ -357,17 +357,18 @@ impl Shared {
         }
         let completed = store::complete(&self.pool, &done).await?.len() + answered;
         let pool = &self.pool;
+        let history = self.config.attempt_history;
         let rescheduled_ids = again_for_missed(
             &later,
             |r| r.lease.id,
-            |rows| async move { store::reschedule(pool, &rows).await },
+            |rows| async move { store::reschedule(pool, &rows, history).await },
         )
         .await?;
         let rescheduled = rescheduled_ids.len();
         let dead_lettered_ids = again_for_missed(
             &dead_letters,
             |r| r.lease.id,
-            |rows| async move { store::dead_letter(pool, &rows).await },
+            |rows| async move { store::dead_letter(pool, &rows, history).await },
         )
         .await?;
         let dead_lettered = dead_lettered_ids.len();

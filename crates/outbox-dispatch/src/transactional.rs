@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::listen::reconnect_pause;
-use outbox_core::store::outbox::{self as store, Positions, ToDeadLetter};
+use outbox_core::store::outbox::{self as store, FailedAttempt, Positions, ToDeadLetter};
 use outbox_core::store::tx_batch;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -139,7 +139,7 @@ impl Shared {
         let lock_key = fastrand::i64(..);
         self.open_tx_batch(keeper, lock_key, &ids).await?;
         let (mut tx, first_failure) = self.run_batch(tx, &rows).await?;
-        let Some((failed_at, failed_outcome)) = first_failure else {
+        let Some((failed_at, failed_outcome, failed_started_at)) = first_failure else {
             store::close_tx_batch(&mut *tx, lock_key).await?;
             tx.commit().await?;
             self.record_completed(taken, taken);
@@ -161,9 +161,11 @@ impl Shared {
         let mut done = Vec::new();
         let mut failed_outcome = Some(failed_outcome);
         for row in &locked {
+            let mut started_at = failed_started_at;
             let outcome = if row.id == failed_id {
                 failed_outcome.take().unwrap_or(Outcome::Done)
             } else {
+                started_at = chrono::Utc::now();
                 tx_batch::savepoint(&mut tx).await?;
                 let shared = ClaimTx::new(tx);
                 let outcome = self
@@ -184,8 +186,9 @@ impl Shared {
                 report.completed += 1;
             } else {
                 let facts = RowFacts::of(row, self.config.retry.max_attempts);
-                let (retried, dead_lettered) =
-                    self.record_tx_failure(&mut tx, &facts, outcome).await?;
+                let (retried, dead_lettered) = self
+                    .record_tx_failure(&mut tx, &facts, outcome, started_at)
+                    .await?;
                 report.retried += retried;
                 report.dead_lettered += dead_lettered;
             }
@@ -251,7 +254,8 @@ impl Shared {
     }
 
     /// Runs the handlers of `rows` one after another in `tx` until one does
-    /// not succeed; returns the transaction and that row's index and outcome.
+    /// not succeed; returns the transaction and that row's index, outcome
+    /// and start.
     async fn run_batch(
         &self,
         tx: sqlx::Transaction<'static, sqlx::Postgres>,
@@ -259,18 +263,19 @@ impl Shared {
     ) -> Result<
         (
             sqlx::Transaction<'static, sqlx::Postgres>,
-            Option<(usize, Outcome)>,
+            Option<(usize, Outcome, chrono::DateTime<chrono::Utc>)>,
         ),
         Error,
     > {
         let shared = ClaimTx::new(tx);
         let mut failure = None;
         for (i, row) in rows.iter().enumerate() {
+            let started_at = chrono::Utc::now();
             let outcome = self
                 .run_handler(taken_attempt(row), Some(shared.clone()))
                 .await;
             if !matches!(outcome, Outcome::Done) {
-                failure = Some((i, outcome));
+                failure = Some((i, outcome, started_at));
                 break;
             }
         }
@@ -289,6 +294,7 @@ impl Shared {
         tx: &mut sqlx::PgConnection,
         facts: &RowFacts,
         outcome: Outcome,
+        started_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(usize, usize), Error> {
         let id = facts.id;
         let (delay, count, error, dead_letter) = match outcome.write() {
@@ -302,8 +308,16 @@ impl Shared {
             }
             RowWrite::Delete | RowWrite::Reply => (Duration::ZERO, false, None, None),
         };
-        let token =
-            store::record_failed_attempt(&mut *tx, id, delay, count, error.as_deref()).await?;
+        let attempt = FailedAttempt {
+            id,
+            delay,
+            counts: count,
+            error: error.as_deref(),
+            worker: &self.config.worker_id,
+            started_at,
+        };
+        let history = self.config.attempt_history;
+        let token = store::record_failed_attempt(&mut *tx, &attempt, history).await?;
         Ok(match (dead_letter, token) {
             (Some(error), Some(token)) => {
                 let moved = store::dead_letter(
@@ -313,6 +327,7 @@ impl Shared {
                         error: error.clone(),
                         handler: None,
                     }],
+                    history,
                 )
                 .await?;
                 if !moved.is_empty() {

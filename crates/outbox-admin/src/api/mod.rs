@@ -39,7 +39,7 @@ use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
 use self::topics::{
     cancel, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit, resume,
-    set_limit,
+    set_limit, show_row,
 };
 
 /// The `/api` routes.
@@ -83,6 +83,7 @@ pub fn routes() -> Router<AdminState> {
             axum::routing::put(set_limit).delete(remove_limit),
         )
         .route("/api/apps/{app}/outbox/cancel", post(cancel))
+        .route("/api/apps/{app}/outbox/{id}", get(show_row))
 }
 
 /// A principal from `Authorization: Bearer <jwt | api key>`.

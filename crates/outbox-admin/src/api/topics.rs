@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use outbox_core::OutboxRow;
 use outbox_core::store::outbox::{self as store, CancelFilter};
 use outbox_core::store::{limits, pauses, processes};
 use serde::Deserialize;
@@ -39,6 +40,22 @@ pub(super) async fn list_topics(
     Ok(Json(
         store::recorded_state_counts(&state.pool, app.id).await?,
     ))
+}
+
+/// `GET /api/apps/{app}/outbox/{id}`: one row that has not finished, with
+/// its state and attempt history; 404 when the app has no such row.
+pub(super) async fn show_row(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<OutboxRow>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let not_found = || ApiError::not_found("outbox row");
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    store::row(&state.pool, app.id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
 }
 
 /// `GET /api/apps/{app}/pauses`: the app's paused topics.

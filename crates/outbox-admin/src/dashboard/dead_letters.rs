@@ -12,6 +12,7 @@ use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
+use super::rows::attempts_table;
 use super::session::{Session, after_form, checked_form, field};
 
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
@@ -131,8 +132,13 @@ pub(super) async fn detail_page(
                 .map_or_else(|| "default".to_owned(), |n| n.to_string()),
         )
     } else {
+        let replayed_as = row.replayed_as.map_or_else(String::new, |new_row| {
+            format!(
+                r#" · replayed as <a id=replayed-as href="/apps/{slug}/outbox/{new_row}">row {new_row}</a>"#
+            )
+        });
         format!(
-            "<p>Resolved: <b id=resolution>{}</b></p>",
+            "<p>Resolved: <b id=resolution>{}</b>{replayed_as}</p>",
             esc(row.resolution.as_deref().unwrap_or(""))
         )
     };
@@ -141,7 +147,7 @@ pub(super) async fn detail_page(
 <table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
-<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
+{attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
         logout = logout_form(&session),
         topic = esc(&row.topic),
         id = row.id,
@@ -159,6 +165,7 @@ pub(super) async fn detail_page(
         created = row.created_at.to_rfc3339(),
         err = esc(row.last_error.as_deref().unwrap_or("")),
         payload = esc(&pretty),
+        attempts = attempts_table(row.attempts.as_deref()),
     );
     page(&row.topic, &body).into_response()
 }

@@ -4,7 +4,8 @@
 //! nothing changes on GET.
 //!
 //! This module holds the routes and the security headers; the pages live
-//! in one file per noun (`apps`, `dead_letters`, `topics`, `triggers`, `accounts`),
+//! in one file per noun (`apps`, `dead_letters`, `rows`, `topics`, `triggers`,
+//! `accounts`),
 //! sign-in in `login`, the session and form helpers in `session`, and the
 //! HTML helpers in `render`.
 
@@ -20,6 +21,7 @@ mod apps;
 mod dead_letters;
 mod login;
 mod render;
+mod rows;
 mod session;
 mod topics;
 mod triggers;
@@ -30,6 +32,7 @@ use self::accounts::{account_action, accounts_page, revoke_key};
 use self::apps::apps_page;
 use self::dead_letters::{bulk, detail_page, ignore, list_page, replay};
 use self::login::{login, login_page, logout};
+use self::rows::{lookup, row_page};
 use self::topics::{change_topic, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
@@ -49,6 +52,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/apps/{app}/dead-letters/{id}", get(detail_page))
         .route("/apps/{app}/dead-letters/{id}/replay", post(replay))
         .route("/apps/{app}/dead-letters/{id}/ignore", post(ignore))
+        .route("/apps/{app}/outbox", get(lookup))
+        .route("/apps/{app}/outbox/{id}", get(row_page))
         .route("/apps/{app}/topics", get(topics_page))
         .route("/apps/{app}/topics/{action}", post(change_topic))
         .route(

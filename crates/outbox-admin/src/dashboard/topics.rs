@@ -44,6 +44,7 @@ pub(super) async fn topics_page(
     let mut body = logout_form(&session);
     body.push_str(&format!(
         r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · topics</h1>
+<form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
 <h2>Rows</h2>"#
     ));
     body.push_str(&rows_by_state(&states));

@@ -21,6 +21,7 @@ mod events;
 mod hostile;
 mod invoke;
 mod openapi;
+mod rows;
 mod topics;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -204,8 +204,46 @@ async fn real_answers_match_the_documented_schemas() -> TestResult {
         .next()
         .unwrap_or_default()
         .to_owned();
+    // A row with an attempt history, and its dead letter's twin.
+    let mut tx = w.db.pool.begin().await?;
+    let row = outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &outbox_core::NewEvent::new("a.row", json!({"n": 1})),
+    )
+    .await?;
+    tx.commit().await?;
+    let claimed =
+        outbox_core::store::outbox::claim(&w.db.pool, "w-1", 1, std::time::Duration::from_secs(30))
+            .await?;
+    let retry = outbox_core::store::outbox::Reschedule {
+        lease: claimed.first().ok_or("nothing claimed")?.lease(),
+        delay: std::time::Duration::from_secs(600),
+        error: Some("boom".into()),
+        refund_attempt: false,
+    };
+    outbox_core::store::outbox::reschedule(
+        &w.db.pool,
+        &[retry],
+        outbox_core::store::outbox::AttemptHistory::default(),
+    )
+    .await?;
     // (method, documented path, concrete URI, token, body)
     let mut calls: Vec<Call> = vec![
+        (
+            "GET",
+            "/api/apps/{app}/outbox/{id}",
+            format!("/api/apps/app-a/outbox/{row}"),
+            Some(root.clone()),
+            None,
+        ),
+        (
+            "GET",
+            "/api/apps/{app}/outbox/{id}",
+            format!("/api/apps/app-a/outbox/{dl}"),
+            Some(root.clone()),
+            None,
+        ),
         (
             "POST",
             "/api/login",

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use outboxd::config::Settings;
 
 use crate::bench::Bench;
-use crate::support::{BATCH, RAW_DELETE, median, prefill, truncate};
+use crate::support::{BATCH, RAW_DELETE, median, prefill, spread, truncate};
 
 /// A topic with a concurrency limit while another one drains.
 const LIMITED: &str = "bench.limited";
@@ -112,14 +112,6 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
     b.raw_drain = raw_drain;
     b.drain = drain;
     Ok(())
-}
-
-/// The lowest and the highest of `rates`, in thousands: "41k–47k".
-fn spread(rates: &[f64]) -> String {
-    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
-        (lo.min(*r), hi.max(*r))
-    });
-    format!("{:.0}k–{:.0}k", lo / 1000.0, hi / 1000.0)
 }
 
 /// `EXPLAIN (ANALYZE, BUFFERS)` of the claim, the combined complete-and-claim

@@ -2,6 +2,7 @@
 //! each takes the shared `Bench` and adds its figures (and series) to it.
 //!
 //! - `drain`: the raw ceiling (always), and outboxd draining the same backlog.
+//! - `history`: a backlog failing once per row, attempt history on and off.
 //! - `enqueue`: single-row and batch enqueue against plain INSERTs.
 //! - `latency`: commit → handler start, idle and under load.
 //! - `steady`, `bloat`: a fixed offered load, then with a snapshot held open.
@@ -16,6 +17,7 @@ mod auth;
 mod backlog;
 mod drain;
 mod enqueue;
+mod history;
 mod latency;
 mod paused;
 mod phases;
@@ -27,6 +29,7 @@ pub use self::auth::auth;
 pub use self::backlog::backlog;
 pub use self::drain::drain;
 pub use self::enqueue::enqueue;
+pub use self::history::history;
 pub use self::latency::latency;
 pub use self::paused::paused;
 pub use self::phases::phases;

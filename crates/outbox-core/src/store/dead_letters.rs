@@ -8,7 +8,7 @@ use crate::{DeadLetter, Error};
 
 const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, handler, \
      payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
-     resolved_at, resolution, max_attempts";
+     resolved_at, resolution, max_attempts, attempts, replayed_as";
 
 /// Filters for [`list`]. Every field narrows the result; all are optional.
 #[derive(Debug, Clone, Default)]
@@ -250,15 +250,16 @@ pub async fn replay_with<'e>(
     }
     Ok(sqlx::query_as(
         "WITH resolved AS (
-            UPDATE dead_letters SET resolution = 'replayed', resolved_at = now()
+            UPDATE dead_letters
+            SET resolution = 'replayed', resolved_at = now(), replayed_as = outbox_uuid_v7()
             WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
             RETURNING id, app_id, source, op, topic, trigger_id, payload, headers, ordering_key,
-                      depth, registered_by_principal, max_attempts, partition_key
+                      depth, registered_by_principal, max_attempts, partition_key, replayed_as
          ), enqueued AS (
             INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, payload, headers,
                                 ordering_key, depth, registered_by_principal, replayed_from,
                                 max_attempts, partition_key)
-            SELECT outbox_uuid_v7(), app_id,
+            SELECT replayed_as, app_id,
                    CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
                         THEN source ELSE 'queue' END,
                    op, topic, trigger_id, payload, headers, ordering_key, depth,

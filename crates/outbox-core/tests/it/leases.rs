@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use outbox_core::model::Lease;
-use outbox_core::store::outbox::{self as store, Reschedule, ToDeadLetter};
+use outbox_core::store::outbox::{self as store, AttemptHistory, Reschedule, ToDeadLetter};
 use outbox_testkit::{TestDb, wait_until};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -88,7 +88,7 @@ async fn end_lease(pool: &PgPool, n: usize, lease: Lease) -> Result<Vec<Uuid>, o
                 error: Some("boom".into()),
                 refund_attempt: false,
             };
-            store::reschedule(pool, &[retry]).await
+            store::reschedule(pool, &[retry], AttemptHistory::default()).await
         }
         _ => {
             let dead = ToDeadLetter {
@@ -96,7 +96,7 @@ async fn end_lease(pool: &PgPool, n: usize, lease: Lease) -> Result<Vec<Uuid>, o
                 error: "boom".into(),
                 handler: None,
             };
-            store::dead_letter(pool, &[dead]).await
+            store::dead_letter(pool, &[dead], AttemptHistory::default()).await
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests of enqueue and the stores against a real PostgreSQL.
 mod cancel;
 mod enqueue;
+mod history;
 mod inspect;
 mod leases;
 mod limits;

@@ -181,8 +181,15 @@ async fn lookups_by_id_probe_the_primary_key_when_a_held_snapshot_bloats_the_out
                     .bind(&tokens)
                     .bind(vec![1.0f64; 500])
                     .bind(&texts)
-                    .bind(vec![false; 500]),
-                "dead letter" => query.bind(&tokens).bind(&texts).bind(&texts),
+                    .bind(vec![false; 500])
+                    .bind(10i32)
+                    .bind(2000i32),
+                "dead letter" => query
+                    .bind(&tokens)
+                    .bind(&texts)
+                    .bind(&texts)
+                    .bind(10i32)
+                    .bind(2000i32),
                 _ => query,
             };
             // complete-and-claim takes its arrays after the limit, worker and

@@ -182,6 +182,7 @@ async fn a_retried_row_keeps_its_priority() -> TestResult {
             error: Some("try again".into()),
             refund_attempt: false,
         }],
+        store::AttemptHistory::default(),
     )
     .await?;
     assert_eq!(retried.len(), 1);

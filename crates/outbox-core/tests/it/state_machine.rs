@@ -504,6 +504,7 @@ impl StateMachineTest for RealRows {
                             error: "permanent".into(),
                             handler: None,
                         }],
+                        outbox::AttemptHistory::default(),
                     )
                     .await
                     .expect("dead-letter")
@@ -535,6 +536,7 @@ impl StateMachineTest for RealRows {
                             error: Some("transient".into()),
                             refund_attempt: false,
                         }],
+                        outbox::AttemptHistory::default(),
                     ))
                     .expect("reschedule");
             }

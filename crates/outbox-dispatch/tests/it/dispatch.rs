@@ -111,6 +111,16 @@ async fn exhaustion_moves_the_row_to_exactly_one_dead_letter() -> TestResult {
             .is_some_and(|e| e.contains("smtp down"))
     );
     assert!(dead[0].resolution.is_none() && dead[0].resolved_at.is_none());
+    // Every attempt is in the dead letter's history, run by this process.
+    let attempts = dead[0].attempts.clone().ok_or("no attempt history")?;
+    let numbers: Vec<i32> = attempts.iter().map(|a| a.attempt).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    let worker = dispatcher.config().worker_id.clone();
+    for a in &attempts {
+        assert_eq!(a.worker.as_deref(), Some(worker.as_str()));
+        assert!(a.error.as_deref().is_some_and(|e| e.contains("smtp down")));
+        assert!(a.started_at.is_some_and(|s| s <= a.ended_at));
+    }
     Ok(())
 }
 

@@ -52,7 +52,11 @@ async fn expired_lease_is_reclaimed_and_the_stale_worker_is_fenced() -> TestResu
         error: Some("late".into()),
         refund_attempt: false,
     };
-    assert!(store::reschedule(&db.pool, &[retry]).await?.is_empty());
+    assert!(
+        store::reschedule(&db.pool, &[retry], store::AttemptHistory::default())
+            .await?
+            .is_empty()
+    );
     assert!(
         store::heartbeat(&db.pool, &[stale[0].lease()], Duration::from_secs(60))
             .await?
@@ -64,7 +68,11 @@ async fn expired_lease_is_reclaimed_and_the_stale_worker_is_fenced() -> TestResu
         handler: None,
     };
     let mut conn = db.pool.acquire().await?;
-    assert!(store::dead_letter(&mut *conn, &[bury]).await?.is_empty());
+    assert!(
+        store::dead_letter(&mut *conn, &[bury], store::AttemptHistory::default())
+            .await?
+            .is_empty()
+    );
     assert_eq!(crate::dead_letter_count(&db.pool).await?, 0);
     let (locked_by, last_error): (Option<String>, Option<String>) =
         sqlx::query_as("SELECT locked_by, last_error FROM outbox WHERE id = $1")

@@ -105,6 +105,24 @@ async fn effects_commit_with_the_deletion_and_failures_roll_back_their_writes() 
         vec![(4, 1), (5, 3)],
         "permanent at once; panics use every attempt"
     );
+    // Each dead letter's history holds each of its attempts once, run by
+    // this process.
+    let histories: Vec<(i64, Vec<i32>, Vec<String>)> = sqlx::query_as(
+        "SELECT (payload->>'n')::bigint,
+                array(SELECT (a->>'attempt')::int FROM jsonb_array_elements(attempts) a),
+                array(SELECT DISTINCT a->>'worker' FROM jsonb_array_elements(attempts) a)
+         FROM dead_letters ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let worker = dispatcher.config().worker_id.clone();
+    assert_eq!(
+        histories,
+        vec![
+            (4, vec![1], vec![worker.clone()]),
+            (5, vec![1, 2, 3], vec![worker])
+        ]
+    );
     assert_eq!(report.totals.completed, 4);
     Ok(())
 }

@@ -22,6 +22,8 @@ pub struct DispatcherSettings {
     pub heartbeat_interval_ms: u64,
     pub drain_grace_ms: u64,
     pub in_transaction: bool,
+    pub attempt_history: u16,
+    pub attempt_error_chars: u32,
 }
 
 /// `[webhook]`.
@@ -90,6 +92,18 @@ impl Settings {
             )?;
         }
         range("dispatcher.drain_grace_ms", d.drain_grace_ms, 0, 3_600_000)?;
+        range(
+            "dispatcher.attempt_history",
+            d.attempt_history as u64,
+            0,
+            100,
+        )?;
+        range(
+            "dispatcher.attempt_error_chars",
+            d.attempt_error_chars as u64,
+            16,
+            100_000,
+        )?;
         Ok(())
     }
 
@@ -119,6 +133,10 @@ impl Settings {
             },
             max_trigger_depth: self.max_trigger_depth,
             in_transaction: d.in_transaction,
+            attempt_history: outbox_core::store::outbox::AttemptHistory {
+                keep: d.attempt_history,
+                error_chars: d.attempt_error_chars,
+            },
             ..outbox_dispatch::Config::default()
         };
         if !d.worker_id.is_empty() {

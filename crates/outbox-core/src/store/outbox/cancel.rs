@@ -38,13 +38,14 @@ macro_rules! cancel_picked {
                               payload, headers, ordering_key, depth, attempt_count,
                               first_attempt_at, last_attempt_at, last_error,
                               registered_by_principal, max_attempts, resolved_at, resolution,
-                              partition_key)
+                              partition_key, attempts)
     SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id, coalesce(m.target, m.topic),
            m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
            m.first_attempt_at, m.last_attempt_at,
            concat_ws(E'\\n', m.last_error,
                      'cancelled by ' || coalesce($2, 'an operator') || ': ' || $3),
-           m.registered_by_principal, m.max_attempts, now(), 'ignored', m.partition_key
+           m.registered_by_principal, m.max_attempts, now(), 'ignored', m.partition_key,
+           m.attempts
     FROM moved m
     RETURNING original_event_id
  )

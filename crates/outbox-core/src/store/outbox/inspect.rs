@@ -1,8 +1,9 @@
 //! Inspection: row counts, the oldest due row's age, and per-state counts.
 
 use sqlx::PgExecutor;
+use uuid::Uuid;
 
-use crate::Error;
+use crate::{Error, OutboxRow};
 
 /// Counts rows, for tests and the CLI.
 pub async fn count<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
@@ -29,6 +30,38 @@ pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
          FROM outbox WHERE run_at <= now() AND (not_before IS NULL OR not_before <= now())",
     )
     .fetch_one(db)
+    .await?)
+}
+
+/// One row of `app_id` by id, with its state; `None` when the app has no
+/// such row (it never existed, or it has finished).
+pub async fn row<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    id: Uuid,
+) -> Result<Option<OutboxRow>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT o.id, o.app_id,
+                CASE WHEN o.locked_until > now() THEN 'running'
+                     WHEN d.due_at > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0
+                          THEN 'retrying'
+                     WHEN d.due_at > now() THEN 'scheduled'
+                     ELSE 'due' END AS state,
+                o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
+                o.idempotency_key, o.ordering_key, o.partition_key, o.priority, o.depth,
+                o.attempt_count, o.max_attempts, d.due_at, o.locked_by, o.locked_until,
+                o.first_attempt_at, o.last_attempt_at, o.last_error, o.registered_by_principal,
+                o.replayed_from, o.created_at, o.attempts
+         FROM outbox o
+         -- When the row is really due: a priority moved run_at earlier.
+         CROSS JOIN LATERAL (SELECT coalesce(o.not_before,
+                                             o.run_at + make_interval(secs => o.priority * 10))
+                                    AS due_at) AS d
+         WHERE o.id = $1 AND o.app_id = $2",
+    )
+    .bind(id)
+    .bind(app_id)
+    .fetch_optional(db)
     .await?)
 }
 

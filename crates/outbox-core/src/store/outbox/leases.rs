@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::split;
+use super::{AttemptHistory, split};
 use crate::Error;
 use crate::model::Lease;
 
@@ -51,7 +51,9 @@ pub const HEARTBEAT_SQL: &str = concat!(
 );
 
 /// The retry of failed rows (`$1` ids, `$2` tokens, `$3` delays in seconds,
-/// `$4` errors, `$5` whether the attempt is given back), for `EXPLAIN`.
+/// `$4` errors, `$5` whether the attempt is given back, `$6` and `$7` the
+/// [`AttemptHistory`]), for `EXPLAIN`. A row with an error gets an entry in
+/// its attempt history.
 pub const RESCHEDULE_SQL: &str = concat!(
     "WITH found AS MATERIALIZED (
         SELECT i.ctid, t.*
@@ -71,14 +73,26 @@ pub const RESCHEDULE_SQL: &str = concat!(
          locked_by     = NULL,
          locked_until  = NULL,
          last_error    = coalesce(t.error, o.last_error),
-         attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END
+         attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END,
+         attempts      = CASE WHEN t.error IS NULL THEN o.attempts
+                              ELSE outbox_attempts_push(o.attempts, ",
+    attempt_entry!(
+        "o.attempt_count",
+        "o.last_attempt_at",
+        "o.locked_by",
+        "t.error",
+        "$7"
+    ),
+    ", $6) END
      FROM found t
      WHERE o.ctid = t.ctid AND o.lease_token = t.token
      RETURNING o.id"
 );
 
 /// The move of rows to `dead_letters` (`$1` ids, `$2` tokens, `$3` errors,
-/// `$4` handlers), for `EXPLAIN`.
+/// `$4` handlers, `$5` and `$6` the [`AttemptHistory`]), for `EXPLAIN`. The
+/// dead letter gets the row's attempt history with the last attempt added
+/// (unless a transactional failure recorded it already).
 pub const DEAD_LETTER_SQL: &str = concat!(
         "WITH found AS MATERIALIZED (
         SELECT i.ctid, t.*
@@ -111,7 +125,7 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                                   payload, headers, ordering_key, depth, attempt_count,
                                   first_attempt_at, last_attempt_at, last_error,
                                   registered_by_principal, replay_round, replay_due_at,
-                                  max_attempts, partition_key)
+                                  max_attempts, partition_key, attempts)
         SELECT m.app_id, m.id, m.source, m.op, m.topic, m.trigger_id,
                coalesce(m.failed_handler, m.target, m.topic),
                m.payload, m.headers, m.ordering_key, m.depth, m.attempt_count,
@@ -121,7 +135,13 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                CASE WHEN pol.id IS NOT NULL AND r.round < pol.max_rounds
                     THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
                END,
-               m.max_attempts, m.partition_key
+               m.max_attempts, m.partition_key,
+               CASE WHEN (m.attempts -> -1 ->> 'attempt')::int IS NOT DISTINCT FROM m.attempt_count
+                    THEN m.attempts
+                    ELSE outbox_attempts_push(m.attempts, ",
+        attempt_entry!("m.attempt_count", "m.last_attempt_at", "m.locked_by", "m.final_error", "$6"),
+        ", $5)
+               END
         FROM moved m
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
         CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
@@ -201,6 +221,7 @@ pub struct Reschedule {
 pub async fn reschedule<'e>(
     db: impl PgExecutor<'e>,
     rows: &[Reschedule],
+    history: AttemptHistory,
 ) -> Result<Vec<Uuid>, Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -216,6 +237,8 @@ pub async fn reschedule<'e>(
         .bind(&delays)
         .bind(&errors)
         .bind(&refunds)
+        .bind(i32::from(history.keep))
+        .bind(history_chars(history))
         .fetch_all(db)
         .await?)
 }
@@ -242,6 +265,7 @@ pub struct ToDeadLetter {
 pub async fn dead_letter<'e>(
     conn: impl PgExecutor<'e>,
     rows: &[ToDeadLetter],
+    history: AttemptHistory,
 ) -> Result<Vec<Uuid>, Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -255,6 +279,8 @@ pub async fn dead_letter<'e>(
         .bind(&tokens)
         .bind(&errors)
         .bind(&handlers)
+        .bind(i32::from(history.keep))
+        .bind(history_chars(history))
         .fetch_all(conn)
         .await?)
 }
@@ -266,6 +292,7 @@ pub async fn release<'e>(
     db: impl PgExecutor<'e>,
     leases: &[Lease],
     started: bool,
+    history: AttemptHistory,
 ) -> Result<Vec<Uuid>, Error> {
     let rows: Vec<Reschedule> = leases
         .iter()
@@ -276,5 +303,10 @@ pub async fn release<'e>(
             refund_attempt: !started,
         })
         .collect();
-    reschedule(db, &rows).await
+    reschedule(db, &rows, history).await
+}
+
+/// `error_chars` as the `integer` that `left()` takes.
+pub(super) fn history_chars(history: AttemptHistory) -> i32 {
+    i32::try_from(history.error_chars).unwrap_or(i32::MAX)
 }

@@ -288,6 +288,57 @@ RETURNING ",
     };
 }
 
+/// One entry of a row's attempt history (migration 0026), as a `jsonb`
+/// expression: `$attempt` the attempt's number, `$started` when it was
+/// claimed, `$worker` who ran it, `$error` why it failed, cut to `$chars`
+/// characters.
+macro_rules! attempt_entry {
+    ($attempt:literal, $started:literal, $worker:literal, $error:literal, $chars:literal) => {
+        concat!(
+            "jsonb_build_object('attempt', ",
+            $attempt,
+            ", 'started_at', ",
+            $started,
+            ", 'ended_at', now(), 'worker', ",
+            $worker,
+            ", 'error', left(",
+            $error,
+            ", ",
+            $chars,
+            "))"
+        )
+    };
+}
+
+/// How much of their failed attempts rows keep (`outbox.attempts`, carried
+/// into `dead_letters.attempts`): the last `keep` attempts, each error cut to
+/// `error_chars` characters. `keep` 0 records none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptHistory {
+    /// How many of the last failed attempts a row keeps.
+    pub keep: u16,
+    /// The longest error kept per attempt, in characters.
+    pub error_chars: u32,
+}
+
+impl AttemptHistory {
+    /// No history: failed attempts leave only `last_error`.
+    pub const OFF: Self = Self {
+        keep: 0,
+        error_chars: 0,
+    };
+}
+
+impl Default for AttemptHistory {
+    /// The last 10 attempts, errors cut to 2,000 characters.
+    fn default() -> Self {
+        Self {
+            keep: 10,
+            error_chars: 2000,
+        }
+    }
+}
+
 fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.token)).unzip()
 }

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::Positions;
+use super::{AttemptHistory, Positions};
 use crate::Error;
 use crate::model::ClaimedEvent;
 use crate::topics::Served;
@@ -171,16 +172,33 @@ pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, 
     .rows_affected())
 }
 
+/// A failed transactional attempt, for [`record_failed_attempt`].
+#[derive(Debug, Clone, Copy)]
+pub struct FailedAttempt<'a> {
+    /// The row.
+    pub id: Uuid,
+    /// How long from now until the row is due again.
+    pub delay: Duration,
+    /// Whether the attempt counts (false for a snooze).
+    pub counts: bool,
+    /// Why it failed; `None` keeps the previous `last_error` and records no
+    /// history entry.
+    pub error: Option<&'a str>,
+    /// The process that ran it.
+    pub worker: &'a str,
+    /// When its handler started.
+    pub started_at: DateTime<Utc>,
+}
+
 /// Records a failed transactional attempt (after its writes were rolled back):
-/// counts the attempt (unless `count` is false, for a snooze) and makes the
-/// row due after `delay`. Returns the row's fencing token, for
-/// [`dead_letter`](super::dead_letter), or `None` when the row is gone or leased meanwhile.
+/// counts the attempt (unless it does not count, for a snooze), makes the
+/// row due after its delay and adds it to the row's attempt history. Returns
+/// the row's fencing token, for [`dead_letter`](super::dead_letter), or
+/// `None` when the row is gone or leased meanwhile.
 pub async fn record_failed_attempt<'e>(
     db: impl PgExecutor<'e>,
-    id: Uuid,
-    delay: Duration,
-    count: bool,
-    error: Option<&str>,
+    attempt: &FailedAttempt<'_>,
+    history: AttemptHistory,
 ) -> Result<Option<i64>, Error> {
     Ok(sqlx::query_scalar(concat!(
         "UPDATE outbox o
@@ -192,15 +210,29 @@ pub async fn record_failed_attempt<'e>(
         priority_not_before!("(now() + make_interval(secs => $2))", "o.priority"),
         ",
              last_error       = coalesce($4, o.last_error),
+             attempts         = CASE WHEN $4 IS NULL THEN o.attempts
+                                     ELSE outbox_attempts_push(o.attempts, ",
+        attempt_entry!(
+            "o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END",
+            "$6::timestamptz",
+            "$5::text",
+            "$4",
+            "$8"
+        ),
+        ", $7) END,
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          WHERE o.id = $1 AND (o.locked_until IS NULL OR o.locked_until < now())
          RETURNING o.lease_token"
     ))
-    .bind(id)
-    .bind(delay.as_secs_f64())
-    .bind(count)
-    .bind(error)
+    .bind(attempt.id)
+    .bind(attempt.delay.as_secs_f64())
+    .bind(attempt.counts)
+    .bind(attempt.error)
+    .bind(attempt.worker)
+    .bind(attempt.started_at)
+    .bind(i32::from(history.keep))
+    .bind(super::leases::history_chars(history))
     .fetch_optional(db)
     .await?)
 }

@@ -1,0 +1,209 @@
+//! One row of the outbox: its fields, payload and headers, lease and attempt
+//! history; and the look-up by id that leads to it (or to its dead letter).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use outbox_core::Attempt;
+use outbox_core::store::dead_letters;
+use outbox_core::store::outbox as store;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, logout_form, page};
+use super::session::Session;
+
+fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+/// The attempt history as a table, with a line for every attempt number
+/// missing between two recorded ones (it had no outcome written: its process
+/// stopped or its lease expired). Empty when nothing was recorded.
+pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
+    let Some(attempts) = attempts.filter(|a| !a.is_empty()) else {
+        return r#"<h2>Attempt history</h2><p class=muted id=attempts-empty>No failed attempt recorded.</p>"#.to_owned();
+    };
+    let mut html = String::from(
+        r#"<h2>Attempt history</h2><table id=attempts><tr><th>#</th><th>Started</th><th>Took</th><th>Worker</th><th>Error</th></tr>"#,
+    );
+    let mut previous: Option<i32> = None;
+    for a in attempts {
+        if let Some(p) = previous.filter(|p| a.attempt > p + 1) {
+            let missing = if a.attempt == p + 2 {
+                format!("{}", p + 1)
+            } else {
+                format!("{}–{}", p + 1, a.attempt - 1)
+            };
+            html.push_str(&format!(
+                r#"<tr class=muted><td>{missing}</td><td colspan=4>no outcome written: the process stopped or the lease expired</td></tr>"#
+            ));
+        }
+        previous = Some(a.attempt);
+        let took = a
+            .started_at
+            .map(|s| {
+                let ms = (a.ended_at - s).num_milliseconds().max(0);
+                if ms < 1000 {
+                    format!("{ms} ms")
+                } else {
+                    format!("{:.1} s", ms as f64 / 1000.0)
+                }
+            })
+            .unwrap_or_default();
+        html.push_str(&format!(
+            r#"<tr data-attempt="{n}"><td>{n}</td><td>{started}</td><td>{took}</td><td>{worker}</td><td class=err>{error}</td></tr>"#,
+            n = a.attempt,
+            started = time(a.started_at),
+            worker = esc(a.worker.as_deref().unwrap_or("")),
+            error = esc(a.error.as_deref().unwrap_or("")),
+        ));
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// The query of the look-up form.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Lookup {
+    id: String,
+}
+
+/// `GET /apps/{app}/outbox?id=…`: the row's page, or its dead letter's when
+/// it was dead-lettered.
+pub(super) async fn lookup(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<Lookup>, ApiError>,
+) -> Response {
+    let result = async {
+        let crate::strict::Query(q) = q?;
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let id = Uuid::parse_str(q.id.trim())
+            .map_err(|_| ApiError::Invalid(format!("{:?} is not a row id", q.id)))?;
+        Ok::<_, ApiError>(format!("/apps/{}/outbox/{id}", app.slug))
+    }
+    .await;
+    match result {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(err) => error_page(&err),
+    }
+}
+
+/// `GET /apps/{app}/outbox/{id}`: one row that has not finished. A row that
+/// was dead-lettered leads to its dead letter.
+pub(super) async fn row_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("outbox row"))?;
+        let row = store::row(&state.pool, app.id, id).await?;
+        let buried = match row {
+            Some(_) => None,
+            None => dead_letters::by_original(&state.pool, id)
+                .await?
+                .into_iter()
+                .rfind(|d| d.app_id == app.id),
+        };
+        Ok::<_, ApiError>((app, id, row, buried))
+    }
+    .await;
+    let (app, id, row, buried) = match result {
+        Ok(v) => v,
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let Some(row) = row else {
+        if let Some(d) = buried {
+            return Redirect::to(&format!("/apps/{slug}/dead-letters/{}", d.id)).into_response();
+        }
+        let text = format!(
+            r#"<p class=err id=gone>Row {id} is not in the outbox of {slug}: it finished, or never existed.</p><p><a href="/apps/{slug}/topics">Back</a></p>"#
+        );
+        return (StatusCode::NOT_FOUND, page("Not in the outbox", &text)).into_response();
+    };
+    let pretty = |v: &serde_json::Value| esc(&serde_json::to_string_pretty(v).unwrap_or_default());
+    let opt = |v: Option<&str>| esc(v.unwrap_or(""));
+    let replayed = row.replayed_from.map_or_else(String::new, |d| {
+        format!(
+            r#"<tr><th>Replayed from</th><td><a id=replayed-from href="/apps/{slug}/dead-letters/{d}">dead letter {d}</a></td></tr>"#
+        )
+    });
+    let lease = match (&row.locked_by, row.locked_until) {
+        (Some(by), Some(until)) if row.state == "running" => {
+            format!("held by {} until {}", esc(by), until.to_rfc3339())
+        }
+        (Some(by), Some(until)) => {
+            format!("last held by {}, expired {}", esc(by), until.to_rfc3339())
+        }
+        _ => String::new(),
+    };
+    let body = format!(
+        r#"{logout}<p><a href="/apps/{slug}/topics">← {slug} · topics</a></p><h1>{topic}</h1>
+<table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
+<tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src} · {op}</td></tr>
+<tr><th>Runs as</th><td>{target}{principal}</td></tr>
+<tr><th>Keys</th><td>{keys}</td></tr><tr><th>Priority</th><td>{prio}</td></tr>
+<tr><th>Attempts</th><td id=attempt-count>{att} of {max}</td></tr><tr><th>Lease</th><td>{lease}</td></tr>
+<tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
+<tr><th>Last error</th><td class=err>{err}</td></tr><tr><th>Enqueued</th><td>{created}</td></tr>{replayed}</table>
+{attempts}
+<h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>"#,
+        logout = logout_form(&session),
+        topic = esc(&row.topic),
+        id = row.id,
+        state = esc(&row.state),
+        due = row.due_at.to_rfc3339(),
+        src = esc(&row.source),
+        op = esc(&row.op),
+        target = opt(row.target.as_deref().or(Some(row.topic.as_str()))),
+        principal = row
+            .registered_by_principal
+            .as_deref()
+            .map(|p| format!(" as {}", esc(p)))
+            .unwrap_or_default(),
+        keys = [
+            ("idempotency", &row.idempotency_key),
+            ("ordering", &row.ordering_key),
+            ("partition", &row.partition_key),
+        ]
+        .iter()
+        .filter_map(|(name, v)| v.as_deref().map(|v| format!("{name}: {}", esc(v))))
+        .collect::<Vec<_>>()
+        .join(" · "),
+        prio = row.priority,
+        att = row.attempt_count,
+        max = row
+            .max_attempts
+            .map_or_else(|| "the default".to_owned(), |n| n.to_string()),
+        first = time(row.first_attempt_at),
+        last = time(row.last_attempt_at),
+        err = opt(row.last_error.as_deref()),
+        created = row.created_at.to_rfc3339(),
+        attempts = attempts_table(row.attempts.as_deref()),
+        payload = pretty(&row.payload),
+        headers = pretty(&row.headers),
+    );
+    page(&row.topic, &body).into_response()
+}

@@ -1,0 +1,216 @@
+//! The attempt history (migration 0026): failed attempts are recorded with
+//! their worker, times and a bounded error, the last N are kept, the history
+//! goes into the dead letter, and an attempt without an outcome leaves a gap.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use outbox_core::model::Lease;
+use outbox_core::store::outbox::{
+    self as store, AttemptHistory, FailedAttempt, Reschedule, ToDeadLetter,
+};
+use outbox_core::{Attempt, store::dead_letters};
+use outbox_testkit::{TestDb, wait_until};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn claim_one(pool: &PgPool, worker: &str) -> Result<Lease, Box<dyn std::error::Error>> {
+    let claimed = store::claim(pool, worker, 1, Duration::from_secs(30)).await?;
+    Ok(claimed.first().ok_or("nothing to claim")?.lease())
+}
+
+async fn fail(
+    pool: &PgPool,
+    lease: Lease,
+    error: &str,
+    history: AttemptHistory,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let retry = Reschedule {
+        lease,
+        delay: Duration::ZERO,
+        error: Some(error.to_owned()),
+        refund_attempt: false,
+    };
+    assert_eq!(
+        store::reschedule(pool, &[retry], history).await?,
+        [lease.id]
+    );
+    Ok(())
+}
+
+async fn history(pool: &PgPool, id: Uuid) -> Result<Option<Vec<Attempt>>, outbox_core::Error> {
+    let app: Uuid = sqlx::query_scalar("SELECT app_id FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    Ok(store::row(pool, app, id)
+        .await?
+        .and_then(|row| row.attempts))
+}
+
+#[tokio::test]
+async fn failed_attempts_are_kept_with_worker_and_times_and_go_into_the_dead_letter() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let keep_two = AttemptHistory {
+        keep: 2,
+        error_chars: 16,
+    };
+
+    let first = claim_one(&db.pool, "worker-a").await?;
+    fail(&db.pool, first, "connection refused", keep_two).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    assert_eq!(recorded.len(), 1);
+    let a = &recorded[0];
+    assert_eq!(a.attempt, 1);
+    assert_eq!(a.worker.as_deref(), Some("worker-a"));
+    // Cut to 16 characters.
+    assert_eq!(a.error.as_deref(), Some("connection refus"));
+    let started = a.started_at.ok_or("no start")?;
+    assert!(started <= a.ended_at && a.ended_at <= Utc::now() + chrono::Duration::seconds(5));
+
+    let second = claim_one(&db.pool, "worker-b").await?;
+    fail(&db.pool, second, "timeout", keep_two).await?;
+    let third = claim_one(&db.pool, "worker-c").await?;
+    fail(&db.pool, third, "503", keep_two).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref()))
+        .collect();
+    assert_eq!(kept, [(2, Some("worker-b")), (3, Some("worker-c"))]);
+
+    let fourth = claim_one(&db.pool, "worker-d").await?;
+    let bury = ToDeadLetter {
+        lease: fourth,
+        error: "permanent: bad payload".into(),
+        handler: None,
+    };
+    assert_eq!(
+        store::dead_letter(&db.pool, &[bury], keep_two).await?,
+        [fourth.id]
+    );
+    let dead = dead_letters::by_original(&db.pool, fourth.id).await?;
+    let attempts = dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?;
+    let kept: Vec<(i32, Option<&str>, Option<&str>)> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (3, Some("worker-c"), Some("503")),
+            (4, Some("worker-d"), Some("permanent: bad p"))
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_the_history_off_nothing_is_recorded_and_a_snooze_records_nothing() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let lease = claim_one(&db.pool, "w").await?;
+    fail(&db.pool, lease, "boom", AttemptHistory::OFF).await?;
+    assert_eq!(history(&db.pool, lease.id).await?, None);
+
+    let lease = claim_one(&db.pool, "w").await?;
+    let snooze = Reschedule {
+        lease,
+        delay: Duration::ZERO,
+        error: None,
+        refund_attempt: true,
+    };
+    let changed = store::reschedule(&db.pool, &[snooze], AttemptHistory::default()).await?;
+    assert_eq!(changed, [lease.id]);
+    assert_eq!(history(&db.pool, lease.id).await?, None);
+    Ok(())
+}
+
+/// A claim whose lease runs out without an outcome (the process died) is
+/// not in the history; the next failure's attempt number shows the gap.
+#[tokio::test]
+async fn an_attempt_whose_lease_expired_leaves_a_gap() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let lost = store::claim(&db.pool, "died", 1, Duration::from_millis(1)).await?;
+    assert_eq!(lost.len(), 1);
+    let rescued = wait_until(Duration::from_secs(5), || async {
+        matches!(
+            store::claim(&db.pool, "rescuer", 1, Duration::from_secs(30))
+                .await
+                .as_deref(),
+            Ok([_])
+        )
+    })
+    .await;
+    assert!(rescued, "the expired lease was not claimable again");
+    let lease = Lease {
+        id: lost[0].id,
+        token: lost[0].lease().token + 1,
+    };
+    fail(&db.pool, lease, "boom", AttemptHistory::default()).await?;
+    let recorded = history(&db.pool, lease.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref()))
+        .collect();
+    assert_eq!(kept, [(2, Some("rescuer"))]);
+    Ok(())
+}
+
+/// Transactional mode records the failure with the worker it is given, and
+/// the dead-lettering that follows in the same transaction does not record
+/// the same attempt twice.
+#[tokio::test]
+async fn a_transactional_failure_is_recorded_once_into_the_dead_letter() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let id: Uuid = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    let started_at = Utc::now();
+    let mut tx = db.pool.begin().await?;
+    let attempt = FailedAttempt {
+        id,
+        delay: Duration::ZERO,
+        counts: true,
+        error: Some("permanent: no such customer"),
+        worker: "tx-worker",
+        started_at,
+    };
+    let token = store::record_failed_attempt(&mut *tx, &attempt, AttemptHistory::default())
+        .await?
+        .ok_or("the row was not recorded")?;
+    let bury = ToDeadLetter {
+        lease: Lease { id, token },
+        error: "permanent: no such customer".into(),
+        handler: None,
+    };
+    assert_eq!(
+        store::dead_letter(&mut *tx, &[bury], AttemptHistory::default()).await?,
+        [id]
+    );
+    tx.commit().await?;
+    let dead = dead_letters::by_original(&db.pool, id).await?;
+    let attempts = dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].attempt, 1);
+    assert_eq!(attempts[0].worker.as_deref(), Some("tx-worker"));
+    let recorded_start = attempts[0].started_at.ok_or("no start")?;
+    assert!((recorded_start - started_at).num_milliseconds().abs() < 5);
+    Ok(())
+}
