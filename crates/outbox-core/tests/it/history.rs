@@ -214,3 +214,29 @@ async fn a_transactional_failure_is_recorded_once_into_the_dead_letter() -> Test
     assert!((recorded_start - started_at).num_milliseconds().abs() < 5);
     Ok(())
 }
+
+/// The push keeps the last `keep` entries whatever the history's length
+/// (a lower `dispatcher.attempt_history` cuts a longer one at once).
+#[tokio::test]
+async fn the_push_keeps_the_last_entries() -> TestResult {
+    let db = TestDb::new().await?;
+    for (history, keep, expected) in [
+        (None, 3, Some("[1]")),
+        (Some("[1]"), 3, Some("[1, 2]")),
+        (Some("[1, 2]"), 2, Some("[2, 3]")),
+        (Some("[1, 2, 3, 4]"), 2, Some("[4, 5]")),
+        (Some("[1, 2]"), 0, None),
+    ] {
+        let next = history.map_or(1, |h: &str| h.matches(',').count() + 2);
+        let pushed: Option<String> = sqlx::query_scalar(
+            "SELECT outbox_attempts_push($1::jsonb, to_jsonb($2::int), $3)::text",
+        )
+        .bind(history)
+        .bind(next as i32)
+        .bind(keep)
+        .fetch_one(&db.pool)
+        .await?;
+        assert_eq!(pushed.as_deref(), expected, "{history:?} keep {keep}");
+    }
+    Ok(())
+}

@@ -109,8 +109,8 @@ async fn effects_commit_with_the_deletion_and_failures_roll_back_their_writes() 
     // this process.
     let histories: Vec<(i64, Vec<i32>, Vec<String>)> = sqlx::query_as(
         "SELECT (payload->>'n')::bigint,
-                array(SELECT (a->>'attempt')::int FROM jsonb_array_elements(attempts) a),
-                array(SELECT DISTINCT a->>'worker' FROM jsonb_array_elements(attempts) a)
+                array(SELECT (a->>0)::int FROM jsonb_array_elements(attempts) a),
+                array(SELECT DISTINCT a->>3 FROM jsonb_array_elements(attempts) a)
          FROM dead_letters ORDER BY 1",
     )
     .fetch_all(&db.pool)

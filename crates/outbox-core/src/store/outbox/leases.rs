@@ -74,16 +74,19 @@ pub const RESCHEDULE_SQL: &str = concat!(
          locked_until  = NULL,
          last_error    = coalesce(t.error, o.last_error),
          attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END,
-         attempts      = CASE WHEN t.error IS NULL THEN o.attempts
-                              ELSE outbox_attempts_push(o.attempts, ",
-    attempt_entry!(
-        "o.attempt_count",
-        "o.last_attempt_at",
-        "o.locked_by",
-        "t.error",
-        "$7"
+         attempts      = CASE WHEN t.error IS NULL THEN o.attempts ELSE ",
+    attempts_pushed!(
+        "o.attempts",
+        attempt_entry!(
+            "o.attempt_count",
+            "o.last_attempt_at",
+            "o.locked_by",
+            "t.error",
+            "$7"
+        ),
+        "$6"
     ),
-    ", $6) END
+    " END
      FROM found t
      WHERE o.ctid = t.ctid AND o.lease_token = t.token
      RETURNING o.id"
@@ -136,11 +139,12 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                     THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
                END,
                m.max_attempts, m.partition_key,
-               CASE WHEN (m.attempts -> -1 ->> 'attempt')::int IS NOT DISTINCT FROM m.attempt_count
+               CASE WHEN coalesce(m.attempts -> -1 ->> 0, m.attempts -> -1 ->> 'attempt')::int
+                        IS NOT DISTINCT FROM m.attempt_count
                     THEN m.attempts
-                    ELSE outbox_attempts_push(m.attempts, ",
-        attempt_entry!("m.attempt_count", "m.last_attempt_at", "m.locked_by", "m.final_error", "$6"),
-        ", $5)
+                    ELSE ",
+        attempts_pushed!("m.attempts", attempt_entry!("m.attempt_count", "m.last_attempt_at", "m.locked_by", "m.final_error", "$6"), "$5"),
+        "
                END
         FROM moved m
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from

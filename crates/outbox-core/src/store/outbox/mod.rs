@@ -288,24 +288,59 @@ RETURNING ",
     };
 }
 
-/// One entry of a row's attempt history (migration 0026), as a `jsonb`
-/// expression: `$attempt` the attempt's number, `$started` when it was
-/// claimed, `$worker` who ran it, `$error` why it failed, cut to `$chars`
-/// characters.
+/// One entry of a row's attempt history (migrations 0026 and 0027), as a
+/// `jsonb` expression: `[attempt, started_at, ended_at, worker, error]`,
+/// where `$attempt` is the attempt's number, `$started` when it was claimed,
+/// `$worker` who ran it and `$error` why it failed, cut to `$chars`
+/// characters. An array rather than an object: a row that fails carries its
+/// history through every later update, and the keys made each entry half
+/// again as large (`Attempt` reads both forms).
 macro_rules! attempt_entry {
     ($attempt:literal, $started:literal, $worker:literal, $error:literal, $chars:literal) => {
         concat!(
-            "jsonb_build_object('attempt', ",
+            "jsonb_build_array(",
             $attempt,
-            ", 'started_at', ",
+            ", ",
             $started,
-            ", 'ended_at', now(), 'worker', ",
+            ", now(), ",
             $worker,
-            ", 'error', left(",
+            ", left(",
             $error,
             ", ",
             $chars,
             "))"
+        )
+    };
+}
+
+/// `$history` with `$entry` appended, cut to the last `$keep` entries (NULL
+/// when `$keep` is 0). The usual cases are plain expressions here; only a
+/// history longer than `$keep` goes through `outbox_attempts_push`, a SQL
+/// function the planner cannot inline.
+macro_rules! attempts_pushed {
+    ($history:literal, $entry:expr, $keep:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $keep,
+            " <= 0 THEN NULL WHEN ",
+            $history,
+            " IS NULL THEN jsonb_build_array(",
+            $entry,
+            ") WHEN jsonb_array_length(",
+            $history,
+            ") < ",
+            $keep,
+            " THEN ",
+            $history,
+            " || jsonb_build_array(",
+            $entry,
+            ") ELSE outbox_attempts_push(",
+            $history,
+            ", ",
+            $entry,
+            ", ",
+            $keep,
+            ") END"
         )
     };
 }

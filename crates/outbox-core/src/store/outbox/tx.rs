@@ -210,16 +210,19 @@ pub async fn record_failed_attempt<'e>(
         priority_not_before!("(now() + make_interval(secs => $2))", "o.priority"),
         ",
              last_error       = coalesce($4, o.last_error),
-             attempts         = CASE WHEN $4 IS NULL THEN o.attempts
-                                     ELSE outbox_attempts_push(o.attempts, ",
-        attempt_entry!(
-            "o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END",
-            "$6::timestamptz",
-            "$5::text",
-            "$4",
-            "$8"
+             attempts         = CASE WHEN $4 IS NULL THEN o.attempts ELSE ",
+        attempts_pushed!(
+            "o.attempts",
+            attempt_entry!(
+                "o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END",
+                "$6::timestamptz",
+                "$5::text",
+                "$4",
+                "$8"
+            ),
+            "$7"
         ),
-        ", $7) END,
+        " END,
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          WHERE o.id = $1 AND (o.locked_until IS NULL OR o.locked_until < now())
