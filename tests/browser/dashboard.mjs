@@ -1,5 +1,6 @@
 // Signs in to the dashboard in a real Chromium, checks the unresolved badge,
-// replays one dead letter and ignores another, then checks the database.
+// replays one dead letter (following its attempt history to the row the
+// replay made and back) and ignores another, then checks the database.
 // Env: OUTBOXD_URL, ADMIN_EMAIL, ADMIN_PASSWORD, DATABASE_URL, PSQL, SCREENSHOT_DIR.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
@@ -81,6 +82,30 @@ try {
   await page.click("#replay");
   await page.waitForSelector("#resolution");
   check((await page.textContent("#resolution")) === "replayed", "Replay resolves the dead letter as replayed");
+
+  // The dead letter keeps the history of its attempts and links to the row
+  // its replay made, whose page links back.
+  const history = await page.$$eval('#attempts tr[data-attempt]', (trs) =>
+    trs.map((tr) => ({ attempt: tr.dataset.attempt, error: tr.querySelector(".err").textContent })));
+  check(history.length === 1 && history[0].attempt === "1" && history[0].error.includes("127.0.0.1:9"),
+        `the dead letter shows its attempt history (${JSON.stringify(history)})`);
+  const newRow = sql(`SELECT id FROM outbox WHERE replayed_from = '${toReplay}'`);
+  await page.click("#replayed-as");
+  await page.waitForURL(`${base}/apps/shop/outbox/${newRow}`);
+  check(["due", "scheduled", "retrying", "running"].includes((await page.textContent("#state")).trim()),
+        "the replayed row's page shows its state");
+  check((await page.getAttribute("#replayed-from", "href")) === `/apps/shop/dead-letters/${toReplay}`,
+        "the row links back to the dead letter it came from");
+  await page.screenshot({ path: `${shots}/row.png`, fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.screenshot({ path: `${shots}/row-phone.png`, fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 800 });
+  // An id from a log line finds the row through the topics page.
+  await page.goto(`${base}/apps/shop/topics`);
+  await page.fill('input[name="id"]', newRow);
+  await page.click('form[action="/apps/shop/outbox"] button[type="submit"]');
+  await page.waitForURL(`${base}/apps/shop/outbox/${newRow}`);
+  check(true, "the look-up by id leads to the row");
 
   await page.goto(`${base}/apps/shop/dead-letters/${toIgnore}`);
   await page.click("#ignore");

@@ -33,6 +33,8 @@ pre{{background:#fff;border:1px solid #e3e6ea;padding:.8rem;overflow:auto}}
 button{{padding:.35rem .8rem;margin-right:.4rem;cursor:pointer}}
 .err{{color:#c62828}} .muted{{color:#6b7480}} form.inline{{display:inline}}
 input,select{{padding:.3rem}}
+h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
+@media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}}}}
 </style></head><body><header><a href="/apps">outboxd</a><span>dead letters</span></header><main>{}</main></body></html>"#,
         esc(title),
         body

@@ -157,12 +157,26 @@ pub(super) async fn row_page(
         (Some(by), Some(until)) => {
             format!("last held by {}, expired {}", esc(by), until.to_rfc3339())
         }
-        _ => String::new(),
+        _ => "none".to_owned(),
+    };
+    let keys = [
+        ("idempotency", &row.idempotency_key),
+        ("ordering", &row.ordering_key),
+        ("partition", &row.partition_key),
+    ]
+    .iter()
+    .filter_map(|(name, v)| v.as_deref().map(|v| format!("{name}: {}", esc(v))))
+    .collect::<Vec<_>>()
+    .join(" · ");
+    let keys = if keys.is_empty() {
+        "none".to_owned()
+    } else {
+        keys
     };
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/topics">← {slug} · topics</a></p><h1>{topic}</h1>
 <table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
-<tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src} · {op}</td></tr>
+<tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Runs as</th><td>{target}{principal}</td></tr>
 <tr><th>Keys</th><td>{keys}</td></tr><tr><th>Priority</th><td>{prio}</td></tr>
 <tr><th>Attempts</th><td id=attempt-count>{att} of {max}</td></tr><tr><th>Lease</th><td>{lease}</td></tr>
@@ -175,23 +189,17 @@ pub(super) async fn row_page(
         id = row.id,
         state = esc(&row.state),
         due = row.due_at.to_rfc3339(),
-        src = esc(&row.source),
-        op = esc(&row.op),
+        src = if row.op.is_empty() {
+            esc(&row.source)
+        } else {
+            format!("{} · {}", esc(&row.source), esc(&row.op))
+        },
         target = opt(row.target.as_deref().or(Some(row.topic.as_str()))),
         principal = row
             .registered_by_principal
             .as_deref()
             .map(|p| format!(" as {}", esc(p)))
             .unwrap_or_default(),
-        keys = [
-            ("idempotency", &row.idempotency_key),
-            ("ordering", &row.ordering_key),
-            ("partition", &row.partition_key),
-        ]
-        .iter()
-        .filter_map(|(name, v)| v.as_deref().map(|v| format!("{name}: {}", esc(v))))
-        .collect::<Vec<_>>()
-        .join(" · "),
         prio = row.priority,
         att = row.attempt_count,
         max = row
