@@ -217,6 +217,19 @@ pub async fn outboxd_drain(
         in_transaction,
         ..settings.dispatcher_config()
     };
+    run_until_drained(pool, registry, config, rows, &all_handled).await
+}
+
+/// Runs a dispatcher with `registry` and `config` until its handlers have
+/// signalled `all_handled` and the outbox is empty, and checks that it
+/// completed the `rows` rows; rows per second from its start.
+pub async fn run_until_drained(
+    pool: &PgPool,
+    registry: Registry,
+    config: outbox_dispatch::Config,
+    rows: u32,
+    all_handled: &Notify,
+) -> anyhow::Result<f64> {
     let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
     let stop = CancellationToken::new();
     let started = Instant::now();

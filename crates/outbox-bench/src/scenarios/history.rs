@@ -4,17 +4,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, ensure};
 use outbox_core::store::outbox::AttemptHistory;
-use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry, RetryPolicy};
+use outbox_dispatch::{Event, HandlerError, Registry, RetryPolicy};
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use outboxd::config::Settings;
 
+use super::drain::run_until_drained;
 use crate::bench::Bench;
 use crate::support::{median, prefill, spread, truncate};
 
@@ -99,31 +98,5 @@ async fn drain_failing_once(
         },
         ..settings.dispatcher_config()
     };
-    let dispatcher = Dispatcher::new(pool.clone(), registry, config)?;
-    let stop = CancellationToken::new();
-    let started = Instant::now();
-    let run = tokio::spawn({
-        let dispatcher = dispatcher.clone();
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
-    tokio::time::timeout(Duration::from_secs(600), all_succeeded.notified())
-        .await
-        .context("the flaky backlog was not handled within 10 minutes")?;
-    while outbox_core::store::outbox::count(pool).await? > 0 {
-        ensure!(
-            !run.is_finished(),
-            "the dispatcher stopped before the backlog was drained"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let elapsed = started.elapsed();
-    stop.cancel();
-    let report = run.await??;
-    ensure!(
-        report.totals.completed == rows as usize,
-        "dispatcher completed {} of {rows} rows",
-        report.totals.completed
-    );
-    Ok(rows as f64 / elapsed.as_secs_f64())
+    run_until_drained(pool, registry, config, rows, &all_succeeded).await
 }
