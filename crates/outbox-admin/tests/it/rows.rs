@@ -70,6 +70,7 @@ async fn a_row_shows_its_state_and_attempt_history_to_its_apps_viewers_only() ->
     let w = World::new().await?;
     let (id, _) = failed_once(&w).await?;
     let viewer = w.login("viewer@x.io").await?;
+    let root = w.login("root@x.io").await?;
 
     let (s, body) = w
         .call(
@@ -87,8 +88,14 @@ async fn a_row_shows_its_state_and_attempt_history_to_its_apps_viewers_only() ->
     assert_eq!(body["attempts"][0]["worker"], "w-1");
     assert_eq!(body["attempts"][0]["error"], HOSTILE_ERROR);
 
-    // Another app's rows, unknown ids and anonymous callers see nothing.
+    // Another app's rows (even for an instance admin, who sees every app),
+    // unknown ids and anonymous callers see nothing.
     for (uri, token, status) in [
+        (
+            format!("/api/apps/app-b/outbox/{id}"),
+            Some(root.as_str()),
+            StatusCode::NOT_FOUND,
+        ),
         (
             format!("/api/apps/app-b/outbox/{id}"),
             Some(viewer.as_str()),
@@ -151,6 +158,10 @@ async fn the_dashboard_shows_a_row_escaped_and_leads_to_its_dead_letter() -> Tes
     assert!(html.contains("id=gone"), "{html}");
     let (s, _, _) = page(&w, &jar, &format!("/apps/app-b/outbox/{id}")).await?;
     assert_eq!(s, StatusCode::NOT_FOUND, "another app's row");
+    let (root_jar, _) = w.dashboard_session("root@x.io").await?;
+    let (s, _, html) = page(&w, &root_jar, &format!("/apps/app-b/outbox/{id}")).await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another app's row, for an admin");
+    assert!(html.contains("id=gone"), "{html}");
 
     // Once dead-lettered, the row's address leads to its dead letter, whose
     // page shows both attempts.
@@ -175,6 +186,9 @@ async fn the_dashboard_shows_a_row_escaped_and_leads_to_its_dead_letter() -> Tes
         to.as_deref(),
         Some(format!("/apps/app-a/dead-letters/{dl}").as_str())
     );
+    // Not from another app's address, even for an admin.
+    let (s, to, _) = page(&w, &root_jar, &format!("/apps/app-b/outbox/{id}")).await?;
+    assert_eq!((s, to), (StatusCode::NOT_FOUND, None));
     let (s, _, html) = page(&w, &jar, &format!("/apps/app-a/dead-letters/{dl}")).await?;
     assert_eq!(s, StatusCode::OK);
     assert!(

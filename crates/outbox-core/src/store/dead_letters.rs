@@ -10,6 +10,12 @@ const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger
      payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
      resolved_at, resolution, max_attempts, attempts, replayed_as";
 
+/// [`COLUMNS`] without the attempt history (`NULL`), for lists: a page of
+/// 200 with full histories could weigh megabytes.
+const LIST_COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, \
+     handler, payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, \
+     created_at, resolved_at, resolution, max_attempts, NULL::jsonb AS attempts, replayed_as";
+
 /// Filters for [`list`]. Every field narrows the result; all are optional.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -51,7 +57,8 @@ fn push_filter(q: &mut QueryBuilder<'_, Postgres>, filter: &Filter) {
     }
 }
 
-/// Lists an app's dead letters, newest first, `limit` at most, after `cursor`.
+/// Lists an app's dead letters, newest first, `limit` at most, after `cursor`,
+/// without their attempt histories ([`get`] reads one with it).
 pub async fn list<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
@@ -60,7 +67,7 @@ pub async fn list<'e>(
     limit: u32,
 ) -> Result<Vec<DeadLetter>, Error> {
     let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT ");
-    q.push(COLUMNS)
+    q.push(LIST_COLUMNS)
         .push(" FROM dead_letters WHERE app_id = ")
         .push_bind(app_id);
     if filter.unresolved_only {

@@ -216,7 +216,8 @@ async fn a_transactional_failure_is_recorded_once_into_the_dead_letter() -> Test
 }
 
 /// The push keeps the last `keep` entries whatever the history's length
-/// (a lower `dispatcher.attempt_history` cuts a longer one at once).
+/// (a lower `dispatcher.attempt_history` cuts a longer one at once); with
+/// `keep` 0 it leaves the history alone.
 #[tokio::test]
 async fn the_push_keeps_the_last_entries() -> TestResult {
     let db = TestDb::new().await?;
@@ -225,7 +226,8 @@ async fn the_push_keeps_the_last_entries() -> TestResult {
         (Some("[1]"), 3, Some("[1, 2]")),
         (Some("[1, 2]"), 2, Some("[2, 3]")),
         (Some("[1, 2, 3, 4]"), 2, Some("[4, 5]")),
-        (Some("[1, 2]"), 0, None),
+        (Some("[1, 2]"), 0, Some("[1, 2]")),
+        (None, 0, None),
     ] {
         let next = history.map_or(1, |h: &str| h.matches(',').count() + 2);
         let pushed: Option<String> = sqlx::query_scalar(
@@ -238,5 +240,55 @@ async fn the_push_keeps_the_last_entries() -> TestResult {
         .await?;
         assert_eq!(pushed.as_deref(), expected, "{history:?} keep {keep}");
     }
+    Ok(())
+}
+
+/// Entries written before migration 0027 were objects: they are read, kept
+/// and cut like the arrays written since, into the dead letter too.
+#[tokio::test]
+async fn histories_of_object_entries_are_read_and_extended() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let first = claim_one(&db.pool, "old-worker").await?;
+    sqlx::query(
+        "UPDATE outbox SET locked_by = NULL, locked_until = NULL, last_error = 'old',
+                attempts = jsonb_build_array(jsonb_build_object(
+                    'attempt', 1, 'started_at', now(), 'ended_at', now(),
+                    'worker', 'old-worker', 'error', 'written by 0026'))
+         WHERE id = $1",
+    )
+    .bind(first.id)
+    .execute(&db.pool)
+    .await?;
+    let keep_two = AttemptHistory {
+        keep: 2,
+        error_chars: 100,
+    };
+    let second = claim_one(&db.pool, "w2").await?;
+    fail(&db.pool, second, "second", keep_two).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.error.as_deref()))
+        .collect();
+    assert_eq!(kept, [(1, Some("written by 0026")), (2, Some("second"))]);
+    let third = claim_one(&db.pool, "w3").await?;
+    let bury = ToDeadLetter {
+        lease: third,
+        error: "third".into(),
+        handler: None,
+    };
+    store::dead_letter(&db.pool, &[bury], keep_two).await?;
+    let dead = dead_letters::by_original(&db.pool, first.id).await?;
+    let attempts = dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?;
+    let kept: Vec<(i32, Option<&str>)> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.error.as_deref()))
+        .collect();
+    assert_eq!(kept, [(2, Some("second")), (3, Some("third"))]);
     Ok(())
 }

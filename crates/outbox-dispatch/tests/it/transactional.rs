@@ -106,11 +106,13 @@ async fn effects_commit_with_the_deletion_and_failures_roll_back_their_writes() 
         "permanent at once; panics use every attempt"
     );
     // Each dead letter's history holds each of its attempts once, run by
-    // this process.
-    let histories: Vec<(i64, Vec<i32>, Vec<String>)> = sqlx::query_as(
+    // this process, each ending after it started.
+    let histories: Vec<(i64, Vec<i32>, Vec<String>, bool)> = sqlx::query_as(
         "SELECT (payload->>'n')::bigint,
                 array(SELECT (a->>0)::int FROM jsonb_array_elements(attempts) a),
-                array(SELECT DISTINCT a->>3 FROM jsonb_array_elements(attempts) a)
+                array(SELECT DISTINCT a->>3 FROM jsonb_array_elements(attempts) a),
+                (SELECT bool_and((a->>1)::timestamptz <= (a->>2)::timestamptz)
+                 FROM jsonb_array_elements(attempts) a)
          FROM dead_letters ORDER BY 1",
     )
     .fetch_all(&db.pool)
@@ -119,8 +121,8 @@ async fn effects_commit_with_the_deletion_and_failures_roll_back_their_writes() 
     assert_eq!(
         histories,
         vec![
-            (4, vec![1], vec![worker.clone()]),
-            (5, vec![1, 2, 3], vec![worker])
+            (4, vec![1], vec![worker.clone()], true),
+            (5, vec![1, 2, 3], vec![worker], true)
         ]
     );
     assert_eq!(report.totals.completed, 4);

@@ -294,7 +294,9 @@ RETURNING ",
 /// `$worker` who ran it and `$error` why it failed, cut to `$chars`
 /// characters. An array rather than an object: a row that fails carries its
 /// history through every later update, and the keys made each entry half
-/// again as large (`Attempt` reads both forms).
+/// again as large (`Attempt` reads both forms). `ended_at` is the clock's
+/// time, not the transaction's: a transactional failure is written in a
+/// transaction that began before its handler started.
 macro_rules! attempt_entry {
     ($attempt:literal, $started:literal, $worker:literal, $error:literal, $chars:literal) => {
         concat!(
@@ -302,7 +304,7 @@ macro_rules! attempt_entry {
             $attempt,
             ", ",
             $started,
-            ", now(), ",
+            ", clock_timestamp(), ",
             $worker,
             ", left(",
             $error,
@@ -313,8 +315,9 @@ macro_rules! attempt_entry {
     };
 }
 
-/// `$history` with `$entry` appended, cut to the last `$keep` entries (NULL
-/// when `$keep` is 0). The usual cases are plain expressions here; only a
+/// `$history` with `$entry` appended, cut to the last `$keep` entries
+/// (`$history` unchanged when `$keep` is 0: a process that records none
+/// does not erase what others recorded). The usual cases are plain expressions here; only a
 /// history longer than `$keep` goes through `outbox_attempts_push`, a SQL
 /// function the planner cannot inline.
 macro_rules! attempts_pushed {
@@ -322,7 +325,9 @@ macro_rules! attempts_pushed {
         concat!(
             "CASE WHEN ",
             $keep,
-            " <= 0 THEN NULL WHEN ",
+            " <= 0 THEN ",
+            $history,
+            " WHEN ",
             $history,
             " IS NULL THEN jsonb_build_array(",
             $entry,
