@@ -107,6 +107,15 @@ try {
   await page.waitForURL(`${base}/apps/shop/outbox/${newRow}`);
   check(true, "the look-up by id leads to the row");
 
+  // The rows by topic refresh by themselves while the page is open.
+  await page.goto(`${base}/apps/shop/topics`);
+  await page.evaluate(() => { window.__sameDocument = true; });
+  sql("SELECT outbox_enqueue('shop', 'live.refresh')");
+  await page.waitForSelector('[data-topic-states="live.refresh"]', { timeout: 20000 });
+  check(await page.evaluate(() => window.__sameDocument === true),
+        "a row enqueued now appears on the open topics page without a reload");
+  await page.screenshot({ path: `${shots}/topics.png`, fullPage: true });
+
   await page.goto(`${base}/apps/shop/dead-letters/${toIgnore}`);
   await page.click("#ignore");
   await page.waitForSelector("#resolution");

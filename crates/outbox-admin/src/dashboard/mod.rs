@@ -11,7 +11,7 @@
 
 use axum::Router;
 use axum::http::{HeaderValue, header};
-use axum::response::{Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
 use crate::AdminState;
@@ -33,7 +33,7 @@ use self::apps::apps_page;
 use self::dead_letters::{bulk, detail_page, ignore, list_page, replay};
 use self::login::{login, login_page, logout};
 use self::rows::{lookup, row_page};
-use self::topics::{change_topic, topics_page};
+use self::topics::{change_topic, topic_rows, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
 /// The dashboard routes; every answer carries the security headers (CSP,
@@ -55,6 +55,8 @@ pub fn routes() -> Router<AdminState> {
         .route("/apps/{app}/outbox", get(lookup))
         .route("/apps/{app}/outbox/{id}", get(row_page))
         .route("/apps/{app}/topics", get(topics_page))
+        .route("/apps/{app}/topics/rows", get(topic_rows))
+        .route("/assets/console.js", get(console_js))
         .route("/apps/{app}/topics/{action}", post(change_topic))
         .route(
             "/apps/{app}/triggers",
@@ -62,6 +64,17 @@ pub fn routes() -> Router<AdminState> {
         )
         .route("/apps/{app}/triggers/{id}/{action}", post(change_trigger))
         .layer(axum::middleware::map_response(security_headers))
+}
+
+/// The dashboard's one script (`assets/console.js`): refreshes the parts of
+/// a page marked `data-refresh` while the tab is visible. Served from here,
+/// so the page's policy allows it and nothing is fetched from elsewhere.
+async fn console_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../assets/console.js"),
+    )
+        .into_response()
 }
 
 /// What every dashboard answer carries: no script may run but ours (there
@@ -72,7 +85,7 @@ async fn security_headers(mut response: Response) -> Response {
     for (name, value) in [
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),

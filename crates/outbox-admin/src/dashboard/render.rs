@@ -20,6 +20,7 @@ pub(super) fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · outboxd</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<script src="/assets/console.js" defer></script>
 <style>
 body{{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}}
 header{{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;justify-content:space-between;align-items:center}}

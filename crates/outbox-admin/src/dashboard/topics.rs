@@ -4,7 +4,7 @@
 //! limited topics with a form to limit one.
 
 use axum::extract::{Path, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::{limits, pauses, processes};
 
@@ -47,7 +47,10 @@ pub(super) async fn topics_page(
 <form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
 <h2>Rows</h2>"#
     ));
-    body.push_str(&rows_by_state(&states));
+    body.push_str(&format!(
+        r#"<div id=topic-rows data-refresh="/apps/{slug}/topics/rows">{}</div>"#,
+        rows_by_state(&states)
+    ));
     body.push_str("<h2>Paused</h2>");
     if paused.is_empty() {
         body.push_str(r#"<p class=muted data-paused=none>No topic is paused. Pausing one stops every process from claiming its rows within about a second; rows already running finish.</p>"#);
@@ -124,6 +127,30 @@ pub(super) async fn topics_page(
         body.push_str("</table>");
     }
     page(&format!("{} topics", app.slug), &body).into_response()
+}
+
+/// `GET /apps/{app}/topics/rows`: the topics page's table of rows by state
+/// alone, which the page fetches again every 2 s while it is visible.
+pub(super) async fn topic_rows(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+) -> Response {
+    let result = async {
+        let app = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app,
+            Capability::DeadLetterRead,
+        )
+        .await?;
+        Ok::<_, ApiError>(recorded_state_counts(&state.pool, app.id).await?)
+    }
+    .await;
+    match result {
+        Ok(states) => Html(rows_by_state(&states)).into_response(),
+        Err(err) => error_page(&err),
+    }
 }
 
 /// `POST /apps/{app}/topics/{pause|resume|limit|unlimit}` with the topic

@@ -329,3 +329,81 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
     assert!(limits::list(&w.db.pool, w.app_a).await?.is_empty());
     Ok(())
 }
+
+/// The topics page's table of rows refreshes by itself: the page marks it
+/// with the URL of its fragment and loads the script (allowed by the page's
+/// policy, fetches included), and the fragment answers the app's viewers
+/// only, escaped like the page.
+#[tokio::test]
+async fn the_topics_rows_refresh_from_a_fragment_for_the_apps_viewers() -> TestResult {
+    let w = World::new().await?;
+    let get = |jar: String, uri: String| {
+        let app = outbox_admin::router(w.state.clone());
+        async move {
+            let res = app
+                .oneshot(
+                    Request::get(uri)
+                        .header(header::COOKIE, jar)
+                        .body(Body::empty())?,
+                )
+                .await?;
+            let status = res.status();
+            let headers = res.headers().clone();
+            let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+            Ok::<_, Box<dyn std::error::Error>>((
+                status,
+                headers,
+                String::from_utf8(bytes.to_vec())?,
+            ))
+        }
+    };
+    let (viewer_jar, _) = w.dashboard_session("viewer@x.io").await?;
+    let (_, headers, html) = get(viewer_jar.clone(), "/apps/app-a/topics".into()).await?;
+    assert!(
+        html.contains(r#"data-refresh="/apps/app-a/topics/rows""#)
+            && html.contains(r#"<script src="/assets/console.js" defer></script>"#),
+        "{html}"
+    );
+    let csp = headers
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+
+    let (status, headers, js) = get(String::new(), "/assets/console.js".into()).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("text/javascript")),
+        "{headers:?}"
+    );
+    assert!(js.contains("data-refresh") && js.contains("visibilitychange"));
+
+    let mut tx = w.db.pool.begin().await?;
+    outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &outbox_core::NewEvent::new("<b>mail</b>", serde_json::json!({})),
+    )
+    .await?;
+    tx.commit().await?;
+    outbox_core::store::outbox::record_state_counts(&w.db.pool).await?;
+    let (status, _, fragment) = get(viewer_jar.clone(), "/apps/app-a/topics/rows".into()).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        fragment.contains(r#"data-topic-states="&lt;b&gt;mail&lt;/b&gt;""#)
+            && !fragment.contains("<b>mail")
+            && !fragment.contains("<html"),
+        "{fragment}"
+    );
+    let (status, _, _) = get(viewer_jar, "/apps/app-b/topics/rows".into()).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another app's rows");
+    let (status, headers, _) = get(String::new(), "/apps/app-a/topics/rows".into()).await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "no session: {headers:?}");
+    Ok(())
+}

@@ -1,0 +1,43 @@
+// Live parts of dashboard pages: every element with data-refresh (a URL on
+// this server answering its new inner HTML) is fetched again every 2 s while
+// the tab is visible, and not at all while it is hidden. A session that has
+// ended sends the page to the sign-in form instead.
+(() => {
+  "use strict";
+  const parts = document.querySelectorAll("[data-refresh]");
+  if (parts.length === 0) return;
+  let timer = null;
+  const refresh = async () => {
+    for (const part of parts) {
+      try {
+        const res = await fetch(part.dataset.refresh, {
+          credentials: "same-origin",
+          headers: { Accept: "text/html" },
+        });
+        if (res.redirected) {
+          window.location.reload();
+          return;
+        }
+        if (res.ok) part.innerHTML = await res.text();
+      } catch (_) {
+        // The server is restarting or the network dropped: the next tick tries again.
+      }
+    }
+  };
+  const start = () => {
+    if (timer === null) timer = window.setInterval(refresh, 2000);
+  };
+  const stop = () => {
+    if (timer !== null) window.clearInterval(timer);
+    timer = null;
+  };
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      stop();
+    } else {
+      refresh();
+      start();
+    }
+  });
+  if (!document.hidden) start();
+})();
