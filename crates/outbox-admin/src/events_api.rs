@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::AdminState;
 use crate::api::Bearer;
+use crate::audit::{self, Action};
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -325,6 +326,14 @@ async fn create_trigger(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let id = triggers::create(&mut tx, app.id, &b.name, &b.target, Some(&principal), &spec).await?;
+    let target = id.to_string();
+    let action = Action {
+        action: "trigger.create",
+        target: Some(&target),
+        rows: 0,
+        detail: json!({ "name": b.name, "target": b.target, "kind": b.kind }),
+    };
+    audit::record(&mut tx, &audit::actor(&p), app.id, action).await?;
     tx.commit()
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -352,11 +361,43 @@ async fn set_trigger(
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("trigger"))?;
-    match enabled {
-        Some(enabled) => triggers::set_enabled(&state.pool, app.id, id, enabled).await?,
-        None => triggers::delete(&state.pool, app.id, id).await?,
-    }
+    change_trigger(&state.pool, &audit::actor(&p), app.id, id, enabled).await?;
     Ok(Json(json!({ "id": id, "enabled": enabled })))
+}
+
+/// Enables or disables (`Some`) or deletes (`None`) a trigger of the app for
+/// `actor`, recorded in the audit log.
+pub async fn change_trigger(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    id: Uuid,
+    enabled: Option<bool>,
+) -> Result<(), ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let action = match enabled {
+        Some(enabled) => {
+            triggers::set_enabled(&mut *tx, app_id, id, enabled).await?;
+            if enabled {
+                "trigger.enable"
+            } else {
+                "trigger.disable"
+            }
+        }
+        None => {
+            triggers::delete(&mut *tx, app_id, id).await?;
+            "trigger.delete"
+        }
+    };
+    let target = id.to_string();
+    let action = Action {
+        action,
+        target: Some(&target),
+        rows: 0,
+        detail: json!({}),
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await
 }
 
 async fn enable_trigger(

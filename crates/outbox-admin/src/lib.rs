@@ -25,6 +25,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod dashboard;
 mod error;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::audit::{self, Action};
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -141,10 +142,28 @@ pub(super) async fn show(
     ))
 }
 
-/// Resolves one dead letter as `ignored`; 409 when it is resolved already.
-pub async fn ignore_one(pool: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<(), ApiError> {
-    let changed = dead_letters::ignore(pool, app_id, &[id]).await?;
-    if changed.is_empty() {
+/// Resolves one dead letter as `ignored` (recorded in the audit log as done
+/// by `actor`); 409 when it is resolved already.
+pub async fn ignore_one(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    id: Uuid,
+) -> Result<(), ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let changed = dead_letters::ignore(&mut *tx, app_id, &[id]).await?;
+    if !changed.is_empty() {
+        let target = id.to_string();
+        let action = Action {
+            action: "dead_letter.ignore",
+            target: Some(&target),
+            rows: 1,
+            detail: serde_json::json!({}),
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+        audit::commit(tx).await?;
+    } else {
+        drop(tx);
         let row = dead_letters::get(pool, app_id, id).await?;
         return Err(ApiError::Conflict(format!(
             "dead letter {id} is already resolved ({})",
@@ -155,18 +174,32 @@ pub async fn ignore_one(pool: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<(
 }
 
 /// Replays one dead letter, with its own attempt budget unless
-/// `max_attempts` overrides it; returns the new outbox id; 409 when resolved
-/// already.
+/// `max_attempts` overrides it (recorded in the audit log as done by
+/// `actor`); returns the new outbox id; 409 when resolved already.
 pub async fn replay_one(
     pool: &sqlx::PgPool,
+    actor: &str,
     app_id: Uuid,
     id: Uuid,
     max_attempts: Option<i32>,
 ) -> Result<Uuid, ApiError> {
-    let replayed = dead_letters::replay_with(pool, app_id, &[id], max_attempts).await?;
+    let mut tx = audit::begin(pool).await?;
+    let replayed = dead_letters::replay_with(&mut *tx, app_id, &[id], max_attempts).await?;
     match replayed.first() {
-        Some((_, outbox_id)) => Ok(*outbox_id),
+        Some((_, outbox_id)) => {
+            let target = id.to_string();
+            let action = Action {
+                action: "dead_letter.replay",
+                target: Some(&target),
+                rows: 1,
+                detail: serde_json::json!({ "outbox_id": outbox_id, "max_attempts": max_attempts }),
+            };
+            audit::record(&mut tx, actor, app_id, action).await?;
+            audit::commit(tx).await?;
+            Ok(*outbox_id)
+        }
         None => {
+            drop(tx);
             let row = dead_letters::get(pool, app_id, id).await?;
             Err(ApiError::Conflict(format!(
                 "dead letter {id} is already resolved ({})",
@@ -183,7 +216,7 @@ pub(super) async fn ignore(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
     let id = parse_id(&id)?;
-    ignore_one(&state.pool, app.id, id).await?;
+    ignore_one(&state.pool, &audit::actor(&p), app.id, id).await?;
     Ok(Json(
         serde_json::json!({ "id": id, "resolution": "ignored" }),
     ))
@@ -218,7 +251,7 @@ pub(super) async fn replay(
     let body: ReplayBody = crate::strict::json_or_default(&body)?;
     let max_attempts = replay_attempts(body.max_attempts)?;
     let id = parse_id(&id)?;
-    let outbox_id = replay_one(&state.pool, app.id, id, max_attempts).await?;
+    let outbox_id = replay_one(&state.pool, &audit::actor(&p), app.id, id, max_attempts).await?;
     Ok(Json(
         serde_json::json!({ "id": id, "resolution": "replayed", "outbox_id": outbox_id }),
     ))
@@ -252,9 +285,11 @@ pub struct BulkFilter {
     pub trigger_id: Option<Uuid>,
 }
 
-/// Runs a bulk action; returns how many rows changed.
+/// Runs a bulk action (recorded in the audit log as done by `actor`, with
+/// its filter); returns how many rows changed.
 pub async fn run_bulk(
     state: &AdminState,
+    actor: &str,
     app_id: Uuid,
     body: &BulkBody,
 ) -> Result<usize, ApiError> {
@@ -279,17 +314,40 @@ pub async fn run_bulk(
         return Err(ApiError::Invalid("ids: at most 10000 per request".into()));
     }
     let max_attempts = replay_attempts(body.max_attempts)?;
-    Ok(match body.action.as_str() {
-        "replay" => dead_letters::replay_with(&state.pool, app_id, &ids, max_attempts)
-            .await?
-            .len(),
-        "ignore" | "resolve" => dead_letters::ignore(&state.pool, app_id, &ids).await?.len(),
+    let mut tx = audit::begin(&state.pool).await?;
+    let (action, changed) = match body.action.as_str() {
+        "replay" => (
+            "dead_letter.bulk_replay",
+            dead_letters::replay_with(&mut *tx, app_id, &ids, max_attempts)
+                .await?
+                .len(),
+        ),
+        "ignore" | "resolve" => (
+            "dead_letter.bulk_ignore",
+            dead_letters::ignore(&mut *tx, app_id, &ids).await?.len(),
+        ),
         other => {
             return Err(ApiError::Invalid(format!(
                 "action: {other:?} is not replay or ignore"
             )));
         }
-    })
+    };
+    let detail = match &body.filter {
+        Some(f) => serde_json::json!({
+            "filter": { "source": f.source, "topic": f.topic, "trigger_id": f.trigger_id },
+            "max_attempts": max_attempts,
+        }),
+        None => serde_json::json!({ "ids": ids.len(), "max_attempts": max_attempts }),
+    };
+    let action = Action {
+        action,
+        target: None,
+        rows: changed,
+        detail,
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await?;
+    Ok(changed)
 }
 
 pub(super) async fn bulk(
@@ -300,7 +358,7 @@ pub(super) async fn bulk(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
     let body: BulkBody = crate::strict::json(&body)?;
-    let changed = run_bulk(&state, app.id, &body).await?;
+    let changed = run_bulk(&state, &audit::actor(&p), app.id, &body).await?;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }
 

@@ -29,6 +29,8 @@ pub use self::dead_letters::{
     replay_attempts, replay_one, run_bulk,
 };
 pub use self::login::check_login;
+pub(crate) use self::topics::AuditQuery;
+pub use self::topics::{cancel_rows, limit_topic, pause_topic, resume_topic, unlimit_topic};
 
 use self::accounts::{
     api_keys, create_user, delete_user, revoke_api_key, revoke_sessions, set_password, unlock_user,
@@ -38,8 +40,8 @@ use self::apps::apps;
 use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
 use self::topics::{
-    cancel, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit, resume,
-    set_limit, show_row,
+    cancel, list_audit, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit,
+    resume, set_limit, show_row,
 };
 
 /// The `/api` routes.
@@ -84,6 +86,7 @@ pub fn routes() -> Router<AdminState> {
         )
         .route("/api/apps/{app}/outbox/cancel", post(cancel))
         .route("/api/apps/{app}/outbox/{id}", get(show_row))
+        .route("/api/apps/{app}/audit", get(list_audit))
 }
 
 /// A principal from `Authorization: Bearer <jwt | api key>`.

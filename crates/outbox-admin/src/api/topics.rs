@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::audit::{self, Action};
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -58,6 +59,43 @@ pub(super) async fn show_row(
         .ok_or_else(not_found)
 }
 
+/// The query of `GET /api/apps/{app}/audit`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditQuery {
+    /// Entries older than this one (the last `id` of the previous page).
+    pub before: Option<i64>,
+    /// At most this many (1..=500, default 100).
+    pub limit: Option<u32>,
+}
+
+impl AuditQuery {
+    /// The page size asked for, checked.
+    pub(crate) fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=500) => Ok(n),
+            Some(n) => Err(ApiError::Invalid(format!("limit: {n} is outside 1..=500"))),
+        }
+    }
+}
+
+/// `GET /api/apps/{app}/audit`: the app's recorded operator actions, newest
+/// first (`before` pages back).
+pub(super) async fn list_audit(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<AuditQuery>, ApiError>,
+) -> Result<Json<Vec<outbox_core::store::audit::Record>>, ApiError> {
+    let crate::strict::Query(q) = q?;
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let limit = q.limit()?;
+    Ok(Json(
+        outbox_core::store::audit::list(&state.pool, app.id, q.before, limit).await?,
+    ))
+}
+
 /// `GET /api/apps/{app}/pauses`: the app's paused topics.
 pub(super) async fn list_pauses(
     State(state): State<AdminState>,
@@ -66,6 +104,124 @@ pub(super) async fn list_pauses(
 ) -> Result<Json<Vec<pauses::TopicPause>>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
     Ok(Json(pauses::list(&state.pool, app.id).await?))
+}
+
+/// Pauses `topic` of the app for `actor` (recorded in the audit log when it
+/// was not paused already); returns whether it was paused now.
+pub async fn pause_topic(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    topic: &str,
+    reason: Option<&str>,
+) -> Result<bool, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let paused = pauses::pause(&mut *tx, app_id, topic, Some(actor), reason).await?;
+    if paused {
+        let action = Action {
+            action: "topic.pause",
+            target: Some(topic),
+            rows: 0,
+            detail: json!({ "reason": reason }),
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
+    audit::commit(tx).await?;
+    Ok(paused)
+}
+
+/// Resumes `topic` for `actor` (recorded); 404 when it was not paused.
+pub async fn resume_topic(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    topic: &str,
+) -> Result<(), ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    if !pauses::resume(&mut *tx, app_id, topic).await? {
+        return Err(ApiError::NotFound("pause"));
+    }
+    let action = Action {
+        action: "topic.resume",
+        target: Some(topic),
+        rows: 0,
+        detail: json!({}),
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await
+}
+
+/// Cancels rows of the app for `actor` (see `store::outbox::cancel`; at most
+/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count.
+pub async fn cancel_rows(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    filter: &CancelFilter,
+    reason: &str,
+) -> Result<Vec<Uuid>, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let ids = store::cancel(&mut *tx, app_id, filter, Some(actor), reason).await?;
+    let (target, detail) = match filter {
+        CancelFilter::Topic(topic) => (Some(topic.as_str()), json!({ "reason": reason })),
+        CancelFilter::Ids(asked) => (None, json!({ "reason": reason, "ids": asked.len() })),
+    };
+    let action = Action {
+        action: "outbox.cancel",
+        target,
+        rows: ids.len(),
+        detail,
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await?;
+    Ok(ids)
+}
+
+/// Sets `topic`'s limits for `actor` (recorded, with the limits).
+pub async fn limit_topic(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    topic: &str,
+    wanted: &limits::Limits,
+) -> Result<limits::ValidLimits, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let set = limits::set(&mut *tx, app_id, topic, wanted, Some(actor)).await?;
+    let action = Action {
+        action: "topic.limit",
+        target: Some(topic),
+        rows: 0,
+        detail: json!({
+            "max_running": set.max_running(),
+            "max_running_per_key": set.max_running_per_key(),
+            "rate_per_sec": set.rate().map(|(r, _)| r),
+            "burst": set.rate().map(|(_, b)| b),
+        }),
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await?;
+    Ok(set)
+}
+
+/// Removes `topic`'s limits for `actor` (recorded); 404 when it had none.
+pub async fn unlimit_topic(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    topic: &str,
+) -> Result<(), ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    if !limits::remove(&mut *tx, app_id, topic).await? {
+        return Err(ApiError::NotFound("limit"));
+    }
+    let action = Action {
+        action: "topic.unlimit",
+        target: Some(topic),
+        rows: 0,
+        detail: json!({}),
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await
 }
 
 #[derive(Deserialize, Default)]
@@ -84,14 +240,8 @@ pub(super) async fn pause(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
     let body: PauseBody = crate::strict::json_or_default(&bytes)?;
-    let paused = pauses::pause(
-        &state.pool,
-        app.id,
-        &topic,
-        Some(&p.user.email),
-        body.reason.as_deref(),
-    )
-    .await?;
+    let actor = audit::actor(&p);
+    let paused = pause_topic(&state.pool, &actor, app.id, &topic, body.reason.as_deref()).await?;
     let status = if paused {
         StatusCode::CREATED
     } else {
@@ -108,11 +258,8 @@ pub(super) async fn resume(
     Path((app, topic)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
-    if pauses::resume(&state.pool, app.id, &topic).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound("pause"))
-    }
+    resume_topic(&state.pool, &audit::actor(&p), app.id, &topic).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /api/apps/{app}/limits`: the app's topics with a concurrency or rate limit,
@@ -153,7 +300,7 @@ pub(super) async fn set_limit(
         rate_per_sec: body.rate_per_sec,
         burst: body.burst,
     };
-    let set = limits::set(&state.pool, app.id, &topic, &wanted, Some(&p.user.email)).await?;
+    let set = limit_topic(&state.pool, &audit::actor(&p), app.id, &topic, &wanted).await?;
     Ok(Json(json!({
         "topic": topic,
         "max_running": set.max_running(),
@@ -171,11 +318,8 @@ pub(super) async fn remove_limit(
     Path((app, topic)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
-    if limits::remove(&state.pool, app.id, &topic).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound("limit"))
-    }
+    unlimit_topic(&state.pool, &audit::actor(&p), app.id, &topic).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
@@ -206,11 +350,11 @@ pub(super) async fn cancel(
             ));
         }
     };
-    let ids = store::cancel(
+    let ids = cancel_rows(
         &state.pool,
+        &audit::actor(&p),
         app.id,
         &filter,
-        Some(&p.user.email),
         &body.reason,
     )
     .await?;

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::AdminState;
 use crate::api::{self, BulkBody, ListQuery};
+use crate::audit;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -190,9 +191,11 @@ async fn act(
                 })?),
             };
             let max_attempts = api::replay_attempts(max_attempts)?;
-            api::replay_one(&state.pool, app.id, id, max_attempts).await?;
+            let actor = audit::actor(&session.principal);
+            api::replay_one(&state.pool, &actor, app.id, id, max_attempts).await?;
         } else {
-            api::ignore_one(&state.pool, app.id, id).await?;
+            let actor = audit::actor(&session.principal);
+            api::ignore_one(&state.pool, &actor, app.id, id).await?;
         }
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}", app.slug))
     }
@@ -240,7 +243,7 @@ pub(super) async fn bulk(
             filter: None,
             max_attempts: None,
         };
-        api::run_bulk(&state, app.id, &body).await?;
+        api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
     }
     .await;

@@ -4,7 +4,7 @@
 //! nothing changes on GET.
 //!
 //! This module holds the routes and the security headers; the pages live
-//! in one file per noun (`apps`, `dead_letters`, `rows`, `topics`, `triggers`,
+//! in one file per noun (`apps`, `audit`, `dead_letters`, `rows`, `topics`, `triggers`,
 //! `accounts`),
 //! sign-in in `login`, the session and form helpers in `session`, and the
 //! HTML helpers in `render`.
@@ -18,6 +18,7 @@ use crate::AdminState;
 
 mod accounts;
 mod apps;
+mod audit;
 mod dead_letters;
 mod login;
 mod render;
@@ -30,6 +31,7 @@ pub use self::render::esc;
 
 use self::accounts::{account_action, accounts_page, revoke_key};
 use self::apps::apps_page;
+use self::audit::audit_page;
 use self::dead_letters::{bulk, detail_page, ignore, list_page, replay};
 use self::login::{login, login_page, logout};
 use self::rows::{lookup, row_page};
@@ -54,6 +56,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/apps/{app}/dead-letters/{id}/ignore", post(ignore))
         .route("/apps/{app}/outbox", get(lookup))
         .route("/apps/{app}/outbox/{id}", get(row_page))
+        .route("/apps/{app}/audit", get(audit_page))
         .route("/apps/{app}/topics", get(topics_page))
         .route("/apps/{app}/topics/rows", get(topic_rows))
         .route("/assets/console.js", get(console_js))

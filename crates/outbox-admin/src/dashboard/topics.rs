@@ -9,6 +9,8 @@ use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::{limits, pauses, processes};
 
 use crate::AdminState;
+use crate::api;
+use crate::audit;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -43,7 +45,7 @@ pub(super) async fn topics_page(
     let csrf = esc(&session.csrf);
     let mut body = logout_form(&session);
     body.push_str(&format!(
-        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · topics</h1>
+        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · topics</h1>
 <form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
 <h2>Rows</h2>"#
     ));
@@ -164,18 +166,16 @@ pub(super) async fn change_topic(
     let result = async {
         let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
         let topic = field(&form, "topic").unwrap_or_default().trim().to_owned();
+        let actor = audit::actor(&session.principal);
         match action.as_str() {
             "pause" => {
                 let reason = field(&form, "reason")
                     .map(str::trim)
                     .filter(|r| !r.is_empty());
-                let by = session.principal.user.email.as_str();
-                pauses::pause(&state.pool, app.id, &topic, Some(by), reason).await?;
+                api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await?;
             }
             "resume" => {
-                if !pauses::resume(&state.pool, app.id, &topic).await? {
-                    return Err(ApiError::not_found("pause"));
-                }
+                api::resume_topic(&state.pool, &actor, app.id, &topic).await?;
             }
             "limit" => {
                 let wanted = limits::Limits {
@@ -184,13 +184,10 @@ pub(super) async fn change_topic(
                     rate_per_sec: number(&form, "rate_per_sec")?,
                     burst: number(&form, "burst")?,
                 };
-                let by = session.principal.user.email.as_str();
-                limits::set(&state.pool, app.id, &topic, &wanted, Some(by)).await?;
+                api::limit_topic(&state.pool, &actor, app.id, &topic, &wanted).await?;
             }
             "unlimit" => {
-                if !limits::remove(&state.pool, app.id, &topic).await? {
-                    return Err(ApiError::not_found("limit"));
-                }
+                api::unlimit_topic(&state.pool, &actor, app.id, &topic).await?;
             }
             _ => return Err(ApiError::not_found("action")),
         }

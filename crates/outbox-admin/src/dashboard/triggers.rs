@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::audit;
 use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
@@ -130,7 +131,7 @@ pub(super) async fn create_trigger(
             .begin()
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        triggers::create(
+        let id = triggers::create(
             &mut tx,
             app.id,
             &text("name"),
@@ -139,6 +140,14 @@ pub(super) async fn create_trigger(
             &spec,
         )
         .await?;
+        let target = id.to_string();
+        let action = audit::Action {
+            action: "trigger.create",
+            target: Some(&target),
+            rows: 0,
+            detail: serde_json::json!({ "name": text("name"), "target": text("target") }),
+        };
+        audit::record(&mut tx, &audit::actor(&session.principal), app.id, action).await?;
         tx.commit()
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -154,17 +163,18 @@ pub(super) async fn change_trigger(
     Path((app, id, action)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    use outbox_core::store::triggers;
     let result = async {
         let (_, app) =
             checked_form(&state, &session, &app, Capability::ManageTriggers, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("trigger"))?;
-        match action.as_str() {
-            "enable" => triggers::set_enabled(&state.pool, app.id, id, true).await?,
-            "disable" => triggers::set_enabled(&state.pool, app.id, id, false).await?,
-            "delete" => triggers::delete(&state.pool, app.id, id).await?,
+        let enabled = match action.as_str() {
+            "enable" => Some(true),
+            "disable" => Some(false),
+            "delete" => None,
             _ => return Err(ApiError::not_found("action")),
-        }
+        };
+        let actor = audit::actor(&session.principal);
+        crate::events_api::change_trigger(&state.pool, &actor, app.id, id, enabled).await?;
         Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
     }
     .await;

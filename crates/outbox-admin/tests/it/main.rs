@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 mod accounts;
+mod audit;
 mod auth;
 mod dashboard;
 mod dead_letters;

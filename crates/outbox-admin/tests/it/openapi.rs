@@ -479,6 +479,20 @@ async fn real_answers_match_the_documented_schemas() -> TestResult {
             None,
         ),
         (
+            "GET",
+            "/api/apps/{app}/audit",
+            "/api/apps/app-a/audit?limit=50".into(),
+            Some(root.clone()),
+            None,
+        ),
+        (
+            "GET",
+            "/api/apps/{app}/audit",
+            "/api/apps/app-a/audit?limit=501".into(),
+            Some(root.clone()),
+            None,
+        ),
+        (
             "POST",
             "/api/logout",
             "/api/logout".into(),

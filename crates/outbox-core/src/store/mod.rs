@@ -44,6 +44,7 @@ macro_rules! live_running {
 }
 
 pub mod apps;
+pub mod audit;
 pub mod dead_letters;
 pub mod dedupe;
 pub mod invocations;

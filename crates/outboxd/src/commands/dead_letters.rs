@@ -9,6 +9,8 @@ use uuid::Uuid;
 
 use outboxd::config::Settings;
 
+use super::topics::cli_actor;
+
 /// Counting matching rows stops here ("showing 50 of 10000+").
 const COUNT_BOUND: i64 = 10_000;
 
@@ -197,13 +199,15 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             let id = parse_id(&id)?;
             let max_attempts = outbox_admin::api::replay_attempts(max_attempts)
                 .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
-            let outbox_id = outbox_admin::api::replay_one(&pool, app.id, id, max_attempts).await?;
+            let outbox_id =
+                outbox_admin::api::replay_one(&pool, &cli_actor(), app.id, id, max_attempts)
+                    .await?;
             println!("replayed {id} as outbox row {outbox_id}");
         }
         DeadLetterCommand::Ignore { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
             let id = parse_id(&id)?;
-            outbox_admin::api::ignore_one(&pool, app.id, id).await?;
+            outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id).await?;
             println!("ignored {id}");
         }
     }

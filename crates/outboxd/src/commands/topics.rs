@@ -3,14 +3,21 @@
 //! have not run.
 
 use clap::{Args, Subcommand};
+use outbox_admin::{ApiError, api};
 use outbox_core::store::outbox::{self as store, CancelFilter};
 use outbox_core::store::{apps, limits, pauses, processes};
 use uuid::Uuid;
 
 use outboxd::config::Settings;
 
-/// Recorded as who paused or cancelled, for operators reading it later.
-const CLI: &str = "cli";
+/// Who the audit log, a pause and a cancelled row name for a command run
+/// here: `cli`, with the account that ran it when the shell says.
+pub(crate) fn cli_actor() -> String {
+    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        Ok(user) if !user.is_empty() => format!("cli ({user})"),
+        _ => "cli".to_owned(),
+    }
+}
 
 /// `outboxd topic …`.
 #[derive(Debug, Subcommand)]
@@ -109,7 +116,8 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
     match cmd {
         TopicCommand::Pause { app, topic, reason } => {
             let id = apps::by_slug(&pool, &app).await?.id;
-            if pauses::pause(&pool, id, &topic, Some(CLI), reason.as_deref()).await? {
+            let actor = cli_actor();
+            if api::pause_topic(&pool, &actor, id, &topic, reason.as_deref()).await? {
                 println!("{app}: {topic} paused");
             } else {
                 println!("{app}: {topic} was already paused");
@@ -117,10 +125,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
         }
         TopicCommand::Resume { app, topic } => {
             let id = apps::by_slug(&pool, &app).await?.id;
-            if pauses::resume(&pool, id, &topic).await? {
-                println!("{app}: {topic} resumed");
-            } else {
-                anyhow::bail!("{app}: {topic} is not paused");
+            match api::resume_topic(&pool, &cli_actor(), id, &topic).await {
+                Ok(()) => println!("{app}: {topic} resumed"),
+                Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} is not paused"),
+                Err(err) => return Err(err.into()),
             }
         }
         TopicCommand::Paused { app } => {
@@ -150,7 +158,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 rate_per_sec: rate,
                 burst,
             };
-            let set = limits::set(&pool, id, &topic, &wanted, Some(CLI)).await?;
+            let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted).await?;
             println!(
                 "{app}: {topic} limited to {}",
                 describe(set.max_running(), set.max_running_per_key(), set.rate())
@@ -158,10 +166,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
         }
         TopicCommand::Unlimit { app, topic } => {
             let id = apps::by_slug(&pool, &app).await?.id;
-            if limits::remove(&pool, id, &topic).await? {
-                println!("{app}: {topic} is no longer limited");
-            } else {
-                anyhow::bail!("{app}: {topic} has no limit");
+            match api::unlimit_topic(&pool, &cli_actor(), id, &topic).await {
+                Ok(()) => println!("{app}: {topic} is no longer limited"),
+                Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} has no limit"),
+                Err(err) => return Err(err.into()),
             }
         }
         TopicCommand::Limits { app } => {
@@ -221,11 +229,12 @@ pub async fn list_processes(settings: Settings) -> anyhow::Result<()> {
 pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
     let app = apps::by_slug(&pool, &args.app).await?.id;
+    let actor = cli_actor();
     let mut total = 0;
     match args.topic {
         Some(topic) => loop {
             let filter = CancelFilter::Topic(topic.clone());
-            let done = store::cancel(&pool, app, &filter, Some(CLI), &args.reason).await?;
+            let done = api::cancel_rows(&pool, &actor, app, &filter, &args.reason).await?;
             total += done.len();
             if (done.len() as i64) < store::MAX_CANCEL_BATCH {
                 break;
@@ -233,7 +242,7 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
         },
         None => {
             let filter = CancelFilter::Ids(args.ids);
-            total = store::cancel(&pool, app, &filter, Some(CLI), &args.reason)
+            total = api::cancel_rows(&pool, &actor, app, &filter, &args.reason)
                 .await?
                 .len();
         }

@@ -2,10 +2,13 @@
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use outbox_admin::events_api::change_trigger;
 use outbox_core::store::apps;
 use uuid::Uuid;
 
 use outboxd::config::Settings;
+
+use super::topics::cli_actor;
 
 /// `outboxd trigger …`.
 #[derive(Debug, Subcommand)]
@@ -124,22 +127,30 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
             let app = apps::by_slug(&pool, &app).await?;
             let mut tx = pool.begin().await?;
             let id = triggers::create(&mut tx, app.id, &name, &target, Some("cli"), &spec).await?;
+            let target = id.to_string();
+            let action = outbox_admin::audit::Action {
+                action: "trigger.create",
+                target: Some(&target),
+                rows: 0,
+                detail: serde_json::json!({ "name": name }),
+            };
+            outbox_admin::audit::record(&mut tx, &cli_actor(), app.id, action).await?;
             tx.commit().await?;
             println!("{id}");
         }
         TriggerCommand::Enable { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            triggers::set_enabled(&pool, app.id, parse_id(&id)?, true).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(true)).await?;
             println!("enabled");
         }
         TriggerCommand::Disable { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            triggers::set_enabled(&pool, app.id, parse_id(&id)?, false).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(false)).await?;
             println!("disabled");
         }
         TriggerCommand::Delete { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            triggers::delete(&pool, app.id, parse_id(&id)?).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, None).await?;
             println!("deleted");
         }
     }

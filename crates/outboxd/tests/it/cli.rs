@@ -264,6 +264,28 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             .await?;
     assert_eq!(key.as_deref(), Some("acme"));
     assert!(ok(&["topic", "unlimit", "--app", "shop", "--topic", "report"])?.contains("no longer"));
+    // Each action is in the audit log, as done from the command line.
+    let recorded: Vec<(String, String)> =
+        sqlx::query_as("SELECT actor, action FROM audit_log ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    let actions: Vec<&str> = recorded.iter().map(|(_, a)| a.as_str()).collect();
+    for expected in [
+        "topic.pause",
+        "topic.resume",
+        "outbox.cancel",
+        "topic.limit",
+        "topic.unlimit",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "{expected} missing from {recorded:?}"
+        );
+    }
+    assert!(
+        recorded.iter().all(|(actor, _)| actor.starts_with("cli")),
+        "{recorded:?}"
+    );
 
     // Mistakes are errors that say what is wrong.
     let cases: &[(&[&str], &str)] = &[

@@ -1,0 +1,177 @@
+//! The audit log: operator actions through the API and the dashboard are
+//! recorded with who made them, what and how many rows; refused actions are
+//! not; the app's viewers read it, escaped on the dashboard.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use outbox_core::store::principals;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{TestResult, World};
+
+async fn entries(w: &World, token: &str) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/audit", Some(token), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    Ok(body.as_array().cloned().ok_or("not a list")?)
+}
+
+#[tokio::test]
+async fn operator_actions_are_recorded_with_who_what_and_how_many() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let viewer = w.login("viewer@x.io").await?;
+    let d1 = w.dead_letter(w.app_a, "mail").await?;
+    w.dead_letter(w.app_a, "mail").await?;
+    w.dead_letter(w.app_a, "sms").await?;
+
+    // A pause with a hostile reason, a second pause (a no-op), a resume of
+    // a topic that is not paused (refused): one entry.
+    let reason = "<script>alert(1)</script> SMTP down";
+    let (s, _) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/pauses/mail",
+            Some(&operator),
+            Some(json!({"reason": reason})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = w
+        .call("PUT", "/api/apps/app-a/pauses/mail", Some(&operator), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = w
+        .call(
+            "DELETE",
+            "/api/apps/app-a/pauses/sms",
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // A viewer may not act: nothing recorded.
+    let (s, _) = w
+        .call("PUT", "/api/apps/app-a/pauses/sms", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // A replay and a bulk ignore by filter, through an API key.
+    let (s, _) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{d1}/replay"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    let user = principals::user_by_email(&w.db.pool, "operator@x.io")
+        .await?
+        .ok_or("operator")?;
+    let key = outbox_admin::create_api_key(&w.db.pool, user.id, "ops").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/dead-letters/bulk",
+            Some(&key),
+            Some(json!({"action": "ignore", "filter": {"topic": "mail"}})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["changed"], 1);
+
+    let log = entries(&w, &viewer).await?;
+    let seen: Vec<(&str, &str, Option<&str>, i64)> = log
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or_default(),
+                e["action"].as_str().unwrap_or_default(),
+                e["target"].as_str(),
+                e["rows"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let d1 = d1.to_string();
+    assert_eq!(
+        seen,
+        [
+            (
+                "operator@x.io (API key)",
+                "dead_letter.bulk_ignore",
+                None,
+                1
+            ),
+            ("operator@x.io", "dead_letter.replay", Some(d1.as_str()), 1),
+            ("operator@x.io", "topic.pause", Some("mail"), 0),
+        ]
+    );
+    assert_eq!(log[0]["detail"]["filter"]["topic"], "mail");
+    assert_eq!(log[2]["detail"]["reason"], reason);
+
+    // Paging, bad queries, another app.
+    let before = log[1]["id"].as_i64().ok_or("id")?;
+    let (s, body) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/audit?before={before}&limit=5"),
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body.as_array().map(Vec::len), Some(1), "{body}");
+    for uri in [
+        "/api/apps/app-a/audit?limit=0",
+        "/api/apps/app-a/audit?colour=red",
+    ] {
+        let (s, _) = w.call("GET", uri, Some(&viewer), None).await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}");
+    }
+    let (s, _) = w
+        .call("GET", "/api/apps/app-b/audit", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The dashboard's forms are recorded as their signed-in user, and the
+    // page shows the log escaped.
+    let (jar, csrf) = w.dashboard_session("operator@x.io").await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let res = app()
+        .oneshot(
+            Request::post("/apps/app-a/topics/resume")
+                .header(header::COOKIE, &jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("csrf={csrf}&topic=mail")))?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let log = entries(&w, &viewer).await?;
+    assert_eq!(
+        (log[0]["actor"].as_str(), log[0]["action"].as_str()),
+        (Some("operator@x.io"), Some("topic.resume"))
+    );
+    let res = app()
+        .oneshot(
+            Request::get("/apps/app-a/audit")
+                .header(header::COOKIE, &jar)
+                .body(Body::empty())?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let html = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains("topic.resume")
+            && html.contains("&lt;script&gt;")
+            && !html.contains("<script>alert"),
+        "{html}"
+    );
+    Ok(())
+}
