@@ -126,6 +126,16 @@ try {
   check(sql(`SELECT max_attempts FROM outbox WHERE replayed_from = '${toReplay}'`) === "1000", "the replayed row got the 1000 attempts asked for");
   check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toIgnore}'`) === "ignored", "the database has the ignore");
 
+  // Both actions are in the app's audit log, with who made them.
+  await page.goto(`${base}/apps/shop/audit`);
+  const audit = await page.$$eval("#audit tr[data-audit]", (trs) =>
+    trs.map((tr) => Array.from(tr.cells, (td) => td.textContent)));
+  const recorded = audit.map((cells) => `${cells[1]} ${cells[2]} ${cells[3]}`);
+  check(recorded.includes(`${env("ADMIN_EMAIL")} dead_letter.replay ${toReplay}`)
+        && recorded.includes(`${env("ADMIN_EMAIL")} dead_letter.ignore ${toIgnore}`),
+        `the audit log records the replay and the ignore (${JSON.stringify(recorded)})`);
+  await page.screenshot({ path: `${shots}/audit.png`, fullPage: true });
+
   await page.goto(`${base}/apps`);
   const after = (await page.textContent('.badge[data-app="shop"]')).trim();
   check(Number(after) === Number(badge) - 2, `the badge drops to ${after}`);
