@@ -1,7 +1,8 @@
--- Who did what to an app, when, and to how many rows: every operator action
--- of the API and the dashboard (replay, ignore, bulk actions, pause, resume,
--- limits, cancel, triggers) writes one entry in the transaction of the
--- action itself, so an action without its entry cannot commit. Entries are
+-- Who did what to an app, when, and to how many rows: operator actions of
+-- the API, the dashboard and the CLI (replay, ignore, bulk actions, pause,
+-- resume, limits, cancel, triggers, app settings) write one entry in the
+-- transaction of the action itself, so an action without its entry cannot
+-- commit. Entries are
 -- small and few (one per action, not per row) and are kept; delete old ones
 -- by hand if a policy asks for it.
 CREATE TABLE audit_log (

@@ -339,13 +339,15 @@ pub async fn run_bulk(
         }),
         None => serde_json::json!({ "ids": ids.len(), "max_attempts": max_attempts }),
     };
-    let action = Action {
-        action,
-        target: None,
-        rows: changed,
-        detail,
-    };
-    audit::record(&mut tx, actor, app_id, action).await?;
+    if changed > 0 {
+        let action = Action {
+            action,
+            target: None,
+            rows: changed,
+            detail,
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
     audit::commit(tx).await?;
     Ok(changed)
 }

@@ -152,7 +152,8 @@ pub async fn resume_topic(
 }
 
 /// Cancels rows of the app for `actor` (see `store::outbox::cancel`; at most
-/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count.
+/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count
+/// when it cancelled any.
 pub async fn cancel_rows(
     pool: &sqlx::PgPool,
     actor: &str,
@@ -166,13 +167,15 @@ pub async fn cancel_rows(
         CancelFilter::Topic(topic) => (Some(topic.as_str()), json!({ "reason": reason })),
         CancelFilter::Ids(asked) => (None, json!({ "reason": reason, "ids": asked.len() })),
     };
-    let action = Action {
-        action: "outbox.cancel",
-        target,
-        rows: ids.len(),
-        detail,
-    };
-    audit::record(&mut tx, actor, app_id, action).await?;
+    if !ids.is_empty() {
+        let action = Action {
+            action: "outbox.cancel",
+            target,
+            rows: ids.len(),
+            detail,
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
     audit::commit(tx).await?;
     Ok(ids)
 }

@@ -65,7 +65,7 @@ pub(super) async fn audit_page(
             && let Some(last) = entries.last()
         {
             body.push_str(&format!(
-                r#"<p><a href="/apps/{slug}/audit?before={}">Older →</a></p>"#,
+                r#"<p><a href="/apps/{slug}/audit?before={}&limit={limit}">Older →</a></p>"#,
                 last.id
             ));
         }

@@ -175,3 +175,49 @@ async fn operator_actions_are_recorded_with_who_what_and_how_many() -> TestResul
     );
     Ok(())
 }
+
+/// An action and its entry commit together: when the entry cannot be
+/// written, the action is undone too.
+#[tokio::test]
+async fn an_action_whose_entry_fails_is_undone() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let dl = w.dead_letter(w.app_a, "mail").await?;
+    sqlx::query(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'audit log unavailable'; END $$",
+    )
+    .execute(&w.db.pool)
+    .await?;
+    sqlx::query(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+         FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+    )
+    .execute(&w.db.pool)
+    .await?;
+    let (s, _) = w
+        .call("PUT", "/api/apps/app-a/pauses/mail", Some(&operator), None)
+        .await?;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    let (s, _) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{dl}/replay"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    let (pauses, replays): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_topic_pauses),
+                (SELECT count(*) FROM outbox WHERE replayed_from IS NOT NULL)",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(
+        (pauses, replays),
+        (0, 0),
+        "an action committed without its entry"
+    );
+    Ok(())
+}

@@ -16,7 +16,8 @@ pub struct TopicPause {
     pub topic: String,
     /// Since when.
     pub paused_at: DateTime<Utc>,
-    /// Who paused it (a user's email or an API key's name), when known.
+    /// Who paused it (an account's e-mail, marked `(API key)` for a key, or
+    /// `cli (<user>)`), when known.
     pub paused_by: Option<String>,
     /// Why, as the operator wrote it.
     pub reason: Option<String>,

@@ -6,6 +6,8 @@ use outbox_core::store::{apps, dead_letters};
 
 use outboxd::config::Settings;
 
+use super::topics::{cli_actor, cli_error};
+
 /// `outboxd app …`.
 #[derive(Debug, Subcommand)]
 pub enum AppCommand {
@@ -75,11 +77,11 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             }
         }
         AppCommand::Suspend { slug } => {
-            apps::set_suspended(&pool, &slug, true).await?;
+            suspend(&pool, &slug, true).await?;
             println!("{slug} suspended");
         }
         AppCommand::Resume { slug } => {
-            apps::set_suspended(&pool, &slug, false).await?;
+            suspend(&pool, &slug, false).await?;
             println!("{slug} resumed");
         }
         AppCommand::ReplayPolicy {
@@ -90,8 +92,9 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             rounds,
         } => {
             let app = apps::by_slug(&pool, &slug).await?;
+            let mut tx = pool.begin().await?;
             dead_letters::set_replay_policy(
-                &pool,
+                &mut *tx,
                 app.id,
                 source.as_deref(),
                 topic.as_deref(),
@@ -99,6 +102,11 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
                 rounds,
             )
             .await?;
+            let detail = serde_json::json!({
+                "source": source, "topic": topic, "delay_secs": delay_secs, "rounds": rounds,
+            });
+            record(&mut tx, app.id, "app.replay_policy", detail).await?;
+            tx.commit().await?;
             println!(
                 "{slug}: dead letters replay after {delay_secs}s, doubling, {rounds} round(s)"
             );
@@ -111,7 +119,17 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
                         .with_context(|| format!("{n:?} is not a number of days or \"default\""))?,
                 ),
             };
-            outbox_core::store::retention::set_app_retention(&pool, &slug, days).await?;
+            let app = apps::by_slug(&pool, &slug).await?;
+            let mut tx = pool.begin().await?;
+            outbox_core::store::retention::set_app_retention(&mut *tx, &slug, days).await?;
+            record(
+                &mut tx,
+                app.id,
+                "app.retention",
+                serde_json::json!({ "days": days }),
+            )
+            .await?;
+            tx.commit().await?;
             println!(
                 "{slug}: dead letters kept {}",
                 days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
@@ -119,4 +137,38 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Suspends or resumes an app, recorded in its audit log.
+async fn suspend(pool: &sqlx::PgPool, slug: &str, suspended: bool) -> anyhow::Result<()> {
+    let app = apps::by_slug(pool, slug).await?;
+    let mut tx = pool.begin().await?;
+    apps::set_suspended(&mut *tx, slug, suspended).await?;
+    let action = if suspended {
+        "app.suspend"
+    } else {
+        "app.resume"
+    };
+    record(&mut tx, app.id, action, serde_json::json!({})).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Records a command's action on an app in its audit log, in the command's
+/// transaction.
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    app_id: uuid::Uuid,
+    action: &str,
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    let action = outbox_admin::audit::Action {
+        action,
+        target: None,
+        rows: 0,
+        detail,
+    };
+    outbox_admin::audit::record(tx, &cli_actor(), app_id, action)
+        .await
+        .map_err(cli_error)
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use outboxd::config::Settings;
 
-use super::topics::cli_actor;
+use super::topics::{cli_actor, cli_error};
 
 /// Counting matching rows stops here ("showing 50 of 10000+").
 const COUNT_BOUND: i64 = 10_000;
@@ -201,13 +201,16 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
             let outbox_id =
                 outbox_admin::api::replay_one(&pool, &cli_actor(), app.id, id, max_attempts)
-                    .await?;
+                    .await
+                    .map_err(cli_error)?;
             println!("replayed {id} as outbox row {outbox_id}");
         }
         DeadLetterCommand::Ignore { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
             let id = parse_id(&id)?;
-            outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id).await?;
+            outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id)
+                .await
+                .map_err(cli_error)?;
             println!("ignored {id}");
         }
     }

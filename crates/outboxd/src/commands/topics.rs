@@ -10,6 +10,15 @@ use uuid::Uuid;
 
 use outboxd::config::Settings;
 
+/// An error of an action shared with the API, for the command line: the
+/// detail an API client is not shown (a database error) is the message here.
+pub(crate) fn cli_error(err: ApiError) -> anyhow::Error {
+    match err {
+        ApiError::Internal(detail) => anyhow::anyhow!(detail),
+        other => anyhow::anyhow!(other),
+    }
+}
+
 /// Who the audit log, a pause and a cancelled row name for a command run
 /// here: `cli`, with the account that ran it when the shell says.
 pub(crate) fn cli_actor() -> String {
@@ -117,7 +126,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
         TopicCommand::Pause { app, topic, reason } => {
             let id = apps::by_slug(&pool, &app).await?.id;
             let actor = cli_actor();
-            if api::pause_topic(&pool, &actor, id, &topic, reason.as_deref()).await? {
+            if api::pause_topic(&pool, &actor, id, &topic, reason.as_deref())
+                .await
+                .map_err(cli_error)?
+            {
                 println!("{app}: {topic} paused");
             } else {
                 println!("{app}: {topic} was already paused");
@@ -128,7 +140,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             match api::resume_topic(&pool, &cli_actor(), id, &topic).await {
                 Ok(()) => println!("{app}: {topic} resumed"),
                 Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} is not paused"),
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(cli_error(err)),
             }
         }
         TopicCommand::Paused { app } => {
@@ -158,7 +170,9 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 rate_per_sec: rate,
                 burst,
             };
-            let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted).await?;
+            let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted)
+                .await
+                .map_err(cli_error)?;
             println!(
                 "{app}: {topic} limited to {}",
                 describe(set.max_running(), set.max_running_per_key(), set.rate())
@@ -169,7 +183,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             match api::unlimit_topic(&pool, &cli_actor(), id, &topic).await {
                 Ok(()) => println!("{app}: {topic} is no longer limited"),
                 Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} has no limit"),
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(cli_error(err)),
             }
         }
         TopicCommand::Limits { app } => {
@@ -234,7 +248,9 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
     match args.topic {
         Some(topic) => loop {
             let filter = CancelFilter::Topic(topic.clone());
-            let done = api::cancel_rows(&pool, &actor, app, &filter, &args.reason).await?;
+            let done = api::cancel_rows(&pool, &actor, app, &filter, &args.reason)
+                .await
+                .map_err(cli_error)?;
             total += done.len();
             if (done.len() as i64) < store::MAX_CANCEL_BATCH {
                 break;
@@ -243,7 +259,8 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
         None => {
             let filter = CancelFilter::Ids(args.ids);
             total = api::cancel_rows(&pool, &actor, app, &filter, &args.reason)
-                .await?
+                .await
+                .map_err(cli_error)?
                 .len();
         }
     }

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use outboxd::config::Settings;
 
-use super::topics::cli_actor;
+use super::topics::{cli_actor, cli_error};
 
 /// `outboxd trigger …`.
 #[derive(Debug, Subcommand)]
@@ -140,17 +140,23 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
         }
         TriggerCommand::Enable { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(true)).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(true))
+                .await
+                .map_err(cli_error)?;
             println!("enabled");
         }
         TriggerCommand::Disable { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(false)).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(false))
+                .await
+                .map_err(cli_error)?;
             println!("disabled");
         }
         TriggerCommand::Delete { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, None).await?;
+            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, None)
+                .await
+                .map_err(cli_error)?;
             println!("deleted");
         }
     }
