@@ -46,6 +46,19 @@ pub struct Action<'a> {
     pub detail: Value,
 }
 
+impl<'a> Action<'a> {
+    /// An action on `target` that changes no rows and has no details (a
+    /// resume, a removed limit, a trigger switched on or off).
+    pub fn on(action: &'a str, target: &'a str) -> Self {
+        Self {
+            action,
+            target: Some(target),
+            rows: 0,
+            detail: Value::Object(serde_json::Map::new()),
+        }
+    }
+}
+
 /// Records `action` on `app_id` by `actor` in the action's transaction.
 pub async fn record(
     tx: &mut PgConnection,

@@ -390,13 +390,7 @@ pub async fn change_trigger(
         }
     };
     let target = id.to_string();
-    let action = Action {
-        action,
-        target: Some(&target),
-        rows: 0,
-        detail: json!({}),
-    };
-    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::record(&mut tx, actor, app_id, Action::on(action, &target)).await?;
     audit::commit(tx).await
 }
 

@@ -141,12 +141,7 @@ pub async fn resume_topic(
     if !pauses::resume(&mut *tx, app_id, topic).await? {
         return Err(ApiError::NotFound("pause"));
     }
-    let action = Action {
-        action: "topic.resume",
-        target: Some(topic),
-        rows: 0,
-        detail: json!({}),
-    };
+    let action = Action::on("topic.resume", topic);
     audit::record(&mut tx, actor, app_id, action).await?;
     audit::commit(tx).await
 }
@@ -217,12 +212,7 @@ pub async fn unlimit_topic(
     if !limits::remove(&mut *tx, app_id, topic).await? {
         return Err(ApiError::NotFound("limit"));
     }
-    let action = Action {
-        action: "topic.unlimit",
-        target: Some(topic),
-        rows: 0,
-        detail: json!({}),
-    };
+    let action = Action::on("topic.unlimit", topic);
     audit::record(&mut tx, actor, app_id, action).await?;
     audit::commit(tx).await
 }
