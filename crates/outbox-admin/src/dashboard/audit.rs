@@ -6,11 +6,10 @@ use outbox_core::store::audit;
 
 use crate::AdminState;
 use crate::api::AuditQuery;
-use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
-use super::session::Session;
+use super::session::{Session, viewed_app};
 
 /// `GET /apps/{app}/audit[?before=ID]`: who did what, when, to how many rows.
 pub(super) async fn audit_page(
@@ -21,13 +20,7 @@ pub(super) async fn audit_page(
 ) -> Response {
     let result = async {
         let crate::strict::Query(q) = q?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let limit = q.limit()?;
         let entries = audit::list(&state.pool, app.id, q.before, limit).await?;
         Ok::<_, ApiError>((app, entries, limit))

@@ -9,12 +9,12 @@ use uuid::Uuid;
 use crate::AdminState;
 use crate::api::{self, BulkBody, ListQuery};
 use crate::audit;
-use crate::auth::{self, Capability};
+use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
 use super::rows::attempts_table;
-use super::session::{Session, after_form, checked_form, field};
+use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
     let secs = (chrono::Utc::now() - created).num_seconds().max(0);
@@ -37,13 +37,7 @@ pub(super) async fn list_page(
         Err(err) => return error_page(&err),
     };
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let limit = q.limit()?;
         let rows =
             dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
@@ -105,13 +99,7 @@ pub(super) async fn detail_page(
     Path((app, id)): Path<(String, String)>,
 ) -> Response {
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         Ok::<_, ApiError>((dead_letters::get(&state.pool, app.id, id).await?, app))
     }

@@ -11,11 +11,10 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::AdminState;
-use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
-use super::session::Session;
+use super::session::{Session, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(|t| t.to_rfc3339()).unwrap_or_default()
@@ -84,13 +83,7 @@ pub(super) async fn lookup(
 ) -> Response {
     let result = async {
         let crate::strict::Query(q) = q?;
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let id = Uuid::parse_str(q.id.trim())
             .map_err(|_| ApiError::Invalid(format!("{:?} is not a row id", q.id)))?;
         Ok::<_, ApiError>(format!("/apps/{}/outbox/{id}", app.slug))
@@ -110,13 +103,7 @@ pub(super) async fn row_page(
     Path((app, id)): Path<(String, String)>,
 ) -> Response {
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("outbox row"))?;
         let row = store::row(&state.pool, app.id, id).await?;
         let buried = match row {

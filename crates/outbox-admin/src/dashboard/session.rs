@@ -86,6 +86,22 @@ pub(super) async fn checked_form(
     Ok((form, app))
 }
 
+/// The app a page shows, if the session's principal may read it (another
+/// app answers "not found").
+pub(super) async fn viewed_app(
+    state: &AdminState,
+    session: &Session,
+    app: &str,
+) -> Result<outbox_core::App, ApiError> {
+    auth::authorize(
+        &state.pool,
+        &session.principal,
+        app,
+        Capability::DeadLetterRead,
+    )
+    .await
+}
+
 /// Redirects to the page a form action leads to, or shows its error.
 pub(super) fn after_form(result: Result<String, ApiError>) -> Response {
     match result {

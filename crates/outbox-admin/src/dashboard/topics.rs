@@ -11,11 +11,11 @@ use outbox_core::store::{limits, pauses, processes};
 use crate::AdminState;
 use crate::api;
 use crate::audit;
-use crate::auth::{self, Capability};
+use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
-use super::session::{Session, after_form, checked_form, field};
+use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 pub(super) async fn topics_page(
     State(state): State<AdminState>,
@@ -23,13 +23,7 @@ pub(super) async fn topics_page(
     Path(app): Path<String>,
 ) -> Response {
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let paused = pauses::list(&state.pool, app.id).await?;
         let limited = limits::list(&state.pool, app.id).await?;
         let live = processes::live(&state.pool).await?;
@@ -139,13 +133,7 @@ pub(super) async fn topic_rows(
     Path(app): Path<String>,
 ) -> Response {
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         Ok::<_, ApiError>(recorded_state_counts(&state.pool, app.id).await?)
     }
     .await;

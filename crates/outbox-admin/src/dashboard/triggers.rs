@@ -6,11 +6,11 @@ use uuid::Uuid;
 
 use crate::AdminState;
 use crate::audit;
-use crate::auth::{self, Capability};
+use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page};
-use super::session::{Session, after_form, checked_form, field};
+use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 pub(super) async fn triggers_page(
     State(state): State<AdminState>,
@@ -18,13 +18,7 @@ pub(super) async fn triggers_page(
     Path(app): Path<String>,
 ) -> Response {
     let result = async {
-        let app = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app,
-            Capability::DeadLetterRead,
-        )
-        .await?;
+        let app = viewed_app(&state, &session, &app).await?;
         let rows = outbox_core::store::triggers::list(&state.pool, app.id).await?;
         Ok::<_, ApiError>((app, rows))
     }
