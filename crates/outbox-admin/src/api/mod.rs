@@ -3,7 +3,7 @@
 //!
 //! This module holds the router, the bearer extractor and the OpenAPI
 //! document; the handlers live in one file per noun (`login`, `accounts`,
-//! `apps`, `dead_letters`, `topics`).
+//! `apps`, `dead_letters`, `rows`, `topics`).
 
 use std::net::SocketAddr;
 
@@ -22,6 +22,7 @@ mod accounts;
 mod apps;
 mod dead_letters;
 mod login;
+mod rows;
 mod topics;
 
 pub use self::dead_letters::{
@@ -29,8 +30,12 @@ pub use self::dead_letters::{
     replay_attempts, replay_one, run_bulk,
 };
 pub use self::login::check_login;
+pub use self::rows::{
+    Acted, COUNT_BOUND, RowList, RowQuery, Selection, cancel_rows, count_idle, list_rows,
+    retry_rows,
+};
 pub(crate) use self::topics::AuditQuery;
-pub use self::topics::{cancel_rows, limit_topic, pause_topic, resume_topic, unlimit_topic};
+pub use self::topics::{limit_topic, pause_topic, resume_topic, unlimit_topic};
 
 use self::accounts::{
     api_keys, create_user, delete_user, revoke_api_key, revoke_sessions, set_password, unlock_user,
@@ -40,8 +45,8 @@ use self::apps::apps;
 use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
 use self::topics::{
-    cancel, list_audit, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit,
-    resume, set_limit, show_row,
+    list_audit, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit, resume,
+    set_limit,
 };
 
 /// The `/api` routes.
@@ -84,8 +89,11 @@ pub fn routes() -> Router<AdminState> {
             "/api/apps/{app}/limits/{topic}",
             axum::routing::put(set_limit).delete(remove_limit),
         )
-        .route("/api/apps/{app}/outbox/cancel", post(cancel))
-        .route("/api/apps/{app}/outbox/{id}", get(show_row))
+        .route("/api/apps/{app}/outbox", get(rows::list))
+        .route("/api/apps/{app}/outbox/count", get(rows::count))
+        .route("/api/apps/{app}/outbox/cancel", post(rows::cancel))
+        .route("/api/apps/{app}/outbox/retry", post(rows::retry))
+        .route("/api/apps/{app}/outbox/{id}", get(rows::show))
         .route("/api/apps/{app}/audit", get(list_audit))
 }
 

@@ -1,11 +1,10 @@
 //! Topics as the unit of control: who serves what (live processes), paused
-//! topics, concurrency and rate limits, and cancelling rows that have not run.
+//! topics, concurrency and rate limits, the rows by state, and the audit log.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use outbox_core::OutboxRow;
-use outbox_core::store::outbox::{self as store, CancelFilter};
+use outbox_core::store::outbox as store;
 use outbox_core::store::{limits, pauses, processes};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -41,22 +40,6 @@ pub(super) async fn list_topics(
     Ok(Json(
         store::recorded_state_counts(&state.pool, app.id).await?,
     ))
-}
-
-/// `GET /api/apps/{app}/outbox/{id}`: one row that has not finished, with
-/// its state and attempt history; 404 when the app has no such row.
-pub(super) async fn show_row(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path((app, id)): Path<(String, String)>,
-) -> Result<Json<OutboxRow>, ApiError> {
-    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let not_found = || ApiError::not_found("outbox row");
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    store::row(&state.pool, app.id, id)
-        .await?
-        .map(Json)
-        .ok_or_else(not_found)
 }
 
 /// The query of `GET /api/apps/{app}/audit`.
@@ -144,35 +127,6 @@ pub async fn resume_topic(
     let action = Action::on("topic.resume", topic);
     audit::record(&mut tx, actor, app_id, action).await?;
     audit::commit(tx).await
-}
-
-/// Cancels rows of the app for `actor` (see `store::outbox::cancel`; at most
-/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count
-/// when it cancelled any.
-pub async fn cancel_rows(
-    pool: &sqlx::PgPool,
-    actor: &str,
-    app_id: Uuid,
-    filter: &CancelFilter,
-    reason: &str,
-) -> Result<Vec<Uuid>, ApiError> {
-    let mut tx = audit::begin(pool).await?;
-    let ids = store::cancel(&mut *tx, app_id, filter, Some(actor), reason).await?;
-    let (target, detail) = match filter {
-        CancelFilter::Topic(topic) => (Some(topic.as_str()), json!({ "reason": reason })),
-        CancelFilter::Ids(asked) => (None, json!({ "reason": reason, "ids": asked.len() })),
-    };
-    if !ids.is_empty() {
-        let action = Action {
-            action: "outbox.cancel",
-            target,
-            rows: ids.len(),
-            detail,
-        };
-        audit::record(&mut tx, actor, app_id, action).await?;
-    }
-    audit::commit(tx).await?;
-    Ok(ids)
 }
 
 /// Sets `topic`'s limits for `actor` (recorded, with the limits).
@@ -313,47 +267,4 @@ pub(super) async fn remove_limit(
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
     unlimit_topic(&state.pool, &audit::actor(&p), app.id, &topic).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct CancelBody {
-    ids: Option<Vec<Uuid>>,
-    topic: Option<String>,
-    reason: String,
-}
-
-/// `POST /api/apps/{app}/outbox/cancel`: cancels rows that have not run
-/// (by `ids`, or every row of `topic`, at most 10,000 per call); each
-/// becomes an `ignored` dead letter carrying the reason.
-pub(super) async fn cancel(
-    State(state): State<AdminState>,
-    Bearer(p): Bearer,
-    Path(app): Path<String>,
-    bytes: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
-    let body: CancelBody = crate::strict::json(&bytes)?;
-    let filter = match (body.ids, body.topic) {
-        (Some(ids), None) => CancelFilter::Ids(ids),
-        (None, Some(topic)) => CancelFilter::Topic(topic),
-        _ => {
-            return Err(ApiError::Invalid(
-                "give either ids (row ids) or topic, not both".into(),
-            ));
-        }
-    };
-    let ids = cancel_rows(
-        &state.pool,
-        &audit::actor(&p),
-        app.id,
-        &filter,
-        &body.reason,
-    )
-    .await?;
-    let more =
-        matches!(filter, CancelFilter::Topic(_)) && ids.len() as i64 == store::MAX_CANCEL_BATCH;
-    Ok(Json(
-        json!({ "cancelled": ids.len(), "ids": ids, "more": more }),
-    ))
 }

@@ -219,3 +219,259 @@ async fn the_dashboard_shows_a_row_escaped_and_leads_to_its_dead_letter() -> Tes
     );
     Ok(())
 }
+
+/// Enqueues rows of app A: `n` of topic `mail.send` (payload `{"n": i}`,
+/// every other one delayed an hour) and one of `sms.send`; and one of app B.
+async fn browsable(w: &World, n: usize) -> Result<Vec<Uuid>, Box<dyn std::error::Error>> {
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut events: Vec<NewEvent> = (0..n)
+        .map(|i| {
+            let e = NewEvent::new("mail.send", json!({"n": i, "to": {"domain": "x.io"}}));
+            if i % 2 == 1 { e.with_run_at(later) } else { e }
+        })
+        .collect();
+    events.push(NewEvent::new("sms.send", json!({"n": 0})));
+    let mut tx = w.db.pool.begin().await?;
+    let ids = outbox_core::enqueue_batch(&mut tx, w.app_a, &events).await?;
+    outbox_core::enqueue_batch(&mut tx, w.app_b, &[NewEvent::new("mail.send", json!({}))]).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn the_api_browses_rows_by_filter_page_by_page_with_bounded_counts() -> TestResult {
+    let w = World::new().await?;
+    browsable(&w, 30).await?;
+    let viewer = w.login("viewer@x.io").await?;
+
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/outbox?topic=mail.send&limit=12",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"].as_array().ok_or("rows")?.len(), 12);
+    assert_eq!(body["count"], json!({"rows": 30, "exact": true}));
+    assert!(body["before"].is_null());
+    assert!(
+        body["rows"][0].get("payload").is_none(),
+        "lists leave payloads out"
+    );
+    let mut seen = 12;
+    let mut after = body["after"].as_str().ok_or("no next page")?.to_owned();
+    loop {
+        let (s, body) = w
+            .call(
+                "GET",
+                &format!("/api/apps/app-a/outbox?topic=mail.send&limit=12&after={after}"),
+                Some(&viewer),
+                None,
+            )
+            .await?;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        seen += body["rows"].as_array().ok_or("rows")?.len();
+        assert!(
+            body["before"].is_string(),
+            "a later page has a previous one"
+        );
+        match body["after"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 30);
+
+    for (query, expected) in [
+        ("state=scheduled", 15),
+        ("state=due&topic=mail.send", 15),
+        ("topic=sms.send", 1),
+        ("field=n%3D7", 1),
+        (
+            "payload=%7B%22to%22%3A%7B%22domain%22%3A%22x.io%22%7D%7D",
+            30,
+        ),
+        ("topic=&state=&field=", 31),
+        ("created_from=2000-01-01T00%3A00", 31),
+    ] {
+        let (s, body) = w
+            .call(
+                "GET",
+                &format!("/api/apps/app-a/outbox?{query}&limit=500"),
+                Some(&viewer),
+                None,
+            )
+            .await?;
+        assert_eq!(s, StatusCode::OK, "{query}: {body}");
+        assert_eq!(
+            body["rows"].as_array().ok_or("rows")?.len(),
+            expected,
+            "{query}"
+        );
+        assert_eq!(body["count"]["rows"], expected, "{query}");
+    }
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/outbox/count?topic=mail.send",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"], json!({"rows": 30, "exact": true}));
+    assert_eq!(body["idle"], json!({"rows": 30, "exact": true}));
+
+    // Bad input says what is wrong and what is accepted.
+    for (query, says) in [
+        ("state=stuck", "state"),
+        ("field=novalue", "field"),
+        ("payload=%7Bnot-json", "payload"),
+        ("payload=5", "payload_contains"),
+        ("created_from=yesterday", "created_from"),
+        ("limit=0", "limit"),
+        ("after=garbage", "cursor"),
+        (
+            "after=1_00000000-0000-0000-0000-000000000000&before=1_00000000-0000-0000-0000-000000000000",
+            "not both",
+        ),
+        ("colour=red", "colour"),
+    ] {
+        let (s, body) = w
+            .call(
+                "GET",
+                &format!("/api/apps/app-a/outbox?{query}"),
+                Some(&viewer),
+                None,
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(body.to_string().contains(says), "{query}: {body}");
+    }
+    // Another app's rows are not listed, even to an instance admin.
+    let root = w.login("root@x.io").await?;
+    let (s, body) = w
+        .call("GET", "/api/apps/app-b/outbox", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    let (s, body) = w
+        .call("GET", "/api/apps/app-b/outbox", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["count"]["rows"], 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -> TestResult {
+    let w = World::new().await?;
+    let ids = browsable(&w, 10).await?;
+    let viewer = w.login("viewer@x.io").await?;
+    let operator = w.login("operator@x.io").await?;
+    let scheduled = json!({"filter": {"topic": "mail.send", "state": "scheduled"}});
+
+    let (s, _) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/retry",
+            Some(&viewer),
+            Some(scheduled.clone()),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "viewers do not act");
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/retry",
+            Some(&operator),
+            Some(scheduled.clone()),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["retried"], 5);
+    assert_eq!(body["more"], false);
+    let (_, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/outbox/count?state=scheduled",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(body["rows"]["rows"], 0, "{body}");
+    // Again: nothing waits any more, nothing is recorded.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/retry",
+            Some(&operator),
+            Some(scheduled),
+        )
+        .await?;
+    assert_eq!((s, body["retried"].clone()), (StatusCode::OK, json!(0)));
+
+    let cancel = json!({"filter": {"field": "n=3"}, "reason": "customer left"});
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            Some(&operator),
+            Some(cancel),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["cancelled"], 1);
+    assert_eq!(body["ids"], json!([ids[3]]));
+    let dead = dead_letters::by_original(&w.db.pool, ids[3]).await?;
+    assert_eq!(
+        dead.first().map(|d| d.resolution.clone()),
+        Some(Some("ignored".into()))
+    );
+
+    // Page fields in an action's filter, two selections, or none are refused.
+    for body in [
+        json!({"filter": {"topic": "mail.send", "limit": 5}, "reason": "r"}),
+        json!({"filter": {"topic": "mail.send"}, "topic": "mail.send", "reason": "r"}),
+        json!({"reason": "r"}),
+        json!({"filter": {"topic": "nothing.here"}, "reason": " "}),
+    ] {
+        let (s, res) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/outbox/cancel",
+                Some(&operator),
+                Some(body.clone()),
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {res}");
+    }
+
+    let (s, log) = w
+        .call("GET", "/api/apps/app-a/audit", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    let actions: Vec<(String, i64)> = log
+        .as_array()
+        .ok_or("entries")?
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().to_owned(),
+                e["rows"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("outbox.cancel".to_owned(), 1),
+            ("outbox.retry".to_owned(), 5)
+        ]
+    );
+    assert_eq!(log[0]["detail"]["filter"]["field"], "n=3");
+    assert_eq!(log[0]["detail"]["reason"], "customer left");
+    assert_eq!(log[1]["detail"]["filter"]["state"], "scheduled");
+    Ok(())
+}

@@ -1,4 +1,5 @@
 //! Integration tests of enqueue and the stores against a real PostgreSQL.
+mod browse;
 mod cancel;
 mod enqueue;
 mod history;

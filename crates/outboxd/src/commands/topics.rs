@@ -4,7 +4,6 @@
 
 use clap::{Args, Subcommand};
 use outbox_admin::{ApiError, api};
-use outbox_core::store::outbox::{self as store, CancelFilter};
 use outbox_core::store::{apps, limits, pauses, processes};
 use uuid::Uuid;
 
@@ -247,21 +246,21 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
     let mut total = 0;
     match args.topic {
         Some(topic) => loop {
-            let filter = CancelFilter::Topic(topic.clone());
-            let done = api::cancel_rows(&pool, &actor, app, &filter, &args.reason)
+            let selection = api::Selection::Topic(topic.clone());
+            let done = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
                 .await
                 .map_err(cli_error)?;
-            total += done.len();
-            if (done.len() as i64) < store::MAX_CANCEL_BATCH {
+            total += done.rows;
+            if !done.more {
                 break;
             }
         },
         None => {
-            let filter = CancelFilter::Ids(args.ids);
-            total = api::cancel_rows(&pool, &actor, app, &filter, &args.reason)
+            let selection = api::Selection::Ids(args.ids);
+            total = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
                 .await
                 .map_err(cli_error)?
-                .len();
+                .rows;
         }
     }
     println!(

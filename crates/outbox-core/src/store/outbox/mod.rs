@@ -383,6 +383,7 @@ fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.token)).unzip()
 }
 
+mod browse;
 mod cancel;
 mod claiming;
 mod inspect;
@@ -391,6 +392,7 @@ mod limited;
 mod positions;
 mod tx;
 
+pub use browse::*;
 pub use cancel::*;
 pub use claiming::*;
 pub use inspect::*;

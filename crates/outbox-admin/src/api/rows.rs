@@ -1,0 +1,455 @@
+//! The outbox's rows: browsing with filters and keyset pages, one row, and
+//! the operator's actions on rows that have not run (retry now, cancel), by
+//! id, by topic or on a whole filter.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use outbox_core::OutboxRow;
+use outbox_core::store::outbox::{
+    self as store, CancelFilter, PageAt, PayloadField, RowCount, RowCursor, RowFilter, RowSummary,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::audit::{self, Action};
+use crate::auth::{self, Capability};
+use crate::error::ApiError;
+
+use super::Bearer;
+
+/// Counts stop being exact past this many rows (an estimate follows).
+pub const COUNT_BOUND: i64 = 1000;
+/// The longest a count may take before the estimate is used instead.
+pub const COUNT_BUDGET: Duration = Duration::from_millis(50);
+/// The longest a page may take before it is refused (narrow the filter).
+pub const PAGE_BUDGET: Duration = Duration::from_secs(2);
+/// The rows of a page when the caller does not say.
+pub const DEFAULT_PAGE_ROWS: i64 = 50;
+
+/// A filter on an app's rows as the API and the console's forms take it:
+/// every field optional, blank fields ignored. `after`/`before`/`limit`
+/// page a list and are refused in an action's filter.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowQuery {
+    /// Rows of this topic.
+    pub topic: Option<String>,
+    /// `due`, `scheduled`, `retrying` or `running`.
+    pub state: Option<String>,
+    /// Rows of this ordering key.
+    pub ordering_key: Option<String>,
+    /// Rows of this partition key.
+    pub partition_key: Option<String>,
+    /// The row with this idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Enqueued at or after (RFC 3339, or `YYYY-MM-DDTHH:MM[:SS]` in UTC).
+    pub created_from: Option<String>,
+    /// Enqueued before (same forms).
+    pub created_to: Option<String>,
+    /// The payload contains this JSON (an object or array, or its text).
+    pub payload: Option<Value>,
+    /// The payload has this value at this path: `customer.id=c-1`.
+    pub field: Option<String>,
+    /// The page after this cursor.
+    pub after: Option<String>,
+    /// The page before this cursor.
+    pub before: Option<String>,
+    /// Rows per page (1..=500, default 50).
+    pub limit: Option<i64>,
+}
+
+/// `None` for an absent or blank text field.
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn time(name: &str, value: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(text) = given(value) else {
+        return Ok(None);
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "{name}: {text:?} is not a time (RFC 3339, or YYYY-MM-DDTHH:MM in UTC)"
+            ))
+        })
+}
+
+impl RowQuery {
+    /// The store's filter.
+    pub fn filter(&self) -> Result<RowFilter, ApiError> {
+        let payload_contains = match &self.payload {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) if text.trim().is_empty() => None,
+            Some(Value::String(text)) => Some(serde_json::from_str(text).map_err(|_| {
+                ApiError::Invalid(format!(
+                    "payload: {text:?} is not JSON; give an object such as {{\"customer\":\"c-1\"}}"
+                ))
+            })?),
+            Some(other) => Some(other.clone()),
+        };
+        Ok(RowFilter {
+            topic: given(&self.topic).map(str::to_owned),
+            state: given(&self.state).map(str::parse).transpose()?,
+            ordering_key: given(&self.ordering_key).map(str::to_owned),
+            partition_key: given(&self.partition_key).map(str::to_owned),
+            idempotency_key: given(&self.idempotency_key).map(str::to_owned),
+            created_from: time("created_from", &self.created_from)?,
+            created_to: time("created_to", &self.created_to)?,
+            payload_contains,
+            payload_field: given(&self.field).map(PayloadField::parse).transpose()?,
+            idle_only: false,
+        })
+    }
+
+    /// Which page, from `after` or `before` (not both).
+    pub fn page_at(&self) -> Result<PageAt, ApiError> {
+        match (given(&self.after), given(&self.before)) {
+            (None, None) => Ok(PageAt::First),
+            (Some(after), None) => Ok(PageAt::After(RowCursor::decode(after)?)),
+            (None, Some(before)) => Ok(PageAt::Before(RowCursor::decode(before)?)),
+            (Some(_), Some(_)) => Err(ApiError::Invalid("give after or before, not both".into())),
+        }
+    }
+
+    /// The page size asked for, checked.
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_PAGE_ROWS),
+            Some(n) if (1..=store::MAX_PAGE_ROWS).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::Invalid(format!(
+                "limit: {n} is outside 1..={}",
+                store::MAX_PAGE_ROWS
+            ))),
+        }
+    }
+
+    /// The filter of a bulk action: page fields have no meaning there.
+    fn action_filter(&self) -> Result<RowFilter, ApiError> {
+        if self.after.is_some() || self.before.is_some() || self.limit.is_some() {
+            return Err(ApiError::Invalid(
+                "filter: after, before and limit page a list; an action takes every matching row"
+                    .into(),
+            ));
+        }
+        self.filter()
+    }
+}
+
+/// A page of rows, with the cursors of the pages around it and how many
+/// rows match in all.
+#[derive(Debug, Serialize)]
+pub struct RowList {
+    /// The rows, next to be claimed first.
+    pub rows: Vec<RowSummary>,
+    /// The `before` cursor of the previous page, when there is one.
+    pub before: Option<String>,
+    /// The `after` cursor of the next page, when there is one.
+    pub after: Option<String>,
+    /// How many rows match: exact up to 1,000, else an estimate.
+    pub count: RowCount,
+}
+
+/// A page of `app_id`'s rows for `q`, with its count.
+pub async fn list_rows(
+    pool: &sqlx::PgPool,
+    app_id: Uuid,
+    q: &RowQuery,
+) -> Result<RowList, ApiError> {
+    let filter = q.filter()?;
+    let page = store::browse(pool, app_id, &filter, q.page_at()?, q.limit()?, PAGE_BUDGET).await?;
+    let count = store::count_matching(pool, app_id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
+    Ok(RowList {
+        rows: page.rows,
+        before: page.before.map(|c| c.encode()),
+        after: page.after.map(|c| c.encode()),
+        count,
+    })
+}
+
+/// How many of `app_id`'s rows an action on `filter` would touch now (those
+/// no handler is running).
+pub async fn count_idle(
+    pool: &sqlx::PgPool,
+    app_id: Uuid,
+    filter: &RowFilter,
+) -> Result<RowCount, ApiError> {
+    let idle = RowFilter {
+        idle_only: true,
+        ..filter.clone()
+    };
+    Ok(store::count_matching(pool, app_id, &idle, COUNT_BOUND, COUNT_BUDGET).await?)
+}
+
+/// `GET /api/apps/{app}/outbox`: the app's rows that have not finished,
+/// filtered, in claim order, keyset-paginated both ways.
+pub(super) async fn list(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<RowQuery>, ApiError>,
+) -> Result<Json<RowList>, ApiError> {
+    let crate::strict::Query(q) = q?;
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(list_rows(&state.pool, app.id, &q).await?))
+}
+
+/// `GET /api/apps/{app}/outbox/{id}`: one row that has not finished, with
+/// its state and attempt history; 404 when the app has no such row.
+pub(super) async fn show(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, id)): Path<(String, String)>,
+) -> Result<Json<OutboxRow>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let not_found = || ApiError::not_found("outbox row");
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    store::row(&state.pool, app.id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+/// The rows an operator's action names.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// These rows.
+    Ids(Vec<Uuid>),
+    /// Every row of this topic.
+    Topic(String),
+    /// Every row that matches.
+    Matching(RowFilter),
+}
+
+impl Selection {
+    /// From a body's `ids`, `topic` or `filter`, exactly one of them.
+    fn from_body(
+        ids: Option<Vec<Uuid>>,
+        topic: Option<String>,
+        filter: Option<RowQuery>,
+    ) -> Result<Self, ApiError> {
+        match (ids, topic, filter) {
+            (Some(ids), None, None) => Ok(Self::Ids(ids)),
+            (None, Some(topic), None) => Ok(Self::Topic(topic)),
+            (None, None, Some(filter)) => Ok(Self::Matching(filter.action_filter()?)),
+            _ => Err(ApiError::Invalid(
+                "give exactly one of ids (row ids), topic or filter".into(),
+            )),
+        }
+    }
+
+    /// What the audit log says the action was taken on.
+    fn audited(&self) -> (Option<&str>, Value) {
+        match self {
+            Self::Topic(topic) => (Some(topic.as_str()), json!({})),
+            Self::Ids(ids) => (None, json!({ "ids": ids.len() })),
+            Self::Matching(f) => (
+                f.topic.as_deref(),
+                json!({ "filter": {
+                    "topic": f.topic, "state": f.state.map(|s| s.as_str()),
+                    "ordering_key": f.ordering_key, "partition_key": f.partition_key,
+                    "idempotency_key": f.idempotency_key, "created_from": f.created_from,
+                    "created_to": f.created_to, "payload": f.payload_contains,
+                    "field": f.payload_field.as_ref().map(|p| format!("{}={}", p.path.join("."), p.value)),
+                }}),
+            ),
+        }
+    }
+
+    /// The ids it names now, for the actions that take ids (at most
+    /// `MAX_CANCEL_BATCH`, idle rows first in claim order).
+    async fn ids(&self, tx: &mut sqlx::PgConnection, app_id: Uuid) -> Result<Vec<Uuid>, ApiError> {
+        let filter = match self {
+            Self::Ids(ids) => return Ok(ids.clone()),
+            Self::Topic(topic) => RowFilter {
+                topic: Some(topic.clone()),
+                ..Default::default()
+            },
+            Self::Matching(filter) => filter.clone(),
+        };
+        Ok(store::idle_ids(&mut *tx, app_id, &filter, store::MAX_CANCEL_BATCH).await?)
+    }
+}
+
+/// What a bulk action did: at most `MAX_CANCEL_BATCH` rows per call, `more`
+/// when there may be others.
+#[derive(Debug, Serialize)]
+pub struct Acted {
+    /// How many rows it changed.
+    pub rows: usize,
+    /// Their ids.
+    pub ids: Vec<Uuid>,
+    /// True when the call stopped at the batch size: call again for the rest.
+    pub more: bool,
+}
+
+impl Acted {
+    fn of(ids: Vec<Uuid>, selection: &Selection) -> Self {
+        let more =
+            !matches!(selection, Selection::Ids(_)) && ids.len() as i64 == store::MAX_CANCEL_BATCH;
+        Self {
+            rows: ids.len(),
+            ids,
+            more,
+        }
+    }
+}
+
+/// Cancels rows of the app for `actor` (see `store::outbox::cancel`; at most
+/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count
+/// when it cancelled any.
+pub async fn cancel_rows(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    selection: &Selection,
+    reason: &str,
+) -> Result<Acted, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let filter = match selection {
+        Selection::Topic(topic) => CancelFilter::Topic(topic.clone()),
+        other => CancelFilter::Ids(other.ids(&mut tx, app_id).await?),
+    };
+    let ids = match &filter {
+        CancelFilter::Ids(ids) if ids.is_empty() && !matches!(selection, Selection::Ids(_)) => {
+            if reason.trim().is_empty() {
+                return Err(ApiError::Invalid(
+                    "reason: must be 1 to 1000 characters".into(),
+                ));
+            }
+            Vec::new()
+        }
+        filter => store::cancel(&mut *tx, app_id, filter, Some(actor), reason).await?,
+    };
+    if !ids.is_empty() {
+        let (target, mut detail) = selection.audited();
+        detail["reason"] = json!(reason);
+        let action = Action {
+            action: "outbox.cancel",
+            target,
+            rows: ids.len(),
+            detail,
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
+    audit::commit(tx).await?;
+    Ok(Acted::of(ids, selection))
+}
+
+/// Makes rows of the app that wait for a delay or a backoff due now, for
+/// `actor` (recorded when it moved any).
+pub async fn retry_rows(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    selection: &Selection,
+) -> Result<Acted, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let asked = selection.ids(&mut tx, app_id).await?;
+    let ids = if asked.is_empty() && !matches!(selection, Selection::Ids(_)) {
+        Vec::new()
+    } else {
+        store::retry_now(&mut *tx, app_id, &asked).await?
+    };
+    if !ids.is_empty() {
+        let (target, detail) = selection.audited();
+        let action = Action {
+            action: "outbox.retry",
+            target,
+            rows: ids.len(),
+            detail,
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
+    audit::commit(tx).await?;
+    Ok(Acted::of(ids, selection))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CancelBody {
+    ids: Option<Vec<Uuid>>,
+    topic: Option<String>,
+    filter: Option<RowQuery>,
+    reason: String,
+}
+
+/// `POST /api/apps/{app}/outbox/cancel`: cancels rows that have not run
+/// (by `ids`, every row of `topic`, or every row matching `filter`, at most
+/// 10,000 per call); each becomes an `ignored` dead letter carrying the
+/// reason.
+pub(super) async fn cancel(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    let body: CancelBody = crate::strict::json(&bytes)?;
+    let selection = Selection::from_body(body.ids, body.topic, body.filter)?;
+    let done = cancel_rows(
+        &state.pool,
+        &audit::actor(&p),
+        app.id,
+        &selection,
+        &body.reason,
+    )
+    .await?;
+    Ok(Json(
+        json!({ "cancelled": done.rows, "ids": done.ids, "more": done.more }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetryBody {
+    ids: Option<Vec<Uuid>>,
+    topic: Option<String>,
+    filter: Option<RowQuery>,
+}
+
+/// `POST /api/apps/{app}/outbox/retry`: makes rows that wait for a delay or
+/// a retry's backoff due now (by `ids`, `topic` or `filter`, at most 10,000
+/// per call); running and due rows are left as they are.
+pub(super) async fn retry(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
+    let body: RetryBody = crate::strict::json(&bytes)?;
+    let selection = Selection::from_body(body.ids, body.topic, body.filter)?;
+    let done = retry_rows(&state.pool, &audit::actor(&p), app.id, &selection).await?;
+    Ok(Json(
+        json!({ "retried": done.rows, "ids": done.ids, "more": done.more }),
+    ))
+}
+
+/// `GET /api/apps/{app}/outbox/count`: how many rows match the filter, and
+/// how many of them an action would touch (those not running).
+pub(super) async fn count(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<RowQuery>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let crate::strict::Query(q) = q?;
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let filter = q.action_filter()?;
+    let all =
+        store::count_matching(&state.pool, app.id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
+    let idle = count_idle(&state.pool, app.id, &filter).await?;
+    Ok(Json(json!({ "rows": all, "idle": idle })))
+}

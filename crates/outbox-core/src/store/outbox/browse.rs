@@ -1,0 +1,527 @@
+//! Browsing an app's rows for the console and the API: filters, keyset
+//! pages in claim order in both directions, counts exact up to a bound and
+//! estimated beyond it; and "retry now" for rows waiting on a delay or a
+//! backoff.
+//!
+//! Pages walk `outbox_due_idx` (`app_id, run_at, id`), the claim order, and
+//! check the other filters on the rows they pass, so a page of a common
+//! topic or state reads little more than the page. A rare match (a payload
+//! value in a million rows) may read the whole app: every read runs under a
+//! time budget, a count that runs out of it falls back to the planner's
+//! estimate, and a page that runs out of it is refused with a message that
+//! says how to narrow the search.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::Error;
+
+/// When a row is really due: a priority moves `run_at` earlier (migration
+/// 0022), `not_before` keeps the time it was asked for.
+macro_rules! due_at {
+    () => {
+        "coalesce(o.not_before, o.run_at + make_interval(secs => o.priority * 10))"
+    };
+}
+
+/// The state of a row that has not finished, as the console names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowState {
+    /// Due now and not leased: the next claim may take it.
+    Due,
+    /// Due later (enqueued with a delay), not leased.
+    Scheduled,
+    /// A failed attempt waits for its backoff.
+    Retrying,
+    /// A handler holds its lease.
+    Running,
+}
+
+impl RowState {
+    /// Every state, in the order the console lists them.
+    pub const ALL: [RowState; 4] = [Self::Due, Self::Scheduled, Self::Retrying, Self::Running];
+
+    /// The state's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Due => "due",
+            Self::Scheduled => "scheduled",
+            Self::Retrying => "retrying",
+            Self::Running => "running",
+        }
+    }
+
+    /// The predicate that picks rows of this state.
+    fn predicate(self) -> &'static str {
+        match self {
+            Self::Running => " AND o.locked_until > now()",
+            Self::Due => concat!(
+                " AND o.run_at <= now() AND (o.locked_until IS NULL OR o.locked_until <= now())",
+                " AND ",
+                due_at!(),
+                " <= now()"
+            ),
+            Self::Scheduled => concat!(
+                " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
+                due_at!(),
+                " > now() AND NOT (o.last_error IS NOT NULL AND o.attempt_count > 0)"
+            ),
+            Self::Retrying => concat!(
+                " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
+                due_at!(),
+                " > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0"
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for RowState {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "state",
+                    format!("{s:?} is not one of due, scheduled, retrying, running"),
+                )
+            })
+    }
+}
+
+/// A payload field that must have a value: `path` names nested keys
+/// (`customer.id` is `["customer", "id"]`), compared as text, so `42`
+/// matches the number 42 and the string "42".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadField {
+    /// The keys from the payload's top level down.
+    pub path: Vec<String>,
+    /// The value, as text.
+    pub value: String,
+}
+
+impl PayloadField {
+    /// Parses `key.sub=value`.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let invalid = || {
+            Error::invalid(
+                "payload_field",
+                format!("{s:?} is not key=value (nested keys joined with '.')"),
+            )
+        };
+        let (path, value) = s.split_once('=').ok_or_else(invalid)?;
+        let path: Vec<String> = path.trim().split('.').map(str::to_owned).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            path,
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// Which rows of an app to look at (every field narrows; none means all).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowFilter {
+    /// Rows of this topic.
+    pub topic: Option<String>,
+    /// Rows in this state now.
+    pub state: Option<RowState>,
+    /// Rows of this ordering key.
+    pub ordering_key: Option<String>,
+    /// Rows of this partition key.
+    pub partition_key: Option<String>,
+    /// The row with this idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Rows enqueued at or after this time.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Rows enqueued before this time.
+    pub created_to: Option<DateTime<Utc>>,
+    /// Rows whose payload contains this JSON object or array (`@>`).
+    pub payload_contains: Option<Value>,
+    /// Rows whose payload has this value at this path.
+    pub payload_field: Option<PayloadField>,
+    /// Only rows no handler is running: those an operator's action touches.
+    pub idle_only: bool,
+}
+
+impl RowFilter {
+    /// Checks the parts the database would reject with a less helpful error.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(topic) = &self.topic {
+            crate::model::validate_topic(topic)?;
+        }
+        if let Some(contains) = &self.payload_contains
+            && !(contains.is_object() || contains.is_array())
+        {
+            return Err(Error::invalid(
+                "payload_contains",
+                "must be a JSON object or array, e.g. {\"customer\":\"c-1\"}",
+            ));
+        }
+        if let (Some(from), Some(to)) = (self.created_from, self.created_to)
+            && from >= to
+        {
+            return Err(Error::invalid("created_to", "must be after created_from"));
+        }
+        Ok(())
+    }
+
+    /// Adds `WHERE` with the app and every filter to `q`.
+    fn push_where(&self, q: &mut QueryBuilder<'_, Postgres>, app: Uuid) {
+        q.push(" WHERE o.app_id = ").push_bind(app);
+        if let Some(topic) = &self.topic {
+            q.push(" AND o.topic = ").push_bind(topic.clone());
+        }
+        if let Some(state) = self.state {
+            q.push(state.predicate());
+        }
+        if self.idle_only {
+            q.push(" AND (o.locked_until IS NULL OR o.locked_until <= now())");
+        }
+        for (column, value) in [
+            ("ordering_key", &self.ordering_key),
+            ("partition_key", &self.partition_key),
+            ("idempotency_key", &self.idempotency_key),
+        ] {
+            if let Some(value) = value {
+                q.push(format_args!(" AND o.{column} = "))
+                    .push_bind(value.clone());
+            }
+        }
+        if let Some(from) = self.created_from {
+            q.push(" AND o.created_at >= ").push_bind(from);
+        }
+        if let Some(to) = self.created_to {
+            q.push(" AND o.created_at < ").push_bind(to);
+        }
+        if let Some(contains) = &self.payload_contains {
+            q.push(" AND o.payload @> ").push_bind(contains.clone());
+        }
+        if let Some(field) = &self.payload_field {
+            q.push(" AND o.payload #>> ")
+                .push_bind(field.path.clone())
+                .push(" = ")
+                .push_bind(field.value.clone());
+        }
+    }
+}
+
+/// A position in the claim order: a page starts after or ends before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCursor {
+    /// The row's `run_at`.
+    pub run_at: DateTime<Utc>,
+    /// The row's id.
+    pub id: Uuid,
+}
+
+impl RowCursor {
+    /// The cursor as text for a URL: `<microseconds>_<id>`.
+    pub fn encode(&self) -> String {
+        format!("{}_{}", self.run_at.timestamp_micros(), self.id)
+    }
+
+    /// Reads [`RowCursor::encode`]'s text.
+    pub fn decode(s: &str) -> Result<Self, Error> {
+        let invalid = || Error::invalid("cursor", format!("{s:?} is not a page cursor"));
+        let (micros, id) = s.split_once('_').ok_or_else(invalid)?;
+        let run_at = micros
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(invalid)?;
+        let id = Uuid::parse_str(id).map_err(|_| invalid())?;
+        Ok(Self { run_at, id })
+    }
+}
+
+/// Which page to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageAt {
+    /// The first rows in claim order.
+    First,
+    /// The rows after this position.
+    After(RowCursor),
+    /// The rows before this position (the previous page).
+    Before(RowCursor),
+}
+
+/// One row in a list: everything but the payload, headers and history.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RowSummary {
+    /// The row's id.
+    pub id: Uuid,
+    /// `due`, `scheduled`, `retrying` or `running`.
+    pub state: String,
+    /// Where the row came from.
+    pub source: String,
+    /// Its topic.
+    pub topic: String,
+    /// Where a trigger's row goes, if anywhere else than its topic.
+    pub target: Option<String>,
+    /// Its ordering key.
+    pub ordering_key: Option<String>,
+    /// Its partition key.
+    pub partition_key: Option<String>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Its priority.
+    pub priority: i16,
+    /// Attempts started.
+    pub attempt_count: i32,
+    /// When it is due.
+    pub due_at: DateTime<Utc>,
+    /// The process holding its lease, while running.
+    pub locked_by: Option<String>,
+    /// The start of its last error (300 characters).
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// Its position in the claim order.
+    #[serde(skip)]
+    pub run_at: DateTime<Utc>,
+}
+
+/// A page of rows in claim order, with the cursors of its neighbours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPage {
+    /// The rows, next to be claimed first.
+    pub rows: Vec<RowSummary>,
+    /// Where the previous page ends, when there are rows before this one.
+    pub before: Option<RowCursor>,
+    /// Where the next page starts, when there are rows after this one.
+    pub after: Option<RowCursor>,
+}
+
+/// How many rows match, counted up to a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RowCount {
+    /// The exact count when `exact`, else the planner's estimate (at least
+    /// the bound when counting got that far).
+    pub rows: i64,
+    /// False when `rows` is an estimate.
+    pub exact: bool,
+}
+
+/// The most rows [`browse`] returns.
+pub const MAX_PAGE_ROWS: i64 = 500;
+
+const SUMMARY_COLUMNS: &str = concat!(
+    "SELECT o.id,
+            CASE WHEN o.locked_until > now() THEN 'running'
+                 WHEN d.due_at > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0
+                      THEN 'retrying'
+                 WHEN d.due_at > now() THEN 'scheduled'
+                 ELSE 'due' END AS state,
+            o.source, o.topic, o.target, o.ordering_key, o.partition_key, o.idempotency_key,
+            o.priority, o.attempt_count, d.due_at, o.locked_by,
+            left(o.last_error, 300) AS last_error, o.created_at, o.run_at
+     FROM outbox o
+     CROSS JOIN LATERAL (SELECT ",
+    due_at!(),
+    " AS due_at) AS d"
+);
+
+/// Runs `read` in a transaction whose statements stop after `budget`.
+async fn within<T>(
+    pool: &PgPool,
+    budget: Duration,
+    read: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<Option<T>, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(budget.as_millis().max(1).to_string())
+        .execute(&mut *tx)
+        .await?;
+    match read(&mut tx).await {
+        Ok(value) => {
+            tx.commit().await?;
+            Ok(Some(value))
+        }
+        // 57014: query_canceled, here by the statement timeout.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("57014") => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// One page of `app`'s rows that match `filter`, at most `limit`
+/// ([`MAX_PAGE_ROWS`]) in claim order; refused when reading it takes longer
+/// than `budget`.
+pub async fn browse(
+    pool: &PgPool,
+    app: Uuid,
+    filter: &RowFilter,
+    at: PageAt,
+    limit: i64,
+    budget: Duration,
+) -> Result<RowPage, Error> {
+    filter.validate()?;
+    let limit = limit.clamp(1, MAX_PAGE_ROWS);
+    let mut q = QueryBuilder::new(SUMMARY_COLUMNS);
+    filter.push_where(&mut q, app);
+    let backwards = match at {
+        PageAt::First => false,
+        PageAt::After(c) => {
+            q.push(" AND (o.run_at, o.id) > (")
+                .push_bind(c.run_at)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+            false
+        }
+        PageAt::Before(c) => {
+            q.push(" AND (o.run_at, o.id) < (")
+                .push_bind(c.run_at)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+            true
+        }
+    };
+    q.push(if backwards {
+        " ORDER BY o.run_at DESC, o.id DESC LIMIT "
+    } else {
+        " ORDER BY o.run_at, o.id LIMIT "
+    })
+    .push_bind(limit + 1);
+    let read =
+        async |conn: &mut PgConnection| q.build_query_as::<RowSummary>().fetch_all(conn).await;
+    let Some(mut rows) = within(pool, budget, read).await? else {
+        return Err(Error::invalid(
+            "filter",
+            format!(
+                "the search ran longer than {} ms: narrow it with a topic, a state, a key or a time range",
+                budget.as_millis()
+            ),
+        ));
+    };
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    if backwards {
+        rows.reverse();
+    }
+    let cursor = |r: &RowSummary| RowCursor {
+        run_at: r.run_at,
+        id: r.id,
+    };
+    let (first, last) = (rows.first().map(cursor), rows.last().map(cursor));
+    let (before, after) = match at {
+        PageAt::First => (None, last.filter(|_| more)),
+        PageAt::After(c) => (first.or(Some(c)), last.filter(|_| more)),
+        PageAt::Before(c) => (first.filter(|_| more), last.or(Some(c))),
+    };
+    Ok(RowPage {
+        rows,
+        before,
+        after,
+    })
+}
+
+/// How many of `app`'s rows match `filter`: exact up to `bound`; beyond it,
+/// or when counting takes longer than `budget`, the planner's estimate.
+pub async fn count_matching(
+    pool: &PgPool,
+    app: Uuid,
+    filter: &RowFilter,
+    bound: i64,
+    budget: Duration,
+) -> Result<RowCount, Error> {
+    filter.validate()?;
+    let bound = bound.max(1);
+    let mut q = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM outbox o");
+    filter.push_where(&mut q, app);
+    q.push(" LIMIT ").push_bind(bound + 1).push(") AS matching");
+    let read = async |conn: &mut PgConnection| q.build_query_scalar::<i64>().fetch_one(conn).await;
+    let counted = within(pool, budget, read).await?;
+    if let Some(rows) = counted.filter(|rows| *rows <= bound) {
+        return Ok(RowCount { rows, exact: true });
+    }
+    let mut q = QueryBuilder::new("EXPLAIN (FORMAT JSON) SELECT 1 FROM outbox o");
+    filter.push_where(&mut q, app);
+    let read =
+        async |conn: &mut PgConnection| q.build_query_scalar::<Value>().fetch_one(conn).await;
+    // Planning waits for a lock that blocked the count too: no estimate then.
+    let estimate = within(pool, budget, read)
+        .await?
+        .and_then(|plan| plan.pointer("/0/Plan/Plan Rows").and_then(Value::as_f64))
+        .unwrap_or(0.0) as i64;
+    let at_least = if counted.is_some() { bound + 1 } else { 0 };
+    Ok(RowCount {
+        rows: estimate.max(at_least),
+        exact: false,
+    })
+}
+
+/// Up to `limit` ids of `app`'s rows that match `filter` and are not
+/// running, in claim order: the rows a bulk action on the filter touches.
+pub async fn idle_ids<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    filter: &RowFilter,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    filter.validate()?;
+    let mut q = QueryBuilder::new("SELECT o.id FROM outbox o");
+    let idle = RowFilter {
+        idle_only: true,
+        ..filter.clone()
+    };
+    idle.push_where(&mut q, app);
+    q.push(" ORDER BY o.run_at, o.id LIMIT ")
+        .push_bind(limit.max(1));
+    Ok(q.build_query_scalar().fetch_all(db).await?)
+}
+
+/// Makes these rows of `app` due now if they wait for a delay or a retry's
+/// backoff (not running; a due row is left as it is), keeping their attempt
+/// count; wakes sleeping dispatchers. Returns the ids made due.
+///
+/// A row made due takes its place in the claim order at now, whatever its
+/// priority: moved earlier than that, it could land behind a claim loop's
+/// position (`advance_positions`), which finds rows behind it only by the
+/// transaction that inserted them, and would wait for the next rewind.
+pub async fn retry_now<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    if ids.is_empty() || ids.len() as i64 > super::MAX_CANCEL_BATCH {
+        return Err(Error::invalid(
+            "ids",
+            format!("must list 1 to {} row ids", super::MAX_CANCEL_BATCH),
+        ));
+    }
+    Ok(sqlx::query_scalar(concat!(
+        "WITH picked AS (
+            SELECT o.ctid FROM outbox o
+            WHERE o.id = ANY ($2::uuid[]) AND o.app_id = $1
+              AND (o.locked_until IS NULL OR o.locked_until <= now())
+              AND ",
+        due_at!(),
+        " > now()
+            FOR UPDATE SKIP LOCKED
+         ), moved AS (
+            UPDATE outbox o
+            SET run_at = now(), not_before = CASE WHEN o.priority > 0 THEN now() END
+            WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+            RETURNING o.id
+         ), woken AS (
+            SELECT pg_notify('outbox_due', '') WHERE EXISTS (SELECT 1 FROM moved)
+         )
+         SELECT id FROM moved, (SELECT count(*) FROM woken) AS w"
+    ))
+    .bind(app)
+    .bind(ids)
+    .fetch_all(db)
+    .await?)
+}
