@@ -2,8 +2,22 @@
 // this server answering its new inner HTML) is fetched again every 2 s while
 // the tab is visible, and not at all while it is hidden. A session that has
 // ended sends the page to the sign-in form instead.
+//
+// Times come from the server in UTC (<time datetime=…>); they are shown in
+// the browser's time zone, with UTC kept in the tooltip.
 (() => {
   "use strict";
+  const local = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit",
+    hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short",
+  });
+  const localize = (root) => {
+    for (const el of root.querySelectorAll("time[datetime]")) {
+      const at = new Date(el.getAttribute("datetime"));
+      if (!Number.isNaN(at.getTime())) el.textContent = local.format(at);
+    }
+  };
+  localize(document);
   const parts = document.querySelectorAll("[data-refresh]");
   if (parts.length === 0) return;
   let timer = null;
@@ -18,7 +32,10 @@
           window.location.reload();
           return;
         }
-        if (res.ok) part.innerHTML = await res.text();
+        if (res.ok) {
+          part.innerHTML = await res.text();
+          localize(part);
+        }
       } catch (_) {
         // The server is restarting or the network dropped: the next tick tries again.
       }

@@ -8,7 +8,7 @@ use crate::AdminState;
 use crate::api::AuditQuery;
 use crate::error::ApiError;
 
-use super::render::{error_page, esc, logout_form, page};
+use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, viewed_app};
 
 /// `GET /apps/{app}/audit[?before=ID]`: who did what, when, to how many rows.
@@ -45,7 +45,7 @@ pub(super) async fn audit_page(
             body.push_str(&format!(
                 r#"<tr data-audit="{id}"><td>{at}</td><td>{actor}</td><td>{action}</td><td>{target}</td><td>{rows}</td><td><code>{detail}</code></td></tr>"#,
                 id = e.id,
-                at = e.at.to_rfc3339(),
+                at = when(e.at),
                 actor = esc(&e.actor),
                 action = esc(&e.action),
                 target = esc(e.target.as_deref().unwrap_or("")),

@@ -1,7 +1,7 @@
 //! The dead-letter pages: the list (filters, paging, bulk actions), one
 //! dead letter, and its replay and ignore forms.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
 use outbox_core::store::dead_letters;
 use uuid::Uuid;
@@ -12,7 +12,8 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
-use super::render::{error_page, esc, logout_form, page};
+use super::browse::{flash, without_flash};
+use super::render::{error_page, esc, logout_form, page, when};
 use super::rows::attempts_table;
 use super::session::{Session, after_form, checked_form, field, viewed_app};
 
@@ -30,10 +31,11 @@ pub(super) async fn list_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
-    q: Result<crate::strict::Query<ListQuery>, ApiError>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
-    let q = match q {
-        Ok(crate::strict::Query(q)) => q,
+    let (pairs, rest) = without_flash(raw.as_deref());
+    let q: ListQuery = match crate::strict::query(Some(&rest)) {
+        Ok(q) => q,
         Err(err) => return error_page(&err),
     };
     let result = async {
@@ -52,13 +54,14 @@ pub(super) async fn list_page(
     let slug = esc(&app.slug);
     let mut body = logout_form(&session);
     body.push_str(&format!(
-        r#"<h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>
+        r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>{flash}
 <form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
 <label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
 <form method=post action="/apps/{slug}/dead-letters/bulk"><input type=hidden name=csrf value="{csrf}">
 <p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
 <table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
         z = if unresolved == 0 { " zero" } else { "" },
+        flash = flash(&pairs),
         t = esc(q.topic.as_deref().unwrap_or("")),
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
@@ -97,6 +100,7 @@ pub(super) async fn detail_page(
     State(state): State<AdminState>,
     session: Session,
     Path((app, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -132,26 +136,25 @@ pub(super) async fn detail_page(
         )
     };
     let body = format!(
-        r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>
+        r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>{flash}
 <table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
         logout = logout_form(&session),
+        flash = flash(
+            &form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect::<Vec<_>>()
+        ),
         topic = esc(&row.topic),
         id = row.id,
         orig = row.original_event_id,
         src = esc(&row.source),
         att = row.attempt_count,
-        first = row
-            .first_attempt_at
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default(),
-        last = row
-            .last_attempt_at
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default(),
-        created = row.created_at.to_rfc3339(),
+        first = row.first_attempt_at.map(when).unwrap_or_default(),
+        last = row.last_attempt_at.map(when).unwrap_or_default(),
+        created = when(row.created_at),
         err = esc(row.last_error.as_deref().unwrap_or("")),
         payload = esc(&pretty),
         attempts = attempts_table(row.attempts.as_deref()),
@@ -185,7 +188,8 @@ async fn act(
             let actor = audit::actor(&session.principal);
             api::ignore_one(&state.pool, &actor, app.id, id).await?;
         }
-        Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}", app.slug))
+        let done = if replay { "replay" } else { "ignore" };
+        Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}?done={done}", app.slug))
     }
     .await;
     after_form(result)
@@ -231,8 +235,11 @@ pub(super) async fn bulk(
             filter: None,
             max_attempts: None,
         };
-        api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
-        Ok::<_, ApiError>(format!("/apps/{}/dead-letters?unresolved=true", app.slug))
+        let done = api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
+        Ok::<_, ApiError>(format!(
+            "/apps/{}/dead-letters?unresolved=true&done=bulk&rows={done}",
+            app.slug
+        ))
     }
     .await;
     after_form(result)

@@ -4,8 +4,8 @@
 //! nothing changes on GET.
 //!
 //! This module holds the routes and the security headers; the pages live
-//! in one file per noun (`apps`, `audit`, `dead_letters`, `rows`, `topics`, `triggers`,
-//! `accounts`),
+//! in one file per noun (`apps`, `audit`, `browse`, `dead_letters`, `rows`, `topics`,
+//! `triggers`, `accounts`),
 //! sign-in in `login`, the session and form helpers in `session`, and the
 //! HTML helpers in `render`.
 
@@ -19,6 +19,7 @@ use crate::AdminState;
 mod accounts;
 mod apps;
 mod audit;
+mod browse;
 mod dead_letters;
 mod login;
 mod render;
@@ -32,9 +33,10 @@ pub use self::render::esc;
 use self::accounts::{account_action, accounts_page, revoke_key};
 use self::apps::apps_page;
 use self::audit::audit_page;
+use self::browse::{act_on_row, browse_page, bulk_on_filter};
 use self::dead_letters::{bulk, detail_page, ignore, list_page, replay};
 use self::login::{login, login_page, logout};
-use self::rows::{lookup, row_page};
+use self::rows::row_page;
 use self::topics::{change_topic, topic_rows, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
@@ -54,8 +56,10 @@ pub fn routes() -> Router<AdminState> {
         .route("/apps/{app}/dead-letters/{id}", get(detail_page))
         .route("/apps/{app}/dead-letters/{id}/replay", post(replay))
         .route("/apps/{app}/dead-letters/{id}/ignore", post(ignore))
-        .route("/apps/{app}/outbox", get(lookup))
+        .route("/apps/{app}/outbox", get(browse_page))
+        .route("/apps/{app}/outbox/bulk", post(bulk_on_filter))
         .route("/apps/{app}/outbox/{id}", get(row_page))
+        .route("/apps/{app}/outbox/{id}/{action}", post(act_on_row))
         .route("/apps/{app}/audit", get(audit_page))
         .route("/apps/{app}/topics", get(topics_page))
         .route("/apps/{app}/topics/rows", get(topic_rows))

@@ -22,24 +22,42 @@ pub(super) fn page(title: &str, body: &str) -> Html<String> {
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <script src="/assets/console.js" defer></script>
 <style>
-body{{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}}
-header{{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;justify-content:space-between;align-items:center}}
+body{{font-family:system-ui,sans-serif;margin:0;color:var(--fg);background:var(--bg)}}
+:root{{color-scheme:light dark;--fg:#1d2330;--bg:#f6f7f9;--panel:#fff;--line:#e3e6ea;--muted:#6b7480;--err:#c62828;--link:#1a5fb4;--head:#1d2330;--ok:#e6f4ea;--ok-line:#2e7d32}}
+@media (prefers-color-scheme:dark){{:root{{--fg:#e4e7ec;--bg:#14171c;--panel:#1d2128;--line:#323844;--muted:#9aa3ad;--err:#ff7b72;--link:#8ab4f8;--head:#0b0d10;--ok:#163322;--ok-line:#56c271}}}}
+a{{color:var(--link)}}
+header{{background:var(--head);color:#fff;padding:.6rem 1.2rem;display:flex;justify-content:space-between;align-items:center}}
 header a{{color:#fff;text-decoration:none;font-weight:600}}
 main{{padding:1.2rem;max-width:1200px;margin:auto}}
-table{{border-collapse:collapse;width:100%;background:#fff}}
-th,td{{text-align:left;padding:.4rem .6rem;border-bottom:1px solid #e3e6ea;font-size:.9rem;vertical-align:top}}
+table{{border-collapse:collapse;width:100%;background:var(--panel)}}
+th,td{{text-align:left;padding:.4rem .6rem;border-bottom:1px solid var(--line);font-size:.9rem;vertical-align:top}}
 .badge{{display:inline-block;min-width:1.4rem;padding:.1rem .45rem;border-radius:1rem;background:#c62828;color:#fff;text-align:center;font-size:.8rem}}
 .badge.zero{{background:#9aa3ad}}
-pre{{background:#fff;border:1px solid #e3e6ea;padding:.8rem;overflow:auto}}
+pre{{background:var(--panel);border:1px solid var(--line);padding:.8rem;overflow:auto}}
 button{{padding:.35rem .8rem;margin-right:.4rem;cursor:pointer}}
-.err{{color:#c62828}} .muted{{color:#6b7480}} form.inline{{display:inline}}
+.err{{color:var(--err)}} .muted{{color:var(--muted)}} form.inline{{display:inline}}
 input,select{{padding:.3rem}}
+:focus-visible{{outline:2px solid var(--link);outline-offset:2px}}
+.flash{{background:var(--ok);border-left:4px solid var(--ok-line);padding:.6rem .8rem}}
+form.filters{{display:flex;flex-wrap:wrap;gap:.4rem .8rem;align-items:end;margin:.6rem 0}}
+form.filters label{{display:flex;flex-direction:column;font-size:.85rem}}
+td.state.running{{font-weight:600}} td.state.retrying{{color:var(--err)}}
 h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
-@media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}}}}
-</style></head><body><header><a href="/apps">outboxd</a><span>dead letters</span></header><main>{}</main></body></html>"#,
+@media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}}}}
+</style></head><body><header><a href="/apps">outboxd</a><span>console</span></header><main>{}</main></body></html>"#,
         esc(title),
         body
     ))
+}
+
+/// A time as the page shows it: UTC in the text, which the page's script
+/// turns into the browser's time zone, keeping UTC in the tooltip.
+pub(super) fn when(t: chrono::DateTime<chrono::Utc>) -> String {
+    let utc = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    format!(
+        r#"<time datetime="{utc}" title="{utc}">{}</time>"#,
+        t.format("%Y-%m-%d %H:%M:%S UTC")
+    )
 }
 
 pub(super) fn error_page(err: &ApiError) -> Response {

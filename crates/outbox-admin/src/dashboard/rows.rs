@@ -1,23 +1,25 @@
 //! One row of the outbox: its fields, payload and headers, lease and attempt
-//! history; and the look-up by id that leads to it (or to its dead letter).
+//! history, with the operator's actions on it (retry now, cancel); a row
+//! that was dead-lettered leads to its dead letter.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use outbox_core::Attempt;
 use outbox_core::store::dead_letters;
 use outbox_core::store::outbox as store;
-use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
-use super::render::{error_page, esc, logout_form, page};
+use super::browse::flash;
+use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
-    t.map(|t| t.to_rfc3339()).unwrap_or_default()
+    t.map(when).unwrap_or_default()
 }
 
 /// The attempt history as a table, with a line for every attempt number
@@ -66,41 +68,13 @@ pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
     html
 }
 
-/// The query of the look-up form.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Lookup {
-    id: String,
-}
-
-/// `GET /apps/{app}/outbox?id=…`: the row's page, or its dead letter's when
-/// it was dead-lettered.
-pub(super) async fn lookup(
-    State(state): State<AdminState>,
-    session: Session,
-    Path(app): Path<String>,
-    q: Result<crate::strict::Query<Lookup>, ApiError>,
-) -> Response {
-    let result = async {
-        let crate::strict::Query(q) = q?;
-        let app = viewed_app(&state, &session, &app).await?;
-        let id = Uuid::parse_str(q.id.trim())
-            .map_err(|_| ApiError::Invalid(format!("{:?} is not a row id", q.id)))?;
-        Ok::<_, ApiError>(format!("/apps/{}/outbox/{id}", app.slug))
-    }
-    .await;
-    match result {
-        Ok(to) => Redirect::to(&to).into_response(),
-        Err(err) => error_page(&err),
-    }
-}
-
 /// `GET /apps/{app}/outbox/{id}`: one row that has not finished. A row that
 /// was dead-lettered leads to its dead letter.
 pub(super) async fn row_page(
     State(state): State<AdminState>,
     session: Session,
     Path((app, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -113,17 +87,35 @@ pub(super) async fn row_page(
                 .into_iter()
                 .rfind(|d| d.app_id == app.id),
         };
-        Ok::<_, ApiError>((app, id, row, buried))
+        let operator = auth::authorize(
+            &state.pool,
+            &session.principal,
+            &app.slug,
+            Capability::Operate,
+        )
+        .await
+        .is_ok();
+        Ok::<_, ApiError>((app, id, row, buried, operator))
     }
     .await;
-    let (app, id, row, buried) = match result {
+    let (app, id, row, buried, operator) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
     let slug = esc(&app.slug);
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
     let Some(row) = row else {
         if let Some(d) = buried {
-            return Redirect::to(&format!("/apps/{slug}/dead-letters/{}", d.id)).into_response();
+            // A row just cancelled from its page: the dead letter shows what happened.
+            let done = if pairs.iter().any(|(k, v)| k == "done" && v == "cancel") {
+                "?done=cancel&rows=1"
+            } else {
+                ""
+            };
+            return Redirect::to(&format!("/apps/{slug}/dead-letters/{}{done}", d.id))
+                .into_response();
         }
         let text = format!(
             r#"<p class=err id=gone>Row {id} is not in the outbox of {slug}: it finished, or never existed.</p><p><a href="/apps/{slug}/topics">Back</a></p>"#
@@ -139,10 +131,10 @@ pub(super) async fn row_page(
     });
     let lease = match (&row.locked_by, row.locked_until) {
         (Some(by), Some(until)) if row.state == "running" => {
-            format!("held by {} until {}", esc(by), until.to_rfc3339())
+            format!("held by {} until {}", esc(by), when(until))
         }
         (Some(by), Some(until)) => {
-            format!("last held by {}, expired {}", esc(by), until.to_rfc3339())
+            format!("last held by {}, expired {}", esc(by), when(until))
         }
         _ => "none".to_owned(),
     };
@@ -161,21 +153,28 @@ pub(super) async fn row_page(
         keys
     };
     let body = format!(
-        r#"{logout}<p><a href="/apps/{slug}/topics">← {slug} · topics</a></p><h1>{topic}</h1>
+        r#"{logout}<p><a href="/apps/{slug}/outbox">← {slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a></p><h1>{topic}</h1>{flash}
 <table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
 <tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Runs as</th><td>{target}{principal}</td></tr>
 <tr><th>Keys</th><td>{keys}</td></tr><tr><th>Priority</th><td>{prio}</td></tr>
 <tr><th>Attempts</th><td id=attempt-count>{att} of {max}</td></tr><tr><th>Lease</th><td>{lease}</td></tr>
 <tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
-<tr><th>Last error</th><td class=err>{err}</td></tr><tr><th>Enqueued</th><td>{created}</td></tr>{replayed}</table>
-{attempts}
+<tr><th>Last error</th><td class=err>{err}</td></tr><tr><th>Enqueued</th><td>{created}</td></tr>{trace}{replayed}</table>
+{actions}{attempts}
 <h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>"#,
         logout = logout_form(&session),
         topic = esc(&row.topic),
         id = row.id,
         state = esc(&row.state),
-        due = row.due_at.to_rfc3339(),
+        due = when(row.due_at),
+        flash = flash(&pairs),
+        trace = trace_rows(&row.headers),
+        actions = if operator {
+            actions(&slug, &session.csrf, &row)
+        } else {
+            String::new()
+        },
         src = if row.op.is_empty() {
             esc(&row.source)
         } else {
@@ -195,10 +194,52 @@ pub(super) async fn row_page(
         first = time(row.first_attempt_at),
         last = time(row.last_attempt_at),
         err = opt(row.last_error.as_deref()),
-        created = row.created_at.to_rfc3339(),
+        created = when(row.created_at),
         attempts = attempts_table(row.attempts.as_deref()),
         payload = pretty(&row.payload),
         headers = pretty(&row.headers),
     );
     page(&row.topic, &body).into_response()
+}
+
+/// The trace and correlation ids among the row's headers, as table rows.
+fn trace_rows(headers: &serde_json::Value) -> String {
+    [
+        "traceparent",
+        "correlation-id",
+        "x-correlation-id",
+        "trace-id",
+    ]
+    .iter()
+    .filter_map(|name| {
+        headers.get(*name).and_then(|v| v.as_str()).map(|v| {
+            format!(
+                r#"<tr><th>{name}</th><td><code>{}</code></td></tr>"#,
+                esc(v)
+            )
+        })
+    })
+    .collect()
+}
+
+/// The operator's forms for one row: retry now while it waits for a delay
+/// or a backoff, cancel while no handler runs it.
+fn actions(slug: &str, csrf: &str, row: &outbox_core::OutboxRow) -> String {
+    let csrf = esc(csrf);
+    let id = row.id;
+    let mut html = String::from("<h2>Actions</h2><div id=row-actions>");
+    if matches!(row.state.as_str(), "scheduled" | "retrying") {
+        html.push_str(&format!(
+            r#"<form method=post action="/apps/{slug}/outbox/{id}/retry"><input type=hidden name=csrf value="{csrf}"><button type=submit id=retry-now>Retry now</button> <span class=muted>makes it due at once; its attempt count stays</span></form>"#
+        ));
+    }
+    if row.state == "running" {
+        html.push_str(r#"<p class=muted>A handler is running this row: it cannot be cancelled until the attempt ends.</p>"#);
+    } else {
+        html.push_str(&format!(
+            r#"<form method=post action="/apps/{slug}/outbox/{id}/cancel"><input type=hidden name=csrf value="{csrf}"><p><label>Reason <input name=reason required maxlength=1000></label> <label><input type=checkbox name=confirm value=yes required> cancel this row</label> <button type=submit id=cancel-row>Cancel</button></p><p class=muted>It becomes an ignored dead letter carrying the reason; nothing is lost.</p></form>"#
+        ));
+    }
+    html.push_str("</div>");
+    html
 }

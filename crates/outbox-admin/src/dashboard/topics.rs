@@ -3,7 +3,7 @@
 //! the paused topics with a resume button and a form to pause one, and the
 //! limited topics with a form to limit one.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::{limits, pauses, processes};
@@ -14,13 +14,15 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
-use super::render::{error_page, esc, logout_form, page};
+use super::browse::{flash, without_flash};
+use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 pub(super) async fn topics_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -39,9 +41,10 @@ pub(super) async fn topics_page(
     let csrf = esc(&session.csrf);
     let mut body = logout_form(&session);
     body.push_str(&format!(
-        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · topics</h1>
+        r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · topics</h1>{flash}
 <form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
-<h2>Rows</h2>"#
+<h2>Rows</h2>"#,
+        flash = flash(&without_flash(raw.as_deref()).0),
     ));
     body.push_str(&format!(
         r#"<div id=topic-rows data-refresh="/apps/{slug}/topics/rows">{}</div>"#,
@@ -59,7 +62,7 @@ pub(super) async fn topics_page(
                 r#"<tr data-paused="{topic}"><td>{topic}</td><td>{at}</td><td>{by}</td><td>{reason}</td><td>
 <form class=inline method=post action="/apps/{slug}/topics/resume"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>resume</button></form></td></tr>"#,
                 topic = esc(&p.topic),
-                at = p.paused_at.to_rfc3339(),
+                at = when(p.paused_at),
                 by = esc(p.paused_by.as_deref().unwrap_or("")),
                 reason = esc(p.reason.as_deref().unwrap_or("")),
             ));
@@ -89,7 +92,7 @@ pub(super) async fn topics_page(
                     .rate_per_sec
                     .zip(l.burst)
                     .map_or(String::new(), |(r, b)| format!("{r}/s, burst {b}")),
-                at = l.set_at.to_rfc3339(),
+                at = when(l.set_at),
                 by = esc(l.set_by.as_deref().unwrap_or("")),
             ));
         }
@@ -116,8 +119,8 @@ pub(super) async fn topics_page(
                 host = esc(&p.host),
                 version = esc(&p.version),
                 serves = esc(&serves.join(", ")),
-                since = p.started_at.to_rfc3339(),
-                seen = p.last_seen.to_rfc3339(),
+                since = when(p.started_at),
+                seen = when(p.last_seen),
             ));
         }
         body.push_str("</table>");
@@ -179,7 +182,7 @@ pub(super) async fn change_topic(
             }
             _ => return Err(ApiError::not_found("action")),
         }
-        Ok::<_, ApiError>(format!("/apps/{}/topics", app.slug))
+        Ok::<_, ApiError>(format!("/apps/{}/topics?done={action}", app.slug))
     }
     .await;
     after_form(result)
@@ -192,14 +195,14 @@ fn rows_by_state(states: &[TopicStates]) -> String {
     };
     let mut html = format!(
         r#"<p class=muted>Counted at {}.</p><table><tr><th>Topic</th><th>Due</th><th>Scheduled</th><th>Running</th><th>Unserved</th></tr>"#,
-        sampled_at.to_rfc3339()
+        when(sampled_at)
     );
     for s in states {
         let unserved = match s.oldest_unserved_at {
             Some(since) if s.unserved > 0 => format!(
                 r#"<strong class=err>{} waiting since {}</strong>: no running process serves this topic"#,
                 s.unserved,
-                since.to_rfc3339()
+                when(since)
             ),
             _ => "0".to_owned(),
         };

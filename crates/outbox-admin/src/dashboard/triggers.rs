@@ -9,7 +9,7 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
-use super::render::{error_page, esc, logout_form, page};
+use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 pub(super) async fn triggers_page(
@@ -45,7 +45,7 @@ pub(super) async fn triggers_page(
                 "{} {} · next {}",
                 t.schedule.as_deref().unwrap_or(""),
                 t.timezone.as_deref().unwrap_or("UTC"),
-                t.next_fire_at.map(|n| n.to_rfc3339()).unwrap_or_default()
+                t.next_fire_at.map(when).unwrap_or_default()
             ),
             _ => "dead letters".to_owned(),
         };

@@ -475,3 +475,222 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
     assert_eq!(log[1]["detail"]["filter"]["state"], "scheduled");
     Ok(())
 }
+
+/// Posts a dashboard form; returns the status, the redirect and the page.
+async fn post_form(
+    w: &World,
+    jar: &str,
+    uri: &str,
+    form: &str,
+) -> Result<(StatusCode, Option<String>, String), Box<dyn std::error::Error>> {
+    let res = outbox_admin::router(w.state.clone())
+        .oneshot(
+            Request::post(uri)
+                .header(header::COOKIE, jar)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(form.to_owned()))?,
+        )
+        .await?;
+    let status = res.status();
+    let location = res
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let html = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    Ok((status, location, html))
+}
+
+#[tokio::test]
+async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_count() -> TestResult
+{
+    let w = World::new().await?;
+    let ids = browsable(&w, 30).await?;
+    let (viewer, _) = w.dashboard_session("viewer@x.io").await?;
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+
+    // A viewer browses: 50 rows a page by default, here 31 on one page.
+    let (s, _, html) = page(&w, &viewer, "/apps/app-a/outbox").await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("<p id=row-count>31 rows</p>"), "{html}");
+    assert_eq!(html.matches("<tr data-row=").count(), 31);
+    assert!(
+        !html.contains("id=bulk-filter"),
+        "viewers get no action form"
+    );
+    assert!(
+        html.contains("<time datetime="),
+        "times are marked for the browser's zone"
+    );
+
+    // Filtered, paged by 10, with the filter kept in the page links.
+    let (s, _, html) = page(
+        &w,
+        &viewer,
+        "/apps/app-a/outbox?topic=mail.send&state=scheduled&limit=10",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("<p id=row-count>15 rows</p>"), "{html}");
+    assert_eq!(html.matches("<tr data-row=").count(), 10);
+    let next = html
+        .split("id=page-after href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .ok_or("no next link")?
+        .replace("&amp;", "&");
+    assert!(
+        next.contains("topic=mail.send") && next.contains("state=scheduled"),
+        "{next}"
+    );
+    assert!(
+        !html.contains("id=page-before"),
+        "the first page has no previous one"
+    );
+    let (s, _, html) = page(&w, &viewer, &next).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert_eq!(html.matches("<tr data-row=").count(), 5);
+    assert!(
+        html.contains("id=page-before") && !html.contains("id=page-after"),
+        "{html}"
+    );
+    let (s, _, html) = page(&w, &viewer, "/apps/app-a/outbox?topic=nothing.here").await?;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        html.contains("id=rows-empty") && html.contains("Clear it"),
+        "{html}"
+    );
+    let (s, _, html) = page(&w, &viewer, "/apps/app-a/outbox?state=stuck").await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(html.contains("state"), "{html}");
+
+    // An operator reviews a cancel of the filter: the count first, nothing changed.
+    let (s, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/outbox?topic=mail.send&state=scheduled",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("id=bulk-filter"), "{html}");
+    let filter = "topic=mail.send&state=scheduled";
+    let review = format!("csrf={csrf}&{filter}&action=cancel&reason=wrong+customer");
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &review).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("<strong>15 rows</strong> not running match"),
+        "{html}"
+    );
+    let (_, _, listed) = page(&w, &viewer, "/apps/app-a/outbox?state=scheduled").await?;
+    assert!(
+        listed.contains("<p id=row-count>15 rows</p>"),
+        "nothing changed yet"
+    );
+    // Confirmed: done, and the browser says so.
+    let (s, to, _) = post_form(
+        &w,
+        &operator,
+        "/apps/app-a/outbox/bulk",
+        &format!("{review}&confirm=yes"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let to = to.ok_or("no redirect")?;
+    assert!(to.contains("done=cancel&rows=15"), "{to}");
+    let (_, _, html) = page(&w, &operator, &to).await?;
+    assert!(html.contains("id=flash>Cancelled 15 rows"), "{html}");
+    assert!(
+        html.contains("<p id=row-count>0 rows</p>") || html.contains("id=rows-empty"),
+        "{html}"
+    );
+    // A cancel without a reason, a viewer, a forged form: refused.
+    let (s, _, _) = post_form(
+        &w,
+        &operator,
+        "/apps/app-a/outbox/bulk",
+        &format!("csrf={csrf}&action=cancel"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
+    let (s, _, _) = post_form(
+        &w,
+        &viewer,
+        "/apps/app-a/outbox/bulk",
+        &format!("csrf={viewer_csrf}&action=retry&confirm=yes"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = post_form(
+        &w,
+        &operator,
+        "/apps/app-a/outbox/bulk",
+        "csrf=forged&action=retry&confirm=yes",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // One row: retry now from its page, then cancel it (the box must be ticked).
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut tx = w.db.pool.begin().await?;
+    let id = outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &NewEvent::new("mail.send", json!({})).with_run_at(later),
+    )
+    .await?;
+    tx.commit().await?;
+    let (_, _, html) = page(&w, &operator, &format!("/apps/app-a/outbox/{id}")).await?;
+    assert!(
+        html.contains("id=retry-now") && html.contains("id=cancel-row"),
+        "{html}"
+    );
+    let (_, _, html) = page(&w, &viewer, &format!("/apps/app-a/outbox/{id}")).await?;
+    assert!(!html.contains("id=retry-now"), "viewers get no actions");
+    let (s, to, _) = post_form(
+        &w,
+        &operator,
+        &format!("/apps/app-a/outbox/{id}/retry"),
+        &format!("csrf={csrf}"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (_, _, html) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    assert!(
+        html.contains("id=flash>Made 1 row due now.") && html.contains("<td id=state>due</td>"),
+        "{html}"
+    );
+    let (s, _, _) = post_form(
+        &w,
+        &operator,
+        &format!("/apps/app-a/outbox/{id}/cancel"),
+        &format!("csrf={csrf}&reason=dup"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unconfirmed");
+    let (s, to, _) = post_form(
+        &w,
+        &operator,
+        &format!("/apps/app-a/outbox/{id}/cancel"),
+        &format!("csrf={csrf}&reason=dup&confirm=yes"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, to, _) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    assert_eq!(
+        s,
+        StatusCode::SEE_OTHER,
+        "a cancelled row leads to its dead letter"
+    );
+    let (_, _, html) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    assert!(
+        html.contains("id=flash>Cancelled 1 row") && html.contains("<b id=resolution>ignored</b>"),
+        "{html}"
+    );
+    assert_eq!(ids.len(), 31);
+    Ok(())
+}

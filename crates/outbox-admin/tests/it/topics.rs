@@ -112,7 +112,7 @@ async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult
     for (body, field) in [
         (
             json!({"topic": "t", "ids": [ids[0]], "reason": "r"}),
-            "either ids",
+            "exactly one of ids",
         ),
         (json!({"topic": "t", "reason": ""}), "reason"),
         (json!({"topic": "t"}), "reason"),

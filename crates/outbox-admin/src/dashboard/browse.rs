@@ -1,0 +1,409 @@
+//! The row browser: an app's rows that have not finished, filtered and
+//! paged in claim order; the look-up by id; and the bulk actions on the
+//! whole filter (retry now, cancel), each shown with the number of rows it
+//! will touch before it runs, and reported after.
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use outbox_core::store::outbox::{MAX_CANCEL_BATCH, RowCount, RowState};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::api::{self, RowQuery, Selection};
+use crate::audit;
+use crate::auth::{Capability, authorize};
+use crate::error::ApiError;
+
+use super::render::{error_page, esc, logout_form, page, when};
+use super::session::{Session, checked_form, field, viewed_app};
+
+/// The filter fields of the browser's form, in the order it shows them.
+const FILTER_FIELDS: [&str; 9] = [
+    "topic",
+    "state",
+    "ordering_key",
+    "partition_key",
+    "idempotency_key",
+    "created_from",
+    "created_to",
+    "payload",
+    "field",
+];
+
+/// The filter of a form or query string as `RowQuery`, with the pairs it
+/// did not take (`id`, `done`, `rows`, `csrf`, …) left for the caller.
+fn row_query(pairs: &[(String, String)], paging: bool) -> Result<RowQuery, ApiError> {
+    let mut taken = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        let pages = paging && matches!(k.as_str(), "after" | "before" | "limit");
+        if (FILTER_FIELDS.contains(&k.as_str()) || pages) && !v.trim().is_empty() {
+            taken.append_pair(k, v);
+        }
+    }
+    let taken = taken.finish();
+    crate::strict::query(Some(&taken))
+}
+
+/// The filter as a query string (blank fields left out), for links.
+fn filter_query(q: &RowQuery) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in filter_pairs(q) {
+        out.append_pair(name, &value);
+    }
+    out.finish()
+}
+
+/// The filter's fields that are set, as text.
+fn filter_pairs(q: &RowQuery) -> Vec<(&'static str, String)> {
+    let payload = q.payload.as_ref().map(|p| match p {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    [
+        ("topic", q.topic.clone()),
+        ("state", q.state.clone()),
+        ("ordering_key", q.ordering_key.clone()),
+        ("partition_key", q.partition_key.clone()),
+        ("idempotency_key", q.idempotency_key.clone()),
+        ("created_from", q.created_from.clone()),
+        ("created_to", q.created_to.clone()),
+        ("payload", payload),
+        ("field", q.field.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.filter(|v| !v.trim().is_empty()).map(|v| (k, v)))
+    .collect()
+}
+
+/// The filter as hidden inputs, for the forms that act on it.
+fn hidden_filter(q: &RowQuery) -> String {
+    filter_pairs(q)
+        .into_iter()
+        .map(|(k, v)| format!(r#"<input type=hidden name={k} value="{}">"#, esc(&v)))
+        .collect()
+}
+
+fn count_text(count: RowCount) -> String {
+    match (count.rows, count.exact) {
+        (1, true) => "1 row".to_owned(),
+        (n, true) => format!("{n} rows"),
+        (n, false) => format!(
+            "about {n} rows (an estimate: more than {} match)",
+            api::COUNT_BOUND
+        ),
+    }
+}
+
+/// What an action just did, from the `done` (and `rows`, `more`) the
+/// redirect after it carries: a fixed message per action, never text from
+/// the address.
+pub(super) fn flash(pairs: &[(String, String)]) -> String {
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let rows: usize = get("rows").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let noun = if rows == 1 { "row" } else { "rows" };
+    let more = if get("more") == Some("true") {
+        " More match: run it again for the next 10,000."
+    } else {
+        ""
+    };
+    let text = match get("done") {
+        Some("retry") => format!("Made {rows} {noun} due now.{more}"),
+        Some("cancel") => {
+            format!("Cancelled {rows} {noun}: each is now an ignored dead letter.{more}")
+        }
+        Some("replay") => "Replayed: a new row is in the outbox.".to_owned(),
+        Some("ignore") => "Marked ignored.".to_owned(),
+        Some("bulk") => format!(
+            "Done for {rows} dead {}.",
+            if rows == 1 { "letter" } else { "letters" }
+        ),
+        Some("pause") => {
+            "Paused: processes stop claiming its rows within about a second.".to_owned()
+        }
+        Some("resume") => "Resumed.".to_owned(),
+        Some("limit") => "Limit set.".to_owned(),
+        Some("unlimit") => "Limit removed.".to_owned(),
+        _ => return String::new(),
+    };
+    format!(r#"<p class=flash role=status id=flash>{}</p>"#, esc(&text))
+}
+
+/// A page's query split in two: the flash fields (`done`, `rows`, `more`)
+/// as pairs for [`flash`], and the rest re-encoded for the page's parser.
+pub(super) fn without_flash(raw: Option<&str>) -> (Vec<(String, String)>, String) {
+    let mut rest = form_urlencoded::Serializer::new(String::new());
+    let mut flashed = Vec::new();
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned() {
+        if matches!(k.as_str(), "done" | "rows" | "more") {
+            flashed.push((k, v));
+        } else {
+            rest.append_pair(&k, &v);
+        }
+    }
+    (flashed, rest.finish())
+}
+
+/// `GET /apps/{app}/outbox`: the row browser; with `id`, the row's page.
+pub(super) async fn browse_page(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let result = async {
+        let app = viewed_app(&state, &session, &app).await?;
+        if let Some((_, id)) = pairs.iter().find(|(k, _)| k == "id") {
+            let id = Uuid::parse_str(id.trim())
+                .map_err(|_| ApiError::Invalid(format!("{id:?} is not a row id")))?;
+            return Ok(Err(format!("/apps/{}/outbox/{id}", app.slug)));
+        }
+        let q = row_query(&pairs, true)?;
+        let list = api::list_rows(&state.pool, app.id, &q).await?;
+        let topics = outbox_core::store::outbox::recorded_state_counts(&state.pool, app.id).await?;
+        let operator = authorize(
+            &state.pool,
+            &session.principal,
+            &app.slug,
+            Capability::Operate,
+        )
+        .await
+        .is_ok();
+        Ok::<_, ApiError>(Ok((app, q, list, topics, operator)))
+    }
+    .await;
+    let (app, q, list, topics, operator) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(to)) => return Redirect::to(&to).into_response(),
+        Err(err) => return error_page(&err),
+    };
+    let slug = esc(&app.slug);
+    let value = |name: &str| {
+        filter_pairs(&q)
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| esc(&v))
+            .unwrap_or_default()
+    };
+    let states: String = RowState::ALL
+        .iter()
+        .map(|s| {
+            let selected = if q.state.as_deref() == Some(s.as_str()) {
+                " selected"
+            } else {
+                ""
+            };
+            format!(r#"<option{selected}>{}</option>"#, s.as_str())
+        })
+        .collect();
+    let topic_options: String = topics
+        .iter()
+        .map(|t| format!(r#"<option value="{}">"#, esc(&t.topic)))
+        .collect();
+    let mut body = logout_form(&session);
+    body.push_str(&format!(
+        r#"<p><a href="/apps/{slug}/topics">← {slug} · topics</a> · <a href="/apps/{slug}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p>
+<h1>{slug} · rows</h1>{flash}
+<form method=get id=row-filter class=filters>
+<label>Topic <input name=topic list=topic-list value="{topic}" maxlength=255></label><datalist id=topic-list>{topic_options}</datalist>
+<label>State <select name=state><option value="">any</option>{states}</select></label>
+<label>Ordering key <input name=ordering_key value="{ordering_key}"></label>
+<label>Partition key <input name=partition_key value="{partition_key}"></label>
+<label>Idempotency key <input name=idempotency_key value="{idempotency_key}"></label>
+<label>Enqueued from (UTC) <input name=created_from type=datetime-local step=1 value="{created_from}"></label>
+<label>to <input name=created_to type=datetime-local step=1 value="{created_to}"></label>
+<label>Payload contains <input name=payload value="{payload}" placeholder='{{"customer":{{"id":"c-1"}}}}'></label>
+<label>Payload field <input name=field value="{field}" placeholder="customer.id=c-1"></label>
+<button type=submit>Filter</button> <a href="/apps/{slug}/outbox">clear</a></form>
+<form method=get class=filters><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
+<p id=row-count>{count}</p>"#,
+        flash = flash(&pairs),
+        topic = value("topic"),
+        ordering_key = value("ordering_key"),
+        partition_key = value("partition_key"),
+        idempotency_key = value("idempotency_key"),
+        created_from = value("created_from"),
+        created_to = value("created_to"),
+        payload = value("payload"),
+        field = value("field"),
+        count = count_text(list.count),
+    ));
+    if list.rows.is_empty() {
+        let filtered = !filter_pairs(&q).is_empty();
+        body.push_str(&if filtered {
+            format!(r#"<p class=muted id=rows-empty>No row matches this filter. <a href="/apps/{slug}/outbox">Clear it</a> to see every row.</p>"#)
+        } else {
+            r#"<p class=muted id=rows-empty>The outbox of this app is empty: every row enqueued so far has finished or been dead-lettered. Rows appear here from the moment their transaction commits (<code>outbox_enqueue()</code>, <code>POST /api/apps/{app}/events</code>).</p>"#.to_owned()
+        });
+    } else {
+        body.push_str(r#"<table id=rows><tr><th>Row</th><th>State</th><th>Topic</th><th>Due</th><th>Attempts</th><th>Keys</th><th>Worker</th><th>Last error</th></tr>"#);
+        for r in &list.rows {
+            let keys = [&r.ordering_key, &r.partition_key, &r.idempotency_key]
+                .iter()
+                .filter_map(|k| k.as_deref())
+                .map(esc)
+                .collect::<Vec<_>>()
+                .join(" · ");
+            body.push_str(&format!(
+                r#"<tr data-row="{id}"><td><a href="/apps/{slug}/outbox/{id}"><code>{short}</code></a></td><td class="state {state}">{state}</td><td>{topic}{prio}</td><td>{due}</td><td>{attempts}</td><td>{keys}</td><td>{worker}</td><td class=err>{error}</td></tr>"#,
+                id = r.id,
+                short = &r.id.to_string()[..8],
+                state = esc(&r.state),
+                topic = esc(&r.topic),
+                prio = if r.priority > 0 { format!(" <span class=muted>p{}</span>", r.priority) } else { String::new() },
+                due = when(r.due_at),
+                attempts = r.attempt_count,
+                worker = esc(r.locked_by.as_deref().filter(|_| r.state == "running").unwrap_or("")),
+                error = esc(r.last_error.as_deref().unwrap_or("")),
+            ));
+        }
+        body.push_str("</table>");
+    }
+    let filter = filter_query(&q);
+    let link = |cursor: &str, value: &str, text: &str, id: &str| {
+        let sep = if filter.is_empty() { "" } else { "&" };
+        format!(
+            r#"<a id={id} href="/apps/{slug}/outbox?{filter}{sep}{cursor}={}">{text}</a>"#,
+            esc(value)
+        )
+    };
+    let pages: Vec<String> = [
+        list.before
+            .as_deref()
+            .map(|c| link("before", c, "← previous", "page-before")),
+        list.after
+            .as_deref()
+            .map(|c| link("after", c, "next →", "page-after")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !pages.is_empty() {
+        body.push_str(&format!("<p class=pages>{}</p>", pages.join(" · ")));
+    }
+    if operator && !list.rows.is_empty() {
+        body.push_str(&format!(
+            r#"<h2>Act on every row of this filter</h2><form method=post action="/apps/{slug}/outbox/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}">{hidden}
+<p><label>Action <select name=action><option value=retry>Retry now (scheduled and retrying rows become due)</option><option value=cancel>Cancel (each becomes an ignored dead letter)</option></select></label> <label>Reason (for cancel) <input name=reason maxlength=1000></label> <button type=submit>Review…</button></p>
+<p class=muted>The next page shows how many rows it will touch before anything changes. Running rows are left to finish.</p></form>"#,
+            csrf = esc(&session.csrf),
+            hidden = hidden_filter(&q),
+        ));
+    }
+    page(&format!("{} rows", app.slug), &body).into_response()
+}
+
+/// `POST /apps/{app}/outbox/bulk`: without `confirm=yes`, the page that
+/// says how many rows the action will touch; with it, the action, then back
+/// to the browser with what it did.
+pub(super) async fn bulk_on_filter(
+    State(state): State<AdminState>,
+    session: Session,
+    Path(app): Path<String>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
+        let q = row_query(&form, false)?;
+        let filter = q.filter()?;
+        let action = field(&form, "action").unwrap_or_default();
+        let reason = field(&form, "reason").unwrap_or_default().trim().to_owned();
+        if !matches!(action, "retry" | "cancel") {
+            return Err(ApiError::Invalid("action: must be retry or cancel".into()));
+        }
+        if action == "cancel" && reason.is_empty() {
+            return Err(ApiError::Invalid(
+                "reason: a cancel needs a reason; it is kept with every cancelled row".into(),
+            ));
+        }
+        let slug = esc(&app.slug);
+        let back = filter_query(&q);
+        if field(&form, "confirm") != Some("yes") {
+            let idle = api::count_idle(&state.pool, app.id, &filter).await?;
+            let what = if action == "retry" {
+                "Retry now: the scheduled and retrying rows among them become due"
+            } else {
+                "Cancel: each becomes an ignored dead letter carrying the reason"
+            };
+            let capped = if idle.rows > MAX_CANCEL_BATCH {
+                format!(" At most {MAX_CANCEL_BATCH} are taken per action; run it again for the rest.")
+            } else {
+                String::new()
+            };
+            let body = format!(
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> not running match this filter.{capped}</p><p>{what}.</p>{reason_line}
+<form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
+<button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
+                logout = logout_form(&session),
+                count = count_text(idle),
+                reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc(&reason)) } else { String::new() },
+                csrf = esc(&session.csrf),
+                hidden = hidden_filter(&q),
+                reason = esc(&reason),
+                button = if action == "retry" { "Retry these rows now" } else { "Cancel these rows" },
+                back = esc(&back),
+            );
+            return Ok(Err(page("Confirm", &body).into_response()));
+        }
+        let actor = audit::actor(&session.principal);
+        let selection = Selection::Matching(filter);
+        let done = if action == "retry" {
+            api::retry_rows(&state.pool, &actor, app.id, &selection).await?
+        } else {
+            api::cancel_rows(&state.pool, &actor, app.id, &selection, &reason).await?
+        };
+        let sep = if back.is_empty() { "" } else { "&" };
+        Ok::<_, ApiError>(Ok(format!(
+            "/apps/{}/outbox?{back}{sep}done={action}&rows={}&more={}",
+            app.slug, done.rows, done.more
+        )))
+    }
+    .await;
+    match result {
+        Ok(Ok(to)) => Redirect::to(&to).into_response(),
+        Ok(Err(confirm)) => confirm,
+        Err(err) => error_page(&err),
+    }
+}
+
+/// `POST /apps/{app}/outbox/{id}/{retry|cancel}`: one row's action, back to
+/// its page (a cancelled row's page leads to its dead letter).
+pub(super) async fn act_on_row(
+    State(state): State<AdminState>,
+    session: Session,
+    Path((app, id, action)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    let result = async {
+        let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("outbox row"))?;
+        let actor = audit::actor(&session.principal);
+        let selection = Selection::Ids(vec![id]);
+        let done = match action.as_str() {
+            "retry" => api::retry_rows(&state.pool, &actor, app.id, &selection).await?,
+            "cancel" => {
+                if field(&form, "confirm") != Some("yes") {
+                    return Err(ApiError::Invalid(
+                        "confirm: tick the box to cancel the row".into(),
+                    ));
+                }
+                let reason = field(&form, "reason").unwrap_or_default();
+                api::cancel_rows(&state.pool, &actor, app.id, &selection, reason).await?
+            }
+            _ => return Err(ApiError::not_found("action")),
+        };
+        Ok::<_, ApiError>(format!(
+            "/apps/{}/outbox/{id}?done={action}&rows={}",
+            app.slug, done.rows
+        ))
+    }
+    .await;
+    super::session::after_form(result)
+}
