@@ -1,6 +1,7 @@
 // Signs in to the dashboard in a real Chromium, checks the unresolved badge,
 // replays one dead letter (following its attempt history to the row the
-// replay made and back) and ignores another, then checks the database.
+// replay made and back) and ignores another, browses rows by filter and acts
+// on a whole filter and on one row, then checks the database and the audit log.
 // Env: OUTBOXD_URL, ADMIN_EMAIL, ADMIN_PASSWORD, DATABASE_URL, PSQL, SCREENSHOT_DIR.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
@@ -28,7 +29,8 @@ const browser = await chromium.launch({
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 try {
-  const page = await browser.newPage();
+  // A zone far from UTC shows that times are converted in the browser.
+  const page = await (await browser.newContext({ timezoneId: "Asia/Tokyo" })).newPage();
   // An inline script would be blocked by the page's policy: count violations.
   await page.addInitScript(() => {
     window.__cspViolations = 0;
@@ -126,7 +128,67 @@ try {
   check(sql(`SELECT max_attempts FROM outbox WHERE replayed_from = '${toReplay}'`) === "1000", "the replayed row got the 1000 attempts asked for");
   check(sql(`SELECT resolution FROM dead_letters WHERE id = '${toIgnore}'`) === "ignored", "the database has the ignore");
 
-  // Both actions are in the app's audit log, with who made them.
+  // The row browser: filter by state and a payload field, act on the whole
+  // filter after a page that says how many rows it touches.
+  for (const customer of ["c-9", "c-9", "c-9", "c-8"]) {
+    sql(`SELECT outbox_enqueue('shop', 'mail.digest', '{"customer": "${customer}"}', now() + interval '1 hour')`);
+  }
+  await page.goto(`${base}/apps/shop/outbox`);
+  await page.selectOption('#row-filter select[name="state"]', "scheduled");
+  await page.fill('#row-filter input[name="field"]', "customer=c-9");
+  await page.click('#row-filter button[type="submit"]');
+  await page.waitForSelector("#row-count");
+  const listed = await page.$$eval("#rows tr[data-row]", (trs) => trs.length);
+  check(listed === 3 && (await page.textContent("#row-count")) === "3 rows",
+        `the browser filters by state and payload field (${listed} rows)`);
+  const due = await page.$eval("#rows time", (t) => ({ text: t.textContent, utc: t.title }));
+  check(due.utc.endsWith("Z") && !due.text.includes("UTC") && /GMT\+9|JST/.test(due.text),
+        `times show in the browser's zone with UTC on hover (${JSON.stringify(due)})`);
+  await page.screenshot({ path: `${shots}/rows.png`, fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.screenshot({ path: `${shots}/rows-phone.png`, fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await page.emulateMedia({ colorScheme: "dark" });
+  const dark = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  check(dark === "rgb(20, 23, 28)", `the console follows a dark system theme (${dark})`);
+  await page.screenshot({ path: `${shots}/rows-dark.png`, fullPage: true });
+  await page.emulateMedia({ colorScheme: "light" });
+
+  await page.selectOption('#bulk-filter select[name="action"]', "retry");
+  await page.click('#bulk-filter button[type="submit"]');
+  await page.waitForSelector("#confirm-count");
+  check((await page.textContent("#confirm-count")).startsWith("3 rows not running"),
+        "the bulk action shows how many rows it will touch before it runs");
+  check(sql("SELECT count(*) FROM outbox WHERE topic = 'mail.digest' AND run_at <= now()") === "0",
+        "nothing changed before the confirmation");
+  await page.screenshot({ path: `${shots}/confirm.png`, fullPage: true });
+  await page.click("#confirm");
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#flash")).startsWith("Made 3 rows due now."), "the result is shown after the action");
+  check(sql("SELECT count(*) FROM outbox WHERE topic = 'mail.digest' AND payload->>'customer' = 'c-9' AND run_at <= now()") === "3",
+        "retry now on the filter made its 3 rows due");
+
+  await page.goto(`${base}/apps/shop/outbox?topic=mail.digest&field=customer%3Dc-8`);
+  await page.selectOption('#bulk-filter select[name="action"]', "cancel");
+  await page.fill('#bulk-filter input[name="reason"]', "customer left");
+  await page.click('#bulk-filter button[type="submit"]');
+  await page.waitForSelector("#confirm-count");
+  check((await page.textContent("#confirm-count")).startsWith("1 row not running"), "the cancel shows its count first");
+  await page.click("#confirm");
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#flash")).startsWith("Cancelled 1 row"), "the cancel reports what it did");
+  check(sql("SELECT count(*) FROM dead_letters WHERE topic = 'mail.digest' AND resolution = 'ignored' AND last_error LIKE '%customer left'") === "1",
+        "the cancelled row is an ignored dead letter carrying the reason");
+
+  // One row's own actions: retry now from its page.
+  const waiting = sql("SELECT outbox_enqueue('shop', 'mail.single', '{}', now() + interval '1 hour')");
+  await page.goto(`${base}/apps/shop/outbox/${waiting}`);
+  check((await page.textContent("#state")).trim() === "scheduled", "the row waits an hour");
+  await page.click("#retry-now");
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#state")).trim() === "due", "Retry now makes the row due at once");
+
+  // Every action is in the app's audit log, with who made it.
   await page.goto(`${base}/apps/shop/audit`);
   const audit = await page.$$eval("#audit tr[data-audit]", (trs) =>
     trs.map((tr) => Array.from(tr.cells, (td) => td.textContent)));
@@ -134,6 +196,10 @@ try {
   check(recorded.includes(`${env("ADMIN_EMAIL")} dead_letter.replay ${toReplay}`)
         && recorded.includes(`${env("ADMIN_EMAIL")} dead_letter.ignore ${toIgnore}`),
         `the audit log records the replay and the ignore (${JSON.stringify(recorded)})`);
+  const byFilter = audit.filter((cells) => ["outbox.retry", "outbox.cancel"].includes(cells[2]))
+    .map((cells) => `${cells[2]} ${cells[4]}`);
+  check(byFilter.includes("outbox.retry 3") && byFilter.includes("outbox.cancel 1") && byFilter.includes("outbox.retry 1"),
+        `the audit log records the actions on rows with their counts (${JSON.stringify(byFilter)})`);
   await page.screenshot({ path: `${shots}/audit.png`, fullPage: true });
 
   await page.goto(`${base}/apps`);

@@ -111,12 +111,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
     /// Run only these scenarios (comma-separated: auth, enqueue, drain, history,
-    /// latency, steady, bloat, phases, backlog, paused, relay, scale-out); the
-    /// raw drain baseline always runs.
+    /// latency, steady, bloat, phases, backlog, paused, console, relay,
+    /// scale-out); the raw drain baseline always runs.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "auth,enqueue,drain,history,latency,steady,bloat,phases,backlog,paused,relay,scale-out"
+        default_value = "auth,enqueue,drain,history,latency,steady,bloat,phases,backlog,paused,console,relay,scale-out"
     )]
     pub scenarios: Vec<String>,
 }
@@ -133,6 +133,7 @@ const KNOWN: &[&str] = &[
     "phases",
     "backlog",
     "paused",
+    "console",
     "relay",
     "scale-out",
 ];
@@ -400,6 +401,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     }
     if bench.wants("paused") {
         scenarios::paused(&mut bench).await?;
+    }
+    if bench.wants("console") {
+        scenarios::console(&mut bench).await?;
     }
     if bench.wants("relay") {
         scenarios::relay(&mut bench).await?;

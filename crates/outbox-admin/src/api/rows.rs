@@ -168,8 +168,12 @@ pub async fn list_rows(
     q: &RowQuery,
 ) -> Result<RowList, ApiError> {
     let filter = q.filter()?;
-    let page = store::browse(pool, app_id, &filter, q.page_at()?, q.limit()?, PAGE_BUDGET).await?;
-    let count = store::count_matching(pool, app_id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
+    // On two connections at once: a page of a rare match and its count each
+    // take up to their budget, and the answer waits for the longer only.
+    let (page, count) = tokio::try_join!(
+        store::browse(pool, app_id, &filter, q.page_at()?, q.limit()?, PAGE_BUDGET),
+        store::count_matching(pool, app_id, &filter, COUNT_BOUND, COUNT_BUDGET),
+    )?;
     Ok(RowList {
         rows: page.rows,
         before: page.before.map(|c| c.encode()),
@@ -250,12 +254,13 @@ impl Selection {
     }
 
     /// What the audit log says the action was taken on.
-    fn audited(&self) -> (Option<&str>, Value) {
+    fn audited(&self) -> (Option<String>, Value) {
         match self {
-            Self::Topic(topic) => (Some(topic.as_str()), json!({})),
+            Self::Topic(topic) => (Some(topic.clone()), json!({})),
+            Self::Ids(ids) if ids.len() == 1 => (Some(ids[0].to_string()), json!({ "ids": 1 })),
             Self::Ids(ids) => (None, json!({ "ids": ids.len() })),
             Self::Matching(f) => (
-                f.topic.as_deref(),
+                f.topic.clone(),
                 json!({ "filter": {
                     "topic": f.topic, "state": f.state.map(|s| s.as_str()),
                     "ordering_key": f.ordering_key, "partition_key": f.partition_key,
@@ -337,7 +342,7 @@ pub async fn cancel_rows(
         detail["reason"] = json!(reason);
         let action = Action {
             action: "outbox.cancel",
-            target,
+            target: target.as_deref(),
             rows: ids.len(),
             detail,
         };
@@ -366,7 +371,7 @@ pub async fn retry_rows(
         let (target, detail) = selection.audited();
         let action = Action {
             action: "outbox.retry",
-            target,
+            target: target.as_deref(),
             rows: ids.len(),
             detail,
         };

@@ -83,6 +83,13 @@ fn hidden_filter(q: &RowQuery) -> String {
         .collect()
 }
 
+/// The end of an id: the start of a v7 id is its creation time, which rows
+/// enqueued together share.
+fn short_id(id: Uuid) -> String {
+    let text = id.simple().to_string();
+    format!("…{}", &text[text.len() - 12..])
+}
+
 fn count_text(count: RowCount) -> String {
     match (count.rows, count.exact) {
         (1, true) => "1 row".to_owned(),
@@ -243,7 +250,7 @@ pub(super) async fn browse_page(
             r#"<p class=muted id=rows-empty>The outbox of this app is empty: every row enqueued so far has finished or been dead-lettered. Rows appear here from the moment their transaction commits (<code>outbox_enqueue()</code>, <code>POST /api/apps/{app}/events</code>).</p>"#.to_owned()
         });
     } else {
-        body.push_str(r#"<table id=rows><tr><th>Row</th><th>State</th><th>Topic</th><th>Due</th><th>Attempts</th><th>Keys</th><th>Worker</th><th>Last error</th></tr>"#);
+        body.push_str(r#"<div class=scroll><table id=rows><tr><th>Row</th><th>State</th><th>Topic</th><th>Due</th><th class=wide>Attempts</th><th class=wide>Keys</th><th class=wide>Worker</th><th>Last error</th></tr>"#);
         for r in &list.rows {
             let keys = [&r.ordering_key, &r.partition_key, &r.idempotency_key]
                 .iter()
@@ -252,9 +259,9 @@ pub(super) async fn browse_page(
                 .collect::<Vec<_>>()
                 .join(" · ");
             body.push_str(&format!(
-                r#"<tr data-row="{id}"><td><a href="/apps/{slug}/outbox/{id}"><code>{short}</code></a></td><td class="state {state}">{state}</td><td>{topic}{prio}</td><td>{due}</td><td>{attempts}</td><td>{keys}</td><td>{worker}</td><td class=err>{error}</td></tr>"#,
+                r#"<tr data-row="{id}"><td><a href="/apps/{slug}/outbox/{id}"><code>{short}</code></a></td><td class="state {state}">{state}</td><td>{topic}{prio}</td><td class=nowrap>{due}</td><td class=wide>{attempts}</td><td class=wide>{keys}</td><td class=wide>{worker}</td><td class=err>{error}</td></tr>"#,
                 id = r.id,
-                short = &r.id.to_string()[..8],
+                short = short_id(r.id),
                 state = esc(&r.state),
                 topic = esc(&r.topic),
                 prio = if r.priority > 0 { format!(" <span class=muted>p{}</span>", r.priority) } else { String::new() },
@@ -264,7 +271,7 @@ pub(super) async fn browse_page(
                 error = esc(r.last_error.as_deref().unwrap_or("")),
             ));
         }
-        body.push_str("</table>");
+        body.push_str("</table></div>");
     }
     let filter = filter_query(&q);
     let link = |cursor: &str, value: &str, text: &str, id: &str| {

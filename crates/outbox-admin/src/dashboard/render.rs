@@ -43,7 +43,8 @@ form.filters{{display:flex;flex-wrap:wrap;gap:.4rem .8rem;align-items:end;margin
 form.filters label{{display:flex;flex-direction:column;font-size:.85rem}}
 td.state.running{{font-weight:600}} td.state.retrying{{color:var(--err)}}
 h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
-@media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}}}}
+.scroll{{overflow-x:auto}} td.nowrap{{white-space:nowrap;overflow-wrap:normal}}
+@media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}} .wide{{display:none}}}}
 </style></head><body><header><a href="/apps">outboxd</a><span>console</span></header><main>{}</main></body></html>"#,
         esc(title),
         body

@@ -12,9 +12,11 @@
 //! - `relay`: relay to JetStream and the consumer runtime (needs NATS_URL).
 //! - `auth`: what authenticating an API request costs.
 //! - `scale_out`: several dispatcher processes on one database.
+//! - `console`: the console's pages with a large outbox and many dead letters.
 
 mod auth;
 mod backlog;
+mod console;
 mod drain;
 mod enqueue;
 mod history;
@@ -27,6 +29,7 @@ mod steady;
 
 pub use self::auth::auth;
 pub use self::backlog::backlog;
+pub use self::console::console;
 pub use self::drain::drain;
 pub use self::enqueue::enqueue;
 pub use self::history::history;

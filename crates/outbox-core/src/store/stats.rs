@@ -131,6 +131,76 @@ pub async fn fill_backlog_topics<'e>(
     .rows_affected())
 }
 
+/// Adds rows `from + 1 ..= from + rows` of a busy app's outbox to `app`, for
+/// the console benchmark: ten topics (`console.t0`…), a customer id among
+/// 1,000 in every payload, a partition key among 100; one row in ten
+/// scheduled an hour ahead, one in twenty waiting for a retry with an
+/// error, the rest due since they were enqueued, one per 10 ms up to now.
+pub async fn fill_console_rows<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    from: u32,
+    rows: u32,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "INSERT INTO outbox (id, app_id, topic, payload, run_at, partition_key, attempt_count,
+                             first_attempt_at, last_attempt_at, last_error, created_at)
+         SELECT outbox_uuid_v7(), $1, 'console.t' || (g % 10),
+                jsonb_build_object('n', g, 'customer', jsonb_build_object('id', 'c-' || (g % 1000))),
+                CASE WHEN g % 10 = 0 THEN now() + interval '1 hour'
+                     WHEN g % 20 = 1 THEN now() + interval '10 minutes'
+                     ELSE now() - make_interval(secs => (($2 + $3) - g) / 100.0) END,
+                'p-' || (g % 100),
+                CASE WHEN g % 20 = 1 THEN 1 ELSE 0 END,
+                CASE WHEN g % 20 = 1 THEN now() - interval '1 minute' END,
+                CASE WHEN g % 20 = 1 THEN now() - interval '1 minute' END,
+                CASE WHEN g % 20 = 1 THEN 'upstream answered 503: service unavailable' END,
+                now() - make_interval(secs => (($2 + $3) - g) / 100.0)
+         FROM generate_series($2 + 1, $2 + $3) g",
+    )
+    .bind(app)
+    .bind(i64::from(from))
+    .bind(i64::from(rows))
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Adds `rows` dead letters to `app`, for the console benchmark: the same
+/// topics and payloads as [`fill_console_rows`], one every 6 s back from
+/// now, a third of them resolved (`ignored`).
+pub async fn fill_console_dead_letters<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    rows: u32,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "INSERT INTO dead_letters (app_id, original_event_id, source, topic, handler, payload,
+                                   attempt_count, first_attempt_at, last_attempt_at, last_error,
+                                   created_at, resolved_at, resolution)
+         SELECT $1, outbox_uuid_v7(), 'queue', 'console.t' || (g % 10), 'console.t' || (g % 10),
+                jsonb_build_object('n', g, 'customer', jsonb_build_object('id', 'c-' || (g % 1000))),
+                5, now() - interval '1 hour', now() - interval '1 minute',
+                'upstream answered 503: service unavailable',
+                now() - make_interval(secs => g * 6.0),
+                CASE WHEN g % 3 = 0 THEN now() END, CASE WHEN g % 3 = 0 THEN 'ignored' END
+         FROM generate_series(1, $2) g",
+    )
+    .bind(app)
+    .bind(i64::from(rows))
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// `VACUUM ANALYZE dead_letters`, as [`vacuum_analyze_outbox`].
+pub async fn vacuum_analyze_dead_letters<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
+    sqlx::query("VACUUM ANALYZE dead_letters")
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Deletes every row of the outbox, of every app, at once (`TRUNCATE`).
 /// For benchmarks and tests between runs: it takes an exclusive lock and
 /// leaves no dead tuples behind.

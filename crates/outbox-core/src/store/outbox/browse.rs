@@ -57,7 +57,12 @@ impl RowState {
         }
     }
 
-    /// The predicate that picks rows of this state.
+    /// The predicate that picks rows of this state. Each bounds `run_at`
+    /// where it can, so that the scan of `outbox_due_idx` starts near its
+    /// rows: a row due later has a `run_at` at most 90 s (priority 9) before
+    /// the time it is due (migration 0022), so rows scheduled or retrying lie
+    /// at the end of the claim order, past everything due. Running rows have
+    /// no such bound (a claim leaves `run_at` as it was).
     fn predicate(self) -> &'static str {
         match self {
             Self::Running => " AND o.locked_until > now()",
@@ -68,11 +73,13 @@ impl RowState {
                 " <= now()"
             ),
             Self::Scheduled => concat!(
+                " AND o.run_at > now() - interval '90 seconds'",
                 " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
                 due_at!(),
                 " > now() AND NOT (o.last_error IS NOT NULL AND o.attempt_count > 0)"
             ),
             Self::Retrying => concat!(
+                " AND o.run_at > now() - interval '90 seconds'",
                 " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
                 due_at!(),
                 " > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0"
