@@ -144,9 +144,9 @@ impl Shared {
         meter.claimed.increment(1);
         let outcome = self.run_handler_unmetered(row, claim_tx, &meter).await;
         match &outcome {
-            Outcome::Done | Outcome::Reply { ok: true, .. } => meter.completed.increment(1),
-            Outcome::Retry { .. } => meter.retried.increment(1),
-            Outcome::ToDeadLetter { .. } => meter.dead_lettered.increment(1),
+            Outcome::Done | Outcome::Reply { ok: true, .. } => meter.count_completed(),
+            Outcome::Retry { .. } => meter.count_retried(),
+            Outcome::ToDeadLetter { .. } => meter.count_dead_lettered(),
             Outcome::Snooze(_) | Outcome::Reply { ok: false, .. } => {}
         }
         outcome

@@ -31,6 +31,9 @@ use crate::handler::Subscription;
 /// process started elsewhere is left its topics within about this long.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 
+/// Beats between two writes of the attempt counts to `outbox_activity`.
+pub const ACTIVITY_EVERY_BEATS: u32 = 5;
+
 /// The limited topics and what their claims serve, as of the last beat.
 #[derive(Debug, Default)]
 pub(crate) struct Limits {
@@ -199,12 +202,22 @@ impl Shared {
         Ok(())
     }
 
-    /// Beats every [`BEAT_EVERY`] until `stop`, then deletes the row.
+    /// Adds this process's attempt counts to `outbox_activity`.
+    async fn write_activity(&self) {
+        if let Err(err) = self.topic_metrics.write_activity(&self.pool).await {
+            debug!(error = %err, "could not write the attempt counts to outbox_activity");
+        }
+    }
+
+    /// Beats every [`BEAT_EVERY`] until `stop`, then deletes the row; every
+    /// [`ACTIVITY_EVERY_BEATS`] beats (and at the end) it writes the attempt
+    /// counts for the console's charts.
     pub(crate) async fn announce(self: Arc<Self>, stop: CancellationToken) {
         // `run` beat once already, before the first claim.
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + BEAT_EVERY, BEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beats: u32 = 0;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -213,7 +226,12 @@ impl Shared {
             if let Err(err) = self.beat().await {
                 debug!(error = %err, "could not record this process in outbox_processes");
             }
+            beats += 1;
+            if beats.is_multiple_of(ACTIVITY_EVERY_BEATS) {
+                self.write_activity().await;
+            }
         }
+        self.write_activity().await;
         if let Err(err) = processes::leave(&self.pool, self.process.id).await {
             warn!(error = %err, "could not remove this process from outbox_processes; it expires by itself");
         }

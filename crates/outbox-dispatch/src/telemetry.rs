@@ -1,13 +1,16 @@
 //! The dispatcher's metrics: their descriptions (`# HELP`), and counters and
-//! a handler-duration histogram labelled by app and topic. Label values are
+//! a handler-duration histogram labelled by app and topic; the same counts
+//! go to `outbox_activity` every few seconds for the console's charts. Label values are
 //! capped: past [`MAX_LABELLED`] distinct (app, topic) pairs new ones are
 //! counted under `topic="other"`, so a producer inventing topics cannot blow
 //! up the metrics' cardinality.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use metrics::{Counter, Histogram};
+use outbox_core::store::activity::{self, ActivityDelta};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -98,17 +101,22 @@ pub fn describe() {
     );
 }
 
-/// One (app, topic)'s handles, looked up once and kept.
+/// One (app, topic)'s handles, looked up once and kept, with the counts
+/// not yet written to `outbox_activity` for the console's charts.
 pub(crate) struct TopicHandles {
     pub claimed: Counter,
-    pub completed: Counter,
-    pub retried: Counter,
-    pub dead_lettered: Counter,
+    completed: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
     pub handler_duration: Histogram,
+    app_id: Uuid,
+    topic: String,
+    // Since the last write to `outbox_activity`: completed, failed, dead-lettered.
+    unwritten: [AtomicU64; 3],
 }
 
 impl TopicHandles {
-    fn new(app: &str, topic: &str) -> Self {
+    fn new(app_id: Uuid, app: &str, topic: &str) -> Self {
         let labels = [("app", app.to_owned()), ("topic", topic.to_owned())];
         Self {
             claimed: metrics::counter!("outboxd_claimed_total", &labels),
@@ -116,6 +124,51 @@ impl TopicHandles {
             retried: metrics::counter!("outboxd_retried_total", &labels),
             dead_lettered: metrics::counter!("outboxd_dead_lettered_total", &labels),
             handler_duration: metrics::histogram!("outboxd_handler_duration_seconds", &labels),
+            app_id,
+            topic: topic.to_owned(),
+            unwritten: Default::default(),
+        }
+    }
+
+    /// Counts an attempt whose handler succeeded.
+    pub fn count_completed(&self) {
+        self.completed.increment(1);
+        self.unwritten[0].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed attempt that will be retried.
+    pub fn count_retried(&self) {
+        self.retried.increment(1);
+        self.unwritten[1].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed attempt that dead-lettered its row.
+    pub fn count_dead_lettered(&self) {
+        self.dead_lettered.increment(1);
+        self.unwritten[1].fetch_add(1, Ordering::Relaxed);
+        self.unwritten[2].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the unwritten counts (none when all are zero).
+    fn take(&self) -> Option<ActivityDelta> {
+        let [completed, failed, dead_lettered] =
+            [0, 1, 2].map(|i| self.unwritten[i].swap(0, Ordering::Relaxed));
+        (completed + failed > 0).then(|| ActivityDelta {
+            app_id: self.app_id,
+            topic: self.topic.clone(),
+            completed,
+            failed,
+            dead_lettered,
+        })
+    }
+
+    /// Puts counts taken by [`Self::take`] back (their write failed).
+    fn give_back(&self, delta: &ActivityDelta) {
+        for (i, n) in [delta.completed, delta.failed, delta.dead_lettered]
+            .into_iter()
+            .enumerate()
+        {
+            self.unwritten[i].fetch_add(n, Ordering::Relaxed);
         }
     }
 }
@@ -135,7 +188,6 @@ impl TopicMetrics {
     /// The handles of `app_id`'s `topic`: a read lock and a hash lookup,
     /// except the first time (one query for the app's slug).
     pub async fn of(&self, pool: &PgPool, app_id: Uuid, topic: &str) -> Arc<TopicHandles> {
-        use std::sync::atomic::Ordering;
         if let Some(found) = self
             .handles
             .read()
@@ -149,13 +201,13 @@ impl TopicMetrics {
             return self.overflow_of(app_id, &slug);
         }
         let Ok(mut handles) = self.handles.write() else {
-            return Arc::new(TopicHandles::new(&slug, OTHER));
+            return Arc::new(TopicHandles::new(app_id, &slug, OTHER));
         };
         let topics = handles.entry(app_id).or_default();
         if let Some(found) = topics.get(topic) {
             return found.clone();
         }
-        let created = Arc::new(TopicHandles::new(&slug, topic));
+        let created = Arc::new(TopicHandles::new(app_id, &slug, topic));
         topics.insert(topic.to_owned(), created.clone());
         self.pairs.fetch_add(1, Ordering::Relaxed);
         created
@@ -170,11 +222,35 @@ impl TopicMetrics {
         {
             return found;
         }
-        let handles = Arc::new(TopicHandles::new(slug, OTHER));
+        let handles = Arc::new(TopicHandles::new(app_id, slug, OTHER));
         if let Ok(mut overflow) = self.overflow.write() {
             overflow.entry(app_id).or_insert_with(|| handles.clone());
         }
         handles
+    }
+
+    /// Adds the attempts counted since the last call to the current
+    /// minute's `outbox_activity`; on failure they are kept for the next.
+    pub async fn write_activity(&self, pool: &PgPool) -> Result<(), outbox_core::Error> {
+        let mut all: Vec<Arc<TopicHandles>> = Vec::new();
+        if let Ok(handles) = self.handles.read() {
+            all.extend(handles.values().flat_map(|t| t.values().cloned()));
+        }
+        if let Ok(overflow) = self.overflow.read() {
+            all.extend(overflow.values().cloned());
+        }
+        let taken: Vec<(Arc<TopicHandles>, ActivityDelta)> = all
+            .into_iter()
+            .filter_map(|h| h.take().map(|d| (h, d)))
+            .collect();
+        let deltas: Vec<ActivityDelta> = taken.iter().map(|(_, d)| d.clone()).collect();
+        let written = activity::record(pool, &deltas).await;
+        if written.is_err() {
+            for (handles, delta) in &taken {
+                handles.give_back(delta);
+            }
+        }
+        written
     }
 
     async fn slug(&self, pool: &PgPool, app_id: Uuid) -> String {

@@ -45,8 +45,8 @@ use self::apps::apps;
 use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
 use self::topics::{
-    list_audit, list_limits, list_pauses, list_processes, list_topics, pause, remove_limit, resume,
-    set_limit,
+    list_activity, list_audit, list_limits, list_pauses, list_processes, list_topics, pause,
+    remove_limit, resume, set_limit,
 };
 
 /// The `/api` routes.
@@ -79,6 +79,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/api/apps/{app}/dead-letters/{id}/replay", post(replay))
         .route("/api/apps/{app}/processes", get(list_processes))
         .route("/api/apps/{app}/topics", get(list_topics))
+        .route("/api/apps/{app}/activity", get(list_activity))
         .route("/api/apps/{app}/pauses", get(list_pauses))
         .route(
             "/api/apps/{app}/pauses/{topic}",

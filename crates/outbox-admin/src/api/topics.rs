@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outbox_core::store::outbox as store;
-use outbox_core::store::{limits, pauses, processes};
+use outbox_core::store::{activity, limits, pauses, processes};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -39,6 +39,45 @@ pub(super) async fn list_topics(
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
     Ok(Json(
         store::recorded_state_counts(&state.pool, app.id).await?,
+    ))
+}
+
+/// The query of `GET /api/apps/{app}/activity`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ActivityQuery {
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// How many minutes back (1..=1440, default 60).
+    pub minutes: Option<i32>,
+}
+
+impl ActivityQuery {
+    /// The minutes asked for, checked.
+    fn minutes(&self) -> Result<i32, ApiError> {
+        match self.minutes {
+            None => Ok(60),
+            Some(n @ 1..=1440) => Ok(n),
+            Some(n) => Err(ApiError::Invalid(format!(
+                "minutes: {n} is outside 1..=1440"
+            ))),
+        }
+    }
+}
+
+/// `GET /api/apps/{app}/activity`: attempts completed and failed, rows due
+/// and the oldest due age, per minute over the last `minutes`.
+pub(super) async fn list_activity(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<ActivityQuery>, ApiError>,
+) -> Result<Json<Vec<activity::MinuteActivity>>, ApiError> {
+    let crate::strict::Query(q) = q?;
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let topic = q.topic.as_deref().filter(|t| !t.is_empty());
+    Ok(Json(
+        activity::per_minute(&state.pool, app.id, topic, q.minutes()?).await?,
     ))
 }
 

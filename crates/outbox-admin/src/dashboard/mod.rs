@@ -4,8 +4,8 @@
 //! nothing changes on GET.
 //!
 //! This module holds the routes and the security headers; the pages live
-//! in one file per noun (`apps`, `audit`, `browse`, `dead_letters`, `rows`, `topics`,
-//! `triggers`, `accounts`),
+//! in one file per noun (`apps`, `audit`, `browse`, `dead_letters`, `overview`, `rows`,
+//! `topics`, `triggers`, `accounts`),
 //! sign-in in `login`, the session and form helpers in `session`, and the
 //! HTML helpers in `render`.
 
@@ -22,6 +22,7 @@ mod audit;
 mod browse;
 mod dead_letters;
 mod login;
+mod overview;
 mod render;
 mod rows;
 mod session;

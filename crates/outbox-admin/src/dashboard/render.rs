@@ -43,7 +43,7 @@ form.filters{{display:flex;flex-wrap:wrap;gap:.4rem .8rem;align-items:end;margin
 form.filters label{{display:flex;flex-direction:column;font-size:.85rem}}
 td.state.running{{font-weight:600}} td.state.retrying{{color:var(--err)}}
 h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
-.scroll{{overflow-x:auto}} td.nowrap{{white-space:nowrap;overflow-wrap:normal}}
+.scroll{{overflow-x:auto}} .charts{{display:flex;flex-wrap:wrap;gap:.8rem;margin:.6rem 0}} figure.chart{{margin:0;background:var(--panel);border:1px solid var(--line);padding:.5rem .6rem;flex:1 1 220px}} figure.chart svg{{width:100%;height:48px;color:var(--link);display:block}} figure.chart figcaption{{font-size:.85rem}} td.nowrap{{white-space:nowrap;overflow-wrap:normal}}
 @media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}} .wide{{display:none}}}}
 </style></head><body><header><a href="/apps">outboxd</a><span>console</span></header><main>{}</main></body></html>"#,
         esc(title),

@@ -5,7 +5,6 @@
 
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{Html, IntoResponse, Response};
-use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::{limits, pauses, processes};
 
 use crate::AdminState;
@@ -15,6 +14,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::browse::{flash, without_flash};
+use super::overview::{Overview, processes_table};
 use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, after_form, checked_form, field, viewed_app};
 
@@ -29,11 +29,11 @@ pub(super) async fn topics_page(
         let paused = pauses::list(&state.pool, app.id).await?;
         let limited = limits::list(&state.pool, app.id).await?;
         let live = processes::live(&state.pool).await?;
-        let states = recorded_state_counts(&state.pool, app.id).await?;
-        Ok::<_, ApiError>((app, paused, limited, live, states))
+        let overview = Overview::read(&state, app.id).await?;
+        Ok::<_, ApiError>((app, paused, limited, live, overview))
     }
     .await;
-    let (app, paused, limited, live, states) = match result {
+    let (app, paused, limited, live, overview) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -43,12 +43,12 @@ pub(super) async fn topics_page(
     body.push_str(&format!(
         r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · topics</h1>{flash}
 <form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
-<h2>Rows</h2>"#,
+<h2>Overview</h2>"#,
         flash = flash(&without_flash(raw.as_deref()).0),
     ));
     body.push_str(&format!(
         r#"<div id=topic-rows data-refresh="/apps/{slug}/topics/rows">{}</div>"#,
-        rows_by_state(&states)
+        overview.html(&slug)
     ));
     body.push_str("<h2>Paused</h2>");
     if paused.is_empty() {
@@ -104,32 +104,13 @@ pub(super) async fn topics_page(
 <h2>Processes</h2>"#,
         max = limits::MAX_RUNNING,
     ));
-    if live.is_empty() {
-        body.push_str(r#"<p class=muted data-processes=none>No dispatcher is running: rows wait until one serving their topic starts (<code>outboxd run</code>).</p>"#);
-    } else {
-        body.push_str("<table><tr><th>Worker</th><th>Host</th><th>Version</th><th>Serves</th><th>Since</th><th>Last seen</th></tr>");
-        for p in &live {
-            let mut serves = p.topics.clone();
-            serves.extend(p.patterns.iter().cloned());
-            body.push_str(&format!(
-                r#"<tr data-process="{id}"><td>{worker}</td><td>{pid}@{host}</td><td>{version}</td><td>{serves}</td><td>{since}</td><td>{seen}</td></tr>"#,
-                id = p.id,
-                worker = esc(&p.worker),
-                pid = p.pid,
-                host = esc(&p.host),
-                version = esc(&p.version),
-                serves = esc(&serves.join(", ")),
-                since = when(p.started_at),
-                seen = when(p.last_seen),
-            ));
-        }
-        body.push_str("</table>");
-    }
+    body.push_str(&processes_table(&live));
     page(&format!("{} topics", app.slug), &body).into_response()
 }
 
-/// `GET /apps/{app}/topics/rows`: the topics page's table of rows by state
-/// alone, which the page fetches again every 2 s while it is visible.
+/// `GET /apps/{app}/topics/rows`: the topics page's overview alone (charts
+/// and rows by state), which the page fetches again every 2 s while it is
+/// visible.
 pub(super) async fn topic_rows(
     State(state): State<AdminState>,
     session: Session,
@@ -137,11 +118,12 @@ pub(super) async fn topic_rows(
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
-        Ok::<_, ApiError>(recorded_state_counts(&state.pool, app.id).await?)
+        let overview = Overview::read(&state, app.id).await?;
+        Ok::<_, ApiError>(overview.html(&esc(&app.slug)))
     }
     .await;
     match result {
-        Ok(states) => Html(rows_by_state(&states)).into_response(),
+        Ok(html) => Html(html).into_response(),
         Err(err) => error_page(&err),
     }
 }
@@ -186,36 +168,6 @@ pub(super) async fn change_topic(
     }
     .await;
     after_form(result)
-}
-
-/// The table of each topic's rows by state, or what to expect without one.
-fn rows_by_state(states: &[TopicStates]) -> String {
-    let Some(sampled_at) = states.iter().map(|s| s.sampled_at).max() else {
-        return r#"<p class=muted data-states=none>No rows counted: either the app has no rows, or no dispatcher has counted them yet (the elected one counts every <code>metrics_sample_secs</code>, 15 s by default).</p>"#.to_owned();
-    };
-    let mut html = format!(
-        r#"<p class=muted>Counted at {}.</p><table><tr><th>Topic</th><th>Due</th><th>Scheduled</th><th>Running</th><th>Unserved</th></tr>"#,
-        when(sampled_at)
-    );
-    for s in states {
-        let unserved = match s.oldest_unserved_at {
-            Some(since) if s.unserved > 0 => format!(
-                r#"<strong class=err>{} waiting since {}</strong>: no running process serves this topic"#,
-                s.unserved,
-                when(since)
-            ),
-            _ => "0".to_owned(),
-        };
-        html.push_str(&format!(
-            r#"<tr data-topic-states="{topic}"><td>{topic}</td><td>{due}</td><td>{scheduled}</td><td>{running}</td><td>{unserved}</td></tr>"#,
-            topic = esc(&s.topic),
-            due = s.due,
-            scheduled = s.scheduled,
-            running = s.running,
-        ));
-    }
-    html.push_str("</table>");
-    html
 }
 
 /// A number field of a form: absent or blank is `None`.

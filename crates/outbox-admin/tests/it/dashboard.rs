@@ -401,6 +401,42 @@ async fn the_topics_rows_refresh_from_a_fragment_for_the_apps_viewers() -> TestR
             && !fragment.contains("<html"),
         "{fragment}"
     );
+    // The overview: charts of the last hour from the attempts counted, and
+    // per topic its pause and unresolved dead letters.
+    outbox_core::store::activity::record(
+        &w.db.pool,
+        &[outbox_core::store::activity::ActivityDelta {
+            app_id: w.app_a,
+            topic: "<b>mail</b>".into(),
+            completed: 120,
+            failed: 40,
+            dead_lettered: 1,
+        }],
+    )
+    .await?;
+    w.dead_letter(w.app_a, "<b>mail</b>").await?;
+    outbox_core::store::pauses::pause(&w.db.pool, w.app_a, "<b>mail</b>", None, Some("test"))
+        .await?;
+    let (_, _, fragment) = get(viewer_jar.clone(), "/apps/app-a/topics/rows".into()).await?;
+    for wanted in [
+        r#"<figure class=chart id=completed-per-sec data-last="2""#,
+        r#"<figure class=chart id=failure-rate data-last="25""#,
+        "<polyline",
+        "<td><strong>paused</strong></td>",
+        r#"dead-letters?unresolved=true&amp;topic=%3Cb%3Email%3C%2Fb%3E">1</a>"#,
+    ] {
+        assert!(fragment.contains(wanted), "{wanted} missing: {fragment}");
+    }
+    // The instance overview: the app's rows and the processes (none here).
+    let (status, _, apps) = get(viewer_jar.clone(), "/apps".into()).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        apps.contains(r#"<tr data-app-row="app-a">"#)
+            && apps.contains("<td>1</td>")
+            && apps.contains("data-processes=none")
+            && !apps.contains("app-b"),
+        "{apps}"
+    );
     let (status, _, _) = get(viewer_jar, "/apps/app-b/topics/rows".into()).await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "another app's rows");
     let (status, headers, _) = get(String::new(), "/apps/app-a/topics/rows".into()).await?;

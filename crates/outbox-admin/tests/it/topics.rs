@@ -267,3 +267,65 @@ async fn operators_limit_topics_and_bad_limits_are_refused_by_name() -> TestResu
     assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_activity_api_answers_one_entry_per_minute_for_the_apps_viewers() -> TestResult {
+    let w = World::new().await?;
+    outbox_core::store::activity::record(
+        &w.db.pool,
+        &[outbox_core::store::activity::ActivityDelta {
+            app_id: w.app_a,
+            topic: "mail".into(),
+            completed: 7,
+            failed: 2,
+            dead_lettered: 1,
+        }],
+    )
+    .await?;
+    let viewer = w.login("viewer@x.io").await?;
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/activity?minutes=3",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let minutes = body.as_array().ok_or("not a list")?;
+    assert_eq!(minutes.len(), 3);
+    assert_eq!(minutes[2]["completed"], 7);
+    assert_eq!(minutes[2]["failed"], 2);
+    assert_eq!(minutes[0]["completed"], 0);
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/activity?topic=other",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body.as_array().map(Vec::len), Some(60), "the default hour");
+    assert!(
+        body.as_array()
+            .ok_or("list")?
+            .iter()
+            .all(|m| m["completed"] == 0)
+    );
+    for (uri, status) in [
+        (
+            "/api/apps/app-a/activity?minutes=0",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/apps/app-a/activity?minutes=1441",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/api/apps/app-b/activity", StatusCode::NOT_FOUND),
+    ] {
+        let (s, body) = w.call("GET", uri, Some(&viewer), None).await?;
+        assert_eq!(s, status, "{uri}: {body}");
+    }
+    Ok(())
+}

@@ -117,6 +117,21 @@ pub async fn count_unresolved<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Resu
     .await?)
 }
 
+/// An app's unresolved dead letters per topic, most first.
+pub async fn unresolved_by_topic<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT topic, count(*) FROM dead_letters
+         WHERE app_id = $1 AND resolved_at IS NULL
+         GROUP BY topic ORDER BY count(*) DESC, topic",
+    )
+    .bind(app_id)
+    .fetch_all(db)
+    .await?)
+}
+
 /// How many of an app's dead letters match `filter` (for "showing 50 of
 /// 123"); counting stops at `bound`, so a huge table costs at most that.
 pub async fn count<'e>(

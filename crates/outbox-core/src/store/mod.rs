@@ -43,6 +43,7 @@ macro_rules! live_running {
     };
 }
 
+pub mod activity;
 pub mod apps;
 pub mod audit;
 pub mod dead_letters;

@@ -55,3 +55,50 @@ async fn due_rows_are_counted_without_leased_or_later_ones_up_to_a_bound() -> Te
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sample_counts_retrying_rows_and_charts_the_backlog_and_its_age() -> TestResult {
+    use outbox_core::store::activity;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let ids = enqueue_batch(
+        &mut tx,
+        app,
+        &[
+            NewEvent::new("t", json!({}))
+                .with_run_at(chrono::Utc::now() - chrono::Duration::seconds(30)),
+            NewEvent::new("t", json!({})),
+            NewEvent::new("t", json!({})),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    // One row fails and waits for its backoff.
+    let served = outbox_core::topics::Served::everything();
+    let claimed = store::claim_served(&db.pool, &served, "w", 1, Duration::from_secs(60)).await?;
+    let lease = claimed.first().ok_or("nothing claimed")?.lease();
+    assert_eq!(lease.id, ids[0], "the oldest first");
+    let retry = store::Reschedule {
+        lease,
+        delay: Duration::from_secs(600),
+        error: Some("later".into()),
+        refund_attempt: false,
+    };
+    store::reschedule(&db.pool, &[retry], store::AttemptHistory::OFF).await?;
+
+    store::record_state_counts(&db.pool).await?;
+    let states = store::recorded_state_counts(&db.pool, app).await?;
+    let t = states.first().ok_or("no topic")?;
+    assert_eq!((t.due, t.scheduled, t.retrying, t.running), (2, 1, 1, 0));
+    let minutes = activity::per_minute(&db.pool, app, None, 1).await?;
+    let now = minutes.last().ok_or("no minute")?;
+    assert_eq!(now.due, Some(2));
+    assert!(now.oldest_due_secs.is_some_and(|s| s >= 0.0), "{now:?}");
+    assert_eq!(
+        (now.completed, now.failed),
+        (0, 0),
+        "a sample counts no attempts"
+    );
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::NewEvent;
-use outbox_core::store::processes;
+use outbox_core::store::{activity, processes};
 use outbox_core::topics::TopicPattern;
 use outbox_dispatch::{Dispatcher, DrainReport, Event, HandlerError, Registry};
 use outbox_testkit::{TestDb, wait_until};
@@ -285,5 +285,60 @@ async fn a_pause_holds_new_rows_in_every_process_lets_running_ones_finish_and_re
     assert_eq!(ran.count(), 6);
     stop.cancel();
     run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_running_process_writes_its_attempt_counts_for_the_charts() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.register("ok", |_event: Event| async { Ok(()) });
+    registry.register("bad", |_event: Event| async {
+        Err(HandlerError::permanent("no such customer"))
+    });
+    let (stop, run, _) = start(&db, registry).await?;
+    let mut tx = db.pool.begin().await?;
+    let mut events: Vec<NewEvent> = (0..5)
+        .map(|n| NewEvent::new("ok", serde_json::json!({ "n": n })))
+        .collect();
+    events.push(NewEvent::new("bad", serde_json::json!({})));
+    outbox_core::enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    assert!(emptied(&db).await, "the rows were not handled");
+    // Written every few beats while running (and once more at the end).
+    let pool = db.pool.clone();
+    let written = wait_until(Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            activity::per_minute(&pool, app, None, 5)
+                .await
+                .is_ok_and(|m| m.iter().map(|m| m.completed).sum::<i64>() == 5)
+        }
+    })
+    .await;
+    assert!(
+        written,
+        "the completed attempts never reached outbox_activity"
+    );
+    stop.cancel();
+    run.await??;
+    let minutes = activity::per_minute(&db.pool, app, None, 5).await?;
+    assert_eq!(minutes.len(), 5, "one entry per minute, empty ones too");
+    let sum = |f: fn(&activity::MinuteActivity) -> i64| minutes.iter().map(f).sum::<i64>();
+    assert_eq!(
+        (
+            sum(|m| m.completed),
+            sum(|m| m.failed),
+            sum(|m| m.dead_lettered)
+        ),
+        (5, 1, 1)
+    );
+    let bad = activity::per_minute(&db.pool, app, Some("bad"), 5).await?;
+    assert_eq!(
+        bad.iter().map(|m| m.completed + m.failed).sum::<i64>(),
+        1,
+        "by topic"
+    );
     Ok(())
 }

@@ -78,6 +78,8 @@ pub struct StateCounts {
     pub scheduled: i64,
     /// Leased: a handler is running it.
     pub running: i64,
+    /// Of `scheduled`, the rows waiting for a retry's backoff.
+    pub retrying: i64,
     /// Due, but no live process serves the topic (`outbox_processes`): the
     /// rows wait for one. Equal to `due` or 0.
     pub unserved: i64,
@@ -115,6 +117,9 @@ macro_rules! sampled_states {
                 count(*) FILTER (WHERE d.due_at > now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS scheduled,
                 count(*) FILTER (WHERE o.locked_until > now()) AS running,
+                count(*) FILTER (WHERE d.due_at > now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())
+                                   AND o.last_error IS NOT NULL AND o.attempt_count > 0) AS retrying,
                 min(d.due_at) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS oldest_due,
                 count(*) AS total
@@ -125,7 +130,7 @@ macro_rules! sampled_states {
                                        AS due_at) AS d
             GROUP BY a.id, a.slug, o.topic
          ), sampled AS (
-            SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.total,
+            SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.retrying, c.total,
                    c.oldest_due, CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
                    CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
                         ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
@@ -152,7 +157,9 @@ pub async fn state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts
 
 /// [`state_counts`], also written to `outbox_topic_states` (migration
 /// 0025) in the same statement, for [`recorded_state_counts`] to read
-/// cheaply; topics without rows left are removed there.
+/// cheaply (topics without rows left are removed there), and the rows due
+/// and the oldest due age to the minute's `outbox_activity` (migration
+/// 0029) for the console's charts.
 pub async fn record_state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<StateCounts>, Error> {
     Ok(sqlx::query_as(concat!(
         sampled_states!(),
@@ -162,13 +169,22 @@ pub async fn record_state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Stat
                               WHERE s.app_id = t.app_id AND s.topic = t.topic)
          ), kept AS (
             INSERT INTO outbox_topic_states AS t
-                (app_id, topic, due, scheduled, running, oldest_due_at, sampled_at)
-            SELECT app_id, topic, due, scheduled, running, oldest_due, now()
+                (app_id, topic, due, scheduled, running, retrying, oldest_due_at, sampled_at)
+            SELECT app_id, topic, due, scheduled, running, retrying, oldest_due, now()
             FROM sampled
             ON CONFLICT (app_id, topic) DO UPDATE
                 SET due = excluded.due, scheduled = excluded.scheduled,
-                    running = excluded.running, oldest_due_at = excluded.oldest_due_at,
-                    sampled_at = excluded.sampled_at
+                    running = excluded.running, retrying = excluded.retrying,
+                    oldest_due_at = excluded.oldest_due_at, sampled_at = excluded.sampled_at
+         ), charted AS (
+            -- The minute's largest backlog and oldest due age, for the charts.
+            INSERT INTO outbox_activity AS a (app_id, minute, topic, due, oldest_due_secs)
+            SELECT app_id, date_trunc('minute', now()), topic, due,
+                   coalesce(extract(epoch FROM now() - oldest_due)::float8, 0)
+            FROM sampled
+            ON CONFLICT (app_id, minute, topic) DO UPDATE
+                SET due = greatest(a.due, excluded.due),
+                    oldest_due_secs = greatest(a.oldest_due_secs, excluded.oldest_due_secs)
          )
          SELECT * FROM sampled ORDER BY total DESC"
     ))
@@ -187,6 +203,8 @@ pub struct TopicStates {
     pub scheduled: i64,
     /// Leased: a handler is running it.
     pub running: i64,
+    /// Of `scheduled`, the rows waiting for a retry's backoff.
+    pub retrying: i64,
     /// Due, and no live process serves the topic now: the rows wait for one.
     pub unserved: i64,
     /// When the oldest unserved row became due (none without unserved rows).
@@ -203,7 +221,7 @@ pub async fn recorded_state_counts<'e>(
     app: uuid::Uuid,
 ) -> Result<Vec<TopicStates>, Error> {
     Ok(sqlx::query_as(concat!(
-        "SELECT t.topic, t.due, t.scheduled, t.running,
+        "SELECT t.topic, t.due, t.scheduled, t.running, t.retrying,
                 CASE WHEN s.served THEN 0 ELSE t.due END AS unserved,
                 CASE WHEN s.served OR t.due = 0 THEN NULL ELSE t.oldest_due_at END
                     AS oldest_unserved_at,
@@ -216,6 +234,20 @@ pub async fn recorded_state_counts<'e>(
          ORDER BY unserved DESC, t.due DESC, t.topic"
     ))
     .bind(app)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Every app's rows by state, summed over its topics, as the last sample
+/// counted them: (slug, due, scheduled, running), for the instance overview.
+pub async fn recorded_app_totals<'e>(
+    db: impl PgExecutor<'e>,
+) -> Result<Vec<(String, i64, i64, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT a.slug, sum(t.due)::int8, sum(t.scheduled)::int8, sum(t.running)::int8
+         FROM outbox_topic_states t JOIN apps a ON a.id = t.app_id
+         GROUP BY a.slug ORDER BY a.slug",
+    )
     .fetch_all(db)
     .await?)
 }
