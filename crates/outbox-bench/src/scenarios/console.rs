@@ -17,6 +17,41 @@ use crate::support::{ScratchDatabase, checkpoint};
 /// Requests per page: one per round, the pages in turn.
 const ROUNDS: usize = 40;
 
+/// Asks the admin router for pages as a signed-in instance admin.
+struct Client {
+    router: axum::Router,
+    cookie: String,
+    bearer: String,
+}
+
+impl Client {
+    /// Each page's answer times in milliseconds, the pages asked in turn,
+    /// [`ROUNDS`] rounds; fails on an answer other than 200.
+    async fn time(&self, pages: &[(String, String)]) -> anyhow::Result<Vec<Vec<f64>>> {
+        let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); pages.len()];
+        for _ in 0..ROUNDS {
+            for (i, (name, uri)) in pages.iter().enumerate() {
+                let request = Request::get(uri.as_str())
+                    .header(header::COOKIE, &self.cookie)
+                    .header(header::AUTHORIZATION, &self.bearer)
+                    .body(Body::empty())?;
+                let started = Instant::now();
+                let response = self.router.clone().oneshot(request).await?;
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 16 << 20).await?;
+                times[i].push(started.elapsed().as_secs_f64() * 1000.0);
+                if status != StatusCode::OK {
+                    anyhow::bail!(
+                        "console page {name} ({uri}) answered {status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(300)])
+                    );
+                }
+            }
+        }
+        Ok(times)
+    }
+}
+
 /// Fills a scratch database with `--backlogs`' large size of rows and a
 /// tenth as many dead letters, and times every console page.
 pub async fn console(b: &mut Bench) -> anyhow::Result<()> {
@@ -132,26 +167,24 @@ pub async fn console(b: &mut Bench) -> anyhow::Result<()> {
 
     let cookie = format!("outboxd_session={}; outboxd_csrf=bench", session.token);
     let bearer = format!("Bearer {}", session.token);
-    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); pages.len()];
-    for _ in 0..ROUNDS {
-        for (i, (name, uri)) in pages.iter().enumerate() {
-            let request = Request::get(uri.as_str())
-                .header(header::COOKIE, &cookie)
-                .header(header::AUTHORIZATION, &bearer)
-                .body(Body::empty())?;
-            let started = Instant::now();
-            let response = router.clone().oneshot(request).await?;
-            let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), 16 << 20).await?;
-            times[i].push(started.elapsed().as_secs_f64() * 1000.0);
-            if status != StatusCode::OK {
-                anyhow::bail!(
-                    "console page {name} ({uri}) answered {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(300)])
-                );
-            }
-        }
-    }
+    let client = Client {
+        router,
+        cookie,
+        bearer,
+    };
+    let mut times = client.time(&pages).await?;
+    // With the optional GIN index on the payload (docs/operations.md).
+    eprintln!("bench: console, adding the optional payload index");
+    stats::create_payload_index(&db.pool).await?;
+    let contains: Vec<(String, String)> = pages
+        .iter()
+        .filter(|(name, _)| name.contains("payload contains"))
+        .map(|(name, uri)| (format!("{name}, with the payload index"), uri.clone()))
+        .collect();
+    let with_index = client.time(&contains).await?;
+    let mut pages = pages;
+    pages.extend(contains);
+    times.extend(with_index);
     db.drop_it(&b.pool).await?;
     for ((name, _), mut samples) in pages.into_iter().zip(times) {
         samples.sort_by(f64::total_cmp);

@@ -193,6 +193,19 @@ pub async fn fill_console_dead_letters<'e>(
     .rows_affected())
 }
 
+/// Creates the optional GIN index on `outbox.payload` that serves payload
+/// containment searches (docs/operations.md; in production build it with
+/// `CREATE INDEX CONCURRENTLY`), and analyzes the table.
+pub async fn create_payload_index<'e>(db: impl PgExecutor<'e> + Copy) -> Result<(), Error> {
+    sqlx::query(
+        "CREATE INDEX IF NOT EXISTS outbox_payload_idx ON outbox USING gin (payload jsonb_path_ops)",
+    )
+    .execute(db)
+    .await?;
+    sqlx::query("ANALYZE outbox").execute(db).await?;
+    Ok(())
+}
+
 /// `VACUUM ANALYZE dead_letters`, as [`vacuum_analyze_outbox`].
 pub async fn vacuum_analyze_dead_letters<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
     sqlx::query("VACUUM ANALYZE dead_letters")

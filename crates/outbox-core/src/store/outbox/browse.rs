@@ -339,17 +339,26 @@ const SUMMARY_COLUMNS: &str = concat!(
     " AS due_at) AS d"
 );
 
-/// Runs `read` in a transaction whose statements stop after `budget`.
+/// Runs `read` in a transaction whose statements stop after `budget`;
+/// `None` when they did. With a payload containment filter, bitmap scans
+/// are allowed in it (the daemon's connections turn them off for the
+/// claim's sake), so that a GIN index on `payload`, if an operator made one
+/// (docs/operations.md), can serve it.
 async fn within<T>(
     pool: &PgPool,
     budget: Duration,
+    filter: &RowFilter,
     read: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
 ) -> Result<Option<T>, Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-        .bind(budget.as_millis().max(1).to_string())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, true),
+                CASE WHEN $2 THEN set_config('enable_bitmapscan', 'on', true) END",
+    )
+    .bind(budget.as_millis().max(1).to_string())
+    .bind(filter.payload_contains.is_some())
+    .execute(&mut *tx)
+    .await?;
     match read(&mut tx).await {
         Ok(value) => {
             tx.commit().await?;
@@ -403,7 +412,7 @@ pub async fn browse(
     .push_bind(limit + 1);
     let read =
         async |conn: &mut PgConnection| q.build_query_as::<RowSummary>().fetch_all(conn).await;
-    let Some(mut rows) = within(pool, budget, read).await? else {
+    let Some(mut rows) = within(pool, budget, filter, read).await? else {
         return Err(Error::invalid(
             "filter",
             format!(
@@ -449,7 +458,7 @@ pub async fn count_matching(
     filter.push_where(&mut q, app);
     q.push(" LIMIT ").push_bind(bound + 1).push(") AS matching");
     let read = async |conn: &mut PgConnection| q.build_query_scalar::<i64>().fetch_one(conn).await;
-    let counted = within(pool, budget, read).await?;
+    let counted = within(pool, budget, filter, read).await?;
     if let Some(rows) = counted.filter(|rows| *rows <= bound) {
         return Ok(RowCount { rows, exact: true });
     }
@@ -458,7 +467,7 @@ pub async fn count_matching(
     let read =
         async |conn: &mut PgConnection| q.build_query_scalar::<Value>().fetch_one(conn).await;
     // Planning waits for a lock that blocked the count too: no estimate then.
-    let estimate = within(pool, budget, read)
+    let estimate = within(pool, budget, filter, read)
         .await?
         .and_then(|plan| plan.pointer("/0/Plan/Plan Rows").and_then(Value::as_f64))
         .unwrap_or(0.0) as i64;
