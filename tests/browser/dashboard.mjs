@@ -67,6 +67,8 @@ try {
   const badge = (await page.textContent('.badge[data-app="shop"]')).trim();
   const expected = sql("SELECT count(*) FROM dead_letters d JOIN apps a ON a.id = d.app_id WHERE a.slug = 'shop' AND d.resolved_at IS NULL");
   check(badge === expected && Number(badge) >= 2, `the badge shows ${badge} unresolved dead letters (database: ${expected})`);
+  const processes = await page.$$eval("#processes tr[data-process]", (trs) => trs.length);
+  check(processes === 1, `the instance overview lists the running process (${processes})`);
   await page.screenshot({ path: `${shots}/apps.png`, fullPage: true });
 
   await page.click('a[href^="/apps/shop/dead-letters"]');
@@ -116,6 +118,14 @@ try {
   await page.waitForSelector('[data-topic-states="live.refresh"]', { timeout: 20000 });
   check(await page.evaluate(() => window.__sameDocument === true),
         "a row enqueued now appears on the open topics page without a reload");
+  // The overview charts the last hour: the four rows that failed at once
+  // show as a failure rate of 100 % (the process writes its counts every 5 s).
+  await page.waitForFunction(() => (document.querySelector("#failure-rate figcaption")?.textContent ?? "").includes("peak 100 %"),
+                             null, { timeout: 30000 });
+  check(await page.$$eval("#charts figure.chart svg polyline", (lines) => lines.length) === 3,
+        "the overview charts completed per second, failed attempts and the oldest due row");
+  check(await page.evaluate(() => window.__sameDocument === true),
+        "the charts fill in without a reload");
   await page.screenshot({ path: `${shots}/topics.png`, fullPage: true });
 
   await page.goto(`${base}/apps/shop/dead-letters/${toIgnore}`);
