@@ -31,6 +31,12 @@ const browser = await chromium.launch({
 try {
   // A zone far from UTC shows that times are converted in the browser.
   const page = await (await browser.newContext({ timezoneId: "Asia/Tokyo" })).newPage();
+  // Forms that change something ask first (data-confirm): count and accept.
+  let confirmations = 0;
+  page.on("dialog", async (dialog) => {
+    confirmations += dialog.type() === "confirm" ? 1 : 0;
+    await dialog.accept();
+  });
   // An inline script would be blocked by the page's policy: count violations.
   await page.addInitScript(() => {
     window.__cspViolations = 0;
@@ -86,6 +92,7 @@ try {
   await page.click("#replay");
   await page.waitForSelector("#resolution");
   check((await page.textContent("#resolution")) === "replayed", "Replay resolves the dead letter as replayed");
+  check(confirmations === 1, "Replay asked for a confirmation first");
 
   // The dead letter keeps the history of its attempts and links to the row
   // its replay made, whose page links back.

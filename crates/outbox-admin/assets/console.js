@@ -1,7 +1,7 @@
-// Live parts of dashboard pages: every element with data-refresh (a URL on
-// this server answering its new inner HTML) is fetched again every 2 s while
-// the tab is visible, and not at all while it is hidden. A session that has
-// ended sends the page to the sign-in form instead.
+// The console's one script. Live parts of its pages: every element with
+// data-refresh (a URL on this server answering its new inner HTML) is
+// fetched again every 2 s while the tab is visible, and not at all while it
+// is hidden. A session that has ended sends the page to the sign-in form.
 //
 // Times come from the server in UTC (<time datetime=…>); they are shown in
 // the browser's time zone, with UTC kept in the tooltip.
@@ -18,6 +18,13 @@
     }
   };
   localize(document);
+  // Forms marked data-confirm ask before they change anything. Without the
+  // script they submit at once; nothing they do is lost (a replay or an
+  // ignore is in the audit log, a pause is undone by a resume).
+  document.addEventListener("submit", (event) => {
+    const question = event.target.dataset?.confirm;
+    if (question && !window.confirm(question)) event.preventDefault();
+  });
   const parts = document.querySelectorAll("[data-refresh]");
   if (parts.length === 0) return;
   let timer = null;

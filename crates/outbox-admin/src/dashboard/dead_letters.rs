@@ -57,7 +57,7 @@ pub(super) async fn list_page(
         r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>{flash}
 <form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
 <label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
-<form method=post action="/apps/{slug}/dead-letters/bulk"><input type=hidden name=csrf value="{csrf}">
+<form method=post action="/apps/{slug}/dead-letters/bulk" data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
 <p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
 <table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
         z = if unresolved == 0 { " zero" } else { "" },
@@ -116,8 +116,8 @@ pub(super) async fn detail_page(
     let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
     let actions = if row.resolved_at.is_none() {
         format!(
-            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay"><input type=hidden name=csrf value="{c}"><label>Attempts <input name=max_attempts type=number min=1 placeholder="{budget}" size=6></label> <button type=submit id=replay>Replay</button></form>
-<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore"><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,
+            r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay" data-confirm="Replay this dead letter? A new row goes into the outbox."><input type=hidden name=csrf value="{c}"><label>Attempts <input name=max_attempts type=number min=1 placeholder="{budget}" size=6></label> <button type=submit id=replay>Replay</button></form>
+<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore" data-confirm="Ignore this dead letter? It will not run again."><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,
             id = row.id,
             c = esc(&session.csrf),
             budget = row

@@ -60,7 +60,7 @@ pub(super) async fn topics_page(
         for p in &paused {
             body.push_str(&format!(
                 r#"<tr data-paused="{topic}"><td>{topic}</td><td>{at}</td><td>{by}</td><td>{reason}</td><td>
-<form class=inline method=post action="/apps/{slug}/topics/resume"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>resume</button></form></td></tr>"#,
+<form class=inline method=post action="/apps/{slug}/topics/resume" data-confirm="Resume this topic? Every process claims its rows again within about a second."><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>resume</button></form></td></tr>"#,
                 topic = esc(&p.topic),
                 at = when(p.paused_at),
                 by = esc(p.paused_by.as_deref().unwrap_or("")),
@@ -70,7 +70,7 @@ pub(super) async fn topics_page(
         body.push_str("</table>");
     }
     body.push_str(&format!(
-        r#"<form method=post action="/apps/{slug}/topics/pause"><input type=hidden name=csrf value="{csrf}">
+        r#"<form method=post action="/apps/{slug}/topics/pause" data-confirm="Pause this topic? No process claims its rows until it is resumed."><input type=hidden name=csrf value="{csrf}">
 <p><label>Topic <input name=topic required maxlength=255></label> <label>Reason <input name=reason maxlength=1000></label> <button type=submit>Pause</button></p></form>
 <h2>Limits</h2>"#
     ));
@@ -83,7 +83,7 @@ pub(super) async fn topics_page(
         for l in &limited {
             body.push_str(&format!(
                 r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{per_key}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>
-<form class=inline method=post action="/apps/{slug}/topics/unlimit"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form></td></tr>"#,
+<form class=inline method=post action="/apps/{slug}/topics/unlimit" data-confirm="Remove this topic's limits?"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form></td></tr>"#,
                 topic = esc(&l.topic),
                 running = l.running,
                 max = l.max_running.map_or("∞".to_owned(), |n| n.to_string()),
@@ -99,7 +99,7 @@ pub(super) async fn topics_page(
         body.push_str("</table>");
     }
     body.push_str(&format!(
-        r#"<form method=post action="/apps/{slug}/topics/limit"><input type=hidden name=csrf value="{csrf}">
+        r#"<form method=post action="/apps/{slug}/topics/limit" data-confirm="Set these limits on the topic?"><input type=hidden name=csrf value="{csrf}">
 <p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Per partition key <input name=max_running_per_key type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>
 <h2>Processes</h2>"#,
         max = limits::MAX_RUNNING,
