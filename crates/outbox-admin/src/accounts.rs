@@ -1,5 +1,6 @@
-//! Account management for instance admins: users, their sessions and login
-//! throttle, and API keys. The admin API, the dashboard's accounts page and
+//! Account management for instance admins: users, their roles on apps
+//! (recorded in each app's audit log), their sessions and login throttle,
+//! and API keys. The admin API, the dashboard's accounts page and
 //! the CLI (`outboxd user …`, `outboxd api-key …`) all call these, so each
 //! action means the same everywhere.
 
@@ -8,6 +9,7 @@ use outbox_core::store::sessions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::audit::{self, Action};
 use crate::auth::{self, Hasher};
 use crate::error::ApiError;
 
@@ -109,4 +111,48 @@ pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<String, ApiEr
     }
     principals::revoke_api_key(pool, prefix).await?;
     Ok(prefix.to_owned())
+}
+
+/// Gives `user` `role` on the app for `actor` (replacing the role it had),
+/// recorded in the app's audit log.
+pub async fn grant_role(
+    pool: &PgPool,
+    actor: &str,
+    app_id: Uuid,
+    user: &User,
+    role: principals::Role,
+) -> Result<(), ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    principals::set_role(&mut *tx, app_id, user.id, role).await?;
+    let action = Action {
+        action: "role.grant",
+        target: Some(&user.email),
+        rows: 0,
+        detail: serde_json::json!({ "role": role.as_str() }),
+    };
+    audit::record(&mut tx, actor, app_id, action).await?;
+    audit::commit(tx).await
+}
+
+/// Takes `user`'s role on the app away for `actor`, recorded when it had
+/// one; false when it had none.
+pub async fn revoke_role(
+    pool: &PgPool,
+    actor: &str,
+    app_id: Uuid,
+    user: &User,
+) -> Result<bool, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    if !principals::remove_role(&mut *tx, app_id, user.id).await? {
+        return Ok(false);
+    }
+    audit::record(
+        &mut tx,
+        actor,
+        app_id,
+        Action::on("role.revoke", &user.email),
+    )
+    .await?;
+    audit::commit(tx).await?;
+    Ok(true)
 }

@@ -221,3 +221,53 @@ async fn an_action_whose_entry_fails_is_undone() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn role_grants_and_revocations_are_recorded_on_the_app() -> TestResult {
+    let w = World::new().await?;
+    let user = principals::user_by_email(&w.db.pool, "viewer@x.io")
+        .await?
+        .ok_or("no user")?;
+    outbox_admin::accounts::grant_role(
+        &w.db.pool,
+        "cli (root)",
+        w.app_a,
+        &user,
+        principals::Role::Operator,
+    )
+    .await?;
+    assert!(outbox_admin::accounts::revoke_role(&w.db.pool, "cli (root)", w.app_a, &user).await?);
+    assert!(
+        !outbox_admin::accounts::revoke_role(&w.db.pool, "cli (root)", w.app_a, &user).await?,
+        "no role left to revoke"
+    );
+    let root = w.login("root@x.io").await?;
+    let log = entries(&w, &root).await?;
+    let recorded: Vec<(String, String, String)> = log
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().to_owned(),
+                e["target"].as_str().unwrap_or_default().to_owned(),
+                e["detail"]["role"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            (
+                "role.revoke".to_owned(),
+                "viewer@x.io".to_owned(),
+                String::new()
+            ),
+            (
+                "role.grant".to_owned(),
+                "viewer@x.io".to_owned(),
+                "operator".to_owned()
+            ),
+        ],
+        "one entry each, the revocation that changed nothing not at all"
+    );
+    Ok(())
+}

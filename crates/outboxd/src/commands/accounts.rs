@@ -10,6 +10,8 @@ use outbox_core::store::{apps, principals};
 
 use outboxd::config::Settings;
 
+use super::topics::{cli_actor, cli_error};
+
 /// `outboxd user …`.
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
@@ -192,7 +194,9 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             let user = accounts::find_user(&pool, &email)
                 .await
                 .map_err(named(&email))?;
-            principals::set_role(&pool, app.id, user.id, role).await?;
+            accounts::grant_role(&pool, &cli_actor(), app.id, &user, role)
+                .await
+                .map_err(cli_error)?;
             println!("{} is {} of {}", user.email, role.as_str(), app.slug);
         }
         UserCommand::Revoke { email, app } => {
@@ -200,7 +204,10 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             let user = accounts::find_user(&pool, &email)
                 .await
                 .map_err(named(&email))?;
-            if principals::remove_role(&pool, app.id, user.id).await? {
+            let revoked = accounts::revoke_role(&pool, &cli_actor(), app.id, &user)
+                .await
+                .map_err(cli_error)?;
+            if revoked {
                 println!("{} has no role on {} any more", user.email, app.slug);
             } else {
                 println!("{} had no role on {}", user.email, app.slug);
