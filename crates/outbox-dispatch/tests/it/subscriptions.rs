@@ -342,3 +342,36 @@ async fn a_running_process_writes_its_attempt_counts_for_the_charts() -> TestRes
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_row_retried_now_by_an_operator_is_claimed_by_a_running_process() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let ran = Ran::default();
+    let mut registry = Registry::new();
+    registry.register("mail", ran.handler());
+    let (stop, run, _) = start(&db, registry).await?;
+    // Rows due in an hour, one with an ordering key, enqueued while the
+    // process claims.
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut tx = db.pool.begin().await?;
+    let ids = outbox_core::enqueue_batch(
+        &mut tx,
+        app,
+        &[
+            NewEvent::new("mail", serde_json::json!({})).with_run_at(later),
+            NewEvent::new("mail", serde_json::json!({}))
+                .with_run_at(later)
+                .with_ordering_key("customer-1"),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    let retried = outbox_core::store::outbox::retry_now(&db.pool, app, &ids).await?;
+    assert_eq!(retried.len(), 2);
+    assert!(emptied(&db).await, "the rows made due were never claimed");
+    assert_eq!(ran.count(), 2);
+    stop.cancel();
+    run.await??;
+    Ok(())
+}

@@ -502,10 +502,15 @@ pub async fn idle_ids<'e>(
 /// backoff (not running; a due row is left as it is), keeping their attempt
 /// count; wakes sleeping dispatchers. Returns the ids made due.
 ///
-/// A row made due takes its place in the claim order at now, whatever its
-/// priority: moved earlier than that, it could land behind a claim loop's
-/// position (`advance_positions`), which finds rows behind it only by the
-/// transaction that inserted them, and would wait for the next rewind.
+/// A row made due takes its place in the claim order at the moment of the
+/// update, whatever its priority, and (without an ordering key) carries this
+/// transaction as its `enqueue_xid`: a claim loop's position
+/// (`advance_positions`) may pass that moment before this transaction
+/// commits, and finds rows behind it by the transaction that wrote them, as
+/// it does a producer's. A row with an ordering key keeps its transaction,
+/// which orders it among its key's rows; it relies on the commit following
+/// the update within the positions' margin (a quarter of a second), and on
+/// the rewind otherwise.
 pub async fn retry_now<'e>(
     db: impl PgExecutor<'e>,
     app: Uuid,
@@ -528,7 +533,10 @@ pub async fn retry_now<'e>(
             FOR UPDATE SKIP LOCKED
          ), moved AS (
             UPDATE outbox o
-            SET run_at = now(), not_before = CASE WHEN o.priority > 0 THEN now() END
+            SET run_at = clock_timestamp(),
+                not_before = CASE WHEN o.priority > 0 THEN clock_timestamp() END,
+                enqueue_xid = CASE WHEN o.ordering_key IS NULL THEN pg_current_xact_id()
+                                   ELSE o.enqueue_xid END
             WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
             RETURNING o.id
          ), woken AS (
