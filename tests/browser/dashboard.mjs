@@ -174,7 +174,7 @@ try {
   await page.selectOption('#bulk-filter select[name="action"]', "retry");
   await page.click('#bulk-filter button[type="submit"]');
   await page.waitForSelector("#confirm-count");
-  check((await page.textContent("#confirm-count")).startsWith("3 rows not running"),
+  check((await page.textContent("#confirm-count")).startsWith("3 rows scheduled or retrying"),
         "the bulk action shows how many rows it will touch before it runs");
   check(sql("SELECT count(*) FROM outbox WHERE topic = 'mail.digest' AND run_at <= now()") === "0",
         "nothing changed before the confirmation");
@@ -196,6 +196,22 @@ try {
   check((await page.textContent("#flash")).startsWith("Cancelled 1 row"), "the cancel reports what it did");
   check(sql("SELECT count(*) FROM dead_letters WHERE topic = 'mail.digest' AND resolution = 'ignored' AND last_error LIKE '%customer left'") === "1",
         "the cancelled row is an ignored dead letter carrying the reason");
+
+  // The time filter is typed in the browser's zone (Tokyo here) and sent in UTC.
+  await page.goto(`${base}/apps/shop/outbox?topic=mail.digest`);
+  const hourAgo = await page.evaluate(() => {
+    const d = new Date(Date.now() - 3600 * 1000);
+    const pad = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  });
+  await page.fill('#row-filter input[name="created_from"]', hourAgo);
+  await page.click('#row-filter button[type="submit"]');
+  await page.waitForSelector("#row-count");
+  check(page.url().includes("created_from=") && decodeURIComponent(page.url()).includes("Z")
+        && (await page.textContent("#row-count")) === "3 rows",
+        `an enqueue time typed in the browser's zone filters in UTC (${decodeURIComponent(page.url())})`);
+  check((await page.inputValue('#row-filter input[name="created_from"]')).startsWith(hourAgo.slice(0, 16)),
+        "the filter shows the time as it was typed");
 
   // One row's own actions: retry now from its page.
   const waiting = sql("SELECT outbox_enqueue('shop', 'mail.single', '{}', now() + interval '1 hour')");

@@ -18,12 +18,39 @@
     }
   };
   localize(document);
+  // Time inputs marked data-utc hold UTC from the server: shown in the
+  // browser's zone, sent back in UTC (without the script they stay UTC, as
+  // their label says).
+  const pad = (n) => String(n).padStart(2, "0");
+  const asLocalInput = (d) =>
+    `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}` +
+    `T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  for (const input of document.querySelectorAll("input[data-utc]")) {
+    const at = new Date(`${input.value}Z`);
+    if (input.value && !Number.isNaN(at.getTime())) input.value = asLocalInput(at);
+  }
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  for (const label of document.querySelectorAll("[data-zone]")) label.textContent = `(${zone})`;
   // Forms marked data-confirm ask before they change anything. Without the
   // script they submit at once; nothing they do is lost (a replay or an
   // ignore is in the audit log, a pause is undone by a resume).
   document.addEventListener("submit", (event) => {
-    const question = event.target.dataset?.confirm;
-    if (question && !window.confirm(question)) event.preventDefault();
+    const form = event.target;
+    const question = form.dataset?.confirm;
+    if (question && !window.confirm(question)) {
+      event.preventDefault();
+      return;
+    }
+    for (const input of form.querySelectorAll("input[data-utc]")) {
+      const at = new Date(input.value);
+      if (!input.value || Number.isNaN(at.getTime())) continue;
+      const utc = document.createElement("input");
+      utc.type = "hidden";
+      utc.name = input.name;
+      utc.value = at.toISOString();
+      input.disabled = true;
+      input.after(utc);
+    }
   });
   const parts = document.querySelectorAll("[data-refresh]");
   if (parts.length === 0) return;

@@ -17,6 +17,10 @@ use uuid::Uuid;
 /// Distinct (app, topic) label pairs at most; further topics share `other`.
 pub const MAX_LABELLED: usize = 200;
 
+/// The longest a write of the attempt counts may take; they are kept for the
+/// next one past it.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The `topic` label of everything past the cap.
 pub const OTHER: &str = "other";
 
@@ -244,7 +248,14 @@ impl TopicMetrics {
             .filter_map(|h| h.take().map(|d| (h, d)))
             .collect();
         let deltas: Vec<ActivityDelta> = taken.iter().map(|(_, d)| d.clone()).collect();
-        let written = activity::record(pool, &deltas).await;
+        // Bounded, so that a slow write cannot hold up the heartbeat it follows.
+        let written =
+            match tokio::time::timeout(WRITE_TIMEOUT, activity::record(pool, &deltas)).await {
+                Ok(written) => written,
+                Err(_) => Err(outbox_core::Error::Conflict(format!(
+                    "writing the attempt counts took longer than {WRITE_TIMEOUT:?}"
+                ))),
+            };
         if written.is_err() {
             for (handles, delta) in &taken {
                 handles.give_back(delta);

@@ -28,6 +28,8 @@ pub const COUNT_BOUND: i64 = 1000;
 pub const COUNT_BUDGET: Duration = Duration::from_millis(50);
 /// The longest a page may take before it is refused (narrow the filter).
 pub const PAGE_BUDGET: Duration = Duration::from_secs(2);
+/// The longest a statement of an action on a filter may take.
+pub const ACTION_BUDGET: Duration = Duration::from_secs(5);
 /// The rows of a page when the caller does not say.
 pub const DEFAULT_PAGE_ROWS: i64 = 50;
 
@@ -110,6 +112,7 @@ impl RowQuery {
             payload_contains,
             payload_field: given(&self.field).map(PayloadField::parse).transpose()?,
             idle_only: false,
+            waiting_only: false,
         })
     }
 
@@ -182,18 +185,25 @@ pub async fn list_rows(
     })
 }
 
-/// How many of `app_id`'s rows an action on `filter` would touch now (those
-/// no handler is running).
-pub async fn count_idle(
+/// How many of `app_id`'s rows matching `filter` each action would touch
+/// now: `(cancel, retry)`, the idle rows and the waiting ones.
+pub async fn count_touched(
     pool: &sqlx::PgPool,
     app_id: Uuid,
     filter: &RowFilter,
-) -> Result<RowCount, ApiError> {
+) -> Result<(RowCount, RowCount), ApiError> {
     let idle = RowFilter {
         idle_only: true,
         ..filter.clone()
     };
-    Ok(store::count_matching(pool, app_id, &idle, COUNT_BOUND, COUNT_BUDGET).await?)
+    let waiting = RowFilter {
+        waiting_only: true,
+        ..filter.clone()
+    };
+    Ok(tokio::try_join!(
+        store::count_matching(pool, app_id, &idle, COUNT_BOUND, COUNT_BUDGET),
+        store::count_matching(pool, app_id, &waiting, COUNT_BOUND, COUNT_BUDGET),
+    )?)
 }
 
 /// `GET /api/apps/{app}/outbox`: the app's rows that have not finished,
@@ -259,31 +269,33 @@ impl Selection {
             Self::Topic(topic) => (Some(topic.clone()), json!({})),
             Self::Ids(ids) if ids.len() == 1 => (Some(ids[0].to_string()), json!({ "ids": 1 })),
             Self::Ids(ids) => (None, json!({ "ids": ids.len() })),
-            Self::Matching(f) => (
-                f.topic.clone(),
-                json!({ "filter": {
-                    "topic": f.topic, "state": f.state.map(|s| s.as_str()),
-                    "ordering_key": f.ordering_key, "partition_key": f.partition_key,
-                    "idempotency_key": f.idempotency_key, "created_from": f.created_from,
-                    "created_to": f.created_to, "payload": f.payload_contains,
-                    "field": f.payload_field.as_ref().map(|p| format!("{}={}", p.path.join("."), p.value)),
-                }}),
-            ),
+            Self::Matching(f) => (f.topic.clone(), json!({ "filter": f })),
         }
     }
 
-    /// The ids it names now, for the actions that take ids (at most
-    /// `MAX_CANCEL_BATCH`, idle rows first in claim order).
-    async fn ids(&self, tx: &mut sqlx::PgConnection, app_id: Uuid) -> Result<Vec<Uuid>, ApiError> {
+    /// The ids it names now, for an action that takes ids: at most
+    /// `MAX_CANCEL_BATCH`, in claim order, of the rows `touched` marks
+    /// (idle ones for a cancel, waiting ones for a retry).
+    async fn ids(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        app_id: Uuid,
+        touched: RowFilter,
+    ) -> Result<Vec<Uuid>, ApiError> {
         let filter = match self {
             Self::Ids(ids) => return Ok(ids.clone()),
             Self::Topic(topic) => RowFilter {
                 topic: Some(topic.clone()),
-                ..Default::default()
+                ..touched
             },
-            Self::Matching(filter) => filter.clone(),
+            Self::Matching(filter) => RowFilter {
+                idle_only: touched.idle_only,
+                waiting_only: touched.waiting_only,
+                ..filter.clone()
+            },
         };
-        Ok(store::idle_ids(&mut *tx, app_id, &filter, store::MAX_CANCEL_BATCH).await?)
+        store::limit_statements(&mut *tx, ACTION_BUDGET).await?;
+        Ok(store::matching_ids(&mut *tx, app_id, &filter, store::MAX_CANCEL_BATCH).await?)
     }
 }
 
@@ -300,12 +312,14 @@ pub struct Acted {
 }
 
 impl Acted {
-    fn of(ids: Vec<Uuid>, selection: &Selection) -> Self {
+    /// `changed` of the `picked` rows: when a whole batch was picked, more
+    /// may match (even if some of the batch were taken by a claim meanwhile).
+    fn of(changed: Vec<Uuid>, picked: usize, selection: &Selection) -> Self {
         let more =
-            !matches!(selection, Selection::Ids(_)) && ids.len() as i64 == store::MAX_CANCEL_BATCH;
+            !matches!(selection, Selection::Ids(_)) && picked as i64 == store::MAX_CANCEL_BATCH;
         Self {
-            rows: ids.len(),
-            ids,
+            rows: changed.len(),
+            ids: changed,
             more,
         }
     }
@@ -321,21 +335,29 @@ pub async fn cancel_rows(
     selection: &Selection,
     reason: &str,
 ) -> Result<Acted, ApiError> {
+    let reason = store::check_cancel_reason(reason)?;
     let mut tx = audit::begin(pool).await?;
-    let filter = match selection {
-        Selection::Topic(topic) => CancelFilter::Topic(topic.clone()),
-        other => CancelFilter::Ids(other.ids(&mut tx, app_id).await?),
-    };
-    let ids = match &filter {
-        CancelFilter::Ids(ids) if ids.is_empty() && !matches!(selection, Selection::Ids(_)) => {
-            if reason.trim().is_empty() {
-                return Err(ApiError::Invalid(
-                    "reason: must be 1 to 1000 characters".into(),
-                ));
-            }
-            Vec::new()
+    let (ids, picked) = match selection {
+        Selection::Topic(topic) => {
+            let topic = CancelFilter::Topic(topic.clone());
+            let ids = store::cancel(&mut *tx, app_id, &topic, Some(actor), reason).await?;
+            let picked = ids.len();
+            (ids, picked)
         }
-        filter => store::cancel(&mut *tx, app_id, filter, Some(actor), reason).await?,
+        other => {
+            let idle = RowFilter {
+                idle_only: true,
+                ..Default::default()
+            };
+            let picked = other.ids(&mut tx, app_id, idle).await?;
+            let ids = if picked.is_empty() && !matches!(other, Selection::Ids(_)) {
+                Vec::new()
+            } else {
+                let these = CancelFilter::Ids(picked.clone());
+                store::cancel(&mut *tx, app_id, &these, Some(actor), reason).await?
+            };
+            (ids, picked.len())
+        }
     };
     if !ids.is_empty() {
         let (target, mut detail) = selection.audited();
@@ -349,7 +371,7 @@ pub async fn cancel_rows(
         audit::record(&mut tx, actor, app_id, action).await?;
     }
     audit::commit(tx).await?;
-    Ok(Acted::of(ids, selection))
+    Ok(Acted::of(ids, picked, selection))
 }
 
 /// Makes rows of the app that wait for a delay or a backoff due now, for
@@ -361,11 +383,15 @@ pub async fn retry_rows(
     selection: &Selection,
 ) -> Result<Acted, ApiError> {
     let mut tx = audit::begin(pool).await?;
-    let asked = selection.ids(&mut tx, app_id).await?;
-    let ids = if asked.is_empty() && !matches!(selection, Selection::Ids(_)) {
+    let waiting = RowFilter {
+        waiting_only: true,
+        ..Default::default()
+    };
+    let picked = selection.ids(&mut tx, app_id, waiting).await?;
+    let ids = if picked.is_empty() && !matches!(selection, Selection::Ids(_)) {
         Vec::new()
     } else {
-        store::retry_now(&mut *tx, app_id, &asked).await?
+        store::retry_now(&mut *tx, app_id, &picked).await?
     };
     if !ids.is_empty() {
         let (target, detail) = selection.audited();
@@ -378,7 +404,7 @@ pub async fn retry_rows(
         audit::record(&mut tx, actor, app_id, action).await?;
     }
     audit::commit(tx).await?;
-    Ok(Acted::of(ids, selection))
+    Ok(Acted::of(ids, picked.len(), selection))
 }
 
 #[derive(Deserialize)]
@@ -443,7 +469,8 @@ pub(super) async fn retry(
 }
 
 /// `GET /api/apps/{app}/outbox/count`: how many rows match the filter, and
-/// how many of them an action would touch (those not running).
+/// how many of them a cancel (those not running) and a retry (those waiting
+/// for a delay or a backoff) would touch.
 pub(super) async fn count(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
@@ -455,6 +482,8 @@ pub(super) async fn count(
     let filter = q.action_filter()?;
     let all =
         store::count_matching(&state.pool, app.id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
-    let idle = count_idle(&state.pool, app.id, &filter).await?;
-    Ok(Json(json!({ "rows": all, "idle": idle })))
+    let (idle, waiting) = count_touched(&state.pool, app.id, &filter).await?;
+    Ok(Json(
+        json!({ "rows": all, "idle": idle, "waiting": waiting }),
+    ))
 }

@@ -34,20 +34,24 @@ pub(super) async fn apps_page(State(state): State<AdminState>, session: Session)
     if rows.is_empty() {
         body.push_str(r#"<tr><td colspan=6 class=muted>No app is visible to you. An instance admin creates apps (<code>outboxd app create SLUG</code>) and gives you a role on them.</td></tr>"#);
     }
-    for (slug, name, unresolved) in rows {
+    for (slug, name, unresolved) in &rows {
         let (due, scheduled, running) = totals
             .iter()
-            .find(|t| t.0 == slug)
+            .find(|t| t.0 == *slug)
             .map_or((0, 0, 0), |t| (t.1, t.2, t.3));
         body.push_str(&format!(
             r#"<tr data-app-row="{s}"><td><a href="/apps/{s}/topics">{s}</a> · <a href="/apps/{s}/outbox">rows</a> · <a href="/apps/{s}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{s}/triggers">triggers</a></td><td>{n}</td><td>{due}</td><td>{scheduled}</td><td>{running}</td><td><span class="badge{z}" data-app="{s}">{u}</span></td></tr>"#,
             s = esc(&slug),
             n = esc(&name),
-            z = if unresolved == 0 { " zero" } else { "" },
+            z = if *unresolved == 0 { " zero" } else { "" },
             u = unresolved
         ));
     }
-    body.push_str("</table></div><h2>Processes</h2>");
-    body.push_str(&processes_table(&live));
+    body.push_str("</table></div>");
+    // The processes serve every app: shown to whoever may see one.
+    if !rows.is_empty() || user.is_admin {
+        body.push_str("<h2>Processes</h2>");
+        body.push_str(&processes_table(&live));
+    }
     page("Apps", &body).into_response()
 }

@@ -11,11 +11,11 @@ use uuid::Uuid;
 use crate::AdminState;
 use crate::api::{self, RowQuery, Selection};
 use crate::audit;
-use crate::auth::{Capability, authorize};
+use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, checked_form, field, viewed_app};
+use super::session::{Session, checked_form, field, may_operate, viewed_app};
 
 /// The filter fields of the browser's form, in the order it shows them.
 const FILTER_FIELDS: [&str; 9] = [
@@ -83,6 +83,13 @@ fn hidden_filter(q: &RowQuery) -> String {
         .collect()
 }
 
+/// A time as a `datetime-local` input's value, in UTC (the page's script
+/// shows it in the browser's zone and sends it back in UTC).
+fn utc_input(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%dT%H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
 /// The end of an id: the start of a v7 id is its creation time, which rows
 /// enqueued together share.
 fn short_id(id: Uuid) -> String {
@@ -94,10 +101,7 @@ fn count_text(count: RowCount) -> String {
     match (count.rows, count.exact) {
         (1, true) => "1 row".to_owned(),
         (n, true) => format!("{n} rows"),
-        (n, false) => format!(
-            "about {n} rows (an estimate: more than {} match)",
-            api::COUNT_BOUND
-        ),
+        (n, false) => format!("about {n} rows (an estimate)"),
     }
 }
 
@@ -175,14 +179,7 @@ pub(super) async fn browse_page(
         let q = row_query(&pairs, true)?;
         let list = api::list_rows(&state.pool, app.id, &q).await?;
         let topics = outbox_core::store::outbox::recorded_state_counts(&state.pool, app.id).await?;
-        let operator = authorize(
-            &state.pool,
-            &session.principal,
-            &app.slug,
-            Capability::Operate,
-        )
-        .await
-        .is_ok();
+        let operator = may_operate(&state, &session, &app.slug).await?;
         Ok::<_, ApiError>(Ok((app, q, list, topics, operator)))
     }
     .await;
@@ -191,6 +188,8 @@ pub(super) async fn browse_page(
         Ok(Err(to)) => return Redirect::to(&to).into_response(),
         Err(err) => return error_page(&err),
     };
+    // Parsed already by the list: it cannot fail here.
+    let filter = q.filter().unwrap_or_default();
     let slug = esc(&app.slug);
     let value = |name: &str| {
         filter_pairs(&q)
@@ -224,8 +223,8 @@ pub(super) async fn browse_page(
 <label>Ordering key <input name=ordering_key value="{ordering_key}"></label>
 <label>Partition key <input name=partition_key value="{partition_key}"></label>
 <label>Idempotency key <input name=idempotency_key value="{idempotency_key}"></label>
-<label>Enqueued from (UTC) <input name=created_from type=datetime-local step=1 value="{created_from}"></label>
-<label>to <input name=created_to type=datetime-local step=1 value="{created_to}"></label>
+<label>Enqueued from <span data-zone>(UTC)</span> <input name=created_from type=datetime-local step=1 data-utc value="{created_from}"></label>
+<label>to <input name=created_to type=datetime-local step=1 data-utc value="{created_to}"></label>
 <label>Payload contains <input name=payload value="{payload}" placeholder='{{"customer":{{"id":"c-1"}}}}'></label>
 <label>Payload field <input name=field value="{field}" placeholder="customer.id=c-1"></label>
 <button type=submit>Filter</button> <a href="/apps/{slug}/outbox">clear</a></form>
@@ -236,8 +235,8 @@ pub(super) async fn browse_page(
         ordering_key = value("ordering_key"),
         partition_key = value("partition_key"),
         idempotency_key = value("idempotency_key"),
-        created_from = value("created_from"),
-        created_to = value("created_to"),
+        created_from = utc_input(filter.created_from),
+        created_to = utc_input(filter.created_to),
         payload = value("payload"),
         field = value("field"),
         count = count_text(list.count),
@@ -273,7 +272,11 @@ pub(super) async fn browse_page(
         }
         body.push_str("</table></div>");
     }
-    let filter = filter_query(&q);
+    let mut filter = filter_query(&q);
+    if let Some(limit) = q.limit {
+        let sep = if filter.is_empty() { "" } else { "&" };
+        filter.push_str(&format!("{sep}limit={limit}"));
+    }
     let link = |cursor: &str, value: &str, text: &str, id: &str| {
         let sep = if filter.is_empty() { "" } else { "&" };
         format!(
@@ -333,23 +336,23 @@ pub(super) async fn bulk_on_filter(
         let slug = esc(&app.slug);
         let back = filter_query(&q);
         if field(&form, "confirm") != Some("yes") {
-            let idle = api::count_idle(&state.pool, app.id, &filter).await?;
-            let what = if action == "retry" {
-                "Retry now: the scheduled and retrying rows among them become due"
+            let (idle, waiting) = api::count_touched(&state.pool, app.id, &filter).await?;
+            let (touched, which, what) = if action == "retry" {
+                (waiting, "scheduled or retrying", "Retry now: they become due at once, keeping their attempt count")
             } else {
-                "Cancel: each becomes an ignored dead letter carrying the reason"
+                (idle, "not running", "Cancel: each becomes an ignored dead letter carrying the reason")
             };
-            let capped = if idle.rows > MAX_CANCEL_BATCH {
+            let capped = if touched.rows > MAX_CANCEL_BATCH {
                 format!(" At most {MAX_CANCEL_BATCH} are taken per action; run it again for the rest.")
             } else {
                 String::new()
             };
             let body = format!(
-                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> not running match this filter.{capped}</p><p>{what}.</p>{reason_line}
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} match this filter.{capped}</p><p>{what}.</p>{reason_line}
 <form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),
-                count = count_text(idle),
+                count = count_text(touched),
                 reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc(&reason)) } else { String::new() },
                 csrf = esc(&session.csrf),
                 hidden = hidden_filter(&q),

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 
 use super::render::{esc, when};
 
-/// Minutes the charts cover.
+/// Minutes the charts cover, the current one included.
 const CHART_MINUTES: i32 = 60;
 
 /// What the overview shows, read in one go.
@@ -52,10 +52,15 @@ impl Overview {
     }
 
     fn charts(&self) -> String {
+        // The current minute has only begun: its rate is over its seconds so far.
+        let now = chrono::Utc::now();
         let per_sec: Vec<f64> = self
             .minutes
             .iter()
-            .map(|m| m.completed as f64 / 60.0)
+            .map(|m| {
+                let seconds = (now - m.minute).num_seconds().clamp(1, 60);
+                m.completed as f64 / seconds as f64
+            })
             .collect();
         let failure: Vec<f64> = self
             .minutes
@@ -167,7 +172,7 @@ fn chart(id: &str, title: &str, values: &[f64], unit: &str) -> String {
         })
         .collect();
     let number = |v: f64| {
-        if v >= 100.0 || v == 0.0 {
+        if v >= 100.0 || v.fract() == 0.0 {
             format!("{v:.0}")
         } else {
             format!("{v:.1}")

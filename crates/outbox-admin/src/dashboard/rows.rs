@@ -11,12 +11,11 @@ use outbox_core::store::outbox as store;
 use uuid::Uuid;
 
 use crate::AdminState;
-use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
 use super::browse::flash;
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, viewed_app};
+use super::session::{Session, may_operate, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(when).unwrap_or_default()
@@ -87,14 +86,7 @@ pub(super) async fn row_page(
                 .into_iter()
                 .rfind(|d| d.app_id == app.id),
         };
-        let operator = auth::authorize(
-            &state.pool,
-            &session.principal,
-            &app.slug,
-            Capability::Operate,
-        )
-        .await
-        .is_ok();
+        let operator = may_operate(&state, &session, &app.slug).await?;
         Ok::<_, ApiError>((app, id, row, buried, operator))
     }
     .await;

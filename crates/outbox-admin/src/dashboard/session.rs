@@ -102,6 +102,21 @@ pub(super) async fn viewed_app(
     .await
 }
 
+/// Whether the session's principal may act on the app (operator or more):
+/// the pages show their action forms only then. Other failures (the
+/// database) are errors, not a quiet "no".
+pub(super) async fn may_operate(
+    state: &AdminState,
+    session: &Session,
+    app: &str,
+) -> Result<bool, ApiError> {
+    match auth::authorize(&state.pool, &session.principal, app, Capability::Operate).await {
+        Ok(_) => Ok(true),
+        Err(ApiError::Forbidden | ApiError::NotFound(_)) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
 /// Redirects to the page a form action leads to, or shows its error.
 pub(super) fn after_form(result: Result<String, ApiError>) -> Response {
     match result {

@@ -414,13 +414,17 @@ async fn the_topics_rows_refresh_from_a_fragment_for_the_apps_viewers() -> TestR
         }],
     )
     .await?;
+    // A complete minute: the one before this.
+    sqlx::query("UPDATE outbox_activity SET minute = minute - interval '1 minute'")
+        .execute(&w.db.pool)
+        .await?;
     w.dead_letter(w.app_a, "<b>mail</b>").await?;
     outbox_core::store::pauses::pause(&w.db.pool, w.app_a, "<b>mail</b>", None, Some("test"))
         .await?;
     let (_, _, fragment) = get(viewer_jar.clone(), "/apps/app-a/topics/rows".into()).await?;
     for wanted in [
-        r#"<figure class=chart id=completed-per-sec data-last="2""#,
-        r#"<figure class=chart id=failure-rate data-last="25""#,
+        "Completed per second: <strong>0/s</strong> <span class=muted>peak 2/s",
+        "Failed attempts: <strong>0 %</strong> <span class=muted>peak 25 %",
         "<polyline",
         "<td><strong>paused</strong></td>",
         r#"dead-letters?unresolved=true&amp;topic=%3Cb%3Email%3C%2Fb%3E">1</a>"#,

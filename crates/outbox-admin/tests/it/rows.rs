@@ -470,7 +470,10 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
             ("outbox.retry".to_owned(), 5)
         ]
     );
-    assert_eq!(log[0]["detail"]["filter"]["field"], "n=3");
+    assert_eq!(
+        log[0]["detail"]["filter"]["payload_field"],
+        json!({"path": ["n"], "value": "3"})
+    );
     assert_eq!(log[0]["detail"]["reason"], "customer left");
     assert_eq!(log[1]["detail"]["filter"]["state"], "scheduled");
     Ok(())

@@ -42,11 +42,17 @@ pub async fn record<'e>(db: impl PgExecutor<'e>, deltas: &[ActivityDelta]) -> Re
             DELETE FROM outbox_activity WHERE minute < now() - interval '1 day'
          )
          INSERT INTO outbox_activity AS a (app_id, minute, topic, completed, failed, dead_lettered)
-         SELECT d.app_id, date_trunc('minute', now()), d.topic, d.completed, d.failed, d.dead
+         SELECT d.app_id, date_trunc('minute', now()), d.topic,
+                sum(d.completed), sum(d.failed), sum(d.dead)
          FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::int8[])
               AS d(app_id, topic, completed, failed, dead)
          -- An app deleted since the process counted its rows.
          WHERE EXISTS (SELECT 1 FROM apps WHERE apps.id = d.app_id)
+         -- One row per key (a topic named like the overflow's `other`
+         -- comes twice), taken in the order every writer of the table uses,
+         -- so that two writers never wait for each other in a cycle.
+         GROUP BY d.app_id, d.topic
+         ORDER BY d.app_id, d.topic
          ON CONFLICT (app_id, minute, topic) DO UPDATE
             SET completed = a.completed + excluded.completed,
                 failed = a.failed + excluded.failed,

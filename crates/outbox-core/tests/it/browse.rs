@@ -370,11 +370,27 @@ async fn retry_now_makes_waiting_rows_due_and_leaves_running_and_due_rows() -> T
     assert_eq!(claimed, now_due);
 
     // The bulk form of the action picks only idle rows of the filter.
-    let idle = store::idle_ids(&db.pool, shop, &RowFilter::default(), 100).await?;
+    let idle = RowFilter {
+        idle_only: true,
+        ..Default::default()
+    };
+    let idle = store::matching_ids(&db.pool, shop, &idle, 100).await?;
     assert!(
         idle.is_empty(),
         "every row of shop is running now: {idle:?}"
     );
     assert!(store::retry_now(&db.pool, shop, &[]).await.is_err());
+    // Only waiting rows, for "retry now": none of shop's rows waits any more.
+    let waiting = RowFilter {
+        waiting_only: true,
+        ..Default::default()
+    };
+    assert!(
+        store::matching_ids(&db.pool, shop, &waiting, 100)
+            .await?
+            .is_empty()
+    );
+    let foreign_waiting = store::matching_ids(&db.pool, other, &waiting, 100).await?;
+    assert_eq!(foreign_waiting, foreign);
     Ok(())
 }

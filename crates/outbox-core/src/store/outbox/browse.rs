@@ -21,11 +21,16 @@ use uuid::Uuid;
 
 use crate::Error;
 
-/// When a row is really due: a priority moves `run_at` earlier (migration
-/// 0022), `not_before` keeps the time it was asked for.
-macro_rules! due_at {
+/// Rows waiting for a delay or a backoff: not running, due later. Their
+/// `run_at` is at most 90 s before their due time (see `RowState::predicate`).
+macro_rules! waiting {
     () => {
-        "coalesce(o.not_before, o.run_at + make_interval(secs => o.priority * 10))"
+        concat!(
+            " AND o.run_at > now() - interval '90 seconds'",
+            " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
+            due_at!(),
+            " > now()"
+        )
     };
 }
 
@@ -73,16 +78,12 @@ impl RowState {
                 " <= now()"
             ),
             Self::Scheduled => concat!(
-                " AND o.run_at > now() - interval '90 seconds'",
-                " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
-                due_at!(),
-                " > now() AND NOT (o.last_error IS NOT NULL AND o.attempt_count > 0)"
+                waiting!(),
+                " AND NOT (o.last_error IS NOT NULL AND o.attempt_count > 0)"
             ),
             Self::Retrying => concat!(
-                " AND o.run_at > now() - interval '90 seconds'",
-                " AND (o.locked_until IS NULL OR o.locked_until <= now()) AND ",
-                due_at!(),
-                " > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0"
+                waiting!(),
+                " AND o.last_error IS NOT NULL AND o.attempt_count > 0"
             ),
         }
     }
@@ -107,7 +108,7 @@ impl std::str::FromStr for RowState {
 /// A payload field that must have a value: `path` names nested keys
 /// (`customer.id` is `["customer", "id"]`), compared as text, so `42`
 /// matches the number 42 and the string "42".
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PayloadField {
     /// The keys from the payload's top level down.
     pub path: Vec<String>,
@@ -116,7 +117,8 @@ pub struct PayloadField {
 }
 
 impl PayloadField {
-    /// Parses `key.sub=value`.
+    /// Parses `key.sub=value` (spaces around the key and the value are
+    /// dropped).
     pub fn parse(s: &str) -> Result<Self, Error> {
         let invalid = || {
             Error::invalid(
@@ -131,34 +133,49 @@ impl PayloadField {
         }
         Ok(Self {
             path,
-            value: value.to_owned(),
+            value: value.trim().to_owned(),
         })
     }
 }
 
 /// Which rows of an app to look at (every field narrows; none means all).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Serialized (for the audit log) without the fields left unset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RowFilter {
     /// Rows of this topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     /// Rows in this state now.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<RowState>,
     /// Rows of this ordering key.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ordering_key: Option<String>,
     /// Rows of this partition key.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
     /// The row with this idempotency key.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Rows enqueued at or after this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub created_from: Option<DateTime<Utc>>,
     /// Rows enqueued before this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub created_to: Option<DateTime<Utc>>,
     /// Rows whose payload contains this JSON object or array (`@>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_contains: Option<Value>,
     /// Rows whose payload has this value at this path.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_field: Option<PayloadField>,
-    /// Only rows no handler is running: those an operator's action touches.
+    /// Only rows no handler is running: those a cancel touches.
+    #[serde(skip)]
     pub idle_only: bool,
+    /// Only rows waiting for a delay or a retry's backoff (scheduled or
+    /// retrying): those "retry now" touches.
+    #[serde(skip)]
+    pub waiting_only: bool,
 }
 
 impl RowFilter {
@@ -194,6 +211,9 @@ impl RowFilter {
         }
         if self.idle_only {
             q.push(" AND (o.locked_until IS NULL OR o.locked_until <= now())");
+        }
+        if self.waiting_only {
+            q.push(waiting!());
         }
         for (column, value) in [
             ("ordering_key", &self.ordering_key),
@@ -324,12 +344,9 @@ pub struct RowCount {
 pub const MAX_PAGE_ROWS: i64 = 500;
 
 const SUMMARY_COLUMNS: &str = concat!(
-    "SELECT o.id,
-            CASE WHEN o.locked_until > now() THEN 'running'
-                 WHEN d.due_at > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0
-                      THEN 'retrying'
-                 WHEN d.due_at > now() THEN 'scheduled'
-                 ELSE 'due' END AS state,
+    "SELECT o.id, ",
+    row_state!("d.due_at"),
+    " AS state,
             o.source, o.topic, o.target, o.ordering_key, o.partition_key, o.idempotency_key,
             o.priority, o.attempt_count, d.due_at, o.locked_by,
             left(o.last_error, 300) AS last_error, o.created_at, o.run_at
@@ -478,9 +495,10 @@ pub async fn count_matching(
     })
 }
 
-/// Up to `limit` ids of `app`'s rows that match `filter` and are not
-/// running, in claim order: the rows a bulk action on the filter touches.
-pub async fn idle_ids<'e>(
+/// Up to `limit` ids of `app`'s rows that match `filter`, in claim order:
+/// the rows a bulk action on the filter picks (set `idle_only` or
+/// `waiting_only` for the rows it can change).
+pub async fn matching_ids<'e>(
     db: impl PgExecutor<'e>,
     app: Uuid,
     filter: &RowFilter,
@@ -488,14 +506,20 @@ pub async fn idle_ids<'e>(
 ) -> Result<Vec<Uuid>, Error> {
     filter.validate()?;
     let mut q = QueryBuilder::new("SELECT o.id FROM outbox o");
-    let idle = RowFilter {
-        idle_only: true,
-        ..filter.clone()
-    };
-    idle.push_where(&mut q, app);
+    filter.push_where(&mut q, app);
     q.push(" ORDER BY o.run_at, o.id LIMIT ")
         .push_bind(limit.max(1));
     Ok(q.build_query_scalar().fetch_all(db).await?)
+}
+
+/// Makes every statement after it in the caller's transaction stop after
+/// `budget` (`SET LOCAL statement_timeout`).
+pub async fn limit_statements<'e>(db: impl PgExecutor<'e>, budget: Duration) -> Result<(), Error> {
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(budget.as_millis().max(1).to_string())
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 /// Makes these rows of `app` due now if they wait for a delay or a retry's
@@ -516,12 +540,7 @@ pub async fn retry_now<'e>(
     app: Uuid,
     ids: &[Uuid],
 ) -> Result<Vec<Uuid>, Error> {
-    if ids.is_empty() || ids.len() as i64 > super::MAX_CANCEL_BATCH {
-        return Err(Error::invalid(
-            "ids",
-            format!("must list 1 to {} row ids", super::MAX_CANCEL_BATCH),
-        ));
-    }
+    super::check_id_batch(ids)?;
     Ok(sqlx::query_scalar(concat!(
         "WITH picked AS (
             SELECT o.ctid FROM outbox o

@@ -23,6 +23,31 @@ pub const MAX_CANCEL_BATCH: i64 = 10_000;
 /// The longest reason kept, in characters.
 pub const MAX_CANCEL_REASON_CHARS: usize = 1000;
 
+/// Refuses a batch of ids an action cannot take at once: none, or more than
+/// [`MAX_CANCEL_BATCH`].
+pub fn check_id_batch(ids: &[Uuid]) -> Result<(), Error> {
+    if ids.is_empty() || ids.len() as i64 > MAX_CANCEL_BATCH {
+        return Err(Error::invalid(
+            "ids",
+            format!("must list 1 to {MAX_CANCEL_BATCH} row ids"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a cancel's reason (1 to [`MAX_CANCEL_REASON_CHARS`] characters,
+/// spaces around it dropped) and returns it trimmed.
+pub fn check_cancel_reason(reason: &str) -> Result<&str, Error> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_CANCEL_REASON_CHARS {
+        return Err(Error::invalid(
+            "reason",
+            format!("must be 1 to {MAX_CANCEL_REASON_CHARS} characters"),
+        ));
+    }
+    Ok(reason)
+}
+
 /// Moves the picked rows (`picked`, locked) to `dead_letters` as `ignored`
 /// (`$2` who, `$3` why) and returns their ids.
 macro_rules! cancel_picked {
@@ -86,21 +111,10 @@ pub async fn cancel<'e>(
     by: Option<&str>,
     reason: &str,
 ) -> Result<Vec<Uuid>, Error> {
-    let reason = reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_CANCEL_REASON_CHARS {
-        return Err(Error::invalid(
-            "reason",
-            format!("must be 1 to {MAX_CANCEL_REASON_CHARS} characters"),
-        ));
-    }
+    let reason = check_cancel_reason(reason)?;
     let query = match filter {
         CancelFilter::Ids(ids) => {
-            if ids.is_empty() || ids.len() as i64 > MAX_CANCEL_BATCH {
-                return Err(Error::invalid(
-                    "ids",
-                    format!("must list 1 to {MAX_CANCEL_BATCH} row ids"),
-                ));
-            }
+            check_id_batch(ids)?;
             sqlx::query_scalar(CANCEL_IDS)
                 .bind(app)
                 .bind(by)

@@ -40,25 +40,21 @@ pub async fn row<'e>(
     app_id: Uuid,
     id: Uuid,
 ) -> Result<Option<OutboxRow>, Error> {
-    Ok(sqlx::query_as(
-        "SELECT o.id, o.app_id,
-                CASE WHEN o.locked_until > now() THEN 'running'
-                     WHEN d.due_at > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0
-                          THEN 'retrying'
-                     WHEN d.due_at > now() THEN 'scheduled'
-                     ELSE 'due' END AS state,
+    Ok(sqlx::query_as(concat!(
+        "SELECT o.id, o.app_id, ",
+        row_state!("d.due_at"),
+        " AS state,
                 o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
                 o.idempotency_key, o.ordering_key, o.partition_key, o.priority, o.depth,
                 o.attempt_count, o.max_attempts, d.due_at, o.locked_by, o.locked_until,
                 o.first_attempt_at, o.last_attempt_at, o.last_error, o.registered_by_principal,
                 o.replayed_from, o.created_at, o.attempts
          FROM outbox o
-         -- When the row is really due: a priority moved run_at earlier.
-         CROSS JOIN LATERAL (SELECT coalesce(o.not_before,
-                                             o.run_at + make_interval(secs => o.priority * 10))
-                                    AS due_at) AS d
-         WHERE o.id = $1 AND o.app_id = $2",
-    )
+         CROSS JOIN LATERAL (SELECT ",
+        due_at!(),
+        " AS due_at) AS d
+         WHERE o.id = $1 AND o.app_id = $2"
+    ))
     .bind(id)
     .bind(app_id)
     .fetch_optional(db)
@@ -124,10 +120,9 @@ macro_rules! sampled_states {
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS oldest_due,
                 count(*) AS total
             FROM outbox o JOIN apps a ON a.id = o.app_id
-            -- When the row is really due: a priority moved run_at earlier.
-            CROSS JOIN LATERAL (SELECT coalesce(o.not_before,
-                                                o.run_at + make_interval(secs => o.priority * 10))
-                                       AS due_at) AS d
+            CROSS JOIN LATERAL (SELECT ",
+            due_at!(),
+            " AS due_at) AS d
             GROUP BY a.id, a.slug, o.topic
          ), sampled AS (
             SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.retrying, c.total,
@@ -182,6 +177,8 @@ pub async fn record_state_counts<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Stat
             SELECT app_id, date_trunc('minute', now()), topic, due,
                    coalesce(extract(epoch FROM now() - oldest_due)::float8, 0)
             FROM sampled
+            -- The order every writer of the table takes its rows in.
+            ORDER BY app_id, topic
             ON CONFLICT (app_id, minute, topic) DO UPDATE
                 SET due = greatest(a.due, excluded.due),
                     oldest_due_secs = greatest(a.oldest_due_secs, excluded.oldest_due_secs)

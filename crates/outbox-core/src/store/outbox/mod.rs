@@ -28,6 +28,31 @@ use uuid::Uuid;
 
 use crate::model::{ClaimedEvent, Lease};
 
+/// When the row `o` is really due: a priority moves `run_at` earlier
+/// (migration 0022), `not_before` keeps the time it was asked for.
+macro_rules! due_at {
+    () => {
+        "coalesce(o.not_before, o.run_at + make_interval(secs => o.priority * 10))"
+    };
+}
+
+/// The state of the row `o` that has not finished (`running`, `retrying`,
+/// `scheduled` or `due`), given its due time `$due`.
+macro_rules! row_state {
+    ($due:literal) => {
+        concat!(
+            "CASE WHEN o.locked_until > now() THEN 'running'
+                 WHEN ",
+            $due,
+            " > now() AND o.last_error IS NOT NULL AND o.attempt_count > 0 THEN 'retrying'
+                 WHEN ",
+            $due,
+            " > now() THEN 'scheduled'
+                 ELSE 'due' END"
+        )
+    };
+}
+
 /// What a `done` CTE returns: the id, and for a dead-letter-trigger row the
 /// dead letter it handled (the payload itself is not copied for every row).
 macro_rules! done_returning {
