@@ -102,3 +102,24 @@ async fn a_sample_counts_retrying_rows_and_charts_the_backlog_and_its_age() -> T
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn attempt_counts_of_one_key_given_twice_are_summed_not_refused() -> TestResult {
+    use outbox_core::store::activity::{self, ActivityDelta};
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // A real topic named like the overflow's `other`, and the overflow.
+    let delta = |completed| ActivityDelta {
+        app_id: app,
+        topic: "other".into(),
+        completed,
+        failed: 1,
+        dead_lettered: 0,
+    };
+    activity::record(&db.pool, &[delta(2), delta(3)]).await?;
+    activity::record(&db.pool, &[delta(5)]).await?;
+    let minutes = activity::per_minute(&db.pool, app, Some("other"), 1).await?;
+    let now = minutes.last().ok_or("no minute")?;
+    assert_eq!((now.completed, now.failed), (10, 3));
+    Ok(())
+}
