@@ -41,8 +41,8 @@ pub(super) async fn apps_page(State(state): State<AdminState>, session: Session)
             .map_or((0, 0, 0), |t| (t.1, t.2, t.3));
         body.push_str(&format!(
             r#"<tr data-app-row="{s}"><td><a href="/apps/{s}/topics">{s}</a> · <a href="/apps/{s}/outbox">rows</a> · <a href="/apps/{s}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{s}/triggers">triggers</a></td><td>{n}</td><td>{due}</td><td>{scheduled}</td><td>{running}</td><td><span class="badge{z}" data-app="{s}">{u}</span></td></tr>"#,
-            s = esc(&slug),
-            n = esc(&name),
+            s = esc(slug),
+            n = esc(name),
             z = if *unresolved == 0 { " zero" } else { "" },
             u = unresolved
         ));

@@ -44,12 +44,22 @@ async fn page(
     jar: &str,
     uri: &str,
 ) -> Result<(StatusCode, Option<String>, String), Box<dyn std::error::Error>> {
+    answer(
+        w,
+        Request::get(uri)
+            .header(header::COOKIE, jar)
+            .body(Body::empty())?,
+    )
+    .await
+}
+
+/// The router's answer to `request`: its status, redirect and page.
+async fn answer(
+    w: &World,
+    request: Request<Body>,
+) -> Result<(StatusCode, Option<String>, String), Box<dyn std::error::Error>> {
     let res = outbox_admin::router(w.state.clone())
-        .oneshot(
-            Request::get(uri)
-                .header(header::COOKIE, jar)
-                .body(Body::empty())?,
-        )
+        .oneshot(request)
         .await?;
     let status = res.status();
     let location = res
@@ -486,26 +496,11 @@ async fn post_form(
     uri: &str,
     form: &str,
 ) -> Result<(StatusCode, Option<String>, String), Box<dyn std::error::Error>> {
-    let res = outbox_admin::router(w.state.clone())
-        .oneshot(
-            Request::post(uri)
-                .header(header::COOKIE, jar)
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(form.to_owned()))?,
-        )
-        .await?;
-    let status = res.status();
-    let location = res
-        .headers()
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let html = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await?
-            .to_vec(),
-    )?;
-    Ok((status, location, html))
+    let request = Request::post(uri)
+        .header(header::COOKIE, jar)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()))?;
+    answer(w, request).await
 }
 
 #[tokio::test]
