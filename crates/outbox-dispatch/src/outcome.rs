@@ -110,8 +110,12 @@ impl Shared {
         let ordered = row.ordering_key.is_some();
         let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %row.topic,
             attempt = row.attempt_count, correlation_id = tracing::field::Empty);
-        // Only rows that carry a correlation id get the field (no empty ones).
-        if let Some(correlation) = row.headers.get("correlation-id").and_then(|v| v.as_str()) {
+        // Only rows that carry a correlation id (under either name) get the
+        // field (no empty ones).
+        let correlation = ["correlation-id", "x-correlation-id"]
+            .iter()
+            .find_map(|name| row.headers.get(*name).and_then(|v| v.as_str()));
+        if let Some(correlation) = correlation {
             span.record("correlation_id", correlation);
         }
         let facts = RowFacts::of(&row, self.config.retry.max_attempts);

@@ -25,6 +25,8 @@
 //! - [`consumer`]: the consumer runtime for services that consume what
 //!   outboxd relays (durable pull consumer, explicit acks, dead letters,
 //!   de-duplication).
+//! - [`headers`]: the headers of the wire contract, named once, with the
+//!   helpers that put them on a message and read them back.
 //! - [`relay`]: the relay sink — a dispatcher handler that publishes an outbox
 //!   row to a tenant-first subject with `Nats-Msg-Id` = outbox id and returns
 //!   only after the PubAck, so the row is deleted only once JetStream has it.
@@ -35,11 +37,13 @@
 
 pub mod consumer;
 pub mod contract;
+pub mod headers;
 pub mod relay;
 
 pub use consumer::{ConsumerConfig, ConsumerRuntime, Delivery, HandlerError, durable_name};
 pub use contract::{StreamContract, ensure_stream};
-pub use relay::{Relay, RelayConfig, new_traceparent};
+pub use headers::new_traceparent;
+pub use relay::{Relay, RelayConfig};
 
 /// Errors of the NATS adapter.
 #[derive(Debug, thiserror::Error)]

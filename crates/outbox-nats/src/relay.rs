@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use outbox_dispatch::{Event, Handler, HandlerError, handler::HandlerFuture};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::headers;
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -54,16 +55,6 @@ pub fn subject_for(template: &str, app_slug: &str, topic: &str) -> String {
         .replace("{topic}", topic)
 }
 
-/// A W3C `traceparent` for a new trace.
-pub fn new_traceparent() -> String {
-    // Trace ids must be unique, not secret: a thread-local generator spares
-    // the two `getrandom` system calls per relayed event of a v4 UUID each.
-    // Zero is not a valid id.
-    let trace = fastrand::u128(1..);
-    let span = fastrand::u64(1..);
-    format!("00-{trace:032x}-{span:016x}-01")
-}
-
 impl Relay {
     /// A relay publishing through `js`; `pool` resolves app slugs.
     pub fn new(js: jetstream::Context, pool: PgPool, config: RelayConfig) -> Self {
@@ -95,28 +86,7 @@ impl Relay {
     ) -> Result<jetstream::publish::PublishAck, HandlerError> {
         let slug = self.slug(event.app_id).await?;
         let subject = subject_for(&self.config.subject_template, &slug, &event.topic);
-        let header = |name: &str| {
-            event
-                .headers
-                .get(name)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let id = event.id.to_string();
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        headers.insert("tenant-id", slug.as_str());
-        headers.insert(
-            "correlation-id",
-            header("correlation-id").unwrap_or(id).as_str(),
-        );
-        headers.insert(
-            "traceparent",
-            header("traceparent")
-                .unwrap_or_else(new_traceparent)
-                .as_str(),
-        );
-        headers.insert("outbox-topic", event.topic.as_str());
+        let headers = headers::inject(&event.id.to_string(), &slug, &event.topic, &event.headers);
         let payload = serde_json::to_vec(&event.payload)
             .map_err(|e| HandlerError::permanent(format!("payload does not serialize: {e}")))?;
         let publish = async {
@@ -181,26 +151,6 @@ mod tests {
             subject_for("tenant.{app}.{topic}", "shop", "order.created"),
             "tenant.shop.order.created"
         );
-    }
-
-    #[test]
-    fn traceparent_has_w3c_shape() {
-        let tp = new_traceparent();
-        let parts: Vec<&str> = tp.split('-').collect();
-        assert_eq!(parts.len(), 4);
-        assert_eq!(
-            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
-            ("00", 32, 16, "01")
-        );
-        for id in &parts[1..3] {
-            assert!(
-                id.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-                "{tp}"
-            );
-            assert!(id.bytes().any(|b| b != b'0'), "an all-zero id: {tp}");
-        }
-        assert_ne!(new_traceparent(), tp, "every trace is new");
     }
 
     #[test]

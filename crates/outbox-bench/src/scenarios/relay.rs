@@ -232,12 +232,8 @@ async fn raw_publish(
     .context("creating the raw publish stream")?;
     let publish_one = |js: async_nats::jetstream::Context| async move {
         let id = Uuid::now_v7().to_string();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        headers.insert("tenant-id", "bench");
-        headers.insert("correlation-id", id.as_str());
-        headers.insert("traceparent", outbox_nats::new_traceparent().as_str());
-        headers.insert("outbox-topic", "bench.relay");
+        // The relay's own headers, made by the relay's own helper.
+        let headers = outbox_nats::headers::inject(&id, "bench", "bench.relay", &json!({}));
         let payload = serde_json::to_vec(&json!({"n": 1}))?;
         js.publish_with_headers("benchraw.bench.relay", headers, payload.into())
             .await?

@@ -13,6 +13,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::{ConsumeCounters, ConsumerRuntime, HandlerError, Verdict, subject_matches};
+use crate::headers::{self, MSG_ID, TENANT_ID, TraceContext};
 
 /// One delivery of a message, as a handler sees it.
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub struct Delivery {
     pub payload: Value,
     /// Message headers (first value of each).
     pub headers: HashMap<String, String>,
+    /// Its correlation id, trace context and trace id, from the headers
+    /// (either correlation header; the trace id derived from `traceparent`
+    /// when the message has none).
+    pub trace: TraceContext,
     /// This delivery's number, starting at 1.
     pub delivered: i64,
     /// Sequence in the stream.
@@ -74,8 +79,8 @@ impl ConsumerRuntime {
             .nth(self.config.tenant_token)
             .unwrap_or_default()
             .to_owned();
-        if headers.get("tenant-id").is_some_and(|t| *t != tenant) || tenant.is_empty() {
-            warn!(%subject, header = ?headers.get("tenant-id"), "tenant header disagrees with the subject; terminating");
+        if headers.get(TENANT_ID).is_some_and(|t| *t != tenant) || tenant.is_empty() {
+            warn!(%subject, header = ?headers.get(TENANT_ID), "tenant header disagrees with the subject; terminating");
             ConsumeCounters::bump(&c.tenant_rejected, "outboxd_consumer_tenant_rejected_total");
             return Verdict::Term("tenant-id header disagrees with the subject".into());
         }
@@ -86,7 +91,7 @@ impl ConsumerRuntime {
             return Verdict::Term(format!("unknown app {tenant}"));
         };
         let app_id = app.id;
-        let message_id = headers.get("Nats-Msg-Id").cloned();
+        let message_id = headers.get(MSG_ID).cloned();
         if app.suspended {
             let error = format!("app {tenant} is suspended; the message was not processed");
             return self
@@ -126,6 +131,7 @@ impl ConsumerRuntime {
             app_id,
             message_id: message_id.clone(),
             payload: payload.clone(),
+            trace: headers::extract(&headers),
             headers: headers.clone(),
             delivered,
             stream_sequence,

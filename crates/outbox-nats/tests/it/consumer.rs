@@ -469,3 +469,49 @@ async fn dedupe_store_claims_busy_duplicate_release_and_takeover() -> TestResult
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_handler_sees_the_correlation_and_trace_of_either_header_name() -> TestResult {
+    let js = connect().await?;
+    let db = TestDb::new().await?;
+    db.app("shop").await?;
+    let prefix = unique_prefix();
+    ensure_stream(&js, &contract(&prefix)).await?;
+    let seen: Arc<Mutex<Vec<outbox_nats::headers::TraceContext>>> = Arc::default();
+    let log = seen.clone();
+    let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "trace"))
+        .route(format!("{prefix}.>"), move |d: Delivery| {
+            log.lock().expect("lock").push(d.trace.clone());
+            async { Ok::<(), HandlerError>(()) }
+        });
+    let (stop, task) = spawn(&runtime);
+    // A producer that is not outboxd: only x-correlation-id and traceparent.
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "trace-1");
+    headers.insert("tenant-id", "shop");
+    headers.insert("x-correlation-id", "corr-7");
+    headers.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    js.publish_with_headers(format!("{prefix}.shop.t"), headers, b"{}".to_vec().into())
+        .await?
+        .await?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            ConsumeCounters::get(&runtime.counters.consumed) == 1
+        })
+        .await
+    );
+    stop.cancel();
+    task.await??;
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].correlation_id.as_deref(), Some("corr-7"));
+    assert_eq!(
+        seen[0].trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "derived from traceparent"
+    );
+    Ok(())
+}

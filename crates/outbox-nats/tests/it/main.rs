@@ -127,6 +127,14 @@ async fn relay_publishes_with_headers_and_deletes_after_the_puback() -> TestResu
         h.get("traceparent").map(|v| v.as_str()),
         Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     );
+    assert_eq!(
+        h.get("x-correlation-id").map(|v| v.as_str()),
+        Some("corr-1")
+    );
+    assert_eq!(
+        h.get("trace-id").map(|v| v.as_str()),
+        Some("0af7651916cd43dd8448eb211c80319c")
+    );
     let body: serde_json::Value = serde_json::from_slice(&m.payload)?;
     assert_eq!(body, json!({"order": 1}));
 
@@ -144,6 +152,16 @@ async fn relay_publishes_with_headers_and_deletes_after_the_puback() -> TestResu
     assert!(
         traceparent.starts_with("00-") && traceparent.len() == 55,
         "generated: {traceparent}"
+    );
+    for name in outbox_nats::headers::REQUIRED {
+        assert!(
+            h.get(name).is_some(),
+            "{name} missing on the relayed message"
+        );
+    }
+    assert_eq!(
+        h.get("trace-id").map(|v| v.as_str()),
+        outbox_nats::headers::trace_id_of(&traceparent)
     );
     Ok(())
 }
