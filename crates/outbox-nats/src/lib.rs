@@ -27,6 +27,8 @@
 //!   de-duplication).
 //! - [`headers`]: the headers of the wire contract, named once, with the
 //!   helpers that put them on a message and read them back.
+//! - [`subject`]: the subject of a relayed row, from a template checked at
+//!   start-up that may use fields of the row.
 //! - [`relay`]: the relay sink — a dispatcher handler that publishes an outbox
 //!   row to a tenant-first subject with `Nats-Msg-Id` = outbox id and returns
 //!   only after the PubAck, so the row is deleted only once JetStream has it.
@@ -39,6 +41,7 @@ pub mod consumer;
 pub mod contract;
 pub mod headers;
 pub mod relay;
+pub mod subject;
 
 pub use consumer::{ConsumerConfig, ConsumerRuntime, Delivery, HandlerError, durable_name};
 pub use contract::{StreamContract, ensure_stream};

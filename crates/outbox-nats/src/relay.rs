@@ -10,11 +10,13 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::headers;
+use crate::subject::{InvalidTemplate, SubjectTemplate};
 
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Subject template; `{app}` is the app slug, `{topic}` the row's topic.
+    /// Subject template: `{app}` is the app slug, `{topic}` the row's topic;
+    /// fields of the row may be used too (see [`crate::subject`]).
     pub subject_template: String,
     /// How long to wait for the PubAck before the attempt fails (and retries).
     pub ack_timeout: Duration,
@@ -36,6 +38,9 @@ pub struct Relay {
     js: jetstream::Context,
     pool: PgPool,
     config: RelayConfig,
+    // The checked template; a bad one fails every row with its reason
+    // (the daemon refuses it at start-up).
+    template: Result<SubjectTemplate, InvalidTemplate>,
     // App slugs by id: subjects and the tenant header use the slug.
     slugs: Arc<RwLock<HashMap<Uuid, String>>>,
 }
@@ -48,19 +53,13 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-/// The subject a row is published to.
-pub fn subject_for(template: &str, app_slug: &str, topic: &str) -> String {
-    template
-        .replace("{app}", app_slug)
-        .replace("{topic}", topic)
-}
-
 impl Relay {
     /// A relay publishing through `js`; `pool` resolves app slugs.
     pub fn new(js: jetstream::Context, pool: PgPool, config: RelayConfig) -> Self {
         Self {
             js,
             pool,
+            template: SubjectTemplate::parse(&config.subject_template),
             config,
             slugs: Arc::default(),
         }
@@ -85,7 +84,13 @@ impl Relay {
         event: Event,
     ) -> Result<jetstream::publish::PublishAck, HandlerError> {
         let slug = self.slug(event.app_id).await?;
-        let subject = subject_for(&self.config.subject_template, &slug, &event.topic);
+        let template = self
+            .template
+            .as_ref()
+            .map_err(|e| HandlerError::permanent(e.to_string()))?;
+        let subject = template
+            .render(&slug, &event)
+            .map_err(|e| HandlerError::permanent(format!("no NATS subject for this row: {e}")))?;
         let headers = headers::inject(&event.id.to_string(), &slug, &event.topic, &event.headers);
         let payload = serde_json::to_vec(&event.payload)
             .map_err(|e| HandlerError::permanent(format!("payload does not serialize: {e}")))?;
@@ -144,14 +149,6 @@ impl Handler for Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subjects_are_tenant_first() {
-        assert_eq!(
-            subject_for("tenant.{app}.{topic}", "shop", "order.created"),
-            "tenant.shop.order.created"
-        );
-    }
 
     #[test]
     fn publish_errors_map_by_kind() {

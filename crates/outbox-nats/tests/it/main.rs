@@ -282,3 +282,76 @@ async fn a_missing_stream_is_a_retry_with_a_clear_error() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn subjects_from_fields_of_the_row_are_concrete_or_the_row_fails_naming_the_field()
+-> TestResult {
+    let js = jetstream().await?;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let prefix = unique_prefix();
+    let stream = ensure_stream(&js, &contract(&prefix)).await?;
+    let relay = Relay::new(
+        js.clone(),
+        db.pool.clone(),
+        RelayConfig {
+            subject_template: format!("{prefix}.{{app}}.aggregate.{{payload.type}}.{{payload.id}}"),
+            ..RelayConfig::default()
+        },
+    );
+    let mut tx = db.pool.begin().await?;
+    let good = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("order.created", json!({"type": "order", "id": 42})),
+    )
+    .await?;
+    let wildcard = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("order.created", json!({"type": "order", "id": "*"})).with_max_attempts(5),
+    )
+    .await?;
+    let missing = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("order.created", json!({"id": 7})).with_max_attempts(5),
+    )
+    .await?;
+    tx.commit().await?;
+    let mut registry = Registry::new();
+    registry.fallback(relay);
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, Config::default())?;
+    dispatcher.run_until_idle().await?;
+
+    let messages = read_all(&stream, 1).await?;
+    assert_eq!(
+        messages.len(),
+        1,
+        "only the row with a concrete subject is published"
+    );
+    assert_eq!(
+        messages[0].subject.as_str(),
+        format!("{prefix}.shop.aggregate.order.42")
+    );
+    let id_of = |m: &jetstream::Message| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+    };
+    assert_eq!(id_of(&messages[0]), Some(good.to_string()));
+    for (id, says) in [
+        (wildcard, "subject token {payload.id} is \"*\""),
+        (missing, "subject token {payload.type} is missing"),
+    ] {
+        let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+        let error = dead
+            .first()
+            .and_then(|d| d.last_error.clone())
+            .ok_or("not dead-lettered")?;
+        assert!(error.contains(says), "{error}");
+        assert_eq!(dead[0].attempt_count, 1, "permanent: one attempt");
+    }
+    Ok(())
+}

@@ -74,12 +74,16 @@ impl Settings {
                 "nats://host:port, or empty to disable",
             );
         }
-        if !n.subject_template.contains("{topic}") {
+        if let Err(err) = outbox_nats::subject::SubjectTemplate::parse(&n.subject_template) {
             return invalid(
                 "nats.subject_template",
                 format!("{:?}", n.subject_template),
-                "lacks {topic}",
-                "a subject with {app} and {topic}, e.g. tenant.{app}.{topic}",
+                "is not a subject template",
+                &format!(
+                    "{}; placeholders {}, e.g. tenant.{{app}}.{{topic}}",
+                    err.problem,
+                    outbox_nats::subject::PLACEHOLDERS
+                ),
             );
         }
         range("nats.ack_timeout_ms", n.ack_timeout_ms, 100, 600_000)?;
@@ -221,6 +225,9 @@ impl Settings {
             nak_max: Duration::from_millis(cs.nak_max_ms),
             dedupe_ttl: (cs.dedupe_ttl_secs > 0).then(|| Duration::from_secs(cs.dedupe_ttl_secs)),
             mask_fields: cs.mask_fields.clone(),
+            // The tenant's place in the subjects the relay makes (checked at load).
+            tenant_token: outbox_nats::subject::SubjectTemplate::parse(&self.nats.subject_template)
+                .map_or(1, |t| t.app_token()),
             ..outbox_nats::ConsumerConfig::default()
         }
     }

@@ -227,3 +227,21 @@ fn relay_topics_come_from_an_env_array_and_bad_patterns_name_the_rule() {
         assert!(err.contains("OUTBOXD_NATS__RELAY_TOPICS"), "{err}");
     }
 }
+
+#[test]
+fn a_subject_template_is_checked_at_start_up() {
+    let err = load(&[("OUTBOXD_NATS__SUBJECT_TEMPLATE", "tenant.{app}.{payload}")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nats.subject_template") && err.contains("unknown placeholder {payload}"),
+        "{err}"
+    );
+    let err = load(&[("OUTBOXD_NATS__SUBJECT_TEMPLATE", "tenant.*.{topic}")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("wildcard"), "{err}");
+    let fields = "tenant.{app}.aggregate.{payload.type}.{payload.id}";
+    let s = load(&[("OUTBOXD_NATS__SUBJECT_TEMPLATE", fields)]).expect("a template of fields");
+    assert_eq!(s.nats.subject_template, fields);
+}
