@@ -46,7 +46,7 @@ pub mod subject;
 pub use consumer::{ConsumerConfig, ConsumerRuntime, Delivery, HandlerError, durable_name};
 pub use contract::{StreamContract, ensure_stream};
 pub use headers::new_traceparent;
-pub use relay::{Relay, RelayConfig};
+pub use relay::{PublishStatus, Relay, RelayConfig};
 
 /// Errors of the NATS adapter.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +79,14 @@ pub enum Error {
 /// shows in the server's connection list. `urls` may list several servers of
 /// a cluster, comma-separated.
 pub async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
+    connect_with(urls, false).await
+}
+
+/// [`connect`]; with `fail_fast`, a server that cannot be reached at the
+/// first attempt is an error at once instead of a reconnect loop in the
+/// background (for tests and development; reconnects after a first
+/// connection keep their backoff).
+pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Client, Error> {
     let servers = urls
         .split(',')
         .map(str::trim)
@@ -91,9 +99,13 @@ pub async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
     if servers.is_empty() {
         return Err(Error::Config("no NATS server address given".into()));
     }
-    async_nats::ConnectOptions::new()
-        .name("outboxd")
-        .retry_on_initial_connect()
+    let options = async_nats::ConnectOptions::new().name("outboxd");
+    let options = if fail_fast {
+        options.connection_timeout(std::time::Duration::from_secs(2))
+    } else {
+        options.retry_on_initial_connect()
+    };
+    options
         .reconnect_delay_callback(|attempts| {
             outbox_core::store::listen::reconnect_pause(u32::try_from(attempts).unwrap_or(u32::MAX))
                 .min(std::time::Duration::from_secs(5))

@@ -1,6 +1,7 @@
 //! The relay sink: publish an outbox row to JetStream and succeed only on PubAck.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ pub struct RelayConfig {
     pub subject_template: String,
     /// How long to wait for the PubAck before the attempt fails (and retries).
     pub ack_timeout: Duration,
+    /// Where the relay records its last PubAck (for the health endpoint).
+    pub status: PublishStatus,
 }
 
 impl Default for RelayConfig {
@@ -27,7 +30,27 @@ impl Default for RelayConfig {
         Self {
             subject_template: "tenant.{app}.{topic}".to_owned(),
             ack_timeout: Duration::from_secs(5),
+            status: PublishStatus::default(),
         }
+    }
+}
+
+/// When a relay last had a publish acknowledged; clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct PublishStatus(Arc<AtomicI64>);
+
+impl PublishStatus {
+    /// The time of the last acknowledged publish, if any.
+    pub fn last_publish_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            micros => chrono::DateTime::from_timestamp_micros(micros),
+        }
+    }
+
+    fn record(&self) {
+        self.0
+            .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
     }
 }
 
@@ -107,6 +130,7 @@ impl Relay {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(ack)) => {
+                self.config.status.record();
                 metrics::counter!("outboxd_published_total").increment(1);
                 if ack.duplicate {
                     metrics::counter!("outboxd_published_duplicates_total").increment(1);

@@ -48,10 +48,11 @@ pub async fn run(
 
     // NATS first: a stream-contract mismatch must stop start-up before
     // anything serves.
+    let publish_status = outbox_nats::PublishStatus::default();
     let (nats_client, jetstream) = if settings.nats.url.is_empty() {
         (None, None)
     } else {
-        let client = outbox_nats::connect(&settings.nats.url).await?;
+        let client = outbox_nats::connect_with(&settings.nats.url, settings.nats.fail_fast).await?;
         let js = async_nats::jetstream::new(client.clone());
         outbox_nats::ensure_stream(&js, &settings.stream_contract())
             .await
@@ -81,7 +82,15 @@ pub async fn run(
         .context("http.listen is not a socket address")?;
     let (bound, server) = http::serve(
         addr,
-        http::router(pool.clone(), metrics, nats_client, admin),
+        http::router(
+            pool.clone(),
+            metrics,
+            nats_client.map(|client| http::NatsHealth {
+                client,
+                published: publish_status.clone(),
+            }),
+            admin,
+        ),
         stop.clone().cancelled_owned(),
     )
     .await
@@ -112,6 +121,7 @@ pub async fn run(
                 outbox_nats::RelayConfig {
                     subject_template: settings.nats.subject_template.clone(),
                     ack_timeout: Duration::from_millis(settings.nats.ack_timeout_ms),
+                    status: publish_status.clone(),
                 },
             ),
         );

@@ -1,4 +1,6 @@
-//! The operational HTTP endpoints: `/healthz`, `/readyz`, `/metrics`.
+//! The operational HTTP endpoints: `/healthz` (the process is up; its body
+//! tells the NATS connection's state and the last acknowledged publish),
+//! `/readyz` (PostgreSQL, and NATS when configured, answer) and `/metrics`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,8 +17,23 @@ use sqlx::PgPool;
 struct AppState {
     pool: PgPool,
     metrics: PrometheusHandle,
-    // Present when NATS is required (relaying); readiness then includes it.
-    nats: Option<async_nats::Client>,
+    // Present when NATS is configured; readiness then includes it.
+    nats: Option<NatsHealth>,
+}
+
+/// What the health endpoints know of NATS.
+#[derive(Clone)]
+pub struct NatsHealth {
+    /// The connection.
+    pub client: async_nats::Client,
+    /// The relay's last acknowledged publish.
+    pub published: outbox_nats::PublishStatus,
+}
+
+impl NatsHealth {
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
 }
 
 /// Histogram buckets for handler and publish durations, in seconds: from
@@ -56,11 +73,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub fn router(
     pool: PgPool,
     metrics: PrometheusHandle,
-    nats: Option<async_nats::Client>,
+    nats: Option<NatsHealth>,
     admin: Option<Router>,
 ) -> Router {
     let ops = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AppState {
@@ -102,10 +119,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     )
     .await;
     let postgres_ok = matches!(check, Ok(Ok(())));
-    let nats_ok = state
-        .nats
-        .as_ref()
-        .map(|client| client.connection_state() == async_nats::connection::State::Connected);
+    let nats_ok = state.nats.as_ref().map(NatsHealth::connected);
     let ready = postgres_ok && nats_ok.unwrap_or(true);
     let status = if ready {
         StatusCode::OK
@@ -116,6 +130,24 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         status,
         Json(serde_json::json!({ "ready": ready, "postgres": postgres_ok, "nats": nats_ok })),
     )
+}
+
+/// Always 200 while the process serves; the body says how NATS is doing
+/// (null without NATS): its connection state and the last publish the
+/// stream acknowledged.
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let nats = state.nats.as_ref().map(|n| {
+        let connection = match n.client.connection_state() {
+            async_nats::connection::State::Connected => "connected",
+            async_nats::connection::State::Disconnected => "disconnected",
+            async_nats::connection::State::Pending => "connecting",
+        };
+        serde_json::json!({
+            "connection": connection,
+            "last_publish_at": n.published.last_publish_at(),
+        })
+    });
+    Json(serde_json::json!({ "status": "ok", "nats": nats }))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -181,6 +181,7 @@ async fn relay_rate(
         outbox_nats::RelayConfig {
             subject_template: "bench.{app}.{topic}".into(),
             ack_timeout: Duration::from_secs(30),
+            ..Default::default()
         },
     ));
     let dispatcher = Dispatcher::new(pool.clone(), registry, settings.dispatcher_config())?;

@@ -259,6 +259,7 @@ async fn a_missing_stream_is_a_retry_with_a_clear_error() -> TestResult {
         RelayConfig {
             subject_template: format!("{prefix}.{{app}}.{{topic}}"),
             ack_timeout: Duration::from_secs(2),
+            ..RelayConfig::default()
         },
     );
     let mut tx = db.pool.begin().await?;

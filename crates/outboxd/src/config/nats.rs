@@ -18,6 +18,7 @@ pub struct NatsSettings {
     pub relay_topics: Vec<String>,
     pub subject_template: String,
     pub ack_timeout_ms: u64,
+    pub fail_fast: bool,
     pub stream: StreamSettings,
 }
 

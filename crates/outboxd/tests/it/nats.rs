@@ -272,6 +272,13 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     })
     .await;
     assert!(down, "/readyz stayed ready while NATS was down");
+    // The process is up all the same; its health says what is wrong and
+    // when the stream last took a message.
+    let (status, body) = http_get(&addr, "/healthz").await?;
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body)?;
+    assert_ne!(health["nats"]["connection"], "connected", "{body}");
+    assert!(health["nats"]["last_publish_at"].is_string(), "{body}");
     enqueue_some(5, 10)()?;
     let nats = OwnNats::start(nats.port, nats.dir.clone())?;
     let drained = wait_until(Duration::from_secs(60), || async {
@@ -279,9 +286,11 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     })
     .await;
     let (status, _) = http_get(&addr, "/readyz").await?;
+    let (_, health) = http_get(&addr, "/healthz").await?;
     let exit = stop(&mut child).await?;
     assert!(drained, "relaying did not resume after NATS came back");
     assert_eq!(status, 200);
+    assert!(health.contains(r#""connection":"connected""#), "{health}");
     assert!(exit.success());
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
     let mut stream = js.get_stream(format!("S_{prefix}")).await?;
@@ -371,6 +380,29 @@ async fn a_relay_started_beside_the_demo_leaves_the_demos_rows_to_it() -> TestRe
         stream.info().await?.state.messages,
         0,
         "the relay published demo rows"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn fail_fast_stops_start_up_when_no_nats_server_answers() -> TestResult {
+    let db = TestDb::new().await?;
+    let port = free_port()?;
+    let started = std::time::Instant::now();
+    let out = run(outboxd(Some(&db.url))
+        .env("NATS_URL", format!("nats://127.0.0.1:{port}"))
+        .env("OUTBOXD_NATS__FAIL_FAST", "true")
+        .arg("run"))?;
+    assert!(!out.status.success(), "started without NATS");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        "{err}"
     );
     Ok(())
 }

@@ -65,7 +65,10 @@ async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResu
     );
 
     let (mut child, addr) = spawn_server(&db.url, &["run"]).await?;
-    assert_eq!(http_get(&addr, "/healthz").await?, (200, "ok".to_owned()));
+    assert_eq!(
+        http_get(&addr, "/healthz").await?,
+        (200, r#"{"nats":null,"status":"ok"}"#.to_owned())
+    );
     let (status, body) = http_get(&addr, "/readyz").await?;
     assert_eq!(status, 200, "{body}");
     // A plain `run` has no handler for the row's topic: the row waits for a
