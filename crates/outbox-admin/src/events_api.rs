@@ -202,20 +202,41 @@ async fn enqueue(state: &AdminState, app_id: Uuid, event: NewEvent) -> Result<Re
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }
 
-fn headers_of(headers: Option<Value>) -> Value {
-    headers.unwrap_or_else(|| json!({}))
+/// The row's headers: the body's, with the request's trace context
+/// (`traceparent`, `correlation-id`, `x-correlation-id`) added where the body
+/// does not set them, so one trace runs from the HTTP call through the row
+/// to the NATS message and its consumer.
+fn headers_of(headers: Option<Value>, request: &axum::http::HeaderMap) -> Result<Value, ApiError> {
+    let mut headers = headers.unwrap_or_else(|| json!({}));
+    let Some(object) = headers.as_object_mut() else {
+        return Err(ApiError::Invalid("headers: must be a JSON object".into()));
+    };
+    for name in ["traceparent", "correlation-id", "x-correlation-id"] {
+        let sent = request
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 512);
+        if let Some(value) = sent
+            && !object.contains_key(name)
+        {
+            object.insert(name.to_owned(), Value::String(value.to_owned()));
+        }
+    }
+    Ok(headers)
 }
 
 async fn publish(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, topic)): Path<(String, String)>,
+    request: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
     let b: EventBody = body_or_default(&bytes)?;
     let mut event = NewEvent::new(topic, b.payload).with_source(Source::Pubsub);
-    event.headers = headers_of(b.headers);
+    event.headers = headers_of(b.headers, &request)?;
     event.idempotency_key = b.idempotency_key;
     event.priority = priority_of(b.priority)?;
     event.partition_key = b.partition_key;
@@ -226,12 +247,13 @@ async fn job(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path((app, queue)): Path<(String, String)>,
+    request: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
     let b: JobBody = body_or_default(&bytes)?;
     let mut event = NewEvent::new(queue, b.payload).with_source(Source::Queue);
-    event.headers = headers_of(b.headers);
+    event.headers = headers_of(b.headers, &request)?;
     event.idempotency_key = b.idempotency_key;
     event.ordering_key = b.ordering_key;
     event.priority = priority_of(b.priority)?;

@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use futures::FutureExt;
 use outbox_core::store::dedupe;
 use serde_json::Value;
-use tracing::warn;
+use tracing::{Instrument, warn};
 use uuid::Uuid;
 
 use super::{ConsumeCounters, ConsumerRuntime, HandlerError, Verdict, subject_matches};
@@ -136,7 +136,15 @@ impl ConsumerRuntime {
             delivered,
             stream_sequence,
         };
-        let run = AssertUnwindSafe(handler.handle(delivery)).catch_unwind();
+        // The handler runs in the message's trace: its log lines carry the
+        // trace and correlation ids the producer sent.
+        let span = tracing::info_span!(
+            "consume",
+            subject = %subject,
+            trace_id = %delivery.trace.trace_id.as_deref().unwrap_or(""),
+            correlation_id = %delivery.trace.correlation_id.as_deref().unwrap_or(""),
+        );
+        let run = AssertUnwindSafe(handler.handle(delivery).instrument(span)).catch_unwind();
         let result = match tokio::time::timeout(self.config.ack_wait, run).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(HandlerError::Retry("handler panicked".into())),

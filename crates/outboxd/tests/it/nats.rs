@@ -7,7 +7,9 @@ use std::time::Duration;
 use outbox_testkit::{TestDb, wait_until};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::{ScratchDir, TestResult, http_get, outboxd, run, stop, text};
+use crate::support::{
+    ScratchDir, TestResult, http_get, http_send_with, outboxd, run, spawn_server_with, stop, text,
+};
 
 /// A config folder whose overlay points the stream contract at a stream and
 /// subject space of this test's own on the shared nats-server.
@@ -403,6 +405,102 @@ async fn fail_fast_stops_start_up_when_no_nats_server_answers() -> TestResult {
     assert!(
         err.contains("cannot connect to NATS at nats://127.0.0.1:"),
         "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestResult {
+    let nats_url =
+        std::env::var("NATS_URL").map_err(|_| "NATS_URL is not set: run scripts/test.sh")?;
+    let db = TestDb::new().await?;
+    let prefix = format!("tr{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    outbox_admin::create_user(&db.pool, "ops@x.io", "a long enough password", true).await?;
+    let out = run(outboxd(Some(&db.url)).args(["api-key", "create", "ops@x.io"]))?;
+    let key = text(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("obx_"), "{}", text(&out.stderr));
+    let dir_path = dir.to_string_lossy().into_owned();
+    let envs = [
+        ("OUTBOXD_CONFIG_DIR", dir_path.as_str()),
+        ("OUTBOXD_ENV", "nats-test"),
+        ("NATS_URL", nats_url.as_str()),
+        ("JWT_SECRET", "0123456789abcdef0123456789abcdef-trace"),
+    ];
+    let (mut server, addr) = spawn_server_with(&db.url, &["run"], &envs).await?;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let (status, body) = http_send_with(
+        &addr,
+        "POST",
+        "/api/apps/shop/events/order.created",
+        Some(&key),
+        &[
+            ("traceparent", &traceparent),
+            ("x-correlation-id", "checkout-77"),
+        ],
+        r#"{"payload": {"order": 77}}"#,
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    let relayed = wait_until(Duration::from_secs(30), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    assert!(stop(&mut server).await?.success());
+    assert!(relayed, "the event was not relayed");
+
+    // On the NATS message ...
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+    let message = js
+        .get_stream(format!("S_{prefix}"))
+        .await?
+        .get_last_raw_message_by_subject(&format!("{prefix}.shop.order.created"))
+        .await?;
+    let header = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("traceparent"), traceparent);
+    assert_eq!(header("trace-id"), trace);
+    assert_eq!(header("correlation-id"), "checkout-77");
+
+    // ... and on the consumer handler's span: its log line carries the trace.
+    let mut consumer = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.envs(envs)
+            .env("OUTBOXD_CONSUMER__GROUP", &prefix)
+            .env("OUTBOXD_LOG__FILTER", "info")
+            .arg("consume");
+        c
+    });
+    consumer
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut consumer = consumer.spawn()?;
+    let stderr = consumer.stderr.take().ok_or("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let consumed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("consumed") {
+                return Ok::<String, std::io::Error>(line);
+            }
+        }
+        Err(std::io::Error::other("outboxd consume exited first"))
+    })
+    .await??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(stop(&mut consumer).await?.success());
+    assert!(
+        consumed.contains(&format!("trace_id={trace}"))
+            && consumed.contains("correlation_id=checkout-77"),
+        "{consumed}"
     );
     Ok(())
 }

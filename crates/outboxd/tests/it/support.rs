@@ -98,10 +98,25 @@ pub(crate) async fn http_send(
     token: Option<&str>,
     body: &str,
 ) -> Result<(u16, String), Box<dyn std::error::Error>> {
+    http_send_with(addr, method, path, token, &[], body).await
+}
+
+/// As [`http_send`], with these request headers as well.
+pub(crate) async fn http_send_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String), Box<dyn std::error::Error>> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let auth = token
+    let mut auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    for (name, value) in headers {
+        auth.push_str(&format!("{name}: {value}\r\n"));
+    }
     stream
         .write_all(
             format!(
