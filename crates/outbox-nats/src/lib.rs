@@ -29,6 +29,8 @@
 //!   helpers that put them on a message and read them back.
 //! - [`subject`]: the subject of a relayed row, from a template checked at
 //!   start-up that may use fields of the row.
+//! - [`peek`]: operators' ad-hoc reads of what was relayed (ephemeral
+//!   consumers of their own, bounded, deleted afterwards).
 //! - [`relay`]: the relay sink — a dispatcher handler that publishes an outbox
 //!   row to a tenant-first subject with `Nats-Msg-Id` = outbox id and returns
 //!   only after the PubAck, so the row is deleted only once JetStream has it.
@@ -40,6 +42,7 @@
 pub mod consumer;
 pub mod contract;
 pub mod headers;
+pub mod peek;
 pub mod relay;
 pub mod subject;
 

@@ -111,6 +111,29 @@ impl SubjectTemplate {
         Ok(Self { parts })
     }
 
+    /// The subject filter of every subject of the tenant `app`, narrowed by
+    /// `rest` (NATS wildcards, after the tenant's token; `>` for all), or
+    /// `None` when a placeholder other than `{app}` comes before it (no
+    /// filter then holds exactly one tenant), or `rest` is not a filter.
+    pub fn tenant_filter(&self, app: &str, rest: &str) -> Option<String> {
+        let mut prefix = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => prefix.push_str(text),
+                Part::App => break,
+                _ => return None,
+            }
+        }
+        let tokens: Vec<&str> = rest.split('.').collect();
+        let valid = tokens.iter().enumerate().all(|(i, t)| {
+            !t.is_empty()
+                && !t.chars().any(char::is_whitespace)
+                && (*t == "*" || *t == ">" || !t.contains(['*', '>']))
+                && (*t != ">" || i == tokens.len() - 1)
+        });
+        (valid && token("{app}", Some(app)).is_ok()).then(|| format!("{prefix}{app}.{rest}"))
+    }
+
     /// The position of the tenant's token (`{app}`) in every subject, as
     /// the consumer runtime's `tenant_token` takes it.
     pub fn app_token(&self) -> usize {
@@ -290,6 +313,26 @@ mod tests {
             .render("shop", &event("t", json!({})))
             .expect_err("no key");
         assert!(err.contains("{ordering_key} is missing"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_tenants_filter_stays_within_its_subjects() -> Result<(), InvalidTemplate> {
+        let t = SubjectTemplate::parse("tenant.{app}.{topic}")?;
+        assert_eq!(
+            t.tenant_filter("shop", ">").as_deref(),
+            Some("tenant.shop.>")
+        );
+        assert_eq!(
+            t.tenant_filter("shop", "order.*").as_deref(),
+            Some("tenant.shop.order.*")
+        );
+        for bad in ["", "a..b", ">.x", "a b", "a*"] {
+            assert_eq!(t.tenant_filter("shop", bad), None, "{bad:?}");
+        }
+        assert_eq!(t.tenant_filter("a.b", ">"), None, "a slug is one token");
+        let keyed = SubjectTemplate::parse("x.{payload.region}.{app}.{topic}")?;
+        assert_eq!(keyed.tenant_filter("shop", ">"), None);
         Ok(())
     }
 

@@ -44,6 +44,9 @@ enum Command {
     /// Consume relayed events from JetStream with the consumer runtime and
     /// log each one (a demo of the library's consumer API).
     Consume,
+    /// Read what was relayed to JetStream (the durable consumers untouched).
+    #[command(subcommand)]
+    Stream(commands::stream::StreamCommand),
     /// Enqueue one event; the payload comes from --payload or standard input.
     Enqueue(EnqueueArgs),
     /// Manage apps (tenants).
@@ -96,7 +99,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     // Only producers go through a transaction-pooling PgBouncer: the other
     // commands' statements are prepared, or need the session.
     let direct = match &command {
-        Command::Enqueue(_) | Command::ConfigCheck => None,
+        Command::Enqueue(_) | Command::ConfigCheck | Command::Stream(_) => None,
         Command::Run { .. } | Command::Demo => Some("the dispatcher"),
         Command::Migrate => Some("migrating (a session advisory lock)"),
         Command::Consume => Some("the consumer runtime"),
@@ -125,6 +128,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             demo::run(settings, daemon::shutdown_signal()).await
         }
         Command::Consume => commands::consume::run(settings).await,
+        Command::Stream(cmd) => commands::stream::run(settings, cmd).await,
         Command::Enqueue(args) => commands::enqueue::run(settings, args).await,
         Command::App(cmd) => commands::apps::run(settings, cmd).await,
         Command::DeadLetters(cmd) => commands::dead_letters::run(settings, cmd).await,

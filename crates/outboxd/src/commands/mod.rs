@@ -8,6 +8,7 @@ pub mod consume;
 pub mod dead_letters;
 pub mod enqueue;
 pub mod gc;
+pub mod stream;
 pub mod topics;
 pub mod triggers;
 

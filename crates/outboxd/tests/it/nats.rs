@@ -458,6 +458,8 @@ async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestR
         .await?
         .get_last_raw_message_by_subject(&format!("{prefix}.shop.order.created"))
         .await?;
+    // (An app of another tenant, for the read below.)
+    run(outboxd(Some(&db.url)).args(["app", "create", "other"]))?;
     let header = |name: &str| {
         message
             .headers
@@ -468,6 +470,38 @@ async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestR
     assert_eq!(header("traceparent"), traceparent);
     assert_eq!(header("trace-id"), trace);
     assert_eq!(header("correlation-id"), "checkout-77");
+
+    // An operator reads it back without a consumer left behind.
+    let cli = |args: &[&str]| run(outboxd(Some(&db.url)).envs(envs).arg("stream").args(args));
+    let out = cli(&["tail", "--app", "shop"])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 1, "{}", text(&out.stdout));
+    assert_eq!(lines[0]["headers"]["traceparent"], traceparent.as_str());
+    assert_eq!(lines[0]["payload"], serde_json::json!({"order": 77}));
+    let sequence = lines[0]["stream_sequence"].to_string();
+    let out = cli(&["get", &sequence])?;
+    assert!(
+        text(&out.stdout).contains("checkout-77"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(&["tail", "--app", "other"])?;
+    assert!(
+        out.status.success() && text(&out.stdout).is_empty(),
+        "another tenant's subjects"
+    );
+    let out = cli(&["tail", "--app", "shop", "--subject", "a..b"])?;
+    assert!(!out.status.success() && text(&out.stderr).contains("no subject filter"));
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(
+        stream.info().await?.state.consumer_count,
+        0,
+        "the reads' consumers are deleted"
+    );
 
     // ... and on the consumer handler's span: its log line carries the trace.
     let mut consumer = tokio::process::Command::from({

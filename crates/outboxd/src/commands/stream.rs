@@ -1,0 +1,83 @@
+//! `outboxd stream tail|get`: read what was relayed, as an operator, without
+//! touching the durable consumers (see `outbox_nats::peek`).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use outbox_nats::subject::SubjectTemplate;
+use outboxd::config::Settings;
+
+/// `outboxd stream …`.
+#[derive(Debug, Subcommand)]
+pub enum StreamCommand {
+    /// Print the latest messages relayed for an app, one JSON document a line.
+    Tail {
+        /// The app (tenant) whose subjects to read.
+        #[arg(long)]
+        app: String,
+        /// A subject filter after the tenant's token (NATS wildcards).
+        #[arg(long, default_value = ">")]
+        subject: String,
+        /// At most this many, the latest (1..=100).
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+        /// Only messages stored at most this many seconds ago.
+        #[arg(long, default_value_t = 3600)]
+        since_secs: u64,
+    },
+    /// Print the message at this stream sequence as a JSON document.
+    Get {
+        /// The message's sequence in the stream.
+        sequence: u64,
+    },
+}
+
+/// Runs `outboxd stream …`.
+pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<()> {
+    if settings.nats.url.is_empty() {
+        bail!("stream needs NATS: set NATS_URL (or [nats] url)");
+    }
+    let client = outbox_nats::connect_with(&settings.nats.url, true).await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = settings.nats.stream.name.clone();
+    match command {
+        StreamCommand::Tail {
+            app,
+            subject,
+            last,
+            since_secs,
+        } => {
+            if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(&last) {
+                bail!(
+                    "--last {last} is outside 1..={}",
+                    outbox_nats::peek::MAX_MESSAGES
+                );
+            }
+            let template = SubjectTemplate::parse(&settings.nats.subject_template)?;
+            let Some(filter) = template.tenant_filter(&app, &subject) else {
+                bail!(
+                    "no subject filter for app {app:?} and --subject {subject:?}: the subject must be NATS tokens after the tenant's (e.g. order.* or >), and nats.subject_template must put {{app}} before any other placeholder"
+                );
+            };
+            let request = outbox_nats::peek::PeekRequest {
+                stream,
+                filter,
+                purpose: format!("{app}-tail"),
+                last,
+                since: Duration::from_secs(since_secs),
+                timeout: Duration::from_secs(5),
+            };
+            for message in outbox_nats::peek::tail(&js, &request).await? {
+                println!("{}", serde_json::to_string(&message)?);
+            }
+        }
+        StreamCommand::Get { sequence } => {
+            let message = outbox_nats::peek::get(&js, &stream, sequence)
+                .await?
+                .with_context(|| format!("stream {stream} has no message {sequence}"))?;
+            println!("{}", serde_json::to_string_pretty(&message)?);
+        }
+    }
+    Ok(())
+}
