@@ -111,10 +111,16 @@ impl Relay {
             .template
             .as_ref()
             .map_err(|e| HandlerError::permanent(e.to_string()))?;
-        let subject = template
-            .render(&slug, &event)
-            .map_err(|e| HandlerError::permanent(format!("no NATS subject for this row: {e}")))?;
-        let headers = headers::inject(&event.id.to_string(), &slug, &event.topic, &event.headers);
+        let (subject, message_id) = match replayed_message(template, &slug, &event)? {
+            Some(replayed) => replayed,
+            None => {
+                let subject = template.render(&slug, &event).map_err(|e| {
+                    HandlerError::permanent(format!("no NATS subject for this row: {e}"))
+                })?;
+                (subject, event.id.to_string())
+            }
+        };
+        let headers = headers::inject(&message_id, &slug, &event.topic, &event.headers);
         let payload = serde_json::to_vec(&event.payload)
             .map_err(|e| HandlerError::permanent(format!("payload does not serialize: {e}")))?;
         let publish = async {
@@ -143,6 +149,38 @@ impl Relay {
                 self.config.ack_timeout
             ))),
         }
+    }
+}
+
+/// For a replayed dead letter of the consumer runtime (source `nats`, with
+/// the `outbox-subject` and `outbox-msg-id` headers the replay sets): the
+/// subject it came from and its new message id. The subject must be one of
+/// the tenant's: a row cannot publish into another app's subjects.
+fn replayed_message(
+    template: &SubjectTemplate,
+    slug: &str,
+    event: &Event,
+) -> Result<Option<(String, String)>, HandlerError> {
+    let header = |name: &str| event.headers.get(name).and_then(|v| v.as_str());
+    let (Some(subject), Some(id)) = (header("outbox-subject"), header("outbox-msg-id")) else {
+        return Ok(None);
+    };
+    if event.source != "nats" {
+        return Ok(None);
+    }
+    let tenant = template
+        .tenant_filter(slug, ">")
+        .map(|f| f.trim_end_matches('>').to_owned());
+    let concrete = !subject.contains(['*', '>'])
+        && !subject.chars().any(char::is_whitespace)
+        && !subject.split('.').any(str::is_empty);
+    match tenant {
+        Some(prefix) if concrete && subject.starts_with(&prefix) => {
+            Ok(Some((subject.to_owned(), id.to_owned())))
+        }
+        _ => Err(HandlerError::permanent(format!(
+            "the replayed message's subject {subject:?} is not one of app {slug}'s subjects"
+        ))),
     }
 }
 

@@ -245,7 +245,10 @@ pub async fn ignore<'e>(
 /// transaction): a fresh outbox row per dead letter, from its payload,
 /// headers and attempt budget, linked by `replayed_from`, and the dead letter
 /// marked `replayed`. Returns (dead letter id, new outbox id) pairs; resolved
-/// rows are skipped.
+/// rows are skipped. A dead letter of the consumer runtime (source `nats`)
+/// is published again to its subject (header `outbox-subject`) under the
+/// message id `<original id>:replay:<n>` (header `outbox-msg-id`), `n`
+/// counting the replays of that message.
 pub async fn replay<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
@@ -276,7 +279,11 @@ pub async fn replay_with<'e>(
             SET resolution = 'replayed', resolved_at = now(), replayed_as = outbox_uuid_v7()
             WHERE app_id = $1 AND id = ANY($2) AND resolved_at IS NULL
             RETURNING id, app_id, source, op, topic, trigger_id, payload, headers, ordering_key,
-                      depth, registered_by_principal, max_attempts, partition_key, replayed_as
+                      depth, registered_by_principal, max_attempts, partition_key, replayed_as,
+                      original_event_id,
+                      (SELECT count(*) FROM dead_letters p
+                       WHERE p.original_event_id = dead_letters.original_event_id
+                         AND p.resolution = 'replayed') AS replays
          ), enqueued AS (
             INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, payload, headers,
                                 ordering_key, depth, registered_by_principal, replayed_from,
@@ -284,7 +291,16 @@ pub async fn replay_with<'e>(
             SELECT replayed_as, app_id,
                    CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
                         THEN source ELSE 'queue' END,
-                   op, topic, trigger_id, payload, headers, ordering_key, depth,
+                   op, topic, trigger_id, payload,
+                   -- A message the consumer runtime gave up goes back to its
+                   -- subject, under a message id of its own: the stream's
+                   -- duplicate window would drop the original id.
+                   CASE WHEN source = 'nats'
+                        THEN headers || jsonb_build_object(
+                            'outbox-subject', topic,
+                            'outbox-msg-id', original_event_id::text || ':replay:' || (replays + 1))
+                        ELSE headers END,
+                   ordering_key, depth,
                    registered_by_principal, id, coalesce($3, max_attempts), partition_key
             FROM resolved
             RETURNING replayed_from, id

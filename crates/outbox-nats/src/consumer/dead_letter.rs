@@ -27,9 +27,11 @@ impl ConsumerRuntime {
         let c = &self.counters;
         let masked = mask(payload, &self.config.mask_fields);
         let headers_json = serde_json::to_value(headers).unwrap_or_default();
+        // A replay's message id is `<original id>:replay:<n>`: its dead
+        // letters stay those of the original message.
         let original = message_id
             .as_deref()
-            .and_then(|id| Uuid::parse_str(id).ok())
+            .and_then(|id| Uuid::parse_str(id.split(':').next().unwrap_or(id)).ok())
             .unwrap_or_else(Uuid::now_v7);
         let row = dead_letters::External {
             app_id,

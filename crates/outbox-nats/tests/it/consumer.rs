@@ -515,3 +515,108 @@ async fn a_handler_sees_the_correlation_and_trace_of_either_header_name() -> Tes
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_replayed_consumer_dead_letter_goes_back_to_its_subject_once_per_replay() -> TestResult {
+    let js = connect().await?;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let prefix = unique_prefix();
+    let mut stream = ensure_stream(&js, &contract(&prefix)).await?;
+    let runtime = ConsumerRuntime::new(js.clone(), db.pool.clone(), config(&prefix, "replay"))
+        .route(format!("{prefix}.>"), |_d: Delivery| async {
+            Err::<(), _>(HandlerError::Permanent("invalid order".into()))
+        });
+    let (stop, task) = spawn(&runtime);
+    let original = uuid::Uuid::now_v7();
+    let subject = format!("{prefix}.shop.order.created");
+    publish(
+        &js,
+        subject.clone(),
+        "shop",
+        &original.to_string(),
+        br#"{"order": 5}"#,
+    )
+    .await?;
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            ConsumeCounters::get(&runtime.counters.dead_lettered) == 1
+        })
+        .await
+    );
+    stop.cancel();
+    task.await??;
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, original).await?;
+    let dead_letter = dead.first().ok_or("no dead letter")?.id;
+
+    // Replayed: through the outbox and the relay, to the same subject, under
+    // a message id of its own (the original's is still in the duplicate window).
+    let replayed = outbox_core::store::dead_letters::replay(&db.pool, app, &[dead_letter]).await?;
+    assert_eq!(replayed.len(), 1);
+    let again = outbox_core::store::dead_letters::replay(&db.pool, app, &[dead_letter]).await?;
+    assert!(
+        again.is_empty(),
+        "a second replay of the same dead letter is refused"
+    );
+    let mut registry = outbox_dispatch::Registry::new();
+    registry.fallback(outbox_nats::Relay::new(
+        js.clone(),
+        db.pool.clone(),
+        outbox_nats::RelayConfig {
+            subject_template: format!("{prefix}.{{app}}.{{topic}}"),
+            ..outbox_nats::RelayConfig::default()
+        },
+    ));
+    let dispatcher = outbox_dispatch::Dispatcher::new(
+        db.pool.clone(),
+        registry,
+        outbox_dispatch::Config::default(),
+    )?;
+    let report = dispatcher.run_until_idle().await?;
+    assert_eq!(report.completed, 1, "{report:?}");
+    assert_eq!(
+        stream.info().await?.state.messages,
+        2,
+        "the replay was not dropped"
+    );
+    let last = stream.get_last_raw_message_by_subject(&subject).await?;
+    let id = last
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert_eq!(id, format!("{original}:replay:1"));
+
+    // A row cannot borrow the replay's headers to publish into another
+    // tenant's subjects.
+    let mut tx = db.pool.begin().await?;
+    let forged = outbox_core::enqueue(
+        &mut tx,
+        app,
+        &outbox_core::NewEvent::new("x", serde_json::json!({}))
+            .with_source(outbox_core::Source::Nats)
+            .with_max_attempts(3)
+            .with_headers(serde_json::json!({
+                "outbox-subject": format!("{prefix}.other.order.created"),
+                "outbox-msg-id": "forged-1"
+            })),
+    )
+    .await?;
+    tx.commit().await?;
+    dispatcher.run_until_idle().await?;
+    let refused = outbox_core::store::dead_letters::by_original(&db.pool, forged).await?;
+    let error = refused
+        .first()
+        .and_then(|d| d.last_error.clone())
+        .ok_or("not refused")?;
+    assert!(
+        error.contains("is not one of app shop's subjects"),
+        "{error}"
+    );
+    assert_eq!(
+        stream.info().await?.state.messages,
+        2,
+        "nothing was published"
+    );
+    Ok(())
+}
