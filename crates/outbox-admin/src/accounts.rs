@@ -122,6 +122,13 @@ pub async fn grant_role(
     user: &User,
     role: principals::Role,
 ) -> Result<(), ApiError> {
+    let app = outbox_core::store::apps::by_id(pool, app_id).await?;
+    if app.slug == outbox_core::store::apps::UNROUTED_SLUG {
+        return Err(ApiError::Invalid(format!(
+            "app {}: reserved for messages of unknown apps; only instance admins see it",
+            app.slug
+        )));
+    }
     let mut tx = audit::begin(pool).await?;
     principals::set_role(&mut *tx, app_id, user.id, role).await?;
     let action = Action {

@@ -159,6 +159,10 @@ pub fn describe_metrics() {
         "Messages whose tenant header disagreed with the subject, terminated."
     );
     describe_counter!(
+        "outboxd_consumer_unknown_tenant_total",
+        "Messages whose tenant has no app: terminated, parked as dead letters of the reserved app _unrouted."
+    );
+    describe_counter!(
         "outboxd_consumer_deduped_total",
         "Messages skipped as already processed (de-duplication)."
     );

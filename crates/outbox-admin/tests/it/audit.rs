@@ -237,6 +237,22 @@ async fn role_grants_and_revocations_are_recorded_on_the_app() -> TestResult {
     )
     .await?;
     assert!(outbox_admin::accounts::revoke_role(&w.db.pool, "cli (root)", w.app_a, &user).await?);
+    // Nobody gets a role on the reserved app of unroutable messages.
+    let unrouted =
+        outbox_core::store::apps::by_slug(&w.db.pool, outbox_core::store::apps::UNROUTED_SLUG)
+            .await?;
+    let refused = outbox_admin::accounts::grant_role(
+        &w.db.pool,
+        "cli (root)",
+        unrouted.id,
+        &user,
+        principals::Role::Viewer,
+    )
+    .await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("reserved")),
+        "a role on _unrouted"
+    );
     assert!(
         !outbox_admin::accounts::revoke_role(&w.db.pool, "cli (root)", w.app_a, &user).await?,
         "no role left to revoke"

@@ -69,6 +69,11 @@ pub async fn set_suspended<'e>(
     .ok_or_else(|| Error::UnknownApp(slug.to_owned()))
 }
 
+/// The reserved app that holds, as dead letters, the messages the consumer
+/// runtime could not route to an app (migration 0030); only instance
+/// admins see it.
+pub const UNROUTED_SLUG: &str = "_unrouted";
+
 /// Checks a slug against the schema's rule, with a message that says the rule.
 pub fn validate_slug(slug: &str) -> Result<(), Error> {
     let ok = !slug.is_empty()

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 
 use async_nats::jetstream;
 use futures::FutureExt;
-use outbox_core::store::dedupe;
+use outbox_core::store::{apps, dedupe};
 use serde_json::Value;
 use tracing::{Instrument, warn};
 use uuid::Uuid;
@@ -84,11 +84,31 @@ impl ConsumerRuntime {
             ConsumeCounters::bump(&c.tenant_rejected, "outboxd_consumer_tenant_rejected_total");
             return Verdict::Term("tenant-id header disagrees with the subject".into());
         }
-        // An unknown tenant has no app to file a dead letter under.
+        // An unknown tenant has no app to file a dead letter under: the
+        // message is parked under the reserved app, with the tenant it
+        // claimed, never processed.
         let Some(app) = self.app(&tenant).await else {
-            warn!(%subject, %tenant, "unknown app; terminating");
-            ConsumeCounters::bump(&c.poisoned, "outboxd_consumer_poisoned_total");
-            return Verdict::Term(format!("unknown app {tenant}"));
+            warn!(%subject, claimed_tenant = %tenant, "message for an unknown app; parking it as a dead letter of _unrouted");
+            ConsumeCounters::bump(&c.unknown_tenant, "outboxd_consumer_unknown_tenant_total");
+            let Some(unrouted) = self.app(apps::UNROUTED_SLUG).await else {
+                return Verdict::Term(format!("unknown app {tenant}"));
+            };
+            let mut parked = headers.clone();
+            parked.insert("claimed-tenant".to_owned(), tenant.clone());
+            let message_id = parked.get(MSG_ID).cloned();
+            let error = format!("no app {tenant:?}: the message was not processed");
+            return self
+                .dead_letter(
+                    &subject,
+                    unrouted.id,
+                    &message_id,
+                    &payload,
+                    &parked,
+                    delivered,
+                    &error,
+                    None,
+                )
+                .await;
         };
         let app_id = app.id;
         let message_id = headers.get(MSG_ID).cloned();

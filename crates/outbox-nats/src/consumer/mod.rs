@@ -146,6 +146,9 @@ pub struct ConsumeCounters {
     pub dead_lettered: AtomicU64,
     /// Terminated because the tenant header disagreed with the subject.
     pub tenant_rejected: AtomicU64,
+    /// Terminated because no app has the subject's tenant; parked as dead
+    /// letters of the reserved app `_unrouted`.
+    pub unknown_tenant: AtomicU64,
 }
 
 impl ConsumeCounters {

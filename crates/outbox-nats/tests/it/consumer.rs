@@ -189,10 +189,36 @@ async fn poison_unknown_subject_and_foreign_tenant_are_terminated_not_redelivere
     let c = &runtime.counters;
     assert_eq!(
         ConsumeCounters::get(&c.poisoned),
-        3,
-        "bad JSON, unknown subject, unknown app"
+        2,
+        "bad JSON, unknown subject"
     );
     assert_eq!(ConsumeCounters::get(&c.tenant_rejected), 1);
+    // The unknown app's message is parked under the reserved app, with the
+    // tenant it claimed, and terminated with the reason.
+    assert_eq!(ConsumeCounters::get(&c.unknown_tenant), 1);
+    let unrouted =
+        outbox_core::store::apps::by_slug(&db.pool, outbox_core::store::apps::UNROUTED_SLUG)
+            .await?;
+    let parked = outbox_core::store::dead_letters::list(
+        &db.pool,
+        unrouted.id,
+        &Default::default(),
+        None,
+        10,
+    )
+    .await?;
+    assert_eq!(parked.len(), 1);
+    let parked = outbox_core::store::dead_letters::get(&db.pool, unrouted.id, parked[0].id).await?;
+    assert_eq!(parked.topic, format!("{prefix}.nosuchapp.known"));
+    assert_eq!(parked.headers["claimed-tenant"], "nosuchapp");
+    assert!(
+        parked
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no app \"nosuchapp\"")),
+        "{:?}",
+        parked.last_error
+    );
     assert_eq!(ConsumeCounters::get(&c.consumed), 1);
     assert_eq!(*calls.lock().expect("lock"), 1);
     let mut reasons = Vec::new();
@@ -208,6 +234,12 @@ async fn poison_unknown_subject_and_foreign_tenant_are_terminated_not_redelivere
     );
     assert!(
         reasons.iter().any(|r| r == "no handler for this subject"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("dead-lettered: no app")),
         "{reasons:?}"
     );
     Ok(())
