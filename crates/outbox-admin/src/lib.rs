@@ -32,6 +32,7 @@ mod error;
 pub mod events_api;
 pub mod invoke;
 pub mod strict;
+pub mod webhooks;
 
 pub use auth::AuthConfig;
 pub use error::ApiError;

@@ -102,16 +102,18 @@ pub async fn run(
     }
 
     if settings.webhook.secret.expose().is_empty() {
-        info!("webhook targets are off: set OUTBOXD_WEBHOOK__SECRET to sign and send them");
-    } else {
-        registry.prefix(
-            outbox_dispatch::targets::webhook::PREFIX,
-            outbox_dispatch::targets::Webhook::new(
-                settings.webhook.secret.expose().as_bytes().to_vec(),
-                Duration::from_millis(settings.webhook.timeout_ms),
-            ),
+        info!(
+            "webhook targets without a secret of their own are off: set OUTBOXD_WEBHOOK__SECRET, or create them with `outboxd webhook create`"
         );
     }
+    registry.prefix(
+        outbox_dispatch::targets::webhook::PREFIX,
+        outbox_dispatch::targets::Webhook::new(
+            settings.webhook.secret.expose().as_bytes().to_vec(),
+            Duration::from_millis(settings.webhook.timeout_ms),
+        )
+        .with_targets(pool.clone()),
+    );
     if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
         registry.fallback_for(
             settings.relay_patterns()?,

@@ -61,6 +61,9 @@ enum Command {
     /// Manage API keys for machines.
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
+    /// Webhook targets with secrets of their own: create, rotate, list, delete.
+    #[command(subcommand)]
+    Webhook(commands::webhooks::WebhookCommand),
     /// Manage triggers (KV, cron, dead-letter).
     #[command(subcommand)]
     Trigger(TriggerCommand),
@@ -135,6 +138,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::User(cmd) => commands::accounts::user(settings, cmd).await,
         Command::ApiKey(cmd) => commands::accounts::api_key(settings, cmd).await,
         Command::Trigger(cmd) => commands::triggers::run(settings, cmd).await,
+        Command::Webhook(cmd) => commands::webhooks::run(settings, cmd).await,
         Command::Topic(cmd) => commands::topics::topic(settings, cmd).await,
         Command::Processes => commands::topics::list_processes(settings).await,
         Command::Cancel(args) => commands::topics::cancel(settings, args).await,

@@ -64,3 +64,4 @@ pub mod stats;
 pub mod triggers;
 pub mod tx_batch;
 pub mod wake;
+pub mod webhooks;

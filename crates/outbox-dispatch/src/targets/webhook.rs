@@ -2,7 +2,12 @@
 //! to `<url>` with an HMAC-SHA256 signature over the timestamp and the body.
 //!
 //! `Outboxd-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
-//! — receivers recompute it and reject stale timestamps. 2xx is success; a 4xx
+//! — receivers recompute it and reject stale timestamps ([`verify`] does
+//! both). Each target (app and URL) has a secret of its own when it was
+//! created (`outbox_core::store::webhooks`); during a rotation's overlap the
+//! header carries a second `v1=` made with the previous secret, so a
+//! receiver that still holds it verifies too. Targets without one are signed
+//! with the global secret. 2xx is success; a 4xx
 //! other than 408 and 429 is permanent (dead letter); anything else, time-outs
 //! and connection errors retry with backoff.
 
@@ -26,6 +31,8 @@ pub const PREFIX: &str = "webhook:";
 #[derive(Clone)]
 pub struct Webhook {
     secret: Arc<Vec<u8>>,
+    // Where the targets' own secrets are; without it, the global secret only.
+    targets: Option<sqlx::PgPool>,
     timeout: Duration,
     tls: tokio_rustls::TlsConnector,
 }
@@ -38,23 +45,81 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
-/// The signature header value for `body` at `timestamp`.
-pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        // HMAC takes keys of any length; this arm is unreachable in practice.
-        Err(_) => return String::new(),
-    };
+fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Option<Hmac<Sha256>> {
+    // HMAC takes keys of any length: this never fails in practice.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).ok()?;
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    let digest: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("t={timestamp},v1={digest}")
+    Some(mac)
+}
+
+/// The signature header value for `body` at `timestamp`.
+pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    signatures(&[secret], timestamp, body)
+}
+
+/// The signature header value with one `v1=` per secret (the current one
+/// first, then the previous one during a rotation's overlap).
+pub fn signatures(secrets: &[&[u8]], timestamp: i64, body: &[u8]) -> String {
+    let mut header = format!("t={timestamp}");
+    for secret in secrets {
+        if let Some(mac) = mac(secret, timestamp, body) {
+            let digest: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            header.push_str(&format!(",v1={digest}"));
+        }
+    }
+    header
+}
+
+/// How a receiver checks a request: the `Outboxd-Signature` header must
+/// carry a timestamp within `tolerance_secs` of `now` (an old request
+/// replayed is refused) and a `v1=` signature of `body` made with
+/// `secret`, compared in constant time.
+///
+/// ```
+/// use outbox_dispatch::targets::webhook::{signature, verify};
+/// let body = br#"{"id":"01"}"#;
+/// let now = 1_700_000_000;
+/// let header = signature(b"the target's secret", now, body);
+/// assert!(verify(&header, b"the target's secret", body, now + 5, 300));
+/// assert!(!verify(&header, b"the target's secret", body, now + 600, 300), "replayed later");
+/// assert!(!verify(&header, b"another secret", body, now, 300));
+/// ```
+pub fn verify(header: &str, secret: &[u8], body: &[u8], now: i64, tolerance_secs: i64) -> bool {
+    let mut timestamp = None;
+    let mut candidates = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", sig)) => candidates.push(sig),
+            _ => {}
+        }
+    }
+    let Some(t) = timestamp.filter(|t| (now - t).abs() <= tolerance_secs) else {
+        return false;
+    };
+    candidates.into_iter().any(|sig| {
+        let Some(expected) = hex(sig) else {
+            return false;
+        };
+        mac(secret, t, body).is_some_and(|mac| mac.verify_slice(&expected).is_ok())
+    })
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl Webhook {
@@ -77,13 +142,50 @@ impl Webhook {
         };
         Self {
             secret: Arc::new(secret.into()),
+            targets: None,
             timeout,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
         }
     }
 
+    /// Signs each target's requests with its own secret, from `pool`
+    /// (`outbox_core::store::webhooks`); the global secret stays the default
+    /// for targets without one (empty: such targets fail permanently).
+    pub fn with_targets(mut self, pool: sqlx::PgPool) -> Self {
+        self.targets = Some(pool);
+        self
+    }
+
+    /// The signature header of a request of `app` to `url`.
+    async fn sign(
+        &self,
+        app: uuid::Uuid,
+        url: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> Result<String, HandlerError> {
+        let own = match &self.targets {
+            Some(pool) => outbox_core::store::webhooks::signing_secrets(pool, app, url)
+                .await
+                .map_err(|e| HandlerError::retry(format!("reading {url}'s secret: {e}")))?,
+            None => None,
+        };
+        match own {
+            Some(s) => {
+                let mut secrets = vec![s.current.as_bytes()];
+                secrets.extend(s.previous.as_deref().map(str::as_bytes));
+                Ok(signatures(&secrets, timestamp, body))
+            }
+            None if !self.secret.is_empty() => Ok(signature(&self.secret, timestamp, body)),
+            None => Err(HandlerError::permanent(format!(
+                "webhook target {url} has no secret: create it (outboxd webhook create) or set webhook.secret"
+            ))),
+        }
+    }
+
     async fn post(
         &self,
+        app: uuid::Uuid,
         url: &str,
         body: Vec<u8>,
         event_id: &str,
@@ -107,13 +209,11 @@ impl Webhook {
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let timestamp = chrono::Utc::now().timestamp();
+        let signed = self.sign(app, url, timestamp, &body).await?;
         let request = Request::post(path)
             .header(hyper::header::HOST, format!("{host}:{port}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(
-                "outboxd-signature",
-                signature(&self.secret, timestamp, &body),
-            )
+            .header("outboxd-signature", signed)
             .header("outboxd-event-id", event_id)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| HandlerError::permanent(format!("building the request: {e}")))?;
@@ -184,15 +284,14 @@ impl Handler for Webhook {
                 "attempt": event.attempt,
             }))
             .map_err(|e| HandlerError::permanent(format!("encoding: {e}")))?;
-            let status =
-                tokio::time::timeout(this.timeout, this.post(&url, body, &event.id.to_string()))
-                    .await
-                    .map_err(|_| {
-                        HandlerError::retry(format!(
-                            "{url} did not answer within {:?}",
-                            this.timeout
-                        ))
-                    })??;
+            let status = tokio::time::timeout(
+                this.timeout,
+                this.post(event.app_id, &url, body, &event.id.to_string()),
+            )
+            .await
+            .map_err(|_| {
+                HandlerError::retry(format!("{url} did not answer within {:?}", this.timeout))
+            })??;
             classify(status, &url)
         })
     }

@@ -108,3 +108,110 @@ async fn webhooks_are_signed_and_statuses_decide_the_outcome() -> TestResult {
     }
     Ok(())
 }
+
+/// What a receiver got: the path's last segment, the signature header, the body.
+type Received = (String, String, Vec<u8>);
+
+#[tokio::test]
+async fn each_target_signs_with_its_own_secret_and_both_during_a_rotation() -> TestResult {
+    let headers: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let log = headers.clone();
+    let app = axum::Router::new().route(
+        "/{hook}",
+        post(
+            move |axum::extract::Path(hook): axum::extract::Path<String>,
+                  h: HeaderMap,
+                  body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    let sig = h
+                        .get("outboxd-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    log.lock().expect("lock").push((hook, sig, body.to_vec()));
+                    StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let own = format!("http://{addr}/own");
+    let rotated = format!("http://{addr}/rotated");
+    let secret = outbox_core::store::webhooks::create(&db.pool, shop, &own).await?;
+    let old = outbox_core::store::webhooks::create(&db.pool, shop, &rotated).await?;
+    let new =
+        outbox_core::store::webhooks::rotate(&db.pool, shop, &rotated, Duration::from_secs(3600))
+            .await?;
+    assert!(
+        outbox_core::store::webhooks::create(&db.pool, shop, &own)
+            .await
+            .is_err(),
+        "a target is created once"
+    );
+    // No global secret: a target without its own cannot be signed.
+    let mut registry = Registry::new();
+    registry.prefix(
+        webhook::PREFIX,
+        Webhook::new(Vec::new(), Duration::from_secs(2)).with_targets(db.pool.clone()),
+    );
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    for url in [&own, &rotated] {
+        enqueue_committed(
+            &db.pool,
+            shop,
+            NewEvent::new(format!("webhook:{url}"), payload(1)),
+        )
+        .await?;
+    }
+    let unsigned = enqueue_committed(
+        &db.pool,
+        shop,
+        NewEvent::new(format!("webhook:http://{addr}/anonymous"), payload(2)),
+    )
+    .await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(
+        (report.completed, report.dead_lettered),
+        (2, 1),
+        "{report:?}"
+    );
+
+    let now = chrono::Utc::now().timestamp();
+    let got = headers.lock().expect("lock").clone();
+    let request = |hook: &str| got.iter().find(|(h, _, _)| h == hook).cloned();
+    let (_, sig, body) = request("own").ok_or("own not called")?;
+    assert!(
+        webhook::verify(&sig, secret.as_bytes(), &body, now, 300),
+        "{sig}"
+    );
+    assert!(!webhook::verify(&sig, b"the global one", &body, now, 300));
+    let (_, sig, body) = request("rotated").ok_or("rotated not called")?;
+    assert_eq!(sig.matches("v1=").count(), 2, "{sig}");
+    assert!(
+        webhook::verify(&sig, new.as_bytes(), &body, now, 300),
+        "the new secret"
+    );
+    assert!(
+        webhook::verify(&sig, old.as_bytes(), &body, now, 300),
+        "and the previous one"
+    );
+    assert!(
+        !webhook::verify(&sig, new.as_bytes(), &body, now + 3600, 300),
+        "not replayed an hour later"
+    );
+    assert!(request("anonymous").is_none(), "nothing is sent unsigned");
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, unsigned).await?;
+    assert!(
+        dead.first()
+            .and_then(|d| d.last_error.as_deref())
+            .is_some_and(|e| e.contains("has no secret")),
+        "{dead:?}"
+    );
+    Ok(())
+}

@@ -11,5 +11,6 @@ pub mod gc;
 pub mod stream;
 pub mod topics;
 pub mod triggers;
+pub mod webhooks;
 
 pub use outbox_core::model::ellipsize;

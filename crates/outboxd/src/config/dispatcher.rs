@@ -33,6 +33,7 @@ pub struct DispatcherSettings {
 pub struct WebhookSettings {
     pub secret: Secret,
     pub timeout_ms: u64,
+    pub rotation_overlap_secs: u64,
 }
 
 impl Settings {
@@ -110,6 +111,12 @@ impl Settings {
     /// `[webhook]`.
     pub(super) fn validate_webhook(&self) -> Result<(), ConfigError> {
         range("webhook.timeout_ms", self.webhook.timeout_ms, 100, 600_000)?;
+        range(
+            "webhook.rotation_overlap_secs",
+            self.webhook.rotation_overlap_secs,
+            0,
+            30 * 86_400,
+        )?;
         Ok(())
     }
 

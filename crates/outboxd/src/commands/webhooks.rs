@@ -1,0 +1,98 @@
+//! `outboxd webhook …`: webhook targets with secrets of their own.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use outbox_core::store::{apps, webhooks};
+use outboxd::config::Settings;
+
+use super::topics::{cli_actor, cli_error};
+
+/// `outboxd webhook …`.
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Create a target with a secret of its own; prints the secret once.
+    Create {
+        /// The app.
+        #[arg(long)]
+        app: String,
+        /// The URL (what follows `webhook:` in a row's topic or a trigger's target).
+        url: String,
+    },
+    /// Give a target a new secret (printed once); the previous one keeps
+    /// signing for `webhook.rotation_overlap_secs`.
+    Rotate {
+        /// The app.
+        #[arg(long)]
+        app: String,
+        /// The target's URL.
+        url: String,
+    },
+    /// List an app's targets (never their secrets).
+    List {
+        /// The app.
+        #[arg(long)]
+        app: String,
+    },
+    /// Delete a target: its requests are signed with the global secret again.
+    Delete {
+        /// The app.
+        #[arg(long)]
+        app: String,
+        /// The target's URL.
+        url: String,
+    },
+}
+
+/// Runs `outboxd webhook …`.
+pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<()> {
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    let actor = cli_actor();
+    match command {
+        WebhookCommand::Create { app, url } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let secret = outbox_admin::webhooks::create_target(&pool, &actor, app.id, &url)
+                .await
+                .map_err(cli_error)?;
+            println!("{secret}");
+            eprintln!("{url}: its secret is above; it is not shown again");
+        }
+        WebhookCommand::Rotate { app, url } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            let overlap = Duration::from_secs(settings.webhook.rotation_overlap_secs);
+            let secret =
+                outbox_admin::webhooks::rotate_secret(&pool, &actor, app.id, &url, overlap)
+                    .await
+                    .map_err(cli_error)?;
+            println!("{secret}");
+            eprintln!(
+                "{url}: the new secret is above; the previous one signs too for {} s",
+                overlap.as_secs()
+            );
+        }
+        WebhookCommand::List { app } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            for t in webhooks::list(&pool, app.id).await? {
+                println!(
+                    "{}\tcreated {}\trotated {}\tprevious secret valid until {}",
+                    t.url,
+                    t.created_at.to_rfc3339(),
+                    t.rotated_at.map_or("-".to_owned(), |r| r.to_rfc3339()),
+                    t.previous_until.map_or("-".to_owned(), |r| r.to_rfc3339()),
+                );
+            }
+        }
+        WebhookCommand::Delete { app, url } => {
+            let app = apps::by_slug(&pool, &app).await?;
+            if outbox_admin::webhooks::delete_target(&pool, &actor, app.id, &url)
+                .await
+                .map_err(cli_error)?
+            {
+                println!("{url}: deleted; its requests are signed with webhook.secret");
+            } else {
+                println!("{url}: no such target");
+            }
+        }
+    }
+    Ok(())
+}
