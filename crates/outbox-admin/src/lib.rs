@@ -58,6 +58,41 @@ pub struct AdminState {
     /// Base URLs the OpenAPI document lists under `servers` (where clients
     /// reach this server); empty keeps the document's placeholder.
     pub api_servers: Vec<String>,
+    /// Reads what was relayed to a message stream (`GET …/stream`); none
+    /// without one.
+    pub stream_reader: Option<std::sync::Arc<dyn StreamReader>>,
+}
+
+/// What was relayed for one app, read back for operators: the daemon gives
+/// one backed by NATS JetStream (the admin crate speaks no NATS itself).
+pub trait StreamReader: Send + Sync {
+    /// The latest `last` messages of the app `app` (its slug) whose subject
+    /// after the tenant's token matches `subject` (NATS wildcards), stored
+    /// at most `since` ago; each a JSON document.
+    fn tail(
+        &self,
+        app: &str,
+        subject: &str,
+        last: usize,
+        since: std::time::Duration,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<serde_json::Value>, StreamReadError>>
+                + Send
+                + '_,
+        >,
+    >;
+}
+
+/// Why a [`StreamReader`] read nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamReadError {
+    /// The subject filter is not one (400).
+    #[error("{0}")]
+    Filter(String),
+    /// The stream could not be read (500; the detail is logged).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl AdminState {
@@ -73,6 +108,7 @@ impl AdminState {
             replies: invoke::ReplyHub::start(pool_for_replies),
             body_limit: strict::DEFAULT_BODY_LIMIT,
             api_servers: Vec::new(),
+            stream_reader: None,
         })
     }
 }

@@ -66,6 +66,16 @@ pub async fn run(
             state.body_limit = usize::try_from(settings.http.max_body_bytes)
                 .context("http.max_body_bytes does not fit this machine")?;
             state.api_servers = settings.api_servers();
+            if let Some(js) = &jetstream {
+                let template =
+                    outbox_nats::subject::SubjectTemplate::parse(&settings.nats.subject_template)?;
+                state.stream_reader =
+                    Some(std::sync::Arc::new(crate::stream_reads::NatsStreamReader {
+                        js: js.clone(),
+                        stream: settings.nats.stream.name.clone(),
+                        template,
+                    }));
+            }
             Some(outbox_admin::router(state))
         }
         None => {

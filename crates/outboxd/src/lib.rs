@@ -19,3 +19,4 @@ pub mod demo;
 pub mod http;
 pub mod launch;
 pub mod logging;
+pub mod stream_reads;

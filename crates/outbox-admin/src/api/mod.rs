@@ -46,7 +46,7 @@ use self::dead_letters::{bulk, count, ignore, list, replay, show};
 use self::login::{login, logout};
 use self::topics::{
     list_activity, list_audit, list_limits, list_pauses, list_processes, list_topics, pause,
-    remove_limit, resume, set_limit,
+    read_stream, remove_limit, resume, set_limit,
 };
 
 /// The `/api` routes.
@@ -80,6 +80,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/api/apps/{app}/processes", get(list_processes))
         .route("/api/apps/{app}/topics", get(list_topics))
         .route("/api/apps/{app}/activity", get(list_activity))
+        .route("/api/apps/{app}/stream", get(read_stream))
         .route("/api/apps/{app}/pauses", get(list_pauses))
         .route(
             "/api/apps/{app}/pauses/{topic}",

@@ -81,6 +81,59 @@ pub(super) async fn list_activity(
     ))
 }
 
+/// The query of `GET /api/apps/{app}/stream`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamQuery {
+    /// A subject filter after the tenant's token (default `>`).
+    subject: Option<String>,
+    /// At most this many, the latest (1..=100, default 10).
+    last: Option<usize>,
+    /// Stored at most this many seconds ago (1..=604800, default 3600).
+    since_secs: Option<u64>,
+}
+
+/// `GET /api/apps/{app}/stream`: the latest messages relayed for the app,
+/// read through an ephemeral consumer of this request's own.
+pub(super) async fn read_stream(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path(app): Path<String>,
+    q: Result<crate::strict::Query<StreamQuery>, ApiError>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let crate::strict::Query(q) = q?;
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    let reader = state.stream_reader.as_ref().ok_or(ApiError::NotFound(
+        "message stream (NATS is not configured)",
+    ))?;
+    let last = q.last.unwrap_or(10);
+    if !(1..=100).contains(&last) {
+        return Err(ApiError::Invalid(format!(
+            "last: {last} is outside 1..=100"
+        )));
+    }
+    let since = q.since_secs.unwrap_or(3600);
+    if !(1..=604_800).contains(&since) {
+        return Err(ApiError::Invalid(format!(
+            "since_secs: {since} is outside 1..=604800"
+        )));
+    }
+    let subject = q.subject.as_deref().unwrap_or(">");
+    let messages = reader
+        .tail(
+            &app.slug,
+            subject,
+            last,
+            std::time::Duration::from_secs(since),
+        )
+        .await
+        .map_err(|e| match e {
+            crate::StreamReadError::Filter(why) => ApiError::Invalid(why),
+            crate::StreamReadError::Unavailable(why) => ApiError::internal(why),
+        })?;
+    Ok(Json(messages))
+}
+
 /// The query of `GET /api/apps/{app}/audit`.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]

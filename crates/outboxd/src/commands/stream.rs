@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use outbox_admin::StreamReader;
 use outbox_nats::subject::SubjectTemplate;
 use outboxd::config::Settings;
 
@@ -54,21 +55,13 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
                     outbox_nats::peek::MAX_MESSAGES
                 );
             }
-            let template = SubjectTemplate::parse(&settings.nats.subject_template)?;
-            let Some(filter) = template.tenant_filter(&app, &subject) else {
-                bail!(
-                    "no subject filter for app {app:?} and --subject {subject:?}: the subject must be NATS tokens after the tenant's (e.g. order.* or >), and nats.subject_template must put {{app}} before any other placeholder"
-                );
+            let reader = outboxd::stream_reads::NatsStreamReader {
+                js: js.clone(),
+                stream: stream.clone(),
+                template: SubjectTemplate::parse(&settings.nats.subject_template)?,
             };
-            let request = outbox_nats::peek::PeekRequest {
-                stream,
-                filter,
-                purpose: format!("{app}-tail"),
-                last,
-                since: Duration::from_secs(since_secs),
-                timeout: Duration::from_secs(5),
-            };
-            for message in outbox_nats::peek::tail(&js, &request).await? {
+            let since = Duration::from_secs(since_secs);
+            for message in reader.tail(&app, &subject, last, since).await? {
                 println!("{}", serde_json::to_string(&message)?);
             }
         }

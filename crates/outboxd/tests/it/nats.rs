@@ -448,6 +448,33 @@ async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestR
         outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
     })
     .await;
+    // The console's read of the stream, through the API.
+    let (status, body) = http_send_with(
+        &addr,
+        "GET",
+        "/api/apps/shop/stream?subject=order.*&last=5",
+        Some(&key),
+        &[],
+        "",
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let read: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        read[0]["headers"]["traceparent"],
+        traceparent.as_str(),
+        "{body}"
+    );
+    let (status, body) = http_send_with(
+        &addr,
+        "GET",
+        "/api/apps/shop/stream?subject=a..b",
+        Some(&key),
+        &[],
+        "",
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
     assert!(stop(&mut server).await?.success());
     assert!(relayed, "the event was not relayed");
 
@@ -495,7 +522,7 @@ async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestR
         "another tenant's subjects"
     );
     let out = cli(&["tail", "--app", "shop", "--subject", "a..b"])?;
-    assert!(!out.status.success() && text(&out.stderr).contains("no subject filter"));
+    assert!(!out.status.success() && text(&out.stderr).contains("is not a subject filter"));
     let mut stream = js.get_stream(format!("S_{prefix}")).await?;
     assert_eq!(
         stream.info().await?.state.consumer_count,
