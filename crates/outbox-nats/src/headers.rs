@@ -77,10 +77,12 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
 
 /// What a row says about its trace and correlation, from its headers.
 fn row_header<'a>(row: &'a Value, name: &str) -> Option<&'a str> {
+    // A NATS header value cannot hold control characters (CR, LF): such a
+    // value, or an overlong one, is left out rather than sent.
     row.get(name)
         .and_then(Value::as_str)
         .map(str::trim)
-        .filter(|v| !v.is_empty())
+        .filter(|v| !v.is_empty() && v.len() <= 512 && !v.chars().any(char::is_control))
 }
 
 /// The headers of the message relaying the outbox row `id` of tenant
@@ -186,6 +188,14 @@ mod tests {
         assert_eq!(headers[X_CORRELATION_ID], "corr-9");
         assert_eq!(headers[TRACEPARENT], tp);
         assert_eq!(headers[TRACE_ID], "0af7651916cd43dd8448eb211c80319c");
+        // A correlation id that cannot be a header value is not sent.
+        let headers = as_map(&inject(
+            "row-1",
+            "shop",
+            "t",
+            &json!({ "correlation-id": "a\nb" }),
+        ));
+        assert_eq!(headers[CORRELATION_ID], "row-1");
         // An invalid traceparent is replaced, not propagated.
         let headers = as_map(&inject(
             "row-1",

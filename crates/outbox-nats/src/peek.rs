@@ -65,7 +65,9 @@ fn headers(map: Option<&async_nats::HeaderMap>) -> BTreeMap<String, String> {
 }
 
 /// The latest `last` messages matching the filter stored within `since`,
-/// oldest first.
+/// oldest first — of at most ten pages of 1,000 read forward from `since`
+/// within the timeout: on a busy subject, a shorter `since` reaches the
+/// newest.
 pub async fn tail(js: &jetstream::Context, request: &PeekRequest) -> Result<Vec<Peeked>, Error> {
     let failed = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("{what}: {e}"));
     let stream = js
@@ -86,7 +88,8 @@ pub async fn tail(js: &jetstream::Context, request: &PeekRequest) -> Result<Vec<
         uuid::Uuid::now_v7().simple()
     );
     let since = chrono::Duration::from_std(request.since).unwrap_or(chrono::Duration::hours(1));
-    let start = chrono::Utc::now() - since;
+    let now = chrono::Utc::now();
+    let start = now.checked_sub_signed(since).unwrap_or(now);
     let consumer = stream
         .create_consumer(pull::Config {
             name: Some(name.clone()),

@@ -107,6 +107,11 @@ impl Relay {
         event: Event,
     ) -> Result<jetstream::publish::PublishAck, HandlerError> {
         let slug = self.slug(event.app_id).await?;
+        if slug.starts_with('_') {
+            return Err(HandlerError::permanent(format!(
+                "app {slug} is reserved: nothing is published under it"
+            )));
+        }
         let template = self
             .template
             .as_ref()

@@ -89,6 +89,21 @@ impl SubjectTemplate {
         let app = parts.iter().position(|p| *p == Part::App).ok_or_else(|| {
             invalid("lacks {app}: consumers read the tenant from the subject".into())
         })?;
+        // {app} and {topic} are whole tokens: glued to other text, two
+        // tenants (or topics) could make the same subject.
+        for (i, part) in parts.iter().enumerate() {
+            if !matches!(part, Part::App | Part::Topic) {
+                continue;
+            }
+            let before = i == 0 || matches!(&parts[i - 1], Part::Literal(t) if t.ends_with('.'));
+            let after = i + 1 == parts.len()
+                || matches!(&parts[i + 1], Part::Literal(t) if t.starts_with('.'));
+            if !(before && after) {
+                return Err(invalid(
+                    "{app} and {topic} must each be whole tokens, between dots".into(),
+                ));
+            }
+        }
         if parts[..app].contains(&Part::Topic) {
             return Err(invalid(
                 "has {topic} before {app}: a topic spans a varying number of tokens, and consumers find the tenant by its position".into(),
@@ -340,6 +355,9 @@ mod tests {
     fn bad_templates_are_refused_at_start_up() {
         for (template, says) in [
             ("tenant.{topic}", "lacks {app}"),
+            ("tenant.{app}-{topic}", "whole tokens"),
+            ("tenant.x{app}.{topic}", "whole tokens"),
+            ("tenant.{app}.{topic}{payload.id}", "whole tokens"),
             ("{topic}.{app}", "{topic} before {app}"),
             ("tenant.{app}.{colour}", "unknown placeholder {colour}"),
             ("tenant.{app}.{payload.}", "unknown placeholder"),

@@ -291,14 +291,20 @@ pub async fn replay_with<'e>(
             SELECT replayed_as, app_id,
                    CASE WHEN source IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats')
                         THEN source ELSE 'queue' END,
-                   op, topic, trigger_id, payload,
+                   op,
+                   -- The relayed row's own topic, so that it is routed as it was.
+                   CASE WHEN source = 'nats' THEN coalesce(headers->>'outbox-topic', topic)
+                        ELSE topic END,
+                   trigger_id, payload,
                    -- A message the consumer runtime gave up goes back to its
                    -- subject, under a message id of its own: the stream's
                    -- duplicate window would drop the original id.
                    CASE WHEN source = 'nats'
                         THEN headers || jsonb_build_object(
                             'outbox-subject', topic,
-                            'outbox-msg-id', original_event_id::text || ':replay:' || (replays + 1))
+                            'outbox-msg-id', original_event_id::text || ':replay:'
+                                || (replays + row_number() OVER (PARTITION BY original_event_id
+                                                                 ORDER BY id)))
                         ELSE headers END,
                    ordering_key, depth,
                    registered_by_principal, id, coalesce($3, max_attempts), partition_key

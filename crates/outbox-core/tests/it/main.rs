@@ -9,6 +9,7 @@ mod limits;
 mod plans;
 mod positions;
 mod priorities;
+mod replay;
 mod state_machine;
 mod subscriptions;
 mod wake;

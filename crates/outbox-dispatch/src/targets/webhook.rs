@@ -101,7 +101,7 @@ pub fn verify(header: &str, secret: &[u8], body: &[u8], now: i64, tolerance_secs
             _ => {}
         }
     }
-    let Some(t) = timestamp.filter(|t| (now - t).abs() <= tolerance_secs) else {
+    let Some(t) = timestamp.filter(|t| now.abs_diff(*t) <= tolerance_secs.unsigned_abs()) else {
         return false;
     };
     candidates.into_iter().any(|sig| {

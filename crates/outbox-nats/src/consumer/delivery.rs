@@ -79,7 +79,11 @@ impl ConsumerRuntime {
             .nth(self.config.tenant_token)
             .unwrap_or_default()
             .to_owned();
-        if headers.get(TENANT_ID).is_some_and(|t| *t != tenant) || tenant.is_empty() {
+        // Reserved apps (`_unrouted`) are nobody's tenant.
+        if headers.get(TENANT_ID).is_some_and(|t| *t != tenant)
+            || tenant.is_empty()
+            || tenant.starts_with('_')
+        {
             warn!(%subject, header = ?headers.get(TENANT_ID), "tenant header disagrees with the subject; terminating");
             ConsumeCounters::bump(&c.tenant_rejected, "outboxd_consumer_tenant_rejected_total");
             return Verdict::Term("tenant-id header disagrees with the subject".into());

@@ -49,6 +49,9 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
             last,
             since_secs,
         } => {
+            if !(1..=604_800).contains(&since_secs) {
+                bail!("--since-secs {since_secs} is outside 1..=604800 (a week)");
+            }
             if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(&last) {
                 bail!(
                     "--last {last} is outside 1..={}",
