@@ -325,9 +325,50 @@ impl Acted {
     }
 }
 
+/// The one shape of an action on rows: pick the rows `touched` marks among
+/// those `selection` names, `change` them, and record `action` (with the
+/// selection and `extra` as detail) when any changed — all in one
+/// transaction.
+#[allow(clippy::too_many_arguments)]
+async fn act_on_rows(
+    pool: &sqlx::PgPool,
+    actor: &str,
+    app_id: Uuid,
+    selection: &Selection,
+    touched: RowFilter,
+    action: &'static str,
+    extra: Value,
+    change: impl AsyncFnOnce(&mut sqlx::PgConnection, &[Uuid]) -> Result<Vec<Uuid>, outbox_core::Error>,
+) -> Result<Acted, ApiError> {
+    let mut tx = audit::begin(pool).await?;
+    let picked = selection.ids(&mut tx, app_id, touched).await?;
+    // A filter that matches nothing changes nothing; an empty list of ids
+    // is the caller's mistake, which `change` reports.
+    let ids = if picked.is_empty() && !matches!(selection, Selection::Ids(_)) {
+        Vec::new()
+    } else {
+        change(&mut tx, &picked).await?
+    };
+    if !ids.is_empty() {
+        let (target, mut detail) = selection.audited();
+        if let (Some(detail), Value::Object(extra)) = (detail.as_object_mut(), extra) {
+            detail.extend(extra);
+        }
+        let action = Action {
+            action,
+            target: target.as_deref(),
+            rows: ids.len(),
+            detail,
+        };
+        audit::record(&mut tx, actor, app_id, action).await?;
+    }
+    audit::commit(tx).await?;
+    Ok(Acted::of(ids, picked.len(), selection))
+}
+
 /// Cancels rows of the app for `actor` (see `store::outbox::cancel`; at most
-/// `MAX_CANCEL_BATCH` per call), recorded with the reason and the count
-/// when it cancelled any.
+/// `MAX_CANCEL_BATCH` per call, rows not running), recorded with the reason
+/// and the count when it cancelled any.
 pub async fn cancel_rows(
     pool: &sqlx::PgPool,
     actor: &str,
@@ -336,42 +377,26 @@ pub async fn cancel_rows(
     reason: &str,
 ) -> Result<Acted, ApiError> {
     let reason = store::check_cancel_reason(reason)?;
-    let mut tx = audit::begin(pool).await?;
-    let (ids, picked) = match selection {
-        Selection::Topic(topic) => {
-            let topic = CancelFilter::Topic(topic.clone());
-            let ids = store::cancel(&mut *tx, app_id, &topic, Some(actor), reason).await?;
-            let picked = ids.len();
-            (ids, picked)
-        }
-        other => {
-            let idle = RowFilter {
-                idle_only: true,
-                ..Default::default()
-            };
-            let picked = other.ids(&mut tx, app_id, idle).await?;
-            let ids = if picked.is_empty() && !matches!(other, Selection::Ids(_)) {
-                Vec::new()
-            } else {
-                let these = CancelFilter::Ids(picked.clone());
-                store::cancel(&mut *tx, app_id, &these, Some(actor), reason).await?
-            };
-            (ids, picked.len())
-        }
+    let idle = RowFilter {
+        idle_only: true,
+        ..Default::default()
     };
-    if !ids.is_empty() {
-        let (target, mut detail) = selection.audited();
-        detail["reason"] = json!(reason);
-        let action = Action {
-            action: "outbox.cancel",
-            target: target.as_deref(),
-            rows: ids.len(),
-            detail,
-        };
-        audit::record(&mut tx, actor, app_id, action).await?;
-    }
-    audit::commit(tx).await?;
-    Ok(Acted::of(ids, picked, selection))
+    let cancel = async |conn: &mut sqlx::PgConnection, ids: &[Uuid]| {
+        let these = CancelFilter::Ids(ids.to_vec());
+        store::cancel(conn, app_id, &these, Some(actor), reason).await
+    };
+    let extra = json!({ "reason": reason });
+    act_on_rows(
+        pool,
+        actor,
+        app_id,
+        selection,
+        idle,
+        "outbox.cancel",
+        extra,
+        cancel,
+    )
+    .await
 }
 
 /// Makes rows of the app that wait for a delay or a backoff due now, for
@@ -382,29 +407,24 @@ pub async fn retry_rows(
     app_id: Uuid,
     selection: &Selection,
 ) -> Result<Acted, ApiError> {
-    let mut tx = audit::begin(pool).await?;
     let waiting = RowFilter {
         waiting_only: true,
         ..Default::default()
     };
-    let picked = selection.ids(&mut tx, app_id, waiting).await?;
-    let ids = if picked.is_empty() && !matches!(selection, Selection::Ids(_)) {
-        Vec::new()
-    } else {
-        store::retry_now(&mut *tx, app_id, &picked).await?
+    let retry = async |conn: &mut sqlx::PgConnection, ids: &[Uuid]| {
+        store::retry_now(conn, app_id, ids).await
     };
-    if !ids.is_empty() {
-        let (target, detail) = selection.audited();
-        let action = Action {
-            action: "outbox.retry",
-            target: target.as_deref(),
-            rows: ids.len(),
-            detail,
-        };
-        audit::record(&mut tx, actor, app_id, action).await?;
-    }
-    audit::commit(tx).await?;
-    Ok(Acted::of(ids, picked.len(), selection))
+    act_on_rows(
+        pool,
+        actor,
+        app_id,
+        selection,
+        waiting,
+        "outbox.retry",
+        json!({}),
+        retry,
+    )
+    .await
 }
 
 #[derive(Deserialize)]

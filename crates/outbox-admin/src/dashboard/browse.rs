@@ -15,7 +15,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, checked_form, field, may_operate, viewed_app};
+use super::session::{Session, checked_form, field, may_operate, query_pairs, viewed_app};
 
 /// The filter fields of the browser's form, in the order it shows them.
 const FILTER_FIELDS: [&str; 9] = [
@@ -149,7 +149,7 @@ pub(super) fn flash(pairs: &[(String, String)]) -> String {
 pub(super) fn without_flash(raw: Option<&str>) -> (Vec<(String, String)>, String) {
     let mut rest = form_urlencoded::Serializer::new(String::new());
     let mut flashed = Vec::new();
-    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned() {
+    for (k, v) in query_pairs(raw) {
         if matches!(k.as_str(), "done" | "rows" | "more") {
             flashed.push((k, v));
         } else {
@@ -166,9 +166,7 @@ pub(super) async fn browse_page(
     Path(app): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect();
+    let pairs = query_pairs(raw.as_deref());
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
         if let Some((_, id)) = pairs.iter().find(|(k, _)| k == "id") {

@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use super::browse::{flash, without_flash};
 use super::render::{error_page, esc, logout_form, page, when};
 use super::rows::attempts_table;
-use super::session::{Session, after_form, checked_form, field, viewed_app};
+use super::session::{Session, after_form, checked_form, field, query_pairs, viewed_app};
 
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
     let secs = (chrono::Utc::now() - created).num_seconds().max(0);
@@ -142,11 +142,7 @@ pub(super) async fn detail_page(
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
         logout = logout_form(&session),
-        flash = flash(
-            &form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-                .into_owned()
-                .collect::<Vec<_>>()
-        ),
+        flash = flash(&query_pairs(raw.as_deref())),
         topic = esc(&row.topic),
         id = row.id,
         orig = row.original_event_id,

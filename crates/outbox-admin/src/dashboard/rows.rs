@@ -15,7 +15,7 @@ use crate::error::ApiError;
 
 use super::browse::flash;
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, may_operate, viewed_app};
+use super::session::{Session, may_operate, query_pairs, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(when).unwrap_or_default()
@@ -95,9 +95,7 @@ pub(super) async fn row_page(
         Err(err) => return error_page(&err),
     };
     let slug = esc(&app.slug);
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect();
+    let pairs = query_pairs(raw.as_deref());
     let Some(row) = row else {
         if let Some(d) = buried {
             // A row just cancelled from its page: the dead letter shows what happened.

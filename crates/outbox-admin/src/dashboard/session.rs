@@ -51,6 +51,13 @@ impl FromRequestParts<AdminState> for Session {
     }
 }
 
+/// A page's query string as pairs (all values of every key).
+pub(super) fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
 /// Reads a urlencoded form (all values of every key), within the body limit.
 pub(super) async fn form(req: Request, limit: usize) -> Result<Vec<(String, String)>, ApiError> {
     let bytes = crate::strict::body(req, limit).await?;

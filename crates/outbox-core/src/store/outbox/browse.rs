@@ -368,14 +368,12 @@ async fn within<T>(
     read: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
 ) -> Result<Option<T>, Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "SELECT set_config('statement_timeout', $1, true),
-                CASE WHEN $2 THEN set_config('enable_bitmapscan', 'on', true) END",
-    )
-    .bind(budget.as_millis().max(1).to_string())
-    .bind(filter.payload_contains.is_some())
-    .execute(&mut *tx)
-    .await?;
+    limit_statements(&mut *tx, budget).await?;
+    if filter.payload_contains.is_some() {
+        sqlx::query("SELECT set_config('enable_bitmapscan', 'on', true)")
+            .execute(&mut *tx)
+            .await?;
+    }
     match read(&mut tx).await {
         Ok(value) => {
             tx.commit().await?;
