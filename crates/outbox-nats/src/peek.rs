@@ -49,6 +49,19 @@ pub struct PeekRequest {
     pub timeout: Duration,
 }
 
+/// The stream, or an error that says what a missing one means.
+async fn open(js: &jetstream::Context, name: &str) -> Result<jetstream::stream::Stream, Error> {
+    js.get_stream(name).await.map_err(|e| {
+        if e.to_string().contains("stream not found") {
+            Error::JetStream(format!(
+                "stream {name} does not exist yet: outboxd run creates it when it first connects to NATS"
+            ))
+        } else {
+            Error::JetStream(format!("stream {name}: {e}"))
+        }
+    })
+}
+
 fn body(payload: &[u8]) -> serde_json::Value {
     serde_json::from_slice(payload).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
@@ -69,11 +82,8 @@ fn headers(map: Option<&async_nats::HeaderMap>) -> BTreeMap<String, String> {
 /// within the timeout: on a busy subject, a shorter `since` reaches the
 /// newest.
 pub async fn tail(js: &jetstream::Context, request: &PeekRequest) -> Result<Vec<Peeked>, Error> {
-    let failed = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("{what}: {e}"));
-    let stream = js
-        .get_stream(&request.stream)
-        .await
-        .map_err(|e| failed(&format!("stream {}", request.stream), &e))?;
+    let failed = |what: &str, e: &dyn std::fmt::Display| Error::JetStream(format!("{what}: {e}"));
+    let stream = open(js, &request.stream).await?;
     let name = format!(
         "peek-{}-{}",
         request
@@ -153,8 +163,8 @@ pub async fn get(
     stream: &str,
     sequence: u64,
 ) -> Result<Option<Peeked>, Error> {
-    let failed = |e: &dyn std::fmt::Display| Error::Config(format!("stream {stream}: {e}"));
-    let stream = js.get_stream(stream).await.map_err(|e| failed(&e))?;
+    let failed = |e: &dyn std::fmt::Display| Error::JetStream(format!("stream {stream}: {e}"));
+    let stream = open(js, stream).await?;
     match stream.get_raw_message(sequence).await {
         Ok(message) => Ok(Some(Peeked {
             subject: message.subject.to_string(),

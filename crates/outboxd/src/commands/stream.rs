@@ -39,6 +39,21 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
     if settings.nats.url.is_empty() {
         bail!("stream needs NATS: set NATS_URL (or [nats] url)");
     }
+    // The arguments are checked before anything connects.
+    if let StreamCommand::Tail {
+        last, since_secs, ..
+    } = &command
+    {
+        if !(1..=604_800).contains(since_secs) {
+            bail!("--since-secs {since_secs} is outside 1..=604800 (a week)");
+        }
+        if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(last) {
+            bail!(
+                "--last {last} is outside 1..={}",
+                outbox_nats::peek::MAX_MESSAGES
+            );
+        }
+    }
     let client = outbox_nats::connect_with(&settings.nats.url, true).await?;
     let js = async_nats::jetstream::new(client);
     let stream = settings.nats.stream.name.clone();
@@ -49,15 +64,6 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
             last,
             since_secs,
         } => {
-            if !(1..=604_800).contains(&since_secs) {
-                bail!("--since-secs {since_secs} is outside 1..=604800 (a week)");
-            }
-            if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(&last) {
-                bail!(
-                    "--last {last} is outside 1..={}",
-                    outbox_nats::peek::MAX_MESSAGES
-                );
-            }
             let reader = outboxd::stream_reads::NatsStreamReader {
                 js: js.clone(),
                 stream: stream.clone(),

@@ -149,3 +149,36 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn webhook_targets_get_secrets_of_their_own_through_the_binary() -> TestResult {
+    let db = TestDb::new().await?;
+    let cli = |args: &[&str]| run(outboxd(Some(&db.url)).args(args));
+    assert!(cli(&["app", "create", "shop"])?.status.success());
+    let url = "https://partner.example/hook";
+    let out = cli(&["webhook", "create", "--app", "shop", url])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = text(&out.stdout).trim().to_owned();
+    assert_eq!(first.len(), 64, "a secret, once: {first}");
+    let again = cli(&["webhook", "create", "--app", "shop", url])?;
+    assert!(!again.status.success() && text(&again.stderr).contains("rotate its secret instead"));
+    let out = cli(&["webhook", "rotate", "--app", "shop", url])?;
+    let second = text(&out.stdout).trim().to_owned();
+    assert!(out.status.success() && second.len() == 64 && second != first);
+    let listed = text(&cli(&["webhook", "list", "--app", "shop"])?.stdout);
+    assert!(
+        listed.contains(url) && !listed.contains(&second),
+        "{listed}"
+    );
+    let bad = cli(&["webhook", "create", "--app", "shop", "ftp://x"])?;
+    assert!(!bad.status.success() && text(&bad.stderr).contains("http:// or https://"));
+    assert!(text(&cli(&["webhook", "delete", "--app", "shop", url])?.stdout).contains("deleted"));
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(
+        actions,
+        ["webhook.create", "webhook.rotate", "webhook.delete"]
+    );
+    Ok(())
+}
