@@ -14,58 +14,120 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::store::segments;
 use crate::{Error, NewEvent};
 
-const INSERT_ONE: &str = concat!(
-    "
-    INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
-                        idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
-                        registered_by_principal, priority, not_before, partition_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
-    priority_run_at!("coalesce($14, now())", "$17"),
-    ", $15, $16, $17, ",
-    priority_not_before!("$14", "$17"),
-    ", $18)
-    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+/// `$before`, a segment's table name, `$after`: one statement per segment,
+/// in the order of [`segments::TABLES`].
+macro_rules! in_segments {
+    ($before:literal, $after:literal) => {
+        [
+            concat!($before, "outbox_s0", $after),
+            concat!($before, "outbox_s1", $after),
+            concat!($before, "outbox_s2", $after),
+        ]
+    };
+}
+
+/// The single-row insert into `$table`, then `$conflict` (the handling of an
+/// idempotency key, which only `outbox` has).
+macro_rules! insert_one_into {
+    ($table:literal, $conflict:literal) => {
+        concat!(
+            "
+    INSERT INTO ",
+            $table,
+            " (id, app_id, source, op, topic, trigger_id, target, payload, headers,
+                                idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
+                                registered_by_principal, priority, not_before, partition_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+            priority_run_at!("coalesce($14, now())", "$17"),
+            ", $15, $16, $17, ",
+            priority_not_before!("$14", "$17"),
+            ", $18)",
+            $conflict,
+            "
     RETURNING id"
+        )
+    };
+}
+
+const INSERT_ONE: &str = insert_one_into!(
+    "outbox",
+    "
+    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 );
 
-const INSERT_MANY: &str = concat!(
-    "
-    INSERT INTO outbox (id, app_id, source, op, topic, trigger_id, target, payload, headers,
+/// [`INSERT_ONE`] into each segment (no idempotency key, nothing to conflict on).
+const INSERT_ONE_SEGMENT: [&str; 3] = [
+    insert_one_into!("outbox_s0", ""),
+    insert_one_into!("outbox_s1", ""),
+    insert_one_into!("outbox_s2", ""),
+];
+
+/// The batch insert into `$table`, then `$conflict` (as [`insert_one_into`]).
+macro_rules! insert_many_into {
+    ($table:literal, $conflict:literal) => {
+        concat!(
+            "
+    INSERT INTO ",
+            $table,
+            " (id, app_id, source, op, topic, trigger_id, target, payload, headers,
                         idempotency_key, ordering_key, depth, max_attempts, run_at, reply_to,
                         registered_by_principal, priority, not_before, partition_key)
     SELECT u.id, $1, u.source, u.op, u.topic, u.trigger_id, u.target, u.payload, u.headers,
            u.idempotency_key, u.ordering_key, u.depth, u.max_attempts, ",
-    priority_run_at!("coalesce(u.run_at, now())", "u.priority"),
-    ",
+            priority_run_at!("coalesce(u.run_at, now())", "u.priority"),
+            ",
            u.reply_to, u.principal, u.priority, ",
-    priority_not_before!("u.run_at", "u.priority"),
-    ", u.partition_key
+            priority_not_before!("u.run_at", "u.priority"),
+            ", u.partition_key
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::text[],
                 $8::jsonb[], $9::jsonb[], $10::text[], $11::text[], $12::int4[], $13::int4[],
                 $14::timestamptz[], $15::text[], $16::text[], $17::int2[], $18::text[])
          WITH ORDINALITY AS u(id, source, op, topic, trigger_id, target, payload, headers,
                               idempotency_key, ordering_key, depth, max_attempts, run_at,
                               reply_to, principal, priority, partition_key, ord)
-    ORDER BY u.ord
-    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ORDER BY u.ord",
+            $conflict,
+            "
     RETURNING id"
+        )
+    };
+}
+
+const INSERT_MANY: &str = insert_many_into!(
+    "outbox",
+    "
+    ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 );
+
+/// [`INSERT_MANY`] into each segment.
+const INSERT_MANY_SEGMENT: [&str; 3] = [
+    insert_many_into!("outbox_s0", ""),
+    insert_many_into!("outbox_s1", ""),
+    insert_many_into!("outbox_s2", ""),
+];
 
 /// [`INSERT_MANY`] for a batch of plain events (see [`is_plain`]): the other
 /// columns keep their defaults, so thirteen arrays of NULLs are neither sent nor
-/// unpacked, and with no idempotency key nothing can conflict.
-const INSERT_MANY_PLAIN: &str = "
-    INSERT INTO outbox (id, app_id, source, topic, payload)
+/// unpacked, and with no idempotency key nothing can conflict. A plain
+/// event is due now, so it always goes to the current segment.
+const INSERT_MANY_PLAIN: [&str; 3] = in_segments!(
+    "
+    INSERT INTO ",
+    " (id, app_id, source, topic, payload)
     SELECT u.id, $1, u.source, u.topic, u.payload
-    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) AS u(id, source, topic, payload)";
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) AS u(id, source, topic, payload)"
+);
 
 /// The plain batch again, as a binary `COPY` (see [`copy_plain_batch`]).
 /// Defaults, the foreign key to `apps` and the statement-level wake-up
 /// trigger apply to `COPY` as to `INSERT`.
-const COPY_PLAIN: &str =
-    "COPY outbox (id, app_id, source, topic, payload) FROM STDIN (FORMAT binary)";
+const COPY_PLAIN: [&str; 3] = in_segments!(
+    "COPY ",
+    " (id, app_id, source, topic, payload) FROM STDIN (FORMAT binary)"
+);
 
 /// From this many plain events on, a batch is sent with `COPY` rather than
 /// as arrays unpacked by `unnest`: below it the extra round trip of `COPY`
@@ -74,8 +136,11 @@ const COPY_FROM: usize = 64;
 
 /// [`INSERT_ONE`] for a plain event (see [`is_plain`]): five parameters
 /// instead of eighteen, and nothing to conflict on or return.
-const INSERT_ONE_PLAIN: &str = "
-    INSERT INTO outbox (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)";
+const INSERT_ONE_PLAIN: [&str; 3] = in_segments!(
+    "
+    INSERT INTO ",
+    " (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)"
+);
 
 const FIND_BY_KEY: &str =
     "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
@@ -96,7 +161,8 @@ pub async fn enqueue(
     event.validate()?;
     if is_plain(event) {
         let id = Uuid::now_v7();
-        sqlx::query(INSERT_ONE_PLAIN)
+        let segment = segments::current_for_insert(conn).await?;
+        sqlx::query(INSERT_ONE_PLAIN[segment])
             .persistent(false)
             .bind(id)
             .bind(app_id)
@@ -108,8 +174,13 @@ pub async fn enqueue(
             .map_err(|e| map_insert_error(e, app_id))?;
         return Ok(id);
     }
+    let statement = if in_segment(event) {
+        INSERT_ONE_SEGMENT[segments::current_for_insert(conn).await?]
+    } else {
+        INSERT_ONE
+    };
     for _ in 0..IDEMPOTENCY_RACE_RETRIES {
-        let inserted: Option<Uuid> = sqlx::query_scalar(INSERT_ONE)
+        let inserted: Option<Uuid> = sqlx::query_scalar(statement)
             .persistent(false)
             .bind(Uuid::now_v7())
             .bind(app_id)
@@ -211,7 +282,12 @@ pub async fn enqueue_batch(
     }
     let payloads: Vec<&Value> = payloads;
     let headers: Vec<&Value> = headers;
-    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_MANY)
+    let statement = if events.iter().all(in_segment) {
+        INSERT_MANY_SEGMENT[segments::current_for_insert(conn).await?]
+    } else {
+        INSERT_MANY
+    };
+    let inserted: Vec<Uuid> = sqlx::query_scalar(statement)
         .persistent(false)
         .bind(app_id)
         .bind(&ids)
@@ -274,6 +350,16 @@ pub async fn enqueue_batch(
         .collect()
 }
 
+/// An event whose row goes to a segment: no idempotency key (whose
+/// uniqueness only `outbox`'s index keeps) and due within
+/// [`segments::HORIZON`].
+fn in_segment(event: &NewEvent) -> bool {
+    event.idempotency_key.is_none()
+        && event
+            .run_at
+            .is_none_or(|at| at <= Utc::now() + chrono::TimeDelta::seconds(segments::HORIZON_SECS))
+}
+
 /// An event whose row needs only id, source, topic and payload: every other
 /// column keeps its default.
 fn is_plain(event: &NewEvent) -> bool {
@@ -309,7 +395,8 @@ async fn enqueue_plain_batch(
         topics.push(event.topic.as_str());
         payloads.push(&event.payload);
     }
-    let inserted = sqlx::query(INSERT_MANY_PLAIN)
+    let segment = segments::current_for_insert(conn).await?;
+    let inserted = sqlx::query(INSERT_MANY_PLAIN[segment])
         .persistent(false)
         .bind(app_id)
         .bind(&ids)
@@ -344,8 +431,9 @@ async fn copy_plain_batch(
         rows.field(event.topic.as_bytes())?;
         rows.jsonb_field(&event.payload)?;
     }
+    let segment = segments::current_for_insert(conn).await?;
     let mut copy = conn
-        .copy_in_raw(COPY_PLAIN)
+        .copy_in_raw(COPY_PLAIN[segment])
         .await
         .map_err(|e| map_insert_error(e, app_id))?;
     // A failed send drops `copy`, which tells the server to abandon the COPY.

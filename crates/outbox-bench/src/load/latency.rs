@@ -223,9 +223,13 @@ async fn raw_taker(
 /// What a [`Taker::Raw`] consumer runs: the drain baseline's batch of 100,
 /// deleted by `ctid`.
 // Baseline: the raw-SQL ceiling for latency, plain SQL on purpose.
-const RAW_TAKE: &str = "DELETE FROM outbox WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
-    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED))
+// A `ctid` names a row within one table, and `outbox` has its segments as
+// children: the row's table goes with it.
+const RAW_TAKE: &str = "WITH picked AS (
+    SELECT tableoid, ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
+    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
+DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+    AND (o.tableoid, o.ctid) = ANY (ARRAY(SELECT (tableoid, ctid) FROM picked))
 RETURNING id, topic";
 
 /// How long a latency sample may wait for its taker before the run counts

@@ -59,6 +59,7 @@ pub mod pauses;
 pub mod principals;
 pub mod processes;
 pub mod retention;
+pub mod segments;
 pub mod sessions;
 pub mod stats;
 pub mod triggers;

@@ -111,11 +111,13 @@ pub async fn set_app_retention<'e>(
     Ok(())
 }
 
-/// Dead tuples of the hot tables (`outbox`, `dead_letters`), for bloat metrics.
+/// Dead tuples of the hot tables (`outbox`, its segments, `dead_letters`),
+/// for bloat metrics.
 pub async fn dead_tuples<'e>(db: impl PgExecutor<'e>) -> Result<Vec<(String, i64)>, Error> {
     Ok(sqlx::query_as(
         "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
-         WHERE relname IN ('outbox', 'dead_letters') ORDER BY relname",
+         WHERE relname IN ('outbox', 'outbox_s0', 'outbox_s1', 'outbox_s2', 'dead_letters')
+         ORDER BY relname",
     )
     .fetch_all(db)
     .await?)

@@ -56,12 +56,15 @@ pub struct TableVacuum {
     pub autovacuum_count: i64,
 }
 
-/// [`TableVacuum`] of the user table `table` (zeros when the statistics do
-/// not know the table yet).
+/// [`TableVacuum`] of the user table `table` with the tables that inherit
+/// from it (`outbox` and its segments), summed (zeros when the statistics
+/// do not know the table yet).
 pub async fn table_vacuum<'e>(db: impl PgExecutor<'e>, table: &str) -> Result<TableVacuum, Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT coalesce(n_dead_tup, 0), coalesce(autovacuum_count, 0)
-         FROM pg_stat_user_tables WHERE relname = $1",
+        "SELECT coalesce(sum(n_dead_tup), 0)::int8, coalesce(sum(autovacuum_count), 0)::int8
+         FROM pg_stat_user_tables
+         WHERE relid = to_regclass($1)
+            OR relid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass($1))",
     )
     .bind(table)
     .fetch_optional(db)
@@ -222,11 +225,13 @@ pub async fn truncate_outbox<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
     Ok(())
 }
 
-/// `VACUUM ANALYZE outbox`: removes the dead row versions no snapshot can
-/// see any more and refreshes the planner's statistics of the table. Cannot
-/// run inside a transaction block.
+/// `VACUUM ANALYZE` of `outbox` and its segments: removes the dead row
+/// versions no snapshot can see any more and refreshes the planner's
+/// statistics of the tables. Cannot run inside a transaction block.
 pub async fn vacuum_analyze_outbox<'e>(db: impl PgExecutor<'e>) -> Result<(), Error> {
-    sqlx::query("VACUUM ANALYZE outbox").execute(db).await?;
+    sqlx::query("VACUUM ANALYZE outbox, outbox_s0, outbox_s1, outbox_s2")
+        .execute(db)
+        .await?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod plans;
 mod positions;
 mod priorities;
 mod replay;
+mod segments;
 mod state_machine;
 mod subscriptions;
 mod wake;

@@ -18,6 +18,7 @@
 
 pub mod leader;
 pub mod replayer;
+pub mod rotator;
 pub mod sampler;
 pub mod scheduler;
 pub mod sweeper;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 pub use replayer::Replayer;
+pub use rotator::Rotator;
 pub use sampler::Sampler;
 pub use scheduler::Scheduler;
 pub use sweeper::Sweeper;

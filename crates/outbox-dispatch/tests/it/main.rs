@@ -8,6 +8,7 @@ mod leases;
 mod limits;
 mod ordering;
 mod replayer;
+mod segments;
 mod subscriptions;
 mod sweeper;
 mod transactional;

@@ -12,6 +12,8 @@ use super::{ConfigError, Settings, env_hint, range};
 pub struct GcSettings {
     pub schedule: String,
     pub batch: u32,
+    pub segment_period_secs: u64,
+    pub segment_lock_timeout_ms: u64,
 }
 
 impl Settings {
@@ -46,7 +48,28 @@ impl Settings {
             });
         }
         range("gc.batch", self.gc.batch as u64, 1, 100_000)?;
+        range(
+            "gc.segment_period_secs",
+            self.gc.segment_period_secs,
+            1,
+            3600,
+        )?;
+        range(
+            "gc.segment_lock_timeout_ms",
+            self.gc.segment_lock_timeout_ms,
+            1,
+            10_000,
+        )?;
         Ok(())
+    }
+
+    /// How the leader rotates the outbox's segments.
+    pub fn rotation_policy(&self) -> outbox_core::store::segments::RotationPolicy {
+        outbox_core::store::segments::RotationPolicy {
+            period: std::time::Duration::from_secs(self.gc.segment_period_secs),
+            lock_timeout: std::time::Duration::from_millis(self.gc.segment_lock_timeout_ms),
+            ..Default::default()
+        }
     }
 
     /// The GC sweeper's settings in its own types.

@@ -541,7 +541,7 @@ pub async fn retry_now<'e>(
     super::check_id_batch(ids)?;
     Ok(sqlx::query_scalar(concat!(
         "WITH picked AS (
-            SELECT o.ctid FROM outbox o
+            SELECT o.tableoid, o.ctid FROM outbox o
             WHERE o.id = ANY ($2::uuid[]) AND o.app_id = $1
               AND (o.locked_until IS NULL OR o.locked_until <= now())
               AND ",
@@ -554,7 +554,9 @@ pub async fn retry_now<'e>(
                 not_before = CASE WHEN o.priority > 0 THEN clock_timestamp() END,
                 enqueue_xid = CASE WHEN o.ordering_key IS NULL THEN pg_current_xact_id()
                                    ELSE o.enqueue_xid END
-            WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+            WHERE ",
+        in_picked!(),
+        "
             RETURNING o.id
          ), woken AS (
             SELECT pg_notify('outbox_due', '') WHERE EXISTS (SELECT 1 FROM moved)

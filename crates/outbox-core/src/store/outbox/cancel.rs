@@ -57,7 +57,9 @@ macro_rules! cancel_picked {
             $picked,
             "
  ), moved AS (
-    DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked)) RETURNING o.*
+    DELETE FROM outbox o WHERE ",
+            in_picked!(),
+            " RETURNING o.*
  ), buried AS (
     INSERT INTO dead_letters (app_id, original_event_id, source, op, topic, trigger_id, handler,
                               payload, headers, ordering_key, depth, attempt_count,
@@ -82,7 +84,7 @@ macro_rules! cancel_picked {
 /// Cancels these rows of app `$1` (`$4` ids) that are not running.
 const CANCEL_IDS: &str = cancel_picked!(
     "
-    SELECT o.ctid FROM outbox o
+    SELECT o.tableoid, o.ctid FROM outbox o
     WHERE o.id = ANY ($4::uuid[]) AND o.app_id = $1
       AND (o.locked_until IS NULL OR o.locked_until < now())
     FOR UPDATE SKIP LOCKED"
@@ -91,7 +93,7 @@ const CANCEL_IDS: &str = cancel_picked!(
 /// Cancels up to `$5` rows of topic `$4` of app `$1` that are not running, oldest first.
 const CANCEL_TOPIC: &str = cancel_picked!(
     "
-    SELECT o.ctid FROM outbox o
+    SELECT o.tableoid, o.ctid FROM outbox o
     WHERE o.app_id = $1 AND o.topic = $4
       AND (o.locked_until IS NULL OR o.locked_until < now())
     ORDER BY o.run_at, o.id

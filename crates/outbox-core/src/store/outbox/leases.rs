@@ -37,7 +37,7 @@ pub async fn heartbeat<'e>(
 /// `EXPLAIN` in tests and the benchmark.
 pub const HEARTBEAT_SQL: &str = concat!(
     "WITH held AS MATERIALIZED (
-        SELECT i.ctid
+        SELECT i.tableoid, i.ctid
         FROM unnest($1::uuid[], $2::int8[]) AS t(id, token)
         ",
     lease_lookup!("FOR UPDATE SKIP LOCKED"),
@@ -46,7 +46,7 @@ pub const HEARTBEAT_SQL: &str = concat!(
      UPDATE outbox o
      SET locked_until = now() + make_interval(secs => $3)
      FROM held
-     WHERE o.ctid = held.ctid AND o.locked_by IS NOT NULL
+     WHERE o.ctid = held.ctid AND o.tableoid = held.tableoid AND o.locked_by IS NOT NULL
      RETURNING o.id"
 );
 
@@ -56,7 +56,7 @@ pub const HEARTBEAT_SQL: &str = concat!(
 /// its attempt history.
 pub const RESCHEDULE_SQL: &str = concat!(
     "WITH found AS MATERIALIZED (
-        SELECT i.ctid, t.*
+        SELECT i.tableoid, i.ctid, t.*
         FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::text[], $5::bool[])
              AS t(id, token, delay, error, refund)
         ",
@@ -88,7 +88,7 @@ pub const RESCHEDULE_SQL: &str = concat!(
     ),
     " END
      FROM found t
-     WHERE o.ctid = t.ctid AND o.lease_token = t.token
+     WHERE o.ctid = t.ctid AND o.tableoid = t.tableoid AND o.lease_token = t.token
      RETURNING o.id"
 );
 
@@ -98,7 +98,7 @@ pub const RESCHEDULE_SQL: &str = concat!(
 /// (unless a transactional failure recorded it already).
 pub const DEAD_LETTER_SQL: &str = concat!(
         "WITH found AS MATERIALIZED (
-        SELECT i.ctid, t.*
+        SELECT i.tableoid, i.ctid, t.*
         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) AS t(id, token, error, handler)
         ",
         lease_lookup!("FOR UPDATE"),
@@ -107,7 +107,7 @@ pub const DEAD_LETTER_SQL: &str = concat!(
      moved AS (
         DELETE FROM outbox o
         USING found t
-        WHERE o.ctid = t.ctid AND o.lease_token = t.token
+        WHERE o.ctid = t.ctid AND o.tableoid = t.tableoid AND o.lease_token = t.token
         RETURNING o.*, t.error AS final_error, t.handler AS failed_handler
      ),
      -- A dead-letter trigger's own work failed for good: its dead letter

@@ -113,7 +113,7 @@ LEFT JOIN claimed AS c ON true"
 const CLAIM_LIMITED: &str = concat!(
     limited_head!(),
     ", picked AS (
-    SELECT o.ctid
+    SELECT o.tableoid, o.ctid
     FROM outbox o
     WHERE o.app_id = $4 AND o.topic = $5
       AND ",
@@ -173,7 +173,7 @@ const CLAIM_LIMITED_PER_KEY: &str = concat!(
     ORDER BY run_at, id
     LIMIT coalesce((SELECT least($1, free) FROM allowed), 0)
 ), picked AS (
-    SELECT o.ctid
+    SELECT o.tableoid, o.ctid
     FROM outbox o
     WHERE o.id = ANY (ARRAY(SELECT id FROM chosen))
       AND ",

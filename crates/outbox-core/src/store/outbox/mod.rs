@@ -75,7 +75,7 @@ macro_rules! lease_lookup {
     ($lock:literal) => {
         concat!(
             "CROSS JOIN LATERAL (
-        SELECT i.ctid FROM outbox i
+        SELECT i.tableoid, i.ctid FROM outbox i
         WHERE i.id = t.id AND i.lease_token = t.token
         LIMIT 1 ",
             $lock,
@@ -223,12 +223,12 @@ macro_rules! picked_cte {
     ($apps:expr, $served:expr, $extra:literal) => {
         concat!(
             "picked AS (
-    SELECT c.ctid
+    SELECT c.tableoid, c.ctid
     FROM (",
             $apps,
             " ORDER BY random()) AS a
     CROSS JOIN LATERAL (
-        SELECT o.ctid
+        SELECT o.tableoid, o.ctid
         FROM outbox o
         WHERE o.app_id = a.id
           AND (o.run_at, o.id) >= (a.from_run_at, a.from_id)
@@ -295,6 +295,17 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ClaimedEvent {
 /// How many columns `claimed_columns!` lists.
 const CLAIMED_COLUMNS: usize = 20;
 
+/// That the row `o` is one of the rows of the CTE `picked` (its columns
+/// `tableoid` and `ctid`). A `ctid` names a row within one table only, and
+/// `outbox` has its segments as children (migration 0032): each table is
+/// reached by a TID scan of the picked `ctid`s, and keeps those of its own.
+macro_rules! in_picked {
+    () => {
+        "o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+  AND (o.tableoid, o.ctid) = ANY (ARRAY(SELECT (tableoid, ctid) FROM picked))"
+    };
+}
+
 /// Leases the picked rows: bumps the attempt and the fencing token.
 macro_rules! lease_picked {
     () => {
@@ -306,7 +317,9 @@ SET attempt_count    = o.attempt_count + 1,
     locked_until     = now() + make_interval(secs => $3),
     first_attempt_at = coalesce(o.first_attempt_at, now()),
     last_attempt_at  = now()
-WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+WHERE ",
+            in_picked!(),
+            "
 RETURNING ",
             claimed_columns!()
         )

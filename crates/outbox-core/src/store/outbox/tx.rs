@@ -23,7 +23,9 @@ const TAKE: &str = concat!(
         served_filter!("$5", "$6", "$7", "$8", "$9"),
         " AND o.reply_to IS NULL AND o.source <> 'dead_letter'"
     ),
-    "\nDELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked)) RETURNING ",
+    "\nDELETE FROM outbox o WHERE ",
+    in_picked!(),
+    " RETURNING ",
     claimed_columns!()
 );
 
@@ -159,13 +161,13 @@ pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, 
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          FROM (
-            SELECT e.ctid, a.deaths FROM outbox e
+            SELECT e.tableoid, e.ctid, a.deaths FROM outbox e
             JOIN (SELECT id, count(*) AS deaths
                   FROM abandoned, unnest(abandoned.event_ids) AS id
                   GROUP BY id) AS a ON e.id = a.id
             FOR UPDATE OF e SKIP LOCKED
          ) AS held
-         WHERE o.ctid = held.ctid",
+         WHERE o.ctid = held.ctid AND o.tableoid = held.tableoid",
     )
     .execute(conn)
     .await?

@@ -1,0 +1,210 @@
+//! Segments: the three tables (`outbox_s0`–`outbox_s2`, children of
+//! `outbox`, migration 0032) that hold most rows and are emptied with
+//! `TRUNCATE` in turn, so that their space comes back without `VACUUM`,
+//! even while an old snapshot keeps vacuum from removing anything.
+//!
+//! Producers put rows without an idempotency key that are due within
+//! [`HORIZON`] into the current segment; every other row goes to `outbox`
+//! itself. Every statement that reads or changes rows addresses `outbox` and
+//! so reaches all four tables.
+//!
+//! [`rotate`] empties the segment after the current one (current two periods
+//! ago): it moves the rows still there (scheduled, retrying, paused, leased
+//! by a slow handler) to `outbox`, truncates the segment and makes it the
+//! current one. Any segment may receive a row at any time — a producer that
+//! read the current segment just before a rotation — because a rotation
+//! moves whatever it finds while it holds the segment's lock: a placement
+//! can cost a move, never a row.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, PgPool};
+
+use crate::Error;
+
+/// The segments, in turn.
+pub const TABLES: [&str; 3] = ["outbox_s0", "outbox_s1", "outbox_s2"];
+
+/// Rows due later than this from their enqueue go to `outbox` itself: a row
+/// that waits longer than a rotation period would be moved anyway.
+pub const HORIZON: Duration = Duration::from_secs(HORIZON_SECS as u64);
+
+/// [`HORIZON`] in seconds (the SQL function `outbox_enqueue` uses the same).
+pub const HORIZON_SECS: i64 = 60;
+
+/// How long a producer trusts the current segment it read: a stale answer
+/// costs a move at the next rotation, never a row.
+const CURRENT_FOR: Duration = Duration::from_secs(1);
+
+/// The current segment as this process last read it. Shared by every
+/// connection of the process, whatever database it reaches: the answer only
+/// decides where a row is placed, which any answer gets right.
+static CURRENT: Mutex<Option<(Instant, usize)>> = Mutex::new(None);
+
+/// The segment a producer inserts into now (an index into [`TABLES`]),
+/// read on `conn` (in the producer's transaction, unprepared, so it works
+/// through a transaction-pooling PgBouncer) at most once per second per
+/// process.
+pub async fn current_for_insert(conn: &mut PgConnection) -> Result<usize, Error> {
+    let cached = *CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((read_at, segment)) = cached
+        && read_at.elapsed() < CURRENT_FOR
+    {
+        return Ok(segment);
+    }
+    let current: i16 = sqlx::query_scalar("SELECT current FROM outbox_segments")
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await?;
+    let segment = usize::try_from(current).unwrap_or(0) % TABLES.len();
+    *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), segment));
+    Ok(segment)
+}
+
+/// How a rotation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// How long a segment stays current. Without a vacuum, the outbox holds
+    /// at most about three periods of finished rows.
+    pub period: Duration,
+    /// How long the rotation waits for the segment's lock before it gives
+    /// up until its next pass. Claims and producers that address the
+    /// segment queue behind a waiting rotation, so this bounds their stall.
+    pub lock_timeout: Duration,
+    /// Rows moved per statement before the lock is taken.
+    pub move_batch: i64,
+}
+
+impl Default for RotationPolicy {
+    /// Every 10 s, waiting at most 50 ms for the lock.
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(10),
+            lock_timeout: Duration::from_millis(50),
+            move_batch: 5000,
+        }
+    }
+}
+
+/// What a call of [`rotate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The current segment is younger than the period.
+    NotDue,
+    /// The segment to empty is in use (a `pg_dump`, a reader's open
+    /// transaction, a transactional batch): nothing truncated, `moved` rows
+    /// moved to `outbox` already; the next pass tries again.
+    Blocked {
+        /// Rows moved to `outbox` before the lock was refused.
+        moved: u64,
+    },
+    /// `segment` was emptied and is the current one now.
+    Rotated {
+        /// The index into [`TABLES`] of the new current segment.
+        segment: usize,
+        /// Rows that were still there, moved to `outbox`.
+        moved: u64,
+    },
+}
+
+/// Empties the segment after the current one and makes it current, when the
+/// current one is older than `policy.period`.
+///
+/// Rows not leased are moved to `outbox` in batches first, each row deleted
+/// and inserted in one statement (locked rows are skipped), without the
+/// segment's exclusive lock. Then, in one transaction under
+/// `policy.lock_timeout`: lock the segment, move what is left (leased rows:
+/// no completion can be half-way through them while the lock is held, and
+/// one that starts after the commit finds them in `outbox` by id and
+/// token), truncate it, switch. A row keeps its id, `run_at`, lease, token,
+/// attempts and `enqueue_xid` through a move, so claim positions, ordering
+/// keys and fencing see the same row.
+pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, Error> {
+    let (current, due): (i16, bool) = sqlx::query_as(
+        "SELECT current, switched_at <= now() - make_interval(secs => $1)
+         FROM outbox_segments",
+    )
+    .bind(policy.period.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    if !due {
+        return Ok(Rotation::NotDue);
+    }
+    let next = (usize::try_from(current).unwrap_or(0) + 1) % TABLES.len();
+    let table = TABLES[next];
+    let mut moved = 0;
+    loop {
+        let batch = sqlx::query(&format!(
+            "WITH picked AS (
+                SELECT ctid FROM {table}
+                WHERE locked_until IS NULL OR locked_until < now()
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+             ), gone AS (
+                DELETE FROM {table} o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+                RETURNING o.*
+             )
+             INSERT INTO outbox SELECT * FROM gone"
+        ))
+        .bind(policy.move_batch)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        moved += batch;
+        if batch < policy.move_batch as u64 {
+            break;
+        }
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = {}",
+        policy.lock_timeout.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let locked = sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *tx)
+        .await;
+    if let Err(err) = locked {
+        if is_lock_timeout(&err) {
+            return Ok(Rotation::Blocked { moved });
+        }
+        return Err(err.into());
+    }
+    moved += sqlx::query(&format!("INSERT INTO outbox SELECT * FROM {table}"))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query(&format!("TRUNCATE {table}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE outbox_segments
+         SET current = $1, switched_at = now(), rotations = rotations + 1",
+    )
+    .bind(next as i16)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Rotation::Rotated {
+        segment: next,
+        moved,
+    })
+}
+
+/// The current segment (an index into [`TABLES`]) and how many rotations
+/// there have been.
+pub async fn current(pool: &PgPool) -> Result<(usize, i64), Error> {
+    let (current, rotations): (i16, i64) =
+        sqlx::query_as("SELECT current, rotations FROM outbox_segments")
+            .fetch_one(pool)
+            .await?;
+    Ok((usize::try_from(current).unwrap_or(0), rotations))
+}
+
+fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
+}

@@ -1,0 +1,283 @@
+//! Segments (migration 0032): where rows are placed, and rotations that move
+//! the rows left in a segment, truncate it while a snapshot is held, and
+//! wait for a session that holds it without holding up claims.
+
+use std::time::{Duration, Instant};
+
+use outbox_core::model::Lease;
+use outbox_core::store::outbox as store;
+use outbox_core::store::segments::{self, Rotation, RotationPolicy};
+use outbox_core::{NewEvent, enqueue, enqueue_batch};
+use outbox_testkit::TestDb;
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A rotation as soon as it is asked for.
+const AT_ONCE: RotationPolicy = RotationPolicy {
+    period: Duration::ZERO,
+    lock_timeout: Duration::from_millis(50),
+    move_batch: 2,
+};
+
+/// The table each row of `ids` lives in.
+async fn tables(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<String>, sqlx::Error> {
+    let mut found = Vec::new();
+    for id in ids {
+        found.push(
+            sqlx::query_scalar("SELECT tableoid::regclass::text FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await?,
+        );
+    }
+    Ok(found)
+}
+
+async fn rows_in(pool: &PgPool, table: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM ONLY {table}"))
+        .fetch_one(pool)
+        .await
+}
+
+#[tokio::test]
+async fn rows_without_a_key_that_are_due_soon_go_to_a_segment_and_the_others_to_outbox()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let plain = enqueue(&mut tx, app, &NewEvent::new("t", json!({}))).await?;
+    let with_headers = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("t", json!({})).with_ordering_key("k"),
+    )
+    .await?;
+    let keyed = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("t", json!({})).with_idempotency_key("once"),
+    )
+    .await?;
+    let far = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("t", json!({}))
+            .with_run_at(chrono::Utc::now() + chrono::TimeDelta::hours(1)),
+    )
+    .await?;
+    let small_batch = enqueue_batch(&mut tx, app, &vec![NewEvent::new("t", json!({})); 3]).await?;
+    let copied = enqueue_batch(&mut tx, app, &vec![NewEvent::new("t", json!({})); 100]).await?;
+    let mixed = enqueue_batch(
+        &mut tx,
+        app,
+        &[
+            NewEvent::new("t", json!({})).with_idempotency_key("twice"),
+            NewEvent::new("t", json!({})),
+        ],
+    )
+    .await?;
+    let by_sql: Uuid = sqlx::query_scalar("SELECT outbox_enqueue('shop', 't')")
+        .fetch_one(&mut *tx)
+        .await?;
+    let by_sql_keyed: Uuid =
+        sqlx::query_scalar("SELECT outbox_enqueue('shop', 't', p_idempotency_key => 'k')")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+
+    let segment = |t: &String| segments::TABLES.contains(&t.as_str());
+    let in_segments = tables(
+        &db.pool,
+        &[&[plain, with_headers, small_batch[0], copied[99]][..]].concat(),
+    )
+    .await?;
+    assert!(in_segments.iter().all(segment), "{in_segments:?}");
+    assert_eq!(
+        tables(&db.pool, &[keyed, far, mixed[0], mixed[1], by_sql_keyed]).await?,
+        vec!["outbox"; 5],
+        "a key, a far run_at, or a batch with a key stays in outbox"
+    );
+    // The SQL function reads the current segment in each call.
+    assert_eq!(tables(&db.pool, &[by_sql]).await?, vec!["outbox_s0"]);
+    // Every row is one of the outbox's, whichever table holds it.
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(all, 1 + 1 + 1 + 1 + 3 + 100 + 2 + 1 + 1);
+    Ok(())
+}
+
+/// Three rotations bring the first segment round again: its leased row and
+/// its waiting row move to `outbox` with their leases and tokens, finished
+/// rows go with the truncate, and the moved rows end as they would have.
+#[tokio::test]
+async fn a_rotation_moves_the_rows_left_and_truncates_the_segment_while_a_snapshot_is_held()
+-> TestResult {
+    let db = TestDb::new().await?;
+    db.app("shop").await?;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let id: Uuid = sqlx::query_scalar(
+            "SELECT outbox_enqueue('shop', 't', jsonb_build_object('n', $1::int))",
+        )
+        .bind(n)
+        .fetch_one(&db.pool)
+        .await?;
+        ids.push(id);
+    }
+    assert_eq!(rows_in(&db.pool, "outbox_s0").await?, 10);
+
+    // An old snapshot, held for the whole test by a session that never reads
+    // the outbox (as an idle transaction does): vacuum can remove nothing.
+    let mut holder = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut holder)
+        .await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut holder)
+        .await?;
+
+    let claimed = store::claim(&db.pool, "w", 9, Duration::from_secs(60)).await?;
+    assert_eq!(claimed.len(), 9);
+    let (running, finished) = claimed.split_at(1);
+    let finished: Vec<Lease> = finished.iter().map(|c| c.lease()).collect();
+    assert_eq!(store::complete(&db.pool, &finished).await?.len(), 8);
+    let waiting: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|id| !claimed.iter().any(|c| c.id == *id))
+        .collect();
+    let size_before: i64 = sqlx::query_scalar("SELECT pg_relation_size('outbox_s0')")
+        .fetch_one(&db.pool)
+        .await?;
+    assert!(size_before > 0);
+
+    let pool = db.pool.clone();
+    let rotate = || segments::rotate(&pool, AT_ONCE);
+    assert_eq!(
+        rotate().await?,
+        Rotation::Rotated {
+            segment: 1,
+            moved: 0
+        }
+    );
+    assert_eq!(
+        rotate().await?,
+        Rotation::Rotated {
+            segment: 2,
+            moved: 0
+        }
+    );
+    assert_eq!(
+        rotate().await?,
+        Rotation::Rotated {
+            segment: 0,
+            moved: 2
+        }
+    );
+    assert_eq!(segments::current(&db.pool).await?, (0, 3));
+
+    let size_after: i64 = sqlx::query_scalar("SELECT pg_relation_size('outbox_s0')")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(size_after, 0, "the truncate gave the segment's space back");
+    assert_eq!(
+        tables(&db.pool, &[running[0].id, waiting[0]]).await?,
+        vec!["outbox", "outbox"]
+    );
+    // The running row kept its lease: another claim does not take it, its
+    // worker's completion (by id and token) still finds it.
+    let again = store::claim(&db.pool, "other", 10, Duration::from_secs(60)).await?;
+    assert_eq!(
+        again.iter().map(|c| c.id).collect::<Vec<_>>(),
+        waiting,
+        "only the waiting row is claimable"
+    );
+    assert_eq!(
+        store::complete(&db.pool, &[running[0].lease(), again[0].lease()])
+            .await?
+            .len(),
+        2
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(left, 0);
+    sqlx::query("COMMIT").execute(&mut holder).await?;
+    holder.close().await?;
+    Ok(())
+}
+
+/// A reader's open transaction holds the segment due for truncation: the
+/// rotation gives up after its lock timeout, claims and producers go on
+/// meanwhile, and the rotation succeeds once the reader is gone.
+#[tokio::test]
+async fn a_rotation_waits_for_a_session_holding_the_segment_without_holding_up_claims() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 5).await?;
+    let mut reader = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut reader)
+        .await?;
+    sqlx::query("SELECT count(*) FROM outbox_s1")
+        .execute(&mut reader)
+        .await?;
+
+    let started = Instant::now();
+    assert_eq!(
+        segments::rotate(&db.pool, AT_ONCE).await?,
+        Rotation::Blocked { moved: 0 }
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(segments::current(&db.pool).await?, (0, 0));
+    crate::enqueue_committed(&db, app, 1).await?;
+    let claimed = store::claim(&db.pool, "w", 10, Duration::from_secs(60)).await?;
+    assert_eq!(claimed.len(), 6);
+
+    sqlx::query("COMMIT").execute(&mut reader).await?;
+    reader.close().await?;
+    assert_eq!(
+        segments::rotate(&db.pool, AT_ONCE).await?,
+        Rotation::Rotated {
+            segment: 1,
+            moved: 0
+        }
+    );
+    Ok(())
+}
+
+/// A database of the schema before segments, with rows waiting and one
+/// leased, is migrated in place: the rows stay in `outbox`, the lease still
+/// ends by its token, and new rows go to the first segment.
+#[tokio::test]
+async fn the_upgrade_to_segments_keeps_rows_in_flight() -> TestResult {
+    let db = TestDb::migrated_to(31).await?;
+    let app = db.app("shop").await?;
+    for n in 0..3 {
+        sqlx::query("INSERT INTO outbox (id, app_id, topic, payload) VALUES ($1, $2, 't', $3)")
+            .bind(Uuid::now_v7())
+            .bind(app)
+            .bind(json!({ "n": n }))
+            .execute(&db.pool)
+            .await?;
+    }
+    let leased = store::claim(&db.pool, "old", 1, Duration::from_secs(60)).await?;
+    assert_eq!(leased.len(), 1);
+
+    outbox_core::migrate(&db.pool).await?;
+    let by_sql: Uuid = sqlx::query_scalar("SELECT outbox_enqueue('shop', 't')")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(tables(&db.pool, &[by_sql]).await?, vec!["outbox_s0"]);
+    let claimed = store::claim(&db.pool, "new", 10, Duration::from_secs(60)).await?;
+    assert_eq!(claimed.len(), 3, "the two waiting rows and the new one");
+    let mut leases: Vec<Lease> = claimed.iter().map(|c| c.lease()).collect();
+    leases.push(leased[0].lease());
+    assert_eq!(store::complete(&db.pool, &leases).await?.len(), 4);
+    Ok(())
+}
