@@ -20,6 +20,23 @@
 -- Rows in flight during the upgrade stay in outbox. Dispatchers older than
 -- this migration change rows by ctid alone and must be stopped before it
 -- runs: in a segment, a ctid names a different row (docs/operations.md).
+-- The migration refuses to run while a dispatcher's heartbeat is live.
+
+DO $$
+DECLARE
+    p record;
+BEGIN
+    SELECT host, pid, version INTO p FROM outbox_processes WHERE expires_at > now()
+    ORDER BY last_seen DESC LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'migration 0032 (outbox segments) needs every dispatcher stopped: '
+            'a process is running (host %, pid %, version %); stop all outboxd processes '
+            'of earlier versions, wait a lease for a crashed one, then migrate again',
+            p.host, p.pid, p.version
+            USING ERRCODE = 'object_in_use';
+    END IF;
+END
+$$;
 
 CREATE TABLE outbox_segments (
     one         boolean PRIMARY KEY DEFAULT true CHECK (one),

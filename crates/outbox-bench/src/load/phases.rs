@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use hdrhistogram::Histogram;
 use outbox_core::store::stats;
+use outbox_dispatch::maintenance::{Rotator, Supervisor};
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -186,6 +187,15 @@ pub async fn run(
         let stop = stop_dispatcher.clone();
         async move { dispatcher.run(stop.cancelled_owned()).await }
     });
+    // The leader's segment rotation, as `outboxd run` has it.
+    let rotating = tokio::spawn(
+        Supervisor::new(dispatcher_pool.clone())
+            .with(Rotator::new(
+                dispatcher_pool.clone(),
+                settings.rotation_policy(),
+            ))
+            .run(stop_dispatcher.clone().cancelled_owned()),
+    );
 
     let produced = Arc::new(AtomicU64::new(0));
     let uncertain = Arc::new(AtomicU64::new(0));
@@ -265,6 +275,7 @@ pub async fn run(
     }
     stop_dispatcher.cancel();
     dispatching.await??;
+    rotating.await?;
     dispatcher_pool.close().await;
     let handled = seen.lock().map(|s| s.len() as u64).unwrap_or_default();
     let uncertain = uncertain.load(Ordering::Relaxed);

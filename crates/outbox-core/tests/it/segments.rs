@@ -269,6 +269,31 @@ async fn the_upgrade_to_segments_keeps_rows_in_flight() -> TestResult {
     let leased = store::claim(&db.pool, "old", 1, Duration::from_secs(60)).await?;
     assert_eq!(leased.len(), 1);
 
+    // A dispatcher of the earlier version is still up: the migration is
+    // refused, saying which, and changes nothing.
+    sqlx::query(
+        "INSERT INTO outbox_processes (id, worker, host, pid, version, expires_at)
+         VALUES ($1, 'old', 'web-1', 42, '0.31', now() + interval '30 seconds')",
+    )
+    .bind(Uuid::now_v7())
+    .execute(&db.pool)
+    .await?;
+    let refused = outbox_core::migrate(&db.pool)
+        .await
+        .expect_err("a live dispatcher must stop the migration")
+        .to_string();
+    assert!(
+        refused.contains("web-1") && refused.contains("stop all outboxd processes"),
+        "{refused}"
+    );
+    let segments_exist: bool = sqlx::query_scalar("SELECT to_regclass('outbox_s0') IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await?;
+    assert!(!segments_exist);
+    sqlx::query("DELETE FROM outbox_processes")
+        .execute(&db.pool)
+        .await?;
+
     outbox_core::migrate(&db.pool).await?;
     let by_sql: Uuid = sqlx::query_scalar("SELECT outbox_enqueue('shop', 't')")
         .fetch_one(&db.pool)
