@@ -138,6 +138,8 @@ BEGIN
         END IF;
         RETURN v_id;
     END IF;
+    -- One static INSERT per segment rather than EXECUTE format('%I'):
+    -- PL/pgSQL keeps the plans of static statements, EXECUTE plans each call.
     SELECT current INTO v_segment FROM outbox_segments;
     IF v_segment = 1 THEN
         INSERT INTO outbox_s1 (id, app_id, source, topic, payload, headers, run_at,

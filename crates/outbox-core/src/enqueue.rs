@@ -17,14 +17,14 @@ use uuid::Uuid;
 use crate::store::segments;
 use crate::{Error, NewEvent};
 
-/// `$before`, a segment's table name, `$after`: one statement per segment,
-/// in the order of [`segments::TABLES`].
-macro_rules! in_segments {
-    ($before:literal, $after:literal) => {
+/// The statement `$into!(table, $args…)` once for each segment, in the
+/// order of [`segments::TABLES`].
+macro_rules! each_segment {
+    ($into:ident $(, $arg:literal)*) => {
         [
-            concat!($before, "outbox_s0", $after),
-            concat!($before, "outbox_s1", $after),
-            concat!($before, "outbox_s2", $after),
+            $into!("outbox_s0" $(, $arg)*),
+            $into!("outbox_s1" $(, $arg)*),
+            $into!("outbox_s2" $(, $arg)*),
         ]
     };
 }
@@ -59,11 +59,7 @@ const INSERT_ONE: &str = insert_one_into!(
 );
 
 /// [`INSERT_ONE`] into each segment (no idempotency key, nothing to conflict on).
-const INSERT_ONE_SEGMENT: [&str; 3] = [
-    insert_one_into!("outbox_s0", ""),
-    insert_one_into!("outbox_s1", ""),
-    insert_one_into!("outbox_s2", ""),
-];
+const INSERT_ONE_SEGMENT: [&str; 3] = each_segment!(insert_one_into, "");
 
 /// The batch insert into `$table`, then `$conflict` (as [`insert_one_into`]).
 macro_rules! insert_many_into {
@@ -103,31 +99,41 @@ const INSERT_MANY: &str = insert_many_into!(
 );
 
 /// [`INSERT_MANY`] into each segment.
-const INSERT_MANY_SEGMENT: [&str; 3] = [
-    insert_many_into!("outbox_s0", ""),
-    insert_many_into!("outbox_s1", ""),
-    insert_many_into!("outbox_s2", ""),
-];
+const INSERT_MANY_SEGMENT: [&str; 3] = each_segment!(insert_many_into, "");
 
 /// [`INSERT_MANY`] for a batch of plain events (see [`is_plain`]): the other
 /// columns keep their defaults, so thirteen arrays of NULLs are neither sent nor
 /// unpacked, and with no idempotency key nothing can conflict. A plain
 /// event is due now, so it always goes to the current segment.
-const INSERT_MANY_PLAIN: [&str; 3] = in_segments!(
-    "
+macro_rules! insert_many_plain_into {
+    ($table:literal) => {
+        concat!(
+            "
     INSERT INTO ",
-    " (id, app_id, source, topic, payload)
+            $table,
+            " (id, app_id, source, topic, payload)
     SELECT u.id, $1, u.source, u.topic, u.payload
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[]) AS u(id, source, topic, payload)"
-);
+        )
+    };
+}
+
+const INSERT_MANY_PLAIN: [&str; 3] = each_segment!(insert_many_plain_into);
 
 /// The plain batch again, as a binary `COPY` (see [`copy_plain_batch`]).
 /// Defaults, the foreign key to `apps` and the statement-level wake-up
 /// trigger apply to `COPY` as to `INSERT`.
-const COPY_PLAIN: [&str; 3] = in_segments!(
-    "COPY ",
-    " (id, app_id, source, topic, payload) FROM STDIN (FORMAT binary)"
-);
+macro_rules! copy_plain_into {
+    ($table:literal) => {
+        concat!(
+            "COPY ",
+            $table,
+            " (id, app_id, source, topic, payload) FROM STDIN (FORMAT binary)"
+        )
+    };
+}
+
+const COPY_PLAIN: [&str; 3] = each_segment!(copy_plain_into);
 
 /// From this many plain events on, a batch is sent with `COPY` rather than
 /// as arrays unpacked by `unnest`: below it the extra round trip of `COPY`
@@ -136,11 +142,18 @@ const COPY_FROM: usize = 64;
 
 /// [`INSERT_ONE`] for a plain event (see [`is_plain`]): five parameters
 /// instead of eighteen, and nothing to conflict on or return.
-const INSERT_ONE_PLAIN: [&str; 3] = in_segments!(
-    "
+macro_rules! insert_one_plain_into {
+    ($table:literal) => {
+        concat!(
+            "
     INSERT INTO ",
-    " (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)"
-);
+            $table,
+            " (id, app_id, source, topic, payload) VALUES ($1, $2, $3, $4, $5)"
+        )
+    };
+}
+
+const INSERT_ONE_PLAIN: [&str; 3] = each_segment!(insert_one_plain_into);
 
 const FIND_BY_KEY: &str =
     "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";

@@ -128,7 +128,7 @@ pub(super) async fn held_snapshot(ctx: &Ctx) -> anyhow::Result<Outcome> {
         )
         .await?;
     outcome.notes.push(format!(
-        "{dead} dead tuples in outbox while the snapshot was held"
+        "{dead} dead tuples in outbox and its segments while the snapshot was held"
     ));
     Ok(outcome)
 }

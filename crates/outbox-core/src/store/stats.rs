@@ -196,16 +196,22 @@ pub async fn fill_console_dead_letters<'e>(
     .rows_affected())
 }
 
-/// Creates the optional GIN index on `outbox.payload` that serves payload
-/// containment searches (docs/operations.md; in production build it with
-/// `CREATE INDEX CONCURRENTLY`), and analyzes the table.
+/// Creates the optional GIN index on `payload` that serves payload
+/// containment searches, on `outbox` and on each segment (docs/operations.md;
+/// in production build them with `CREATE INDEX CONCURRENTLY`), and analyzes
+/// the tables.
 pub async fn create_payload_index<'e>(db: impl PgExecutor<'e> + Copy) -> Result<(), Error> {
-    sqlx::query(
-        "CREATE INDEX IF NOT EXISTS outbox_payload_idx ON outbox USING gin (payload jsonb_path_ops)",
-    )
-    .execute(db)
-    .await?;
-    sqlx::query("ANALYZE outbox").execute(db).await?;
+    for table in std::iter::once("outbox").chain(super::segments::TABLES) {
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {table}_payload_idx ON {table} \
+             USING gin (payload jsonb_path_ops)"
+        ))
+        .execute(db)
+        .await?;
+    }
+    sqlx::query("ANALYZE outbox, outbox_s0, outbox_s1, outbox_s2")
+        .execute(db)
+        .await?;
     Ok(())
 }
 
