@@ -184,7 +184,7 @@ pub async fn replay_one(
     max_attempts: Option<i32>,
 ) -> Result<Uuid, ApiError> {
     let mut tx = audit::begin(pool).await?;
-    let replayed = dead_letters::replay_with(&mut *tx, app_id, &[id], max_attempts).await?;
+    let replayed = dead_letters::replay_with(&mut tx, app_id, &[id], max_attempts).await?;
     match replayed.first() {
         Some((_, outbox_id)) => {
             let target = id.to_string();
@@ -318,7 +318,7 @@ pub async fn run_bulk(
     let (action, changed) = match body.action.as_str() {
         "replay" => (
             "dead_letter.bulk_replay",
-            dead_letters::replay_with(&mut *tx, app_id, &ids, max_attempts)
+            dead_letters::replay_with(&mut tx, app_id, &ids, max_attempts)
                 .await?
                 .len(),
         ),

@@ -210,7 +210,7 @@ async fn the_dashboard_shows_a_row_escaped_and_leads_to_its_dead_letter() -> Tes
     );
 
     // A replay links the dead letter to the row it made, and back.
-    let replayed = dead_letters::replay(&w.db.pool, w.app_a, &[dl]).await?;
+    let replayed = dead_letters::replay(&mut *w.db.pool.acquire().await?, w.app_a, &[dl]).await?;
     let (_, new_row) = *replayed.first().ok_or("not replayed")?;
     let (_, _, html) = page(&w, &jar, &format!("/apps/app-a/dead-letters/{dl}")).await?;
     assert!(

@@ -1,7 +1,7 @@
 //! Dead letters: listing, reading, counting, resolving and replaying.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use sqlx::{Connection, PgConnection, PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::{DeadLetter, Error};
@@ -249,18 +249,18 @@ pub async fn ignore<'e>(
 /// is published again to its subject (header `outbox-subject`) under the
 /// message id `<original id>:replay:<n>` (header `outbox-msg-id`), `n`
 /// counting the replays of that message.
-pub async fn replay<'e>(
-    db: impl PgExecutor<'e>,
+pub async fn replay(
+    conn: &mut PgConnection,
     app_id: Uuid,
     ids: &[Uuid],
 ) -> Result<Vec<(Uuid, Uuid)>, Error> {
-    replay_with(db, app_id, ids, None).await
+    replay_with(conn, app_id, ids, None).await
 }
 
 /// [`replay`] with the replayed rows' `max_attempts` set to `max_attempts`
 /// instead of the dead letter's own (at least 1).
-pub async fn replay_with<'e>(
-    db: impl PgExecutor<'e>,
+pub async fn replay_with(
+    conn: &mut PgConnection,
     app_id: Uuid,
     ids: &[Uuid],
     max_attempts: Option<i32>,
@@ -273,7 +273,24 @@ pub async fn replay_with<'e>(
             format!("{n} is below the minimum of 1"),
         ));
     }
-    Ok(sqlx::query_as(
+    // Two replays of different dead letters of one message, at once, would
+    // each count the replays committed before them and publish under the
+    // same `:replay:<n>`, and the stream's duplicate window would drop the
+    // second. So replays of one message take turns: the lock (held to the
+    // end of the transaction) comes first, and the statement that counts
+    // starts after it, with a snapshot that sees the earlier replay.
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('outboxd replay ' || m, 0))
+         FROM (SELECT DISTINCT original_event_id::text AS m FROM dead_letters
+               WHERE app_id = $1 AND id = ANY($2) AND source = 'nats' AND resolved_at IS NULL
+               ORDER BY 1) AS messages",
+    )
+    .bind(app_id)
+    .bind(ids)
+    .execute(&mut *tx)
+    .await?;
+    let replayed = sqlx::query_as(
         "WITH resolved AS (
             UPDATE dead_letters
             SET resolution = 'replayed', resolved_at = now(), replayed_as = outbox_uuid_v7()
@@ -316,8 +333,10 @@ pub async fn replay_with<'e>(
     .bind(app_id)
     .bind(ids)
     .bind(max_attempts)
-    .fetch_all(db)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(replayed)
 }
 
 /// Ids of an app's unresolved dead letters matching `filter` (for bulk actions),

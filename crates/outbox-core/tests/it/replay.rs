@@ -32,7 +32,7 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
             .await?,
         );
     }
-    let replayed = dead_letters::replay(&db.pool, shop, &ids).await?;
+    let replayed = dead_letters::replay(&mut *db.pool.acquire().await?, shop, &ids).await?;
     assert_eq!(replayed.len(), 2);
     let mut message_ids: Vec<String> = sqlx::query_scalar(
         "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
@@ -47,6 +47,70 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
             format!("{original}:replay:2")
         ],
         "routed by their own topic, each under its own id"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn replays_of_one_message_at_once_take_turns_and_get_ids_of_their_own() -> TestResult {
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let original = Uuid::now_v7();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            dead_letters::insert_external(
+                &db.pool,
+                &External {
+                    app_id: shop,
+                    original_event_id: original,
+                    source: "nats",
+                    topic: "tenant.shop.order.created",
+                    handler: Some("consume-x"),
+                    payload: &json!({"order": 1}),
+                    headers: &json!({"outbox-topic": "order.created"}),
+                    attempt_count: 3,
+                    last_error: "invalid order",
+                },
+            )
+            .await?,
+        );
+    }
+
+    // The first replay's transaction is still open when the second starts.
+    let mut first = db.pool.begin().await?;
+    dead_letters::replay(&mut first, shop, &ids[..1]).await?;
+    let pool = db.pool.clone();
+    let second_id = ids[1];
+    let second = tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        dead_letters::replay(&mut conn, shop, &[second_id]).await
+    });
+    // The second waits for the first's lock rather than counting without it.
+    let waited = outbox_testkit::wait_until(std::time::Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .is_ok_and(|n| n > 0)
+    })
+    .await;
+    assert!(waited, "the second replay did not wait for the first");
+    first.commit().await?;
+    assert_eq!(second.await??.len(), 1);
+
+    let message_ids: Vec<String> = sqlx::query_scalar(
+        "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        message_ids,
+        [
+            format!("{original}:replay:1"),
+            format!("{original}:replay:2")
+        ]
     );
     Ok(())
 }

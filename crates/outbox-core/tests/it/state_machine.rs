@@ -585,7 +585,10 @@ impl StateMachineTest for RealRows {
             Step::Replay { dead } => {
                 let replayed = real
                     .rt
-                    .block_on(dead_letters::replay(&pool, app, &[real.dead_ids[dead]]))
+                    .block_on(async {
+                        let mut conn = pool.acquire().await?;
+                        dead_letters::replay(&mut conn, app, &[real.dead_ids[dead]]).await
+                    })
                     .expect("replay");
                 if let Some((_, new_id)) = replayed.first() {
                     real.ids.push(*new_id);

@@ -111,7 +111,7 @@ async fn a_dead_letter_being_replayed_is_not_lost_to_the_sweeper() -> TestResult
     let id = dead_letter_aged(&db, app, "40 days").await?;
     // The replay's transaction holds the row while the sweeper runs.
     let mut replay = db.pool.begin().await?;
-    let replayed = dead_letters::replay(&mut *replay, app, &[id]).await?;
+    let replayed = dead_letters::replay(&mut replay, app, &[id]).await?;
     assert_eq!(replayed.len(), 1);
     let report = sweeper(&db, 1000).run_once().await?;
     assert_eq!(report.dead_letters, 0, "a locked row is skipped");

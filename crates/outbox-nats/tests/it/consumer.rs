@@ -583,9 +583,19 @@ async fn a_replayed_consumer_dead_letter_goes_back_to_its_subject_once_per_repla
 
     // Replayed: through the outbox and the relay, to the same subject, under
     // a message id of its own (the original's is still in the duplicate window).
-    let replayed = outbox_core::store::dead_letters::replay(&db.pool, app, &[dead_letter]).await?;
+    let replayed = outbox_core::store::dead_letters::replay(
+        &mut *db.pool.acquire().await?,
+        app,
+        &[dead_letter],
+    )
+    .await?;
     assert_eq!(replayed.len(), 1);
-    let again = outbox_core::store::dead_letters::replay(&db.pool, app, &[dead_letter]).await?;
+    let again = outbox_core::store::dead_letters::replay(
+        &mut *db.pool.acquire().await?,
+        app,
+        &[dead_letter],
+    )
+    .await?;
     assert!(
         again.is_empty(),
         "a second replay of the same dead letter is refused"
