@@ -117,13 +117,14 @@ impl AdminState {
 /// bounded by `state.body_limit`.
 pub fn router(state: AdminState) -> Router {
     let limit = state.body_limit;
+    let secure_cookies = state.auth.secure_cookies;
     api::routes()
         .merge(events_api::routes())
         .merge(invoke::routes())
         .layer(axum::middleware::map_response(move |res| {
             error::json_rejections(res, limit)
         }))
-        .merge(dashboard::routes())
+        .merge(dashboard::routes(secure_cookies))
         .fallback(error::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -14,6 +14,7 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
+use super::flash::Flash;
 use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, checked_form, field, may_operate, query_pairs, viewed_app};
 
@@ -105,66 +106,13 @@ fn count_text(count: RowCount) -> String {
     }
 }
 
-/// What an action just did, from the `done` (and `rows`, `more`) the
-/// redirect after it carries: a fixed message per action, never text from
-/// the address.
-pub(super) fn flash(pairs: &[(String, String)]) -> String {
-    let get = |name: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let rows: usize = get("rows").and_then(|n| n.parse().ok()).unwrap_or(0);
-    let noun = if rows == 1 { "row" } else { "rows" };
-    let more = if get("more") == Some("true") {
-        " More match: run it again for the next 10,000."
-    } else {
-        ""
-    };
-    let text = match get("done") {
-        Some("retry") => format!("Made {rows} {noun} due now.{more}"),
-        Some("cancel") => {
-            format!("Cancelled {rows} {noun}: each is now an ignored dead letter.{more}")
-        }
-        Some("replay") => "Replayed: a new row is in the outbox.".to_owned(),
-        Some("ignore") => "Marked ignored.".to_owned(),
-        Some("bulk") => format!(
-            "Done for {rows} dead {}.",
-            if rows == 1 { "letter" } else { "letters" }
-        ),
-        Some("pause") => {
-            "Paused: processes stop claiming its rows within about a second.".to_owned()
-        }
-        Some("resume") => "Resumed.".to_owned(),
-        Some("limit") => "Limit set.".to_owned(),
-        Some("unlimit") => "Limit removed.".to_owned(),
-        _ => return String::new(),
-    };
-    format!(r#"<p class=flash role=status id=flash>{}</p>"#, esc(&text))
-}
-
-/// A page's query split in two: the flash fields (`done`, `rows`, `more`)
-/// as pairs for [`flash`], and the rest re-encoded for the page's parser.
-pub(super) fn without_flash(raw: Option<&str>) -> (Vec<(String, String)>, String) {
-    let mut rest = form_urlencoded::Serializer::new(String::new());
-    let mut flashed = Vec::new();
-    for (k, v) in query_pairs(raw) {
-        if matches!(k.as_str(), "done" | "rows" | "more") {
-            flashed.push((k, v));
-        } else {
-            rest.append_pair(&k, &v);
-        }
-    }
-    (flashed, rest.finish())
-}
-
 /// `GET /apps/{app}/outbox`: the row browser; with `id`, the row's page.
 pub(super) async fn browse_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
     RawQuery(raw): RawQuery,
+    flash: Flash,
 ) -> Response {
     let pairs = query_pairs(raw.as_deref());
     let result = async {
@@ -228,7 +176,7 @@ pub(super) async fn browse_page(
 <button type=submit>Filter</button> <a href="/apps/{slug}/outbox">clear</a></form>
 <form method=get class=filters><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
 <p id=row-count>{count}</p>"#,
-        flash = flash(&pairs),
+        flash = flash.html(),
         topic = value("topic"),
         ordering_key = value("ordering_key"),
         partition_key = value("partition_key"),

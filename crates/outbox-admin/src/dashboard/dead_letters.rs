@@ -12,10 +12,10 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
-use super::browse::{flash, without_flash};
+use super::flash::{Flash, without_flash};
 use super::render::{error_page, esc, logout_form, page, when};
 use super::rows::attempts_table;
-use super::session::{Session, after_form, checked_form, field, query_pairs, viewed_app};
+use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
     let secs = (chrono::Utc::now() - created).num_seconds().max(0);
@@ -32,8 +32,9 @@ pub(super) async fn list_page(
     session: Session,
     Path(app): Path<String>,
     RawQuery(raw): RawQuery,
+    flash: Flash,
 ) -> Response {
-    let (pairs, rest) = without_flash(raw.as_deref());
+    let rest = without_flash(raw.as_deref());
     let q: ListQuery = match crate::strict::query(Some(&rest)) {
         Ok(q) => q,
         Err(err) => return error_page(&err),
@@ -61,7 +62,7 @@ pub(super) async fn list_page(
 <p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
 <table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
         z = if unresolved == 0 { " zero" } else { "" },
-        flash = flash(&pairs),
+        flash = flash.html(),
         t = esc(q.topic.as_deref().unwrap_or("")),
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
@@ -100,7 +101,7 @@ pub(super) async fn detail_page(
     State(state): State<AdminState>,
     session: Session,
     Path((app, id)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
+    flash: Flash,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -142,7 +143,7 @@ pub(super) async fn detail_page(
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
         logout = logout_form(&session),
-        flash = flash(&query_pairs(raw.as_deref())),
+        flash = flash.html(),
         topic = esc(&row.topic),
         id = row.id,
         orig = row.original_event_id,

@@ -2,7 +2,7 @@
 //! session and CSRF cookies, and sign-out.
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use crate::AdminState;
@@ -12,7 +12,7 @@ use crate::error::ApiError;
 
 use super::render::{error_page, esc, page};
 use super::session::{
-    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token,
+    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token, set_cookie,
 };
 
 /// The sign-in page. Its form carries a CSRF token bound to a cookie set
@@ -52,14 +52,6 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
             if email.is_empty() { "" } else { " autofocus" },
         ),
     )
-}
-
-fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
-        if secure { "; Secure" } else { "" }
-    ))
-    .ok()
 }
 
 pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {

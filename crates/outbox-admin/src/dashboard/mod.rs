@@ -6,8 +6,8 @@
 //! This module holds the routes and the security headers; the pages live
 //! in one file per noun (`apps`, `audit`, `browse`, `dead_letters`, `overview`, `rows`,
 //! `topics`, `triggers`, `accounts`),
-//! sign-in in `login`, the session and form helpers in `session`, and the
-//! HTML helpers in `render`.
+//! sign-in in `login`, the session and form helpers in `session`, an
+//! action's result message in `flash`, and the HTML helpers in `render`.
 
 use axum::Router;
 use axum::http::{HeaderValue, header};
@@ -21,6 +21,7 @@ mod apps;
 mod audit;
 mod browse;
 mod dead_letters;
+mod flash;
 mod login;
 mod overview;
 mod render;
@@ -42,8 +43,9 @@ use self::topics::{change_topic, topic_rows, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
 /// The dashboard routes; every answer carries the security headers (CSP,
-/// nosniff, no-referrer, no-store).
-pub fn routes() -> Router<AdminState> {
+/// nosniff, no-referrer, no-store), and an action's result reaches the next
+/// page in a cookie (`flash`); `secure_cookies` marks cookies `Secure`.
+pub fn routes(secure_cookies: bool) -> Router<AdminState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/apps") }))
         .route("/admin/accounts", get(accounts_page))
@@ -71,6 +73,11 @@ pub fn routes() -> Router<AdminState> {
             get(triggers_page).post(create_trigger),
         )
         .route("/apps/{app}/triggers/{id}/{action}", post(change_trigger))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                flash::carry(secure_cookies, request, next)
+            },
+        ))
         .layer(axum::middleware::map_response(security_headers))
 }
 

@@ -2,7 +2,7 @@
 //! history, with the operator's actions on it (retry now, cancel); a row
 //! that was dead-lettered leads to its dead letter.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use outbox_core::Attempt;
@@ -13,9 +13,9 @@ use uuid::Uuid;
 use crate::AdminState;
 use crate::error::ApiError;
 
-use super::browse::flash;
+use super::flash::Flash;
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, may_operate, query_pairs, viewed_app};
+use super::session::{Session, may_operate, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(when).unwrap_or_default()
@@ -73,7 +73,7 @@ pub(super) async fn row_page(
     State(state): State<AdminState>,
     session: Session,
     Path((app, id)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
+    flash: Flash,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -95,11 +95,10 @@ pub(super) async fn row_page(
         Err(err) => return error_page(&err),
     };
     let slug = esc(&app.slug);
-    let pairs = query_pairs(raw.as_deref());
     let Some(row) = row else {
         if let Some(d) = buried {
             // A row just cancelled from its page: the dead letter shows what happened.
-            let done = if pairs.iter().any(|(k, v)| k == "done" && v == "cancel") {
+            let done = if flash.done() == Some("cancel") {
                 "?done=cancel&rows=1"
             } else {
                 ""
@@ -158,7 +157,7 @@ pub(super) async fn row_page(
         id = row.id,
         state = esc(&row.state),
         due = when(row.due_at),
-        flash = flash(&pairs),
+        flash = flash.html(),
         trace = trace_rows(&row.headers),
         actions = if operator {
             actions(&slug, &session.csrf, &row)

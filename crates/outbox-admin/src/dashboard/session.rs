@@ -3,7 +3,7 @@
 
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 
 use crate::AdminState;
@@ -24,6 +24,21 @@ pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
+}
+
+/// A `Set-Cookie` value for one of the dashboard's cookies: the whole
+/// site, never readable by scripts, never sent from another site's page.
+pub(super) fn set_cookie(
+    name: &str,
+    value: &str,
+    max_age: u64,
+    secure: bool,
+) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    ))
+    .ok()
 }
 
 /// A signed-in operator and the CSRF token of the session.

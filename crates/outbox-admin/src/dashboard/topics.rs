@@ -3,7 +3,7 @@
 //! the paused topics with a resume button and a form to pause one, and the
 //! limited topics with a form to limit one.
 
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use outbox_core::store::{limits, pauses, processes};
 
@@ -13,16 +13,16 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
-use super::browse::flash;
+use super::flash::Flash;
 use super::overview::{Overview, processes_table};
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, after_form, checked_form, field, query_pairs, viewed_app};
+use super::session::{Session, after_form, checked_form, field, viewed_app};
 
 pub(super) async fn topics_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
-    RawQuery(raw): RawQuery,
+    flash: Flash,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -44,7 +44,7 @@ pub(super) async fn topics_page(
         r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/dead-letters?unresolved=true">dead letters</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · topics</h1>{flash}
 <form method=get action="/apps/{slug}/outbox"><label>Row id <input name=id size=38 placeholder="an outbox row id, e.g. from a log line" required></label> <button type=submit>Show the row</button></form>
 <h2>Overview</h2>"#,
-        flash = flash(&query_pairs(raw.as_deref())),
+        flash = flash.html(),
     ));
     body.push_str(&format!(
         r#"<div id=topic-rows data-refresh="/apps/{slug}/topics/rows">{}</div>"#,

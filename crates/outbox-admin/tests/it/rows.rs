@@ -58,6 +58,15 @@ async fn answer(
     w: &World,
     request: Request<Body>,
 ) -> Result<(StatusCode, Option<String>, String), Box<dyn std::error::Error>> {
+    let (status, location, _, html) = answer_with_flash(w, request).await?;
+    Ok((status, location, html))
+}
+
+/// [`answer`], with the flash cookie the answer set (`name=value`), if any.
+async fn answer_with_flash(
+    w: &World,
+    request: Request<Body>,
+) -> Result<(StatusCode, Option<String>, Option<String>, String), Box<dyn std::error::Error>> {
     let res = outbox_admin::router(w.state.clone())
         .oneshot(request)
         .await?;
@@ -67,12 +76,42 @@ async fn answer(
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let flash = res
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|c| c.starts_with("outboxd_flash="))
+        .map(str::to_owned);
     let html = String::from_utf8(
         axum::body::to_bytes(res.into_body(), 1 << 20)
             .await?
             .to_vec(),
     )?;
-    Ok((status, location, html))
+    Ok((status, location, flash, html))
+}
+
+/// Follows a redirect as a browser does: to `to`, with the flash cookie
+/// the redirect set.
+async fn follow(
+    w: &World,
+    jar: &str,
+    to: Option<String>,
+    flash: Option<String>,
+) -> Result<(StatusCode, Option<String>, Option<String>, String), Box<dyn std::error::Error>> {
+    let to = to.ok_or("no redirect")?;
+    let jar = match flash {
+        Some(flash) => format!("{jar}; {flash}"),
+        None => jar.to_owned(),
+    };
+    answer_with_flash(
+        w,
+        Request::get(to)
+            .header(header::COOKIE, jar)
+            .body(Body::empty())?,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -503,6 +542,20 @@ async fn post_form(
     answer(w, request).await
 }
 
+/// [`post_form`], with the flash cookie the answer set.
+async fn post_form_with_flash(
+    w: &World,
+    jar: &str,
+    uri: &str,
+    form: &str,
+) -> Result<(StatusCode, Option<String>, Option<String>, String), Box<dyn std::error::Error>> {
+    let request = Request::post(uri)
+        .header(header::COOKIE, jar)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()))?;
+    answer_with_flash(w, request).await
+}
+
 #[tokio::test]
 async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_count() -> TestResult
 {
@@ -589,7 +642,7 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
         "nothing changed yet"
     );
     // Confirmed: done, and the browser says so.
-    let (s, to, _) = post_form(
+    let (s, to, flash, _) = post_form_with_flash(
         &w,
         &operator,
         "/apps/app-a/outbox/bulk",
@@ -597,12 +650,37 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     )
     .await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
-    let to = to.ok_or("no redirect")?;
-    assert!(to.contains("done=cancel&rows=15"), "{to}");
-    let (_, _, html) = page(&w, &operator, &to).await?;
+    // The result travels in a cookie, not in the address.
+    assert!(
+        to.as_deref().is_some_and(|to| !to.contains("done=")),
+        "{to:?}"
+    );
+    assert!(
+        flash
+            .as_deref()
+            .is_some_and(|f| f.contains("done=cancel&rows=15")),
+        "{flash:?}"
+    );
+    let (_, _, cleared, html) = follow(&w, &operator, to.clone(), flash).await?;
     assert!(html.contains("id=flash>Cancelled 15 rows"), "{html}");
+    assert_eq!(
+        cleared.as_deref(),
+        Some("outboxd_flash="),
+        "shown once, then cleared"
+    );
     assert!(
         html.contains("<p id=row-count>0 rows</p>") || html.contains("id=rows-empty"),
+        "{html}"
+    );
+    // A link that names a result shows none: only an action sets one.
+    let (_, _, html) = page(
+        &w,
+        &operator,
+        &format!("{}&done=cancel&rows=10000", to.ok_or("no redirect")?),
+    )
+    .await?;
+    assert!(
+        html.contains("<h1>app-a · rows</h1>") && !html.contains("id=flash"),
         "{html}"
     );
     // A cancel without a reason, a viewer, a forged form: refused.
@@ -649,7 +727,7 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     );
     let (_, _, html) = page(&w, &viewer, &format!("/apps/app-a/outbox/{id}")).await?;
     assert!(!html.contains("id=retry-now"), "viewers get no actions");
-    let (s, to, _) = post_form(
+    let (s, to, flash, _) = post_form_with_flash(
         &w,
         &operator,
         &format!("/apps/app-a/outbox/{id}/retry"),
@@ -657,7 +735,7 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     )
     .await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
-    let (_, _, html) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
     assert!(
         html.contains("id=flash>Made 1 row due now.") && html.contains("<td id=state>due</td>"),
         "{html}"
@@ -670,7 +748,7 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     )
     .await?;
     assert_eq!(s, StatusCode::BAD_REQUEST, "unconfirmed");
-    let (s, to, _) = post_form(
+    let (s, to, flash, _) = post_form_with_flash(
         &w,
         &operator,
         &format!("/apps/app-a/outbox/{id}/cancel"),
@@ -678,13 +756,13 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     )
     .await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
-    let (s, to, _) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    let (s, to, flash, _) = follow(&w, &operator, to, flash).await?;
     assert_eq!(
         s,
         StatusCode::SEE_OTHER,
         "a cancelled row leads to its dead letter"
     );
-    let (_, _, html) = page(&w, &operator, &to.ok_or("no redirect")?).await?;
+    let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
     assert!(
         html.contains("id=flash>Cancelled 1 row") && html.contains("<b id=resolution>ignored</b>"),
         "{html}"

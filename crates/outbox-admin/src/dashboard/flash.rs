@@ -1,0 +1,150 @@
+//! What an action just did, shown once on the page it leads to.
+//!
+//! An action's handler names its result in the address it redirects to
+//! (`done`, `rows`, `more`); [`carry`] moves those fields out of the address
+//! into a short-lived cookie before the answer leaves, the next page reads
+//! them from the cookie ([`Flash`]), and [`carry`] clears it once a page has
+//! been answered. Fields in an address are never read: a link someone else
+//! made cannot have a page report an action that did not happen.
+
+use std::convert::Infallible;
+
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::render::esc;
+use super::session::{cookie, query_pairs, set_cookie};
+
+const FLASH_COOKIE: &str = "outboxd_flash";
+
+/// The result fields an action puts in its redirect.
+const FIELDS: [&str; 3] = ["done", "rows", "more"];
+
+/// Long enough for the browser to follow the redirect, short enough that
+/// a result not shown (an error page came between) does not turn up later.
+const MAX_AGE_SECS: u64 = 30;
+
+/// The result of the action that led to this page, from the flash cookie.
+#[derive(Debug, Default)]
+pub(super) struct Flash(Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Flash {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let pairs = cookie(&parts.headers, FLASH_COOKIE)
+            .map(|value| {
+                form_urlencoded::parse(value.as_bytes())
+                    .into_owned()
+                    .filter(|(k, _)| FIELDS.contains(&k.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self(pairs))
+    }
+}
+
+impl Flash {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The action that was done (`retry`, `cancel`, `replay`, …), if any.
+    pub(super) fn done(&self) -> Option<&str> {
+        self.get("done")
+    }
+
+    /// The message for the page: a fixed text per action with its row count,
+    /// or nothing.
+    pub(super) fn html(&self) -> String {
+        let rows: usize = self.get("rows").and_then(|n| n.parse().ok()).unwrap_or(0);
+        let noun = if rows == 1 { "row" } else { "rows" };
+        let more = if self.get("more") == Some("true") {
+            " More match: run it again for the next 10,000."
+        } else {
+            ""
+        };
+        let text = match self.done() {
+            Some("retry") => format!("Made {rows} {noun} due now.{more}"),
+            Some("cancel") => {
+                format!("Cancelled {rows} {noun}: each is now an ignored dead letter.{more}")
+            }
+            Some("replay") => "Replayed: a new row is in the outbox.".to_owned(),
+            Some("ignore") => "Marked ignored.".to_owned(),
+            Some("bulk") => format!(
+                "Done for {rows} dead {}.",
+                if rows == 1 { "letter" } else { "letters" }
+            ),
+            Some("pause") => {
+                "Paused: processes stop claiming its rows within about a second.".to_owned()
+            }
+            Some("resume") => "Resumed.".to_owned(),
+            Some("limit") => "Limit set.".to_owned(),
+            Some("unlimit") => "Limit removed.".to_owned(),
+            _ => return String::new(),
+        };
+        format!(r#"<p class=flash role=status id=flash>{}</p>"#, esc(&text))
+    }
+}
+
+/// A page's query without the result fields, re-encoded for the page's
+/// parser (an older link may still carry them; they mean nothing here).
+pub(super) fn without_flash(raw: Option<&str>) -> String {
+    let mut rest = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query_pairs(raw) {
+        if !FIELDS.contains(&k.as_str()) {
+            rest.append_pair(&k, &v);
+        }
+    }
+    rest.finish()
+}
+
+/// The dashboard's layer for results: a redirect whose address carries
+/// result fields goes out without them and sets the flash cookie instead;
+/// any other answer to a request that brought the cookie clears it.
+pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Response {
+    let brought = cookie(request.headers(), FLASH_COOKIE).is_some();
+    let mut response = next.run(request).await;
+    if response.status().is_redirection() {
+        let to = response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once('?'))
+            .map(|(path, query)| (path.to_owned(), query.to_owned()));
+        if let Some((path, query)) = to {
+            let mut result = form_urlencoded::Serializer::new(String::new());
+            let mut found = false;
+            for (k, v) in query_pairs(Some(&query)) {
+                if FIELDS.contains(&k.as_str()) {
+                    result.append_pair(&k, &v);
+                    found = true;
+                }
+            }
+            if found {
+                let rest = without_flash(Some(&query));
+                let location = if rest.is_empty() {
+                    path
+                } else {
+                    format!("{path}?{rest}")
+                };
+                let headers = response.headers_mut();
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    headers.insert(header::LOCATION, location);
+                }
+                if let Some(c) = set_cookie(FLASH_COOKIE, &result.finish(), MAX_AGE_SECS, secure) {
+                    headers.append(header::SET_COOKIE, c);
+                }
+            }
+        }
+    } else if brought && let Some(c) = set_cookie(FLASH_COOKIE, "", 0, secure) {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
