@@ -229,7 +229,7 @@ const RAW_TAKE: &str = "WITH picked AS (
     SELECT tableoid, ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
     ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
 DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    AND (o.tableoid, o.ctid) = ANY (ARRAY(SELECT (tableoid, ctid) FROM picked))
+    AND (o.tableoid, o.ctid) IN (SELECT tableoid, ctid FROM picked)
 RETURNING id, topic";
 
 /// How long a latency sample may wait for its taker before the run counts

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use outboxd::config::Settings;
 
 use super::{noop, spawn_producers};
-use crate::support::RAW_DELETE;
+use crate::support::RAW_DELETE_ALL;
 
 /// Who drains the queue during a steady run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +159,7 @@ async fn hold_xmin(pool: &PgPool) -> anyhow::Result<sqlx::PgConnection> {
 async fn raw_consumer(pool: PgPool, app: Uuid, stop: CancellationToken) -> anyhow::Result<()> {
     loop {
         // Baseline: the raw-SQL ceiling's statement, plain SQL on purpose.
-        let n = sqlx::query(RAW_DELETE)
+        let n = sqlx::query(RAW_DELETE_ALL)
             .bind(app)
             .execute(&pool)
             .await?

@@ -298,11 +298,14 @@ const CLAIMED_COLUMNS: usize = 20;
 /// That the row `o` is one of the rows of the CTE `picked` (its columns
 /// `tableoid` and `ctid`). A `ctid` names a row within one table only, and
 /// `outbox` has its segments as children (migration 0032): each table is
-/// reached by a TID scan of the picked `ctid`s, and keeps those of its own.
+/// reached by a TID scan of the picked `ctid`s, and keeps those of its own
+/// through a hash join on both columns. (Comparing each row with an array
+/// of `(tableoid, ctid)` records instead cost a record comparison per pair:
+/// a quarter of a million for a batch of 500, most of a claim's time.)
 macro_rules! in_picked {
     () => {
         "o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
-  AND (o.tableoid, o.ctid) = ANY (ARRAY(SELECT (tableoid, ctid) FROM picked))"
+  AND (o.tableoid, o.ctid) IN (SELECT tableoid, ctid FROM picked)"
     };
 }
 
