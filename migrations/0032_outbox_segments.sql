@@ -133,7 +133,10 @@ BEGIN
         ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING id INTO v_id;
         IF v_id IS NULL THEN
-            SELECT id INTO v_id FROM outbox
+            -- ONLY: keys live in outbox itself, and reading the segments
+            -- would hold their locks, and so hold off rotation, until the
+            -- caller's transaction ends.
+            SELECT id INTO v_id FROM ONLY outbox
             WHERE app_id = v_app_id AND idempotency_key = p_idempotency_key;
         END IF;
         RETURN v_id;

@@ -155,8 +155,11 @@ macro_rules! insert_one_plain_into {
 
 const INSERT_ONE_PLAIN: [&str; 3] = each_segment!(insert_one_plain_into);
 
+/// `ONLY`: keys live in `outbox` itself (see [`segments`]), and reading the
+/// segments would hold their locks, and so hold off their rotation, until
+/// the producer's transaction ends.
 const FIND_BY_KEY: &str =
-    "SELECT idempotency_key, id FROM outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
+    "SELECT idempotency_key, id FROM ONLY outbox WHERE app_id = $1 AND idempotency_key = ANY($2)";
 
 /// How often an idempotent enqueue retries when the row it collided with
 /// disappears (completed) between the insert and the look-up.

@@ -395,9 +395,15 @@ pub async fn replay_due(
     conn: &mut sqlx::PgConnection,
     limit: i64,
 ) -> Result<Vec<(Uuid, Uuid)>, Error> {
+    // Rows are locked before their message's replay lock here, the other
+    // way round from an operator's replay ([`replay_with`]); so this side
+    // never waits: it skips a message whose lock is taken (try), as it skips
+    // a locked row, and the lock it then asks for again is its own.
     let due: Vec<(Uuid, Uuid)> = sqlx::query_as(
         "SELECT id, app_id FROM dead_letters
          WHERE replay_due_at <= now() AND resolved_at IS NULL
+           AND (source <> 'nats' OR pg_try_advisory_xact_lock(
+                    hashtextextended('outboxd replay ' || original_event_id::text, 0)))
          ORDER BY replay_due_at
          LIMIT $1
          FOR UPDATE SKIP LOCKED",

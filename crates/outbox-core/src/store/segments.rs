@@ -111,9 +111,12 @@ pub enum Rotation {
 /// Empties the segment after the current one and makes it current, when the
 /// current one is older than `policy.period`.
 ///
-/// Rows not leased are moved to `outbox` in batches first, each row deleted
-/// and inserted in one statement (locked rows are skipped), without the
-/// segment's exclusive lock. Then, in one transaction under
+/// Rows without a lease holder (`locked_by`: never claimed, or released for
+/// a retry) are moved to `outbox` in batches first, each row deleted and
+/// inserted in one statement (locked rows are skipped), without the
+/// segment's exclusive lock. A row whose lease has expired may still have
+/// its handler running, and a completion waiting on the move would not
+/// follow the row to `outbox`, so such rows wait for the locked step. Then, in one transaction under
 /// `policy.lock_timeout`: lock the segment, move what is left (leased rows:
 /// no completion can be half-way through them while the lock is held, and
 /// one that starts after the commit finds them in `outbox` by id and
@@ -138,7 +141,7 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
         let batch = sqlx::query(&format!(
             "WITH picked AS (
                 SELECT ctid FROM {table}
-                WHERE locked_until IS NULL OR locked_until < now()
+                WHERE locked_by IS NULL
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
              ), gone AS (
@@ -179,13 +182,22 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
     sqlx::query(&format!("TRUNCATE {table}"))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    // Only from the segment read above: a rotator that lost leadership while
+    // it waited must not switch back and empty the segment now current.
+    let switched = sqlx::query(
         "UPDATE outbox_segments
-         SET current = $1, switched_at = now(), rotations = rotations + 1",
+         SET current = $1, switched_at = now(), rotations = rotations + 1
+         WHERE current = $2",
     )
     .bind(next as i16)
+    .bind(current)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if switched == 0 {
+        tx.rollback().await?;
+        return Ok(Rotation::NotDue);
+    }
     tx.commit().await?;
     Ok(Rotation::Rotated {
         segment: next,

@@ -114,3 +114,70 @@ async fn replays_of_one_message_at_once_take_turns_and_get_ids_of_their_own() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_automatic_replay_skips_a_message_an_operator_is_replaying_instead_of_waiting()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let original = Uuid::now_v7();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            dead_letters::insert_external(
+                &db.pool,
+                &External {
+                    app_id: shop,
+                    original_event_id: original,
+                    source: "nats",
+                    topic: "tenant.shop.order.created",
+                    handler: Some("consume-x"),
+                    payload: &json!({"order": 1}),
+                    headers: &json!({"outbox-topic": "order.created"}),
+                    attempt_count: 3,
+                    last_error: "invalid order",
+                },
+            )
+            .await?,
+        );
+    }
+    sqlx::query(
+        "UPDATE dead_letters SET replay_due_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(ids[1])
+    .execute(&db.pool)
+    .await?;
+
+    // An operator's replay of the first holds the message's turn...
+    let mut operator = db.pool.begin().await?;
+    dead_letters::replay(&mut operator, shop, &ids[..1]).await?;
+    // ...so the automatic replay passes the second by, at once.
+    let mut replayer = db.pool.begin().await?;
+    let replayed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        dead_letters::replay_due(&mut replayer, 100),
+    )
+    .await??;
+    assert!(replayed.is_empty(), "{replayed:?}");
+    replayer.commit().await?;
+    operator.commit().await?;
+
+    // Its next pass replays it, under the next number.
+    let mut replayer = db.pool.begin().await?;
+    let replayed = dead_letters::replay_due(&mut replayer, 100).await?;
+    replayer.commit().await?;
+    assert_eq!(replayed.len(), 1);
+    let message_ids: Vec<String> = sqlx::query_scalar(
+        "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        message_ids,
+        [
+            format!("{original}:replay:1"),
+            format!("{original}:replay:2")
+        ]
+    );
+    Ok(())
+}
