@@ -66,9 +66,26 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 
 /// Applies every pending migration. Run it once at start (it is safe to run
 /// from several processes and skips what is applied).
+///
+/// Runs on a connection of its own, closed when a migration fails: the
+/// migrator holds a session advisory lock while it works and does not give
+/// it back on an error, so a pooled connection would keep it and the next
+/// attempt (a retry once the cause is gone, e.g. a dispatcher of an earlier
+/// version stopped; see migration 0032) would wait for it forever.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
-    MIGRATOR.run(pool).await?;
-    Ok(())
+    use sqlx::Connection;
+    let mut conn = pool.acquire().await?.detach();
+    match MIGRATOR.run(&mut conn).await {
+        Ok(()) => {
+            conn.close().await?;
+            Ok(())
+        }
+        Err(err) => {
+            // The error that matters is the migration's, not the close's.
+            let _ = conn.close().await;
+            Err(err.into())
+        }
+    }
 }
 
 /// The app (tenant) with this slug, created with `name` if it does not exist
