@@ -2,9 +2,10 @@
 //!
 //! An action's handler names its result in the address it redirects to
 //! (`done`, `rows`, `more`); [`carry`] moves those fields out of the address
-//! into a short-lived cookie before the answer leaves, the next page reads
-//! them from the cookie ([`Flash`]), and [`carry`] clears it once a page has
-//! been answered. Fields in an address are never read: a link someone else
+//! into a short-lived cookie for that page's path before the answer leaves,
+//! the page reads them from the cookie ([`Flash`]), and [`carry`] clears it
+//! once the page has been answered. (The path keeps requests for other
+//! pages, such as another tab's, from taking the message first.) Fields in an address are never read: a link someone else
 //! made cannot have a page report an action that did not happen.
 
 use std::convert::Infallible;
@@ -16,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::render::esc;
-use super::session::{cookie, query_pairs, set_cookie};
+use super::session::{cookie, query_pairs, set_cookie_at};
 
 const FLASH_COOKIE: &str = "outboxd_flash";
 
@@ -110,6 +111,7 @@ pub(super) fn without_flash(raw: Option<&str>) -> String {
 /// any other answer to a request that brought the cookie clears it.
 pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Response {
     let brought = cookie(request.headers(), FLASH_COOKIE).is_some();
+    let requested = request.uri().path().to_owned();
     let mut response = next.run(request).await;
     if response.status().is_redirection() {
         let to = response
@@ -130,7 +132,7 @@ pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Respons
             if found {
                 let rest = without_flash(Some(&query));
                 let location = if rest.is_empty() {
-                    path
+                    path.clone()
                 } else {
                     format!("{path}?{rest}")
                 };
@@ -138,12 +140,13 @@ pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Respons
                 if let Ok(location) = HeaderValue::from_str(&location) {
                     headers.insert(header::LOCATION, location);
                 }
-                if let Some(c) = set_cookie(FLASH_COOKIE, &result.finish(), MAX_AGE_SECS, secure) {
+                let result = result.finish();
+                if let Some(c) = set_cookie_at(FLASH_COOKIE, &result, &path, MAX_AGE_SECS, secure) {
                     headers.append(header::SET_COOKIE, c);
                 }
             }
         }
-    } else if brought && let Some(c) = set_cookie(FLASH_COOKIE, "", 0, secure) {
+    } else if brought && let Some(c) = set_cookie_at(FLASH_COOKIE, "", &requested, 0, secure) {
         response.headers_mut().append(header::SET_COOKIE, c);
     }
     response

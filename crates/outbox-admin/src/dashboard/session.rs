@@ -34,8 +34,25 @@ pub(super) fn set_cookie(
     max_age: u64,
     secure: bool,
 ) -> Option<HeaderValue> {
+    set_cookie_at(name, value, "/", max_age, secure)
+}
+
+/// [`set_cookie`] for the pages under `path` only (a path of other
+/// characters than letters, digits and `/-_.~%` is taken as `/`).
+pub(super) fn set_cookie_at(
+    name: &str,
+    value: &str,
+    path: &str,
+    max_age: u64,
+    secure: bool,
+) -> Option<HeaderValue> {
+    let plain = path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~%".contains(&b));
+    let path = if plain { path } else { "/" };
     HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
         if secure { "; Secure" } else { "" }
     ))
     .ok()
