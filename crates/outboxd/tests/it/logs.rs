@@ -234,9 +234,12 @@ async fn logs_show_retries_and_dead_letters_without_noise() -> TestResult {
         .split("shutdown signal received")
         .nth(1)
         .ok_or("no shutdown line")?;
+    // A row that reaches its last attempt while the process drains is still
+    // dead-lettered and logged as such: that line is the work's, not the stop's.
     assert!(
         !after_stop
             .lines()
+            .filter(|l| !l.contains("outbox_dispatch::failure_log"))
             .any(|l| l.contains(" WARN ") || l.contains(" ERROR ")),
         "a clean stop warned:\n{after_stop}"
     );
