@@ -7,10 +7,12 @@ use uuid::Uuid;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-#[tokio::test]
-async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call() -> TestResult {
-    let db = TestDb::new().await?;
-    let shop = db.app("shop").await?;
+/// Two dead letters of the consumer runtime for one message of `app`
+/// (a message given up twice): its id and theirs.
+async fn two_dead_letters_of_one_message(
+    db: &TestDb,
+    app: Uuid,
+) -> Result<(Uuid, Vec<Uuid>), Box<dyn std::error::Error>> {
     let original = Uuid::now_v7();
     let mut ids = Vec::new();
     for _ in 0..2 {
@@ -18,7 +20,7 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
             dead_letters::insert_external(
                 &db.pool,
                 &External {
-                    app_id: shop,
+                    app_id: app,
                     original_event_id: original,
                     source: "nats",
                     topic: "tenant.shop.order.created",
@@ -32,13 +34,26 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
             .await?,
         );
     }
-    let replayed = dead_letters::replay(&mut *db.pool.acquire().await?, shop, &ids).await?;
-    assert_eq!(replayed.len(), 2);
-    let mut message_ids: Vec<String> = sqlx::query_scalar(
+    Ok((original, ids))
+}
+
+/// The message ids of the rows the replays enqueued, in order.
+async fn replayed_message_ids(db: &TestDb) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
         "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
     )
     .fetch_all(&db.pool)
-    .await?;
+    .await
+}
+
+#[tokio::test]
+async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call() -> TestResult {
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let (original, ids) = two_dead_letters_of_one_message(&db, shop).await?;
+    let replayed = dead_letters::replay(&mut *db.pool.acquire().await?, shop, &ids).await?;
+    assert_eq!(replayed.len(), 2);
+    let mut message_ids = replayed_message_ids(&db).await?;
     message_ids.dedup();
     assert_eq!(
         message_ids,
@@ -55,27 +70,7 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
 async fn replays_of_one_message_at_once_take_turns_and_get_ids_of_their_own() -> TestResult {
     let db = TestDb::new().await?;
     let shop = db.app("shop").await?;
-    let original = Uuid::now_v7();
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        ids.push(
-            dead_letters::insert_external(
-                &db.pool,
-                &External {
-                    app_id: shop,
-                    original_event_id: original,
-                    source: "nats",
-                    topic: "tenant.shop.order.created",
-                    handler: Some("consume-x"),
-                    payload: &json!({"order": 1}),
-                    headers: &json!({"outbox-topic": "order.created"}),
-                    attempt_count: 3,
-                    last_error: "invalid order",
-                },
-            )
-            .await?,
-        );
-    }
+    let (original, ids) = two_dead_letters_of_one_message(&db, shop).await?;
 
     // The first replay's transaction is still open when the second starts.
     let mut first = db.pool.begin().await?;
@@ -100,11 +95,7 @@ async fn replays_of_one_message_at_once_take_turns_and_get_ids_of_their_own() ->
     first.commit().await?;
     assert_eq!(second.await??.len(), 1);
 
-    let message_ids: Vec<String> = sqlx::query_scalar(
-        "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
-    )
-    .fetch_all(&db.pool)
-    .await?;
+    let message_ids = replayed_message_ids(&db).await?;
     assert_eq!(
         message_ids,
         [
@@ -120,27 +111,7 @@ async fn the_automatic_replay_skips_a_message_an_operator_is_replaying_instead_o
 -> TestResult {
     let db = TestDb::new().await?;
     let shop = db.app("shop").await?;
-    let original = Uuid::now_v7();
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        ids.push(
-            dead_letters::insert_external(
-                &db.pool,
-                &External {
-                    app_id: shop,
-                    original_event_id: original,
-                    source: "nats",
-                    topic: "tenant.shop.order.created",
-                    handler: Some("consume-x"),
-                    payload: &json!({"order": 1}),
-                    headers: &json!({"outbox-topic": "order.created"}),
-                    attempt_count: 3,
-                    last_error: "invalid order",
-                },
-            )
-            .await?,
-        );
-    }
+    let (original, ids) = two_dead_letters_of_one_message(&db, shop).await?;
     sqlx::query(
         "UPDATE dead_letters SET replay_due_at = now() - interval '1 second' WHERE id = $1",
     )
@@ -167,11 +138,7 @@ async fn the_automatic_replay_skips_a_message_an_operator_is_replaying_instead_o
     let replayed = dead_letters::replay_due(&mut replayer, 100).await?;
     replayer.commit().await?;
     assert_eq!(replayed.len(), 1);
-    let message_ids: Vec<String> = sqlx::query_scalar(
-        "SELECT headers->>'outbox-msg-id' FROM outbox WHERE topic = 'order.created' ORDER BY 1",
-    )
-    .fetch_all(&db.pool)
-    .await?;
+    let message_ids = replayed_message_ids(&db).await?;
     assert_eq!(
         message_ids,
         [
