@@ -5,8 +5,9 @@
 //! into a short-lived cookie for that page's path before the answer leaves,
 //! the page reads them from the cookie ([`Flash`]), and [`carry`] clears it
 //! once the page has been answered. (The path keeps requests for other
-//! pages, such as another tab's, from taking the message first.) Fields in an address are never read: a link someone else
-//! made cannot have a page report an action that did not happen.
+//! pages, such as another tab's, from taking the message first.) Fields in
+//! an address are never read: a link someone else made cannot have a page
+//! report an action that did not happen.
 
 use std::convert::Infallible;
 
@@ -94,16 +95,25 @@ impl Flash {
     }
 }
 
+/// A query split in two, each re-encoded: its result fields, and the rest.
+fn split(raw: Option<&str>) -> (String, String) {
+    let mut fields = form_urlencoded::Serializer::new(String::new());
+    let mut rest = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query_pairs(raw) {
+        let to = if FIELDS.contains(&k.as_str()) {
+            &mut fields
+        } else {
+            &mut rest
+        };
+        to.append_pair(&k, &v);
+    }
+    (fields.finish(), rest.finish())
+}
+
 /// A page's query without the result fields, re-encoded for the page's
 /// parser (an older link may still carry them; they mean nothing here).
 pub(super) fn without_flash(raw: Option<&str>) -> String {
-    let mut rest = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in query_pairs(raw) {
-        if !FIELDS.contains(&k.as_str()) {
-            rest.append_pair(&k, &v);
-        }
-    }
-    rest.finish()
+    split(raw).1
 }
 
 /// The dashboard's layer for results: a redirect whose address carries
@@ -121,16 +131,8 @@ pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Respons
             .and_then(|v| v.split_once('?'))
             .map(|(path, query)| (path.to_owned(), query.to_owned()));
         if let Some((path, query)) = to {
-            let mut result = form_urlencoded::Serializer::new(String::new());
-            let mut found = false;
-            for (k, v) in query_pairs(Some(&query)) {
-                if FIELDS.contains(&k.as_str()) {
-                    result.append_pair(&k, &v);
-                    found = true;
-                }
-            }
-            if found {
-                let rest = without_flash(Some(&query));
+            let (result, rest) = split(Some(&query));
+            if !result.is_empty() {
                 let location = if rest.is_empty() {
                     path.clone()
                 } else {
@@ -140,7 +142,6 @@ pub(super) async fn carry(secure: bool, request: Request, next: Next) -> Respons
                 if let Ok(location) = HeaderValue::from_str(&location) {
                     headers.insert(header::LOCATION, location);
                 }
-                let result = result.finish();
                 if let Some(c) = set_cookie_at(FLASH_COOKIE, &result, &path, MAX_AGE_SECS, secure) {
                     headers.append(header::SET_COOKIE, c);
                 }

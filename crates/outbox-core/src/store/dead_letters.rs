@@ -6,6 +6,14 @@ use uuid::Uuid;
 
 use crate::{DeadLetter, Error};
 
+/// The advisory-lock key for replays of the consumer message whose id (as
+/// text) is `$message`: replays of one message take turns on it.
+macro_rules! replay_turn {
+    ($message:literal) => {
+        concat!("hashtextextended('outboxd replay ' || ", $message, ", 0)")
+    };
+}
+
 const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, handler, \
      payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
      resolved_at, resolution, max_attempts, attempts, replayed_as";
@@ -280,12 +288,14 @@ pub async fn replay_with(
     // end of the transaction) comes first, and the statement that counts
     // starts after it, with a snapshot that sees the earlier replay.
     let mut tx = conn.begin().await?;
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('outboxd replay ' || m, 0))
+    sqlx::query(concat!(
+        "SELECT pg_advisory_xact_lock(",
+        replay_turn!("m"),
+        ")
          FROM (SELECT DISTINCT original_event_id::text AS m FROM dead_letters
                WHERE app_id = $1 AND id = ANY($2) AND source = 'nats' AND resolved_at IS NULL
-               ORDER BY 1) AS messages",
-    )
+               ORDER BY 1) AS messages"
+    ))
     .bind(app_id)
     .bind(ids)
     .execute(&mut *tx)
@@ -399,15 +409,16 @@ pub async fn replay_due(
     // way round from an operator's replay ([`replay_with`]); so this side
     // never waits: it skips a message whose lock is taken (try), as it skips
     // a locked row, and the lock it then asks for again is its own.
-    let due: Vec<(Uuid, Uuid)> = sqlx::query_as(
+    let due: Vec<(Uuid, Uuid)> = sqlx::query_as(concat!(
         "SELECT id, app_id FROM dead_letters
          WHERE replay_due_at <= now() AND resolved_at IS NULL
-           AND (source <> 'nats' OR pg_try_advisory_xact_lock(
-                    hashtextextended('outboxd replay ' || original_event_id::text, 0)))
+           AND (source <> 'nats' OR pg_try_advisory_xact_lock(",
+        replay_turn!("original_event_id::text"),
+        "))
          ORDER BY replay_due_at
          LIMIT $1
-         FOR UPDATE SKIP LOCKED",
-    )
+         FOR UPDATE SKIP LOCKED"
+    ))
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
