@@ -77,6 +77,50 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
     Ok(())
 }
 
+/// A completion that waits on a takeover of its row (a claim by another
+/// worker once the lease ran out, which bumps the fencing token) checks the
+/// token again on the row's newest version and leaves the row to its new
+/// holder.
+#[tokio::test]
+async fn a_completion_waiting_on_a_takeover_leaves_the_row_to_its_new_holder() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let claimed = store::claim(&db.pool, "w", 1, Duration::from_secs(30)).await?;
+    let lease = claimed.first().ok_or("nothing claimed")?.lease();
+    let mut takeover = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    sqlx::query("BEGIN").execute(&mut takeover).await?;
+    sqlx::query("UPDATE outbox SET lease_token = lease_token + 1, locked_by = 'v' WHERE id = $1")
+        .bind(lease.id)
+        .execute(&mut takeover)
+        .await?;
+    let pool = db.pool.clone();
+    let end = tokio::spawn(async move { store::complete(&pool, &[lease]).await });
+    let waiting = wait_until(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(waiting, "the completion did not wait for the takeover");
+    sqlx::query("COMMIT").execute(&mut takeover).await?;
+    takeover.close().await?;
+    assert!(
+        end.await??.is_empty(),
+        "a fenced completion deleted the row"
+    );
+    let holder: Option<String> = sqlx::query_scalar("SELECT locked_by FROM outbox WHERE id = $1")
+        .bind(lease.id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(holder.as_deref(), Some("v"));
+    Ok(())
+}
+
 /// The `n`th end of a lease: a completion, a retry, then a dead-lettering.
 async fn end_lease(pool: &PgPool, n: usize, lease: Lease) -> Result<Vec<Uuid>, outbox_core::Error> {
     match n {

@@ -454,7 +454,7 @@ async fn claim_loops_claim_on_connections_of_their_own_that_end_with_the_dispatc
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database()
-               AND query LIKE 'WITH found AS%' AND query LIKE '%picked AS%'",
+               AND query LIKE 'WITH done AS%' AND query LIKE '%picked AS%'",
         )
         .fetch_one(&db.pool)
         .await
