@@ -321,6 +321,10 @@ pub struct ClaimedEvent {
     pub registered_by_principal: Option<String>,
     /// Enqueue time.
     pub created_at: DateTime<Utc>,
+    /// When the row became due as stored (a priority moves it earlier):
+    /// with `id`, its place in the claim order. `None` for a `run_at` that
+    /// is not a finite time (`-infinity` is allowed).
+    pub run_at: Option<DateTime<Utc>>,
 }
 
 impl ClaimedEvent {

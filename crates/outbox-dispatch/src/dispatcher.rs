@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     // many times it has found something.
     pub(crate) rewound: Mutex<Positions>,
     pub(crate) rewound_generation: AtomicU64,
+    // Past the last row the process's claims took, per app (`ClaimFrom`).
+    pub(crate) claimed_past: Mutex<Positions>,
     // The topics a claim takes, as of the last beat of `process`.
     pub(crate) served: ServedNow,
     // This process's row in `outbox_processes`.
@@ -168,6 +170,7 @@ impl Dispatcher {
                 topic_metrics: TopicMetrics::default(),
                 fresh_look: AtomicU64::new(0),
                 rewound: Mutex::new(Positions::default()),
+                claimed_past: Mutex::new(Positions::default()),
                 rewound_generation: AtomicU64::new(0),
                 served,
                 process,

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use outbox_core::model::ClaimedEvent;
 use outbox_core::store::outbox::{self as store, Positions};
 use sqlx::PgExecutor;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,7 @@ pub const ADVANCE_EVERY: Duration = Duration::from_millis(100);
 /// rows carry the start of its transaction as `run_at`; rows of a
 /// transaction shorter than this are claimed without waiting for the next
 /// advance.
-pub const LATE_MARGIN: Duration = Duration::from_millis(250);
+pub use outbox_core::store::outbox::LATE_MARGIN;
 
 /// How often the rewind task looks from every app's first row while that is
 /// cheap, and the time a look may take to count as cheap.
@@ -40,9 +41,25 @@ const REWIND_BUDGET: Duration = Duration::from_millis(100);
 const REWIND_AT_MOST: Duration = Duration::from_secs(600);
 
 /// One claim loop's positions and when it last moved them.
+///
+/// Between two moves, a claim from the positions walks over every row the
+/// process claimed since and still holds (its lease keeps it from being
+/// claimed, and keeps the positions behind it): in a drain, several times
+/// as many rows as the claim takes. So only the first claim after each
+/// move starts from the positions; the next ones start past the last row
+/// any of the process's claims took ([`Shared::note_claimed`]). A row that
+/// becomes claimable behind that point (a lease that ran out, a claim
+/// rolled back) is found by the first claim after the next move, within
+/// [`ADVANCE_EVERY`].
 #[derive(Debug, Default)]
 pub(crate) struct ClaimFrom {
     positions: Positions,
+    /// Where the next claim starts: the positions, or past the process's
+    /// claims since.
+    claim_from: Positions,
+    /// Whether a claim started from the positions themselves since they
+    /// were moved.
+    walked: bool,
     taken_at: Option<Instant>,
     seen_epoch: u64,
     seen_rewind: u64,
@@ -88,12 +105,36 @@ impl ClaimFrom {
             self.taken_at = Some(Instant::now());
             self.seen_epoch = epoch;
             self.seen_rewind = rewind;
+            self.walked = false;
         }
-        Ok(&self.positions)
+        self.claim_from = if self.walked {
+            let claimed = shared
+                .claimed_past
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.positions.at_least(&claimed)
+        } else {
+            self.walked = true;
+            self.positions.clone()
+        };
+        Ok(&self.claim_from)
     }
 }
 
 impl Shared {
+    /// Records rows a claim took, so that the next claims of the process
+    /// start past them (see [`ClaimFrom`]).
+    pub(crate) fn note_claimed(&self, rows: &[ClaimedEvent]) {
+        if rows.is_empty() {
+            return;
+        }
+        let mut claimed = self
+            .claimed_past
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *claimed = claimed.past(rows);
+    }
+
     /// Makes every claim loop move its positions on before its next claim:
     /// before the pacer's last look, and on a notification (whose row may
     /// lie behind the positions when its transaction began long ago).

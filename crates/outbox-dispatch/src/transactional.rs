@@ -135,6 +135,7 @@ impl Shared {
             return Ok(BatchReport::default());
         }
         self.claimed_rows.fetch_add(taken as u64, Ordering::Relaxed);
+        self.note_claimed(&rows);
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let lock_key = fastrand::i64(..);
         self.open_tx_batch(keeper, lock_key, &ids).await?;

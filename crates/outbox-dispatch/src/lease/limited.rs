@@ -147,6 +147,7 @@ impl Shared {
         )
         .await?;
         looks.ordinary_busy = more.len() == rest;
+        self.note_claimed(&more);
         rows.extend(more);
         Ok((completed + done_now, rows))
     }

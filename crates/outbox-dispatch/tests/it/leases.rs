@@ -356,3 +356,48 @@ async fn a_head_of_leased_rows_never_strands_the_due_rows_behind_it() -> TestRes
     assert!(next.iter().all(|r| held.iter().all(|h| h.id != r.id)));
     Ok(())
 }
+
+/// Claims start past the rows the process took since its positions last
+/// moved; rows behind that point whose lease runs out (a crashed worker's)
+/// are still claimed while new rows keep coming in.
+#[tokio::test]
+async fn a_dead_workers_rows_are_claimed_while_later_rows_keep_coming() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut early = Vec::new();
+    for n in 0..5 {
+        early.push(enqueue_committed(&db.pool, app, NewEvent::new("t", payload(n))).await?);
+    }
+    let dead = store::claim(&db.pool, "dead-worker", 10, Duration::from_millis(800)).await?;
+    assert_eq!(dead.len(), 5);
+    let calls = Calls::default();
+    let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    let producing = CancellationToken::new();
+    let producer = tokio::spawn({
+        let (pool, producing) = (db.pool.clone(), producing.clone());
+        async move {
+            let mut n = 100;
+            while !producing.is_cancelled() {
+                enqueue_committed(&pool, app, NewEvent::new("t", payload(n))).await?;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, outbox_core::Error>(())
+        }
+    });
+    let handled = wait_until(Duration::from_secs(10), || async {
+        early.iter().all(|id| calls.of(*id) == 1)
+    })
+    .await;
+    producing.cancel();
+    producer.await??;
+    stop.cancel();
+    run.await??;
+    assert!(handled, "a dead worker's rows waited behind the claims");
+    Ok(())
+}

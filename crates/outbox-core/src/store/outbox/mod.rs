@@ -30,6 +30,19 @@ use uuid::Uuid;
 
 use crate::model::{ClaimedEvent, Lease};
 
+/// [`LATE_MARGIN`] as an SQL interval's text.
+macro_rules! late_margin {
+    () => {
+        "250 milliseconds"
+    };
+}
+
+/// How far behind now claim positions stay: a producer's rows carry the
+/// start of its transaction as `run_at`, so rows of a transaction shorter
+/// than this are claimed without waiting for the positions to move back
+/// to them (see [`advance_positions`]).
+pub const LATE_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// When the row `o` is really due: a priority moves `run_at` earlier
 /// (migration 0022), `not_before` keeps the time it was asked for.
 macro_rules! due_at {
@@ -144,12 +157,26 @@ macro_rules! apps_from_start {
 
 /// As [`apps_from_start`], but each app from its [`Positions`] entry (the
 /// three parameters are its arrays: apps, `run_at`s, ids); an app without
-/// one starts from its first row.
+/// one starts from its first row. No scan starts later than
+/// [`LATE_MARGIN`](super::LATE_MARGIN) before now: positions never do, and
+/// positions moved past claimed rows ([`Positions::past`]) must not pass
+/// the rows of a producer's transaction that is about to commit.
 macro_rules! apps_from_positions {
     ($apps:literal, $run_at:literal, $ids:literal) => {
         concat!(
-            "SELECT a.id, coalesce(p.run_at, '-infinity') AS from_run_at,
-                coalesce(p.id, '00000000-0000-0000-0000-000000000000') AS from_id
+            "SELECT a.id,
+                CASE WHEN p.run_at IS NULL OR p.run_at < now() - interval '",
+            late_margin!(),
+            "'
+                     THEN coalesce(p.run_at, '-infinity')
+                     ELSE now() - interval '",
+            late_margin!(),
+            "' END AS from_run_at,
+                CASE WHEN p.run_at IS NULL OR p.run_at < now() - interval '",
+            late_margin!(),
+            "'
+                     THEN coalesce(p.id, '00000000-0000-0000-0000-000000000000')
+                     ELSE '00000000-0000-0000-0000-000000000000' END AS from_id
          FROM apps a
          LEFT JOIN unnest(",
             $apps,
@@ -260,7 +287,8 @@ macro_rules! claimed_columns {
         "o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
           o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
           o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
-          o.registered_by_principal, o.created_at"
+          o.registered_by_principal, o.created_at,
+          CASE WHEN isfinite(o.run_at) THEN o.run_at END AS run_at"
     };
 }
 
@@ -291,12 +319,13 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ClaimedEvent {
             reply_to: row.try_get(17)?,
             registered_by_principal: row.try_get(18)?,
             created_at: row.try_get(19)?,
+            run_at: row.try_get(20)?,
         })
     }
 }
 
 /// How many columns `claimed_columns!` lists.
-const CLAIMED_COLUMNS: usize = 20;
+const CLAIMED_COLUMNS: usize = 21;
 
 /// That the row `o` is one of the rows of the CTE `picked` (its columns
 /// `tableoid` and `ctid`). A `ctid` names a row within one table only, and
@@ -455,7 +484,13 @@ mod tests {
     fn the_claimed_columns_are_in_the_order_the_row_is_decoded() {
         let columns: Vec<&str> = claimed_columns!()
             .split(',')
-            .map(|c| c.trim().trim_start_matches("o."))
+            .map(|c| {
+                c.rsplit(" AS ")
+                    .next()
+                    .unwrap_or(c)
+                    .trim()
+                    .trim_start_matches("o.")
+            })
             .collect();
         assert_eq!(
             columns,
@@ -480,8 +515,17 @@ mod tests {
                 "reply_to",
                 "registered_by_principal",
                 "created_at",
+                "run_at",
             ]
         );
         assert_eq!(columns.len(), CLAIMED_COLUMNS);
+    }
+
+    #[test]
+    fn the_late_margin_in_sql_is_the_constant() {
+        assert_eq!(
+            late_margin!(),
+            format!("{} milliseconds", super::LATE_MARGIN.as_millis())
+        );
     }
 }

@@ -23,6 +23,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::Error;
+use crate::model::ClaimedEvent;
 use crate::topics::Served;
 
 /// Where a claim loop's scans start, one entry per app; an app without an
@@ -153,6 +154,53 @@ pub async fn advance_positions<'e>(
 }
 
 impl Positions {
+    /// These positions, each app's moved on to the last of `claimed` in
+    /// claim order when that lies further. A claim from them skips what a
+    /// claim loop took since the positions were taken (rows still leased,
+    /// which a claim from the positions walks over and leaves); a claim
+    /// must still start from the positions themselves now and then, for
+    /// the rows behind these that became claimable again (a lease that ran
+    /// out, a claim that was rolled back).
+    pub fn past(&self, claimed: &[ClaimedEvent]) -> Positions {
+        let mut moved = self.clone();
+        for row in claimed {
+            // A `run_at` that is not finite sorts first (`-infinity`), or
+            // is `infinity`, after which nothing is due: neither moves.
+            if let Some(run_at) = row.run_at {
+                moved.raise(row.app_id, Some(run_at), row.id);
+            }
+        }
+        moved
+    }
+
+    /// These positions, each app's moved on to its entry in `other` when
+    /// that lies further.
+    pub fn at_least(&self, other: &Positions) -> Positions {
+        let mut moved = self.clone();
+        for (i, app) in other.apps.iter().enumerate() {
+            moved.raise(*app, other.run_at[i], other.ids[i]);
+        }
+        moved
+    }
+
+    /// Moves `app`'s entry on to `(run_at, id)` when that lies further (an
+    /// app without an entry starts from its first row, before any row).
+    fn raise(&mut self, app: Uuid, run_at: Option<DateTime<Utc>>, id: Uuid) {
+        match self.apps.iter().position(|a| *a == app) {
+            Some(i) => {
+                if (run_at, id) > (self.run_at[i], self.ids[i]) {
+                    self.run_at[i] = run_at;
+                    self.ids[i] = id;
+                }
+            }
+            None => {
+                self.apps.push(app);
+                self.run_at.push(run_at);
+                self.ids.push(id);
+            }
+        }
+    }
+
     /// These positions, each moved back to `floor`'s entry for its app where
     /// that one is earlier (an app without an entry already starts from its
     /// first row). The snapshot stays these positions', or becomes
@@ -244,6 +292,29 @@ mod tests {
         assert_eq!(lowered.snapshot.as_deref(), Some("10:10:"));
         let fresh = Positions::default().lowered_to(&floor);
         assert_eq!(fresh.snapshot.as_deref(), Some("3:3:"));
+    }
+
+    #[test]
+    fn moving_past_claimed_rows_keeps_the_later_entry_of_each_app() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let own = Positions {
+            apps: vec![a, b],
+            run_at: vec![at(10), at(10)],
+            ids: vec![Uuid::from_u128(5), Uuid::from_u128(5)],
+            snapshot: Some("10:10:".into()),
+        };
+        let other = Positions {
+            apps: vec![a, b],
+            run_at: vec![at(20), at(10)],
+            ids: vec![Uuid::nil(), Uuid::from_u128(4)],
+            snapshot: None,
+        };
+        let moved = own.at_least(&other);
+        assert_eq!(moved.of(a), Some((at(20), Uuid::nil())));
+        assert_eq!(moved.of(b), Some((at(10), Uuid::from_u128(5))));
+        assert_eq!(moved.snapshot.as_deref(), Some("10:10:"));
+        let from_first = Positions::default().at_least(&other);
+        assert_eq!(from_first.of(b), Some((at(10), Uuid::from_u128(4))));
     }
 
     #[test]
