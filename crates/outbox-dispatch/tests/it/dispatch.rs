@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Calls, TestResult, config, dead_letter_count, enqueue_committed, make_all_due, payload,
-    recording,
+    recording, spawn_run,
 };
 
 #[tokio::test]
@@ -497,10 +497,7 @@ fn run_polling_once_a_minute(
     };
     let dispatcher = recording(db, "t", calls, |_| Ok(()), config);
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     (stop, run)
 }
 
@@ -638,10 +635,7 @@ async fn the_upgrade_to_claim_positions_keeps_rows_in_flight() -> TestResult {
     let calls = Calls::default();
     let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     let previous_version = tokio::spawn({
         let (pool, stop, calls) = (db.pool.clone(), stop.clone(), calls.clone());
         async move {

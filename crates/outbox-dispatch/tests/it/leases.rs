@@ -9,7 +9,7 @@ use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Calls, TestResult, config, enqueue_committed, payload, recording};
+use crate::{Calls, TestResult, config, enqueue_committed, payload, recording, spawn_run};
 
 #[tokio::test]
 async fn expired_lease_is_reclaimed_and_the_stale_worker_is_fenced() -> TestResult {
@@ -203,10 +203,7 @@ async fn drain_finishes_quick_work_and_releases_the_rest() -> TestResult {
         enqueue_committed(&db.pool, app, NewEvent::new("stuck", payload(n))).await?;
     }
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     assert!(
         wait_until(Duration::from_secs(5), || async {
             started.load(Ordering::SeqCst) == 3
@@ -373,10 +370,7 @@ async fn a_dead_workers_rows_are_claimed_while_later_rows_keep_coming() -> TestR
     let calls = Calls::default();
     let dispatcher = recording(&db, "t", &calls, |_| Ok(()), config());
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     let producing = CancellationToken::new();
     let producer = tokio::spawn({
         let (pool, producing) = (db.pool.clone(), producing.clone());

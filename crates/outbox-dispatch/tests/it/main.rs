@@ -20,10 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::NewEvent;
-use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry, RetryPolicy};
+use outbox_dispatch::{
+    Config, Dispatcher, DrainReport, Event, HandlerError, Registry, RetryPolicy,
+};
 use outbox_testkit::TestDb;
 use serde_json::json;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -96,6 +99,15 @@ pub(crate) async fn dead_letter_count(pool: &PgPool) -> Result<i64, sqlx::Error>
     sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(pool)
         .await
+}
+
+/// Runs `dispatcher` in a task until `stop` is cancelled.
+pub(crate) fn spawn_run(
+    dispatcher: Dispatcher,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<DrainReport, outbox_dispatch::Error>> {
+    let stop = stop.clone();
+    tokio::spawn(async move { dispatcher.run(async move { stop.cancelled().await }).await })
 }
 
 /// A dispatcher whose `topic` handler records calls and then returns `result`.

@@ -8,7 +8,7 @@ use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Calls, TestResult, config, recording};
+use crate::{Calls, TestResult, config, recording, spawn_run};
 
 /// Per ordering key, the (producer, n) pairs in the order they were handled.
 type HandledByKey = HashMap<String, Vec<(u64, u64)>>;
@@ -107,10 +107,7 @@ async fn ordering_key_runs_one_at_a_time_in_order_under_concurrent_producers() -
     cfg.batch_size = 20;
     let dispatcher = Dispatcher::new(db.pool.clone(), registry, cfg)?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     // Two producers write to the same keys concurrently, each in order, some
     // transactions holding a row while they sleep.
     let mut producers = Vec::new();

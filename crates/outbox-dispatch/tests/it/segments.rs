@@ -12,7 +12,7 @@ use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Calls, TestResult, config};
+use crate::{Calls, TestResult, config, spawn_run};
 
 #[tokio::test]
 async fn rows_run_once_each_and_keys_in_order_while_segments_rotate_under_the_dispatcher()
@@ -40,10 +40,7 @@ async fn rows_run_once_each_and_keys_in_order_while_segments_rotate_under_the_di
     });
     let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { dispatcher.run(async move { stop.cancelled().await }).await }
-    });
+    let run = spawn_run(dispatcher, &stop);
     let rotations = tokio::spawn({
         let (pool, stop) = (db.pool.clone(), stop.clone());
         async move {
