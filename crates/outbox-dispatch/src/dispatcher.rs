@@ -114,8 +114,10 @@ pub(crate) struct Shared {
     // many times it has found something.
     pub(crate) rewound: Mutex<Positions>,
     pub(crate) rewound_generation: AtomicU64,
-    // Past the last row the process's claims took, per app (`ClaimFrom`).
+    // Past the last row the process's claims took, per app, and bumped when
+    // claims must start from their positions (`ClaimFrom`).
     pub(crate) claimed_past: Mutex<Positions>,
+    pub(crate) walk_generation: AtomicU64,
     // The topics a claim takes, as of the last beat of `process`.
     pub(crate) served: ServedNow,
     // This process's row in `outbox_processes`.
@@ -171,6 +173,7 @@ impl Dispatcher {
                 fresh_look: AtomicU64::new(0),
                 rewound: Mutex::new(Positions::default()),
                 claimed_past: Mutex::new(Positions::default()),
+                walk_generation: AtomicU64::new(0),
                 rewound_generation: AtomicU64::new(0),
                 served,
                 process,

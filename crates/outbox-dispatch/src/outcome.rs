@@ -387,7 +387,9 @@ impl Shared {
         }
         metrics::counter!("outboxd_fenced_total").increment(fenced as u64);
         if finished.iter().any(|f| f.ordered) {
-            // The next row of the key is claimable now; do not wait for the poll.
+            // The next row of the key is claimable now, and may lie behind
+            // the process's claims; do not wait for the poll.
+            self.claim_from_positions();
             self.wake.notify_one();
         }
         Ok(BatchReport {

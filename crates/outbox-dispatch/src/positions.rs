@@ -50,7 +50,12 @@ const REWIND_AT_MOST: Duration = Duration::from_secs(600);
 /// any of the process's claims took ([`Shared::note_claimed`]). A row that
 /// becomes claimable behind that point (a lease that ran out, a claim
 /// rolled back) is found by the first claim after the next move, within
-/// [`ADVANCE_EVERY`].
+/// [`ADVANCE_EVERY`], or at once when a claim from past the process's
+/// claims comes back short ([`ClaimFrom::came_short`]). The next row of an
+/// ordering key, which becomes claimable when its predecessor completes,
+/// makes the next claims start from the positions
+/// ([`Shared::claim_from_positions`]); so do a change of what the process
+/// serves and a rewind, which also forget where the process's claims were.
 #[derive(Debug, Default)]
 pub(crate) struct ClaimFrom {
     positions: Positions,
@@ -60,6 +65,9 @@ pub(crate) struct ClaimFrom {
     /// Whether a claim started from the positions themselves since they
     /// were moved.
     walked: bool,
+    /// Whether `claim_from` lies past the process's claims.
+    from_past: bool,
+    seen_walk: u64,
     taken_at: Option<Instant>,
     seen_epoch: u64,
     seen_rewind: u64,
@@ -78,6 +86,11 @@ impl ClaimFrom {
     ) -> Result<&Positions, outbox_core::Error> {
         let epoch = shared.fresh_look.load(Ordering::Acquire);
         let rewind = shared.rewound_generation.load(Ordering::Acquire);
+        let walk = shared.walk_generation.load(Ordering::Acquire);
+        if walk != self.seen_walk {
+            self.seen_walk = walk;
+            self.walked = false;
+        }
         let served_generation = shared.served.generation();
         let due = self.taken_at.is_none_or(|at| at.elapsed() >= ADVANCE_EVERY)
             || epoch != self.seen_epoch
@@ -86,6 +99,9 @@ impl ClaimFrom {
         if due {
             // The positions passed the rows that were not served; when more
             // is served now, they start again from every app's first row.
+            if served_generation != self.seen_served || rewind != self.seen_rewind {
+                shared.forget_claimed();
+            }
             if served_generation != self.seen_served {
                 self.positions = Positions::default();
                 self.seen_served = served_generation;
@@ -107,6 +123,7 @@ impl ClaimFrom {
             self.seen_rewind = rewind;
             self.walked = false;
         }
+        self.from_past = self.walked;
         self.claim_from = if self.walked {
             let claimed = shared
                 .claimed_past
@@ -118,6 +135,18 @@ impl ClaimFrom {
             self.positions.clone()
         };
         Ok(&self.claim_from)
+    }
+
+    /// Called when a claim took fewer rows than it asked for: whether it
+    /// started past the process's claims, so that rows behind that point
+    /// may still be claimable. The next claim then starts from the
+    /// positions, and the caller claims again before it sleeps.
+    pub(crate) fn came_short(&mut self) -> bool {
+        let from_past = std::mem::take(&mut self.from_past);
+        if from_past {
+            self.walked = false;
+        }
+        from_past
     }
 }
 
@@ -133,6 +162,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *claimed = claimed.past(rows);
+    }
+
+    /// Makes every claim loop start its next claim from its positions (the
+    /// next row of an ordering key may lie behind the process's claims).
+    pub(crate) fn claim_from_positions(&self) {
+        self.walk_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Forgets where the process's claims were: what lies behind them may
+    /// be claimable now (a resumed topic, a row a rewind found).
+    fn forget_claimed(&self) {
+        *self
+            .claimed_past
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Positions::default();
     }
 
     /// Makes every claim loop move its positions on before its next claim:

@@ -76,7 +76,7 @@ impl Shared {
             match batch {
                 Ok(report) => {
                     errors = 0;
-                    if report.claimed < self.config.batch_size as usize {
+                    if report.claimed < self.config.batch_size as usize && !from.came_short() {
                         tokio::select! {
                             biased;
                             () = stop.cancelled() => break,

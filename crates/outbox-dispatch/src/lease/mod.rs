@@ -130,7 +130,9 @@ impl Shared {
             }
             drop(held);
             while tasks.try_join_next().is_some() {}
-            if got < wanted && !looks.more_waiting() {
+            // A claim that started past the process's claims and came back
+            // short looks once more from the positions before sleeping.
+            if got < wanted && !from.came_short() && !looks.more_waiting() {
                 // A limited topic found at its limit is looked at again when
                 // a slot may have freed or its next token is due.
                 let pause = looks
