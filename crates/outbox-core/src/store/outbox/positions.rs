@@ -16,6 +16,7 @@
 //! with the snapshot the previous positions were taken in, and moves the
 //! position back to them.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -163,13 +164,13 @@ impl Positions {
     /// out, a claim that was rolled back).
     pub fn past(&self, claimed: &[ClaimedEvent]) -> Positions {
         let mut moved = self.clone();
-        for row in claimed {
-            // A `run_at` that is not finite sorts first (`-infinity`), or
-            // is `infinity`, after which nothing is due: neither moves.
-            if let Some(run_at) = row.run_at {
-                moved.raise(row.app_id, Some(run_at), row.id);
-            }
-        }
+        // A `run_at` that is not finite sorts first (`-infinity`), or is
+        // `infinity`, after which nothing is due: neither moves.
+        moved.raise(
+            claimed
+                .iter()
+                .filter_map(|row| row.run_at.map(|at| (row.app_id, Some(at), row.id))),
+        );
         moved
     }
 
@@ -177,26 +178,42 @@ impl Positions {
     /// that lies further.
     pub fn at_least(&self, other: &Positions) -> Positions {
         let mut moved = self.clone();
-        for (i, app) in other.apps.iter().enumerate() {
-            moved.raise(*app, other.run_at[i], other.ids[i]);
-        }
+        moved.raise(
+            other
+                .apps
+                .iter()
+                .zip(&other.run_at)
+                .zip(&other.ids)
+                .map(|((app, run_at), id)| (*app, *run_at, *id)),
+        );
         moved
     }
 
-    /// Moves `app`'s entry on to `(run_at, id)` when that lies further (an
-    /// app without an entry starts from its first row, before any row).
-    fn raise(&mut self, app: Uuid, run_at: Option<DateTime<Utc>>, id: Uuid) {
-        match self.apps.iter().position(|a| *a == app) {
-            Some(i) => {
-                if (run_at, id) > (self.run_at[i], self.ids[i]) {
-                    self.run_at[i] = run_at;
-                    self.ids[i] = id;
+    /// Moves each app's entry on to its `(run_at, id)` of `entries` when
+    /// that lies further (an app without an entry starts from its first
+    /// row, before any row). The apps are looked up in a map: a claim makes
+    /// this call, and one process may serve thousands of apps.
+    fn raise(&mut self, entries: impl Iterator<Item = (Uuid, Option<DateTime<Utc>>, Uuid)>) {
+        let mut index: HashMap<Uuid, usize> = self
+            .apps
+            .iter()
+            .enumerate()
+            .map(|(i, app)| (*app, i))
+            .collect();
+        for (app, run_at, id) in entries {
+            match index.get(&app) {
+                Some(&i) => {
+                    if (run_at, id) > (self.run_at[i], self.ids[i]) {
+                        self.run_at[i] = run_at;
+                        self.ids[i] = id;
+                    }
                 }
-            }
-            None => {
-                self.apps.push(app);
-                self.run_at.push(run_at);
-                self.ids.push(id);
+                None => {
+                    index.insert(app, self.apps.len());
+                    self.apps.push(app);
+                    self.run_at.push(run_at);
+                    self.ids.push(id);
+                }
             }
         }
     }
@@ -315,6 +332,17 @@ mod tests {
         assert_eq!(moved.snapshot.as_deref(), Some("10:10:"));
         let from_first = Positions::default().at_least(&other);
         assert_eq!(from_first.of(b), Some((at(10), Uuid::from_u128(4))));
+        // The rows of one claim name an app many times, in any order.
+        let rows = Positions {
+            apps: vec![a, a, a],
+            run_at: vec![at(30), at(40), at(35)],
+            ids: vec![Uuid::nil(); 3],
+            snapshot: None,
+        };
+        assert_eq!(
+            Positions::default().at_least(&rows).of(a),
+            Some((at(40), Uuid::nil()))
+        );
     }
 
     #[test]
