@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     // Bumped when claim loops must move their positions on before their
     // next claim (the pacer's last look before sleeping).
     pub(crate) fresh_look: AtomicU64,
+    // When this process's row in `outbox_processes` was last written.
+    pub(crate) row_written_at: Mutex<Option<Instant>>,
     // What the rewind task last found from every app's first row, and how
     // many times it has found something.
     pub(crate) rewound: Mutex<Positions>,
@@ -171,6 +173,7 @@ impl Dispatcher {
                 failures: FailureLog::new(RETRY_LOG_WINDOW),
                 topic_metrics: TopicMetrics::default(),
                 fresh_look: AtomicU64::new(0),
+                row_written_at: Mutex::new(None),
                 rewound: Mutex::new(Positions::default()),
                 claimed_past: Mutex::new(Positions::default()),
                 walk_generation: AtomicU64::new(0),

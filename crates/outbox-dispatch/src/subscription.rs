@@ -1,6 +1,6 @@
 //! What this process serves, and its row in `outbox_processes`: written at
-//! start and every [`BEAT_EVERY`], deleted at the end of the drain. Each
-//! beat also learns the topics other live processes serve by name; a
+//! start and every [`row_write_every`], deleted at the end of the drain.
+//! Every [`BEAT_EVERY`] a beat learns the topics other live processes serve by name; a
 //! fallback (the relay) leaves those to them, so a relay process started
 //! beside a service with handlers does not take that service's rows.
 //!
@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_core::store::limits::LimitedTopic;
 use outbox_core::store::pauses;
@@ -27,9 +27,20 @@ use uuid::Uuid;
 use crate::dispatcher::Shared;
 use crate::handler::Subscription;
 
-/// How often a process writes its row and learns what the others serve: a
-/// process started elsewhere is left its topics within about this long.
+/// How often a process learns what the others serve, what is paused and
+/// what is limited: a process started elsewhere is left its topics, and a
+/// pause is honoured, within about this long.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a process with lease `lease` writes its row: three times a
+/// lease (its row expires one lease after a write), at most every
+/// [`BEAT_EVERY`], at least every ten seconds. Each write leaves a dead
+/// version of the row, which vacuum cannot remove while an old snapshot is
+/// held; writing every second was most of the dead tuples outboxd's own
+/// tables gathered in an hour of a held snapshot.
+pub fn row_write_every(lease: Duration) -> Duration {
+    (lease / 3).clamp(BEAT_EVERY, Duration::from_secs(10))
+}
 
 /// Beats between two writes of the attempt counts to `outbox_activity`.
 pub const ACTIVITY_EVERY_BEATS: u32 = 5;
@@ -185,10 +196,26 @@ impl Shared {
         self.registry.get(&topic.topic).is_some() && !limits.served.excluded.contains(&topic.topic)
     }
 
-    /// Writes this process's row and learns what the others serve; the
-    /// row expires one lease from now unless the next beat renews it.
+    /// Learns what the others serve, what is paused and what is limited,
+    /// and writes this process's row when [`row_write_every`] has passed
+    /// since the last write; the row expires one lease after it is written.
     pub(crate) async fn beat(&self) -> Result<(), outbox_core::Error> {
-        let beat = processes::beat(&self.pool, &self.process, self.config.lease).await?;
+        let write_due = self
+            .row_written_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() >= row_write_every(self.config.lease));
+        let beat = if write_due {
+            let started = Instant::now();
+            let beat = processes::beat(&self.pool, &self.process, self.config.lease).await?;
+            *self
+                .row_written_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(started);
+            beat
+        } else {
+            processes::look(&self.pool, self.process.id).await?
+        };
         if self.served.update(beat) && self.config.in_transaction {
             let limits = self.served.limits();
             if !limits.topics.is_empty() {
@@ -250,6 +277,15 @@ mod tests {
             fallback_regexes: vec!["^[^.].*$".into()],
             fallback_everything: true,
         }
+    }
+
+    #[test]
+    fn the_row_is_written_three_times_a_lease_between_one_and_ten_seconds() {
+        let secs = |s: u64| Duration::from_secs(s);
+        assert_eq!(row_write_every(secs(30)), secs(10));
+        assert_eq!(row_write_every(secs(9)), secs(3));
+        assert_eq!(row_write_every(secs(2)), BEAT_EVERY);
+        assert_eq!(row_write_every(secs(3600)), secs(10));
     }
 
     #[test]

@@ -69,11 +69,28 @@ pub struct Beat {
     pub limited: Vec<LimitedTopic>,
 }
 
+/// What a beat reads (`$1` the process's id): the topics the other live
+/// processes serve by name, the paused topics and the limited ones.
+macro_rules! beat_answer {
+    () => {
+        "SELECT
+    (SELECT coalesce(array_agg(DISTINCT t.topic ORDER BY t.topic), '{}')
+     FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
+     WHERE p.id <> $1 AND p.expires_at > now()),
+    (SELECT coalesce(array_agg(app_id::text || '/' || topic ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_pauses),
+    (SELECT coalesce(array_agg(app_id ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_limits),
+    (SELECT coalesce(array_agg(topic ORDER BY app_id, topic), '{}')
+     FROM outbox_topic_limits)"
+    };
+}
+
 /// The statement of [`beat`]: writes the process's row, deletes the rows of
-/// processes that are gone, and returns the topics the other live processes
-/// serve by name, the paused topics and the limited ones (`$1`–`$8` the row, `$9` seconds
-/// until it expires).
-const BEAT: &str = "WITH me AS (
+/// processes that are gone, and reads as [`look`] (`$1`–`$8` the row, `$9`
+/// seconds until it expires).
+const BEAT: &str = concat!(
+    "WITH me AS (
     INSERT INTO outbox_processes AS p
         (id, worker, host, pid, version, topics, patterns, regexes, expires_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
@@ -84,16 +101,27 @@ const BEAT: &str = "WITH me AS (
  ), gone AS (
     DELETE FROM outbox_processes WHERE expires_at < now() AND id <> $1 RETURNING id
  )
- SELECT
-    (SELECT coalesce(array_agg(DISTINCT t.topic ORDER BY t.topic), '{}')
-     FROM outbox_processes p CROSS JOIN LATERAL unnest(p.topics) AS t(topic)
-     WHERE p.id <> $1 AND p.expires_at > now()),
-    (SELECT coalesce(array_agg(app_id::text || '/' || topic ORDER BY app_id, topic), '{}')
-     FROM outbox_topic_pauses),
-    (SELECT coalesce(array_agg(app_id ORDER BY app_id, topic), '{}')
-     FROM outbox_topic_limits),
-    (SELECT coalesce(array_agg(topic ORDER BY app_id, topic), '{}')
-     FROM outbox_topic_limits)";
+ ",
+    beat_answer!()
+);
+
+/// The columns of [`beat_answer`], as a [`Beat`].
+type BeatRow = (Vec<String>, Vec<String>, Vec<Uuid>, Vec<String>);
+
+impl From<BeatRow> for Beat {
+    fn from((others, paused, limited_apps, limited_topics): BeatRow) -> Self {
+        let limited = limited_apps
+            .into_iter()
+            .zip(limited_topics)
+            .map(|(app_id, topic)| LimitedTopic { app_id, topic })
+            .collect();
+        Beat {
+            others,
+            paused,
+            limited,
+        }
+    }
+}
 
 /// Records that `info`'s process is up until `expires_in` from now, deletes
 /// the rows of processes that are gone, and returns what the process must
@@ -104,29 +132,31 @@ pub async fn beat<'e>(
     info: &ProcessInfo,
     expires_in: Duration,
 ) -> Result<Beat, Error> {
-    let (others, paused, limited_apps, limited_topics): (_, _, Vec<Uuid>, Vec<String>) =
-        sqlx::query_as(BEAT)
-            .bind(info.id)
-            .bind(&info.worker)
-            .bind(&info.host)
-            .bind(info.pid)
-            .bind(&info.version)
-            .bind(&info.topics)
-            .bind(&info.patterns)
-            .bind(&info.regexes)
-            .bind(expires_in.as_secs_f64())
-            .fetch_one(db)
-            .await?;
-    let limited = limited_apps
-        .into_iter()
-        .zip(limited_topics)
-        .map(|(app_id, topic)| LimitedTopic { app_id, topic })
-        .collect();
-    Ok(Beat {
-        others,
-        paused,
-        limited,
-    })
+    let row: BeatRow = sqlx::query_as(BEAT)
+        .bind(info.id)
+        .bind(&info.worker)
+        .bind(&info.host)
+        .bind(info.pid)
+        .bind(&info.version)
+        .bind(&info.topics)
+        .bind(&info.patterns)
+        .bind(&info.regexes)
+        .bind(expires_in.as_secs_f64())
+        .fetch_one(db)
+        .await?;
+    Ok(row.into())
+}
+
+/// What [`beat`] returns, without writing the process's row. Each write
+/// leaves a dead version of the row, which vacuum cannot remove while an
+/// old snapshot is held; a process writes its row a few times per lease
+/// and reads pauses and limits every second.
+pub async fn look<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Beat, Error> {
+    let row: BeatRow = sqlx::query_as(beat_answer!())
+        .bind(id)
+        .fetch_one(db)
+        .await?;
+    Ok(row.into())
 }
 
 /// Removes a process's row (it stops).

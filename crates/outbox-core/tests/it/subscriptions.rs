@@ -139,6 +139,20 @@ async fn processes_learn_what_the_others_serve_and_expired_ones_disappear() -> T
             .others
             .is_empty()
     );
+    // A look learns the same without writing the process's row.
+    let seen: String = sqlx::query_scalar("SELECT xmin::text FROM outbox_processes WHERE id = $1")
+        .bind(relay.id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(
+        processes::look(&db.pool, relay.id).await?.others,
+        ["email.send", "invoice.compensate"]
+    );
+    let after: String = sqlx::query_scalar("SELECT xmin::text FROM outbox_processes WHERE id = $1")
+        .bind(relay.id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(seen, after, "a look wrote the row");
     let live = processes::live(&db.pool).await?;
     assert_eq!(live.len(), 2);
     assert_eq!(live[0].topics, ["invoice.compensate", "email.send"]);
