@@ -157,11 +157,10 @@ impl Shared {
         if rows.is_empty() {
             return;
         }
-        let mut claimed = self
-            .claimed_past
+        self.claimed_past
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *claimed = claimed.past(rows);
+            .unwrap_or_else(PoisonError::into_inner)
+            .move_past(rows);
     }
 
     /// Makes every claim loop start its next claim from its positions (the

@@ -37,6 +37,14 @@ async fn two_dead_letters_of_one_message(
     Ok((original, ids))
 }
 
+/// The message ids of the first two replays of the message `original`.
+fn first_two_replays(original: impl std::fmt::Display) -> [String; 2] {
+    [
+        format!("{original}:replay:1"),
+        format!("{original}:replay:2"),
+    ]
+}
+
 /// The message ids of the rows the replays enqueued, in order.
 async fn replayed_message_ids(db: &TestDb) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
@@ -57,10 +65,7 @@ async fn each_replay_of_a_message_gets_a_message_id_of_its_own_even_in_one_call(
     message_ids.dedup();
     assert_eq!(
         message_ids,
-        [
-            format!("{original}:replay:1"),
-            format!("{original}:replay:2")
-        ],
+        first_two_replays(original),
         "routed by their own topic, each under its own id"
     );
     Ok(())
@@ -96,13 +101,7 @@ async fn replays_of_one_message_at_once_take_turns_and_get_ids_of_their_own() ->
     assert_eq!(second.await??.len(), 1);
 
     let message_ids = replayed_message_ids(&db).await?;
-    assert_eq!(
-        message_ids,
-        [
-            format!("{original}:replay:1"),
-            format!("{original}:replay:2")
-        ]
-    );
+    assert_eq!(message_ids, first_two_replays(original));
     Ok(())
 }
 
@@ -139,12 +138,6 @@ async fn the_automatic_replay_skips_a_message_an_operator_is_replaying_instead_o
     replayer.commit().await?;
     assert_eq!(replayed.len(), 1);
     let message_ids = replayed_message_ids(&db).await?;
-    assert_eq!(
-        message_ids,
-        [
-            format!("{original}:replay:1"),
-            format!("{original}:replay:2")
-        ]
-    );
+    assert_eq!(message_ids, first_two_replays(original));
     Ok(())
 }

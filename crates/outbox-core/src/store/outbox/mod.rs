@@ -159,7 +159,7 @@ macro_rules! apps_from_start {
 /// three parameters are its arrays: apps, `run_at`s, ids); an app without
 /// one starts from its first row. No scan starts later than
 /// [`LATE_MARGIN`](super::LATE_MARGIN) before now: positions never do, and
-/// positions moved past claimed rows ([`Positions::past`]) must not pass
+/// positions moved past claimed rows ([`Positions::move_past`]) must not pass
 /// the rows of a producer's transaction that is about to commit.
 macro_rules! apps_from_positions {
     ($apps:literal, $run_at:literal, $ids:literal) => {

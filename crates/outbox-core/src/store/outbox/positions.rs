@@ -155,23 +155,21 @@ pub async fn advance_positions<'e>(
 }
 
 impl Positions {
-    /// These positions, each app's moved on to the last of `claimed` in
-    /// claim order when that lies further. A claim from them skips what a
+    /// Moves each app's entry on to the last of `claimed` in claim order
+    /// when that lies further. A claim from the result skips what a
     /// claim loop took since the positions were taken (rows still leased,
     /// which a claim from the positions walks over and leaves); a claim
     /// must still start from the positions themselves now and then, for
     /// the rows behind these that became claimable again (a lease that ran
     /// out, a claim that was rolled back).
-    pub fn past(&self, claimed: &[ClaimedEvent]) -> Positions {
-        let mut moved = self.clone();
+    pub fn move_past(&mut self, claimed: &[ClaimedEvent]) {
         // A `run_at` that is not finite sorts first (`-infinity`), or is
         // `infinity`, after which nothing is due: neither moves.
-        moved.raise(
+        self.raise(
             claimed
                 .iter()
                 .filter_map(|row| row.run_at.map(|at| (row.app_id, Some(at), row.id))),
         );
-        moved
     }
 
     /// These positions, each app's moved on to its entry in `other` when
