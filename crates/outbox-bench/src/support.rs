@@ -23,6 +23,25 @@ pub const RAW_DELETE: &str = "DELETE FROM ONLY outbox WHERE id IN (
     SELECT id FROM ONLY outbox WHERE app_id = $1 AND run_at <= now()
     ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)";
 
+/// The raw lease baseline's unit of work: delete the rows `$2` the consumer
+/// finished and lease the next 100 due rows of app `$1`, returning their ids.
+/// The two writes per row a lease costs (an update, then the delete), as a
+/// plain consumer with leases would write them, in one statement per batch
+/// as outboxd's claim loops do.
+// Baseline: plain SQL on purpose; `ONLY` as in `RAW_DELETE`.
+pub const RAW_LEASE: &str = "WITH done AS (
+    DELETE FROM ONLY outbox WHERE id = ANY ($2)),
+picked AS (
+    SELECT id FROM ONLY outbox WHERE app_id = $1 AND run_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
+UPDATE ONLY outbox o
+SET attempt_count = o.attempt_count + 1, lease_token = o.lease_token + 1,
+    locked_by = 'raw', locked_until = now() + interval '30 seconds',
+    last_attempt_at = now()
+FROM picked WHERE o.id = picked.id
+RETURNING o.id";
+
 /// [`RAW_DELETE`] over `outbox` and its segments, for a plain consumer of
 /// rows that `enqueue` wrote (into the segments).
 // Baseline: plain SQL on purpose.

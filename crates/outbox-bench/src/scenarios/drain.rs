@@ -1,5 +1,6 @@
 //! (a) The raw ceiling: claim-and-delete batches with plain SQL, and (with
-//! the drain scenario) the same backlog dispatched by outboxd in lease and
+//! the drain scenario) the raw lease drain (lease, then delete, with plain
+//! SQL) and the same backlog dispatched by outboxd in lease and
 //! transactional mode; with `--explain`, the plans of the hot statements.
 
 use std::sync::Arc;
@@ -18,14 +19,14 @@ use uuid::Uuid;
 use outboxd::config::Settings;
 
 use crate::bench::Bench;
-use crate::support::{BATCH, RAW_DELETE, median, prefill, spread, truncate};
+use crate::support::{BATCH, RAW_DELETE, RAW_LEASE, median, prefill, spread, truncate};
 
 /// A topic with a concurrency limit while another one drains.
 const LIMITED: &str = "bench.limited";
 
-/// The raw drain baseline (always), and outboxd's drains of the same backlog
-/// when `drain` is wanted (lease mode, transactional mode, and lease mode
-/// while another topic has a limit). The machine's speed drifts by tens of percent
+/// The raw drain baseline (always), and when `drain` is wanted the raw lease
+/// drain and outboxd's drains of the same backlog (lease mode, transactional
+/// mode, and lease mode while another topic has a limit). The machine's speed drifts by tens of percent
 /// from one minute to the next, so the three alternate for
 /// `--drain-rounds` rounds and each figure is the median of its rounds.
 /// Sets `raw_drain` and `drain` of `b` for the scenarios that follow.
@@ -34,7 +35,7 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
     let wanted = b.wants("drain");
     let rounds = if wanted { b.args.drain_rounds } else { 1 };
     let (mut raw_rates, mut lease_rates, mut tx_rates) = (Vec::new(), Vec::new(), Vec::new());
-    let mut limited_rates = Vec::new();
+    let (mut limited_rates, mut raw_lease_rates) = (Vec::new(), Vec::new());
     let other_topic_limited = limits::Limits {
         max_running: Some(4),
         ..limits::Limits::default()
@@ -49,6 +50,10 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
         raw_rates.push(raw_drain(&b.pool, raw_app, rows, b.args.raw_consumers).await?);
         truncate(&b.pool).await?;
         if wanted {
+            prefill(&b.pool, raw_app, rows, "bench.noop").await?;
+            raw_lease_rates
+                .push(raw_lease_drain(&b.pool, raw_app, rows, b.args.raw_consumers).await?);
+            truncate(&b.pool).await?;
             for (in_transaction, rates) in [(false, &mut lease_rates), (true, &mut tx_rates)] {
                 prefill(&b.pool, app, rows, "bench.noop").await?;
                 rates.push(outboxd_drain(&b.pool, &b.settings, rows, in_transaction).await?);
@@ -78,6 +83,34 @@ pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
     );
     let drain = (!lease_rates.is_empty()).then(|| median(lease_rates.clone()));
     if let Some(rate) = drain {
+        // Lease mode writes each row twice, the raw drain once: the raw lease
+        // drain is the ceiling of that design, and the ratio of each round's
+        // pair (taken one after the other) says how close outboxd comes to it.
+        let raw_lease = median(raw_lease_rates.clone());
+        b.figure(
+            "drain",
+            format!(
+                "raw lease drain: lease, then delete, {} conns ({})",
+                b.args.raw_consumers,
+                spread(&raw_lease_rates)
+            ),
+            raw_lease,
+            "rows/s",
+            Some(ceiling),
+        );
+        let per_round: Vec<f64> = lease_rates
+            .iter()
+            .zip(&raw_lease_rates)
+            .map(|(lease, raw)| lease / raw)
+            .collect();
+        let rounds: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        b.figure(
+            "drain",
+            format!("outboxd dispatch, lease mode ({})", rounds.join(" ")),
+            median(per_round),
+            "ratio",
+            Some((1.0, "raw lease drain, per round")),
+        );
         b.figure(
             "drain",
             format!(
@@ -188,6 +221,48 @@ async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyho
     ensure!(
         total == rows as u64,
         "raw drain deleted {total} of {rows} rows"
+    );
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The raw lease ceiling: `consumers` connections lease the `rows` rows of
+/// `app` in batches of 100 and delete each batch with the statement that
+/// leases the next, until none is left; rows per second.
+async fn raw_lease_drain(
+    pool: &PgPool,
+    app: Uuid,
+    rows: u32,
+    consumers: u32,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut total = 0u64;
+            let mut leased: Vec<Uuid> = Vec::new();
+            loop {
+                // Baseline: the raw lease ceiling, plain SQL on purpose.
+                let next: Vec<Uuid> = sqlx::query_scalar(RAW_LEASE)
+                    .bind(app)
+                    .bind(&leased)
+                    .fetch_all(&pool)
+                    .await?;
+                total += leased.len() as u64;
+                if next.is_empty() {
+                    return Ok::<u64, sqlx::Error>(total);
+                }
+                leased = next;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    ensure!(
+        total == rows as u64,
+        "raw lease drain deleted {total} of {rows} rows"
     );
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
