@@ -65,6 +65,10 @@ pub enum Taker {
     /// LOCKED … RETURNING` back to back (1 ms apart when the queue is
     /// empty): what the same load allows without any dispatcher.
     Raw,
+    /// Two plain-SQL consumers that lease batches of 100 and delete each
+    /// batch with the statement that leases the next: the two writes per
+    /// row of lease mode, without any dispatcher.
+    RawLease,
     /// outboxd in lease mode (`false`) or transactional mode (`true`).
     Outboxd { in_transaction: bool },
 }
@@ -83,9 +87,18 @@ pub async fn latency(
     let (tx, mut rx) = mpsc::unbounded_channel::<(Uuid, Instant)>();
     let stop = CancellationToken::new();
     let run = match taker {
-        Taker::Raw => {
+        Taker::Raw | Taker::RawLease => {
+            let leases = taker == Taker::RawLease;
             let consumers: Vec<_> = (0..2)
-                .map(|_| tokio::spawn(raw_taker(pool.clone(), app, tx.clone(), stop.clone())))
+                .map(|_| {
+                    tokio::spawn(raw_taker(
+                        pool.clone(),
+                        app,
+                        leases,
+                        tx.clone(),
+                        stop.clone(),
+                    ))
+                })
                 .collect();
             tokio::spawn(async move {
                 for consumer in consumers {
@@ -184,11 +197,14 @@ pub async fn latency(
     })
 }
 
-/// A plain-SQL consumer for [`Taker::Raw`]: deletes batches of due rows and
-/// reports when each latency sample was deleted.
+/// A plain-SQL consumer: deletes batches of due rows ([`Taker::Raw`]), or
+/// with `leases` leases them and deletes each batch with the statement that
+/// leases the next ([`Taker::RawLease`]); reports when each latency sample
+/// was taken.
 async fn raw_taker(
     pool: PgPool,
     app: Uuid,
+    leases: bool,
     taken: mpsc::UnboundedSender<(Uuid, Instant)>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -200,13 +216,25 @@ async fn raw_taker(
     // always an index range scan and a TID scan.
     let options = outbox_core::store::outbox::claim_connect_options(&pool.connect_options());
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    let mut leased: Vec<Uuid> = Vec::new();
     while !stop.is_cancelled() {
         // Baseline: the raw-SQL taker, plain SQL on purpose.
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(RAW_TAKE)
-            .bind(app)
-            .fetch_all(&mut conn)
-            .await?;
+        let rows: Vec<(Uuid, String)> = if leases {
+            sqlx::query_as(RAW_LEASE_TAKE)
+                .bind(app)
+                .bind(&leased)
+                .fetch_all(&mut conn)
+                .await?
+        } else {
+            sqlx::query_as(RAW_TAKE)
+                .bind(app)
+                .fetch_all(&mut conn)
+                .await?
+        };
         let at = Instant::now();
+        if leases {
+            leased = rows.iter().map(|(id, _)| *id).collect();
+        }
         for (id, topic) in &rows {
             if topic == "bench.latency" {
                 let _ = taken.send((*id, at));
@@ -215,6 +243,14 @@ async fn raw_taker(
         if rows.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+    if !leased.is_empty() {
+        // The last batch: deleted, and nothing of the nil app leased.
+        sqlx::query(RAW_LEASE_TAKE)
+            .bind(Uuid::nil())
+            .bind(&leased)
+            .execute(&mut conn)
+            .await?;
     }
     conn.close().await?;
     Ok(())
@@ -229,6 +265,24 @@ const RAW_TAKE: &str = "WITH picked AS (
     SELECT tableoid, ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
     ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
 DELETE FROM outbox o WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+    AND (o.tableoid, o.ctid) IN (SELECT tableoid, ctid FROM picked)
+RETURNING id, topic";
+
+/// What a [`Taker::RawLease`] consumer runs: deletes the rows `$2` it leased
+/// last and leases the next 100 due rows of app `$1` whose lease is unset or
+/// past, by `ctid` as [`RAW_TAKE`].
+// Baseline: the raw-SQL ceiling for latency with leases, plain SQL on purpose.
+const RAW_LEASE_TAKE: &str = "WITH done AS (
+    DELETE FROM outbox WHERE id = ANY ($2)),
+picked AS (
+    SELECT tableoid, ctid FROM outbox WHERE app_id = $1 AND run_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY run_at, id LIMIT 100 FOR UPDATE SKIP LOCKED)
+UPDATE outbox o
+SET attempt_count = o.attempt_count + 1, lease_token = o.lease_token + 1,
+    locked_by = 'raw', locked_until = now() + interval '30 seconds',
+    last_attempt_at = now()
+WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
     AND (o.tableoid, o.ctid) IN (SELECT tableoid, ctid FROM picked)
 RETURNING id, topic";
 

@@ -1,6 +1,6 @@
 //! (c) Latency from enqueue commit to handler start, idle and under loads of
 //! half and a quarter of the drain capacity, for outboxd in both modes and
-//! for plain-SQL consumers on the same load.
+//! for plain-SQL consumers on the same load, with and without leases.
 
 use crate::bench::Bench;
 use crate::load::{self, Taker};
@@ -31,9 +31,10 @@ pub async fn latency(b: &mut Bench) -> anyhow::Result<()> {
             .map(|fraction| (drain_rate * fraction) as u32)
             .collect(),
     };
-    let mut runs = vec![("idle".to_owned(), idle, None, 0)];
+    let mut runs = vec![("idle".to_owned(), idle, None, None, 0)];
     let takers = [
         (Taker::Raw, "raw SQL consumers"),
+        (Taker::RawLease, "raw SQL consumers with leases"),
         (lease, "outboxd"),
         (transactional, "outboxd transactional mode"),
     ];
@@ -57,20 +58,35 @@ pub async fn latency(b: &mut Bench) -> anyhow::Result<()> {
                 }
             }
         }
-        let mut raw_p99 = None;
-        for ((_, label), run) in takers.iter().zip(pooled) {
+        // Every taker's p99 against the plain consumers'; outboxd's also
+        // against the plain consumers that lease, its own design in SQL.
+        let p99_of = |wanted: Taker| {
+            takers
+                .iter()
+                .zip(&pooled)
+                .find(|((taker, _), _)| *taker == wanted)
+                .and_then(|(_, run)| run.as_ref())
+                .map(|run| run.quantile_ms(0.99))
+        };
+        let (raw_p99, raw_lease_p99) = (p99_of(Taker::Raw), p99_of(Taker::RawLease));
+        for ((taker, label), run) in takers.iter().zip(pooled) {
             let Some(run) = run else { continue };
-            let baseline = raw_p99.map(|p99| (p99, "raw consumers' p99"));
-            raw_p99.get_or_insert(run.quantile_ms(0.99));
+            let baseline = raw_p99
+                .filter(|_| *taker != Taker::Raw)
+                .map(|p99| (p99, "raw consumers' p99"));
+            let lease_baseline = raw_lease_p99
+                .filter(|_| matches!(taker, Taker::Outboxd { .. }))
+                .map(|p99| (p99, "raw leasing consumers' p99"));
             runs.push((
                 format!("{load_rate}/s load, {label}"),
                 run,
                 baseline,
+                lease_baseline,
                 load_rate,
             ));
         }
     }
-    for (label, l, baseline, load_rate) in runs {
+    for (label, l, baseline, lease_baseline, load_rate) in runs {
         for (q, v, ratio_to) in [
             ("p50", l.quantile_ms(0.5), None),
             ("p95", l.quantile_ms(0.95), None),
@@ -87,6 +103,15 @@ pub async fn latency(b: &mut Bench) -> anyhow::Result<()> {
                 v,
                 "ms",
                 ratio_to,
+            );
+        }
+        if let Some(baseline) = lease_baseline {
+            b.figure(
+                "latency",
+                format!("latency {label}, p99 against leasing consumers"),
+                l.quantile_ms(0.99),
+                "ms",
+                Some(baseline),
             );
         }
         if load_rate > 0 {
