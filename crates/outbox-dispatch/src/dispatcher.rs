@@ -147,10 +147,10 @@ impl Dispatcher {
     /// **Connection budget.** Besides what it borrows from `pool` (outcome
     /// writes, heartbeats, handlers' own queries), a running dispatcher opens
     /// connections of its own with `pool`'s options, outside the pool's
-    /// limit: one per claim loop (`claimers`), one for LISTEN, one that holds
-    /// the pacer's place while it sleeps, and in transactional mode one batch
-    /// keeper per claim loop. So it needs up to `claimers + 2` (lease mode)
-    /// or `2 × claimers + 2` (transactional) connections on the server beyond
+    /// limit: one per claim loop ([`Config::claim_loops`]), one for LISTEN,
+    /// one that holds the pacer's place while it sleeps, and in transactional
+    /// mode one batch keeper per claim loop. So it needs up to `loops + 2`
+    /// (lease mode) or `2 × loops + 2` (transactional) connections on the server beyond
     /// `pool`'s `max_connections`; see [`Config::own_connections`].
     pub fn new(pool: PgPool, registry: Registry, config: Config) -> Result<Self, Error> {
         config.validate()?;
@@ -294,8 +294,8 @@ impl Dispatcher {
         let completer = tokio::spawn(inner.clone().complete(done_rx));
 
         let permits = Arc::new(Semaphore::new(config.concurrency));
-        info!(worker = %config.worker_id, process = %inner.process.id, topics = ?inner.process.topics, patterns = ?inner.process.patterns, claimers = config.claimers, "dispatcher started");
-        let loops: Vec<_> = (0..config.claimers)
+        info!(worker = %config.worker_id, process = %inner.process.id, topics = ?inner.process.topics, patterns = ?inner.process.patterns, claim_loops = config.claim_loops(), "dispatcher started");
+        let loops: Vec<_> = (0..config.claim_loops())
             .map(|_| {
                 if config.in_transaction {
                     tokio::spawn(inner.clone().tx_loop(stop.clone()))

@@ -90,9 +90,9 @@ impl Settings {
                 value: db.max_connections.to_string(),
                 problem: "is too small for the dispatcher",
                 accepted: format!(
-                    "at least {} with dispatcher.claimers = {} ({own} connections of the daemon's own: one per claim loop{}, LISTEN, the pacer and the leader; and 2 for the pool)",
+                    "at least {} with {} claim loops ({own} connections of the daemon's own: one per claim loop{}, LISTEN, the pacer and the leader; and 2 for the pool)",
                     own + 2,
-                    self.dispatcher.claimers,
+                    self.dispatcher_config().claim_loops(),
                     if self.dispatcher.in_transaction {
                         " and one batch keeper per loop"
                     } else {

@@ -61,7 +61,7 @@ impl Settings {
         let d = &self.dispatcher;
         range("dispatcher.batch_size", d.batch_size as u64, 1, 10_000)?;
         range("dispatcher.concurrency", d.concurrency as u64, 1, 100_000)?;
-        range("dispatcher.claimers", d.claimers as u64, 1, 16)?;
+        range("dispatcher.claimers", d.claimers as u64, 0, 16)?;
         range(
             "dispatcher.poll_interval_ms",
             d.poll_interval_ms,
