@@ -194,35 +194,22 @@ async fn explain(pool: &PgPool, app: Uuid) -> anyhow::Result<String> {
 /// The raw ceiling: `consumers` connections delete the `rows` rows of `app`
 /// in batches of 100 until none is left; rows per second.
 async fn raw_drain(pool: &PgPool, app: Uuid, rows: u32, consumers: u32) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..consumers {
-        let pool = pool.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut total = 0u64;
-            loop {
-                // Baseline: the raw-SQL ceiling, plain SQL on purpose.
-                let n = sqlx::query(RAW_DELETE)
-                    .bind(app)
-                    .execute(&pool)
-                    .await?
-                    .rows_affected();
-                if n == 0 {
-                    return Ok::<u64, sqlx::Error>(total);
-                }
-                total += n;
+    consume_all(pool, rows, consumers, "raw drain", move |pool| async move {
+        let mut total = 0u64;
+        loop {
+            // Baseline: the raw-SQL ceiling, plain SQL on purpose.
+            let n = sqlx::query(RAW_DELETE)
+                .bind(app)
+                .execute(&pool)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                return Ok(total);
             }
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    ensure!(
-        total == rows as u64,
-        "raw drain deleted {total} of {rows} rows"
-    );
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+            total += n;
+        }
+    })
+    .await
 }
 
 /// The raw lease ceiling: `consumers` connections lease the `rows` rows of
@@ -234,11 +221,12 @@ async fn raw_lease_drain(
     rows: u32,
     consumers: u32,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..consumers {
-        let pool = pool.clone();
-        tasks.push(tokio::spawn(async move {
+    consume_all(
+        pool,
+        rows,
+        consumers,
+        "raw lease drain",
+        move |pool| async move {
             let mut total = 0u64;
             let mut leased: Vec<Uuid> = Vec::new();
             loop {
@@ -250,19 +238,40 @@ async fn raw_lease_drain(
                     .await?;
                 total += leased.len() as u64;
                 if next.is_empty() {
-                    return Ok::<u64, sqlx::Error>(total);
+                    return Ok(total);
                 }
                 leased = next;
             }
-        }));
-    }
+        },
+    )
+    .await
+}
+
+/// Runs `consumers` copies of `consume` side by side, each returning how many
+/// rows it deleted, and checks that together they deleted the `rows` rows of
+/// the backlog; rows per second.
+async fn consume_all<F, Fut>(
+    pool: &PgPool,
+    rows: u32,
+    consumers: u32,
+    what: &str,
+    consume: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(PgPool) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>> + Send + 'static,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..consumers)
+        .map(|_| tokio::spawn(consume(pool.clone())))
+        .collect();
     let mut total = 0;
-    for t in tasks {
-        total += t.await??;
+    for task in tasks {
+        total += task.await??;
     }
     ensure!(
-        total == rows as u64,
-        "raw lease drain deleted {total} of {rows} rows"
+        total == u64::from(rows),
+        "{what} deleted {total} of {rows} rows"
     );
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
