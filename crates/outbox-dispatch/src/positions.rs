@@ -29,6 +29,12 @@ pub const ADVANCE_EVERY: Duration = Duration::from_millis(100);
 /// advance.
 pub use outbox_core::store::outbox::LATE_MARGIN;
 
+/// A claim from past the process's claims that comes back short looks again
+/// from the positions only if they were last walked longer ago than this:
+/// under a steady load nearly every claim comes back short, and walking the
+/// rows the process holds after each one doubled the claims.
+pub const WALK_AGAIN_AFTER: Duration = Duration::from_millis(20);
+
 /// How often the rewind task looks from every app's first row while that is
 /// cheap, and the time a look may take to count as cheap.
 const REWIND_EVERY: Duration = Duration::from_secs(1);
@@ -50,8 +56,8 @@ const REWIND_AT_MOST: Duration = Duration::from_secs(600);
 /// any of the process's claims took ([`Shared::note_claimed`]). A row that
 /// becomes claimable behind that point (a lease that ran out, a claim
 /// rolled back) is found by the first claim after the next move, within
-/// [`ADVANCE_EVERY`], or at once when a claim from past the process's
-/// claims comes back short ([`ClaimFrom::came_short`]). The next row of an
+/// [`ADVANCE_EVERY`], or when a claim from past the process's claims comes
+/// back short, within [`WALK_AGAIN_AFTER`] ([`ClaimFrom::came_short`]). The next row of an
 /// ordering key, which becomes claimable when its predecessor completes,
 /// makes the next claims start from the positions
 /// ([`Shared::claim_from_positions`]); so do a change of what the process
@@ -68,6 +74,8 @@ pub(crate) struct ClaimFrom {
     /// Whether `claim_from` lies past the process's claims.
     from_past: bool,
     seen_walk: u64,
+    /// When a claim last started from the positions themselves.
+    walked_at: Option<Instant>,
     taken_at: Option<Instant>,
     seen_epoch: u64,
     seen_rewind: u64,
@@ -132,21 +140,27 @@ impl ClaimFrom {
             self.positions.at_least(&claimed)
         } else {
             self.walked = true;
+            self.walked_at = Some(Instant::now());
             self.positions.clone()
         };
         Ok(&self.claim_from)
     }
 
     /// Called when a claim took fewer rows than it asked for: whether it
-    /// started past the process's claims, so that rows behind that point
-    /// may still be claimable. The next claim then starts from the
+    /// started past the process's claims, with the positions last walked
+    /// more than [`WALK_AGAIN_AFTER`] ago, so that rows behind that point
+    /// may be claimable unseen. The next claim then starts from the
     /// positions, and the caller claims again before it sleeps.
     pub(crate) fn came_short(&mut self) -> bool {
         let from_past = std::mem::take(&mut self.from_past);
-        if from_past {
+        let walk_again = from_past
+            && self
+                .walked_at
+                .is_none_or(|at| at.elapsed() >= WALK_AGAIN_AFTER);
+        if walk_again {
             self.walked = false;
         }
-        from_past
+        walk_again
     }
 }
 
@@ -217,5 +231,47 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{ClaimFrom, WALK_AGAIN_AFTER};
+
+    #[test]
+    fn a_short_claim_from_past_the_claims_walks_again_only_after_a_while() {
+        let mut never_walked = ClaimFrom {
+            from_past: true,
+            ..ClaimFrom::default()
+        };
+        assert!(never_walked.came_short());
+        assert!(
+            !never_walked.walked,
+            "the next claim starts from the positions"
+        );
+        assert!(!never_walked.came_short(), "that claim was not from past");
+
+        let mut walked_just_now = ClaimFrom {
+            from_past: true,
+            walked: true,
+            walked_at: Some(Instant::now()),
+            ..ClaimFrom::default()
+        };
+        assert!(!walked_just_now.came_short());
+        assert!(walked_just_now.walked);
+
+        let long_ago = Instant::now().checked_sub(WALK_AGAIN_AFTER + Duration::from_millis(1));
+        let mut walked_long_ago = ClaimFrom {
+            from_past: true,
+            walked: true,
+            walked_at: long_ago,
+            ..ClaimFrom::default()
+        };
+        assert_eq!(walked_long_ago.came_short(), long_ago.is_some());
+
+        let mut from_the_positions = ClaimFrom::default();
+        assert!(!from_the_positions.came_short());
     }
 }
