@@ -56,8 +56,9 @@ const REWIND_AT_MOST: Duration = Duration::from_secs(600);
 /// any of the process's claims took ([`Shared::note_claimed`]). A row that
 /// becomes claimable behind that point (a lease that ran out, a claim
 /// rolled back) is found by the first claim after the next move, within
-/// [`ADVANCE_EVERY`], or when a claim from past the process's claims comes
-/// back short, within [`WALK_AGAIN_AFTER`] ([`ClaimFrom::came_short`]). The next row of an
+/// [`ADVANCE_EVERY`], or by the claim that follows a short claim from past
+/// the process's claims, at most every [`WALK_AGAIN_AFTER`]
+/// ([`ClaimFrom::came_short`]). The next row of an
 /// ordering key, which becomes claimable when its predecessor completes,
 /// makes the next claims start from the positions
 /// ([`Shared::claim_from_positions`]); so do a change of what the process

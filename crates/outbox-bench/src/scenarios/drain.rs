@@ -26,8 +26,9 @@ const LIMITED: &str = "bench.limited";
 
 /// The raw drain baseline (always), and when `drain` is wanted the raw lease
 /// drain and outboxd's drains of the same backlog (lease mode, transactional
-/// mode, and lease mode while another topic has a limit). The machine's speed drifts by tens of percent
-/// from one minute to the next, so the three alternate for
+/// mode, and lease mode while another topic has a limit). The machine's
+/// speed drifts by tens of percent from one minute to the next, so they
+/// alternate for
 /// `--drain-rounds` rounds and each figure is the median of its rounds.
 /// Sets `raw_drain` and `drain` of `b` for the scenarios that follow.
 pub async fn drain(b: &mut Bench) -> anyhow::Result<()> {
