@@ -131,7 +131,8 @@ impl Shared {
             drop(held);
             while tasks.try_join_next().is_some() {}
             // A claim that started past the process's claims and came back
-            // short looks once more from the positions before sleeping.
+            // short looks once more from the positions before sleeping,
+            // unless they were walked within the last few milliseconds.
             if got < wanted && !from.came_short() && !looks.more_waiting() {
                 // A limited topic found at its limit is looked at again when
                 // a slot may have freed or its next token is due.
