@@ -6,7 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use outbox_dispatch::maintenance::{Replayer, Rotator, Sampler, Scheduler, Supervisor, Sweeper};
+use outbox_dispatch::maintenance::{
+    Compactor, Replayer, Rotator, Sampler, Scheduler, Supervisor, Sweeper,
+};
 use outbox_dispatch::{Dispatcher, DrainReport, Registry};
 use tracing::info;
 
@@ -140,12 +142,13 @@ pub async fn run(
         info!(url = %db::redact_url(&settings.nats.url), stream = %settings.nats.stream.name, topics = ?settings.nats.relay_topics, "relaying unhandled topics to NATS JetStream");
     }
 
-    // The GC schedule, segment rotation, automatic replays, the row-state
-    // sample and the cron scheduler run on the elected leader only.
+    // The GC schedule, segment rotation, compaction, automatic replays, the
+    // row-state sample and the cron scheduler run on the elected leader only.
     let maintenance = tokio::spawn(
         Supervisor::new(pool.clone())
             .with(Sweeper::new(pool.clone(), settings.sweeper_config()))
             .with(Rotator::new(pool.clone(), settings.rotation_policy()))
+            .with(Compactor::new(pool.clone(), Default::default()))
             .with(Replayer::new(pool.clone(), Duration::from_secs(1)))
             .with(Sampler::new(
                 pool.clone(),

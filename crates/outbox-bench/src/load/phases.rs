@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use hdrhistogram::Histogram;
 use outbox_core::store::stats;
-use outbox_dispatch::maintenance::{Rotator, Supervisor};
+use outbox_dispatch::maintenance::{Compactor, Rotator, Supervisor};
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -187,13 +187,14 @@ pub async fn run(
         let stop = stop_dispatcher.clone();
         async move { dispatcher.run(stop.cancelled_owned()).await }
     });
-    // The leader's segment rotation, as `outboxd run` has it.
+    // The leader's segment rotation and compaction, as `outboxd run` has them.
     let rotating = tokio::spawn(
         Supervisor::new(dispatcher_pool.clone())
             .with(Rotator::new(
                 dispatcher_pool.clone(),
                 settings.rotation_policy(),
             ))
+            .with(Compactor::new(dispatcher_pool.clone(), Default::default()))
             .run(stop_dispatcher.clone().cancelled_owned()),
     );
 

@@ -46,6 +46,7 @@ macro_rules! live_running {
 pub mod activity;
 pub mod apps;
 pub mod audit;
+pub mod compaction;
 pub mod dead_letters;
 pub mod dedupe;
 pub mod invocations;

@@ -53,11 +53,13 @@ pub async fn current_for_insert(conn: &mut PgConnection) -> Result<usize, Error>
     {
         return Ok(segment);
     }
-    let current: i16 = sqlx::query_scalar("SELECT current FROM outbox_segments")
+    // No row: the producer's `REPEATABLE READ` snapshot is older than a
+    // compaction of the table (`store::compaction`), which it sees empty.
+    let current: Option<i16> = sqlx::query_scalar("SELECT current FROM outbox_segments")
         .persistent(false)
-        .fetch_one(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
-    let segment = usize::try_from(current).unwrap_or(0) % TABLES.len();
+    let segment = usize::try_from(current.unwrap_or(0)).unwrap_or(0) % TABLES.len();
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), segment));
     Ok(segment)
 }
@@ -215,7 +217,8 @@ pub async fn current(pool: &PgPool) -> Result<(usize, i64), Error> {
     Ok((usize::try_from(current).unwrap_or(0), rotations))
 }
 
-fn is_lock_timeout(err: &sqlx::Error) -> bool {
+/// Whether `err` is a lock wait that ran out of `lock_timeout`.
+pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.code())
         .is_some_and(|code| code == "55P03")

@@ -1,6 +1,7 @@
 //! Integration tests of enqueue and the stores against a real PostgreSQL.
 mod browse;
 mod cancel;
+mod compaction;
 mod enqueue;
 mod history;
 mod inspect;

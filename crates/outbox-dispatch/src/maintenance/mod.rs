@@ -16,6 +16,7 @@
 //! # }
 //! ```
 
+pub mod compactor;
 pub mod leader;
 pub mod replayer;
 pub mod rotator;
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+pub use compactor::Compactor;
 pub use replayer::Replayer;
 pub use rotator::Rotator;
 pub use sampler::Sampler;
