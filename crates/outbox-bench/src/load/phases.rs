@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use hdrhistogram::Histogram;
-use outbox_core::store::stats;
+use outbox_core::store::{compaction, stats};
 use outbox_dispatch::maintenance::{Compactor, Rotator, Supervisor};
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use sqlx::postgres::PgPoolOptions;
@@ -135,6 +135,8 @@ pub struct Sample {
     pub depth: i64,
     /// Dead tuples of all outboxd tables at the window's end.
     pub dead_tuples: i64,
+    /// Of those, the bookkeeping tables' ([`compaction::TABLES`]).
+    pub bookkeeping_dead_tuples: i64,
     /// Autovacuum passes over the outbox that finished in the window.
     pub autovacuums: i64,
 }
@@ -216,6 +218,7 @@ pub async fn run(
     let mut dead_by_table = Vec::new();
     let mut last_finished = 0;
     let mut dead = 0;
+    let mut bookkeeping_dead = 0;
     let mut last_autovacuums = stats::table_vacuum(pool, "outbox").await?.autovacuum_count;
     for (index, &(phase, length)) in phases.iter().enumerate() {
         eprintln!("bench: phases, {} ({} s)", phase.name(), length.as_secs());
@@ -234,6 +237,7 @@ pub async fn run(
             // While the server restarts, a sample keeps the last figures.
             if let Ok(tables) = stats::dead_tuples(pool).await {
                 dead = tables.iter().map(|(_, n)| n).sum();
+                bookkeeping_dead = bookkeeping(&tables);
             }
             // Counted here rather than read from the table: a count of an
             // outbox bloated by a held snapshot reads every dead row, and
@@ -251,6 +255,7 @@ pub async fn run(
                 completed_per_sec: (now_finished - last_finished) as f64 / window,
                 depth,
                 dead_tuples: dead,
+                bookkeeping_dead_tuples: bookkeeping_dead,
                 autovacuums: (autovacuums - last_autovacuums).max(0),
             });
             last_autovacuums = autovacuums;
@@ -445,4 +450,13 @@ impl Fault {
         }
         Ok(())
     }
+}
+
+/// The dead tuples of outboxd's bookkeeping tables among `tables`.
+pub fn bookkeeping(tables: &[(String, i64)]) -> i64 {
+    tables
+        .iter()
+        .filter(|(name, _)| compaction::TABLES.contains(&name.as_str()))
+        .map(|(_, n)| n)
+        .sum()
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::bench::Bench;
-use crate::load::phases::{self, Phase, PhaseLoad, Sample};
+use crate::load::phases::{self, Phase, PhaseLoad, Sample, bookkeeping};
 use crate::support::{median, truncate};
 
 /// `phases`: see the module docs.
@@ -96,6 +96,24 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
             "tuples",
             None,
         );
+        b.figure(
+            "phases",
+            format!("{label}: of those, bookkeeping tables'"),
+            bookkeeping(&run.dead_by_table[index]) as f64,
+            "tuples",
+            None,
+        );
+        b.figure(
+            "phases",
+            format!("{label}: bookkeeping tables' most dead tuples"),
+            samples
+                .iter()
+                .map(|s| s.bookkeeping_dead_tuples)
+                .max()
+                .unwrap_or_default() as f64,
+            "tuples",
+            None,
+        );
     }
     b.figure(
         "phases",
@@ -124,12 +142,18 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
     let completed = series(&|s| Some(s.completed_per_sec));
     let depth = series(&|s| Some(s.depth as f64));
     let dead = series(&|s| Some(s.dead_tuples as f64));
+    let bookkeeping_dead = series(&|s| Some(s.bookkeeping_dead_tuples as f64));
     let autovacuums = series(&|s| Some(s.autovacuums as f64));
     b.add_series("phases-claim-ms", "p99".into(), p99);
     b.add_series("phases-claim-ms", "p50".into(), p50);
     b.add_series("phases-completions", "completed/s".into(), completed);
     b.add_series("phases-depth", "queue depth".into(), depth);
     b.add_series("phases-dead-tuples", "outboxd tables".into(), dead);
+    b.add_series(
+        "phases-bookkeeping-dead-tuples",
+        "bookkeeping tables".into(),
+        bookkeeping_dead,
+    );
     b.add_series(
         "phases-autovacuum",
         "passes over the outbox".into(),
