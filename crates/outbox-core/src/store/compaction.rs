@@ -52,10 +52,10 @@ pub struct CompactionPolicy {
 }
 
 impl Default for CompactionPolicy {
-    /// At 1,000 dead versions, waiting at most 50 ms for the lock.
+    /// At 250 dead versions, waiting at most 50 ms for the lock.
     fn default() -> Self {
         Self {
-            min_dead: 1000,
+            min_dead: 250,
             lock_timeout: Duration::from_millis(50),
         }
     }

@@ -177,6 +177,7 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
         }
         return Err(err.into());
     }
+    let moved_unlocked = moved;
     moved += sqlx::query(&format!("INSERT INTO outbox SELECT * FROM {table}"))
         .execute(&mut *tx)
         .await?
@@ -186,7 +187,10 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
         .await?;
     // Only from the segment read above: a rotator that lost leadership while
     // it waited must not switch back and empty the segment now current.
-    let switched = sqlx::query(
+    // `outbox_segments` itself may be locked by a compaction
+    // (`store::compaction`) for a moment: that is a try for the next pass,
+    // like a segment in use.
+    let switched = match sqlx::query(
         "UPDATE outbox_segments
          SET current = $1, switched_at = now(), rotations = rotations + 1
          WHERE current = $2",
@@ -194,8 +198,16 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
     .bind(next as i16)
     .bind(current)
     .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .await
+    {
+        Ok(done) => done.rows_affected(),
+        Err(err) if is_lock_timeout(&err) => {
+            return Ok(Rotation::Blocked {
+                moved: moved_unlocked,
+            });
+        }
+        Err(err) => return Err(err.into()),
+    };
     if switched == 0 {
         tx.rollback().await?;
         return Ok(Rotation::NotDue);

@@ -251,6 +251,48 @@ async fn a_rotation_waits_for_a_session_holding_the_segment_without_holding_up_c
     Ok(())
 }
 
+#[tokio::test]
+async fn a_rotation_that_cannot_switch_at_once_gives_up_and_keeps_the_segments_rows() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // Rows in the segment the rotation empties next, one of them leased, so
+    // the locked step has something to move.
+    crate::enqueue_committed(&db, app, 3).await?;
+    sqlx::query(
+        "WITH gone AS (DELETE FROM outbox RETURNING *) INSERT INTO outbox_s1 SELECT * FROM gone",
+    )
+    .execute(&db.pool)
+    .await?;
+    let leased = store::claim(&db.pool, "w", 1, Duration::from_secs(60)).await?;
+    assert_eq!(leased.len(), 1);
+    // A compaction (or any session) holding `outbox_segments` for longer
+    // than the rotation's lock timeout.
+    let mut holder = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("LOCK TABLE outbox_segments IN SHARE MODE")
+        .execute(&mut holder)
+        .await?;
+
+    let rotation = segments::rotate(&db.pool, AT_ONCE).await?;
+    assert!(matches!(rotation, Rotation::Blocked { .. }), "{rotation:?}");
+    sqlx::query("COMMIT").execute(&mut holder).await?;
+    // Nothing truncated: the leased row is still where it was, the others
+    // were moved to `outbox` before the lock, and none is gone.
+    assert_eq!(segments::current(&db.pool).await?, (0, 0));
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(total, 3);
+    assert_eq!(rows_in(&db.pool, "outbox_s1").await?, 1);
+    assert_eq!(tables(&db.pool, &[leased[0].id]).await?, vec!["outbox_s1"]);
+    assert!(matches!(
+        segments::rotate(&db.pool, AT_ONCE).await?,
+        Rotation::Rotated { segment: 1, .. }
+    ));
+    Ok(())
+}
+
 /// A database of the schema before segments, with rows waiting and one
 /// leased, is migrated in place: the rows stay in `outbox`, the lease still
 /// ends by its token, and new rows go to the first segment.
