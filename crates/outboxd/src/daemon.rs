@@ -148,7 +148,7 @@ pub async fn run(
         Supervisor::new(pool.clone())
             .with(Sweeper::new(pool.clone(), settings.sweeper_config()))
             .with(Rotator::new(pool.clone(), settings.rotation_policy()))
-            .with(Compactor::new(pool.clone(), Default::default()))
+            .with(Compactor::new(pool.clone(), settings.compaction_policy()))
             .with(Replayer::new(pool.clone(), Duration::from_secs(1)))
             .with(Sampler::new(
                 pool.clone(),

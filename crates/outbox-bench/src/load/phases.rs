@@ -196,7 +196,10 @@ pub async fn run(
                 dispatcher_pool.clone(),
                 settings.rotation_policy(),
             ))
-            .with(Compactor::new(dispatcher_pool.clone(), Default::default()))
+            .with(Compactor::new(
+                dispatcher_pool.clone(),
+                settings.compaction_policy(),
+            ))
             .run(stop_dispatcher.clone().cancelled_owned()),
     );
 

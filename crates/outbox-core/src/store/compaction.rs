@@ -1,27 +1,36 @@
 //! Compaction: outboxd's small bookkeeping tables rewritten with `TRUNCATE`
-//! when their dead row versions pile up, so that their space, like the
-//! segments', comes back while an old snapshot keeps vacuum from removing
-//! anything.
+//! when vacuum cannot remove their dead row versions, so that their space,
+//! like the segments', comes back while an old snapshot is held.
 //!
 //! These tables hold a few rows each (a row per process, per topic, per
-//! minute, per running transactional batch, and one for the segments), but
-//! they are written all the time — a heartbeat every few seconds, a
-//! rotation every period, a sample, a batch record per transactional batch,
-//! a limit's slots per claim — and under a held snapshot every write leaves
-//! a dead version behind. [`compact`] copies the live rows, truncates the
-//! table and puts them back, in one transaction that holds the table's
-//! exclusive lock for as long as that takes (a few milliseconds for these
-//! sizes). It only runs on a table whose dead versions are at least
-//! [`CompactionPolicy::min_dead`] and more than its live rows: vacuum keeps
-//! any table below that whenever it can run, so compaction is what happens
-//! while it cannot.
+//! topic and minute, per running transactional batch, and one for the
+//! segments), but they are written all the time — a heartbeat, a rotation
+//! every period, a sample, the attempt counts, a batch record per
+//! transactional batch — and under a held snapshot every write leaves a dead
+//! version behind. [`compact`] finds the tables whose statistics count at
+//! least [`CompactionPolicy::min_dead`] dead versions, more than their live
+//! rows; runs a plain `VACUUM` on each (which is all it takes while no
+//! snapshot is held); and rewrites only those that still have as many:
+//! [`compact_table`] copies the live rows, truncates the table and puts
+//! them back, in one transaction that holds the table's exclusive lock for
+//! as long as that takes — milliseconds for most, up to about a second for
+//! `outbox_activity` with a hundred thousand rows (a row per topic and
+//! minute, kept a day), which is compacted only once its dead versions
+//! outnumber them.
 //!
-//! `TRUNCATE` is not MVCC-safe: a `REPEATABLE READ` transaction whose
-//! snapshot is older than the compaction sees the table empty. Every reader
-//! in outboxd reads in `READ COMMITTED`, where a statement that waited for
-//! the lock takes its snapshot after it; the one reader that may run in a
-//! producer's older snapshot, the read of the current segment, takes any
-//! answer (see [`super::segments::current_for_insert`]).
+//! `TRUNCATE` is not MVCC-safe: a transaction whose snapshot is older than
+//! the compaction sees the table empty. outboxd's Rust statements run in
+//! `READ COMMITTED` and take their snapshot after their locks, so one that
+//! waited for a compaction sees its result. Two readers may see the table
+//! empty, and both take that answer: the SQL function `outbox_enqueue`
+//! (PL/pgSQL takes a statement's snapshot before its locks) and a producer
+//! in its own `REPEATABLE READ` transaction read the current segment, and
+//! an empty answer places the row in segment 0, which costs at most a move
+//! (see [`super::segments`]). A `pg_dump` whose snapshot predates a
+//! compaction that commits before the dump locks the table dumps it empty:
+//! so only tables that hold nothing to restore are compacted (limits and
+//! pauses are configuration, and are not), and a restored database without
+//! the segments' row gets it back at the next rotation.
 
 use std::time::Duration;
 
@@ -29,13 +38,13 @@ use sqlx::PgPool;
 
 use crate::Error;
 
-/// The tables compaction looks after, written often and small.
-pub const TABLES: [&str; 6] = [
+/// The tables compaction looks after: written often, small, and holding
+/// nothing a backup must keep.
+pub const TABLES: [&str; 5] = [
     "outbox_segments",
     "outbox_processes",
     "outbox_topic_states",
     "outbox_activity",
-    "outbox_topic_limits",
     "outbox_tx_batches",
 ];
 
@@ -43,7 +52,7 @@ pub const TABLES: [&str; 6] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactionPolicy {
     /// Dead row versions a table must have (and more than its live rows)
-    /// before it is compacted.
+    /// after a `VACUUM` before it is compacted.
     pub min_dead: i64,
     /// How long a compaction waits for the table's lock before it gives up
     /// until its next pass. Statements on the table queue behind a waiting
@@ -61,15 +70,18 @@ impl Default for CompactionPolicy {
     }
 }
 
-/// What a call of [`compact`] did to one table.
+/// What [`compact`] did to one table over the threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compaction {
+    /// A `VACUUM` brought it under the threshold (no snapshot held them).
+    Vacuumed {
+        /// The table, one of [`TABLES`].
+        table: &'static str,
+    },
     /// The table was rewritten with its `kept` live rows.
     Compacted {
         /// The table, one of [`TABLES`].
         table: &'static str,
-        /// Dead row versions the statistics counted before.
-        dead: i64,
         /// Live rows put back.
         kept: u64,
     },
@@ -81,76 +93,122 @@ pub enum Compaction {
     },
 }
 
-/// Compacts every table of [`TABLES`] whose dead row versions, by the
-/// server's statistics, reach `policy.min_dead` and outnumber its live rows.
-/// Each table in a transaction of its own.
-pub async fn compact(pool: &PgPool, policy: CompactionPolicy) -> Result<Vec<Compaction>, Error> {
-    let bloated: Vec<(String, i64)> = sqlx::query_as(
+/// The tables of [`TABLES`] whose dead row versions, by the server's
+/// statistics, reach `min_dead` and outnumber their live rows, with that
+/// count; `only` narrows the look to one table.
+pub async fn bloated(
+    pool: &PgPool,
+    min_dead: i64,
+    only: Option<&str>,
+) -> Result<Vec<(&'static str, i64)>, Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
          WHERE relid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)
            AND n_dead_tup >= $2 AND n_dead_tup > n_live_tup
+           AND ($3::text IS NULL OR relid = to_regclass($3))
          ORDER BY relname",
     )
     .bind(TABLES)
-    .bind(policy.min_dead)
+    .bind(min_dead)
+    .bind(only)
     .fetch_all(pool)
     .await?;
-    let mut done = Vec::with_capacity(bloated.len());
-    for (name, dead) in bloated {
-        let Some(table) = TABLES.iter().copied().find(|t| *t == name) else {
-            continue;
-        };
-        done.push(compact_table(pool, table, dead, policy.lock_timeout).await?);
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, dead)| known(&name).map(|table| (table, dead)))
+        .collect())
+}
+
+/// Vacuums every table [`bloated`] names and compacts those still over the
+/// threshold after it, each on its own; one table's failure leaves the
+/// others to be done (the error is in its place in the answer).
+pub async fn compact(
+    pool: &PgPool,
+    policy: CompactionPolicy,
+) -> Result<Vec<Result<Compaction, Error>>, Error> {
+    let mut done = Vec::new();
+    for (table, _) in bloated(pool, policy.min_dead, None).await? {
+        done.push(vacuum_then_compact(pool, table, policy).await);
     }
     Ok(done)
 }
 
-/// Rewrites `table` (one of [`TABLES`]) with its live rows, whatever its
-/// statistics say; `dead` is only reported back.
-pub async fn compact_table(
+async fn vacuum_then_compact(
     pool: &PgPool,
     table: &'static str,
-    dead: i64,
+    policy: CompactionPolicy,
+) -> Result<Compaction, Error> {
+    // SKIP_LOCKED: an autovacuum already on the table is not waited for.
+    sqlx::query(&format!("VACUUM (SKIP_LOCKED) {table}"))
+        .persistent(false)
+        .execute(pool)
+        .await?;
+    if bloated(pool, policy.min_dead, Some(table))
+        .await?
+        .is_empty()
+    {
+        return Ok(Compaction::Vacuumed { table });
+    }
+    compact_table(pool, table, policy.lock_timeout).await
+}
+
+/// Rewrites `table` (one of [`TABLES`]) with its live rows, whatever its
+/// statistics say. A lock wait longer than `lock_timeout`, or a deadlock
+/// with a session that holds the table, gives up with
+/// [`Compaction::Blocked`] and changes nothing.
+pub async fn compact_table(
+    pool: &PgPool,
+    table: &str,
     lock_timeout: Duration,
 ) -> Result<Compaction, Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(&format!(
-        "SET LOCAL lock_timeout = {}",
-        lock_timeout.as_millis().max(1)
-    ))
-    .execute(&mut *tx)
-    .await?;
-    let locked = sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+    let table = known(table).ok_or_else(|| {
+        Error::invalid(
+            "table",
+            format!("{table:?} is not one of {}", TABLES.join(", ")),
+        )
+    })?;
+    let mut tx = super::begin_with_lock_timeout(pool, lock_timeout).await?;
+    let rewritten = async {
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *tx)
+            .await?;
+        // Server-side, so the rows never leave it: held in a variable while
+        // the table is truncated (a temporary table would add more catalog
+        // rows, which a held snapshot keeps as dead versions too).
+        sqlx::query(&format!(
+            "DO $$
+             DECLARE kept {table}[];
+             BEGIN
+                SELECT coalesce(array_agg(t), '{{}}') INTO kept FROM {table} t;
+                TRUNCATE {table};
+                INSERT INTO {table} SELECT * FROM unnest(kept);
+             END
+             $$"
+        ))
         .execute(&mut *tx)
-        .await;
-    if let Err(err) = locked {
-        if super::segments::is_lock_timeout(&err) {
-            return Ok(Compaction::Blocked { table });
-        }
-        return Err(err.into());
-    }
-    let kept: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-        .fetch_one(&mut *tx)
         .await?;
-    // Server-side, so the rows never leave it: held in a variable while the
-    // table is truncated (a temporary table would add catalog rows, which a
-    // held snapshot keeps as dead versions too).
-    sqlx::query(&format!(
-        "DO $$
-         DECLARE kept {table}[];
-         BEGIN
-            SELECT coalesce(array_agg(t), '{{}}') INTO kept FROM {table} t;
-            TRUNCATE {table};
-            INSERT INTO {table} SELECT * FROM unnest(kept);
-         END
-         $$"
-    ))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Compaction::Compacted {
-        table,
-        dead,
-        kept: u64::try_from(kept).unwrap_or(0),
-    })
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *tx)
+            .await
+    }
+    .await;
+    match rewritten {
+        Ok(kept) => {
+            tx.commit().await?;
+            Ok(Compaction::Compacted {
+                table,
+                kept: u64::try_from(kept).unwrap_or(0),
+            })
+        }
+        Err(err) if super::is_lock_conflict(&err) => {
+            tx.rollback().await?;
+            Ok(Compaction::Blocked { table })
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// `name` as the entry of [`TABLES`] it equals.
+fn known(name: &str) -> Option<&'static str> {
+    TABLES.iter().copied().find(|t| *t == name)
 }

@@ -33,6 +33,32 @@ pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error>
     Ok(())
 }
 
+/// Opens a transaction on `pool` in which a lock wait gives up after
+/// `lock_timeout` (for the statements that take a table's `ACCESS
+/// EXCLUSIVE` lock: statements on the table queue behind the waiting lock,
+/// so the timeout bounds their stall too).
+pub(crate) async fn begin_with_lock_timeout(
+    pool: &sqlx::PgPool,
+    lock_timeout: std::time::Duration,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, crate::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = {}",
+        lock_timeout.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
+}
+
+/// Whether `err` is a lock wait that gave up: `lock_timeout` ran out, or
+/// the server broke a deadlock by ending this statement.
+pub(crate) fn is_lock_conflict(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03" || code == "40P01")
+}
+
 /// The ids of `l.running` (a limit's row `l` of `outbox_topic_limits`) whose
 /// row still holds a live lease: the slots taken.
 macro_rules! live_running {

@@ -59,7 +59,11 @@ pub async fn current_for_insert(conn: &mut PgConnection) -> Result<usize, Error>
         .persistent(false)
         .fetch_optional(&mut *conn)
         .await?;
-    let segment = usize::try_from(current.unwrap_or(0)).unwrap_or(0) % TABLES.len();
+    let Some(current) = current else {
+        // Not kept: it is this snapshot's answer, not the table's.
+        return Ok(0);
+    };
+    let segment = usize::try_from(current).unwrap_or(0) % TABLES.len();
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), segment));
     Ok(segment)
 }
@@ -95,8 +99,9 @@ pub enum Rotation {
     /// The current segment is younger than the period.
     NotDue,
     /// The segment to empty is in use (a `pg_dump`, a reader's open
-    /// transaction, a transactional batch): nothing truncated, `moved` rows
-    /// moved to `outbox` already; the next pass tries again.
+    /// transaction, a transactional batch), or `outbox_segments` is (a
+    /// compaction): nothing truncated, `moved` rows moved to `outbox`
+    /// already; the next pass tries again.
     Blocked {
         /// Rows moved to `outbox` before the lock was refused.
         moved: u64,
@@ -119,20 +124,28 @@ pub enum Rotation {
 /// segment's exclusive lock. A row whose lease has expired may still have
 /// its handler running, and a completion waiting on the move would not
 /// follow the row to `outbox`, so such rows wait for the locked step. Then, in one transaction under
-/// `policy.lock_timeout`: lock the segment, move what is left (leased rows:
+/// `policy.lock_timeout`: switch, lock the segment, move what is left (leased rows:
 /// no completion can be half-way through them while the lock is held, and
 /// one that starts after the commit finds them in `outbox` by id and
-/// token), truncate it, switch. A row keeps its id, `run_at`, lease, token,
+/// token), truncate it. A row keeps its id, `run_at`, lease, token,
 /// attempts and `enqueue_xid` through a move, so claim positions, ordering
 /// keys and fencing see the same row.
 pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, Error> {
-    let (current, due): (i16, bool) = sqlx::query_as(
+    let read: Option<(i16, bool)> = sqlx::query_as(
         "SELECT current, switched_at <= now() - make_interval(secs => $1)
          FROM outbox_segments",
     )
     .bind(policy.period.as_secs_f64())
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
+    let Some((current, due)) = read else {
+        // A database restored from a dump taken while a compaction emptied
+        // the table (`store::compaction`): segment 0 is as good as any.
+        sqlx::query("INSERT INTO outbox_segments DEFAULT VALUES ON CONFLICT DO NOTHING")
+            .execute(pool)
+            .await?;
+        return Ok(Rotation::NotDue);
+    };
     if !due {
         return Ok(Rotation::NotDue);
     }
@@ -161,62 +174,57 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
             break;
         }
     }
-    let mut tx = pool.begin().await?;
-    sqlx::query(&format!(
-        "SET LOCAL lock_timeout = {}",
-        policy.lock_timeout.as_millis().max(1)
-    ))
-    .execute(&mut *tx)
-    .await?;
-    let locked = sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-        .execute(&mut *tx)
-        .await;
-    if let Err(err) = locked {
-        if is_lock_timeout(&err) {
-            return Ok(Rotation::Blocked { moved });
-        }
-        return Err(err.into());
-    }
-    let moved_unlocked = moved;
-    moved += sqlx::query(&format!("INSERT INTO outbox SELECT * FROM {table}"))
+    let mut tx = super::begin_with_lock_timeout(pool, policy.lock_timeout).await?;
+    let locked_step = async {
+        // The switch first, so that no wait for `outbox_segments` (a
+        // compaction holds it for a moment) happens while the segment's
+        // lock holds up claims and producers. Only from the segment read
+        // above: a rotator that lost leadership while it waited must not
+        // switch back and empty the segment now current.
+        let switched = sqlx::query(
+            "UPDATE outbox_segments
+             SET current = $1, switched_at = now(), rotations = rotations + 1
+             WHERE current = $2",
+        )
+        .bind(next as i16)
+        .bind(current)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-    sqlx::query(&format!("TRUNCATE {table}"))
-        .execute(&mut *tx)
-        .await?;
-    // Only from the segment read above: a rotator that lost leadership while
-    // it waited must not switch back and empty the segment now current.
-    // `outbox_segments` itself may be locked by a compaction
-    // (`store::compaction`) for a moment: that is a try for the next pass,
-    // like a segment in use.
-    let switched = match sqlx::query(
-        "UPDATE outbox_segments
-         SET current = $1, switched_at = now(), rotations = rotations + 1
-         WHERE current = $2",
-    )
-    .bind(next as i16)
-    .bind(current)
-    .execute(&mut *tx)
-    .await
-    {
-        Ok(done) => done.rows_affected(),
-        Err(err) if is_lock_timeout(&err) => {
-            return Ok(Rotation::Blocked {
-                moved: moved_unlocked,
-            });
+        if switched == 0 {
+            return Ok(None);
         }
-        Err(err) => return Err(err.into()),
-    };
-    if switched == 0 {
-        tx.rollback().await?;
-        return Ok(Rotation::NotDue);
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *tx)
+            .await?;
+        let left = sqlx::query(&format!("INSERT INTO outbox SELECT * FROM {table}"))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(&format!("TRUNCATE {table}"))
+            .execute(&mut *tx)
+            .await?;
+        Ok::<_, sqlx::Error>(Some(left))
     }
-    tx.commit().await?;
-    Ok(Rotation::Rotated {
-        segment: next,
-        moved,
-    })
+    .await;
+    match locked_step {
+        Ok(Some(left)) => {
+            tx.commit().await?;
+            Ok(Rotation::Rotated {
+                segment: next,
+                moved: moved + left,
+            })
+        }
+        Ok(None) => {
+            tx.rollback().await?;
+            Ok(Rotation::NotDue)
+        }
+        Err(err) if super::is_lock_conflict(&err) => {
+            tx.rollback().await?;
+            Ok(Rotation::Blocked { moved })
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The current segment (an index into [`TABLES`]) and how many rotations
@@ -224,14 +232,8 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
 pub async fn current(pool: &PgPool) -> Result<(usize, i64), Error> {
     let (current, rotations): (i16, i64) =
         sqlx::query_as("SELECT current, rotations FROM outbox_segments")
-            .fetch_one(pool)
-            .await?;
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or((0, 0));
     Ok((usize::try_from(current).unwrap_or(0), rotations))
-}
-
-/// Whether `err` is a lock wait that ran out of `lock_timeout`.
-pub(crate) fn is_lock_timeout(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code == "55P03")
 }

@@ -1,6 +1,6 @@
 //! The compactor: rewrites outboxd's small bookkeeping tables with
-//! `TRUNCATE` when dead row versions pile up in them, which happens only
-//! while an old snapshot keeps vacuum from removing them (see
+//! `TRUNCATE` when dead row versions pile up in them that a `VACUUM`
+//! cannot remove, which is while an old snapshot is held (see
 //! [`outbox_core::store::compaction`]). With the rotator, it keeps every
 //! outboxd table bounded however long a snapshot is held.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outbox_core::store::compaction::{self, Compaction, CompactionPolicy};
 use sqlx::PgPool;
-use tracing::{debug, info};
+use tracing::{debug, warn};
 
 use crate::Error;
 
@@ -28,28 +28,46 @@ impl Compactor {
         Self { pool, policy }
     }
 
-    /// One pass: compacts the tables whose dead versions reached the
-    /// policy's threshold.
+    /// One pass: vacuums the tables whose dead versions reached the
+    /// policy's threshold and compacts those a vacuum could not clean. A
+    /// table that failed is logged and left for the next pass; the first
+    /// failure is the pass's error.
     pub async fn run_once(&self) -> Result<Vec<Compaction>, Error> {
-        let done = compaction::compact(&self.pool, self.policy).await?;
-        for compaction in &done {
-            match *compaction {
-                Compaction::Compacted { table, dead, kept } => {
-                    metrics::counter!("outboxd_compactions_total", "table" => table).increment(1);
-                    debug!(table, dead, kept, "bookkeeping table compacted");
+        let mut done = Vec::new();
+        let mut first_error = None;
+        for outcome in compaction::compact(&self.pool, self.policy).await? {
+            match outcome {
+                Ok(compaction) => {
+                    note(compaction);
+                    done.push(compaction);
                 }
-                Compaction::Blocked { table } => {
-                    metrics::counter!("outboxd_compactions_blocked_total", "table" => table)
-                        .increment(1);
-                    info!(
-                        table,
-                        "bookkeeping table compaction waits: a session holds the table; trying \
-                         again at the next pass"
-                    );
+                Err(err) => {
+                    warn!(error = %err, "bookkeeping table compaction failed");
+                    first_error.get_or_insert(err);
                 }
             }
         }
-        Ok(done)
+        match first_error {
+            Some(err) => Err(err.into()),
+            None => Ok(done),
+        }
+    }
+}
+
+fn note(compaction: Compaction) {
+    match compaction {
+        Compaction::Vacuumed { table } => debug!(table, "bookkeeping table vacuumed"),
+        Compaction::Compacted { table, kept } => {
+            metrics::counter!("outboxd_compactions_total", "table" => table).increment(1);
+            debug!(table, kept, "bookkeeping table compacted");
+        }
+        Compaction::Blocked { table } => {
+            metrics::counter!("outboxd_compactions_blocked_total", "table" => table).increment(1);
+            debug!(
+                table,
+                "bookkeeping table compaction waits: a session holds the table"
+            );
+        }
     }
 }
 

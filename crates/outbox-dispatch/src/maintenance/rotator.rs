@@ -44,7 +44,7 @@ impl Rotator {
                 info!(
                     moved,
                     "outbox segment rotation waits: a session holds the segment (a pg_dump, a \
-                     reader's open transaction); trying again in a second"
+                     reader's open transaction) or outbox_segments; trying again in a second"
                 );
             }
         }

@@ -72,6 +72,15 @@ impl Settings {
         }
     }
 
+    /// How the leader compacts the bookkeeping tables: waiting for a table's
+    /// lock no longer than a rotation waits for a segment's.
+    pub fn compaction_policy(&self) -> outbox_core::store::compaction::CompactionPolicy {
+        outbox_core::store::compaction::CompactionPolicy {
+            lock_timeout: std::time::Duration::from_millis(self.gc.segment_lock_timeout_ms),
+            ..Default::default()
+        }
+    }
+
     /// The GC sweeper's settings in its own types.
     pub fn sweeper_config(&self) -> outbox_dispatch::maintenance::sweeper::SweeperConfig {
         outbox_dispatch::maintenance::sweeper::SweeperConfig {
