@@ -9,6 +9,7 @@ use outbox_core::store::activity::{self, ActivityDelta};
 use outbox_core::store::compaction::{self, Compaction, CompactionPolicy, TABLES};
 use outbox_core::store::outbox as store;
 use outbox_core::store::processes::{self, ProcessInfo};
+use outbox_core::store::stats;
 use outbox_core::{NewEvent, enqueue};
 use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
@@ -37,13 +38,20 @@ fn process(topic: &str) -> ProcessInfo {
 
 /// A session in the test's database that holds an old snapshot, as an
 /// `idle in transaction` session does: vacuum can remove nothing.
-async fn hold_snapshot(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+async fn hold_snapshot(pool: &PgPool) -> Result<PgConnection, Box<dyn std::error::Error>> {
     let mut holder = PgConnection::connect_with(&pool.connect_options()).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut holder)
-        .await?;
+    stats::hold_transaction_id(&mut holder).await?;
     Ok(holder)
+}
+
+/// Sends `conn`'s table statistics to the server now, so that the next
+/// look at `pg_stat_user_tables` counts its writes.
+async fn flush_stats(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    Ok(())
 }
 
 async fn pages(pool: &PgPool, table: &str) -> Result<i64, sqlx::Error> {
@@ -73,10 +81,7 @@ async fn heartbeats_under_a_held_snapshot_are_compacted_away_and_the_rows_kept()
         processes::beat(&mut *writer, &here, Duration::from_secs(30)).await?;
         processes::beat(&mut *writer, &there, Duration::from_secs(30)).await?;
     }
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(&mut *writer)
-        .await?;
-    sqlx::query("SELECT 1").execute(&mut *writer).await?;
+    flush_stats(&mut writer).await?;
     drop(writer);
     sqlx::query("VACUUM outbox_processes")
         .execute(&db.pool)
@@ -147,10 +152,7 @@ async fn dead_versions_vacuum_can_remove_are_vacuumed_not_compacted() -> TestRes
     sqlx::query("DELETE FROM outbox_processes")
         .execute(&mut *writer)
         .await?;
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(&mut *writer)
-        .await?;
-    sqlx::query("SELECT 1").execute(&mut *writer).await?;
+    flush_stats(&mut writer).await?;
     drop(writer);
     assert!(
         wait_until(Duration::from_secs(15), || async {
