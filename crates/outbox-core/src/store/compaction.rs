@@ -3,10 +3,11 @@
 //! like the segments', comes back while an old snapshot is held.
 //!
 //! These tables hold a few rows each (a row per process, per topic, per
-//! topic and minute, per running transactional batch, and one for the
-//! segments), but they are written all the time — a heartbeat, a rotation
-//! every period, a sample, the attempt counts, a batch record per
-//! transactional batch — and under a held snapshot every write leaves a dead
+//! topic and minute, per running transactional batch, per limited topic,
+//! and one for the segments), but they are written all the time — a
+//! heartbeat, a rotation every period, a sample, the attempt counts, a
+//! batch record per transactional batch, a limit's running rows and tokens
+//! per limited claim — and under a held snapshot every write leaves a dead
 //! version behind. [`compact`] finds the tables whose statistics count at
 //! least [`CompactionPolicy::min_dead`] dead versions, more than their live
 //! rows; runs a plain `VACUUM` on each (which is all it takes while no
@@ -29,8 +30,10 @@
 //! (see [`super::segments`]). A `pg_dump` whose snapshot predates a
 //! compaction that commits before the dump locks the table dumps it empty:
 //! so only tables that hold nothing to restore are compacted (limits and
-//! pauses are configuration, and are not), and a restored database without
-//! the segments' row gets it back at the next rotation.
+//! pauses are configuration, and are not; a limit's state is not), a
+//! restored database without the segments' row gets it back at the next
+//! rotation, and a limited claim that finds no state for its limit starts
+//! one (no rows recorded, a full burst).
 
 use std::time::Duration;
 
@@ -40,12 +43,13 @@ use crate::Error;
 
 /// The tables compaction looks after: written often, small, and holding
 /// nothing a backup must keep.
-pub const TABLES: [&str; 5] = [
+pub const TABLES: [&str; 6] = [
     "outbox_segments",
     "outbox_processes",
     "outbox_topic_states",
     "outbox_activity",
     "outbox_tx_batches",
+    "outbox_topic_limit_states",
 ];
 
 /// When and how tables are compacted.

@@ -2,7 +2,10 @@
 //! 0024): at most `max_running` rows of the topic run at once, at most
 //! `max_running_per_key` of them per partition key, and at most
 //! `rate_per_sec` start per second (bursts of up to `burst`), across every
-//! process. Dispatchers read the limits on their beat
+//! process. What the claims keep (the running rows, the tokens) lives in
+//! `outbox_topic_limit_states` (migration 0033), which the leader may
+//! compact; the settings change only when an operator changes them.
+//! Dispatchers read the limits on their beat
 //! ([`super::processes::beat`]), claim limited topics apart from the others
 //! ([`super::outbox::claim_limited`]), and a dead process's slots come back
 //! when its leases expire.
@@ -168,23 +171,31 @@ pub async fn set<'e>(
     crate::model::validate_topic(topic)?;
     let valid = limits.validate()?;
     sqlx::query(
-        "INSERT INTO outbox_topic_limits
-             (app_id, topic, max_running, rate_per_sec, burst, tokens, set_by,
-              max_running_per_key, running)
-         VALUES ($1, $2, $3, $4, $5, coalesce($5, 0), $6, $7, ARRAY(
-             SELECT id FROM outbox
-             WHERE app_id = $1 AND topic = $2 AND locked_until > now()))
+        "WITH before AS (
+             SELECT rate_per_sec FROM outbox_topic_limits WHERE app_id = $1 AND topic = $2
+         ), limit_row AS (
+             INSERT INTO outbox_topic_limits
+                 (app_id, topic, max_running, rate_per_sec, burst, set_by, max_running_per_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (app_id, topic) DO UPDATE
+                 SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
+                     burst = excluded.burst, max_running_per_key = excluded.max_running_per_key,
+                     set_by = excluded.set_by, set_at = now()
+             RETURNING app_id, topic
+         )
+         INSERT INTO outbox_topic_limit_states AS s (app_id, topic, running, tokens)
+         SELECT app_id, topic,
+                ARRAY(SELECT id FROM outbox
+                      WHERE app_id = $1 AND topic = $2 AND locked_until > now()),
+                coalesce($5, 0)
+         FROM limit_row
          ON CONFLICT (app_id, topic) DO UPDATE
-             SET max_running = excluded.max_running, rate_per_sec = excluded.rate_per_sec,
-                 burst = excluded.burst, max_running_per_key = excluded.max_running_per_key,
-                 -- A topic that had only a rate limit recorded nothing: count
-                 -- its running rows too (and keep any a concurrent claim added).
-                 running = ARRAY(SELECT DISTINCT unnest(outbox_topic_limits.running
-                                                        || excluded.running)),
-                 tokens = CASE WHEN outbox_topic_limits.rate_per_sec IS NULL
-                               THEN coalesce(excluded.burst, 0)
-                               ELSE least(outbox_topic_limits.tokens, coalesce(excluded.burst, 0)) END,
-                 set_by = excluded.set_by, set_at = now()",
+             -- A topic that had only a rate limit recorded nothing: count
+             -- its running rows too (and keep any a concurrent claim added).
+             SET running = ARRAY(SELECT DISTINCT unnest(s.running || excluded.running)),
+                 tokens = CASE WHEN (SELECT rate_per_sec FROM before) IS NULL
+                               THEN excluded.tokens
+                               ELSE least(s.tokens, excluded.tokens) END",
     )
     .bind(app)
     .bind(topic)
@@ -234,6 +245,7 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicLim
         live_running!(),
         ")::int8 AS running
              FROM outbox_topic_limits l
+             LEFT JOIN outbox_topic_limit_states s ON s.app_id = l.app_id AND s.topic = l.topic
              WHERE l.app_id = $1 ORDER BY l.topic"
     ))
     .bind(app)

@@ -59,11 +59,12 @@ pub(crate) fn is_lock_conflict(err: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "55P03" || code == "40P01")
 }
 
-/// The ids of `l.running` (a limit's row `l` of `outbox_topic_limits`) whose
-/// row still holds a live lease: the slots taken.
+/// The ids of `s.running` (a limit's state `s`, its row of
+/// `outbox_topic_limit_states`, which may be missing) whose row still holds
+/// a live lease: the slots taken.
 macro_rules! live_running {
     () => {
-        "ARRAY(SELECT r.id FROM unnest(l.running) AS r(id)
+        "ARRAY(SELECT r.id FROM unnest(s.running) AS r(id)
                WHERE EXISTS (SELECT 1 FROM outbox o
                              WHERE o.id = r.id AND o.locked_until > now()))"
     };

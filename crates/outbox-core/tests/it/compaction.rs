@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use outbox_core::store::activity::{self, ActivityDelta};
 use outbox_core::store::compaction::{self, Compaction, CompactionPolicy, TABLES};
+use outbox_core::store::limits;
 use outbox_core::store::outbox as store;
 use outbox_core::store::processes::{self, ProcessInfo};
 use outbox_core::store::stats;
@@ -213,6 +214,28 @@ async fn every_bookkeeping_table_survives_a_compaction_with_its_rows() -> TestRe
         .await?;
     let mut keeper = db.pool.acquire().await?;
     store::open_tx_batch(&mut keeper, 42, "w", &ids).await?;
+    let limit = limits::Limits {
+        max_running: Some(5),
+        rate_per_sec: Some(2.5),
+        ..limits::Limits::default()
+    };
+    limits::set(&db.pool, app, "t", &limit, None).await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let topic = limits::LimitedTopic {
+        app_id: app,
+        topic: "t".into(),
+    };
+    let served = outbox_core::topics::Served::everything();
+    let limited = store::claim_limited(
+        &mut keeper,
+        &topic,
+        &served,
+        "w",
+        1,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(limited.rows.len(), 1);
     for table in TABLES {
         let live = rows(&db.pool, table).await?;
         assert!(!live.is_empty(), "{table} has no row to carry over");

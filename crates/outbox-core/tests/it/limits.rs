@@ -278,3 +278,210 @@ async fn a_limit_per_key_added_to_a_rate_limit_counts_the_rows_running_already()
     assert_eq!(limits::list(&db.pool, app).await?[0].running, 1);
     Ok(())
 }
+
+/// The limit's row as the server stores it: its place and the transaction
+/// that wrote it, which change with every new version of the row.
+async fn limit_version(db: &TestDb, topic: &str) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT ctid::text || '/' || xmin::text FROM outbox_topic_limits WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_one(&db.pool)
+    .await
+}
+
+/// Makes `topic`'s limit as old as one set an hour ago, past the window in
+/// which its claims also count rows leased elsewhere: from then on only
+/// the recorded running rows hold slots.
+async fn age_limit(db: &TestDb, topic: &str) -> TestResult {
+    sqlx::query(
+        "UPDATE outbox_topic_limits SET set_at = now() - interval '1 hour' WHERE topic = $1",
+    )
+    .bind(topic)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Under a held snapshot a limited claim must leave no dead version in the
+/// table operators' limits live in (it cannot be compacted): the claims
+/// write their state apart, and that state survives a compaction.
+#[tokio::test]
+async fn limited_claims_write_no_new_version_of_the_limit_and_their_state_survives_compaction()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, "mail", 40).await?;
+    let both = Limits {
+        max_running: Some(30),
+        rate_per_sec: Some(1000.0),
+        burst: Some(1000),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "mail", &both, None).await?;
+    age_limit(&db, "mail").await?;
+    let before = limit_version(&db, "mail").await?;
+    let mut holder = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    outbox_core::store::stats::hold_transaction_id(&mut holder).await?;
+
+    let mut conn = db.pool.acquire().await?;
+    let topic = limited(app, "mail");
+    let mut claimed = 0;
+    for _ in 0..20 {
+        claimed += claim(&mut conn, &topic, 1).await?.rows.len();
+    }
+    assert_eq!(claimed, 20);
+    assert_eq!(
+        limit_version(&db, "mail").await?,
+        before,
+        "a claim rewrote the limit's row"
+    );
+
+    let done = outbox_core::store::compaction::compact_table(
+        &db.pool,
+        "outbox_topic_limit_states",
+        Duration::from_millis(500),
+    )
+    .await?;
+    assert_eq!(
+        done,
+        outbox_core::store::compaction::Compaction::Compacted {
+            table: "outbox_topic_limit_states",
+            kept: 1
+        }
+    );
+    assert_eq!(limits::list(&db.pool, app).await?[0].running, 20);
+    // Ten slots are left of thirty, whatever was asked for.
+    assert_eq!(claim(&mut conn, &topic, 25).await?.rows.len(), 10);
+    assert_eq!(claim(&mut conn, &topic, 25).await?.rows.len(), 0);
+    holder.close().await?;
+    Ok(())
+}
+
+/// A claim that waits for a compaction of the states must see the rows the
+/// compaction put back, not the table as `TRUNCATE` left it: an empty
+/// answer would free every slot.
+#[tokio::test]
+async fn a_limited_claim_waiting_for_a_compaction_counts_the_slots_it_kept() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, "mail", 6).await?;
+    let two = Limits {
+        max_running: Some(2),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "mail", &two, None).await?;
+    age_limit(&db, "mail").await?;
+    let topic = limited(app, "mail");
+    let mut conn = db.pool.acquire().await?;
+    assert_eq!(claim(&mut conn, &topic, 2).await?.rows.len(), 2);
+
+    // The compaction's steps, held open while a claim comes.
+    let mut compactor = db.pool.begin().await?;
+    sqlx::query("LOCK TABLE outbox_topic_limit_states IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *compactor)
+        .await?;
+    sqlx::query(
+        "DO $$
+         DECLARE kept outbox_topic_limit_states[];
+         BEGIN
+            SELECT array_agg(t) INTO kept FROM outbox_topic_limit_states t;
+            TRUNCATE outbox_topic_limit_states;
+            INSERT INTO outbox_topic_limit_states SELECT * FROM unnest(kept);
+         END
+         $$",
+    )
+    .execute(&mut *compactor)
+    .await?;
+    let waiting = tokio::spawn({
+        let pool = db.pool.clone();
+        let topic = topic.clone();
+        async move {
+            let mut conn = pool.acquire().await?;
+            claim(&mut conn, &topic, 2).await
+        }
+    });
+    assert!(
+        outbox_testkit::wait_until(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(false)
+        })
+        .await,
+        "the claim never waited for the compaction"
+    );
+    compactor.commit().await?;
+    let late = waiting.await??;
+    assert!(
+        late.rows.is_empty(),
+        "claimed {} rows over the limit",
+        late.rows.len()
+    );
+    assert_eq!(late.free, 0);
+    Ok(())
+}
+
+/// A restore from a dump taken while the leader compacted the states has
+/// limits without a state: the next claim starts one, with a full burst.
+#[tokio::test]
+async fn a_limit_without_its_state_is_claimed_from_a_new_one() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, "mail", 10).await?;
+    let limit = Limits {
+        max_running: Some(3),
+        rate_per_sec: Some(0.01),
+        burst: Some(4),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "mail", &limit, None).await?;
+    age_limit(&db, "mail").await?;
+    sqlx::query("DELETE FROM outbox_topic_limit_states")
+        .execute(&db.pool)
+        .await?;
+    let topic = limited(app, "mail");
+    let mut conn = db.pool.acquire().await?;
+    let first = claim(&mut conn, &topic, 10).await?;
+    assert_eq!(first.rows.len(), 3, "three slots");
+    assert_eq!(first.free, 3);
+    let state: (i32, f64) = sqlx::query_as(
+        "SELECT cardinality(running), tokens FROM outbox_topic_limit_states WHERE topic = 'mail'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(state.0, 3);
+    assert!((state.1 - 1.0).abs() < 0.01, "tokens {}", state.1);
+    assert!(claim(&mut conn, &topic, 10).await?.rows.is_empty());
+    Ok(())
+}
+
+/// A database with a limit whose row holds its running rows and tokens
+/// (before migration 0033) is migrated with them: the slot stays taken.
+#[tokio::test]
+async fn the_upgrade_keeps_a_limits_running_rows_and_tokens() -> TestResult {
+    let db = TestDb::migrated_to(32).await?;
+    let app = db.app("shop").await?;
+    fill(&db, app, "mail", 3).await?;
+    let leased = store::claim(&db.pool, "old", 1, LEASE).await?;
+    assert_eq!(leased.len(), 1);
+    sqlx::query(
+        "INSERT INTO outbox_topic_limits
+             (app_id, topic, max_running, rate_per_sec, burst, tokens, running, set_at)
+         VALUES ($1, 'mail', 2, 1, 5, 1.5, ARRAY[$2::uuid], now() - interval '1 hour')",
+    )
+    .bind(app)
+    .bind(leased[0].id)
+    .execute(&db.pool)
+    .await?;
+
+    outbox_core::migrate(&db.pool).await?;
+    assert_eq!(limits::list(&db.pool, app).await?[0].running, 1);
+    let mut conn = db.pool.acquire().await?;
+    let claimed = claim(&mut conn, &limited(app, "mail"), 10).await?;
+    assert_eq!(claimed.rows.len(), 1, "one slot of two and one whole token");
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Claiming a topic with a concurrency or rate limit (`outbox_topic_limits`,
-//! migrations 0020, 0021 and 0024): one claim at a time per topic, at most
-//! its free slots, its whole tokens, and the free slots of each partition key.
+//! migrations 0020, 0021 and 0024, its running rows and tokens in
+//! `outbox_topic_limit_states`, 0033): one claim at a time per topic, at
+//! most its free slots, its whole tokens, and the free slots of each
+//! partition key.
 
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ pub const ADOPT_WINDOW_SECS: u64 = 5;
 /// many rows its concurrency and rate limits let start now (claims take at
 /// most `$1` of them).
 ///
+/// A missing state (a restore from a dump taken while the leader compacted
+/// the states) reads as no rows recorded and a full burst.
+///
 /// For [`ADOPT_WINDOW_SECS`] after a limit is set, rows of the topic leased
 /// by ordinary claims (processes that had not beaten since) count too, and
 /// are recorded: they hold their slots until they end.
@@ -48,9 +53,10 @@ macro_rules! limited_head {
             ")
                    AND o.app_id = l.app_id AND o.topic = l.topic
                    AND o.locked_until > now()) AS live,
-           least(l.burst::float8, l.tokens + l.rate_per_sec
-                 * greatest(extract(epoch FROM c.at - l.refilled_at)::float8, 0)) AS tokens
+           least(l.burst::float8, coalesce(s.tokens, l.burst) + l.rate_per_sec
+                 * greatest(extract(epoch FROM c.at - s.refilled_at)::float8, 0)) AS tokens
     FROM outbox_topic_limits l
+    LEFT JOIN outbox_topic_limit_states s ON s.app_id = l.app_id AND s.topic = l.topic
     JOIN apps a ON a.id = l.app_id AND a.suspended_at IS NULL
     CROSS JOIN (SELECT clock_timestamp() AS at) AS c
     WHERE l.app_id = $4 AND l.topic = $5
@@ -67,8 +73,8 @@ macro_rules! limited_head {
 }
 
 /// The end of a limited claim: leases the `picked` rows, records them in
-/// the limit's `running` (with a concurrency limit of either kind) and
-/// takes their tokens; answers the rows with `free`, `ready_in`, `$held`
+/// the limit's state's `running` (with a concurrency limit of either kind)
+/// and takes their tokens, writing the state anew if it is missing; answers the rows with `free`, `ready_in`, `$held`
 /// (rows of keys at their limit may be waiting) and `$cut` (rows were left
 /// because their key's slots ran out in this statement).
 macro_rules! limited_tail {
@@ -79,14 +85,17 @@ macro_rules! limited_tail {
             lease_picked!(),
             "
 ), recorded AS (
-    UPDATE outbox_topic_limits l
-    SET running = CASE WHEN lim.max_running IS NULL AND lim.max_running_per_key IS NULL
-                       THEN '{}'
-                       ELSE lim.live || ARRAY(SELECT id FROM claimed) END,
-        tokens = coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
-        refilled_at = greatest(l.refilled_at, lim.at)
+    INSERT INTO outbox_topic_limit_states AS s (app_id, topic, running, tokens, refilled_at)
+    SELECT $4, $5,
+           CASE WHEN lim.max_running IS NULL AND lim.max_running_per_key IS NULL
+                THEN '{}'
+                ELSE lim.live || ARRAY(SELECT id FROM claimed) END,
+           coalesce(lim.tokens - (SELECT count(*) FROM claimed), 0),
+           lim.at
     FROM lim
-    WHERE l.app_id = $4 AND l.topic = $5
+    ON CONFLICT (app_id, topic) DO UPDATE
+        SET running = excluded.running, tokens = excluded.tokens,
+            refilled_at = greatest(s.refilled_at, excluded.refilled_at)
 )
 SELECT c.*, f.free, f.ready_in, f.held, f.cut
 FROM (SELECT coalesce((SELECT free FROM allowed), 0) AS free,
@@ -228,8 +237,10 @@ pub struct LimitedClaim {
 /// once rather than wait. Rows of a paused topic, or of a topic `served`
 /// does not take, are not claimed.
 ///
-/// Runs its own transaction: the limit's row is locked first, so the claim
-/// statement's snapshot sees the leases of every claim before it.
+/// Runs its own transaction: the limit's row is locked first (`FOR NO KEY
+/// UPDATE`, which leaves no dead version behind while a snapshot is held),
+/// so the claim statement's snapshot sees the leases and the state of every
+/// claim before it.
 pub async fn claim_limited(
     conn: &mut PgConnection,
     limited: &LimitedTopic,
@@ -244,7 +255,7 @@ pub async fn claim_limited(
     let per_key: Option<bool> = sqlx::query_scalar(
         "SELECT max_running_per_key IS NOT NULL FROM outbox_topic_limits
          WHERE app_id = $1 AND topic = $2
-         FOR UPDATE SKIP LOCKED",
+         FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(limited.app_id)
     .bind(&limited.topic)
