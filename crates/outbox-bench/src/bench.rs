@@ -104,6 +104,10 @@ pub struct BenchArgs {
     /// Each handler of the phases scenario sleeps this long, in ms.
     #[arg(long, default_value_t = 1)]
     pub phase_handler_ms: u64,
+    /// Give the phases' topic a concurrency limit of this many rows running
+    /// at once, so that every claim of the phases is a limited claim.
+    #[arg(long)]
+    pub phase_max_running: Option<u32>,
     /// Print `EXPLAIN (ANALYZE, BUFFERS)` of the hot statements.
     #[arg(long)]
     pub explain: bool,

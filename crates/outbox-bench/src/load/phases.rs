@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use hdrhistogram::Histogram;
+use outbox_core::store::limits::{self, Limits};
 use outbox_core::store::{compaction, stats};
 use outbox_dispatch::maintenance::{Compactor, Rotator, Supervisor};
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
@@ -117,6 +118,8 @@ pub struct PhaseLoad {
     pub handler: Duration,
     /// One sample every this long.
     pub sample: Duration,
+    /// A concurrency limit on the topic for the run, if any.
+    pub max_running: Option<u32>,
 }
 
 /// One sample: a window of `sample` length.
@@ -172,6 +175,13 @@ pub async fn run(
     let finished = Arc::new(AtomicU64::new(0));
     let seen = Arc::new(Mutex::new(HashSet::<Uuid>::new()));
     let registry = recording(load.handler, &latencies, &finished, &seen);
+    if let Some(max_running) = load.max_running {
+        let limit = Limits {
+            max_running: Some(i64::from(max_running)),
+            ..Limits::default()
+        };
+        limits::set(pool, app, TOPIC, &limit, Some("bench")).await?;
+    }
     let dispatcher_pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .connect_with(
@@ -286,6 +296,9 @@ pub async fn run(
     dispatching.await??;
     rotating.await?;
     dispatcher_pool.close().await;
+    if load.max_running.is_some() {
+        limits::remove(pool, app, TOPIC).await?;
+    }
     let handled = seen.lock().map(|s| s.len() as u64).unwrap_or_default();
     let uncertain = uncertain.load(Ordering::Relaxed);
     ensure!(
@@ -453,6 +466,19 @@ impl Fault {
         }
         Ok(())
     }
+}
+
+/// The tables that hold operators' settings, which outboxd writes only when
+/// an operator changes them.
+const SETTINGS_TABLES: [&str; 2] = ["outbox_topic_limits", "outbox_topic_pauses"];
+
+/// The dead tuples of the tables of operators' settings among `tables`.
+pub fn settings(tables: &[(String, i64)]) -> i64 {
+    tables
+        .iter()
+        .filter(|(name, _)| SETTINGS_TABLES.contains(&name.as_str()))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// The dead tuples of outboxd's bookkeeping tables among `tables`.

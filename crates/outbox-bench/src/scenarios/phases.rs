@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::bench::Bench;
-use crate::load::phases::{self, Phase, PhaseLoad, Sample, bookkeeping};
+use crate::load::phases::{self, Phase, PhaseLoad, Sample, bookkeeping, settings};
 use crate::support::{median, truncate};
 
 /// `phases`: see the module docs.
@@ -26,6 +26,7 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
         rate: b.args.phase_rate,
         handler: Duration::from_millis(b.args.phase_handler_ms),
         sample: Duration::from_secs(u64::from(b.args.phase_sample_secs)),
+        max_running: b.args.phase_max_running,
     };
     let run = phases::run(&b.pool, &b.settings, b.app, &load, &run_of).await?;
     truncate(&b.pool).await?;
@@ -100,6 +101,13 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
             "phases",
             format!("{label}: of those, bookkeeping tables'"),
             bookkeeping(&run.dead_by_table[index]) as f64,
+            "tuples",
+            None,
+        );
+        b.figure(
+            "phases",
+            format!("{label}: of those, operators' settings tables'"),
+            settings(&run.dead_by_table[index]) as f64,
             "tuples",
             None,
         );
