@@ -207,10 +207,16 @@ impl TopicMetrics {
         let Ok(mut handles) = self.handles.write() else {
             return Arc::new(TopicHandles::new(app_id, &slug, OTHER));
         };
-        let topics = handles.entry(app_id).or_default();
-        if let Some(found) = topics.get(topic) {
+        if let Some(found) = handles.get(&app_id).and_then(|t| t.get(topic)) {
             return found.clone();
         }
+        // Again under the lock: two first sightings that both read the
+        // count below the cap would otherwise both take a label.
+        if self.pairs.load(Ordering::Relaxed) >= MAX_LABELLED {
+            drop(handles);
+            return self.overflow_of(app_id, &slug);
+        }
+        let topics = handles.entry(app_id).or_default();
         let created = Arc::new(TopicHandles::new(app_id, &slug, topic));
         topics.insert(topic.to_owned(), created.clone());
         self.pairs.fetch_add(1, Ordering::Relaxed);
@@ -279,5 +285,41 @@ impl TopicMetrics {
             }
             Err(_) => app_id.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{MAX_LABELLED, OTHER, TopicMetrics};
+
+    /// Many first sightings at once must not take more labels than the cap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_new_topics_never_take_more_labels_than_the_cap()
+    -> Result<(), Box<dyn std::error::Error>> {
+        // Nothing listens there: slugs fall back to the app's id at once.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(20))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")?;
+        let metrics = Arc::new(TopicMetrics::default());
+        let app = uuid::Uuid::now_v7();
+        let tasks: Vec<_> = (0..MAX_LABELLED * 2)
+            .map(|n| {
+                let (metrics, pool) = (metrics.clone(), pool.clone());
+                tokio::spawn(async move { metrics.of(&pool, app, &format!("t{n}")).await })
+            })
+            .collect();
+        let mut labelled = std::collections::HashSet::new();
+        for task in tasks {
+            labelled.insert(task.await?.topic.clone());
+        }
+        labelled.remove(OTHER);
+        assert_eq!(labelled.len(), MAX_LABELLED);
+        assert_eq!(
+            metrics.pairs.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_LABELLED
+        );
+        Ok(())
     }
 }
