@@ -142,11 +142,7 @@ async fn vacuum_then_compact(
     table: &'static str,
     policy: CompactionPolicy,
 ) -> Result<Compaction, Error> {
-    // SKIP_LOCKED: an autovacuum already on the table is not waited for.
-    sqlx::query(&format!("VACUUM (SKIP_LOCKED) {table}"))
-        .persistent(false)
-        .execute(pool)
-        .await?;
+    vacuum_skip_locked(pool, table).await?;
     if bloated(pool, policy.min_dead, Some(table))
         .await?
         .is_empty()
@@ -154,6 +150,31 @@ async fn vacuum_then_compact(
         return Ok(Compaction::Vacuumed { table });
     }
     compact_table(pool, table, policy.lock_timeout).await
+}
+
+/// `VACUUM (SKIP_LOCKED)` of `table`: an autovacuum already on the table is
+/// not waited for. The server's warning that it skipped the table is kept
+/// from the log (`client_min_messages`): it says nothing an operator can
+/// act on, and it came every few seconds on a table written per limited
+/// claim. A connection whose setting could not be put back is closed.
+async fn vacuum_skip_locked(pool: &PgPool, table: &'static str) -> Result<(), Error> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET client_min_messages = error")
+        .execute(&mut *conn)
+        .await?;
+    let vacuumed = sqlx::query(&format!("VACUUM (SKIP_LOCKED) {table}"))
+        .persistent(false)
+        .execute(&mut *conn)
+        .await;
+    if sqlx::query("RESET client_min_messages")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        conn.detach();
+    }
+    vacuumed?;
+    Ok(())
 }
 
 /// Rewrites `table` (one of [`TABLES`]) with its live rows, whatever its
