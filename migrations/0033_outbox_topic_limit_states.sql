@@ -14,11 +14,31 @@
 -- A limited claim still takes its limit's row lock first (FOR NO KEY
 -- UPDATE, which writes no new version), then the state and the outbox.
 --
--- Dispatchers of an earlier version read the dropped columns: stop them
--- before this runs (docs/operations.md). One left running fails its
--- limited claims with an error, loses nothing, and claims other topics.
+-- Dispatchers of an earlier version read the dropped columns, and their
+-- claim rounds would fail while any limit exists: with a limit set, the
+-- migration refuses to run while a dispatcher's heartbeat is live
+-- (docs/operations.md). Without one, it runs at once.
 
 LOCK TABLE outbox_topic_limits IN ACCESS EXCLUSIVE MODE;
+
+DO $$
+DECLARE
+    p record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM outbox_topic_limits) THEN
+        SELECT host, pid, version INTO p FROM outbox_processes WHERE expires_at > now()
+        ORDER BY last_seen DESC LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'migration 0033 (limit states) needs every dispatcher stopped while '
+                'topics have limits: a process is running (host %, pid %, version %); stop all '
+                'outboxd processes of earlier versions, wait a lease for a crashed one, then '
+                'migrate again',
+                p.host, p.pid, p.version
+                USING ERRCODE = 'object_in_use';
+        END IF;
+    END IF;
+END
+$$;
 
 CREATE TABLE outbox_topic_limit_states (
     app_id      uuid             NOT NULL,

@@ -116,6 +116,10 @@ pub(crate) struct Shared {
     // many times it has found something.
     pub(crate) rewound: Mutex<Positions>,
     pub(crate) rewound_generation: AtomicU64,
+    // The same for the limited topics' rows, which the ordinary positions
+    // pass (`LimitedFrom`).
+    pub(crate) limited_rewound: Mutex<Positions>,
+    pub(crate) limited_rewound_generation: AtomicU64,
     // Past the last row the process's claims took, per app, and bumped when
     // claims must start from their positions (`ClaimFrom`).
     pub(crate) claimed_past: Mutex<Positions>,
@@ -178,6 +182,8 @@ impl Dispatcher {
                 claimed_past: Mutex::new(Positions::default()),
                 walk_generation: AtomicU64::new(0),
                 rewound_generation: AtomicU64::new(0),
+                limited_rewound: Mutex::new(Positions::default()),
+                limited_rewound_generation: AtomicU64::new(0),
                 served,
                 process,
             }),
@@ -224,6 +230,7 @@ impl Dispatcher {
                     &mut conn,
                     topic,
                     &limits.served,
+                    None,
                     &config.worker_id,
                     want,
                     config.lease,

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use outbox_core::model::ClaimedEvent;
 use outbox_core::store::outbox::{self as store, Positions};
+use outbox_core::topics::Served;
 use sqlx::PgExecutor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::dispatcher::Shared;
+use crate::subscription::Limits;
 
 /// How often a claim loop moves its positions on while it keeps claiming:
 /// a claim walks over at most the rows finished in about this long.
@@ -165,6 +167,70 @@ impl ClaimFrom {
     }
 }
 
+/// Where one claim loop's limited claims start: positions taken over the
+/// rows of the limited topics the process serves
+/// ([`Shared::limited_served`]), moved on as [`ClaimFrom`]'s are (every
+/// [`ADVANCE_EVERY`], on a fresh look, after a rewind). The ordinary
+/// positions pass the limited topics' rows, which ordinary claims leave, so
+/// limited claims cannot start from those; from their app's first row
+/// instead, they would walk over every row finished since, which a held
+/// snapshot keeps in the index (up to three segments' worth).
+///
+/// A position never passes a row that is still there, so a row whose lease
+/// ran out is found again by the next claim; limited claims are few, so
+/// each starts from the positions themselves.
+#[derive(Debug, Default)]
+pub(crate) struct LimitedFrom {
+    positions: Positions,
+    /// The limits the positions were taken for, and what they take.
+    taken_for: Option<(Arc<Limits>, Served)>,
+    taken_at: Option<Instant>,
+    seen_epoch: u64,
+    seen_rewind: u64,
+}
+
+impl LimitedFrom {
+    /// The positions limited claims of `limits` start from, moved on first
+    /// when they are due; taken afresh when the limits changed.
+    pub(crate) async fn current<'e>(
+        &mut self,
+        shared: &Shared,
+        limits: &Arc<Limits>,
+        db: impl PgExecutor<'e>,
+    ) -> Result<&Positions, outbox_core::Error> {
+        let epoch = shared.fresh_look.load(Ordering::Acquire);
+        let rewind = shared.limited_rewound_generation.load(Ordering::Acquire);
+        let served = match &self.taken_for {
+            Some((taken, served)) if Arc::ptr_eq(taken, limits) => served.clone(),
+            _ => {
+                let served = shared.limited_served(limits);
+                self.taken_for = Some((limits.clone(), served.clone()));
+                self.positions = Positions::default();
+                self.taken_at = None;
+                served
+            }
+        };
+        let due = self.taken_at.is_none_or(|at| at.elapsed() >= ADVANCE_EVERY)
+            || epoch != self.seen_epoch
+            || rewind != self.seen_rewind;
+        if due {
+            if rewind != self.seen_rewind {
+                let floor = shared
+                    .limited_rewound
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                self.positions = self.positions.lowered_to(&floor);
+            }
+            self.positions =
+                store::advance_positions(db, &self.positions, &served, LATE_MARGIN).await?;
+            self.taken_at = Some(Instant::now());
+            self.seen_epoch = epoch;
+            self.seen_rewind = rewind;
+        }
+        Ok(&self.positions)
+    }
+}
+
 impl Shared {
     /// Records rows a claim took, so that the next claims of the process
     /// start past them (see [`ClaimFrom`]).
@@ -200,6 +266,28 @@ impl Shared {
         self.fresh_look.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The rewind of the limited topics' positions ([`LimitedFrom`]), within
+    /// the same budget: their rows are not among the ordinary positions'.
+    async fn rewind_limited(&self, budget: Option<Duration>) {
+        let limits = self.served.limits();
+        if limits.topics.is_empty() {
+            return;
+        }
+        let served = self.limited_served(&limits);
+        match store::rewind_positions(&self.pool, &served, LATE_MARGIN, budget).await {
+            Ok(Some(floor)) => {
+                *self
+                    .limited_rewound
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = floor;
+                self.limited_rewound_generation
+                    .fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(None) => {}
+            Err(err) => debug!(error = %err, "could not rewind the limited claims' positions"),
+        }
+    }
+
     /// The rewind task: every [`REWIND_EVERY`] while a look from the first
     /// rows stays within [`REWIND_BUDGET`], less often while it does not
     /// (an old snapshot is held); claim loops lower their positions to what
@@ -218,6 +306,7 @@ impl Shared {
                 Ok(Some(floor)) => {
                     *self.rewound.lock().unwrap_or_else(PoisonError::into_inner) = floor;
                     self.rewound_generation.fetch_add(1, Ordering::AcqRel);
+                    self.rewind_limited(budget).await;
                     // A slow look keeps the longest interval (whatever made
                     // it slow has probably not ended); a quick one, the
                     // shortest.

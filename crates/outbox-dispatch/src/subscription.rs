@@ -196,6 +196,25 @@ impl Shared {
         self.registry.get(&topic.topic).is_some() && !limits.served.excluded.contains(&topic.topic)
     }
 
+    /// What the positions of limited claims take: the limited topics this
+    /// process serves, by name, the pauses applying. A position so taken
+    /// passes the rows of every other topic, and no row of those.
+    pub(crate) fn limited_served(&self, limits: &Limits) -> Served {
+        let mut exact: Vec<String> = limits
+            .topics
+            .iter()
+            .filter(|topic| self.serves(limits, topic))
+            .map(|topic| topic.topic.clone())
+            .collect();
+        exact.sort_unstable();
+        exact.dedup();
+        Served {
+            exact,
+            paused: limits.served.paused.clone(),
+            ..Served::default()
+        }
+    }
+
     /// Learns what the others serve, what is paused and what is limited,
     /// and writes this process's row when [`row_write_every`] has passed
     /// since the last write; the row expires one lease after it is written.

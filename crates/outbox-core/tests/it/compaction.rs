@@ -230,6 +230,7 @@ async fn every_bookkeeping_table_survives_a_compaction_with_its_rows() -> TestRe
         &mut keeper,
         &topic,
         &served,
+        None,
         "w",
         1,
         Duration::from_secs(30),

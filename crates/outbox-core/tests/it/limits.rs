@@ -50,7 +50,7 @@ async fn claim(
     topic: &LimitedTopic,
     n: u32,
 ) -> Result<store::LimitedClaim, outbox_core::Error> {
-    store::claim_limited(conn, topic, &Served::everything(), "w", n, LEASE).await
+    store::claim_limited(conn, topic, &Served::everything(), None, "w", n, LEASE).await
 }
 
 /// The `i` of the claimed rows' payloads, sorted.
@@ -478,10 +478,127 @@ async fn the_upgrade_keeps_a_limits_running_rows_and_tokens() -> TestResult {
     .execute(&db.pool)
     .await?;
 
+    // A dispatcher of the earlier version is up: it would fail every claim
+    // round on the dropped columns, so the migration is refused, saying
+    // which, and changes nothing.
+    live_dispatcher(&db).await?;
+    let refused = outbox_core::migrate(&db.pool)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("web-1") && refused.contains("stop all outboxd processes"),
+        "{refused:?}"
+    );
+    let tokens: f64 = sqlx::query_scalar("SELECT tokens FROM outbox_topic_limits")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(tokens, 1.5);
+    sqlx::query("DELETE FROM outbox_processes")
+        .execute(&db.pool)
+        .await?;
+
     outbox_core::migrate(&db.pool).await?;
     assert_eq!(limits::list(&db.pool, app).await?[0].running, 1);
     let mut conn = db.pool.acquire().await?;
     let claimed = claim(&mut conn, &limited(app, "mail"), 10).await?;
     assert_eq!(claimed.rows.len(), 1, "one slot of two and one whole token");
+    Ok(())
+}
+
+/// Without any limit, no dispatcher reads the moved columns: the upgrade
+/// runs while one of the earlier version is up (a rolling restart).
+#[tokio::test]
+async fn the_upgrade_without_limits_runs_beside_a_live_dispatcher() -> TestResult {
+    let db = TestDb::migrated_to(32).await?;
+    live_dispatcher(&db).await?;
+    outbox_core::migrate(&db.pool).await?;
+    let app = db.app("shop").await?;
+    let one = Limits {
+        max_running: Some(1),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "mail", &one, None).await?;
+    assert_eq!(limits::list(&db.pool, app).await?.len(), 1);
+    Ok(())
+}
+
+/// The heartbeat of a dispatcher of the earlier version on host `web-1`.
+async fn live_dispatcher(db: &TestDb) -> TestResult {
+    sqlx::query(
+        "INSERT INTO outbox_processes (id, worker, host, pid, version, expires_at)
+         VALUES ($1, 'old', 'web-1', 42, '0.32', now() + interval '30 seconds')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Index and table blocks `conn`'s open transaction has read so far.
+async fn blocks_read(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::int8 FROM pg_class c
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relname LIKE 'outbox%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// While a snapshot is held, a limited claim from its app's first row
+/// walks every row of the topic finished since; from a position taken for
+/// the limited topic it does not, and still finds the row that is due.
+#[tokio::test]
+async fn a_limited_claim_from_a_position_does_not_walk_rows_finished_under_a_held_snapshot()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let ten = Limits {
+        max_running: Some(10),
+        ..Limits::default()
+    };
+    limits::set(&db.pool, app, "mail", &ten, None).await?;
+    age_limit(&db, "mail").await?;
+    let mut holder = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    outbox_core::store::stats::hold_transaction_id(&mut holder).await?;
+    fill(&db, app, "mail", 20_000).await?;
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+    fill(&db, app, "mail", 1).await?;
+    fill(&db, app, "other", 1).await?;
+
+    let only_mail = Served {
+        exact: vec!["mail".into()],
+        ..Served::default()
+    };
+    let mut positions = store::Positions::default();
+    for _ in 0..2 {
+        positions =
+            store::advance_positions(&db.pool, &positions, &only_mail, Duration::ZERO).await?;
+    }
+    let topic = limited(app, "mail");
+    let mut read = Vec::new();
+    for from in [None, positions.of(app)] {
+        let mut tx = db.pool.begin().await?;
+        let before = blocks_read(&mut tx).await?;
+        let claim =
+            store::claim_limited(&mut tx, &topic, &Served::everything(), from, "w", 10, LEASE)
+                .await?;
+        assert_eq!(claimed_i(&claim), ["0"], "from {from:?}");
+        read.push(blocks_read(&mut tx).await? - before);
+        tx.rollback().await?;
+    }
+    assert!(
+        read[0] > 1_000,
+        "the 20,000 dead rows should cost a claim from the first row: {} blocks",
+        read[0]
+    );
+    assert!(
+        read[1] < 100,
+        "a claim from the position read {} blocks (from the first row: {})",
+        read[1],
+        read[0]
+    );
+    holder.close().await?;
     Ok(())
 }

@@ -17,7 +17,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::dispatcher::Shared;
-use crate::positions::ClaimFrom;
+use crate::positions::{ClaimFrom, LimitedFrom};
 use crate::subscription::Limits;
 
 /// How long a claim loop first leaves a limited topic alone after finding
@@ -49,6 +49,8 @@ pub(super) struct LimitedLooks {
     ordinary_busy: bool,
     // The last limited claims filled their share: more may be due.
     more: bool,
+    // Where this loop's limited claims start.
+    from: LimitedFrom,
 }
 
 impl LimitedLooks {
@@ -200,10 +202,18 @@ impl Shared {
             {
                 continue;
             }
+            // Taken only when a topic is claimed: a loop whose limited
+            // topics are all full or idle pays nothing for them.
+            let position = looks
+                .from
+                .current(self, limits, &mut *conn)
+                .await?
+                .of(topic.app_id);
             let claim = store::claim_limited(
                 &mut *conn,
                 topic,
                 &limits.served,
+                position,
                 &self.config.worker_id,
                 asked as u32,
                 self.config.lease,

@@ -257,12 +257,28 @@ async fn the_slots_of_a_process_that_died_come_back_when_its_leases_expire() -> 
     };
     // The lease runs from the claim statement's start, after this instant.
     let expires = Instant::now() + lease;
-    let taken =
-        store::claim_limited(&mut dead, &topic, &Served::everything(), "dead", 5, lease).await?;
+    let taken = store::claim_limited(
+        &mut dead,
+        &topic,
+        &Served::everything(),
+        None,
+        "dead",
+        5,
+        lease,
+    )
+    .await?;
     assert_eq!(taken.rows.len(), 1, "one slot, one row");
     assert_eq!(taken.free, 1);
-    let again =
-        store::claim_limited(&mut dead, &topic, &Served::everything(), "dead", 5, lease).await?;
+    let again = store::claim_limited(
+        &mut dead,
+        &topic,
+        &Served::everything(),
+        None,
+        "dead",
+        5,
+        lease,
+    )
+    .await?;
     assert_eq!((again.rows.len(), again.free), (0, 0), "the slot is taken");
     dead.close().await?;
 

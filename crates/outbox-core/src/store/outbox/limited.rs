@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
 
 use super::CLAIMED_COLUMNS;
 use crate::Error;
@@ -72,11 +74,23 @@ macro_rules! limited_head {
     };
 }
 
+/// Where a limited claim's scan starts: at the position `($12, $13)` in
+/// claim order (`run_at`, `id`), or the app's first row when it is `NULL`.
+/// From a position, the scan does not walk over the rows finished before
+/// it, which a held snapshot keeps in the index.
+macro_rules! from_position {
+    () => {
+        "(o.run_at, o.id) >= (coalesce($12::timestamptz, '-infinity'),
+                              coalesce($13::uuid, '00000000-0000-0000-0000-000000000000'))"
+    };
+}
+
 /// The end of a limited claim: leases the `picked` rows, records them in
 /// the limit's state's `running` (with a concurrency limit of either kind)
-/// and takes their tokens, writing the state anew if it is missing; answers the rows with `free`, `ready_in`, `$held`
-/// (rows of keys at their limit may be waiting) and `$cut` (rows were left
-/// because their key's slots ran out in this statement).
+/// and takes their tokens, writing the state anew if it is missing;
+/// answers the rows with `free`, `ready_in`, `$held` (rows of keys at their
+/// limit may be waiting) and `$cut` (rows were left because their key's
+/// slots ran out in this statement).
 macro_rules! limited_tail {
     ($held:expr, $cut:expr) => {
         concat!(
@@ -114,7 +128,8 @@ LEFT JOIN claimed AS c ON true"
 
 /// Claims rows of the limited topic `$4`/`$5` (at most `$1`) for worker `$2`
 /// and a lease of `$3` seconds, among the rows the [`Served`] topics
-/// `$6`–`$10` take: no more than its free slots (concurrency limit) nor its
+/// `$6`–`$10` take at or after `($12, $13)` in claim order (a position:
+/// `NULL` starts from the app's first row): no more than its free slots (concurrency limit) nor its
 /// whole tokens (rate limit). A recorded row holds its slot while its lease
 /// is live: done, retried, or left by a dead process, it frees it. The
 /// bucket gains `rate_per_sec` tokens a second up to `burst`, by the clock
@@ -125,6 +140,9 @@ const CLAIM_LIMITED: &str = concat!(
     SELECT o.tableoid, o.ctid
     FROM outbox o
     WHERE o.app_id = $4 AND o.topic = $5
+      AND ",
+    from_position!(),
+    "
       AND ",
     claimable!(),
     "
@@ -157,6 +175,9 @@ const CLAIM_LIMITED_PER_KEY: &str = concat!(
     SELECT o.id, o.run_at, o.partition_key
     FROM outbox o
     WHERE o.app_id = $4 AND o.topic = $5
+      AND ",
+    from_position!(),
+    "
       AND ",
     claimable!(),
     "
@@ -232,7 +253,10 @@ pub struct LimitedClaim {
 /// Claims rows of the limited topic `limited` for `worker`: at most `limit`,
 /// its free slots, its whole tokens and the free slots of each partition
 /// key, so that across every process no more of its rows run at once (in
-/// all or per key), nor start per second, than its limits allow. Only one
+/// all or per key), nor start per second, than its limits allow. The scan
+/// starts at `from`, a position of the topic's app (see
+/// [`super::advance_positions`], taken for the limited topics), or at the
+/// app's first row when it is `None`. Only one
 /// process claims a limited topic at a time; while another does, this returns nothing at
 /// once rather than wait. Rows of a paused topic, or of a topic `served`
 /// does not take, are not claimed.
@@ -245,6 +269,7 @@ pub async fn claim_limited(
     conn: &mut PgConnection,
     limited: &LimitedTopic,
     served: &Served,
+    from: Option<(Option<DateTime<Utc>>, Uuid)>,
     worker: &str,
     limit: u32,
     lease: Duration,
@@ -289,6 +314,8 @@ pub async fn claim_limited(
             .bind(&served.excluded)
             .bind(&served.paused)
             .bind((wanted * CANDIDATES_PER_ROW).max(MIN_CANDIDATES))
+            .bind(from.and_then(|(run_at, _)| run_at))
+            .bind(from.map(|(_, id)| id))
             .fetch_all(&mut *tx)
             .await?;
         let before = claim.rows.len();
