@@ -52,6 +52,28 @@ pub const TABLES: [&str; 6] = [
     "outbox_topic_limit_states",
 ];
 
+/// How many times [`CompactionPolicy::min_dead`] the limits' states wait
+/// for. They are written on every limited claim (a hundred times a second
+/// and more), so at the common threshold they would be rewritten every few
+/// seconds under a held snapshot, and every rewrite (`TRUNCATE`) leaves
+/// dead versions of the table's, its index's and its TOAST table's rows in
+/// `pg_class`, which the snapshot keeps too, and makes every session plan
+/// its statements on the table again. At eight times (2,000 by default) a
+/// claim reads at most that many versions of its limit's state, about a
+/// millisecond, and a rewrite comes every 20 s at 100 limited claims a
+/// second.
+pub const LIMIT_STATES_MIN_DEAD_FACTOR: i64 = 8;
+
+/// The dead versions `table` must have before it is compacted, under a
+/// policy whose threshold is `min_dead`.
+fn min_dead_of(table: &str, min_dead: i64) -> i64 {
+    if table == "outbox_topic_limit_states" {
+        min_dead.saturating_mul(LIMIT_STATES_MIN_DEAD_FACTOR)
+    } else {
+        min_dead
+    }
+}
+
 /// When and how tables are compacted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactionPolicy {
@@ -98,22 +120,25 @@ pub enum Compaction {
 }
 
 /// The tables of [`TABLES`] whose dead row versions, by the server's
-/// statistics, reach `min_dead` and outnumber their live rows, with that
-/// count; `only` narrows the look to one table.
+/// statistics, reach `min_dead` (the limits' states
+/// [`LIMIT_STATES_MIN_DEAD_FACTOR`] times that) and outnumber their live
+/// rows, with that count; `only` narrows the look to one table.
 pub async fn bloated(
     pool: &PgPool,
     min_dead: i64,
     only: Option<&str>,
 ) -> Result<Vec<(&'static str, i64)>, Error> {
+    let thresholds: Vec<i64> = TABLES.iter().map(|t| min_dead_of(t, min_dead)).collect();
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables
-         WHERE relid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)
-           AND n_dead_tup >= $2 AND n_dead_tup > n_live_tup
-           AND ($3::text IS NULL OR relid = to_regclass($3))
-         ORDER BY relname",
+        "SELECT s.relname::text, s.n_dead_tup
+         FROM pg_stat_user_tables s
+         JOIN unnest($1::text[], $2::int8[]) AS t(name, min_dead) ON s.relid = to_regclass(t.name)
+         WHERE s.n_dead_tup >= t.min_dead AND s.n_dead_tup > s.n_live_tup
+           AND ($3::text IS NULL OR s.relid = to_regclass($3))
+         ORDER BY s.relname",
     )
     .bind(TABLES)
-    .bind(min_dead)
+    .bind(&thresholds)
     .bind(only)
     .fetch_all(pool)
     .await?;
@@ -152,13 +177,25 @@ async fn vacuum_then_compact(
     compact_table(pool, table, policy.lock_timeout).await
 }
 
-/// `VACUUM (SKIP_LOCKED)` of `table`: an autovacuum already on the table is
-/// not waited for. The server's warning that it skipped the table is kept
-/// from the log (`client_min_messages`): it says nothing an operator can
-/// act on, and it came every few seconds on a table written per limited
-/// claim. A connection whose setting could not be put back is closed.
+/// `VACUUM (SKIP_LOCKED)` of `table`, unless a vacuum is on it already
+/// (`pg_stat_progress_vacuum`): an autovacuum is not waited for. The
+/// warning the server sends when it skips the table all the same (another
+/// lock came first) is kept from outboxd's log (`client_min_messages`; the
+/// server's own log still has it): it says nothing an operator can act on.
+/// A connection whose setting could not be put back is closed.
 async fn vacuum_skip_locked(pool: &PgPool, table: &'static str) -> Result<(), Error> {
     let mut conn = pool.acquire().await?;
+    let vacuuming: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum
+                        WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          AND relid = to_regclass($1))",
+    )
+    .bind(table)
+    .fetch_one(&mut *conn)
+    .await?;
+    if vacuuming {
+        return Ok(());
+    }
     sqlx::query("SET client_min_messages = error")
         .execute(&mut *conn)
         .await?;

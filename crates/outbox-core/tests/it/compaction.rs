@@ -318,3 +318,71 @@ async fn a_producer_whose_snapshot_predates_a_compaction_still_enqueues() -> Tes
     assert_eq!(found, 2);
     Ok(())
 }
+
+/// The limits' states wait for eight times the threshold: each rewrite
+/// leaves catalog rows behind, and they are written on every limited claim.
+#[tokio::test]
+async fn the_limits_states_wait_for_eight_times_the_threshold() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let limit = limits::Limits {
+        max_running: Some(5),
+        ..limits::Limits::default()
+    };
+    limits::set(&db.pool, app, "t", &limit, None).await?;
+    let mut holder = hold_snapshot(&db.pool).await?;
+    let mut writer = db.pool.acquire().await?;
+    write_state(&mut writer, 1_000).await?;
+    flush_stats(&mut writer).await?;
+    let dead = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'outbox_topic_limit_states'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || async { dead().await >= 1_000 }).await,
+        "the statistics never counted the states' dead versions: {}",
+        dead().await
+    );
+    let done = compaction::compact(&db.pool, POLICY).await?;
+    assert!(done.is_empty(), "compacted at 1,000 of 4,000: {done:?}");
+
+    write_state(&mut writer, 3_200).await?;
+    flush_stats(&mut writer).await?;
+    assert!(
+        wait_until(Duration::from_secs(15), || async { dead().await >= 4_000 }).await,
+        "{}",
+        dead().await
+    );
+    let done = compaction::compact(&db.pool, POLICY).await?;
+    assert!(
+        done.iter().any(|c| matches!(
+            c,
+            Ok(Compaction::Compacted {
+                table: "outbox_topic_limit_states",
+                kept: 1
+            })
+        )),
+        "{done:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    Ok(())
+}
+
+/// Writes the limits' states `times` times in one transaction: as many dead
+/// versions under a held snapshot.
+async fn write_state(conn: &mut PgConnection, times: u32) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "DO $$ BEGIN
+            FOR i IN 1..{times} LOOP
+                UPDATE outbox_topic_limit_states SET tokens = tokens + 1;
+            END LOOP;
+         END $$"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
