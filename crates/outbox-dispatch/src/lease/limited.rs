@@ -14,6 +14,7 @@ use outbox_core::ClaimedEvent;
 use outbox_core::model::Lease;
 use outbox_core::store::outbox as store;
 use sqlx::PgConnection;
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::dispatcher::Shared;
@@ -203,12 +204,17 @@ impl Shared {
                 continue;
             }
             // Taken only when a topic is claimed: a loop whose limited
-            // topics are all full or idle pays nothing for them.
-            let position = looks
-                .from
-                .current(self, limits, &mut *conn)
-                .await?
-                .of(topic.app_id);
+            // topics are all full or idle pays nothing for them. Positions
+            // only save work: when they cannot be moved on, the claim
+            // starts from the app's first row rather than fail the round
+            // (and drop the rows its earlier claims leased).
+            let position = match looks.from.current(self, limits, &mut *conn).await {
+                Ok(positions) => positions.of(topic.app_id),
+                Err(err) => {
+                    debug!(error = %err, "could not move the limited claims' positions on");
+                    None
+                }
+            };
             let claim = store::claim_limited(
                 &mut *conn,
                 topic,

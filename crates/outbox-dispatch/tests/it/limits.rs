@@ -416,3 +416,83 @@ async fn a_limit_set_while_rows_run_counts_them() -> TestResult {
     }
     Ok(())
 }
+
+/// Limited claims start from positions of their own: a row of a limited
+/// topic committed late behind them (a long producer transaction), and one
+/// whose `run_at` an operator moved back by hand, still run while the
+/// topic keeps its dispatcher busy.
+#[tokio::test]
+async fn rows_that_land_behind_a_limited_topics_positions_still_run() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    limits::set(&db.pool, app, "mail", &at_once(50), None).await?;
+    let handled: Arc<Mutex<Vec<uuid::Uuid>>> = Arc::default();
+    let mut registry = Registry::new();
+    registry.register("mail", {
+        let handled = handled.clone();
+        move |event: Event| {
+            let handled = handled.clone();
+            async move {
+                if let Ok(mut handled) = handled.lock() {
+                    handled.push(event.id);
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    });
+    let (stop, run, _) = start(&db, registry).await?;
+    let ran = |id: uuid::Uuid| {
+        let handled = handled.clone();
+        async move { handled.lock().is_ok_and(|h| h.contains(&id)) }
+    };
+    // A steady trickle keeps the limited claims going (and their positions
+    // moving on) while the two rows land behind them.
+    let trickle = tokio::spawn({
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        async move {
+            while !stop.is_cancelled() {
+                let mut tx = pool.begin().await?;
+                outbox_core::enqueue(&mut tx, app, &NewEvent::new("mail", json!({}))).await?;
+                tx.commit().await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, outbox_core::Error>(())
+        }
+    });
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut long = db.pool.begin().await?;
+    let late = outbox_core::enqueue(
+        &mut long,
+        app,
+        &NewEvent::new("mail", json!({ "late": true })).with_run_at(an_hour_ago),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    long.commit().await?;
+    let late_ran = outbox_testkit::wait_until(Duration::from_secs(5), || ran(late)).await;
+    assert!(
+        late_ran,
+        "a row committed behind the positions was not claimed"
+    );
+
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut tx = db.pool.begin().await?;
+    let moved = outbox_core::enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("mail", json!({ "moved": true })).with_run_at(in_an_hour),
+    )
+    .await?;
+    tx.commit().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("UPDATE outbox SET run_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(moved)
+        .execute(&db.pool)
+        .await?;
+    let moved_ran = outbox_testkit::wait_until(Duration::from_secs(10), || ran(moved)).await;
+    assert!(moved_ran, "a row moved back by hand was not claimed");
+    stop.cancel();
+    run.await??;
+    trickle.await??;
+    Ok(())
+}
