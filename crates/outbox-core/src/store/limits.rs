@@ -172,7 +172,9 @@ pub async fn set<'e>(
     let valid = limits.validate()?;
     sqlx::query(
         "WITH before AS (
+             -- Locked, so that a concurrent change is waited for and read.
              SELECT rate_per_sec FROM outbox_topic_limits WHERE app_id = $1 AND topic = $2
+             FOR NO KEY UPDATE
          ), limit_row AS (
              INSERT INTO outbox_topic_limits
                  (app_id, topic, max_running, rate_per_sec, burst, set_by, max_running_per_key)
