@@ -151,6 +151,8 @@ pub struct PhaseRun {
     pub samples: Vec<Sample>,
     /// Dead tuples per table at the end of each phase.
     pub dead_by_table: Vec<Vec<(String, i64)>>,
+    /// Dead tuples of `pg_class` at the end of each phase.
+    pub catalog_dead: Vec<i64>,
     /// Events enqueued.
     pub produced: u64,
     /// Distinct events whose handler ran.
@@ -175,12 +177,18 @@ pub async fn run(
     let finished = Arc::new(AtomicU64::new(0));
     let seen = Arc::new(Mutex::new(HashSet::<Uuid>::new()));
     let registry = recording(load.handler, &latencies, &finished, &seen);
-    if let Some(max_running) = load.max_running {
-        let limit = Limits {
-            max_running: Some(i64::from(max_running)),
-            ..Limits::default()
-        };
-        limits::set(pool, app, TOPIC, &limit, Some("bench")).await?;
+    // Set, or removed: a run that failed half-way may have left one.
+    match load.max_running {
+        Some(max_running) => {
+            let limit = Limits {
+                max_running: Some(i64::from(max_running)),
+                ..Limits::default()
+            };
+            limits::set(pool, app, TOPIC, &limit, Some("bench")).await?;
+        }
+        None => {
+            limits::remove(pool, app, TOPIC).await?;
+        }
     }
     let dispatcher_pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
@@ -229,6 +237,7 @@ pub async fn run(
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut dead_by_table = Vec::new();
+    let mut catalog_dead = Vec::new();
     let mut last_finished = 0;
     let mut dead = 0;
     let mut bookkeeping_dead = 0;
@@ -276,6 +285,7 @@ pub async fn run(
         }
         fault.end().await?;
         dead_by_table.push(stats::dead_tuples(pool).await.unwrap_or_default());
+        catalog_dead.push(stats::catalog_dead_tuples(pool).await.unwrap_or_default());
     }
 
     stop_producers.cancel();
@@ -313,6 +323,7 @@ pub async fn run(
     Ok(PhaseRun {
         samples,
         dead_by_table,
+        catalog_dead,
         produced,
         handled,
         uncertain,

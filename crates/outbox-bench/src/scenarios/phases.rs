@@ -113,6 +113,13 @@ pub async fn phases(b: &mut Bench) -> anyhow::Result<()> {
         );
         b.figure(
             "phases",
+            format!("{label}: pg_class dead tuples at its end"),
+            run.catalog_dead[index] as f64,
+            "tuples",
+            None,
+        );
+        b.figure(
+            "phases",
             format!("{label}: bookkeeping tables' most dead tuples"),
             samples
                 .iter()

@@ -286,6 +286,19 @@ pub async fn scan_outboxd_tables(conn: &mut PgConnection) -> Result<(), Error> {
     Ok(())
 }
 
+/// Dead row versions of `pg_class`, the catalog of tables and indexes:
+/// every `TRUNCATE` (a segment's rotation, a compaction) writes new
+/// versions of the rows of the table, its indexes and its TOAST table,
+/// which a held snapshot keeps like any other.
+pub async fn catalog_dead_tuples<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_sys_tables
+         WHERE schemaname = 'pg_catalog' AND relname = 'pg_class'",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
 /// Dead row versions of every table in the `public` schema that has any, by
 /// table, largest first (PostgreSQL's statistics, updated with a delay of
 /// up to a second or so).
