@@ -265,9 +265,7 @@ async fn a_limit_per_key_added_to_a_rate_limit_counts_the_rows_running_already()
     limits::set(&db.pool, app, "sync", &rate, None).await?;
     // Long after the rate limit was set (past the window in which claims
     // adopt rows leased elsewhere), a row of the topic runs unrecorded.
-    sqlx::query("UPDATE outbox_topic_limits SET set_at = now() - interval '1 hour'")
-        .execute(&db.pool)
-        .await?;
+    age_limit(&db, "sync").await?;
     assert_eq!(store::claim(&db.pool, "w", 1, LEASE).await?.len(), 1);
     let both = Limits {
         rate_per_sec: Some(5.0),
@@ -481,7 +479,7 @@ async fn the_upgrade_keeps_a_limits_running_rows_and_tokens() -> TestResult {
     // A dispatcher of the earlier version is up: it would fail every claim
     // round on the dropped columns, so the migration is refused, saying
     // which, and changes nothing.
-    live_dispatcher(&db).await?;
+    crate::live_dispatcher(&db, "0.32").await?;
     let refused = outbox_core::migrate(&db.pool)
         .await
         .err()
@@ -512,7 +510,7 @@ async fn the_upgrade_keeps_a_limits_running_rows_and_tokens() -> TestResult {
 #[tokio::test]
 async fn the_upgrade_without_limits_runs_beside_a_live_dispatcher() -> TestResult {
     let db = TestDb::migrated_to(32).await?;
-    live_dispatcher(&db).await?;
+    crate::live_dispatcher(&db, "0.32").await?;
     outbox_core::migrate(&db.pool).await?;
     let app = db.app("shop").await?;
     let one = Limits {
@@ -521,18 +519,6 @@ async fn the_upgrade_without_limits_runs_beside_a_live_dispatcher() -> TestResul
     };
     limits::set(&db.pool, app, "mail", &one, None).await?;
     assert_eq!(limits::list(&db.pool, app).await?.len(), 1);
-    Ok(())
-}
-
-/// The heartbeat of a dispatcher of the earlier version on host `web-1`.
-async fn live_dispatcher(db: &TestDb) -> TestResult {
-    sqlx::query(
-        "INSERT INTO outbox_processes (id, worker, host, pid, version, expires_at)
-         VALUES ($1, 'old', 'web-1', 42, '0.32', now() + interval '30 seconds')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&db.pool)
-    .await?;
     Ok(())
 }
 

@@ -30,3 +30,17 @@ async fn enqueue_committed(
     tx.commit().await?;
     Ok(())
 }
+
+/// The heartbeat of a live dispatcher of version `version` on host
+/// `web-1` (pid 42), as one of an earlier version left it.
+async fn live_dispatcher(db: &outbox_testkit::TestDb, version: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox_processes (id, worker, host, pid, version, expires_at)
+         VALUES ($1, 'old', 'web-1', 42, $2, now() + interval '30 seconds')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(version)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}

@@ -315,13 +315,7 @@ async fn the_upgrade_to_segments_keeps_rows_in_flight() -> TestResult {
 
     // A dispatcher of the earlier version is still up: the migration is
     // refused, saying which, and changes nothing.
-    sqlx::query(
-        "INSERT INTO outbox_processes (id, worker, host, pid, version, expires_at)
-         VALUES ($1, 'old', 'web-1', 42, '0.31', now() + interval '30 seconds')",
-    )
-    .bind(Uuid::now_v7())
-    .execute(&db.pool)
-    .await?;
+    crate::live_dispatcher(&db, "0.31").await?;
     let refused = outbox_core::migrate(&db.pool)
         .await
         .expect_err("a live dispatcher must stop the migration")
