@@ -31,6 +31,10 @@ const TOPIC: &str = "bench.phase";
 /// `backend-kill` phase terminates (and nothing else).
 const DISPATCHER_APPLICATION: &str = "outbox-bench-dispatcher";
 
+/// A progress line on stderr every this many samples (30 s with the
+/// default 5-s samples).
+const PROGRESS_EVERY: usize = 6;
+
 /// How often `backend-kill` terminates the dispatcher's connections (twice
 /// per phase at least, for short phases).
 const KILL_EVERY: Duration = Duration::from_secs(3);
@@ -280,6 +284,17 @@ pub async fn run(
                 bookkeeping_dead_tuples: bookkeeping_dead,
                 autovacuums: (autovacuums - last_autovacuums).max(0),
             });
+            // A long run shows how it goes while it goes, and a run that
+            // fails to drain at the end has shown where it fell behind.
+            if samples.len() % PROGRESS_EVERY == 0 {
+                let p99 = claim_ms.map_or_else(|| "-".to_owned(), |q| format!("{:.1} ms", q[2]));
+                eprintln!(
+                    "bench:   {:>5.0} s: {:.0} completed/s, {depth} waiting, claim p99 {p99}, \
+                     {dead} dead tuples",
+                    started.elapsed().as_secs_f64(),
+                    (now_finished - last_finished) as f64 / window,
+                );
+            }
             last_autovacuums = autovacuums;
             last_finished = now_finished;
         }
