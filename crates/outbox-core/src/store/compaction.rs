@@ -183,7 +183,7 @@ async fn vacuum_then_compact(
 /// lock came first) is kept from outboxd's log (`client_min_messages`; the
 /// server's own log still has it): it says nothing an operator can act on.
 /// A connection whose setting could not be put back is closed.
-async fn vacuum_skip_locked(pool: &PgPool, table: &'static str) -> Result<(), Error> {
+pub(crate) async fn vacuum_skip_locked(pool: &PgPool, table: &'static str) -> Result<(), Error> {
     let mut conn = pool.acquire().await?;
     let vacuuming: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum

@@ -227,6 +227,20 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
     }
 }
 
+/// `VACUUM (SKIP_LOCKED)` of each segment that no vacuum is on already.
+///
+/// Autovacuum leaves the segments alone (migration 0034): its lock, held
+/// for as long as it runs, kept [`rotate`] out, and PostgreSQL would not
+/// cancel it for a lock wait as short as the rotation's. The rotator calls
+/// this only while rotations stay blocked (a session holds a segment), when
+/// the segments would otherwise grow without bound.
+pub async fn vacuum(pool: &PgPool) -> Result<(), Error> {
+    for table in TABLES {
+        super::compaction::vacuum_skip_locked(pool, table).await?;
+    }
+    Ok(())
+}
+
 /// The current segment (an index into [`TABLES`]) and how many rotations
 /// there have been.
 pub async fn current(pool: &PgPool) -> Result<(usize, i64), Error> {

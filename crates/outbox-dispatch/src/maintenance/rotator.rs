@@ -3,7 +3,8 @@
 //! comes back whether or not vacuum can run (see
 //! [`outbox_core::store::segments`]).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use outbox_core::store::segments::{self, Rotation, RotationPolicy};
 use sqlx::PgPool;
@@ -11,23 +12,49 @@ use tracing::{debug, info};
 
 use crate::Error;
 
+/// Blocked for this many periods, the rotator vacuums the segments.
+const VACUUM_AFTER_PERIODS: u32 = 3;
+
+/// While rotations stay blocked, vacuums of the segments come at doubling
+/// intervals up to this: a session that holds a segment usually holds a
+/// snapshot too, and then a vacuum scans the segments for nothing.
+const VACUUM_AT_MOST_EVERY: Duration = Duration::from_secs(600);
+
 /// Rotates the outbox's segments.
 #[derive(Debug, Clone)]
 pub struct Rotator {
     pool: PgPool,
     policy: RotationPolicy,
+    /// `Some` while rotations are blocked: when the segments are vacuumed
+    /// next, and the wait after that.
+    blocked: Arc<Mutex<Option<(Instant, Duration)>>>,
 }
 
 impl Rotator {
     /// A rotator that checks every second whether a rotation is due under
     /// `policy`.
     pub fn new(pool: PgPool, policy: RotationPolicy) -> Self {
-        Self { pool, policy }
+        Self {
+            pool,
+            policy,
+            blocked: Arc::default(),
+        }
     }
 
     /// One pass: rotates when the current segment is older than the period.
+    /// While rotations stay blocked, vacuums the segments now and then
+    /// (autovacuum leaves them to the rotation; see
+    /// [`segments::vacuum`]).
     pub async fn run_once(&self) -> Result<Rotation, Error> {
         let rotation = segments::rotate(&self.pool, self.policy).await?;
+        if self.vacuum_due(&rotation) {
+            segments::vacuum(&self.pool).await?;
+            metrics::counter!("outboxd_segment_vacuums_total").increment(1);
+            info!(
+                "outbox segments vacuumed: their rotation has been blocked for a while (a session \
+                 holds a segment), so their space comes back by vacuum until it rotates again"
+            );
+        }
         match rotation {
             Rotation::NotDue => {}
             Rotation::Rotated { segment, moved } => {
@@ -49,6 +76,31 @@ impl Rotator {
             }
         }
         Ok(rotation)
+    }
+
+    /// Whether the segments are to be vacuumed after `rotation`: the first
+    /// time [`VACUUM_AFTER_PERIODS`] periods into a run of blocked
+    /// rotations, then at doubling intervals.
+    fn vacuum_due(&self, rotation: &Rotation) -> bool {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(rotation, Rotation::Blocked { .. }) {
+            *blocked = None;
+            return false;
+        }
+        let now = Instant::now();
+        let first = self.policy.period * VACUUM_AFTER_PERIODS;
+        match *blocked {
+            None => {
+                *blocked = Some((now + first, first));
+                false
+            }
+            Some((at, wait)) if now >= at => {
+                let wait = (wait * 2).min(VACUUM_AT_MOST_EVERY);
+                *blocked = Some((now + wait, wait));
+                true
+            }
+            Some(_) => false,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use outbox_core::store::segments::{self, Rotation, RotationPolicy};
 use outbox_core::{NewEvent, enqueue_batch};
+use outbox_dispatch::maintenance::Rotator;
 use outbox_dispatch::{Dispatcher, Event, HandlerError, Registry};
 use outbox_testkit::{TestDb, wait_until};
 use serde_json::json;
@@ -100,5 +101,99 @@ async fn rows_run_once_each_and_keys_in_order_while_segments_rotate_under_the_di
         sorted.sort_unstable();
         assert_eq!(seen, sorted, "key {key} ran out of order");
     }
+    Ok(())
+}
+
+/// Autovacuum leaves the segments to the rotation (migration 0034); a
+/// session that holds the segment to be emptied, without an old snapshot,
+/// must not let the segments grow without bound: after three periods of
+/// blocked tries, the rotator vacuums them itself.
+#[tokio::test]
+async fn a_rotation_blocked_for_three_periods_vacuums_the_segments() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let without_autovacuum: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class
+         WHERE relname IN ('outbox_s0', 'outbox_s1', 'outbox_s2')
+           AND 'autovacuum_enabled=false' = ANY (reloptions)",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(without_autovacuum, 3, "autovacuum is on for a segment");
+
+    let (current, _) = segments::current(&db.pool).await?;
+    let next = segments::TABLES[(current + 1) % segments::TABLES.len()];
+    let events: Vec<NewEvent> = (0..500)
+        .map(|n| NewEvent::new("t", json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    // Finished rows, as completions leave them.
+    let finished = sqlx::query(&format!("DELETE FROM {}", segments::TABLES[current]))
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    assert_eq!(finished, 500);
+
+    // A transaction that read the next segment and idles: its lock keeps
+    // the rotation out; in READ COMMITTED it holds no snapshot between
+    // statements, so a vacuum can remove the finished rows.
+    let mut holder = db.pool.begin().await?;
+    sqlx::query(&format!("SELECT count(*) FROM {next}"))
+        .execute(&mut *holder)
+        .await?;
+
+    let policy = RotationPolicy {
+        period: Duration::from_millis(100),
+        ..RotationPolicy::default()
+    };
+    let rotator = Rotator::new(db.pool.clone(), policy);
+    let vacuums = |table: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = $1",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    tokio::time::sleep(policy.period).await;
+    assert!(matches!(
+        rotator.run_once().await?,
+        Rotation::Blocked { .. }
+    ));
+    assert_eq!(
+        vacuums(segments::TABLES[current]).await?,
+        0,
+        "vacuumed before three periods"
+    );
+    let vacuumed = wait_until(Duration::from_secs(10), || async {
+        let blocked = matches!(rotator.run_once().await, Ok(Rotation::Blocked { .. }));
+        blocked && vacuums(segments::TABLES[current]).await.ok() == Some(1)
+    })
+    .await;
+    assert!(
+        vacuumed,
+        "the segments were not vacuumed while rotations were blocked"
+    );
+    let dead: i64 =
+        sqlx::query_scalar("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = $1")
+            .bind(segments::TABLES[current])
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(dead, 0, "the vacuum left the finished rows");
+
+    holder.rollback().await?;
+    let rotated = wait_until(Duration::from_secs(10), || async {
+        matches!(rotator.run_once().await, Ok(Rotation::Rotated { .. }))
+    })
+    .await;
+    assert!(
+        rotated,
+        "the rotation did not resume once the segment was free"
+    );
     Ok(())
 }
