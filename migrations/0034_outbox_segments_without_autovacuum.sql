@@ -12,13 +12,27 @@
 -- grew, claims slowed and the queue ran away (docs/performance.md, "A stock
 -- server with segments").
 --
--- Without autovacuum, a segment holds at most the rows of about three
--- rotation periods. When a rotation stays blocked for longer (a session
--- holds the segment), the leader's rotator vacuums the segments itself,
--- between its tries (outbox_core::store::segments::vacuum).
--- Anti-wraparound vacuums still run when due; a TRUNCATE every few periods
--- resets a segment's relfrozenxid, so they are not.
+-- Without autovacuum, the segments hold at most the rows of about three
+-- rotation periods. When rotations stay blocked for longer (a session
+-- holds a segment), the leader's rotator vacuums the segments itself,
+-- between its tries (outbox_core::store::segments::vacuum), and it analyzes
+-- the segment that has just stopped being current once a minute.
+-- Anti-wraparound vacuums ignore the setting; a TRUNCATE every few periods
+-- resets a segment's relfrozenxid, so they are never due. The thresholds
+-- 0032 set for autovacuum go, since they no longer apply.
 
-ALTER TABLE outbox_s0 SET (autovacuum_enabled = false, toast.autovacuum_enabled = false);
-ALTER TABLE outbox_s1 SET (autovacuum_enabled = false, toast.autovacuum_enabled = false);
-ALTER TABLE outbox_s2 SET (autovacuum_enabled = false, toast.autovacuum_enabled = false);
+DO $$
+DECLARE
+    s text;
+BEGIN
+    FOREACH s IN ARRAY ARRAY['outbox_s0', 'outbox_s1', 'outbox_s2'] LOOP
+        EXECUTE format('ALTER TABLE %I
+                        SET (autovacuum_enabled = false, toast.autovacuum_enabled = false),
+                        RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold,
+                               autovacuum_vacuum_insert_scale_factor,
+                               autovacuum_vacuum_insert_threshold,
+                               autovacuum_analyze_scale_factor, autovacuum_analyze_threshold,
+                               autovacuum_vacuum_cost_delay)', s);
+    END LOOP;
+END
+$$;

@@ -167,7 +167,7 @@ async fn vacuum_then_compact(
     table: &'static str,
     policy: CompactionPolicy,
 ) -> Result<Compaction, Error> {
-    vacuum_skip_locked(pool, table).await?;
+    super::skip_locked(pool, super::Maintenance::Vacuum, table).await?;
     if bloated(pool, policy.min_dead, Some(table))
         .await?
         .is_empty()
@@ -175,43 +175,6 @@ async fn vacuum_then_compact(
         return Ok(Compaction::Vacuumed { table });
     }
     compact_table(pool, table, policy.lock_timeout).await
-}
-
-/// `VACUUM (SKIP_LOCKED)` of `table`, unless a vacuum is on it already
-/// (`pg_stat_progress_vacuum`): an autovacuum is not waited for. The
-/// warning the server sends when it skips the table all the same (another
-/// lock came first) is kept from outboxd's log (`client_min_messages`; the
-/// server's own log still has it): it says nothing an operator can act on.
-/// A connection whose setting could not be put back is closed.
-pub(crate) async fn vacuum_skip_locked(pool: &PgPool, table: &'static str) -> Result<(), Error> {
-    let mut conn = pool.acquire().await?;
-    let vacuuming: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum
-                        WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                          AND relid = to_regclass($1))",
-    )
-    .bind(table)
-    .fetch_one(&mut *conn)
-    .await?;
-    if vacuuming {
-        return Ok(());
-    }
-    sqlx::query("SET client_min_messages = error")
-        .execute(&mut *conn)
-        .await?;
-    let vacuumed = sqlx::query(&format!("VACUUM (SKIP_LOCKED) {table}"))
-        .persistent(false)
-        .execute(&mut *conn)
-        .await;
-    if sqlx::query("RESET client_min_messages")
-        .execute(&mut *conn)
-        .await
-        .is_err()
-    {
-        conn.detach();
-    }
-    vacuumed?;
-    Ok(())
 }
 
 /// Rewrites `table` (one of [`TABLES`]) with its live rows, whatever its

@@ -51,6 +51,59 @@ pub(crate) async fn begin_with_lock_timeout(
     Ok(tx)
 }
 
+/// A maintenance command run on one table with `SKIP_LOCKED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Maintenance {
+    Vacuum,
+    Analyze,
+}
+
+/// `VACUUM (SKIP_LOCKED)` or `ANALYZE (SKIP_LOCKED)` of `table`, unless the
+/// same command is on it already (`pg_stat_progress_vacuum`,
+/// `pg_stat_progress_analyze`): an autovacuum is not waited for. The
+/// warning the server sends when it skips the table all the same (another
+/// lock came first) is kept from outboxd's log (`client_min_messages`; the
+/// server's own log still has it): it says nothing an operator can act on.
+/// A connection whose setting could not be put back is closed.
+pub(crate) async fn skip_locked(
+    pool: &sqlx::PgPool,
+    command: Maintenance,
+    table: &'static str,
+) -> Result<(), crate::Error> {
+    let (progress, statement) = match command {
+        Maintenance::Vacuum => ("pg_stat_progress_vacuum", "VACUUM"),
+        Maintenance::Analyze => ("pg_stat_progress_analyze", "ANALYZE"),
+    };
+    let mut conn = pool.acquire().await?;
+    let running: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {progress}
+                        WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          AND relid = to_regclass($1))"
+    ))
+    .bind(table)
+    .fetch_one(&mut *conn)
+    .await?;
+    if running {
+        return Ok(());
+    }
+    sqlx::query("SET client_min_messages = error")
+        .execute(&mut *conn)
+        .await?;
+    let done = sqlx::query(&format!("{statement} (SKIP_LOCKED) {table}"))
+        .persistent(false)
+        .execute(&mut *conn)
+        .await;
+    if sqlx::query("RESET client_min_messages")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        conn.detach();
+    }
+    done?;
+    Ok(())
+}
+
 /// Whether `err` is a lock wait that gave up: `lock_timeout` ran out, or
 /// the server broke a deadlock by ending this statement.
 pub(crate) fn is_lock_conflict(err: &sqlx::Error) -> bool {

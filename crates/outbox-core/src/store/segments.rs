@@ -20,7 +20,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
+use super::Maintenance;
 use crate::Error;
 
 /// The segments, in turn.
@@ -123,11 +125,16 @@ pub enum Rotation {
 /// inserted in one statement (locked rows are skipped), without the
 /// segment's exclusive lock. A row whose lease has expired may still have
 /// its handler running, and a completion waiting on the move would not
-/// follow the row to `outbox`, so such rows wait for the locked step. Then, in one transaction under
-/// `policy.lock_timeout`: switch, lock the segment, move what is left (leased rows:
-/// no completion can be half-way through them while the lock is held, and
-/// one that starts after the commit finds them in `outbox` by id and
-/// token), truncate it. A row keeps its id, `run_at`, lease, token,
+/// follow the row to `outbox`, so such rows wait for the locked step. The
+/// ids of the rows left are read next, with the snapshot that read them.
+/// Then, in one transaction under `policy.lock_timeout`: switch, lock the
+/// segment, move what is left (leased rows: no completion can be half-way
+/// through them while the lock is held, and one that starts after the
+/// commit finds them in `outbox` by id and token), truncate it. What is
+/// left is found by index, never by reading the segment under its lock:
+/// the rows read before, by id, and rows of transactions that snapshot did
+/// not see as ended (a producer that placed a row in the segment late), by
+/// `enqueue_xid`. A row keeps its id, `run_at`, lease, token,
 /// attempts and `enqueue_xid` through a move, so claim positions, ordering
 /// keys and fencing see the same row.
 pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, Error> {
@@ -174,6 +181,18 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
             break;
         }
     }
+    // What is left (leased rows), and the snapshot that found it: the
+    // locked step takes these rows by id, and rows inserted since by
+    // transactions this snapshot did not see as ended by their
+    // `enqueue_xid`, so it never reads the segment itself. At tens of
+    // thousands of events a second a segment holds hundreds of thousands of
+    // finished rows, and reading them while holding its lock stalled every
+    // claim and producer for as long.
+    let (left, seen): (Vec<Uuid>, String) = sqlx::query_as(&format!(
+        "SELECT coalesce(array_agg(id), '{{}}'), pg_current_snapshot()::text FROM {table}"
+    ))
+    .fetch_one(pool)
+    .await?;
     let mut tx = super::begin_with_lock_timeout(pool, policy.lock_timeout).await?;
     let locked_step = async {
         // The switch first, so that no wait for `outbox_segments` (a
@@ -197,10 +216,21 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
         sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
             .execute(&mut *tx)
             .await?;
-        let left = sqlx::query(&format!("INSERT INTO outbox SELECT * FROM {table}"))
+        // Index look-ups whatever the segment's statistics say.
+        sqlx::query("SET LOCAL enable_seqscan = off")
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .await?;
+        let left = sqlx::query(&format!(
+            "INSERT INTO outbox SELECT * FROM {table} o
+             WHERE o.id = ANY ($1::uuid[])
+                OR o.enqueue_xid >= pg_snapshot_xmax($2::text::pg_snapshot)
+                OR o.enqueue_xid = ANY (ARRAY(SELECT pg_snapshot_xip($2::text::pg_snapshot)))"
+        ))
+        .bind(&left)
+        .bind(&seen)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query(&format!("TRUNCATE {table}"))
             .execute(&mut *tx)
             .await?;
@@ -227,18 +257,38 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
     }
 }
 
-/// `VACUUM (SKIP_LOCKED)` of each segment that no vacuum is on already.
+/// `VACUUM (SKIP_LOCKED)` of each segment that no vacuum is on already;
+/// returns the dead tuples the segments still hold afterwards (those an
+/// open snapshot keeps, as the vacuums counted them).
 ///
 /// Autovacuum leaves the segments alone (migration 0034): its lock, held
 /// for as long as it runs, kept [`rotate`] out, and PostgreSQL would not
 /// cancel it for a lock wait as short as the rotation's. The rotator calls
 /// this only while rotations stay blocked (a session holds a segment), when
 /// the segments would otherwise grow without bound.
-pub async fn vacuum(pool: &PgPool) -> Result<(), Error> {
+pub async fn vacuum(pool: &PgPool) -> Result<i64, Error> {
     for table in TABLES {
-        super::compaction::vacuum_skip_locked(pool, table).await?;
+        super::skip_locked(pool, Maintenance::Vacuum, table).await?;
     }
-    Ok(())
+    let left: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_user_tables
+         WHERE relid = ANY (ARRAY[to_regclass($1), to_regclass($2), to_regclass($3)])",
+    )
+    .bind(TABLES[0])
+    .bind(TABLES[1])
+    .bind(TABLES[2])
+    .fetch_one(pool)
+    .await?;
+    Ok(left)
+}
+
+/// `ANALYZE (SKIP_LOCKED)` of `segment` (an index into [`TABLES`]): with
+/// autovacuum off on the segments, their statistics (which the console's
+/// estimated counts read) come from the rotator, which analyzes the segment
+/// that has just stopped being current, now and then.
+pub async fn analyze(pool: &PgPool, segment: usize) -> Result<(), Error> {
+    let table = TABLES[segment % TABLES.len()];
+    super::skip_locked(pool, Maintenance::Analyze, table).await
 }
 
 /// The current segment (an index into [`TABLES`]) and how many rotations

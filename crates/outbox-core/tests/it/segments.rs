@@ -251,6 +251,60 @@ async fn a_rotation_waits_for_a_session_holding_the_segment_without_holding_up_c
     Ok(())
 }
 
+/// A producer whose transaction inserted into the segment due for
+/// truncation and commits while the rotation waits for its lock: the
+/// rotation found what was left before it waited, without that row, and
+/// still moves it (by its transaction id) instead of truncating it away.
+#[tokio::test]
+async fn a_row_that_commits_while_the_rotation_waits_for_its_lock_is_moved() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut producer = PgConnection::connect_with(&db.pool.connect_options()).await?;
+    sqlx::query("BEGIN").execute(&mut producer).await?;
+    // As a producer that read the current segment just before a switch.
+    let late: Uuid = sqlx::query_scalar(
+        "INSERT INTO outbox_s1 (id, app_id, topic, payload)
+         VALUES (gen_random_uuid(), $1, 't', '{}') RETURNING id",
+    )
+    .bind(app)
+    .fetch_one(&mut producer)
+    .await?;
+
+    let patient = RotationPolicy {
+        lock_timeout: Duration::from_secs(30),
+        ..AT_ONCE
+    };
+    let rotation = tokio::spawn({
+        let pool = db.pool.clone();
+        async move { segments::rotate(&pool, patient).await }
+    });
+    // The rotation waits for the producer's lock on the segment.
+    let waiting = outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE relation = 'outbox_s1'::regclass
+                              AND mode = 'AccessExclusiveLock' AND NOT granted)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(waiting, "the rotation did not wait for the segment's lock");
+    sqlx::query("COMMIT").execute(&mut producer).await?;
+    producer.close().await?;
+
+    assert_eq!(
+        rotation.await??,
+        Rotation::Rotated {
+            segment: 1,
+            moved: 1
+        }
+    );
+    assert_eq!(tables(&db.pool, &[late]).await?, vec!["outbox"]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_rotation_that_cannot_switch_at_once_gives_up_and_keeps_the_segments_rows() -> TestResult
 {

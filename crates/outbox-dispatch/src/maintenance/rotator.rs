@@ -2,32 +2,115 @@
 //! makes it the current one, once per period, so the space of finished rows
 //! comes back whether or not vacuum can run (see
 //! [`outbox_core::store::segments`]).
+//!
+//! Autovacuum leaves the segments alone (migration 0034), so the rotator
+//! also does the little that vacuum and analyze still have to do there: it
+//! vacuums the segments while rotations stay blocked, and analyzes the
+//! segment that has just stopped being current, now and then.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_core::store::segments::{self, Rotation, RotationPolicy};
 use sqlx::PgPool;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::Error;
 
 /// Blocked for this many periods, the rotator vacuums the segments.
 const VACUUM_AFTER_PERIODS: u32 = 3;
 
-/// While rotations stay blocked, vacuums of the segments come at doubling
-/// intervals up to this: a session that holds a segment usually holds a
-/// snapshot too, and then a vacuum scans the segments for nothing.
+/// A vacuum that leaves more dead tuples than this in the segments did not
+/// help (an open snapshot keeps them): the next one waits twice as long.
+const VACUUM_KEPT_DEAD: i64 = 10_000;
+
+/// The longest wait between vacuums while rotations stay blocked: a session
+/// that holds a segment often holds a snapshot too, and then a vacuum
+/// scans the segments for nothing.
 const VACUUM_AT_MOST_EVERY: Duration = Duration::from_secs(600);
+
+/// Blocked passes further apart than this belong to different runs of
+/// blocked rotations (the process lost leadership in between).
+const SAME_RUN_WITHIN: Duration = Duration::from_secs(5);
+
+/// How often the segment that has just stopped being current is analyzed.
+const ANALYZE_EVERY: Duration = Duration::from_secs(60);
+
+/// A run of blocked rotations: when it was last seen, when the segments
+/// are vacuumed next, and the wait after that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockedRun {
+    last_seen: Instant,
+    vacuum_at: Instant,
+    wait: Duration,
+}
+
+/// What the rotator remembers between passes.
+#[derive(Debug, Default)]
+struct Upkeep {
+    blocked: Option<BlockedRun>,
+    analyzed_at: Option<Instant>,
+}
+
+impl Upkeep {
+    /// Records a pass whose rotation was `blocked` (or not) at `now`;
+    /// returns whether the segments are to be vacuumed: the first time
+    /// `first` into a run of blocked rotations, then after each wait.
+    fn vacuum_due(&mut self, blocked: bool, now: Instant, first: Duration) -> bool {
+        if !blocked {
+            self.blocked = None;
+            return false;
+        }
+        match self.blocked {
+            Some(run) if now.saturating_duration_since(run.last_seen) <= SAME_RUN_WITHIN => {
+                self.blocked = Some(BlockedRun {
+                    last_seen: now,
+                    ..run
+                });
+                now >= run.vacuum_at
+            }
+            _ => {
+                self.blocked = Some(BlockedRun {
+                    last_seen: now,
+                    vacuum_at: now + first,
+                    wait: first,
+                });
+                false
+            }
+        }
+    }
+
+    /// Records a vacuum that ended at `now` leaving `dead_left` dead
+    /// tuples: the next waits as long as the last when the vacuum helped,
+    /// twice as long (up to [`VACUUM_AT_MOST_EVERY`]) when it did not.
+    fn vacuumed(&mut self, dead_left: i64, now: Instant) {
+        if let Some(run) = &mut self.blocked {
+            if dead_left > VACUUM_KEPT_DEAD {
+                run.wait = (run.wait * 2).min(VACUUM_AT_MOST_EVERY);
+            }
+            run.vacuum_at = now + run.wait;
+        }
+    }
+
+    /// Whether the segment that has just stopped being current is to be
+    /// analyzed after a rotation at `now`.
+    fn analyze_due(&mut self, now: Instant) -> bool {
+        let due = self
+            .analyzed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= ANALYZE_EVERY);
+        if due {
+            self.analyzed_at = Some(now);
+        }
+        due
+    }
+}
 
 /// Rotates the outbox's segments.
 #[derive(Debug, Clone)]
 pub struct Rotator {
     pool: PgPool,
     policy: RotationPolicy,
-    /// `Some` while rotations are blocked: when the segments are vacuumed
-    /// next, and the wait after that.
-    blocked: Arc<Mutex<Option<(Instant, Duration)>>>,
+    upkeep: Arc<Mutex<Upkeep>>,
 }
 
 impl Rotator {
@@ -37,23 +120,40 @@ impl Rotator {
         Self {
             pool,
             policy,
-            blocked: Arc::default(),
+            upkeep: Arc::default(),
         }
     }
 
+    fn upkeep(&self) -> std::sync::MutexGuard<'_, Upkeep> {
+        self.upkeep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// One pass: rotates when the current segment is older than the period.
-    /// While rotations stay blocked, vacuums the segments now and then
-    /// (autovacuum leaves them to the rotation; see
-    /// [`segments::vacuum`]).
+    /// While rotations stay blocked, vacuums the segments now and then; after
+    /// a rotation, analyzes the segment that stopped being current, at most
+    /// once a minute. A failed vacuum or analyze is logged and does not end
+    /// the pass.
     pub async fn run_once(&self) -> Result<Rotation, Error> {
         let rotation = segments::rotate(&self.pool, self.policy).await?;
-        if self.vacuum_due(&rotation) {
-            segments::vacuum(&self.pool).await?;
-            metrics::counter!("outboxd_segment_vacuums_total").increment(1);
-            info!(
-                "outbox segments vacuumed: their rotation has been blocked for a while (a session \
-                 holds a segment), so their space comes back by vacuum until it rotates again"
-            );
+        let blocked = matches!(rotation, Rotation::Blocked { .. });
+        let first = self.policy.period * VACUUM_AFTER_PERIODS;
+        if self.upkeep().vacuum_due(blocked, Instant::now(), first) {
+            match segments::vacuum(&self.pool).await {
+                Ok(dead_left) => {
+                    self.upkeep().vacuumed(dead_left, Instant::now());
+                    metrics::counter!("outboxd_segment_vacuums_total").increment(1);
+                    info!(
+                        dead_left,
+                        "outbox segments vacuumed: their rotation has been blocked for a while \
+                         (a session holds a segment), so vacuum gives back what it can until \
+                         they rotate again"
+                    );
+                }
+                Err(err) => {
+                    self.upkeep().vacuumed(i64::MAX, Instant::now());
+                    warn!(error = %err, "vacuum of the outbox segments failed");
+                }
+            }
         }
         match rotation {
             Rotation::NotDue => {}
@@ -64,6 +164,12 @@ impl Rotator {
                     segment = segments::TABLES[segment],
                     moved, "outbox segment rotated"
                 );
+                if self.upkeep().analyze_due(Instant::now()) {
+                    let previous = segment + segments::TABLES.len() - 1;
+                    if let Err(err) = segments::analyze(&self.pool, previous).await {
+                        warn!(error = %err, "analyze of an outbox segment failed");
+                    }
+                }
             }
             Rotation::Blocked { moved } => {
                 metrics::counter!("outboxd_segment_rotations_blocked_total").increment(1);
@@ -76,31 +182,6 @@ impl Rotator {
             }
         }
         Ok(rotation)
-    }
-
-    /// Whether the segments are to be vacuumed after `rotation`: the first
-    /// time [`VACUUM_AFTER_PERIODS`] periods into a run of blocked
-    /// rotations, then at doubling intervals.
-    fn vacuum_due(&self, rotation: &Rotation) -> bool {
-        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(rotation, Rotation::Blocked { .. }) {
-            *blocked = None;
-            return false;
-        }
-        let now = Instant::now();
-        let first = self.policy.period * VACUUM_AFTER_PERIODS;
-        match *blocked {
-            None => {
-                *blocked = Some((now + first, first));
-                false
-            }
-            Some((at, wait)) if now >= at => {
-                let wait = (wait * 2).min(VACUUM_AT_MOST_EVERY);
-                *blocked = Some((now + wait, wait));
-                true
-            }
-            Some(_) => false,
-        }
     }
 }
 
@@ -122,5 +203,80 @@ impl super::Service for Rotator {
             };
             Ok(super::Report { items })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_secs(30);
+
+    /// Blocked passes once a second from `from` on: the second of the
+    /// first that is due to vacuum.
+    fn next_vacuum(upkeep: &mut Upkeep, start: Instant, from: u64) -> u64 {
+        (from..from + 3600)
+            .find(|s| upkeep.vacuum_due(true, start + Duration::from_secs(*s), FIRST))
+            .unwrap_or(u64::MAX)
+    }
+
+    #[test]
+    fn a_run_of_blocked_rotations_vacuums_after_three_periods_then_backs_off_while_it_does_not_help()
+     {
+        let mut upkeep = Upkeep::default();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert_eq!(next_vacuum(&mut upkeep, start, 0), 30);
+        // It helped: the next comes as soon.
+        upkeep.vacuumed(0, at(30));
+        assert_eq!(next_vacuum(&mut upkeep, start, 31), 60);
+        // A snapshot kept what it found: twice as long, then four times.
+        upkeep.vacuumed(VACUUM_KEPT_DEAD + 1, at(60));
+        assert_eq!(next_vacuum(&mut upkeep, start, 61), 120);
+        upkeep.vacuumed(VACUUM_KEPT_DEAD + 1, at(120));
+        assert_eq!(next_vacuum(&mut upkeep, start, 121), 240);
+        // Helping again keeps the longer wait.
+        upkeep.vacuumed(0, at(240));
+        assert_eq!(next_vacuum(&mut upkeep, start, 241), 360);
+    }
+
+    #[test]
+    fn the_wait_stops_growing_at_ten_minutes() {
+        let mut upkeep = Upkeep::default();
+        let start = Instant::now();
+        let mut second = 0;
+        for _ in 0..10 {
+            second = next_vacuum(&mut upkeep, start, second);
+            upkeep.vacuumed(i64::MAX, start + Duration::from_secs(second));
+            second += 1;
+        }
+        assert_eq!(
+            upkeep.blocked.map(|run| run.wait),
+            Some(VACUUM_AT_MOST_EVERY)
+        );
+    }
+
+    #[test]
+    fn a_rotation_or_a_gap_between_blocked_passes_starts_a_new_run() {
+        let mut upkeep = Upkeep::default();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        for s in 0..20 {
+            assert!(!upkeep.vacuum_due(true, at(s), FIRST));
+        }
+        assert!(!upkeep.vacuum_due(false, at(20), FIRST), "rotated");
+        assert_eq!(next_vacuum(&mut upkeep, start, 21), 51);
+        upkeep.vacuumed(i64::MAX, at(51));
+        // Leadership lost for a minute: the old run's schedule is not kept.
+        assert_eq!(next_vacuum(&mut upkeep, start, 200), 230);
+    }
+
+    #[test]
+    fn analyzes_come_at_most_once_a_minute() {
+        let mut upkeep = Upkeep::default();
+        let start = Instant::now();
+        assert!(upkeep.analyze_due(start));
+        assert!(!upkeep.analyze_due(start + Duration::from_secs(59)));
+        assert!(upkeep.analyze_due(start + Duration::from_secs(60)));
     }
 }
