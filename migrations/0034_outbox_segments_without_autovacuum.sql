@@ -15,8 +15,10 @@
 -- Without autovacuum, the segments hold at most the rows of about three
 -- rotation periods. When rotations stay blocked for longer (a session
 -- holds a segment), the leader's rotator vacuums the segments itself,
--- between its tries (outbox_core::store::segments::vacuum), and it analyzes
--- the segment that has just stopped being current once a minute.
+-- between its tries (outbox_core::store::segments::vacuum). Autoanalyze
+-- goes with it: statistics of a segment, which fills and is emptied every
+-- few periods, mislead more than they help (docs/performance.md, "A stock
+-- server with segments").
 -- Anti-wraparound vacuums ignore the setting; a TRUNCATE every few periods
 -- resets a segment's relfrozenxid, so they are never due. The thresholds
 -- 0032 set for autovacuum go, since they no longer apply.

@@ -167,7 +167,7 @@ async fn vacuum_then_compact(
     table: &'static str,
     policy: CompactionPolicy,
 ) -> Result<Compaction, Error> {
-    super::skip_locked(pool, super::Maintenance::Vacuum, table).await?;
+    super::vacuum_skip_locked(pool, table).await?;
     if bloated(pool, policy.min_dead, Some(table))
         .await?
         .is_empty()

@@ -51,35 +51,22 @@ pub(crate) async fn begin_with_lock_timeout(
     Ok(tx)
 }
 
-/// A maintenance command run on one table with `SKIP_LOCKED`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Maintenance {
-    Vacuum,
-    Analyze,
-}
-
-/// `VACUUM (SKIP_LOCKED)` or `ANALYZE (SKIP_LOCKED)` of `table`, unless the
-/// same command is on it already (`pg_stat_progress_vacuum`,
-/// `pg_stat_progress_analyze`): an autovacuum is not waited for. The
+/// `VACUUM (SKIP_LOCKED)` of `table`, unless a vacuum is on it already
+/// (`pg_stat_progress_vacuum`): an autovacuum is not waited for. The
 /// warning the server sends when it skips the table all the same (another
 /// lock came first) is kept from outboxd's log (`client_min_messages`; the
 /// server's own log still has it): it says nothing an operator can act on.
 /// A connection whose setting could not be put back is closed.
-pub(crate) async fn skip_locked(
+pub(crate) async fn vacuum_skip_locked(
     pool: &sqlx::PgPool,
-    command: Maintenance,
     table: &'static str,
 ) -> Result<(), crate::Error> {
-    let (progress, statement) = match command {
-        Maintenance::Vacuum => ("pg_stat_progress_vacuum", "VACUUM"),
-        Maintenance::Analyze => ("pg_stat_progress_analyze", "ANALYZE"),
-    };
     let mut conn = pool.acquire().await?;
-    let running: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {progress}
+    let running: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum
                         WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                          AND relid = to_regclass($1))"
-    ))
+                          AND relid = to_regclass($1))",
+    )
     .bind(table)
     .fetch_one(&mut *conn)
     .await?;
@@ -89,7 +76,7 @@ pub(crate) async fn skip_locked(
     sqlx::query("SET client_min_messages = error")
         .execute(&mut *conn)
         .await?;
-    let done = sqlx::query(&format!("{statement} (SKIP_LOCKED) {table}"))
+    let done = sqlx::query(&format!("VACUUM (SKIP_LOCKED) {table}"))
         .persistent(false)
         .execute(&mut *conn)
         .await;

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::Maintenance;
 use crate::Error;
 
 /// The segments, in turn.
@@ -268,7 +267,7 @@ pub async fn rotate(pool: &PgPool, policy: RotationPolicy) -> Result<Rotation, E
 /// the segments would otherwise grow without bound.
 pub async fn vacuum(pool: &PgPool) -> Result<i64, Error> {
     for table in TABLES {
-        super::skip_locked(pool, Maintenance::Vacuum, table).await?;
+        super::vacuum_skip_locked(pool, table).await?;
     }
     let left: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_user_tables
@@ -280,15 +279,6 @@ pub async fn vacuum(pool: &PgPool) -> Result<i64, Error> {
     .fetch_one(pool)
     .await?;
     Ok(left)
-}
-
-/// `ANALYZE (SKIP_LOCKED)` of `segment` (an index into [`TABLES`]): with
-/// autovacuum off on the segments, their statistics (which the console's
-/// estimated counts read) come from the rotator, which analyzes the segment
-/// that has just stopped being current, now and then.
-pub async fn analyze(pool: &PgPool, segment: usize) -> Result<(), Error> {
-    let table = TABLES[segment % TABLES.len()];
-    super::skip_locked(pool, Maintenance::Analyze, table).await
 }
 
 /// The current segment (an index into [`TABLES`]) and how many rotations

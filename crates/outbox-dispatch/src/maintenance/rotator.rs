@@ -4,9 +4,7 @@
 //! [`outbox_core::store::segments`]).
 //!
 //! Autovacuum leaves the segments alone (migration 0034), so the rotator
-//! also does the little that vacuum and analyze still have to do there: it
-//! vacuums the segments while rotations stay blocked, and analyzes the
-//! segment that has just stopped being current, now and then.
+//! also vacuums them while rotations stay blocked.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,9 +31,6 @@ const VACUUM_AT_MOST_EVERY: Duration = Duration::from_secs(600);
 /// blocked rotations (the process lost leadership in between).
 const SAME_RUN_WITHIN: Duration = Duration::from_secs(5);
 
-/// How often the segment that has just stopped being current is analyzed.
-const ANALYZE_EVERY: Duration = Duration::from_secs(60);
-
 /// A run of blocked rotations: when it was last seen, when the segments
 /// are vacuumed next, and the wait after that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +44,6 @@ struct BlockedRun {
 #[derive(Debug, Default)]
 struct Upkeep {
     blocked: Option<BlockedRun>,
-    analyzed_at: Option<Instant>,
 }
 
 impl Upkeep {
@@ -91,18 +85,6 @@ impl Upkeep {
             run.vacuum_at = now + run.wait;
         }
     }
-
-    /// Whether the segment that has just stopped being current is to be
-    /// analyzed after a rotation at `now`.
-    fn analyze_due(&mut self, now: Instant) -> bool {
-        let due = self
-            .analyzed_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= ANALYZE_EVERY);
-        if due {
-            self.analyzed_at = Some(now);
-        }
-        due
-    }
 }
 
 /// Rotates the outbox's segments.
@@ -129,10 +111,8 @@ impl Rotator {
     }
 
     /// One pass: rotates when the current segment is older than the period.
-    /// While rotations stay blocked, vacuums the segments now and then; after
-    /// a rotation, analyzes the segment that stopped being current, at most
-    /// once a minute. A failed vacuum or analyze is logged and does not end
-    /// the pass.
+    /// While rotations stay blocked, vacuums the segments now and then; a
+    /// failed vacuum is logged and does not end the pass.
     pub async fn run_once(&self) -> Result<Rotation, Error> {
         let rotation = segments::rotate(&self.pool, self.policy).await?;
         let blocked = matches!(rotation, Rotation::Blocked { .. });
@@ -164,12 +144,6 @@ impl Rotator {
                     segment = segments::TABLES[segment],
                     moved, "outbox segment rotated"
                 );
-                if self.upkeep().analyze_due(Instant::now()) {
-                    let previous = segment + segments::TABLES.len() - 1;
-                    if let Err(err) = segments::analyze(&self.pool, previous).await {
-                        warn!(error = %err, "analyze of an outbox segment failed");
-                    }
-                }
             }
             Rotation::Blocked { moved } => {
                 metrics::counter!("outboxd_segment_rotations_blocked_total").increment(1);
@@ -269,14 +243,5 @@ mod tests {
         upkeep.vacuumed(i64::MAX, at(51));
         // Leadership lost for a minute: the old run's schedule is not kept.
         assert_eq!(next_vacuum(&mut upkeep, start, 200), 230);
-    }
-
-    #[test]
-    fn analyzes_come_at_most_once_a_minute() {
-        let mut upkeep = Upkeep::default();
-        let start = Instant::now();
-        assert!(upkeep.analyze_due(start));
-        assert!(!upkeep.analyze_due(start + Duration::from_secs(59)));
-        assert!(upkeep.analyze_due(start + Duration::from_secs(60)));
     }
 }
