@@ -40,31 +40,31 @@ struct BlockedRun {
     wait: Duration,
 }
 
-/// What the rotator remembers between passes.
+/// When the rotator vacuums the segments: the run of blocked rotations it is in, if any.
 #[derive(Debug, Default)]
-struct Upkeep {
-    blocked: Option<BlockedRun>,
+struct VacuumSchedule {
+    run: Option<BlockedRun>,
 }
 
-impl Upkeep {
+impl VacuumSchedule {
     /// Records a pass whose rotation was `blocked` (or not) at `now`;
     /// returns whether the segments are to be vacuumed: the first time
     /// `first` into a run of blocked rotations, then after each wait.
     fn vacuum_due(&mut self, blocked: bool, now: Instant, first: Duration) -> bool {
         if !blocked {
-            self.blocked = None;
+            self.run = None;
             return false;
         }
-        match self.blocked {
+        match self.run {
             Some(run) if now.saturating_duration_since(run.last_seen) <= SAME_RUN_WITHIN => {
-                self.blocked = Some(BlockedRun {
+                self.run = Some(BlockedRun {
                     last_seen: now,
                     ..run
                 });
                 now >= run.vacuum_at
             }
             _ => {
-                self.blocked = Some(BlockedRun {
+                self.run = Some(BlockedRun {
                     last_seen: now,
                     vacuum_at: now + first,
                     wait: first,
@@ -78,7 +78,7 @@ impl Upkeep {
     /// tuples: the next waits as long as the last when the vacuum helped,
     /// twice as long (up to [`VACUUM_AT_MOST_EVERY`]) when it did not.
     fn vacuumed(&mut self, dead_left: i64, now: Instant) {
-        if let Some(run) = &mut self.blocked {
+        if let Some(run) = &mut self.run {
             if dead_left > VACUUM_KEPT_DEAD {
                 run.wait = (run.wait * 2).min(VACUUM_AT_MOST_EVERY);
             }
@@ -92,7 +92,7 @@ impl Upkeep {
 pub struct Rotator {
     pool: PgPool,
     policy: RotationPolicy,
-    upkeep: Arc<Mutex<Upkeep>>,
+    schedule: Arc<Mutex<VacuumSchedule>>,
 }
 
 impl Rotator {
@@ -102,12 +102,12 @@ impl Rotator {
         Self {
             pool,
             policy,
-            upkeep: Arc::default(),
+            schedule: Arc::default(),
         }
     }
 
-    fn upkeep(&self) -> std::sync::MutexGuard<'_, Upkeep> {
-        self.upkeep.lock().unwrap_or_else(|e| e.into_inner())
+    fn schedule(&self) -> std::sync::MutexGuard<'_, VacuumSchedule> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One pass: rotates when the current segment is older than the period.
@@ -117,10 +117,10 @@ impl Rotator {
         let rotation = segments::rotate(&self.pool, self.policy).await?;
         let blocked = matches!(rotation, Rotation::Blocked { .. });
         let first = self.policy.period * VACUUM_AFTER_PERIODS;
-        if self.upkeep().vacuum_due(blocked, Instant::now(), first) {
+        if self.schedule().vacuum_due(blocked, Instant::now(), first) {
             match segments::vacuum(&self.pool).await {
                 Ok(dead_left) => {
-                    self.upkeep().vacuumed(dead_left, Instant::now());
+                    self.schedule().vacuumed(dead_left, Instant::now());
                     metrics::counter!("outboxd_segment_vacuums_total").increment(1);
                     info!(
                         dead_left,
@@ -130,7 +130,7 @@ impl Rotator {
                     );
                 }
                 Err(err) => {
-                    self.upkeep().vacuumed(i64::MAX, Instant::now());
+                    self.schedule().vacuumed(i64::MAX, Instant::now());
                     warn!(error = %err, "vacuum of the outbox segments failed");
                 }
             }
@@ -188,60 +188,57 @@ mod tests {
 
     /// Blocked passes once a second from `from` on: the second of the
     /// first that is due to vacuum.
-    fn next_vacuum(upkeep: &mut Upkeep, start: Instant, from: u64) -> u64 {
+    fn next_vacuum(schedule: &mut VacuumSchedule, start: Instant, from: u64) -> u64 {
         (from..from + 3600)
-            .find(|s| upkeep.vacuum_due(true, start + Duration::from_secs(*s), FIRST))
+            .find(|s| schedule.vacuum_due(true, start + Duration::from_secs(*s), FIRST))
             .unwrap_or(u64::MAX)
     }
 
     #[test]
     fn a_run_of_blocked_rotations_vacuums_after_three_periods_then_backs_off_while_it_does_not_help()
      {
-        let mut upkeep = Upkeep::default();
+        let mut schedule = VacuumSchedule::default();
         let start = Instant::now();
         let at = |secs: u64| start + Duration::from_secs(secs);
-        assert_eq!(next_vacuum(&mut upkeep, start, 0), 30);
+        assert_eq!(next_vacuum(&mut schedule, start, 0), 30);
         // It helped: the next comes as soon.
-        upkeep.vacuumed(0, at(30));
-        assert_eq!(next_vacuum(&mut upkeep, start, 31), 60);
+        schedule.vacuumed(0, at(30));
+        assert_eq!(next_vacuum(&mut schedule, start, 31), 60);
         // A snapshot kept what it found: twice as long, then four times.
-        upkeep.vacuumed(VACUUM_KEPT_DEAD + 1, at(60));
-        assert_eq!(next_vacuum(&mut upkeep, start, 61), 120);
-        upkeep.vacuumed(VACUUM_KEPT_DEAD + 1, at(120));
-        assert_eq!(next_vacuum(&mut upkeep, start, 121), 240);
+        schedule.vacuumed(VACUUM_KEPT_DEAD + 1, at(60));
+        assert_eq!(next_vacuum(&mut schedule, start, 61), 120);
+        schedule.vacuumed(VACUUM_KEPT_DEAD + 1, at(120));
+        assert_eq!(next_vacuum(&mut schedule, start, 121), 240);
         // Helping again keeps the longer wait.
-        upkeep.vacuumed(0, at(240));
-        assert_eq!(next_vacuum(&mut upkeep, start, 241), 360);
+        schedule.vacuumed(0, at(240));
+        assert_eq!(next_vacuum(&mut schedule, start, 241), 360);
     }
 
     #[test]
     fn the_wait_stops_growing_at_ten_minutes() {
-        let mut upkeep = Upkeep::default();
+        let mut schedule = VacuumSchedule::default();
         let start = Instant::now();
         let mut second = 0;
         for _ in 0..10 {
-            second = next_vacuum(&mut upkeep, start, second);
-            upkeep.vacuumed(i64::MAX, start + Duration::from_secs(second));
+            second = next_vacuum(&mut schedule, start, second);
+            schedule.vacuumed(i64::MAX, start + Duration::from_secs(second));
             second += 1;
         }
-        assert_eq!(
-            upkeep.blocked.map(|run| run.wait),
-            Some(VACUUM_AT_MOST_EVERY)
-        );
+        assert_eq!(schedule.run.map(|run| run.wait), Some(VACUUM_AT_MOST_EVERY));
     }
 
     #[test]
     fn a_rotation_or_a_gap_between_blocked_passes_starts_a_new_run() {
-        let mut upkeep = Upkeep::default();
+        let mut schedule = VacuumSchedule::default();
         let start = Instant::now();
         let at = |secs: u64| start + Duration::from_secs(secs);
         for s in 0..20 {
-            assert!(!upkeep.vacuum_due(true, at(s), FIRST));
+            assert!(!schedule.vacuum_due(true, at(s), FIRST));
         }
-        assert!(!upkeep.vacuum_due(false, at(20), FIRST), "rotated");
-        assert_eq!(next_vacuum(&mut upkeep, start, 21), 51);
-        upkeep.vacuumed(i64::MAX, at(51));
+        assert!(!schedule.vacuum_due(false, at(20), FIRST), "rotated");
+        assert_eq!(next_vacuum(&mut schedule, start, 21), 51);
+        schedule.vacuumed(i64::MAX, at(51));
         // Leadership lost for a minute: the old run's schedule is not kept.
-        assert_eq!(next_vacuum(&mut upkeep, start, 200), 230);
+        assert_eq!(next_vacuum(&mut schedule, start, 200), 230);
     }
 }
