@@ -398,3 +398,111 @@ async fn the_upgrade_to_segments_keeps_rows_in_flight() -> TestResult {
     assert_eq!(store::complete(&db.pool, &leases).await?.len(), 4);
     Ok(())
 }
+
+/// Whether a session of this database is waiting for a lock.
+async fn a_session_waits_for_a_lock(pool: &PgPool) -> bool {
+    outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await
+}
+
+/// The SQLSTATE of a failed statement.
+fn sqlstate(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> Option<String> {
+    match result {
+        Err(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Segments check a statement's apps once (migration 0035) instead of
+/// through a foreign key per row; the app's row is locked as the foreign
+/// key locked it. A delete of the app that waited for a producer's
+/// uncommitted batch sees its rows once it commits and is refused, and
+/// one under REPEATABLE READ, whose snapshot would miss them, is refused
+/// outright. With its rows gone the app can be deleted.
+#[tokio::test]
+async fn an_app_that_rows_of_a_segment_name_cannot_be_deleted_even_by_a_delete_that_waited()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let events: Vec<NewEvent> = (0..100)
+        .map(|n| NewEvent::new("bulk", json!({ "n": n })))
+        .collect();
+    let mut producer = db.pool.begin().await?;
+    let ids = enqueue_batch(&mut producer, app, &events).await?;
+    enqueue(&mut producer, app, &NewEvent::new("one", json!({}))).await?;
+    let deleter = tokio::spawn({
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("DELETE FROM apps WHERE id = $1")
+                .bind(app)
+                .execute(&pool)
+                .await
+        }
+    });
+    assert!(
+        a_session_waits_for_a_lock(&db.pool).await,
+        "the delete never waited for the producer"
+    );
+    producer.commit().await?;
+    assert_eq!(sqlstate(deleter.await?).as_deref(), Some("23503"));
+    assert_eq!(tables(&db.pool, &ids[..1]).await?, vec!["outbox_s0"]);
+
+    let mut repeatable = db.pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *repeatable)
+        .await?;
+    let refused = sqlx::query("DELETE FROM apps WHERE id = $1")
+        .bind(app)
+        .execute(&mut *repeatable)
+        .await;
+    assert_eq!(sqlstate(refused).as_deref(), Some("0A000"));
+    repeatable.rollback().await?;
+
+    sqlx::query("DELETE FROM outbox").execute(&db.pool).await?;
+    sqlx::query("DELETE FROM apps WHERE id = $1")
+        .bind(app)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// The other order: a producer whose batch waits for a delete of its app
+/// (which found no rows) is refused as an unknown app once the delete
+/// commits, and stores nothing.
+#[tokio::test]
+async fn a_batch_that_waited_for_the_delete_of_its_app_is_refused() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut deleter = db.pool.begin().await?;
+    sqlx::query("DELETE FROM apps WHERE id = $1")
+        .bind(app)
+        .execute(&mut *deleter)
+        .await?;
+    let producer = tokio::spawn({
+        let pool = db.pool.clone();
+        async move {
+            let events: Vec<NewEvent> = (0..100)
+                .map(|n| NewEvent::new("bulk", json!({ "n": n })))
+                .collect();
+            let mut conn = pool.acquire().await?;
+            enqueue_batch(&mut conn, app, &events).await
+        }
+    });
+    assert!(
+        a_session_waits_for_a_lock(&db.pool).await,
+        "the producer never waited for the delete"
+    );
+    deleter.commit().await?;
+    let err = producer.await?.expect_err("the app is gone");
+    assert!(matches!(err, outbox_core::Error::UnknownApp(_)), "{err}");
+    assert_eq!(store::count(&db.pool).await?, 0);
+    Ok(())
+}
