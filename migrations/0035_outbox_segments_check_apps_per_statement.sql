@@ -3,7 +3,7 @@
 --
 -- A foreign key runs one lookup of `apps` (SELECT … FOR KEY SHARE) for each
 -- inserted row; in a batch of 100 plain events, which all name the same
--- app, that was a third of the server's work per row (docs/performance.md,
+-- app, that was 40 % of the server's work per row (docs/performance.md,
 -- "Batch enqueue without a check per row"). The segments' insert trigger
 -- now reads the statement's distinct apps from its transition table and
 -- locks each of them FOR KEY SHARE, as the foreign key did, so an app
@@ -17,10 +17,22 @@
 -- locked, which sees every producer that locked it before; a REPEATABLE
 -- READ or SERIALIZABLE transaction keeps an older snapshot, so there the
 -- trigger refuses the change outright (outboxd itself never deletes an
--- app). outbox itself keeps its foreign key: rotation moves rows into it
--- and rows with idempotency keys live there.
+-- app). A TRUNCATE of `apps` is refused while a segment holds rows (a
+-- TRUNCATE … CASCADE reaches outbox through its foreign key but not the
+-- segments). outbox itself keeps its foreign key: rotation moves rows into
+-- it and rows with idempotency keys live there.
+--
+-- A foreign key names its tables once and for all; the two functions that
+-- replace it read them with a search_path fixed to this schema, with pg_temp
+-- last, so a session's own table called apps cannot stand in for it.
 --
 -- Old and new dispatchers interoperate: none of their statements change.
+-- Dropping the foreign keys takes ACCESS EXCLUSIVE locks on the segments and
+-- on apps until the migration commits; it waits at most 10 s for them, then
+-- fails without a change and can be run again.
+
+SET LOCAL lock_timeout = '10s';
+LOCK TABLE apps, outbox_s0, outbox_s1, outbox_s2 IN ACCESS EXCLUSIVE MODE;
 
 CREATE FUNCTION outbox_wake() RETURNS void
 LANGUAGE plpgsql AS $$
@@ -71,11 +83,21 @@ DECLARE
     s text;
     named boolean;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'an app can be deleted or renumbered only in a READ COMMITTED transaction'
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
+        RAISE EXCEPTION 'apps can be deleted, renumbered or truncated only in a READ COMMITTED transaction'
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'outbox segments look for rows of the app with a fresh snapshot, '
                          'which a REPEATABLE READ or SERIALIZABLE transaction does not take';
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        FOREACH s IN ARRAY ARRAY['outbox_s0', 'outbox_s1', 'outbox_s2'] LOOP
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I)', s) INTO named;
+            IF named THEN
+                RAISE EXCEPTION 'cannot truncate table "apps": rows of table "%" name apps', s
+                    USING ERRCODE = 'foreign_key_violation';
+            END IF;
+        END LOOP;
+        RETURN NULL;
     END IF;
     FOREACH s IN ARRAY ARRAY['outbox_s0', 'outbox_s1', 'outbox_s2'] LOOP
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I WHERE app_id = $1)', s)
@@ -96,6 +118,17 @@ CREATE TRIGGER outbox_app_still_named BEFORE DELETE ON apps
     FOR EACH ROW EXECUTE FUNCTION outbox_app_still_named();
 CREATE TRIGGER outbox_app_id_still_named BEFORE UPDATE OF id ON apps
     FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION outbox_app_still_named();
+CREATE TRIGGER outbox_apps_still_named BEFORE TRUNCATE ON apps
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_app_still_named();
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION outbox_segment_inserted() SET search_path = %I, pg_temp',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION outbox_app_still_named() SET search_path = %I, pg_temp',
+                   current_schema());
+END
+$$;
 
 DO $$
 DECLARE

@@ -453,7 +453,21 @@ async fn an_app_that_rows_of_a_segment_name_cannot_be_deleted_even_by_a_delete_t
     );
     producer.commit().await?;
     assert_eq!(sqlstate(deleter.await?).as_deref(), Some("23503"));
-    assert_eq!(tables(&db.pool, &ids[..1]).await?, vec!["outbox_s0"]);
+    let placed = tables(&db.pool, &ids[..1]).await?;
+    assert!(segments::TABLES.contains(&placed[0].as_str()), "{placed:?}");
+    let renumbered = sqlx::query("UPDATE apps SET id = gen_random_uuid() WHERE id = $1")
+        .bind(app)
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(renumbered).as_deref(), Some("23503"));
+    // A cascade reaches `outbox` through its foreign key, not the segments.
+    let truncated = sqlx::query("TRUNCATE apps CASCADE").execute(&db.pool).await;
+    assert_eq!(sqlstate(truncated).as_deref(), Some("23503"));
+    // Another column of the app changes as before.
+    sqlx::query("UPDATE apps SET slug = 'shop-2' WHERE id = $1")
+        .bind(app)
+        .execute(&db.pool)
+        .await?;
 
     let mut repeatable = db.pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
