@@ -1,8 +1,10 @@
 //! Enqueue in the caller's transaction.
 //!
-//! The statements are unprepared (unnamed): a producer's connection may pass
-//! through a transaction-pooling PgBouncer, where a named prepared statement
-//! would be left on a server connection another client gets next.
+//! The statements are prepared only on a connection that keeps prepared
+//! statements (see [`prepares`]); on any other they are unnamed: a producer's
+//! connection may pass through a transaction-pooling PgBouncer, where a named
+//! prepared statement would be left on a server connection another client
+//! gets next.
 //!
 //! Both functions take `&mut PgConnection`, so pass `&mut tx` (or `&mut *tx`)
 //! of the transaction that writes your data. That is the whole outbox property:
@@ -11,7 +13,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::store::segments;
@@ -121,8 +123,9 @@ macro_rules! insert_many_plain_into {
 const INSERT_MANY_PLAIN: [&str; 3] = each_segment!(insert_many_plain_into);
 
 /// The plain batch again, as a binary `COPY` (see [`copy_plain_batch`]).
-/// Defaults, the foreign key to `apps` and the statement-level wake-up
-/// trigger apply to `COPY` as to `INSERT`.
+/// Defaults, checks and the segment's statement-level insert trigger (which
+/// checks the app and wakes a sleeping dispatcher) apply to `COPY` as to
+/// `INSERT`.
 macro_rules! copy_plain_into {
     ($table:literal) => {
         concat!(
@@ -179,7 +182,7 @@ pub async fn enqueue(
         let id = Uuid::now_v7();
         let segment = segments::current_for_insert(conn).await?;
         sqlx::query(INSERT_ONE_PLAIN[segment])
-            .persistent(false)
+            .persistent(prepares(conn))
             .bind(id)
             .bind(app_id)
             .bind(event.source.as_str())
@@ -197,7 +200,7 @@ pub async fn enqueue(
     };
     for _ in 0..IDEMPOTENCY_RACE_RETRIES {
         let inserted: Option<Uuid> = sqlx::query_scalar(statement)
-            .persistent(false)
+            .persistent(prepares(conn))
             .bind(Uuid::now_v7())
             .bind(app_id)
             .bind(event.source.as_str())
@@ -226,7 +229,7 @@ pub async fn enqueue(
         // fresh statement so a row committed by a concurrent producer is seen.
         let key = event.idempotency_key.clone().unwrap_or_default();
         let existing: Option<(String, Uuid)> = sqlx::query_as(FIND_BY_KEY)
-            .persistent(false)
+            .persistent(prepares(conn))
             .bind(app_id)
             .bind(vec![key])
             .fetch_optional(&mut *conn)
@@ -304,7 +307,7 @@ pub async fn enqueue_batch(
         INSERT_MANY
     };
     let inserted: Vec<Uuid> = sqlx::query_scalar(statement)
-        .persistent(false)
+        .persistent(prepares(conn))
         .bind(app_id)
         .bind(&ids)
         .bind(&sources)
@@ -337,7 +340,7 @@ pub async fn enqueue_batch(
         .filter_map(|(e, _)| e.idempotency_key.clone())
         .collect();
     let holders: std::collections::HashMap<String, Uuid> = sqlx::query_as(FIND_BY_KEY)
-        .persistent(false)
+        .persistent(prepares(conn))
         .bind(app_id)
         .bind(&keys)
         .fetch_all(&mut *conn)
@@ -364,6 +367,19 @@ pub async fn enqueue_batch(
                 })
         })
         .collect()
+}
+
+/// Whether the statements on `conn` may be prepared and kept: its statement
+/// cache holds a statement already. A connection for a transaction-pooling
+/// PgBouncer has no cache ([`crate::store::pooled_connect_options`]), so it
+/// never does and gets unnamed statements, which sqlx parses in a round trip
+/// of their own before binding them. On a direct connection the producer's
+/// own statements, which sqlx prepares and caches by default, fill the cache,
+/// and from then on the inserts here are prepared once and cost one round
+/// trip each (a quarter of a one-row transaction's; docs/performance.md,
+/// "Batch enqueue without a check per row").
+fn prepares(conn: &PgConnection) -> bool {
+    conn.cached_statements_size() > 0
 }
 
 /// An event whose row goes to a segment: no idempotency key (whose
@@ -413,7 +429,7 @@ async fn enqueue_plain_batch(
     }
     let segment = segments::current_for_insert(conn).await?;
     let inserted = sqlx::query(INSERT_MANY_PLAIN[segment])
-        .persistent(false)
+        .persistent(prepares(conn))
         .bind(app_id)
         .bind(&ids)
         .bind(&sources)

@@ -202,3 +202,52 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
     Ok(())
 }
+
+/// Named statements on the server connection, except this query's own.
+async fn prepared_inserts(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%INSERT ' || 'INTO outbox%'",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Inserts are prepared (one round trip each) only on a connection whose
+/// statement cache is in use: never on one made for a transaction-pooling
+/// PgBouncer, which has no cache, where a named statement would be left
+/// behind for the next client of the server connection.
+#[tokio::test]
+async fn inserts_are_prepared_only_on_a_connection_that_keeps_prepared_statements() -> TestResult {
+    use sqlx::Connection;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let event = NewEvent::new("t", payload(1));
+    let batch: Vec<NewEvent> = (0..10).map(|n| NewEvent::new("t", payload(n))).collect();
+
+    let pooled = outbox_core::store::pooled_connect_options(&db.pool.connect_options());
+    let mut conn = sqlx::PgConnection::connect_with(&pooled).await?;
+    sqlx::query("SELECT $1::int")
+        .bind(1)
+        .execute(&mut conn)
+        .await?;
+    enqueue(&mut conn, app, &event).await?;
+    enqueue_batch(&mut conn, app, &batch).await?;
+    assert_eq!(conn.cached_statements_size(), 0);
+
+    let mut direct = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    enqueue(&mut direct, app, &event).await?;
+    assert_eq!(direct.cached_statements_size(), 0, "nothing cached yet");
+    sqlx::query("SELECT $1::int")
+        .bind(1)
+        .execute(&mut direct)
+        .await?;
+    enqueue(&mut direct, app, &event).await?;
+    enqueue_batch(&mut direct, app, &batch).await?;
+    enqueue(&mut direct, app, &event).await?;
+    assert_eq!(direct.cached_statements_size(), 3);
+    assert_eq!(prepared_inserts(&mut direct).await?, 2);
+    // The query above is prepared and cached too (it does not count itself).
+    assert_eq!(prepared_inserts(&mut conn).await?, 0);
+    assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 24);
+    Ok(())
+}
