@@ -144,6 +144,22 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// Whether a session of this test's database comes to wait on a lock
+    /// within ten seconds: for a test that makes one transaction wait for
+    /// another and then lets the first go on.
+    pub async fn a_statement_waits_on_a_lock(&self) -> bool {
+        wait_until(std::time::Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(false)
+        })
+        .await
+    }
+
     /// The payloads of `topic` waiting in the outbox, oldest first.
     pub async fn enqueued(&self, topic: &str) -> Result<Vec<serde_json::Value>, TestDbError> {
         sqlx::query_scalar("SELECT payload FROM outbox WHERE topic = $1 ORDER BY created_at, id")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outbox_core::model::Lease;
 use outbox_core::store::outbox::{self as store, AttemptHistory, Reschedule, ToDeadLetter};
-use outbox_testkit::{TestDb, wait_until};
+use outbox_testkit::TestDb;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -38,7 +38,7 @@ async fn an_end_of_lease_waits_for_a_concurrent_heartbeat_instead_of_missing_the
         let pool = db.pool.clone();
         let lease = *lease;
         let end = tokio::spawn(async move { end_lease(&pool, n, lease).await });
-        let waiting = a_statement_waits_on_a_lock(&db.pool).await;
+        let waiting = db.a_statement_waits_on_a_lock().await;
         assert!(waiting, "end {n} did not wait for the heartbeat");
         sqlx::query("COMMIT").execute(&mut heartbeat).await?;
         heartbeat.close().await?;
@@ -87,7 +87,7 @@ async fn a_completion_waiting_on_a_takeover_leaves_the_row_to_its_new_holder() -
         .await?;
     let pool = db.pool.clone();
     let end = tokio::spawn(async move { store::complete(&pool, &[lease]).await });
-    let waiting = a_statement_waits_on_a_lock(&db.pool).await;
+    let waiting = db.a_statement_waits_on_a_lock().await;
     assert!(waiting, "the completion did not wait for the takeover");
     sqlx::query("COMMIT").execute(&mut takeover).await?;
     takeover.close().await?;
@@ -125,19 +125,4 @@ async fn end_lease(pool: &PgPool, n: usize, lease: Lease) -> Result<Vec<Uuid>, o
             store::dead_letter(pool, &[dead], AttemptHistory::default()).await
         }
     }
-}
-
-/// Whether a statement of the test's database comes to wait on a lock
-/// within five seconds.
-async fn a_statement_waits_on_a_lock(pool: &PgPool) -> bool {
-    wait_until(Duration::from_secs(5), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap_or(false)
-    })
-    .await
 }

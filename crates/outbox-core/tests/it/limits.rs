@@ -400,16 +400,7 @@ async fn a_limited_claim_waiting_for_a_compaction_counts_the_slots_it_kept() -> 
         }
     });
     assert!(
-        outbox_testkit::wait_until(Duration::from_secs(10), || async {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                WHERE datname = current_database() AND wait_event_type = 'Lock')",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap_or(false)
-        })
-        .await,
+        db.a_statement_waits_on_a_lock().await,
         "the claim never waited for the compaction"
     );
     compactor.commit().await?;

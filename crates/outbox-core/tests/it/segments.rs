@@ -399,20 +399,6 @@ async fn the_upgrade_to_segments_keeps_rows_in_flight() -> TestResult {
     Ok(())
 }
 
-/// Whether a session of this database is waiting for a lock.
-async fn a_session_waits_for_a_lock(pool: &PgPool) -> bool {
-    outbox_testkit::wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                            WHERE datname = current_database() AND wait_event_type = 'Lock')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap_or(false)
-    })
-    .await
-}
-
 /// The SQLSTATE of a failed statement.
 fn sqlstate(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> Option<String> {
     match result {
@@ -448,7 +434,7 @@ async fn an_app_that_rows_of_a_segment_name_cannot_be_deleted_even_by_a_delete_t
         }
     });
     assert!(
-        a_session_waits_for_a_lock(&db.pool).await,
+        db.a_statement_waits_on_a_lock().await,
         "the delete never waited for the producer"
     );
     producer.commit().await?;
@@ -511,7 +497,7 @@ async fn a_batch_that_waited_for_the_delete_of_its_app_is_refused() -> TestResul
         }
     });
     assert!(
-        a_session_waits_for_a_lock(&db.pool).await,
+        db.a_statement_waits_on_a_lock().await,
         "the producer never waited for the delete"
     );
     deleter.commit().await?;
