@@ -118,7 +118,9 @@ CREATE TRIGGER outbox_app_still_named BEFORE DELETE ON apps
     FOR EACH ROW EXECUTE FUNCTION outbox_app_still_named();
 CREATE TRIGGER outbox_app_id_still_named BEFORE UPDATE OF id ON apps
     FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION outbox_app_still_named();
-CREATE TRIGGER outbox_apps_still_named BEFORE TRUNCATE ON apps
+-- AFTER: by then a TRUNCATE that also names outbox (and so its segments)
+-- has emptied them, and only a TRUNCATE that left them full is refused.
+CREATE TRIGGER outbox_apps_still_named AFTER TRUNCATE ON apps
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_app_still_named();
 
 DO $$

@@ -244,8 +244,12 @@ async fn inserts_are_prepared_only_on_a_connection_that_keeps_prepared_statement
     enqueue(&mut direct, app, &event).await?;
     enqueue_batch(&mut direct, app, &batch).await?;
     enqueue(&mut direct, app, &event).await?;
-    assert_eq!(direct.cached_statements_size(), 3);
-    assert_eq!(prepared_inserts(&mut direct).await?, 2);
+    // One insert of each shape, or two of one when the current segment
+    // changed between them (another test's database rotated).
+    let cached = direct.cached_statements_size();
+    let prepared = prepared_inserts(&mut direct).await?;
+    assert!(prepared >= 2, "{prepared} prepared inserts");
+    assert_eq!(cached as i64, prepared + 1, "the inserts and the SELECT");
     // The query above is prepared and cached too (it does not count itself).
     assert_eq!(prepared_inserts(&mut conn).await?, 0);
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 24);
