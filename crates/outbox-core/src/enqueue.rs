@@ -1,10 +1,10 @@
 //! Enqueue in the caller's transaction.
 //!
-//! The statements are prepared only on a connection that keeps prepared
-//! statements (see [`prepares`]); on any other they are unnamed: a producer's
-//! connection may pass through a transaction-pooling PgBouncer, where a named
-//! prepared statement would be left on a server connection another client
-//! gets next.
+//! The inserts are prepared only on a connection that keeps prepared
+//! statements (its statement cache holds one already); on any other they are
+//! unnamed: a producer's connection may pass through a transaction-pooling
+//! PgBouncer, where a named prepared statement would be left on a server
+//! connection another client gets next.
 //!
 //! Both functions take `&mut PgConnection`, so pass `&mut tx` (or `&mut *tx`)
 //! of the transaction that writes your data. That is the whole outbox property:
