@@ -512,3 +512,50 @@ async fn a_batch_that_waited_for_the_delete_of_its_app_is_refused() -> TestResul
     assert_eq!(store::count(&db.pool).await?, 0);
     Ok(())
 }
+
+/// The segments' check reads outboxd's own `apps` whatever the producer's
+/// search_path (migration 0036 names its schema in the function): a table
+/// of the session's called `apps` does not vouch for an unknown app, and a
+/// producer whose search_path leaves outboxd's schema out still inserts.
+#[tokio::test]
+async fn the_check_of_a_segment_reads_outboxds_apps_whatever_the_search_path() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let stranger = Uuid::now_v7();
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("CREATE SCHEMA shadow")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("CREATE TABLE shadow.apps (id uuid PRIMARY KEY)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO shadow.apps VALUES ($1)")
+        .bind(stranger)
+        .execute(&mut *tx)
+        .await?;
+    let insert = |app: Uuid| {
+        sqlx::query(
+            "INSERT INTO public.outbox_s0 (id, app_id, source, topic, payload)
+             VALUES (gen_random_uuid(), $1, 'queue', 'shadowed', '{}')",
+        )
+        .bind(app)
+    };
+
+    sqlx::query("SET LOCAL search_path = shadow, public")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SAVEPOINT shadowed").execute(&mut *tx).await?;
+    let refused = insert(stranger).execute(&mut *tx).await;
+    assert_eq!(sqlstate(refused).as_deref(), Some("23503"));
+    sqlx::query("ROLLBACK TO SAVEPOINT shadowed")
+        .execute(&mut *tx)
+        .await?;
+
+    sqlx::query("SET LOCAL search_path = shadow")
+        .execute(&mut *tx)
+        .await?;
+    insert(app).execute(&mut *tx).await?;
+    tx.commit().await?;
+    assert_eq!(rows_in(&db.pool, "outbox_s0").await?, 1);
+    Ok(())
+}
