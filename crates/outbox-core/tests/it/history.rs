@@ -68,13 +68,27 @@ async fn failed_attempts_are_kept_with_worker_and_times_and_go_into_the_dead_let
     let a = &recorded[0];
     assert_eq!(a.attempt, 1);
     assert_eq!(a.worker.as_deref(), Some("worker-a"));
-    // Cut to 16 characters.
-    assert_eq!(a.error.as_deref(), Some("connection refus"));
+    // The newest failed attempt's error is the row's last_error, whole.
+    assert_eq!(a.error.as_deref(), Some("connection refused"));
     let started = a.started_at.ok_or("no start")?;
     assert!(started <= a.ended_at && a.ended_at <= Utc::now() + chrono::Duration::seconds(5));
 
     let second = claim_one(&db.pool, "worker-b").await?;
     fail(&db.pool, second, "timeout", keep_two).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
+        .collect();
+    // Pushed into the history by the next failure, cut to 16 characters.
+    assert_eq!(
+        kept,
+        [
+            (1, Some("worker-a"), Some("connection refus")),
+            (2, Some("worker-b"), Some("timeout"))
+        ]
+    );
+    assert_eq!(recorded[0].started_at, Some(started));
     let third = claim_one(&db.pool, "worker-c").await?;
     fail(&db.pool, third, "503", keep_two).await?;
     let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
@@ -290,5 +304,160 @@ async fn histories_of_object_entries_are_read_and_extended() -> TestResult {
         .map(|a| (a.attempt, a.error.as_deref()))
         .collect();
     assert_eq!(kept, [(2, Some("second")), (3, Some("third"))]);
+    Ok(())
+}
+
+/// What the row stores (migration 0037): a first failure writes the
+/// attempt into the row's own columns and builds no `jsonb`; the next one
+/// pushes it into `attempts`. A cancelled row's dead letter gets both.
+#[tokio::test]
+async fn the_newest_failed_attempt_lives_in_columns_until_the_next_failure() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let stored = |id: Uuid| {
+        sqlx::query_as::<_, (Option<serde_json::Value>, Option<i32>, Option<String>)>(
+            "SELECT attempts, failed_attempt, failed_attempt_worker FROM outbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+    };
+
+    let first = claim_one(&db.pool, "worker-a").await?;
+    fail(&db.pool, first, "refused", AttemptHistory::default()).await?;
+    let (attempts, newest, worker) = stored(first.id).await?;
+    assert_eq!(attempts, None);
+    assert_eq!((newest, worker.as_deref()), (Some(1), Some("worker-a")));
+
+    let second = claim_one(&db.pool, "worker-b").await?;
+    fail(&db.pool, second, "timeout", AttemptHistory::default()).await?;
+    let (attempts, newest, worker) = stored(first.id).await?;
+    let pushed = attempts.ok_or("the first attempt was not pushed")?;
+    assert_eq!(pushed.as_array().map(Vec::len), Some(1));
+    assert_eq!(pushed[0][0], 1);
+    assert_eq!(pushed[0][4], "refused");
+    assert_eq!((newest, worker.as_deref()), (Some(2), Some("worker-b")));
+
+    let cancelled = store::cancel(
+        &db.pool,
+        app,
+        &store::CancelFilter::Ids(vec![first.id]),
+        None,
+        "not needed",
+    )
+    .await?;
+    assert_eq!(cancelled, [first.id]);
+    let dead = dead_letters::by_original(&db.pool, first.id).await?;
+    let kept: Vec<(i32, Option<String>)> = dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?
+        .into_iter()
+        .map(|a| (a.attempt, a.error))
+        .collect();
+    assert_eq!(
+        kept,
+        [(1, Some("refused".into())), (2, Some("timeout".into()))]
+    );
+    Ok(())
+}
+
+/// A process with the history off records nothing, but the newest failed
+/// attempt another process recorded goes into `attempts` whole when its
+/// error is overwritten, instead of being lost.
+#[tokio::test]
+async fn a_failure_with_the_history_off_keeps_what_another_process_recorded() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let first = claim_one(&db.pool, "recording").await?;
+    fail(&db.pool, first, "first", AttemptHistory::default()).await?;
+    let second = claim_one(&db.pool, "silent").await?;
+    fail(&db.pool, second, "second", AttemptHistory::OFF).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
+        .collect();
+    assert_eq!(kept, [(1, Some("recording"), Some("first"))]);
+    Ok(())
+}
+
+/// A transactional worker that dies overwrites the row's `last_error`,
+/// which held the error of its newest failed attempt: that attempt goes
+/// into `attempts` first.
+#[tokio::test]
+async fn a_worker_death_keeps_the_newest_failed_attempt() -> TestResult {
+    use sqlx::Connection;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let first = claim_one(&db.pool, "worker-a").await?;
+    fail(&db.pool, first, "refused", AttemptHistory::default()).await?;
+
+    let mut keeper = sqlx::PgConnection::connect_with(&db.pool.connect_options()).await?;
+    store::open_tx_batch(&mut keeper, 11, "doomed", &[first.id]).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut keeper)
+        .await?;
+    keeper.close().await?;
+    let gone = wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+        )
+        .bind(backend)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    assert!(gone, "the dead worker's session never ended");
+    let mut tx = db.pool.begin().await?;
+    assert_eq!(store::count_abandoned_tx_batches(&mut tx).await?, 1);
+    tx.commit().await?;
+
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.error.as_deref()))
+        .collect();
+    assert_eq!(kept, [(1, Some("refused"))]);
+    Ok(())
+}
+
+/// The upgrade to migration 0037 with a row in flight: a history written
+/// into `attempts` before it is read and extended after it.
+#[tokio::test]
+async fn the_upgrade_keeps_a_history_written_before_it() -> TestResult {
+    let db = TestDb::migrated_to(36).await?;
+    let app = db.app("shop").await?;
+    crate::enqueue_committed(&db, app, 1).await?;
+    let first = claim_one(&db.pool, "old-worker").await?;
+    // What a retry of the previous version wrote.
+    sqlx::query(
+        "UPDATE outbox SET locked_by = NULL, locked_until = NULL, last_error = 'before',
+                attempts = jsonb_build_array(jsonb_build_array(
+                    1, now(), clock_timestamp(), 'old-worker', 'before'))
+         WHERE id = $1",
+    )
+    .bind(first.id)
+    .execute(&db.pool)
+    .await?;
+    outbox_core::migrate(&db.pool).await?;
+
+    let second = claim_one(&db.pool, "new-worker").await?;
+    fail(&db.pool, second, "after", AttemptHistory::default()).await?;
+    let recorded = history(&db.pool, first.id).await?.ok_or("no history")?;
+    let kept: Vec<(i32, Option<&str>, Option<&str>)> = recorded
+        .iter()
+        .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (1, Some("old-worker"), Some("before")),
+            (2, Some("new-worker"), Some("after"))
+        ]
+    );
     Ok(())
 }

@@ -72,7 +72,9 @@ macro_rules! cancel_picked {
            concat_ws(E'\\n', m.last_error,
                      'cancelled by ' || coalesce($2, 'an operator') || ': ' || $3),
            m.registered_by_principal, m.max_attempts, now(), 'ignored', m.partition_key,
-           m.attempts
+           ",
+            attempts_with_newest!("m", "2000"),
+            "
     FROM moved m
     RETURNING original_event_id
  )

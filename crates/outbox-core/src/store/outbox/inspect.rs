@@ -48,7 +48,9 @@ pub async fn row<'e>(
                 o.idempotency_key, o.ordering_key, o.partition_key, o.priority, o.depth,
                 o.attempt_count, o.max_attempts, d.due_at, o.locked_by, o.locked_until,
                 o.first_attempt_at, o.last_attempt_at, o.last_error, o.registered_by_principal,
-                o.replayed_from, o.created_at, o.attempts
+                o.replayed_from, o.created_at, ",
+        attempts_with_newest!("o", "2000"),
+        " AS attempts
          FROM outbox o
          CROSS JOIN LATERAL (SELECT ",
         due_at!(),

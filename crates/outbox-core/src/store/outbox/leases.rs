@@ -74,19 +74,16 @@ pub const RESCHEDULE_SQL: &str = concat!(
          locked_until  = NULL,
          last_error    = coalesce(t.error, o.last_error),
          attempt_count = o.attempt_count - CASE WHEN t.refund THEN 1 ELSE 0 END,
-         attempts      = CASE WHEN t.error IS NULL THEN o.attempts ELSE ",
-    attempts_pushed!(
-        "o.attempts",
-        attempt_entry!(
-            "o.attempt_count",
-            "o.last_attempt_at",
-            "o.locked_by",
-            "t.error",
-            "$7"
-        ),
-        "$6"
+         ",
+    attempt_recorded!(
+        "t.error",
+        "o.attempt_count",
+        "o.last_attempt_at",
+        "o.locked_by",
+        "$6",
+        "$7"
     ),
-    " END
+    "
      FROM found t
      WHERE o.ctid = t.ctid AND o.tableoid = t.tableoid AND o.lease_token = t.token
      RETURNING o.id"
@@ -94,8 +91,9 @@ pub const RESCHEDULE_SQL: &str = concat!(
 
 /// The move of rows to `dead_letters` (`$1` ids, `$2` tokens, `$3` errors,
 /// `$4` handlers, `$5` and `$6` the [`AttemptHistory`]), for `EXPLAIN`. The
-/// dead letter gets the row's attempt history with the last attempt added
-/// (unless a transactional failure recorded it already).
+/// dead letter gets the row's whole attempt history (`attempts` and the
+/// newest failed attempt) with the last attempt added (unless a
+/// transactional failure recorded it already).
 pub const DEAD_LETTER_SQL: &str = concat!(
         "WITH found AS MATERIALIZED (
         SELECT i.tableoid, i.ctid, t.*
@@ -139,14 +137,28 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                     THEN now() + make_interval(secs => pol.initial_delay_secs * power(2, r.round))
                END,
                m.max_attempts, m.partition_key,
-               CASE WHEN coalesce(m.attempts -> -1 ->> 0, m.attempts -> -1 ->> 'attempt')::int
+               CASE WHEN coalesce(h.attempts -> -1 ->> 0, h.attempts -> -1 ->> 'attempt')::int
                         IS NOT DISTINCT FROM m.attempt_count
-                    THEN m.attempts
+                    THEN h.attempts
                     ELSE ",
-        attempts_pushed!("m.attempts", attempt_entry!("m.attempt_count", "m.last_attempt_at", "m.locked_by", "m.final_error", "$6"), "$5"),
+        attempts_pushed!(
+            "h.attempts",
+            attempt_entry!(
+                "m.attempt_count",
+                "m.last_attempt_at",
+                "clock_timestamp()",
+                "m.locked_by",
+                "m.final_error",
+                "$6"
+            ),
+            "$5"
+        ),
         "
                END
         FROM moved m
+        CROSS JOIN LATERAL (SELECT ",
+        attempts_with_newest!("m", "$6"),
+        " AS attempts) h
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
         CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
         LEFT JOIN LATERAL (

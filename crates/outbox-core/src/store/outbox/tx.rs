@@ -145,7 +145,10 @@ pub async fn close_tx_batch<'e>(conn: impl PgExecutor<'e>, lock_key: i64) -> Res
 /// batch is running right now is skipped, not waited for: should that batch
 /// die too, its own record counts it.
 pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    // last_error held the error of the row's newest failed attempt: that
+    // attempt goes into `attempts` before its error is overwritten (its
+    // error cut as the default history cuts it).
+    Ok(sqlx::query(concat!(
         "WITH abandoned AS (
             DELETE FROM outbox_tx_batches b
             WHERE b.lock_key IN (
@@ -158,6 +161,10 @@ pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, 
          UPDATE outbox o
          SET attempt_count    = o.attempt_count + held.deaths,
              last_error       = 'the worker died while the event ran in a transactional batch',
+             attempts         = ",
+        attempts_with_newest!("o", "2000"),
+        ",
+             failed_attempt   = NULL,
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          FROM (
@@ -167,8 +174,8 @@ pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, 
                   GROUP BY id) AS a ON e.id = a.id
             FOR UPDATE OF e SKIP LOCKED
          ) AS held
-         WHERE o.ctid = held.ctid AND o.tableoid = held.tableoid",
-    )
+         WHERE o.ctid = held.ctid AND o.tableoid = held.tableoid"
+    ))
     .execute(conn)
     .await?
     .rows_affected())
@@ -212,19 +219,16 @@ pub async fn record_failed_attempt<'e>(
         priority_not_before!("(now() + make_interval(secs => $2))", "o.priority"),
         ",
              last_error       = coalesce($4, o.last_error),
-             attempts         = CASE WHEN $4 IS NULL THEN o.attempts ELSE ",
-        attempts_pushed!(
-            "o.attempts",
-            attempt_entry!(
-                "o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END",
-                "$6::timestamptz",
-                "$5::text",
-                "$4",
-                "$8"
-            ),
-            "$7"
+             ",
+        attempt_recorded!(
+            "$4",
+            "o.attempt_count + CASE WHEN $3 THEN 1 ELSE 0 END",
+            "$6::timestamptz",
+            "$5::text",
+            "$7",
+            "$8"
         ),
-        " END,
+        ",
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          WHERE o.id = $1 AND (o.locked_until IS NULL OR o.locked_until < now())
