@@ -4,15 +4,18 @@
 -- 0035 pinned the search_path of outbox_segment_inserted(), which runs once
 -- for every statement that inserts into a segment, so that a producer's own
 -- table called apps cannot stand in for outboxd's. A function with a SET
--- clause saves, sets and restores the setting on every call: for a
--- single-row enqueue that was about 4 % of a producer's throughput, and the
--- nested call of outbox_wake() another 2 % (pgbench, single-row inserts
--- into a segment against the same inserts into outbox, four clients:
--- docs/performance.md, "Single-row enqueue without a pinned search_path").
--- The body now names apps as <schema>.apps, the schema this migration runs
--- in, written into the function when it is created, and does the wake-up of
--- outbox_wake() itself. Its behaviour is unchanged: the same lock on each
--- distinct app, the same error for an unknown one, the same wake-up.
+-- clause saves, sets and restores the setting on every call; with the
+-- nested call of outbox_wake() that was about 6 % of a producer's
+-- single-row enqueues (pgbench, single-row inserts into a segment against
+-- the same inserts into outbox, four clients: docs/performance.md,
+-- "Single-row enqueue without a pinned search_path"). The body now names
+-- apps as <schema>.apps, the schema this migration runs in, written into
+-- the function when it is created, compares ids with pg_catalog's
+-- operator (a session's own `=` for uuid, found first on its search_path,
+-- cannot vouch for an unknown app), and does the wake-up of outbox_wake()
+-- itself: a change to the wake-up must change both. Its behaviour is
+-- unchanged: the same lock on each distinct app, the same error for an
+-- unknown one, the same wake-up.
 --
 -- outbox_app_still_named() keeps its pinned search_path: it runs only when
 -- an app is deleted, renumbered or truncated.
@@ -30,7 +33,8 @@ DECLARE
 BEGIN
     SELECT i.app_id INTO missing
     FROM (SELECT DISTINCT app_id FROM inserted) i
-    LEFT JOIN LATERAL (SELECT a.id FROM %1$I.apps a WHERE a.id = i.app_id FOR KEY SHARE) a ON true
+    LEFT JOIN LATERAL (SELECT a.id FROM %1$I.apps a
+                       WHERE a.id OPERATOR(pg_catalog.=) i.app_id FOR KEY SHARE) a ON true
     WHERE a.id IS NULL
     LIMIT 1;
     IF FOUND THEN
@@ -39,7 +43,7 @@ BEGIN
             USING ERRCODE = 'foreign_key_violation',
                   CONSTRAINT = 'outbox_app_id_fkey',
                   TABLE = TG_TABLE_NAME,
-                  DETAIL = format('Key (app_id)=(%%s) is not present in table "apps".', missing);
+                  DETAIL = pg_catalog.format('Key (app_id)=(%%s) is not present in table "apps".', missing);
     END IF;
     -- outbox_wake(), written out: one PL/pgSQL call less per statement.
     PERFORM pg_catalog.pg_advisory_xact_lock_shared(1869968482, 2);

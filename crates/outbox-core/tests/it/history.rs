@@ -380,6 +380,27 @@ async fn a_failure_with_the_history_off_keeps_what_another_process_recorded() ->
         .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
         .collect();
     assert_eq!(kept, [(1, Some("recording"), Some("first"))]);
+
+    // The same when the newest attempt is still in its columns and the
+    // row is dead-lettered by a process with the history off.
+    let third = claim_one(&db.pool, "recording").await?;
+    fail(&db.pool, third, "third", AttemptHistory::default()).await?;
+    let fourth = claim_one(&db.pool, "silent").await?;
+    let bury = ToDeadLetter {
+        lease: fourth,
+        error: "fourth".into(),
+        handler: None,
+    };
+    store::dead_letter(&db.pool, &[bury], AttemptHistory::OFF).await?;
+    let dead = dead_letters::by_original(&db.pool, first.id).await?;
+    let kept: Vec<(i32, Option<String>)> = dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?
+        .into_iter()
+        .map(|a| (a.attempt, a.error))
+        .collect();
+    assert_eq!(kept, [(1, Some("first".into())), (3, Some("third".into()))]);
     Ok(())
 }
 

@@ -514,9 +514,10 @@ async fn a_batch_that_waited_for_the_delete_of_its_app_is_refused() -> TestResul
 }
 
 /// The segments' check reads outboxd's own `apps` whatever the producer's
-/// search_path (migration 0036 names its schema in the function): a table
-/// of the session's called `apps` does not vouch for an unknown app, and a
-/// producer whose search_path leaves outboxd's schema out still inserts.
+/// search_path (migration 0036 names its schema in the function): neither
+/// a table of the session's called `apps` nor its own `=` for uuids vouches
+/// for an unknown app, and a producer whose search_path leaves outboxd's
+/// schema out still inserts.
 #[tokio::test]
 async fn the_check_of_a_segment_reads_outboxds_apps_whatever_the_search_path() -> TestResult {
     let db = TestDb::new().await?;
@@ -548,6 +549,20 @@ async fn the_check_of_a_segment_reads_outboxds_apps_whatever_the_search_path() -
     let refused = insert(stranger).execute(&mut *tx).await;
     assert_eq!(sqlstate(refused).as_deref(), Some("23503"));
     sqlx::query("ROLLBACK TO SAVEPOINT shadowed")
+        .execute(&mut *tx)
+        .await?;
+
+    for statement in [
+        "CREATE FUNCTION shadow.always(uuid, uuid) RETURNS boolean LANGUAGE sql AS 'SELECT true'",
+        "CREATE OPERATOR shadow.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = shadow.always)",
+        "SET LOCAL search_path = shadow, pg_catalog, public",
+        "SAVEPOINT equal",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    let refused = insert(stranger).execute(&mut *tx).await;
+    assert_eq!(sqlstate(refused).as_deref(), Some("23503"));
+    sqlx::query("ROLLBACK TO SAVEPOINT equal")
         .execute(&mut *tx)
         .await?;
 

@@ -157,7 +157,9 @@ pub const DEAD_LETTER_SQL: &str = concat!(
                END
         FROM moved m
         CROSS JOIN LATERAL (SELECT ",
-        attempts_with_newest!("m", "$6"),
+        // With the history off here ($5 0, $6 0) an attempt another
+        // process recorded keeps its error, cut as the default cuts it.
+        attempts_with_newest!("m", "(CASE WHEN $5 <= 0 THEN 2000 ELSE $6 END)"),
         " AS attempts) h
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
         CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
