@@ -160,6 +160,23 @@ impl TestDb {
         .await
     }
 
+    /// Whether the server session `pid` has ended within ten seconds. A
+    /// closed connection's session (and its advisory locks) ends on the
+    /// server after the client has moved on: a test of a dead worker waits
+    /// for it.
+    pub async fn a_session_ended(&self, pid: i32) -> bool {
+        wait_until(std::time::Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+            )
+            .bind(pid)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(false)
+        })
+        .await
+    }
+
     /// The payloads of `topic` waiting in the outbox, oldest first.
     pub async fn enqueued(&self, topic: &str) -> Result<Vec<serde_json::Value>, TestDbError> {
         sqlx::query_scalar("SELECT payload FROM outbox WHERE topic = $1 ORDER BY created_at, id")

@@ -50,6 +50,18 @@ async fn history(pool: &PgPool, id: Uuid) -> Result<Option<Vec<Attempt>>, outbox
         .and_then(|row| row.attempts))
 }
 
+/// The attempt history of the dead letter that row `id` became.
+async fn buried_history(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Vec<Attempt>, Box<dyn std::error::Error>> {
+    let dead = dead_letters::by_original(pool, id).await?;
+    Ok(dead
+        .first()
+        .and_then(|d| d.attempts.clone())
+        .ok_or("the dead letter has no history")?)
+}
+
 #[tokio::test]
 async fn failed_attempts_are_kept_with_worker_and_times_and_go_into_the_dead_letter() -> TestResult
 {
@@ -108,11 +120,7 @@ async fn failed_attempts_are_kept_with_worker_and_times_and_go_into_the_dead_let
         store::dead_letter(&db.pool, &[bury], keep_two).await?,
         [fourth.id]
     );
-    let dead = dead_letters::by_original(&db.pool, fourth.id).await?;
-    let attempts = dead
-        .first()
-        .and_then(|d| d.attempts.clone())
-        .ok_or("the dead letter has no history")?;
+    let attempts = buried_history(&db.pool, fourth.id).await?;
     let kept: Vec<(i32, Option<&str>, Option<&str>)> = attempts
         .iter()
         .map(|a| (a.attempt, a.worker.as_deref(), a.error.as_deref()))
@@ -216,11 +224,7 @@ async fn a_transactional_failure_is_recorded_once_into_the_dead_letter() -> Test
         [id]
     );
     tx.commit().await?;
-    let dead = dead_letters::by_original(&db.pool, id).await?;
-    let attempts = dead
-        .first()
-        .and_then(|d| d.attempts.clone())
-        .ok_or("the dead letter has no history")?;
+    let attempts = buried_history(&db.pool, id).await?;
     assert_eq!(attempts.len(), 1, "{attempts:?}");
     assert_eq!(attempts[0].attempt, 1);
     assert_eq!(attempts[0].worker.as_deref(), Some("tx-worker"));
@@ -294,11 +298,7 @@ async fn histories_of_object_entries_are_read_and_extended() -> TestResult {
         handler: None,
     };
     store::dead_letter(&db.pool, &[bury], keep_two).await?;
-    let dead = dead_letters::by_original(&db.pool, first.id).await?;
-    let attempts = dead
-        .first()
-        .and_then(|d| d.attempts.clone())
-        .ok_or("the dead letter has no history")?;
+    let attempts = buried_history(&db.pool, first.id).await?;
     let kept: Vec<(i32, Option<&str>)> = attempts
         .iter()
         .map(|a| (a.attempt, a.error.as_deref()))
@@ -347,11 +347,8 @@ async fn the_newest_failed_attempt_lives_in_columns_until_the_next_failure() -> 
     )
     .await?;
     assert_eq!(cancelled, [first.id]);
-    let dead = dead_letters::by_original(&db.pool, first.id).await?;
-    let kept: Vec<(i32, Option<String>)> = dead
-        .first()
-        .and_then(|d| d.attempts.clone())
-        .ok_or("the dead letter has no history")?
+    let kept: Vec<(i32, Option<String>)> = buried_history(&db.pool, first.id)
+        .await?
         .into_iter()
         .map(|a| (a.attempt, a.error))
         .collect();
@@ -392,11 +389,8 @@ async fn a_failure_with_the_history_off_keeps_what_another_process_recorded() ->
         handler: None,
     };
     store::dead_letter(&db.pool, &[bury], AttemptHistory::OFF).await?;
-    let dead = dead_letters::by_original(&db.pool, first.id).await?;
-    let kept: Vec<(i32, Option<String>)> = dead
-        .first()
-        .and_then(|d| d.attempts.clone())
-        .ok_or("the dead letter has no history")?
+    let kept: Vec<(i32, Option<String>)> = buried_history(&db.pool, first.id)
+        .await?
         .into_iter()
         .map(|a| (a.attempt, a.error))
         .collect();
@@ -422,17 +416,10 @@ async fn a_worker_death_keeps_the_newest_failed_attempt() -> TestResult {
         .fetch_one(&mut keeper)
         .await?;
     keeper.close().await?;
-    let gone = wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-        )
-        .bind(backend)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap_or(false)
-    })
-    .await;
-    assert!(gone, "the dead worker's session never ended");
+    assert!(
+        db.a_session_ended(backend).await,
+        "the dead worker's session never ended"
+    );
     let mut tx = db.pool.begin().await?;
     assert_eq!(store::count_abandoned_tx_batches(&mut tx).await?, 1);
     tx.commit().await?;

@@ -4,9 +4,8 @@
 use outbox_core::NewEvent;
 use outbox_core::topics::Served;
 use outbox_dispatch::{Config, Dispatcher, Event, HandlerError, Registry};
-use std::time::Duration;
 
-use outbox_testkit::{TestDb, wait_until};
+use outbox_testkit::TestDb;
 use serde_json::json;
 
 use super::{
@@ -171,19 +170,10 @@ async fn die_mid_batch(db: &TestDb) -> Result<usize, Box<dyn std::error::Error>>
         .await?;
     keeper.close().await?;
     tx.rollback().await?;
-    // The server ends a closed session (and frees its advisory lock) after
-    // the client has already moved on; the death is only visible once it has.
-    let gone = wait_until(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-        )
-        .bind(backend)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap_or(false)
-    })
-    .await;
-    assert!(gone, "the dead worker's session never ended");
+    assert!(
+        db.a_session_ended(backend).await,
+        "the dead worker's session never ended"
+    );
     Ok(rows.len())
 }
 
