@@ -73,7 +73,7 @@ macro_rules! cancel_picked {
                      'cancelled by ' || coalesce($2, 'an operator') || ': ' || $3),
            m.registered_by_principal, m.max_attempts, now(), 'ignored', m.partition_key,
            ",
-            attempts_with_newest!("m", "2000"),
+            attempts_with_newest!("m", default_error_chars!()),
             "
     FROM moved m
     RETURNING original_event_id

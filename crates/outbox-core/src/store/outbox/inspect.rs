@@ -49,7 +49,7 @@ pub async fn row<'e>(
                 o.attempt_count, o.max_attempts, d.due_at, o.locked_by, o.locked_until,
                 o.first_attempt_at, o.last_attempt_at, o.last_error, o.registered_by_principal,
                 o.replayed_from, o.created_at, ",
-        attempts_with_newest!("o", "2000"),
+        attempts_with_newest!("o", default_error_chars!()),
         " AS attempts
          FROM outbox o
          CROSS JOIN LATERAL (SELECT ",

@@ -159,7 +159,10 @@ pub const DEAD_LETTER_SQL: &str = concat!(
         CROSS JOIN LATERAL (SELECT ",
         // With the history off here ($5 0, $6 0) an attempt another
         // process recorded keeps its error, cut as the default cuts it.
-        attempts_with_newest!("m", "(CASE WHEN $5 <= 0 THEN 2000 ELSE $6 END)"),
+        attempts_with_newest!(
+            "m",
+            concat!("(CASE WHEN $5 <= 0 THEN ", default_error_chars!(), " ELSE $6 END)")
+        ),
         " AS attempts) h
         LEFT JOIN dead_letters prev ON prev.id = m.replayed_from
         CROSS JOIN LATERAL (SELECT coalesce(prev.replay_round + 1, 0) AS round) r
@@ -256,7 +259,7 @@ pub async fn reschedule<'e>(
         .bind(&errors)
         .bind(&refunds)
         .bind(i32::from(history.keep))
-        .bind(history_chars(history))
+        .bind(super::history::history_chars(history))
         .fetch_all(db)
         .await?)
 }
@@ -298,7 +301,7 @@ pub async fn dead_letter<'e>(
         .bind(&errors)
         .bind(&handlers)
         .bind(i32::from(history.keep))
-        .bind(history_chars(history))
+        .bind(super::history::history_chars(history))
         .fetch_all(conn)
         .await?)
 }
@@ -322,9 +325,4 @@ pub async fn release<'e>(
         })
         .collect();
     reschedule(db, &rows, history).await
-}
-
-/// `error_chars` as the `integer` that `left()` takes.
-pub(super) fn history_chars(history: AttemptHistory) -> i32 {
-    i32::try_from(history.error_chars).unwrap_or(i32::MAX)
 }

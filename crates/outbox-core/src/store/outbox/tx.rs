@@ -162,9 +162,12 @@ pub async fn count_abandoned_tx_batches(conn: &mut PgConnection) -> Result<u64, 
          SET attempt_count    = o.attempt_count + held.deaths,
              last_error       = 'the worker died while the event ran in a transactional batch',
              attempts         = ",
-        attempts_with_newest!("o", "2000"),
+        attempts_with_newest!("o", default_error_chars!()),
         ",
              failed_attempt   = NULL,
+             failed_attempt_started_at = NULL,
+             failed_attempt_ended_at = NULL,
+             failed_attempt_worker = NULL,
              first_attempt_at = coalesce(o.first_attempt_at, now()),
              last_attempt_at  = now()
          FROM (
@@ -241,7 +244,7 @@ pub async fn record_failed_attempt<'e>(
     .bind(attempt.worker)
     .bind(attempt.started_at)
     .bind(i32::from(history.keep))
-    .bind(super::leases::history_chars(history))
+    .bind(super::history::history_chars(history))
     .fetch_optional(db)
     .await?)
 }
