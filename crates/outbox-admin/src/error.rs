@@ -17,6 +17,9 @@ pub enum ApiError {
     /// Authenticated but not allowed (403, `forbidden`).
     #[error("not allowed")]
     Forbidden,
+    /// Authenticated but not allowed, and told why (403, `forbidden`).
+    #[error("{0}")]
+    NotAllowed(String),
     /// Nothing here for this principal (404, `not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -26,6 +29,10 @@ pub enum ApiError {
     /// The body is over the size limit (413, `too_large`).
     #[error("the request body is over the limit of {0} bytes")]
     TooLarge(usize),
+    /// The body is not declared as JSON where only JSON is taken (415,
+    /// `unsupported_media_type`).
+    #[error("send the body as JSON, with Content-Type: application/json")]
+    NotJson,
     /// The row is in a state that refuses the action (409, `conflict`).
     #[error("{0}")]
     Conflict(String),
@@ -69,10 +76,11 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Unauthorized | Self::BadLogin => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Forbidden | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::NoHandler(_) => (StatusCode::NOT_FOUND, "no_handler"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),

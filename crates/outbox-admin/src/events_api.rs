@@ -226,6 +226,30 @@ fn headers_of(headers: Option<Value>, request: &axum::http::HeaderMap) -> Result
     Ok(headers)
 }
 
+/// Resolves `slug` for writing a row of `topic`. A `webhook:` topic makes
+/// outboxd POST to the URL in it, signed with the app's secrets, from inside
+/// the network it runs in: only those who may point a trigger at a URL (the
+/// app's admins) may publish to one.
+pub(crate) async fn authorize_topic(
+    state: &AdminState,
+    p: &auth::Principal,
+    slug: &str,
+    topic: &str,
+) -> Result<outbox_core::App, ApiError> {
+    let app = auth::authorize(&state.pool, p, slug, Capability::Write).await?;
+    if topic.starts_with(outbox_core::topics::WEBHOOK_PREFIX) {
+        auth::authorize(&state.pool, p, slug, Capability::ManageTriggers)
+            .await
+            .map_err(|e| match e {
+                ApiError::Forbidden => ApiError::NotAllowed(format!(
+                    "topic: {topic:?} sends a request to the URL in it; only the app's admins may write to a webhook: topic (operators replay and retry existing rows)"
+                )),
+                other => other,
+            })?;
+    }
+    Ok(app)
+}
+
 async fn publish(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
@@ -233,7 +257,7 @@ async fn publish(
     request: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let app = authorize_topic(&state, &p, &app, &topic).await?;
     let b: EventBody = body_or_default(&bytes)?;
     let mut event = NewEvent::new(topic, b.payload).with_source(Source::Pubsub);
     event.headers = headers_of(b.headers, &request)?;
@@ -250,7 +274,7 @@ async fn job(
     request: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let app = authorize_topic(&state, &p, &app, &queue).await?;
     let b: JobBody = body_or_default(&bytes)?;
     let mut event = NewEvent::new(queue, b.payload).with_source(Source::Queue);
     event.headers = headers_of(b.headers, &request)?;

@@ -21,7 +21,6 @@ use uuid::Uuid;
 
 use crate::AdminState;
 use crate::api::Bearer;
-use crate::auth::{self, Capability};
 use crate::error::ApiError;
 
 /// Longest a caller may wait.
@@ -110,7 +109,7 @@ async fn invoke(
     Path((app, topic)): Path<(String, String)>,
     bytes: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let app = auth::authorize(&state.pool, &p, &app, Capability::Write).await?;
+    let app = crate::events_api::authorize_topic(&state, &p, &app, &topic).await?;
     let body: InvokeBody = crate::strict::json_or_default(&bytes)?;
     let timeout_ms = body.timeout_ms.unwrap_or(10_000);
     let max_ms = MAX_TIMEOUT.as_millis() as i64;
@@ -126,9 +125,21 @@ async fn invoke(
     if let Some(h) = body.headers {
         event.headers = h;
     }
-    // A row nobody serves would wait, unclaimed, until the timeout.
+    // A row nobody serves, or held on purpose, would wait unclaimed until
+    // the timeout and then run after the caller was told it timed out.
     if !outbox_core::store::processes::served_by_any(&state.pool, &topic).await? {
         return Err(ApiError::NoHandler(topic));
+    }
+    if app.suspended_at.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "app {:?} is suspended: its rows wait until it is resumed",
+            app.slug
+        )));
+    }
+    if outbox_core::store::pauses::is_paused(&state.pool, app.id, &topic).await? {
+        return Err(ApiError::Conflict(format!(
+            "topic {topic:?} is paused: its rows wait until it is resumed"
+        )));
     }
     let db = |e: sqlx::Error| ApiError::internal(e.to_string());
     let mut tx = state.pool.begin().await.map_err(db)?;

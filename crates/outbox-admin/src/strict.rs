@@ -21,6 +21,16 @@ pub async fn body(
         .map_err(|_| ApiError::TooLarge(limit))
 }
 
+/// Whether the request's `Content-Type` is `application/json` (parameters
+/// such as `charset` allowed).
+pub fn declares_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// Parses a JSON body into `T`.
 pub fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);

@@ -11,6 +11,10 @@
 
 use crate::Error;
 
+/// The prefix of a topic (or trigger target) that outboxd POSTs to the URL
+/// after it: `webhook:https://example.com/hook`.
+pub const WEBHOOK_PREFIX: &str = "webhook:";
+
 /// The longest pattern accepted, as the longest topic (bytes).
 const MAX_PATTERN_LEN: usize = 255;
 

@@ -103,6 +103,26 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Age of the oldest unserved due row, by app and topic (sampled by the leader)."
     );
+    describe_gauge!(
+        "outboxd_rows_paused",
+        "Due rows held on purpose (topic paused, app suspended), by app and topic (sampled by the leader)."
+    );
+    describe_counter!(
+        "outboxd_segment_rotations_total",
+        "Segment rotations done: a segment emptied with TRUNCATE and made current."
+    );
+    describe_counter!(
+        "outboxd_segment_rotations_blocked_total",
+        "Segment rotations that gave up within their lock timeout (a long transaction held the segment)."
+    );
+    describe_counter!(
+        "outboxd_segment_rows_moved_total",
+        "Rows moved out of a segment before it was emptied (still waiting, or leased by slow handlers)."
+    );
+    describe_counter!(
+        "outboxd_segment_vacuums_total",
+        "VACUUMs of a segment while its rotation stayed blocked."
+    );
 }
 
 /// One (app, topic)'s handles, looked up once and kept, with the counts

@@ -56,7 +56,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(
         "outboxd_oldest_due_age_seconds",
         metrics::Unit::Seconds,
-        "Age of the oldest row that is due (0 when none), read at scrape time."
+        "Age of the oldest row that is due (0 when none), paused topics and suspended apps left out, read at scrape time."
     );
     metrics::describe_gauge!(
         "outboxd_dead_letters_unresolved",

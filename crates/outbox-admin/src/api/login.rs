@@ -37,9 +37,8 @@ pub async fn check_login(
     if email.len() > 254 || password.len() > 1024 || email.contains('\0') {
         return Err(ApiError::BadLogin);
     }
-    if let Some(wait) = state.throttle.hold_back(email, addr).await? {
-        return Err(ApiError::RateLimited(wait));
-    }
+    // Counted as a failure from here on; a success gives the count back.
+    state.throttle.admit(email, addr).await?;
     let user = outbox_core::store::principals::user_by_email(&state.pool, email).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     if state.hasher.verify(password.to_owned(), hash).await
@@ -48,7 +47,6 @@ pub async fn check_login(
         state.throttle.record_success(email, addr).await?;
         return Ok(user.id);
     }
-    state.throttle.record_failure(email, addr).await?;
     Err(ApiError::BadLogin)
 }
 
@@ -57,6 +55,12 @@ pub(super) async fn login(
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let addr = client_addr(req.extensions());
+    // A page elsewhere can post a form or text/plain here without asking the
+    // browser first (it cannot send JSON so): it must not be able to spend
+    // a visitor's failed logins and have them held back.
+    if !crate::strict::declares_json(req.headers()) {
+        return Err(ApiError::NotJson);
+    }
     let bytes = crate::strict::body(req, state.body_limit).await?;
     let body: LoginBody = crate::strict::json(&bytes)?;
     let user_id = check_login(&state, &body.email, &body.password, addr).await?;

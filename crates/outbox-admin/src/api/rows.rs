@@ -247,18 +247,34 @@ pub enum Selection {
 }
 
 impl Selection {
-    /// From a body's `ids`, `topic` or `filter`, exactly one of them.
+    /// From a body's `ids`, `topic`, `filter` or `all`, exactly one of them.
+    /// A filter must name something: one whose fields are all blank (a
+    /// script's empty variable, say) is refused rather than taken for every
+    /// row of the app, which only `"all": true` asks for.
     fn from_body(
         ids: Option<Vec<Uuid>>,
         topic: Option<String>,
         filter: Option<RowQuery>,
+        all: bool,
     ) -> Result<Self, ApiError> {
-        match (ids, topic, filter) {
-            (Some(ids), None, None) => Ok(Self::Ids(ids)),
-            (None, Some(topic), None) => Ok(Self::Topic(topic)),
-            (None, None, Some(filter)) => Ok(Self::Matching(filter.action_filter()?)),
+        match (ids, topic, filter, all) {
+            (Some(ids), None, None, false) => Ok(Self::Ids(ids)),
+            (None, Some(topic), None, false) => {
+                outbox_core::model::validate_new_topic(&topic)?;
+                Ok(Self::Topic(topic))
+            }
+            (None, None, Some(filter), false) => {
+                let filter = filter.action_filter()?;
+                if filter == RowFilter::default() {
+                    return Err(ApiError::Invalid(
+                        "filter: names no rows (every field is absent or blank); to act on every row of the app, send \"all\": true instead".into(),
+                    ));
+                }
+                Ok(Self::Matching(filter))
+            }
+            (None, None, None, true) => Ok(Self::Matching(RowFilter::default())),
             _ => Err(ApiError::Invalid(
-                "give exactly one of ids (row ids), topic or filter".into(),
+                "give exactly one of ids (row ids), topic, filter or all".into(),
             )),
         }
     }
@@ -433,6 +449,9 @@ pub(super) struct CancelBody {
     ids: Option<Vec<Uuid>>,
     topic: Option<String>,
     filter: Option<RowQuery>,
+    /// Every row of the app (that the action touches).
+    #[serde(default)]
+    all: bool,
     reason: String,
 }
 
@@ -448,7 +467,7 @@ pub(super) async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
     let body: CancelBody = crate::strict::json(&bytes)?;
-    let selection = Selection::from_body(body.ids, body.topic, body.filter)?;
+    let selection = Selection::from_body(body.ids, body.topic, body.filter, body.all)?;
     let done = cancel_rows(
         &state.pool,
         &audit::actor(&p),
@@ -468,6 +487,9 @@ pub(super) struct RetryBody {
     ids: Option<Vec<Uuid>>,
     topic: Option<String>,
     filter: Option<RowQuery>,
+    /// Every row of the app (that the action touches).
+    #[serde(default)]
+    all: bool,
 }
 
 /// `POST /api/apps/{app}/outbox/retry`: makes rows that wait for a delay or
@@ -481,7 +503,7 @@ pub(super) async fn retry(
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::Operate).await?;
     let body: RetryBody = crate::strict::json(&bytes)?;
-    let selection = Selection::from_body(body.ids, body.topic, body.filter)?;
+    let selection = Selection::from_body(body.ids, body.topic, body.filter, body.all)?;
     let done = retry_rows(&state.pool, &audit::actor(&p), app.id, &selection).await?;
     Ok(Json(
         json!({ "retried": done.rows, "ids": done.ids, "more": done.more }),

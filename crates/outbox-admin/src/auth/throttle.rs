@@ -66,12 +66,50 @@ struct ThrottleKeys {
 impl ThrottleKeys {
     fn new(email: &str, addr: Option<IpAddr>) -> Self {
         let email = email.trim().to_lowercase();
-        let addr = addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let addr = addr.map_or_else(|| "unknown".to_owned(), client_key);
         Self {
             account: format!("account:{email}"),
             address: format!("address:{addr}"),
             pair: format!("pair:{email}|{addr}"),
         }
+    }
+
+    /// How long an attempt must wait, from its keys' states: a held-back
+    /// address or pair always; a held-back account only for an address that
+    /// has failed on it.
+    fn wait(&self, states: &[login_throttle::KeyState]) -> Option<Duration> {
+        let now = chrono::Utc::now();
+        let wait = |key: &str| {
+            states
+                .iter()
+                .find(|s| s.key == key)
+                .and_then(|s| s.blocked_until)
+                .filter(|until| *until > now)
+                .map(|until| (until - now).to_std().unwrap_or_default())
+        };
+        let pair_failing = states.iter().any(|s| s.key == self.pair && s.failures > 0);
+        let account_wait = wait(&self.account).filter(|_| pair_failing);
+        [wait(&self.address), wait(&self.pair), account_wait]
+            .into_iter()
+            .flatten()
+            .max()
+    }
+}
+
+/// The address a client is counted under: an IPv4 address (an IPv4-mapped
+/// IPv6 one included) as it is, an IPv6 address by its /64, which one
+/// subscriber usually holds whole.
+fn client_key(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
     }
 }
 
@@ -85,54 +123,20 @@ impl Throttle {
         self.config.window.as_secs().max(1) as i64
     }
 
-    /// `Some(wait)` when this attempt must be refused, checked before the
-    /// password is, so known and unknown accounts answer alike.
-    pub async fn hold_back(
-        &self,
-        email: &str,
-        addr: Option<IpAddr>,
-    ) -> Result<Option<Duration>, ApiError> {
+    /// Admits a login attempt, counting it as a failure before its password
+    /// is checked (so attempts sent at once cannot overtake their own
+    /// count), or refuses it with how long to wait. Known and unknown
+    /// accounts are treated alike.
+    pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
         let keys = ThrottleKeys::new(email, addr);
-        let states = login_throttle::recent(
+        let c = &self.config;
+        let refusal = login_throttle::begin_attempt(
             &self.pool,
             &[
                 keys.account.clone(),
                 keys.address.clone(),
                 keys.pair.clone(),
             ],
-            self.window_secs(),
-        )
-        .await?;
-        let now = chrono::Utc::now();
-        let wait = |key: &str| {
-            states
-                .iter()
-                .find(|s| s.key == key)
-                .and_then(|s| s.blocked_until)
-                .filter(|until| *until > now)
-                .map(|until| (until - now).to_std().unwrap_or_default())
-        };
-        let pair_failing = states.iter().any(|s| s.key == keys.pair && s.failures > 0);
-        let account_wait = wait(&keys.account).filter(|_| pair_failing);
-        Ok([wait(&keys.address), wait(&keys.pair), account_wait]
-            .into_iter()
-            .flatten()
-            .max())
-    }
-
-    /// Counts a failed attempt under all its keys.
-    pub async fn record_failure(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
-        let keys = ThrottleKeys::new(email, addr);
-        let c = &self.config;
-        let free = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(outbox_core::Error::from)?;
-        login_throttle::record_failure(
-            &mut conn,
-            &[keys.account, keys.address, keys.pair],
             &[
                 free(c.free_per_account),
                 free(c.free_per_address),
@@ -141,18 +145,33 @@ impl Throttle {
             self.window_secs(),
             c.base_delay.as_secs_f64(),
             c.max_delay.as_secs_f64(),
+            |states| keys.wait(states),
+        )
+        .await?;
+        match refusal {
+            Some(wait) => Err(ApiError::RateLimited(wait)),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives back the count of a successful attempt: forgets the account's
+    /// failures and this address's on it; the address's count over all
+    /// accounts loses this attempt only.
+    pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        let keys = ThrottleKeys::new(email, addr);
+        login_throttle::refund(
+            &self.pool,
+            &[keys.account, keys.pair],
+            &[keys.address],
+            &[free(self.config.free_per_address)],
         )
         .await?;
         Ok(())
     }
+}
 
-    /// Forgets the account's failures, and this address's on it, after a
-    /// successful login (the address's count over all accounts stays).
-    pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
-        let keys = ThrottleKeys::new(email, addr);
-        login_throttle::clear(&self.pool, &[keys.account, keys.pair]).await?;
-        Ok(())
-    }
+fn free(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// Clears an account's login throttle (`outboxd user unlock`): its own count

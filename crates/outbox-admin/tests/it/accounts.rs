@@ -34,7 +34,7 @@ async fn send(
         req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let mut req = req.body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))?;
-    let addr: SocketAddr = format!("{from}:40000").parse()?;
+    let addr = SocketAddr::new(from.parse()?, 40000);
     req.extensions_mut().insert(ConnectInfo(addr));
     let res = outbox_admin::router(state.clone()).oneshot(req).await?;
     let status = res.status();
@@ -791,5 +791,120 @@ async fn the_accounts_page_lists_and_acts_for_instance_admins_only() -> TestResu
         .await?,
         StatusCode::CONFLICT
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn logins_sent_at_once_get_no_more_tries_than_logins_sent_in_turn() -> TestResult {
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_pair = 3;
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let mut burst = tokio::task::JoinSet::new();
+    for n in 0..24 {
+        let state = w.state.clone();
+        let password = format!("guess {n} guess");
+        burst.spawn(async move {
+            login_from(&state, "operator@x.io", &password, "203.0.113.50")
+                .await
+                .map(|(status, _, _)| status)
+                .map_err(|e| e.to_string())
+        });
+    }
+    let mut checked = 0;
+    let mut held_back = 0;
+    while let Some(answer) = burst.join_next().await {
+        match answer?? {
+            StatusCode::TOO_MANY_REQUESTS => held_back += 1,
+            StatusCode::UNAUTHORIZED | StatusCode::OK => checked += 1,
+            other => return Err(format!("unexpected {other}").into()),
+        }
+    }
+    assert_eq!(
+        (checked, held_back),
+        (3, 21),
+        "only the free tries reach the password check"
+    );
+    let (s, _, _) = login_from(&w.state, "operator@x.io", PASSWORD, "203.0.113.50").await?;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the right password comes too late"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_successful_login_gives_its_count_back_and_an_ipv6_client_counts_by_its_64() -> TestResult
+{
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_address = 2;
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let from = "2001:db8:1:2::10";
+    let (s, _, _) = login_from(&w.state, "ghost@x.io", "guess guess guess", from).await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Counted before its password was checked, then given back: one failure
+    // stays, below the two free ones, however often the owner signs in.
+    for _ in 0..3 {
+        let (s, _, body) = login_from(&w.state, "root@x.io", PASSWORD, from).await?;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    // Another address of the same /64 is the same client: its failure is the
+    // second, and the third attempt from the /64 is held back.
+    let (s, _, _) = login_from(
+        &w.state,
+        "ghost@x.io",
+        "guess guess guess",
+        "2001:db8:1:2::99",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = login_from(&w.state, "root@x.io", PASSWORD, "2001:db8:1:2:ffff::1").await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Another /64 is another client.
+    let (s, _, body) = login_from(&w.state, "root@x.io", PASSWORD, "2001:db8:1:3::10").await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_login_not_sent_as_json_is_refused_before_it_counts() -> TestResult {
+    let w = World::new().await?;
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let mut req = Request::post("/api/login");
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let req = req.body(Body::from(
+            json!({"email": "root@x.io", "password": "nope nope"}).to_string(),
+        ))?;
+        let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
+        assert_eq!(
+            res.status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+        let body: Value = serde_json::from_slice(&bytes)?;
+        assert_eq!(body["error"]["code"], "unsupported_media_type");
+    }
+    let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM login_throttle WHERE failures > 0")
+        .fetch_one(&w.db.pool)
+        .await?;
+    assert_eq!(counted, 0, "a refused request spends no failed login");
+    // A charset parameter is fine.
+    let req = Request::post("/api/login")
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(Body::from(
+            json!({"email": "root@x.io", "password": PASSWORD}).to_string(),
+        ))?;
+    let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
+    assert_eq!(res.status(), StatusCode::OK);
     Ok(())
 }

@@ -182,3 +182,52 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
     assert_eq!(s, StatusCode::NOT_FOUND);
     Ok(())
 }
+
+#[tokio::test]
+async fn only_an_apps_admins_write_to_a_webhook_topic() -> TestResult {
+    let w = World::new().await?;
+    let operator = w.login("operator@x.io").await?;
+    let a_admin = w.login("a-admin@x.io").await?;
+    let topic = "webhook%3Ahttp%3A%2F%2F127.0.0.1%3A9%2Finternal";
+    for path in ["events", "jobs", "invoke"] {
+        let (s, body) = w
+            .call(
+                "POST",
+                &format!("/api/apps/app-a/{path}/{topic}"),
+                Some(&operator),
+                Some(json!({"payload": {"x": 1}})),
+            )
+            .await?;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("webhook:") && message.contains("admins"),
+            "{message}"
+        );
+    }
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&w.db.pool)
+        .await?;
+    assert_eq!(written, 0, "nothing was written");
+    // The app's admin (who may point a trigger at the URL anyway) may.
+    let (s, body) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/events/{topic}"),
+            Some(&a_admin),
+            Some(json!({"payload": {"x": 1}})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    // Other topics stay the operator's to write.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/events/orders.created",
+            Some(&operator),
+            Some(json!({"payload": {"x": 1}})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    Ok(())
+}

@@ -485,6 +485,12 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
         json!({"filter": {"topic": "mail.send"}, "topic": "mail.send", "reason": "r"}),
         json!({"reason": "r"}),
         json!({"filter": {"topic": "nothing.here"}, "reason": " "}),
+        // A filter that names nothing (a script's empty variable) is not
+        // every row: that takes "all".
+        json!({"filter": {"topic": ""}, "reason": "r"}),
+        json!({"filter": {}, "reason": "r"}),
+        json!({"filter": {"topic": " ", "state": "", "payload": ""}, "reason": "r"}),
+        json!({"filter": {"topic": "mail.send"}, "all": true, "reason": "r"}),
     ] {
         let (s, res) = w
             .call(
@@ -525,6 +531,25 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
     );
     assert_eq!(log[0]["detail"]["reason"], "customer left");
     assert_eq!(log[1]["detail"]["filter"]["state"], "scheduled");
+
+    // Every row of the app, when asked for by name; the other app keeps its own.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            Some(&operator),
+            Some(json!({"all": true, "reason": "app retired"})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["cancelled"].clone()),
+        (StatusCode::OK, json!(10)),
+        "{body}"
+    );
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT app_id FROM outbox")
+        .fetch_all(&w.db.pool)
+        .await?;
+    assert_eq!(left, [w.app_b]);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! back) belongs to the caller; this module counts and remembers.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use crate::Error;
 
@@ -18,21 +18,100 @@ pub struct KeyState {
     pub blocked_until: Option<DateTime<Utc>>,
 }
 
-/// The state of `keys` that have failed within the last `window_secs`
-/// (older counts have lapsed and are not returned).
-pub async fn recent<'e>(
-    db: impl PgExecutor<'e>,
+/// Counts one login attempt as a failure under every key before its
+/// password is checked, unless `held_back` refuses it from the keys' states
+/// (failures in the current window, a hold-back in force) as they were
+/// before it. The keys' rows are locked in one order for the decision and
+/// the count, so attempts sent at once queue on them and each sees the ones
+/// before it: a burst gets no more tries than attempts sent one by one. A
+/// successful attempt gives its count back ([`refund`]). Returns what
+/// `held_back` said, or `None` when the attempt was counted.
+#[allow(clippy::too_many_arguments)]
+pub async fn begin_attempt<T>(
+    pool: &PgPool,
     keys: &[String],
+    free_failures: &[i32],
     window_secs: i64,
-) -> Result<Vec<KeyState>, Error> {
-    Ok(sqlx::query_as(
-        "SELECT key, failures, blocked_until FROM login_throttle
-         WHERE key = ANY($1) AND last_failure_at > now() - make_interval(secs => $2)",
+    base_delay_secs: f64,
+    max_delay_secs: f64,
+    held_back: impl FnOnce(&[KeyState]) -> Option<T>,
+) -> Result<Option<T>, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO login_throttle (key, failures, last_failure_at)
+         SELECT key, 0, now() FROM unnest($1::text[]) AS key
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(keys)
+    .execute(&mut *tx)
+    .await?;
+    let states: Vec<KeyState> = sqlx::query_as(
+        "SELECT key,
+                CASE WHEN last_failure_at > now() - make_interval(secs => $2)
+                     THEN failures ELSE 0 END AS failures,
+                blocked_until
+         FROM login_throttle WHERE key = ANY($1)
+         ORDER BY key
+         FOR UPDATE",
     )
     .bind(keys)
     .bind(window_secs as f64)
-    .fetch_all(db)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some(refusal) = held_back(&states) {
+        tx.rollback().await?;
+        return Ok(Some(refusal));
+    }
+    record_failure(
+        &mut tx,
+        keys,
+        free_failures,
+        window_secs,
+        base_delay_secs,
+        max_delay_secs,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(None)
+}
+
+/// Gives back the count a successful attempt took ([`begin_attempt`]):
+/// forgets `cleared` (the account and the pair) and takes one failure off
+/// each of `refunded` (the address, whose count over all accounts stays),
+/// lifting its hold-back when it falls below its free failures
+/// (`free_failures`, matched by position).
+pub async fn refund(
+    pool: &PgPool,
+    cleared: &[String],
+    refunded: &[String],
+    free_failures: &[i32],
+) -> Result<(), Error> {
+    let mut tx = pool.begin().await?;
+    // Rows locked in key order, as `begin_attempt` locks them.
+    sqlx::query(
+        "WITH locked AS (
+             SELECT key FROM login_throttle
+             WHERE key = ANY($1) OR key = ANY($2) ORDER BY key FOR UPDATE)
+         DELETE FROM login_throttle t USING locked
+         WHERE t.key = locked.key AND t.key = ANY($1)",
+    )
+    .bind(cleared)
+    .bind(refunded)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE login_throttle t SET
+             failures = greatest(t.failures - 1, 0),
+             blocked_until = CASE WHEN t.failures - 1 >= k.free THEN t.blocked_until END
+         FROM unnest($1::text[], $2::int4[]) AS k(key, free)
+         WHERE t.key = k.key",
+    )
+    .bind(refunded)
+    .bind(free_failures)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Counts a failure against each key and, once it has used its free ones

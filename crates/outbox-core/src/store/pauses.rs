@@ -35,7 +35,7 @@ pub async fn pause<'e>(
     by: Option<&str>,
     reason: Option<&str>,
 ) -> Result<bool, Error> {
-    crate::model::validate_topic(topic)?;
+    crate::model::validate_new_topic(topic)?;
     if reason.is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
         return Err(Error::invalid(
             "reason",
@@ -54,6 +54,17 @@ pub async fn pause<'e>(
     .await?
     .rows_affected();
     Ok(inserted == 1)
+}
+
+/// Whether `topic` of `app` is paused now.
+pub async fn is_paused<'e>(db: impl PgExecutor<'e>, app: Uuid, topic: &str) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox_topic_pauses WHERE app_id = $1 AND topic = $2)",
+    )
+    .bind(app)
+    .bind(topic)
+    .fetch_one(db)
+    .await?)
 }
 
 /// Resumes `topic` of `app`; returns false when it was not paused.

@@ -130,7 +130,7 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
             "must be a handler name: 1 to 255 bytes, no spaces",
         ));
     }
-    if let Some(url) = target.strip_prefix("webhook:")
+    if let Some(url) = target.strip_prefix(crate::topics::WEBHOOK_PREFIX)
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {
         return Err(Error::invalid(

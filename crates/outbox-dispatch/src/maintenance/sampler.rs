@@ -1,7 +1,9 @@
 //! The sampler: gauges of the rows due, scheduled and running per app and
 //! topic (`outboxd_rows_due`, `outboxd_rows_scheduled`,
 //! `outboxd_rows_running`), and of the due rows no live process serves
-//! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`).
+//! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`)
+//! or that wait on purpose, their topic paused or their app suspended
+//! (`outboxd_rows_paused`).
 //! Counting them scans the outbox, so only the elected leader samples,
 //! every interval; the other processes export nothing for these names. The
 //! counts are also written to `outbox_topic_states` for the dashboard. Pairs past [`crate::telemetry::MAX_LABELLED`]
@@ -50,6 +52,7 @@ impl Sampler {
             entry.scheduled += c.scheduled;
             entry.running += c.running;
             entry.unserved += c.unserved;
+            entry.paused += c.paused;
             entry.unserved_age_secs = entry.unserved_age_secs.max(c.unserved_age_secs);
         }
         let Ok(mut shown) = self.shown.lock() else {
@@ -94,6 +97,7 @@ struct Sample {
     running: i64,
     unserved: i64,
     unserved_age_secs: f64,
+    paused: i64,
 }
 
 fn set(app: &str, topic: &str, s: &Sample) {
@@ -103,4 +107,5 @@ fn set(app: &str, topic: &str, s: &Sample) {
     metrics::gauge!("outboxd_rows_running", &labels).set(s.running as f64);
     metrics::gauge!("outboxd_rows_unserved", &labels).set(s.unserved as f64);
     metrics::gauge!("outboxd_unserved_oldest_age_seconds", &labels).set(s.unserved_age_secs);
+    metrics::gauge!("outboxd_rows_paused", &labels).set(s.paused as f64);
 }

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use crate::handler::{Event, Handler, HandlerError, HandlerFuture};
 
 /// Target prefix routed to the webhook handler.
-pub const PREFIX: &str = "webhook:";
+pub const PREFIX: &str = outbox_core::topics::WEBHOOK_PREFIX;
 
 /// Posts events to the URL in their target.
 #[derive(Clone)]

@@ -101,6 +101,30 @@ async fn cli_enqueues_and_run_serves_health_then_drains_on_sigterm() -> TestResu
         metrics.contains("outboxd_oldest_due_age_seconds"),
         "{metrics}"
     );
+    // Paused on purpose, the row is neither unserved nor "falling behind":
+    // the alerts built on those must not page anyone for a planned pause.
+    let shop: uuid::Uuid = sqlx::query_scalar("SELECT id FROM apps WHERE slug = 'shop'")
+        .fetch_one(&db.pool)
+        .await?;
+    outbox_core::store::pauses::pause(&db.pool, shop, "t", Some("test"), None).await?;
+    let paused = r#"outboxd_rows_paused{app="shop",topic="t"} 1"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, body) = http_get(&addr, "/metrics").await?;
+        if body.contains(paused) || tokio::time::Instant::now() >= deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains(paused), "{metrics}");
+    assert!(
+        metrics.contains(r#"outboxd_rows_unserved{app="shop",topic="t"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\noutboxd_oldest_due_age_seconds 0\n"),
+        "{metrics}"
+    );
     let status = stop(&mut child).await?;
     assert!(status.success(), "drain must exit 0, got {status:?}");
     assert_eq!(outbox_core::store::outbox::count_leased(&db.pool).await?, 0);

@@ -23,11 +23,16 @@ pub async fn count_leased<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
 
 /// Age in seconds of the oldest due row, expired leases included (0 when none
 /// is due), from when it was really due (a priority moves `run_at` earlier).
+/// Rows held on purpose (a paused topic, a suspended app) are left out: they
+/// are meant to wait, and an alert on this age must not fire for them.
 pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
     Ok(sqlx::query_scalar(
         "SELECT coalesce(extract(epoch FROM now() - min(
-                    coalesce(not_before, run_at + make_interval(secs => priority * 10))))::float8, 0)
-         FROM outbox WHERE run_at <= now() AND (not_before IS NULL OR not_before <= now())",
+                    coalesce(o.not_before, o.run_at + make_interval(secs => o.priority * 10))))::float8, 0)
+         FROM outbox o JOIN apps a ON a.id = o.app_id AND a.suspended_at IS NULL
+         WHERE o.run_at <= now() AND (o.not_before IS NULL OR o.not_before <= now())
+           AND NOT EXISTS (SELECT 1 FROM outbox_topic_pauses p
+                           WHERE p.app_id = o.app_id AND p.topic = o.topic)",
     )
     .fetch_one(db)
     .await?)
@@ -79,10 +84,13 @@ pub struct StateCounts {
     /// Of `scheduled`, the rows waiting for a retry's backoff.
     pub retrying: i64,
     /// Due, but no live process serves the topic (`outbox_processes`): the
-    /// rows wait for one. Equal to `due` or 0.
+    /// rows wait for one. Equal to `due` or 0; 0 while they are `paused`.
     pub unserved: i64,
     /// Age in seconds of the oldest of the `unserved` rows (0 when none).
     pub unserved_age_secs: f64,
+    /// Due, but held on purpose: the topic is paused or the app suspended.
+    /// Equal to `due` or 0.
+    pub paused: i64,
 }
 
 /// `served`: whether a live process serves the topic `$topic` now, by name
@@ -128,13 +136,18 @@ macro_rules! sampled_states {
             GROUP BY a.id, a.slug, o.topic
          ), sampled AS (
             SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.retrying, c.total,
-                   c.oldest_due, CASE WHEN s.served THEN 0 ELSE c.due END AS unserved,
-                   CASE WHEN s.served OR c.oldest_due IS NULL THEN 0
-                        ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs
+                   c.oldest_due, CASE WHEN s.served OR h.held THEN 0 ELSE c.due END AS unserved,
+                   CASE WHEN s.served OR h.held OR c.oldest_due IS NULL THEN 0
+                        ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs,
+                   CASE WHEN h.held THEN c.due ELSE 0 END AS paused
             FROM counts c
             CROSS JOIN LATERAL (",
             served_now!("c.topic"),
             ") AS s
+            CROSS JOIN LATERAL (SELECT EXISTS (
+                SELECT 1 FROM outbox_topic_pauses p WHERE p.app_id = c.app_id AND p.topic = c.topic
+                UNION ALL
+                SELECT 1 FROM apps a WHERE a.id = c.app_id AND a.suspended_at IS NOT NULL) AS held) AS h
          )"
         )
     };
