@@ -172,10 +172,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Every API answer: the framework's refusals in the API's shape
+/// ([`json_rejections`]), and never stored by a cache (a sign-in's token,
+/// rows and payloads are answers for one caller).
+pub(crate) async fn api_response(res: Response, body_limit: usize) -> Response {
+    let mut res = json_rejections(res, body_limit).await;
+    res.headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
+    res
+}
+
 /// Gives the framework's own refusals (a path or query that does not parse,
 /// a body over the size limit, a wrong method) the API's JSON error shape
 /// with a stable code; the API's own errors pass unchanged.
-pub(crate) async fn json_rejections(res: Response, body_limit: usize) -> Response {
+async fn json_rejections(res: Response, body_limit: usize) -> Response {
     let status = res.status();
     let is_json = res
         .headers()
@@ -202,6 +213,14 @@ pub(crate) async fn json_rejections(res: Response, body_limit: usize) -> Respons
         status
     };
     let message = match axum::body::to_bytes(res.into_body(), 4096).await {
+        // The framework's words for a path it cannot read ("Invalid URL:
+        // Invalid UTF-8 in `app`"), in the API's.
+        Ok(bytes) if bytes.starts_with(b"Invalid URL: ") => format!(
+            "the URL's path does not parse: {} (percent-encode UTF-8)",
+            String::from_utf8_lossy(&bytes["Invalid URL: ".len()..])
+                .replace('`', "")
+                .to_lowercase()
+        ),
         Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
         _ => status
             .canonical_reason()

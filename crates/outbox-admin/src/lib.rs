@@ -122,7 +122,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(events_api::routes())
         .merge(invoke::routes())
         .layer(axum::middleware::map_response(move |res| {
-            error::json_rejections(res, limit)
+            error::api_response(res, limit)
         }))
         .merge(dashboard::routes(secure_cookies))
         .fallback(error::not_found)

@@ -109,8 +109,11 @@ fn field_message(path: &str, message: &str) -> String {
             .trim_start_matches(", expected one of ")
             .trim_start_matches(", expected ")
             .replace('`', "");
+        // The path may already end with the unknown field itself.
         let field = if path == "." || path.is_empty() {
             field.to_owned()
+        } else if path == field || path.ends_with(&format!(".{field}")) {
+            path.to_owned()
         } else {
             format!("{path}.{field}")
         };
@@ -134,6 +137,9 @@ fn field_message(path: &str, message: &str) -> String {
     } else {
         path.to_owned()
     };
+    if message.starts_with("UUID parsing failed") {
+        return format!("{field}: not a UUID (such as 01a2b3c4-0000-7000-8000-000000000000)");
+    }
     // "invalid type: string \"x\", expected u32" / "invalid value: integer `-5`, expected u64"
     let (got, expected) = message
         .split_once(", expected ")
@@ -162,11 +168,12 @@ fn expectation(expected: &str) -> String {
         "u8" => range(0, u8::MAX.into()),
         "u16" => range(0, u16::MAX.into()),
         "u32" => range(0, u32::MAX.into()),
-        "u64" | "usize" => range(0, u64::MAX.into()),
+        // The field's own range is checked, and named, once it is a number.
+        "u64" | "usize" => "a whole number, 0 or more".into(),
         "i8" => range(i8::MIN.into(), i8::MAX.into()),
         "i16" => range(i16::MIN.into(), i16::MAX.into()),
         "i32" => range(i32::MIN.into(), i32::MAX.into()),
-        "i64" | "isize" => range(i64::MIN.into(), i64::MAX.into()),
+        "i64" | "isize" => "a whole number".into(),
         "f32" | "f64" => "a number".into(),
         "a boolean" | "bool" => "true or false".into(),
         "a string" | "a borrowed string" | "a character" => "a string".into(),
@@ -221,7 +228,7 @@ mod tests {
             (r#"{"name":"a","extra":1}"#, "extra: unknown field"),
             (
                 r#"{"name":"a","delay_ms":-5}"#,
-                "delay_ms: got -5, expected an integer in 0..=",
+                "delay_ms: got -5, expected a whole number, 0 or more",
             ),
             (r#"{"name":"a","run_at":"yesterday"}"#, "run_at:"),
             (r#"{"delay_ms":1}"#, "name: required"),

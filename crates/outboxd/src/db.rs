@@ -43,12 +43,25 @@ async fn open(settings: &Settings, size: u32) -> anyhow::Result<PgPool> {
         Pooler::None => session_options(url, db.idle_in_transaction_timeout_ms),
     };
     let shown = redact_url(db.url.expose());
-    PgPoolOptions::new()
+    let opened = PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_millis(db.acquire_timeout_ms))
-        .connect_with(options)
-        .await
-        .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))
+        .connect_with(options.clone())
+        .await;
+    let err = match opened {
+        Ok(pool) => return Ok(pool),
+        // The pool retries until its timeout and keeps only that: one more
+        // attempt says why (refused, unknown database, wrong password).
+        Err(sqlx::Error::PoolTimedOut) => {
+            use sqlx::ConnectOptions;
+            match options.connect().await {
+                Err(why) => why,
+                Ok(_) => sqlx::Error::PoolTimedOut,
+            }
+        }
+        Err(err) => err,
+    };
+    Err(anyhow::Error::new(err).context(format!("cannot connect to PostgreSQL at {shown}")))
 }
 
 /// Refuses to go on behind a transaction-pooling PgBouncer: `what` (the

@@ -12,14 +12,10 @@ use crate::config::Settings;
 /// The command-line options that choose the configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
-    /// Folder with default.toml and the environment overlays.
-    #[arg(
-        long,
-        env = "OUTBOXD_CONFIG_DIR",
-        default_value = "config",
-        global = true
-    )]
-    pub config_dir: PathBuf,
+    /// Folder with default.toml and the environment overlays [default:
+    /// config, when it exists; the built-in defaults otherwise].
+    #[arg(long, env = "OUTBOXD_CONFIG_DIR", global = true)]
+    pub config_dir: Option<PathBuf>,
     /// Environment overlay to apply (`config/<ENV>.toml`).
     #[arg(long, env = "OUTBOXD_ENV", global = true)]
     pub env: Option<String>,
@@ -33,7 +29,21 @@ where
     F: FnOnce(Settings) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let settings = match Settings::load(&config.config_dir, config.env.as_deref()) {
+    // A folder named on purpose must exist: a typo would silently run on
+    // the built-in defaults.
+    if let Some(dir) = config.config_dir.as_deref().filter(|d| !d.is_dir()) {
+        let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+        eprintln!(
+            "{program}: invalid configuration: --config-dir / OUTBOXD_CONFIG_DIR {} is not a folder",
+            shown.display()
+        );
+        return ExitCode::from(2);
+    }
+    let config_dir = config
+        .config_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("config"));
+    let settings = match Settings::load(&config_dir, config.env.as_deref()) {
         Ok(s) => s,
         Err(err) => {
             eprintln!("{program}: {err}");
@@ -55,8 +65,39 @@ where
     match runtime.block_on(command(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{program}: {err:#}");
+            eprintln!("{program}: {}", error_line(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: a library often
+/// repeats its source's words in its own message.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let err = anyhow::anyhow!("database \"x\" does not exist")
+            .context("database \"x\" does not exist")
+            .context("cannot connect to PostgreSQL at postgres://u@h/x");
+        assert_eq!(
+            super::error_line(&err),
+            "cannot connect to PostgreSQL at postgres://u@h/x: database \"x\" does not exist"
+        );
     }
 }

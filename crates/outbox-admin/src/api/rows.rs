@@ -259,10 +259,7 @@ impl Selection {
     ) -> Result<Self, ApiError> {
         match (ids, topic, filter, all) {
             (Some(ids), None, None, false) => Ok(Self::Ids(ids)),
-            (None, Some(topic), None, false) => {
-                outbox_core::model::validate_new_topic(&topic)?;
-                Ok(Self::Topic(topic))
-            }
+            (None, Some(topic), None, false) => Ok(Self::Topic(topic)),
             (None, None, Some(filter), false) => {
                 let filter = filter.action_filter()?;
                 if filter == RowFilter::default() {
@@ -300,10 +297,14 @@ impl Selection {
     ) -> Result<Vec<Uuid>, ApiError> {
         let filter = match self {
             Self::Ids(ids) => return Ok(ids.clone()),
-            Self::Topic(topic) => RowFilter {
-                topic: Some(topic.clone()),
-                ..touched
-            },
+            Self::Topic(topic) => {
+                // One topic: a pattern would be taken literally and match nothing.
+                outbox_core::model::validate_new_topic(topic)?;
+                RowFilter {
+                    topic: Some(topic.clone()),
+                    ..touched
+                }
+            }
             Self::Matching(filter) => RowFilter {
                 idle_only: touched.idle_only,
                 waiting_only: touched.waiting_only,

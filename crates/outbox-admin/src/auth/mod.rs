@@ -24,7 +24,8 @@ pub use self::password::Hasher;
 pub use self::throttle::{Throttle, ThrottleConfig, unlock};
 pub use self::tokens::{Claims, IssuedToken, issue_token, open_session, verify_token};
 
-use self::api_keys::{constant_time_eq, sha256_hex};
+pub(crate) use self::api_keys::constant_time_eq;
+use self::api_keys::sha256_hex;
 
 /// Minimum JWT secret length in bytes (HS256 needs a 256-bit key).
 pub const MIN_JWT_SECRET_BYTES: usize = 32;

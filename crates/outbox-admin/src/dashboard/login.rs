@@ -12,7 +12,8 @@ use crate::error::ApiError;
 
 use super::render::{error_page, esc, page};
 use super::session::{
-    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token, set_cookie,
+    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token,
+    session_csrf, set_cookie,
 };
 
 /// The sign-in page. Its form carries a CSRF token bound to a cookie set
@@ -98,12 +99,13 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
             return with_csrf_cookie(response, &fresh, &state);
         }
     };
-    let token = match auth::open_session(&state.pool, &state.auth, user_id).await {
-        Ok(issued) => issued.token,
+    let (token, session_id) = match auth::open_session(&state.pool, &state.auth, user_id).await {
+        Ok(issued) => (issued.token, issued.session_id),
         Err(err) => return error_page(&err),
     };
-    // A new CSRF token for the signed-in session.
-    let csrf = random_token();
+    // The signed-in session's CSRF token, derived from it (the pages' forms
+    // carry it; the cookie only rotates the sign-in form's token away).
+    let csrf = session_csrf(&state.auth.jwt_secret, session_id);
     let ttl = state.auth.token_ttl.as_secs();
     let mut response = Redirect::to("/apps").into_response();
     for c in [

@@ -75,12 +75,32 @@ impl FromRequestParts<AdminState> for Session {
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Response> {
         let to_login = || Redirect::to("/login").into_response();
         let token = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(to_login)?;
-        let csrf = cookie(&parts.headers, CSRF_COOKIE).ok_or_else(to_login)?;
         let principal = auth::authenticate(&state.pool, &state.auth, &token)
             .await
             .map_err(|_| to_login())?;
+        let session_id = principal.session_id.ok_or_else(to_login)?;
+        let csrf = session_csrf(&state.auth.jwt_secret, session_id);
         Ok(Self { principal, csrf })
     }
+}
+
+/// A signed-in session's CSRF token: derived from the session with the
+/// server's key, so a token planted in a cookie (by a sibling subdomain, or
+/// a man in the middle of plain HTTP) matches no session, and the token
+/// dies with its session.
+pub(super) fn session_csrf(key: &[u8], session_id: uuid::Uuid) -> String {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key) else {
+        // Any key length is accepted by HMAC; this cannot happen.
+        return random_token();
+    };
+    mac.update(b"outboxd dashboard csrf\0");
+    mac.update(session_id.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A page's query string as pairs (all values of every key).
@@ -102,10 +122,15 @@ pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a 
         .map(|(_, v)| v.as_str())
 }
 
-/// The form's CSRF token must equal the session's (double submit).
+/// The form's CSRF token must be the session's ([`session_csrf`]).
 pub(super) fn check_csrf(session: &Session, form: &[(String, String)]) -> Result<(), ApiError> {
     match field(form, "csrf") {
-        Some(token) if !token.is_empty() && token == session.csrf => Ok(()),
+        Some(token)
+            if !token.is_empty()
+                && auth::constant_time_eq(token.as_bytes(), session.csrf.as_bytes()) =>
+        {
+            Ok(())
+        }
         _ => Err(ApiError::Forbidden),
     }
 }

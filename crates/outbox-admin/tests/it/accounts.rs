@@ -387,12 +387,24 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             json!({"timeout_ms": -1}),
             "timeout_ms: -1 is outside 1..=60000",
         ),
+        (
+            "POST",
+            "/api/apps/app-a/events/t",
+            json!({"priority": "high"}),
+            "priority: got the string \"high\", expected a whole number",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            json!({"filter": {"colour": "red"}, "reason": "r"}),
+            "filter.colour: unknown field",
+        ),
     ];
     for (method, uri, body, want) in cases {
         let (s, answer) = w.call(method, uri, Some(&root), Some(body.clone())).await?;
         let message = answer["error"]["message"].as_str().unwrap_or_default();
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {answer}");
-        assert!(message.contains(want), "{uri} {body}: {message}");
+        assert!(message.starts_with(want), "{uri} {body}: {message}");
         for leak in [
             "struct",
             "serde",
@@ -906,5 +918,12 @@ async fn a_login_not_sent_as_json_is_refused_before_it_counts() -> TestResult {
         ))?;
     let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
     assert_eq!(res.status(), StatusCode::OK);
+    // The token is for this caller only: no cache keeps it.
+    assert_eq!(
+        res.headers()
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
     Ok(())
 }

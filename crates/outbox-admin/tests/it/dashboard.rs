@@ -252,6 +252,29 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
         .await?,
         StatusCode::FORBIDDEN
     );
+    // A token planted in the cookie too (a sibling subdomain can set one)
+    // matches no session: the session's token is derived from it.
+    let planted_jar = operator_jar
+        .split("; ")
+        .map(|c| {
+            if c.starts_with("outboxd_csrf=") {
+                "outboxd_csrf=planted-planted-planted-planted".to_owned()
+            } else {
+                c.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    assert_ne!(planted_jar, operator_jar);
+    assert_eq!(
+        post(
+            planted_jar,
+            "/apps/app-a/topics/pause",
+            pause("planted-planted-planted-planted")
+        )
+        .await?,
+        StatusCode::FORBIDDEN
+    );
     assert!(pauses::list(&w.db.pool, w.app_a).await?.is_empty());
     assert_eq!(
         post(

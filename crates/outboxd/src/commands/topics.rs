@@ -57,7 +57,7 @@ pub enum TopicCommand {
         #[arg(long)]
         app: String,
     },
-    /// Limit a topic across every process (within about a second): how many of its rows run at once (in all, or per partition key), how many start per second, or both.
+    /// Limit a topic across every process (within about a second): how many of its rows run at once (in all, or per partition key), how many start per second, or both. The limits given replace the topic's earlier ones: give every limit to keep.
     #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_running", "max_running_per_key", "rate"])))]
     Limit {
         /// App slug.
@@ -72,7 +72,7 @@ pub enum TopicCommand {
         /// At most this many of its rows with one partition key run at once (1 to 10000; 1 runs each key's rows one at a time).
         #[arg(long, allow_negative_numbers = true)]
         max_running_per_key: Option<i64>,
-        /// At most this many of its rows start per second (above 0, up to 100000).
+        /// At most this many of its rows start per second (0.001 up to 100000).
         #[arg(long, allow_negative_numbers = true)]
         rate: Option<f64>,
         /// With --rate: how many may start at once after a quiet spell (default: one second's worth).
@@ -267,5 +267,11 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
         "{}: {total} row(s) cancelled (now ignored dead letters)",
         args.app
     );
+    if total == 0 {
+        println!(
+            "no waiting row of app {} matched: a row that has run, is running or belongs to another app is not cancelled",
+            args.app
+        );
+    }
     Ok(())
 }

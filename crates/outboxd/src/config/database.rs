@@ -76,7 +76,7 @@ impl Settings {
                 value: "(hidden)".into(),
                 problem: "is not a PostgreSQL URL",
                 accepted: "postgres://user[:password]@host[:port]/database".into(),
-                env_hint: " (env DATABASE_URL)".into(),
+                env_hint: super::env_hint("database.url"),
             });
         }
         // The one connection budget: what a running daemon opens outside

@@ -16,8 +16,18 @@ use serde::{Deserialize, Serialize};
 /// The base layer, compiled in so the binary runs outside the repository.
 const EMBEDDED_DEFAULT: &str = include_str!("../../../../config/default.toml");
 
-/// Environment variables with the `OUTBOXD_` prefix that are not settings.
-const NOT_SETTINGS: &[&str] = &["env", "config_dir"];
+/// Environment variables with the `OUTBOXD_` prefix that are not settings:
+/// the command line's own, and the knobs of the repository's scripts, which
+/// the README has users export.
+const NOT_SETTINGS: &[&str] = &[
+    "env",
+    "config_dir",
+    "bin",
+    "state_dir",
+    "http_port",
+    "pid",
+    "url",
+];
 
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -251,8 +261,15 @@ fn env_hint(key: &str) -> String {
     let var = match key.split_once('.') {
         Some((section, k)) => format!("OUTBOXD_{}__{}", section, k),
         None => format!("OUTBOXD_{key}"),
-    };
-    format!(" (env {})", var.to_ascii_uppercase())
+    }
+    .to_ascii_uppercase();
+    // The short names that override these (see `load_from`).
+    match key {
+        "database.url" => format!(" (env DATABASE_URL or {var})"),
+        "nats.url" => format!(" (env NATS_URL or {var})"),
+        "admin.jwt_secret" => format!(" (env JWT_SECRET or {var})"),
+        _ => format!(" (env {var})"),
+    }
 }
 
 fn range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {

@@ -34,6 +34,33 @@ fn env_overrides_flat_and_nested_keys() {
 }
 
 #[test]
+fn the_scripts_knobs_are_not_settings_but_a_misspelt_setting_is_refused() {
+    let s = load(&[
+        ("OUTBOXD_BIN", "/opt/outboxd"),
+        ("OUTBOXD_STATE_DIR", "/tmp/x"),
+        ("OUTBOXD_HTTP_PORT", "18080"),
+    ]);
+    assert!(s.is_ok(), "{:?}", s.err().map(|e| e.to_string()));
+    let err = load(&[("OUTBOXD_MAX_TRIGER_DEPTH", "3")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("max_triger_depth"), "{err}");
+}
+
+#[test]
+fn a_bad_url_names_the_variable_that_set_it() {
+    let err = load(&[("NATS_URL", "not a url")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("nats.url") && err.contains("env NATS_URL or OUTBOXD_NATS__URL"),
+        "{err}"
+    );
+}
+
+#[test]
 fn out_of_range_names_key_range_and_env() {
     let err = load(&[("OUTBOXD_MAX_TRIGGER_DEPTH", "0")])
         .unwrap_err()

@@ -381,6 +381,17 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             ],
             "not-a-uuid",
         ),
+        // One topic, not a pattern: a wildcard would be taken literally.
+        (
+            &["topic", "pause", "--app", "shop", "--topic", "mail.*"],
+            "is a pattern",
+        ),
+        (
+            &[
+                "cancel", "--app", "shop", "--topic", "mail.>", "--reason", "r",
+            ],
+            "is a pattern",
+        ),
     ];
     for (args, expected) in cases {
         let out = run(outboxd(Some(&db.url)).args(*args))?;

@@ -70,6 +70,21 @@ fn unreachable_database_is_a_clear_error_without_the_password() -> TestResult {
         "{stderr}"
     );
     assert!(!stderr.contains("s3cret"), "{stderr}");
+    // Why, not only that the pool gave up waiting.
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(!stderr.contains("pool timed out"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn a_config_dir_that_does_not_exist_is_refused_not_ignored() -> TestResult {
+    let out = run(outboxd(None).args(["--config-dir", "/nonexistent/outboxd-config", "config"]))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/outboxd-config is not a folder"),
+        "{stderr}"
+    );
     Ok(())
 }
 
