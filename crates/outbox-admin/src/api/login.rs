@@ -54,7 +54,7 @@ pub(super) async fn login(
     State(state): State<AdminState>,
     req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let addr = client_addr(req.extensions());
+    let addr = client_addr(&state, &req);
     // A page elsewhere can post a form or text/plain here without asking the
     // browser first (it cannot send JSON so): it must not be able to spend
     // a visitor's failed logins and have them held back.

@@ -118,11 +118,14 @@ impl FromRequestParts<AdminState> for Bearer {
     }
 }
 
-/// The client address, when the server records it.
-pub fn client_addr(parts_extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    parts_extensions
+/// The client's address, when the server records it: the TCP peer's, or
+/// the one a trusted proxy forwarded ([`auth::client_address`]).
+pub fn client_addr(state: &AdminState, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0.ip());
+    auth::client_address(peer, req.headers(), &state.auth.trusted_proxies)
 }
 
 /// The OpenAPI description of the HTTP API (checked against the routes in

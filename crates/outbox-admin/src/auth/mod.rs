@@ -16,11 +16,13 @@ use crate::error::ApiError;
 
 mod api_keys;
 mod password;
+mod proxies;
 mod throttle;
 mod tokens;
 
 pub use self::api_keys::{API_KEY_TAG, new_api_key};
 pub use self::password::Hasher;
+pub use self::proxies::{IpNet, client_address};
 pub use self::throttle::{Throttle, ThrottleConfig, unlock};
 pub use self::tokens::{Claims, IssuedToken, issue_token, open_session, verify_token};
 
@@ -45,6 +47,9 @@ pub struct AuthConfig {
     pub secure_cookies: bool,
     /// How failed logins are slowed down.
     pub throttle: ThrottleConfig,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (empty:
+    /// the TCP peer is the client).
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -75,6 +80,7 @@ impl AuthConfig {
             audience: "outboxd-admin".into(),
             secure_cookies: false,
             throttle: ThrottleConfig::default(),
+            trusted_proxies: Vec::new(),
         })
     }
 }

@@ -16,9 +16,10 @@ use crate::error::ApiError;
 /// last failure.
 ///
 /// An address that is held back is refused for every account. An account
-/// that is held back is refused only to addresses that have failed on it:
-/// someone guessing elsewhere can never lock the rightful owner out of a
-/// client that has not been failing.
+/// that is held back is refused only to addresses that have failed on it
+/// and have not signed in to it within the window: someone guessing
+/// elsewhere can never lock the rightful owner out of a client that has not
+/// been failing, nor, after a typo, out of one it signs in from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThrottleConfig {
     /// Failures of one account (from anywhere) before it is held back.
@@ -61,6 +62,8 @@ struct ThrottleKeys {
     account: String,
     address: String,
     pair: String,
+    /// Noted when the account signs in from this address.
+    known: String,
 }
 
 impl ThrottleKeys {
@@ -71,13 +74,14 @@ impl ThrottleKeys {
             account: format!("account:{email}"),
             address: format!("address:{addr}"),
             pair: format!("pair:{email}|{addr}"),
+            known: format!("known:{email}|{addr}"),
         }
     }
 
     /// How long an attempt must wait, from its keys' states: a held-back
     /// address or pair always; a held-back account only for an address that
-    /// has failed on it.
-    fn wait(&self, states: &[login_throttle::KeyState]) -> Option<Duration> {
+    /// has failed on it and is not `known` (signed in to it lately).
+    fn wait(&self, states: &[login_throttle::KeyState], known: bool) -> Option<Duration> {
         let now = chrono::Utc::now();
         let wait = |key: &str| {
             states
@@ -88,7 +92,7 @@ impl ThrottleKeys {
                 .map(|until| (until - now).to_std().unwrap_or_default())
         };
         let pair_failing = states.iter().any(|s| s.key == self.pair && s.failures > 0);
-        let account_wait = wait(&self.account).filter(|_| pair_failing);
+        let account_wait = wait(&self.account).filter(|_| pair_failing && !known);
         [wait(&self.address), wait(&self.pair), account_wait]
             .into_iter()
             .flatten()
@@ -130,6 +134,7 @@ impl Throttle {
     pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
         let keys = ThrottleKeys::new(email, addr);
         let c = &self.config;
+        let known = login_throttle::remembered(&self.pool, &keys.known, self.window_secs()).await?;
         let refusal = login_throttle::begin_attempt(
             &self.pool,
             &[
@@ -145,7 +150,7 @@ impl Throttle {
             self.window_secs(),
             c.base_delay.as_secs_f64(),
             c.max_delay.as_secs_f64(),
-            |states| keys.wait(states),
+            |states| keys.wait(states, known),
         )
         .await?;
         match refusal {
@@ -155,8 +160,9 @@ impl Throttle {
     }
 
     /// Gives back the count of a successful attempt: forgets the account's
-    /// failures and this address's on it; the address's count over all
-    /// accounts loses this attempt only.
+    /// failures and this address's on it (the address's count over all
+    /// accounts loses this attempt only), and remembers that the account
+    /// signed in from here.
     pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
         let keys = ThrottleKeys::new(email, addr);
         login_throttle::refund(
@@ -164,6 +170,7 @@ impl Throttle {
             &[keys.account, keys.pair],
             &[keys.address],
             &[free(self.config.free_per_address)],
+            &keys.known,
         )
         .await?;
         Ok(())

@@ -56,7 +56,7 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
 }
 
 pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {
-    let addr = api::client_addr(req.extensions());
+    let addr = api::client_addr(&state, &req);
     let csrf_cookie = cookie(req.headers(), CSRF_COOKIE);
     let form = match form(req, state.body_limit).await {
         Ok(f) => f,

@@ -927,3 +927,86 @@ async fn a_login_not_sent_as_json_is_refused_before_it_counts() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_login_limit() -> TestResult {
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_address = 2;
+    w.state.auth.trusted_proxies = vec!["127.0.0.0/8".parse()?];
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let login = |peer: &'static str,
+                 forwarded: &'static str,
+                 email: &'static str,
+                 password: &'static str| {
+        let state = w.state.clone();
+        async move {
+            let mut req = Request::post("/api/login")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("x-forwarded-for", forwarded)
+                .body(Body::from(
+                    json!({"email": email, "password": password}).to_string(),
+                ))?;
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::new(peer.parse()?, 40000)));
+            let res = outbox_admin::router(state).oneshot(req).await?;
+            Ok::<_, Box<dyn std::error::Error>>(res.status())
+        }
+    };
+    // Through the proxy: the forwarded client guesses and is held back...
+    for _ in 0..2 {
+        let s = login("127.0.0.1", "203.0.113.1", "ghost@x.io", "guess guess").await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let s = login("127.0.0.1", "203.0.113.1", "root@x.io", PASSWORD).await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // ...and another client behind the same proxy is not.
+    let s = login(
+        "127.0.0.1",
+        "198.51.100.1, 203.0.113.2",
+        "root@x.io",
+        PASSWORD,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK);
+    // A client that connects directly cannot pick its address with the header.
+    for forwarded in ["192.0.2.10", "192.0.2.11"] {
+        let s = login("192.0.2.99", forwarded, "ghost@x.io", "guess guess").await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let s = login("192.0.2.99", "192.0.2.12", "root@x.io", PASSWORD).await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_owner_who_mistypes_while_the_account_is_under_attack_still_signs_in_from_a_known_client()
+-> TestResult {
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_account = 3;
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let (home, cafe) = ("198.51.100.7", "198.51.100.8");
+    let (s, _, _) = login_from(&w.state, "operator@x.io", PASSWORD, home).await?;
+    assert_eq!(s, StatusCode::OK);
+    // Guessers elsewhere push the account past its limit.
+    for attacker in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+        let (s, _, _) = login_from(&w.state, "operator@x.io", "guess guess", attacker).await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // A typo from the client the owner signs in from does not lock them out...
+    let (s, _, _) = login_from(&w.state, "operator@x.io", "typo typo typo", home).await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, body) = login_from(&w.state, "operator@x.io", PASSWORD, home).await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // ...while a client that has failed on the account and never signed in
+    // to it waits, as a guesser does.
+    for _ in 0..3 {
+        let _ = login_from(&w.state, "operator@x.io", "guess guess", "203.0.113.4").await?;
+    }
+    let (s, _, _) = login_from(&w.state, "operator@x.io", "typo typo typo", cafe).await?;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = login_from(&w.state, "operator@x.io", PASSWORD, cafe).await?;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    Ok(())
+}

@@ -75,16 +75,36 @@ pub async fn begin_attempt<T>(
     Ok(None)
 }
 
+/// Whether `key` was remembered ([`refund`]'s `remembered`) within the
+/// last `window_secs`.
+pub async fn remembered<'e>(
+    db: impl PgExecutor<'e>,
+    key: &str,
+    window_secs: i64,
+) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM login_throttle
+                        WHERE key = $1 AND last_failure_at > now() - make_interval(secs => $2))",
+    )
+    .bind(key)
+    .bind(window_secs as f64)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Gives back the count a successful attempt took ([`begin_attempt`]):
-/// forgets `cleared` (the account and the pair) and takes one failure off
+/// forgets `cleared` (the account and the pair), takes one failure off
 /// each of `refunded` (the address, whose count over all accounts stays),
 /// lifting its hold-back when it falls below its free failures
-/// (`free_failures`, matched by position).
+/// (`free_failures`, matched by position), and notes `remembered` (the
+/// client that signed in) as of now: a row without failures, whose
+/// `last_failure_at` is the time of that success.
 pub async fn refund(
     pool: &PgPool,
     cleared: &[String],
     refunded: &[String],
     free_failures: &[i32],
+    remembered: &str,
 ) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
     // Rows locked in key order, as `begin_attempt` locks them.
@@ -108,6 +128,13 @@ pub async fn refund(
     )
     .bind(refunded)
     .bind(free_failures)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO login_throttle (key, failures, last_failure_at) VALUES ($1, 0, now())
+         ON CONFLICT (key) DO UPDATE SET failures = 0, last_failure_at = now(), blocked_until = NULL",
+    )
+    .bind(remembered)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

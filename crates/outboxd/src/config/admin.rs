@@ -32,6 +32,7 @@ pub struct AdminSettings {
     pub login_delay_base_ms: u64,
     pub login_delay_max_secs: u64,
     pub login_window_secs: u64,
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Settings {
@@ -52,6 +53,19 @@ impl Settings {
     /// `[admin]`.
     pub(super) fn validate_admin(&self) -> Result<(), ConfigError> {
         let ad = &self.admin;
+        for proxy in &ad.trusted_proxies {
+            if let Err(problem) = proxy.parse::<outbox_admin::auth::IpNet>() {
+                return Err(ConfigError::Range {
+                    key: "admin.trusted_proxies",
+                    value: format!("{proxy:?}"),
+                    problem: "is not an address or network",
+                    accepted: format!(
+                        "addresses or CIDR networks, such as [\"10.0.0.0/8\"] ({problem})"
+                    ),
+                    env_hint: env_hint("admin.trusted_proxies"),
+                });
+            }
+        }
         let secret_len = ad.jwt_secret.expose().len();
         if secret_len > 0 && secret_len < outbox_admin::auth::MIN_JWT_SECRET_BYTES {
             return Err(ConfigError::Range {
@@ -62,7 +76,7 @@ impl Settings {
                     "at least {} bytes, or empty to turn the admin API off",
                     outbox_admin::auth::MIN_JWT_SECRET_BYTES
                 ),
-                env_hint: " (env JWT_SECRET)".into(),
+                env_hint: env_hint("admin.jwt_secret"),
             });
         }
         range("admin.token_ttl_secs", ad.token_ttl_secs, 60, 2_592_000)?;
@@ -154,6 +168,11 @@ impl Settings {
             max_delay: Duration::from_secs(ad.login_delay_max_secs),
             window: Duration::from_secs(ad.login_window_secs),
         };
+        auth.trusted_proxies = ad
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         Some(auth)
     }
 }

@@ -197,6 +197,17 @@ impl Settings {
 
     /// `[log]`.
     pub(super) fn validate_log(&self) -> Result<(), ConfigError> {
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return Err(ConfigError::Range {
+                key: "log.filter",
+                value: format!("{:?}", self.log.filter),
+                problem: "is not a log filter",
+                accepted: format!(
+                    "directives such as \"info\" or \"info,outbox_dispatch=debug\" ({err})"
+                ),
+                env_hint: env_hint("log.filter"),
+            });
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Range {
                 key: "log.format",
@@ -317,10 +328,11 @@ fn describe_figment_error(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| {
             let key = e.path.join(".");
+            let kind = describe_kind(&e.kind);
             let mut line = if key.is_empty() {
-                e.kind.to_string()
+                kind
             } else {
-                format!("{key}: {}", e.kind)
+                format!("{key}: {kind}")
             };
             if !key.is_empty() {
                 line.push_str(&env_hint(&key));
@@ -329,4 +341,34 @@ fn describe_figment_error(err: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What the configuration library says about a value, in the words of
+/// `config/default.toml` (which gives each key's range).
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            let expected = match expected.as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number, 0 or more",
+                "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+                "f32" | "f64" => "a number",
+                "a boolean" | "bool" => "true or false",
+                "a string" | "a borrowed string" | "a character" => "text",
+                "a sequence" => {
+                    "a list such as [\"a\", \"b\"] (in an environment variable too: '[\"a\"]')"
+                }
+                other => other,
+            };
+            format!(
+                "got {}, expected {expected}",
+                actual.to_string().replace('`', "")
+            )
+        }
+        Kind::UnknownField(field, known) => format!(
+            "unknown key {field:?} (this section takes: {})",
+            known.join(", ")
+        ),
+        other => other.to_string(),
+    }
 }

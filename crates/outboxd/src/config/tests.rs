@@ -49,6 +49,76 @@ fn the_scripts_knobs_are_not_settings_but_a_misspelt_setting_is_refused() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
+    for (var, value, want) in [
+        (
+            "OUTBOXD_DISPATCHER__BATCH_SIZE",
+            "-5",
+            "got signed int -5, expected a whole number, 0 or more",
+        ),
+        (
+            "OUTBOXD_DISPATCHER__BATCH_SIZE",
+            "lots",
+            "expected a whole number, 0 or more",
+        ),
+        (
+            "OUTBOXD_NATS__RELAY_TOPICS",
+            "orders.*",
+            "expected a list such as",
+        ),
+        (
+            "OUTBOXD_DISPATCHER__BOGUS",
+            "1",
+            "unknown key \"bogus\" (this section takes: ",
+        ),
+    ] {
+        let err = load(&[(var, value)])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(want), "{var}={value}: {err}");
+        assert!(
+            !err.contains("u32") && !err.contains('`'),
+            "{var}={value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn trusted_proxies_are_addresses_or_networks() {
+    let s = load(&[
+        ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        (
+            "OUTBOXD_ADMIN__TRUSTED_PROXIES",
+            r#"["10.0.0.0/8", "2001:db8::1"]"#,
+        ),
+    ])
+    .expect("config");
+    assert_eq!(s.admin_auth().map(|a| a.trusted_proxies.len()), Some(2));
+    let err = load(&[("OUTBOXD_ADMIN__TRUSTED_PROXIES", r#"["10.0.0.0/33"]"#)])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("admin.trusted_proxies") && err.contains("0..=32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_log_filter_that_does_not_parse_is_refused() {
+    let err = load(&[("OUTBOXD_LOG__FILTER", "[[[")])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("log.filter") && err.contains("OUTBOXD_LOG__FILTER"),
+        "{err}"
+    );
+    assert!(load(&[("OUTBOXD_LOG__FILTER", "info,outbox_dispatch=debug")]).is_ok());
+}
+
+#[test]
 fn a_bad_url_names_the_variable_that_set_it() {
     let err = load(&[("NATS_URL", "not a url")])
         .err()
