@@ -77,12 +77,18 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             }
         }
         AppCommand::Suspend { slug } => {
-            suspend(&pool, &slug, true).await?;
-            println!("{slug} suspended");
+            if suspend(&pool, &slug, true).await? {
+                println!("{slug} suspended");
+            } else {
+                println!("{slug} was already suspended");
+            }
         }
         AppCommand::Resume { slug } => {
-            suspend(&pool, &slug, false).await?;
-            println!("{slug} resumed");
+            if suspend(&pool, &slug, false).await? {
+                println!("{slug} resumed");
+            } else {
+                println!("{slug} was not suspended");
+            }
         }
         AppCommand::ReplayPolicy {
             slug,
@@ -139,9 +145,13 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Suspends or resumes an app, recorded in its audit log.
-async fn suspend(pool: &sqlx::PgPool, slug: &str, suspended: bool) -> anyhow::Result<()> {
+/// Suspends or resumes an app, recorded in its audit log; returns false
+/// (and records nothing) when it already was as asked.
+async fn suspend(pool: &sqlx::PgPool, slug: &str, suspended: bool) -> anyhow::Result<bool> {
     let app = apps::by_slug(pool, slug).await?;
+    if app.suspended_at.is_some() == suspended {
+        return Ok(false);
+    }
     let mut tx = pool.begin().await?;
     apps::set_suspended(&mut *tx, slug, suspended).await?;
     let action = if suspended {
@@ -151,7 +161,7 @@ async fn suspend(pool: &sqlx::PgPool, slug: &str, suspended: bool) -> anyhow::Re
     };
     record(&mut tx, app.id, action, serde_json::json!({})).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Records a command's action on an app in its audit log, in the command's

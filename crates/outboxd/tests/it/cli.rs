@@ -402,3 +402,23 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn suspending_twice_says_so_and_audits_once() -> TestResult {
+    let db = TestDb::new().await?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let first = run(outboxd(Some(&db.url)).args(["app", "suspend", "shop"]))?;
+    assert_eq!(text(&first.stdout).trim(), "shop suspended");
+    let again = run(outboxd(Some(&db.url)).args(["app", "suspend", "shop"]))?;
+    assert!(again.status.success());
+    assert_eq!(text(&again.stdout).trim(), "shop was already suspended");
+    let resumed = run(outboxd(Some(&db.url)).args(["app", "resume", "shop"]))?;
+    assert_eq!(text(&resumed.stdout).trim(), "shop resumed");
+    let again = run(outboxd(Some(&db.url)).args(["app", "resume", "shop"]))?;
+    assert_eq!(text(&again.stdout).trim(), "shop was not suspended");
+    let audited: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(audited, ["app.suspend", "app.resume"]);
+    Ok(())
+}
