@@ -116,50 +116,34 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
 
     // A paused topic, and a suspended app, answer at once: their row would
     // wait past the timeout and run after the caller was told it timed out.
+    let held_back = async |why: &str| -> TestResult {
+        let asked = std::time::Instant::now();
+        let (s, body) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/invoke/echo",
+                Some(&operator),
+                Some(json!({"timeout_ms": 5000})),
+            )
+            .await?;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("conflict")),
+            "{body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{body}");
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(4),
+            "answered at once"
+        );
+        Ok(())
+    };
     outbox_core::store::pauses::pause(&w.db.pool, w.app_a, "echo", None, None).await?;
-    let asked = std::time::Instant::now();
-    let (s, body) = w
-        .call(
-            "POST",
-            "/api/apps/app-a/invoke/echo",
-            Some(&operator),
-            Some(json!({"timeout_ms": 5000})),
-        )
-        .await?;
-    assert_eq!(
-        (s, body["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("conflict")),
-        "{body}"
-    );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("paused"),
-        "{body}"
-    );
-    assert!(
-        asked.elapsed() < std::time::Duration::from_secs(4),
-        "answered at once"
-    );
+    held_back("paused").await?;
     outbox_core::store::pauses::resume(&w.db.pool, w.app_a, "echo").await?;
     outbox_core::store::apps::set_suspended(&w.db.pool, "app-a", true).await?;
-    let (s, body) = w
-        .call(
-            "POST",
-            "/api/apps/app-a/invoke/echo",
-            Some(&operator),
-            Some(json!({"timeout_ms": 5000})),
-        )
-        .await?;
-    assert_eq!(s, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("suspended"),
-        "{body}"
-    );
+    held_back("suspended").await?;
     outbox_core::store::apps::set_suspended(&w.db.pool, "app-a", false).await?;
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'echo'")
         .fetch_one(&w.db.pool)

@@ -12,6 +12,11 @@ fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     )
 }
 
+/// The refusal of `vars` (empty when they were taken).
+fn refusal(vars: &[(&str, &str)]) -> String {
+    load(vars).err().map(|e| e.to_string()).unwrap_or_default()
+}
+
 #[test]
 fn defaults_are_valid() {
     let s = load(&[]).expect("default config");
@@ -41,10 +46,7 @@ fn the_scripts_knobs_are_not_settings_but_a_misspelt_setting_is_refused() {
         ("OUTBOXD_HTTP_PORT", "18080"),
     ]);
     assert!(s.is_ok(), "{:?}", s.err().map(|e| e.to_string()));
-    let err = load(&[("OUTBOXD_MAX_TRIGER_DEPTH", "3")])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = refusal(&[("OUTBOXD_MAX_TRIGER_DEPTH", "3")]);
     assert!(err.contains("max_triger_depth"), "{err}");
 }
 
@@ -72,10 +74,7 @@ fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
             "unknown key \"bogus\" (this section takes: ",
         ),
     ] {
-        let err = load(&[(var, value)])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&[(var, value)]);
         assert!(err.contains(want), "{var}={value}: {err}");
         assert!(
             !err.contains("u32") && !err.contains('`'),
@@ -95,10 +94,7 @@ fn trusted_proxies_are_addresses_or_networks() {
     ])
     .expect("config");
     assert_eq!(s.admin_auth().map(|a| a.trusted_proxies.len()), Some(2));
-    let err = load(&[("OUTBOXD_ADMIN__TRUSTED_PROXIES", r#"["10.0.0.0/33"]"#)])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = refusal(&[("OUTBOXD_ADMIN__TRUSTED_PROXIES", r#"["10.0.0.0/33"]"#)]);
     assert!(
         err.contains("admin.trusted_proxies") && err.contains("0..=32"),
         "{err}"
@@ -107,10 +103,7 @@ fn trusted_proxies_are_addresses_or_networks() {
 
 #[test]
 fn a_log_filter_that_does_not_parse_is_refused() {
-    let err = load(&[("OUTBOXD_LOG__FILTER", "[[[")])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = refusal(&[("OUTBOXD_LOG__FILTER", "[[[")]);
     assert!(
         err.contains("log.filter") && err.contains("OUTBOXD_LOG__FILTER"),
         "{err}"
@@ -120,10 +113,7 @@ fn a_log_filter_that_does_not_parse_is_refused() {
 
 #[test]
 fn a_bad_url_names_the_variable_that_set_it() {
-    let err = load(&[("NATS_URL", "not a url")])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = refusal(&[("NATS_URL", "not a url")]);
     assert!(
         err.contains("nats.url") && err.contains("env NATS_URL or OUTBOXD_NATS__URL"),
         "{err}"
@@ -292,10 +282,7 @@ fn missing_overlay_is_an_error() {
 
 #[test]
 fn an_unknown_pooler_is_refused_with_the_accepted_values() {
-    let err = load(&[("OUTBOXD_DATABASE__POOLER", "session")])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = refusal(&[("OUTBOXD_DATABASE__POOLER", "session")]);
     assert!(
         err.contains("database.pooler") && err.contains("\"transaction\""),
         "{err}"
