@@ -226,7 +226,7 @@ fn headers_of(headers: Option<Value>, request: &axum::http::HeaderMap) -> Result
     Ok(headers)
 }
 
-/// Resolves `slug` for writing a row of `topic`. A `webhook:` topic makes
+/// Resolves `slug` for writing a row of `topic`, a valid one. A `webhook:` topic makes
 /// outboxd POST to the URL in it, signed with the app's secrets, from inside
 /// the network it runs in: only those who may point a trigger at a URL (the
 /// app's admins) may publish to one.
@@ -237,6 +237,7 @@ pub(crate) async fn authorize_topic(
     topic: &str,
 ) -> Result<outbox_core::App, ApiError> {
     let app = auth::authorize(&state.pool, p, slug, Capability::Write).await?;
+    outbox_core::model::validate_new_topic(topic)?;
     if topic.starts_with(outbox_core::topics::WEBHOOK_PREFIX) {
         auth::authorize(&state.pool, p, slug, Capability::ManageTriggers)
             .await

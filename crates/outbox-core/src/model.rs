@@ -251,7 +251,7 @@ pub(crate) fn validate_topic(topic: &str) -> Result<(), Error> {
 
 /// Checks a topic that is about to be written (an event's, a pause's, a
 /// limit's) or that names a whole topic's rows (a cancel):
-/// [`validate_topic`], no control characters, and no wildcard token (it
+/// 1 to 255 bytes without NUL, no control characters, and no wildcard token (it
 /// would be taken literally, not as a pattern). Filters take any topic, so
 /// rows written by plain SQL stay reachable.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {

@@ -100,7 +100,13 @@ impl RowQuery {
                 ))
             })?),
             Some(other) => Some(other.clone()),
-        };
+        }
+        // `{}` and `[]` are contained in every object and array: no filter,
+        // and so no selection for an action.
+        .filter(|v: &Value| {
+            !(v.as_object().is_some_and(|o| o.is_empty())
+                || v.as_array().is_some_and(|a| a.is_empty()))
+        });
         Ok(RowFilter {
             topic: given(&self.topic).map(str::to_owned),
             state: given(&self.state).map(str::parse).transpose()?,

@@ -113,6 +113,20 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
         "no retries, the error comes back: {body}"
     );
     assert_eq!(body["error"]["code"], "no_handler", "{body}");
+    // A topic that could never be written is refused as such, served or not.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/invoke/a%09b",
+            Some(&operator),
+            Some(json!({})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid")),
+        "{body}"
+    );
 
     // A paused topic, and a suspended app, answer at once: their row would
     // wait past the timeout and run after the caller was told it timed out.

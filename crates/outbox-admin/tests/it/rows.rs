@@ -490,6 +490,8 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
         json!({"filter": {"topic": ""}, "reason": "r"}),
         json!({"filter": {}, "reason": "r"}),
         json!({"filter": {"topic": " ", "state": "", "payload": ""}, "reason": "r"}),
+        json!({"filter": {"payload": "{}"}, "reason": "r"}),
+        json!({"filter": {"payload": []}, "reason": "r"}),
         json!({"filter": {"topic": "mail.send"}, "all": true, "reason": "r"}),
     ] {
         let (s, res) = w
