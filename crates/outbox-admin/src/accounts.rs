@@ -54,6 +54,7 @@ pub async fn delete_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
     let found = find_user(pool, user).await?;
     let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
     principals::delete_user(&mut conn, found.id).await?;
+    auth::forget_clients(pool, &found.email).await?;
     Ok(found)
 }
 
@@ -69,14 +70,18 @@ pub async fn set_password(
     let found = find_user(pool, user).await?;
     let hash = hasher.hash(password.to_owned()).await?;
     let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
-    Ok(principals::set_password(&mut conn, found.id, &hash).await?)
+    let ended = principals::set_password(&mut conn, found.id, &hash).await?;
+    auth::forget_clients(pool, &found.email).await?;
+    Ok(ended)
 }
 
 /// Ends every session of a user (API keys stay: revoke them by prefix);
 /// returns how many ended.
 pub async fn revoke_sessions(pool: &PgPool, user: &str) -> Result<u64, ApiError> {
     let found = find_user(pool, user).await?;
-    Ok(sessions::close_all(pool, found.id).await?)
+    let ended = sessions::close_all(pool, found.id).await?;
+    auth::forget_clients(pool, &found.email).await?;
+    Ok(ended)
 }
 
 /// Clears a user's login throttle; returns how many counts were cleared.

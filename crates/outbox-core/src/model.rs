@@ -244,18 +244,32 @@ pub(crate) fn check_storable_json(field: &'static str, value: &Value) -> Result<
     Ok(())
 }
 
-/// Checks a topic named on its own (a pause, a filter) as an event's topic is.
-pub(crate) fn validate_topic(topic: &str) -> Result<(), Error> {
+/// Checks a topic a filter names: 1 to 255 bytes, no NUL.
+pub fn validate_topic(topic: &str) -> Result<(), Error> {
     check_key("topic", Some(topic))
 }
 
-/// Checks a topic that is about to be written (an event's, a pause's, a
-/// limit's) or that names a whole topic's rows (a cancel):
-/// 1 to 255 bytes without NUL, no control characters, and no wildcard token (it
-/// would be taken literally, not as a pattern). Filters take any topic, so
-/// rows written by plain SQL stay reachable.
-pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
+/// Checks a topic an action names as a whole (a pause, a limit, a cancel
+/// by topic): [`validate_topic`]'s rules, and no `*` or `>` token, which
+/// would be taken literally, not as a pattern. Rows a producer wrote with
+/// such a topic through plain SQL stay reachable through filters.
+pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
     validate_topic(topic)?;
+    if topic.split('.').any(|token| token == "*" || token == ">") {
+        return Err(Error::invalid(
+            "topic",
+            format!(
+                "{topic:?} is a pattern: name one topic here (the wildcards * and > are for patterns such as nats.relay_topics)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the topic of a row about to be written: [`validate_named_topic`]'s
+/// rules, and no control characters.
+pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
+    validate_named_topic(topic)?;
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
     // operator reads.
@@ -268,14 +282,6 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
             format!(
                 "must not contain control characters (found U+{:04X})",
                 u32::from(c)
-            ),
-        ));
-    }
-    if topic.split('.').any(|token| token == "*" || token == ">") {
-        return Err(Error::invalid(
-            "topic",
-            format!(
-                "{topic:?} is a pattern: name one topic here (the wildcards * and > are for patterns such as nats.relay_topics)"
             ),
         ));
     }
@@ -593,8 +599,11 @@ mod tests {
                 .validate()
                 .is_ok()
         );
-        // A filter still finds a row that plain SQL wrote with one.
+        // A filter still finds a row that plain SQL wrote with one, and an
+        // action (pause, limit, cancel) can still name it; not a pattern.
         assert!(validate_topic("a\nb").is_ok());
+        assert!(validate_named_topic("a\nb").is_ok());
+        assert!(validate_named_topic("a.*").is_err());
     }
 
     #[test]

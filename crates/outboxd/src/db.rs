@@ -54,9 +54,11 @@ async fn open(settings: &Settings, size: u32) -> anyhow::Result<PgPool> {
         // attempt says why (refused, unknown database, wrong password).
         Err(sqlx::Error::PoolTimedOut) => {
             use sqlx::ConnectOptions;
-            match options.connect().await {
-                Err(why) => why,
-                Ok(_) => sqlx::Error::PoolTimedOut,
+            let wait = Duration::from_millis(db.acquire_timeout_ms);
+            match tokio::time::timeout(wait, options.connect()).await {
+                Ok(Err(why)) => why,
+                // Silent (a host that drops packets) or fine now.
+                Err(_) | Ok(Ok(_)) => sqlx::Error::PoolTimedOut,
             }
         }
         Err(err) => err,

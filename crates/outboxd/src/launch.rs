@@ -77,7 +77,7 @@ pub fn error_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if text.is_empty() || line.contains(&text) {
+        if text.is_empty() || line.ends_with(&text) {
             continue;
         }
         if !line.is_empty() {
@@ -98,6 +98,12 @@ mod tests {
         assert_eq!(
             super::error_line(&err),
             "cannot connect to PostgreSQL at postgres://u@h/x: database \"x\" does not exist"
+        );
+        // A cause that only appears inside an earlier message is still said.
+        let err = anyhow::anyhow!("timed out").context("connecting to h timed out after 5 s");
+        assert_eq!(
+            super::error_line(&err),
+            "connecting to h timed out after 5 s: timed out"
         );
     }
 }

@@ -265,8 +265,12 @@ pub struct BulkBody {
     pub action: String,
     /// These dead letters.
     pub ids: Option<Vec<Uuid>>,
-    /// Or every unresolved dead letter matching this.
+    /// Or every unresolved dead letter matching this (it must name
+    /// something).
     pub filter: Option<BulkFilter>,
+    /// Or every unresolved dead letter of the app, asked for by name.
+    #[serde(default)]
+    pub all: bool,
     /// For `replay`: attempts the replayed rows get (default: each dead
     /// letter's own).
     #[serde(default)]
@@ -293,9 +297,16 @@ pub async fn run_bulk(
     app_id: Uuid,
     body: &BulkBody,
 ) -> Result<usize, ApiError> {
-    let ids = match (&body.ids, &body.filter) {
-        (Some(ids), None) => ids.clone(),
-        (None, Some(f)) => {
+    let blank = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
+    let ids = match (&body.ids, &body.filter, body.all) {
+        (Some(ids), None, false) => ids.clone(),
+        (None, Some(f), false) if blank(&f.source) && blank(&f.topic) && f.trigger_id.is_none() => {
+            // A script's empty variable must not mean every dead letter.
+            return Err(ApiError::Invalid(
+                "filter: names no dead letters (every field is absent or blank); to act on every unresolved one, send \"all\": true instead".into(),
+            ));
+        }
+        (None, Some(f), false) => {
             let filter = Filter {
                 source: f.source.clone(),
                 topic: f.topic.clone(),
@@ -304,9 +315,12 @@ pub async fn run_bulk(
             };
             dead_letters::ids_matching(&state.pool, app_id, &filter, 10_000).await?
         }
+        (None, None, true) => {
+            dead_letters::ids_matching(&state.pool, app_id, &Filter::default(), 10_000).await?
+        }
         _ => {
             return Err(ApiError::Invalid(
-                "ids, filter: give exactly one of them".into(),
+                "ids, filter, all: give exactly one of them".into(),
             ));
         }
     };

@@ -38,13 +38,13 @@ pub async fn check_login(
         return Err(ApiError::BadLogin);
     }
     // Counted as a failure from here on; a success gives the count back.
-    state.throttle.admit(email, addr).await?;
+    let admitted = state.throttle.admit(email, addr).await?;
     let user = outbox_core::store::principals::user_by_email(&state.pool, email).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     if state.hasher.verify(password.to_owned(), hash).await
         && let Some(user) = user
     {
-        state.throttle.record_success(email, addr).await?;
+        state.throttle.record_success(email, addr, admitted).await?;
         return Ok(user.id);
     }
     Err(ApiError::BadLogin)

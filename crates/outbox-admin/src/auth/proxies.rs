@@ -64,9 +64,12 @@ impl IpNet {
 }
 
 /// The client's address: the TCP peer's; when the peer is one of `trusted`,
-/// the right-most address of `X-Forwarded-For` that is not itself trusted
-/// (each proxy appends the address it saw, so anything left of that is the
-/// client's own claim and proves nothing). Without a usable header, the peer.
+/// the right-most address of `X-Forwarded-For` that is not itself trusted.
+/// Each proxy appends the address it saw, so the hops are read from the
+/// right: trusted proxies are passed over, and the first other hop is the
+/// client. Anything further left is the client's own claim and is never
+/// read, so a client cannot choose its address, nor, with a hop that does
+/// not parse, make itself the proxy. Without a usable hop, the peer.
 pub fn client_address(
     peer: Option<IpAddr>,
     headers: &HeaderMap,
@@ -77,22 +80,37 @@ pub fn client_address(
     if !is_trusted(peer) {
         return Some(peer);
     }
-    let forwarded: Vec<IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .map(|hop| hop.parse::<IpAddr>().ok())
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default();
-    Some(
-        forwarded
-            .into_iter()
-            .rev()
-            .find(|ip| !is_trusted(*ip))
-            .unwrap_or(peer),
-    )
+        .collect();
+    for hop in hops.into_iter().rev() {
+        match parse_hop(hop) {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return Some(ip),
+            // A trusted proxy wrote what it could not name (`unknown`, a
+            // socket path): the peer is the best we know.
+            None => break,
+        }
+    }
+    Some(peer)
+}
+
+/// One hop of `X-Forwarded-For`: an address, with or without a port
+/// (`192.0.2.1:5000`, `[2001:db8::1]:5000`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Ok(socket) = hop.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse().ok())
 }
 
 #[cfg(test)]
@@ -140,12 +158,22 @@ mod tests {
         let direct = Some(IpAddr::from([192, 0, 2, 5]));
         assert_eq!(client_address(direct, &headers, &trusted), direct);
         assert_eq!(client_address(proxy, &headers, &[]), proxy);
-        // No header, or one that does not parse: the proxy itself.
-        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
-        headers.insert(
-            "x-forwarded-for",
-            axum::http::HeaderValue::from_static("unknown"),
+        // Garbage the client put on the left is never read: it cannot make
+        // the proxy's own address take its failures.
+        let hop = |v: &'static str| axum::http::HeaderValue::from_static(v);
+        headers.insert("x-forwarded-for", hop("x, 203.0.113.9:5123"));
+        assert_eq!(
+            client_address(proxy, &headers, &trusted),
+            Some(IpAddr::from([203, 0, 113, 9]))
         );
+        headers.insert("x-forwarded-for", hop("[2001:db8::7]:443"));
+        assert_eq!(
+            client_address(proxy, &headers, &trusted),
+            "2001:db8::7".parse().ok()
+        );
+        // No header, or a hop the proxy could not name: the proxy itself.
+        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+        headers.insert("x-forwarded-for", hop("203.0.113.9, unknown"));
         assert_eq!(client_address(proxy, &headers, &trusted), proxy);
     }
 }

@@ -130,8 +130,9 @@ impl Throttle {
     /// Admits a login attempt, counting it as a failure before its password
     /// is checked (so attempts sent at once cannot overtake their own
     /// count), or refuses it with how long to wait. Known and unknown
-    /// accounts are treated alike.
-    pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+    /// accounts are treated alike. A success hands the admission to
+    /// [`Throttle::record_success`].
+    pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<Admitted, ApiError> {
         let keys = ThrottleKeys::new(email, addr);
         let c = &self.config;
         let known = login_throttle::remembered(&self.pool, &keys.known, self.window_secs()).await?;
@@ -154,8 +155,13 @@ impl Throttle {
         )
         .await?;
         match refusal {
-            Some(wait) => Err(ApiError::RateLimited(wait)),
-            None => Ok(()),
+            Err(wait) => Err(ApiError::RateLimited(wait)),
+            Ok(before) => Ok(Admitted {
+                address_before: before
+                    .into_iter()
+                    .filter(|k| k.key == keys.address)
+                    .collect(),
+            }),
         }
     }
 
@@ -163,12 +169,17 @@ impl Throttle {
     /// failures and this address's on it (the address's count over all
     /// accounts loses this attempt only), and remembers that the account
     /// signed in from here.
-    pub async fn record_success(&self, email: &str, addr: Option<IpAddr>) -> Result<(), ApiError> {
+    pub async fn record_success(
+        &self,
+        email: &str,
+        addr: Option<IpAddr>,
+        admitted: Admitted,
+    ) -> Result<(), ApiError> {
         let keys = ThrottleKeys::new(email, addr);
         login_throttle::refund(
             &self.pool,
             &[keys.account, keys.pair],
-            &[keys.address],
+            &admitted.address_before,
             &[free(self.config.free_per_address)],
             &keys.known,
         )
@@ -177,14 +188,32 @@ impl Throttle {
     }
 }
 
+/// An attempt [`Throttle::admit`] let through, counted as a failure: what
+/// its address's count was before, for a success to put back.
+#[derive(Debug)]
+pub struct Admitted {
+    address_before: Vec<login_throttle::KeyState>,
+}
+
 fn free(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// Clears an account's login throttle (`outboxd user unlock`): its own count
 /// and the counts of every address on it. Returns how many counts went.
+/// The addresses it signed in from are forgotten too (see [`forget_clients`]).
 pub async fn unlock(pool: &PgPool, email: &str) -> Result<u64, ApiError> {
     let email = email.trim().to_lowercase();
     let pairs = login_throttle::clear_prefixed(pool, &[format!("pair:{email}|")]).await?;
+    forget_clients(pool, &email).await?;
     Ok(pairs + login_throttle::clear(pool, &[format!("account:{email}")]).await?)
+}
+
+/// Forgets the addresses an account signed in from, which the account's
+/// hold-back spares: after a password change or revoked sessions, a client
+/// that signed in with the old credentials is spared no longer.
+pub async fn forget_clients(pool: &PgPool, email: &str) -> Result<(), ApiError> {
+    let email = email.trim().to_lowercase();
+    login_throttle::clear_prefixed(pool, &[format!("known:{email}|")]).await?;
+    Ok(())
 }

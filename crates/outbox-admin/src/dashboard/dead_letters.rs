@@ -230,6 +230,7 @@ pub(super) async fn bulk(
             action: field(&form, "action").unwrap_or_default().to_owned(),
             ids: Some(ids),
             filter: None,
+            all: false,
             max_attempts: None,
         };
         let done = api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;

@@ -1008,5 +1008,54 @@ async fn an_owner_who_mistypes_while_the_account_is_under_attack_still_signs_in_
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = login_from(&w.state, "operator@x.io", PASSWORD, cafe).await?;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // After an unlock (and a password change, revoked sessions), no client
+    // is spared for having signed in with the old credentials.
+    outbox_admin::auth::unlock(&w.db.pool, "operator@x.io").await?;
+    let known: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM login_throttle WHERE key LIKE 'known:operator@x.io|%'",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(known, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_success_from_an_address_at_its_limit_leaves_its_count_and_hold_back_as_they_were()
+-> TestResult {
+    let mut w = World::new().await?;
+    w.state.auth.throttle.free_per_address = 2;
+    w.state.throttle =
+        outbox_admin::auth::Throttle::new(w.db.pool.clone(), w.state.auth.throttle.clone());
+    let office = "192.0.2.40";
+    for n in 0..2 {
+        let (s, _, _) =
+            login_from(&w.state, &format!("ghost{n}@x.io"), "guess guess", office).await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // The hold-back has run out; the count (2, at the limit) has not.
+    sqlx::query(
+        "UPDATE login_throttle SET blocked_until = now() - interval '1 second' WHERE key = $1",
+    )
+    .bind(format!("address:{office}"))
+    .execute(&w.db.pool)
+    .await?;
+    let before: (i32, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT failures, last_failure_at FROM login_throttle WHERE key = $1")
+            .bind(format!("address:{office}"))
+            .fetch_one(&w.db.pool)
+            .await?;
+    // Colleagues sign in one after another: none of them is held back by
+    // the others' successes, and the count neither grows nor stays fresh.
+    for email in ["root@x.io", "viewer@x.io", "operator@x.io"] {
+        let (s, _, body) = login_from(&w.state, email, PASSWORD, office).await?;
+        assert_eq!(s, StatusCode::OK, "{email}: {body}");
+    }
+    let after: (i32, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT failures, last_failure_at FROM login_throttle WHERE key = $1")
+            .bind(format!("address:{office}"))
+            .fetch_one(&w.db.pool)
+            .await?;
+    assert_eq!(after, before);
     Ok(())
 }

@@ -264,6 +264,22 @@ async fn list_pages_filters_bulk_and_resists_injection() -> TestResult {
         )
         .await?;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A bulk filter that names nothing is refused, not taken for "all".
+    for body in [
+        json!({"action": "ignore", "filter": {}}),
+        json!({"action": "ignore", "filter": {"topic": " ", "source": ""}}),
+        json!({"action": "ignore", "filter": {"topic": "odd"}, "all": true}),
+    ] {
+        let (s, answer) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/dead-letters/bulk",
+                Some(&root),
+                Some(body.clone()),
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
     // Bulk by filter, then by ids.
     let (s, body) = w
         .call(

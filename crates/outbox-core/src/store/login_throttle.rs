@@ -16,6 +16,8 @@ pub struct KeyState {
     pub failures: i32,
     /// Until when attempts under this key are refused, if they are.
     pub blocked_until: Option<DateTime<Utc>>,
+    /// The last failure (or, for a remembered sign-in, that sign-in).
+    pub last_failure_at: DateTime<Utc>,
 }
 
 /// Counts one login attempt as a failure under every key before its
@@ -24,8 +26,9 @@ pub struct KeyState {
 /// before it. The keys' rows are locked in one order for the decision and
 /// the count, so attempts sent at once queue on them and each sees the ones
 /// before it: a burst gets no more tries than attempts sent one by one. A
-/// successful attempt gives its count back ([`refund`]). Returns what
-/// `held_back` said, or `None` when the attempt was counted.
+/// successful attempt gives its count back ([`refund`]). Returns the
+/// keys' states before the attempt when it was counted (what [`refund`]
+/// puts back), or what `held_back` said.
 #[allow(clippy::too_many_arguments)]
 pub async fn begin_attempt<T>(
     pool: &PgPool,
@@ -35,7 +38,7 @@ pub async fn begin_attempt<T>(
     base_delay_secs: f64,
     max_delay_secs: f64,
     held_back: impl FnOnce(&[KeyState]) -> Option<T>,
-) -> Result<Option<T>, Error> {
+) -> Result<Result<Vec<KeyState>, T>, Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO login_throttle (key, failures, last_failure_at)
@@ -49,7 +52,7 @@ pub async fn begin_attempt<T>(
         "SELECT key,
                 CASE WHEN last_failure_at > now() - make_interval(secs => $2)
                      THEN failures ELSE 0 END AS failures,
-                blocked_until
+                blocked_until, last_failure_at
          FROM login_throttle WHERE key = ANY($1)
          ORDER BY key
          FOR UPDATE",
@@ -60,7 +63,7 @@ pub async fn begin_attempt<T>(
     .await?;
     if let Some(refusal) = held_back(&states) {
         tx.rollback().await?;
-        return Ok(Some(refusal));
+        return Ok(Err(refusal));
     }
     record_failure(
         &mut tx,
@@ -72,7 +75,7 @@ pub async fn begin_attempt<T>(
     )
     .await?;
     tx.commit().await?;
-    Ok(None)
+    Ok(Ok(states))
 }
 
 /// Whether `key` was remembered ([`refund`]'s `remembered`) within the
@@ -93,19 +96,25 @@ pub async fn remembered<'e>(
 }
 
 /// Gives back the count a successful attempt took ([`begin_attempt`]):
-/// forgets `cleared` (the account and the pair), takes one failure off
-/// each of `refunded` (the address, whose count over all accounts stays),
-/// lifting its hold-back when it falls below its free failures
-/// (`free_failures`, matched by position), and notes `remembered` (the
-/// client that signed in) as of now: a row without failures, whose
-/// `last_failure_at` is the time of that success.
+/// forgets `cleared` (the account and the pair); puts each key of
+/// `refunded` (the address, whose count over all accounts stays) back as it
+/// was before the attempt — count, last failure and hold-back — or, when
+/// other attempts have counted since, takes one failure off, lifting the
+/// hold-back below its free failures (`free_failures`, matched by
+/// position); and notes `remembered` (the client that signed in) as of
+/// now: a row without failures, whose `last_failure_at` is that sign-in.
 pub async fn refund(
     pool: &PgPool,
     cleared: &[String],
-    refunded: &[String],
+    refunded: &[KeyState],
     free_failures: &[i32],
     remembered: &str,
 ) -> Result<(), Error> {
+    let keys: Vec<&str> = refunded.iter().map(|k| k.key.as_str()).collect();
+    let before: Vec<i32> = refunded.iter().map(|k| k.failures).collect();
+    let before_at: Vec<DateTime<Utc>> = refunded.iter().map(|k| k.last_failure_at).collect();
+    let before_until: Vec<Option<DateTime<Utc>>> =
+        refunded.iter().map(|k| k.blocked_until).collect();
     let mut tx = pool.begin().await?;
     // Rows locked in key order, as `begin_attempt` locks them.
     sqlx::query(
@@ -116,17 +125,25 @@ pub async fn refund(
          WHERE t.key = locked.key AND t.key = ANY($1)",
     )
     .bind(cleared)
-    .bind(refunded)
+    .bind(&keys)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
         "UPDATE login_throttle t SET
-             failures = greatest(t.failures - 1, 0),
-             blocked_until = CASE WHEN t.failures - 1 >= k.free THEN t.blocked_until END
-         FROM unnest($1::text[], $2::int4[]) AS k(key, free)
+             failures = CASE WHEN t.failures = k.before + 1 THEN k.before
+                             ELSE greatest(t.failures - 1, 0) END,
+             last_failure_at = CASE WHEN t.failures = k.before + 1 THEN k.before_at
+                                    ELSE t.last_failure_at END,
+             blocked_until = CASE WHEN t.failures = k.before + 1 THEN k.before_until
+                                  WHEN t.failures - 1 >= k.free THEN t.blocked_until END
+         FROM unnest($1::text[], $2::int4[], $3::timestamptz[], $4::timestamptz[], $5::int4[])
+              AS k(key, before, before_at, before_until, free)
          WHERE t.key = k.key",
     )
-    .bind(refunded)
+    .bind(&keys)
+    .bind(&before)
+    .bind(&before_at)
+    .bind(&before_until)
     .bind(free_failures)
     .execute(&mut *tx)
     .await?;
@@ -173,7 +190,7 @@ pub async fn record_failure(
             END
          FROM unnest($1::text[], $2::int4[]) AS k(key, free)
          WHERE t.key = k.key
-         RETURNING t.key, t.failures, t.blocked_until",
+         RETURNING t.key, t.failures, t.blocked_until, t.last_failure_at",
     )
     .bind(keys)
     .bind(free_failures)

@@ -93,6 +93,22 @@ pub struct StateCounts {
     pub paused: i64,
 }
 
+/// `held`: whether the rows of `$topic` of app `$app` wait on purpose now
+/// (the topic paused, or the app suspended).
+macro_rules! held_now {
+    ($app:expr, $topic:expr) => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM outbox_topic_pauses p WHERE p.app_id = ",
+            $app,
+            " AND p.topic = ",
+            $topic,
+            " UNION ALL SELECT 1 FROM apps a WHERE a.id = ",
+            $app,
+            " AND a.suspended_at IS NOT NULL) AS held"
+        )
+    };
+}
+
 /// `served`: whether a live process serves the topic `$topic` now, by name
 /// or by pattern.
 macro_rules! served_now {
@@ -144,10 +160,9 @@ macro_rules! sampled_states {
             CROSS JOIN LATERAL (",
             served_now!("c.topic"),
             ") AS s
-            CROSS JOIN LATERAL (SELECT EXISTS (
-                SELECT 1 FROM outbox_topic_pauses p WHERE p.app_id = c.app_id AND p.topic = c.topic
-                UNION ALL
-                SELECT 1 FROM apps a WHERE a.id = c.app_id AND a.suspended_at IS NOT NULL) AS held) AS h
+            CROSS JOIN LATERAL (",
+            held_now!("c.app_id", "c.topic"),
+            ") AS h
          )"
         )
     };
@@ -217,7 +232,9 @@ pub struct TopicStates {
     pub running: i64,
     /// Of `scheduled`, the rows waiting for a retry's backoff.
     pub retrying: i64,
-    /// Due, and no live process serves the topic now: the rows wait for one.
+    /// Due, and no live process serves the topic now: the rows wait for one
+    /// (0 while the topic is paused or the app suspended: they wait on
+    /// purpose).
     pub unserved: i64,
     /// When the oldest unserved row became due (none without unserved rows).
     pub oldest_unserved_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -234,14 +251,17 @@ pub async fn recorded_state_counts<'e>(
 ) -> Result<Vec<TopicStates>, Error> {
     Ok(sqlx::query_as(concat!(
         "SELECT t.topic, t.due, t.scheduled, t.running, t.retrying,
-                CASE WHEN s.served THEN 0 ELSE t.due END AS unserved,
-                CASE WHEN s.served OR t.due = 0 THEN NULL ELSE t.oldest_due_at END
+                CASE WHEN s.served OR h.held THEN 0 ELSE t.due END AS unserved,
+                CASE WHEN s.served OR h.held OR t.due = 0 THEN NULL ELSE t.oldest_due_at END
                     AS oldest_unserved_at,
                 t.sampled_at
          FROM outbox_topic_states t
          CROSS JOIN LATERAL (",
         served_now!("t.topic"),
         ") AS s
+         CROSS JOIN LATERAL (",
+        held_now!("t.app_id", "t.topic"),
+        ") AS h
          WHERE t.app_id = $1
          ORDER BY unserved DESC, t.due DESC, t.topic"
     ))
