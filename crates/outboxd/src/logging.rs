@@ -41,6 +41,12 @@ pub fn log_panics() {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
+        // The reader of our output went away (`outboxd … | head`): end as
+        // a command killed by SIGPIPE does, without a panic report. (The
+        // runtime ignores SIGPIPE, so printing fails instead.)
+        if message.starts_with("failed printing to stdout") && message.contains("os error 32") {
+            std::process::exit(141);
+        }
         tracing::error!(%location, %message, "panic");
     }));
 }

@@ -141,3 +141,19 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
     );
     Ok(())
 }
+
+#[test]
+fn output_into_a_pipe_nobody_reads_ends_quietly() -> TestResult {
+    // `outboxd … | head`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = outboxd(None)
+        .arg("config")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panic"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    Ok(())
+}
