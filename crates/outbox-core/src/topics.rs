@@ -8,6 +8,9 @@
 //! `orders.*` matches `orders.created` but not `orders.eu.created`;
 //! `billing.>` matches both `billing.paid` and `billing.eu.paid`; `>` alone
 //! matches every topic.
+//!
+//! It also holds the rules for a topic's name: what a filter, an action
+//! (pause, limit, cancel by topic) and a new row accept.
 
 use crate::Error;
 
@@ -158,6 +161,55 @@ impl Served {
     }
 }
 
+/// Checks a topic a filter names: 1 to 255 bytes, no NUL.
+pub fn validate_topic(topic: &str) -> Result<(), Error> {
+    crate::model::check_key("topic", Some(topic))
+}
+
+/// Checks a topic an action names as a whole (a pause, a limit, a cancel
+/// by topic): [`validate_topic`]'s rules, and no `*` or `>` token, which
+/// would be taken literally, not as a pattern. Rows a producer wrote with
+/// such a topic through plain SQL stay reachable through filters.
+pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
+    validate_topic(topic)?;
+    if topic.split('.').any(|token| token == "*" || token == ">") {
+        return Err(Error::invalid(
+            "topic",
+            format!(
+                "{topic:?} is a pattern: name one topic here (the wildcards * and > are for patterns such as nats.relay_topics)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the topic of a row about to be written: [`validate_named_topic`]'s
+/// rules, and no control characters.
+pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
+    validate_named_topic(topic)?;
+    // A topic is shown in logs, metrics, the console and the CLI: a line
+    // break could forge a log line, a bidirectional control reorder what an
+    // operator reads.
+    if let Some(c) = topic
+        .chars()
+        .find(|c| c.is_control() || is_bidi_control(*c))
+    {
+        return Err(Error::invalid(
+            "topic",
+            format!(
+                "must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The Unicode characters that change the direction of the text around them.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +258,48 @@ mod tests {
             assert!(err.contains("topic pattern"), "{err}");
         }
         assert!(TopicPattern::parse(&"a".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn a_new_topic_with_a_control_character_or_a_wildcard_is_refused_by_name() {
+        for topic in [
+            "a\nforged log line",
+            "tab\there",
+            "esc\u{1b}[31m",
+            "rtl\u{202E}txt.exe",
+        ] {
+            let err = crate::NewEvent::new(topic, serde_json::json!({}))
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("topic") && err.contains("control characters"),
+                "{topic:?}: {err}"
+            );
+        }
+        assert!(
+            crate::NewEvent::new("orders.créé", serde_json::json!({}))
+                .validate()
+                .is_ok()
+        );
+        for pattern in ["orders.*", "billing.>", "*", ">"] {
+            let err = crate::NewEvent::new(pattern, serde_json::json!({}))
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("is a pattern"), "{pattern:?}: {err}");
+        }
+        assert!(
+            crate::NewEvent::new("orders.a*b.>x", serde_json::json!({}))
+                .validate()
+                .is_ok()
+        );
+        // A filter still finds a row that plain SQL wrote with one, and an
+        // action (pause, limit, cancel) can still name it; not a pattern.
+        assert!(validate_topic("a\nb").is_ok());
+        assert!(validate_named_topic("a\nb").is_ok());
+        assert!(validate_named_topic("a.*").is_err());
     }
 }

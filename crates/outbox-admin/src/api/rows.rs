@@ -305,7 +305,7 @@ impl Selection {
             Self::Ids(ids) => return Ok(ids.clone()),
             Self::Topic(topic) => {
                 // One topic: a pattern would be taken literally and match nothing.
-                outbox_core::model::validate_named_topic(topic)?;
+                outbox_core::topics::validate_named_topic(topic)?;
                 RowFilter {
                     topic: Some(topic.clone()),
                     ..touched

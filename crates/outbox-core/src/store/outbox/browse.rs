@@ -182,7 +182,7 @@ impl RowFilter {
     /// Checks the parts the database would reject with a less helpful error.
     pub fn validate(&self) -> Result<(), Error> {
         if let Some(topic) = &self.topic {
-            crate::model::validate_topic(topic)?;
+            crate::topics::validate_topic(topic)?;
         }
         if let Some(contains) = &self.payload_contains
             && !(contains.is_object() || contains.is_array())

@@ -126,7 +126,7 @@ pub async fn cancel<'e>(
                 .bind(ids)
         }
         CancelFilter::Topic(topic) => {
-            crate::model::validate_named_topic(topic)?;
+            crate::topics::validate_named_topic(topic)?;
             sqlx::query_scalar(CANCEL_TOPIC)
                 .bind(app)
                 .bind(by)
