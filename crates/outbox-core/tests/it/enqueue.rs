@@ -144,62 +144,164 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
     let db = TestDb::new().await?;
     db.app("shop").await?;
     let long = "t".repeat(256);
-    // (call, SQLSTATE): 23503 unknown app, 23502 a required value is NULL,
-    // 23514 a CHECK (empty/too long key, bad source, max_attempts < 1),
-    // 22P02 text that is not JSON, 22P05 \u0000 in JSON, 22007 a bad timestamp.
-    let cases: Vec<(String, &str)> = vec![
-        ("SELECT outbox_enqueue('nope', 't')".into(), "23503"),
-        ("SELECT outbox_enqueue(NULL, 't')".into(), "23503"),
+    // 128 two-byte characters: 256 bytes, one more than a key may have.
+    let wide = "é".repeat(128);
+    // (call, SQLSTATE, what the message says): 23503 unknown app, 23502 a
+    // required value is NULL, 23514 a value out of its range (the function
+    // names the argument), 22P02 text that is not JSON, 22P05 \u0000 in
+    // JSON, 22007 a bad timestamp.
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "SELECT outbox_enqueue('nope', 't')".into(),
+            "23503",
+            "unknown app",
+        ),
+        (
+            "SELECT outbox_enqueue(NULL, 't')".into(),
+            "23503",
+            "unknown app",
+        ),
         (
             "SELECT outbox_enqueue('''; DROP TABLE outbox; --', 't')".into(),
             "23503",
+            "unknown app",
         ),
-        ("SELECT outbox_enqueue('shop', NULL)".into(), "23502"),
-        ("SELECT outbox_enqueue('shop', '')".into(), "23514"),
-        (format!("SELECT outbox_enqueue('shop', '{long}')"), "23514"),
+        (
+            "SELECT outbox_enqueue('shop', NULL)".into(),
+            "23502",
+            "topic",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', '')".into(),
+            "23514",
+            "invalid topic",
+        ),
+        (
+            format!("SELECT outbox_enqueue('shop', '{long}')"),
+            "23514",
+            "invalid topic",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'orders.*')".into(),
+            "23514",
+            "is a pattern",
+        ),
+        (
+            r"SELECT outbox_enqueue('shop', E'a\nb')".into(),
+            "23514",
+            "control characters",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a' || chr(8238) || 'b')".into(),
+            "23514",
+            "control characters",
+        ),
         (
             "SELECT outbox_enqueue('shop', 't', p_idempotency_key => '')".into(),
             "23514",
+            "invalid idempotency_key",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_ordering_key => '')".into(),
             "23514",
+            "invalid ordering_key",
+        ),
+        (
+            format!("SELECT outbox_enqueue('shop', 't', p_partition_key => '{wide}')"),
+            "23514",
+            "invalid partition_key",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_source => 'bogus')".into(),
             "23514",
+            "source",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_max_attempts => 0)".into(),
             "23514",
+            "invalid max_attempts 0",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_priority => -1)".into(),
+            "23514",
+            "invalid priority -1",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', '{not json')".into(),
             "22P02",
+            "json",
         ),
         (
             r#"SELECT outbox_enqueue('shop', 't', '{"a": "\u0000"}')"#.into(),
             "22P05",
+            "Unicode escape",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_run_at => 'someday')".into(),
             "22007",
+            "someday",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_headers => '[1]')".into(),
             "23514",
+            "invalid headers",
         ),
     ];
     let mut wrong = Vec::new();
-    for (call, state) in &cases {
+    for (call, state, says) in &cases {
         match sqlx::query(call).execute(&db.pool).await {
             Ok(_) => wrong.push(format!("{call}: accepted")),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(*state) => {}
-            Err(e) => wrong.push(format!("{call}: want SQLSTATE {state}, got {e:?}")),
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some(*state) && e.message().contains(says) => {}
+            Err(e) => wrong.push(format!(
+                "{call}: want SQLSTATE {state} saying {says:?}, got {e:?}"
+            )),
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 0);
+    Ok(())
+}
+
+/// Migration 0038 creates `outbox_enqueue()` again (its priority became an
+/// integer): a producer role granted the old function may call the new one,
+/// and PUBLIC, whose EXECUTE had been revoked, does not get it back.
+#[tokio::test]
+async fn the_upgrade_of_the_sql_function_keeps_who_may_call_it() -> TestResult {
+    let db = TestDb::migrated_to(37).await?;
+    let role = format!("producer_{}", uuid::Uuid::new_v4().simple());
+    let old = "outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, smallint, text)";
+    for statement in [
+        format!("CREATE ROLE {role}"),
+        format!("REVOKE ALL ON FUNCTION {old} FROM PUBLIC"),
+        format!("GRANT EXECUTE ON FUNCTION {old} TO {role}"),
+    ] {
+        sqlx::query(&statement).execute(&db.pool).await?;
+    }
+    let upgraded = outbox_core::migrate(&db.pool).await;
+    let may_call: Result<(bool, bool), sqlx::Error> = sqlx::query_as(
+        "SELECT has_function_privilege($1, p.oid, 'EXECUTE'),
+                EXISTS (SELECT 1
+                        FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                        WHERE a.grantee = 0)
+         FROM pg_proc p WHERE p.proname = 'outbox_enqueue'",
+    )
+    .bind(&role)
+    .fetch_one(&db.pool)
+    .await;
+    // Roles belong to the server, not to the test's database.
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&db.pool)
+        .await?;
+    upgraded?;
+    assert_eq!(may_call?, (true, false), "(the role may call, PUBLIC may)");
+    db.app("shop").await?;
+    sqlx::query("SELECT outbox_enqueue('shop', 't', p_priority => 5)")
+        .execute(&db.pool)
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,169 @@
+-- outbox_enqueue() takes its priority as an integer, and refuses a bad topic
+-- or key with a message of its own.
+--
+-- `p_priority` was a smallint, and PostgreSQL does not turn an integer into
+-- a smallint to find a function: `outbox_enqueue('shop', 't', p_priority =>
+-- 5)` failed with "function … does not exist" unless the caller wrote
+-- `5::smallint`. A parameter's type cannot be changed in place, so the
+-- function is dropped and created again in this migration's transaction;
+-- callers never see it missing. The privileges granted on the old function
+-- are granted again on the new one.
+--
+-- A topic or key out of range was refused by the table's CHECK, naming a
+-- constraint of an internal segment table. The function now applies the
+-- rules `outboxd enqueue`, the HTTP API and the library apply (1 to 255
+-- bytes; a topic is one name, not a pattern, without control characters),
+-- with the same SQLSTATEs as before (23502 for a NULL topic, 23514 for the
+-- rest).
+
+CREATE TEMPORARY TABLE outbox_enqueue_grants ON COMMIT DROP AS
+    SELECT p.proacl AS acl
+    FROM pg_proc p
+    WHERE p.oid = 'outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, smallint, text)'::regprocedure;
+
+DROP FUNCTION outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, smallint, text);
+
+CREATE FUNCTION outbox_enqueue(
+    p_app             text,
+    p_topic           text,
+    p_payload         jsonb DEFAULT '{}'::jsonb,
+    p_run_at          timestamptz DEFAULT NULL,
+    p_idempotency_key text DEFAULT NULL,
+    p_ordering_key    text DEFAULT NULL,
+    p_max_attempts    integer DEFAULT NULL,
+    p_headers         jsonb DEFAULT '{}'::jsonb,
+    p_source          text DEFAULT 'queue',
+    p_priority        integer DEFAULT 0,
+    p_partition_key   text DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_app_id     uuid;
+    v_id         uuid := outbox_uuid_v7();
+    v_run_at     timestamptz;
+    v_not_before timestamptz;
+    v_segment    smallint;
+    v_key        record;
+BEGIN
+    SELECT id INTO v_app_id FROM apps WHERE slug = p_app;
+    IF v_app_id IS NULL THEN
+        RAISE EXCEPTION 'outbox_enqueue: unknown app %', quote_literal(p_app)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF p_topic IS NULL THEN
+        RAISE EXCEPTION 'outbox_enqueue: the topic must not be NULL'
+            USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF octet_length(p_topic) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must be 1 to 255 bytes (it is %)',
+            octet_length(p_topic)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF '*' = ANY (string_to_array(p_topic, '.')) OR '>' = ANY (string_to_array(p_topic, '.')) THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic %: it is a pattern; name one topic (the wildcards * and > are for patterns such as nats.relay_topics)',
+            quote_literal(p_topic)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- As the library: a topic is shown in logs, metrics and the console,
+    -- where a line break could forge a line and a bidirectional control
+    -- reorder what an operator reads.
+    IF p_topic ~ '[\x01-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]' THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must not contain control characters'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    FOR v_key IN
+        SELECT * FROM (VALUES ('idempotency_key', p_idempotency_key),
+                              ('ordering_key', p_ordering_key),
+                              ('partition_key', p_partition_key)) AS k (field, val)
+        WHERE octet_length(k.val) NOT BETWEEN 1 AND 255
+    LOOP
+        RAISE EXCEPTION 'outbox_enqueue: invalid %: it must be 1 to 255 bytes (it is %)',
+            v_key.field, octet_length(v_key.val)
+            USING ERRCODE = 'check_violation';
+    END LOOP;
+    IF p_max_attempts < 1 THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid max_attempts %: it must be at least 1', p_max_attempts
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF p_payload IS NULL THEN
+        p_payload := '{}'::jsonb;
+    END IF;
+    IF p_headers IS NULL THEN
+        p_headers := '{}'::jsonb;
+    END IF;
+    IF jsonb_typeof(p_headers) <> 'object' THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid headers: they must be a JSON object (got %)',
+            jsonb_typeof(p_headers)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF p_priority IS NULL OR p_priority NOT BETWEEN 0 AND 9 THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid priority %: it must be between 0 and 9', p_priority
+            USING ERRCODE = 'check_violation';
+    END IF;
+    v_run_at := coalesce(p_run_at, now()) - make_interval(secs => p_priority * 10);
+    v_not_before := CASE WHEN p_priority > 0 AND p_run_at > now() THEN p_run_at END;
+    IF p_idempotency_key IS NOT NULL OR coalesce(p_run_at, now()) > now() + interval '1 minute' THEN
+        INSERT INTO outbox (id, app_id, source, topic, payload, headers, run_at,
+                            idempotency_key, ordering_key, max_attempts, priority, not_before,
+                            partition_key)
+        VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
+                p_idempotency_key, p_ordering_key, p_max_attempts, p_priority, v_not_before,
+                p_partition_key)
+        ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING id INTO v_id;
+        IF v_id IS NULL THEN
+            -- ONLY: keys live in outbox itself, and reading the segments
+            -- would hold their locks, and so hold off rotation, until the
+            -- caller's transaction ends.
+            SELECT id INTO v_id FROM ONLY outbox
+            WHERE app_id = v_app_id AND idempotency_key = p_idempotency_key;
+        END IF;
+        RETURN v_id;
+    END IF;
+    -- One static INSERT per segment rather than EXECUTE format('%I'):
+    -- PL/pgSQL keeps the plans of static statements, EXECUTE plans each call.
+    SELECT current INTO v_segment FROM outbox_segments;
+    IF v_segment = 1 THEN
+        INSERT INTO outbox_s1 (id, app_id, source, topic, payload, headers, run_at,
+                               ordering_key, max_attempts, priority, not_before, partition_key)
+        VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
+                p_ordering_key, p_max_attempts, p_priority, v_not_before, p_partition_key);
+    ELSIF v_segment = 2 THEN
+        INSERT INTO outbox_s2 (id, app_id, source, topic, payload, headers, run_at,
+                               ordering_key, max_attempts, priority, not_before, partition_key)
+        VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
+                p_ordering_key, p_max_attempts, p_priority, v_not_before, p_partition_key);
+    ELSE
+        INSERT INTO outbox_s0 (id, app_id, source, topic, payload, headers, run_at,
+                               ordering_key, max_attempts, priority, not_before, partition_key)
+        VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
+                p_ordering_key, p_max_attempts, p_priority, v_not_before, p_partition_key);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- The old function's privileges on the new one. A NULL acl is the default
+-- (EXECUTE for PUBLIC), which the new function has already; otherwise PUBLIC
+-- keeps EXECUTE only if it had it.
+DO $$
+DECLARE
+    v_acl   aclitem[] := (SELECT acl FROM outbox_enqueue_grants);
+    v_grant record;
+BEGIN
+    IF v_acl IS NULL THEN
+        RETURN;
+    END IF;
+    REVOKE ALL ON FUNCTION outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, integer, text) FROM PUBLIC;
+    FOR v_grant IN
+        SELECT a.grantee, a.is_grantable FROM aclexplode(v_acl) AS a
+        WHERE a.privilege_type = 'EXECUTE'
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, integer, text) TO %s%s',
+                       -- regrole's text is already quoted where it needs to be.
+                       CASE WHEN v_grant.grantee = 0 THEN 'PUBLIC'
+                            ELSE v_grant.grantee::regrole::text END,
+                       CASE WHEN v_grant.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$$;
