@@ -269,11 +269,9 @@ fn parse_env_value(raw: &str) -> figment::value::Value {
 }
 
 fn env_hint(key: &str) -> String {
-    let var = match key.split_once('.') {
-        Some((section, k)) => format!("OUTBOXD_{}__{}", section, k),
-        None => format!("OUTBOXD_{key}"),
-    }
-    .to_ascii_uppercase();
+    // Every level of a nested key is separated by `__` (`nats.stream.max_bytes`
+    // is OUTBOXD_NATS__STREAM__MAX_BYTES).
+    let var = format!("OUTBOXD_{}", key.replace('.', "__")).to_ascii_uppercase();
     // The short names that override these (see `load_from`).
     match key {
         "database.url" => format!(" (env DATABASE_URL or {var})"),
@@ -343,15 +341,37 @@ fn describe_figment_error(err: figment::Error) -> String {
         .join("; ")
 }
 
+/// Whether the configuration library's `expected` names an unsigned integer.
+fn is_unsigned(expected: &str) -> bool {
+    matches!(expected, "u8" | "u16" | "u32" | "u64" | "usize")
+}
+
+/// Whether the configuration library's `expected` names an integer.
+fn is_integer(expected: &str) -> bool {
+    is_unsigned(expected) || matches!(expected, "i8" | "i16" | "i32" | "i64" | "isize")
+}
+
 /// What the configuration library says about a value, in the words of
-/// `config/default.toml` (which gives each key's range).
+/// `config/default.toml` (which gives each key's range). A whole number
+/// that does not fit the key's type is out of any range the key takes.
 fn describe_kind(kind: &figment::error::Kind) -> String {
-    use figment::error::Kind;
+    use figment::error::{Actual, Kind};
     match kind {
+        Kind::InvalidValue(Actual::Signed(n), expected) if *n < 0 && is_unsigned(expected) => {
+            format!("got {n}, which is negative; config/default.toml gives the key's range")
+        }
+        Kind::InvalidValue(Actual::Unsigned(n), expected) if is_integer(expected) => {
+            format!("got {n}, which is far too large; config/default.toml gives the key's range")
+        }
+        Kind::InvalidValue(Actual::Signed(n), expected) if is_integer(expected) => {
+            format!(
+                "got {n}, which is far too large or small; config/default.toml gives the key's range"
+            )
+        }
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
             let expected = match expected.as_str() {
-                "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number, 0 or more",
-                "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+                e if is_unsigned(e) => "a whole number, 0 or more",
+                e if is_integer(e) => "a whole number",
                 "f32" | "f64" => "a number",
                 "a boolean" | "bool" => "true or false",
                 "a string" | "a borrowed string" | "a character" => "text",

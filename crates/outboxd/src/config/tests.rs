@@ -56,12 +56,22 @@ fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
         (
             "OUTBOXD_DISPATCHER__BATCH_SIZE",
             "-5",
-            "got signed int -5, expected a whole number, 0 or more",
+            "got -5, which is negative; config/default.toml gives the key's range",
+        ),
+        (
+            "OUTBOXD_DISPATCHER__CONCURRENCY",
+            "99999999999",
+            "got 99999999999, which is far too large; config/default.toml gives the key's range",
         ),
         (
             "OUTBOXD_DISPATCHER__BATCH_SIZE",
             "lots",
             "expected a whole number, 0 or more",
+        ),
+        (
+            "OUTBOXD_NATS__STREAM__MAX_BYTES",
+            "lots",
+            "expected a whole number (env OUTBOXD_NATS__STREAM__MAX_BYTES)",
         ),
         (
             "OUTBOXD_NATS__RELAY_TOPICS",
