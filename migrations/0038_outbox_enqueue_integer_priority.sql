@@ -9,12 +9,17 @@
 -- callers never see it missing. The privileges granted on the old function
 -- are granted again on the new one.
 --
--- A topic or key out of range was refused by the table's CHECK, naming a
--- constraint of an internal segment table. The function now applies the
+-- A topic, key or source out of range was refused by the table's CHECK,
+-- naming a constraint of an internal segment table. The function now applies the
 -- rules `outboxd enqueue`, the HTTP API and the library apply (1 to 255
--- bytes; a topic is one name, not a pattern, without control characters),
+-- bytes; a topic is one name, not a pattern, without control characters
+-- or an empty token),
 -- with the same SQLSTATEs as before (23502 for a NULL topic, 23514 for the
 -- rest).
+--
+-- With an idempotency key, a call that collided with a row which then
+-- finished before the look-up answered NULL and wrote nothing; it now
+-- inserts again (three times at most, then SQLSTATE 40001, "try again").
 
 CREATE TEMPORARY TABLE outbox_enqueue_grants ON COMMIT DROP AS
     SELECT p.proacl AS acl
@@ -44,6 +49,7 @@ DECLARE
     v_not_before timestamptz;
     v_segment    smallint;
     v_key        record;
+    v_inserted   uuid;
 BEGIN
     SELECT id INTO v_app_id FROM apps WHERE slug = p_app;
     IF v_app_id IS NULL THEN
@@ -64,6 +70,11 @@ BEGIN
             quote_literal(p_topic)
             USING ERRCODE = 'check_violation';
     END IF;
+    IF p_topic NOT LIKE 'webhook:%' AND '' = ANY (string_to_array(p_topic, '.')) THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic %: it has an empty token (a leading, trailing or doubled ''.'')',
+            quote_literal(p_topic)
+            USING ERRCODE = 'check_violation';
+    END IF;
     -- As the library: a topic is shown in logs, metrics and the console,
     -- where a line break could forge a line and a bidirectional control
     -- reorder what an operator reads.
@@ -81,6 +92,11 @@ BEGIN
             v_key.field, octet_length(v_key.val)
             USING ERRCODE = 'check_violation';
     END LOOP;
+    IF p_source IS NULL OR p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats') THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid source %: it must be one of kv, cron, pubsub, queue, dead_letter, email, nats',
+            coalesce(quote_literal(p_source), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
     IF p_max_attempts < 1 THEN
         RAISE EXCEPTION 'outbox_enqueue: invalid max_attempts %: it must be at least 1', p_max_attempts
             USING ERRCODE = 'check_violation';
@@ -103,22 +119,33 @@ BEGIN
     v_run_at := coalesce(p_run_at, now()) - make_interval(secs => p_priority * 10);
     v_not_before := CASE WHEN p_priority > 0 AND p_run_at > now() THEN p_run_at END;
     IF p_idempotency_key IS NOT NULL OR coalesce(p_run_at, now()) > now() + interval '1 minute' THEN
-        INSERT INTO outbox (id, app_id, source, topic, payload, headers, run_at,
-                            idempotency_key, ordering_key, max_attempts, priority, not_before,
-                            partition_key)
-        VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
-                p_idempotency_key, p_ordering_key, p_max_attempts, p_priority, v_not_before,
-                p_partition_key)
-        ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING id INTO v_id;
-        IF v_id IS NULL THEN
+        -- The row holding the key may finish (and be deleted) between the
+        -- insert that collided with it and the look-up: then insert again,
+        -- as the library does, rather than answer NULL.
+        FOR v_try IN 1..3 LOOP
+            INSERT INTO outbox (id, app_id, source, topic, payload, headers, run_at,
+                                idempotency_key, ordering_key, max_attempts, priority, not_before,
+                                partition_key)
+            VALUES (v_id, v_app_id, p_source, p_topic, p_payload, p_headers, v_run_at,
+                    p_idempotency_key, p_ordering_key, p_max_attempts, p_priority, v_not_before,
+                    p_partition_key)
+            ON CONFLICT (app_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING id INTO v_inserted;
+            IF v_inserted IS NOT NULL THEN
+                RETURN v_inserted;
+            END IF;
             -- ONLY: keys live in outbox itself, and reading the segments
             -- would hold their locks, and so hold off rotation, until the
             -- caller's transaction ends.
-            SELECT id INTO v_id FROM ONLY outbox
+            SELECT id INTO v_inserted FROM ONLY outbox
             WHERE app_id = v_app_id AND idempotency_key = p_idempotency_key;
-        END IF;
-        RETURN v_id;
+            IF v_inserted IS NOT NULL THEN
+                RETURN v_inserted;
+            END IF;
+        END LOOP;
+        RAISE EXCEPTION 'outbox_enqueue: the row holding idempotency key % kept finishing while this call looked it up; try again',
+            quote_literal(p_idempotency_key)
+            USING ERRCODE = 'serialization_failure';
     END IF;
     -- One static INSERT per segment rather than EXECUTE format('%I'):
     -- PL/pgSQL keeps the plans of static statements, EXECUTE plans each call.

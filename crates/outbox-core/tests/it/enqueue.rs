@@ -192,6 +192,21 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
             "control characters",
         ),
         (
+            "SELECT outbox_enqueue('shop', 'orders..created')".into(),
+            "23514",
+            "empty token",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', '.orders')".into(),
+            "23514",
+            "empty token",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 't', p_source => NULL)".into(),
+            "23514",
+            "invalid source NULL",
+        ),
+        (
             "SELECT outbox_enqueue('shop', 'a' || chr(8238) || 'b')".into(),
             "23514",
             "control characters",
@@ -214,7 +229,7 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
         (
             "SELECT outbox_enqueue('shop', 't', p_source => 'bogus')".into(),
             "23514",
-            "source",
+            "invalid source 'bogus'",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_max_attempts => 0)".into(),
@@ -302,6 +317,53 @@ async fn the_upgrade_of_the_sql_function_keeps_who_may_call_it() -> TestResult {
     sqlx::query("SELECT outbox_enqueue('shop', 't', p_priority => 5)")
         .execute(&db.pool)
         .await?;
+    Ok(())
+}
+
+/// A call whose idempotency key is held by a row that finishes between the
+/// call's insert and its look-up inserts again: it never answers NULL.
+/// (Before migration 0038 a deleter racing two producers made some calls
+/// answer NULL and write nothing.)
+#[tokio::test]
+async fn the_sql_function_never_answers_null_while_the_keys_row_keeps_finishing() -> TestResult {
+    let db = TestDb::with_pool_size(4).await?;
+    db.app("shop").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deleter = {
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query("DELETE FROM ONLY outbox WHERE idempotency_key = 'k'")
+                    .execute(&pool)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        })
+    };
+    let producers: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                let mut nulls = 0;
+                for _ in 0..1500 {
+                    let id: Option<uuid::Uuid> = sqlx::query_scalar(
+                        "SELECT outbox_enqueue('shop', 't', p_idempotency_key => 'k')",
+                    )
+                    .fetch_one(&pool)
+                    .await?;
+                    nulls += usize::from(id.is_none());
+                }
+                Ok::<_, sqlx::Error>(nulls)
+            })
+        })
+        .collect();
+    let mut nulls = 0;
+    for producer in producers {
+        nulls += producer.await??;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    deleter.await??;
+    assert_eq!(nulls, 0, "calls that answered NULL");
     Ok(())
 }
 
