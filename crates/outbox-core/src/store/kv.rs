@@ -237,6 +237,21 @@ async fn fire(
             event
         })
         .collect();
+    // A target written before the rules for a topic: say which trigger
+    // refuses the write, not only what is wrong with a topic the writer
+    // never named.
+    for event in &events {
+        if let Err(Error::Invalid { reason, .. }) = event.validate() {
+            return Err(Error::invalid(
+                "trigger",
+                format!(
+                    "the KV trigger {} writes its rows to {:?}, which is refused ({reason}): delete the trigger and create it with a valid target",
+                    event.trigger_id.unwrap_or_default(),
+                    event.topic
+                ),
+            ));
+        }
+    }
     enqueue_batch(conn, app_id, &events).await
 }
 

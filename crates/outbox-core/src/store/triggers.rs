@@ -138,7 +138,13 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
             format!("{target:?}: a webhook target is webhook:http(s)://host/path"),
         ));
     }
-    Ok(())
+    // The target is the topic of every row the trigger writes: a pattern or
+    // a control character would be refused at each write, failing the KV
+    // write or the cron tick instead of the trigger's creation.
+    crate::topics::validate_new_topic(target).map_err(|err| match err {
+        Error::Invalid { reason, .. } => Error::invalid("target", reason),
+        other => other,
+    })
 }
 
 /// Creates a trigger in the caller's transaction; returns its id.
@@ -302,12 +308,35 @@ struct DueCron {
     tick: DateTime<Utc>,
 }
 
-/// Enqueues one row per due cron trigger and moves it to its next tick; returns
-/// the outbox ids. Each tick's row carries the idempotency key
-/// `cron:<trigger>:<tick>`, and due triggers are locked with `SKIP LOCKED`, so
-/// several schedulers never enqueue a tick twice. Ticks missed while nothing
-/// ran fire once, not once per missed tick.
-pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uuid>, Error> {
+/// What one pass of [`fire_due_cron`] did.
+#[derive(Debug, Default)]
+pub struct CronPass {
+    /// The outbox ids of the rows the due ticks wrote.
+    pub fired: Vec<Uuid>,
+    /// Ticks that wrote nothing because their row would be refused (a
+    /// target written before the rules for a topic), with the reason; the
+    /// trigger moved on to its next tick all the same.
+    pub skipped: Vec<SkippedTick>,
+}
+
+/// A cron tick that wrote no row.
+#[derive(Debug)]
+pub struct SkippedTick {
+    /// The trigger.
+    pub trigger_id: Uuid,
+    /// Its app.
+    pub app_id: Uuid,
+    /// Why its row was refused.
+    pub error: Error,
+}
+
+/// Enqueues one row per due cron trigger and moves it to its next tick.
+/// Each tick's row carries the idempotency key `cron:<trigger>:<tick>`, and
+/// due triggers are locked with `SKIP LOCKED`, so several schedulers never
+/// enqueue a tick twice. Ticks missed while nothing ran fire once, not once
+/// per missed tick. A trigger whose row would be refused skips its tick
+/// (see [`CronPass::skipped`]) rather than hold back every other trigger.
+pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<CronPass, Error> {
     let due: Vec<DueCron> = sqlx::query_as(
         "SELECT t.id AS trigger_id, t.app_id, t.target, c.schedule, c.timezone,
                 t.registered_by_principal AS principal, c.next_fire_at AS tick
@@ -323,7 +352,7 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&mut *conn)
         .await?;
-    let mut ids = Vec::new();
+    let mut pass = CronPass::default();
     for DueCron {
         trigger_id,
         app_id,
@@ -343,7 +372,14 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
         event.trigger_id = Some(trigger_id);
         event.target = Some(target);
         event.registered_by_principal = principal;
-        ids.push(crate::enqueue(conn, app_id, &event).await?);
+        match event.validate() {
+            Ok(()) => pass.fired.push(crate::enqueue(conn, app_id, &event).await?),
+            Err(error) => pass.skipped.push(SkippedTick {
+                trigger_id,
+                app_id,
+                error,
+            }),
+        }
         let next = next_tick_in(&schedule, &timezone, now)?;
         sqlx::query("UPDATE cron_trigger_details SET last_fire_at = $2, next_fire_at = $3 WHERE trigger_id = $1")
             .bind(trigger_id)
@@ -352,7 +388,7 @@ pub async fn fire_due_cron(conn: &mut PgConnection, limit: i64) -> Result<Vec<Uu
             .execute(&mut *conn)
             .await?;
     }
-    Ok(ids)
+    Ok(pass)
 }
 
 #[cfg(test)]

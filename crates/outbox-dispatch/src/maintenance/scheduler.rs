@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Error;
 
@@ -48,13 +48,21 @@ impl Scheduler {
     /// One pass: fires every due trigger (up to the batch) and returns how many rows it enqueued.
     pub async fn run_once(&self) -> Result<usize, Error> {
         let mut tx = self.pool.begin().await?;
-        let ids = outbox_core::store::triggers::fire_due_cron(&mut tx, self.config.batch).await?;
+        let pass = outbox_core::store::triggers::fire_due_cron(&mut tx, self.config.batch).await?;
         tx.commit().await?;
-        metrics::counter!("outboxd_cron_fired_total").increment(ids.len() as u64);
-        if !ids.is_empty() {
-            info!(fired = ids.len(), "cron ticks enqueued");
+        for skipped in &pass.skipped {
+            warn!(
+                trigger_id = %skipped.trigger_id,
+                app_id = %skipped.app_id,
+                error = %skipped.error,
+                "cron tick skipped: the trigger's row would be refused; delete the trigger and create it with a valid target"
+            );
         }
-        Ok(ids.len())
+        metrics::counter!("outboxd_cron_fired_total").increment(pass.fired.len() as u64);
+        if !pass.fired.is_empty() {
+            info!(fired = pass.fired.len(), "cron ticks enqueued");
+        }
+        Ok(pass.fired.len())
     }
 }
 

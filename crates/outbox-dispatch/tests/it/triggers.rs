@@ -513,3 +513,87 @@ async fn trigger_work_of_a_principal_that_lost_its_rights_is_dead_lettered() -> 
     );
     Ok(())
 }
+
+/// A target that no row may have is refused when the trigger is created.
+/// One an earlier version let through skips its cron ticks, holding back no
+/// other trigger, and a KV write it refuses names it.
+#[tokio::test]
+async fn a_trigger_target_a_row_may_not_have_is_refused_and_holds_back_no_other() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let cron = || TriggerSpec::Cron {
+        schedule: "* * * * * *".into(),
+        timezone: "UTC".into(),
+    };
+    let kv = || TriggerSpec::Kv {
+        collection: "orders".into(),
+        ops: vec!["put".into()],
+    };
+    let mut tx = db.pool.begin().await?;
+    for (target, spec, says) in [
+        ("orders.>", cron(), "is a pattern"),
+        ("orders.*", kv(), "is a pattern"),
+        ("a\u{7}b", kv(), "control characters"),
+        ("orders..placed", cron(), "empty token"),
+    ] {
+        let err = triggers::create(&mut tx, app, "refused", target, None, &spec)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("invalid target") && err.contains(says),
+            "{target:?}: {err}"
+        );
+    }
+    let legacy = triggers::create(&mut tx, app, "legacy", "orders.placed", None, &cron()).await?;
+    let legacy_kv =
+        triggers::create(&mut tx, app, "legacy-kv", "orders.saved", None, &kv()).await?;
+    let good = triggers::create(&mut tx, app, "good", "tick", None, &cron()).await?;
+    tx.commit().await?;
+    // What an earlier version accepted.
+    sqlx::query("UPDATE triggers SET target = 'orders.>' WHERE id = ANY($1)")
+        .bind(vec![legacy, legacy_kv])
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await?;
+
+    let fired = Scheduler::new(db.pool.clone(), SchedulerConfig::default())
+        .run_once()
+        .await?;
+    assert_eq!(fired, 1, "the good trigger fired");
+    let rows: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT trigger_id, count(*) FROM outbox GROUP BY trigger_id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(rows, [(good, 1)]);
+    let moved_on: bool = sqlx::query_scalar(
+        "SELECT next_fire_at > now() - interval '1 second' FROM cron_trigger_details WHERE trigger_id = $1",
+    )
+    .bind(legacy)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(moved_on, "the skipped trigger waits for its next tick");
+
+    let mut tx = db.pool.begin().await?;
+    let err = kv::put(
+        &mut tx,
+        app,
+        "orders",
+        "o1",
+        &json!({"total": 1}),
+        None,
+        &WriteContext::default(),
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        err.contains(&legacy_kv.to_string()) && err.contains("is a pattern"),
+        "{err}"
+    );
+    Ok(())
+}
