@@ -21,6 +21,7 @@ use crate::error::ApiError;
 mod accounts;
 mod apps;
 mod dead_letters;
+pub(crate) mod declared;
 mod login;
 mod rows;
 mod topics;

@@ -443,6 +443,54 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "{uri}: {answer}"
         );
     }
+    // Every route refuses what the OpenAPI document does not declare for it:
+    // a query parameter (a misplaced expected_version made a KV write
+    // unconditional), or a body where it takes none (a reason was dropped).
+    for (method, uri, body, want) in [
+        (
+            "PUT",
+            "/api/apps/app-a/kv/notes/n2?expected_version=1",
+            Some(json!({"value": 1})),
+            "expected_version: unknown field (this route takes no query parameters)",
+        ),
+        (
+            "GET",
+            "/api/apps/app-a/processes?app=app-b",
+            None,
+            "app: unknown field (this route takes no query parameters)",
+        ),
+        (
+            "GET",
+            "/api/apps/app-a/outbox?colour=red&topic=t",
+            None,
+            "colour: unknown field (accepted: topic, state, ",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/dead-letters/00000000-0000-0000-0000-000000000000/ignore",
+            Some(json!({"reason": "duplicate"})),
+            "body: this route takes no body",
+        ),
+    ] {
+        let (s, answer) = w.call(method, uri, Some(&root), body).await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(want), "{method} {uri}: {message}");
+    }
+    let (s, answer) = w
+        .call("GET", "/api/apps/app-a/kv/notes/n2", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing was written: {answer}");
+    // `{}` or no body at all says nothing, and is taken where none is declared.
+    let (s, answer) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/dead-letters/00000000-0000-0000-0000-000000000000/ignore",
+            Some(&root),
+            Some(json!({})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{answer}");
     // One body limit, answered 413 too_large on every route, login included.
     let huge = json!({"email": "x".repeat(2 << 20), "password": "p"});
     for uri in ["/api/login", "/api/apps/app-a/events/e"] {
