@@ -102,7 +102,19 @@ pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Cli
     if servers.is_empty() {
         return Err(Error::Config("no NATS server address given".into()));
     }
-    let options = async_nats::ConnectOptions::new().name("outboxd");
+    // A lost connection is what an operator needs to see first when relayed
+    // rows stop moving: the client reports it at INFO only.
+    let options = async_nats::ConnectOptions::new()
+        .name("outboxd")
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!(
+                    "NATS connection lost: rows to relay wait (no attempt spent) until it is back"
+                ),
+                async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
+                other => tracing::info!(event = %other, "NATS client event"),
+            }
+        });
     let options = if fail_fast {
         options.connection_timeout(std::time::Duration::from_secs(2))
     } else {
@@ -133,6 +145,10 @@ pub fn describe_metrics() {
     describe_counter!(
         "outboxd_published_total",
         "Events relayed to JetStream (PubAck received)."
+    );
+    describe_counter!(
+        "outboxd_publish_deferred_total",
+        "Relay attempts put off, without spending an attempt, because the NATS connection was down."
     );
     describe_counter!(
         "outboxd_published_duplicates_total",

@@ -35,6 +35,10 @@ impl Default for RelayConfig {
     }
 }
 
+/// How long a row waits, without spending an attempt, while the NATS
+/// connection is down.
+pub const DISCONNECTED_PAUSE: Duration = Duration::from_secs(1);
+
 /// When a relay last had a publish acknowledged; clones share it.
 #[derive(Debug, Clone, Default)]
 pub struct PublishStatus(Arc<AtomicI64>);
@@ -125,6 +129,15 @@ impl Relay {
                 (subject, event.id.to_string())
             }
         };
+        // While the client is disconnected it would buffer the message and
+        // send it on reconnect, long after this attempt failed for want of a
+        // PubAck: the row could then be dead-lettered, and replayed under a
+        // new id, although its message reached the stream. Waiting spends no
+        // attempt, so an outage of any length sends no row to dead letters.
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            metrics::counter!("outboxd_publish_deferred_total").increment(1);
+            return Err(HandlerError::Snooze(DISCONNECTED_PAUSE));
+        }
         let headers = headers::inject(&message_id, &slug, &event.topic, &event.headers);
         let payload = serde_json::to_vec(&event.payload)
             .map_err(|e| HandlerError::permanent(format!("payload does not serialize: {e}")))?;
@@ -150,8 +163,13 @@ impl Relay {
             }
             Ok(Err(err)) => Err(classify(&subject, err.kind(), &err)),
             Err(_) => Err(HandlerError::retry(format!(
-                "no PubAck for {subject} within {:?}",
-                self.config.ack_timeout
+                "no PubAck for {subject} within {:?}{}",
+                self.config.ack_timeout,
+                if self.js.client().connection_state() == async_nats::connection::State::Connected {
+                    ""
+                } else {
+                    " (the NATS connection was lost meanwhile: the message may still reach the stream; its retry has the same message id, which JetStream takes once)"
+                }
             ))),
         }
     }

@@ -18,7 +18,17 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 async fn jetstream() -> Result<jetstream::Context, Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL")
         .map_err(|_| "NATS_URL is not set: run the tests through scripts/test.sh")?;
-    Ok(jetstream::new(outbox_nats::connect(&url).await?))
+    let client = outbox_nats::connect(&url).await?;
+    // `connect` returns before the first connection is made, and the relay
+    // publishes nothing until it is.
+    let up = outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await;
+    if !up {
+        return Err(format!("no connection to NATS at {url}").into());
+    }
+    Ok(jetstream::new(client))
 }
 
 /// A stream and subject space of this test's own on the shared server.
@@ -354,5 +364,100 @@ async fn subjects_from_fields_of_the_row_are_concrete_or_the_row_fails_naming_th
         assert!(error.contains(says), "{error}");
         assert_eq!(dead[0].attempt_count, 1, "permanent: one attempt");
     }
+    Ok(())
+}
+
+/// While the NATS connection is down the relay publishes nothing: the client
+/// would buffer the message and send it on reconnect, long after the
+/// attempt failed for want of a PubAck, so a dead-lettered row could reach
+/// the stream and then again when replayed. The row waits instead, without
+/// spending an attempt, and is published once the server is back.
+#[tokio::test]
+async fn the_relay_waits_without_an_attempt_while_nats_is_down() -> TestResult {
+    let bin = std::env::var("NATS_BIN").map_err(|_| "NATS_BIN is not set: run scripts/test.sh")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let store = std::env::temp_dir().join(format!("outboxd-relay-down-{}", unique_prefix()));
+    let serve = || {
+        std::process::Command::new(&bin)
+            .args(["-js", "-sd"])
+            .arg(&store)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    };
+    let mut server = serve()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let connected = outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        async_nats::connect(&url).await.is_ok()
+    })
+    .await;
+    assert!(connected, "the test's nats-server never answered");
+    let client = outbox_nats::connect(&url).await?;
+    let js = jetstream::new(client.clone());
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let prefix = unique_prefix();
+    ensure_stream(&js, &contract(&prefix)).await?;
+    let relay = Relay::new(
+        js.clone(),
+        db.pool.clone(),
+        RelayConfig {
+            subject_template: format!("{prefix}.{{app}}.{{topic}}"),
+            ack_timeout: Duration::from_millis(500),
+            ..RelayConfig::default()
+        },
+    );
+    let event = Event {
+        id: uuid::Uuid::now_v7(),
+        app_id: app,
+        topic: "t".into(),
+        source: "queue".into(),
+        op: String::new(),
+        payload: json!({"n": 1}),
+        headers: json!({}),
+        attempt: 1,
+        max_attempts: 5,
+        enqueued_at: chrono::Utc::now(),
+        first_attempt_at: None,
+        ordering_key: None,
+        depth: 0,
+        trigger_id: None,
+        principal: None,
+        reply: Default::default(),
+        claim_tx: None,
+    };
+
+    server.kill()?;
+    server.wait()?;
+    let lost = outbox_testkit::wait_until(Duration::from_secs(10), || async {
+        client.connection_state() != async_nats::connection::State::Connected
+    })
+    .await;
+    assert!(lost, "the client never noticed the server had gone");
+    let answer = relay.publish(event.clone()).await;
+    assert!(
+        matches!(answer, Err(outbox_dispatch::HandlerError::Snooze(_))),
+        "{answer:?}"
+    );
+
+    let mut server = serve()?;
+    let back = outbox_testkit::wait_until(Duration::from_secs(15), || async {
+        client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await;
+    let published = relay.publish(event).await;
+    let mut stream = js
+        .get_stream(format!("OUTBOX_{}", prefix.to_uppercase()))
+        .await?;
+    let messages = stream.info().await?.state.messages;
+    server.kill()?;
+    server.wait()?;
+    let _ = std::fs::remove_dir_all(&store);
+    assert!(back, "the client never reconnected");
+    assert!(published.is_ok_and(|ack| !ack.duplicate));
+    assert_eq!(messages, 1, "published once, nothing buffered while down");
     Ok(())
 }
