@@ -66,6 +66,14 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "outboxd_table_dead_tuples",
         "Dead tuples of outboxd's tables (PostgreSQL statistics), read at scrape time."
     );
+    metrics::describe_gauge!(
+        "outboxd_database_up",
+        "1 when this scrape read PostgreSQL within its budget; 0 when it did not (the gauges read at scrape time then keep their last values)."
+    );
+    metrics::describe_gauge!(
+        "outboxd_nats_connected",
+        "1 while the NATS connection is up, 0 while it is lost (only when NATS is configured)."
+    );
     Ok(handle)
 }
 
@@ -150,20 +158,39 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "nats": nats }))
 }
 
+/// How long a scrape waits for PostgreSQL: well inside Prometheus's default
+/// scrape timeout (10 s), so a database outage still gets every other metric
+/// through, with `outboxd_database_up 0`.
+const SCRAPE_DATABASE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    // Gauges that describe the database are read at scrape time.
-    if let Ok(age) = outbox_core::store::outbox::oldest_due_age(&state.pool).await {
-        metrics::gauge!("outboxd_oldest_due_age_seconds").set(age);
-    }
-    if let Ok(rows) = outbox_core::store::dead_letters::unresolved_by_app(&state.pool).await {
-        for (app, count) in rows {
-            metrics::gauge!("outboxd_dead_letters_unresolved", "app" => app).set(count as f64);
+    // Gauges that describe the database are read at scrape time, at once.
+    let reads = async {
+        tokio::join!(
+            outbox_core::store::outbox::oldest_due_age(&state.pool),
+            outbox_core::store::dead_letters::unresolved_by_app(&state.pool),
+            outbox_core::store::retention::dead_tuples(&state.pool),
+        )
+    };
+    let database_up = match tokio::time::timeout(SCRAPE_DATABASE_BUDGET, reads).await {
+        Ok((age, unresolved, dead_tuples)) => {
+            let up = age.is_ok() && unresolved.is_ok() && dead_tuples.is_ok();
+            if let Ok(age) = age {
+                metrics::gauge!("outboxd_oldest_due_age_seconds").set(age);
+            }
+            for (app, count) in unresolved.unwrap_or_default() {
+                metrics::gauge!("outboxd_dead_letters_unresolved", "app" => app).set(count as f64);
+            }
+            for (table, dead) in dead_tuples.unwrap_or_default() {
+                metrics::gauge!("outboxd_table_dead_tuples", "table" => table).set(dead as f64);
+            }
+            up
         }
-    }
-    if let Ok(rows) = outbox_core::store::retention::dead_tuples(&state.pool).await {
-        for (table, dead) in rows {
-            metrics::gauge!("outboxd_table_dead_tuples", "table" => table).set(dead as f64);
-        }
+        Err(_) => false,
+    };
+    metrics::gauge!("outboxd_database_up").set(f64::from(u8::from(database_up)));
+    if let Some(nats) = &state.nats {
+        metrics::gauge!("outboxd_nats_connected").set(f64::from(u8::from(nats.connected())));
     }
     (
         [("content-type", "text/plain; version=0.0.4")],

@@ -123,3 +123,24 @@ async fn attempt_counts_of_one_key_given_twice_are_summed_not_refused() -> TestR
     assert_eq!((now.completed, now.failed), (10, 3));
     Ok(())
 }
+
+/// A row that runs (its lease is live) is not a row falling behind: a
+/// handler that runs for minutes must not raise the oldest due age, which
+/// the falling-behind alert reads.
+#[tokio::test]
+async fn the_oldest_due_age_leaves_running_rows_out() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(&mut tx, app, &[NewEvent::new("t", json!({}))]).await?;
+    tx.commit().await?;
+    sqlx::query("UPDATE outbox SET run_at = now() - interval '10 minutes'")
+        .execute(&db.pool)
+        .await?;
+    let waiting = store::oldest_due_age(&db.pool).await?;
+    assert!(waiting >= 599.0, "{waiting}");
+    let leased = store::claim(&db.pool, "slow", 10, Duration::from_secs(600)).await?;
+    assert_eq!(leased.len(), 1);
+    assert_eq!(store::oldest_due_age(&db.pool).await?, 0.0);
+    Ok(())
+}

@@ -206,7 +206,12 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
         c.env("OUTBOXD_CONFIG_DIR", &dir)
             .env("OUTBOXD_ENV", "nats-test")
             .env("NATS_URL", &url)
-            .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "1000")
+            // Few attempts, spent fast: a row that spent attempts while NATS
+            // was down would be a dead letter long before it came back.
+            .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "4")
+            .env("OUTBOXD_TRIGGER_RETRY_BASE_MS", "100")
+            .env("OUTBOXD_TRIGGER_RETRY_MAX_MS", "200")
+            .env("OUTBOXD_NATS__ACK_TIMEOUT_MS", "1000")
             .arg("run");
         c
     });
@@ -282,6 +287,14 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     assert_ne!(health["nats"]["connection"], "connected", "{body}");
     assert!(health["nats"]["last_publish_at"].is_string(), "{body}");
     enqueue_some(5, 10)()?;
+    // The outage itself: long enough for six attempts of every waiting row
+    // had they been spent.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, metrics) = http_get(&addr, "/metrics").await?;
+    assert!(
+        metrics.contains("\noutboxd_nats_connected 0\n"),
+        "{metrics}"
+    );
     let nats = OwnNats::start(nats.port, nats.dir.clone())?;
     let drained = wait_until(Duration::from_secs(60), || async {
         outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
@@ -305,6 +318,10 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
         20_010,
         "every event exactly once"
     );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(dead, 0, "rows spent their attempts while NATS was down");
     Ok(())
 }
 

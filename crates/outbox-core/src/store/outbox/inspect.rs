@@ -24,13 +24,16 @@ pub async fn count_leased<'e>(db: impl PgExecutor<'e>) -> Result<i64, Error> {
 /// Age in seconds of the oldest due row, expired leases included (0 when none
 /// is due), from when it was really due (a priority moves `run_at` earlier).
 /// Rows held on purpose (a paused topic, a suspended app) are left out: they
-/// are meant to wait, and an alert on this age must not fire for them.
+/// are meant to wait, and an alert on this age must not fire for them. So
+/// are rows running (a live lease): a handler that runs for minutes is not
+/// a row falling behind.
 pub async fn oldest_due_age<'e>(db: impl PgExecutor<'e>) -> Result<f64, Error> {
     Ok(sqlx::query_scalar(
         "SELECT coalesce(extract(epoch FROM now() - min(
                     coalesce(o.not_before, o.run_at + make_interval(secs => o.priority * 10))))::float8, 0)
          FROM outbox o JOIN apps a ON a.id = o.app_id AND a.suspended_at IS NULL
          WHERE o.run_at <= now() AND (o.not_before IS NULL OR o.not_before <= now())
+           AND (o.locked_until IS NULL OR o.locked_until <= now())
            AND NOT EXISTS (SELECT 1 FROM outbox_topic_pauses p
                            WHERE p.app_id = o.app_id AND p.topic = o.topic)",
     )
