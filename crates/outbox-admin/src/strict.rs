@@ -140,6 +140,17 @@ fn field_message(path: &str, message: &str) -> String {
     if message.starts_with("UUID parsing failed") {
         return format!("{field}: not a UUID (such as 01a2b3c4-0000-7000-8000-000000000000)");
     }
+    // What the time parser says about a string that is not an RFC 3339 time.
+    if CHRONO_PARSE_ERRORS.contains(&message) {
+        return format!("{field}: not an RFC 3339 time with its offset, e.g. 2026-01-31T12:00:00Z");
+    }
+    // What the query-string parser says about an empty or a bad value.
+    if message.contains("from empty string") {
+        return format!("{field}: has no value");
+    }
+    if message.contains("was not `true` or `false`") {
+        return format!("{field}: expected true or false");
+    }
     // "invalid type: string \"x\", expected u32" / "invalid value: integer `-5`, expected u64"
     let (got, expected) = message
         .split_once(", expected ")
@@ -159,6 +170,17 @@ fn field_message(path: &str, message: &str) -> String {
         format!("{field}: got {}, expected {accepted}", humanize(&got))
     }
 }
+
+/// The messages of `chrono`'s parse errors (`chrono::format::ParseError`).
+const CHRONO_PARSE_ERRORS: [&str; 7] = [
+    "input is out of range",
+    "no possible date and time matching input",
+    "input is not enough for unique date and time",
+    "input contains invalid characters",
+    "premature end of input",
+    "trailing input",
+    "bad or unsupported format string",
+];
 
 /// What serde calls an expected value, in the API's words.
 fn expectation(expected: &str) -> String {
@@ -230,7 +252,14 @@ mod tests {
                 r#"{"name":"a","delay_ms":-5}"#,
                 "delay_ms: got -5, expected a whole number, 0 or more",
             ),
-            (r#"{"name":"a","run_at":"yesterday"}"#, "run_at:"),
+            (
+                r#"{"name":"a","run_at":"yesterday"}"#,
+                "run_at: not an RFC 3339 time with its offset",
+            ),
+            (
+                r#"{"name":"a","run_at":"2030-01-01T00:00:00"}"#,
+                "run_at: not an RFC 3339 time with its offset",
+            ),
             (r#"{"delay_ms":1}"#, "name: required"),
             (r#"[]"#, "body: got an array, expected an object"),
             ("", "the body is empty"),
@@ -252,6 +281,23 @@ mod tests {
         #[allow(dead_code)]
         struct Q {
             limit: Option<u32>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Flags {
+            limit: Option<u32>,
+            unresolved: Option<bool>,
+        }
+        for (q, want) in [
+            ("limit=", "limit: has no value"),
+            ("unresolved=yes", "unresolved: expected true or false"),
+        ] {
+            let err = query::<Flags>(Some(q))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert_eq!(err, want, "{q}");
         }
         let err = query::<Q>(Some("limit=-1")).err().map(|e| e.to_string());
         assert!(

@@ -111,7 +111,10 @@ impl FromRequestParts<AdminState> for Bearer {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme's name is case-insensitive (RFC 9110, 11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, credential)| credential)
             .ok_or_else(ApiError::unauthorized)?;
         Ok(Self(
             auth::authenticate(&state.pool, &state.auth, credential.trim()).await?,

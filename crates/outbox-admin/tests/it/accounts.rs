@@ -432,6 +432,10 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "/api/apps/app-a/dead-letters?colour=red",
             "colour: unknown field",
         ),
+        (
+            "/api/apps/app-a/outbox?field=noequals",
+            "field: \"noequals\" is not key=value",
+        ),
     ] {
         let (s, answer) = w.call("GET", uri, Some(&root), None).await?;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {answer}");
@@ -510,6 +514,15 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("Bearer"))
     );
+    // The scheme's name is case-insensitive, as HTTP has it.
+    for scheme in ["bearer", "BEARER"] {
+        let req = Request::builder()
+            .uri("/api/apps")
+            .header(header::AUTHORIZATION, format!("{scheme} {root}"))
+            .body(Body::empty())?;
+        let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
+        assert_eq!(res.status(), StatusCode::OK, "{scheme}");
+    }
     // Creations answer 201, with Location where the resource has a URL.
     let (s, headers, _) = send(
         &w.state,

@@ -121,8 +121,9 @@ impl PayloadField {
     /// dropped).
     pub fn parse(s: &str) -> Result<Self, Error> {
         let invalid = || {
+            // `field`, as the API and the console name the parameter.
             Error::invalid(
-                "payload_field",
+                "field",
                 format!("{s:?} is not key=value (nested keys joined with '.')"),
             )
         };
