@@ -38,6 +38,16 @@ pub async fn run(
         outbox_core::migrate(&pool)
             .await
             .context("migrating on start")?;
+    } else if !outbox_core::store::schema_is_current(&pool)
+        .await
+        .unwrap_or(true)
+    {
+        // It keeps running, not ready (`/readyz` 503), so that a roll-out
+        // which migrates from another process finds it waiting.
+        tracing::warn!(
+            "the database lacks migrations this version needs (database.auto_migrate is off): \
+             run `outboxd migrate`; until then /readyz answers 503, and claims and writes may fail"
+        );
     }
     let metrics = http::install_metrics()?;
 

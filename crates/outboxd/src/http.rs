@@ -123,10 +123,12 @@ pub async fn serve(
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let check = tokio::time::timeout(
         Duration::from_secs(2),
-        outbox_core::store::ping(&state.pool),
+        outbox_core::store::schema_is_current(&state.pool),
     )
     .await;
-    let postgres_ok = matches!(check, Ok(Ok(())));
+    // An unmigrated database answers, but nothing can be claimed or written
+    // there: not ready (the log says to run `outboxd migrate`).
+    let postgres_ok = matches!(check, Ok(Ok(true)));
     let nats_ok = state.nats.as_ref().map(NatsHealth::connected);
     let ready = postgres_ok && nats_ok.unwrap_or(true);
     let status = if ready {

@@ -85,6 +85,18 @@ pub fn error_line(err: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
+    // 42P01 undefined_table, 42883 undefined_function: outboxd's own tables
+    // and functions are missing, so the database has not been migrated.
+    let unmigrated = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(sqlx::Error::as_database_error)
+            .and_then(|db| db.code())
+            .is_some_and(|code| code == "42P01" || code == "42883")
+    });
+    if unmigrated {
+        line.push_str(" (has the database been migrated? run `outboxd migrate`)");
+    }
     line
 }
 

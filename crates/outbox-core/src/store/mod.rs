@@ -27,10 +27,26 @@ pub fn pooled_connect_options(
         .extra_float_digits(None)
 }
 
-/// Checks that the database answers (readiness).
-pub async fn ping<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error> {
-    sqlx::query("SELECT 1").execute(db).await?;
-    Ok(())
+/// Whether the database answers and holds every migration this build knows
+/// (or later ones a newer build applied), for readiness: a process on an
+/// unmigrated database answers, but can claim and enqueue nothing.
+pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error> {
+    let latest = crate::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or_default();
+    let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !tracked {
+        return Ok(false);
+    }
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await?;
+    Ok(applied.is_some_and(|v| v >= latest))
 }
 
 /// Opens a transaction on `pool` in which a lock wait gives up after

@@ -422,3 +422,17 @@ async fn suspending_twice_says_so_and_audits_once() -> TestResult {
     assert_eq!(audited, ["app.suspend", "app.resume"]);
     Ok(())
 }
+
+/// A command run against a database that was never migrated says what to do.
+#[tokio::test]
+async fn a_command_on_an_unmigrated_database_says_to_migrate() -> TestResult {
+    let db = TestDb::migrated_to(0).await?;
+    let out = run(outboxd(Some(&db.url)).args(["app", "list"]))?;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("relation \"apps\" does not exist") && err.contains("run `outboxd migrate`"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -194,3 +194,33 @@ async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult 
     );
     Ok(())
 }
+
+/// A process started on a database that lacks this version's migrations,
+/// with `database.auto_migrate` off (a roll-out that migrates from a job of
+/// its own), is not ready until they are applied: it answers, but could
+/// claim and write nothing.
+#[tokio::test]
+async fn a_process_on_a_database_behind_its_migrations_is_not_ready_until_migrated() -> TestResult {
+    let db = TestDb::migrated_to(37).await?;
+    let (mut child, addr) = crate::support::spawn_server_with(
+        &db.url,
+        &["run"],
+        &[("OUTBOXD_DATABASE__AUTO_MIGRATE", "false")],
+    )
+    .await?;
+    let (before, body) = http_get(&addr, "/readyz").await?;
+    let out = run(outboxd(Some(&db.url)).arg("migrate"))?;
+    let ready = wait_until(Duration::from_secs(10), || async {
+        http_get(&addr, "/readyz")
+            .await
+            .is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    let exit = stop(&mut child).await?;
+    assert_eq!(before, 503, "{body}");
+    assert!(body.contains(r#""postgres":false"#), "{body}");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(ready, "/readyz stayed 503 after `outboxd migrate`");
+    assert!(exit.success());
+    Ok(())
+}
