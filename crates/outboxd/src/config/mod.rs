@@ -327,15 +327,20 @@ fn describe_figment_error(err: figment::Error) -> String {
         .map(|e| {
             let key = e.path.join(".");
             let kind = describe_kind(&e.kind);
-            let mut line = if key.is_empty() {
-                kind
-            } else {
-                format!("{key}: {kind}")
-            };
-            if !key.is_empty() {
-                line.push_str(&env_hint(&key));
+            // The file the value (or the unreadable or unparsable text)
+            // came from, when a file it was.
+            let file = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .and_then(figment::Source::file_path)
+                .map(|path| path.display().to_string());
+            match (key.is_empty(), file) {
+                (true, Some(file)) => format!("{file}: {kind}"),
+                (true, None) => kind,
+                (false, Some(file)) => format!("{key}: {kind} (set in {file})"),
+                (false, None) => format!("{key}: {kind}{}", env_hint(&key)),
             }
-            line
         })
         .collect::<Vec<_>>()
         .join("; ")

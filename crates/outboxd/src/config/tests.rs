@@ -339,3 +339,35 @@ fn a_subject_template_is_checked_at_start_up() {
     let s = load(&[("OUTBOXD_NATS__SUBJECT_TEMPLATE", fields)]).expect("a template of fields");
     assert_eq!(s.nats.subject_template, fields);
 }
+
+#[test]
+fn a_refusal_names_the_file_a_bad_value_or_bad_text_came_from() {
+    let dir = std::env::temp_dir().join(format!("outboxd-config-{}", std::process::id()));
+    let write = |text: &str| -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("default.toml"), "")?;
+        std::fs::write(dir.join("prod.toml"), text)
+    };
+    let refusal_of = |text: &str| {
+        write(text).map_err(|e| e.to_string())?;
+        Settings::load_from(&dir, Some("prod"), std::iter::empty())
+            .err()
+            .map(|e| e.to_string())
+            .ok_or_else(|| format!("{text:?} was taken"))
+    };
+    let overlay = dir.join("prod.toml").display().to_string();
+    let broken = refusal_of("[dispatcher\nconcurrency = 1\n");
+    let negative = refusal_of("[dispatcher]\nconcurrency = -3\n");
+    let _ = std::fs::remove_dir_all(&dir);
+    let broken = broken.unwrap_or_else(|e| e);
+    assert!(
+        broken.contains(&format!("{overlay}: TOML parse error")),
+        "{broken}"
+    );
+    let negative = negative.unwrap_or_else(|e| e);
+    assert!(
+        negative.contains("dispatcher.concurrency: got -3, which is negative")
+            && negative.contains(&format!("(set in {overlay})")),
+        "{negative}"
+    );
+}
