@@ -321,8 +321,20 @@ impl Dispatcher {
             }
         }
         drop(done_tx);
-        if let Err(err) = completer.await {
-            error!(error = %err, "completer task failed");
+        // The writes after the drain (outcomes, released leases, this
+        // process's row) get `drain_grace` too: with PostgreSQL unreachable
+        // each would wait out the pool's timeout and its retries, past what
+        // an orchestrator gives a stopping process. What is not written runs
+        // again when its lease expires.
+        let writes_deadline = tokio::time::Instant::now() + config.drain_grace;
+        let mut completer = completer;
+        match tokio::time::timeout_at(writes_deadline, &mut completer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => error!(error = %err, "completer task failed"),
+            Err(_) => {
+                completer.abort();
+                warn!(grace = ?config.drain_grace, "the last outcomes were not written in time (is PostgreSQL reachable?); their rows run again when their leases expire");
+            }
         }
         let totals = inner.totals.lock().map(|t| *t).unwrap_or_default();
         let abandoned: Vec<Lease> = inner.running_drain();
@@ -336,20 +348,32 @@ impl Dispatcher {
                 |l| l.id,
                 |leases| async move { store::release(pool, &leases, true, history).await },
             );
-            match released.await {
-                Ok(ids) => ids.len(),
-                Err(err) => {
+            match tokio::time::timeout_at(writes_deadline, released).await {
+                Ok(Ok(ids)) => ids.len(),
+                Ok(Err(err)) => {
                     warn!(error = %err, rows = abandoned.len(), "could not release leases; they expire by themselves");
+                    0
+                }
+                Err(_) => {
+                    warn!(
+                        rows = abandoned.len(),
+                        "could not release leases in time; they expire by themselves"
+                    );
                     0
                 }
             }
         };
         helpers.cancel();
-        let _ = listener.await;
-        let _ = pacer.await;
-        let _ = heartbeat.await;
-        let _ = rewind.await;
-        let _ = announce.await;
+        for mut helper in [listener, pacer, heartbeat, rewind, announce] {
+            if tokio::time::timeout_at(writes_deadline, &mut helper)
+                .await
+                .is_err()
+            {
+                // The process row expires by itself, the activity counts of
+                // the last seconds are lost.
+                helper.abort();
+            }
+        }
         info!(
             claimed = totals.claimed,
             completed = totals.completed,

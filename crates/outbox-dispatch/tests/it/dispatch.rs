@@ -664,3 +664,56 @@ async fn the_upgrade_to_claim_positions_keeps_rows_in_flight() -> TestResult {
     assert_eq!(calls.total(), 300, "a row ran twice");
     Ok(())
 }
+
+/// A stop while PostgreSQL cannot be reached ends within the drain's grace
+/// and as long again for the writes after it, instead of retrying each
+/// write until its tries run out (a process asked to stop then outlived an
+/// orchestrator's grace period). The rows whose outcomes were not written
+/// run again when their leases expire.
+#[tokio::test]
+async fn a_stop_while_the_database_is_unreachable_ends_within_the_grace() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let cfg = Config {
+        drain_grace: Duration::from_millis(500),
+        ..config()
+    };
+    let started = Arc::new(tokio::sync::Notify::new());
+    let mut registry = Registry::new();
+    registry.register("t", {
+        let started = started.clone();
+        move |_event: Event| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<(), HandlerError>(())
+            }
+        }
+    });
+    // A pool of the dispatcher's own, closed under it below.
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let dispatcher = Dispatcher::new(pool.clone(), registry, cfg)?;
+    let mut tx = db.pool.begin().await?;
+    let events: Vec<NewEvent> = (0..20).map(|n| NewEvent::new("t", payload(n))).collect();
+    enqueue_batch(&mut tx, app, &events).await?;
+    tx.commit().await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { dispatcher.run(async move { stop.cancelled().await }).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), started.notified()).await?;
+    // Every write of the dispatcher now fails at once, as with the server
+    // gone; the claim loops' own connections stop with the signal.
+    tokio::spawn(async move { pool.close().await });
+    let asked = std::time::Instant::now();
+    stop.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(30), run).await???;
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the stop took {took:?} (grace 500 ms): {report:?}"
+    );
+    Ok(())
+}
