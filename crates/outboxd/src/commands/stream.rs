@@ -70,7 +70,15 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
                 template: SubjectTemplate::parse(&settings.nats.subject_template)?,
             };
             let since = Duration::from_secs(since_secs);
-            for message in reader.tail(&app, &subject, last, since).await? {
+            let messages = reader.tail(&app, &subject, last, since).await?;
+            if messages.is_empty() {
+                // Said on stderr, so a pipe still reads nothing: an app's
+                // slug typed wrong reads as an empty stream otherwise.
+                eprintln!(
+                    "no message of app {app:?} matching {subject:?} in the last {since_secs} s of stream {stream} (`outboxd app list` shows the apps' slugs)"
+                );
+            }
+            for message in messages {
                 println!("{}", serde_json::to_string(&message)?);
             }
         }

@@ -538,6 +538,13 @@ async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestR
         out.status.success() && text(&out.stdout).is_empty(),
         "another tenant's subjects"
     );
+    // Nothing on stdout, and a word on stderr: a slug typed wrong looks
+    // like an empty stream otherwise.
+    assert!(
+        text(&out.stderr).contains("no message of app \"other\""),
+        "{}",
+        text(&out.stderr)
+    );
     let out = cli(&["tail", "--app", "shop", "--subject", "a..b"])?;
     assert!(!out.status.success() && text(&out.stderr).contains("is not a subject filter"));
     let mut stream = js.get_stream(format!("S_{prefix}")).await?;
