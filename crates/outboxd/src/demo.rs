@@ -22,6 +22,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::db::require_direct(&settings, "the dispatcher")?;
+    // A port in use would stop the daemon only after the demo said it was
+    // running and had written its app and triggers: try it first.
+    if let Ok(addr) = settings.http.listen.parse::<std::net::SocketAddr>() {
+        drop(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (http.listen)"))?,
+        );
+    }
     // The set-up and the producer use two connections beside the daemon's.
     let pool = crate::db::connect_beside(&settings, 2).await?;
     if settings.database.auto_migrate {

@@ -436,3 +436,30 @@ async fn a_command_on_an_unmigrated_database_says_to_migrate() -> TestResult {
     );
     Ok(())
 }
+
+/// The demo on a port in use stops before it says it runs or writes a thing.
+#[tokio::test]
+async fn the_demo_on_a_port_in_use_stops_before_it_starts() -> TestResult {
+    let db = TestDb::new().await?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let out = run(outboxd(Some(&db.url))
+        .env("OUTBOXD_HTTP__LISTEN", &addr)
+        .arg("demo"))?;
+    assert!(!out.status.success());
+    assert!(
+        !text(&out.stdout).contains("demo running"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains(&format!("cannot listen on {addr}")),
+        "{}",
+        text(&out.stderr)
+    );
+    let apps: i64 = sqlx::query_scalar("SELECT count(*) FROM apps WHERE slug = 'demo'")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(apps, 0, "the demo wrote its app");
+    Ok(())
+}
