@@ -33,8 +33,16 @@ pub async fn check_login(
     password: &str,
     addr: Option<std::net::IpAddr>,
 ) -> Result<Uuid, ApiError> {
+    // What no account can have is refused as the API documents it (400,
+    // naming the field), before it is counted: it tells a guesser nothing.
     // No stored e-mail contains NUL (PostgreSQL text cannot hold it).
-    if email.len() > 254 || password.len() > 1024 || email.contains('\0') {
+    if email.len() > 254 {
+        return Err(ApiError::Invalid("email: at most 254 bytes".into()));
+    }
+    if password.len() > 1024 {
+        return Err(ApiError::Invalid("password: at most 1024 bytes".into()));
+    }
+    if email.contains('\0') {
         return Err(ApiError::BadLogin);
     }
     // Counted as a failure from here on; a success gives the count back.

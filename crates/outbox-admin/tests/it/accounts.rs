@@ -377,6 +377,18 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         ),
         (
             "POST",
+            "/api/login",
+            json!({"email": format!("{}@x.io", "a".repeat(300)), "password": "p"}),
+            "email: at most 254 bytes",
+        ),
+        (
+            "POST",
+            "/api/login",
+            json!({"email": "a@x.io", "password": "p".repeat(2000)}),
+            "password: at most 1024 bytes",
+        ),
+        (
+            "POST",
             "/api/apps/app-a/dead-letters/bulk",
             json!({"action": "ignore", "ids": [], "force": true}),
             "force: unknown field",
