@@ -100,7 +100,18 @@ pub fn next_tick_in(
     timezone: &str,
     after: DateTime<Utc>,
 ) -> Result<DateTime<Utc>, Error> {
-    // Seconds are optional: 5 fields, or 6 with seconds first.
+    // Seconds are optional: 5 fields, or 6 with seconds first. (The parser
+    // also takes a seventh, the year, which the API does not document, and
+    // says "between 5 and 7 fields" of anything else.)
+    let fields = schedule.split_whitespace().count();
+    if !(5..=6).contains(&fields) {
+        return Err(Error::invalid(
+            "schedule",
+            format!(
+                "{schedule:?} has {fields} field(s); a cron expression has 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)"
+            ),
+        ));
+    }
     let cron: croner::Cron = schedule.parse().map_err(|e| {
         Error::invalid(
             "schedule",
@@ -460,5 +471,13 @@ mod tests {
         );
         let err = next_tick("every minute", base).unwrap_err().to_string();
         assert!(err.contains("schedule"), "{err}");
+        // The documented shapes only, said in the API's words.
+        for (schedule, fields) in [("bogus", 1), ("0 0 1 1 * * 2030", 7)] {
+            let err = next_tick(schedule, base).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("has {fields} field(s); a cron expression has 5")),
+                "{err}"
+            );
+        }
     }
 }
