@@ -10,19 +10,19 @@
 -- are granted again on the new one.
 --
 -- A topic, key or source out of range was refused by the table's CHECK,
--- naming a constraint of an internal segment table. The function now applies the
--- rules `outboxd enqueue`, the HTTP API and the library apply (1 to 255
--- bytes; a topic is one name, not a pattern, without control characters
--- or an empty token),
--- with the same SQLSTATEs as before (23502 for a NULL topic, 23514 for the
--- rest).
+-- naming a constraint of an internal segment table. The function now says
+-- which argument is wrong, with the same SQLSTATEs as before (23502 for a
+-- NULL topic or source, 23514 for the rest), and refuses what `outboxd
+-- enqueue`, the HTTP API and the library refuse in a topic: a pattern (a
+-- `*` or `>` token) or a control character. Lengths stay counted in
+-- characters, as the table's checks count them.
 --
 -- With an idempotency key, a call that collided with a row which then
 -- finished before the look-up answered NULL and wrote nothing; it now
 -- inserts again (three times at most, then SQLSTATE 40001, "try again").
 
 CREATE TEMPORARY TABLE outbox_enqueue_grants ON COMMIT DROP AS
-    SELECT p.proacl AS acl
+    SELECT coalesce(p.proacl, acldefault('f', p.proowner)) AS acl, p.proowner AS owner
     FROM pg_proc p
     WHERE p.oid = 'outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, smallint, text)'::regprocedure;
 
@@ -60,9 +60,9 @@ BEGIN
         RAISE EXCEPTION 'outbox_enqueue: the topic must not be NULL'
             USING ERRCODE = 'not_null_violation';
     END IF;
-    IF octet_length(p_topic) NOT BETWEEN 1 AND 255 THEN
-        RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must be 1 to 255 bytes (it is %)',
-            octet_length(p_topic)
+    IF length(p_topic) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must be 1 to 255 characters (it has %)',
+            length(p_topic)
             USING ERRCODE = 'check_violation';
     END IF;
     IF '*' = ANY (string_to_array(p_topic, '.')) OR '>' = ANY (string_to_array(p_topic, '.')) THEN
@@ -70,15 +70,11 @@ BEGIN
             quote_literal(p_topic)
             USING ERRCODE = 'check_violation';
     END IF;
-    IF p_topic NOT LIKE 'webhook:%' AND '' = ANY (string_to_array(p_topic, '.')) THEN
-        RAISE EXCEPTION 'outbox_enqueue: invalid topic %: it has an empty token (a leading, trailing or doubled ''.'')',
-            quote_literal(p_topic)
-            USING ERRCODE = 'check_violation';
-    END IF;
     -- As the library: a topic is shown in logs, metrics and the console,
     -- where a line break could forge a line and a bidirectional control
     -- reorder what an operator reads.
-    IF p_topic ~ '[\x01-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]' THEN
+    -- E'…': the same text whatever standard_conforming_strings says.
+    IF p_topic ~ E'[\\x01-\\x1f\\x7f-\\x9f\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069]' THEN
         RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must not contain control characters'
             USING ERRCODE = 'check_violation';
     END IF;
@@ -86,15 +82,19 @@ BEGIN
         SELECT * FROM (VALUES ('idempotency_key', p_idempotency_key),
                               ('ordering_key', p_ordering_key),
                               ('partition_key', p_partition_key)) AS k (field, val)
-        WHERE octet_length(k.val) NOT BETWEEN 1 AND 255
+        WHERE length(k.val) NOT BETWEEN 1 AND 255
     LOOP
-        RAISE EXCEPTION 'outbox_enqueue: invalid %: it must be 1 to 255 bytes (it is %)',
-            v_key.field, octet_length(v_key.val)
+        RAISE EXCEPTION 'outbox_enqueue: invalid %: it must be 1 to 255 characters (it has %)',
+            v_key.field, length(v_key.val)
             USING ERRCODE = 'check_violation';
     END LOOP;
-    IF p_source IS NULL OR p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats') THEN
+    IF p_source IS NULL THEN
+        RAISE EXCEPTION 'outbox_enqueue: the source must not be NULL'
+            USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF p_source NOT IN ('kv', 'cron', 'pubsub', 'queue', 'dead_letter', 'email', 'nats') THEN
         RAISE EXCEPTION 'outbox_enqueue: invalid source %: it must be one of kv, cron, pubsub, queue, dead_letter, email, nats',
-            coalesce(quote_literal(p_source), 'NULL')
+            quote_literal(p_source)
             USING ERRCODE = 'check_violation';
     END IF;
     IF p_max_attempts < 1 THEN
@@ -170,24 +170,35 @@ BEGIN
 END
 $$;
 
--- The old function's privileges on the new one. A NULL acl is the default
--- (EXECUTE for PUBLIC), which the new function has already; otherwise PUBLIC
--- keeps EXECUTE only if it had it.
+-- The old function's owner and privileges on the new one, exactly: what
+-- default privileges gave the new function (a REVOKE from PUBLIC, a grant
+-- to some role) is undone where the old function had it otherwise.
 DO $$
 DECLARE
-    v_acl   aclitem[] := (SELECT acl FROM outbox_enqueue_grants);
+    v_new   regprocedure := 'outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, integer, text)'::regprocedure;
+    v_acl   aclitem[];
+    v_owner oid;
     v_grant record;
 BEGIN
-    IF v_acl IS NULL THEN
-        RETURN;
+    SELECT acl, owner INTO v_acl, v_owner FROM outbox_enqueue_grants;
+    IF v_owner IS DISTINCT FROM (SELECT proowner FROM pg_proc WHERE oid = v_new) THEN
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', v_new, v_owner::regrole);
     END IF;
-    REVOKE ALL ON FUNCTION outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, integer, text) FROM PUBLIC;
+    FOR v_grant IN
+        SELECT a.grantee
+        FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+        WHERE p.oid = v_new AND a.privilege_type = 'EXECUTE' AND a.grantee <> v_owner
+    LOOP
+        -- regrole's text is already quoted where it needs to be.
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', v_new,
+                       CASE WHEN v_grant.grantee = 0 THEN 'PUBLIC'
+                            ELSE v_grant.grantee::regrole::text END);
+    END LOOP;
     FOR v_grant IN
         SELECT a.grantee, a.is_grantable FROM aclexplode(v_acl) AS a
-        WHERE a.privilege_type = 'EXECUTE'
+        WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> v_owner
     LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox_enqueue(text, text, jsonb, timestamptz, text, text, integer, jsonb, text, integer, text) TO %s%s',
-                       -- regrole's text is already quoted where it needs to be.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', v_new,
                        CASE WHEN v_grant.grantee = 0 THEN 'PUBLIC'
                             ELSE v_grant.grantee::regrole::text END,
                        CASE WHEN v_grant.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);

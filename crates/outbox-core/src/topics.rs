@@ -184,18 +184,9 @@ pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
 }
 
 /// Checks the topic of a row about to be written: [`validate_named_topic`]'s
-/// rules, no control characters, and (but for a `webhook:` URL) no empty
-/// token.
+/// rules, and no control characters.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
     validate_named_topic(topic)?;
-    // NATS has no subject with an empty token, and `>` matches only tokens
-    // that are there: such a row could be relayed nowhere.
-    if !topic.starts_with(WEBHOOK_PREFIX) && topic.split('.').any(str::is_empty) {
-        return Err(Error::invalid(
-            "topic",
-            format!("{topic:?} has an empty token (a leading, trailing or doubled '.')"),
-        ));
-    }
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
     // operator reads.
@@ -310,19 +301,5 @@ mod tests {
         assert!(validate_topic("a\nb").is_ok());
         assert!(validate_named_topic("a\nb").is_ok());
         assert!(validate_named_topic("a.*").is_err());
-    }
-
-    #[test]
-    fn a_new_topic_with_an_empty_token_is_refused_but_a_webhook_url_is_not_tokens() {
-        for topic in [".orders", "orders.", "orders..created", "."] {
-            let err = validate_new_topic(topic)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            assert!(err.contains("empty token"), "{topic:?}: {err}");
-        }
-        assert!(validate_new_topic("webhook:https://example.com/a/../b.").is_ok());
-        // Actions and filters still reach rows written before the rule.
-        assert!(validate_named_topic("orders..created").is_ok());
     }
 }

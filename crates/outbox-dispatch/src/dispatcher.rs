@@ -77,6 +77,9 @@ pub struct DrainReport {
     pub released: usize,
 }
 
+/// The least time the writes after a drain get, whatever `drain_grace` is.
+const WRITES_AFTER_DRAIN_AT_LEAST: Duration = Duration::from_secs(2);
+
 pub(crate) struct Shared {
     pub(crate) pool: PgPool,
     pub(crate) registry: Registry,
@@ -322,18 +325,20 @@ impl Dispatcher {
         }
         drop(done_tx);
         // The writes after the drain (outcomes, released leases, this
-        // process's row) get `drain_grace` too: with PostgreSQL unreachable
-        // each would wait out the pool's timeout and its retries, past what
-        // an orchestrator gives a stopping process. What is not written runs
-        // again when its lease expires.
-        let writes_deadline = tokio::time::Instant::now() + config.drain_grace;
+        // process's row) get `drain_grace` too, and at least
+        // [`WRITES_AFTER_DRAIN_AT_LEAST`] (a grace of 0 must not drop them):
+        // with PostgreSQL unreachable each would wait out the pool's timeout
+        // and its retries, past what an orchestrator gives a stopping
+        // process. What is not written runs again when its lease expires.
+        let writes_deadline =
+            tokio::time::Instant::now() + config.drain_grace.max(WRITES_AFTER_DRAIN_AT_LEAST);
         let mut completer = completer;
         match tokio::time::timeout_at(writes_deadline, &mut completer).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => error!(error = %err, "completer task failed"),
             Err(_) => {
                 completer.abort();
-                warn!(grace = ?config.drain_grace, "the last outcomes were not written in time (is PostgreSQL reachable?); their rows run again when their leases expire");
+                warn!(grace = ?config.drain_grace.max(WRITES_AFTER_DRAIN_AT_LEAST), "the last outcomes were not written in time (is PostgreSQL reachable?); their rows run again when their leases expire");
             }
         }
         let totals = inner.totals.lock().map(|t| *t).unwrap_or_default();

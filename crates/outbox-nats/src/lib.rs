@@ -106,10 +106,14 @@ pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Cli
     // rows stop moving: the client reports it at INFO only.
     let options = async_nats::ConnectOptions::new()
         .name("outboxd")
+        // A half-open connection (a partition rather than a stopped server)
+        // is noticed within two pings instead of the client's default two
+        // minutes, so the relay stops publishing into a dead socket.
+        .ping_interval(std::time::Duration::from_secs(10))
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!(
-                    "NATS connection lost: rows to relay wait (no attempt spent) until it is back"
+                    "NATS connection lost: relaying and consuming wait until it is back (relayed rows spend no attempt meanwhile)"
                 ),
                 async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
                 other => tracing::info!(event = %other, "NATS client event"),

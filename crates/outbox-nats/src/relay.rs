@@ -35,9 +35,12 @@ impl Default for RelayConfig {
     }
 }
 
-/// How long a row waits, without spending an attempt, while the NATS
-/// connection is down.
+/// How long a row waits at first, without spending an attempt, while the
+/// NATS connection is down.
 pub const DISCONNECTED_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest a row waits at once while the NATS connection is down.
+pub const DISCONNECTED_PAUSE_MAX: Duration = Duration::from_secs(15);
 
 /// When a relay last had a publish acknowledged; clones share it.
 #[derive(Debug, Clone, Default)]
@@ -70,6 +73,9 @@ pub struct Relay {
     template: Result<SubjectTemplate, InvalidTemplate>,
     // App slugs by id: subjects and the tenant header use the slug.
     slugs: Arc<RwLock<HashMap<Uuid, String>>>,
+    // When the current NATS outage began (unix µs; 0: none), for how long a
+    // row waits: see [`Relay::outage_pause`].
+    outage_since: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -89,7 +95,26 @@ impl Relay {
             template: SubjectTemplate::parse(&config.subject_template),
             config,
             slugs: Arc::default(),
+            outage_since: Arc::default(),
         }
+    }
+
+    /// How long a row waits while the connection is down: a second at
+    /// first, a quarter of the outage so far as it lasts, at most
+    /// [`DISCONNECTED_PAUSE_MAX`], so a long outage does not rewrite every
+    /// waiting row each second.
+    fn outage_pause(&self) -> Duration {
+        let now = chrono::Utc::now().timestamp_micros();
+        let since =
+            match self
+                .outage_since
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => now,
+                Err(since) => since,
+            };
+        let lasted = Duration::from_micros(u64::try_from(now - since).unwrap_or(0));
+        (lasted / 4).clamp(DISCONNECTED_PAUSE, DISCONNECTED_PAUSE_MAX)
     }
 
     async fn slug(&self, app_id: Uuid) -> Result<String, HandlerError> {
@@ -136,7 +161,7 @@ impl Relay {
         // attempt, so an outage of any length sends no row to dead letters.
         if self.js.client().connection_state() != async_nats::connection::State::Connected {
             metrics::counter!("outboxd_publish_deferred_total").increment(1);
-            return Err(HandlerError::Snooze(DISCONNECTED_PAUSE));
+            return Err(HandlerError::Snooze(self.outage_pause()));
         }
         let headers = headers::inject(&message_id, &slug, &event.topic, &event.headers);
         let payload = serde_json::to_vec(&event.payload)
@@ -154,6 +179,7 @@ impl Relay {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(ack)) => {
+                self.outage_since.store(0, Ordering::Relaxed);
                 self.config.status.record();
                 metrics::counter!("outboxd_published_total").increment(1);
                 if ack.duplicate {
@@ -162,14 +188,21 @@ impl Relay {
                 Ok(ack)
             }
             Ok(Err(err)) => Err(classify(&subject, err.kind(), &err)),
+            // The connection was lost while this publish waited: not the
+            // row's failure, so no attempt is spent. The message may still
+            // reach the stream from the client's buffer; the next publish has
+            // the same message id, which JetStream takes once within its
+            // duplicate window.
+            Err(_)
+                if self.js.client().connection_state()
+                    != async_nats::connection::State::Connected =>
+            {
+                metrics::counter!("outboxd_publish_deferred_total").increment(1);
+                Err(HandlerError::Snooze(self.outage_pause()))
+            }
             Err(_) => Err(HandlerError::retry(format!(
-                "no PubAck for {subject} within {:?}{}",
-                self.config.ack_timeout,
-                if self.js.client().connection_state() == async_nats::connection::State::Connected {
-                    ""
-                } else {
-                    " (the NATS connection was lost meanwhile: the message may still reach the stream; its retry has the same message id, which JetStream takes once)"
-                }
+                "no PubAck for {subject} within {:?}",
+                self.config.ack_timeout
             ))),
         }
     }

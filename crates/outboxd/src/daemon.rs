@@ -38,16 +38,20 @@ pub async fn run(
         outbox_core::migrate(&pool)
             .await
             .context("migrating on start")?;
-    } else if !outbox_core::store::schema_is_current(&pool)
-        .await
-        .unwrap_or(true)
-    {
+    } else {
         // It keeps running, not ready (`/readyz` 503), so that a roll-out
         // which migrates from another process finds it waiting.
-        tracing::warn!(
-            "the database lacks migrations this version needs (database.auto_migrate is off): \
-             run `outboxd migrate`; until then /readyz answers 503, and claims and writes may fail"
-        );
+        match outbox_core::store::schema_is_current(&pool).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "the database lacks migrations this version needs (database.auto_migrate is off): \
+                 run `outboxd migrate`; until then /readyz answers 503, and claims and writes may fail"
+            ),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "could not read the database's migrations (_sqlx_migrations); /readyz answers 503 until it can"
+            ),
+        }
     }
     let metrics = http::install_metrics()?;
 

@@ -128,7 +128,14 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     .await;
     // An unmigrated database answers, but nothing can be claimed or written
     // there: not ready (the log says to run `outboxd migrate`).
-    let postgres_ok = matches!(check, Ok(Ok(true)));
+    let postgres_ok = match check {
+        Ok(Ok(current)) => current,
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "readiness: the database did not answer");
+            false
+        }
+        Err(_) => false,
+    };
     let nats_ok = state.nats.as_ref().map(NatsHealth::connected);
     let ready = postgres_ok && nats_ok.unwrap_or(true);
     let status = if ready {

@@ -114,7 +114,7 @@ pub async fn refuse_undeclared(req: Request, next: Next, limit: usize) -> Respon
     };
     let said_nothing = bytes.iter().all(u8::is_ascii_whitespace)
         || serde_json::from_slice::<Value>(&bytes)
-            .is_ok_and(|v| v == Value::Object(Default::default()));
+            .is_ok_and(|v| v.is_null() || v == Value::Object(Default::default()));
     if !said_nothing {
         return ApiError::Invalid("body: this route takes no body".into()).into_response();
     }

@@ -241,7 +241,8 @@ async fn fire(
     // refuses the write, not only what is wrong with a topic the writer
     // never named.
     for event in &events {
-        if let Err(Error::Invalid { reason, .. }) = event.validate() {
+        if let Err(Error::Invalid { reason, .. }) = crate::topics::validate_new_topic(&event.topic)
+        {
             return Err(Error::invalid(
                 "trigger",
                 format!(

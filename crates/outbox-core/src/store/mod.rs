@@ -31,22 +31,22 @@ pub fn pooled_connect_options(
 /// (or later ones a newer build applied), for readiness: a process on an
 /// unmigrated database answers, but can claim and enqueue nothing.
 pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error> {
-    let latest = crate::MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or_default();
+    // Every version this build knows, not the highest applied: a service's
+    // own migrations may share the table with higher numbers (README).
+    let known: Vec<i64> = crate::MIGRATOR.iter().map(|m| m.version).collect();
     let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(pool)
         .await?;
     if !tracked {
         return Ok(false);
     }
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(pool)
-            .await?;
-    Ok(applied.is_some_and(|v| v >= latest))
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM _sqlx_migrations WHERE success AND version = ANY($1)",
+    )
+    .bind(&known)
+    .fetch_one(pool)
+    .await?;
+    Ok(applied == known.len() as i64)
 }
 
 /// Opens a transaction on `pool` in which a lock wait gives up after

@@ -711,8 +711,9 @@ async fn a_stop_while_the_database_is_unreachable_ends_within_the_grace() -> Tes
     stop.cancel();
     let report = tokio::time::timeout(Duration::from_secs(30), run).await???;
     let took = asked.elapsed();
+    // The grace, then at least 2 s for the writes after it.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "the stop took {took:?} (grace 500 ms): {report:?}"
     );
     Ok(())
