@@ -58,6 +58,29 @@ fn relay_for(js: &jetstream::Context, db: &TestDb, prefix: &str) -> Relay {
     )
 }
 
+/// A claimed row of `app` as the dispatcher hands it to the relay.
+fn event_of(app: uuid::Uuid) -> Event {
+    Event {
+        id: uuid::Uuid::now_v7(),
+        app_id: app,
+        topic: "t".into(),
+        source: "queue".into(),
+        op: String::new(),
+        payload: json!({"n": 1}),
+        headers: json!({}),
+        attempt: 1,
+        max_attempts: 5,
+        enqueued_at: chrono::Utc::now(),
+        first_attempt_at: None,
+        ordering_key: None,
+        depth: 0,
+        trigger_id: None,
+        principal: None,
+        reply: Default::default(),
+        claim_tx: None,
+    }
+}
+
 fn unique_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
@@ -184,25 +207,7 @@ async fn a_republished_row_is_dropped_by_the_duplicate_window() -> TestResult {
     let prefix = unique_prefix();
     let mut stream = ensure_stream(&js, &contract(&prefix)).await?;
     let relay = relay_for(&js, &db, &prefix);
-    let event = Event {
-        id: uuid::Uuid::now_v7(),
-        app_id: app,
-        topic: "t".into(),
-        source: "queue".into(),
-        op: String::new(),
-        payload: json!({"n": 1}),
-        headers: json!({}),
-        attempt: 1,
-        max_attempts: 5,
-        enqueued_at: chrono::Utc::now(),
-        first_attempt_at: None,
-        ordering_key: None,
-        depth: 0,
-        trigger_id: None,
-        principal: None,
-        reply: Default::default(),
-        claim_tx: None,
-    };
+    let event = event_of(app);
     // A crash between PubAck and the row's deletion publishes the row again.
     let first = relay.publish(event.clone()).await?;
     let second = relay.publish(event).await?;
@@ -410,25 +415,7 @@ async fn the_relay_waits_without_an_attempt_while_nats_is_down() -> TestResult {
             ..RelayConfig::default()
         },
     );
-    let event = Event {
-        id: uuid::Uuid::now_v7(),
-        app_id: app,
-        topic: "t".into(),
-        source: "queue".into(),
-        op: String::new(),
-        payload: json!({"n": 1}),
-        headers: json!({}),
-        attempt: 1,
-        max_attempts: 5,
-        enqueued_at: chrono::Utc::now(),
-        first_attempt_at: None,
-        ordering_key: None,
-        depth: 0,
-        trigger_id: None,
-        principal: None,
-        reply: Default::default(),
-        claim_tx: None,
-    };
+    let event = event_of(app);
 
     server.kill()?;
     server.wait()?;
