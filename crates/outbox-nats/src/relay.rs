@@ -66,6 +66,9 @@ impl PublishStatus {
 #[derive(Clone)]
 pub struct Relay {
     js: jetstream::Context,
+    // The connection under `js`, taken once: its state is read on every
+    // publish, and `Context::client` clones it.
+    client: async_nats::Client,
     pool: PgPool,
     config: RelayConfig,
     // The checked template; a bad one fails every row with its reason
@@ -90,6 +93,7 @@ impl Relay {
     /// A relay publishing through `js`; `pool` resolves app slugs.
     pub fn new(js: jetstream::Context, pool: PgPool, config: RelayConfig) -> Self {
         Self {
+            client: js.client(),
             js,
             pool,
             template: SubjectTemplate::parse(&config.subject_template),
@@ -97,6 +101,12 @@ impl Relay {
             slugs: Arc::default(),
             outage_since: Arc::default(),
         }
+    }
+
+    /// Whether the NATS connection is up (publishing then reaches the
+    /// server, not the client's buffer).
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// How long a row waits while the connection is down: a second at
@@ -159,7 +169,7 @@ impl Relay {
         // PubAck: the row could then be dead-lettered, and replayed under a
         // new id, although its message reached the stream. Waiting spends no
         // attempt, so an outage of any length sends no row to dead letters.
-        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+        if !self.connected() {
             metrics::counter!("outboxd_publish_deferred_total").increment(1);
             return Err(HandlerError::Snooze(self.outage_pause()));
         }
@@ -193,10 +203,7 @@ impl Relay {
             // reach the stream from the client's buffer; the next publish has
             // the same message id, which JetStream takes once within its
             // duplicate window.
-            Err(_)
-                if self.js.client().connection_state()
-                    != async_nats::connection::State::Connected =>
-            {
+            Err(_) if !self.connected() => {
                 metrics::counter!("outboxd_publish_deferred_total").increment(1);
                 Err(HandlerError::Snooze(self.outage_pause()))
             }
