@@ -1,7 +1,7 @@
 //! The relay sink: publish an outbox row to JetStream and succeed only on PubAck.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -42,21 +42,43 @@ pub const DISCONNECTED_PAUSE: Duration = Duration::from_secs(1);
 /// The longest a row waits at once while the NATS connection is down.
 pub const DISCONNECTED_PAUSE_MAX: Duration = Duration::from_secs(15);
 
-/// When a relay last had a publish acknowledged; clones share it.
+/// When a relay last had a publish acknowledged, and whether the stream
+/// contract is still to be checked; clones share both.
 #[derive(Debug, Clone, Default)]
-pub struct PublishStatus(Arc<AtomicI64>);
+pub struct PublishStatus {
+    last_ack: Arc<AtomicI64>,
+    stream_check_pending: Arc<AtomicBool>,
+}
 
 impl PublishStatus {
     /// The time of the last acknowledged publish, if any.
     pub fn last_publish_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.last_ack.load(Ordering::Relaxed) {
             0 => None,
             micros => chrono::DateTime::from_timestamp_micros(micros),
         }
     }
 
+    /// Holds every relay sharing this status, as if NATS were down, until
+    /// [`PublishStatus::stream_checked`]: a process that starts before NATS
+    /// answers checks the stream contract once it does, and publishes
+    /// nothing into a stream it has not checked.
+    pub fn await_stream_check(&self) {
+        self.stream_check_pending.store(true, Ordering::Relaxed);
+    }
+
+    /// The stream contract held: relays may publish.
+    pub fn stream_checked(&self) {
+        self.stream_check_pending.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the stream contract is still to be checked.
+    pub fn stream_check_pending(&self) -> bool {
+        self.stream_check_pending.load(Ordering::Relaxed)
+    }
+
     fn record(&self) {
-        self.0
+        self.last_ack
             .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
     }
 }
@@ -104,9 +126,10 @@ impl Relay {
     }
 
     /// Whether the NATS connection is up (publishing then reaches the
-    /// server, not the client's buffer).
+    /// server, not the client's buffer) and its stream has been checked.
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+            && !self.config.status.stream_check_pending()
     }
 
     /// How long a row waits while the connection is down: a second at

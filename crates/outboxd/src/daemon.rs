@@ -63,16 +63,36 @@ pub async fn run(
     let _stop_on_return = stop.clone().drop_guard();
 
     // NATS first: a stream-contract mismatch must stop start-up before
-    // anything serves.
+    // anything serves. When no server answers yet (and `nats.fail_fast` is
+    // off) the process serves, not ready, and checks the contract once
+    // connected; a mismatch found then stops it.
     let publish_status = outbox_nats::PublishStatus::default();
+    let mut late_stream_check = None;
     let (nats_client, jetstream) = if settings.nats.url.is_empty() {
         (None, None)
     } else {
         let client = outbox_nats::connect_with(&settings.nats.url, settings.nats.fail_fast).await?;
         let js = async_nats::jetstream::new(client.clone());
-        outbox_nats::ensure_stream(&js, &settings.stream_contract())
-            .await
-            .context("checking the NATS stream contract")?;
+        let contract = settings.stream_contract();
+        if settings.nats.fail_fast || connected_within(&client, FIRST_CONNECT_WAIT).await {
+            outbox_nats::ensure_stream(&js, &contract)
+                .await
+                .context("checking the NATS stream contract")?;
+        } else {
+            tracing::warn!(
+                url = %db::redact_url(&settings.nats.url),
+                "no NATS server answers yet: serving with /readyz 503 and relaying nothing; \
+                 the stream contract is checked once one does"
+            );
+            publish_status.await_stream_check();
+            late_stream_check = Some(tokio::spawn(check_stream_once_connected(
+                client.clone(),
+                js.clone(),
+                contract,
+                publish_status.clone(),
+                stop.clone(),
+            )));
+        }
         (Some(client), Some(js))
     };
 
@@ -177,12 +197,68 @@ pub async fn run(
     let _ = maintenance.await;
     let _ = server.await;
     pool.close().await;
+    if let Some(check) = late_stream_check {
+        check.await.context("the NATS stream check")??;
+    }
     info!(
         completed = report.totals.completed,
         released = report.released,
         "bye"
     );
     Ok(report)
+}
+
+/// How long start-up waits for a first NATS connection before it serves
+/// without one (as long as `nats.fail_fast` waits before it gives up).
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `client` is connected within `wait`.
+async fn connected_within(client: &async_nats::Client, wait: Duration) -> bool {
+    let connected = || client.connection_state() == async_nats::connection::State::Connected;
+    let deadline = tokio::time::Instant::now() + wait;
+    while !connected() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    connected()
+}
+
+/// Checks the stream contract once `client` connects, then lets the relays
+/// publish (`status`). A contract that does not hold stops the process,
+/// which then exits with the differences, as it would have at start-up;
+/// any other failure (a JetStream request timing out) is tried again.
+async fn check_stream_once_connected(
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    contract: outbox_nats::StreamContract,
+    status: outbox_nats::PublishStatus,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(pause) => {}
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        match outbox_nats::ensure_stream(&js, &contract).await {
+            Ok(_) => {
+                status.stream_checked();
+                info!(stream = %contract.name, "NATS answers and the stream contract holds: relaying starts");
+                return Ok(());
+            }
+            Err(err @ outbox_nats::Error::StreamMismatch { .. }) => {
+                tracing::error!(error = %err, "the NATS stream contract does not hold: stopping");
+                stop.cancel();
+                return Err(anyhow::Error::new(err).context("checking the NATS stream contract"));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "checking the NATS stream contract failed: trying again");
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -26,13 +26,16 @@ struct AppState {
 pub struct NatsHealth {
     /// The connection.
     pub client: async_nats::Client,
-    /// The relay's last acknowledged publish.
+    /// The relay's last acknowledged publish, and whether the stream
+    /// contract is checked.
     pub published: outbox_nats::PublishStatus,
 }
 
 impl NatsHealth {
+    /// Connected, and the stream checked: relaying can go on.
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+            && !self.published.stream_check_pending()
     }
 }
 
@@ -161,6 +164,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         };
         serde_json::json!({
             "connection": connection,
+            "stream_checked": !n.published.stream_check_pending(),
             "last_publish_at": n.published.last_publish_at(),
         })
     });

@@ -426,6 +426,137 @@ async fn fail_fast_stops_start_up_when_no_nats_server_answers() -> TestResult {
     Ok(())
 }
 
+/// Without `nats.fail_fast`, a process started before any NATS server
+/// answers serves at once, not ready, relays nothing and spends no attempt;
+/// once a server answers it creates the stream and relays every row once.
+#[tokio::test]
+async fn a_process_started_before_nats_serves_unready_and_relays_once_nats_answers() -> TestResult {
+    let db = TestDb::new().await?;
+    let prefix = format!("l{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    let port = free_port()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let config_dir = dir.to_string_lossy().into_owned();
+    let (mut child, addr) = spawn_server_with(
+        &db.url,
+        &["run"],
+        &[
+            ("OUTBOXD_CONFIG_DIR", config_dir.as_str()),
+            ("OUTBOXD_ENV", "nats-test"),
+            ("NATS_URL", url.as_str()),
+            ("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "2"),
+            ("OUTBOXD_TRIGGER_RETRY_BASE_MS", "100"),
+            ("OUTBOXD_TRIGGER_RETRY_MAX_MS", "100"),
+        ],
+    )
+    .await?;
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http_get(&addr, "/healthz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""stream_checked":false"#), "{body}");
+    for n in 0..3 {
+        let out = run(outboxd(Some(&db.url)).args([
+            "enqueue",
+            "--app",
+            "shop",
+            "--topic",
+            "t",
+            "--payload",
+            &format!("{{\"n\":{n}}}"),
+        ]))?;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // Long enough for both attempts of every row, had they been spent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nats = OwnNats::start(port, dir.to_path_buf())?;
+    let drained = wait_until(Duration::from_secs(30), || async {
+        outbox_core::store::outbox::count(&db.pool).await.ok() == Some(0)
+    })
+    .await;
+    let (ready, _) = http_get(&addr, "/readyz").await?;
+    let (_, health) = http_get(&addr, "/healthz").await?;
+    let exit = stop(&mut child).await?;
+    assert!(drained, "nothing was relayed after NATS came up");
+    assert_eq!(ready, 200);
+    assert!(health.contains(r#""stream_checked":true"#), "{health}");
+    assert!(exit.success());
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(stream.info().await?.state.messages, 3);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(dead, 0, "rows spent their attempts before NATS answered");
+    Ok(())
+}
+
+/// The stream contract found broken only once NATS answers stops the
+/// process with the differences, as it would have at start-up, having
+/// published nothing into that stream.
+#[tokio::test]
+async fn a_stream_found_different_once_nats_answers_stops_the_process() -> TestResult {
+    let db = TestDb::new().await?;
+    let prefix = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = nats_config_dir(&prefix, 3600)?;
+    let port = free_port()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut nats = OwnNats::start(port, dir.to_path_buf())?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            async_nats::connect(&url).await.is_ok()
+        })
+        .await
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("S_{prefix}"),
+        subjects: vec![format!("{prefix}.>")],
+        max_age: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await?;
+    drop(js);
+    nats.kill9()?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    let out = run(outboxd(Some(&db.url)).args(["enqueue", "--app", "shop", "--topic", "t"]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut cmd = tokio::process::Command::from({
+        let mut c = outboxd(Some(&db.url));
+        c.env("OUTBOXD_CONFIG_DIR", &dir)
+            .env("OUTBOXD_ENV", "nats-test")
+            .env("NATS_URL", &url)
+            .arg("run");
+        c
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    loop {
+        let line = lines.next_line().await?.ok_or("outboxd exited")?;
+        if line.starts_with("outboxd listening on http://") {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let nats = OwnNats::start(port, nats.dir.clone())?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??;
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "kept running: {err}");
+    assert!(
+        err.contains("differs from the configured contract") && err.contains("max_age"),
+        "{err}"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(format!("S_{prefix}")).await?;
+    assert_eq!(stream.info().await?.state.messages, 0, "published into it");
+    Ok(())
+}
+
 #[tokio::test]
 async fn one_traceparent_runs_from_the_http_call_to_the_consumers_log() -> TestResult {
     let nats_url =
