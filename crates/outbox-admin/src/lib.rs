@@ -121,10 +121,9 @@ pub fn router(state: AdminState) -> Router {
     api::routes()
         .merge(events_api::routes())
         .merge(invoke::routes())
-        .route_layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                api::declared::refuse_undeclared(req, next, limit)
-            },
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::declared::refuse_undeclared,
         ))
         .layer(axum::middleware::map_response(move |res| {
             error::api_response(res, limit)

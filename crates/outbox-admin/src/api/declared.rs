@@ -8,15 +8,19 @@
 //! caller asked for, and `POST …/ignore` with `{"reason": …}` dropped the
 //! reason. One layer over every `/api` route closes that for all of them,
 //! with the document as the one list of what each route takes.
+//!
+//! A refusal waits for authentication: on a route that needs a principal,
+//! a caller without one learns 401 and nothing of what the route takes.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use crate::AdminState;
 use crate::error::ApiError;
 
 /// What one operation takes.
@@ -26,6 +30,8 @@ struct Declared {
     query: Vec<String>,
     /// Whether it takes a request body.
     body: bool,
+    /// Whether it answers without a principal (`security: []`).
+    public: bool,
 }
 
 /// The document's operations by method (upper case) and path template.
@@ -72,6 +78,7 @@ fn read_operations(doc: &Value) -> HashMap<(String, String), Declared> {
                 Declared {
                     query,
                     body: op.get("requestBody").is_some(),
+                    public: op["security"].as_array().is_some_and(Vec::is_empty),
                 },
             );
         }
@@ -81,8 +88,12 @@ fn read_operations(doc: &Value) -> HashMap<(String, String), Declared> {
 
 /// The layer: refuses what the matched operation does not declare, and
 /// passes everything else (and any route the document does not list) on.
-/// A body is read up to `limit` bytes where none is declared.
-pub async fn refuse_undeclared(req: Request, next: Next, limit: usize) -> Response {
+/// A body is read up to the state's body limit where none is declared.
+pub async fn refuse_undeclared(
+    State(state): State<AdminState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(declared) = req
         .extensions()
         .get::<MatchedPath>()
@@ -100,7 +111,8 @@ pub async fn refuse_undeclared(req: Request, next: Next, limit: usize) -> Respon
         } else {
             format!("accepted: {}", declared.query.join(", "))
         };
-        return ApiError::Invalid(format!("{unknown}: unknown field ({accepted})")).into_response();
+        let refusal = ApiError::Invalid(format!("{unknown}: unknown field ({accepted})"));
+        return refuse(&state, declared, req, refusal).await;
     }
     if declared.body {
         return next.run(req).await;
@@ -108,23 +120,75 @@ pub async fn refuse_undeclared(req: Request, next: Next, limit: usize) -> Respon
     // A client that sends `{}` or nothing means nothing by it; anything more
     // would be dropped without a word.
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match axum::body::to_bytes(body, state.body_limit).await {
         Ok(bytes) => bytes,
-        Err(_) => return ApiError::TooLarge(limit).into_response(),
+        Err(err) if over_limit(&err) => {
+            let req = Request::from_parts(parts, axum::body::Body::empty());
+            return refuse(&state, declared, req, ApiError::TooLarge(state.body_limit)).await;
+        }
+        Err(_) => {
+            let refusal = ApiError::Invalid("body: could not be read to its end".into());
+            let req = Request::from_parts(parts, axum::body::Body::empty());
+            return refuse(&state, declared, req, refusal).await;
+        }
     };
     let said_nothing = bytes.iter().all(u8::is_ascii_whitespace)
         || serde_json::from_slice::<Value>(&bytes)
             .is_ok_and(|v| v.is_null() || v == Value::Object(Default::default()));
     if !said_nothing {
-        return ApiError::Invalid("body: this route takes no body".into()).into_response();
+        let refusal = ApiError::Invalid("body: this route takes no body".into());
+        let req = Request::from_parts(parts, axum::body::Body::empty());
+        return refuse(&state, declared, req, refusal).await;
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
 }
 
+/// `refusal`, unless the route needs a principal and the request has none
+/// that authenticates: then that refusal (401), as the handler would give.
+async fn refuse(
+    state: &AdminState,
+    declared: &Declared,
+    req: Request,
+    refusal: ApiError,
+) -> Response {
+    if !declared.public {
+        let (mut parts, _) = req.into_parts();
+        if let Err(unauthenticated) = super::Bearer::from_request_parts(&mut parts, state).await {
+            return unauthenticated.into_response();
+        }
+    }
+    refusal.into_response()
+}
+
+/// Whether reading a body failed on the size limit (and not, say, on a
+/// client that stopped sending).
+fn over_limit(err: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = cause {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_told_from_one_that_broke_off() {
+        let over = axum::body::to_bytes(axum::body::Body::from(vec![b'x'; 11]), 10).await;
+        assert!(over.is_err_and(|err| over_limit(&err)));
+        let broken = axum::body::Body::from_stream(futures::stream::iter([
+            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{")),
+            Err(std::io::Error::other("the client went away")),
+        ]));
+        let broke_off = axum::body::to_bytes(broken, 10).await;
+        assert!(broke_off.is_err_and(|err| !over_limit(&err)));
+    }
 
     #[test]
     fn every_operation_of_the_document_is_read_with_its_query_parameters() {

@@ -497,6 +497,28 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         .call("GET", "/api/apps/app-a/kv/notes/n2", Some(&root), None)
         .await?;
     assert_eq!(s, StatusCode::NOT_FOUND, "nothing was written: {answer}");
+    // A caller without a principal learns 401, not what a route takes; the
+    // public login still says what it does not take.
+    for (method, uri, body) in [
+        ("GET", "/api/apps/app-a/processes?app=app-b", None),
+        (
+            "POST",
+            "/api/apps/app-a/dead-letters/00000000-0000-0000-0000-000000000000/ignore",
+            Some(json!({"reason": "duplicate"})),
+        ),
+    ] {
+        let (s, answer) = w.call(method, uri, None, body).await?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {uri}: {answer}");
+    }
+    let (s, answer) = w
+        .call(
+            "POST",
+            "/api/login?next=x",
+            None,
+            Some(json!({"email": "a@b.c", "password": "p"})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{answer}");
     // `{}` or no body at all says nothing, and is taken where none is declared.
     let (s, answer) = w
         .call(
