@@ -34,6 +34,16 @@ pub(crate) fn nats_config_dir(
     Ok(dir)
 }
 
+/// `outboxd` against `db_url` and the NATS servers `nats_url`, with the
+/// overlay of a [`nats_config_dir`].
+pub(crate) fn with_nats(db_url: &str, dir: &std::path::Path, nats_url: &str) -> Command {
+    let mut c = outboxd(Some(db_url));
+    c.env("OUTBOXD_CONFIG_DIR", dir)
+        .env("OUTBOXD_ENV", "nats-test")
+        .env("NATS_URL", nats_url);
+    c
+}
+
 #[tokio::test]
 async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_stream() -> TestResult {
     let nats_url =
@@ -54,15 +64,9 @@ async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_strea
         ]))?;
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
-    let mut cmd = tokio::process::Command::from({
-        let mut c = outboxd(Some(&db.url));
-        c.env("OUTBOXD_CONFIG_DIR", &dir)
-            .env("OUTBOXD_ENV", "nats-test")
-            .env("NATS_URL", &nats_url)
-            .arg("run");
-        c
-    });
-    cmd.stdin(Stdio::null())
+    let mut cmd = tokio::process::Command::from(with_nats(&db.url, &dir, &nats_url));
+    cmd.arg("run")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
@@ -80,12 +84,8 @@ async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_strea
 
     // `outboxd consume` reads them back through the consumer runtime and acks them.
     let mut consumer = tokio::process::Command::from({
-        let mut c = outboxd(Some(&db.url));
-        c.env("OUTBOXD_CONFIG_DIR", &dir)
-            .env("OUTBOXD_ENV", "nats-test")
-            .env("NATS_URL", &nats_url)
-            .env("OUTBOXD_CONSUMER__GROUP", &prefix)
-            .arg("consume");
+        let mut c = with_nats(&db.url, &dir, &nats_url);
+        c.env("OUTBOXD_CONSUMER__GROUP", &prefix).arg("consume");
         c
     });
     consumer
@@ -114,11 +114,7 @@ async fn run_relays_unhandled_topics_to_jetstream_and_refuses_a_mismatched_strea
             "[nats]\nsubject_template = \"{prefix}.{{app}}.{{topic}}\"\n[nats.stream]\nname = \"S_{prefix}\"\nsubjects = [\"{prefix}.>\"]\nmax_age_secs = 60\n"
         ),
     )?;
-    let out = run(outboxd(Some(&db.url))
-        .env("OUTBOXD_CONFIG_DIR", &other)
-        .env("OUTBOXD_ENV", "nats-test")
-        .env("NATS_URL", &nats_url)
-        .arg("run"))?;
+    let out = run(with_nats(&db.url, &other, &nats_url).arg("run"))?;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -202,10 +198,8 @@ async fn nats_outage_makes_readyz_fail_and_relaying_resumes_exactly_once() -> Te
     );
     run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
     let mut cmd = tokio::process::Command::from({
-        let mut c = outboxd(Some(&db.url));
-        c.env("OUTBOXD_CONFIG_DIR", &dir)
-            .env("OUTBOXD_ENV", "nats-test")
-            .env("NATS_URL", &url)
+        let mut c = with_nats(&db.url, &dir, &url);
+        c
             // Few attempts, spent fast: a row that spent attempts while NATS
             // was down would be a dead letter long before it came back.
             .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "4")
@@ -522,15 +516,9 @@ async fn a_stream_found_different_once_nats_answers_stops_the_process() -> TestR
     run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
     let out = run(outboxd(Some(&db.url)).args(["enqueue", "--app", "shop", "--topic", "t"]))?;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut cmd = tokio::process::Command::from({
-        let mut c = outboxd(Some(&db.url));
-        c.env("OUTBOXD_CONFIG_DIR", &dir)
-            .env("OUTBOXD_ENV", "nats-test")
-            .env("NATS_URL", &url)
-            .arg("run");
-        c
-    });
-    cmd.stdin(Stdio::null())
+    let mut cmd = tokio::process::Command::from(with_nats(&db.url, &dir, &url));
+    cmd.arg("run")
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use outbox_testkit::{TestDb, wait_until};
 
 use crate::nats::{OwnNats, free_port, nats_config_dir};
-use crate::support::{TestResult, outboxd, stop};
+use crate::support::{TestResult, stop};
 
 /// One node of a 3-node JetStream cluster on loopback ports.
 fn cluster_node(
@@ -97,11 +97,8 @@ async fn two_dispatchers_relay_into_an_r3_stream_while_a_cluster_node_restarts()
 
     let mut dispatchers = Vec::new();
     for _ in 0..2 {
-        let mut c = outboxd(Some(&db.url));
-        c.env("OUTBOXD_CONFIG_DIR", &dir)
-            .env("OUTBOXD_ENV", "nats-test")
-            .env("NATS_URL", &urls)
-            .env("OUTBOXD_DISPATCHER__BATCH_SIZE", "50")
+        let mut c = crate::nats::with_nats(&db.url, &dir, &urls);
+        c.env("OUTBOXD_DISPATCHER__BATCH_SIZE", "50")
             .env("OUTBOXD_TRIGGER_RETRY_MAX_ATTEMPTS", "1000")
             .env("OUTBOXD_TRIGGER_RETRY_MAX_MS", "500")
             .arg("run");
