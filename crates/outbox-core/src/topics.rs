@@ -18,6 +18,30 @@ use crate::Error;
 /// after it: `webhook:https://example.com/hook`.
 pub const WEBHOOK_PREFIX: &str = "webhook:";
 
+/// `topic` as logs and metric labels show it. A webhook topic keeps its
+/// scheme, host and port, and `/…` for whatever followed: its user, path
+/// and query often hold credentials (`user:password@`, a token in the path
+/// or in `?token=`), and logs and `/metrics` are read by more people than
+/// the app's admins who may see the topic itself.
+pub fn shown(topic: &str) -> std::borrow::Cow<'_, str> {
+    let Some(url) = topic.strip_prefix(WEBHOOK_PREFIX) else {
+        return std::borrow::Cow::Borrowed(topic);
+    };
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let more = if rest[end..].is_empty() || &rest[end..] == "/" {
+        ""
+    } else {
+        "/…"
+    };
+    let separator = if scheme.is_empty() { "" } else { "://" };
+    std::borrow::Cow::Owned(format!("{WEBHOOK_PREFIX}{scheme}{separator}{host}{more}"))
+}
+
 /// The longest pattern accepted, as the longest topic (bytes).
 const MAX_PATTERN_LEN: usize = 255;
 
@@ -213,6 +237,29 @@ fn is_bidi_control(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_webhook_topic_is_shown_without_what_may_be_a_credential() {
+        for (topic, shown_as) in [
+            ("orders.created", "orders.created"),
+            (
+                "webhook:https://hooks.example.com",
+                "webhook:https://hooks.example.com",
+            ),
+            ("webhook:http://127.0.0.1:9/", "webhook:http://127.0.0.1:9"),
+            (
+                "webhook:https://user:s3cret@hooks.example.com:8443/T0/B0/XXXX?token=t",
+                "webhook:https://hooks.example.com:8443/…",
+            ),
+            (
+                "webhook:http://[::1]:80?token=t",
+                "webhook:http://[::1]:80/…",
+            ),
+            ("webhook:a@b/c", "webhook:b/…"),
+        ] {
+            assert_eq!(shown(topic), shown_as, "{topic}");
+        }
+    }
 
     fn pattern(p: &str) -> TopicPattern {
         TopicPattern::parse(p).unwrap_or_else(|e| panic!("{p}: {e}"))

@@ -58,7 +58,7 @@ impl FailureLog {
         tracing::warn!(
             id = %row.id,
             app_id = %row.app_id,
-            topic = %row.topic,
+            topic = %outbox_core::topics::shown(&row.topic),
             attempts = row.attempt,
             max_attempts = row.max_attempts,
             error,
@@ -98,7 +98,7 @@ impl FailureLog {
         tracing::info!(
             id = %row.id,
             app_id = %row.app_id,
-            topic = %row.topic,
+            topic = %outbox_core::topics::shown(&row.topic),
             attempt = row.attempt,
             max_attempts = row.max_attempts,
             error,

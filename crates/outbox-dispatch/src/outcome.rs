@@ -108,7 +108,7 @@ impl Shared {
     ) -> Finished {
         let lease = row.lease();
         let ordered = row.ordering_key.is_some();
-        let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %row.topic,
+        let span = tracing::info_span!("outbox.dispatch", id = %row.id, topic = %outbox_core::topics::shown(&row.topic),
             attempt = row.attempt_count, correlation_id = tracing::field::Empty);
         // Only rows that carry a correlation id (under either name) get the
         // field (no empty ones).

@@ -141,7 +141,10 @@ pub(crate) struct TopicHandles {
 
 impl TopicHandles {
     fn new(app_id: Uuid, app: &str, topic: &str) -> Self {
-        let labels = [("app", app.to_owned()), ("topic", topic.to_owned())];
+        let labels = [
+            ("app", app.to_owned()),
+            ("topic", outbox_core::topics::shown(topic).into_owned()),
+        ];
         Self {
             claimed: metrics::counter!("outboxd_claimed_total", &labels),
             completed: metrics::counter!("outboxd_completed_total", &labels),

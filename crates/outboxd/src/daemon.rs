@@ -126,6 +126,8 @@ pub async fn run(
         .listen
         .parse()
         .context("http.listen is not a socket address")?;
+    let max_connections = usize::try_from(settings.http.max_connections)
+        .context("http.max_connections does not fit this machine")?;
     let (bound, server) = http::serve(
         addr,
         http::router(
@@ -137,6 +139,7 @@ pub async fn run(
             }),
             admin,
         ),
+        max_connections,
         stop.clone().cancelled_owned(),
     )
     .await

@@ -102,25 +102,107 @@ pub fn router(
     }
 }
 
-/// Binds `addr` and serves until `shutdown` completes; returns the bound address
-/// through `bound` before serving (port 0 picks a free port).
+/// How long a client has to send a request's headers, counted from when the
+/// server starts waiting for them, so also how long a kept-alive connection
+/// may sit idle: a client that holds a connection without finishing a
+/// request loses it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `addr` and serves until `shutdown` completes, at most
+/// `max_connections` connections at once (further clients wait in the
+/// listen queue); returns the bound address before serving (port 0 picks a
+/// free port). At shutdown it stops accepting, lets each connection finish
+/// its request, and returns when all are closed.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        // Connect info gives the login rate limiter the client address.
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-    });
+    let task = tokio::spawn(accept(listener, router, max_connections.max(1), shutdown));
     Ok((bound, task))
+}
+
+async fn accept(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    max_connections: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let closing = tokio_util::sync::CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let (stream, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, or a connection reset before it
+                    // was taken: the listener itself is fine.
+                    tracing::warn!(error = %err, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(
+            stream,
+            remote,
+            router.clone(),
+            closing.clone(),
+            slot,
+        ));
+    }
+    closing.cancel();
+    // Every connection gives its slot back when it closes.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    router: Router,
+    closing: tokio_util::sync::CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tower::ServiceExt;
+    // Connect info gives the login rate limiter the client address.
+    let service = hyper::service::service_fn(
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(remote));
+            router.clone().oneshot(req)
+        },
+    );
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let outcome = tokio::select! {
+        outcome = connection.as_mut() => outcome,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = outcome {
+        tracing::debug!(error = %err, %remote, "HTTP connection ended with an error");
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -43,7 +43,7 @@ impl Sampler {
         let mut merged: BTreeMap<(String, String), Sample> = BTreeMap::new();
         for (i, c) in counts.into_iter().enumerate() {
             let topic = if i < MAX_LABELLED {
-                c.topic
+                outbox_core::topics::shown(&c.topic).into_owned()
             } else {
                 OTHER.to_owned()
             };

@@ -167,7 +167,9 @@ impl Webhook {
         let own = match &self.targets {
             Some(pool) => outbox_core::store::webhooks::signing_secrets(pool, app, url)
                 .await
-                .map_err(|e| HandlerError::retry(format!("reading {url}'s secret: {e}")))?,
+                .map_err(|e| {
+                    HandlerError::retry(format!("reading {}'s secret: {e}", shown_url(url)))
+                })?,
             None => None,
         };
         match own {
@@ -178,7 +180,8 @@ impl Webhook {
             }
             None if !self.secret.is_empty() => Ok(signature(&self.secret, timestamp, body)),
             None => Err(HandlerError::permanent(format!(
-                "webhook target {url} has no secret: create it (outboxd webhook create) or set webhook.secret"
+                "webhook target {} has no secret: create it (outboxd webhook create) or set webhook.secret",
+                shown_url(url)
             ))),
         }
     }
@@ -190,21 +193,24 @@ impl Webhook {
         body: Vec<u8>,
         event_id: &str,
     ) -> Result<StatusCode, HandlerError> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| HandlerError::permanent(format!("webhook URL {url:?} is invalid: {e}")))?;
+        let uri: hyper::Uri = url.parse().map_err(|e| {
+            HandlerError::permanent(format!("webhook URL {:?} is invalid: {e}", shown_url(url)))
+        })?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => {
                 return Err(HandlerError::permanent(format!(
-                    "webhook URL {url:?} must be http:// or https://"
+                    "webhook URL {:?} must be http:// or https://",
+                    shown_url(url)
                 )));
             }
         };
         let host = uri
             .host()
-            .ok_or_else(|| HandlerError::permanent(format!("webhook URL {url:?} has no host")))?
+            .ok_or_else(|| {
+                HandlerError::permanent(format!("webhook URL {:?} has no host", shown_url(url)))
+            })?
             .to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -217,11 +223,17 @@ impl Webhook {
             .header("outboxd-event-id", event_id)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| HandlerError::permanent(format!("building the request: {e}")))?;
-        let tcp = TcpStream::connect((host.as_str(), port))
+        // An IPv6 literal is bracketed in the URL and the Host header, not
+        // for the resolver.
+        let address = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tcp = TcpStream::connect((address.as_str(), port))
             .await
             .map_err(|e| HandlerError::retry(format!("connecting to {host}:{port}: {e}")))?;
         let response = if https {
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(address)
                 .map_err(|e| HandlerError::permanent(format!("TLS name {host:?}: {e}")))?;
             let tls = self
                 .tls
@@ -235,6 +247,9 @@ impl Webhook {
         Ok(response)
     }
 }
+
+/// How much of a receiver's answer is read, in bytes.
+const ANSWER_READ_AT_MOST: usize = 16 * 1024;
 
 async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<StatusCode, HandlerError>
 where
@@ -251,13 +266,27 @@ where
         .await
         .map_err(|e| HandlerError::retry(format!("webhook request: {e}")))?;
     let status = response.status();
-    // Drain (bounded by the caller's timeout) so the connection closes cleanly.
-    let _ = response.into_body().collect().await;
+    // Only the status counts. A little of the answer is read so that a short
+    // one ends cleanly; the rest is dropped with the connection, since a
+    // receiver's answer of any size was held in memory whole.
+    let _ = http_body_util::Limited::new(response.into_body(), ANSWER_READ_AT_MOST)
+        .collect()
+        .await;
     Ok(status)
 }
 
-/// Maps a response status to the outcome.
+/// `url` as errors, logs and dead letters show it (see
+/// [`outbox_core::topics::shown`]): scheme, host and port.
+fn shown_url(url: &str) -> String {
+    let topic = format!("{PREFIX}{url}");
+    let shown = outbox_core::topics::shown(&topic);
+    shown.strip_prefix(PREFIX).unwrap_or(&shown).to_owned()
+}
+
+/// Maps a response status to the outcome; errors name `url` by scheme,
+/// host and port.
 pub fn classify(status: StatusCode, url: &str) -> Result<(), HandlerError> {
+    let url = shown_url(url);
     match status.as_u16() {
         200..=299 => Ok(()),
         408 | 429 => Err(HandlerError::retry(format!("{url} answered {status}"))),
@@ -290,7 +319,11 @@ impl Handler for Webhook {
             )
             .await
             .map_err(|_| {
-                HandlerError::retry(format!("{url} did not answer within {:?}", this.timeout))
+                HandlerError::retry(format!(
+                    "{} did not answer within {:?}",
+                    shown_url(&url),
+                    this.timeout
+                ))
             })??;
             classify(status, &url)
         })

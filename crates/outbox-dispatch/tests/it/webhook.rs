@@ -215,3 +215,92 @@ async fn each_target_signs_with_its_own_secret_and_both_during_a_rotation() -> T
     );
     Ok(())
 }
+
+/// A receiver that answers 200 and then sends its body for ever: only the
+/// status counts, so the delivery completes at once instead of reading (and
+/// holding in memory) the answer until the timeout. An IPv6 literal is a
+/// receiver like any other.
+#[tokio::test]
+async fn a_receiver_that_answers_without_end_is_not_read_to_its_end() -> TestResult {
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\n";
+                if socket.write_all(head).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'a'; 64 * 1024];
+                while socket.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.prefix(
+        webhook::PREFIX,
+        Webhook::new(b"secret".to_vec(), Duration::from_secs(5)),
+    );
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    enqueue_committed(
+        &db.pool,
+        shop,
+        NewEvent::new(format!("webhook:http://{addr}/endless"), payload(1)),
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.completed, 1, "{report:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "read until the timeout: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// What may be a credential in a webhook URL (its user and password, its
+/// path, its query) stays out of the error kept with the row.
+#[tokio::test]
+async fn a_failed_delivery_names_the_receiver_without_its_credentials() -> TestResult {
+    let unavailable = axum::Router::new().fallback(|| async { StatusCode::SERVICE_UNAVAILABLE });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, unavailable).await });
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.prefix(
+        webhook::PREFIX,
+        Webhook::new(b"secret".to_vec(), Duration::from_secs(2)),
+    );
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    let id = enqueue_committed(
+        &db.pool,
+        shop,
+        NewEvent::new(
+            format!("webhook:http://user:pa55word@{addr}/T0/S3CRET?token=t0k3n"),
+            payload(1),
+        ),
+    )
+    .await?;
+    dispatcher.run_once().await?;
+    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+    let error = error.ok_or("no error kept")?;
+    assert!(
+        error.contains(&format!("http://{addr}/… answered 503")),
+        "{error}"
+    );
+    for secret in ["pa55word", "S3CRET", "t0k3n"] {
+        assert!(!error.contains(secret), "{error}");
+    }
+    Ok(())
+}

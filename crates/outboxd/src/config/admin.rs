@@ -14,6 +14,7 @@ use super::{ConfigError, Secret, Settings, env_hint, range};
 pub struct HttpSettings {
     pub listen: String,
     pub max_body_bytes: u64,
+    pub max_connections: u64,
     pub public_url: String,
     pub metrics_sample_secs: u64,
 }
@@ -133,6 +134,7 @@ impl Settings {
             1,
             3600,
         )?;
+        range("http.max_connections", self.http.max_connections, 1, 65_535)?;
         range(
             "http.max_body_bytes",
             self.http.max_body_bytes,

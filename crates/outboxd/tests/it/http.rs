@@ -11,12 +11,18 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
     // More topics than the label cap: the rest are counted as "other". Each
-    // is a webhook target that refuses the connection, so every row fails.
+    // is a webhook target that refuses the connection, so every row fails;
+    // each has a host of its own (127/8 is all loopback), since a webhook
+    // topic's label keeps its host only, not its path and query.
     let cap = outbox_dispatch::telemetry::MAX_LABELLED;
     let events: Vec<outbox_core::NewEvent> = (0..cap + 5)
         .map(|n| {
             outbox_core::NewEvent::new(
-                format!("webhook:http://127.0.0.1:9/t/{n}"),
+                format!(
+                    "webhook:http://127.0.{}.{}:9/t/{n}?token=t",
+                    n / 250,
+                    n % 250 + 1
+                ),
                 serde_json::json!({}),
             )
             .with_max_attempts(1)
@@ -98,8 +104,14 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
     assert!(
         claimed
             .iter()
-            .any(|(topic, n)| topic.starts_with("webhook:http://127.0.0.1:9/t/") && *n == 1.0),
+            .any(|(topic, n)| topic.starts_with("webhook:http://127.0.") && *n == 1.0),
         "{metrics}"
+    );
+    assert!(
+        claimed
+            .iter()
+            .all(|(topic, _)| *topic == "other" || topic.ends_with(":9/…")),
+        "a webhook topic's path or query in a label: {metrics}"
     );
     assert!(
         claimed.iter().any(|(topic, _)| *topic == "other"),
@@ -131,5 +143,49 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
         metrics.contains("outboxd_handler_duration_seconds_bucket{"),
         "{metrics}"
     );
+    Ok(())
+}
+
+/// Connections held open without finishing a request are closed after
+/// [`outboxd::http::HEADER_READ_TIMEOUT`], and no more than
+/// `http.max_connections` are served at once: a client holding connections
+/// (a slowloris) could take every file descriptor of the process, which the
+/// database pool and webhook deliveries need too.
+#[tokio::test]
+async fn connections_held_without_a_request_are_capped_and_closed() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await?;
+    let (mut child, addr) =
+        spawn_server_with(&db.url, &["run"], &[("OUTBOXD_HTTP__MAX_CONNECTIONS", "3")]).await?;
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await?;
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await?;
+        held.push(socket);
+    }
+    let fourth = tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/healthz")).await;
+    assert!(fourth.is_err(), "a fourth connection was served");
+    // The held ones are closed when their headers are overdue; another
+    // header line does not buy time.
+    for socket in &mut held {
+        let _ = socket.write_all(b"x-more: 1\r\n").await;
+    }
+    for socket in &mut held {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut rest)).await??;
+    }
+    let closed_after = started.elapsed();
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(10), http_get(&addr, "/healthz")).await??;
+    let exit = stop(&mut child).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        closed_after >= outboxd::http::HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {closed_after:?}"
+    );
+    assert!(exit.success());
     Ok(())
 }
