@@ -114,6 +114,16 @@ pub struct NewEvent {
 /// The highest priority.
 pub const MAX_PRIORITY: i16 = 9;
 
+/// The earliest `run_at` a row may have (1970-01-01, UTC).
+pub const MIN_RUN_AT: DateTime<Utc> = DateTime::UNIX_EPOCH;
+
+/// The end of the years a `run_at` may fall in (10000-01-01, UTC, not
+/// included): the database refuses later ones (migration 0039), which
+/// clients could not read back.
+pub fn run_at_end() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_800, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// How many seconds earlier each step of priority makes a row look due.
 pub const PRIORITY_STEP_SECS: i64 = 10;
 
@@ -213,6 +223,14 @@ impl NewEvent {
                     "is {}; it must be between 0 and {MAX_PRIORITY}",
                     self.priority
                 ),
+            ));
+        }
+        if let Some(at) = self.run_at
+            && !(MIN_RUN_AT..run_at_end()).contains(&at)
+        {
+            return Err(Error::invalid(
+                "run_at",
+                format!("is {at}; it must fall in the years 1970 to 9999 (UTC)"),
             ));
         }
         if !self.headers.is_object() {
@@ -546,6 +564,23 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("headers"), "{err}");
         assert!(NewEvent::new("t", Value::Null).validate().is_ok());
+        for far in [
+            DateTime::<Utc>::MIN_UTC,
+            MIN_RUN_AT - chrono::Duration::seconds(1),
+            run_at_end(),
+        ] {
+            let err = NewEvent::new("t", Value::Null)
+                .with_run_at(far)
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains("run_at"), "{err}");
+        }
+        assert!(
+            NewEvent::new("t", Value::Null)
+                .with_run_at(run_at_end() - chrono::Duration::seconds(1))
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

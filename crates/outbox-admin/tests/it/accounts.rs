@@ -336,6 +336,12 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         (
             "POST",
             "/api/apps/app-a/jobs/reports",
+            json!({"run_at": "-262143-01-01T00:00:00Z"}),
+            "run_at: is -262143-01-01 00:00:00 UTC; it must fall in the years 1970 to 9999",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/jobs/reports",
             json!({"max_attempts": 0}),
             "max_attempts",
         ),

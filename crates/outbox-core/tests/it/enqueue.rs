@@ -432,3 +432,55 @@ async fn inserts_are_prepared_only_on_a_connection_that_keeps_prepared_statement
     assert_eq!(outbox_core::store::outbox::count(&db.pool).await?, 24);
     Ok(())
 }
+
+/// Migration 0039: a `run_at` outside the years 1970 to 9999 broke every
+/// reader of its row (and the leader's state sample of every app). Rows
+/// already there are moved to the nearest bound; then the SQL function
+/// refuses such a `run_at`, and the library names it.
+#[tokio::test]
+async fn a_run_at_outside_the_years_1970_to_9999_is_refused_and_old_ones_are_moved_into_them()
+-> TestResult {
+    let db = TestDb::migrated_to(38).await?;
+    let app = db.app("shop").await?;
+    let far = ["infinity", "-infinity", "294276-12-31 00:00:00+00"];
+    for at in far {
+        sqlx::query("SELECT outbox_enqueue('shop', 'far', '{}', $1::timestamptz)")
+            .bind(at)
+            .execute(&db.pool)
+            .await?;
+    }
+    outbox_core::migrate(&db.pool).await?;
+    let moved: Vec<String> = sqlx::query_scalar(
+        "SELECT to_char(run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM outbox
+         WHERE topic = 'far' ORDER BY run_at",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(moved, ["1970-01-01", "9999-12-31", "9999-12-31"]);
+    for at in far {
+        let refused = sqlx::query("SELECT outbox_enqueue('shop', 'far', '{}', $1::timestamptz)")
+            .bind(at)
+            .execute(&db.pool)
+            .await
+            .err()
+            .ok_or(format!("{at} was taken"))?;
+        let code = refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .unwrap_or_default()
+            .into_owned();
+        assert_eq!(code, "23514", "{at}: {refused}");
+        assert!(refused.to_string().contains("run_at"), "{refused}");
+    }
+    let mut tx = db.pool.begin().await?;
+    let refused = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("far", json!({})).with_run_at(chrono::DateTime::<chrono::Utc>::MIN_UTC),
+    )
+    .await
+    .err()
+    .ok_or("the library took it")?;
+    assert!(refused.to_string().contains("run_at"), "{refused}");
+    Ok(())
+}

@@ -265,17 +265,22 @@ async fn a_rewind_finds_a_row_whose_run_at_was_moved_back_by_hand() -> TestResul
     Ok(())
 }
 
-/// `-infinity` is a valid `run_at` (the SQL function takes any timestamp);
-/// a position there is kept as "from the first row", not decoded.
+/// The earliest `run_at` a row may have (1970-01-01; migration 0039 keeps
+/// `-infinity` out) is a position like any other.
 #[tokio::test]
-async fn a_row_due_since_minus_infinity_is_a_position_too() -> TestResult {
+async fn a_row_due_since_the_earliest_run_at_is_a_position_too() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    sqlx::query("SELECT outbox_enqueue('shop', 't', '{}'::jsonb, p_run_at => '-infinity')")
-        .execute(&db.pool)
-        .await?;
+    sqlx::query(
+        "SELECT outbox_enqueue('shop', 't', '{}'::jsonb, p_run_at => '1970-01-01 00:00:00+00')",
+    )
+    .execute(&db.pool)
+    .await?;
     let positions = advance(&db, &Positions::default(), MARGIN).await?;
-    assert_eq!(positions.of(app).map(|(run_at, _)| run_at), Some(None));
+    assert_eq!(
+        positions.of(app).map(|(run_at, _)| run_at),
+        Some(Some(outbox_core::model::MIN_RUN_AT))
+    );
     let positions = advance(&db, &positions, MARGIN).await?;
     let (_, claimed) = store::complete_and_claim(
         &db.pool,

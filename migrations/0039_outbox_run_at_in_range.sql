@@ -1,0 +1,24 @@
+-- A row's run_at lies between 1970-01-01 and 9999-12-31 (UTC).
+--
+-- outbox_enqueue() took any timestamptz: 'infinity', '-infinity', or a year
+-- past 262143, where the Rust clients' dates end (PostgreSQL's go on to
+-- 294276). One such row broke every reader of it: the row browser and the
+-- row page dropped the connection (decoding the row panicked), and the
+-- leader's state sample failed on every pass ("cannot subtract infinite
+-- timestamps"), for every app, so the rows_* gauges and their alerts went
+-- quiet. The library and the API refuse such a run_at, naming it; the
+-- constraint holds for the SQL function and direct inserts too, and the
+-- segments inherit it.
+--
+-- Rows already there are moved to the nearest bound ('infinity' stays
+-- "never" in practice, '-infinity' "first"), then the constraint is
+-- checked; outbox is locked meanwhile, which is one scan of it.
+ALTER TABLE outbox ADD CONSTRAINT outbox_run_at_in_range
+    CHECK (run_at >= '1970-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00') NOT VALID;
+
+UPDATE outbox
+SET run_at = CASE WHEN run_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'::timestamptz
+                  ELSE '9999-12-31 00:00:00+00'::timestamptz END
+WHERE NOT (run_at >= '1970-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00');
+
+ALTER TABLE outbox VALIDATE CONSTRAINT outbox_run_at_in_range;
