@@ -424,7 +424,7 @@ pub async fn change_trigger(
     let mut tx = audit::begin(pool).await?;
     let action = match enabled {
         Some(enabled) => {
-            triggers::set_enabled(&mut *tx, app_id, id, enabled).await?;
+            triggers::set_enabled(&mut tx, app_id, id, enabled).await?;
             if enabled {
                 "trigger.enable"
             } else {

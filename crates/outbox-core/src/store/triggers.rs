@@ -95,6 +95,14 @@ pub fn next_tick(schedule: &str, after: DateTime<Utc>) -> Result<DateTime<Utc>, 
 
 /// Like [`next_tick`], reading the schedule in the IANA zone `timezone` (so
 /// "0 9 * * *" in Europe/Paris is 09:00 Paris time, summer and winter).
+///
+/// Across a change of the zone's offset it does what cron does: a schedule
+/// whose minute or hour field is a wildcard (`* * * * *`, `*/15 * * * *`,
+/// `0 * * * *`) follows the clock, firing through both passes of the hour
+/// an autumn change repeats and going on after the hour a spring change
+/// skips; a schedule at fixed times fires once at a repeated time (its
+/// first pass) and, at a skipped one, when the clock goes on. The tick is
+/// always later than `after`.
 pub fn next_tick_in(
     schedule: &str,
     timezone: &str,
@@ -125,10 +133,74 @@ pub fn next_tick_in(
         )
     })?;
     // Ticks fall on whole seconds: search from the start of `after`'s second.
-    let after = after.with_nanosecond(0).unwrap_or(after).with_timezone(&tz);
-    cron.find_next_occurrence(&after, false)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| Error::invalid("schedule", format!("{schedule:?} never fires: {e}")))
+    let after = after.with_nanosecond(0).unwrap_or(after);
+    let never = |e: croner::errors::CronError| {
+        Error::invalid("schedule", format!("{schedule:?} never fires: {e}"))
+    };
+    let fields: Vec<&str> = schedule.split_whitespace().collect();
+    let (minute, hour) = match fields.as_slice() {
+        [_, minute, hour, ..] if fields.len() == 6 => (*minute, *hour),
+        [minute, hour, ..] => (*minute, *hour),
+        _ => ("", ""),
+    };
+    if minute.starts_with('*') || hour.starts_with('*') {
+        return next_on_the_clock(&cron, tz, after).map_err(never);
+    }
+    // At a local time the autumn change repeats, the parser answers its
+    // first instant: from within the repeated hour that one has passed,
+    // and the tick is the next one after it. (Taking it fired the trigger
+    // every second for the hour.)
+    let mut from = after.with_timezone(&tz);
+    for _ in 0..MAX_TICK_STEPS {
+        let tick = cron.find_next_occurrence(&from, false).map_err(never)?;
+        if tick.with_timezone(&Utc) > after {
+            return Ok(tick.with_timezone(&Utc));
+        }
+        from = tick;
+    }
+    Err(never(croner::errors::CronError::TimeSearchLimitExceeded))
+}
+
+/// How many candidate ticks a search looks at, at most: a schedule of every
+/// second passes 3,600 in an hour the autumn change repeats.
+const MAX_TICK_STEPS: usize = 10_000;
+
+/// The first tick after `after` of a schedule that follows the clock of
+/// `tz`: searched in the offset in effect, and again from each change of
+/// the offset met before a tick, so a repeated hour is searched twice and
+/// a skipped one not at all.
+fn next_on_the_clock(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    after: DateTime<Utc>,
+) -> Result<DateTime<Utc>, croner::errors::CronError> {
+    use chrono::{Offset, TimeZone};
+    let offset_at = |t: DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix();
+    let mut from = after;
+    let mut inclusive = false;
+    // Each pass crosses one change; a few a year at most.
+    for _ in 0..8 {
+        let offset = offset_at(from);
+        let tick = cron
+            .find_next_occurrence(&from.with_timezone(&offset), inclusive)?
+            .with_timezone(&Utc);
+        if offset_at(tick) == offset {
+            return Ok(tick);
+        }
+        // The first second of the next offset, to the second.
+        let (mut before, mut changed) = (from, tick);
+        while changed - before > chrono::TimeDelta::seconds(1) {
+            let middle = before + (changed - before) / 2;
+            if offset_at(middle) == offset {
+                before = middle;
+            } else {
+                changed = middle;
+            }
+        }
+        from = changed.with_nanosecond(0).unwrap_or(changed);
+        inclusive = true;
+    }
+    Err(croner::errors::CronError::TimeSearchLimitExceeded)
 }
 
 fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
@@ -187,9 +259,14 @@ pub async fn create(
         }
         _ => None,
     };
+    // The database's clock, as firing uses: a host whose clock is off would
+    // put the first tick as far off.
     let next = match spec {
         TriggerSpec::Cron { schedule, timezone } => {
-            Some(next_tick_in(schedule, timezone, Utc::now())?)
+            let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+                .fetch_one(&mut *conn)
+                .await?;
+            Some(next_tick_in(schedule, timezone, now)?)
         }
         _ => None,
     };
@@ -273,22 +350,40 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigg
     .await?)
 }
 
-/// Enables or disables an app's trigger.
-pub async fn set_enabled<'e>(
-    db: impl PgExecutor<'e>,
+/// Enables or disables an app's trigger. A cron trigger enabled again
+/// fires at its next tick from now, not at the one it missed while
+/// disabled (a nightly job enabled at noon ran at noon).
+pub async fn set_enabled(
+    conn: &mut PgConnection,
     app_id: Uuid,
     id: Uuid,
     enabled: bool,
 ) -> Result<(), Error> {
-    let changed = sqlx::query("UPDATE triggers SET enabled = $3 WHERE app_id = $1 AND id = $2")
-        .bind(app_id)
-        .bind(id)
-        .bind(enabled)
-        .execute(db)
-        .await?
-        .rows_affected();
-    if changed == 0 {
+    let changed: Option<(Option<String>, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE triggers t SET enabled = $3
+         WHERE t.app_id = $1 AND t.id = $2
+         RETURNING (SELECT c.schedule FROM cron_trigger_details c WHERE c.trigger_id = t.id),
+                   (SELECT c.timezone FROM cron_trigger_details c WHERE c.trigger_id = t.id),
+                   now()",
+    )
+    .bind(app_id)
+    .bind(id)
+    .bind(enabled)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((schedule, timezone, now)) = changed else {
         return Err(Error::NotFound(format!("trigger {id}")));
+    };
+    if let (true, Some(schedule), Some(timezone)) = (enabled, schedule, timezone) {
+        // A schedule an earlier version took and this one refuses keeps
+        // its tick; the scheduler skips it with a warning.
+        if let Ok(next) = next_tick_in(&schedule, &timezone, now) {
+            sqlx::query("UPDATE cron_trigger_details SET next_fire_at = $2 WHERE trigger_id = $1")
+                .bind(id)
+                .bind(next)
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     Ok(())
 }
@@ -434,6 +529,104 @@ mod tests {
         assert_eq!(parse_glob("orders").ok(), Some(("exact", "orders".into())));
         assert!(parse_glob("or*ders").is_err());
         assert!(parse_glob("").is_err());
+    }
+
+    fn at(rfc3339: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(rfc3339)
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_default()
+    }
+
+    fn ticks(schedule: &str, zone: &str, from: &str, n: usize) -> Vec<String> {
+        let mut after = at(from);
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match next_tick_in(schedule, zone, after) {
+                Ok(tick) => {
+                    out.push(tick.format("%H:%MZ").to_string());
+                    after = tick;
+                }
+                Err(e) => out.push(e.to_string()),
+            }
+        }
+        out
+    }
+
+    /// New York falls back at 06:00 UTC on 2027-11-07 (01:59 EDT is followed
+    /// by 01:00 EST) and springs forward at 07:00 UTC on 2027-03-14 (01:59
+    /// EST is followed by 03:00 EDT).
+    #[test]
+    fn cron_across_changes_of_the_offset() {
+        let ny = "America/New_York";
+        // From within the repeated hour, the next tick is later than now:
+        // the first pass's instant had the trigger fire every second.
+        assert_eq!(
+            ticks("* * * * *", ny, "2027-11-07T06:00:07Z", 2),
+            ["06:01Z", "06:02Z"]
+        );
+        // A schedule that follows the clock fires through both passes.
+        assert_eq!(
+            ticks("*/15 * * * *", ny, "2027-11-07T05:40:00Z", 3),
+            ["05:45Z", "06:00Z", "06:15Z"]
+        );
+        // A fixed time fires once, at its first pass, also when asked from
+        // within the repeated hour.
+        assert_eq!(
+            ticks("30 1 * * *", ny, "2027-11-07T05:00:00Z", 2),
+            ["05:30Z", "06:30Z"]
+        );
+        assert_eq!(
+            next_tick_in("30 1 * * *", ny, at("2027-11-07T06:10:00Z")).ok(),
+            Some(at("2027-11-08T06:30:00Z"))
+        );
+        // Spring: the clock goes on after the skipped hour; a fixed time in
+        // it fires when the clock goes on.
+        assert_eq!(
+            ticks("*/15 * * * *", ny, "2027-03-14T06:40:00Z", 3),
+            ["06:45Z", "07:00Z", "07:15Z"]
+        );
+        assert_eq!(
+            next_tick_in("30 2 * * *", ny, at("2027-03-14T06:00:00Z")).ok(),
+            Some(at("2027-03-14T07:00:00Z"))
+        );
+    }
+
+    /// Whatever the schedule and the zone, around changes of the offset too,
+    /// every tick is later than the one before.
+    #[test]
+    fn ticks_always_move_forward() {
+        for zone in [
+            "America/New_York",
+            "Europe/Berlin",
+            "Australia/Lord_Howe",
+            "Asia/Kolkata",
+        ] {
+            for schedule in [
+                "* * * * *",
+                "*/7 * * * *",
+                "0 * * * *",
+                "30 1 * * *",
+                "0 2,3 * * *",
+                "*/20 * * * * *",
+            ] {
+                for from in [
+                    "2027-11-06T20:00:00Z",
+                    "2027-03-13T20:00:00Z",
+                    "2027-03-27T12:00:00Z",
+                    "2027-10-02T12:00:00Z",
+                ] {
+                    let mut after = at(from);
+                    for _ in 0..150 {
+                        let tick = next_tick_in(schedule, zone, after);
+                        assert!(
+                            tick.as_ref().is_ok_and(|t| *t > after),
+                            "{schedule} in {zone} after {after}: {tick:?}"
+                        );
+                        after = tick.unwrap_or(after);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

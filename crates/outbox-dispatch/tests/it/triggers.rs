@@ -46,7 +46,7 @@ async fn kv_writes_fire_exactly_the_matching_triggers_atomically() -> TestResult
     let exact = kv_trigger(&db, app, "exact", "orders:eu", &["delete"]).await?;
     let _elsewhere = kv_trigger(&db, app, "elsewhere", "users", &["put", "delete"]).await?;
     let disabled = kv_trigger(&db, app, "disabled", "*", &["put"]).await?;
-    triggers::set_enabled(&db.pool, app, disabled, false).await?;
+    triggers::set_enabled(&mut *db.pool.acquire().await?, app, disabled, false).await?;
     let _foreign = kv_trigger(&db, other_app, "foreign", "*", &["put"]).await?;
 
     // A write that rolls back fires nothing.
@@ -594,5 +594,48 @@ async fn a_trigger_target_a_row_may_not_have_is_refused_and_holds_back_no_other(
         err.contains(&legacy_kv.to_string()) && err.contains("is a pattern"),
         "{err}"
     );
+    Ok(())
+}
+
+/// A cron trigger enabled again fires at its next tick from now, not at the
+/// tick it missed while disabled (a nightly job enabled at noon ran at noon).
+#[tokio::test]
+async fn a_cron_trigger_enabled_again_waits_for_its_next_tick() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let mut tx = db.pool.begin().await?;
+    let trigger = triggers::create(
+        &mut tx,
+        app,
+        "nightly",
+        "report.build",
+        None,
+        &TriggerSpec::Cron {
+            schedule: "0 3 * * *".into(),
+            timezone: "UTC".into(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let mut conn = db.pool.acquire().await?;
+    triggers::set_enabled(&mut conn, app, trigger, false).await?;
+    // Its tick passed while it was disabled.
+    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '9 hours' WHERE trigger_id = $1")
+        .bind(trigger)
+        .execute(&mut *conn)
+        .await?;
+    triggers::set_enabled(&mut conn, app, trigger, true).await?;
+    let waits: bool = sqlx::query_scalar(
+        "SELECT next_fire_at > now() AND next_fire_at <= now() + interval '1 day'
+         FROM cron_trigger_details WHERE trigger_id = $1",
+    )
+    .bind(trigger)
+    .fetch_one(&mut *conn)
+    .await?;
+    assert!(waits, "the missed tick is still due");
+    let fired = Scheduler::new(db.pool.clone(), SchedulerConfig::default())
+        .run_once()
+        .await?;
+    assert_eq!(fired, 0);
     Ok(())
 }
