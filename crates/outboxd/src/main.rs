@@ -21,7 +21,11 @@ use crate::commands::triggers::TriggerCommand;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
 #[derive(Debug, Parser)]
-#[command(name = "outboxd", version, about)]
+#[command(
+    name = "outboxd",
+    version,
+    about = "A transactional-outbox dispatcher backed by PostgreSQL: runs handlers, relays to NATS JetStream, retries, dead-letters, and serves an admin API and dashboard."
+)]
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
@@ -67,14 +71,14 @@ enum Command {
     /// Manage triggers (KV, cron, dead-letter).
     #[command(subcommand)]
     Trigger(TriggerCommand),
-    /// Pause, resume and list paused topics.
+    /// Pause, resume and list paused topics; set, remove and list their limits.
     #[command(subcommand)]
     Topic(TopicCommand),
     /// List the live dispatcher processes and what each serves.
     Processes,
     /// Cancel rows that have not run: they become ignored dead letters with the reason.
     Cancel(CancelArgs),
-    /// Garbage-collect: delete dead letters and abandoned executions past retention.
+    /// Garbage-collect: delete dead letters and abandoned executions past retention, expired de-duplication records and lapsed login-throttle counts.
     Gc {
         /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.
         #[arg(long)]

@@ -134,8 +134,13 @@ pub fn next_tick_in(
     })?;
     // Ticks fall on whole seconds: search from the start of `after`'s second.
     let after = after.with_nanosecond(0).unwrap_or(after);
-    let never = |e: croner::errors::CronError| {
-        Error::invalid("schedule", format!("{schedule:?} never fires: {e}"))
+    // The parser's own words ("CronScheduler time search limit exceeded")
+    // say nothing to whoever wrote the schedule.
+    let never = |_: croner::errors::CronError| {
+        Error::invalid(
+            "schedule",
+            format!("{schedule:?} never fires: no time within a year matches it"),
+        )
     };
     let fields: Vec<&str> = schedule.split_whitespace().collect();
     let (minute, hour) = match fields.as_slice() {

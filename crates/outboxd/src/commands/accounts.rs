@@ -15,7 +15,7 @@ use super::topics::{cli_actor, cli_error};
 /// `outboxd user …`.
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
-    /// Create a user; the password comes from standard input, or is generated and printed.
+    /// Create a user; the password is generated and printed, or read from standard input with --password-stdin.
     Create {
         /// E-mail (the login name).
         email: String,
@@ -48,8 +48,8 @@ pub enum UserCommand {
         /// App slug.
         app: String,
     },
-    /// Set a user's password (from standard input, or generated and
-    /// printed); every session of the user ends.
+    /// Set a user's password (generated and printed, or read from standard
+    /// input with --password-stdin); every session of the user ends.
     Passwd {
         /// E-mail of the user.
         email: String,

@@ -66,7 +66,9 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let source: Source = args.source.parse()?;
     let mut event = NewEvent::new(args.topic, payload).with_source(source);
     if let Some(ms) = args.delay_ms {
-        let delay = chrono::Duration::try_milliseconds(ms as i64)
+        let delay = i64::try_from(ms)
+            .ok()
+            .and_then(chrono::Duration::try_milliseconds)
             .filter(|d| *d <= chrono::Duration::days(3650))
             .context("--delay-ms must be at most ten years")?;
         event = event.with_run_at(chrono::Utc::now() + delay);

@@ -221,7 +221,7 @@ impl Settings {
     }
 
     /// The effective configuration as TOML, secrets shown only as set or
-    /// not, the database URL without its password.
+    /// not, the database and NATS URLs without their passwords.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         let mut value = toml::Value::try_from(self)
             .map_err(|e| ConfigError::Load(format!("printing the configuration: {e}")))?;
@@ -233,6 +233,15 @@ impl Settings {
                 "url".into(),
                 toml::Value::String(crate::db::redact_url(self.database.url.expose())),
             );
+        }
+        if let Some(nats) = value.get_mut("nats").and_then(toml::Value::as_table_mut) {
+            let servers: Vec<String> = self
+                .nats
+                .url
+                .split(',')
+                .map(|url| crate::db::redact_url(url.trim()))
+                .collect();
+            nats.insert("url".into(), toml::Value::String(servers.join(",")));
         }
         toml::to_string_pretty(&value)
             .map_err(|e| ConfigError::Load(format!("printing the configuration: {e}")))

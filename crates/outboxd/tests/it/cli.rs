@@ -69,6 +69,18 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
                 "shop",
                 "--topic",
                 "t",
+                "--delay-ms",
+                "18446744073709551615",
+            ],
+            "--delay-ms must be at most ten years",
+        ),
+        (
+            &[
+                "enqueue",
+                "--app",
+                "shop",
+                "--topic",
+                "t",
                 "--payload",
                 "{}",
                 "--max-attempts",

@@ -95,6 +95,7 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
     ))
     .env("JWT_SECRET", "s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t")
     .env("OUTBOXD_DISPATCHER__CONCURRENCY", "17")
+    .env("NATS_URL", "nats://relay:natsw0rd@n1:4222, nats://n2:4222")
     .arg("config"))?;
     let printed = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -105,7 +106,11 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
         parsed["database"]["url"].as_str(),
         Some("postgres://app@db.internal:5432/shop")
     );
-    for secret in ["hunter2", "s3cr3t", "sslmode"] {
+    assert_eq!(
+        parsed["nats"]["url"].as_str(),
+        Some("nats://relay@n1:4222,nats://n2:4222")
+    );
+    for secret in ["hunter2", "s3cr3t", "sslmode", "natsw0rd"] {
         assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
     }
     // An overlay is looked up in --config-dir, and a missing one names where.

@@ -25,7 +25,7 @@ async fn gc_once_reports_what_it_deleted() -> TestResult {
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Rows of days 31..=40 are past 30 days; day 30's is an hour younger than the horizon.
     assert!(
-        stdout.contains("deleted 10 dead letters (older than 30 days)"),
+        stdout.contains("deleted 10 dead letters (older than 30 days, or an app's own retention)"),
         "{stdout}"
     );
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
