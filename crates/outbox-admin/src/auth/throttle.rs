@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use outbox_core::store::login_throttle;
+use outbox_core::store::principals::fold_email;
 use sqlx::PgPool;
 
 use crate::error::ApiError;
@@ -67,8 +68,8 @@ struct ThrottleKeys {
 }
 
 impl ThrottleKeys {
+    /// The keys of `email` as [`fold_email`] folds it, from `addr`.
     fn new(email: &str, addr: Option<IpAddr>) -> Self {
-        let email = email.trim().to_lowercase();
         let addr = addr.map_or_else(|| "unknown".to_owned(), client_key);
         Self {
             account: format!("account:{email}"),
@@ -133,7 +134,7 @@ impl Throttle {
     /// accounts are treated alike. A success hands the admission to
     /// [`Throttle::record_success`].
     pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<Admitted, ApiError> {
-        let keys = ThrottleKeys::new(email, addr);
+        let keys = ThrottleKeys::new(&fold_email(&self.pool, email).await?, addr);
         let c = &self.config;
         let known = login_throttle::remembered(&self.pool, &keys.known, self.window_secs()).await?;
         let refusal = login_throttle::begin_attempt(
@@ -175,7 +176,7 @@ impl Throttle {
         addr: Option<IpAddr>,
         admitted: Admitted,
     ) -> Result<(), ApiError> {
-        let keys = ThrottleKeys::new(email, addr);
+        let keys = ThrottleKeys::new(&fold_email(&self.pool, email).await?, addr);
         login_throttle::refund(
             &self.pool,
             &[keys.account, keys.pair],
@@ -203,7 +204,7 @@ fn free(n: u32) -> i32 {
 /// and the counts of every address on it. Returns how many counts went.
 /// The addresses it signed in from are forgotten too (see [`forget_clients`]).
 pub async fn unlock(pool: &PgPool, email: &str) -> Result<u64, ApiError> {
-    let email = email.trim().to_lowercase();
+    let email = fold_email(pool, email).await?;
     let pairs = login_throttle::clear_prefixed(pool, &[format!("pair:{email}|")]).await?;
     forget_clients(pool, &email).await?;
     Ok(pairs + login_throttle::clear(pool, &[format!("account:{email}")]).await?)
@@ -213,7 +214,7 @@ pub async fn unlock(pool: &PgPool, email: &str) -> Result<u64, ApiError> {
 /// hold-back spares: after a password change or revoked sessions, a client
 /// that signed in with the old credentials is spared no longer.
 pub async fn forget_clients(pool: &PgPool, email: &str) -> Result<(), ApiError> {
-    let email = email.trim().to_lowercase();
+    let email = fold_email(pool, email).await?;
     login_throttle::clear_prefixed(pool, &[format!("known:{email}|")]).await?;
     Ok(())
 }

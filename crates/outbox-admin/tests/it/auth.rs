@@ -63,6 +63,40 @@ async fn failed_logins_are_rate_limited_alike_for_known_and_unknown_accounts() -
     Ok(())
 }
 
+/// Two accounts the database tells apart (its `lower()` folds ASCII only
+/// under the C collation) are two counts: a guesser who owns one cannot
+/// clear the other's count by signing in to its own.
+#[tokio::test]
+async fn accounts_the_database_tells_apart_are_counted_apart() -> TestResult {
+    let w = World::new().await?.with_limits(3);
+    for email in ["\u{c4}DMIN@x.io", "\u{e4}dmin@x.io"] {
+        outbox_admin::create_user(&w.db.pool, email, PASSWORD, false).await?;
+    }
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT email FROM users WHERE email LIKE '_dmin@x.io' ORDER BY email")
+            .fetch_all(&w.db.pool)
+            .await?;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    let login = |email: &'static str, password: &'static str| {
+        w.call(
+            "POST",
+            "/api/login",
+            None,
+            Some(json!({"email": email, "password": password})),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            login("\u{c4}dmin@x.io", "bad password").await?.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(login("\u{e4}dmin@x.io", PASSWORD).await?.0, StatusCode::OK);
+    }
+    let (status, body) = login("\u{c4}dmin@x.io", PASSWORD).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_tokens_are_refused() -> TestResult {
     let w = World::new().await?;

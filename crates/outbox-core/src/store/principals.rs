@@ -92,6 +92,17 @@ pub async fn create_user<'e>(
     })
 }
 
+/// `email` as users are stored and found by: trimmed and lower-cased by
+/// the database, whose `lower()` follows its collation (ASCII only under
+/// `C`). Whatever counts logins per account must fold the same way, or two
+/// spellings the database tells apart would share one count.
+pub async fn fold_email<'e>(db: impl PgExecutor<'e>, email: &str) -> Result<String, Error> {
+    Ok(sqlx::query_scalar("SELECT lower($1)")
+        .bind(email.trim())
+        .fetch_one(db)
+        .await?)
+}
+
 /// Finds a user by e-mail (case-insensitive).
 pub async fn user_by_email<'e>(
     db: impl PgExecutor<'e>,
