@@ -78,7 +78,7 @@ enum Command {
     Processes,
     /// Cancel rows that have not run: they become ignored dead letters with the reason.
     Cancel(CancelArgs),
-    /// Garbage-collect: delete dead letters and abandoned executions past retention, expired de-duplication records and lapsed login-throttle counts.
+    /// Garbage-collect: delete dead letters and abandoned executions past retention, expired de-duplication records, lapsed login-throttle counts, expired sessions and stale invocation inboxes.
     Gc {
         /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.
         #[arg(long)]

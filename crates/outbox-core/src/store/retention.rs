@@ -87,6 +87,41 @@ pub async fn sweep_login_throttle<'e>(db: impl PgExecutor<'e>, limit: i64) -> Re
     .rows_affected())
 }
 
+/// Deletes up to `limit` expired sessions. Signing in removes the expired
+/// sessions of the same user only; a user who stopped signing in, or a
+/// script signing in for every call, would leave them for ever.
+pub async fn sweep_sessions<'e>(db: impl PgExecutor<'e>, limit: i64) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM sessions WHERE id IN (
+            SELECT id FROM sessions WHERE expires_at < now()
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes up to `limit` reply inboxes of synchronous invocations older
+/// than an hour: their caller waited a minute at most, and the inbox of a
+/// caller whose process died was left behind.
+pub async fn sweep_invocation_inboxes<'e>(
+    db: impl PgExecutor<'e>,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM invocation_inboxes WHERE inbox IN (
+            SELECT inbox FROM invocation_inboxes WHERE created_at < now() - interval '1 hour'
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// Sets (or with `None` clears) an app's own dead-letter retention.
 pub async fn set_app_retention<'e>(
     db: impl PgExecutor<'e>,

@@ -53,12 +53,21 @@ pub struct SweepReport {
     pub processed_messages: u64,
     /// Login-throttle counts deleted (last failure over a week ago).
     pub login_counts: u64,
+    /// Expired sessions deleted.
+    pub sessions: u64,
+    /// Reply inboxes of synchronous invocations deleted (over an hour old).
+    pub invocation_inboxes: u64,
 }
 
 impl SweepReport {
     /// Rows deleted in all tables.
     pub fn total(&self) -> u64 {
-        self.dead_letters + self.abandoned_executions + self.processed_messages + self.login_counts
+        self.dead_letters
+            + self.abandoned_executions
+            + self.processed_messages
+            + self.login_counts
+            + self.sessions
+            + self.invocation_inboxes
     }
 }
 
@@ -120,6 +129,16 @@ impl Sweeper {
             login_counts: self
                 .drain("login_throttle", || {
                     retention::sweep_login_throttle(&self.pool, c.batch)
+                })
+                .await?,
+            sessions: self
+                .drain("sessions", || {
+                    retention::sweep_sessions(&self.pool, c.batch)
+                })
+                .await?,
+            invocation_inboxes: self
+                .drain("invocation_inboxes", || {
+                    retention::sweep_invocation_inboxes(&self.pool, c.batch)
                 })
                 .await?,
         };

@@ -173,3 +173,45 @@ async fn gc_forgets_login_counts_that_lapsed_a_week_ago() -> TestResult {
     assert_eq!(left, vec!["address:192.0.2.2".to_owned()]);
     Ok(())
 }
+
+/// Expired sessions and the reply inboxes of invocations whose caller is
+/// long gone are swept; live ones stay. (Signing in removed the expired
+/// sessions of the same user only, and nothing removed an inbox whose
+/// caller's process died.)
+#[tokio::test]
+async fn expired_sessions_and_stale_invocation_inboxes_are_swept() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let user = outbox_core::store::principals::create_user(&db.pool, "u@x.io", "hash", false)
+        .await?
+        .id;
+    for expires in ["now() - interval '1 second'", "now() + interval '1 hour'"] {
+        sqlx::query(&format!(
+            "INSERT INTO sessions (user_id, expires_at) VALUES ($1, {expires})"
+        ))
+        .bind(user)
+        .execute(&db.pool)
+        .await?;
+    }
+    for age in ["1 hour 1 second", "59 minutes"] {
+        sqlx::query(&format!(
+            "INSERT INTO invocation_inboxes (inbox, app_id, outbox_id, created_at)
+             VALUES ($1, $2, $3, now() - interval '{age}')"
+        ))
+        .bind(Uuid::new_v4())
+        .bind(app)
+        .bind(Uuid::now_v7())
+        .execute(&db.pool)
+        .await?;
+    }
+    let report = sweeper(&db, 1000).run_once().await?;
+    assert_eq!((report.sessions, report.invocation_inboxes), (1, 1));
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM sessions WHERE expires_at > now()),
+                (SELECT count(*) FROM invocation_inboxes)",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(left, (1, 1));
+    Ok(())
+}

@@ -19,13 +19,15 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     }
     let report = sweeper.run_once().await.context("gc sweep")?;
     println!(
-        "deleted {} dead letters (older than {} days, or an app's own retention), {} abandoned executions (older than {} days), {} expired de-duplication records, {} lapsed login-throttle counts",
+        "deleted {} dead letters (older than {} days, or an app's own retention), {} abandoned executions (older than {} days), {} expired de-duplication records, {} lapsed login-throttle counts, {} expired sessions, {} stale invocation inboxes",
         report.dead_letters,
         settings.dead_letter_retention_days,
         report.abandoned_executions,
         settings.abandoned_executions_retention_days,
         report.processed_messages,
-        report.login_counts
+        report.login_counts,
+        report.sessions,
+        report.invocation_inboxes
     );
     Ok(())
 }
