@@ -7,6 +7,17 @@ pub enum Error {
     /// A migration could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds an outboxd migration this build does not know: a
+    /// newer outboxd migrated it.
+    #[error(
+        "the database was migrated by a newer outboxd (its migration {found} is unknown to this one, which knows up to {known}): run that version or a later one"
+    )]
+    SchemaNewer {
+        /// The unknown migration.
+        found: i64,
+        /// The last migration this build knows.
+        known: i64,
+    },
     /// No app has this slug or id.
     #[error("unknown app {0:?}")]
     UnknownApp(String),

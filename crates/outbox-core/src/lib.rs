@@ -62,7 +62,18 @@ pub use error::Error;
 pub use model::{App, Attempt, ClaimedEvent, DeadLetter, NewEvent, OutboxRow, Source};
 
 /// The forward-only migrations in `migrations/`, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = {
+    let mut migrator = sqlx::migrate!("../../migrations");
+    // A service's own migrations share the table, numbered from
+    // [`OWN_MIGRATIONS_FROM`]; `migrate` refuses a database a newer outboxd
+    // migrated before this lets an unknown version pass.
+    migrator.ignore_missing = true;
+    migrator
+};
+
+/// Where the versions of a service's own migrations start (README): the
+/// versions below belong to outboxd.
+pub const OWN_MIGRATIONS_FROM: i64 = 1000;
 
 /// Applies every pending migration. Run it once at start (it is safe to run
 /// from several processes and skips what is applied).
@@ -75,6 +86,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
     use sqlx::Connection;
     let mut conn = pool.acquire().await?.detach();
+    if let Some(found) = store::unknown_outboxd_migration(&mut conn).await? {
+        let _ = conn.close().await;
+        return Err(Error::SchemaNewer {
+            found,
+            known: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
+        });
+    }
     match MIGRATOR.run(&mut conn).await {
         Ok(()) => {
             conn.close().await?;

@@ -122,8 +122,15 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let pool = db::connect(&settings, 0).await?;
+            let last = outbox_core::MIGRATOR.iter().map(|m| m.version).max();
+            let last = last.unwrap_or_default();
+            let was_current = outbox_core::store::schema_is_current(&pool).await?;
             outbox_core::migrate(&pool).await.context("migrating")?;
-            println!("migrations applied");
+            if was_current {
+                println!("the database is up to date (outboxd migration {last})");
+            } else {
+                println!("migrations applied (the database is at outboxd migration {last})");
+            }
             Ok(())
         }
         Command::Run { demo: false } => {

@@ -49,6 +49,29 @@ pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error
     Ok(applied == known.len() as i64)
 }
 
+/// The first migration below [`OWN_MIGRATIONS_FROM`](crate::OWN_MIGRATIONS_FROM)
+/// the database records and this build does not know, if any: a newer
+/// outboxd migrated it.
+pub async fn unknown_outboxd_migration(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Option<i64>, crate::Error> {
+    let known: Vec<i64> = crate::MIGRATOR.iter().map(|m| m.version).collect();
+    let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !tracked {
+        return Ok(None);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT min(version) FROM _sqlx_migrations
+         WHERE version < $1 AND version <> ALL ($2)",
+    )
+    .bind(crate::OWN_MIGRATIONS_FROM)
+    .bind(&known)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
 /// Opens a transaction on `pool` in which a lock wait gives up after
 /// `lock_timeout` (for the statements that take a table's `ACCESS
 /// EXCLUSIVE` lock: statements on the table queue behind the waiting lock,

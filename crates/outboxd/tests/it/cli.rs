@@ -435,6 +435,43 @@ async fn suspending_twice_says_so_and_audits_once() -> TestResult {
     Ok(())
 }
 
+/// A service's own migrations, numbered from 1001 in the same table as the
+/// README says, do not stop outboxd's (it failed with "migration 1001 was
+/// previously applied but is missing"); an outboxd migration this build
+/// does not know means a newer outboxd migrated the database, and says so.
+#[tokio::test]
+async fn migrate_leaves_a_services_own_migrations_and_refuses_a_newer_schema() -> TestResult {
+    let db = TestDb::new().await?;
+    let record = |version: i64| {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, 'elsewhere', true, '\\x00', 1)",
+        )
+        .bind(version)
+        .execute(&db.pool)
+    };
+    record(1001).await?;
+    let out = run(outboxd(Some(&db.url)).arg("migrate"))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("the database is up to date"),
+        "{}",
+        text(&out.stdout)
+    );
+    outbox_core::migrate(&db.pool).await?;
+    record(999).await?;
+    for args in [&["migrate"][..], &["run"][..]] {
+        let out = run(outboxd(Some(&db.url)).args(args))?;
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("migrated by a newer outboxd (its migration 999 is unknown to this one"),
+            "{args:?}: {err}"
+        );
+    }
+    Ok(())
+}
+
 /// A command run against a database that was never migrated says what to do.
 #[tokio::test]
 async fn a_command_on_an_unmigrated_database_says_to_migrate() -> TestResult {
