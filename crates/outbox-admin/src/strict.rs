@@ -123,6 +123,15 @@ fn field_message(path: &str, message: &str) -> String {
             format!("{field}: unknown field (accepted: {known})")
         };
     }
+    if let Some(rest) = message.strip_prefix("duplicate field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        let field = if path == "." || path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        return format!("{field}: given more than once");
+    }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or(rest);
         let field = if path == "." || path.is_empty() {
@@ -261,6 +270,7 @@ mod tests {
                 "run_at: not an RFC 3339 time with its offset",
             ),
             (r#"{"delay_ms":1}"#, "name: required"),
+            (r#"{"name":"a","name":"b"}"#, "name: given more than once"),
             (r#"[]"#, "body: got an array, expected an object"),
             ("", "the body is empty"),
             ("{", "not valid JSON"),

@@ -451,6 +451,10 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "colour: unknown field",
         ),
         (
+            "/api/apps/app-a/outbox?topic=a&topic=b",
+            "topic: given more than once",
+        ),
+        (
             "/api/apps/app-a/outbox?field=noequals",
             "field: \"noequals\" is not key=value",
         ),

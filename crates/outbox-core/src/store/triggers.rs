@@ -264,6 +264,17 @@ pub async fn create(
         }
         _ => None,
     };
+    // A topic no row can have would match nothing, silently.
+    if let TriggerSpec::DeadLetter { topics, .. } = spec {
+        for topic in topics {
+            crate::topics::validate_topic(topic).map_err(|err| match err {
+                Error::Invalid { reason, .. } => {
+                    Error::invalid("topics", format!("{topic:?}: {reason}"))
+                }
+                other => other,
+            })?;
+        }
+    }
     // The database's clock, as firing uses: a host whose clock is off would
     // put the first tick as far off.
     let next = match spec {

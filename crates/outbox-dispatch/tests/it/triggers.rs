@@ -196,6 +196,14 @@ async fn trigger_validation_names_the_problem() -> TestResult {
             },
             "schedule",
         ),
+        (
+            TriggerSpec::DeadLetter {
+                sources: vec![],
+                topics: vec!["x".repeat(256)],
+                trigger_ids: vec![],
+            },
+            "topics",
+        ),
     ];
     for (spec, field) in cases {
         let err = triggers::create(&mut tx, app, "t", "h", None, &spec)
