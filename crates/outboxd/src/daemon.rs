@@ -155,14 +155,17 @@ pub async fn run(
             "webhook targets without a secret of their own are off: set OUTBOXD_WEBHOOK__SECRET, or create them with `outboxd webhook create`"
         );
     }
-    registry.prefix(
-        outbox_dispatch::targets::webhook::PREFIX,
-        outbox_dispatch::targets::Webhook::new(
-            settings.webhook.secret.expose().as_bytes().to_vec(),
-            Duration::from_millis(settings.webhook.timeout_ms),
-        )
-        .with_targets(pool.clone()),
-    );
+    let webhook = outbox_dispatch::targets::Webhook::new(
+        settings.webhook.secret.expose().as_bytes().to_vec(),
+        Duration::from_millis(settings.webhook.timeout_ms),
+    )
+    .with_targets(pool.clone());
+    let webhook = if settings.webhook.allow_private_networks {
+        webhook
+    } else {
+        webhook.deny_private_networks()
+    };
+    registry.prefix(outbox_dispatch::targets::webhook::PREFIX, webhook);
     if let Some(js) = jetstream.filter(|_| settings.nats.relay_unhandled) {
         registry.fallback_for(
             settings.relay_patterns()?,

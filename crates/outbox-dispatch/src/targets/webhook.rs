@@ -35,6 +35,9 @@ pub struct Webhook {
     targets: Option<sqlx::PgPool>,
     timeout: Duration,
     tls: tokio_rustls::TlsConnector,
+    // Whether receivers on loopback, private and link-local addresses are
+    // sent to (see [`Webhook::deny_private_networks`]).
+    private_networks: bool,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -145,7 +148,18 @@ impl Webhook {
             targets: None,
             timeout,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            private_networks: true,
         }
+    }
+
+    /// Refuses receivers whose host resolves to a loopback, private,
+    /// link-local, shared or otherwise non-public address (checked on the
+    /// addresses it then connects to, so a name cannot change its answer in
+    /// between): where an app's admins are not trusted with the network
+    /// outboxd sits in, they cannot make it call its neighbours.
+    pub fn deny_private_networks(mut self) -> Self {
+        self.private_networks = false;
+        self
     }
 
     /// Signs each target's requests with its own secret, from `pool`
@@ -229,7 +243,19 @@ impl Webhook {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let tcp = TcpStream::connect((address.as_str(), port))
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((address.as_str(), port))
+            .await
+            .map_err(|e| HandlerError::retry(format!("resolving {host}: {e}")))?
+            .collect();
+        if !self.private_networks
+            && let Some(private) = resolved.iter().find(|a| !is_public(a.ip()))
+        {
+            return Err(HandlerError::permanent(format!(
+                "{host} is {}, not a public address, and webhook.allow_private_networks is off",
+                private.ip()
+            )));
+        }
+        let tcp = TcpStream::connect(&resolved[..])
             .await
             .map_err(|e| HandlerError::retry(format!("connecting to {host}:{port}: {e}")))?;
         let response = if https {
@@ -245,6 +271,42 @@ impl Webhook {
             send(TokioIo::new(tcp), request).await?
         };
         Ok(response)
+    }
+}
+
+/// Whether `ip` is an address of the public internet: not loopback,
+/// private (RFC 1918, IPv6 unique local), link-local, shared (100.64/10),
+/// unspecified, broadcast, multicast, documentation or benchmarking, nor an
+/// IPv4 address of one of those mapped into IPv6.
+fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let [first, second, ..] = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || (first == 0x2001 && second == 0x0db8))
+        }
     }
 }
 
@@ -333,6 +395,29 @@ impl Handler for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_addresses_are_told_from_the_others() {
+        for (ip, public) in [
+            ("93.184.216.34", true),
+            ("2606:2800:220:1::1", true),
+            ("::ffff:93.184.216.34", true),
+            ("127.0.0.1", false),
+            ("10.1.2.3", false),
+            ("172.16.0.1", false),
+            ("192.168.1.1", false),
+            ("169.254.169.254", false),
+            ("100.64.0.1", false),
+            ("0.0.0.0", false),
+            ("::1", false),
+            ("fd00::1", false),
+            ("fe80::1", false),
+            ("::ffff:127.0.0.1", false),
+        ] {
+            let parsed: Result<std::net::IpAddr, _> = ip.parse();
+            assert_eq!(parsed.map(is_public), Ok(public), "{ip}");
+        }
+    }
 
     #[test]
     fn signature_is_hmac_sha256_of_timestamp_and_body() {

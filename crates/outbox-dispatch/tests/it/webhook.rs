@@ -304,3 +304,49 @@ async fn a_failed_delivery_names_the_receiver_without_its_credentials() -> TestR
     }
     Ok(())
 }
+
+/// With private networks denied, a receiver on loopback is not called: the
+/// row is dead-lettered naming the address (an app's admins could make
+/// outboxd call its neighbours, or learn which of their ports are open).
+#[tokio::test]
+async fn a_receiver_on_a_private_network_is_refused_when_they_are_denied() -> TestResult {
+    let called: Arc<Mutex<u32>> = Arc::default();
+    let count = called.clone();
+    let receiver = axum::Router::new().fallback(move || {
+        let count = count.clone();
+        async move {
+            *count.lock().expect("lock") += 1;
+            StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let db = TestDb::new().await?;
+    let shop = db.app("shop").await?;
+    let mut registry = Registry::new();
+    registry.prefix(
+        webhook::PREFIX,
+        Webhook::new(b"secret".to_vec(), Duration::from_secs(2)).deny_private_networks(),
+    );
+    let dispatcher = Dispatcher::new(db.pool.clone(), registry, config())?;
+    let id = enqueue_committed(
+        &db.pool,
+        shop,
+        NewEvent::new(
+            format!("webhook:http://localhost:{}/x", addr.port()),
+            payload(1),
+        ),
+    )
+    .await?;
+    let report = dispatcher.run_once().await?;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(*called.lock().expect("lock"), 0, "the receiver was called");
+    let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
+    let error = dead
+        .first()
+        .and_then(|d| d.last_error.clone())
+        .unwrap_or_default();
+    assert!(error.contains("not a public address"), "{error}");
+    Ok(())
+}

@@ -34,6 +34,7 @@ pub struct WebhookSettings {
     pub secret: Secret,
     pub timeout_ms: u64,
     pub rotation_overlap_secs: u64,
+    pub allow_private_networks: bool,
 }
 
 impl Settings {
