@@ -398,6 +398,54 @@ pub async fn set_replay_policy<'e>(
     Ok(())
 }
 
+/// An automatic replay policy, as [`replay_policies`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct ReplayPolicy {
+    /// The source it is limited to (`None`: any).
+    pub source: Option<String>,
+    /// The topic it is limited to (`None`: any).
+    pub topic: Option<String>,
+    /// Quarantine before the first replay, in seconds.
+    pub initial_delay_secs: i32,
+    /// Replays before a dead letter waits for an operator.
+    pub max_rounds: i32,
+}
+
+/// An app's automatic replay policies, the widest first.
+pub async fn replay_policies<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+) -> Result<Vec<ReplayPolicy>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT source, topic, initial_delay_secs, max_rounds FROM replay_policies
+         WHERE app_id = $1 ORDER BY source NULLS FIRST, topic NULLS FIRST",
+    )
+    .bind(app_id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Removes an app's replay policy for exactly this source and topic
+/// (`None`: the one for any); returns whether there was one.
+pub async fn remove_replay_policy<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    source: Option<&str>,
+    topic: Option<&str>,
+) -> Result<bool, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM replay_policies
+         WHERE app_id = $1 AND source IS NOT DISTINCT FROM $2 AND topic IS NOT DISTINCT FROM $3",
+    )
+    .bind(app_id)
+    .bind(source)
+    .bind(topic)
+    .execute(db)
+    .await?
+    .rows_affected()
+        > 0)
+}
+
 /// Replays dead letters whose quarantine is over (up to `limit`); returns
 /// (dead letter id, new outbox id) pairs. Due rows are locked with
 /// `SKIP LOCKED`, so concurrent replayers never replay one twice.

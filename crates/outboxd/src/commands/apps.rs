@@ -48,6 +48,25 @@ pub enum AppCommand {
         #[arg(long)]
         rounds: u32,
     },
+    /// List an app's automatic replay policies.
+    ReplayPolicies {
+        /// App slug.
+        slug: String,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop replaying an app's dead letters automatically: remove the policy for exactly this --topic and --source (neither: the app-wide one).
+    ReplayPolicyRemove {
+        /// App slug.
+        slug: String,
+        /// The policy's topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// The policy's source.
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// Set an app's own dead-letter retention in days ("default" for the global setting).
     Retention {
         /// App slug.
@@ -116,6 +135,55 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             println!(
                 "{slug}: dead letters replay after {delay_secs}s, doubling, {rounds} round(s)"
             );
+        }
+        AppCommand::ReplayPolicies { slug, json } => {
+            let app = apps::by_slug(&pool, &slug).await?;
+            let policies = dead_letters::replay_policies(&pool, app.id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&policies)?);
+            } else if policies.is_empty() {
+                println!("{slug}: no automatic replay");
+            } else {
+                println!(
+                    "{:<24} {:<10} {:>10} {:>6}",
+                    "TOPIC", "SOURCE", "DELAY_SECS", "ROUNDS"
+                );
+                for p in policies {
+                    println!(
+                        "{:<24} {:<10} {:>10} {:>6}",
+                        p.topic.as_deref().unwrap_or("(any)"),
+                        p.source.as_deref().unwrap_or("(any)"),
+                        p.initial_delay_secs,
+                        p.max_rounds
+                    );
+                }
+            }
+        }
+        AppCommand::ReplayPolicyRemove {
+            slug,
+            topic,
+            source,
+        } => {
+            let app = apps::by_slug(&pool, &slug).await?;
+            let mut tx = pool.begin().await?;
+            let removed = dead_letters::remove_replay_policy(
+                &mut *tx,
+                app.id,
+                source.as_deref(),
+                topic.as_deref(),
+            )
+            .await?;
+            if !removed {
+                anyhow::bail!(
+                    "{slug} has no replay policy for topic {} and source {} (outboxd app replay-policies {slug} lists them)",
+                    topic.as_deref().unwrap_or("(any)"),
+                    source.as_deref().unwrap_or("(any)")
+                );
+            }
+            let detail = serde_json::json!({ "source": source, "topic": topic });
+            record(&mut tx, app.id, "app.replay_policy_remove", detail).await?;
+            tx.commit().await?;
+            println!("{slug}: automatic replay removed");
         }
         AppCommand::Retention { slug, days } => {
             let days = match days.as_str() {

@@ -512,3 +512,72 @@ async fn the_demo_on_a_port_in_use_stops_before_it_starts() -> TestResult {
     assert_eq!(apps, 0, "the demo wrote its app");
     Ok(())
 }
+
+/// An automatic replay policy set during an incident can be listed and
+/// removed without SQL, and the removal is audited.
+#[tokio::test]
+async fn replay_policies_are_listed_and_removed_from_the_cli() -> TestResult {
+    let db = TestDb::new().await?;
+    run(outboxd(Some(&db.url)).args(["app", "create", "shop"]))?;
+    for args in [
+        &[
+            "app",
+            "replay-policy",
+            "shop",
+            "--delay-secs",
+            "30",
+            "--rounds",
+            "2",
+        ][..],
+        &[
+            "app",
+            "replay-policy",
+            "shop",
+            "--topic",
+            "mail.send",
+            "--delay-secs",
+            "5",
+            "--rounds",
+            "1",
+        ][..],
+    ] {
+        let out = run(outboxd(Some(&db.url)).args(args))?;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = run(outboxd(Some(&db.url)).args(["app", "replay-policies", "shop", "--json"]))?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"source": null, "topic": null, "initial_delay_secs": 30, "max_rounds": 2},
+            {"source": null, "topic": "mail.send", "initial_delay_secs": 5, "max_rounds": 1},
+        ])
+    );
+    let out = run(outboxd(Some(&db.url)).args(["app", "replay-policy-remove", "shop"]))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again = run(outboxd(Some(&db.url)).args(["app", "replay-policy-remove", "shop"]))?;
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("has no replay policy"),
+        "{}",
+        text(&again.stderr)
+    );
+    let out = run(outboxd(Some(&db.url)).args(["app", "replay-policies", "shop"]))?;
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("mail.send") && !table.lines().any(|l| l.starts_with("(any)")),
+        "{table}"
+    );
+    let audited: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(
+        audited,
+        [
+            "app.replay_policy",
+            "app.replay_policy",
+            "app.replay_policy_remove"
+        ]
+    );
+    Ok(())
+}
