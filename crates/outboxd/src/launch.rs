@@ -97,11 +97,35 @@ pub fn error_line(err: &anyhow::Error) -> String {
     if unmigrated {
         line.push_str(" (has the database been migrated? run `outboxd migrate`)");
     }
+    // What a transaction-pooling PgBouncer answers a client that expects a
+    // server of its own: it refuses sqlx's start-up parameter, or hands a
+    // session's prepared statements to another.
+    if line.contains("unsupported startup parameter")
+        || (line.contains("prepared statement \"") && line.contains("already exists"))
+    {
+        line.push_str(
+            " (is DATABASE_URL a PgBouncer? set database.pooler = \"transaction\" for commands that can go through one, and give `outboxd run`, `migrate` and `gc` a direct connection: docs/operations.md, \"Behind PgBouncer\")",
+        );
+    }
     line
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_from_a_pooler_says_so() {
+        for message in [
+            "error returned from database: unsupported startup parameter: extra_float_digits",
+            "error returned from database: prepared statement \"sqlx_s_1\" already exists",
+        ] {
+            let err = anyhow::anyhow!("{message}").context("migrating");
+            assert!(
+                super::error_line(&err).contains("is DATABASE_URL a PgBouncer?"),
+                "{message}"
+            );
+        }
+    }
+
     #[test]
     fn an_error_line_says_each_cause_once() {
         let err = anyhow::anyhow!("database \"x\" does not exist")
