@@ -89,8 +89,10 @@ pub async fn list<'e>(
             .push_bind(cursor.id)
             .push(")");
     }
+    // 1,001: a page of the largest size (1,000) and the row that says
+    // another page follows.
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(limit.clamp(1, 1000)));
+        .push_bind(i64::from(limit.clamp(1, 1001)));
     Ok(q.build_query_as().fetch_all(db).await?)
 }
 

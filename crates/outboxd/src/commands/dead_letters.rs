@@ -133,8 +133,13 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 .map_err(|e| anyhow::anyhow!("--after: {e}"))?;
             let mut rows = Vec::new();
             let next = loop {
-                let page = dead_letters::list(&pool, app.id, &filter, cursor, limit).await?;
-                let full = page.len() == limit as usize;
+                // One row more than shown says whether there is a next page
+                // (a page exactly full said "more" at the end).
+                let mut page =
+                    dead_letters::list(&pool, app.id, &filter, cursor, limit.saturating_add(1))
+                        .await?;
+                let full = page.len() > limit as usize;
+                page.truncate(limit as usize);
                 rows.extend(page);
                 let next = full
                     .then(|| rows.last().map(outbox_admin::api::encode_cursor))

@@ -100,6 +100,20 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
         "--all pages through everything"
     );
     assert_eq!(doc["total"], total);
+    // A page that holds the last rows exactly offers no next page.
+    let out = run(outboxd(Some(&db.url)).args([
+        "dead-letters",
+        "list",
+        "--app",
+        "demo",
+        "--limit",
+        &total.to_string(),
+    ]))?;
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains(&format!("showing {total} of {total}")) && !listing.contains("--after"),
+        "{listing}"
+    );
     // The dead letter remembers its attempt budget; replay keeps it or takes an override.
     let replayable: Vec<(uuid::Uuid, Option<i32>)> = sqlx::query_as(
         "SELECT d.id, d.max_attempts FROM dead_letters d WHERE d.resolved_at IS NULL AND d.topic = 'webhook.deliver' LIMIT 2",
