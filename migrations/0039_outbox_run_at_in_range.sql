@@ -1,4 +1,6 @@
--- A row's run_at lies between 1970-01-01 and 9999-12-31 (UTC).
+-- A row's run_at lies between 1970-01-01 and 9999-12-31 (UTC), for new
+-- rows from here on; migration 0040 moves the rows already there into the
+-- range and checks them.
 --
 -- outbox_enqueue() took any timestamptz: 'infinity', '-infinity', or a year
 -- past 262143, where the Rust clients' dates end (PostgreSQL's go on to
@@ -10,15 +12,11 @@
 -- constraint holds for the SQL function and direct inserts too, and the
 -- segments inherit it.
 --
--- Rows already there are moved to the nearest bound ('infinity' stays
--- "never" in practice, '-infinity' "first"), then the constraint is
--- checked; outbox is locked meanwhile, which is one scan of it.
+-- NOT VALID, under a short lock_timeout: the lock this takes on outbox and
+-- its segments is held for no scan, and a long transaction holding them
+-- makes the migration fail and be retried rather than stall every producer.
+
+SET LOCAL lock_timeout = '10s';
+
 ALTER TABLE outbox ADD CONSTRAINT outbox_run_at_in_range
     CHECK (run_at >= '1970-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00') NOT VALID;
-
-UPDATE outbox
-SET run_at = CASE WHEN run_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'::timestamptz
-                  ELSE '9999-12-31 00:00:00+00'::timestamptz END
-WHERE NOT (run_at >= '1970-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00');
-
-ALTER TABLE outbox VALIDATE CONSTRAINT outbox_run_at_in_range;
