@@ -11,14 +11,30 @@ use crate::error::ApiError;
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 /// Reads a whole request body of at most `limit` bytes (413 `too_large`
-/// past it).
+/// past it; 400 when it does not arrive whole).
 pub async fn body(
     req: axum::extract::Request,
     limit: usize,
 ) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| ApiError::TooLarge(limit))
+        .map_err(|err| unread_body(&err, limit))
+}
+
+/// The refusal of a body that could not be read: 413 when it was over
+/// `limit`, 400 when it broke off or came too slowly (it said 413 for
+/// those too).
+pub fn unread_body(err: &axum::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = cause {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ApiError::TooLarge(limit);
+        }
+        cause = err.source();
+    }
+    ApiError::Invalid(
+        "body: did not arrive whole (the connection broke, or it came too slowly)".into(),
+    )
 }
 
 /// Whether the request's `Content-Type` is `application/json` (parameters
@@ -235,6 +251,18 @@ fn humanize(got: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_told_from_one_that_broke_off() {
+        let over = axum::body::to_bytes(axum::body::Body::from(vec![b'x'; 11]), 10).await;
+        assert!(over.is_err_and(|err| matches!(unread_body(&err, 10), ApiError::TooLarge(10))));
+        let broken = axum::body::Body::from_stream(futures::stream::iter([
+            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{")),
+            Err(std::io::Error::other("the client went away")),
+        ]));
+        let broke_off = axum::body::to_bytes(broken, 10).await;
+        assert!(broke_off.is_err_and(|err| matches!(unread_body(&err, 10), ApiError::Invalid(_))));
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]

@@ -108,6 +108,16 @@ pub fn router(
 /// request loses it.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client has to send a request's body, from its headers: a
+/// body trickled in byte by byte would hold its connection, and a slot of
+/// `http.max_connections`, for ever. 30 s is a megabyte at 35 kB/s.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a shutdown waits for open connections to finish their request:
+/// the longest a request waits by design (a synchronous invoke) and a
+/// little more.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(65);
+
 /// Binds `addr` and serves until `shutdown` completes, at most
 /// `max_connections` connections at once (further clients wait in the
 /// listen queue); returns the bound address before serving (port 0 picks a
@@ -164,11 +174,59 @@ async fn accept(
             slot,
         ));
     }
+    // Refused from now on, so clients go elsewhere instead of waiting in
+    // the listen queue of a process that will not accept them.
+    drop(listener);
     closing.cancel();
     // Every connection gives its slot back when it closes.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    if tokio::time::timeout(SHUTDOWN_WAIT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "HTTP connections still open {SHUTDOWN_WAIT:?} after the shutdown began: closing them"
+        );
+    }
     Ok(())
+}
+
+/// A request body that fails once [`BODY_READ_TIMEOUT`] has passed
+/// since the request arrived without it having ended.
+struct BodyWithDeadline {
+    inner: hyper::body::Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+/// Why a request body was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+struct BodyTooSlow(Duration);
+
+impl hyper::body::Body for BodyWithDeadline {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        if self.deadline.as_mut().poll(cx).is_ready() && !self.inner.is_end_stream() {
+            return std::task::Poll::Ready(Some(Err(Box::new(BodyTooSlow(BODY_READ_TIMEOUT)))));
+        }
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn serve_connection(
@@ -180,13 +238,18 @@ async fn serve_connection(
 ) {
     use tower::ServiceExt;
     // Connect info gives the login rate limiter the client address.
-    let service = hyper::service::service_fn(
-        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+    let service =
+        hyper::service::service_fn(move |req: axum::extract::Request<hyper::body::Incoming>| {
+            let mut req = req.map(|inner| {
+                axum::body::Body::new(BodyWithDeadline {
+                    inner,
+                    deadline: Box::pin(tokio::time::sleep(BODY_READ_TIMEOUT)),
+                })
+            });
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(remote));
             router.clone().oneshot(req)
-        },
-    );
+        });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())

@@ -122,12 +122,8 @@ pub async fn refuse_undeclared(
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, state.body_limit).await {
         Ok(bytes) => bytes,
-        Err(err) if over_limit(&err) => {
-            let req = Request::from_parts(parts, axum::body::Body::empty());
-            return refuse(&state, declared, req, ApiError::TooLarge(state.body_limit)).await;
-        }
-        Err(_) => {
-            let refusal = ApiError::Invalid("body: could not be read to its end".into());
+        Err(err) => {
+            let refusal = crate::strict::unread_body(&err, state.body_limit);
             let req = Request::from_parts(parts, axum::body::Body::empty());
             return refuse(&state, declared, req, refusal).await;
         }
@@ -161,34 +157,9 @@ async fn refuse(
     refusal.into_response()
 }
 
-/// Whether reading a body failed on the size limit (and not, say, on a
-/// client that stopped sending).
-fn over_limit(err: &axum::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(err) = cause {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = err.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_body_over_the_limit_is_told_from_one_that_broke_off() {
-        let over = axum::body::to_bytes(axum::body::Body::from(vec![b'x'; 11]), 10).await;
-        assert!(over.is_err_and(|err| over_limit(&err)));
-        let broken = axum::body::Body::from_stream(futures::stream::iter([
-            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{")),
-            Err(std::io::Error::other("the client went away")),
-        ]));
-        let broke_off = axum::body::to_bytes(broken, 10).await;
-        assert!(broke_off.is_err_and(|err| !over_limit(&err)));
-    }
 
     #[test]
     fn every_operation_of_the_document_is_read_with_its_query_parameters() {

@@ -189,3 +189,38 @@ async fn connections_held_without_a_request_are_capped_and_closed() -> TestResul
     assert!(exit.success());
     Ok(())
 }
+
+/// A body trickled in too slowly is cut off after
+/// [`outboxd::http::BODY_READ_TIMEOUT`], so it cannot hold a connection (and
+/// a slot of `http.max_connections`) for ever.
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_cut_off() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await?;
+    let (mut child, addr) = spawn_server_with(
+        &db.url,
+        &["run"],
+        &[("JWT_SECRET", "a-test-secret-of-at-least-32-bytes!!")],
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await?;
+    socket
+        .write_all(
+            b"POST /api/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"email\":",
+        )
+        .await?;
+    let mut answer = Vec::new();
+    let limit = outboxd::http::BODY_READ_TIMEOUT + Duration::from_secs(15);
+    tokio::time::timeout(limit, socket.read_to_end(&mut answer)).await??;
+    let waited = started.elapsed();
+    let exit = stop(&mut child).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        waited >= outboxd::http::BODY_READ_TIMEOUT - Duration::from_secs(1),
+        "cut off after {waited:?}"
+    );
+    assert!(exit.success());
+    Ok(())
+}
