@@ -62,18 +62,24 @@ pub use error::Error;
 pub use model::{App, Attempt, ClaimedEvent, DeadLetter, NewEvent, OutboxRow, Source};
 
 /// The forward-only migrations in `migrations/`, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = {
-    let mut migrator = sqlx::migrate!("../../migrations");
-    // A service's own migrations share the table, numbered from
-    // [`OWN_MIGRATIONS_FROM`]; `migrate` refuses a database a newer outboxd
-    // migrated before this lets an unknown version pass.
-    migrator.ignore_missing = true;
-    migrator
-};
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
-/// Where the versions of a service's own migrations start (README): the
-/// versions below belong to outboxd.
+/// The version of the last migration this build knows.
+pub fn last_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// outboxd's migrations are numbered below this; a service's own, sharing
+/// the table, from 1001 (README).
 pub const OWN_MIGRATIONS_FROM: i64 = 1000;
+
+/// [`MIGRATOR`], passing over the versions it does not know: a service's
+/// own (what [`migrate`] checks first leaves no other kind).
+fn leaving_other_migrations() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("../../migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// Applies every pending migration. Run it once at start (it is safe to run
 /// from several processes and skips what is applied).
@@ -90,10 +96,10 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
         let _ = conn.close().await;
         return Err(Error::SchemaNewer {
             found,
-            known: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
+            known: last_migration(),
         });
     }
-    match MIGRATOR.run(&mut conn).await {
+    match leaving_other_migrations().run(&mut conn).await {
         Ok(()) => {
             conn.close().await?;
             Ok(())

@@ -225,8 +225,11 @@ impl NewEvent {
                 ),
             ));
         }
+        // A priority stores run_at earlier by its tens of seconds, and the
+        // stored value must fall in the range too.
+        let moved_back = chrono::Duration::seconds(i64::from(self.priority.max(0)) * 10);
         if let Some(at) = self.run_at
-            && !(MIN_RUN_AT..run_at_end()).contains(&at)
+            && !(MIN_RUN_AT + moved_back..run_at_end()).contains(&at)
         {
             return Err(Error::invalid(
                 "run_at",
@@ -581,6 +584,10 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+        let mut first_second_at_priority_9 =
+            NewEvent::new("t", Value::Null).with_run_at(MIN_RUN_AT);
+        first_second_at_priority_9.priority = MAX_PRIORITY;
+        assert!(first_second_at_priority_9.validate().is_err());
     }
 
     #[test]

@@ -28,17 +28,28 @@ pub fn shown(topic: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(topic);
     };
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let separator = if scheme.is_empty() { "" } else { "://" };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
     let host = authority
         .rsplit_once('@')
         .map_or(authority, |(_, host)| host);
+    // A host is letters, digits, dots, hyphens, an optional port and IPv6
+    // brackets; anything else (an '@' further on: a password holding a '/')
+    // may be part of a credential, and only the scheme is shown.
+    let plain_host = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
+        && !rest[end..].contains('@');
+    if !plain_host {
+        return std::borrow::Cow::Owned(format!("{WEBHOOK_PREFIX}{scheme}{separator}…"));
+    }
     let more = if rest[end..].is_empty() || &rest[end..] == "/" {
         ""
     } else {
         "/…"
     };
-    let separator = if scheme.is_empty() { "" } else { "://" };
     std::borrow::Cow::Owned(format!("{WEBHOOK_PREFIX}{scheme}{separator}{host}{more}"))
 }
 
@@ -256,6 +267,11 @@ mod tests {
                 "webhook:http://[::1]:80/…",
             ),
             ("webhook:a@b/c", "webhook:b/…"),
+            (
+                "webhook:https://bot:ab/cd+ef@hooks.example.com/x",
+                "webhook:https://…",
+            ),
+            ("webhook:https://h\u{1b}[31m/x", "webhook:https://…"),
         ] {
             assert_eq!(shown(topic), shown_as, "{topic}");
         }

@@ -78,6 +78,24 @@ pub enum Error {
     Config(String),
 }
 
+/// `urls` (comma-separated server URLs) as errors show them: each
+/// without its password or token (`nats://user:secret@h` → `nats://user@h`).
+fn without_passwords(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    let user = url[scheme + 3..at].split(':').next().unwrap_or_default();
+                    format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+                }
+                _ => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects with explicit reconnect backoff (capped at 5 s) and a name that
 /// shows in the server's connection list. `urls` may list several servers of
 /// a cluster, comma-separated.
@@ -132,7 +150,7 @@ pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Cli
         .connect(servers)
         .await
         .map_err(|source| Error::Connect {
-            url: urls.to_owned(),
+            url: without_passwords(urls),
             source,
         })
 }

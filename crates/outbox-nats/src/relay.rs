@@ -60,15 +60,15 @@ impl PublishStatus {
     }
 
     /// Holds every relay sharing this status, as if NATS were down, until
-    /// [`PublishStatus::stream_checked`]: a process that starts before NATS
+    /// [`PublishStatus::mark_stream_checked`]: a process that starts before NATS
     /// answers checks the stream contract once it does, and publishes
     /// nothing into a stream it has not checked.
-    pub fn await_stream_check(&self) {
+    pub fn hold_until_stream_checked(&self) {
         self.stream_check_pending.store(true, Ordering::Relaxed);
     }
 
     /// The stream contract held: relays may publish.
-    pub fn stream_checked(&self) {
+    pub fn mark_stream_checked(&self) {
         self.stream_check_pending.store(false, Ordering::Relaxed);
     }
 

@@ -74,17 +74,36 @@ pub async fn run(
         let client = outbox_nats::connect_with(&settings.nats.url, settings.nats.fail_fast).await?;
         let js = async_nats::jetstream::new(client.clone());
         let contract = settings.stream_contract();
-        if settings.nats.fail_fast || connected_within(&client, FIRST_CONNECT_WAIT).await {
-            outbox_nats::ensure_stream(&js, &contract)
-                .await
-                .context("checking the NATS stream contract")?;
+        let checked = if settings.nats.fail_fast
+            || connected_within(&client, FIRST_CONNECT_WAIT).await
+        {
+            match outbox_nats::ensure_stream(&js, &contract).await {
+                Ok(_) => true,
+                // A stream that differs stops start-up; so does any failure
+                // when told to fail fast.
+                Err(err @ outbox_nats::Error::StreamMismatch { .. }) => {
+                    return Err(err).context("checking the NATS stream contract");
+                }
+                Err(err) if settings.nats.fail_fast => {
+                    return Err(err).context("checking the NATS stream contract");
+                }
+                // JetStream not ready yet (a cluster still forming): as if
+                // no server answered.
+                Err(err) => {
+                    tracing::warn!(error = %err, "the NATS stream contract could not be checked yet");
+                    false
+                }
+            }
         } else {
+            false
+        };
+        if !checked {
             tracing::warn!(
                 url = %db::redact_url(&settings.nats.url),
-                "no NATS server answers yet: serving with /readyz 503 and relaying nothing; \
-                 the stream contract is checked once one does"
+                "NATS does not answer yet: serving with /readyz 503 and relaying nothing; \
+                 the stream contract is checked once it does"
             );
-            publish_status.await_stream_check();
+            publish_status.hold_until_stream_checked();
             late_stream_check = Some(tokio::spawn(check_stream_once_connected(
                 client.clone(),
                 js.clone(),
@@ -250,7 +269,7 @@ async fn check_stream_once_connected(
         }
         match outbox_nats::ensure_stream(&js, &contract).await {
             Ok(_) => {
-                status.stream_checked();
+                status.mark_stream_checked();
                 info!(stream = %contract.name, "NATS answers and the stream contract holds: relaying starts");
                 return Ok(());
             }

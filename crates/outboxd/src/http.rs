@@ -75,7 +75,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_gauge!(
         "outboxd_nats_connected",
-        "1 while the NATS connection is up, 0 while it is lost (only when NATS is configured)."
+        "1 while the NATS connection is up and the stream contract checked, 0 otherwise (only when NATS is configured)."
     );
     Ok(handle)
 }

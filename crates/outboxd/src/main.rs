@@ -122,8 +122,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let pool = db::connect(&settings, 0).await?;
-            let last = outbox_core::MIGRATOR.iter().map(|m| m.version).max();
-            let last = last.unwrap_or_default();
+            let last = outbox_core::last_migration();
             let was_current = outbox_core::store::schema_is_current(&pool).await?;
             outbox_core::migrate(&pool).await.context("migrating")?;
             if was_current {

@@ -52,7 +52,7 @@ pub async fn check_login(
     if state.hasher.verify(password.to_owned(), hash).await
         && let Some(user) = user
     {
-        state.throttle.record_success(email, addr, admitted).await?;
+        state.throttle.record_success(addr, admitted).await?;
         return Ok(user.id);
     }
     Err(ApiError::BadLogin)

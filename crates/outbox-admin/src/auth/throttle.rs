@@ -134,7 +134,8 @@ impl Throttle {
     /// accounts are treated alike. A success hands the admission to
     /// [`Throttle::record_success`].
     pub async fn admit(&self, email: &str, addr: Option<IpAddr>) -> Result<Admitted, ApiError> {
-        let keys = ThrottleKeys::new(&fold_email(&self.pool, email).await?, addr);
+        let email = fold_email(&self.pool, email).await?;
+        let keys = ThrottleKeys::new(&email, addr);
         let c = &self.config;
         let known = login_throttle::remembered(&self.pool, &keys.known, self.window_secs()).await?;
         let refusal = login_throttle::begin_attempt(
@@ -158,6 +159,7 @@ impl Throttle {
         match refusal {
             Err(wait) => Err(ApiError::RateLimited(wait)),
             Ok(before) => Ok(Admitted {
+                email,
                 address_before: before
                     .into_iter()
                     .filter(|k| k.key == keys.address)
@@ -172,11 +174,10 @@ impl Throttle {
     /// signed in from here.
     pub async fn record_success(
         &self,
-        email: &str,
         addr: Option<IpAddr>,
         admitted: Admitted,
     ) -> Result<(), ApiError> {
-        let keys = ThrottleKeys::new(&fold_email(&self.pool, email).await?, addr);
+        let keys = ThrottleKeys::new(&admitted.email, addr);
         login_throttle::refund(
             &self.pool,
             &[keys.account, keys.pair],
@@ -193,6 +194,8 @@ impl Throttle {
 /// its address's count was before, for a success to put back.
 #[derive(Debug)]
 pub struct Admitted {
+    /// The e-mail as the database folds it (its keys are counted under).
+    email: String,
     address_before: Vec<login_throttle::KeyState>,
 }
 

@@ -139,7 +139,7 @@ pub fn next_tick_in(
     let never = |_: croner::errors::CronError| {
         Error::invalid(
             "schedule",
-            format!("{schedule:?} never fires: no time within a year matches it"),
+            format!("{schedule:?} never fires: no time matches it"),
         )
     };
     let fields: Vec<&str> = schedule.split_whitespace().collect();
@@ -189,23 +189,48 @@ fn next_on_the_clock(
         let tick = cron
             .find_next_occurrence(&from.with_timezone(&offset), inclusive)?
             .with_timezone(&Utc);
-        if offset_at(tick) == offset {
+        // The same offset at both ends may hide two changes between them
+        // (a tick a year on): look for the first one at all.
+        let Some(changed) = first_change(&offset_at, from, tick) else {
             return Ok(tick);
-        }
-        // The first second of the next offset, to the second.
-        let (mut before, mut changed) = (from, tick);
-        while changed - before > chrono::TimeDelta::seconds(1) {
-            let middle = before + (changed - before) / 2;
-            if offset_at(middle) == offset {
-                before = middle;
-            } else {
-                changed = middle;
-            }
-        }
-        from = changed.with_nanosecond(0).unwrap_or(changed);
+        };
+        from = changed;
         inclusive = true;
     }
     Err(croner::errors::CronError::TimeSearchLimitExceeded)
+}
+
+/// The first second in `(from, until]` whose offset (`offset_at`) differs
+/// from `from`'s, if any: sampled every six hours (changes are months
+/// apart), then halved down to the second.
+fn first_change(
+    offset_at: &impl Fn(DateTime<Utc>) -> chrono::FixedOffset,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let offset = offset_at(from);
+    let step = chrono::TimeDelta::hours(6);
+    let mut before = from;
+    let changed = loop {
+        let next = (before + step).min(until);
+        if offset_at(next) != offset {
+            break next;
+        }
+        if next >= until {
+            return None;
+        }
+        before = next;
+    };
+    let mut changed = changed;
+    while changed - before > chrono::TimeDelta::seconds(1) {
+        let middle = before + (changed - before) / 2;
+        if offset_at(middle) == offset {
+            before = middle;
+        } else {
+            changed = middle;
+        }
+    }
+    Some(changed.with_nanosecond(0).unwrap_or(changed))
 }
 
 fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
@@ -368,17 +393,21 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigg
 
 /// Enables or disables an app's trigger. A cron trigger enabled again
 /// fires at its next tick from now, not at the one it missed while
-/// disabled (a nightly job enabled at noon ran at noon).
+/// disabled (a nightly job enabled at noon ran at noon); enabling one that
+/// is enabled changes nothing. Run it in a transaction: it writes twice.
 pub async fn set_enabled(
     conn: &mut PgConnection,
     app_id: Uuid,
     id: Uuid,
     enabled: bool,
 ) -> Result<(), Error> {
-    let changed: Option<(Option<String>, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+    type Changed = (bool, Option<String>, Option<String>, DateTime<Utc>);
+    let changed: Option<Changed> = sqlx::query_as(
         "UPDATE triggers t SET enabled = $3
-         WHERE t.app_id = $1 AND t.id = $2
-         RETURNING (SELECT c.schedule FROM cron_trigger_details c WHERE c.trigger_id = t.id),
+         FROM (SELECT id, enabled FROM triggers WHERE app_id = $1 AND id = $2 FOR UPDATE) was
+         WHERE t.id = was.id
+         RETURNING was.enabled,
+                   (SELECT c.schedule FROM cron_trigger_details c WHERE c.trigger_id = t.id),
                    (SELECT c.timezone FROM cron_trigger_details c WHERE c.trigger_id = t.id),
                    now()",
     )
@@ -387,10 +416,12 @@ pub async fn set_enabled(
     .bind(enabled)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((schedule, timezone, now)) = changed else {
+    let Some((was_enabled, schedule, timezone, now)) = changed else {
         return Err(Error::NotFound(format!("trigger {id}")));
     };
-    if let (true, Some(schedule), Some(timezone)) = (enabled, schedule, timezone) {
+    if let (true, false, Some(schedule), Some(timezone)) =
+        (enabled, was_enabled, schedule, timezone)
+    {
         // A schedule an earlier version took and this one refuses keeps
         // its tick; the scheduler skips it with a warning.
         if let Ok(next) = next_tick_in(&schedule, &timezone, now) {
@@ -604,6 +635,12 @@ mod tests {
         assert_eq!(
             next_tick_in("30 2 * * *", ny, at("2027-03-14T06:00:00Z")).ok(),
             Some(at("2027-03-14T07:00:00Z"))
+        );
+        // A year's two changes between one tick and the next cancel out;
+        // the first pass of the repeated hour is not skipped for that.
+        assert_eq!(
+            next_tick_in("*/5 1 * 11 0", ny, at("2026-11-29T06:55:00Z")).ok(),
+            Some(at("2027-11-07T05:00:00Z"))
         );
     }
 

@@ -313,6 +313,9 @@ fn is_public(ip: std::net::IpAddr) -> bool {
 /// How much of a receiver's answer is read, in bytes.
 const ANSWER_READ_AT_MOST: usize = 16 * 1024;
 
+/// How long a receiver's answer is read at most, once its status is in.
+const ANSWER_READ_FOR_AT_MOST: Duration = Duration::from_secs(1);
+
 async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<StatusCode, HandlerError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -328,12 +331,15 @@ where
         .await
         .map_err(|e| HandlerError::retry(format!("webhook request: {e}")))?;
     let status = response.status();
-    // Only the status counts. A little of the answer is read so that a short
-    // one ends cleanly; the rest is dropped with the connection, since a
-    // receiver's answer of any size was held in memory whole.
-    let _ = http_body_util::Limited::new(response.into_body(), ANSWER_READ_AT_MOST)
-        .collect()
-        .await;
+    // Only the status counts. A little of the answer is read, for a second
+    // at most, so that a short one ends cleanly; the rest is dropped with
+    // the connection (a receiver's answer of any size was held in memory
+    // whole, and a slow one would have turned a success into a timeout).
+    let _ = tokio::time::timeout(
+        ANSWER_READ_FOR_AT_MOST,
+        http_body_util::Limited::new(response.into_body(), ANSWER_READ_AT_MOST).collect(),
+    )
+    .await;
     Ok(status)
 }
 

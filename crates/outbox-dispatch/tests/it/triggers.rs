@@ -633,6 +633,25 @@ async fn a_cron_trigger_enabled_again_waits_for_its_next_tick() -> TestResult {
         .execute(&mut *conn)
         .await?;
     triggers::set_enabled(&mut conn, app, trigger, true).await?;
+    // Enabling it again, as a script may, keeps a tick that is due.
+    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '1 second' WHERE trigger_id = $1")
+        .bind(trigger)
+        .execute(&mut *conn)
+        .await?;
+    triggers::set_enabled(&mut conn, app, trigger, true).await?;
+    let kept: bool = sqlx::query_scalar(
+        "SELECT next_fire_at < now() FROM cron_trigger_details WHERE trigger_id = $1",
+    )
+    .bind(trigger)
+    .fetch_one(&mut *conn)
+    .await?;
+    assert!(kept, "enabling an enabled trigger moved its due tick");
+    triggers::set_enabled(&mut conn, app, trigger, false).await?;
+    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '9 hours' WHERE trigger_id = $1")
+        .bind(trigger)
+        .execute(&mut *conn)
+        .await?;
+    triggers::set_enabled(&mut conn, app, trigger, true).await?;
     let waits: bool = sqlx::query_scalar(
         "SELECT next_fire_at > now() AND next_fire_at <= now() + interval '1 day'
          FROM cron_trigger_details WHERE trigger_id = $1",

@@ -403,7 +403,7 @@ async fn fail_fast_stops_start_up_when_no_nats_server_answers() -> TestResult {
     let port = free_port()?;
     let started = std::time::Instant::now();
     let out = run(outboxd(Some(&db.url))
-        .env("NATS_URL", format!("nats://127.0.0.1:{port}"))
+        .env("NATS_URL", format!("nats://relay:s3cr3t@127.0.0.1:{port}"))
         .env("OUTBOXD_NATS__FAIL_FAST", "true")
         .arg("run"))?;
     assert!(!out.status.success(), "started without NATS");
@@ -414,9 +414,10 @@ async fn fail_fast_stops_start_up_when_no_nats_server_answers() -> TestResult {
     );
     let err = text(&out.stderr);
     assert!(
-        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        err.contains("cannot connect to NATS at nats://relay@127.0.0.1:"),
         "{err}"
     );
+    assert!(!err.contains("s3cr3t"), "{err}");
     Ok(())
 }
 
