@@ -8,6 +8,20 @@ use sqlx::PgExecutor;
 
 use crate::Error;
 
+/// Runs `statement`, a bounded delete whose `$1` is `limit`; returns how
+/// many rows went.
+async fn delete_batch<'e>(
+    db: impl PgExecutor<'e>,
+    statement: &'static str,
+    limit: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(statement)
+        .bind(limit)
+        .execute(db)
+        .await?
+        .rows_affected())
+}
+
 /// Deletes up to `limit` dead letters older than their app's retention (the
 /// app's `dead_letter_retention_days`, else `days`); returns how many.
 pub async fn sweep_dead_letters<'e>(
@@ -56,51 +70,48 @@ pub async fn sweep_processed_messages<'e>(
     db: impl PgExecutor<'e>,
     limit: i64,
 ) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    delete_batch(
+        db,
         "DELETE FROM processed_messages WHERE ctid IN (
             SELECT ctid FROM processed_messages
             WHERE state = 'done' AND expires_at < now()
             LIMIT $1
             FOR UPDATE SKIP LOCKED)",
+        limit,
     )
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected())
+    .await
 }
 
 /// Deletes up to `limit` login-throttle counts whose last failure is more
 /// than a week old (the longest `admin.login_window_secs` allows) and that
 /// hold nothing back; returns how many went.
 pub async fn sweep_login_throttle<'e>(db: impl PgExecutor<'e>, limit: i64) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    delete_batch(
+        db,
         "DELETE FROM login_throttle WHERE key IN (
             SELECT key FROM login_throttle
             WHERE last_failure_at < now() - interval '7 days'
               AND (blocked_until IS NULL OR blocked_until < now())
             LIMIT $1
             FOR UPDATE SKIP LOCKED)",
+        limit,
     )
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected())
+    .await
 }
 
 /// Deletes up to `limit` expired sessions. Signing in removes the expired
 /// sessions of the same user only; a user who stopped signing in, or a
 /// script signing in for every call, would leave them for ever.
 pub async fn sweep_sessions<'e>(db: impl PgExecutor<'e>, limit: i64) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    delete_batch(
+        db,
         "DELETE FROM sessions WHERE id IN (
             SELECT id FROM sessions WHERE expires_at < now()
             LIMIT $1
             FOR UPDATE SKIP LOCKED)",
+        limit,
     )
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected())
+    .await
 }
 
 /// Deletes up to `limit` reply inboxes of synchronous invocations older
@@ -110,16 +121,15 @@ pub async fn sweep_invocation_inboxes<'e>(
     db: impl PgExecutor<'e>,
     limit: i64,
 ) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    delete_batch(
+        db,
         "DELETE FROM invocation_inboxes WHERE inbox IN (
             SELECT inbox FROM invocation_inboxes WHERE created_at < now() - interval '1 hour'
             LIMIT $1
             FOR UPDATE SKIP LOCKED)",
+        limit,
     )
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected())
+    .await
 }
 
 /// Sets (or with `None` clears) an app's own dead-letter retention.
