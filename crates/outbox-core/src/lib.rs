@@ -22,6 +22,7 @@
 //! - [`enqueue`](mod@enqueue): single and batch enqueue in the caller's transaction.
 //! - [`store`]: all SQL — apps, the dispatcher's claim/complete statements, dead letters.
 //! - [`topics`]: which topics a dispatcher serves (names, prefixes, NATS-style patterns).
+//! - [`cron`]: the next tick of a cron schedule in a time zone.
 //! - [`MIGRATOR`]: the embedded, forward-only migrations.
 
 /// The `run_at` a row due at `$due` (an SQL expression) is stored with at
@@ -51,6 +52,7 @@ macro_rules! priority_not_before {
     };
 }
 
+pub mod cron;
 pub mod enqueue;
 mod error;
 pub mod model;

@@ -77,6 +77,14 @@ impl PublishStatus {
         self.stream_check_pending.load(Ordering::Relaxed)
     }
 
+    /// Whether a relay on `client` may publish now: connected (publishing
+    /// then reaches the server, not the client's buffer) and the stream
+    /// checked.
+    pub fn may_publish(&self, client: &async_nats::Client) -> bool {
+        client.connection_state() == async_nats::connection::State::Connected
+            && !self.stream_check_pending()
+    }
+
     fn record(&self) {
         self.last_ack
             .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
@@ -125,11 +133,9 @@ impl Relay {
         }
     }
 
-    /// Whether the NATS connection is up (publishing then reaches the
-    /// server, not the client's buffer) and its stream has been checked.
+    /// See [`PublishStatus::may_publish`].
     fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-            && !self.config.status.stream_check_pending()
+        self.config.status.may_publish(&self.client)
     }
 
     /// How long a row waits while the connection is down: a second at

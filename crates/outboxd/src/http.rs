@@ -34,8 +34,7 @@ pub struct NatsHealth {
 impl NatsHealth {
     /// Connected, and the stream checked: relaying can go on.
     fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-            && !self.published.stream_check_pending()
+        self.published.may_publish(&self.client)
     }
 }
 

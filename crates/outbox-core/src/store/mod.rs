@@ -27,17 +27,28 @@ pub fn pooled_connect_options(
         .extra_float_digits(None)
 }
 
+/// The versions of the migrations this build knows.
+fn known_migrations() -> Vec<i64> {
+    crate::MIGRATOR.iter().map(|m| m.version).collect()
+}
+
+/// Whether the database has sqlx's table of applied migrations.
+async fn migrations_tracked<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<bool, crate::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(db)
+            .await?,
+    )
+}
+
 /// Whether the database answers and holds every migration this build knows
 /// (or later ones a newer build applied), for readiness: a process on an
 /// unmigrated database answers, but can claim and enqueue nothing.
 pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error> {
     // Every version this build knows, not the highest applied: a service's
     // own migrations may share the table with higher numbers (README).
-    let known: Vec<i64> = crate::MIGRATOR.iter().map(|m| m.version).collect();
-    let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    if !tracked {
+    let known = known_migrations();
+    if !migrations_tracked(pool).await? {
         return Ok(false);
     }
     let applied: i64 = sqlx::query_scalar(
@@ -55,11 +66,8 @@ pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error
 pub async fn unknown_outboxd_migration(
     conn: &mut sqlx::PgConnection,
 ) -> Result<Option<i64>, crate::Error> {
-    let known: Vec<i64> = crate::MIGRATOR.iter().map(|m| m.version).collect();
-    let tracked: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await?;
-    if !tracked {
+    let known = known_migrations();
+    if !migrations_tracked(&mut *conn).await? {
         return Ok(None);
     }
     Ok(sqlx::query_scalar(

@@ -161,7 +161,7 @@ async fn run_service(
             }
             Cadence::Cron(schedule) => {
                 let now = chrono::Utc::now();
-                match outbox_core::store::triggers::next_tick(&schedule, now) {
+                match outbox_core::cron::next_tick(&schedule, now) {
                     Ok(tick) => (tick - now).to_std().unwrap_or(Duration::from_secs(1)),
                     Err(err) => {
                         warn!(service = name, error = %err, "schedule invalid; running hourly");

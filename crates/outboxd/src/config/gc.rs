@@ -36,9 +36,7 @@ impl Settings {
 
     /// `[gc]`.
     pub(super) fn validate_gc(&self) -> Result<(), ConfigError> {
-        if let Err(err) =
-            outbox_core::store::triggers::next_tick(&self.gc.schedule, chrono::Utc::now())
-        {
+        if let Err(err) = outbox_core::cron::next_tick(&self.gc.schedule, chrono::Utc::now()) {
             return Err(ConfigError::Range {
                 key: "gc.schedule",
                 value: format!("{:?}", self.gc.schedule),
