@@ -75,7 +75,11 @@ enum Command {
     #[command(subcommand)]
     Topic(TopicCommand),
     /// List the live dispatcher processes and what each serves.
-    Processes,
+    Processes {
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel rows that have not run: they become ignored dead letters with the reason.
     Cancel(CancelArgs),
     /// Garbage-collect: delete dead letters and abandoned executions past retention, expired de-duplication records, lapsed login-throttle counts, expired sessions and stale invocation inboxes.
@@ -150,7 +154,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Trigger(cmd) => commands::triggers::run(settings, cmd).await,
         Command::Webhook(cmd) => commands::webhooks::run(settings, cmd).await,
         Command::Topic(cmd) => commands::topics::topic(settings, cmd).await,
-        Command::Processes => commands::topics::list_processes(settings).await,
+        Command::Processes { json } => commands::topics::list_processes(settings, json).await,
         Command::Cancel(args) => commands::topics::cancel(settings, args).await,
         Command::Gc { once } => commands::gc::run(settings, once).await,
     }

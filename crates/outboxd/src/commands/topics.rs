@@ -56,6 +56,9 @@ pub enum TopicCommand {
         /// App slug.
         #[arg(long)]
         app: String,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Limit a topic across every process (within about a second): how many of its rows run at once (in all, or per partition key), how many start per second, or both. The limits given replace the topic's earlier ones: give every limit to keep.
     #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true).args(["max_running", "max_running_per_key", "rate"])))]
@@ -93,6 +96,9 @@ pub enum TopicCommand {
         /// App slug.
         #[arg(long)]
         app: String,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -138,13 +144,20 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             let id = apps::by_slug(&pool, &app).await?.id;
             match api::resume_topic(&pool, &cli_actor(), id, &topic).await {
                 Ok(()) => println!("{app}: {topic} resumed"),
-                Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} is not paused"),
+                // As `pause` of a paused topic and `app resume`: the wanted
+                // state holds, so a script that resumes twice does not fail.
+                Err(ApiError::NotFound(_)) => println!("{app}: {topic} was not paused"),
                 Err(err) => return Err(cli_error(err)),
             }
         }
-        TopicCommand::Paused { app } => {
+        TopicCommand::Paused { app, json } => {
             let id = apps::by_slug(&pool, &app).await?.id;
-            for p in pauses::list(&pool, id).await? {
+            let paused = pauses::list(&pool, id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "items": paused }));
+                return Ok(());
+            }
+            for p in paused {
                 println!(
                     "{}\t{}\t{}\t{}",
                     p.topic,
@@ -181,13 +194,18 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             let id = apps::by_slug(&pool, &app).await?.id;
             match api::unlimit_topic(&pool, &cli_actor(), id, &topic).await {
                 Ok(()) => println!("{app}: {topic} is no longer limited"),
-                Err(ApiError::NotFound(_)) => anyhow::bail!("{app}: {topic} has no limit"),
+                Err(ApiError::NotFound(_)) => println!("{app}: {topic} had no limit"),
                 Err(err) => return Err(cli_error(err)),
             }
         }
-        TopicCommand::Limits { app } => {
+        TopicCommand::Limits { app, json } => {
             let id = apps::by_slug(&pool, &app).await?.id;
-            for l in limits::list(&pool, id).await? {
+            let limited = limits::list(&pool, id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "items": limited }));
+                return Ok(());
+            }
+            for l in limited {
                 let rate = l.rate_per_sec.zip(l.burst);
                 println!(
                     "{}\t{}\t{} running\t{}\t{}",
@@ -218,10 +236,16 @@ fn describe(max_running: Option<i32>, per_key: Option<i32>, rate: Option<(f64, i
     parts.join(", ")
 }
 
-/// Runs `outboxd processes`: the live dispatchers and what each serves.
-pub async fn list_processes(settings: Settings) -> anyhow::Result<()> {
+/// Runs `outboxd processes`: the live dispatchers and what each serves, as
+/// lines or (`json`) one JSON document.
+pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
-    for p in processes::live(&pool).await? {
+    let live = processes::live(&pool).await?;
+    if json {
+        println!("{}", serde_json::json!({ "items": live }));
+        return Ok(());
+    }
+    for p in live {
         let mut serves = p.topics.clone();
         serves.extend(p.patterns.iter().cloned());
         println!(

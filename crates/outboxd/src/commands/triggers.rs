@@ -18,6 +18,9 @@ pub enum TriggerCommand {
         /// App slug.
         #[arg(long)]
         app: String,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a trigger: give exactly one of --kv, --cron, --dead-letter.
     Create {
@@ -84,9 +87,14 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
     let pool = outboxd::db::connect(&settings, 0).await?;
     let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
     match cmd {
-        TriggerCommand::List { app } => {
+        TriggerCommand::List { app, json } => {
             let app = apps::by_slug(&pool, &app).await?;
-            for t in triggers::list(&pool, app.id).await? {
+            let listed = triggers::list(&pool, app.id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "items": listed }));
+                return Ok(());
+            }
+            for t in listed {
                 let detail = t
                     .collection_glob
                     .map(|g| format!("collection {g} ops {}", t.ops.unwrap_or_default().join(",")))

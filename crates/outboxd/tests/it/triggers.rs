@@ -32,6 +32,18 @@ async fn trigger_cli_creates_lists_and_refuses_bad_input() -> TestResult {
     );
     let out = run(outboxd(Some(&db.url)).args(["trigger", "disable", "--app", "shop", &id]))?;
     assert!(out.status.success());
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "list", "--app", "shop", "--json"]))?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let listed = &doc["items"][0];
+    assert_eq!(
+        (
+            listed["id"].as_str(),
+            listed["enabled"].as_bool(),
+            listed["collection_glob"].as_str()
+        ),
+        (Some(id.as_str()), Some(false), Some("orders:*")),
+        "{doc}"
+    );
     let out = run(outboxd(Some(&db.url)).args([
         "trigger",
         "create",
