@@ -58,6 +58,20 @@ pub async fn delete_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
     Ok(found)
 }
 
+/// Makes a user an instance admin (`admin`) or takes the rights away; false
+/// when the user already was what was asked. The last instance admin keeps
+/// them.
+pub async fn set_instance_admin(
+    pool: &PgPool,
+    user: &str,
+    admin: bool,
+) -> Result<(User, bool), ApiError> {
+    let found = find_user(pool, user).await?;
+    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
+    let changed = principals::set_admin(&mut conn, found.id, admin).await?;
+    Ok((found, changed))
+}
+
 /// Sets a user's password and ends every session they have; returns how
 /// many sessions ended.
 pub async fn set_password(
@@ -102,9 +116,19 @@ pub async fn list_api_keys(
     Ok(principals::list_api_keys(pool, owner).await?)
 }
 
+/// An API key's revocation: the key's prefix, and whether it was revoked
+/// before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedKey {
+    /// The part of the key after `obx_`, up to its secret.
+    pub prefix: String,
+    /// Revoked by an earlier call; nothing changed.
+    pub already: bool,
+}
+
 /// Revokes an API key by its prefix (the part after `obx_`; a whole key is
-/// accepted too).
-pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<String, ApiError> {
+/// accepted too). A key revoked before stays as it was.
+pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<RevokedKey, ApiError> {
     let prefix = prefix
         .strip_prefix(auth::API_KEY_TAG)
         .unwrap_or(prefix)
@@ -114,8 +138,11 @@ pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<String, ApiEr
     if prefix.is_empty() || prefix.contains('\0') {
         return Err(ApiError::NotFound("api key"));
     }
-    principals::revoke_api_key(pool, prefix).await?;
-    Ok(prefix.to_owned())
+    let revoked_now = principals::revoke_api_key(pool, prefix).await?;
+    Ok(RevokedKey {
+        prefix: prefix.to_owned(),
+        already: !revoked_now,
+    })
 }
 
 /// Gives `user` `role` on the app for `actor` (replacing the role it had),

@@ -129,6 +129,10 @@ pub(super) async fn revoke_api_key(
     Path(prefix): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     instance_admin(&p)?;
-    let prefix = accounts::revoke_api_key(&state.pool, &prefix).await?;
-    Ok(Json(serde_json::json!({ "revoked": prefix })))
+    let revoked = accounts::revoke_api_key(&state.pool, &prefix).await?;
+    if revoked.already {
+        // As documented: a key revoked before is no longer there to revoke.
+        return Err(ApiError::NotFound("api key"));
+    }
+    Ok(Json(serde_json::json!({ "revoked": revoked.prefix })))
 }

@@ -258,35 +258,73 @@ pub async fn list_users<'e>(db: impl PgExecutor<'e>) -> Result<Vec<UserSummary>,
 }
 
 /// Deletes a user with their roles, sessions and API keys. Refuses to
-/// delete the last instance admin, in the same statement (so two operators
+/// delete the last instance admin, in the same transaction (so two operators
 /// deleting the last two admins at once cannot both succeed).
 pub async fn delete_user(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<(), Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    // Serialises admin removals: the count below is then exact.
-    sqlx::query("SELECT id FROM users WHERE is_admin FOR UPDATE")
-        .execute(&mut *tx)
-        .await?;
-    let (exists, is_admin, admins): (bool, bool, i64) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1),
-                coalesce((SELECT is_admin FROM users WHERE id = $1), false),
-                (SELECT count(*) FROM users WHERE is_admin)",
-    )
-    .bind(user_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if !exists {
-        return Err(Error::NotFound("user".into()));
-    }
-    if is_admin && admins <= 1 {
-        return Err(Error::Conflict(
-            "this is the last instance admin: make another user admin first (outboxd user create EMAIL --admin)".into(),
-        ));
+    if admin_lock(&mut tx, user_id).await? {
+        refuse_last_admin(&mut tx).await?;
     }
     sqlx::query("DELETE FROM users WHERE id = $1")
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Makes a user an instance admin (`admin`) or an ordinary user again;
+/// false when it already was. Refuses to take the last instance admin's
+/// rights, serialised with [`delete_user`]. Takes effect on the user's next
+/// request: a principal is read for every request.
+pub async fn set_admin(
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    admin: bool,
+) -> Result<bool, Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let was_admin = admin_lock(&mut tx, user_id).await?;
+    if was_admin == admin {
+        return Ok(false);
+    }
+    if was_admin {
+        refuse_last_admin(&mut tx).await?;
+    }
+    sqlx::query("UPDATE users SET is_admin = $2 WHERE id = $1")
+        .bind(user_id)
+        .bind(admin)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Locks the instance admins' rows, which serialises every change that could
+/// remove the last of them, and the user's; returns whether the user is an
+/// instance admin ([`Error::NotFound`] when there is no such user).
+async fn admin_lock(tx: &mut sqlx::PgConnection, user_id: Uuid) -> Result<bool, Error> {
+    sqlx::query("SELECT id FROM users WHERE is_admin OR id = $1 ORDER BY id FOR UPDATE")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query_scalar("SELECT is_admin FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::NotFound("user".into()))
+}
+
+/// Refuses a change that removes an instance admin when it is the last one
+/// (under [`admin_lock`], so the count is exact).
+async fn refuse_last_admin(tx: &mut sqlx::PgConnection) -> Result<(), Error> {
+    let admins: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE is_admin")
+        .fetch_one(&mut *tx)
+        .await?;
+    if admins <= 1 {
+        return Err(Error::Conflict(
+            "this is the last instance admin: make another user admin first (outboxd user promote EMAIL)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -366,18 +404,19 @@ pub async fn list_api_keys<'e>(
 }
 
 /// Revokes the key with this prefix; the next request with it is refused.
-pub async fn revoke_api_key<'e>(db: impl PgExecutor<'e>, prefix: &str) -> Result<(), Error> {
-    let changed = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
+/// False when it was revoked already (its revocation time is kept);
+/// [`Error::NotFound`] when no key has the prefix.
+pub async fn revoke_api_key<'e>(db: impl PgExecutor<'e>, prefix: &str) -> Result<bool, Error> {
+    let revoked_now: Option<bool> = sqlx::query_scalar(
+        "UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, now())
+         FROM (SELECT id, revoked_at IS NULL AS active FROM api_keys WHERE prefix = $1) was
+         WHERE k.id = was.id
+         RETURNING was.active",
     )
     .bind(prefix)
-    .execute(db)
-    .await?
-    .rows_affected();
-    if changed == 0 {
-        return Err(Error::NotFound("api key".into()));
-    }
-    Ok(())
+    .fetch_optional(db)
+    .await?;
+    revoked_now.ok_or_else(|| Error::NotFound("api key".into()))
 }
 
 /// Whether a principal may still run a trigger's work on `app_id`: an

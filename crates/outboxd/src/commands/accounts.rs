@@ -48,6 +48,16 @@ pub enum UserCommand {
         /// App slug.
         app: String,
     },
+    /// Make a user an instance admin: every capability on every app (effective on their next request).
+    Promote {
+        /// E-mail of the user.
+        email: String,
+    },
+    /// Take a user's instance-admin rights away (not the last instance admin's); their app roles stay.
+    Demote {
+        /// E-mail of the user.
+        email: String,
+    },
     /// Set a user's password (generated and printed, or read from standard
     /// input with --password-stdin); every session of the user ends.
     Passwd {
@@ -213,6 +223,26 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
                 println!("{} had no role on {}", user.email, app.slug);
             }
         }
+        UserCommand::Promote { email } => {
+            let (user, changed) = accounts::set_instance_admin(&pool, &email, true)
+                .await
+                .map_err(named(&email))?;
+            if changed {
+                println!("{} is an instance admin", user.email);
+            } else {
+                println!("{} was already an instance admin", user.email);
+            }
+        }
+        UserCommand::Demote { email } => {
+            let (user, changed) = accounts::set_instance_admin(&pool, &email, false)
+                .await
+                .map_err(named(&email))?;
+            if changed {
+                println!("{} is no longer an instance admin", user.email);
+            } else {
+                println!("{} was not an instance admin", user.email);
+            }
+        }
         UserCommand::Passwd {
             email,
             password_stdin,
@@ -295,8 +325,12 @@ pub async fn api_key(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<(
             println!("{} key(s)", keys.len());
         }
         ApiKeyCommand::Revoke { prefix } => {
-            let prefix = accounts::revoke_api_key(&pool, &prefix).await?;
-            println!("revoked obx_{prefix}_…");
+            let revoked = accounts::revoke_api_key(&pool, &prefix).await?;
+            if revoked.already {
+                println!("obx_{}_… was already revoked", revoked.prefix);
+            } else {
+                println!("revoked obx_{}_…", revoked.prefix);
+            }
         }
     }
     Ok(())

@@ -122,7 +122,19 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
     let out = cli(&["api-key", "list", "--json"])?;
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert!(doc["items"][0]["revoked_at"].is_string(), "{doc}");
+    let revoked_at = doc["items"][0]["revoked_at"].clone();
+    // Revoking it again says so and keeps the first revocation's time; a
+    // prefix no key has is not found.
     let out = cli(&["api-key", "revoke", &prefix])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("obx_{prefix}_… was already revoked")
+    );
+    let out = cli(&["api-key", "list", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["items"][0]["revoked_at"], revoked_at);
+    let out = cli(&["api-key", "revoke", "nosuchkey"])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("api key not found"),
@@ -140,6 +152,55 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
         "{}",
         text(&out.stderr)
     );
+    let out = cli(&["user", "demote", "boss@x.io"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("last instance admin")
+            && text(&out.stderr).contains("outboxd user promote"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // An existing user becomes an instance admin and back, each said once;
+    // with a second admin the first can step down.
+    let is_admin = |email: &'static str| {
+        sqlx::query_scalar::<_, bool>("SELECT is_admin FROM users WHERE email = $1")
+            .bind(email)
+            .fetch_one(&db.pool)
+    };
+    let out = cli(&["user", "promote", "ops@x.io"])?;
+    assert_eq!(text(&out.stdout).trim(), "ops@x.io is an instance admin");
+    assert!(is_admin("ops@x.io").await?);
+    let out = cli(&["user", "promote", "OPS@x.io"])?;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "ops@x.io was already an instance admin"
+    );
+    let out = cli(&["user", "demote", "boss@x.io"])?;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "boss@x.io is no longer an instance admin"
+    );
+    assert!(!is_admin("boss@x.io").await?);
+    let out = cli(&["user", "demote", "boss@x.io"])?;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "boss@x.io was not an instance admin"
+    );
+    let out = cli(&["user", "demote", "ops@x.io"])?;
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("last instance admin"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(cli(&["user", "promote", "boss@x.io"])?.status.success());
+    let out = cli(&["user", "promote", "nobody@x.io"])?;
+    assert!(
+        text(&out.stderr).contains("no user \"nobody@x.io\""),
+        "{}",
+        text(&out.stderr)
+    );
+
     assert!(cli(&["user", "delete", "ops@x.io"])?.status.success());
     let out = cli(&["user", "delete", "ops@x.io"])?;
     assert!(
