@@ -83,35 +83,51 @@ fn leaving_other_migrations() -> sqlx::migrate::Migrator {
     migrator
 }
 
-/// Applies every pending migration. Run it once at start (it is safe to run
-/// from several processes and skips what is applied).
+/// Applies every pending migration and returns how many it applied (0 when
+/// the database was up to date, or another process applied them while this
+/// one waited). Run it once at start: it is safe to run from several
+/// processes and skips what is applied.
 ///
-/// Runs on a connection of its own, closed when a migration fails: the
-/// migrator holds a session advisory lock while it works and does not give
-/// it back on an error, so a pooled connection would keep it and the next
-/// attempt (a retry once the cause is gone, e.g. a dispatcher of an earlier
-/// version stopped; see migration 0032) would wait for it forever.
-pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
+/// Runs on a connection of its own, closed at the end: the migrator's
+/// session advisory lock is not given back on an error, so a pooled
+/// connection would keep it and the next attempt (a retry once the cause is
+/// gone, e.g. a dispatcher of an earlier version stopped; see migration
+/// 0032) would wait for it forever. The lock is taken before anything is
+/// read, so what is counted as applied is what this call applied.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<usize, Error> {
     use sqlx::Connection;
     let mut conn = pool.acquire().await?.detach();
-    if let Some(found) = store::unknown_outboxd_migration(&mut conn).await? {
-        let _ = conn.close().await;
+    match migrate_locked(&mut conn).await {
+        Ok(applied) => {
+            conn.close().await?;
+            Ok(applied)
+        }
+        Err(err) => {
+            // The error that matters is the migration's, not the close's.
+            let _ = conn.close().await;
+            Err(err)
+        }
+    }
+}
+
+/// [`migrate`] on its connection, under the migrator's lock.
+async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<usize, Error> {
+    use sqlx::migrate::Migrate;
+    conn.lock().await?;
+    if let Some(found) = store::unknown_outboxd_migration(&mut *conn).await? {
         return Err(Error::SchemaNewer {
             found,
             known: last_migration(),
         });
     }
-    match leaving_other_migrations().run(&mut conn).await {
-        Ok(()) => {
-            conn.close().await?;
-            Ok(())
-        }
-        Err(err) => {
-            // The error that matters is the migration's, not the close's.
-            let _ = conn.close().await;
-            Err(err.into())
-        }
-    }
+    let missing = store::missing_migrations(&mut *conn).await?;
+    let mut migrator = leaving_other_migrations();
+    // The lock is held already (a second take would nest, and the
+    // migrator's give-back would leave this one held).
+    migrator.set_locking(false);
+    migrator.run(&mut *conn).await?;
+    conn.unlock().await?;
+    Ok(missing)
 }
 
 /// The app (tenant) with this slug, created with `name` if it does not exist

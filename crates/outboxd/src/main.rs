@@ -127,12 +127,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Migrate => {
             let pool = db::connect(&settings, 0).await?;
             let last = outbox_core::last_migration();
-            let was_current = outbox_core::store::schema_is_current(&pool).await?;
-            outbox_core::migrate(&pool).await.context("migrating")?;
-            if was_current {
-                println!("the database is up to date (outboxd migration {last})");
-            } else {
-                println!("migrations applied (the database is at outboxd migration {last})");
+            match outbox_core::migrate(&pool).await.context("migrating")? {
+                0 => println!("the database is up to date (outboxd migration {last})"),
+                n => println!(
+                    "{n} migration(s) applied (the database is at outboxd migration {last})"
+                ),
             }
             Ok(())
         }

@@ -45,19 +45,30 @@ async fn migrations_tracked<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<bool, c
 /// (or later ones a newer build applied), for readiness: a process on an
 /// unmigrated database answers, but can claim and enqueue nothing.
 pub async fn schema_is_current(pool: &sqlx::PgPool) -> Result<bool, crate::Error> {
-    // Every version this build knows, not the highest applied: a service's
-    // own migrations may share the table with higher numbers (README).
+    let mut conn = pool.acquire().await?;
+    Ok(missing_migrations(&mut conn).await? == 0)
+}
+
+/// How many of the migrations this build knows the database has not
+/// applied. Every version this build knows is checked, not the highest
+/// applied: a service's own migrations may share the table with higher
+/// numbers (README).
+pub(crate) async fn missing_migrations(
+    conn: &mut sqlx::PgConnection,
+) -> Result<usize, crate::Error> {
     let known = known_migrations();
-    if !migrations_tracked(pool).await? {
-        return Ok(false);
+    if !migrations_tracked(&mut *conn).await? {
+        return Ok(known.len());
     }
     let applied: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM _sqlx_migrations WHERE success AND version = ANY($1)",
     )
     .bind(&known)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(applied == known.len() as i64)
+    Ok(known
+        .len()
+        .saturating_sub(usize::try_from(applied).unwrap_or(0)))
 }
 
 /// The first migration below [`OWN_MIGRATIONS_FROM`](crate::OWN_MIGRATIONS_FROM)

@@ -498,6 +498,34 @@ async fn migrate_leaves_a_services_own_migrations_and_refuses_a_newer_schema() -
     Ok(())
 }
 
+/// `outboxd migrate` says how many migrations it applied itself: two
+/// migrators started at once apply every missing one between them, each
+/// once, and count only their own (the count was read before the
+/// migrator's lock, so both could say "applied").
+#[tokio::test]
+async fn migrate_counts_only_what_it_applied_itself() -> TestResult {
+    let db = TestDb::migrated_to(36).await?;
+    let missing = usize::try_from(outbox_core::last_migration() - 36)?;
+    let (first, second) = tokio::join!(
+        outbox_core::migrate(&db.pool),
+        outbox_core::migrate(&db.pool)
+    );
+    let (first, second) = (first?, second?);
+    assert_eq!(first + second, missing, "{first} and {second}");
+    assert!(first == 0 || second == 0, "{first} and {second}");
+
+    let db = TestDb::migrated_to(38).await?;
+    let out = run(outboxd(Some(&db.url)).arg("migrate"))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let missing = outbox_core::last_migration() - 38;
+    assert!(
+        text(&out.stdout).starts_with(&format!("{missing} migration(s) applied")),
+        "{}",
+        text(&out.stdout)
+    );
+    Ok(())
+}
+
 /// A command run against a database that was never migrated says what to do.
 #[tokio::test]
 async fn a_command_on_an_unmigrated_database_says_to_migrate() -> TestResult {
