@@ -1,9 +1,10 @@
 //! The dispatcher's metrics: their descriptions (`# HELP`), and counters and
 //! a handler-duration histogram labelled by app and topic; the same counts
-//! go to `outbox_activity` every few seconds for the console's charts. Label values are
-//! capped: past [`MAX_LABELLED`] distinct (app, topic) pairs new ones are
-//! counted under `topic="other"`, so a producer inventing topics cannot blow
-//! up the metrics' cardinality.
+//! go to `outbox_activity` every few seconds for the console's charts. Label
+//! values are capped ([`admits`]): a topic past its app's share or past
+//! [`MAX_LABELLED`] pairs in all is counted under `topic="other"`, so a
+//! producer inventing topics cannot blow up the metrics' cardinality, nor
+//! push another app's topics into `other`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +15,25 @@ use outbox_core::store::activity::{self, ActivityDelta};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Distinct (app, topic) label pairs at most; further topics share `other`.
+/// Distinct (app, topic) label pairs the apps share; past it an app's
+/// further topics share `other`, except for its first
+/// [`LABELLED_PER_APP_ALWAYS`].
 pub const MAX_LABELLED: usize = 200;
+
+/// Label pairs every app gets whatever the other apps hold: the shared
+/// budget may be spent by a tenant that invents topics.
+pub const LABELLED_PER_APP_ALWAYS: usize = 10;
+
+/// Label pairs one app may hold at most.
+pub const MAX_LABELLED_PER_APP: usize = 50;
+
+/// Whether an app holding `app_pairs` label pairs gets one more, while all
+/// apps hold `total`. At most [`MAX_LABELLED`] plus
+/// [`LABELLED_PER_APP_ALWAYS`] per app are ever given.
+pub fn admits(app_pairs: usize, total: usize) -> bool {
+    app_pairs < LABELLED_PER_APP_ALWAYS
+        || (app_pairs < MAX_LABELLED_PER_APP && total < MAX_LABELLED)
+}
 
 /// The longest a write of the attempt counts may take; they are kept for the
 /// next one past it.
@@ -215,31 +233,33 @@ impl TopicMetrics {
     /// The handles of `app_id`'s `topic`: a read lock and a hash lookup,
     /// except the first time (one query for the app's slug).
     pub async fn of(&self, pool: &PgPool, app_id: Uuid, topic: &str) -> Arc<TopicHandles> {
-        if let Some(found) = self
-            .handles
-            .read()
-            .ok()
-            .and_then(|h| h.get(&app_id).and_then(|t| t.get(topic)).cloned())
-        {
-            return found;
-        }
+        let app_pairs = match self.handles.read() {
+            Ok(handles) => {
+                let topics = handles.get(&app_id);
+                if let Some(found) = topics.and_then(|t| t.get(topic)) {
+                    return found.clone();
+                }
+                topics.map_or(0, HashMap::len)
+            }
+            Err(_) => 0,
+        };
         let slug = self.slug(pool, app_id).await;
-        if self.pairs.load(Ordering::Relaxed) >= MAX_LABELLED {
+        if !admits(app_pairs, self.pairs.load(Ordering::Relaxed)) {
             return self.overflow_of(app_id, &slug);
         }
         let Ok(mut handles) = self.handles.write() else {
             return Arc::new(TopicHandles::new(app_id, &slug, OTHER));
         };
-        if let Some(found) = handles.get(&app_id).and_then(|t| t.get(topic)) {
+        let topics = handles.entry(app_id).or_default();
+        if let Some(found) = topics.get(topic) {
             return found.clone();
         }
         // Again under the lock: two first sightings that both read the
-        // count below the cap would otherwise both take a label.
-        if self.pairs.load(Ordering::Relaxed) >= MAX_LABELLED {
+        // counts below the caps would otherwise both take a label.
+        if !admits(topics.len(), self.pairs.load(Ordering::Relaxed)) {
             drop(handles);
             return self.overflow_of(app_id, &slug);
         }
-        let topics = handles.entry(app_id).or_default();
         let created = Arc::new(TopicHandles::new(app_id, &slug, topic));
         topics.insert(topic.to_owned(), created.clone());
         self.pairs.fetch_add(1, Ordering::Relaxed);
@@ -315,33 +335,47 @@ impl TopicMetrics {
 mod tests {
     use std::sync::Arc;
 
-    use super::{MAX_LABELLED, OTHER, TopicMetrics};
+    use super::{LABELLED_PER_APP_ALWAYS, MAX_LABELLED, MAX_LABELLED_PER_APP, OTHER, TopicMetrics};
 
-    /// Many first sightings at once must not take more labels than the cap.
+    /// Many first sightings at once must not take more labels than the caps,
+    /// and an app that invents topics leaves the other apps theirs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_new_topics_never_take_more_labels_than_the_cap()
+    async fn concurrent_new_topics_never_take_more_labels_than_the_caps()
     -> Result<(), Box<dyn std::error::Error>> {
         // Nothing listens there: slugs fall back to the app's id at once.
         let pool = sqlx::postgres::PgPoolOptions::new()
             .acquire_timeout(std::time::Duration::from_millis(20))
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")?;
         let metrics = Arc::new(TopicMetrics::default());
-        let app = uuid::Uuid::now_v7();
-        let tasks: Vec<_> = (0..MAX_LABELLED * 2)
-            .map(|n| {
-                let (metrics, pool) = (metrics.clone(), pool.clone());
-                tokio::spawn(async move { metrics.of(&pool, app, &format!("t{n}")).await })
-            })
-            .collect();
-        let mut labelled = std::collections::HashSet::new();
-        for task in tasks {
-            labelled.insert(task.await?.topic.clone());
+        let apps: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::now_v7()).collect();
+        let labelled_of = |app_index: usize, topics: usize| {
+            let tasks: Vec<_> = (0..topics)
+                .map(|n| {
+                    let (metrics, pool, app) = (metrics.clone(), pool.clone(), apps[app_index]);
+                    tokio::spawn(async move { metrics.of(&pool, app, &format!("t{n}")).await })
+                })
+                .collect();
+            async move {
+                let mut labelled = std::collections::HashSet::new();
+                for task in tasks {
+                    labelled.insert(task.await?.topic.clone());
+                }
+                labelled.remove(OTHER);
+                Ok::<usize, Box<dyn std::error::Error>>(labelled.len())
+            }
+        };
+        // Five apps inventing topics take their share each, and then the
+        // shared budget is spent...
+        for app in 0..5 {
+            let labelled = labelled_of(app, MAX_LABELLED).await?;
+            let expected = MAX_LABELLED_PER_APP.min(MAX_LABELLED - app * MAX_LABELLED_PER_APP);
+            assert_eq!(labelled, expected.max(LABELLED_PER_APP_ALWAYS), "app {app}");
         }
-        labelled.remove(OTHER);
-        assert_eq!(labelled.len(), MAX_LABELLED);
+        // ...but an app that comes later still gets its first topics.
+        assert_eq!(labelled_of(5, 40).await?, LABELLED_PER_APP_ALWAYS);
         assert_eq!(
             metrics.pairs.load(std::sync::atomic::Ordering::Relaxed),
-            MAX_LABELLED
+            MAX_LABELLED + 2 * LABELLED_PER_APP_ALWAYS
         );
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! (`outboxd_rows_paused`).
 //! Counting them scans the outbox, so only the elected leader samples,
 //! every interval; the other processes export nothing for these names. The
-//! counts are also written to `outbox_topic_states` for the dashboard. Pairs past [`crate::telemetry::MAX_LABELLED`]
+//! counts are also written to `outbox_topic_states` for the dashboard. Pairs
+//! past the label caps ([`crate::telemetry::admits`]), the smallest first,
 //! are summed under `topic="other"`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,7 +17,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::Error;
-use crate::telemetry::{MAX_LABELLED, OTHER};
+use crate::telemetry::{OTHER, admits};
 
 /// Samples the outbox's row states into gauges.
 #[derive(Debug)]
@@ -41,8 +42,13 @@ impl Sampler {
     pub async fn run_once(&self) -> Result<usize, Error> {
         let counts = outbox_core::store::outbox::record_state_counts(&self.pool).await?;
         let mut merged: BTreeMap<(String, String), Sample> = BTreeMap::new();
-        for (i, c) in counts.into_iter().enumerate() {
-            let topic = if i < MAX_LABELLED {
+        // Largest first: the caps fall on an app's smallest topics.
+        let (mut labelled, mut per_app) = (0, BTreeMap::<String, usize>::new());
+        for c in counts {
+            let app_pairs = per_app.entry(c.app.clone()).or_default();
+            let topic = if admits(*app_pairs, labelled) {
+                *app_pairs += 1;
+                labelled += 1;
                 outbox_core::topics::shown(&c.topic).into_owned()
             } else {
                 OTHER.to_owned()

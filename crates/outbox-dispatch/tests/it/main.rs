@@ -8,6 +8,7 @@ mod leases;
 mod limits;
 mod ordering;
 mod replayer;
+mod sampler;
 mod segments;
 mod subscriptions;
 mod sweeper;
