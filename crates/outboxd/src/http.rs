@@ -79,13 +79,22 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// The router, for serving and for tests; `admin` adds the admin API and dashboard.
+/// What the server serves: every route, and the probes alone for the
+/// connections of the reserve (see [`PROBE_CONNECTIONS`]).
+#[derive(Clone)]
+pub struct Routes {
+    all: Router,
+    probes: Router,
+}
+
+/// The routes, for serving and for tests; `admin` adds the admin API and
+/// dashboard.
 pub fn router(
     pool: PgPool,
     metrics: PrometheusHandle,
     nats: Option<NatsHealth>,
     admin: Option<Router>,
-) -> Router {
+) -> Routes {
     let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -95,11 +104,36 @@ pub fn router(
             metrics,
             nats,
         });
-    match admin {
+    let probes = ops.clone().fallback(busy);
+    let all = match admin {
         Some(admin) => ops.merge(admin),
         None => ops,
-    }
+    };
+    Routes { all, probes }
 }
+
+/// What a connection of the reserve answers for anything but a probe.
+async fn busy() -> impl IntoResponse {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("retry-after", "1")],
+        Json(serde_json::json!({ "error": {
+            "code": "busy",
+            "message": "every connection of http.max_connections is in use; try again",
+        }})),
+    )
+}
+
+/// Connections kept for `/healthz`, `/readyz` and `/metrics` beyond
+/// `http.max_connections`: long requests (synchronous invokes wait up to a
+/// minute) filling every slot must not make an orchestrator think the
+/// process is dead and restart it. Such a connection serves one request,
+/// probes only (anything else answers 503 `busy`), and gets
+/// [`PROBE_HEADER_READ_TIMEOUT`] for its headers.
+pub const PROBE_CONNECTIONS: usize = 16;
+
+/// How long a connection of the reserve waits for its request's headers.
+pub const PROBE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a client has to send a request's headers, counted from when the
 /// server starts waiting for them, so also how long a kept-alive connection
@@ -118,36 +152,54 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(65);
 
 /// Binds `addr` and serves until `shutdown` completes, at most
-/// `max_connections` connections at once (further clients wait in the
-/// listen queue); returns the bound address before serving (port 0 picks a
-/// free port). At shutdown it stops accepting, lets each connection finish
-/// its request, and returns when all are closed.
+/// `max_connections` connections at once, and [`PROBE_CONNECTIONS`] more for
+/// the probes (further clients wait in the listen queue); returns the bound
+/// address before serving (port 0 picks a free port). At shutdown it stops
+/// accepting, lets each connection finish its request, and returns when all
+/// are closed.
 pub async fn serve(
     addr: SocketAddr,
-    router: Router,
+    routes: Routes,
     max_connections: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(accept(listener, router, max_connections.max(1), shutdown));
+    let task = tokio::spawn(accept(listener, routes, max_connections.max(1), shutdown));
     Ok((bound, task))
+}
+
+/// The slot a connection holds while it is open.
+struct Slot {
+    // Given back when the connection closes.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// One of [`PROBE_CONNECTIONS`]; else one of `http.max_connections`,
+    /// for every route, kept alive.
+    probes_only: bool,
 }
 
 async fn accept(
     listener: tokio::net::TcpListener,
-    router: Router,
+    routes: Routes,
     max_connections: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let probe_slots = Arc::new(Semaphore::new(PROBE_CONNECTIONS));
     let closing = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
+                Ok(permit) => Slot { _permit: permit, probes_only: false },
+                Err(_) => break,
+            },
+            slot = probe_slots.clone().acquire_owned() => match slot {
+                Ok(permit) => Slot { _permit: permit, probes_only: true },
                 Err(_) => break,
             },
         };
@@ -164,11 +216,20 @@ async fn accept(
                 }
             },
         };
+        // A slot of the reserve taken while all were busy: one may have
+        // come free while the client connected.
+        let slot = match slot.probes_only.then(|| slots.clone().try_acquire_owned()) {
+            Some(Ok(permit)) => Slot {
+                _permit: permit,
+                probes_only: false,
+            },
+            _ => slot,
+        };
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(
             stream,
             remote,
-            router.clone(),
+            routes.clone(),
             closing.clone(),
             slot,
         ));
@@ -178,11 +239,12 @@ async fn accept(
     drop(listener);
     closing.cancel();
     // Every connection gives its slot back when it closes.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(SHUTDOWN_WAIT, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
+    let all = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let closed = async {
+        let _ = slots.acquire_many(all(max_connections)).await;
+        let _ = probe_slots.acquire_many(all(PROBE_CONNECTIONS)).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_WAIT, closed).await.is_err() {
         tracing::warn!(
             "HTTP connections still open {SHUTDOWN_WAIT:?} after the shutdown began: closing them"
         );
@@ -231,11 +293,16 @@ impl hyper::body::Body for BodyWithDeadline {
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
-    router: Router,
+    routes: Routes,
     closing: tokio_util::sync::CancellationToken,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     use tower::ServiceExt;
+    let (router, header_read_timeout, keep_alive) = if slot.probes_only {
+        (routes.probes, PROBE_HEADER_READ_TIMEOUT, false)
+    } else {
+        (routes.all, HEADER_READ_TIMEOUT, true)
+    };
     // Connect info gives the login rate limiter the client address.
     let service =
         hyper::service::service_fn(move |req: axum::extract::Request<hyper::body::Incoming>| {
@@ -252,7 +319,8 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(keep_alive);
     let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
     let outcome = tokio::select! {
@@ -265,6 +333,7 @@ async fn serve_connection(
     if let Err(err) = outcome {
         tracing::debug!(error = %err, %remote, "HTTP connection ended with an error");
     }
+    drop(slot);
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -152,24 +152,66 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
 /// [`outboxd::http::HEADER_READ_TIMEOUT`], and no more than
 /// `http.max_connections` are served at once: a client holding connections
 /// (a slowloris) could take every file descriptor of the process, which the
-/// database pool and webhook deliveries need too.
+/// database pool and webhook deliveries need too. While all of them are
+/// taken, [`outboxd::http::PROBE_CONNECTIONS`] more serve the probes only
+/// (before, long requests filling every slot made `/healthz` time out, and
+/// an orchestrator would restart a process that was merely busy); those
+/// are capped and closed sooner too.
 #[tokio::test]
 async fn connections_held_without_a_request_are_capped_and_closed() -> TestResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::new().await?;
-    let (mut child, addr) =
-        spawn_server_with(&db.url, &["run"], &[("OUTBOXD_HTTP__MAX_CONNECTIONS", "3")]).await?;
+    let (mut child, addr) = spawn_server_with(
+        &db.url,
+        &["run"],
+        &[
+            ("OUTBOXD_HTTP__MAX_CONNECTIONS", "3"),
+            ("JWT_SECRET", "a-test-secret-of-at-least-32-bytes!!"),
+        ],
+    )
+    .await?;
+    let hold = |count: usize| {
+        let addr = addr.clone();
+        async move {
+            let mut held = Vec::new();
+            for _ in 0..count {
+                let mut socket = tokio::net::TcpStream::connect(&addr).await?;
+                socket
+                    .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                    .await?;
+                held.push(socket);
+            }
+            Ok::<_, std::io::Error>(held)
+        }
+    };
     let started = std::time::Instant::now();
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let mut socket = tokio::net::TcpStream::connect(&addr).await?;
-        socket
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
-            .await?;
-        held.push(socket);
+    let mut held = hold(3).await?;
+    // Every slot is taken: the probes still answer, nothing else does.
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/healthz")).await??;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/readyz")).await??;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/api/apps")).await??;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"busy\""), "{body}");
+    // The reserve is capped as well, and its held connections go within
+    // their shorter header time.
+    let reserve_held = hold(outboxd::http::PROBE_CONNECTIONS).await?;
+    let reserve_started = std::time::Instant::now();
+    let over = tokio::time::timeout(Duration::from_millis(500), http_get(&addr, "/healthz")).await;
+    assert!(over.is_err(), "a connection past the reserve was served");
+    for mut socket in reserve_held {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut rest)).await??;
     }
-    let fourth = tokio::time::timeout(Duration::from_secs(2), http_get(&addr, "/healthz")).await;
-    assert!(fourth.is_err(), "a fourth connection was served");
+    assert!(
+        reserve_started.elapsed() < outboxd::http::HEADER_READ_TIMEOUT,
+        "the reserve's connections were held {:?}",
+        reserve_started.elapsed()
+    );
     // The held ones are closed when their headers are overdue; another
     // header line does not buy time.
     for socket in &mut held {
@@ -181,9 +223,9 @@ async fn connections_held_without_a_request_are_capped_and_closed() -> TestResul
     }
     let closed_after = started.elapsed();
     let (status, body) =
-        tokio::time::timeout(Duration::from_secs(10), http_get(&addr, "/healthz")).await??;
+        tokio::time::timeout(Duration::from_secs(10), http_get(&addr, "/api/apps")).await??;
     let exit = stop(&mut child).await?;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 401, "served again: {body}");
     assert!(
         closed_after >= outboxd::http::HEADER_READ_TIMEOUT - Duration::from_secs(1),
         "closed after {closed_after:?}"
