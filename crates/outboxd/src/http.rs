@@ -146,6 +146,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// `http.max_connections`, for ever. 30 s is a megabyte at 35 kB/s.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a write to a client may make no progress: a client that stops
+/// reading its responses (pipelining requests it never reads the answers
+/// of, or a large read it walks away from) would otherwise hold its
+/// connection, and a slot of `http.max_connections`, for ever. Long
+/// responses that the client reads are not cut.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a shutdown waits for open connections to finish their request:
 /// the longest a request waits by design (a synchronous invoke) and a
 /// little more.
@@ -290,6 +297,88 @@ impl hyper::body::Body for BodyWithDeadline {
     }
 }
 
+/// A connection whose writes fail once one has waited
+/// [`WRITE_STALL_TIMEOUT`] without the client taking a byte.
+struct WriteStallLimit {
+    inner: tokio::net::TcpStream,
+    // Since the first write that found the client's window full.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStallLimit {
+    /// `progress`, unless it is pending and has been since the limit.
+    fn limit<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        progress: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        if progress.is_ready() {
+            self.stalled = None;
+            return progress;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {WRITE_STALL_TIMEOUT:?}"),
+            )));
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl tokio::io::AsyncRead for WriteStallLimit {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteStallLimit {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.limit(cx, progress)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.limit(cx, progress)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.limit(cx, progress)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
@@ -321,6 +410,10 @@ async fn serve_connection(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .keep_alive(keep_alive);
+    let stream = WriteStallLimit {
+        inner: stream,
+        stalled: None,
+    };
     let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
     let outcome = tokio::select! {

@@ -234,6 +234,56 @@ async fn connections_held_without_a_request_are_capped_and_closed() -> TestResul
     Ok(())
 }
 
+/// A client that stops reading its answers loses its connection once a
+/// write has waited [`outboxd::http::WRITE_STALL_TIMEOUT`]: before, it held
+/// the connection, and a slot of `http.max_connections`, for as long as it
+/// liked (here: requests pipelined without reading a byte of the answers).
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_loses_the_connection() -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new().await?;
+    let (mut child, addr) =
+        spawn_server_with(&db.url, &["run"], &[("OUTBOXD_HTTP__MAX_CONNECTIONS", "1")]).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let (unread, mut requests) = socket.connect(addr.parse()?).await?.into_split();
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        for _ in 0..200_000 {
+            if requests
+                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        requests
+    });
+    // The one slot is taken (the reserve answers 503 busy) until the
+    // stalled connection is cut; then the slot serves any route again.
+    let freed = wait_until(
+        outboxd::http::WRITE_STALL_TIMEOUT + Duration::from_secs(20),
+        || async {
+            tokio::time::timeout(Duration::from_secs(3), http_get(&addr, "/no-such-page"))
+                .await
+                .is_ok_and(|answer| answer.is_ok_and(|(status, _)| status == 404))
+        },
+    )
+    .await;
+    let waited = started.elapsed();
+    writer.abort();
+    drop(unread);
+    let exit = stop(&mut child).await?;
+    assert!(freed, "the slot was not given back within {waited:?}");
+    assert!(
+        waited >= outboxd::http::WRITE_STALL_TIMEOUT - Duration::from_secs(1),
+        "cut after {waited:?}: the slot was never taken"
+    );
+    assert!(exit.success());
+    Ok(())
+}
+
 /// A body trickled in too slowly is cut off after
 /// [`outboxd::http::BODY_READ_TIMEOUT`], so it cannot hold a connection (and
 /// a slot of `http.max_connections`) for ever.
