@@ -125,6 +125,10 @@ pub fn describe() {
         "outboxd_rows_paused",
         "Due rows held on purpose (topic paused, app suspended), by app and topic (sampled by the leader)."
     );
+    describe_gauge!(
+        "outboxd_rows_behind_open_transaction",
+        "Due rows with an ordering key held back by an open transaction that could still commit an earlier row of their key (a long idle-in-transaction session, a pg_dump), by app and topic (sampled by the leader)."
+    );
     describe_counter!(
         "outboxd_segment_rotations_total",
         "Segment rotations done: a segment emptied with TRUNCATE and made current."

@@ -144,3 +144,41 @@ async fn the_oldest_due_age_leaves_running_rows_out() -> TestResult {
     assert_eq!(store::oldest_due_age(&db.pool).await?, 0.0);
     Ok(())
 }
+
+/// Ordered rows that an open transaction holds back are counted as such
+/// (before, nothing said why they waited: they were simply due), and
+/// stop being counted once it ends; rows without an ordering key are
+/// never held by it.
+#[tokio::test]
+async fn ordered_rows_behind_an_open_transaction_are_counted() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // A session that began a transaction and went idle, as a forgotten
+    // `BEGIN` or a `pg_dump` does.
+    let mut holder = db.pool.begin().await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *holder)
+        .await?;
+    let mut tx = db.pool.begin().await?;
+    enqueue_batch(
+        &mut tx,
+        app,
+        &[
+            NewEvent::new("t", json!({})).with_ordering_key("order-1"),
+            NewEvent::new("t", json!({})).with_ordering_key("order-2"),
+            NewEvent::new("t", json!({})),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    let held = |counts: Vec<store::StateCounts>| {
+        counts
+            .iter()
+            .find(|c| c.topic == "t")
+            .map(|c| (c.due, c.behind_open_transaction))
+    };
+    assert_eq!(held(store::state_counts(&db.pool).await?), Some((3, 2)));
+    holder.commit().await?;
+    assert_eq!(held(store::state_counts(&db.pool).await?), Some((3, 0)));
+    Ok(())
+}

@@ -3,7 +3,8 @@
 //! `outboxd_rows_running`), and of the due rows no live process serves
 //! (`outboxd_rows_unserved`, with `outboxd_unserved_oldest_age_seconds`)
 //! or that wait on purpose, their topic paused or their app suspended
-//! (`outboxd_rows_paused`).
+//! (`outboxd_rows_paused`), or ordered rows that wait for an open
+//! transaction to end (`outboxd_rows_behind_open_transaction`).
 //! Counting them scans the outbox, so only the elected leader samples,
 //! every interval; the other processes export nothing for these names. The
 //! counts are also written to `outbox_topic_states` for the dashboard. Pairs
@@ -59,6 +60,7 @@ impl Sampler {
             entry.running += c.running;
             entry.unserved += c.unserved;
             entry.paused += c.paused;
+            entry.behind_open_transaction += c.behind_open_transaction;
             entry.unserved_age_secs = entry.unserved_age_secs.max(c.unserved_age_secs);
         }
         let Ok(mut shown) = self.shown.lock() else {
@@ -104,6 +106,7 @@ struct Sample {
     unserved: i64,
     unserved_age_secs: f64,
     paused: i64,
+    behind_open_transaction: i64,
 }
 
 fn set(app: &str, topic: &str, s: &Sample) {
@@ -114,4 +117,6 @@ fn set(app: &str, topic: &str, s: &Sample) {
     metrics::gauge!("outboxd_rows_unserved", &labels).set(s.unserved as f64);
     metrics::gauge!("outboxd_unserved_oldest_age_seconds", &labels).set(s.unserved_age_secs);
     metrics::gauge!("outboxd_rows_paused", &labels).set(s.paused as f64);
+    metrics::gauge!("outboxd_rows_behind_open_transaction", &labels)
+        .set(s.behind_open_transaction as f64);
 }

@@ -94,6 +94,11 @@ pub struct StateCounts {
     /// Due, but held on purpose: the topic is paused or the app suspended.
     /// Equal to `due` or 0.
     pub paused: i64,
+    /// Of `due`, rows with an ordering key whose transaction is not older
+    /// than every open one: a transaction still open (an `idle in
+    /// transaction` session, a `pg_dump`) could yet commit an earlier row
+    /// of their key, so none of them is claimed before it ends.
+    pub behind_open_transaction: i64,
 }
 
 /// `held`: whether the rows of `$topic` of app `$app` wait on purpose now
@@ -147,6 +152,11 @@ macro_rules! sampled_states {
                                    AND o.last_error IS NOT NULL AND o.attempt_count > 0) AS retrying,
                 min(d.due_at) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())) AS oldest_due,
+                count(*) FILTER (WHERE d.due_at <= now()
+                                   AND (o.locked_until IS NULL OR o.locked_until <= now())
+                                   AND o.ordering_key IS NOT NULL
+                                   AND o.enqueue_xid >= pg_snapshot_xmin(pg_current_snapshot()))
+                    AS behind_open_transaction,
                 count(*) AS total
             FROM outbox o JOIN apps a ON a.id = o.app_id
             CROSS JOIN LATERAL (SELECT ",
@@ -155,7 +165,7 @@ macro_rules! sampled_states {
             GROUP BY a.id, a.slug, o.topic
          ), sampled AS (
             SELECT c.app_id, c.app, c.topic, c.due, c.scheduled, c.running, c.retrying, c.total,
-                   c.oldest_due, CASE WHEN s.served OR h.held THEN 0 ELSE c.due END AS unserved,
+                   c.behind_open_transaction, c.oldest_due, CASE WHEN s.served OR h.held THEN 0 ELSE c.due END AS unserved,
                    CASE WHEN s.served OR h.held OR c.oldest_due IS NULL THEN 0
                         ELSE extract(epoch FROM now() - c.oldest_due)::float8 END AS unserved_age_secs,
                    CASE WHEN h.held THEN c.due ELSE 0 END AS paused
