@@ -133,7 +133,7 @@ async fn busy() -> impl IntoResponse {
 pub const PROBE_CONNECTIONS: usize = 16;
 
 /// How long a connection of the reserve waits for its request's headers.
-pub const PROBE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub const PROBE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a client has to send a request's headers, counted from when the
 /// server starts waiting for them, so also how long a kept-alive connection
@@ -150,8 +150,17 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// reading its responses (pipelining requests it never reads the answers
 /// of, or a large read it walks away from) would otherwise hold its
 /// connection, and a slot of `http.max_connections`, for ever. Long
-/// responses that the client reads are not cut.
+/// responses that the client reads are not cut: see [`SEND_BUFFER_BYTES`].
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The send buffer asked for each connection. A write that found the buffer
+/// full can go on once about a third of it has gone to the client, so this
+/// sets what "progress" means: with the system's default (buffers that grow
+/// to megabytes), a client reading 40 KB/s made none for 30 s and was cut.
+/// Linux doubles the value asked: about 43 KB must go in
+/// [`WRITE_STALL_TIMEOUT`], 1.5 KB/s. The answers here are small pages,
+/// and 128 KB in flight still fill a 10 MB/s link at 10 ms.
+pub const SEND_BUFFER_BYTES: usize = 64 * 1024;
 
 /// How long a shutdown waits for open connections to finish their request:
 /// the longest a request waits by design (a synchronous invoke) and a
@@ -233,6 +242,7 @@ async fn accept(
             _ => slot,
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES);
         tokio::spawn(serve_connection(
             stream,
             remote,

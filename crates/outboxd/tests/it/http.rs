@@ -201,7 +201,7 @@ async fn connections_held_without_a_request_are_capped_and_closed() -> TestResul
     // their shorter header time.
     let reserve_held = hold(outboxd::http::PROBE_CONNECTIONS).await?;
     let reserve_started = std::time::Instant::now();
-    let over = tokio::time::timeout(Duration::from_millis(500), http_get(&addr, "/healthz")).await;
+    let over = tokio::time::timeout(Duration::from_millis(300), http_get(&addr, "/healthz")).await;
     assert!(over.is_err(), "a connection past the reserve was served");
     for mut socket in reserve_held {
         let mut rest = Vec::new();
@@ -280,6 +280,54 @@ async fn a_client_that_stops_reading_its_answers_loses_the_connection() -> TestR
         waited >= outboxd::http::WRITE_STALL_TIMEOUT - Duration::from_secs(1),
         "cut after {waited:?}: the slot was never taken"
     );
+    assert!(exit.success());
+    Ok(())
+}
+
+/// A client that reads its answers slowly, but steadily, keeps its
+/// connection: the stall limit counts progress by what leaves a small send
+/// buffer (with the system's buffers of megabytes, one reading 40 KB/s was
+/// cut after 30 s as if it read nothing).
+#[tokio::test]
+async fn a_client_that_reads_slowly_keeps_its_connection() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await?;
+    let (mut child, addr) = spawn_server_with(&db.url, &["run"], &[]).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let (mut answers, mut requests) = socket.connect(addr.parse()?).await?.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..200_000 {
+            if requests
+                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        requests
+    });
+    // 4 KB/s for longer than the stall limit.
+    let started = std::time::Instant::now();
+    let mut read = 0usize;
+    let mut chunk = [0u8; 400];
+    let outcome = loop {
+        if started.elapsed() > outboxd::http::WRITE_STALL_TIMEOUT + Duration::from_secs(10) {
+            break Ok(());
+        }
+        match tokio::time::timeout(Duration::from_secs(5), answers.read(&mut chunk)).await {
+            Ok(Ok(0)) => break Err(format!("closed after {:?}", started.elapsed())),
+            Ok(Ok(n)) => read += n,
+            Ok(Err(err)) => break Err(format!("{err} after {:?}", started.elapsed())),
+            Err(_) => break Err("no answer for 5 s".to_owned()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    writer.abort();
+    drop(answers);
+    let exit = stop(&mut child).await?;
+    assert_eq!(outcome, Ok(()), "after {read} bytes");
     assert!(exit.success());
     Ok(())
 }
