@@ -127,7 +127,7 @@ pub fn describe() {
     );
     describe_gauge!(
         "outboxd_rows_behind_open_transaction",
-        "Due rows with an ordering key held back by an open transaction that could still commit an earlier row of their key (a long idle-in-transaction session, a pg_dump), by app and topic (sampled by the leader)."
+        "Due rows with an ordering key held back by an open transaction that holds an older transaction id and could still commit an earlier row of their key (a session idle in transaction after a write), by app and topic (sampled by the leader)."
     );
     describe_counter!(
         "outboxd_segment_rotations_total",

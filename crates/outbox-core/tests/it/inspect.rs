@@ -153,8 +153,8 @@ async fn the_oldest_due_age_leaves_running_rows_out() -> TestResult {
 async fn ordered_rows_behind_an_open_transaction_are_counted() -> TestResult {
     let db = TestDb::new().await?;
     let app = db.app("shop").await?;
-    // A session that began a transaction and went idle, as a forgotten
-    // `BEGIN` or a `pg_dump` does.
+    // A session that took a transaction id (it wrote, or asked for one)
+    // and went idle in its transaction, as a forgotten `BEGIN` does.
     let mut holder = db.pool.begin().await?;
     sqlx::query("SELECT pg_current_xact_id()")
         .execute(&mut *holder)

@@ -9,7 +9,8 @@
 //! every interval; the other processes export nothing for these names. The
 //! counts are also written to `outbox_topic_states` for the dashboard. Pairs
 //! past the label caps ([`crate::telemetry::admits`]), the smallest first,
-//! are summed under `topic="other"`.
+//! are summed under `topic="other"`; a pair labelled once keeps its label
+//! for the life of the process, so the series stay within the caps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -25,8 +26,39 @@ use crate::telemetry::{OTHER, admits};
 pub struct Sampler {
     pool: PgPool,
     interval: Duration,
-    // Label pairs set by the last pass: those gone since are set to 0.
-    shown: Mutex<BTreeSet<(String, String)>>,
+    labelled: Mutex<Labelled>,
+}
+
+/// Every (app, topic) pair given a label of its own since the process
+/// started, and every app whose topics overflowed into `other`. A pair keeps
+/// its label, at 0 while it has no rows, and a new one gets a label only
+/// while the caps allow: the series exported stay within the caps however
+/// topics come and go (the exporter never forgets a series, so labels that
+/// moved with the topics' sizes would pile up without bound).
+#[derive(Debug, Default)]
+struct Labelled {
+    topics: BTreeMap<String, BTreeSet<String>>,
+    total: usize,
+}
+
+impl Labelled {
+    /// The label of `app`'s `topic` (as shown): its own, or `other`.
+    fn label(&mut self, app: &str, topic: String) -> String {
+        let topics = self.topics.entry(app.to_owned()).or_default();
+        if topic == OTHER || topics.contains(&topic) {
+            return topic;
+        }
+        // `other` is in the set once an app overflowed; it takes no share.
+        let own = topics.len() - usize::from(topics.contains(OTHER));
+        if admits(own, self.total) {
+            topics.insert(topic.clone());
+            self.total += 1;
+            topic
+        } else {
+            topics.insert(OTHER.to_owned());
+            OTHER.to_owned()
+        }
+    }
 }
 
 impl Sampler {
@@ -35,25 +67,20 @@ impl Sampler {
         Self {
             pool,
             interval,
-            shown: Mutex::new(BTreeSet::new()),
+            labelled: Mutex::new(Labelled::default()),
         }
     }
 
-    /// One pass; returns how many (app, topic) pairs it set.
+    /// One pass; returns how many (app, topic) pairs have rows.
     pub async fn run_once(&self) -> Result<usize, Error> {
         let counts = outbox_core::store::outbox::record_state_counts(&self.pool).await?;
+        let Ok(mut labelled) = self.labelled.lock() else {
+            return Ok(0);
+        };
         let mut merged: BTreeMap<(String, String), Sample> = BTreeMap::new();
         // Largest first: the caps fall on an app's smallest topics.
-        let (mut labelled, mut per_app) = (0, BTreeMap::<String, usize>::new());
         for c in counts {
-            let app_pairs = per_app.entry(c.app.clone()).or_default();
-            let topic = if admits(*app_pairs, labelled) {
-                *app_pairs += 1;
-                labelled += 1;
-                outbox_core::topics::shown(&c.topic).into_owned()
-            } else {
-                OTHER.to_owned()
-            };
+            let topic = labelled.label(&c.app, outbox_core::topics::shown(&c.topic).into_owned());
             let entry = merged.entry((c.app, topic)).or_default();
             entry.due += c.due;
             entry.scheduled += c.scheduled;
@@ -63,18 +90,15 @@ impl Sampler {
             entry.behind_open_transaction += c.behind_open_transaction;
             entry.unserved_age_secs = entry.unserved_age_secs.max(c.unserved_age_secs);
         }
-        let Ok(mut shown) = self.shown.lock() else {
-            return Ok(0);
-        };
-        for (app, topic) in shown.iter() {
-            if !merged.contains_key(&(app.clone(), topic.clone())) {
-                set(app, topic, &Sample::default());
+        for (app, topics) in &labelled.topics {
+            for topic in topics {
+                let sample = merged
+                    .get(&(app.clone(), topic.clone()))
+                    .copied()
+                    .unwrap_or_default();
+                set(app, topic, &sample);
             }
         }
-        for ((app, topic), sample) in &merged {
-            set(app, topic, sample);
-        }
-        *shown = merged.keys().cloned().collect();
         Ok(merged.len())
     }
 }

@@ -42,5 +42,20 @@ async fn one_apps_many_topics_leave_the_other_apps_their_labels() -> TestResult 
     // (30 < 50) and no "other"; small: its 3.
     const { assert!(MAX_LABELLED_PER_APP + 30 + 3 <= MAX_LABELLED && LABELLED_PER_APP_ALWAYS >= 3) };
     assert_eq!(pairs, MAX_LABELLED_PER_APP + 1 + 30 + 3);
+
+    // The noisy app's topics are replaced by new ones: they go to "other",
+    // the old labels stay (at 0), so the series do not pile up as topics
+    // come and go (they grew by 50 a round before).
+    sqlx::query("DELETE FROM outbox WHERE app_id = $1")
+        .bind(noisy)
+        .execute(&db.pool)
+        .await?;
+    let new_topics: Vec<NewEvent> = (0..60)
+        .map(|n| NewEvent::new(format!("new.t{n}"), json!({})))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, noisy, &new_topics).await?;
+    tx.commit().await?;
+    assert_eq!(sampler.run_once().await?, 1 + 30 + 3);
     Ok(())
 }

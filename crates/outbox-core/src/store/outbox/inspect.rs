@@ -95,9 +95,10 @@ pub struct StateCounts {
     /// Equal to `due` or 0.
     pub paused: i64,
     /// Of `due`, rows with an ordering key whose transaction is not older
-    /// than every open one: a transaction still open (an `idle in
-    /// transaction` session, a `pg_dump`) could yet commit an earlier row
-    /// of their key, so none of them is claimed before it ends.
+    /// than every open one that holds a transaction id: it (a session idle
+    /// in transaction after a write) could yet commit an earlier row of
+    /// their key, so none of them is claimed before it ends. Read-only
+    /// transactions hold no id and nothing back.
     pub behind_open_transaction: i64,
 }
 
