@@ -58,17 +58,27 @@ pub async fn delete_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
     Ok(found)
 }
 
-/// Makes a user an instance admin (`admin`) or takes the rights away; false
-/// when the user already was what was asked. The last instance admin keeps
-/// them.
+/// Makes a user an instance admin (`admin`) or takes the rights away for
+/// `actor`; false when the user already was what was asked. The last
+/// instance admin keeps them. A change gives or takes every capability on
+/// every app, so it is recorded in every app's audit log, in the same
+/// transaction.
 pub async fn set_instance_admin(
     pool: &PgPool,
+    actor: &str,
     user: &str,
     admin: bool,
 ) -> Result<(User, bool), ApiError> {
     let found = find_user(pool, user).await?;
-    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
-    let changed = principals::set_admin(&mut conn, found.id, admin).await?;
+    let mut tx = audit::begin(pool).await?;
+    let changed = principals::set_admin(&mut tx, found.id, admin).await?;
+    if changed {
+        let action = if admin { "user.promote" } else { "user.demote" };
+        for app in outbox_core::store::apps::list(&mut *tx).await? {
+            audit::record(&mut tx, actor, app.id, Action::on(action, &found.email)).await?;
+        }
+    }
+    audit::commit(tx).await?;
     Ok((found, changed))
 }
 

@@ -20,6 +20,17 @@ pub enum ApiError {
     /// Authenticated but not allowed, and told why (403, `forbidden`).
     #[error("{0}")]
     NotAllowed(String),
+    /// The principal's role on the app does not grant the action (403,
+    /// `forbidden`), with the role that would.
+    #[error("your role on {app} is {role}; this needs {needed}")]
+    RoleTooLow {
+        /// The app's slug.
+        app: String,
+        /// The principal's role there.
+        role: &'static str,
+        /// The least role that grants the action, in words.
+        needed: &'static str,
+    },
     /// Nothing here for this principal (404, `not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -76,7 +87,9 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Unauthorized | Self::BadLogin => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden | Self::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Forbidden | Self::NotAllowed(_) | Self::RoleTooLow { .. } => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::NoHandler(_) => (StatusCode::NOT_FOUND, "no_handler"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),

@@ -242,7 +242,7 @@ pub(crate) async fn authorize_topic(
         auth::authorize(&state.pool, p, slug, Capability::ManageTriggers)
             .await
             .map_err(|e| match e {
-                ApiError::Forbidden => ApiError::NotAllowed(format!(
+                ApiError::RoleTooLow { .. } => ApiError::NotAllowed(format!(
                     "topic: {topic:?} sends a request to the URL in it; only the app's admins may write to a webhook: topic (operators replay and retry existing rows)"
                 )),
                 other => other,

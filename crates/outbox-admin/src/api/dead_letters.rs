@@ -346,11 +346,14 @@ pub async fn run_bulk(
             )));
         }
     };
+    // What was asked for, as asked: a filter or "all" matched the rows
+    // when the action ran, a list of ids named them.
     let detail = match &body.filter {
         Some(f) => serde_json::json!({
             "filter": { "source": f.source, "topic": f.topic, "trigger_id": f.trigger_id },
             "max_attempts": max_attempts,
         }),
+        None if body.all => serde_json::json!({ "all": true, "max_attempts": max_attempts }),
         None => serde_json::json!({ "ids": ids.len(), "max_attempts": max_attempts }),
     };
     if changed > 0 {

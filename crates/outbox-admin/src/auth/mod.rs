@@ -174,7 +174,22 @@ pub async fn authorize(
     match principals::role_on(pool, app.id, principal.user.id).await? {
         None => Err(ApiError::not_found("app")),
         Some(role) if role_grants(role, capability) => Ok(app),
-        Some(_) => Err(ApiError::forbidden()),
+        Some(role) => Err(ApiError::RoleTooLow {
+            app: app.slug,
+            role: role.as_str(),
+            needed: needed_role(capability),
+        }),
+    }
+}
+
+/// The least role that grants `capability`, in words.
+fn needed_role(capability: Capability) -> &'static str {
+    if role_grants(Role::Viewer, capability) {
+        "viewer or above"
+    } else if role_grants(Role::Operator, capability) {
+        "operator or admin"
+    } else {
+        "admin"
     }
 }
 

@@ -52,11 +52,18 @@ async fn operator_actions_are_recorded_with_who_what_and_how_many() -> TestResul
         )
         .await?;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    // A viewer may not act: nothing recorded.
-    let (s, _) = w
+    // A viewer may not act, and is told which role would: nothing recorded.
+    let (s, body) = w
         .call("PUT", "/api/apps/app-a/pauses/sms", Some(&viewer), None)
         .await?;
-    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (s, body["error"]["message"].as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            Some("your role on app-a is viewer; this needs operator or admin")
+        ),
+        "{body}"
+    );
 
     // A replay and a bulk ignore by filter, through an API key.
     let (s, _) = w
@@ -172,6 +179,33 @@ async fn operator_actions_are_recorded_with_who_what_and_how_many() -> TestResul
             && html.contains("&lt;script&gt;")
             && !html.contains("<script>alert"),
         "{html}"
+    );
+
+    // A bulk action on every dead letter is recorded as "all", not as a
+    // list of ids nobody gave.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/dead-letters/bulk",
+            Some(&operator),
+            Some(json!({"action": "ignore", "all": true})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["changed"].as_i64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+    let log = entries(&w, &viewer).await?;
+    assert_eq!(
+        (log[0]["action"].as_str(), log[0]["rows"].as_i64()),
+        (Some("dead_letter.bulk_ignore"), Some(1))
+    );
+    assert_eq!(
+        log[0]["detail"],
+        json!({ "all": true, "max_attempts": log[0]["detail"]["max_attempts"] }),
+        "{}",
+        log[0]
     );
     Ok(())
 }

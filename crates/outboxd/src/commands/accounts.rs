@@ -224,7 +224,7 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             }
         }
         UserCommand::Promote { email } => {
-            let (user, changed) = accounts::set_instance_admin(&pool, &email, true)
+            let (user, changed) = accounts::set_instance_admin(&pool, &cli_actor(), &email, true)
                 .await
                 .map_err(named(&email))?;
             if changed {
@@ -234,7 +234,7 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             }
         }
         UserCommand::Demote { email } => {
-            let (user, changed) = accounts::set_instance_admin(&pool, &email, false)
+            let (user, changed) = accounts::set_instance_admin(&pool, &cli_actor(), &email, false)
                 .await
                 .map_err(named(&email))?;
             if changed {
@@ -325,7 +325,15 @@ pub async fn api_key(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<(
             println!("{} key(s)", keys.len());
         }
         ApiKeyCommand::Revoke { prefix } => {
-            let revoked = accounts::revoke_api_key(&pool, &prefix).await?;
+            let revoked =
+                accounts::revoke_api_key(&pool, &prefix)
+                    .await
+                    .map_err(|err| match err {
+                        outbox_admin::ApiError::NotFound(_) => {
+                            anyhow::anyhow!("no API key with the prefix {prefix:?}")
+                        }
+                        other => other.into(),
+                    })?;
             if revoked.already {
                 println!("obx_{}_… was already revoked", revoked.prefix);
             } else {

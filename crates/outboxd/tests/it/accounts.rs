@@ -137,7 +137,7 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
     let out = cli(&["api-key", "revoke", "nosuchkey"])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("api key not found"),
+        text(&out.stderr).contains("no API key with the prefix \"nosuchkey\""),
         "{}",
         text(&out.stderr)
     );
@@ -194,6 +194,24 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
         text(&out.stderr)
     );
     assert!(cli(&["user", "promote", "boss@x.io"])?.status.success());
+    // Each change (not the repeated ones) is in every app's audit log;
+    // here, shop's.
+    let audited: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT action, target FROM audit_log
+         WHERE action LIKE 'user.%' AND app_id = (SELECT id FROM apps WHERE slug = 'shop')
+         ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let entry = |action: &str, email: &str| (action.to_owned(), Some(email.to_owned()));
+    assert_eq!(
+        audited,
+        [
+            entry("user.promote", "ops@x.io"),
+            entry("user.demote", "boss@x.io"),
+            entry("user.promote", "boss@x.io"),
+        ]
+    );
     let out = cli(&["user", "promote", "nobody@x.io"])?;
     assert!(
         text(&out.stderr).contains("no user \"nobody@x.io\""),
