@@ -128,13 +128,28 @@ pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Cli
         // is noticed within two pings instead of the client's default two
         // minutes, so the relay stops publishing into a dead socket.
         .ping_interval(std::time::Duration::from_secs(10))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => tracing::warn!(
-                    "NATS connection lost: relaying and consuming wait until it is back (relayed rows spend no attempt meanwhile)"
-                ),
-                async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
-                other => tracing::info!(event = %other, "NATS client event"),
+        .event_callback({
+            // The first connection is the caller's to report (the daemon
+            // says what it relays; a one-shot reader says nothing); the
+            // ones after a loss are news.
+            let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            move |event| {
+                let connected_before = connected_before.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => tracing::warn!(
+                            "NATS connection lost: relaying and consuming wait until it is back (relayed rows spend no attempt meanwhile)"
+                        ),
+                        async_nats::Event::Connected => {
+                            if connected_before.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::info!("NATS connection re-established");
+                            } else {
+                                tracing::debug!("NATS connection established");
+                            }
+                        }
+                        other => tracing::info!(event = %other, "NATS client event"),
+                    }
+                }
             }
         });
     let options = if fail_fast {

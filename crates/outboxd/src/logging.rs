@@ -14,6 +14,13 @@ pub fn init_tracing(settings: &Settings) {
     {
         filter = filter.add_directive(directive);
     }
+    // The NATS client's own connection lines repeat outboxd's (which says
+    // when a connection is lost and back), on every `stream tail` too.
+    if !settings.log.filter.contains("async_nats")
+        && let Ok(directive) = "async_nats=warn".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, not in log files

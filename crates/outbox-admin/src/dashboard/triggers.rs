@@ -35,16 +35,17 @@ pub(super) async fn triggers_page(
 <table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#
     ));
     for t in &rows {
+        // HTML: each stored value escaped, the time element as it is.
         let detail = match t.kind.as_str() {
             "kv" => format!(
                 "{} ({})",
-                t.collection_glob.as_deref().unwrap_or(""),
-                t.ops.clone().unwrap_or_default().join(", ")
+                esc(t.collection_glob.as_deref().unwrap_or("")),
+                esc(&t.ops.clone().unwrap_or_default().join(", "))
             ),
             "cron" => format!(
                 "{} {} · next {}",
-                t.schedule.as_deref().unwrap_or(""),
-                t.timezone.as_deref().unwrap_or("UTC"),
+                esc(t.schedule.as_deref().unwrap_or("")),
+                esc(t.timezone.as_deref().unwrap_or("UTC")),
                 t.next_fire_at.map(when).unwrap_or_default()
             ),
             _ => "dead letters".to_owned(),
@@ -56,7 +57,7 @@ pub(super) async fn triggers_page(
 <form class=inline method=post action="/apps/{slug}/triggers/{id}/delete"><input type=hidden name=csrf value="{csrf}"><button type=submit>delete</button></form></td></tr>"#,
             name = esc(&t.name),
             kind = esc(&t.kind),
-            detail = esc(&detail),
+            detail = detail,
             target = esc(&t.target),
             state = if t.enabled { "enabled" } else { "disabled" },
             id = t.id,

@@ -163,6 +163,11 @@ async fn the_triggers_page_creates_lists_and_disables_with_csrf_and_roles() -> T
         html.contains("nightly") && html.contains("0 3 * * * Europe/Paris"),
         "{html}"
     );
+    // The next tick is a time element, not its markup shown as text.
+    assert!(
+        html.contains("· next <time datetime=") && !html.contains("&lt;time"),
+        "{html}"
+    );
     let disable = format!("/apps/app-a/triggers/{}/disable", listed[0].id);
     assert_eq!(
         post(admin_jar.clone(), disable, format!("csrf={admin_csrf}")).await?,

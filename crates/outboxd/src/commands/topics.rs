@@ -176,6 +176,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             burst,
         } => {
             let id = apps::by_slug(&pool, &app).await?.id;
+            let before = limits::list(&pool, id)
+                .await?
+                .into_iter()
+                .find(|l| l.topic == topic);
             let wanted = limits::Limits {
                 max_running,
                 max_running_per_key,
@@ -185,10 +189,23 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted)
                 .await
                 .map_err(cli_error)?;
-            println!(
-                "{app}: {topic} limited to {}",
-                describe(set.max_running(), set.max_running_per_key(), set.rate())
-            );
+            let now = describe(set.max_running(), set.max_running_per_key(), set.rate());
+            // The limits given replace the earlier ones: say what went, so
+            // that a limit dropped by leaving its flag out is not a surprise.
+            let dropped = before.map(|l| {
+                describe(
+                    l.max_running.filter(|_| set.max_running().is_none()),
+                    l.max_running_per_key
+                        .filter(|_| set.max_running_per_key().is_none()),
+                    l.rate_per_sec.zip(l.burst).filter(|_| set.rate().is_none()),
+                )
+            });
+            match dropped.filter(|d| !d.is_empty()) {
+                Some(dropped) => println!(
+                    "{app}: {topic} limited to {now}; no longer {dropped} (give every limit to keep)"
+                ),
+                None => println!("{app}: {topic} limited to {now}"),
+            }
         }
         TopicCommand::Unlimit { app, topic } => {
             let id = apps::by_slug(&pool, &app).await?.id;

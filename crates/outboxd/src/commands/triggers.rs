@@ -60,24 +60,24 @@ pub enum TriggerCommand {
         /// App slug.
         #[arg(long)]
         app: String,
-        /// Trigger id.
-        id: String,
+        /// The trigger's name or id.
+        trigger: String,
     },
     /// Disable a trigger.
     Disable {
         /// App slug.
         #[arg(long)]
         app: String,
-        /// Trigger id.
-        id: String,
+        /// The trigger's name or id.
+        trigger: String,
     },
     /// Delete a trigger.
     Delete {
         /// App slug.
         #[arg(long)]
         app: String,
-        /// Trigger id.
-        id: String,
+        /// The trigger's name or id.
+        trigger: String,
     },
 }
 
@@ -85,7 +85,6 @@ pub enum TriggerCommand {
 pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> {
     use outbox_core::store::triggers::{self, TriggerSpec};
     let pool = outboxd::db::connect(&settings, 0).await?;
-    let parse_id = |id: &str| Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID"));
     match cmd {
         TriggerCommand::List { app, json } => {
             let app = apps::by_slug(&pool, &app).await?;
@@ -146,27 +145,50 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
             tx.commit().await?;
             println!("{id}");
         }
-        TriggerCommand::Enable { app, id } => {
+        TriggerCommand::Enable { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(true))
+            let (id, name) = find(&pool, &app, &trigger).await?;
+            change_trigger(&pool, &cli_actor(), app.id, id, Some(true))
                 .await
                 .map_err(cli_error)?;
-            println!("enabled");
+            println!("trigger {name} enabled");
         }
-        TriggerCommand::Disable { app, id } => {
+        TriggerCommand::Disable { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, Some(false))
+            let (id, name) = find(&pool, &app, &trigger).await?;
+            change_trigger(&pool, &cli_actor(), app.id, id, Some(false))
                 .await
                 .map_err(cli_error)?;
-            println!("disabled");
+            println!("trigger {name} disabled");
         }
-        TriggerCommand::Delete { app, id } => {
+        TriggerCommand::Delete { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            change_trigger(&pool, &cli_actor(), app.id, parse_id(&id)?, None)
+            let (id, name) = find(&pool, &app, &trigger).await?;
+            change_trigger(&pool, &cli_actor(), app.id, id, None)
                 .await
                 .map_err(cli_error)?;
-            println!("deleted");
+            println!("trigger {name} deleted");
         }
     }
     Ok(())
+}
+
+/// The id and name of `app`'s trigger named `trigger` (or with that id).
+async fn find(
+    pool: &sqlx::PgPool,
+    app: &outbox_core::App,
+    trigger: &str,
+) -> anyhow::Result<(Uuid, String)> {
+    let id = Uuid::parse_str(trigger).ok();
+    outbox_core::store::triggers::list(pool, app.id)
+        .await?
+        .into_iter()
+        .find(|t| Some(t.id) == id || t.name == trigger)
+        .map(|t| (t.id, t.name))
+        .with_context(|| {
+            format!(
+                "{}: no trigger named {trigger:?} (or with that id); `outboxd trigger list --app {}` lists them",
+                app.slug, app.slug
+            )
+        })
 }

@@ -268,6 +268,21 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         ])?
         .contains("partner limited to 2.5/s (burst 3)")
     );
+    // The limits given replace the earlier ones, and it says which went.
+    assert_eq!(
+        ok(&[
+            "topic",
+            "limit",
+            "--app",
+            "shop",
+            "--topic",
+            "partner",
+            "--max-running",
+            "4"
+        ])?
+        .trim(),
+        "shop: partner limited to 4 at once; no longer 2.5/s (burst 3) (give every limit to keep)"
+    );
     assert!(
         ok(&[
             "topic",

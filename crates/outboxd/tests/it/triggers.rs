@@ -79,7 +79,18 @@ async fn trigger_cli_creates_lists_and_refuses_bad_input() -> TestResult {
     ]))?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("not found"),
+        text(&out.stderr).contains("shop: no trigger named"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A trigger is named by its name as well as by its id.
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "enable", "--app", "shop", "audit"]))?;
+    assert_eq!(text(&out.stdout).trim(), "trigger audit enabled");
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "delete", "--app", "shop", &id]))?;
+    assert_eq!(text(&out.stdout).trim(), "trigger audit deleted");
+    let out = run(outboxd(Some(&db.url)).args(["trigger", "disable", "--app", "shop", "audit"]))?;
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("no trigger named \"audit\""),
         "{}",
         text(&out.stderr)
     );
