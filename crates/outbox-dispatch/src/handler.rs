@@ -95,6 +95,14 @@ impl ReplySlot {
     pub fn get(&self) -> Option<Value> {
         self.0.lock().ok().and_then(|v| v.clone())
     }
+
+    /// Sets the answer (a handler that consumed its [`Event`] keeps a clone
+    /// of the slot to answer after).
+    pub fn set(&self, value: Value) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(value);
+        }
+    }
 }
 
 impl Event {
@@ -140,9 +148,7 @@ impl Event {
 
     /// Answers a synchronous caller (ignored for rows nobody waits on).
     pub fn set_reply(&self, value: Value) {
-        if let Ok(mut slot) = self.reply.0.lock() {
-            *slot = Some(value);
-        }
+        self.reply.set(value);
     }
 
     /// Deserializes the payload; a payload that does not fit is a permanent error

@@ -296,7 +296,18 @@ fn classify(subject: &str, kind: PublishErrorKind, err: &dyn std::fmt::Display) 
 impl Handler for Relay {
     fn handle(&self, event: Event) -> HandlerFuture {
         let relay = self.clone();
-        Box::pin(async move { relay.publish(event).await.map(|_| ()) })
+        let reply = event.reply.clone();
+        Box::pin(async move {
+            let ack = relay.publish(event).await?;
+            // A synchronous caller learns where its event went: no handler
+            // ran it here, the stream took it (an answer of null looked like
+            // a handler's).
+            let answer = serde_json::json!({
+                "relayed": { "stream": ack.stream, "sequence": ack.sequence, "duplicate": ack.duplicate }
+            });
+            reply.set(answer);
+            Ok(())
+        })
     }
 }
 

@@ -108,6 +108,32 @@ async fn read_all(
     Ok(out)
 }
 
+/// A synchronous caller of a relayed topic is answered with where the
+/// stream put its event (it got `null`, as if a handler had run it).
+#[tokio::test]
+async fn a_relayed_invocation_is_answered_with_the_streams_acknowledgement() -> TestResult {
+    use outbox_dispatch::Handler;
+    let js = jetstream().await?;
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let prefix = unique_prefix();
+    let contract = contract(&prefix);
+    ensure_stream(&js, &contract).await?;
+    let relay = relay_for(&js, &db, &prefix);
+    let event = event_of(app);
+    let reply = event.reply.clone();
+    relay.handle(event).await?;
+    let answer = reply.get().ok_or("no answer")?;
+    assert_eq!(
+        answer["relayed"]["stream"],
+        json!(contract.name),
+        "{answer}"
+    );
+    assert_eq!(answer["relayed"]["sequence"], json!(1), "{answer}");
+    assert_eq!(answer["relayed"]["duplicate"], json!(false), "{answer}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn relay_publishes_with_headers_and_deletes_after_the_puback() -> TestResult {
     let js = jetstream().await?;
