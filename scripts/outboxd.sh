@@ -2,7 +2,8 @@
 # Runs the outboxd CLI against the demo's private PostgreSQL (started by scripts/demo.sh).
 # Example: scripts/outboxd.sh dead-letters list --app demo
 # OUTBOXD_BIN=path uses that binary instead of target/release/outboxd (built
-# when missing); OUTBOXD_STATE_DIR=dir looks for the demo there instead of .outboxd/.
+# when missing); OUTBOXD_STATE_DIR=dir looks for the demo there instead of .outboxd/;
+# OUTBOXD_ENV (default demo, as the demo) picks the configuration overlay.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
@@ -19,6 +20,9 @@ else
 fi
 [ -n "$up" ] || die "the demo's PostgreSQL is not running: start it with scripts/demo.sh"
 export DATABASE_URL="postgres://outboxd@127.0.0.1:$PORT/outboxd"
+# The demo's overlay, as scripts/demo.sh runs with it: `config` then prints
+# what the demo uses, and a second process runs as the demo does.
+export OUTBOXD_ENV="${OUTBOXD_ENV:-demo}"
 if [ -n "${OUTBOXD_BIN:-}" ]; then
   BIN="$OUTBOXD_BIN"
   [ -f "$BIN" ] && [ -x "$BIN" ] || die "OUTBOXD_BIN=$BIN is not an executable file"
