@@ -37,6 +37,10 @@ pub const MIN_JWT_SECRET_BYTES: usize = 32;
 pub struct AuthConfig {
     /// HS256 key; at least [`MIN_JWT_SECRET_BYTES`].
     pub jwt_secret: Vec<u8>,
+    /// The key before the last rotation: tokens it signed are still taken
+    /// until they expire, so a rotation signs nobody out. New tokens are
+    /// signed with [`Self::jwt_secret`] only.
+    pub previous_jwt_secret: Option<Vec<u8>>,
     /// Token lifetime.
     pub token_ttl: Duration,
     /// `iss` of issued tokens, required on presented ones.
@@ -56,6 +60,10 @@ impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
             .field("jwt_secret", &"[redacted]")
+            .field(
+                "previous_jwt_secret",
+                &self.previous_jwt_secret.as_ref().map(|_| "[redacted]"),
+            )
             .field("token_ttl", &self.token_ttl)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
@@ -75,6 +83,7 @@ impl AuthConfig {
         }
         Ok(Self {
             jwt_secret,
+            previous_jwt_secret: None,
             token_ttl: Duration::from_secs(24 * 3600),
             issuer: "outboxd".into(),
             audience: "outboxd-admin".into(),
@@ -82,6 +91,22 @@ impl AuthConfig {
             throttle: ThrottleConfig::default(),
             trusted_proxies: Vec::new(),
         })
+    }
+}
+
+impl AuthConfig {
+    /// Also takes tokens signed with `previous`, the key before a rotation
+    /// (at least [`MIN_JWT_SECRET_BYTES`]).
+    pub fn with_previous_secret(mut self, previous: impl Into<Vec<u8>>) -> Result<Self, String> {
+        let previous = previous.into();
+        if previous.len() < MIN_JWT_SECRET_BYTES {
+            return Err(format!(
+                "the previous JWT secret is {} bytes; at least {MIN_JWT_SECRET_BYTES} are required",
+                previous.len()
+            ));
+        }
+        self.previous_jwt_secret = Some(previous);
+        Ok(self)
     }
 }
 

@@ -95,12 +95,15 @@ pub fn verify_token(config: &AuthConfig, token: &str) -> Result<(Uuid, Uuid), Ap
     validation.set_issuer(&[&config.issuer]);
     validation.set_audience(&[&config.audience]);
     validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-    let data = jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(&config.jwt_secret),
-        &validation,
-    )
-    .map_err(|_| ApiError::unauthorized())?;
+    let decode = |key: &[u8]| {
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(key), &validation)
+    };
+    let data = decode(&config.jwt_secret)
+        .or_else(|err| match &config.previous_jwt_secret {
+            Some(previous) => decode(previous),
+            None => Err(err),
+        })
+        .map_err(|_| ApiError::unauthorized())?;
     if data.claims.iat > chrono::Utc::now().timestamp() + 5 {
         return Err(ApiError::unauthorized());
     }
@@ -172,6 +175,52 @@ mod tests {
         )
         .expect("sign");
         assert!(verify_token(&c, &no_aud).is_err());
+    }
+
+    /// After a rotation, tokens signed with the previous key are taken
+    /// while they last (everyone was signed out before), new ones are
+    /// signed with the new key, and a third key is refused; the previous
+    /// key's tokens meet the same checks (an expired one is refused).
+    #[test]
+    fn tokens_of_the_previous_key_are_taken_after_a_rotation() {
+        let before = config();
+        let user = Uuid::new_v4();
+        let session = Uuid::new_v4();
+        let (old_token, _) = issue_token(&before, user, session).expect("token");
+        let rotated = AuthConfig::new(vec![8u8; 32]).expect("32-byte secret");
+        assert!(verify_token(&rotated, &old_token).is_err());
+        let rotated = rotated
+            .with_previous_secret(before.jwt_secret.clone())
+            .expect("32-byte previous secret");
+        assert_eq!(
+            verify_token(&rotated, &old_token).ok(),
+            Some((user, session))
+        );
+        let (new_token, _) = issue_token(&rotated, user, session).expect("token");
+        assert!(
+            verify_token(&before, &new_token).is_err(),
+            "signed with the new key"
+        );
+        let other = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(&before, user, 0, &before.issuer, &before.audience),
+            &EncodingKey::from_secret(&[9u8; 32]),
+        )
+        .expect("sign");
+        assert!(verify_token(&rotated, &other).is_err());
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(&before, user, -3600, &before.issuer, &before.audience),
+            &EncodingKey::from_secret(&before.jwt_secret),
+        )
+        .expect("sign");
+        assert!(verify_token(&rotated, &expired).is_err());
+        assert!(
+            config()
+                .with_previous_secret(vec![1u8; 31])
+                .err()
+                .is_some_and(|e| e.contains("31 bytes"))
+        );
     }
 
     fn claims(c: &AuthConfig, user: Uuid, exp_offset: i64, iss: &str, aud: &str) -> Claims {

@@ -25,6 +25,7 @@ pub struct HttpSettings {
 #[allow(missing_docs)]
 pub struct AdminSettings {
     pub jwt_secret: Secret,
+    pub jwt_previous_secret: Secret,
     pub token_ttl_secs: u64,
     pub secure_cookies: bool,
     pub login_limit_per_account: u32,
@@ -78,6 +79,25 @@ impl Settings {
                     outbox_admin::auth::MIN_JWT_SECRET_BYTES
                 ),
                 env_hint: env_hint("admin.jwt_secret"),
+            });
+        }
+        let previous_len = ad.jwt_previous_secret.expose().len();
+        if previous_len > 0
+            && (previous_len < outbox_admin::auth::MIN_JWT_SECRET_BYTES || secret_len == 0)
+        {
+            return Err(ConfigError::Range {
+                key: "admin.jwt_previous_secret",
+                value: format!("({previous_len} bytes, hidden)"),
+                problem: if secret_len == 0 {
+                    "is set while admin.jwt_secret is empty"
+                } else {
+                    "is too short"
+                },
+                accepted: format!(
+                    "at least {} bytes, beside a jwt_secret, or empty",
+                    outbox_admin::auth::MIN_JWT_SECRET_BYTES
+                ),
+                env_hint: env_hint("admin.jwt_previous_secret"),
             });
         }
         range("admin.token_ttl_secs", ad.token_ttl_secs, 60, 2_592_000)?;
@@ -160,6 +180,10 @@ impl Settings {
         let ad = &self.admin;
         let mut auth =
             outbox_admin::AuthConfig::new(ad.jwt_secret.expose().as_bytes().to_vec()).ok()?;
+        let previous = ad.jwt_previous_secret.expose();
+        if !previous.is_empty() {
+            auth = auth.with_previous_secret(previous.as_bytes()).ok()?;
+        }
         auth.token_ttl = Duration::from_secs(ad.token_ttl_secs);
         auth.secure_cookies = ad.secure_cookies;
         auth.throttle = outbox_admin::auth::ThrottleConfig {

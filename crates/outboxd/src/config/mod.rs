@@ -169,6 +169,9 @@ impl Settings {
         if let Some((_, secret)) = vars.iter().find(|(k, _)| k == "JWT_SECRET") {
             figment = figment.merge(("admin.jwt_secret", secret.clone()));
         }
+        if let Some((_, secret)) = vars.iter().find(|(k, _)| k == "JWT_PREVIOUS_SECRET") {
+            figment = figment.merge(("admin.jwt_previous_secret", secret.clone()));
+        }
         if let Some((_, url)) = vars.iter().find(|(k, _)| k == "NATS_URL") {
             figment = figment.merge(("nats.url", url.clone()));
         }
@@ -286,6 +289,7 @@ fn env_hint(key: &str) -> String {
         "database.url" => format!(" (env DATABASE_URL or {var})"),
         "nats.url" => format!(" (env NATS_URL or {var})"),
         "admin.jwt_secret" => format!(" (env JWT_SECRET or {var})"),
+        "admin.jwt_previous_secret" => format!(" (env JWT_PREVIOUS_SECRET or {var})"),
         _ => format!(" (env {var})"),
     }
 }

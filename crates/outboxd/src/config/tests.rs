@@ -276,6 +276,39 @@ fn short_jwt_secret_is_refused_with_its_length_not_its_value() {
     assert!(!format!("{ok:?}").contains("0123456789abcdef"));
 }
 
+/// The key before a rotation is checked as the key is, never printed, and
+/// needs a key beside it.
+#[test]
+fn the_previous_jwt_secret_is_checked_and_hidden() {
+    let key = ("JWT_SECRET", "0123456789abcdef0123456789abcdef");
+    let err = load(&[key, ("JWT_PREVIOUS_SECRET", "short-old-secret")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admin.jwt_previous_secret")
+            && err.contains("16 bytes")
+            && err.contains("JWT_PREVIOUS_SECRET")
+            && !err.contains("short-old-secret"),
+        "{err}"
+    );
+    let err = load(&[("JWT_PREVIOUS_SECRET", "fedcba9876543210fedcba9876543210")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("while admin.jwt_secret is empty"), "{err}");
+    let ok = load(&[
+        key,
+        ("JWT_PREVIOUS_SECRET", "fedcba9876543210fedcba9876543210"),
+    ])
+    .expect("both 32 bytes");
+    let auth = ok.admin_auth().expect("the admin API is on");
+    assert_eq!(
+        auth.previous_jwt_secret.as_deref(),
+        Some(&b"fedcba9876543210fedcba9876543210"[..])
+    );
+    let shown = format!("{ok:?} {}", ok.to_toml().expect("toml"));
+    assert!(!shown.contains("fedcba98"), "{shown}");
+}
+
 #[test]
 fn secrets_do_not_print() {
     let s = load(&[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/db")]).expect("config");
