@@ -148,7 +148,8 @@ pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<RevokedKey, A
     if prefix.is_empty() || prefix.contains('\0') {
         return Err(ApiError::NotFound("api key"));
     }
-    let revoked_now = principals::revoke_api_key(pool, prefix).await?;
+    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
+    let revoked_now = principals::revoke_api_key(&mut conn, prefix).await?;
     Ok(RevokedKey {
         prefix: prefix.to_owned(),
         already: !revoked_now,

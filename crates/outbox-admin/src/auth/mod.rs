@@ -41,6 +41,10 @@ pub struct AuthConfig {
     /// until they expire, so a rotation signs nobody out. New tokens are
     /// signed with [`Self::jwt_secret`] only.
     pub previous_jwt_secret: Option<Vec<u8>>,
+    /// Until when (seconds since the epoch) [`Self::previous_jwt_secret`] is
+    /// taken: by then every token it signed before the rotation has
+    /// expired, and a key left in the settings by mistake stops counting.
+    pub previous_jwt_secret_until: i64,
     /// Token lifetime.
     pub token_ttl: Duration,
     /// `iss` of issued tokens, required on presented ones.
@@ -84,6 +88,7 @@ impl AuthConfig {
         Ok(Self {
             jwt_secret,
             previous_jwt_secret: None,
+            previous_jwt_secret_until: 0,
             token_ttl: Duration::from_secs(24 * 3600),
             issuer: "outboxd".into(),
             audience: "outboxd-admin".into(),
@@ -96,7 +101,8 @@ impl AuthConfig {
 
 impl AuthConfig {
     /// Also takes tokens signed with `previous`, the key before a rotation
-    /// (at least [`MIN_JWT_SECRET_BYTES`]).
+    /// (at least [`MIN_JWT_SECRET_BYTES`]), for [`Self::token_ttl`] from now:
+    /// set the lifetime first.
     pub fn with_previous_secret(mut self, previous: impl Into<Vec<u8>>) -> Result<Self, String> {
         let previous = previous.into();
         if previous.len() < MIN_JWT_SECRET_BYTES {
@@ -106,6 +112,8 @@ impl AuthConfig {
             ));
         }
         self.previous_jwt_secret = Some(previous);
+        let ttl = i64::try_from(self.token_ttl.as_secs()).unwrap_or(i64::MAX);
+        self.previous_jwt_secret_until = chrono::Utc::now().timestamp().saturating_add(ttl);
         Ok(self)
     }
 }

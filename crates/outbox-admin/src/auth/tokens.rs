@@ -100,8 +100,10 @@ pub fn verify_token(config: &AuthConfig, token: &str) -> Result<(Uuid, Uuid), Ap
     };
     let data = decode(&config.jwt_secret)
         .or_else(|err| match &config.previous_jwt_secret {
-            Some(previous) => decode(previous),
-            None => Err(err),
+            Some(previous) if chrono::Utc::now().timestamp() < config.previous_jwt_secret_until => {
+                decode(previous)
+            }
+            _ => Err(err),
         })
         .map_err(|_| ApiError::unauthorized())?;
     if data.claims.iat > chrono::Utc::now().timestamp() + 5 {
@@ -221,6 +223,13 @@ mod tests {
                 .err()
                 .is_some_and(|e| e.contains("31 bytes"))
         );
+        // Once a token lifetime has passed since the rotation, the previous
+        // key is not taken any more.
+        let lapsed = AuthConfig {
+            previous_jwt_secret_until: chrono::Utc::now().timestamp() - 1,
+            ..rotated
+        };
+        assert!(verify_token(&lapsed, &old_token).is_err());
     }
 
     fn claims(c: &AuthConfig, user: Uuid, exp_offset: i64, iss: &str, aud: &str) -> Claims {

@@ -1164,3 +1164,55 @@ async fn a_success_from_an_address_at_its_limit_leaves_its_count_and_hold_back_a
     assert_eq!(after, before);
     Ok(())
 }
+
+/// The last instance admin survives removals made at once: of two demotions,
+/// or a demotion and a deletion, of the last two admins exactly one goes
+/// through (each takes the admins' rows in one order before it counts).
+#[tokio::test]
+async fn the_last_instance_admin_survives_removals_made_at_once() -> TestResult {
+    use outbox_admin::accounts;
+    let w = World::new().await?;
+    let pool = &w.db.pool;
+    let admins = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users WHERE is_admin")
+            .fetch_one(pool)
+            .await
+    };
+    for round in 0..5 {
+        let first = format!("first{round}@x.io");
+        let second = format!("second{round}@x.io");
+        outbox_admin::create_user(pool, &first, PASSWORD, false).await?;
+        outbox_admin::create_user(pool, &second, PASSWORD, false).await?;
+        // Only these two are admins now.
+        sqlx::query("UPDATE users SET is_admin = email IN ($1, $2)")
+            .bind(&first)
+            .bind(&second)
+            .execute(pool)
+            .await?;
+        let (a, b) = tokio::join!(
+            accounts::set_instance_admin(pool, "test", &first, false),
+            accounts::set_instance_admin(pool, "test", &second, false),
+        );
+        assert_eq!(
+            u8::from(a.is_ok()) + u8::from(b.is_ok()),
+            1,
+            "round {round}: {a:?} {b:?}"
+        );
+        assert_eq!(admins().await?, 1, "round {round}");
+        // The one left, and another made admin: demote one, delete the other.
+        let left = if a.is_ok() { &second } else { &first };
+        let other = format!("third{round}@x.io");
+        outbox_admin::create_user(pool, &other, PASSWORD, true).await?;
+        let (a, b) = tokio::join!(
+            accounts::set_instance_admin(pool, "test", left, false),
+            accounts::delete_user(pool, &other),
+        );
+        assert_eq!(
+            u8::from(a.is_ok()) + u8::from(b.is_ok()),
+            1,
+            "round {round}: {a:?} {b:?}"
+        );
+        assert_eq!(admins().await?, 1, "round {round}");
+    }
+    Ok(())
+}

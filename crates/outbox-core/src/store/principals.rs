@@ -406,17 +406,30 @@ pub async fn list_api_keys<'e>(
 /// Revokes the key with this prefix; the next request with it is refused.
 /// False when it was revoked already (its revocation time is kept);
 /// [`Error::NotFound`] when no key has the prefix.
-pub async fn revoke_api_key<'e>(db: impl PgExecutor<'e>, prefix: &str) -> Result<bool, Error> {
-    let revoked_now: Option<bool> = sqlx::query_scalar(
-        "UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, now())
-         FROM (SELECT id, revoked_at IS NULL AS active FROM api_keys WHERE prefix = $1) was
-         WHERE k.id = was.id
-         RETURNING was.active",
+pub async fn revoke_api_key(conn: &mut sqlx::PgConnection, prefix: &str) -> Result<bool, Error> {
+    // The update re-checks `revoked_at IS NULL` on the row a concurrent
+    // revocation changed, so of two at once only one says "revoked now".
+    let revoked_now = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
     )
     .bind(prefix)
-    .fetch_optional(db)
-    .await?;
-    revoked_now.ok_or_else(|| Error::NotFound("api key".into()))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        > 0;
+    if revoked_now {
+        return Ok(true);
+    }
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE prefix = $1)")
+            .bind(prefix)
+            .fetch_one(&mut *conn)
+            .await?;
+    if exists {
+        Ok(false)
+    } else {
+        Err(Error::NotFound("api key".into()))
+    }
 }
 
 /// Whether a principal may still run a trigger's work on `app_id`: an

@@ -26,6 +26,7 @@ use crate::telemetry::{OTHER, admits};
 pub struct Sampler {
     pool: PgPool,
     interval: Duration,
+    // Which pairs have a label, kept across passes: what bounds the series.
     labelled: Mutex<Labelled>,
 }
 
@@ -37,7 +38,10 @@ pub struct Sampler {
 /// moved with the topics' sizes would pile up without bound).
 #[derive(Debug, Default)]
 struct Labelled {
+    // By app: its labelled topics, and `other` once it overflowed (every
+    // one of them is set on every pass, at 0 without rows).
     topics: BTreeMap<String, BTreeSet<String>>,
+    // Topics labelled in all apps, for the shared cap (`other` not counted).
     total: usize,
 }
 
@@ -45,7 +49,13 @@ impl Labelled {
     /// The label of `app`'s `topic` (as shown): its own, or `other`.
     fn label(&mut self, app: &str, topic: String) -> String {
         let topics = self.topics.entry(app.to_owned()).or_default();
-        if topic == OTHER || topics.contains(&topic) {
+        if topics.contains(&topic) {
+            return topic;
+        }
+        if topic == OTHER {
+            // A topic of that name shares the label; it is exported from
+            // the set like every other.
+            topics.insert(topic.clone());
             return topic;
         }
         // `other` is in the set once an app overflowed; it takes no share.
@@ -71,7 +81,8 @@ impl Sampler {
         }
     }
 
-    /// One pass; returns how many (app, topic) pairs have rows.
+    /// One pass; returns how many series have rows, after the topics past
+    /// the caps were summed under `other`.
     pub async fn run_once(&self) -> Result<usize, Error> {
         let counts = outbox_core::store::outbox::record_state_counts(&self.pool).await?;
         let Ok(mut labelled) = self.labelled.lock() else {

@@ -147,6 +147,21 @@ fn named(email: &str) -> impl FnOnce(outbox_admin::ApiError) -> anyhow::Error + 
     }
 }
 
+/// Runs `outboxd user promote` (`admin`) or `demote`.
+async fn set_instance_admin(pool: &sqlx::PgPool, email: &str, admin: bool) -> anyhow::Result<()> {
+    let (user, changed) = accounts::set_instance_admin(pool, &cli_actor(), email, admin)
+        .await
+        .map_err(named(email))?;
+    let said = match (admin, changed) {
+        (true, true) => "is an instance admin",
+        (true, false) => "was already an instance admin",
+        (false, true) => "is no longer an instance admin",
+        (false, false) => "was not an instance admin",
+    };
+    println!("{} {said}", user.email);
+    Ok(())
+}
+
 /// Runs `outboxd user …`.
 pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
@@ -223,26 +238,8 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
                 println!("{} had no role on {}", user.email, app.slug);
             }
         }
-        UserCommand::Promote { email } => {
-            let (user, changed) = accounts::set_instance_admin(&pool, &cli_actor(), &email, true)
-                .await
-                .map_err(named(&email))?;
-            if changed {
-                println!("{} is an instance admin", user.email);
-            } else {
-                println!("{} was already an instance admin", user.email);
-            }
-        }
-        UserCommand::Demote { email } => {
-            let (user, changed) = accounts::set_instance_admin(&pool, &cli_actor(), &email, false)
-                .await
-                .map_err(named(&email))?;
-            if changed {
-                println!("{} is no longer an instance admin", user.email);
-            } else {
-                println!("{} was not an instance admin", user.email);
-            }
-        }
+        UserCommand::Promote { email } => set_instance_admin(&pool, &email, true).await?,
+        UserCommand::Demote { email } => set_instance_admin(&pool, &email, false).await?,
         UserCommand::Passwd {
             email,
             password_stdin,

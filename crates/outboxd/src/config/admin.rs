@@ -180,11 +180,12 @@ impl Settings {
         let ad = &self.admin;
         let mut auth =
             outbox_admin::AuthConfig::new(ad.jwt_secret.expose().as_bytes().to_vec()).ok()?;
+        auth.token_ttl = Duration::from_secs(ad.token_ttl_secs);
         let previous = ad.jwt_previous_secret.expose();
         if !previous.is_empty() {
+            // After the lifetime: the previous key is taken for one.
             auth = auth.with_previous_secret(previous.as_bytes()).ok()?;
         }
-        auth.token_ttl = Duration::from_secs(ad.token_ttl_secs);
         auth.secure_cookies = ad.secure_cookies;
         auth.throttle = outbox_admin::auth::ThrottleConfig {
             free_per_account: ad.login_limit_per_account,
