@@ -60,6 +60,10 @@ pub enum ApiError {
     /// No answer within the caller's timeout (504, `timeout`).
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// The topic's target cannot take the row now and nothing ran (503,
+    /// `unavailable`, with `Retry-After`).
+    #[error("{0}")]
+    Unavailable(String, std::time::Duration),
     /// Anything else (500, `internal`); the detail is logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -99,6 +103,7 @@ impl ApiError {
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::HandlerFailed(_) => (StatusCode::BAD_GATEWAY, "handler_failed"),
             Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::Unavailable(..) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -170,7 +175,7 @@ impl IntoResponse for ApiError {
             .into_response();
         let headers = response.headers_mut();
         match &self {
-            Self::RateLimited(wait) => {
+            Self::RateLimited(wait) | Self::Unavailable(_, wait) => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(wait).into());
             }
             Self::Unauthorized | Self::BadLogin => {

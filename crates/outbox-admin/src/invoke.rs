@@ -177,14 +177,26 @@ async fn invoke(
             json!({ "id": outbox_id, "ok": true, "result": answer.result }),
         ))
     } else {
-        if answer.result.get("code").and_then(Value::as_str) == Some(invocations::NO_HANDLER) {
-            return Err(ApiError::NoHandler(topic));
-        }
         let message = answer
             .result
             .get("error")
             .and_then(|e| e.as_str())
             .unwrap_or("handler failed");
+        match answer.result.get("code").and_then(Value::as_str) {
+            Some(invocations::NO_HANDLER) => return Err(ApiError::NoHandler(topic)),
+            Some(invocations::UNAVAILABLE) => {
+                let wait = answer
+                    .result
+                    .get("retry_after_secs")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                return Err(ApiError::Unavailable(
+                    message.to_owned(),
+                    Duration::from_secs(wait),
+                ));
+            }
+            _ => {}
+        }
         Err(ApiError::HandlerFailed(message.to_owned()))
     }
 }

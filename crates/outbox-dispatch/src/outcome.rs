@@ -17,7 +17,7 @@ use crate::failure_log::RowFacts;
 use crate::telemetry::TopicHandles;
 use crate::{ClaimTx, Error, Event, HandlerError};
 
-pub use outbox_core::store::invocations::NO_HANDLER;
+pub use outbox_core::store::invocations::{NO_HANDLER, UNAVAILABLE};
 
 /// The result of running one claimed row.
 #[derive(Debug)]
@@ -258,6 +258,17 @@ impl Shared {
             // A synchronous caller waits: answer it, success or not; no retries.
             let (ok, result) = match result {
                 Ok(Ok(Ok(()))) => (true, reply.get().unwrap_or(serde_json::Value::Null)),
+                // Nothing ran (the relay while NATS is down): with no
+                // retries for such rows, the caller is told to try again
+                // rather than that a handler failed.
+                Ok(Ok(Err(HandlerError::Snooze(delay)))) => (
+                    false,
+                    serde_json::json!({
+                        "error": format!("the topic's target cannot take it now (NATS down?); nothing was run or published: try again in {}s", delay.as_secs().max(1)),
+                        "code": UNAVAILABLE,
+                        "retry_after_secs": delay.as_secs().max(1),
+                    }),
+                ),
                 Ok(Ok(Err(err))) => (false, serde_json::json!({ "error": err.to_string() })),
                 Ok(Err(_)) => (false, serde_json::json!({ "error": "handler panicked" })),
                 Err(_) => (

@@ -25,6 +25,10 @@ async fn dispatcher_for(
     registry.register("fail", |_e: Event| async {
         Err::<(), _>(HandlerError::retry("upstream said no"))
     });
+    // What the NATS relay answers while the connection is down.
+    registry.register("outage", |_e: Event| async {
+        Err::<(), _>(HandlerError::Snooze(std::time::Duration::from_secs(2)))
+    });
     registry.register("slow", |e: Event| async move {
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         e.set_reply(json!("late"));
@@ -95,6 +99,38 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
             .as_str()
             .unwrap_or_default()
             .contains("upstream said no"),
+        "{body}"
+    );
+
+    // A target that cannot take the row now (the relay while NATS is
+    // down): nothing ran, and the caller is told to try again (it got 502
+    // "handler failed: snoozed for 1s").
+    let answer = {
+        use tower::ServiceExt;
+        let request = axum::http::Request::post("/api/apps/app-a/invoke/outage")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {operator}"))
+            .body(axum::body::Body::from("{}"))?;
+        outbox_admin::router(w.state.clone())
+            .oneshot(request)
+            .await?
+    };
+    let (s, headers) = (answer.status(), answer.headers().clone());
+    let body: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(answer.into_body(), 1 << 20).await?)?;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")),
+        "{body}"
+    );
+    assert_eq!(
+        headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing was run or published")),
         "{body}"
     );
 

@@ -15,6 +15,11 @@ pub const REPLY_CHANNEL: &str = "outbox_reply";
 /// admin API answers it with 404 `no_handler`).
 pub const NO_HANDLER: &str = "no_handler";
 
+/// The `code` in a caller's answer when the topic's target cannot take the
+/// row now and nothing ran (the relay while NATS is down): the admin API
+/// answers it with 503 `unavailable`, so the caller may try again.
+pub const UNAVAILABLE: &str = "unavailable";
+
 /// Creates an inbox and enqueues the invocation's row (with `reply_to` set,
 /// so it is never retried) in the caller's transaction; returns (inbox, outbox id).
 pub async fn start(
