@@ -48,14 +48,64 @@ pub async fn list_users(pool: &PgPool) -> Result<Vec<UserSummary>, ApiError> {
     Ok(principals::list_users(pool).await?)
 }
 
-/// Deletes a user (roles, sessions and API keys go with it); the last
-/// instance admin cannot be deleted.
-pub async fn delete_user(pool: &PgPool, user: &str) -> Result<User, ApiError> {
+/// Creates a user for `actor`. An instance admin's creation is recorded in
+/// every app's audit log, in the same transaction: it gives every
+/// capability on every app.
+pub async fn create_user(
+    pool: &PgPool,
+    actor: &str,
+    email: &str,
+    password: &str,
+    is_admin: bool,
+) -> Result<User, ApiError> {
+    let hash = new_user_hash(email, password).await?;
+    let mut tx = audit::begin(pool).await?;
+    let user = principals::create_user(&mut *tx, email, &hash, is_admin).await?;
+    if is_admin {
+        record_in_every_app(&mut tx, actor, "user.promote", &user.email).await?;
+    }
+    audit::commit(tx).await?;
+    Ok(user)
+}
+
+/// Checks a new account's e-mail and password; returns the password's hash.
+pub(crate) async fn new_user_hash(email: &str, password: &str) -> Result<String, ApiError> {
+    check_password(password)?;
+    if !email.contains('@') {
+        return Err(ApiError::Invalid(format!(
+            "email: {email:?} is not an e-mail address"
+        )));
+    }
+    auth::Hasher::new()?.hash(password.to_owned()).await
+}
+
+/// Deletes a user for `actor` (roles, sessions and API keys go with it); the
+/// last instance admin cannot be deleted. An instance admin's deletion is
+/// recorded in every app's audit log.
+pub async fn delete_user(pool: &PgPool, actor: &str, user: &str) -> Result<User, ApiError> {
     let found = find_user(pool, user).await?;
-    let mut conn = pool.acquire().await.map_err(outbox_core::Error::from)?;
-    principals::delete_user(&mut conn, found.id).await?;
+    let mut tx = audit::begin(pool).await?;
+    principals::delete_user(&mut tx, found.id).await?;
+    if found.is_admin {
+        record_in_every_app(&mut tx, actor, "user.delete", &found.email).await?;
+    }
+    audit::commit(tx).await?;
     auth::forget_clients(pool, &found.email).await?;
     Ok(found)
+}
+
+/// Records a change of who holds every capability on every app (an instance
+/// admin made or unmade) in every app's audit log.
+async fn record_in_every_app(
+    tx: &mut sqlx::PgConnection,
+    actor: &str,
+    action: &str,
+    email: &str,
+) -> Result<(), ApiError> {
+    for app in outbox_core::store::apps::list(&mut *tx).await? {
+        audit::record(tx, actor, app.id, Action::on(action, email)).await?;
+    }
+    Ok(())
 }
 
 /// Makes a user an instance admin (`admin`) or takes the rights away for
@@ -74,9 +124,7 @@ pub async fn set_instance_admin(
     let changed = principals::set_admin(&mut tx, found.id, admin).await?;
     if changed {
         let action = if admin { "user.promote" } else { "user.demote" };
-        for app in outbox_core::store::apps::list(&mut *tx).await? {
-            audit::record(&mut tx, actor, app.id, Action::on(action, &found.email)).await?;
-        }
+        record_in_every_app(&mut tx, actor, action, &found.email).await?;
     }
     audit::commit(tx).await?;
     Ok((found, changed))

@@ -141,13 +141,7 @@ pub async fn create_user(
     password: &str,
     is_admin: bool,
 ) -> Result<outbox_core::store::principals::User, ApiError> {
-    accounts::check_password(password)?;
-    if !email.contains('@') {
-        return Err(ApiError::Invalid(format!(
-            "email: {email:?} is not an e-mail address"
-        )));
-    }
-    let hash = auth::Hasher::new()?.hash(password.to_owned()).await?;
+    let hash = accounts::new_user_hash(email, password).await?;
     Ok(outbox_core::store::principals::create_user(pool, email, &hash, is_admin).await?)
 }
 

@@ -147,6 +147,9 @@ pub async fn connect_with(urls: &str, fail_fast: bool) -> Result<async_nats::Cli
                                 tracing::debug!("NATS connection established");
                             }
                         }
+                        // The client closing (a one-shot reader done) is
+                        // not news.
+                        async_nats::Event::Closed => tracing::debug!("NATS client closed"),
                         other => tracing::info!(event = %other, "NATS client event"),
                     }
                 }

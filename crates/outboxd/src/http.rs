@@ -135,6 +135,11 @@ pub const PROBE_CONNECTIONS: usize = 16;
 /// How long a connection of the reserve waits for its request's headers.
 pub const PROBE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a write on a connection of the reserve may make no progress: a
+/// client that asks for `/metrics` there and reads nothing would otherwise
+/// hold a probe's slot for [`WRITE_STALL_TIMEOUT`].
+pub const PROBE_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a client has to send a request's headers, counted from when the
 /// server starts waiting for them, so also how long a kept-alive connection
 /// may sit idle: a client that holds a connection without finishing a
@@ -307,10 +312,11 @@ impl hyper::body::Body for BodyWithDeadline {
     }
 }
 
-/// A connection whose writes fail once one has waited
-/// [`WRITE_STALL_TIMEOUT`] without the client taking a byte.
+/// A connection whose writes fail once one has waited `limit` without the
+/// client taking a byte.
 struct WriteStallLimit {
     inner: tokio::net::TcpStream,
+    limit: Duration,
     // Since the first write that found the client's window full.
     stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
@@ -327,13 +333,14 @@ impl WriteStallLimit {
             self.stalled = None;
             return progress;
         }
+        let limit = self.limit;
         let stalled = self
             .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         if stalled.as_mut().poll(cx).is_ready() {
             return std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("the client read nothing for {WRITE_STALL_TIMEOUT:?}"),
+                format!("the client read nothing for {limit:?}"),
             )));
         }
         std::task::Poll::Pending
@@ -397,10 +404,15 @@ async fn serve_connection(
     slot: Slot,
 ) {
     use tower::ServiceExt;
-    let (router, header_read_timeout, keep_alive) = if slot.probes_only {
-        (routes.probes, PROBE_HEADER_READ_TIMEOUT, false)
+    let (router, header_read_timeout, write_stall, keep_alive) = if slot.probes_only {
+        (
+            routes.probes,
+            PROBE_HEADER_READ_TIMEOUT,
+            PROBE_WRITE_STALL_TIMEOUT,
+            false,
+        )
     } else {
-        (routes.all, HEADER_READ_TIMEOUT, true)
+        (routes.all, HEADER_READ_TIMEOUT, WRITE_STALL_TIMEOUT, true)
     };
     // Connect info gives the login rate limiter the client address.
     let service =
@@ -422,6 +434,7 @@ async fn serve_connection(
         .keep_alive(keep_alive);
     let stream = WriteStallLimit {
         inner: stream,
+        limit: write_stall,
         stalled: None,
     };
     let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);

@@ -47,7 +47,14 @@ pub(super) async fn create_user(
 ) -> Result<Response, ApiError> {
     instance_admin(&p)?;
     let body: NewUserBody = crate::strict::json(&body)?;
-    let user = crate::create_user(&state.pool, &body.email, &body.password, body.admin).await?;
+    let user = accounts::create_user(
+        &state.pool,
+        &crate::audit::actor(&p),
+        &body.email,
+        &body.password,
+        body.admin,
+    )
+    .await?;
     let mut response = (
         axum::http::StatusCode::CREATED,
         Json(serde_json::json!({ "id": user.id, "email": user.email, "is_admin": user.is_admin })),
@@ -65,7 +72,7 @@ pub(super) async fn delete_user(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     instance_admin(&p)?;
-    let user = accounts::delete_user(&state.pool, &user).await?;
+    let user = accounts::delete_user(&state.pool, &crate::audit::actor(&p), &user).await?;
     Ok(Json(serde_json::json!({ "deleted": user.email })))
 }
 

@@ -116,6 +116,13 @@ impl AuthConfig {
         self.previous_jwt_secret_until = chrono::Utc::now().timestamp().saturating_add(ttl);
         Ok(self)
     }
+
+    /// The key before the rotation, while it is still taken.
+    pub fn previous_key_now(&self) -> Option<&[u8]> {
+        self.previous_jwt_secret
+            .as_deref()
+            .filter(|_| chrono::Utc::now().timestamp() < self.previous_jwt_secret_until)
+    }
 }
 
 /// Who is calling, re-read from the database on every request so a removed

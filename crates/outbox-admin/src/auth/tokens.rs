@@ -99,11 +99,9 @@ pub fn verify_token(config: &AuthConfig, token: &str) -> Result<(Uuid, Uuid), Ap
         jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(key), &validation)
     };
     let data = decode(&config.jwt_secret)
-        .or_else(|err| match &config.previous_jwt_secret {
-            Some(previous) if chrono::Utc::now().timestamp() < config.previous_jwt_secret_until => {
-                decode(previous)
-            }
-            _ => Err(err),
+        .or_else(|err| match config.previous_key_now() {
+            Some(previous) => decode(previous),
+            None => Err(err),
         })
         .map_err(|_| ApiError::unauthorized())?;
     if data.claims.iat > chrono::Utc::now().timestamp() + 5 {

@@ -132,7 +132,8 @@ pub(super) async fn account_action(
                         "confirm: tick the box to delete the user".into(),
                     ));
                 }
-                accounts::delete_user(&state.pool, &user).await?;
+                accounts::delete_user(&state.pool, &crate::audit::actor(&session.principal), &user)
+                    .await?;
             }
             "password" => {
                 let password = field(&form, "password").unwrap_or_default();

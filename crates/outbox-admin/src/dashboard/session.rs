@@ -62,6 +62,9 @@ pub(super) fn set_cookie_at(
 pub(super) struct Session {
     pub(super) principal: Principal,
     pub(super) csrf: String,
+    // The token under the key before a rotation, while it is taken: a form
+    // opened before the restart still goes through.
+    csrf_before_rotation: Option<String>,
 }
 
 /// A fresh random token (CSRF).
@@ -80,7 +83,15 @@ impl FromRequestParts<AdminState> for Session {
             .map_err(|_| to_login())?;
         let session_id = principal.session_id.ok_or_else(to_login)?;
         let csrf = session_csrf(&state.auth.jwt_secret, session_id);
-        Ok(Self { principal, csrf })
+        let csrf_before_rotation = state
+            .auth
+            .previous_key_now()
+            .map(|key| session_csrf(key, session_id));
+        Ok(Self {
+            principal,
+            csrf,
+            csrf_before_rotation,
+        })
     }
 }
 
@@ -124,14 +135,15 @@ pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a 
 
 /// The form's CSRF token must be the session's ([`session_csrf`]).
 pub(super) fn check_csrf(session: &Session, form: &[(String, String)]) -> Result<(), ApiError> {
-    match field(form, "csrf") {
-        Some(token)
-            if !token.is_empty()
-                && auth::constant_time_eq(token.as_bytes(), session.csrf.as_bytes()) =>
-        {
-            Ok(())
-        }
-        _ => Err(ApiError::Forbidden),
+    let matches = |expected: &str| {
+        field(form, "csrf").is_some_and(|token| {
+            !token.is_empty() && auth::constant_time_eq(token.as_bytes(), expected.as_bytes())
+        })
+    };
+    if matches(&session.csrf) || session.csrf_before_rotation.as_deref().is_some_and(matches) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
     }
 }
 

@@ -1205,7 +1205,7 @@ async fn the_last_instance_admin_survives_removals_made_at_once() -> TestResult 
         outbox_admin::create_user(pool, &other, PASSWORD, true).await?;
         let (a, b) = tokio::join!(
             accounts::set_instance_admin(pool, "test", left, false),
-            accounts::delete_user(pool, &other),
+            accounts::delete_user(pool, "test", &other),
         );
         assert_eq!(
             u8::from(a.is_ok()) + u8::from(b.is_ok()),

@@ -475,3 +475,47 @@ async fn the_topics_rows_refresh_from_a_fragment_for_the_apps_viewers() -> TestR
     assert_eq!(status, StatusCode::SEE_OTHER, "no session: {headers:?}");
     Ok(())
 }
+
+/// A rotation of the key with the old one kept as the previous key signs
+/// nobody out: the session's cookie still opens pages, and a form opened
+/// before the rotation (its CSRF token made with the old key) goes through.
+/// Without the previous key the session is gone.
+#[tokio::test]
+async fn a_form_opened_before_a_key_rotation_goes_through_after_it() -> TestResult {
+    let w = World::new().await?;
+    let (jar, csrf) = w.dashboard_session("operator@x.io").await?;
+    let pause = |state: outbox_admin::AdminState| {
+        let request = Request::post("/apps/app-a/topics/pause")
+            .header(header::COOKIE, &jar)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("csrf={csrf}&topic=mail")));
+        async move {
+            let answer = outbox_admin::router(state).oneshot(request?).await?;
+            let to = answer
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok::<_, Box<dyn std::error::Error>>((answer.status(), to))
+        }
+    };
+    let new_key = vec![42u8; 32];
+    let rotated = outbox_admin::AuthConfig::new(new_key.clone())?
+        .with_previous_secret(w.state.auth.jwt_secret.clone())?;
+    let (status, to) = pause(outbox_admin::AdminState::new(w.db.pool.clone(), rotated)?).await?;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        to.as_deref()
+            .is_some_and(|to| to.starts_with("/apps/app-a/topics")),
+        "{to:?}"
+    );
+    let paused = outbox_core::store::pauses::list(&w.db.pool, w.app_a).await?;
+    assert_eq!(paused.len(), 1);
+    let (_, to) = pause(outbox_admin::AdminState::new(
+        w.db.pool.clone(),
+        outbox_admin::AuthConfig::new(new_key)?,
+    )?)
+    .await?;
+    assert_eq!(to.as_deref(), Some("/login"));
+    Ok(())
+}

@@ -172,7 +172,7 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             password_stdin,
         } => {
             let (password, generated) = password(password_stdin)?;
-            let user = outbox_admin::create_user(&pool, &email, &password, admin).await?;
+            let user = accounts::create_user(&pool, &cli_actor(), &email, &password, admin).await?;
             println!(
                 "created user {} ({})",
                 user.email,
@@ -255,7 +255,7 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             }
         }
         UserCommand::Delete { email } => {
-            let user = accounts::delete_user(&pool, &email)
+            let user = accounts::delete_user(&pool, &cli_actor(), &email)
                 .await
                 .map_err(named(&email))?;
             println!(

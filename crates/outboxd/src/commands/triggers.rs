@@ -147,44 +147,54 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
         }
         TriggerCommand::Enable { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            let (id, name) = find(&pool, &app, &trigger).await?;
-            change_trigger(&pool, &cli_actor(), app.id, id, Some(true))
+            let found = find(&pool, &app, &trigger).await?;
+            if found.enabled {
+                println!("trigger {} was already enabled", found.name);
+                return Ok(());
+            }
+            change_trigger(&pool, &cli_actor(), app.id, found.id, Some(true))
                 .await
                 .map_err(cli_error)?;
-            println!("trigger {name} enabled");
+            println!("trigger {} enabled", found.name);
         }
         TriggerCommand::Disable { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            let (id, name) = find(&pool, &app, &trigger).await?;
-            change_trigger(&pool, &cli_actor(), app.id, id, Some(false))
+            let found = find(&pool, &app, &trigger).await?;
+            if !found.enabled {
+                println!("trigger {} was already disabled", found.name);
+                return Ok(());
+            }
+            change_trigger(&pool, &cli_actor(), app.id, found.id, Some(false))
                 .await
                 .map_err(cli_error)?;
-            println!("trigger {name} disabled");
+            println!("trigger {} disabled", found.name);
         }
         TriggerCommand::Delete { app, trigger } => {
             let app = apps::by_slug(&pool, &app).await?;
-            let (id, name) = find(&pool, &app, &trigger).await?;
-            change_trigger(&pool, &cli_actor(), app.id, id, None)
+            let found = find(&pool, &app, &trigger).await?;
+            change_trigger(&pool, &cli_actor(), app.id, found.id, None)
                 .await
                 .map_err(cli_error)?;
-            println!("trigger {name} deleted");
+            println!("trigger {} deleted", found.name);
         }
     }
     Ok(())
 }
 
-/// The id and name of `app`'s trigger named `trigger` (or with that id).
+/// `app`'s trigger with the id `trigger`, or else the one named so (an id
+/// wins: a name may look like another trigger's id).
 async fn find(
     pool: &sqlx::PgPool,
     app: &outbox_core::App,
     trigger: &str,
-) -> anyhow::Result<(Uuid, String)> {
+) -> anyhow::Result<outbox_core::store::triggers::Trigger> {
     let id = Uuid::parse_str(trigger).ok();
-    outbox_core::store::triggers::list(pool, app.id)
-        .await?
-        .into_iter()
-        .find(|t| Some(t.id) == id || t.name == trigger)
-        .map(|t| (t.id, t.name))
+    let listed = outbox_core::store::triggers::list(pool, app.id).await?;
+    let by_id = listed.iter().position(|t| Some(t.id) == id);
+    let by_name = listed.iter().position(|t| t.name == trigger);
+    by_id
+        .or(by_name)
+        .map(|i| listed[i].clone())
         .with_context(|| {
             format!(
                 "{}: no trigger named {trigger:?} (or with that id); `outboxd trigger list --app {}` lists them",

@@ -220,6 +220,26 @@ async fn account_commands_list_change_and_revoke_through_the_binary() -> TestRes
     );
 
     assert!(cli(&["user", "delete", "ops@x.io"])?.status.success());
+    // An instance admin's deletion and creation are audited too.
+    assert!(
+        cli(&["user", "create", "third@x.io", "--admin"])?
+            .status
+            .success()
+    );
+    let audited: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT action, target FROM audit_log
+         WHERE action LIKE 'user.%' AND app_id = (SELECT id FROM apps WHERE slug = 'shop')
+         ORDER BY id DESC LIMIT 2",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        audited,
+        [
+            ("user.promote".to_owned(), Some("third@x.io".to_owned())),
+            ("user.delete".to_owned(), Some("ops@x.io".to_owned())),
+        ]
+    );
     let out = cli(&["user", "delete", "ops@x.io"])?;
     assert!(
         text(&out.stderr).contains("no user \"ops@x.io\""),
