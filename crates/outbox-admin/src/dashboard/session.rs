@@ -188,7 +188,7 @@ pub(super) async fn may_operate(
 ) -> Result<bool, ApiError> {
     match auth::authorize(&state.pool, &session.principal, app, Capability::Operate).await {
         Ok(_) => Ok(true),
-        Err(ApiError::Forbidden | ApiError::RoleTooLow { .. } | ApiError::NotFound(_)) => Ok(false),
+        Err(ApiError::RoleTooLow { .. } | ApiError::NotFound(_)) => Ok(false),
         Err(err) => Err(err),
     }
 }

@@ -261,10 +261,7 @@ async fn cron_ticks_fire_once_with_two_schedulers_and_missed_ticks_fire_once() -
     .await?;
     tx.commit().await?;
     // Downtime: the trigger was due an hour ago.
-    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '1 hour' WHERE trigger_id = $1")
-        .bind(trigger)
-        .execute(&db.pool)
-        .await?;
+    tick_due_since(&db.pool, trigger, "1 hour").await?;
     let a = Scheduler::new(db.pool.clone(), SchedulerConfig::default());
     let b = Scheduler::new(db.pool.clone(), SchedulerConfig::default());
     let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
@@ -605,6 +602,23 @@ async fn a_trigger_target_a_row_may_not_have_is_refused_and_holds_back_no_other(
     Ok(())
 }
 
+/// Moves `trigger`'s next tick to `ago` before now (an interval, e.g.
+/// "9 hours"), as if it had passed.
+async fn tick_due_since<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    trigger: Uuid,
+    ago: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE cron_trigger_details SET next_fire_at = now() - $2::interval WHERE trigger_id = $1",
+    )
+    .bind(trigger)
+    .bind(ago)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// A cron trigger enabled again fires at its next tick from now, not at the
 /// tick it missed while disabled (a nightly job enabled at noon ran at noon).
 #[tokio::test]
@@ -628,16 +642,10 @@ async fn a_cron_trigger_enabled_again_waits_for_its_next_tick() -> TestResult {
     let mut conn = db.pool.acquire().await?;
     triggers::set_enabled(&mut conn, app, trigger, false).await?;
     // Its tick passed while it was disabled.
-    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '9 hours' WHERE trigger_id = $1")
-        .bind(trigger)
-        .execute(&mut *conn)
-        .await?;
+    tick_due_since(&mut *conn, trigger, "9 hours").await?;
     triggers::set_enabled(&mut conn, app, trigger, true).await?;
     // Enabling it again, as a script may, keeps a tick that is due.
-    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '1 second' WHERE trigger_id = $1")
-        .bind(trigger)
-        .execute(&mut *conn)
-        .await?;
+    tick_due_since(&mut *conn, trigger, "1 second").await?;
     triggers::set_enabled(&mut conn, app, trigger, true).await?;
     let kept: bool = sqlx::query_scalar(
         "SELECT next_fire_at < now() FROM cron_trigger_details WHERE trigger_id = $1",
@@ -647,10 +655,7 @@ async fn a_cron_trigger_enabled_again_waits_for_its_next_tick() -> TestResult {
     .await?;
     assert!(kept, "enabling an enabled trigger moved its due tick");
     triggers::set_enabled(&mut conn, app, trigger, false).await?;
-    sqlx::query("UPDATE cron_trigger_details SET next_fire_at = now() - interval '9 hours' WHERE trigger_id = $1")
-        .bind(trigger)
-        .execute(&mut *conn)
-        .await?;
+    tick_due_since(&mut *conn, trigger, "9 hours").await?;
     triggers::set_enabled(&mut conn, app, trigger, true).await?;
     let waits: bool = sqlx::query_scalar(
         "SELECT next_fire_at > now() AND next_fire_at <= now() + interval '1 day'

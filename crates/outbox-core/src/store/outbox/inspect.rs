@@ -156,10 +156,12 @@ macro_rules! sampled_states {
                 count(*) FILTER (WHERE d.due_at <= now()
                                    AND (o.locked_until IS NULL OR o.locked_until <= now())
                                    AND o.ordering_key IS NOT NULL
-                                   AND o.enqueue_xid >= pg_snapshot_xmin(pg_current_snapshot()))
+                                   AND o.enqueue_xid >= horizon.xmin)
                     AS behind_open_transaction,
                 count(*) AS total
             FROM outbox o JOIN apps a ON a.id = o.app_id
+            -- Once per statement, not once per row the scan passes.
+            CROSS JOIN (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) AS horizon
             CROSS JOIN LATERAL (SELECT ",
             due_at!(),
             " AS due_at) AS d
