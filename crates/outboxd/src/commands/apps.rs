@@ -20,7 +20,11 @@ pub enum AppCommand {
         name: Option<String>,
     },
     /// List apps.
-    List,
+    List {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Suspend an app: its outbox rows wait and its NATS messages are dead-lettered.
     Suspend {
         /// App slug.
@@ -85,8 +89,13 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             let app = apps::ensure(&pool, &slug, &name).await?;
             println!("{}\t{}", app.id, app.slug);
         }
-        AppCommand::List => {
-            for app in apps::list(&pool).await? {
+        AppCommand::List { json } => {
+            let listed = apps::list(&pool).await?;
+            if json {
+                println!("{}", serde_json::json!({ "items": listed }));
+                return Ok(());
+            }
+            for app in listed {
                 let state = if app.suspended_at.is_some() {
                     "suspended"
                 } else {
@@ -140,7 +149,7 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             let app = apps::by_slug(&pool, &slug).await?;
             let policies = dead_letters::replay_policies(&pool, app.id).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&policies)?);
+                println!("{}", serde_json::json!({ "items": policies }));
             } else if policies.is_empty() {
                 println!("{slug}: no automatic replay");
             } else {

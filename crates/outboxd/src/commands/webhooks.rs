@@ -33,6 +33,9 @@ pub enum WebhookCommand {
         /// The app.
         #[arg(long)]
         app: String,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a target: its requests are signed with the global secret again.
     Delete {
@@ -70,9 +73,14 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
                 overlap.as_secs()
             );
         }
-        WebhookCommand::List { app } => {
+        WebhookCommand::List { app, json } => {
             let app = apps::by_slug(&pool, &app).await?;
-            for t in webhooks::list(&pool, app.id).await? {
+            let listed = webhooks::list(&pool, app.id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "items": listed }));
+                return Ok(());
+            }
+            for t in listed {
                 println!(
                     "{}\tcreated {}\trotated {}\tprevious secret valid until {}",
                     t.url,

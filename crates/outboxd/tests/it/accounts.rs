@@ -269,6 +269,13 @@ async fn webhook_targets_get_secrets_of_their_own_through_the_binary() -> TestRe
         listed.contains(url) && !listed.contains(&second),
         "{listed}"
     );
+    let listed = text(&cli(&["webhook", "list", "--app", "shop", "--json"])?.stdout);
+    let doc: serde_json::Value = serde_json::from_str(&listed)?;
+    assert_eq!(doc["items"][0]["url"], url, "{listed}");
+    assert!(
+        !listed.contains(&second) && !listed.contains(&first),
+        "{listed}"
+    );
     let bad = cli(&["webhook", "create", "--app", "shop", "ftp://x"])?;
     assert!(!bad.status.success() && text(&bad.stderr).contains("http:// or https://"));
     assert!(text(&cli(&["webhook", "delete", "--app", "shop", url])?.stdout).contains("deleted"));

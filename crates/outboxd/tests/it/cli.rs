@@ -469,6 +469,13 @@ async fn suspending_twice_says_so_and_audits_once() -> TestResult {
     assert_eq!(text(&resumed.stdout).trim(), "shop resumed");
     let again = run(outboxd(Some(&db.url)).args(["app", "resume", "shop"]))?;
     assert_eq!(text(&again.stdout).trim(), "shop was not suspended");
+    let out = run(outboxd(Some(&db.url)).args(["app", "list", "--json"]))?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let shop = listed["items"]
+        .as_array()
+        .and_then(|apps| apps.iter().find(|a| a["slug"] == "shop"))
+        .ok_or_else(|| format!("no shop in {listed}"))?;
+    assert_eq!(shop["suspended_at"], serde_json::Value::Null, "{listed}");
     let audited: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
         .fetch_all(&db.pool)
         .await?;
@@ -617,10 +624,10 @@ async fn replay_policies_are_listed_and_removed_from_the_cli() -> TestResult {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(
         listed,
-        serde_json::json!([
+        serde_json::json!({ "items": [
             {"source": null, "topic": null, "initial_delay_secs": 30, "max_rounds": 2},
             {"source": null, "topic": "mail.send", "initial_delay_secs": 5, "max_rounds": 1},
-        ])
+        ]})
     );
     let out = run(outboxd(Some(&db.url)).args(["app", "replay-policy-remove", "shop"]))?;
     assert!(out.status.success(), "{}", text(&out.stderr));
