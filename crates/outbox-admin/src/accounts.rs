@@ -71,12 +71,40 @@ pub async fn create_user(
 /// Checks a new account's e-mail and password; returns the password's hash.
 pub(crate) async fn new_user_hash(email: &str, password: &str) -> Result<String, ApiError> {
     check_password(password)?;
-    if !email.contains('@') {
+    check_email(email)?;
+    auth::Hasher::new()?.hash(password.to_owned()).await
+}
+
+/// The longest e-mail address an account may have, in bytes (the longest
+/// path SMTP carries); sign-in refuses longer ones before it looks.
+pub(crate) const MAX_EMAIL_BYTES: usize = 254;
+
+/// Checks a new account's e-mail address: at most [`MAX_EMAIL_BYTES`] once
+/// lower-cased (as it is stored), an `@`, no spaces or control characters
+/// (it is shown in the CLI, the console and the audit log).
+fn check_email(email: &str) -> Result<(), ApiError> {
+    let bytes = email.to_lowercase().len();
+    if bytes > MAX_EMAIL_BYTES {
+        return Err(ApiError::Invalid(format!(
+            "email: at most {MAX_EMAIL_BYTES} bytes (got {bytes})"
+        )));
+    }
+    if let Some(c) = email
+        .chars()
+        .find(|c| c.is_whitespace())
+        .or_else(|| outbox_core::topics::first_unprintable(email))
+    {
+        return Err(ApiError::Invalid(format!(
+            "email: must not contain spaces or control characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
+    if email.chars().count() < 3 || !email.contains('@') {
         return Err(ApiError::Invalid(format!(
             "email: {email:?} is not an e-mail address"
         )));
     }
-    auth::Hasher::new()?.hash(password.to_owned()).await
+    Ok(())
 }
 
 /// Deletes a user for `actor` (roles, sessions and API keys go with it); the

@@ -85,11 +85,25 @@ pub fn json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T,
     }
 }
 
-/// Parses a query string into `T`.
+/// Parses a query string into `T`. A parameter given twice, or holding
+/// NUL (which no stored text contains), is refused by name first: the
+/// parser took the first as a type error ("expected a whole number"), the
+/// database the second as a value it cannot store.
 pub fn query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(
-        query.unwrap_or_default().as_bytes(),
-    ));
+    let pairs = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in pairs {
+        if key.contains('\0') || value.contains('\0') {
+            return Err(ApiError::Invalid(format!(
+                "{}: must not contain NUL",
+                key.replace('\0', "\\0")
+            )));
+        }
+        if !seen.insert(key.clone()) {
+            return Err(ApiError::Invalid(format!("{key}: given more than once")));
+        }
+    }
+    let de = serde_urlencoded::Deserializer::new(pairs);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         ApiError::Invalid(field_message(&path, &err.into_inner().to_string()))
@@ -330,6 +344,8 @@ mod tests {
         for (q, want) in [
             ("limit=", "limit: has no value"),
             ("unresolved=yes", "unresolved: expected true or false"),
+            ("limit=5&limit=6", "limit: given more than once"),
+            ("unresolved=true&limit=%00", "limit: must not contain NUL"),
         ] {
             let err = query::<Flags>(Some(q))
                 .err()

@@ -39,12 +39,7 @@ pub fn next_tick_in(
             ),
         ));
     }
-    let cron: croner::Cron = schedule.parse().map_err(|e| {
-        Error::invalid(
-            "schedule",
-            format!("{schedule:?} is not a cron expression: {e}"),
-        )
-    })?;
+    let cron: croner::Cron = schedule.parse().map_err(|_| unparsed_schedule(schedule))?;
     let tz: chrono_tz::Tz = timezone.parse().map_err(|_| {
         Error::invalid(
             "timezone",
@@ -150,6 +145,41 @@ fn first_change(
         }
     }
     Some(changed.with_nanosecond(0).unwrap_or(changed))
+}
+
+/// What is wrong with a schedule the parser refused, in our words (the
+/// parser says "Component error: Number out of bounds."): the first field
+/// that the parser refuses on its own, every other field `*`, with the
+/// values that field takes.
+fn unparsed_schedule(schedule: &str) -> Error {
+    const FIELDS: [(&str, &str); 6] = [
+        ("second", "0-59"),
+        ("minute", "0-59"),
+        ("hour", "0-23"),
+        ("day-of-month", "1-31 or L"),
+        ("month", "1-12 or JAN-DEC"),
+        ("day-of-week", "0-7 or SUN-SAT"),
+    ];
+    let fields: Vec<&str> = schedule.split_whitespace().collect();
+    // Five fields have no seconds.
+    let names = &FIELDS[FIELDS.len() - fields.len().min(FIELDS.len())..];
+    for (i, (field, (name, values))) in fields.iter().zip(names).enumerate() {
+        let alone: Vec<&str> = (0..fields.len())
+            .map(|j| if j == i { *field } else { "*" })
+            .collect();
+        if alone.join(" ").parse::<croner::Cron>().is_err() {
+            return Error::invalid(
+                "schedule",
+                format!(
+                    "{schedule:?}: the {name} field {field:?} is not valid ({name} takes {values}, as single values, lists, ranges or steps)"
+                ),
+            );
+        }
+    }
+    Error::invalid(
+        "schedule",
+        format!("{schedule:?} is not a cron expression (each field is valid alone, not together)"),
+    )
 }
 
 #[cfg(test)]
@@ -302,6 +332,28 @@ mod tests {
                 err.contains(&format!("has {fields} field(s); a cron expression has 5")),
                 "{err}"
             );
+        }
+        // A bad field is named, with the values it takes, not in the
+        // parser's words ("Component error: Number out of bounds.").
+        for (schedule, says) in [
+            (
+                "99 * * * *",
+                "the minute field \"99\" is not valid (minute takes 0-59",
+            ),
+            (
+                "0 25 * * *",
+                "the hour field \"25\" is not valid (hour takes 0-23",
+            ),
+            ("0 0 * 13 *", "the month field \"13\" is not valid"),
+            ("61 0 * * * *", "the second field \"61\" is not valid"),
+            (
+                "0 0 * * MON-FOO",
+                "the day-of-week field \"MON-FOO\" is not valid",
+            ),
+        ] {
+            let err = next_tick(schedule, base).unwrap_err().to_string();
+            assert!(err.contains(says), "{schedule}: {err}");
+            assert!(!err.contains("Component") && !err.contains("Cron"), "{err}");
         }
     }
 }

@@ -218,17 +218,14 @@ pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks the topic of a row about to be written: [`validate_named_topic`]'s
-/// rules, and no control characters.
+/// Checks a topic about to be written (a row's, a pause's, a limit's):
+/// [`validate_named_topic`]'s rules, and no control characters.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
     validate_named_topic(topic)?;
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
     // operator reads.
-    if let Some(c) = topic
-        .chars()
-        .find(|c| c.is_control() || is_bidi_control(*c))
-    {
+    if let Some(c) = first_unprintable(topic) {
         return Err(Error::invalid(
             "topic",
             format!(
@@ -238,6 +235,13 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// The first control character of `text`, or the first that changes the
+/// direction of the text around it: what a name shown in logs, the console
+/// and the CLI must not contain.
+pub fn first_unprintable(text: &str) -> Option<char> {
+    text.chars().find(|c| c.is_control() || is_bidi_control(*c))
 }
 
 /// The Unicode characters that change the direction of the text around them.

@@ -36,8 +36,11 @@ pub async fn check_login(
     // What no account can have is refused as the API documents it (400,
     // naming the field), before it is counted: it tells a guesser nothing.
     // No stored e-mail contains NUL (PostgreSQL text cannot hold it).
-    if email.len() > 254 {
-        return Err(ApiError::Invalid("email: at most 254 bytes".into()));
+    if email.len() > crate::accounts::MAX_EMAIL_BYTES {
+        return Err(ApiError::Invalid(format!(
+            "email: at most {} bytes",
+            crate::accounts::MAX_EMAIL_BYTES
+        )));
     }
     if password.len() > 1024 {
         return Err(ApiError::Invalid("password: at most 1024 bytes".into()));

@@ -18,9 +18,9 @@ use crate::error::ApiError;
 ///
 /// An address that is held back is refused for every account. An account
 /// that is held back is refused only to addresses that have failed on it
-/// and have not signed in to it within the window: someone guessing
-/// elsewhere can never lock the rightful owner out of a client that has not
-/// been failing, nor, after a typo, out of one it signs in from.
+/// more than once (`TYPOS_FORGIVEN`) and have not signed in to it within
+/// the window: someone guessing elsewhere can never lock the rightful owner
+/// out after a typo, from a new network as from a client it signs in from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThrottleConfig {
     /// Failures of one account (from anywhere) before it is held back.
@@ -49,6 +49,13 @@ impl Default for ThrottleConfig {
         }
     }
 }
+
+/// Failures of an address on an account that is held back before the
+/// account's hold applies to that address too: an owner on a new network
+/// who mistypes once still signs in, at the price of one more guess per
+/// address for someone guessing from many (the pair's own limit still
+/// holds each address back).
+pub const TYPOS_FORGIVEN: u32 = 1;
 
 /// The login throttle of [`ThrottleConfig`], kept in PostgreSQL so every
 /// outboxd process sees the same counts and a restart forgets nothing.
@@ -81,7 +88,8 @@ impl ThrottleKeys {
 
     /// How long an attempt must wait, from its keys' states: a held-back
     /// address or pair always; a held-back account only for an address that
-    /// has failed on it and is not `known` (signed in to it lately).
+    /// has failed on it more than [`TYPOS_FORGIVEN`] times and is not
+    /// `known` (signed in to it lately).
     fn wait(&self, states: &[login_throttle::KeyState], known: bool) -> Option<Duration> {
         let now = chrono::Utc::now();
         let wait = |key: &str| {
@@ -92,7 +100,9 @@ impl ThrottleKeys {
                 .filter(|until| *until > now)
                 .map(|until| (until - now).to_std().unwrap_or_default())
         };
-        let pair_failing = states.iter().any(|s| s.key == self.pair && s.failures > 0);
+        let pair_failing = states
+            .iter()
+            .any(|s| s.key == self.pair && i64::from(s.failures) > i64::from(TYPOS_FORGIVEN));
         let account_wait = wait(&self.account).filter(|_| pair_failing && !known);
         [wait(&self.address), wait(&self.pair), account_wait]
             .into_iter()

@@ -121,9 +121,18 @@ pub(super) fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Reads a urlencoded form (all values of every key), within the body limit.
+/// Reads a urlencoded form (all values of every key), within the body
+/// limit. A form whose bytes or escapes are not UTF-8 is refused, as the
+/// API refuses them: decoded with replacement characters, it paused a topic
+/// no producer writes.
 pub(super) async fn form(req: Request, limit: usize) -> Result<Vec<(String, String)>, ApiError> {
     let bytes = crate::strict::body(req, limit).await?;
+    if percent_encoding::percent_decode(&bytes)
+        .decode_utf8()
+        .is_err()
+    {
+        return Err(ApiError::Invalid("form: a field is not valid UTF-8".into()));
+    }
     Ok(form_urlencoded::parse(&bytes).into_owned().collect())
 }
 

@@ -280,6 +280,20 @@ async fn the_topics_page_pauses_and_resumes_with_csrf_and_roles() -> TestResult 
         .await?,
         StatusCode::FORBIDDEN
     );
+    // Bytes that are not UTF-8, or a control character: refused, as the
+    // API refuses them (they paused a topic of replacement characters).
+    for topic in ["%FF%FE", "a%1Bb"] {
+        assert_eq!(
+            post(
+                operator_jar.clone(),
+                "/apps/app-a/topics/pause",
+                format!("csrf={operator_csrf}&topic={topic}")
+            )
+            .await?,
+            StatusCode::BAD_REQUEST,
+            "{topic}"
+        );
+    }
     assert!(pauses::list(&w.db.pool, w.app_a).await?.is_empty());
     assert_eq!(
         post(

@@ -35,7 +35,7 @@ pub async fn pause<'e>(
     by: Option<&str>,
     reason: Option<&str>,
 ) -> Result<bool, Error> {
-    crate::topics::validate_named_topic(topic)?;
+    crate::topics::validate_new_topic(topic)?;
     if reason.is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
         return Err(Error::invalid(
             "reason",
