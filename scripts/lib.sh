@@ -112,6 +112,8 @@ start_postgres() {
   local dir="$1" mode="${2:-durable}"
   ensure_postgres
   mkdir -p "$dir"
+  # The server runs elsewhere: a relative path would be taken from its directory.
+  dir="$(cd "$dir" && pwd)"
   if [ "$(id -u)" = 0 ]; then
     pg_run true # picks PG_USER
     chown -R "$PG_USER" "$dir"
@@ -175,6 +177,9 @@ stop_postgres() {
   [ -n "$dir" ] || return 0
   [ -L "$dir/cluster" ] && dir="$(readlink -f "$dir/cluster")"
   if [ -f "$dir/data/PG_VERSION" ]; then
+    # Called on its own (not after start_postgres), PG_BIN is not known yet.
+    [ -n "${PG_BIN:-}" ] || PG_BIN="$(pg_bindir)"
+    [ -n "$PG_BIN" ] || { log "no PostgreSQL binaries found to stop $dir"; return 0; }
     pg_run "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
 }

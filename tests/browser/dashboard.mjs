@@ -255,7 +255,7 @@ try {
   await page.check(`input[name="ids"][value="${selectable[0]}"]`);
   await page.click('button[name="action"][value="ignore"]');
   await page.waitForSelector("#flash");
-  check((await page.textContent("#flash")).startsWith("Done for 1 dead letter")
+  check((await page.textContent("#flash")).startsWith("Marked 1 dead letter ignored")
         && sql(`SELECT resolution FROM dead_letters WHERE id = '${selectable[0]}'`) === "ignored",
         "Ignore selected resolves the ticked dead letter");
 

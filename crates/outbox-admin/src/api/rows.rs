@@ -166,7 +166,8 @@ pub struct RowList {
     pub before: Option<String>,
     /// The `after` cursor of the next page, when there is one.
     pub after: Option<String>,
-    /// How many rows match: exact up to 1,000, else an estimate.
+    /// How many rows match: exact up to 1,000, else an estimate or a lower
+    /// bound.
     pub count: RowCount,
 }
 
@@ -192,7 +193,9 @@ pub async fn list_rows(
 }
 
 /// How many of `app_id`'s rows matching `filter` each action would touch
-/// now: `(cancel, retry)`, the idle rows and the waiting ones.
+/// now: `(cancel, retry)`, the idle rows and the waiting ones; exact up to
+/// what one action takes (`MAX_CANCEL_BATCH`), so that the confirmation
+/// says what will happen, within a page's budget.
 pub async fn count_touched(
     pool: &sqlx::PgPool,
     app_id: Uuid,
@@ -207,8 +210,8 @@ pub async fn count_touched(
         ..filter.clone()
     };
     Ok(tokio::try_join!(
-        store::count_matching(pool, app_id, &idle, COUNT_BOUND, COUNT_BUDGET),
-        store::count_matching(pool, app_id, &waiting, COUNT_BOUND, COUNT_BUDGET),
+        store::count_matching(pool, app_id, &idle, store::MAX_CANCEL_BATCH, PAGE_BUDGET),
+        store::count_matching(pool, app_id, &waiting, store::MAX_CANCEL_BATCH, PAGE_BUDGET),
     )?)
 }
 

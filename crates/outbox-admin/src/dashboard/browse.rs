@@ -5,7 +5,7 @@
 
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use outbox_core::store::outbox::{MAX_CANCEL_BATCH, RowCount, RowState};
+use outbox_core::store::outbox::{MAX_CANCEL_BATCH, RowCount, RowFilter, RowState};
 use uuid::Uuid;
 
 use crate::AdminState;
@@ -99,10 +99,11 @@ fn short_id(id: Uuid) -> String {
 }
 
 fn count_text(count: RowCount) -> String {
-    match (count.rows, count.exact) {
-        (1, true) => "1 row".to_owned(),
-        (n, true) => format!("{n} rows"),
-        (n, false) => format!("about {n} rows (an estimate)"),
+    match (count.rows, count.exact, count.at_least) {
+        (1, true, _) => "1 row".to_owned(),
+        (n, true, _) => format!("{n} rows"),
+        (n, false, true) => format!("more than {} rows", n - 1),
+        (n, false, false) => format!("about {n} rows (an estimate)"),
     }
 }
 
@@ -246,9 +247,10 @@ pub(super) async fn browse_page(
     }
     if operator && !list.rows.is_empty() {
         body.push_str(&format!(
-            r#"<h2>Act on every row of this filter</h2><form method=post action="/apps/{slug}/outbox/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}">{hidden}
+            r#"<h2>Act on every row of {scope}</h2><form method=post action="/apps/{slug}/outbox/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}">{hidden}
 <p><label>Action <select name=action><option value=retry>Retry now (scheduled and retrying rows become due)</option><option value=cancel>Cancel (each becomes an ignored dead letter)</option></select></label> <label>Reason (for cancel) <input name=reason maxlength=1000></label> <button type=submit>Review…</button></p>
 <p class=muted>The next page shows how many rows it will touch before anything changes. Running rows are left to finish.</p></form>"#,
+            scope = if filter_pairs(&q).is_empty() { "the app" } else { "this filter" },
             csrf = esc(&session.csrf),
             hidden = hidden_filter(&q),
         ));
@@ -294,11 +296,16 @@ pub(super) async fn bulk_on_filter(
                 String::new()
             };
             let body = format!(
-                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} match this filter.{capped}</p><p>{what}.</p>{reason_line}
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p><p>{what}.</p>{reason_line}
 <form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),
                 count = count_text(touched),
+                scope = if filter == RowFilter::default() {
+                    "in the app (no filter: every row)"
+                } else {
+                    "match this filter"
+                },
                 reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc(&reason)) } else { String::new() },
                 csrf = esc(&session.csrf),
                 hidden = hidden_filter(&q),

@@ -234,8 +234,13 @@ pub(super) async fn bulk(
             max_attempts: None,
         };
         let done = api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
+        let what = if body.action == "replay" {
+            "bulk-replay"
+        } else {
+            "bulk-ignore"
+        };
         Ok::<_, ApiError>(format!(
-            "/apps/{}/dead-letters?unresolved=true&done=bulk&rows={done}",
+            "/apps/{}/dead-letters?unresolved=true&done={what}&rows={done}",
             app.slug
         ))
     }

@@ -79,10 +79,19 @@ impl Flash {
             }
             Some("replay") => "Replayed: a new row is in the outbox.".to_owned(),
             Some("ignore") => "Marked ignored.".to_owned(),
-            Some("bulk") => format!(
-                "Done for {rows} dead {}.",
+            Some("bulk-replay" | "bulk-ignore") if rows == 0 => {
+                "No dead letter changed: none was selected, or each was resolved already."
+                    .to_owned()
+            }
+            Some("bulk-replay") => format!(
+                "Replayed {rows} dead {}: each is a new row in the outbox.",
                 if rows == 1 { "letter" } else { "letters" }
             ),
+            Some("bulk-ignore") => format!(
+                "Marked {rows} dead {} ignored.",
+                if rows == 1 { "letter" } else { "letters" }
+            ),
+            Some("pause") if rows == 0 => "It was paused already; nothing changed.".to_owned(),
             Some("pause") => {
                 "Paused: processes stop claiming its rows within about a second.".to_owned()
             }

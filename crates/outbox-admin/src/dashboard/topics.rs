@@ -140,12 +140,16 @@ pub(super) async fn change_topic(
         let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
         let topic = field(&form, "topic").unwrap_or_default().trim().to_owned();
         let actor = audit::actor(&session.principal);
+        // How many topics changed: a pause of a paused topic changes none.
+        let mut changed = 1;
         match action.as_str() {
             "pause" => {
                 let reason = field(&form, "reason")
                     .map(str::trim)
                     .filter(|r| !r.is_empty());
-                api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await?;
+                if !api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await? {
+                    changed = 0;
+                }
             }
             "resume" => {
                 api::resume_topic(&state.pool, &actor, app.id, &topic).await?;
@@ -164,7 +168,10 @@ pub(super) async fn change_topic(
             }
             _ => return Err(ApiError::not_found("action")),
         }
-        Ok::<_, ApiError>(format!("/apps/{}/topics?done={action}", app.slug))
+        Ok::<_, ApiError>(format!(
+            "/apps/{}/topics?done={action}&rows={changed}",
+            app.slug
+        ))
     }
     .await;
     after_form(result)

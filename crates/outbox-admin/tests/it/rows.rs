@@ -303,7 +303,10 @@ async fn the_api_browses_rows_by_filter_page_by_page_with_bounded_counts() -> Te
         .await?;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["rows"].as_array().ok_or("rows")?.len(), 12);
-    assert_eq!(body["count"], json!({"rows": 30, "exact": true}));
+    assert_eq!(
+        body["count"],
+        json!({"rows": 30, "exact": true, "at_least": false})
+    );
     assert!(body["before"].is_null());
     assert!(
         body["rows"][0].get("payload").is_none(),
@@ -370,8 +373,14 @@ async fn the_api_browses_rows_by_filter_page_by_page_with_bounded_counts() -> Te
         )
         .await?;
     assert_eq!(s, StatusCode::OK, "{body}");
-    assert_eq!(body["rows"], json!({"rows": 30, "exact": true}));
-    assert_eq!(body["idle"], json!({"rows": 30, "exact": true}));
+    assert_eq!(
+        body["rows"],
+        json!({"rows": 30, "exact": true, "at_least": false})
+    );
+    assert_eq!(
+        body["idle"],
+        json!({"rows": 30, "exact": true, "at_least": false})
+    );
 
     // Bad input says what is wrong and what is accepted.
     for (query, says) in [
@@ -668,6 +677,17 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
         listed.contains("<p id=row-count>15 rows</p>"),
         "nothing changed yet"
     );
+    // Without a filter the action takes every row of the app, and the
+    // review says so in so many words.
+    let (_, _, html) = page(&w, &operator, "/apps/app-a/outbox").await?;
+    assert!(html.contains("Act on every row of the app"), "{html}");
+    let everything = format!("csrf={csrf}&action=cancel&reason=all+of+it");
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &everything).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("not running in the app (no filter: every row)"),
+        "{html}"
+    );
     // Confirmed: done, and the browser says so.
     let (s, to, flash, _) = post_form_with_flash(
         &w,
@@ -795,5 +815,35 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
         "{html}"
     );
     assert_eq!(ids.len(), 31);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pause_of_a_paused_topic_says_nothing_changed() -> TestResult {
+    let w = World::new().await?;
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+    let form = format!("csrf={csrf}&topic=mail.send&reason=smtp");
+    let mut said = Vec::new();
+    for _ in 0..2 {
+        let (s, to, flash, _) =
+            post_form_with_flash(&w, &operator, "/apps/app-a/topics/pause", &form).await?;
+        assert_eq!(s, StatusCode::SEE_OTHER);
+        let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
+        let start = html.find("id=flash>").ok_or("no flash")? + "id=flash>".len();
+        let end = start + html[start..].find('<').ok_or("unclosed flash")?;
+        said.push(html[start..end].to_owned());
+    }
+    assert_eq!(
+        said,
+        [
+            "Paused: processes stop claiming its rows within about a second.",
+            "It was paused already; nothing changed.",
+        ]
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'topic.pause'")
+            .fetch_one(&w.db.pool)
+            .await?;
+    assert_eq!(audited, 1);
     Ok(())
 }

@@ -272,12 +272,36 @@ async fn counts_are_exact_up_to_the_bound_and_estimates_beyond_it_or_when_slow()
         exact,
         store::RowCount {
             rows: 30,
-            exact: true
+            exact: true,
+            at_least: false,
         }
     );
     let bounded = store::count_matching(&db.pool, shop, &f, 10, BUDGET).await?;
     assert!(!bounded.exact);
     assert!(bounded.rows > 10, "at least past the bound: {bounded:?}");
+
+    // Rows of a topic the statistics do not know yet: the planner expects
+    // fewer than were counted, so the answer is a lower bound, and says so
+    // (it said "about 11" for thousands of rows).
+    let events: Vec<outbox_core::NewEvent> = (0..40)
+        .map(|n| outbox_core::NewEvent::new("fresh", serde_json::json!({ "n": n })))
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    outbox_core::enqueue_batch(&mut tx, shop, &events).await?;
+    tx.commit().await?;
+    let fresh = RowFilter {
+        topic: Some("fresh".into()),
+        ..RowFilter::default()
+    };
+    let lower = store::count_matching(&db.pool, shop, &fresh, 10, BUDGET).await?;
+    assert_eq!(
+        lower,
+        store::RowCount {
+            rows: 11,
+            exact: false,
+            at_least: true,
+        }
+    );
 
     // A count (and a page) that cannot finish within the budget — here the
     // table is locked — comes back in time: an estimate, or a refusal.

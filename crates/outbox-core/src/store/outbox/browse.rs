@@ -334,11 +334,16 @@ pub struct RowPage {
 /// How many rows match, counted up to a bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RowCount {
-    /// The exact count when `exact`, else the planner's estimate (at least
-    /// the bound when counting got that far).
+    /// The exact count when `exact`, else the planner's estimate, or one
+    /// more than the bound when counting got past it and the planner
+    /// expected fewer (then `at_least`).
     pub rows: i64,
-    /// False when `rows` is an estimate.
+    /// False when `rows` is not the exact count.
     pub exact: bool,
+    /// True when `rows` is a lower bound: the count stopped at the bound
+    /// and the planner's estimate was lower (its statistics do not know
+    /// the rows yet), so more rows than `rows` may match.
+    pub at_least: bool,
 }
 
 /// The most rows [`browse`] returns.
@@ -476,7 +481,11 @@ pub async fn count_matching(
     let read = async |conn: &mut PgConnection| q.build_query_scalar::<i64>().fetch_one(conn).await;
     let counted = within(pool, budget, filter, read).await?;
     if let Some(rows) = counted.filter(|rows| *rows <= bound) {
-        return Ok(RowCount { rows, exact: true });
+        return Ok(RowCount {
+            rows,
+            exact: true,
+            at_least: false,
+        });
     }
     let mut q = QueryBuilder::new("EXPLAIN (FORMAT JSON) SELECT 1 FROM outbox o");
     filter.push_where(&mut q, app);
@@ -487,10 +496,11 @@ pub async fn count_matching(
         .await?
         .and_then(|plan| plan.pointer("/0/Plan/Plan Rows").and_then(Value::as_f64))
         .unwrap_or(0.0) as i64;
-    let at_least = if counted.is_some() { bound + 1 } else { 0 };
+    let counted_past = if counted.is_some() { bound + 1 } else { 0 };
     Ok(RowCount {
-        rows: estimate.max(at_least),
+        rows: estimate.max(counted_past),
         exact: false,
+        at_least: estimate < counted_past,
     })
 }
 
