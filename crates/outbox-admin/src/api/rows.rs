@@ -107,6 +107,16 @@ impl RowQuery {
             !(v.as_object().is_some_and(|o| o.is_empty())
                 || v.as_array().is_some_and(|a| a.is_empty()))
         });
+        // Said here under the parameter's name (the store calls it
+        // payload_contains).
+        if payload_contains
+            .as_ref()
+            .is_some_and(|v| !(v.is_object() || v.is_array()))
+        {
+            return Err(ApiError::Invalid(
+                "payload: must be a JSON object or array, e.g. {\"customer\":\"c-1\"}".into(),
+            ));
+        }
         Ok(RowFilter {
             topic: given(&self.topic).map(str::to_owned),
             state: given(&self.state).map(str::parse).transpose()?,

@@ -140,8 +140,9 @@ pub(super) async fn read_stream(
 pub(crate) struct AuditQuery {
     /// Entries older than this one (the last `id` of the previous page).
     pub before: Option<i64>,
-    /// At most this many (1..=500, default 100).
-    pub limit: Option<u32>,
+    /// At most this many (1..=500, default 100). Signed, so that a
+    /// negative one is told the range as elsewhere.
+    pub limit: Option<i64>,
 }
 
 impl AuditQuery {
@@ -149,7 +150,7 @@ impl AuditQuery {
     pub(crate) fn limit(&self) -> Result<u32, ApiError> {
         match self.limit {
             None => Ok(100),
-            Some(n @ 1..=500) => Ok(n),
+            Some(n @ 1..=500) => Ok(n as u32),
             Some(n) => Err(ApiError::Invalid(format!("limit: {n} is outside 1..=500"))),
         }
     }

@@ -494,6 +494,22 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "/api/apps/app-a/outbox?field=noequals",
             "field: \"noequals\" is not key=value",
         ),
+        (
+            "/api/apps/app-a/outbox?payload=123",
+            "payload: must be a JSON object",
+        ),
+        (
+            "/api/apps/app-a/audit?limit=-1",
+            "limit: -1 is outside 1..=500",
+        ),
+        (
+            "/api/apps/app-a/outbox?limit=5&limit=6",
+            "limit: given more than once",
+        ),
+        (
+            "/api/apps/app-a/activity?topic=%00",
+            "topic: must not contain NUL",
+        ),
     ] {
         let (s, answer) = w.call("GET", uri, Some(&root), None).await?;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {answer}");

@@ -387,7 +387,7 @@ async fn the_api_browses_rows_by_filter_page_by_page_with_bounded_counts() -> Te
         ("state=stuck", "state"),
         ("field=novalue", "field"),
         ("payload=%7Bnot-json", "payload"),
-        ("payload=5", "payload_contains"),
+        ("payload=5", "payload: must be a JSON object"),
         ("created_from=yesterday", "created_from"),
         ("limit=0", "limit"),
         ("after=garbage", "cursor"),
