@@ -219,7 +219,11 @@ pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
 }
 
 /// Checks a topic about to be written (a row's, a pause's, a limit's):
-/// [`validate_named_topic`]'s rules, and no control characters.
+/// [`validate_named_topic`]'s rules, no control characters, and (but for a
+/// webhook's URL) what a NATS subject's tokens need: no whitespace, no
+/// empty token, no `*` or `>` within a token. The relay turns a topic into
+/// subject tokens; a topic without them was accepted and then
+/// dead-lettered on its first relay, or never claimed by a `>` pattern.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
     validate_named_topic(topic)?;
     // A topic is shown in logs, metrics, the console and the CLI: a line
@@ -233,6 +237,33 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
                 u32::from(c)
             ),
         ));
+    }
+    if !topic.starts_with(WEBHOOK_PREFIX) {
+        if let Some(c) = topic.chars().find(|c| c.is_whitespace()) {
+            return Err(Error::invalid(
+                "topic",
+                format!(
+                    "must not contain whitespace (found U+{:04X}): a topic is dot-separated names such as orders.created",
+                    u32::from(c)
+                ),
+            ));
+        }
+        if topic.split('.').any(str::is_empty) {
+            return Err(Error::invalid(
+                "topic",
+                format!(
+                    "{topic:?} has an empty name (a dot at its start or end, or two in a row): a topic is dot-separated names such as orders.created"
+                ),
+            ));
+        }
+        if let Some(c) = topic.chars().find(|c| matches!(c, '*' | '>')) {
+            return Err(Error::invalid(
+                "topic",
+                format!(
+                    "{topic:?} holds {c:?}, a wildcard of patterns such as nats.relay_topics; a topic's names hold no '*' or '>'"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -278,6 +309,35 @@ mod tests {
             ("webhook:https://h\u{1b}[31m/x", "webhook:https://…"),
         ] {
             assert_eq!(shown(topic), shown_as, "{topic}");
+        }
+    }
+
+    #[test]
+    fn a_new_topic_is_what_a_nats_subject_can_carry() {
+        for ok in [
+            "orders.created",
+            "a",
+            "billing:invoice.v2",
+            "webhook:https://hooks.example.com/a b",
+        ] {
+            assert!(validate_new_topic(ok).is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("a b", "whitespace (found U+0020)"),
+            ("a\u{a0}b", "whitespace (found U+00A0)"),
+            ("a..b", "empty name"),
+            (".a", "empty name"),
+            ("a.", "empty name"),
+            ("a*b", "holds '*'"),
+            ("orders.>x", "holds '>'"),
+            ("a.*", "is a pattern"),
+            ("a\nb", "control characters (found U+000A)"),
+        ] {
+            let err = validate_new_topic(bad).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(says)),
+                "{bad:?}: {err:?}"
+            );
         }
     }
 
@@ -358,13 +418,16 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains("is a pattern"), "{pattern:?}: {err}");
         }
-        assert!(
-            crate::NewEvent::new("orders.a*b.>x", serde_json::json!({}))
-                .validate()
-                .is_ok()
-        );
-        // A filter still finds a row that plain SQL wrote with one, and an
-        // action (pause, limit, cancel) can still name it; not a pattern.
+        // A wildcard within a name is no pattern, but no subject token
+        // either: refused as such.
+        let err = crate::NewEvent::new("orders.a*b.>x", serde_json::json!({}))
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("holds '*'"), "{err}");
+        // A filter still finds a row that plain SQL wrote with one, and a
+        // cancel can still name it; not a pattern.
         assert!(validate_topic("a\nb").is_ok());
         assert!(validate_named_topic("a\nb").is_ok());
         assert!(validate_named_topic("a.*").is_err());

@@ -226,10 +226,15 @@ fn token<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str, String> {
     match value {
         None => Err(format!("subject token {name} is missing")),
         Some("") => Err(format!("subject token {name} is empty")),
-        Some(v) if v.contains(['.', '*', '>']) || v.chars().any(char::is_whitespace) => Err(
-            format!("subject token {name} is {v:?}, which holds '.', '*', '>' or whitespace"),
-        ),
-        Some(v) => Ok(v),
+        Some(v) => match v
+            .chars()
+            .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+        {
+            Some(c) => Err(format!(
+                "subject token {name} is {v:?}, which holds {c:?} (a subject token holds no '.', '*', '>' or whitespace)"
+            )),
+            None => Ok(v),
+        },
     }
 }
 

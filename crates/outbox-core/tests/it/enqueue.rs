@@ -127,6 +127,32 @@ async fn invalid_events_are_refused_with_the_field_named() -> TestResult {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("topic"), "{err}");
+    for topic in ["a b", "a..b", "orders.", "a*b"] {
+        let err = enqueue(&mut conn, app, &NewEvent::new(topic, payload(1)))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid topic"),
+            "{topic}: {err}"
+        );
+    }
+    // A webhook's URL is checked as a URL, not as subject tokens.
+    enqueue(
+        &mut conn,
+        app,
+        &NewEvent::new("webhook:https://hooks.example.com/a..b", payload(1)),
+    )
+    .await?;
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *conn)
+        .await?;
+    // The SQL function agrees.
+    sqlx::query("SELECT outbox_enqueue('shop', 'webhook:https://hooks.example.com/a..b')")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *conn)
+        .await?;
     let err = enqueue(
         &mut conn,
         uuid::Uuid::new_v4(),
@@ -191,6 +217,32 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
             r"SELECT outbox_enqueue('shop', E'a\nb')".into(),
             "23514",
             "control characters",
+        ),
+        // What cannot become NATS subject tokens (migration 0041).
+        (
+            "SELECT outbox_enqueue('shop', 'a b')".into(),
+            "23514",
+            "must not contain whitespace",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a' || chr(160) || 'b')".into(),
+            "23514",
+            "must not contain whitespace",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a..b')".into(),
+            "23514",
+            "empty name",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', '.a')".into(),
+            "23514",
+            "empty name",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a*b')".into(),
+            "23514",
+            "hold no '*' or '>'",
         ),
         (
             "SELECT outbox_enqueue('shop', 't', p_source => NULL)".into(),
