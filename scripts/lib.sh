@@ -281,7 +281,11 @@ start_nats() {
   ensure_nats
   mkdir -p "$dir/js"
   NATS_PORT="$(free_port)"
-  "$NATS_BIN" -js -sd "$dir/js" -a 127.0.0.1 -p "$NATS_PORT" -l "$dir/nats.log" -P "$dir/nats.pid" &
+  dir="$(cd "$dir" && pwd)"
+  # Its own output goes to a file: a caller that captures or pipes ours
+  # (`$(start_nats …)`, `| tail`) would otherwise wait for the server to exit.
+  "$NATS_BIN" -js -sd "$dir/js" -a 127.0.0.1 -p "$NATS_PORT" -l "$dir/nats.log" -P "$dir/nats.pid" \
+    </dev/null >>"$dir/nats.out" 2>&1 &
   local i
   for i in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break

@@ -48,7 +48,7 @@ pub async fn run(
         stop.clone(),
     ));
     println!(
-        "demo running: app {APP:?}; see its dead letters with `outboxd dead-letters list --app {APP}`"
+        "demo running: app {APP:?}; its dead letters: `outboxd dead-letters list --app {APP}` (scripts/outboxd.sh with scripts/demo.sh)"
     );
     let report = crate::daemon::run(settings, registry(), stop.clone().cancelled_owned()).await;
     stop.cancel();
@@ -68,13 +68,11 @@ pub fn registry() -> Registry {
             tokio::time::sleep(Duration::from_millis(5)).await;
             Ok(())
         })
-        .register("email.send", |event: Event| async move {
-            // Flaky: usually succeeds by the second or third attempt.
+        .register("email.send", |_event: Event| async move {
+            // Flaky: usually succeeds by the second or third attempt. (The
+            // dispatcher adds the attempt to the error.)
             if fastrand::u8(..100) < 40 {
-                return Err(HandlerError::retry(format!(
-                    "SMTP 421 service not available (attempt {})",
-                    event.attempt
-                )));
+                return Err(HandlerError::retry("SMTP 421 service not available"));
             }
             Ok(())
         })

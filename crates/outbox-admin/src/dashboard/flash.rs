@@ -22,8 +22,9 @@ use super::session::{cookie, query_pairs, set_cookie_at};
 
 const FLASH_COOKIE: &str = "outboxd_flash";
 
-/// The result fields an action puts in its redirect.
-const FIELDS: [&str; 3] = ["done", "rows", "more"];
+/// The result fields an action puts in its redirect (`named`: what it was
+/// done to, e.g. a topic; not `topic`, which pages take as a filter).
+const FIELDS: [&str; 4] = ["done", "rows", "more", "named"];
 
 /// Long enough for the browser to follow the redirect, short enough that
 /// a result not shown (an error page came between) does not turn up later.
@@ -72,6 +73,7 @@ impl Flash {
         } else {
             ""
         };
+        let named = self.get("named").unwrap_or("the topic");
         let text = match self.done() {
             Some("retry") => format!("Made {rows} {noun} due now.{more}"),
             Some("cancel") => {
@@ -91,13 +93,13 @@ impl Flash {
                 "Marked {rows} dead {} ignored.",
                 if rows == 1 { "letter" } else { "letters" }
             ),
-            Some("pause") if rows == 0 => "It was paused already; nothing changed.".to_owned(),
+            Some("pause") if rows == 0 => format!("{named} was paused already; nothing changed."),
             Some("pause") => {
-                "Paused: processes stop claiming its rows within about a second.".to_owned()
+                format!("Paused {named}: processes stop claiming its rows within about a second.")
             }
-            Some("resume") => "Resumed.".to_owned(),
-            Some("limit") => "Limit set.".to_owned(),
-            Some("unlimit") => "Limit removed.".to_owned(),
+            Some("resume") => format!("Resumed {named}."),
+            Some("limit") => format!("Limit set on {named}."),
+            Some("unlimit") => format!("Limit removed from {named}."),
             _ => return String::new(),
         };
         format!(r#"<p class=flash role=status id=flash>{}</p>"#, esc(&text))

@@ -54,6 +54,16 @@ pub fn routes(secure_cookies: bool) -> Router<AdminState> {
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/apps", get(apps_page))
+        // An app's own page is its overview.
+        .route(
+            "/apps/{app}",
+            get(
+                |axum::extract::Path(app): axum::extract::Path<String>| async move {
+                    let app: String = form_urlencoded::byte_serialize(app.as_bytes()).collect();
+                    Redirect::to(&format!("/apps/{app}/topics"))
+                },
+            ),
+        )
         .route("/apps/{app}/dead-letters", get(list_page))
         .route("/apps/{app}/dead-letters/bulk", post(bulk))
         .route("/apps/{app}/dead-letters/{id}", get(detail_page))

@@ -168,8 +168,9 @@ pub(super) async fn change_topic(
             }
             _ => return Err(ApiError::not_found("action")),
         }
+        let named: String = form_urlencoded::byte_serialize(topic.as_bytes()).collect();
         Ok::<_, ApiError>(format!(
-            "/apps/{}/topics?done={action}&rows={changed}",
+            "/apps/{}/topics?done={action}&rows={changed}&named={named}",
             app.slug
         ))
     }

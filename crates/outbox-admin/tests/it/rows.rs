@@ -836,8 +836,8 @@ async fn a_pause_of_a_paused_topic_says_nothing_changed() -> TestResult {
     assert_eq!(
         said,
         [
-            "Paused: processes stop claiming its rows within about a second.",
-            "It was paused already; nothing changed.",
+            "Paused mail.send: processes stop claiming its rows within about a second.",
+            "mail.send was paused already; nothing changed.",
         ]
     );
     let audited: i64 =

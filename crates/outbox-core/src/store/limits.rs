@@ -118,8 +118,8 @@ impl Limits {
         };
         if max_running.is_none() && max_running_per_key.is_none() && rate.is_none() {
             return Err(Error::invalid(
-                "max_running",
-                "max_running_per_key or rate_per_sec is needed: give a concurrency limit, a rate limit, or both",
+                "limits",
+                "none given: give max_running, max_running_per_key or rate_per_sec (a concurrency limit, a rate limit, or both)",
             ));
         }
         Ok(ValidLimits {

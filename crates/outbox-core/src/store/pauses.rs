@@ -93,3 +93,24 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app: Uuid) -> Result<Vec<TopicPau
 pub fn pause_key(app: Uuid, topic: &str) -> String {
     format!("{app}/{topic}")
 }
+
+/// Whether anything names `topic` of `app`: rows of it in the leader's
+/// latest sample, a live process serving it by name, or dead letters of it.
+/// A pause of a topic nothing names is most likely a typo, which the CLI
+/// points out.
+pub async fn topic_seen<'e>(
+    db: impl PgExecutor<'e>,
+    app: Uuid,
+    topic: &str,
+) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox_topic_states WHERE app_id = $1 AND topic = $2)
+             OR EXISTS (SELECT 1 FROM outbox_processes
+                        WHERE expires_at > now() AND $2 = ANY (topics))
+             OR EXISTS (SELECT 1 FROM dead_letters WHERE app_id = $1 AND topic = $2)",
+    )
+    .bind(app)
+    .bind(topic)
+    .fetch_one(db)
+    .await?)
+}

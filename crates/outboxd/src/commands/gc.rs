@@ -10,6 +10,10 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
     let sweeper = Sweeper::new(pool.clone(), settings.sweeper_config());
     if !once {
+        eprintln!(
+            "outboxd gc: sweeping on gc.schedule {:?} until SIGTERM or Ctrl-C (--once sweeps once and exits)",
+            settings.gc.schedule
+        );
         Supervisor::new(pool)
             .without_leadership()
             .with(sweeper)

@@ -18,6 +18,23 @@ pub(crate) fn cli_error(err: ApiError) -> anyhow::Error {
     }
 }
 
+/// A limit's refusal in the words of `topic limit`'s flags: the store names
+/// the API's fields (`max_running: is 0; …`).
+fn in_flags(err: anyhow::Error) -> anyhow::Error {
+    // The longer name first: it contains the shorter.
+    let text = [
+        ("max_running_per_key", "--max-running-per-key"),
+        ("max_running", "--max-running"),
+        ("rate_per_sec", "--rate"),
+        ("burst", "--burst"),
+    ]
+    .iter()
+    .fold(err.to_string(), |text, (field, flag)| {
+        text.replace(field, flag)
+    });
+    anyhow::anyhow!(text)
+}
+
 /// Who the audit log, a pause and a cancelled row name for a command run
 /// here: `cli`, with the account that ran it when the shell says.
 pub(crate) fn cli_actor() -> String {
@@ -136,6 +153,11 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 .map_err(cli_error)?
             {
                 println!("{app}: {topic} paused");
+                if !pauses::topic_seen(&pool, id, &topic).await? {
+                    eprintln!(
+                        "note: nothing names {topic:?} in {app} yet (no rows sampled, no process serving it by name, no dead letters): check the spelling; `outboxd processes` lists what is served"
+                    );
+                }
             } else {
                 println!("{app}: {topic} was already paused");
             }
@@ -156,6 +178,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             if json {
                 println!("{}", serde_json::json!({ "items": paused }));
                 return Ok(());
+            }
+            // Said aside, so that a script reading the lines reads none.
+            if paused.is_empty() {
+                eprintln!("{app}: no topic is paused");
             }
             for p in paused {
                 println!(
@@ -188,7 +214,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             };
             let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted)
                 .await
-                .map_err(cli_error)?;
+                .map_err(|err| in_flags(cli_error(err)))?;
             let now = describe(set.max_running(), set.max_running_per_key(), set.rate());
             // The limits given replace the earlier ones: say what went, so
             // that a limit dropped by leaving its flag out is not a surprise.
@@ -221,6 +247,9 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             if json {
                 println!("{}", serde_json::json!({ "items": limited }));
                 return Ok(());
+            }
+            if limited.is_empty() {
+                eprintln!("{app}: no topic is limited");
             }
             for l in limited {
                 let rate = l.rate_per_sec.zip(l.burst);
@@ -261,6 +290,9 @@ pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()
     if json {
         println!("{}", serde_json::json!({ "items": live }));
         return Ok(());
+    }
+    if live.is_empty() {
+        eprintln!("no dispatcher process is up");
     }
     for p in live {
         let mut serves = p.topics.clone();

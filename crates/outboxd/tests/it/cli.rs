@@ -190,6 +190,26 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         "--priority",
         "9",
     ])?;
+    // A pause of a topic nothing names is likely a typo, and is told so; a
+    // topic with rows in the leader's sample is not.
+    outbox_core::store::outbox::record_state_counts(&db.pool).await?;
+    let typo =
+        run(outboxd(Some(&db.url)).args(["topic", "pause", "--app", "shop", "--topic", "mial"]))?;
+    assert!(typo.status.success());
+    assert!(
+        text(&typo.stderr).contains("check the spelling"),
+        "{}",
+        text(&typo.stderr)
+    );
+    ok(&["topic", "resume", "--app", "shop", "--topic", "mial"])?;
+    let known =
+        run(outboxd(Some(&db.url)).args(["topic", "pause", "--app", "shop", "--topic", "urgent"]))?;
+    assert!(
+        known.status.success() && !text(&known.stderr).contains("spelling"),
+        "{}",
+        text(&known.stderr)
+    );
+    ok(&["topic", "resume", "--app", "shop", "--topic", "urgent"])?;
     assert!(
         ok(&[
             "topic",
@@ -378,7 +398,7 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
                 "--max-running",
                 "0",
             ],
-            "max_running",
+            "--max-running: is 0",
         ),
         (
             &[
@@ -397,7 +417,7 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
             &[
                 "topic", "limit", "--app", "shop", "--topic", "report", "--rate", "0",
             ],
-            "rate_per_sec",
+            "--rate: is 0",
         ),
         (
             &["topic", "limit", "--app", "shop", "--topic", "report"],
@@ -414,7 +434,7 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
                 "--max-running-per-key",
                 "0",
             ],
-            "max_running_per_key",
+            "--max-running-per-key: is 0",
         ),
         (
             &[
