@@ -483,6 +483,15 @@ async fn the_topics_rows_refresh_from_a_fragment_for_the_apps_viewers() -> TestR
             && !apps.contains("app-b"),
         "{apps}"
     );
+    // An app's own address leads to its overview.
+    let (status, headers, _) = get(viewer_jar.clone(), "/apps/app-a".into()).await?;
+    assert_eq!(
+        (
+            status,
+            headers.get("location").and_then(|v| v.to_str().ok())
+        ),
+        (StatusCode::SEE_OTHER, Some("/apps/app-a/topics"))
+    );
     let (status, _, _) = get(viewer_jar, "/apps/app-b/topics/rows".into()).await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "another app's rows");
     let (status, headers, _) = get(String::new(), "/apps/app-a/topics/rows".into()).await?;
