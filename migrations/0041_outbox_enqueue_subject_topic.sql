@@ -4,7 +4,11 @@
 -- `>` within a name. Such a topic was accepted and its row dead-lettered on
 -- its first relay ("subject token {topic} is empty"), or, with a leading
 -- dot, never claimed by the relay's `>` at all. A webhook's URL
--- (`webhook:…`) is left to the webhook checks. Rows already written keep
+-- (`webhook:…`) is left to the webhook checks. Invisible characters (a
+-- zero-width space or joiner, a byte-order mark) are refused with the
+-- control characters: `a` U+200B `b` looked like `ab` in the console.
+-- Whitespace is listed character by character, not as `\s`, whose reach
+-- beyond ASCII follows the database's locale. Rows already written keep
 -- their topics. The signature is unchanged, so the function is replaced in
 -- place and keeps its owner and privileges.
 
@@ -54,7 +58,7 @@ BEGIN
     -- where a line break could forge a line and a bidirectional control
     -- reorder what an operator reads.
     -- E'…': the same text whatever standard_conforming_strings says.
-    IF p_topic ~ E'[\\x01-\\x1f\\x7f-\\x9f\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069]' THEN
+    IF p_topic ~ E'[\\x01-\\x1f\\x7f-\\x9f\\u200b-\\u200f\\u202a-\\u202e\\u2060\\u2066-\\u2069\\ufeff]' THEN
         RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must not contain control characters'
             USING ERRCODE = 'check_violation';
     END IF;
@@ -62,7 +66,7 @@ BEGIN
     -- library, no whitespace, no empty name, no wildcard within a name
     -- (a webhook's URL apart).
     IF p_topic NOT LIKE 'webhook:%' THEN
-        IF p_topic ~ E'[\\s\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]' THEN
+        IF p_topic ~ E'[\\x09-\\x0d\\x20\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]' THEN
             RAISE EXCEPTION 'outbox_enqueue: invalid topic %: it must not contain whitespace (a topic is dot-separated names such as orders.created)',
                 quote_literal(p_topic)
                 USING ERRCODE = 'check_violation';

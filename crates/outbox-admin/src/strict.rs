@@ -85,12 +85,20 @@ pub fn json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T,
     }
 }
 
-/// Parses a query string into `T`. A parameter given twice, or holding
-/// NUL (which no stored text contains), is refused by name first: the
+/// Parses a query string into `T`. A parameter that is not UTF-8, given
+/// twice, or holding NUL (which no stored text contains) is refused first: the
 /// parser took the first as a type error ("expected a whole number"), the
 /// database the second as a value it cannot store.
 pub fn query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    let pairs = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+    let raw = query.unwrap_or_default().as_bytes();
+    // Decoded with replacement characters, `topic=%FF` matched nothing and
+    // answered an empty list instead of saying what was wrong.
+    if percent_encoding::percent_decode(raw).decode_utf8().is_err() {
+        return Err(ApiError::Invalid(
+            "query: a parameter is not valid UTF-8".into(),
+        ));
+    }
+    let pairs = form_urlencoded::parse(raw);
     let mut seen = std::collections::HashSet::new();
     for (key, value) in pairs {
         if key.contains('\0') || value.contains('\0') {
@@ -346,6 +354,7 @@ mod tests {
             ("unresolved=yes", "unresolved: expected true or false"),
             ("limit=5&limit=6", "limit: given more than once"),
             ("unresolved=true&limit=%00", "limit: must not contain NUL"),
+            ("limit=%FF", "query: a parameter is not valid UTF-8"),
         ] {
             let err = query::<Flags>(Some(q))
                 .err()

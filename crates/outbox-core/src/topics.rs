@@ -201,10 +201,10 @@ pub fn validate_topic(topic: &str) -> Result<(), Error> {
     crate::model::check_key("topic", Some(topic))
 }
 
-/// Checks a topic an action names as a whole (a pause, a limit, a cancel
-/// by topic): [`validate_topic`]'s rules, and no `*` or `>` token, which
-/// would be taken literally, not as a pattern. Rows a producer wrote with
-/// such a topic through plain SQL stay reachable through filters.
+/// Checks a topic an action names as a whole (a cancel by topic):
+/// [`validate_topic`]'s rules, and no `*` or `>` token, which would be taken
+/// literally, not as a pattern. Rows a producer wrote with such a topic
+/// through plain SQL stay reachable through filters.
 pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
     validate_topic(topic)?;
     if topic.split('.').any(|token| token == "*" || token == ">") {
@@ -218,17 +218,16 @@ pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a topic about to be written (a row's, a pause's, a limit's):
-/// [`validate_named_topic`]'s rules, no control characters, and (but for a
-/// webhook's URL) what a NATS subject's tokens need: no whitespace, no
-/// empty token, no `*` or `>` within a token. The relay turns a topic into
-/// subject tokens; a topic without them was accepted and then
-/// dead-lettered on its first relay, or never claimed by a `>` pattern.
-pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
+/// Checks a topic a pause or a limit stores: [`validate_named_topic`]'s
+/// rules and no control or invisible characters (it is shown in the
+/// console and the CLI), but not [`validate_new_topic`]'s subject rules, so
+/// that the rows of a topic written before them can still be paused and
+/// limited.
+pub fn validate_shown_topic(topic: &str) -> Result<(), Error> {
     validate_named_topic(topic)?;
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
-    // operator reads.
+    // operator reads, an invisible character make two topics look alike.
     if let Some(c) = first_unprintable(topic) {
         return Err(Error::invalid(
             "topic",
@@ -238,12 +237,24 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Checks the topic of a row about to be written: [`validate_shown_topic`]'s
+/// rules and (but for a webhook's URL) what a NATS subject's tokens need: no
+/// whitespace, no empty name, no `*` or `>` within a name. A row the relay
+/// takes becomes subject tokens (under the default subject template); a
+/// topic without them was accepted and its row then dead-lettered on its
+/// first relay, or never claimed by a `>` pattern, so one naming rule holds
+/// for every topic, relayed or not.
+pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
+    validate_shown_topic(topic)?;
     if !topic.starts_with(WEBHOOK_PREFIX) {
         if let Some(c) = topic.chars().find(|c| c.is_whitespace()) {
             return Err(Error::invalid(
                 "topic",
                 format!(
-                    "must not contain whitespace (found U+{:04X}): a topic is dot-separated names such as orders.created",
+                    "{topic:?} holds whitespace (U+{:04X}): a topic is dot-separated names such as orders.created",
                     u32::from(c)
                 ),
             ));
@@ -269,10 +280,17 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
 }
 
 /// The first control character of `text`, or the first that changes the
-/// direction of the text around it: what a name shown in logs, the console
-/// and the CLI must not contain.
+/// direction of the text around it, or an invisible one (a zero-width space
+/// or joiner, a byte-order mark) that makes two names look alike: what a
+/// name shown in logs, the console and the CLI must not contain.
 pub fn first_unprintable(text: &str) -> Option<char> {
-    text.chars().find(|c| c.is_control() || is_bidi_control(*c))
+    text.chars()
+        .find(|c| c.is_control() || is_bidi_control(*c) || is_invisible(*c))
+}
+
+/// Characters that take no room: `a` U+200B `b` looks like `ab`.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
 }
 
 /// The Unicode characters that change the direction of the text around them.
@@ -323,8 +341,8 @@ mod tests {
             assert!(validate_new_topic(ok).is_ok(), "{ok}");
         }
         for (bad, says) in [
-            ("a b", "whitespace (found U+0020)"),
-            ("a\u{a0}b", "whitespace (found U+00A0)"),
+            ("a b", "holds whitespace (U+0020)"),
+            ("a\u{a0}b", "holds whitespace (U+00A0)"),
             ("a..b", "empty name"),
             (".a", "empty name"),
             ("a.", "empty name"),
@@ -332,6 +350,8 @@ mod tests {
             ("orders.>x", "holds '>'"),
             ("a.*", "is a pattern"),
             ("a\nb", "control characters (found U+000A)"),
+            ("a\u{200b}b", "control characters (found U+200B)"),
+            ("a\u{feff}b", "control characters (found U+FEFF)"),
         ] {
             let err = validate_new_topic(bad).err().map(|e| e.to_string());
             assert!(
@@ -426,8 +446,11 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("holds '*'"), "{err}");
-        // A filter still finds a row that plain SQL wrote with one, and a
-        // cancel can still name it; not a pattern.
+        // A filter still finds a row that plain SQL wrote with one, a
+        // cancel can still name it, and a pause or a limit too (without a
+        // control character); not a pattern.
+        assert!(validate_shown_topic("orders created").is_ok());
+        assert!(validate_shown_topic("a\u{1b}b").is_err());
         assert!(validate_topic("a\nb").is_ok());
         assert!(validate_named_topic("a\nb").is_ok());
         assert!(validate_named_topic("a.*").is_err());

@@ -70,7 +70,7 @@ pub fn registry() -> Registry {
         })
         .register("email.send", |_event: Event| async move {
             // Flaky: usually succeeds by the second or third attempt. (The
-            // dispatcher adds the attempt to the error.)
+            // dead letter's error says which attempt was the last.)
             if fastrand::u8(..100) < 40 {
                 return Err(HandlerError::retry("SMTP 421 service not available"));
             }

@@ -327,12 +327,12 @@ pub async fn run_bulk(
     if ids.len() > 10_000 {
         return Err(ApiError::Invalid("ids: at most 10000 per request".into()));
     }
-    let max_attempts = replay_attempts(body.max_attempts)?;
-    if max_attempts.is_some() && matches!(body.action.as_str(), "ignore" | "resolve") {
+    if body.max_attempts.is_some() && matches!(body.action.as_str(), "ignore" | "resolve") {
         return Err(ApiError::Invalid(
             "max_attempts: only a replay takes it (an ignored dead letter runs no more)".into(),
         ));
     }
+    let max_attempts = replay_attempts(body.max_attempts)?;
     let mut tx = audit::begin(&state.pool).await?;
     let (action, changed) = match body.action.as_str() {
         "replay" => (

@@ -137,6 +137,8 @@ pub(super) async fn browse_page(
     };
     // Parsed already by the list: it cannot fail here.
     let filter = q.filter().unwrap_or_default();
+    // As the action decides it: `payload={}` is no filter either.
+    let takes_all = filter == RowFilter::default();
     let slug = esc(&app.slug);
     let value = |name: &str| {
         filter_pairs(&q)
@@ -250,7 +252,7 @@ pub(super) async fn browse_page(
             r#"<h2>Act on every row of {scope}</h2><form method=post action="/apps/{slug}/outbox/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}">{hidden}
 <p><label>Action <select name=action><option value=retry>Retry now (scheduled and retrying rows become due)</option><option value=cancel>Cancel (each becomes an ignored dead letter)</option></select></label> <label>Reason (for cancel) <input name=reason maxlength=1000></label> <button type=submit>Review…</button></p>
 <p class=muted>The next page shows how many rows it will touch before anything changes. Running rows are left to finish.</p></form>"#,
-            scope = if filter_pairs(&q).is_empty() { "the app" } else { "this filter" },
+            scope = if takes_all { "the app" } else { "this filter" },
             csrf = esc(&session.csrf),
             hidden = hidden_filter(&q),
         ));
@@ -369,4 +371,24 @@ pub(super) async fn act_on_row(
     }
     .await;
     super::session::after_form(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_says_whether_it_is_exact_an_estimate_or_a_lower_bound() {
+        let count = |rows, exact, at_least| {
+            count_text(RowCount {
+                rows,
+                exact,
+                at_least,
+            })
+        };
+        assert_eq!(count(1, true, false), "1 row");
+        assert_eq!(count(5000, true, false), "5000 rows");
+        assert_eq!(count(1001, false, true), "more than 1000 rows");
+        assert_eq!(count(4200, false, false), "about 4200 rows (an estimate)");
+    }
 }

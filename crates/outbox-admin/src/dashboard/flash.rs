@@ -97,6 +97,7 @@ impl Flash {
             Some("pause") => {
                 format!("Paused {named}: processes stop claiming its rows within about a second.")
             }
+            Some("resume") if rows == 0 => format!("{named} was not paused; nothing changed."),
             Some("resume") => format!("Resumed {named}."),
             Some("limit") => format!("Limit set on {named}."),
             Some("unlimit") => format!("Limit removed from {named}."),

@@ -42,6 +42,14 @@ use self::rows::row_page;
 use self::topics::{change_topic, topic_rows, topics_page};
 use self::triggers::{change_trigger, create_trigger, triggers_page};
 
+/// What a path segment escapes: all but the unreserved characters of
+/// RFC 3986 (a slug's `-` and `_` stay as they are).
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// The dashboard routes; every answer carries the security headers (CSP,
 /// nosniff, no-referrer, no-store), and an action's result reaches the next
 /// page in a cookie (`flash`); `secure_cookies` marks cookies `Secure`.
@@ -59,7 +67,7 @@ pub fn routes(secure_cookies: bool) -> Router<AdminState> {
             "/apps/{app}",
             get(
                 |axum::extract::Path(app): axum::extract::Path<String>| async move {
-                    let app: String = form_urlencoded::byte_serialize(app.as_bytes()).collect();
+                    let app = percent_encoding::utf8_percent_encode(&app, PATH_SEGMENT);
                     Redirect::to(&format!("/apps/{app}/topics"))
                 },
             ),

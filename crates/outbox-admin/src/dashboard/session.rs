@@ -133,7 +133,17 @@ pub(super) async fn form(req: Request, limit: usize) -> Result<Vec<(String, Stri
     {
         return Err(ApiError::Invalid("form: a field is not valid UTF-8".into()));
     }
-    Ok(form_urlencoded::parse(&bytes).into_owned().collect())
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
+    // A field given twice was read as its first value (`topic=x&topic=y`
+    // paused x); only the ticked rows of a list come as many.
+    let mut seen = std::collections::HashSet::new();
+    if let Some((name, _)) = pairs
+        .iter()
+        .find(|(name, _)| name != "ids" && !seen.insert(name.as_str()))
+    {
+        return Err(ApiError::Invalid(format!("{name}: given more than once")));
+    }
+    Ok(pairs)
 }
 
 pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {

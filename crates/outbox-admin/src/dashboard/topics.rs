@@ -151,9 +151,12 @@ pub(super) async fn change_topic(
                     changed = 0;
                 }
             }
-            "resume" => {
-                api::resume_topic(&state.pool, &actor, app.id, &topic).await?;
-            }
+            "resume" => match api::resume_topic(&state.pool, &actor, app.id, &topic).await {
+                // A second click, or another operator first: the wanted
+                // state holds, as the CLI says.
+                Err(ApiError::NotFound(_)) => changed = 0,
+                other => other?,
+            },
             "limit" => {
                 let wanted = limits::Limits {
                     max_running: number(&form, "max_running")?,

@@ -449,6 +449,24 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         ),
         (
             "PUT",
+            "/api/apps/app-a/limits/mail",
+            json!({}),
+            "limits: none given",
+        ),
+        (
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            json!({"topic": "mail", "reason": "evil\u{1b}[2Jtext"}),
+            "reason: must not contain control characters (found U+001B)",
+        ),
+        (
+            "PUT",
+            "/api/apps/app-a/pauses/mail",
+            json!({"reason": "line\nforged"}),
+            "reason: must not contain control characters (found U+000A)",
+        ),
+        (
+            "PUT",
             "/api/apps/app-a/limits/a%E2%80%AEb",
             json!({"max_running": 1}),
             "topic: must not contain control characters (found U+202E)",

@@ -36,6 +36,24 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             json!({"kind": "webhook", "name": "t", "target": "h"}),
             "kind",
         ),
+        // Shown in the console and the CLI: no escape sequence reaches an
+        // operator's terminal through them.
+        (
+            json!({"kind": "kv", "name": "w\u{1b}[2J", "target": "h", "collection": "*"}),
+            "name: must not contain control characters (found U+001B)",
+        ),
+        (
+            json!({"kind": "dead_letter", "name": "t", "target": "h", "topics": ["x\u{1b}y"]}),
+            "must not contain control characters (found U+001B)",
+        ),
+        (
+            json!({"kind": "kv", "name": "t", "target": "h", "collection": "a\u{0}"}),
+            "collection",
+        ),
+        (
+            json!({"kind": "cron", "name": "t", "target": "h", "schedule": "* ".repeat(20_000)}),
+            "schedule: is 40000 bytes; at most 255",
+        ),
     ] {
         let (s, body) = w
             .call(

@@ -819,14 +819,19 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
 }
 
 #[tokio::test]
-async fn a_pause_of_a_paused_topic_says_nothing_changed() -> TestResult {
+async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
     let w = World::new().await?;
     let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
     let form = format!("csrf={csrf}&topic=mail.send&reason=smtp");
     let mut said = Vec::new();
-    for _ in 0..2 {
-        let (s, to, flash, _) =
-            post_form_with_flash(&w, &operator, "/apps/app-a/topics/pause", &form).await?;
+    for action in ["pause", "pause", "resume", "resume"] {
+        let (s, to, flash, _) = post_form_with_flash(
+            &w,
+            &operator,
+            &format!("/apps/app-a/topics/{action}"),
+            &form,
+        )
+        .await?;
         assert_eq!(s, StatusCode::SEE_OTHER);
         let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
         let start = html.find("id=flash>").ok_or("no flash")? + "id=flash>".len();
@@ -838,8 +843,20 @@ async fn a_pause_of_a_paused_topic_says_nothing_changed() -> TestResult {
         [
             "Paused mail.send: processes stop claiming its rows within about a second.",
             "mail.send was paused already; nothing changed.",
+            "Resumed mail.send.",
+            "mail.send was not paused; nothing changed.",
         ]
     );
+    // A field given twice is refused, not read as its first value.
+    let (s, _, _, html) = post_form_with_flash(
+        &w,
+        &operator,
+        "/apps/app-a/topics/pause",
+        &format!("{form}&topic=other"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{html}");
+    assert!(html.contains("topic: given more than once"), "{html}");
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'topic.pause'")
             .fetch_one(&w.db.pool)

@@ -168,7 +168,7 @@ pub async fn set<'e>(
     limits: &Limits,
     by: Option<&str>,
 ) -> Result<ValidLimits, Error> {
-    crate::topics::validate_new_topic(topic)?;
+    crate::topics::validate_shown_topic(topic)?;
     let valid = limits.validate()?;
     sqlx::query(
         "WITH before AS (

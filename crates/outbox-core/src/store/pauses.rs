@@ -35,11 +35,20 @@ pub async fn pause<'e>(
     by: Option<&str>,
     reason: Option<&str>,
 ) -> Result<bool, Error> {
-    crate::topics::validate_new_topic(topic)?;
+    crate::topics::validate_shown_topic(topic)?;
     if reason.is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
         return Err(Error::invalid(
             "reason",
             format!("is longer than {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    if let Some(c) = reason.and_then(crate::topics::first_unprintable) {
+        return Err(Error::invalid(
+            "reason",
+            format!(
+                "must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
         ));
     }
     let inserted = sqlx::query(

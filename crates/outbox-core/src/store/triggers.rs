@@ -68,6 +68,26 @@ pub struct Trigger {
     pub next_fire_at: Option<DateTime<Utc>>,
 }
 
+/// Refuses text with a control or invisible character (see
+/// [`first_unprintable`](crate::topics::first_unprintable)): a trigger's
+/// fields are shown in the console and the CLI, where an escape sequence
+/// would reach an operator's terminal.
+fn no_unprintable(field: &'static str, text: &str) -> Result<(), Error> {
+    match crate::topics::first_unprintable(text) {
+        Some(c) => Err(Error::invalid(
+            field,
+            format!(
+                "must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The longest cron schedule kept: six fields with lists fit many times over.
+const MAX_SCHEDULE_BYTES: usize = 255;
+
 /// Parses a collection glob into (match_kind, match_value).
 pub fn parse_glob(glob: &str) -> Result<(&'static str, String), Error> {
     let bad = |reason: &str| {
@@ -78,6 +98,9 @@ pub fn parse_glob(glob: &str) -> Result<(&'static str, String), Error> {
     };
     if glob.is_empty() || glob.len() > 255 {
         return bad("must be 1 to 255 bytes");
+    }
+    if glob.contains('\0') || crate::topics::first_unprintable(glob).is_some() {
+        return bad("must not contain control characters");
     }
     if glob == "*" {
         return Ok(("all", String::new()));
@@ -93,6 +116,7 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > 100 {
         return Err(Error::invalid("name", "must be 1 to 100 bytes"));
     }
+    no_unprintable("name", name)?;
     if target.is_empty() || target.len() > 255 || target.contains(char::is_whitespace) {
         return Err(Error::invalid(
             "target",
@@ -148,13 +172,26 @@ pub async fn create(
     // A topic no row can have would match nothing, silently.
     if let TriggerSpec::DeadLetter { topics, .. } = spec {
         for topic in topics {
-            crate::topics::validate_topic(topic).map_err(|err| match err {
-                Error::Invalid { reason, .. } => {
-                    Error::invalid("topics", format!("{topic:?}: {reason}"))
-                }
-                other => other,
-            })?;
+            crate::topics::validate_topic(topic)
+                .and_then(|()| no_unprintable("topics", topic))
+                .map_err(|err| match err {
+                    Error::Invalid { reason, .. } => {
+                        Error::invalid("topics", format!("{topic:?}: {reason}"))
+                    }
+                    other => other,
+                })?;
         }
+    }
+    if let TriggerSpec::Cron { schedule, .. } = spec
+        && schedule.len() > MAX_SCHEDULE_BYTES
+    {
+        return Err(Error::invalid(
+            "schedule",
+            format!(
+                "is {} bytes; at most {MAX_SCHEDULE_BYTES} are accepted",
+                schedule.len()
+            ),
+        ));
     }
     // The database's clock, as firing uses: a host whose clock is off would
     // put the first tick as far off.

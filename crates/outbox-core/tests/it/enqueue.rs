@@ -230,6 +230,11 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
             "must not contain whitespace",
         ),
         (
+            "SELECT outbox_enqueue('shop', 'a' || chr(8203) || 'b')".into(),
+            "23514",
+            "control characters",
+        ),
+        (
             "SELECT outbox_enqueue('shop', 'a..b')".into(),
             "23514",
             "empty name",
@@ -241,6 +246,16 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
         ),
         (
             "SELECT outbox_enqueue('shop', 'a*b')".into(),
+            "23514",
+            "hold no '*' or '>'",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a.')".into(),
+            "23514",
+            "empty name",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'a>b')".into(),
             "23514",
             "hold no '*' or '>'",
         ),

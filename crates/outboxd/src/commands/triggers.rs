@@ -93,6 +93,10 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
                 println!("{}", serde_json::json!({ "items": listed }));
                 return Ok(());
             }
+            // Said aside, so that a script reading the lines reads none.
+            if listed.is_empty() {
+                eprintln!("{}: no trigger", app.slug);
+            }
             for t in listed {
                 let detail = t
                     .collection_glob

@@ -80,6 +80,10 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
                 println!("{}", serde_json::json!({ "items": listed }));
                 return Ok(());
             }
+            // Said aside, so that a script reading the lines reads none.
+            if listed.is_empty() {
+                eprintln!("{}: no webhook target has a secret of its own", app.slug);
+            }
             for t in listed {
                 println!(
                     "{}\tcreated {}\trotated {}\tprevious secret valid until {}",

@@ -45,6 +45,17 @@ pub fn check_cancel_reason(reason: &str) -> Result<&str, Error> {
             format!("must be 1 to {MAX_CANCEL_REASON_CHARS} characters"),
         ));
     }
+    // It goes into the dead letters' last error, which the console and the
+    // CLI show: an escape sequence would reach an operator's terminal.
+    if let Some(c) = crate::topics::first_unprintable(reason) {
+        return Err(Error::invalid(
+            "reason",
+            format!(
+                "must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
     Ok(reason)
 }
 
