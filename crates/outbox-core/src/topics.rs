@@ -228,16 +228,23 @@ pub fn validate_shown_topic(topic: &str) -> Result<(), Error> {
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
     // operator reads, an invisible character make two topics look alike.
-    if let Some(c) = first_unprintable(topic) {
-        return Err(Error::invalid(
-            "topic",
+    check_printable("topic", topic)
+}
+
+/// Refuses `text` of `field` when it holds a [`first_unprintable`]
+/// character: text shown in the console and the CLI, where an escape
+/// sequence would reach an operator's terminal.
+pub fn check_printable(field: &'static str, text: &str) -> Result<(), Error> {
+    match first_unprintable(text) {
+        Some(c) => Err(Error::invalid(
+            field,
             format!(
                 "must not contain control characters (found U+{:04X})",
                 u32::from(c)
             ),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks the topic of a row about to be written: [`validate_shown_topic`]'s

@@ -42,14 +42,8 @@ pub async fn pause<'e>(
             format!("is longer than {MAX_REASON_CHARS} characters"),
         ));
     }
-    if let Some(c) = reason.and_then(crate::topics::first_unprintable) {
-        return Err(Error::invalid(
-            "reason",
-            format!(
-                "must not contain control characters (found U+{:04X})",
-                u32::from(c)
-            ),
-        ));
+    if let Some(reason) = reason {
+        crate::topics::check_printable("reason", reason)?;
     }
     let inserted = sqlx::query(
         "INSERT INTO outbox_topic_pauses (app_id, topic, paused_by, reason)

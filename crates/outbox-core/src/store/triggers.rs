@@ -68,23 +68,6 @@ pub struct Trigger {
     pub next_fire_at: Option<DateTime<Utc>>,
 }
 
-/// Refuses text with a control or invisible character (see
-/// [`first_unprintable`](crate::topics::first_unprintable)): a trigger's
-/// fields are shown in the console and the CLI, where an escape sequence
-/// would reach an operator's terminal.
-fn no_unprintable(field: &'static str, text: &str) -> Result<(), Error> {
-    match crate::topics::first_unprintable(text) {
-        Some(c) => Err(Error::invalid(
-            field,
-            format!(
-                "must not contain control characters (found U+{:04X})",
-                u32::from(c)
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// The longest cron schedule kept: six fields with lists fit many times over.
 const MAX_SCHEDULE_BYTES: usize = 255;
 
@@ -116,7 +99,7 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > 100 {
         return Err(Error::invalid("name", "must be 1 to 100 bytes"));
     }
-    no_unprintable("name", name)?;
+    crate::topics::check_printable("name", name)?;
     if target.is_empty() || target.len() > 255 || target.contains(char::is_whitespace) {
         return Err(Error::invalid(
             "target",
@@ -173,7 +156,7 @@ pub async fn create(
     if let TriggerSpec::DeadLetter { topics, .. } = spec {
         for topic in topics {
             crate::topics::validate_topic(topic)
-                .and_then(|()| no_unprintable("topics", topic))
+                .and_then(|()| crate::topics::check_printable("topics", topic))
                 .map_err(|err| match err {
                     Error::Invalid { reason, .. } => {
                         Error::invalid("topics", format!("{topic:?}: {reason}"))

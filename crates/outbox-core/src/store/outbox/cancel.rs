@@ -47,15 +47,7 @@ pub fn check_cancel_reason(reason: &str) -> Result<&str, Error> {
     }
     // It goes into the dead letters' last error, which the console and the
     // CLI show: an escape sequence would reach an operator's terminal.
-    if let Some(c) = crate::topics::first_unprintable(reason) {
-        return Err(Error::invalid(
-            "reason",
-            format!(
-                "must not contain control characters (found U+{:04X})",
-                u32::from(c)
-            ),
-        ));
-    }
+    crate::topics::check_printable("reason", reason)?;
     Ok(reason)
 }
 
