@@ -3,14 +3,15 @@
 -- empty name (a dot at the start or the end, or two in a row) or a `*` or
 -- `>` within a name. Such a topic was accepted and its row dead-lettered on
 -- its first relay ("subject token {topic} is empty"), or, with a leading
--- dot, never claimed by the relay's `>` at all. A webhook's URL
--- (`webhook:…`) is left to the webhook checks. Invisible characters (a
--- zero-width space or joiner, a byte-order mark) are refused with the
--- control characters: `a` U+200B `b` looked like `ab` in the console.
--- Whitespace is listed character by character, not as `\s`, whose reach
--- beyond ASCII follows the database's locale. Rows already written keep
--- their topics. The signature is unchanged, so the function is replaced in
--- place and keeps its owner and privileges.
+-- dot, never claimed by the relay's `>` at all. A webhook's topic
+-- (`webhook:…`) must have a URL's shape instead: http(s)://, a host, no
+-- spaces (`webhook:not-a-url` was dead-lettered on its first attempt).
+-- Invisible characters (a zero-width space or joiner, a byte-order mark)
+-- are refused with the control characters: `a` U+200B `b` looked like `ab`
+-- in the console. Whitespace is listed character by character, not as
+-- `\s`, whose reach beyond ASCII follows the database's locale. Rows
+-- already written keep their topics. The signature is unchanged, so the
+-- function is replaced in place and keeps its owner and privileges.
 
 CREATE OR REPLACE FUNCTION outbox_enqueue(
     p_app             text,
@@ -62,9 +63,16 @@ BEGIN
         RAISE EXCEPTION 'outbox_enqueue: invalid topic: it must not contain control characters'
             USING ERRCODE = 'check_violation';
     END IF;
-    -- A topic becomes NATS subject tokens when it is relayed: as the
-    -- library, no whitespace, no empty name, no wildcard within a name
-    -- (a webhook's URL apart).
+    -- A webhook's URL has the shape a POST needs (`webhook:not-a-url` was
+    -- accepted and dead-lettered on its first attempt).
+    IF p_topic LIKE 'webhook:%' AND (p_topic !~ '^webhook:https?://[^/]'
+                                     OR p_topic ~ E'[\\x09-\\x0d\\x20\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]') THEN
+        RAISE EXCEPTION 'outbox_enqueue: invalid topic %: a webhook topic is webhook:http(s)://host/path, without spaces',
+            quote_literal(p_topic)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- Any other topic becomes NATS subject tokens when it is relayed: as
+    -- the library, no whitespace, no empty name, no wildcard within a name.
     IF p_topic NOT LIKE 'webhook:%' THEN
         IF p_topic ~ E'[\\x09-\\x0d\\x20\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]' THEN
             RAISE EXCEPTION 'outbox_enqueue: invalid topic %: it must not contain whitespace (a topic is dot-separated names such as orders.created)',

@@ -256,7 +256,23 @@ pub fn check_printable(field: &'static str, text: &str) -> Result<(), Error> {
 /// for every topic, relayed or not.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
     validate_shown_topic(topic)?;
-    if !topic.starts_with(WEBHOOK_PREFIX) {
+    if let Some(url) = topic.strip_prefix(WEBHOOK_PREFIX) {
+        // The shape a POST needs, checked here: `webhook:not-a-url` was
+        // accepted and dead-lettered on its first attempt.
+        let host = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        if host.is_none_or(|h| h.is_empty() || h.starts_with('/'))
+            || url.chars().any(char::is_whitespace)
+        {
+            return Err(Error::invalid(
+                "topic",
+                format!(
+                    "{topic:?}: a webhook topic is webhook:http(s)://host/path, without spaces"
+                ),
+            ));
+        }
+    } else {
         if let Some(c) = topic.chars().find(|c| c.is_whitespace()) {
             return Err(Error::invalid(
                 "topic",
@@ -343,9 +359,25 @@ mod tests {
             "orders.created",
             "a",
             "billing:invoice.v2",
-            "webhook:https://hooks.example.com/a b",
+            "webhook:https://hooks.example.com/a..b",
+            "webhook:http://127.0.0.1:9/",
         ] {
             assert!(validate_new_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "webhook:",
+            "webhook:not-a-url",
+            "webhook:ftp://x",
+            "webhook:https://",
+            "webhook:https:///path",
+            "webhook:https://hooks.example.com/a b",
+        ] {
+            let err = validate_new_topic(bad).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.contains("a webhook topic is webhook:http(s)://host/path")),
+                "{bad:?}: {err:?}"
+            );
         }
         for (bad, says) in [
             ("a b", "holds whitespace (U+0020)"),

@@ -250,6 +250,16 @@ async fn sql_function_refuses_bad_arguments_with_stable_sqlstates_and_no_row() -
             "hold no '*' or '>'",
         ),
         (
+            "SELECT outbox_enqueue('shop', 'webhook:not-a-url')".into(),
+            "23514",
+            "a webhook topic is webhook:http(s)://host/path",
+        ),
+        (
+            "SELECT outbox_enqueue('shop', 'webhook:https://h/a b')".into(),
+            "23514",
+            "a webhook topic is webhook:http(s)://host/path",
+        ),
+        (
             "SELECT outbox_enqueue('shop', 'a.')".into(),
             "23514",
             "empty name",
