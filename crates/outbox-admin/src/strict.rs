@@ -85,33 +85,48 @@ pub fn json_or_default<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T,
     }
 }
 
-/// Parses a query string into `T`. A parameter that is not UTF-8, given
-/// twice, or holding NUL (which no stored text contains) is refused first: the
-/// parser took the first as a type error ("expected a whole number"), the
-/// database the second as a value it cannot store.
+/// The pairs of a query string or a urlencoded form (`what` names one
+/// in a refusal: "query: a parameter", "form: a field"), refusing bytes
+/// that do not decode to UTF-8 and a name given twice unless `repeatable`
+/// lists it. Decoded with replacement characters, `topic=%FF` matched
+/// nothing and answered an empty list; a name given twice was read as its
+/// first value (`topic=x&topic=y` paused x) or taken for a type error.
+pub fn checked_pairs(
+    raw: &[u8],
+    what: &str,
+    repeatable: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
+    if percent_encoding::percent_decode(raw).decode_utf8().is_err() {
+        return Err(ApiError::Invalid(format!("{what} is not valid UTF-8")));
+    }
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw).into_owned().collect();
+    let mut seen = std::collections::HashSet::new();
+    if let Some((name, _)) = pairs
+        .iter()
+        .find(|(name, _)| !repeatable.contains(&name.as_str()) && !seen.insert(name.as_str()))
+    {
+        return Err(ApiError::Invalid(format!("{name}: given more than once")));
+    }
+    Ok(pairs)
+}
+
+/// Parses a query string into `T`. A parameter that is not UTF-8 or given
+/// twice ([`checked_pairs`]), or holding NUL (which no stored text
+/// contains, and which the database took for a value it cannot store), is
+/// refused first.
 pub fn query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
     let raw = query.unwrap_or_default().as_bytes();
-    // Decoded with replacement characters, `topic=%FF` matched nothing and
-    // answered an empty list instead of saying what was wrong.
-    if percent_encoding::percent_decode(raw).decode_utf8().is_err() {
-        return Err(ApiError::Invalid(
-            "query: a parameter is not valid UTF-8".into(),
-        ));
+    let pairs = checked_pairs(raw, "query: a parameter", &[])?;
+    if let Some((key, _)) = pairs
+        .iter()
+        .find(|(key, value)| key.contains('\0') || value.contains('\0'))
+    {
+        return Err(ApiError::Invalid(format!(
+            "{}: must not contain NUL",
+            key.replace('\0', "\\0")
+        )));
     }
-    let pairs = form_urlencoded::parse(raw);
-    let mut seen = std::collections::HashSet::new();
-    for (key, value) in pairs {
-        if key.contains('\0') || value.contains('\0') {
-            return Err(ApiError::Invalid(format!(
-                "{}: must not contain NUL",
-                key.replace('\0', "\\0")
-            )));
-        }
-        if !seen.insert(key.clone()) {
-            return Err(ApiError::Invalid(format!("{key}: given more than once")));
-        }
-    }
-    let de = serde_urlencoded::Deserializer::new(pairs);
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(raw));
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         ApiError::Invalid(field_message(&path, &err.into_inner().to_string()))

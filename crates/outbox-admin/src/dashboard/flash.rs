@@ -67,7 +67,11 @@ impl Flash {
     /// or nothing.
     pub(super) fn html(&self) -> String {
         let rows: usize = self.get("rows").and_then(|n| n.parse().ok()).unwrap_or(0);
-        let noun = if rows == 1 { "row" } else { "rows" };
+        let (noun, letters) = if rows == 1 {
+            ("row", "dead letter")
+        } else {
+            ("rows", "dead letters")
+        };
         let more = if self.get("more") == Some("true") {
             " More match: run it again for the next 10,000."
         } else {
@@ -85,14 +89,10 @@ impl Flash {
                 "No dead letter changed: none was selected, or each was resolved already."
                     .to_owned()
             }
-            Some("bulk-replay") => format!(
-                "Replayed {rows} dead {}: each is a new row in the outbox.",
-                if rows == 1 { "letter" } else { "letters" }
-            ),
-            Some("bulk-ignore") => format!(
-                "Marked {rows} dead {} ignored.",
-                if rows == 1 { "letter" } else { "letters" }
-            ),
+            Some("bulk-replay") => {
+                format!("Replayed {rows} {letters}: each is a new row in the outbox.")
+            }
+            Some("bulk-ignore") => format!("Marked {rows} {letters} ignored."),
             Some("pause") if rows == 0 => format!("{named} was paused already; nothing changed."),
             Some("pause") => {
                 format!("Paused {named}: processes stop claiming its rows within about a second.")

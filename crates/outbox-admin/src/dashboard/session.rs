@@ -121,29 +121,12 @@ pub(super) fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Reads a urlencoded form (all values of every key), within the body
-/// limit. A form whose bytes or escapes are not UTF-8 is refused, as the
-/// API refuses them: decoded with replacement characters, it paused a topic
-/// no producer writes.
+/// Reads a urlencoded form within the body limit, refusing what the API
+/// refuses in a query string ([`crate::strict::checked_pairs`]).
 pub(super) async fn form(req: Request, limit: usize) -> Result<Vec<(String, String)>, ApiError> {
     let bytes = crate::strict::body(req, limit).await?;
-    if percent_encoding::percent_decode(&bytes)
-        .decode_utf8()
-        .is_err()
-    {
-        return Err(ApiError::Invalid("form: a field is not valid UTF-8".into()));
-    }
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
-    // A field given twice was read as its first value (`topic=x&topic=y`
-    // paused x); only the ticked rows of a list come as many.
-    let mut seen = std::collections::HashSet::new();
-    if let Some((name, _)) = pairs
-        .iter()
-        .find(|(name, _)| name != "ids" && !seen.insert(name.as_str()))
-    {
-        return Err(ApiError::Invalid(format!("{name}: given more than once")));
-    }
-    Ok(pairs)
+    // Only the ticked rows of a list come as many.
+    crate::strict::checked_pairs(&bytes, "form: a field", &["ids"])
 }
 
 pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
