@@ -9,16 +9,49 @@ use std::process::ExitCode;
 
 use crate::config::Settings;
 
-/// The command-line options that choose the configuration.
+/// The command-line options that choose the configuration. Each falls back
+/// to its environment variable, read here rather than by clap: clap counts
+/// a value from the environment as given, and its usage lines then showed
+/// `--env <ENV>` as if every command required it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
-    /// Folder with default.toml and the environment overlays [default:
-    /// config, when it exists; the built-in defaults otherwise].
-    #[arg(long, env = "OUTBOXD_CONFIG_DIR", global = true)]
+    /// Folder with default.toml and the environment overlays [env:
+    /// OUTBOXD_CONFIG_DIR] [default: config, when it exists; the built-in
+    /// defaults otherwise].
+    #[arg(long, global = true)]
     pub config_dir: Option<PathBuf>,
-    /// Environment overlay to apply (`config/<ENV>.toml`).
-    #[arg(long, env = "OUTBOXD_ENV", global = true)]
+    /// Environment overlay to apply (`config/<ENV>.toml`) [env: OUTBOXD_ENV].
+    #[arg(long, global = true)]
     pub env: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The folder given by `--config-dir`, else by `OUTBOXD_CONFIG_DIR`
+    /// (unset when empty).
+    fn config_dir(&self) -> Option<PathBuf> {
+        self.config_dir.clone().or_else(|| {
+            std::env::var_os("OUTBOXD_CONFIG_DIR")
+                .filter(|dir| !dir.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+
+    /// The overlay given by `--env`, else by `OUTBOXD_ENV` (unset when
+    /// empty); an `OUTBOXD_ENV` that is not UTF-8 is an error, not a
+    /// silent fall back to the base settings.
+    fn env(&self) -> Result<Option<String>, String> {
+        if let Some(env) = &self.env {
+            return Ok(Some(env.clone()));
+        }
+        match std::env::var_os("OUTBOXD_ENV") {
+            None => Ok(None),
+            Some(env) if env.is_empty() => Ok(None),
+            Some(env) => env
+                .into_string()
+                .map(Some)
+                .map_err(|env| format!("OUTBOXD_ENV {env:?} is not UTF-8")),
+        }
+    }
 }
 
 /// Loads the settings `config` chooses and runs `command` with them on a
@@ -31,7 +64,8 @@ where
 {
     // A folder named on purpose must exist: a typo would silently run on
     // the built-in defaults.
-    if let Some(dir) = config.config_dir.as_deref().filter(|d| !d.is_dir()) {
+    let chosen_dir = config.config_dir();
+    if let Some(dir) = chosen_dir.as_deref().filter(|d| !d.is_dir()) {
         let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         eprintln!(
             "{program}: invalid configuration: --config-dir / OUTBOXD_CONFIG_DIR {} is not a folder",
@@ -39,11 +73,15 @@ where
         );
         return ExitCode::from(2);
     }
-    let config_dir = config
-        .config_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("config"));
-    let settings = match Settings::load(&config_dir, config.env.as_deref()) {
+    let config_dir = chosen_dir.unwrap_or_else(|| PathBuf::from("config"));
+    let env = match config.env() {
+        Ok(env) => env,
+        Err(err) => {
+            eprintln!("{program}: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match Settings::load(&config_dir, env.as_deref()) {
         Ok(s) => s,
         Err(err) => {
             eprintln!("{program}: {err}");

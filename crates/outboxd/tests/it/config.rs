@@ -144,6 +144,35 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
         err.contains(&dir.join("prod.toml").display().to_string()),
         "{err}"
     );
+    // The same two through the environment alone.
+    let out = run(outboxd(None)
+        .env("OUTBOXD_CONFIG_DIR", &*dir)
+        .env("OUTBOXD_ENV", "staging")
+        .arg("config"))?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("concurrency = 5"));
+    let out = run(outboxd(None)
+        .env("OUTBOXD_CONFIG_DIR", &*dir)
+        .env("OUTBOXD_ENV", "prod")
+        .arg("config"))?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("prod.toml"));
+    Ok(())
+}
+
+#[test]
+fn a_usage_line_shows_what_the_command_needs_not_what_the_environment_set() -> TestResult {
+    // OUTBOXD_ENV and OUTBOXD_CONFIG_DIR are set, as scripts/outboxd.sh sets
+    // them: clap had listed `--env <ENV>` in the usage as if it were required.
+    let out = run(outboxd(None).args(["dead-letters", "show"]))?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Usage: outboxd dead-letters show --app <APP> <ID>"),
+        "{stderr}"
+    );
+    let help = text(&run(outboxd(None).arg("--help"))?.stdout);
+    assert!(help.contains("[env: OUTBOXD_ENV]"), "{help}");
     Ok(())
 }
 
