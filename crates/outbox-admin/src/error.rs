@@ -34,6 +34,10 @@ pub enum ApiError {
     /// Nothing here for this principal (404, `not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// Nothing here, in a sentence of its own (404, `not_found`): for what
+    /// is absent by configuration rather than by id.
+    #[error("{0}")]
+    Absent(&'static str),
     /// Nobody serves this topic (404, `no_handler`).
     #[error("no running outboxd process serves topic {0:?}")]
     NoHandler(String),
@@ -94,7 +98,7 @@ impl ApiError {
             Self::Forbidden | Self::NotAllowed(_) | Self::RoleTooLow { .. } => {
                 (StatusCode::FORBIDDEN, "forbidden")
             }
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NotFound(_) | Self::Absent(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::NoHandler(_) => (StatusCode::NOT_FOUND, "no_handler"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

@@ -539,6 +539,15 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "{uri}: {answer}"
         );
     }
+    // Without NATS the stream route says why there is nothing, in a sentence.
+    let (s, answer) = w
+        .call("GET", "/api/apps/app-a/stream", Some(&root), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        "no message stream: this outboxd does not relay to NATS (set nats.url)"
+    );
     // Every route refuses what the OpenAPI document does not declare for it:
     // a query parameter (a misplaced expected_version made a KV write
     // unconditional), or a body where it takes none (a reason was dropped).
