@@ -287,7 +287,13 @@ pub(super) async fn pause(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "topic": topic, "paused": true }))))
+    // A pause of a topic nothing names is most often a typo: say so, since
+    // the pause itself succeeds either way.
+    let seen = pauses::topic_seen(&state.pool, app.id, &topic).await?;
+    Ok((
+        status,
+        Json(json!({ "topic": topic, "paused": true, "seen": seen })),
+    ))
 }
 
 /// `DELETE /api/apps/{app}/pauses/{topic}`: resumes the topic; 404 when it

@@ -23,8 +23,9 @@ use super::session::{cookie, query_pairs, set_cookie_at};
 const FLASH_COOKIE: &str = "outboxd_flash";
 
 /// The result fields an action puts in its redirect (`named`: what it was
-/// done to, e.g. a topic; not `topic`, which pages take as a filter).
-const FIELDS: [&str; 4] = ["done", "rows", "more", "named"];
+/// done to, e.g. a topic; not `topic`, which pages take as a filter;
+/// `unseen`: nothing in the app names that topic).
+const FIELDS: [&str; 5] = ["done", "rows", "more", "named", "unseen"];
 
 /// Long enough for the browser to follow the redirect, short enough that
 /// a result not shown (an error page came between) does not turn up later.
@@ -78,6 +79,13 @@ impl Flash {
             ""
         };
         let named = self.get("named").unwrap_or("the topic");
+        let unseen = if self.get("unseen") == Some("true") {
+            format!(
+                " Nothing names {named} in this app yet (no rows, no process serving it by name, no dead letters): check the spelling."
+            )
+        } else {
+            String::new()
+        };
         let text = match self.done() {
             Some("retry") => format!("Made {rows} {noun} due now.{more}"),
             Some("cancel") => {
@@ -93,10 +101,12 @@ impl Flash {
                 format!("Replayed {rows} {letters}: each is a new row in the outbox.")
             }
             Some("bulk-ignore") => format!("Marked {rows} {letters} ignored."),
-            Some("pause") if rows == 0 => format!("{named} was paused already; nothing changed."),
-            Some("pause") => {
-                format!("Paused {named}: processes stop claiming its rows within about a second.")
+            Some("pause") if rows == 0 => {
+                format!("{named} was paused already; nothing changed.{unseen}")
             }
+            Some("pause") => format!(
+                "Paused {named}: processes stop claiming its rows within about a second.{unseen}"
+            ),
             Some("resume") if rows == 0 => format!("{named} was not paused; nothing changed."),
             Some("resume") => format!("Resumed {named}."),
             Some("limit") => format!("Limit set on {named}."),

@@ -142,6 +142,8 @@ pub(super) async fn change_topic(
         let actor = audit::actor(&session.principal);
         // How many topics changed: a pause of a paused topic changes none.
         let mut changed = 1;
+        // A pause of a topic nothing names, most often a typo.
+        let mut unseen = "";
         match action.as_str() {
             "pause" => {
                 let reason = field(&form, "reason")
@@ -149,6 +151,9 @@ pub(super) async fn change_topic(
                     .filter(|r| !r.is_empty());
                 if !api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await? {
                     changed = 0;
+                }
+                if !pauses::topic_seen(&state.pool, app.id, &topic).await? {
+                    unseen = "&unseen=true";
                 }
             }
             "resume" => match api::resume_topic(&state.pool, &actor, app.id, &topic).await {
@@ -173,7 +178,7 @@ pub(super) async fn change_topic(
         }
         let named: String = form_urlencoded::byte_serialize(topic.as_bytes()).collect();
         Ok::<_, ApiError>(format!(
-            "/apps/{}/topics?done={action}&rows={changed}&named={named}",
+            "/apps/{}/topics?done={action}&rows={changed}&named={named}{unseen}",
             app.slug
         ))
     }

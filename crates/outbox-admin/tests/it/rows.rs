@@ -824,7 +824,14 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
     let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
     let form = format!("csrf={csrf}&topic=mail.send&reason=smtp");
     let mut said = Vec::new();
-    for action in ["pause", "pause", "resume", "resume"] {
+    for (step, action) in ["pause", "pause", "resume", "resume"]
+        .into_iter()
+        .enumerate()
+    {
+        if step == 1 {
+            // Now something names the topic.
+            w.dead_letter(w.app_a, "mail.send").await?;
+        }
         let (s, to, flash, _) = post_form_with_flash(
             &w,
             &operator,
@@ -841,7 +848,9 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
     assert_eq!(
         said,
         [
-            "Paused mail.send: processes stop claiming its rows within about a second.",
+            "Paused mail.send: processes stop claiming its rows within about a second. \
+             Nothing names mail.send in this app yet (no rows, no process serving it by name, \
+             no dead letters): check the spelling.",
             "mail.send was paused already; nothing changed.",
             "Resumed mail.send.",
             "mail.send was not paused; nothing changed.",
