@@ -34,10 +34,10 @@ pub enum ApiError {
     /// Nothing here for this principal (404, `not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
-    /// Nothing here, in a sentence of its own (404, `not_found`): for what
-    /// is absent by configuration rather than by id.
+    /// Nothing here, in a sentence of its own (404, `not_found`) that says
+    /// why or where to look instead.
     #[error("{0}")]
-    Absent(&'static str),
+    Absent(String),
     /// Nobody serves this topic (404, `no_handler`).
     #[error("no running outboxd process serves topic {0:?}")]
     NoHandler(String),

@@ -137,19 +137,21 @@ pub(super) async fn show(
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<DeadLetter>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    Ok(Json(
-        dead_letters::get(&state.pool, app.id, parse_id(&id)?).await?,
-    ))
+    let id = dead_letters::named(&state.pool, app.id, parse_id(&id)?).await?;
+    Ok(Json(dead_letters::get(&state.pool, app.id, id).await?))
 }
 
 /// Resolves one dead letter as `ignored` (recorded in the audit log as done
-/// by `actor`); 409 when it is resolved already.
+/// by `actor`); `id` is its own or the outbox row's it was
+/// ([`dead_letters::named`]); returns its id. 409 when it is resolved
+/// already.
 pub async fn ignore_one(
     pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     id: Uuid,
-) -> Result<(), ApiError> {
+) -> Result<Uuid, ApiError> {
+    let id = dead_letters::named(pool, app_id, id).await?;
     let mut tx = audit::begin(pool).await?;
     let changed = dead_letters::ignore(&mut *tx, app_id, &[id]).await?;
     if !changed.is_empty() {
@@ -170,19 +172,22 @@ pub async fn ignore_one(
             row.resolution.unwrap_or_default()
         )));
     }
-    Ok(())
+    Ok(id)
 }
 
 /// Replays one dead letter, with its own attempt budget unless
 /// `max_attempts` overrides it (recorded in the audit log as done by
-/// `actor`); returns the new outbox id; 409 when resolved already.
+/// `actor`); `id` is its own or the outbox row's it was
+/// ([`dead_letters::named`]); returns its id and the new outbox id. 409
+/// when resolved already.
 pub async fn replay_one(
     pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     id: Uuid,
     max_attempts: Option<i32>,
-) -> Result<Uuid, ApiError> {
+) -> Result<(Uuid, Uuid), ApiError> {
+    let id = dead_letters::named(pool, app_id, id).await?;
     let mut tx = audit::begin(pool).await?;
     let replayed = dead_letters::replay_with(&mut tx, app_id, &[id], max_attempts).await?;
     match replayed.first() {
@@ -196,7 +201,7 @@ pub async fn replay_one(
             };
             audit::record(&mut tx, actor, app_id, action).await?;
             audit::commit(tx).await?;
-            Ok(*outbox_id)
+            Ok((id, *outbox_id))
         }
         None => {
             drop(tx);
@@ -215,8 +220,7 @@ pub(super) async fn ignore(
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
-    let id = parse_id(&id)?;
-    ignore_one(&state.pool, &audit::actor(&p), app.id, id).await?;
+    let id = ignore_one(&state.pool, &audit::actor(&p), app.id, parse_id(&id)?).await?;
     Ok(Json(
         serde_json::json!({ "id": id, "resolution": "ignored" }),
     ))
@@ -250,8 +254,14 @@ pub(super) async fn replay(
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
     let body: ReplayBody = crate::strict::json_or_default(&body)?;
     let max_attempts = replay_attempts(body.max_attempts)?;
-    let id = parse_id(&id)?;
-    let outbox_id = replay_one(&state.pool, &audit::actor(&p), app.id, id, max_attempts).await?;
+    let (id, outbox_id) = replay_one(
+        &state.pool,
+        &audit::actor(&p),
+        app.id,
+        parse_id(&id)?,
+        max_attempts,
+    )
+    .await?;
     Ok(Json(
         serde_json::json!({ "id": id, "resolution": "replayed", "outbox_id": outbox_id }),
     ))

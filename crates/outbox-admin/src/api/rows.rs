@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use outbox_core::OutboxRow;
+use outbox_core::store::dead_letters;
 use outbox_core::store::outbox::{
     self as store, CancelFilter, PageAt, PayloadField, RowCount, RowCursor, RowFilter, RowSummary,
 };
@@ -246,12 +247,19 @@ pub(super) async fn show(
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<OutboxRow>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let not_found = || ApiError::not_found("outbox row");
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    store::row(&state.pool, app.id, id)
-        .await?
-        .map(Json)
-        .ok_or_else(not_found)
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("outbox row"))?;
+    if let Some(row) = store::row(&state.pool, app.id, id).await? {
+        return Ok(Json(row));
+    }
+    // Dead-lettered (or an id of the wrong kind): say where it is.
+    match dead_letters::named(&state.pool, app.id, id).await {
+        Ok(dead_letter) => Err(ApiError::Absent(format!(
+            "outbox row {id} is not in the outbox: see dead letter {dead_letter} (GET /api/apps/{}/dead-letters/{dead_letter})",
+            app.slug
+        ))),
+        Err(outbox_core::Error::NotFound(_)) => Err(ApiError::not_found("outbox row")),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The rows an operator's action names.

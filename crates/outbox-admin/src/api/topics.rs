@@ -103,9 +103,11 @@ pub(super) async fn read_stream(
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let crate::strict::Query(q) = q?;
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let reader = state.stream_reader.as_ref().ok_or(ApiError::Absent(
-        "no message stream: this outboxd does not relay to NATS (set nats.url)",
-    ))?;
+    let reader = state.stream_reader.as_ref().ok_or_else(|| {
+        ApiError::Absent(
+            "no message stream: this outboxd does not relay to NATS (set nats.url)".into(),
+        )
+    })?;
     let last = q.last.unwrap_or(10);
     if !(1..=100).contains(&last) {
         return Err(ApiError::Invalid(format!(

@@ -2,7 +2,7 @@
 //! dead letter, and its replay and ignore forms.
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use outbox_core::store::dead_letters;
 use uuid::Uuid;
 
@@ -86,13 +86,16 @@ pub(super) async fn list_page(
     if rows.len() == limit as usize
         && let Some(last) = rows.last()
     {
-        body.push_str(&format!(
-            r#"<p><a href="?unresolved={}&topic={}&source={}&after={}">Older →</a></p>"#,
-            q.unresolved,
-            esc(q.topic.as_deref().unwrap_or("")),
-            esc(q.source.as_deref().unwrap_or("")),
-            api::encode_cursor(last)
-        ));
+        // Encoded as a query, then escaped for the attribute: a topic may hold
+        // '&', '?' or '+' (a webhook's URL).
+        let older = form_urlencoded::Serializer::new(String::new())
+            .append_pair("unresolved", if q.unresolved { "true" } else { "false" })
+            .append_pair("topic", q.topic.as_deref().unwrap_or(""))
+            .append_pair("source", q.source.as_deref().unwrap_or(""))
+            .extend_pairs(q.limit.map(|l| ("limit", l.to_string())))
+            .append_pair("after", &api::encode_cursor(last))
+            .finish();
+        body.push_str(&format!(r#"<p><a href="?{}">Older →</a></p>"#, esc(&older)));
     }
     page(&format!("{} dead letters", app.slug), &body).into_response()
 }
@@ -105,15 +108,24 @@ pub(super) async fn detail_page(
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
-        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
-        Ok::<_, ApiError>((dead_letters::get(&state.pool, app.id, id).await?, app))
+        let asked = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
+        let id = dead_letters::named(&state.pool, app.id, asked).await?;
+        Ok::<_, ApiError>((
+            dead_letters::get(&state.pool, app.id, id).await?,
+            app,
+            asked,
+        ))
     }
     .await;
-    let (row, app) = match result {
+    let (row, app, asked) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
     let slug = esc(&app.slug);
+    if row.id != asked {
+        // The id of the row it was, from a log line: the dead letter's own address.
+        return Redirect::to(&format!("/apps/{slug}/dead-letters/{}", row.id)).into_response();
+    }
     let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
     let actions = if row.resolved_at.is_none() {
         format!(
@@ -171,7 +183,7 @@ async fn act(
         let (form, app) =
             checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
-        if replay {
+        let id = if replay {
             let max_attempts = match field(&form, "max_attempts").map(str::trim) {
                 None | Some("") => None,
                 Some(n) => Some(n.parse::<i64>().map_err(|_| {
@@ -180,11 +192,13 @@ async fn act(
             };
             let max_attempts = api::replay_attempts(max_attempts)?;
             let actor = audit::actor(&session.principal);
-            api::replay_one(&state.pool, &actor, app.id, id, max_attempts).await?;
+            api::replay_one(&state.pool, &actor, app.id, id, max_attempts)
+                .await?
+                .0
         } else {
             let actor = audit::actor(&session.principal);
-            api::ignore_one(&state.pool, &actor, app.id, id).await?;
-        }
+            api::ignore_one(&state.pool, &actor, app.id, id).await?
+        };
         let done = if replay { "replay" } else { "ignore" };
         Ok::<_, ApiError>(format!("/apps/{}/dead-letters/{id}?done={done}", app.slug))
     }

@@ -79,12 +79,15 @@ pub(super) async fn row_page(
         let app = viewed_app(&state, &session, &app).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("outbox row"))?;
         let row = store::row(&state.pool, app.id, id).await?;
+        // Not in the outbox: the dead letter it became, or one whose own id
+        // this is (an id of the wrong kind pasted into the look-up).
         let buried = match row {
             Some(_) => None,
-            None => dead_letters::by_original(&state.pool, id)
-                .await?
-                .into_iter()
-                .rfind(|d| d.app_id == app.id),
+            None => match dead_letters::named(&state.pool, app.id, id).await {
+                Ok(dead_letter) => Some(dead_letter),
+                Err(outbox_core::Error::NotFound(_)) => None,
+                Err(err) => return Err(err.into()),
+            },
         };
         let operator = may_operate(&state, &session, &app.slug).await?;
         Ok::<_, ApiError>((app, id, row, buried, operator))
@@ -103,8 +106,7 @@ pub(super) async fn row_page(
             } else {
                 ""
             };
-            return Redirect::to(&format!("/apps/{slug}/dead-letters/{}{done}", d.id))
-                .into_response();
+            return Redirect::to(&format!("/apps/{slug}/dead-letters/{d}{done}")).into_response();
         }
         let text = format!(
             r#"<p class=err id=gone>Row {id} is not in the outbox of {slug}: it finished, or never existed.</p><p><a href="/apps/{slug}/topics">Back</a></p>"#

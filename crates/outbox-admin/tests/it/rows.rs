@@ -873,3 +873,108 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
     assert_eq!(audited, 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_dead_letters_older_link_keeps_a_topic_with_query_characters() -> TestResult {
+    let w = World::new().await?;
+    let (viewer, _) = w.dashboard_session("viewer@x.io").await?;
+    // A webhook's URL with a query: '?', '&' and '=' in the topic.
+    let topic = "webhook:http://127.0.0.1:9/h?a=1&b=2+c";
+    for _ in 0..3 {
+        w.dead_letter(w.app_a, topic).await?;
+    }
+    w.dead_letter(w.app_a, "other").await?;
+    let encoded: String = form_urlencoded::byte_serialize(topic.as_bytes()).collect();
+    let (s, _, html) = page(
+        &w,
+        &viewer,
+        &format!("/apps/app-a/dead-letters?topic={encoded}&limit=2"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert_eq!(html.matches("<tr data-id=").count(), 2, "{html}");
+    let start = html.find("<a href=\"?").ok_or("no Older link")? + "<a href=\"".len();
+    let end = start + html[start..].find('"').ok_or("unclosed link")?;
+    let older = html[start..end].replace("&amp;", "&");
+    let (s, _, html) = page(&w, &viewer, &format!("/apps/app-a/dead-letters{older}")).await?;
+    assert_eq!(s, StatusCode::OK, "{older}: {html}");
+    assert_eq!(html.matches("<tr data-id=").count(), 1, "{older}: {html}");
+    assert!(!html.contains(">other<"), "{html}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_row_id_finds_the_dead_letter_it_became_everywhere() -> TestResult {
+    let w = World::new().await?;
+    let dead = w.dead_letter(w.app_a, "mail.send").await?;
+    let row_id = dead_letters::get(&w.db.pool, w.app_a, dead)
+        .await?
+        .original_event_id;
+    let viewer = w.login("viewer@x.io").await?;
+    // The id a dispatcher's "dead-lettered" log line names is the row's.
+    let (s, body) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/dead-letters/{row_id}"),
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], dead.to_string());
+    let (s, body) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/outbox/{row_id}"),
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("see dead letter {dead}")),
+        "{body}"
+    );
+    // Another app's row id names nothing there.
+    let root = w.login("root@x.io").await?;
+    let (s, _) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-b/dead-letters/{row_id}"),
+            Some(&root),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Acting by the row's id acts on the dead letter, and answers its id.
+    let operator = w.login("operator@x.io").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{row_id}/ignore"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], dead.to_string());
+    // The dashboard leads either id to the dead letter's own page.
+    let (jar, _) = w.dashboard_session("viewer@x.io").await?;
+    for asked in [
+        format!("/apps/app-a/dead-letters/{row_id}"),
+        format!("/apps/app-a/outbox/{dead}"),
+        format!("/apps/app-a/outbox/{row_id}"),
+    ] {
+        let (s, to, html) = page(&w, &jar, &asked).await?;
+        assert_eq!(s, StatusCode::SEE_OTHER, "{asked}: {html}");
+        assert_eq!(
+            to.as_deref(),
+            Some(format!("/apps/app-a/dead-letters/{dead}").as_str()),
+            "{asked}"
+        );
+    }
+    Ok(())
+}

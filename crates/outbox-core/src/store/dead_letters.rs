@@ -108,6 +108,28 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<
     .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
 }
 
+/// The id of the app's dead letter that `id` names: its own id, or the id
+/// of the outbox row it was (what a dispatcher's "dead-lettered" log line
+/// and a row's address name); the newest when a row id names several.
+pub async fn named<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<Uuid, Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM (
+             SELECT id, 0 AS by_row, created_at FROM dead_letters
+             WHERE app_id = $1 AND id = $2
+             UNION ALL
+             SELECT id, 1, created_at FROM dead_letters
+             WHERE app_id = $1 AND original_event_id = $2
+         ) AS named
+         ORDER BY by_row, created_at DESC
+         LIMIT 1",
+    )
+    .bind(app_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
+}
+
 /// Reads one dead letter by id, whatever its app (operator CLI).
 pub async fn get_any<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<DeadLetter, Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))

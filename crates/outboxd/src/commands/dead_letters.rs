@@ -79,7 +79,9 @@ pub enum DeadLetterCommand {
 }
 
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {
-    Uuid::parse_str(id).with_context(|| format!("{id:?} is not a UUID (a dead-letter id)"))
+    Uuid::parse_str(id).with_context(|| {
+        format!("{id:?} is not a UUID (a dead letter's id, or the id of the row it was)")
+    })
 }
 
 /// Runs `outboxd dead-letters …`.
@@ -192,7 +194,8 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
         }
         DeadLetterCommand::Show { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            let row = dead_letters::get(&pool, app.id, parse_id(&id)?).await?;
+            let id = dead_letters::named(&pool, app.id, parse_id(&id)?).await?;
+            let row = dead_letters::get(&pool, app.id, id).await?;
             println!("{}", serde_json::to_string_pretty(&row)?);
         }
         DeadLetterCommand::Replay {
@@ -204,7 +207,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             let id = parse_id(&id)?;
             let max_attempts = outbox_admin::api::replay_attempts(max_attempts)
                 .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
-            let outbox_id =
+            let (id, outbox_id) =
                 outbox_admin::api::replay_one(&pool, &cli_actor(), app.id, id, max_attempts)
                     .await
                     .map_err(cli_error)?;
@@ -213,7 +216,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
         DeadLetterCommand::Ignore { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
             let id = parse_id(&id)?;
-            outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id)
+            let id = outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id)
                 .await
                 .map_err(cli_error)?;
             println!("ignored {id}");

@@ -332,11 +332,24 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
             }
         },
         None => {
+            let asked = args.ids.clone();
             let selection = api::Selection::Ids(args.ids);
-            total = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
+            let done = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
                 .await
-                .map_err(cli_error)?
-                .rows;
+                .map_err(cli_error)?;
+            total = done.rows;
+            let missed: Vec<String> = asked
+                .iter()
+                .filter(|id| !done.ids.contains(id))
+                .map(Uuid::to_string)
+                .collect();
+            if !missed.is_empty() {
+                eprintln!(
+                    "note: not waiting in {}'s outbox, so not cancelled: {} (running now, finished, or a dead letter already: `outboxd dead-letters show` finds one by its row's id too)",
+                    args.app,
+                    missed.join(", ")
+                );
+            }
         }
     }
     println!(
