@@ -504,9 +504,23 @@ impl DeadLetter {
 
 /// Shortens `text` to at most `max` characters at a word boundary, marking
 /// the cut with an ellipsis (never half a word, unless one word is longer
-/// than the whole width); runs of whitespace become one space.
+/// than the whole width); runs of whitespace become one space, and control
+/// and invisible characters U+FFFD: a handler's error may echo its input,
+/// and an escape sequence in it would drive the terminal that lists it.
 pub fn ellipsize(text: &str, max: usize) -> String {
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .map(|c| {
+            if crate::topics::is_unprintable(c) {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            }
+        })
+        .collect();
     if text.chars().count() <= max {
         return text;
     }
@@ -531,6 +545,11 @@ mod tests {
         );
         assert!(ellipsize(&"x".repeat(50), 10).chars().count() <= 10);
         assert_eq!(ellipsize("a\nb", 10), "a b");
+        // An escape sequence, a bell, a direction override: none reaches a terminal.
+        assert_eq!(
+            ellipsize("\u{1b}]0;PWNED\u{7}\u{1b}[2Jx\u{202E}y", 40),
+            "\u{FFFD}]0;PWNED\u{FFFD}\u{FFFD}[2Jx\u{FFFD}y"
+        );
     }
 
     use super::*;

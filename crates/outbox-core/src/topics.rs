@@ -307,8 +307,12 @@ pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
 /// or joiner, a byte-order mark) that makes two names look alike: what a
 /// name shown in logs, the console and the CLI must not contain.
 pub fn first_unprintable(text: &str) -> Option<char> {
-    text.chars()
-        .find(|c| c.is_control() || is_bidi_control(*c) || is_invisible(*c))
+    text.chars().find(|c| is_unprintable(*c))
+}
+
+/// Whether `c` is a character [`first_unprintable`] finds.
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control() || is_bidi_control(c) || is_invisible(c)
 }
 
 /// Characters that take no room: `a` U+200B `b` looks like `ab`.
