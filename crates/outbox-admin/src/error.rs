@@ -61,9 +61,10 @@ pub enum ApiError {
     /// A synchronously invoked handler failed (502, `handler_failed`).
     #[error("handler failed: {0}")]
     HandlerFailed(String),
-    /// No answer within the caller's timeout (504, `timeout`).
-    #[error("no answer within {0:?}")]
-    Timeout(std::time::Duration),
+    /// No answer within the caller's timeout (504, `timeout`), and what
+    /// became of the work.
+    #[error("no answer within {0:?}; {1}")]
+    Timeout(std::time::Duration, String),
     /// The topic's target cannot take the row now and nothing ran (503,
     /// `unavailable`, with `Retry-After`).
     #[error("{0}")]
@@ -106,7 +107,7 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::HandlerFailed(_) => (StatusCode::BAD_GATEWAY, "handler_failed"),
-            Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::Timeout(..) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Self::Unavailable(..) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

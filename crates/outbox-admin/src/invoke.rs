@@ -160,11 +160,18 @@ async fn invoke(
         .await;
         if tokio::time::Instant::now() >= deadline && wait.is_err() {
             state.replies.forget(inbox);
-            match invocations::abandon(&state.pool, inbox).await? {
+            if let Some(answer) = invocations::abandon(&state.pool, inbox).await? {
                 // The answer landed just before we gave up.
-                Some(answer) => break answer,
-                None => return Err(ApiError::Timeout(timeout)),
+                break answer;
             }
+            let fate = if invocations::withdraw(&state.pool, app.id, outbox_id).await? {
+                format!("withdrawn before any handler took it (row {outbox_id}): it will not run")
+            } else {
+                format!(
+                    "a handler took it (row {outbox_id}): it runs once, and its outcome is recorded in abandoned_executions"
+                )
+            };
+            return Err(ApiError::Timeout(timeout, fate));
         }
         if wait.is_ok() {
             // The receiver is spent (woken, or its sender dropped): arm a new one.

@@ -200,6 +200,45 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
         .await?;
     assert_eq!(waiting, 0, "nothing was enqueued");
 
+    // A row no handler took before the timeout is withdrawn: the caller was
+    // told it timed out, and it must not run when the rate allows, later.
+    let slowly = outbox_core::store::limits::Limits {
+        rate_per_sec: Some(0.001),
+        burst: Some(1),
+        ..Default::default()
+    };
+    outbox_core::store::limits::set(&w.db.pool, w.app_a, "echo", &slowly, None).await?;
+    // Processes take the limit up on their next beat: call until one waits.
+    let mut timed_out = None;
+    let asked = std::time::Instant::now();
+    while asked.elapsed() < std::time::Duration::from_secs(15) {
+        let (s, body) = w
+            .call(
+                "POST",
+                "/api/apps/app-a/invoke/echo",
+                Some(&operator),
+                Some(json!({"timeout_ms": 1500})),
+            )
+            .await?;
+        if s != StatusCode::OK {
+            timed_out = Some((s, body));
+            break;
+        }
+    }
+    let (s, body) = timed_out.ok_or("the rate limit never held a row back")?;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("withdrawn before any handler took it")),
+        "{body}"
+    );
+    outbox_core::store::limits::remove(&w.db.pool, w.app_a, "echo").await?;
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'echo'")
+        .fetch_one(&w.db.pool)
+        .await?;
+    assert_eq!(waiting, 0, "the withdrawn row is gone");
+
     let (s, body) = w
         .call(
             "POST",
@@ -211,6 +250,12 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
     assert_eq!(
         (s, body["error"]["code"].as_str()),
         (StatusCode::GATEWAY_TIMEOUT, Some("timeout"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("a handler took it (row ")),
+        "{body}"
     );
     // The caller is gone when the handler finishes: one abandoned execution.
     let recorded = outbox_testkit::wait_until(std::time::Duration::from_secs(10), || async {

@@ -76,6 +76,35 @@ pub async fn abandon<'e>(db: impl PgExecutor<'e>, inbox: Uuid) -> Result<Option<
     })
 }
 
+/// Withdraws the invocation's row `outbox_id` of `app_id` if no handler has
+/// taken it: its caller was told it timed out, so it must not run later
+/// (behind a rate limit or a long queue it could run minutes after). A row
+/// a claim holds right now, leased or locked by a transactional batch, is
+/// skipped, not waited for. Returns whether the row was withdrawn; false
+/// when it runs, or has run.
+pub async fn withdraw<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    outbox_id: Uuid,
+) -> Result<bool, Error> {
+    let withdrawn: Option<Uuid> = sqlx::query_scalar(
+        "WITH idle AS MATERIALIZED (
+             SELECT tableoid, ctid FROM outbox
+             WHERE app_id = $1 AND id = $2 AND reply_to IS NOT NULL
+               AND (locked_until IS NULL OR locked_until <= now())
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM outbox o USING idle
+         WHERE o.tableoid = idle.tableoid AND o.ctid = idle.ctid
+         RETURNING o.id",
+    )
+    .bind(app_id)
+    .bind(outbox_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(withdrawn.is_some())
+}
+
 /// A dispatcher's answer to one invocation.
 #[derive(Debug, Clone)]
 pub struct Resolution {
