@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use super::flash::{Flash, without_flash};
 use super::render::{error_page, esc, logout_form, page, when};
 use super::rows::attempts_table;
-use super::session::{Session, after_form, checked_form, field, viewed_app};
+use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
 fn age(created: chrono::DateTime<chrono::Utc>) -> String {
     let secs = (chrono::Utc::now() - created).num_seconds().max(0);
@@ -45,10 +45,11 @@ pub(super) async fn list_page(
         let rows =
             dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
         let unresolved = dead_letters::count_unresolved(&state.pool, app.id).await?;
-        Ok::<_, ApiError>((app, rows, unresolved, limit))
+        let manager = may(&state, &session, &app.slug, Capability::DeadLetterManage).await?;
+        Ok::<_, ApiError>((app, rows, unresolved, limit, manager))
     }
     .await;
-    let (app, rows, unresolved, limit) = match result {
+    let (app, rows, unresolved, limit, manager) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -58,22 +59,29 @@ pub(super) async fn list_page(
         r#"<p><a href="/apps/{slug}/outbox">{slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a> · <a href="/apps/{slug}/audit">audit log</a></p><h1>{slug} · dead letters <span class="badge{z}" id="unresolved">{unresolved}</span></h1>{flash}
 <form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
 <label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
-<form method=post action="/apps/{slug}/dead-letters/bulk" data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
-<p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>
+{bulk}
 <table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
         z = if unresolved == 0 { " zero" } else { "" },
         flash = flash.html(),
         t = esc(q.topic.as_deref().unwrap_or("")),
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
-        csrf = esc(&session.csrf),
+        bulk = if manager {
+            format!(
+                r#"<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
+<p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
+                csrf = esc(&session.csrf),
+            )
+        } else {
+            String::new()
+        },
     ));
     for row in &rows {
         let error = row.error_summary(120);
         body.push_str(&format!(
             r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
             id = row.id,
-            cb = if row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
+            cb = if manager && row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
             src = esc(&row.source),
             topic = esc(&row.topic),
             att = row.attempt_count,
@@ -82,7 +90,11 @@ pub(super) async fn list_page(
             state = esc(row.state()),
         ));
     }
-    body.push_str("</table></form>");
+    body.push_str(if manager {
+        "</table></form>"
+    } else {
+        "</table>"
+    });
     if rows.len() == limit as usize
         && let Some(last) = rows.last()
     {
@@ -110,14 +122,12 @@ pub(super) async fn detail_page(
         let app = viewed_app(&state, &session, &app).await?;
         let asked = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         let id = dead_letters::named(&state.pool, app.id, asked).await?;
-        Ok::<_, ApiError>((
-            dead_letters::get(&state.pool, app.id, id).await?,
-            app,
-            asked,
-        ))
+        let row = dead_letters::get(&state.pool, app.id, id).await?;
+        let manager = may(&state, &session, &app.slug, Capability::DeadLetterManage).await?;
+        Ok::<_, ApiError>((row, app, asked, manager))
     }
     .await;
-    let (row, app, asked) = match result {
+    let (row, app, asked, manager) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -127,7 +137,9 @@ pub(super) async fn detail_page(
         return Redirect::to(&format!("/apps/{slug}/dead-letters/{}", row.id)).into_response();
     }
     let pretty = serde_json::to_string_pretty(&row.payload).unwrap_or_default();
-    let actions = if row.resolved_at.is_none() {
+    let actions = if row.resolved_at.is_none() && !manager {
+        String::new()
+    } else if row.resolved_at.is_none() {
         format!(
             r#"<form class=inline method=post action="/apps/{slug}/dead-letters/{id}/replay" data-confirm="Replay this dead letter? A new row goes into the outbox."><input type=hidden name=csrf value="{c}"><label>Attempts <input name=max_attempts type=number min=1 placeholder="{budget}" size=6></label> <button type=submit id=replay>Replay</button></form>
 <form class=inline method=post action="/apps/{slug}/dead-letters/{id}/ignore" data-confirm="Ignore this dead letter? It will not run again."><input type=hidden name=csrf value="{c}"><button type=submit id=ignore>Ignore</button></form>"#,

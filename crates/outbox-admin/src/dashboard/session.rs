@@ -188,7 +188,18 @@ pub(super) async fn may_operate(
     session: &Session,
     app: &str,
 ) -> Result<bool, ApiError> {
-    match auth::authorize(&state.pool, &session.principal, app, Capability::Operate).await {
+    may(state, session, app, Capability::Operate).await
+}
+
+/// Whether the session's principal holds `capability` on `app`: the pages
+/// show the forms of an action only to those it would not refuse.
+pub(super) async fn may(
+    state: &AdminState,
+    session: &Session,
+    app: &str,
+    capability: Capability,
+) -> Result<bool, ApiError> {
+    match auth::authorize(&state.pool, &session.principal, app, capability).await {
         Ok(_) => Ok(true),
         Err(ApiError::RoleTooLow { .. } | ApiError::NotFound(_)) => Ok(false),
         Err(err) => Err(err),

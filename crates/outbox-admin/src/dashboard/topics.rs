@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use super::flash::Flash;
 use super::overview::{Overview, processes_table};
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, after_form, checked_form, field, viewed_app};
+use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
 pub(super) async fn topics_page(
     State(state): State<AdminState>,
@@ -30,10 +30,11 @@ pub(super) async fn topics_page(
         let limited = limits::list(&state.pool, app.id).await?;
         let live = processes::live(&state.pool).await?;
         let overview = Overview::read(&state, app.id).await?;
-        Ok::<_, ApiError>((app, paused, limited, live, overview))
+        let operator = may(&state, &session, &app.slug, Capability::Operate).await?;
+        Ok::<_, ApiError>((app, paused, limited, live, overview, operator))
     }
     .await;
-    let (app, paused, limited, live, overview) = match result {
+    let (app, paused, limited, live, overview, operator) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -58,10 +59,16 @@ pub(super) async fn topics_page(
             "<table><tr><th>Topic</th><th>Since</th><th>By</th><th>Reason</th><th></th></tr>",
         );
         for p in &paused {
+            let topic = esc(&p.topic);
+            let resume = if operator {
+                format!(
+                    r#"<form class=inline method=post action="/apps/{slug}/topics/resume" data-confirm="Resume this topic? Every process claims its rows again within about a second."><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>resume</button></form>"#
+                )
+            } else {
+                String::new()
+            };
             body.push_str(&format!(
-                r#"<tr data-paused="{topic}"><td>{topic}</td><td>{at}</td><td>{by}</td><td>{reason}</td><td>
-<form class=inline method=post action="/apps/{slug}/topics/resume" data-confirm="Resume this topic? Every process claims its rows again within about a second."><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>resume</button></form></td></tr>"#,
-                topic = esc(&p.topic),
+                r#"<tr data-paused="{topic}"><td>{topic}</td><td>{at}</td><td>{by}</td><td>{reason}</td><td>{resume}</td></tr>"#,
                 at = when(p.paused_at),
                 by = esc(p.paused_by.as_deref().unwrap_or("")),
                 reason = esc(p.reason.as_deref().unwrap_or("")),
@@ -69,11 +76,13 @@ pub(super) async fn topics_page(
         }
         body.push_str("</table>");
     }
-    body.push_str(&format!(
-        r#"<form method=post action="/apps/{slug}/topics/pause" data-confirm="Pause this topic? No process claims its rows until it is resumed."><input type=hidden name=csrf value="{csrf}">
-<p><label>Topic <input name=topic required maxlength=255></label> <label>Reason <input name=reason maxlength=1000></label> <button type=submit>Pause</button></p></form>
-<h2>Limits</h2>"#
-    ));
+    if operator {
+        body.push_str(&format!(
+            r#"<form method=post action="/apps/{slug}/topics/pause" data-confirm="Pause this topic? No process claims its rows until it is resumed."><input type=hidden name=csrf value="{csrf}">
+<p><label>Topic <input name=topic required maxlength=255></label> <label>Reason <input name=reason maxlength=1000></label> <button type=submit>Pause</button></p></form>"#
+        ));
+    }
+    body.push_str("<h2>Limits</h2>");
     if limited.is_empty() {
         body.push_str(r#"<p class=muted data-limits=none>No topic is limited. A concurrency limit lets at most that many of a topic's rows run at once (in all, or per partition key), a rate limit at most that many start per second, across every process (lease mode), from about a second on.</p>"#);
     } else {
@@ -81,10 +90,16 @@ pub(super) async fn topics_page(
             "<table><tr><th>Topic</th><th>Running</th><th>Per key</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
         );
         for l in &limited {
+            let topic = esc(&l.topic);
+            let unlimit = if operator {
+                format!(
+                    r#"<form class=inline method=post action="/apps/{slug}/topics/unlimit" data-confirm="Remove this topic's limits?"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form>"#
+                )
+            } else {
+                String::new()
+            };
             body.push_str(&format!(
-                r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{per_key}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>
-<form class=inline method=post action="/apps/{slug}/topics/unlimit" data-confirm="Remove this topic's limits?"><input type=hidden name=csrf value="{csrf}"><input type=hidden name=topic value="{topic}"><button type=submit>remove limit</button></form></td></tr>"#,
-                topic = esc(&l.topic),
+                r#"<tr data-limited="{topic}"><td>{topic}</td><td>{running} / {max}</td><td>{per_key}</td><td>{rate}</td><td>{at}</td><td>{by}</td><td>{unlimit}</td></tr>"#,
                 running = l.running,
                 max = l.max_running.map_or("∞".to_owned(), |n| n.to_string()),
                 per_key = l.max_running_per_key.map_or(String::new(), |n| n.to_string()),
@@ -98,12 +113,14 @@ pub(super) async fn topics_page(
         }
         body.push_str("</table>");
     }
-    body.push_str(&format!(
-        r#"<form method=post action="/apps/{slug}/topics/limit" data-confirm="Set these limits on the topic?"><input type=hidden name=csrf value="{csrf}">
-<p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Per partition key <input name=max_running_per_key type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>
-<h2>Processes</h2>"#,
-        max = limits::MAX_RUNNING,
-    ));
+    if operator {
+        body.push_str(&format!(
+            r#"<form method=post action="/apps/{slug}/topics/limit" data-confirm="Set these limits on the topic?"><input type=hidden name=csrf value="{csrf}">
+<p><label>Topic <input name=topic required maxlength=255></label> <label>At most running <input name=max_running type=number min=1 max={max}></label> <label>Per partition key <input name=max_running_per_key type=number min=1 max={max}></label> <label>Starts per second <input name=rate_per_sec type=number min=0.001 step=any></label> <label>Burst <input name=burst type=number min=1></label> <button type=submit>Limit</button></p></form>"#,
+            max = limits::MAX_RUNNING,
+        ));
+    }
+    body.push_str("<h2>Processes</h2>");
     body.push_str(&processes_table(&live));
     page(&format!("{} topics", app.slug), &body).into_response()
 }

@@ -10,7 +10,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::render::{error_page, esc, logout_form, page, when};
-use super::session::{Session, after_form, checked_form, field, viewed_app};
+use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
 pub(super) async fn triggers_page(
     State(state): State<AdminState>,
@@ -20,10 +20,11 @@ pub(super) async fn triggers_page(
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
         let rows = outbox_core::store::triggers::list(&state.pool, app.id).await?;
-        Ok::<_, ApiError>((app, rows))
+        let manager = may(&state, &session, &app.slug, Capability::ManageTriggers).await?;
+        Ok::<_, ApiError>((app, rows, manager))
     }
     .await;
-    let (app, rows) = match result {
+    let (app, rows, manager) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -51,20 +52,30 @@ pub(super) async fn triggers_page(
             _ => "dead letters".to_owned(),
         };
         let toggle = if t.enabled { "disable" } else { "enable" };
+        let id = t.id;
+        let actions = if manager {
+            format!(
+                r#"<form class=inline method=post action="/apps/{slug}/triggers/{id}/{toggle}"><input type=hidden name=csrf value="{csrf}"><button type=submit>{toggle}</button></form>
+<form class=inline method=post action="/apps/{slug}/triggers/{id}/delete" data-confirm="Delete this trigger? It fires nothing from now on, and cannot be restored."><input type=hidden name=csrf value="{csrf}"><button type=submit>delete</button></form>"#
+            )
+        } else {
+            String::new()
+        };
         body.push_str(&format!(
-            r#"<tr data-trigger="{name}"><td>{name}</td><td>{kind}</td><td>{detail}</td><td>{target}</td><td>{state}</td><td>
-<form class=inline method=post action="/apps/{slug}/triggers/{id}/{toggle}"><input type=hidden name=csrf value="{csrf}"><button type=submit>{toggle}</button></form>
-<form class=inline method=post action="/apps/{slug}/triggers/{id}/delete"><input type=hidden name=csrf value="{csrf}"><button type=submit>delete</button></form></td></tr>"#,
+            r#"<tr data-trigger="{name}"><td>{name}</td><td>{kind}</td><td>{detail}</td><td>{target}</td><td>{state}</td><td>{actions}</td></tr>"#,
             name = esc(&t.name),
             kind = esc(&t.kind),
             detail = detail,
             target = esc(&t.target),
             state = if t.enabled { "enabled" } else { "disabled" },
-            id = t.id,
         ));
     }
+    body.push_str("</table>");
+    if !manager {
+        return page(&format!("{} triggers", app.slug), &body).into_response();
+    }
     body.push_str(&format!(
-        r#"</table><h2>New trigger</h2><form method=post action="/apps/{slug}/triggers"><input type=hidden name=csrf value="{csrf}">
+        r#"<h2>New trigger</h2><form method=post action="/apps/{slug}/triggers"><input type=hidden name=csrf value="{csrf}">
 <p><select name=kind><option value=kv>KV writes</option><option value=cron>cron</option><option value=dead_letter>dead letters</option></select>
 <input name=name placeholder=name required> <input name=target placeholder="handler or webhook:https://…" required></p>
 <p><input name=collection placeholder="collection glob (kv)"> <input name=ops placeholder="put,delete (kv)"></p>

@@ -978,3 +978,38 @@ async fn a_row_id_finds_the_dead_letter_it_became_everywhere() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn pages_show_an_action_only_to_roles_that_may_take_it() -> TestResult {
+    let w = World::new().await?;
+    let dead = w.dead_letter(w.app_a, "mail.send").await?;
+    outbox_core::store::pauses::pause(&w.db.pool, w.app_a, "mail.send", None, None).await?;
+    let pages = [
+        "/apps/app-a/topics".to_owned(),
+        "/apps/app-a/dead-letters?unresolved=true".to_owned(),
+        format!("/apps/app-a/dead-letters/{dead}"),
+        "/apps/app-a/triggers".to_owned(),
+    ];
+    // Forms that change the app, per page, for each role.
+    let mut seen = Vec::new();
+    for email in ["viewer@x.io", "operator@x.io", "a-admin@x.io"] {
+        let (jar, _) = w.dashboard_session(email).await?;
+        let mut forms = Vec::new();
+        for uri in &pages {
+            let (s, _, html) = page(&w, &jar, uri).await?;
+            assert_eq!(s, StatusCode::OK, "{email} {uri}: {html}");
+            forms.push(html.matches(r#"method=post action="/apps/"#).count());
+        }
+        seen.push((email, forms));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("viewer@x.io", vec![0, 0, 0, 0]),
+            // resume, pause, limit; the bulk form; replay and ignore.
+            ("operator@x.io", vec![3, 1, 2, 0]),
+            ("a-admin@x.io", vec![3, 1, 2, 1]),
+        ]
+    );
+    Ok(())
+}
