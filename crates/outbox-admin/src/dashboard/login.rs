@@ -58,6 +58,23 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
 pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {
     let addr = api::client_addr(&state, &req);
     let csrf_cookie = cookie(req.headers(), CSRF_COOKIE);
+    // The form's token is compared with a cookie, and a page on a sibling
+    // subdomain can plant that cookie and post a matching form, signing the
+    // browser in to an account of its own. Browsers say where a post comes
+    // from: only outboxd's own page (or a browser too old to say) signs in.
+    let site = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok());
+    if site.is_some_and(|site| site != "same-origin" && site != "none") {
+        // The cookie stays as it is: the owner's open form keeps working.
+        let form = login_form(
+            Some("Sign in from outboxd's own sign-in page."),
+            "",
+            csrf_cookie.as_deref().unwrap_or_default(),
+        );
+        return (axum::http::StatusCode::FORBIDDEN, form).into_response();
+    }
     let form = match form(req, state.body_limit).await {
         Ok(f) => f,
         Err(err) => return error_page(&err),

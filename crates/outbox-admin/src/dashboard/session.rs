@@ -145,7 +145,11 @@ pub(super) fn check_csrf(session: &Session, form: &[(String, String)]) -> Result
     if matches(&session.csrf) || session.csrf_before_rotation.as_deref().is_some_and(matches) {
         Ok(())
     } else {
-        Err(ApiError::Forbidden)
+        // Most often a form opened before signing in again elsewhere: not a
+        // matter of role, so not said as one.
+        Err(ApiError::NotAllowed(
+            "this form has expired (you signed in again since it was opened): reload the page and try again".into(),
+        ))
     }
 }
 

@@ -23,14 +23,24 @@ async fn dashboard_needs_a_session_and_a_csrf_token() -> TestResult {
             .and_then(|v| v.to_str().ok()),
         Some("/login")
     );
-    let login = Request::post("/login")
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
-        .body(Body::from(format!(
-            "csrf={PRE_LOGIN_CSRF}&email=operator%40x.io&password={}",
-            urlencode(PASSWORD)
-        )))?;
-    let res = app().oneshot(login).await?;
+    let login = |site: &str| {
+        Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
+            .header("sec-fetch-site", site)
+            .body(Body::from(format!(
+                "csrf={PRE_LOGIN_CSRF}&email=operator%40x.io&password={}",
+                urlencode(PASSWORD)
+            )))
+    };
+    // A page elsewhere (a sibling subdomain can plant the cookie) posting
+    // a matching form does not sign the browser in, nor change the cookie.
+    for site in ["cross-site", "same-site"] {
+        let res = app().oneshot(login(site)?).await?;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{site}");
+        assert!(res.headers().get(header::SET_COOKIE).is_none(), "{site}");
+    }
+    let res = app().oneshot(login("same-origin")?).await?;
     assert_eq!(res.status(), StatusCode::SEE_OTHER);
     let cookies: Vec<String> = res
         .headers()
@@ -74,7 +84,14 @@ async fn dashboard_needs_a_session_and_a_csrf_token() -> TestResult {
         .header(header::COOKIE, &jar)
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Body::from("csrf=wrong"))?;
-    assert_eq!(app().oneshot(forged).await?.status(), StatusCode::FORBIDDEN);
+    let res = app().oneshot(forged).await?;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let said = axum::body::to_bytes(res.into_body(), 1 << 20).await?;
+    // Not said as a matter of role: most often the form predates a sign-in.
+    assert!(
+        String::from_utf8_lossy(&said).contains("this form has expired"),
+        "{said:?}"
+    );
     assert!(
         dead_letters::get(&w.db.pool, w.app_a, a1)
             .await?
