@@ -7,19 +7,35 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
+# Help, the version and `config` need no database.
+needs_db=1
+first=""
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help|-V|--version) needs_db="" ;;
+    -*) ;;
+    *) [ -n "$first" ] || first="$arg" ;;
+  esac
+done
+case "$first" in help|config) needs_db="" ;; esac
 PORT_FILE="$STATE_DIR/pg/port"
 [ -L "$STATE_DIR/pg/cluster" ] && PORT_FILE="$(readlink -f "$STATE_DIR/pg/cluster")/port"
-[ -f "$PORT_FILE" ] || die "no demo database: run scripts/demo.sh first"
-PORT="$(cat "$PORT_FILE")"
-# Fail at once, not after the driver's connect timeout, when the demo is not running.
-PG_BIN="$(pg_bindir)"
-if [ -n "$PG_BIN" ] && [ -x "$PG_BIN/pg_isready" ]; then
-  "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 1 >/dev/null 2>&1 && up=1 || up=""
-else
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && up=1 || up=""
+if [ -f "$PORT_FILE" ]; then
+  PORT="$(cat "$PORT_FILE")"
+  export DATABASE_URL="postgres://outboxd@127.0.0.1:$PORT/outboxd"
+elif [ -n "$needs_db" ]; then
+  die "no demo database: run scripts/demo.sh first"
 fi
-[ -n "$up" ] || die "the demo's PostgreSQL is not running: start it with scripts/demo.sh"
-export DATABASE_URL="postgres://outboxd@127.0.0.1:$PORT/outboxd"
+if [ -n "$needs_db" ]; then
+  # Fail at once, not after the driver's connect timeout, when the demo is not running.
+  PG_BIN="$(pg_bindir)"
+  if [ -n "$PG_BIN" ] && [ -x "$PG_BIN/pg_isready" ]; then
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 1 >/dev/null 2>&1 && up=1 || up=""
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && up=1 || up=""
+  fi
+  [ -n "$up" ] || die "the demo's PostgreSQL is not running: start it with scripts/demo.sh"
+fi
 # The demo's overlay, as scripts/demo.sh runs with it: `config` then prints
 # what the demo uses, and a second process runs as the demo does.
 export OUTBOXD_ENV="${OUTBOXD_ENV:-demo}"
