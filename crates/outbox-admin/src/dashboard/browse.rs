@@ -297,17 +297,28 @@ pub(super) async fn bulk_on_filter(
             } else {
                 String::new()
             };
+            // "No row … matches", "1 row … matches", "2 rows … match".
+            let one = touched.rows <= 1 && touched.exact;
+            let scope = match (filter == RowFilter::default(), one) {
+                (true, _) => "in the app (no filter: every row)",
+                (false, true) => "matches this filter",
+                (false, false) => "match this filter",
+            };
+            if touched.rows == 0 && touched.exact {
+                // Nothing to confirm: say so, and offer only the way back.
+                let body = format!(
+                    r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>No row</strong> {which} {scope}: nothing to do.</p><p><a href="/apps/{slug}/outbox?{back}">Back to the rows</a></p>"#,
+                    logout = logout_form(&session),
+                    back = esc(&back),
+                );
+                return Ok(Err(page("Confirm", &body).into_response()));
+            }
             let body = format!(
                 r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p><p>{what}.</p>{reason_line}
 <form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),
                 count = count_text(touched),
-                scope = if filter == RowFilter::default() {
-                    "in the app (no filter: every row)"
-                } else {
-                    "match this filter"
-                },
                 reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc(&reason)) } else { String::new() },
                 csrf = esc(&session.csrf),
                 hidden = hidden_filter(&q),

@@ -87,6 +87,7 @@ impl Flash {
             String::new()
         };
         let text = match self.done() {
+            Some("retry") if rows == 0 => "No row changed: none was waiting for a delay or a retry (a due row runs as soon as a process is free).".to_owned(),
             Some("retry") => format!("Made {rows} {noun} due now.{more}"),
             Some("cancel") => {
                 format!("Cancelled {rows} {noun}: each is now an ignored dead letter.{more}")

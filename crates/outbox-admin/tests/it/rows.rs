@@ -710,6 +710,14 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     );
     let (_, _, cleared, html) = follow(&w, &operator, to.clone(), flash).await?;
     assert!(html.contains("id=flash>Cancelled 15 rows"), "{html}");
+    // Reviewed again: nothing is left, and nothing is offered but the way back.
+    let (s, _, again) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &review).await?;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert!(
+        again.contains("<strong>No row</strong> not running matches this filter: nothing to do.")
+            && !again.contains("id=confirm>"),
+        "{again}"
+    );
     assert_eq!(
         cleared.as_deref(),
         Some("outboxd_flash="),
@@ -785,6 +793,19 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
     assert!(
         html.contains("id=flash>Made 1 row due now.") && html.contains("<td id=state>due</td>"),
+        "{html}"
+    );
+    // Again, on the row now due: nothing changed, and the message says why.
+    let (_, to, flash, _) = post_form_with_flash(
+        &w,
+        &operator,
+        &format!("/apps/app-a/outbox/{id}/retry"),
+        &format!("csrf={csrf}"),
+    )
+    .await?;
+    let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
+    assert!(
+        html.contains("id=flash>No row changed: none was waiting"),
         "{html}"
     );
     let (s, _, _) = post_form(

@@ -79,7 +79,7 @@ pub enum DeadLetterCommand {
 }
 
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {
-    Uuid::parse_str(id).with_context(|| {
+    Uuid::parse_str(id.trim()).with_context(|| {
         format!("{id:?} is not a UUID (a dead letter's id, or the id of the row it was)")
     })
 }
@@ -110,13 +110,15 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 {
                     (false, Some(r.to_owned()))
                 }
+                Some(
+                    resolved @ ("replayed" | "ignored" | "handled_by_script" | "handler_failed"),
+                ) => {
+                    bail!(
+                        "--state {resolved} lists resolved dead letters, --unresolved the others: give one of the two"
+                    )
+                }
                 Some(other) => bail!(
-                    "--state {other:?} is not one of unresolved, replayed, ignored, handled_by_script, handler_failed{}",
-                    if unresolved {
-                        " (or conflicts with --unresolved)"
-                    } else {
-                        ""
-                    }
+                    "--state {other:?} is not one of unresolved, replayed, ignored, handled_by_script, handler_failed"
                 ),
             };
             let app = apps::by_slug(&pool, &app).await?;
@@ -132,7 +134,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 .as_deref()
                 .map(outbox_admin::api::decode_cursor)
                 .transpose()
-                .map_err(|e| anyhow::anyhow!("--after: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
             let mut rows = Vec::new();
             let next = loop {
                 // One row more than shown says whether there is a next page

@@ -178,5 +178,24 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
                 && rows.iter().all(|r| r["resolution"] == "ignored")),
         "{doc}"
     );
+    // Mistakes are named as such: a resolved state with --unresolved, and a
+    // cursor that is not one (its flag said once).
+    for (args, said) in [
+        (
+            vec!["--state", "ignored", "--unresolved"],
+            "--state ignored lists resolved dead letters, --unresolved the others",
+        ),
+        (
+            vec!["--after", "garbage"],
+            "--after: \"garbage\" is not a cursor",
+        ),
+    ] {
+        let out = run(outboxd(Some(&db.url))
+            .args(["dead-letters", "list", "--app", "demo"])
+            .args(&args))?;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+    }
     Ok(())
 }
