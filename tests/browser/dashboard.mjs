@@ -253,11 +253,31 @@ try {
   await page.goto(`${base}/apps/shop/dead-letters?unresolved=true`);
   const selectable = await page.$$eval('input[name="ids"]', (boxes) => boxes.map((b) => b.value));
   await page.check(`input[name="ids"][value="${selectable[0]}"]`);
-  await page.click('button[name="action"][value="ignore"]');
+  await page.click('#bulk-selected button[name="action"][value="ignore"]');
   await page.waitForSelector("#flash");
   check((await page.textContent("#flash")).startsWith("Marked 1 dead letter ignored")
         && sql(`SELECT resolution FROM dead_letters WHERE id = '${selectable[0]}'`) === "ignored",
         "Ignore selected resolves the ticked dead letter");
+
+  // Every unresolved dead letter of a topic, by the list's filter, after its count.
+  const unresolvedOf = (topic) => sql(`SELECT count(*) FROM dead_letters d JOIN apps a ON a.id = d.app_id
+      WHERE a.slug = 'shop' AND d.resolved_at IS NULL AND d.topic = '${topic}'`);
+  const leftTopic = sql(`SELECT d.topic FROM dead_letters d JOIN apps a ON a.id = d.app_id
+      WHERE a.slug = 'shop' AND d.resolved_at IS NULL ORDER BY d.created_at LIMIT 1`);
+  check(leftTopic !== "", "a dead letter is left to act on by filter");
+  const ofTopic = unresolvedOf(leftTopic);
+  await page.goto(`${base}/apps/shop/dead-letters?unresolved=true&topic=${encodeURIComponent(leftTopic)}`);
+  await page.click('#bulk-filter button[value="ignore"]');
+  await page.waitForSelector("#confirm-count");
+  check((await page.textContent("#confirm-count")).startsWith(`${ofTopic} unresolved dead letter`),
+        `the bulk action by filter shows how many dead letters it takes first (${ofTopic})`);
+  check(unresolvedOf(leftTopic) === ofTopic, "and changes nothing before the confirmation");
+  await page.click("#confirm");
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#flash")).startsWith(`Marked ${ofTopic} dead letter`)
+        && unresolvedOf(leftTopic) === "0",
+        "Ignore all resolves every unresolved dead letter of the filter");
+  await page.screenshot({ path: `${shots}/dead-letters-bulk.png`, fullPage: true });
 
   // The triggers and accounts pages.
   await page.goto(`${base}/apps/shop/triggers`);
@@ -283,7 +303,8 @@ try {
 
   await page.goto(`${base}/apps`);
   const after = (await page.textContent('.badge[data-app="shop"]')).trim();
-  check(Number(after) === Number(badge) - 3, `the badge drops to ${after}`);
+  // Replayed, ignored, ignored when selected, and ignored by filter.
+  check(Number(after) === Number(badge) - 3 - Number(ofTopic), `the badge drops to ${after}`);
   check((await page.evaluate(() => window.__cspViolations)) === 0, "no page broke its own content policy");
   await page.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
   console.log("1 passed, 0 failed");

@@ -117,13 +117,54 @@ pub(super) async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
+/// The filter of `GET …/dead-letters/count`: what a bulk action by filter
+/// would take.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountQuery {
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// Only this trigger.
+    pub trigger_id: Option<Uuid>,
+}
+
+/// How many unresolved dead letters of the app `filter` names (every one
+/// without a filter): what a bulk action by that filter touches, up to
+/// [`MAX_BULK`] per call.
+pub async fn count_unresolved_matching(
+    pool: &sqlx::PgPool,
+    app_id: Uuid,
+    filter: &BulkFilter,
+) -> Result<i64, ApiError> {
+    let nonblank = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+    let filter = Filter {
+        source: nonblank(&filter.source),
+        topic: nonblank(&filter.topic),
+        trigger_id: filter.trigger_id,
+        unresolved_only: true,
+        ..Filter::default()
+    };
+    if filter.source.is_none() && filter.topic.is_none() && filter.trigger_id.is_none() {
+        return Ok(dead_letters::count_unresolved(pool, app_id).await?);
+    }
+    Ok(dead_letters::count(pool, app_id, &filter, i64::MAX).await?)
+}
+
 pub(super) async fn count(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
+    crate::strict::Query(q): crate::strict::Query<CountQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let unresolved = dead_letters::count_unresolved(&state.pool, app.id).await?;
+    let filter = BulkFilter {
+        source: q.source,
+        topic: q.topic,
+        trigger_id: q.trigger_id,
+    };
+    let unresolved = count_unresolved_matching(&state.pool, app.id, &filter).await?;
     Ok(Json(serde_json::json!({ "unresolved": unresolved })))
 }
 
@@ -299,6 +340,9 @@ pub struct BulkFilter {
     pub trigger_id: Option<Uuid>,
 }
 
+/// The most dead letters one bulk action takes; by filter, the newest.
+pub const MAX_BULK: u32 = 10_000;
+
 /// Runs a bulk action (recorded in the audit log as done by `actor`, with
 /// its filter); returns how many rows changed.
 pub async fn run_bulk(
@@ -323,10 +367,10 @@ pub async fn run_bulk(
                 trigger_id: f.trigger_id,
                 ..Filter::default()
             };
-            dead_letters::ids_matching(&state.pool, app_id, &filter, 10_000).await?
+            dead_letters::ids_matching(&state.pool, app_id, &filter, MAX_BULK).await?
         }
         (None, None, true) => {
-            dead_letters::ids_matching(&state.pool, app_id, &Filter::default(), 10_000).await?
+            dead_letters::ids_matching(&state.pool, app_id, &Filter::default(), MAX_BULK).await?
         }
         _ => {
             return Err(ApiError::Invalid(
@@ -334,8 +378,10 @@ pub async fn run_bulk(
             ));
         }
     };
-    if ids.len() > 10_000 {
-        return Err(ApiError::Invalid("ids: at most 10000 per request".into()));
+    if ids.len() > MAX_BULK as usize {
+        return Err(ApiError::Invalid(format!(
+            "ids: at most {MAX_BULK} per request"
+        )));
     }
     if body.max_attempts.is_some() && matches!(body.action.as_str(), "ignore" | "resolve") {
         return Err(ApiError::Invalid(

@@ -7,7 +7,7 @@ use outbox_core::store::dead_letters;
 use uuid::Uuid;
 
 use crate::AdminState;
-use crate::api::{self, BulkBody, ListQuery};
+use crate::api::{self, BulkBody, BulkFilter, ListQuery};
 use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
@@ -67,10 +67,24 @@ pub(super) async fn list_page(
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
         bulk = if manager {
+            let (topic, source) = (
+                q.topic.as_deref().unwrap_or("").trim(),
+                q.source.as_deref().unwrap_or("").trim(),
+            );
+            let scope = match (topic.is_empty(), source.is_empty()) {
+                (true, true) => "of the app (no filter)".to_owned(),
+                (false, true) => format!("of topic {}", esc(topic)),
+                (true, false) => format!("from source {}", esc(source)),
+                (false, false) => format!("of topic {} from source {}", esc(topic), esc(source)),
+            };
             format!(
-                r#"<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
-<p><button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
+                r#"<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}"><input type=hidden name=scope value=filter><input type=hidden name=topic value="{t}"><input type=hidden name=source value="{src}">
+<p>Every unresolved dead letter {scope}: <label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay all…</button> <button type=submit name=action value=ignore>Ignore all…</button> <span class=muted>the count comes first</span></p></form>
+<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
+<p><label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
                 csrf = esc(&session.csrf),
+                t = esc(topic),
+                src = esc(source),
             )
         } else {
             String::new()
@@ -236,6 +250,9 @@ pub(super) async fn ignore(
     act(state, session, app, id, req, false).await
 }
 
+/// `POST /apps/{app}/dead-letters/bulk`: replay or ignore the ticked dead
+/// letters, or (`scope=filter`) every unresolved one the list's filter
+/// names, after a page that shows how many that is.
 pub(super) async fn bulk(
     State(state): State<AdminState>,
     session: Session,
@@ -245,31 +262,173 @@ pub(super) async fn bulk(
     let result = async {
         let (form, app) =
             checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
-        let ids = form
-            .iter()
-            .filter(|(k, _)| k == "ids")
-            .map(|(_, v)| {
-                Uuid::parse_str(v).map_err(|_| ApiError::Invalid(format!("{v:?} is not an id")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let body = BulkBody {
-            action: field(&form, "action").unwrap_or_default().to_owned(),
-            ids: Some(ids),
-            filter: None,
-            all: false,
-            max_attempts: None,
+        let action = field(&form, "action").unwrap_or_default().to_owned();
+        if !matches!(action.as_str(), "replay" | "ignore") {
+            return Err(ApiError::Invalid("action: must be replay or ignore".into()));
+        }
+        // Attempts belong to a replay; an ignore leaves the field unread.
+        let max_attempts = match field(&form, "max_attempts").map(str::trim) {
+            None | Some("") => None,
+            Some(_) if action == "ignore" => None,
+            Some(n) => Some(n.parse::<i64>().map_err(|_| {
+                ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
+            })?),
+        };
+        api::replay_attempts(max_attempts)?;
+        let text = |name: &str| {
+            field(&form, name)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let by_filter = field(&form, "scope") == Some("filter");
+        let filter = BulkFilter {
+            source: text("source"),
+            topic: text("topic"),
+            trigger_id: None,
+        };
+        let unfiltered = filter.source.is_none() && filter.topic.is_none();
+        // The list page to come back to, with the filter acted on.
+        let list = {
+            let mut list = form_urlencoded::Serializer::new(String::new());
+            list.append_pair("unresolved", "true");
+            if let Some(topic) = &filter.topic {
+                list.append_pair("topic", topic);
+            }
+            if let Some(source) = &filter.source {
+                list.append_pair("source", source);
+            }
+            list.finish()
+        };
+        if by_filter && field(&form, "confirm") != Some("yes") {
+            let count = api::count_unresolved_matching(&state.pool, app.id, &filter).await?;
+            return Ok(Err(confirm_page(
+                &session,
+                &app.slug,
+                &action,
+                max_attempts,
+                &filter,
+                count,
+                &list,
+            )));
+        }
+        let body = if by_filter {
+            BulkBody {
+                action: action.clone(),
+                ids: None,
+                all: unfiltered,
+                filter: (!unfiltered).then_some(filter),
+                max_attempts,
+            }
+        } else {
+            let ids = form
+                .iter()
+                .filter(|(k, _)| k == "ids")
+                .map(|(_, v)| {
+                    Uuid::parse_str(v).map_err(|_| ApiError::Invalid(format!("{v:?} is not an id")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            BulkBody {
+                action: action.clone(),
+                ids: Some(ids),
+                filter: None,
+                all: false,
+                max_attempts,
+            }
         };
         let done = api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
-        let what = if body.action == "replay" {
+        let what = if action == "replay" {
             "bulk-replay"
         } else {
             "bulk-ignore"
         };
-        Ok::<_, ApiError>(format!(
-            "/apps/{}/dead-letters?unresolved=true&done={what}&rows={done}",
+        // A whole batch taken: more may match.
+        let more = by_filter && done == api::MAX_BULK as usize;
+        Ok::<_, ApiError>(Ok(format!(
+            "/apps/{}/dead-letters?{list}&done={what}&rows={done}&more={more}",
             app.slug
-        ))
+        )))
     }
     .await;
-    after_form(result)
+    match result {
+        Ok(Err(confirm)) => confirm,
+        Ok(Ok(to)) => after_form(Ok(to)),
+        Err(err) => after_form(Err(err)),
+    }
+}
+
+/// The page between "Replay all…" or "Ignore all…" and the action: how
+/// many unresolved dead letters the filter names, and the button that acts.
+fn confirm_page(
+    session: &Session,
+    slug: &str,
+    action: &str,
+    max_attempts: Option<i64>,
+    filter: &BulkFilter,
+    count: i64,
+    list: &str,
+) -> Response {
+    let slug = esc(slug);
+    let scope = match (&filter.topic, &filter.source) {
+        (None, None) => "in the app (no filter: every one)".to_owned(),
+        (Some(t), None) => format!("of topic {}", esc(t)),
+        (None, Some(s)) => format!("from source {}", esc(s)),
+        (Some(t), Some(s)) => format!("of topic {} from source {}", esc(t), esc(s)),
+    };
+    let back = format!(
+        r#"<a href="/apps/{slug}/dead-letters?{}">Back without changing anything</a>"#,
+        esc(list)
+    );
+    let counted = match count {
+        0 => {
+            let body = format!(
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>No unresolved dead letter</strong> {scope}: nothing to do.</p><p>{back}</p>"#,
+                logout = logout_form(session),
+            );
+            return page("Confirm", &body).into_response();
+        }
+        1 => "1 unresolved dead letter".to_owned(),
+        n => format!("{n} unresolved dead letters"),
+    };
+    let capped = if count > i64::from(api::MAX_BULK) {
+        format!(
+            " One action takes the newest {}; run it again for the rest.",
+            api::MAX_BULK
+        )
+    } else {
+        String::new()
+    };
+    let what = match (action, max_attempts) {
+        ("replay", Some(n)) => {
+            format!("Replay: each becomes a new row in the outbox, with {n} attempts.")
+        }
+        ("replay", None) => {
+            "Replay: each becomes a new row in the outbox, with its own attempt budget.".to_owned()
+        }
+        _ => "Ignore: each is marked resolved and runs no more.".to_owned(),
+    };
+    let hidden = |name: &str, value: &str| {
+        format!(r#"<input type=hidden name={name} value="{}">"#, esc(value))
+    };
+    let body = format!(
+        r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{counted}</strong> {scope}.{capped}</p><p>{what}</p>
+<form method=post action="/apps/{slug}/dead-letters/bulk">{csrf}{scope_field}{action_field}{topic}{source}{attempts}<input type=hidden name=confirm value=yes>
+<button type=submit id=confirm>{button}</button> {back}</form>"#,
+        logout = logout_form(session),
+        csrf = hidden("csrf", &session.csrf),
+        scope_field = hidden("scope", "filter"),
+        action_field = hidden("action", action),
+        topic = hidden("topic", filter.topic.as_deref().unwrap_or("")),
+        source = hidden("source", filter.source.as_deref().unwrap_or("")),
+        attempts = hidden(
+            "max_attempts",
+            &max_attempts.map(|n| n.to_string()).unwrap_or_default()
+        ),
+        button = if action == "replay" {
+            "Replay these dead letters"
+        } else {
+            "Ignore these dead letters"
+        },
+    );
+    page("Confirm", &body).into_response()
 }

@@ -99,9 +99,9 @@ impl Flash {
                     .to_owned()
             }
             Some("bulk-replay") => {
-                format!("Replayed {rows} {letters}: each is a new row in the outbox.")
+                format!("Replayed {rows} {letters}: each is a new row in the outbox.{more}")
             }
-            Some("bulk-ignore") => format!("Marked {rows} {letters} ignored."),
+            Some("bulk-ignore") => format!("Marked {rows} {letters} ignored.{more}"),
             Some("pause") if rows == 0 => {
                 format!("{named} was paused already; nothing changed.{unseen}")
             }

@@ -1027,10 +1027,107 @@ async fn pages_show_an_action_only_to_roles_that_may_take_it() -> TestResult {
         seen,
         [
             ("viewer@x.io", vec![0, 0, 0, 0]),
-            // resume, pause, limit; the bulk form; replay and ignore.
-            ("operator@x.io", vec![3, 1, 2, 0]),
-            ("a-admin@x.io", vec![3, 1, 2, 1]),
+            // resume, pause, limit; bulk by filter and by selection; replay
+            // and ignore.
+            ("operator@x.io", vec![3, 2, 2, 0]),
+            ("a-admin@x.io", vec![3, 2, 2, 1]),
         ]
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn operators_replay_or_ignore_every_dead_letter_of_a_filter_after_its_count() -> TestResult {
+    let w = World::new().await?;
+    for _ in 0..3 {
+        w.dead_letter(w.app_a, "a.one").await?;
+    }
+    for _ in 0..2 {
+        w.dead_letter(w.app_a, "a.two").await?;
+    }
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+    let (_, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters?unresolved=true&topic=a.one",
+    )
+    .await?;
+    assert!(
+        html.contains("id=bulk-filter")
+            && html.contains("Every unresolved dead letter of topic a.one"),
+        "{html}"
+    );
+    // The count first; nothing changes yet.
+    let review =
+        format!("csrf={csrf}&scope=filter&topic=a.one&source=&action=replay&max_attempts=4");
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/dead-letters/bulk", &review).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("<strong>3 unresolved dead letters</strong> of topic a.one.")
+            && html.contains("with 4 attempts")
+            && html.contains("id=confirm>"),
+        "{html}"
+    );
+    assert_eq!(
+        dead_letters::count_unresolved(&w.db.pool, w.app_a).await?,
+        5
+    );
+    // The API counts the same filter the same.
+    let token = w.login("viewer@x.io").await?;
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/dead-letters/count?topic=a.one",
+            Some(&token),
+            None,
+        )
+        .await?;
+    assert_eq!((s, body["unresolved"].as_i64()), (StatusCode::OK, Some(3)));
+    // Confirmed: the filter's three, and no other.
+    let (s, to, flash, _) = post_form_with_flash(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters/bulk",
+        &format!("{review}&confirm=yes"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
+    assert!(
+        html.contains("id=flash>Replayed 3 dead letters: each is a new row in the outbox."),
+        "{html}"
+    );
+    assert_eq!(
+        dead_letters::count_unresolved(&w.db.pool, w.app_a).await?,
+        2
+    );
+    let budgets: Vec<i32> =
+        sqlx::query_scalar("SELECT max_attempts FROM outbox WHERE topic = 'a.one'")
+            .fetch_all(&w.db.pool)
+            .await?;
+    assert_eq!(budgets, [4, 4, 4]);
+    // Again: nothing is left, and only the way back is offered.
+    let (_, _, html) = post_form(&w, &operator, "/apps/app-a/dead-letters/bulk", &review).await?;
+    assert!(
+        html.contains("<strong>No unresolved dead letter</strong> of topic a.one: nothing to do.")
+            && !html.contains("id=confirm>"),
+        "{html}"
+    );
+    // A viewer gets neither the form nor the action.
+    let (viewer, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
+    let (s, _, _) = post_form(
+        &w,
+        &viewer,
+        "/apps/app-a/dead-letters/bulk",
+        &format!("csrf={viewer_csrf}&scope=filter&topic=a.two&action=ignore&confirm=yes"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'dead_letter.bulk_replay' AND rows = 3",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(audited, 1);
     Ok(())
 }
