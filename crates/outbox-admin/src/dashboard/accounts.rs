@@ -8,13 +8,18 @@ use crate::AdminState;
 use crate::accounts;
 use crate::error::ApiError;
 
+use super::flash::Flash;
 use super::render::{error_page, esc, logout_form, page};
 use super::session::{Session, after_form, check_csrf, field, form};
 
 /// The instance admin's accounts page: users (roles, sessions, throttle)
 /// and API keys, with the same actions as `outboxd user …` and
 /// `outboxd api-key …`.
-pub(super) async fn accounts_page(State(state): State<AdminState>, session: Session) -> Response {
+pub(super) async fn accounts_page(
+    State(state): State<AdminState>,
+    session: Session,
+    flash: Flash,
+) -> Response {
     if !session.principal.user.is_admin {
         return error_page(&ApiError::Forbidden);
     }
@@ -31,9 +36,10 @@ pub(super) async fn accounts_page(State(state): State<AdminState>, session: Sess
     };
     let csrf = esc(&session.csrf);
     let mut body = logout_form(&session);
-    body.push_str(
-        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1><table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
-    );
+    body.push_str(&format!(
+        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1>{flash}<table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
+        flash = flash.html()
+    ));
     for u in &users {
         let button = |action: &str, label: &str, confirm: bool| {
             format!(
@@ -119,12 +125,15 @@ pub(super) async fn account_action(
 ) -> Response {
     let result = async {
         let form = admin_form(&state, &session, req).await?;
+        let email = accounts::find_user(&state.pool, &user).await?.email;
+        // How many sessions ended, or failed sign-ins were forgotten.
+        let mut rows = 0;
         match action.as_str() {
             "revoke-sessions" => {
-                accounts::revoke_sessions(&state.pool, &user).await?;
+                rows = accounts::revoke_sessions(&state.pool, &user).await?;
             }
             "unlock" => {
-                accounts::unlock(&state.pool, &user).await?;
+                rows = accounts::unlock(&state.pool, &user).await?;
             }
             "delete" => {
                 if field(&form, "confirm") != Some("yes") {
@@ -137,11 +146,14 @@ pub(super) async fn account_action(
             }
             "password" => {
                 let password = field(&form, "password").unwrap_or_default();
-                accounts::set_password(&state.pool, &state.hasher, &user, password).await?;
+                rows = accounts::set_password(&state.pool, &state.hasher, &user, password).await?;
             }
             _ => return Err(ApiError::not_found("action")),
         }
-        Ok("/admin/accounts".to_owned())
+        let named: String = form_urlencoded::byte_serialize(email.as_bytes()).collect();
+        Ok(format!(
+            "/admin/accounts?done=account-{action}&rows={rows}&named={named}"
+        ))
     }
     .await;
     after_form(result)
@@ -156,8 +168,12 @@ pub(super) async fn revoke_key(
 ) -> Response {
     let result = async {
         admin_form(&state, &session, req).await?;
-        accounts::revoke_api_key(&state.pool, &prefix).await?;
-        Ok("/admin/accounts".to_owned())
+        let revoked = accounts::revoke_api_key(&state.pool, &prefix).await?;
+        let named: String = form_urlencoded::byte_serialize(revoked.prefix.as_bytes()).collect();
+        Ok(format!(
+            "/admin/accounts?done=key-revoke&rows={}&named={named}",
+            u8::from(!revoked.already)
+        ))
     }
     .await;
     after_form(result)

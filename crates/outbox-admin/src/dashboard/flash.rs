@@ -112,6 +112,29 @@ impl Flash {
             Some("resume") => format!("Resumed {named}."),
             Some("limit") => format!("Limit set on {named}."),
             Some("unlimit") => format!("Limit removed from {named}."),
+            Some("trigger-create") => format!("Created trigger {named}."),
+            Some("trigger-enable") => format!("Enabled trigger {named}: it fires again."),
+            Some("trigger-disable") => format!("Disabled trigger {named}: it fires nothing until enabled."),
+            Some("trigger-delete") => format!("Deleted trigger {named}."),
+            Some("account-revoke-sessions") => format!(
+                "Signed {named} out everywhere: {rows} {} ended (API keys stay).",
+                if rows == 1 { "session" } else { "sessions" }
+            ),
+            Some("account-unlock") if rows == 0 => {
+                format!("{named} was not held back; nothing changed.")
+            }
+            Some("account-unlock") => {
+                format!("Unlocked {named}: failed sign-ins forgotten, sign-in open again.")
+            }
+            Some("account-password") => format!(
+                "Set a new password for {named}: {rows} {} ended.",
+                if rows == 1 { "session" } else { "sessions" }
+            ),
+            Some("account-delete") => format!("Deleted {named}."),
+            Some("key-revoke") if rows == 0 => {
+                format!("API key obx_{named}_… was revoked already; nothing changed.")
+            }
+            Some("key-revoke") => format!("Revoked API key obx_{named}_…."),
             _ => return String::new(),
         };
         format!(r#"<p class=flash role=status id=flash>{}</p>"#, esc(&text))

@@ -9,6 +9,7 @@ use crate::audit;
 use crate::auth::Capability;
 use crate::error::ApiError;
 
+use super::flash::Flash;
 use super::render::{error_page, esc, logout_form, page, when};
 use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
@@ -16,6 +17,7 @@ pub(super) async fn triggers_page(
     State(state): State<AdminState>,
     session: Session,
     Path(app): Path<String>,
+    flash: Flash,
 ) -> Response {
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
@@ -32,8 +34,9 @@ pub(super) async fn triggers_page(
     let csrf = esc(&session.csrf);
     let mut body = logout_form(&session);
     body.push_str(&format!(
-        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · triggers</h1>
-<table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#
+        r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · triggers</h1>{flash}
+<table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#,
+        flash = flash.html()
     ));
     for t in &rows {
         // HTML: each stored value escaped, the time element as it is.
@@ -157,7 +160,11 @@ pub(super) async fn create_trigger(
         tx.commit()
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
+        let named: String = form_urlencoded::byte_serialize(text("name").as_bytes()).collect();
+        Ok::<_, ApiError>(format!(
+            "/apps/{}/triggers?done=trigger-create&rows=1&named={named}",
+            app.slug
+        ))
     }
     .await;
     after_form(result)
@@ -179,9 +186,19 @@ pub(super) async fn change_trigger(
             "delete" => None,
             _ => return Err(ApiError::not_found("action")),
         };
+        let name = outbox_core::store::triggers::list(&state.pool, app.id)
+            .await?
+            .into_iter()
+            .find(|t| t.id == id)
+            .map(|t| t.name)
+            .ok_or_else(|| ApiError::not_found("trigger"))?;
         let actor = audit::actor(&session.principal);
         crate::events_api::change_trigger(&state.pool, &actor, app.id, id, enabled).await?;
-        Ok::<_, ApiError>(format!("/apps/{}/triggers", app.slug))
+        let named: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        Ok::<_, ApiError>(format!(
+            "/apps/{}/triggers?done=trigger-{action}&rows=1&named={named}",
+            app.slug
+        ))
     }
     .await;
     after_form(result)

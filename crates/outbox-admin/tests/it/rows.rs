@@ -1131,3 +1131,80 @@ async fn operators_replay_or_ignore_every_dead_letter_of_a_filter_after_its_coun
     assert_eq!(audited, 1);
     Ok(())
 }
+
+/// The flash message an action leads to, as the page shows it.
+async fn said_after(
+    w: &World,
+    jar: &str,
+    uri: &str,
+    form: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let (s, to, flash, html) = post_form_with_flash(w, jar, uri, form).await?;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{uri}: {html}");
+    let (_, _, _, html) = follow(w, jar, to, flash).await?;
+    let start = html.find("id=flash>").ok_or("no flash")? + "id=flash>".len();
+    let end = start + html[start..].find('<').ok_or("unclosed flash")?;
+    Ok(html[start..end].to_owned())
+}
+
+#[tokio::test]
+async fn trigger_and_account_actions_say_what_they_did() -> TestResult {
+    let w = World::new().await?;
+    let (admin, csrf) = w.dashboard_session("a-admin@x.io").await?;
+    let said = said_after(
+        &w,
+        &admin,
+        "/apps/app-a/triggers",
+        &format!("csrf={csrf}&kind=cron&name=nightly&target=report.build&schedule=0+3+*+*+*"),
+    )
+    .await?;
+    assert_eq!(said, "Created trigger nightly.");
+    let id = outbox_core::store::triggers::list(&w.db.pool, w.app_a).await?[0].id;
+    let mut said = Vec::new();
+    for action in ["disable", "enable", "delete"] {
+        said.push(
+            said_after(
+                &w,
+                &admin,
+                &format!("/apps/app-a/triggers/{id}/{action}"),
+                &format!("csrf={csrf}"),
+            )
+            .await?,
+        );
+    }
+    assert_eq!(
+        said,
+        [
+            "Disabled trigger nightly: it fires nothing until enabled.",
+            "Enabled trigger nightly: it fires again.",
+            "Deleted trigger nightly.",
+        ]
+    );
+    // An instance admin's actions on an account.
+    let (root, root_csrf) = w.dashboard_session("root@x.io").await?;
+    w.login("viewer@x.io").await?;
+    let viewer = outbox_core::store::principals::user_by_email(&w.db.pool, "viewer@x.io")
+        .await?
+        .ok_or("viewer")?
+        .id;
+    let said = said_after(
+        &w,
+        &root,
+        &format!("/admin/accounts/{viewer}/revoke-sessions"),
+        &format!("csrf={root_csrf}"),
+    )
+    .await?;
+    assert_eq!(
+        said,
+        "Signed viewer@x.io out everywhere: 1 session ended (API keys stay)."
+    );
+    let said = said_after(
+        &w,
+        &root,
+        &format!("/admin/accounts/{viewer}/unlock"),
+        &format!("csrf={root_csrf}"),
+    )
+    .await?;
+    assert_eq!(said, "viewer@x.io was not held back; nothing changed.");
+    Ok(())
+}
