@@ -409,14 +409,27 @@ pub async fn run_bulk(
     };
     // What was asked for, as asked: a filter or "all" matched the rows
     // when the action ran, a list of ids named them.
-    let detail = match &body.filter {
-        Some(f) => serde_json::json!({
-            "filter": { "source": f.source, "topic": f.topic, "trigger_id": f.trigger_id },
-            "max_attempts": max_attempts,
-        }),
-        None if body.all => serde_json::json!({ "all": true, "max_attempts": max_attempts }),
-        None => serde_json::json!({ "ids": ids.len(), "max_attempts": max_attempts }),
+    // Only what was given: an absent field or attempt budget is left out.
+    let mut detail = match &body.filter {
+        Some(f) => {
+            let mut filter = serde_json::Map::new();
+            for (name, value) in [
+                ("source", f.source.clone()),
+                ("topic", f.topic.clone()),
+                ("trigger_id", f.trigger_id.map(|id| id.to_string())),
+            ] {
+                if let Some(value) = value {
+                    filter.insert(name.into(), value.into());
+                }
+            }
+            serde_json::json!({ "filter": filter })
+        }
+        None if body.all => serde_json::json!({ "all": true }),
+        None => serde_json::json!({ "ids": ids.len() }),
     };
+    if let Some(n) = max_attempts {
+        detail["max_attempts"] = n.into();
+    }
     if changed > 0 {
         let action = Action {
             action,

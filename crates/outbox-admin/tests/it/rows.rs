@@ -537,8 +537,8 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
         ]
     );
     assert_eq!(
-        log[0]["detail"]["filter"]["payload_field"],
-        json!({"path": ["n"], "value": "3"})
+        log[0]["detail"]["filter"]["payload_field"], "n=3",
+        "as the operator wrote it"
     );
     assert_eq!(log[0]["detail"]["reason"], "customer left");
     assert_eq!(log[1]["detail"]["filter"]["state"], "scheduled");
@@ -1123,12 +1123,16 @@ async fn operators_replay_or_ignore_every_dead_letter_of_a_filter_after_its_coun
     )
     .await?;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let audited: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE action = 'dead_letter.bulk_replay' AND rows = 3",
+    // Recorded as asked: the filter's given fields and the attempts, nothing null.
+    let audited: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT detail FROM audit_log WHERE action = 'dead_letter.bulk_replay' AND rows = 3",
     )
-    .fetch_one(&w.db.pool)
+    .fetch_all(&w.db.pool)
     .await?;
-    assert_eq!(audited, 1);
+    assert_eq!(
+        audited,
+        [json!({"filter": {"topic": "a.one"}, "max_attempts": 4})]
+    );
     Ok(())
 }
 

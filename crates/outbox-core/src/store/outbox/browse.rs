@@ -107,13 +107,20 @@ impl std::str::FromStr for RowState {
 
 /// A payload field that must have a value: `path` names nested keys
 /// (`customer.id` is `["customer", "id"]`), compared as text, so `42`
-/// matches the number 42 and the string "42".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// matches the number 42 and the string "42". Serialized as it is written,
+/// `customer.id=42` (what the audit log shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadField {
     /// The keys from the payload's top level down.
     pub path: Vec<String>,
     /// The value, as text.
     pub value: String,
+}
+
+impl Serialize for PayloadField {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}={}", self.path.join("."), self.value))
+    }
 }
 
 impl PayloadField {
