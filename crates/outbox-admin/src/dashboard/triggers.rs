@@ -52,7 +52,7 @@ pub(super) async fn triggers_page(
                 esc(t.timezone.as_deref().unwrap_or("UTC")),
                 t.next_fire_at.map(when).unwrap_or_default()
             ),
-            _ => "dead letters".to_owned(),
+            _ => dead_letter_matches(t),
         };
         let toggle = if t.enabled { "disable" } else { "enable" };
         let id = t.id;
@@ -87,6 +87,30 @@ pub(super) async fn triggers_page(
 <p><button type=submit>Create</button></p></form>"#
     ));
     page(&format!("{} triggers", app.slug), &body).into_response()
+}
+
+/// What a dead-letter trigger takes, escaped: "dead letters of topics a, b
+/// from sources s of triggers t", each part only when it narrows.
+fn dead_letter_matches(t: &outbox_core::store::triggers::Trigger) -> String {
+    let mut said = "dead letters".to_owned();
+    let parts = [
+        ("of topics", t.topics.clone().unwrap_or_default()),
+        ("from sources", t.sources.clone().unwrap_or_default()),
+        (
+            "of triggers",
+            t.trigger_ids
+                .iter()
+                .flatten()
+                .map(Uuid::to_string)
+                .collect(),
+        ),
+    ];
+    for (words, values) in parts {
+        if !values.is_empty() {
+            said.push_str(&format!(" {words} {}", esc(&values.join(", "))));
+        }
+    }
+    said
 }
 
 fn list_field(form: &[(String, String)], name: &str) -> Vec<String> {

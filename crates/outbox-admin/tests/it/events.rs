@@ -54,6 +54,21 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             json!({"kind": "cron", "name": "t", "target": "h", "schedule": "* ".repeat(20_000)}),
             "schedule: is 40000 bytes; at most 255",
         ),
+        // A filter, not a data set; and another app's trigger matches nothing here.
+        (
+            json!({"kind": "dead_letter", "name": "t", "target": "h",
+                   "topics": (0..101).map(|n| format!("t{n}")).collect::<Vec<_>>()}),
+            "topics: 101 entries; at most 100",
+        ),
+        (
+            json!({"kind": "dead_letter", "name": "t", "target": "h",
+                   "trigger_ids": [uuid::Uuid::now_v7()]}),
+            "trigger_ids: each must be a trigger of this app",
+        ),
+        (
+            json!({"kind": "dead_letter", "name": "t", "target": "h", "sources": [""]}),
+            "sources: \"\": must be 1 to 255 bytes",
+        ),
     ] {
         let (s, body) = w
             .call(
@@ -78,6 +93,37 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
         .call("GET", "/api/apps/app-a/triggers", Some(&viewer), None)
         .await?;
     assert_eq!(list[0]["collection_glob"], "orders:*");
+    // What a dead-letter trigger takes is listed too.
+    let orders_trigger = list[0]["id"].clone();
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/triggers",
+            Some(&a_admin),
+            Some(
+                json!({"kind": "dead_letter", "name": "void-failed", "target": "invoice.void",
+                        "topics": ["invoice.render"], "trigger_ids": [orders_trigger]}),
+            ),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (_, listed) = w
+        .call("GET", "/api/apps/app-a/triggers", Some(&viewer), None)
+        .await?;
+    let void = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["name"] == "void-failed"))
+        .ok_or("the dead-letter trigger is listed")?;
+    assert_eq!(
+        (&void["topics"], &void["sources"], &void["trigger_ids"]),
+        (
+            &json!(["invoice.render"]),
+            &json!([]),
+            &json!([orders_trigger])
+        ),
+        "{void}"
+    );
+    assert_eq!(list[0]["topics"], serde_json::Value::Null, "not for kv");
 
     // A KV write fires the trigger in the same transaction; versions are optimistic.
     let (s, _) = w

@@ -1184,6 +1184,19 @@ async fn trigger_and_account_actions_say_what_they_did() -> TestResult {
             "Deleted trigger nightly.",
         ]
     );
+    // A dead-letter trigger's page says what it takes.
+    said_after(
+        &w,
+        &admin,
+        "/apps/app-a/triggers",
+        &format!("csrf={csrf}&kind=dead_letter&name=void&target=invoice.void&topics=a.b,+c.d"),
+    )
+    .await?;
+    let (_, _, html) = page(&w, &admin, "/apps/app-a/triggers").await?;
+    assert!(
+        html.contains("<td>dead letters of topics a.b, c.d</td>"),
+        "{html}"
+    );
     // An instance admin's actions on an account.
     let (root, root_csrf) = w.dashboard_session("root@x.io").await?;
     w.login("viewer@x.io").await?;

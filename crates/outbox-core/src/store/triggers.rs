@@ -66,7 +66,17 @@ pub struct Trigger {
     pub timezone: Option<String>,
     /// Cron: the next due tick.
     pub next_fire_at: Option<DateTime<Utc>>,
+    /// Dead letters: the sources it takes (empty: every source).
+    pub sources: Option<Vec<String>>,
+    /// Dead letters: the topics it takes (empty: every topic).
+    pub topics: Option<Vec<String>>,
+    /// Dead letters: the triggers whose dead letters it takes (empty: any).
+    pub trigger_ids: Option<Vec<Uuid>>,
 }
+
+/// The most entries a dead-letter trigger's list of sources, topics or
+/// triggers takes: a filter, not a data set.
+pub const MAX_DEAD_LETTER_MATCHES: usize = 100;
 
 /// The longest cron schedule kept: six fields with lists fit many times over.
 const MAX_SCHEDULE_BYTES: usize = 255;
@@ -153,7 +163,49 @@ pub async fn create(
         _ => None,
     };
     // A topic no row can have would match nothing, silently.
-    if let TriggerSpec::DeadLetter { topics, .. } = spec {
+    if let TriggerSpec::DeadLetter {
+        sources,
+        topics,
+        trigger_ids,
+    } = spec
+    {
+        for (field, len) in [
+            ("sources", sources.len()),
+            ("topics", topics.len()),
+            ("trigger_ids", trigger_ids.len()),
+        ] {
+            if len > MAX_DEAD_LETTER_MATCHES {
+                return Err(Error::invalid(
+                    field,
+                    format!("{len} entries; at most {MAX_DEAD_LETTER_MATCHES} are accepted"),
+                ));
+            }
+        }
+        for source in sources {
+            if source.is_empty() || source.len() > 255 {
+                return Err(Error::invalid(
+                    "sources",
+                    format!("{source:?}: must be 1 to 255 bytes"),
+                ));
+            }
+            crate::topics::check_printable("sources", source)?;
+        }
+        // Another app's trigger would match nothing here, silently.
+        let known: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM triggers WHERE app_id = $1 AND id = ANY ($2)")
+                .bind(app_id)
+                .bind(trigger_ids)
+                .fetch_one(&mut *conn)
+                .await?;
+        let mut distinct = trigger_ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if usize::try_from(known).ok() != Some(distinct.len()) {
+            return Err(Error::invalid(
+                "trigger_ids",
+                "each must be a trigger of this app",
+            ));
+        }
         for topic in topics {
             crate::topics::validate_topic(topic)
                 .and_then(|()| crate::topics::check_printable("topics", topic))
@@ -255,10 +307,12 @@ pub async fn create(
 pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigger>, Error> {
     Ok(sqlx::query_as(
         "SELECT t.id, t.kind, t.name, t.enabled, t.target, t.registered_by_principal, t.created_at,
-                k.collection_glob, k.ops, c.schedule, c.timezone, c.next_fire_at
+                k.collection_glob, k.ops, c.schedule, c.timezone, c.next_fire_at,
+                d.sources, d.topics, d.trigger_ids
          FROM triggers t
          LEFT JOIN kv_trigger_details k ON k.trigger_id = t.id
          LEFT JOIN cron_trigger_details c ON c.trigger_id = t.id
+         LEFT JOIN dead_letter_trigger_details d ON d.trigger_id = t.id
          WHERE t.app_id = $1
          ORDER BY t.name",
     )
