@@ -123,6 +123,19 @@ pub(super) async fn browse_page(
                 .map_err(|_| ApiError::Invalid(format!("{id:?} is not a row id")))?;
             return Ok(Err(format!("/apps/{}/outbox/{id}", app.slug)));
         }
+        // A misspelt filter would show every row as if it were applied.
+        const PAGE_FIELDS: [&str; 4] = ["after", "before", "limit", "id"];
+        if let Some((unknown, _)) = pairs.iter().find(|(k, _)| {
+            !(FILTER_FIELDS.contains(&k.as_str())
+                || PAGE_FIELDS.contains(&k.as_str())
+                || super::flash::is_result_field(k))
+        }) {
+            return Err(ApiError::Invalid(format!(
+                "{unknown}: unknown field (accepted: {}, {})",
+                FILTER_FIELDS.join(", "),
+                PAGE_FIELDS.join(", ")
+            )));
+        }
         let q = row_query(&pairs, true)?;
         let list = api::list_rows(&state.pool, app.id, &q).await?;
         let topics = outbox_core::store::outbox::recorded_state_counts(&state.pool, app.id).await?;

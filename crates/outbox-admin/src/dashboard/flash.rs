@@ -27,6 +27,11 @@ const FLASH_COOKIE: &str = "outboxd_flash";
 /// `unseen`: nothing in the app names that topic).
 const FIELDS: [&str; 5] = ["done", "rows", "more", "named", "unseen"];
 
+/// Whether `name` is one of the result fields an older link may carry.
+pub(super) fn is_result_field(name: &str) -> bool {
+    FIELDS.contains(&name)
+}
+
 /// Long enough for the browser to follow the redirect, short enough that
 /// a result not shown (an error page came between) does not turn up later.
 const MAX_AGE_SECS: u64 = 30;

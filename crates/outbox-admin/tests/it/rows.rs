@@ -654,6 +654,13 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     let (s, _, html) = page(&w, &viewer, "/apps/app-a/outbox?state=stuck").await?;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(html.contains("state"), "{html}");
+    // A misspelt filter is refused, not dropped to show every row.
+    let (s, _, html) = page(&w, &viewer, "/apps/app-a/outbox?topc=mail.send").await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        html.contains("topc: unknown field (accepted: topic"),
+        "{html}"
+    );
 
     // An operator reviews a cancel of the filter: the count first, nothing changed.
     let (s, _, html) = page(
