@@ -260,7 +260,13 @@ async fn json_rejections(res: Response, body_limit: usize) -> Response {
 /// No route: JSON under `/api`, plain text elsewhere.
 pub(crate) async fn not_found(uri: Uri) -> Response {
     if uri.path().starts_with("/api/") {
-        ApiError::NotFound("route").into_response()
+        // As every API answer is (the fallback is outside the API's layer).
+        let mut res = ApiError::NotFound("route").into_response();
+        res.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        res
     } else {
         (StatusCode::NOT_FOUND, "not found").into_response()
     }

@@ -1109,6 +1109,16 @@ async fn a_login_not_sent_as_json_is_refused_before_it_counts() -> TestResult {
             .and_then(|v| v.to_str().ok()),
         Some("no-store")
     );
+    // No more than any other API answer does a route that does not exist.
+    let req = Request::get("/api/nonexistent").body(Body::empty())?;
+    let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        res.headers()
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
     Ok(())
 }
 

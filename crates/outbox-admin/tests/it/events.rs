@@ -87,12 +87,13 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             "{body}"
         );
     }
-    let (s, body) = w.call("POST", "/api/apps/app-a/triggers", Some(&a_admin), Some(json!({"kind": "kv", "name": "orders", "target": "orders.changed", "collection": "orders:*", "ops": ["put"]}))).await?;
+    let (s, body) = w.call("POST", "/api/apps/app-a/triggers", Some(&a_admin), Some(json!({"kind": "kv", "name": "orders", "target": "orders.changed", "collection": "orders:*", "ops": ["put", "put"]}))).await?;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     let (_, list) = w
         .call("GET", "/api/apps/app-a/triggers", Some(&viewer), None)
         .await?;
     assert_eq!(list[0]["collection_glob"], "orders:*");
+    assert_eq!(list[0]["ops"], json!(["put"]), "each operation once");
     // What a dead-letter trigger takes is listed too.
     let orders_trigger = list[0]["id"].clone();
     let (s, body) = w

@@ -259,6 +259,11 @@ pub async fn create(
     match spec {
         TriggerSpec::Kv { collection, ops } => {
             let (match_kind, match_value) = kv.unwrap_or(("exact", String::new()));
+            // Each operation once, in a fixed order: ["put", "put"] is "put".
+            let ops: Vec<&str> = ["put", "delete"]
+                .into_iter()
+                .filter(|op| ops.iter().any(|o| o == op))
+                .collect();
             sqlx::query(
                 "INSERT INTO kv_trigger_details (trigger_id, app_id, collection_glob, match_kind, match_value, ops)
                  VALUES ($1, $2, $3, $4, $5, $6)",
