@@ -407,6 +407,9 @@ pub struct DeadLetter {
     pub attempts: Option<Vec<Attempt>>,
     /// The outbox row a replay made of it (its `replayed_from` points back).
     pub replayed_as: Option<Uuid>,
+    /// The dead letter whose replay its row was: the chain back through
+    /// replays that failed again.
+    pub replay_of: Option<Uuid>,
 }
 
 /// A row of the outbox that has not finished, as operators inspect it.

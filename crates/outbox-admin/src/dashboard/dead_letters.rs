@@ -176,7 +176,7 @@ pub(super) async fn detail_page(
     };
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>{flash}
-<table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr><tr><th>Source</th><td>{src}</td></tr>
+<table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr>{replay_of}<tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
@@ -185,6 +185,9 @@ pub(super) async fn detail_page(
         topic = esc(&row.topic),
         id = row.id,
         orig = row.original_event_id,
+        replay_of = row.replay_of.map_or_else(String::new, |earlier| format!(
+            r#"<tr><th>Replay of</th><td><a id=replay-of href="/apps/{slug}/dead-letters/{earlier}">dead letter {earlier}</a> (its replay failed again)</td></tr>"#
+        )),
         src = esc(&row.source),
         att = row.attempt_count,
         first = row.first_attempt_at.map(when).unwrap_or_default(),

@@ -1232,3 +1232,60 @@ async fn trigger_and_account_actions_say_what_they_did() -> TestResult {
     assert_eq!(said, "viewer@x.io was not held back; nothing changed.");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_replay_that_failed_again_links_back_to_the_dead_letter_it_came_from() -> TestResult {
+    let w = World::new().await?;
+    let first = w.dead_letter(w.app_a, "mail.send").await?;
+    let operator = w.login("operator@x.io").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            &format!("/api/apps/app-a/dead-letters/{first}/replay"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let claimed = store::claim(&w.db.pool, "w-1", 1, Duration::from_secs(30)).await?;
+    let lease = claimed.first().ok_or("nothing claimed")?.lease();
+    let bury = ToDeadLetter {
+        lease,
+        error: "permanent: mailbox gone".into(),
+        handler: None,
+    };
+    store::dead_letter(&w.db.pool, &[bury], AttemptHistory::default()).await?;
+    let second = dead_letters::by_original(&w.db.pool, lease.id)
+        .await?
+        .first()
+        .ok_or("no second dead letter")?
+        .id;
+    let (s, body) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/dead-letters/{second}"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["replay_of"], first.to_string(), "{body}");
+    let (_, listed) = w
+        .call("GET", "/api/apps/app-a/dead-letters", Some(&operator), None)
+        .await?;
+    assert!(
+        listed["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|d| d["replay_of"] == first.to_string())),
+        "{listed}"
+    );
+    let (jar, _) = w.dashboard_session("viewer@x.io").await?;
+    let (_, _, html) = page(&w, &jar, &format!("/apps/app-a/dead-letters/{second}")).await?;
+    assert!(
+        html.contains(&format!(
+            r#"<a id=replay-of href="/apps/app-a/dead-letters/{first}">"#
+        )),
+        "{html}"
+    );
+    Ok(())
+}
