@@ -43,7 +43,9 @@ try {
     document.addEventListener("securitypolicyviolation", () => { window.__cspViolations += 1; });
   });
   const response = await page.goto(`${base}/apps`);
-  check(page.url().endsWith("/login"), "an anonymous visit is sent to the login page");
+  const landed = new URL(page.url());
+  check(landed.pathname === "/login" && landed.searchParams.get("next") === "/apps",
+        "an anonymous visit is sent to the login page, which leads back to the page asked for");
   const headers = response.headers();
   const csp = headers["content-security-policy"] ?? "";
   check(csp.includes("frame-ancestors 'none'") && !/script-src[^;]*'unsafe-inline'/.test(csp),

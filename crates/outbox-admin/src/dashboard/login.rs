@@ -1,7 +1,7 @@
 //! Signing in and out of the dashboard: the sign-in page and form, the
 //! session and CSRF cookies, and sign-out.
 
-use axum::extract::{Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
@@ -12,17 +12,29 @@ use crate::error::ApiError;
 
 use super::render::{error_page, esc, page};
 use super::session::{
-    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, random_token,
-    session_csrf, set_cookie,
+    CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, query_pairs,
+    random_token, safe_next, session_csrf, set_cookie,
 };
 
 /// The sign-in page. Its form carries a CSRF token bound to a cookie set
 /// here, so another site cannot sign a browser in to an account of its own.
-pub(super) async fn login_page(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+pub(super) async fn login_page(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let csrf = cookie(&headers, CSRF_COOKIE)
         .filter(|c| c.len() >= 32)
         .unwrap_or_else(random_token);
-    with_csrf_cookie(login_form(None, "", &csrf).into_response(), &csrf, &state)
+    let pairs = query_pairs(raw.as_deref());
+    let next = field(&pairs, "next")
+        .and_then(safe_next)
+        .unwrap_or_default();
+    with_csrf_cookie(
+        login_form(None, "", &csrf, next).into_response(),
+        &csrf,
+        &state,
+    )
 }
 
 fn with_csrf_cookie(mut response: Response, csrf: &str, state: &AdminState) -> Response {
@@ -37,11 +49,12 @@ fn with_csrf_cookie(mut response: Response, csrf: &str, state: &AdminState) -> R
     response
 }
 
-fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
+/// The sign-in form; `next` is the page it leads to (blank: the apps).
+fn login_form(message: Option<&str>, email: &str, csrf: &str, next: &str) -> Html<String> {
     page(
         "Sign in",
         &format!(
-            r#"<h1>Sign in</h1>{}<form method="post" action="/login"><input type=hidden name=csrf value="{}">
+            r#"<h1>Sign in</h1>{}<form method="post" action="/login"><input type=hidden name=csrf value="{}"><input type=hidden name=next value="{}">
 <p><label>E-mail<br><input name="email" type="email" autocomplete="username" required value="{}"></label></p>
 <p><label>Password<br><input name="password" type="password" autocomplete="current-password" required{}></label></p>
 <p><button type="submit">Sign in</button></p></form>"#,
@@ -49,6 +62,7 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str) -> Html<String> {
                 .map(|m| format!("<p class=err role=alert>{}</p>", esc(m)))
                 .unwrap_or_default(),
             esc(csrf),
+            esc(next),
             esc(email),
             if email.is_empty() { "" } else { " autofocus" },
         ),
@@ -72,6 +86,7 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
             Some("Sign in from outboxd's own sign-in page."),
             "",
             csrf_cookie.as_deref().unwrap_or_default(),
+            "",
         );
         return (axum::http::StatusCode::FORBIDDEN, form).into_response();
     }
@@ -81,6 +96,10 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
     };
     let email = field(&form, "email").unwrap_or_default().to_owned();
     let password = field(&form, "password").unwrap_or_default().to_owned();
+    let next = field(&form, "next")
+        .and_then(safe_next)
+        .unwrap_or_default()
+        .to_owned();
     // The form's token must match the cookie the sign-in page set. A page
     // shown again keeps the cookie's token (another site's forged post must
     // not invalidate the form open in the owner's tab); only a successful
@@ -94,6 +113,7 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
             Some("The sign-in form expired: please sign in again."),
             &email,
             &fresh,
+            &next,
         );
         return with_csrf_cookie(
             (axum::http::StatusCode::FORBIDDEN, form).into_response(),
@@ -105,8 +125,11 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
         Ok(id) => id,
         Err(err) => {
             let (status, _) = err.status_and_code();
-            let mut response =
-                (status, login_form(Some(&err.to_string()), &email, &fresh)).into_response();
+            let mut response = (
+                status,
+                login_form(Some(&err.to_string()), &email, &fresh, &next),
+            )
+                .into_response();
             if let ApiError::RateLimited(wait) = &err {
                 response.headers_mut().insert(
                     header::RETRY_AFTER,
@@ -124,7 +147,8 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
     // carry it; the cookie only rotates the sign-in form's token away).
     let csrf = session_csrf(&state.auth.jwt_secret, session_id);
     let ttl = state.auth.token_ttl.as_secs();
-    let mut response = Redirect::to("/apps").into_response();
+    let to = if next.is_empty() { "/apps" } else { &next };
+    let mut response = Redirect::to(to).into_response();
     for c in [
         set_cookie(SESSION_COOKIE, &token, ttl, state.auth.secure_cookies),
         set_cookie(CSRF_COOKIE, &csrf, ttl, state.auth.secure_cookies),

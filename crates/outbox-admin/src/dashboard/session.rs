@@ -67,6 +67,21 @@ pub(super) struct Session {
     csrf_before_rotation: Option<String>,
 }
 
+/// `to` when it is a page of this server that sign-in may lead to: a path
+/// (not `//host`, which a browser reads as another site), printable, not
+/// the sign-in page itself, of a sane length.
+pub(super) fn safe_next(to: &str) -> Option<&str> {
+    let path = to.split(['?', '#']).next().unwrap_or_default();
+    let ok = to.starts_with('/')
+        && !to.starts_with("//")
+        && !to.starts_with("/\\")
+        && to.len() <= 2000
+        && !to.chars().any(char::is_control)
+        && path != "/login"
+        && path != "/logout";
+    ok.then_some(to)
+}
+
 /// A fresh random token (CSRF).
 pub(super) fn random_token() -> String {
     auth::new_api_key().2
@@ -76,7 +91,22 @@ impl FromRequestParts<AdminState> for Session {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Response> {
-        let to_login = || Redirect::to("/login").into_response();
+        // A page asked for while signed out is where sign-in leads back to
+        // (a link from an alert at 3 a.m.); a form's post is not repeated.
+        let next = (parts.method == axum::http::Method::GET)
+            .then(|| parts.uri.path_and_query().map(|p| p.as_str().to_owned()))
+            .flatten()
+            .filter(|to| safe_next(to).is_some());
+        let to_login = || {
+            let to = match &next {
+                Some(next) => format!(
+                    "/login?next={}",
+                    form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+                ),
+                None => "/login".to_owned(),
+            };
+            Redirect::to(&to).into_response()
+        };
         let token = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(to_login)?;
         let principal = auth::authenticate(&state.pool, &state.auth, &token)
             .await

@@ -21,7 +21,7 @@ async fn dashboard_needs_a_session_and_a_csrf_token() -> TestResult {
         res.headers()
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok()),
-        Some("/login")
+        Some("/login?next=%2Fapps")
     );
     let login = |site: &str| {
         Request::post("/login")
@@ -42,6 +42,13 @@ async fn dashboard_needs_a_session_and_a_csrf_token() -> TestResult {
     }
     let res = app().oneshot(login("same-origin")?).await?;
     assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        res.headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok()),
+        Some("/apps"),
+        "no page asked for: the apps"
+    );
     let cookies: Vec<String> = res
         .headers()
         .get_all(header::SET_COOKIE)
@@ -558,5 +565,66 @@ async fn a_form_opened_before_a_key_rotation_goes_through_after_it() -> TestResu
     )?)
     .await?;
     assert_eq!(to.as_deref(), Some("/login"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn signing_in_leads_back_to_the_page_asked_for_and_nowhere_else() -> TestResult {
+    let w = World::new().await?;
+    let dead = w.dead_letter(w.app_a, "a.one").await?;
+    let app = || outbox_admin::router(w.state.clone());
+    let asked = format!("/apps/app-a/dead-letters/{dead}?x=1");
+    let res = app()
+        .oneshot(Request::get(&asked).body(Body::empty())?)
+        .await?;
+    let to_login = res
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no redirect")?
+        .to_owned();
+    let encoded: String = form_urlencoded::byte_serialize(asked.as_bytes()).collect();
+    assert_eq!(to_login, format!("/login?next={encoded}"));
+    // The sign-in page carries it in its form.
+    let res = app()
+        .oneshot(Request::get(&to_login).body(Body::empty())?)
+        .await?;
+    let html = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains(&format!(
+            r#"name=next value="/apps/app-a/dead-letters/{dead}?x=1""#
+        )),
+        "{html}"
+    );
+    // Signed in, it leads there; another site, or the sign-in page, it does not.
+    for (next, lands) in [
+        (asked.as_str(), asked.as_str()),
+        ("//evil.example/x", "/apps"),
+        ("https://evil.example/x", "/apps"),
+        ("/\\evil.example", "/apps"),
+        ("/login?next=/apps", "/apps"),
+    ] {
+        let next: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
+        let req = Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("outboxd_csrf={PRE_LOGIN_CSRF}"))
+            .body(Body::from(format!(
+                "csrf={PRE_LOGIN_CSRF}&email=operator%40x.io&password={}&next={next}",
+                urlencode(PASSWORD)
+            )))?;
+        let res = app().oneshot(req).await?;
+        assert_eq!(res.status(), StatusCode::SEE_OTHER, "{next}");
+        assert_eq!(
+            res.headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok()),
+            Some(lands),
+            "{next}"
+        );
+    }
     Ok(())
 }
