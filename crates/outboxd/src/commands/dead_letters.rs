@@ -78,6 +78,9 @@ pub enum DeadLetterCommand {
     },
 }
 
+/// The widest the list's topic column grows.
+const MAX_TOPIC_WIDTH: usize = 60;
+
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(id.trim()).with_context(|| {
         format!("{id:?} is not a UUID (a dead letter's id, or the id of the row it was)")
@@ -173,17 +176,25 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
+            // As wide as the page's topics, up to 60: webhook targets differ
+            // at their ends, which a narrow column cut off.
+            let width = rows
+                .iter()
+                .map(|row| row.topic.chars().count())
+                .max()
+                .unwrap_or(0)
+                .clamp("TOPIC".len(), MAX_TOPIC_WIDTH);
             println!(
-                "{:<36}  {:<17}  {:<8}  {:<20}  {:>8}  {:<16}  LAST ERROR",
+                "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<16}  LAST ERROR",
                 "ID", "STATE", "SOURCE", "TOPIC", "ATTEMPTS", "CREATED"
             );
             for row in &rows {
                 println!(
-                    "{:<36}  {:<17}  {:<8}  {:<20}  {:>8}  {:<16}  {}",
+                    "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<16}  {}",
                     row.id,
                     row.state(),
                     super::ellipsize(&row.source, 8),
-                    super::ellipsize(&row.topic, 20),
+                    super::ellipsize(&row.topic, width),
                     row.attempt_count,
                     row.created_at.format("%Y-%m-%d %H:%M"),
                     row.error_summary(60)

@@ -197,5 +197,42 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(said), "{args:?}: {stderr}");
     }
+    // Webhook targets that differ at their ends are told apart, and an
+    // escape sequence in an error does not reach the terminal.
+    let demo = outbox_core::store::apps::by_slug(&db.pool, "demo")
+        .await?
+        .id;
+    for target in ["orders", "refunds"] {
+        let topic = format!("webhook:https://hooks.example.com/v1/tenants/acme/{target}");
+        outbox_core::store::dead_letters::insert_external(
+            &db.pool,
+            &outbox_core::store::dead_letters::External {
+                app_id: demo,
+                original_event_id: uuid::Uuid::now_v7(),
+                source: "queue",
+                topic: &topic,
+                handler: None,
+                payload: &serde_json::json!({}),
+                headers: &serde_json::json!({}),
+                attempt_count: 1,
+                last_error: "POST \u{1b}]0;PWNED\u{7}\u{1b}[2J failed",
+            },
+        )
+        .await?;
+    }
+    let out = run(outboxd(Some(&db.url)).args(["dead-letters", "list", "--app", "demo"]))?;
+    let listing = text(&out.stdout);
+    for target in ["orders", "refunds"] {
+        assert!(
+            listing.contains(&format!(
+                "webhook:https://hooks.example.com/v1/tenants/acme/{target} "
+            )),
+            "{listing}"
+        );
+    }
+    assert!(
+        !listing.contains('\u{1b}') && !listing.contains('\u{7}'),
+        "{listing:?}"
+    );
     Ok(())
 }
