@@ -451,6 +451,12 @@ pub(super) async fn bulk(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterManage).await?;
     let body: BulkBody = crate::strict::json(&body)?;
+    // As a cancel's: an empty list is a script's empty variable, not a request.
+    if body.ids.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::Invalid(
+            "ids: give at least one (or a filter, or \"all\": true)".into(),
+        ));
+    }
     let changed = run_bulk(&state, &audit::actor(&p), app.id, &body).await?;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }

@@ -308,10 +308,26 @@ async fn list_pages_filters_bulk_and_resists_injection() -> TestResult {
             "POST",
             "/api/apps/app-a/dead-letters/bulk",
             Some(&root),
-            Some(json!({"action": "explode", "ids": []})),
+            Some(json!({"action": "explode", "ids": [uuid::Uuid::now_v7()]})),
         )
         .await?;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // An empty list is refused as a cancel's is, not answered "changed": 0.
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/dead-letters/bulk",
+            Some(&root),
+            Some(json!({"action": "ignore", "ids": []})),
+        )
+        .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ids: give at least one")),
+        "{body}"
+    );
     let (_, count) = w
         .call(
             "GET",
