@@ -117,19 +117,6 @@ pub(super) async fn list(
     Ok(Json(Page { items, next_cursor }))
 }
 
-/// The filter of `GET …/dead-letters/count`: what a bulk action by filter
-/// would take.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CountQuery {
-    /// Only this source.
-    pub source: Option<String>,
-    /// Only this topic.
-    pub topic: Option<String>,
-    /// Only this trigger.
-    pub trigger_id: Option<Uuid>,
-}
-
 /// How many unresolved dead letters of the app `filter` names (every one
 /// without a filter): what a bulk action by that filter touches, up to
 /// [`MAX_BULK`] per call.
@@ -156,14 +143,10 @@ pub(super) async fn count(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
-    crate::strict::Query(q): crate::strict::Query<CountQuery>,
+    // The same filter as a bulk action's, so the count is what it would take.
+    crate::strict::Query(filter): crate::strict::Query<BulkFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let filter = BulkFilter {
-        source: q.source,
-        topic: q.topic,
-        trigger_id: q.trigger_id,
-    };
     let unresolved = count_unresolved_matching(&state.pool, app.id, &filter).await?;
     Ok(Json(serde_json::json!({ "unresolved": unresolved })))
 }
@@ -328,7 +311,7 @@ pub struct BulkBody {
     pub max_attempts: Option<i64>,
 }
 
-/// The filter of a bulk action.
+/// The filter of a bulk action, and of `GET …/dead-letters/count`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkFilter {
