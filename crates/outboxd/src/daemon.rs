@@ -162,7 +162,11 @@ pub async fn run(
         stop.clone().cancelled_owned(),
     )
     .await
-    .with_context(|| format!("cannot listen on {addr}"))?;
+    .with_context(|| {
+        format!(
+            "cannot listen on {addr} (set http.listen, or OUTBOXD_HTTP__LISTEN, to a free address)"
+        )
+    })?;
     info!(%bound, "http listening: /healthz /readyz /metrics");
     println!("outboxd listening on http://{bound}");
     if settings.admin_auth().is_some() {

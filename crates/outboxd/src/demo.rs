@@ -27,7 +27,9 @@ pub async fn run(
     if let Ok(addr) = settings.http.listen.parse::<std::net::SocketAddr>() {
         drop(
             std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr} (http.listen)"))?,
+                .with_context(|| {
+                    format!("cannot listen on {addr} (set http.listen, or OUTBOXD_HTTP__LISTEN, to a free address)")
+                })?,
         );
     }
     // The set-up and the producer use two connections beside the daemon's.

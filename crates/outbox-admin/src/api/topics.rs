@@ -349,8 +349,10 @@ pub(super) async fn set_limit(
         burst: body.burst,
     };
     let set = limit_topic(&state.pool, &audit::actor(&p), app.id, &topic, &wanted).await?;
+    let seen = pauses::topic_seen(&state.pool, app.id, &topic).await?;
     Ok(Json(json!({
         "topic": topic,
+        "seen": seen,
         "max_running": set.max_running(),
         "max_running_per_key": set.max_running_per_key(),
         "rate_per_sec": set.rate().map(|(r, _)| r),

@@ -115,7 +115,7 @@ impl Flash {
             ),
             Some("resume") if rows == 0 => format!("{named} was not paused; nothing changed."),
             Some("resume") => format!("Resumed {named}."),
-            Some("limit") => format!("Limit set on {named}."),
+            Some("limit") => format!("Limit set on {named}.{unseen}"),
             Some("unlimit") => format!("Limit removed from {named}."),
             Some("trigger-create") => format!("Created trigger {named}."),
             Some("trigger-enable") => format!("Enabled trigger {named}: it fires again."),

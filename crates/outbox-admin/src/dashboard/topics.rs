@@ -159,7 +159,7 @@ pub(super) async fn change_topic(
         let actor = audit::actor(&session.principal);
         // How many topics changed: a pause of a paused topic changes none.
         let mut changed = 1;
-        // A pause of a topic nothing names, most often a typo.
+        // A pause or limit of a topic nothing names, most often a typo.
         let mut unseen = "";
         match action.as_str() {
             "pause" => {
@@ -187,6 +187,9 @@ pub(super) async fn change_topic(
                     burst: number(&form, "burst")?,
                 };
                 api::limit_topic(&state.pool, &actor, app.id, &topic, &wanted).await?;
+                if !pauses::topic_seen(&state.pool, app.id, &topic).await? {
+                    unseen = "&unseen=true";
+                }
             }
             "unlimit" => {
                 api::unlimit_topic(&state.pool, &actor, app.id, &topic).await?;

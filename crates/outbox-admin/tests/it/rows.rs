@@ -884,6 +884,18 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
             "mail.send was not paused; nothing changed.",
         ]
     );
+    // A limit on a topic nothing names says so too.
+    let said = said_after(
+        &w,
+        &operator,
+        "/apps/app-a/topics/limit",
+        &format!("csrf={csrf}&topic=mail.snd&max_running=2"),
+    )
+    .await?;
+    assert!(
+        said.starts_with("Limit set on mail.snd. Nothing names mail.snd"),
+        "{said}"
+    );
     // A field given twice is refused, not read as its first value.
     let (s, _, _, html) = post_form_with_flash(
         &w,

@@ -156,11 +156,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 .map_err(cli_error)?
             {
                 println!("{app}: {topic} paused");
-                if !pauses::topic_seen(&pool, id, &topic).await? {
-                    eprintln!(
-                        "note: nothing names {topic:?} in {app} yet (no rows sampled, no process serving it by name, no dead letters): check the spelling; `outboxd processes` lists what is served"
-                    );
-                }
+                note_if_unseen(&pool, id, &app, &topic).await?;
             } else {
                 println!("{app}: {topic} was already paused");
             }
@@ -235,6 +231,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 ),
                 None => println!("{app}: {topic} limited to {now}"),
             }
+            note_if_unseen(&pool, id, &app, &topic).await?;
         }
         TopicCommand::Unlimit { app, topic } => {
             let id = apps::by_slug(&pool, &app).await?.id;
@@ -309,6 +306,22 @@ pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()
             p.version,
             p.started_at.to_rfc3339(),
             serves.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Notes, aside, a pause or limit of a topic nothing in the app names yet:
+/// most often a typo, and the pause or limit holds either way.
+async fn note_if_unseen(
+    pool: &sqlx::PgPool,
+    app: Uuid,
+    slug: &str,
+    topic: &str,
+) -> anyhow::Result<()> {
+    if !pauses::topic_seen(pool, app, topic).await? {
+        eprintln!(
+            "note: nothing names {topic:?} in {slug} yet (no rows sampled, no process serving it by name, no dead letters): check the spelling; `outboxd processes` lists what is served"
         );
     }
     Ok(())

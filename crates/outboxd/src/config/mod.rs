@@ -388,7 +388,9 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
         }
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
             let expected = match expected.as_str() {
-                e if is_unsigned(e) => "a whole number, 0 or more",
+                // Not "0 or more": most keys take a narrower range, which
+                // config/default.toml gives.
+                e if is_unsigned(e) => "a whole number (config/default.toml gives the key's range)",
                 e if is_integer(e) => "a whole number",
                 "f32" | "f64" => "a number",
                 "a boolean" | "bool" => "true or false",

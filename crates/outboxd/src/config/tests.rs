@@ -66,7 +66,7 @@ fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
         (
             "OUTBOXD_DISPATCHER__BATCH_SIZE",
             "lots",
-            "expected a whole number, 0 or more",
+            "expected a whole number (config/default.toml gives the key's range)",
         ),
         (
             "OUTBOXD_NATS__STREAM__MAX_BYTES",

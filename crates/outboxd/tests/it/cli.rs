@@ -210,6 +210,16 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         text(&known.stderr)
     );
     ok(&["topic", "resume", "--app", "shop", "--topic", "urgent"])?;
+    // A limit is told the same.
+    let typo = run(outboxd(Some(&db.url)).args([
+        "topic", "limit", "--app", "shop", "--topic", "mial", "--rate", "5",
+    ]))?;
+    assert!(
+        typo.status.success() && text(&typo.stderr).contains("check the spelling"),
+        "{}",
+        text(&typo.stderr)
+    );
+    ok(&["topic", "unlimit", "--app", "shop", "--topic", "mial"])?;
     assert!(
         ok(&[
             "topic",
@@ -598,7 +608,9 @@ async fn the_demo_on_a_port_in_use_stops_before_it_starts() -> TestResult {
         text(&out.stdout)
     );
     assert!(
-        text(&out.stderr).contains(&format!("cannot listen on {addr}")),
+        text(&out.stderr).contains(&format!(
+            "cannot listen on {addr} (set http.listen, or OUTBOXD_HTTP__LISTEN, to a free address)"
+        )),
         "{}",
         text(&out.stderr)
     );
