@@ -336,6 +336,10 @@ pub async fn run_bulk(
 ) -> Result<usize, ApiError> {
     let blank = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
     let ids = match (&body.ids, &body.filter, body.all) {
+        // A dead letter's id, or the id of the row it was (a log line's).
+        (Some(ids), None, false) if ids.len() <= MAX_BULK as usize => {
+            dead_letters::named_many(&state.pool, app_id, ids).await?
+        }
         (Some(ids), None, false) => ids.clone(),
         (None, Some(f), false) if blank(&f.source) && blank(&f.topic) && f.trigger_id.is_none() => {
             // A script's empty variable must not mean every dead letter.

@@ -69,6 +69,16 @@ impl Flash {
         self.get("done")
     }
 
+    /// The result fields again, as a query to pass on when the page they
+    /// were meant for leads elsewhere (a row that became a dead letter).
+    pub(super) fn passed_on(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.0 {
+            query.append_pair(k, v);
+        }
+        query.finish()
+    }
+
     /// The message for the page: a fixed text per action with its row count,
     /// or nothing.
     pub(super) fn html(&self) -> String {
@@ -94,6 +104,7 @@ impl Flash {
         let text = match self.done() {
             Some("retry") if rows == 0 => "No row changed: none was waiting for a delay or a retry (a due row runs as soon as a process is free).".to_owned(),
             Some("retry") => format!("Made {rows} {noun} due now.{more}"),
+            Some("cancel") if rows == 0 => "No row cancelled: none was waiting (each had finished, was running, or was a dead letter already).".to_owned(),
             Some("cancel") => {
                 format!("Cancelled {rows} {noun}: each is now an ignored dead letter.{more}")
             }

@@ -100,11 +100,13 @@ pub(super) async fn row_page(
     let slug = esc(&app.slug);
     let Some(row) = row else {
         if let Some(d) = buried {
-            // A row just cancelled from its page: the dead letter shows what happened.
-            let done = if flash.done() == Some("cancel") {
-                "?done=cancel&rows=1"
+            // An action just taken from its page (a cancel, a second
+            // click): the dead letter's page shows its result as it was.
+            let passed = flash.passed_on();
+            let done = if passed.is_empty() {
+                String::new()
             } else {
-                ""
+                format!("?{passed}")
             };
             return Redirect::to(&format!("/apps/{slug}/dead-letters/{d}{done}")).into_response();
         }

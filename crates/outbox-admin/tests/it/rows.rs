@@ -842,6 +842,18 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
         html.contains("id=flash>Cancelled 1 row") && html.contains("<b id=resolution>ignored</b>"),
         "{html}"
     );
+    // The same form again (a second click, a stale tab): nothing is
+    // cancelled, and the message says so rather than "Cancelled 1 row".
+    let (_, to, flash, _) = post_form_with_flash(
+        &w,
+        &operator,
+        &format!("/apps/app-a/outbox/{id}/cancel"),
+        &format!("csrf={csrf}&reason=dup&confirm=yes"),
+    )
+    .await?;
+    let (_, to, flash, _) = follow(&w, &operator, to, flash).await?;
+    let (_, _, _, html) = follow(&w, &operator, to, flash).await?;
+    assert!(html.contains("id=flash>No row cancelled"), "{html}");
     assert_eq!(ids.len(), 31);
     Ok(())
 }
@@ -989,8 +1001,26 @@ async fn a_row_id_finds_the_dead_letter_it_became_everywhere() -> TestResult {
         )
         .await?;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    // Acting by the row's id acts on the dead letter, and answers its id.
+    // So does a bulk action by ids, with ids of either kind.
+    let other = w.dead_letter(w.app_a, "mail.send").await?;
+    let other_row = dead_letters::get(&w.db.pool, w.app_a, other)
+        .await?
+        .original_event_id;
     let operator = w.login("operator@x.io").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/dead-letters/bulk",
+            Some(&operator),
+            Some(json!({"action": "ignore", "ids": [other_row, uuid::Uuid::now_v7()]})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["changed"].as_i64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+    // Acting by the row's id acts on the dead letter, and answers its id.
     let (s, body) = w
         .call(
             "POST",

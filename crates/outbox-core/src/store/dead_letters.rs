@@ -134,6 +134,27 @@ pub async fn named<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Resul
     .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
 }
 
+/// The app's dead letters that `ids` name, each as [`named`] reads one: by
+/// its own id, or by the id of the outbox row it was (the newest). Ids
+/// that name none are left out.
+pub async fn named_many<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM dead_letters WHERE app_id = $1 AND id = ANY ($2)
+         UNION
+         (SELECT DISTINCT ON (original_event_id) id FROM dead_letters
+          WHERE app_id = $1 AND original_event_id = ANY ($2)
+          ORDER BY original_event_id, created_at DESC)",
+    )
+    .bind(app_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Reads one dead letter by id, whatever its app (operator CLI).
 pub async fn get_any<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<DeadLetter, Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
