@@ -413,18 +413,23 @@ async fn set_trigger(
 }
 
 /// Enables or disables (`Some`) or deletes (`None`) a trigger of the app for
-/// `actor`, recorded in the audit log.
+/// `actor`, recorded in the audit log; returns whether anything changed (an
+/// enable of an enabled trigger changes, and records, nothing).
 pub async fn change_trigger(
     pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     id: Uuid,
     enabled: Option<bool>,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let mut tx = audit::begin(pool).await?;
     let action = match enabled {
         Some(enabled) => {
-            triggers::set_enabled(&mut tx, app_id, id, enabled).await?;
+            if !triggers::set_enabled(&mut tx, app_id, id, enabled).await? {
+                // Already so: nothing to record.
+                audit::commit(tx).await?;
+                return Ok(false);
+            }
             if enabled {
                 "trigger.enable"
             } else {
@@ -438,7 +443,8 @@ pub async fn change_trigger(
     };
     let target = id.to_string();
     audit::record(&mut tx, actor, app_id, Action::on(action, &target)).await?;
-    audit::commit(tx).await
+    audit::commit(tx).await?;
+    Ok(true)
 }
 
 async fn enable_trigger(

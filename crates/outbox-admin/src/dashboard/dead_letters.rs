@@ -186,7 +186,7 @@ pub(super) async fn detail_page(
         id = row.id,
         orig = row.original_event_id,
         replay_of = row.replay_of.map_or_else(String::new, |earlier| format!(
-            r#"<tr><th>Replay of</th><td><a id=replay-of href="/apps/{slug}/dead-letters/{earlier}">dead letter {earlier}</a> (its replay failed again)</td></tr>"#
+            r#"<tr><th>Replay of</th><td><a id=replay-of href="/apps/{slug}/dead-letters/{earlier}">dead letter {earlier}</a> (its replay became this dead letter)</td></tr>"#
         )),
         src = esc(&row.source),
         att = row.attempt_count,

@@ -127,9 +127,16 @@ impl Flash {
             Some("resume") if rows == 0 => format!("{named} was not paused; nothing changed."),
             Some("resume") => format!("Resumed {named}."),
             Some("limit") => format!("Limit set on {named}.{unseen}"),
+            Some("unlimit") if rows == 0 => format!("{named} had no limit; nothing changed."),
             Some("unlimit") => format!("Limit removed from {named}."),
             Some("trigger-create") => format!("Created trigger {named}."),
+            Some("trigger-enable") if rows == 0 => {
+                format!("Trigger {named} was enabled already; nothing changed.")
+            }
             Some("trigger-enable") => format!("Enabled trigger {named}: it fires again."),
+            Some("trigger-disable") if rows == 0 => {
+                format!("Trigger {named} was disabled already; nothing changed.")
+            }
             Some("trigger-disable") => format!("Disabled trigger {named}: it fires nothing until enabled."),
             Some("trigger-delete") => format!("Deleted trigger {named}."),
             Some("account-revoke-sessions") => format!(

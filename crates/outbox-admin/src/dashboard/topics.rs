@@ -155,7 +155,15 @@ pub(super) async fn change_topic(
 ) -> Response {
     let result = async {
         let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
-        let topic = field(&form, "topic").unwrap_or_default().trim().to_owned();
+        // What an operator typed (pause, limit) loses its surrounding
+        // spaces; a resume or unlimit names the stored topic as it is, which
+        // a pause made through the API may end with one.
+        let given = field(&form, "topic").unwrap_or_default();
+        let topic = if matches!(action.as_str(), "pause" | "limit") {
+            given.trim().to_owned()
+        } else {
+            given.to_owned()
+        };
         let actor = audit::actor(&session.principal);
         // How many topics changed: a pause of a paused topic changes none.
         let mut changed = 1;
@@ -191,9 +199,11 @@ pub(super) async fn change_topic(
                     unseen = "&unseen=true";
                 }
             }
-            "unlimit" => {
-                api::unlimit_topic(&state.pool, &actor, app.id, &topic).await?;
-            }
+            "unlimit" => match api::unlimit_topic(&state.pool, &actor, app.id, &topic).await {
+                // A second click, or another operator first, as a resume.
+                Err(ApiError::NotFound(_)) => changed = 0,
+                other => other?,
+            },
             _ => return Err(ApiError::not_found("action")),
         }
         let named: String = form_urlencoded::byte_serialize(topic.as_bytes()).collect();

@@ -217,11 +217,13 @@ pub(super) async fn change_trigger(
             .map(|t| t.name)
             .ok_or_else(|| ApiError::not_found("trigger"))?;
         let actor = audit::actor(&session.principal);
-        crate::events_api::change_trigger(&state.pool, &actor, app.id, id, enabled).await?;
+        let changed =
+            crate::events_api::change_trigger(&state.pool, &actor, app.id, id, enabled).await?;
         let named: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
         Ok::<_, ApiError>(format!(
-            "/apps/{}/triggers?done=trigger-{action}&rows=1&named={named}",
-            app.slug
+            "/apps/{}/triggers?done=trigger-{action}&rows={}&named={named}",
+            app.slug,
+            u8::from(changed)
         ))
     }
     .await;

@@ -896,7 +896,8 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
             "mail.send was not paused; nothing changed.",
         ]
     );
-    // A limit on a topic nothing names says so too.
+    // A limit on a topic nothing names says so too; removing it twice
+    // changes nothing the second time, and says so.
     let said = said_after(
         &w,
         &operator,
@@ -908,6 +909,36 @@ async fn a_pause_or_resume_that_changes_nothing_says_so() -> TestResult {
         said.starts_with("Limit set on mail.snd. Nothing names mail.snd"),
         "{said}"
     );
+    let mut said = Vec::new();
+    for _ in 0..2 {
+        said.push(
+            said_after(
+                &w,
+                &operator,
+                "/apps/app-a/topics/unlimit",
+                &format!("csrf={csrf}&topic=mail.snd"),
+            )
+            .await?,
+        );
+    }
+    assert_eq!(
+        said,
+        [
+            "Limit removed from mail.snd.",
+            "mail.snd had no limit; nothing changed."
+        ]
+    );
+    // A pause whose topic ends with a space (made through the API) is
+    // resumed by the page's button, which names it as stored.
+    outbox_core::store::pauses::pause(&w.db.pool, w.app_a, "mail.send ", None, None).await?;
+    let said = said_after(
+        &w,
+        &operator,
+        "/apps/app-a/topics/resume",
+        &format!("csrf={csrf}&topic=mail.send+"),
+    )
+    .await?;
+    assert_eq!(said, "Resumed mail.send .");
     // A field given twice is refused, not read as its first value.
     let (s, _, _, html) = post_form_with_flash(
         &w,
@@ -1214,7 +1245,7 @@ async fn trigger_and_account_actions_say_what_they_did() -> TestResult {
     assert_eq!(said, "Created trigger nightly.");
     let id = outbox_core::store::triggers::list(&w.db.pool, w.app_a).await?[0].id;
     let mut said = Vec::new();
-    for action in ["disable", "enable", "delete"] {
+    for action in ["disable", "enable", "enable", "delete"] {
         said.push(
             said_after(
                 &w,
@@ -1230,6 +1261,7 @@ async fn trigger_and_account_actions_say_what_they_did() -> TestResult {
         [
             "Disabled trigger nightly: it fires nothing until enabled.",
             "Enabled trigger nightly: it fires again.",
+            "Trigger nightly was enabled already; nothing changed.",
             "Deleted trigger nightly.",
         ]
     );

@@ -330,12 +330,13 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigg
 /// fires at its next tick from now, not at the one it missed while
 /// disabled (a nightly job enabled at noon ran at noon); enabling one that
 /// is enabled changes nothing. Run it in a transaction: it writes twice.
+/// Returns whether the state changed.
 pub async fn set_enabled(
     conn: &mut PgConnection,
     app_id: Uuid,
     id: Uuid,
     enabled: bool,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     type Changed = (bool, Option<String>, Option<String>, DateTime<Utc>);
     let changed: Option<Changed> = sqlx::query_as(
         "UPDATE triggers t SET enabled = $3
@@ -367,7 +368,7 @@ pub async fn set_enabled(
                 .await?;
         }
     }
-    Ok(())
+    Ok(was_enabled != enabled)
 }
 
 /// Deletes an app's trigger.
