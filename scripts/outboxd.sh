@@ -10,14 +10,17 @@ cd "$ROOT"
 # Help, the version and `config` need no database.
 needs_db=1
 first=""
+skip=""
 for arg in "$@"; do
+  if [ -n "$skip" ]; then skip=""; continue; fi
   case "$arg" in
-    -h|--help|-V|--version) needs_db="" ;;
+    -h|--help|-V|--version|help) needs_db="" ;;
+    --env|--config-dir) skip=1 ;;  # their value is not the command
     -*) ;;
     *) [ -n "$first" ] || first="$arg" ;;
   esac
 done
-case "$first" in help|config) needs_db="" ;; esac
+[ "$first" = config ] && needs_db=""
 PORT_FILE="$STATE_DIR/pg/port"
 [ -L "$STATE_DIR/pg/cluster" ] && PORT_FILE="$(readlink -f "$STATE_DIR/pg/cluster")/port"
 if [ -f "$PORT_FILE" ]; then

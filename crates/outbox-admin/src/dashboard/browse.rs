@@ -327,7 +327,7 @@ pub(super) async fn bulk_on_filter(
                 return Ok(Err(page("Confirm", &body).into_response()));
             }
             let body = format!(
-                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p><p>{what}.</p>{reason_line}
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p><p>{what}.</p>{reason_line}<p class=muted id=confirm-when>Counted now: Confirm takes the rows that match when it runs, with any that arrived since.</p>
 <form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),

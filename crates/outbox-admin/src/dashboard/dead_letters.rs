@@ -414,7 +414,7 @@ fn confirm_page(
         format!(r#"<input type=hidden name={name} value="{}">"#, esc(value))
     };
     let body = format!(
-        r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{counted}</strong> {scope}.{capped}</p><p>{what}</p>
+        r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{counted}</strong> {scope}.{capped}</p><p>{what}</p><p class=muted id=confirm-when>Counted now: Confirm takes the dead letters that match when it runs, with any that arrived since.</p>
 <form method=post action="/apps/{slug}/dead-letters/bulk">{csrf}{scope_field}{action_field}{topic}{source}{attempts}<input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> {back}</form>"#,
         logout = logout_form(session),

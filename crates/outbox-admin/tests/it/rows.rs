@@ -676,7 +676,8 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
     let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &review).await?;
     assert_eq!(s, StatusCode::OK, "{html}");
     assert!(
-        html.contains("<strong>15 rows</strong> not running match"),
+        html.contains("<strong>15 rows</strong> not running match")
+            && html.contains("Confirm takes the rows that match when it runs"),
         "{html}"
     );
     let (_, _, listed) = page(&w, &viewer, "/apps/app-a/outbox?state=scheduled").await?;
@@ -1145,7 +1146,8 @@ async fn operators_replay_or_ignore_every_dead_letter_of_a_filter_after_its_coun
     assert!(
         html.contains("<strong>3 unresolved dead letters</strong> of topic a.one.")
             && html.contains("with 4 attempts")
-            && html.contains("id=confirm>"),
+            && html.contains("id=confirm>")
+            && html.contains("Confirm takes the dead letters that match when it runs"),
         "{html}"
     );
     assert_eq!(

@@ -176,8 +176,8 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
-            // As wide as the page's topics, up to 60: webhook targets differ
-            // at their ends, which a narrow column cut off.
+            // As wide as the page's topics, up to 60, longer ones cut in
+            // the middle: webhook targets differ at their ends.
             let width = rows
                 .iter()
                 .map(|row| row.topic.chars().count())
@@ -194,7 +194,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                     row.id,
                     row.state(),
                     super::ellipsize(&row.source, 8),
-                    super::ellipsize(&row.topic, width),
+                    super::elide_middle(&row.topic, width),
                     row.attempt_count,
                     row.created_at.format("%Y-%m-%d %H:%M"),
                     row.error_summary(60)
