@@ -1063,6 +1063,16 @@ async fn a_row_id_finds_the_dead_letter_it_became_everywhere() -> TestResult {
         .await?;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["id"], dead.to_string());
+    // A row still waiting is said to be one, not just "not found".
+    let mut tx = w.db.pool.begin().await?;
+    let waiting =
+        outbox_core::enqueue(&mut tx, w.app_a, &NewEvent::new("mail.send", json!({}))).await?;
+    tx.commit().await?;
+    let err = dead_letters::named(&w.db.pool, w.app_a, waiting)
+        .await
+        .err()
+        .ok_or("a waiting row named a dead letter")?;
+    assert!(err.to_string().contains("still waiting"), "{err}");
     // The dashboard leads either id to the dead letter's own page.
     let (jar, _) = w.dashboard_session("viewer@x.io").await?;
     for asked in [

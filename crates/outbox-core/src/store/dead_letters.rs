@@ -115,8 +115,8 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<
 /// The id of the app's dead letter that `id` names: its own id, or the id
 /// of the outbox row it was (what a dispatcher's "dead-lettered" log line
 /// and a row's address name); the newest when a row id names several.
-pub async fn named<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<Uuid, Error> {
-    sqlx::query_scalar(
+pub async fn named(db: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<Uuid, Error> {
+    let found: Option<Uuid> = sqlx::query_scalar(
         "SELECT id FROM (
              SELECT id, 0 AS by_row, created_at FROM dead_letters
              WHERE app_id = $1 AND id = $2
@@ -130,8 +130,23 @@ pub async fn named<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Resul
     .bind(app_id)
     .bind(id)
     .fetch_optional(db)
-    .await?
-    .ok_or_else(|| Error::NotFound(format!("dead letter {id}")))
+    .await?;
+    if let Some(found) = found {
+        return Ok(found);
+    }
+    // A log line's id of a row that has not been dead-lettered (a retry
+    // is logged too): say where it is.
+    let waiting: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE app_id = $1 AND id = $2)")
+            .bind(app_id)
+            .bind(id)
+            .fetch_one(db)
+            .await?;
+    Err(Error::NotFound(if waiting {
+        format!("dead letter {id}: it is an outbox row still waiting, not a dead letter")
+    } else {
+        format!("dead letter {id}")
+    }))
 }
 
 /// The app's dead letters that `ids` name, each as [`named`] reads one: by
