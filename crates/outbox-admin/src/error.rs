@@ -63,8 +63,13 @@ pub enum ApiError {
     HandlerFailed(String),
     /// No answer within the caller's timeout (504, `timeout`), and what
     /// became of the work.
-    #[error("no answer within {0:?}; {1}")]
-    Timeout(std::time::Duration, String),
+    #[error("no answer within {after:?}; {fate}")]
+    Timeout {
+        /// The caller's timeout.
+        after: std::time::Duration,
+        /// Withdrawn, or left to run, with the row's id.
+        fate: String,
+    },
     /// The topic's target cannot take the row now and nothing ran (503,
     /// `unavailable`, with `Retry-After`).
     #[error("{0}")]
@@ -107,7 +112,7 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::HandlerFailed(_) => (StatusCode::BAD_GATEWAY, "handler_failed"),
-            Self::Timeout(..) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Self::Unavailable(..) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -168,10 +168,13 @@ async fn invoke(
                 format!("withdrawn before any handler took it (row {outbox_id}): it will not run")
             } else {
                 format!(
-                    "a handler took it (row {outbox_id}): it runs once, and its outcome is recorded in abandoned_executions"
+                    "a handler has taken it or is taking it (row {outbox_id}): it may still run once, and its outcome is recorded in abandoned_executions"
                 )
             };
-            return Err(ApiError::Timeout(timeout, fate));
+            return Err(ApiError::Timeout {
+                after: timeout,
+                fate,
+            });
         }
         if wait.is_ok() {
             // The receiver is spent (woken, or its sender dropped): arm a new one.

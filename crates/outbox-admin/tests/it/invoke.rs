@@ -238,6 +238,12 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
         .fetch_one(&w.db.pool)
         .await?;
     assert_eq!(waiting, 0, "the withdrawn row is gone");
+    let traced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM abandoned_executions WHERE topic = 'echo' AND outcome = 'withdrawn'",
+    )
+    .fetch_one(&w.db.pool)
+    .await?;
+    assert_eq!(traced, 1, "and leaves a trace");
 
     let (s, body) = w
         .call(
@@ -254,7 +260,7 @@ async fn invoke_returns_the_answer_the_error_or_times_out_and_records_abandonmen
     assert!(
         body["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("a handler took it (row ")),
+            .is_some_and(|m| m.contains("a handler has taken it or is taking it (row ")),
         "{body}"
     );
     // The caller is gone when the handler finishes: one abandoned execution.

@@ -78,10 +78,11 @@ pub async fn abandon<'e>(db: impl PgExecutor<'e>, inbox: Uuid) -> Result<Option<
 
 /// Withdraws the invocation's row `outbox_id` of `app_id` if no handler has
 /// taken it: its caller was told it timed out, so it must not run later
-/// (behind a rate limit or a long queue it could run minutes after). A row
-/// a claim holds right now, leased or locked by a transactional batch, is
-/// skipped, not waited for. Returns whether the row was withdrawn; false
-/// when it runs, or has run.
+/// (behind a rate limit or a long queue it could run minutes after). The
+/// row leaves a trace in `abandoned_executions`, outcome `withdrawn`. A row
+/// another transaction holds right now (a claim, leased or in a
+/// transactional batch) is skipped, not waited for. Returns whether the row
+/// was withdrawn; false when it runs, has run, or was held.
 pub async fn withdraw<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
@@ -94,9 +95,15 @@ pub async fn withdraw<'e>(
                AND (locked_until IS NULL OR locked_until <= now())
              FOR UPDATE SKIP LOCKED
          )
-         DELETE FROM outbox o USING idle
-         WHERE o.tableoid = idle.tableoid AND o.ctid = idle.ctid
-         RETURNING o.id",
+         , withdrawn AS (
+             DELETE FROM outbox o USING idle
+             WHERE o.tableoid = idle.tableoid AND o.ctid = idle.ctid
+             RETURNING o.id, o.app_id, o.reply_to, o.topic
+         )
+         INSERT INTO abandoned_executions (outbox_id, app_id, reply_to, topic, outcome, error)
+         SELECT id, app_id, reply_to, topic, 'withdrawn', 'the caller timed out before any handler took it'
+         FROM withdrawn
+         RETURNING outbox_id",
     )
     .bind(app_id)
     .bind(outbox_id)
