@@ -10,6 +10,7 @@ use crate::api;
 use crate::auth;
 use crate::error::ApiError;
 
+use super::flash::without_flash;
 use super::render::{error_page, esc, page};
 use super::session::{
     CSRF_COOKIE, SESSION_COOKIE, Session, check_csrf, cookie, field, form, query_pairs,
@@ -49,6 +50,23 @@ fn with_csrf_cookie(mut response: Response, csrf: &str, state: &AdminState) -> R
     response
 }
 
+/// `next` without the result fields an action's redirect carries: a link
+/// someone else made must not have a page report an action that did not
+/// happen ([`super::flash`]).
+fn without_results(next: &str) -> String {
+    match next.split_once('?') {
+        Some((path, query)) => {
+            let rest = without_flash(Some(query));
+            if rest.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{rest}")
+            }
+        }
+        None => next.to_owned(),
+    }
+}
+
 /// The sign-in form; `next` is the page it leads to (blank: the apps).
 fn login_form(message: Option<&str>, email: &str, csrf: &str, next: &str) -> Html<String> {
     page(
@@ -81,14 +99,20 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
         .get("sec-fetch-site")
         .and_then(|v| v.to_str().ok());
     if site.is_some_and(|site| site != "same-origin" && site != "none") {
-        // The cookie stays as it is: the owner's open form keeps working.
+        // A cookie already set stays: the owner's open form keeps working.
+        let token = csrf_cookie.clone().unwrap_or_else(random_token);
         let form = login_form(
             Some("Sign in from outboxd's own sign-in page."),
             "",
-            csrf_cookie.as_deref().unwrap_or_default(),
+            &token,
             "",
         );
-        return (axum::http::StatusCode::FORBIDDEN, form).into_response();
+        let refused = (axum::http::StatusCode::FORBIDDEN, form).into_response();
+        return if csrf_cookie.is_some() {
+            refused
+        } else {
+            with_csrf_cookie(refused, &token, &state)
+        };
     }
     let form = match form(req, state.body_limit).await {
         Ok(f) => f,
@@ -98,8 +122,8 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
     let password = field(&form, "password").unwrap_or_default().to_owned();
     let next = field(&form, "next")
         .and_then(safe_next)
-        .unwrap_or_default()
-        .to_owned();
+        .map(without_results)
+        .unwrap_or_default();
     // The form's token must match the cookie the sign-in page set. A page
     // shown again keeps the cookie's token (another site's forged post must
     // not invalidate the form open in the owner's tab); only a successful
