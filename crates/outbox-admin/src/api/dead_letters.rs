@@ -125,18 +125,10 @@ pub async fn count_unresolved_matching(
     app_id: Uuid,
     filter: &BulkFilter,
 ) -> Result<i64, ApiError> {
-    let nonblank = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
-    let filter = Filter {
-        source: nonblank(&filter.source),
-        topic: nonblank(&filter.topic),
-        trigger_id: filter.trigger_id,
-        unresolved_only: true,
-        ..Filter::default()
-    };
-    if filter.source.is_none() && filter.topic.is_none() && filter.trigger_id.is_none() {
+    if filter.names_nothing() {
         return Ok(dead_letters::count_unresolved(pool, app_id).await?);
     }
-    Ok(dead_letters::count(pool, app_id, &filter, i64::MAX).await?)
+    Ok(dead_letters::count(pool, app_id, &filter.unresolved(), i64::MAX).await?)
 }
 
 pub(super) async fn count(
@@ -311,7 +303,8 @@ pub struct BulkBody {
     pub max_attempts: Option<i64>,
 }
 
-/// The filter of a bulk action, and of `GET …/dead-letters/count`.
+/// The filter of a bulk action, and of `GET …/dead-letters/count`. A blank
+/// field names nothing.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkFilter {
@@ -321,6 +314,28 @@ pub struct BulkFilter {
     pub topic: Option<String>,
     /// Only this trigger.
     pub trigger_id: Option<Uuid>,
+}
+
+impl BulkFilter {
+    /// Whether every field is absent or blank (a script's empty variable
+    /// must not mean every dead letter).
+    pub fn names_nothing(&self) -> bool {
+        let given = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        !given(&self.source) && !given(&self.topic) && self.trigger_id.is_none()
+    }
+
+    /// The store's filter for the unresolved dead letters this names; a
+    /// field is taken as given (a stored topic may end with a space).
+    pub fn unresolved(&self) -> Filter {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        Filter {
+            source: given(&self.source),
+            topic: given(&self.topic),
+            trigger_id: self.trigger_id,
+            unresolved_only: true,
+            ..Filter::default()
+        }
+    }
 }
 
 /// The most dead letters one bulk action takes; by filter, the newest.
@@ -334,27 +349,20 @@ pub async fn run_bulk(
     app_id: Uuid,
     body: &BulkBody,
 ) -> Result<usize, ApiError> {
-    let blank = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
     let ids = match (&body.ids, &body.filter, body.all) {
         // A dead letter's id, or the id of the row it was (a log line's).
         (Some(ids), None, false) if ids.len() <= MAX_BULK as usize => {
             dead_letters::named_many(&state.pool, app_id, ids).await?
         }
         (Some(ids), None, false) => ids.clone(),
-        (None, Some(f), false) if blank(&f.source) && blank(&f.topic) && f.trigger_id.is_none() => {
+        (None, Some(f), false) if f.names_nothing() => {
             // A script's empty variable must not mean every dead letter.
             return Err(ApiError::Invalid(
                 "filter: names no dead letters (every field is absent or blank); to act on every unresolved one, send \"all\": true instead".into(),
             ));
         }
         (None, Some(f), false) => {
-            let filter = Filter {
-                source: f.source.clone(),
-                topic: f.topic.clone(),
-                trigger_id: f.trigger_id,
-                ..Filter::default()
-            };
-            dead_letters::ids_matching(&state.pool, app_id, &filter, MAX_BULK).await?
+            dead_letters::ids_matching(&state.pool, app_id, &f.unresolved(), MAX_BULK).await?
         }
         (None, None, true) => {
             dead_letters::ids_matching(&state.pool, app_id, &Filter::default(), MAX_BULK).await?

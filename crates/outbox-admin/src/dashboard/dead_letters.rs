@@ -67,24 +67,28 @@ pub(super) async fn list_page(
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
         bulk = if manager {
-            let (topic, source) = (
-                q.topic.as_deref().unwrap_or("").trim(),
-                q.source.as_deref().unwrap_or("").trim(),
-            );
-            let scope = match (topic.is_empty(), source.is_empty()) {
-                (true, true) => "of the app (no filter)".to_owned(),
-                (false, true) => format!("of topic {}", esc(topic)),
-                (true, false) => format!("from source {}", esc(source)),
-                (false, false) => format!("of topic {} from source {}", esc(topic), esc(source)),
+            let filter = BulkFilter {
+                source: q.source.clone(),
+                topic: q.topic.clone(),
+                trigger_id: q.trigger_id,
+            };
+            // A list of resolved dead letters has no unresolved ones to act on.
+            let by_filter = if q.resolution.as_deref().is_some_and(|r| !r.is_empty()) {
+                String::new()
+            } else {
+                format!(
+                    r#"<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}"><input type=hidden name=scope value=filter>{hidden}
+<p>Every unresolved dead letter {scope}: <label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay all…</button> <button type=submit name=action value=ignore>Ignore all…</button> <span class=muted>the count comes first</span></p></form>"#,
+                    csrf = esc(&session.csrf),
+                    hidden = filter_fields(&filter),
+                    scope = scope_words(&filter),
+                )
             };
             format!(
-                r#"<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-filter><input type=hidden name=csrf value="{csrf}"><input type=hidden name=scope value=filter><input type=hidden name=topic value="{t}"><input type=hidden name=source value="{src}">
-<p>Every unresolved dead letter {scope}: <label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay all…</button> <button type=submit name=action value=ignore>Ignore all…</button> <span class=muted>the count comes first</span></p></form>
+                r#"{by_filter}
 <form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
 <p><label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
                 csrf = esc(&session.csrf),
-                t = esc(topic),
-                src = esc(source),
             )
         } else {
             String::new()
@@ -213,13 +217,7 @@ async fn act(
             checked_form(&state, &session, &app, Capability::DeadLetterManage, req).await?;
         let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
         let id = if replay {
-            let max_attempts = match field(&form, "max_attempts").map(str::trim) {
-                None | Some("") => None,
-                Some(n) => Some(n.parse::<i64>().map_err(|_| {
-                    ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
-                })?),
-            };
-            let max_attempts = api::replay_attempts(max_attempts)?;
+            let max_attempts = form_attempts(&form)?;
             let actor = audit::actor(&session.principal);
             api::replay_one(&state.pool, &actor, app.id, id, max_attempts)
                 .await?
@@ -270,27 +268,31 @@ pub(super) async fn bulk(
             return Err(ApiError::Invalid("action: must be replay or ignore".into()));
         }
         // Attempts belong to a replay; an ignore leaves the field unread.
-        let max_attempts = match field(&form, "max_attempts").map(str::trim) {
-            None | Some("") => None,
-            Some(_) if action == "ignore" => None,
-            Some(n) => Some(n.parse::<i64>().map_err(|_| {
-                ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
-            })?),
+        let max_attempts = if action == "replay" {
+            form_attempts(&form)?.map(i64::from)
+        } else {
+            None
         };
-        api::replay_attempts(max_attempts)?;
-        let text = |name: &str| {
+        // As the list's filter: an empty field names nothing, and nothing
+        // is trimmed (a stored topic may end with a space).
+        let given = |name: &str| {
             field(&form, name)
-                .map(str::trim)
                 .filter(|v| !v.is_empty())
                 .map(str::to_owned)
         };
         let by_filter = field(&form, "scope") == Some("filter");
+        let trigger_id = given("trigger_id")
+            .map(|id| {
+                Uuid::parse_str(&id)
+                    .map_err(|_| ApiError::Invalid(format!("trigger_id: {id:?} is not an id")))
+            })
+            .transpose()?;
         let filter = BulkFilter {
-            source: text("source"),
-            topic: text("topic"),
-            trigger_id: None,
+            source: given("source"),
+            topic: given("topic"),
+            trigger_id,
         };
-        let unfiltered = filter.source.is_none() && filter.topic.is_none();
+        let unfiltered = filter.names_nothing();
         // The list page to come back to, with the filter acted on.
         let list = {
             let mut list = form_urlencoded::Serializer::new(String::new());
@@ -300,6 +302,9 @@ pub(super) async fn bulk(
             }
             if let Some(source) = &filter.source {
                 list.append_pair("source", source);
+            }
+            if let Some(id) = filter.trigger_id {
+                list.append_pair("trigger_id", &id.to_string());
             }
             list.finish()
         };
@@ -372,12 +377,7 @@ fn confirm_page(
     list: &str,
 ) -> Response {
     let slug = esc(slug);
-    let scope = match (&filter.topic, &filter.source) {
-        (None, None) => "in the app (no filter: every one)".to_owned(),
-        (Some(t), None) => format!("of topic {}", esc(t)),
-        (None, Some(s)) => format!("from source {}", esc(s)),
-        (Some(t), Some(s)) => format!("of topic {} from source {}", esc(t), esc(s)),
-    };
+    let scope = scope_words(filter);
     let back = format!(
         r#"<a href="/apps/{slug}/dead-letters?{}">Back without changing anything</a>"#,
         esc(list)
@@ -415,14 +415,13 @@ fn confirm_page(
     };
     let body = format!(
         r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{counted}</strong> {scope}.{capped}</p><p>{what}</p><p class=muted id=confirm-when>Counted now: Confirm takes the dead letters that match when it runs, with any that arrived since.</p>
-<form method=post action="/apps/{slug}/dead-letters/bulk">{csrf}{scope_field}{action_field}{topic}{source}{attempts}<input type=hidden name=confirm value=yes>
+<form method=post action="/apps/{slug}/dead-letters/bulk">{csrf}{scope_field}{action_field}{fields}{attempts}<input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> {back}</form>"#,
         logout = logout_form(session),
         csrf = hidden("csrf", &session.csrf),
         scope_field = hidden("scope", "filter"),
         action_field = hidden("action", action),
-        topic = hidden("topic", filter.topic.as_deref().unwrap_or("")),
-        source = hidden("source", filter.source.as_deref().unwrap_or("")),
+        fields = filter_fields(filter),
         attempts = hidden(
             "max_attempts",
             &max_attempts.map(|n| n.to_string()).unwrap_or_default()
@@ -434,4 +433,52 @@ fn confirm_page(
         },
     );
     page("Confirm", &body).into_response()
+}
+
+/// A replay's Attempts field: blank is the dead letter's own budget.
+fn form_attempts(form: &[(String, String)]) -> Result<Option<i32>, ApiError> {
+    let given = match field(form, "max_attempts").map(str::trim) {
+        None | Some("") => None,
+        Some(n) => Some(n.parse::<i64>().map_err(|_| {
+            ApiError::Invalid(format!("max_attempts: {n:?} is not a whole number"))
+        })?),
+    };
+    api::replay_attempts(given)
+}
+
+/// What a filter names, in words, escaped: "of topic t from source s".
+fn scope_words(filter: &BulkFilter) -> String {
+    if filter.names_nothing() {
+        return "of the app (no filter: every one)".to_owned();
+    }
+    let mut words = Vec::new();
+    if let Some(topic) = filter.topic.as_deref().filter(|t| !t.is_empty()) {
+        words.push(format!("of topic {}", esc(topic)));
+    }
+    if let Some(source) = filter.source.as_deref().filter(|s| !s.is_empty()) {
+        words.push(format!("from source {}", esc(source)));
+    }
+    if let Some(id) = filter.trigger_id {
+        words.push(format!("of trigger {id}"));
+    }
+    words.join(" ")
+}
+
+/// A filter as the hidden fields of a form, escaped.
+fn filter_fields(filter: &BulkFilter) -> String {
+    let hidden = |name: &str, value: &str| {
+        format!(r#"<input type=hidden name={name} value="{}">"#, esc(value))
+    };
+    [
+        hidden("topic", filter.topic.as_deref().unwrap_or("")),
+        hidden("source", filter.source.as_deref().unwrap_or("")),
+        hidden(
+            "trigger_id",
+            &filter
+                .trigger_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        ),
+    ]
+    .concat()
 }

@@ -89,7 +89,7 @@ impl Flash {
             ("rows", "dead letters")
         };
         let more = if self.get("more") == Some("true") {
-            " More match: run it again for the next 10,000."
+            " More may match: run it again for the next 10,000."
         } else {
             ""
         };

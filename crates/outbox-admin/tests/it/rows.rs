@@ -1205,6 +1205,30 @@ async fn operators_replay_or_ignore_every_dead_letter_of_a_filter_after_its_coun
             && !html.contains("id=confirm>"),
         "{html}"
     );
+    // A stored topic that ends with a space is acted on as the list shows
+    // it, not trimmed into another topic.
+    w.dead_letter(w.app_a, "a.two ").await?;
+    let (_, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters?unresolved=true&topic=a.two+",
+    )
+    .await?;
+    assert!(
+        html.contains(r#"<input type=hidden name=topic value="a.two ">"#),
+        "{html}"
+    );
+    let (_, _, html) = post_form(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters/bulk",
+        &format!("csrf={csrf}&scope=filter&topic=a.two+&source=&trigger_id=&action=ignore"),
+    )
+    .await?;
+    assert!(
+        html.contains("<strong>1 unresolved dead letter</strong> of topic a.two ."),
+        "{html}"
+    );
     // A viewer gets neither the form nor the action.
     let (viewer, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
     let (s, _, _) = post_form(
