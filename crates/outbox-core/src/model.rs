@@ -505,14 +505,12 @@ impl DeadLetter {
     }
 }
 
-/// Shortens `text` to at most `max` characters at a word boundary, marking
-/// the cut with an ellipsis (never half a word, unless one word is longer
-/// than the whole width); runs of whitespace become one space, and control
-/// and invisible characters U+FFFD: a handler's error may echo its input,
-/// and an escape sequence in it would drive the terminal that lists it.
-pub fn ellipsize(text: &str, max: usize) -> String {
-    let text: String = text
-        .split_whitespace()
+/// `text` fit for a terminal: runs of whitespace become one space, and
+/// control and invisible characters become U+FFFD (a handler's error may
+/// echo its input, and an escape sequence in it would drive the terminal
+/// that lists it).
+pub fn printable(text: &str) -> String {
+    text.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .chars()
@@ -523,7 +521,14 @@ pub fn ellipsize(text: &str, max: usize) -> String {
                 c
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Shortens [`printable`] `text` to at most `max` characters at a word
+/// boundary, marking the cut with an ellipsis (never half a word, unless
+/// one word is longer than the whole width).
+pub fn ellipsize(text: &str, max: usize) -> String {
+    let text = printable(text);
     if text.chars().count() <= max {
         return text;
     }

@@ -153,13 +153,13 @@ pub(super) async fn show(
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<DeadLetter>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let id = dead_letters::named(&state.pool, app.id, parse_id(&id)?).await?;
+    let id = dead_letters::resolve_id(&state.pool, app.id, parse_id(&id)?).await?;
     Ok(Json(dead_letters::get(&state.pool, app.id, id).await?))
 }
 
 /// Resolves one dead letter as `ignored` (recorded in the audit log as done
 /// by `actor`); `id` is its own or the outbox row's it was
-/// ([`dead_letters::named`]); returns its id. 409 when it is resolved
+/// ([`dead_letters::resolve_id`]); returns its id. 409 when it is resolved
 /// already.
 pub async fn ignore_one(
     pool: &sqlx::PgPool,
@@ -167,7 +167,7 @@ pub async fn ignore_one(
     app_id: Uuid,
     id: Uuid,
 ) -> Result<Uuid, ApiError> {
-    let id = dead_letters::named(pool, app_id, id).await?;
+    let id = dead_letters::resolve_id(pool, app_id, id).await?;
     let mut tx = audit::begin(pool).await?;
     let changed = dead_letters::ignore(&mut *tx, app_id, &[id]).await?;
     if !changed.is_empty() {
@@ -194,7 +194,7 @@ pub async fn ignore_one(
 /// Replays one dead letter, with its own attempt budget unless
 /// `max_attempts` overrides it (recorded in the audit log as done by
 /// `actor`); `id` is its own or the outbox row's it was
-/// ([`dead_letters::named`]); returns its id and the new outbox id. 409
+/// ([`dead_letters::resolve_id`]); returns its id and the new outbox id. 409
 /// when resolved already.
 pub async fn replay_one(
     pool: &sqlx::PgPool,
@@ -203,7 +203,7 @@ pub async fn replay_one(
     id: Uuid,
     max_attempts: Option<i32>,
 ) -> Result<(Uuid, Uuid), ApiError> {
-    let id = dead_letters::named(pool, app_id, id).await?;
+    let id = dead_letters::resolve_id(pool, app_id, id).await?;
     let mut tx = audit::begin(pool).await?;
     let replayed = dead_letters::replay_with(&mut tx, app_id, &[id], max_attempts).await?;
     match replayed.first() {
@@ -352,7 +352,7 @@ pub async fn run_bulk(
     let ids = match (&body.ids, &body.filter, body.all) {
         // A dead letter's id, or the id of the row it was (a log line's).
         (Some(ids), None, false) if ids.len() <= MAX_BULK as usize => {
-            dead_letters::named_many(&state.pool, app_id, ids).await?
+            dead_letters::resolve_ids(&state.pool, app_id, ids).await?
         }
         (Some(ids), None, false) => ids.clone(),
         (None, Some(f), false) if f.names_nothing() => {

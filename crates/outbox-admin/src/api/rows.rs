@@ -252,7 +252,7 @@ pub(super) async fn show(
         return Ok(Json(row));
     }
     // Dead-lettered (or an id of the wrong kind): say where it is.
-    match dead_letters::named(&state.pool, app.id, id).await {
+    match dead_letters::resolve_id(&state.pool, app.id, id).await {
         Ok(dead_letter) => Err(ApiError::Absent(format!(
             "outbox row {id} is not in the outbox: see dead letter {dead_letter} (GET /api/apps/{}/dead-letters/{dead_letter})",
             app.slug

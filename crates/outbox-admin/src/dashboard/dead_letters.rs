@@ -139,7 +139,7 @@ pub(super) async fn detail_page(
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
         let asked = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("dead letter"))?;
-        let id = dead_letters::named(&state.pool, app.id, asked).await?;
+        let id = dead_letters::resolve_id(&state.pool, app.id, asked).await?;
         let row = dead_letters::get(&state.pool, app.id, id).await?;
         let manager = may(&state, &session, &app.slug, Capability::DeadLetterManage).await?;
         Ok::<_, ApiError>((row, app, asked, manager))

@@ -83,7 +83,7 @@ pub(super) async fn row_page(
         // this is (an id of the wrong kind pasted into the look-up).
         let buried = match row {
             Some(_) => None,
-            None => match dead_letters::named(&state.pool, app.id, id).await {
+            None => match dead_letters::resolve_id(&state.pool, app.id, id).await {
                 Ok(dead_letter) => Some(dead_letter),
                 Err(outbox_core::Error::NotFound(_)) => None,
                 Err(err) => return Err(err.into()),

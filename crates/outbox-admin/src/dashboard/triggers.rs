@@ -52,7 +52,7 @@ pub(super) async fn triggers_page(
                 esc(t.timezone.as_deref().unwrap_or("UTC")),
                 t.next_fire_at.map(when).unwrap_or_default()
             ),
-            _ => dead_letter_matches(t),
+            _ => esc(&t.dead_letter_matches().unwrap_or_default()),
         };
         let toggle = if t.enabled { "disable" } else { "enable" };
         let id = t.id;
@@ -87,30 +87,6 @@ pub(super) async fn triggers_page(
 <p><button type=submit>Create</button></p></form>"#
     ));
     page(&format!("{} triggers", app.slug), &body).into_response()
-}
-
-/// What a dead-letter trigger takes, escaped: "dead letters of topics a, b
-/// from sources s of triggers t", each part only when it narrows.
-fn dead_letter_matches(t: &outbox_core::store::triggers::Trigger) -> String {
-    let mut said = "dead letters".to_owned();
-    let parts = [
-        ("of topics", t.topics.clone().unwrap_or_default()),
-        ("from sources", t.sources.clone().unwrap_or_default()),
-        (
-            "of triggers",
-            t.trigger_ids
-                .iter()
-                .flatten()
-                .map(Uuid::to_string)
-                .collect(),
-        ),
-    ];
-    for (words, values) in parts {
-        if !values.is_empty() {
-            said.push_str(&format!(" {words} {}", esc(&values.join(", "))));
-        }
-    }
-    said
 }
 
 fn list_field(form: &[(String, String)], name: &str) -> Vec<String> {
@@ -210,12 +186,7 @@ pub(super) async fn change_trigger(
             "delete" => None,
             _ => return Err(ApiError::not_found("action")),
         };
-        let name = outbox_core::store::triggers::list(&state.pool, app.id)
-            .await?
-            .into_iter()
-            .find(|t| t.id == id)
-            .map(|t| t.name)
-            .ok_or_else(|| ApiError::not_found("trigger"))?;
+        let name = outbox_core::store::triggers::name(&state.pool, app.id, id).await?;
         let actor = audit::actor(&session.principal);
         let changed =
             crate::events_api::change_trigger(&state.pool, &actor, app.id, id, enabled).await?;

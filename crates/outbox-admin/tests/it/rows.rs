@@ -1068,7 +1068,7 @@ async fn a_row_id_finds_the_dead_letter_it_became_everywhere() -> TestResult {
     let waiting =
         outbox_core::enqueue(&mut tx, w.app_a, &NewEvent::new("mail.send", json!({}))).await?;
     tx.commit().await?;
-    let err = dead_letters::named(&w.db.pool, w.app_a, waiting)
+    let err = dead_letters::resolve_id(&w.db.pool, w.app_a, waiting)
         .await
         .err()
         .ok_or("a waiting row named a dead letter")?;

@@ -115,7 +115,7 @@ pub async fn get<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<
 /// The id of the app's dead letter that `id` names: its own id, or the id
 /// of the outbox row it was (what a dispatcher's "dead-lettered" log line
 /// and a row's address name); the newest when a row id names several.
-pub async fn named(db: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<Uuid, Error> {
+pub async fn resolve_id(db: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<Uuid, Error> {
     let found: Option<Uuid> = sqlx::query_scalar(
         "SELECT id FROM (
              SELECT id, 0 AS by_row, created_at FROM dead_letters
@@ -149,10 +149,10 @@ pub async fn named(db: &sqlx::PgPool, app_id: Uuid, id: Uuid) -> Result<Uuid, Er
     }))
 }
 
-/// The app's dead letters that `ids` name, each as [`named`] reads one: by
+/// The app's dead letters that `ids` name, each as [`resolve_id`] reads one: by
 /// its own id, or by the id of the outbox row it was (the newest). Ids
 /// that name none are left out.
-pub async fn named_many<'e>(
+pub async fn resolve_ids<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
     ids: &[Uuid],

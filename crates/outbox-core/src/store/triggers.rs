@@ -74,6 +74,44 @@ pub struct Trigger {
     pub trigger_ids: Option<Vec<Uuid>>,
 }
 
+impl Trigger {
+    /// What a dead-letter trigger takes, in words: "dead letters of topics
+    /// a, b from sources s of triggers t", each part only when it narrows;
+    /// `None` for other kinds.
+    pub fn dead_letter_matches(&self) -> Option<String> {
+        if self.kind != "dead_letter" {
+            return None;
+        }
+        let mut said = "dead letters".to_owned();
+        let trigger_ids: Vec<String> = self
+            .trigger_ids
+            .iter()
+            .flatten()
+            .map(Uuid::to_string)
+            .collect();
+        for (words, values) in [
+            ("of topics", self.topics.clone().unwrap_or_default()),
+            ("from sources", self.sources.clone().unwrap_or_default()),
+            ("of triggers", trigger_ids),
+        ] {
+            if !values.is_empty() {
+                said.push_str(&format!(" {words} {}", values.join(", ")));
+            }
+        }
+        Some(said)
+    }
+}
+
+/// The name of the app's trigger `id`.
+pub async fn name<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<String, Error> {
+    sqlx::query_scalar("SELECT name FROM triggers WHERE app_id = $1 AND id = $2")
+        .bind(app_id)
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("trigger {id}")))
+}
+
 /// The most entries a dead-letter trigger's list of sources, topics or
 /// triggers takes: a filter, not a data set.
 pub const MAX_DEAD_LETTER_MATCHES: usize = 100;

@@ -135,9 +135,12 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             let total = dead_letters::count(&pool, app.id, &filter, COUNT_BOUND).await?;
             let mut cursor = after
                 .as_deref()
-                .map(outbox_admin::api::decode_cursor)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+                .map(|after| {
+                    outbox_admin::api::decode_cursor(after).map_err(|_| {
+                        anyhow::anyhow!("--after: {after:?} is not a cursor from a previous page")
+                    })
+                })
+                .transpose()?;
             let mut rows = Vec::new();
             let next = loop {
                 // One row more than shown says whether there is a next page
@@ -207,7 +210,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
         }
         DeadLetterCommand::Show { app, id } => {
             let app = apps::by_slug(&pool, &app).await?;
-            let id = dead_letters::named(&pool, app.id, parse_id(&id)?).await?;
+            let id = dead_letters::resolve_id(&pool, app.id, parse_id(&id)?).await?;
             let row = dead_letters::get(&pool, app.id, id).await?;
             println!("{}", serde_json::to_string_pretty(&row)?);
         }

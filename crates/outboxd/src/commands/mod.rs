@@ -13,13 +13,13 @@ pub mod topics;
 pub mod triggers;
 pub mod webhooks;
 
-pub use outbox_core::model::ellipsize;
+pub use outbox_core::model::{ellipsize, printable};
 
 /// Shortens `text` to at most `max` characters by cutting out its middle:
-/// for names that differ at their ends (webhook URLs of one host). As
-/// [`ellipsize`], control and invisible characters show as U+FFFD.
+/// for names that differ at their ends (webhook URLs of one host); the
+/// text is made [`printable`] first.
 pub fn elide_middle(text: &str, max: usize) -> String {
-    let text = ellipsize(text, usize::MAX);
+    let text = printable(text);
     let chars: Vec<char> = text.chars().collect();
     if chars.len() <= max {
         return text;

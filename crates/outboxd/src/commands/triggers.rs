@@ -98,26 +98,7 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
                 eprintln!("{}: no trigger", app.slug);
             }
             for t in listed {
-                let dead_letters = (t.kind == "dead_letter").then(|| {
-                    let mut said = "dead letters".to_owned();
-                    for (words, values) in [
-                        ("topics", t.topics.unwrap_or_default()),
-                        ("sources", t.sources.unwrap_or_default()),
-                        (
-                            "triggers",
-                            t.trigger_ids
-                                .unwrap_or_default()
-                                .iter()
-                                .map(Uuid::to_string)
-                                .collect(),
-                        ),
-                    ] {
-                        if !values.is_empty() {
-                            said.push_str(&format!(" {words} {}", values.join(",")));
-                        }
-                    }
-                    said
-                });
+                let dead_letters = t.dead_letter_matches();
                 let detail = t
                     .collection_glob
                     .map(|g| format!("collection {g} ops {}", t.ops.unwrap_or_default().join(",")))

@@ -202,8 +202,10 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
     let demo = outbox_core::store::apps::by_slug(&db.pool, "demo")
         .await?
         .id;
+    // Over the 60-character column: cut in the middle, the ends kept.
+    let long = "webhook:https://hooks.example.com/v1/tenants/acme/partners/integrations";
     for target in ["orders", "refunds"] {
-        let topic = format!("webhook:https://hooks.example.com/v1/tenants/acme/{target}");
+        let topic = format!("{long}/{target}");
         outbox_core::store::dead_letters::insert_external(
             &db.pool,
             &outbox_core::store::dead_letters::External {
@@ -222,14 +224,26 @@ async fn demo_produces_dead_letters_the_cli_lists_and_exits_cleanly() -> TestRes
     }
     let out = run(outboxd(Some(&db.url)).args(["dead-letters", "list", "--app", "demo"]))?;
     let listing = text(&out.stdout);
-    for target in ["orders", "refunds"] {
-        assert!(
-            listing.contains(&format!(
-                "webhook:https://hooks.example.com/v1/tenants/acme/{target} "
-            )),
-            "{listing}"
-        );
-    }
+    let shown: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find(|w| w.starts_with("webhook:https://hooks"))
+        })
+        .collect();
+    assert_eq!(shown.len(), 2, "{listing}");
+    assert!(
+        shown[0] != shown[1]
+            && shown
+                .iter()
+                .all(|t| t.chars().count() == 60 && t.contains('…')),
+        "{shown:?}"
+    );
+    assert!(
+        shown.iter().any(|t| t.ends_with("/orders"))
+            && shown.iter().any(|t| t.ends_with("/refunds")),
+        "{shown:?}"
+    );
     assert!(
         !listing.contains('\u{1b}') && !listing.contains('\u{7}'),
         "{listing:?}"
