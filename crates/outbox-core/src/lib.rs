@@ -57,6 +57,7 @@ pub mod enqueue;
 mod error;
 pub mod model;
 pub mod store;
+pub mod text;
 pub mod topics;
 
 pub use enqueue::{enqueue, enqueue_batch};

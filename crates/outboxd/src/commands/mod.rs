@@ -13,7 +13,7 @@ pub mod topics;
 pub mod triggers;
 pub mod webhooks;
 
-pub use outbox_core::model::{ellipsize, printable};
+pub use outbox_core::text::{ellipsize, printable};
 
 /// Shortens `text` to at most `max` characters by cutting out its middle:
 /// for names that differ at their ends (webhook URLs of one host); the

@@ -1,0 +1,59 @@
+//! Text for a terminal or a table cell: stored text made printable, and
+//! shortened to a column's width.
+
+/// `text` fit for a terminal: runs of whitespace become one space, and
+/// control and invisible characters become U+FFFD (a handler's error may
+/// echo its input, and an escape sequence in it would drive the terminal
+/// that lists it).
+pub fn printable(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .map(|c| {
+            if crate::topics::is_unprintable(c) {
+                char::REPLACEMENT_CHARACTER
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Shortens [`printable`] `text` to at most `max` characters at a word
+/// boundary, marking the cut with an ellipsis (never half a word, unless
+/// one word is longer than the whole width).
+pub fn ellipsize(text: &str, max: usize) -> String {
+    let text = printable(text);
+    if text.chars().count() <= max {
+        return text;
+    }
+    let budget = max.saturating_sub(1);
+    let cut: String = text.chars().take(budget).collect();
+    let at_word = match cut.rfind(' ') {
+        Some(i) if i > budget / 2 => &cut[..i],
+        _ => cut.as_str(),
+    };
+    format!("{}…", at_word.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ellipsize;
+
+    #[test]
+    fn ellipsize_cuts_between_words() {
+        assert_eq!(ellipsize("short", 10), "short");
+        assert_eq!(
+            ellipsize("connection refused by upstream server", 20),
+            "connection refused…"
+        );
+        assert!(ellipsize(&"x".repeat(50), 10).chars().count() <= 10);
+        assert_eq!(ellipsize("a\nb", 10), "a b");
+        // An escape sequence, a bell, a direction override: none reaches a terminal.
+        assert_eq!(
+            ellipsize("\u{1b}]0;PWNED\u{7}\u{1b}[2Jx\u{202E}y", 40),
+            "\u{FFFD}]0;PWNED\u{FFFD}\u{FFFD}[2Jx\u{FFFD}y"
+        );
+    }
+}
