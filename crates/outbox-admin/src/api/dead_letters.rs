@@ -349,12 +349,18 @@ pub async fn run_bulk(
     app_id: Uuid,
     body: &BulkBody,
 ) -> Result<usize, ApiError> {
+    if body
+        .ids
+        .as_ref()
+        .is_some_and(|ids| ids.len() > MAX_BULK as usize)
+    {
+        return Err(ApiError::Invalid(format!(
+            "ids: at most {MAX_BULK} per request"
+        )));
+    }
     let ids = match (&body.ids, &body.filter, body.all) {
         // A dead letter's id, or the id of the row it was (a log line's).
-        (Some(ids), None, false) if ids.len() <= MAX_BULK as usize => {
-            dead_letters::resolve_ids(&state.pool, app_id, ids).await?
-        }
-        (Some(ids), None, false) => ids.clone(),
+        (Some(ids), None, false) => dead_letters::resolve_ids(&state.pool, app_id, ids).await?,
         (None, Some(f), false) if f.names_nothing() => {
             // A script's empty variable must not mean every dead letter.
             return Err(ApiError::Invalid(
@@ -373,11 +379,6 @@ pub async fn run_bulk(
             ));
         }
     };
-    if ids.len() > MAX_BULK as usize {
-        return Err(ApiError::Invalid(format!(
-            "ids: at most {MAX_BULK} per request"
-        )));
-    }
     if body.max_attempts.is_some() && matches!(body.action.as_str(), "ignore" | "resolve") {
         return Err(ApiError::Invalid(
             "max_attempts: only a replay takes it (an ignored dead letter runs no more)".into(),

@@ -184,17 +184,37 @@ pub(super) async fn list_pauses(
     Ok(Json(pauses::list(&state.pool, app.id).await?))
 }
 
+/// What a pause did.
+#[derive(Debug, Clone, Copy)]
+pub struct Paused {
+    /// Paused now; false when it was paused already.
+    pub now: bool,
+    /// Whether anything in the app names the topic ([`pauses::topic_seen`]):
+    /// false is most often a misspelt topic, which every caller points out.
+    pub seen: bool,
+}
+
+/// What a limit did.
+#[derive(Debug, Clone)]
+pub struct Limited {
+    /// The limits as set.
+    pub limits: limits::ValidLimits,
+    /// As [`Paused::seen`].
+    pub seen: bool,
+}
+
 /// Pauses `topic` of the app for `actor` (recorded in the audit log when it
-/// was not paused already); returns whether it was paused now.
+/// was not paused already).
 pub async fn pause_topic(
     pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     topic: &str,
     reason: Option<&str>,
-) -> Result<bool, ApiError> {
+) -> Result<Paused, ApiError> {
     let mut tx = audit::begin(pool).await?;
     let paused = pauses::pause(&mut *tx, app_id, topic, Some(actor), reason).await?;
+    let seen = pauses::topic_seen(&mut *tx, app_id, topic).await?;
     if paused {
         let action = Action {
             action: "topic.pause",
@@ -205,7 +225,7 @@ pub async fn pause_topic(
         audit::record(&mut tx, actor, app_id, action).await?;
     }
     audit::commit(tx).await?;
-    Ok(paused)
+    Ok(Paused { now: paused, seen })
 }
 
 /// Resumes `topic` for `actor` (recorded); 404 when it was not paused.
@@ -231,9 +251,10 @@ pub async fn limit_topic(
     app_id: Uuid,
     topic: &str,
     wanted: &limits::Limits,
-) -> Result<limits::ValidLimits, ApiError> {
+) -> Result<Limited, ApiError> {
     let mut tx = audit::begin(pool).await?;
     let set = limits::set(&mut *tx, app_id, topic, wanted, Some(actor)).await?;
+    let seen = pauses::topic_seen(&mut *tx, app_id, topic).await?;
     let action = Action {
         action: "topic.limit",
         target: Some(topic),
@@ -247,7 +268,7 @@ pub async fn limit_topic(
     };
     audit::record(&mut tx, actor, app_id, action).await?;
     audit::commit(tx).await?;
-    Ok(set)
+    Ok(Limited { limits: set, seen })
 }
 
 /// Removes `topic`'s limits for `actor` (recorded); 404 when it had none.
@@ -284,17 +305,14 @@ pub(super) async fn pause(
     let body: PauseBody = crate::strict::json_or_default(&bytes)?;
     let actor = audit::actor(&p);
     let paused = pause_topic(&state.pool, &actor, app.id, &topic, body.reason.as_deref()).await?;
-    let status = if paused {
+    let status = if paused.now {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    // A pause of a topic nothing names is most often a typo: say so, since
-    // the pause itself succeeds either way.
-    let seen = pauses::topic_seen(&state.pool, app.id, &topic).await?;
     Ok((
         status,
-        Json(json!({ "topic": topic, "paused": true, "seen": seen })),
+        Json(json!({ "topic": topic, "paused": true, "seen": paused.seen })),
     ))
 }
 
@@ -348,8 +366,8 @@ pub(super) async fn set_limit(
         rate_per_sec: body.rate_per_sec,
         burst: body.burst,
     };
-    let set = limit_topic(&state.pool, &audit::actor(&p), app.id, &topic, &wanted).await?;
-    let seen = pauses::topic_seen(&state.pool, app.id, &topic).await?;
+    let Limited { limits: set, seen } =
+        limit_topic(&state.pool, &audit::actor(&p), app.id, &topic, &wanted).await?;
     Ok(Json(json!({
         "topic": topic,
         "seen": seen,

@@ -166,7 +166,7 @@ pub(super) async fn change_topic(
         };
         let actor = audit::actor(&session.principal);
         // How many topics changed: a pause of a paused topic changes none.
-        let mut changed = 1;
+        let mut changed: u8 = 1;
         // A pause or limit of a topic nothing names, most often a typo.
         let mut unseen = "";
         match action.as_str() {
@@ -174,10 +174,9 @@ pub(super) async fn change_topic(
                 let reason = field(&form, "reason")
                     .map(str::trim)
                     .filter(|r| !r.is_empty());
-                if !api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await? {
-                    changed = 0;
-                }
-                if !pauses::topic_seen(&state.pool, app.id, &topic).await? {
+                let paused = api::pause_topic(&state.pool, &actor, app.id, &topic, reason).await?;
+                changed = u8::from(paused.now);
+                if !paused.seen {
                     unseen = "&unseen=true";
                 }
             }
@@ -194,8 +193,10 @@ pub(super) async fn change_topic(
                     rate_per_sec: number(&form, "rate_per_sec")?,
                     burst: number(&form, "burst")?,
                 };
-                api::limit_topic(&state.pool, &actor, app.id, &topic, &wanted).await?;
-                if !pauses::topic_seen(&state.pool, app.id, &topic).await? {
+                if !api::limit_topic(&state.pool, &actor, app.id, &topic, &wanted)
+                    .await?
+                    .seen
+                {
                     unseen = "&unseen=true";
                 }
             }

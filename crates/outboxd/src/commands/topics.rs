@@ -151,12 +151,12 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
         TopicCommand::Pause { app, topic, reason } => {
             let id = apps::by_slug(&pool, &app).await?.id;
             let actor = cli_actor();
-            if api::pause_topic(&pool, &actor, id, &topic, reason.as_deref())
+            let paused = api::pause_topic(&pool, &actor, id, &topic, reason.as_deref())
                 .await
-                .map_err(cli_error)?
-            {
+                .map_err(cli_error)?;
+            if paused.now {
                 println!("{app}: {topic} paused");
-                note_if_unseen(&pool, id, &app, &topic).await?;
+                note_if_unseen(paused.seen, &app, &topic);
             } else {
                 println!("{app}: {topic} was already paused");
             }
@@ -211,9 +211,10 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 rate_per_sec: rate,
                 burst,
             };
-            let set = api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted)
-                .await
-                .map_err(|err| in_flags(cli_error(err)))?;
+            let api::Limited { limits: set, seen } =
+                api::limit_topic(&pool, &cli_actor(), id, &topic, &wanted)
+                    .await
+                    .map_err(|err| in_flags(cli_error(err)))?;
             let now = describe(set.max_running(), set.max_running_per_key(), set.rate());
             // The limits given replace the earlier ones: say what went, so
             // that a limit dropped by leaving its flag out is not a surprise.
@@ -231,7 +232,7 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
                 ),
                 None => println!("{app}: {topic} limited to {now}"),
             }
-            note_if_unseen(&pool, id, &app, &topic).await?;
+            note_if_unseen(seen, &app, &topic);
         }
         TopicCommand::Unlimit { app, topic } => {
             let id = apps::by_slug(&pool, &app).await?.id;
@@ -313,18 +314,12 @@ pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()
 
 /// Notes, aside, a pause or limit of a topic nothing in the app names yet:
 /// most often a typo, and the pause or limit holds either way.
-async fn note_if_unseen(
-    pool: &sqlx::PgPool,
-    app: Uuid,
-    slug: &str,
-    topic: &str,
-) -> anyhow::Result<()> {
-    if !pauses::topic_seen(pool, app, topic).await? {
+fn note_if_unseen(seen: bool, slug: &str, topic: &str) {
+    if !seen {
         eprintln!(
             "note: nothing names {topic:?} in {slug} yet (no rows sampled, no process serving it by name, no dead letters): check the spelling; `outboxd processes` lists what is served"
         );
     }
-    Ok(())
 }
 
 /// Runs `outboxd cancel`: a topic's rows in batches until none is left.
