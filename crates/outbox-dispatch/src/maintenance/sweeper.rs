@@ -22,6 +22,9 @@ pub struct SweeperConfig {
     pub dead_letter_retention_days: u32,
     /// Abandoned-execution records older than this many days are deleted.
     pub abandoned_executions_retention_days: u32,
+    /// Audit-log entries older than this many days are deleted; `None`
+    /// keeps every entry.
+    pub audit_log_retention_days: Option<u32>,
     /// Rows per delete statement.
     pub batch: i64,
     /// Upper bound of the random pause between two batches.
@@ -35,6 +38,7 @@ impl Default for SweeperConfig {
         Self {
             dead_letter_retention_days: 30,
             abandoned_executions_retention_days: 7,
+            audit_log_retention_days: None,
             batch: 1000,
             max_pause: Duration::from_millis(50),
             schedule: "0 */10 * * * *".into(),
@@ -49,6 +53,8 @@ pub struct SweepReport {
     pub dead_letters: u64,
     /// Abandoned-execution records deleted.
     pub abandoned_executions: u64,
+    /// Audit-log entries deleted.
+    pub audit_entries: u64,
     /// Expired de-duplication records deleted.
     pub processed_messages: u64,
     /// Login-throttle counts deleted (last failure over a week ago).
@@ -64,6 +70,7 @@ impl SweepReport {
     pub fn total(&self) -> u64 {
         self.dead_letters
             + self.abandoned_executions
+            + self.audit_entries
             + self.processed_messages
             + self.login_counts
             + self.sessions
@@ -121,6 +128,15 @@ impl Sweeper {
                     )
                 })
                 .await?,
+            audit_entries: match c.audit_log_retention_days {
+                Some(days) => {
+                    self.drain("audit_log", || {
+                        retention::sweep_audit_log(&self.pool, days, c.batch)
+                    })
+                    .await?
+                }
+                None => 0,
+            },
             processed_messages: self
                 .drain("processed_messages", || {
                     retention::sweep_processed_messages(&self.pool, c.batch)

@@ -215,3 +215,47 @@ async fn expired_sessions_and_stale_invocation_inboxes_are_swept() -> TestResult
     assert_eq!(left, (1, 1));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_audit_log_is_kept_unless_a_retention_is_set() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    // Entries 40, 20 and 0 days old, written oldest first as time would.
+    sqlx::query(
+        "INSERT INTO audit_log (actor, app_id, action, at)
+         SELECT 'ops@example.com', $1, 'topic.pause', now() - make_interval(days => d)
+         FROM unnest(ARRAY[40, 40, 40, 20, 0]) AS d",
+    )
+    .bind(app)
+    .execute(&db.pool)
+    .await?;
+    let entries =
+        || sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log").fetch_one(&db.pool);
+    assert_eq!(
+        sweeper(&db, 2).run_once().await?.audit_entries,
+        0,
+        "kept by default"
+    );
+    assert_eq!(entries().await?, 5);
+    let with_retention = |days| {
+        Sweeper::new(
+            db.pool.clone(),
+            SweeperConfig {
+                audit_log_retention_days: Some(days),
+                batch: 2,
+                ..SweeperConfig::default()
+            },
+        )
+    };
+    // Batches of two: the three old entries go in two, the young ones stay.
+    assert_eq!(with_retention(30).run_once().await?.audit_entries, 3);
+    assert_eq!(entries().await?, 2);
+    assert_eq!(
+        with_retention(30).run_once().await?.audit_entries,
+        0,
+        "nothing twice"
+    );
+    assert_eq!(with_retention(10).run_once().await?.audit_entries, 1);
+    assert_eq!(entries().await?, 1);
+    Ok(())
+}

@@ -23,11 +23,18 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     }
     let report = sweeper.run_once().await.context("gc sweep")?;
     println!(
-        "deleted {} dead letters (older than {} days, or an app's own retention), {} abandoned executions (older than {} days), {} expired de-duplication records, {} lapsed login-throttle counts, {} expired sessions, {} stale invocation inboxes",
+        "deleted {} dead letters (older than {} days, or an app's own retention), {} abandoned executions (older than {} days), {}, {} expired de-duplication records, {} lapsed login-throttle counts, {} expired sessions, {} stale invocation inboxes",
         report.dead_letters,
         settings.dead_letter_retention_days,
         report.abandoned_executions,
         settings.abandoned_executions_retention_days,
+        match settings.audit_log_retention_days {
+            0 => "no audit-log entries (audit_log_retention_days = 0 keeps them all)".to_owned(),
+            days => format!(
+                "{} audit-log entries (older than {days} days)",
+                report.audit_entries
+            ),
+        },
         report.processed_messages,
         report.login_counts,
         report.sessions,

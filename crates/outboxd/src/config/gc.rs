@@ -31,6 +31,13 @@ impl Settings {
             1,
             3650,
         )?;
+        // 0 keeps every entry.
+        range(
+            "audit_log_retention_days",
+            self.audit_log_retention_days as u64,
+            0,
+            3650,
+        )?;
         Ok(())
     }
 
@@ -84,6 +91,8 @@ impl Settings {
         outbox_dispatch::maintenance::sweeper::SweeperConfig {
             dead_letter_retention_days: self.dead_letter_retention_days,
             abandoned_executions_retention_days: self.abandoned_executions_retention_days,
+            audit_log_retention_days: (self.audit_log_retention_days > 0)
+                .then_some(self.audit_log_retention_days),
             batch: i64::from(self.gc.batch),
             schedule: self.gc.schedule.clone(),
             ..Default::default()

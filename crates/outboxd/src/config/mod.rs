@@ -101,6 +101,7 @@ pub struct Settings {
     pub trigger_retry_max_ms: u64,
     pub dead_letter_retention_days: u32,
     pub abandoned_executions_retention_days: u32,
+    pub audit_log_retention_days: u32,
     pub database: DatabaseSettings,
     pub dispatcher: DispatcherSettings,
     pub http: HttpSettings,
