@@ -67,7 +67,8 @@ impl std::str::FromStr for Source {
     }
 }
 
-/// Longest accepted topic, idempotency key or ordering key, in bytes.
+/// Longest accepted topic, idempotency, ordering or partition key, in
+/// characters (the schema's checks count characters too).
 pub const MAX_KEY_LEN: usize = 255;
 
 /// An event to enqueue. Build it with [`NewEvent::new`] and the `with_*` methods.
@@ -268,9 +269,14 @@ pub(crate) fn check_storable_json(field: &'static str, value: &Value) -> Result<
 pub(crate) fn check_key(field: &'static str, value: Option<&str>) -> Result<(), Error> {
     match value {
         Some("") => Err(Error::invalid(field, "must not be empty")),
-        Some(v) if v.len() > MAX_KEY_LEN => Err(Error::invalid(
+        // Characters, as the table's check and outbox_enqueue() count them:
+        // a topic of 200 "é" that plain SQL wrote must stay reachable.
+        Some(v) if v.chars().count() > MAX_KEY_LEN => Err(Error::invalid(
             field,
-            format!("is {} bytes; at most {MAX_KEY_LEN} are accepted", v.len()),
+            format!(
+                "is {} characters; at most {MAX_KEY_LEN} are accepted",
+                v.chars().count()
+            ),
         )),
         Some(v) if v.contains('\0') => Err(Error::invalid(field, "must not contain NUL")),
         _ => Ok(()),
@@ -385,6 +391,10 @@ pub struct DeadLetter {
     pub payload: Value,
     /// The event headers.
     pub headers: Value,
+    /// Its row's ordering key (a replay keeps it).
+    pub ordering_key: Option<String>,
+    /// Its row's partition key (a replay keeps it).
+    pub partition_key: Option<String>,
     /// Attempts made.
     pub attempt_count: i32,
     /// First attempt.
@@ -530,6 +540,21 @@ mod tests {
         let long = "x".repeat(MAX_KEY_LEN + 1);
         let err = NewEvent::new(long, Value::Null).validate().unwrap_err();
         assert!(err.to_string().contains("topic"), "{err}");
+        // Characters, not bytes: what plain SQL may write, the library takes too.
+        let wide = "é".repeat(MAX_KEY_LEN);
+        NewEvent::new(wide.clone(), Value::Null)
+            .with_idempotency_key(wide.clone())
+            .validate()
+            .unwrap();
+        let err = NewEvent::new("t", Value::Null)
+            .with_partition_key(format!("{wide}é"))
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("partition_key: is 256 characters; at most 255"),
+            "{err}"
+        );
         let err = NewEvent::new("t", Value::Null)
             .with_max_attempts(0)
             .validate()

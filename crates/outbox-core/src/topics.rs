@@ -196,7 +196,7 @@ impl Served {
     }
 }
 
-/// Checks a topic a filter names: 1 to 255 bytes, no NUL.
+/// Checks a topic a filter names: 1 to 255 characters, no NUL.
 pub fn validate_topic(topic: &str) -> Result<(), Error> {
     crate::model::check_key("topic", Some(topic))
 }
@@ -239,7 +239,12 @@ pub fn check_printable(field: &'static str, text: &str) -> Result<(), Error> {
         Some(c) => Err(Error::invalid(
             field,
             format!(
-                "must not contain control characters (found U+{:04X})",
+                "must not contain {} characters (found U+{:04X})",
+                if is_invisible(c) {
+                    "invisible"
+                } else {
+                    "control"
+                },
                 u32::from(c)
             ),
         )),
@@ -393,8 +398,8 @@ mod tests {
             ("orders.>x", "holds '>'"),
             ("a.*", "is a pattern"),
             ("a\nb", "control characters (found U+000A)"),
-            ("a\u{200b}b", "control characters (found U+200B)"),
-            ("a\u{feff}b", "control characters (found U+FEFF)"),
+            ("a\u{200b}b", "invisible characters (found U+200B)"),
+            ("a\u{feff}b", "invisible characters (found U+FEFF)"),
         ] {
             let err = validate_new_topic(bad).err().map(|e| e.to_string());
             assert!(

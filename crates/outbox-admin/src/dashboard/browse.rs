@@ -15,7 +15,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::flash::Flash;
-use super::render::{error_page, esc, logout_form, page, when};
+use super::render::{error_page, esc, esc_key, logout_form, page, when};
 use super::session::{Session, checked_form, field, may_operate, query_pairs, viewed_app};
 
 /// The filter fields of the browser's form, in the order it shows them.
@@ -216,7 +216,7 @@ pub(super) async fn browse_page(
             let keys = [&r.ordering_key, &r.partition_key, &r.idempotency_key]
                 .iter()
                 .filter_map(|k| k.as_deref())
-                .map(esc)
+                .map(esc_key)
                 .collect::<Vec<_>>()
                 .join(" · ");
             body.push_str(&format!(

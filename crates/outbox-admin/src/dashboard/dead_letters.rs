@@ -13,7 +13,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::flash::{Flash, without_flash};
-use super::render::{error_page, esc, logout_form, page, when};
+use super::render::{error_page, esc, keys_cell, logout_form, page, when};
 use super::rows::attempts_table;
 use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
@@ -181,9 +181,10 @@ pub(super) async fn detail_page(
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>{flash}
 <table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr>{replay_of}<tr><th>Source</th><td>{src}</td></tr>
+<tr><th>Keys</th><td id=keys>{keys}</td></tr>
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
 <tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
-{attempts}<h2>Payload</h2><pre id=payload>{payload}</pre>{actions}"#,
+{attempts}<h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>{actions}"#,
         logout = logout_form(&session),
         flash = flash.html(),
         topic = esc(&row.topic),
@@ -193,6 +194,11 @@ pub(super) async fn detail_page(
             r#"<tr><th>Replay of</th><td><a id=replay-of href="/apps/{slug}/dead-letters/{earlier}">dead letter {earlier}</a> (its replay became this dead letter)</td></tr>"#
         )),
         src = esc(&row.source),
+        keys = keys_cell(&[
+            ("ordering", row.ordering_key.as_deref()),
+            ("partition", row.partition_key.as_deref()),
+        ]),
+        headers = esc(&serde_json::to_string_pretty(&row.headers).unwrap_or_default()),
         att = row.attempt_count,
         first = row.first_attempt_at.map(when).unwrap_or_default(),
         last = row.last_attempt_at.map(when).unwrap_or_default(),

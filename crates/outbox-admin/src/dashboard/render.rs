@@ -16,6 +16,34 @@ pub fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// HTML-escapes a key a producer chose, with its control and invisible
+/// characters written out (`\n`, `\u{200b}`): keys may hold them, and a
+/// line break shown as a space would make `a\nb` look like `a b`.
+pub(super) fn esc_key(key: &str) -> String {
+    let mut shown = String::with_capacity(key.len());
+    for c in key.chars() {
+        if outbox_core::topics::is_unprintable(c) {
+            shown.extend(c.escape_debug());
+        } else {
+            shown.push(c);
+        }
+    }
+    esc(&shown)
+}
+
+/// A row's keys as one table cell: `ordering: … · partition: …`, or "none".
+pub(super) fn keys_cell(keys: &[(&str, Option<&str>)]) -> String {
+    let shown = keys
+        .iter()
+        .filter_map(|(name, key)| key.map(|k| format!("{name}: {}", esc_key(k))))
+        .collect::<Vec<_>>();
+    if shown.is_empty() {
+        "none".to_owned()
+    } else {
+        shown.join(" · ")
+    }
+}
+
 pub(super) fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · outboxd</title>

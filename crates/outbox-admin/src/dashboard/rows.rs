@@ -14,7 +14,7 @@ use crate::AdminState;
 use crate::error::ApiError;
 
 use super::flash::Flash;
-use super::render::{error_page, esc, logout_form, page, when};
+use super::render::{error_page, esc, keys_cell, logout_form, page, when};
 use super::session::{Session, may_operate, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
@@ -131,20 +131,11 @@ pub(super) async fn row_page(
         }
         _ => "none".to_owned(),
     };
-    let keys = [
-        ("idempotency", &row.idempotency_key),
-        ("ordering", &row.ordering_key),
-        ("partition", &row.partition_key),
-    ]
-    .iter()
-    .filter_map(|(name, v)| v.as_deref().map(|v| format!("{name}: {}", esc(v))))
-    .collect::<Vec<_>>()
-    .join(" · ");
-    let keys = if keys.is_empty() {
-        "none".to_owned()
-    } else {
-        keys
-    };
+    let keys = keys_cell(&[
+        ("idempotency", row.idempotency_key.as_deref()),
+        ("ordering", row.ordering_key.as_deref()),
+        ("partition", row.partition_key.as_deref()),
+    ]);
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/outbox">← {slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a></p><h1>{topic}</h1>{flash}
 <table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>

@@ -1399,3 +1399,65 @@ async fn a_replay_that_failed_again_links_back_to_the_dead_letter_it_came_from()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dead_letter_shows_the_keys_of_its_row_with_control_characters_written_out() -> TestResult
+{
+    let w = World::new().await?;
+    let mut tx = w.db.pool.begin().await?;
+    let id = outbox_core::enqueue(
+        &mut tx,
+        w.app_a,
+        &NewEvent::new("mail.send", json!({}))
+            .with_ordering_key("order-9")
+            .with_partition_key("customer\n7")
+            .with_run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+    )
+    .await?;
+    tx.commit().await?;
+    let (jar, _) = w.dashboard_session("operator@x.io").await?;
+    // A line break shown as a space would make "customer\n7" read "customer 7".
+    let (s, _, html) = page(&w, &jar, &format!("/apps/app-a/outbox/{id}")).await?;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains(r"partition: customer\n7"), "{html}");
+    let (_, _, html) = page(&w, &jar, "/apps/app-a/outbox").await?;
+    assert!(html.contains(r"customer\n7"), "{html}");
+
+    let operator = w.login("operator@x.io").await?;
+    let (s, body) = w
+        .call(
+            "POST",
+            "/api/apps/app-a/outbox/cancel",
+            Some(&operator),
+            Some(json!({"ids": [id], "reason": "customer left"})),
+        )
+        .await?;
+    assert_eq!(
+        (s, body["cancelled"].clone()),
+        (StatusCode::OK, json!(1)),
+        "{body}"
+    );
+    // The dead letter says which customer and which order it was.
+    let (s, body) = w
+        .call(
+            "GET",
+            &format!("/api/apps/app-a/dead-letters/{id}"),
+            Some(&operator),
+            None,
+        )
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["ordering_key"], &body["partition_key"]),
+        (&json!("order-9"), &json!("customer\n7")),
+        "{body}"
+    );
+    let dead = body["id"].as_str().ok_or("no id")?.to_owned();
+    let (_, _, html) = page(&w, &jar, &format!("/apps/app-a/dead-letters/{dead}")).await?;
+    assert!(
+        html.contains(r"ordering: order-9 · partition: customer\n7"),
+        "{html}"
+    );
+    assert!(html.contains("<h2>Headers</h2>"), "{html}");
+    Ok(())
+}

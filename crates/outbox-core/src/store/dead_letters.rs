@@ -15,16 +15,18 @@ macro_rules! replay_turn {
 }
 
 const COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, handler, \
-     payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, created_at, \
-     resolved_at, resolution, max_attempts, attempts, replayed_as, \
+     payload, headers, ordering_key, partition_key, attempt_count, first_attempt_at, \
+     last_attempt_at, last_error, created_at, resolved_at, resolution, max_attempts, attempts, \
+     replayed_as, \
      (SELECT p.id FROM dead_letters p WHERE p.replayed_as = dead_letters.original_event_id \
       AND p.app_id = dead_letters.app_id LIMIT 1) AS replay_of";
 
 /// [`COLUMNS`] without the attempt history (`NULL`), for lists: a page of
 /// 200 with full histories could weigh megabytes.
 const LIST_COLUMNS: &str = "id, app_id, original_event_id, source, op, topic, trigger_id, \
-     handler, payload, headers, attempt_count, first_attempt_at, last_attempt_at, last_error, \
-     created_at, resolved_at, resolution, max_attempts, NULL::jsonb AS attempts, replayed_as, \
+     handler, payload, headers, ordering_key, partition_key, attempt_count, first_attempt_at, \
+     last_attempt_at, last_error, created_at, resolved_at, resolution, max_attempts, \
+     NULL::jsonb AS attempts, replayed_as, \
      (SELECT p.id FROM dead_letters p WHERE p.replayed_as = dead_letters.original_event_id \
       AND p.app_id = dead_letters.app_id LIMIT 1) AS replay_of";
 
