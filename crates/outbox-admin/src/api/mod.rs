@@ -36,7 +36,10 @@ pub use self::rows::{
     retry_rows,
 };
 pub(crate) use self::topics::AuditQuery;
-pub use self::topics::{Limited, Paused, limit_topic, pause_topic, resume_topic, unlimit_topic};
+pub use self::topics::{
+    Limited, Paused, TopicSummary, limit_topic, pause_topic, resume_topic, topic_summaries,
+    unlimit_topic,
+};
 
 use self::accounts::{
     api_keys, create_user, delete_user, revoke_api_key, revoke_sessions, set_password, unlock_user,

@@ -5,8 +5,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use outbox_core::store::outbox as store;
-use outbox_core::store::{activity, limits, pauses, processes};
-use serde::Deserialize;
+use outbox_core::store::{activity, dead_letters, limits, pauses, processes};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -28,18 +28,75 @@ pub(super) async fn list_processes(
     Ok(Json(processes::live(&state.pool).await?))
 }
 
-/// `GET /api/apps/{app}/topics`: the app's topics with rows, each with its
-/// rows by state (due, scheduled, running, unserved), as the leader last
-/// counted them (every `metrics_sample_secs`); empty until it has.
+/// A topic as the overview shows it: its rows by state as the leader last
+/// counted them, whether it is paused, and its unresolved dead letters.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicSummary {
+    /// The topic.
+    pub topic: String,
+    /// Due now and not leased.
+    pub due: i64,
+    /// Due later (delayed, or waiting for a retry's backoff), not leased.
+    pub scheduled: i64,
+    /// Leased: a handler is running it.
+    pub running: i64,
+    /// Of `scheduled`, the rows waiting for a retry's backoff.
+    pub retrying: i64,
+    /// Due, and no live process serves the topic now (0 while it is paused).
+    pub unserved: i64,
+    /// When the oldest unserved row became due.
+    pub oldest_unserved_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the rows were counted (`None`: the topic had no rows then).
+    pub sampled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether the topic is paused now.
+    pub paused: bool,
+    /// Its unresolved dead letters, counted now.
+    pub dead_letters: i64,
+}
+
+/// The topics of `app`: those with rows (unserved first, then by rows due),
+/// then those without rows that are paused or have unresolved dead letters,
+/// so that a paused topic whose rows all finished still shows.
+pub async fn topic_summaries(state: &AdminState, app: Uuid) -> Result<Vec<TopicSummary>, ApiError> {
+    let (states, paused, dead) = tokio::try_join!(
+        store::recorded_state_counts(&state.pool, app),
+        pauses::list(&state.pool, app),
+        dead_letters::unresolved_by_topic(&state.pool, app),
+    )?;
+    let paused: Vec<String> = paused.into_iter().map(|p| p.topic).collect();
+    let dead: std::collections::HashMap<String, i64> = dead.into_iter().collect();
+    let summary = |topic: String, counted: Option<&store::TopicStates>| TopicSummary {
+        due: counted.map_or(0, |s| s.due),
+        scheduled: counted.map_or(0, |s| s.scheduled),
+        running: counted.map_or(0, |s| s.running),
+        retrying: counted.map_or(0, |s| s.retrying),
+        unserved: counted.map_or(0, |s| s.unserved),
+        oldest_unserved_at: counted.and_then(|s| s.oldest_unserved_at),
+        sampled_at: counted.map(|s| s.sampled_at),
+        paused: paused.contains(&topic),
+        dead_letters: dead.get(&topic).copied().unwrap_or(0),
+        topic,
+    };
+    let mut topics: Vec<TopicSummary> = states
+        .iter()
+        .map(|s| summary(s.topic.clone(), Some(s)))
+        .collect();
+    for extra in dead.keys().chain(paused.iter()) {
+        if !topics.iter().any(|t| &t.topic == extra) {
+            topics.push(summary(extra.clone(), None));
+        }
+    }
+    Ok(topics)
+}
+
+/// `GET /api/apps/{app}/topics`: [`topic_summaries`].
 pub(super) async fn list_topics(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
     Path(app): Path<String>,
-) -> Result<Json<Vec<store::TopicStates>>, ApiError> {
+) -> Result<Json<Vec<TopicSummary>>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    Ok(Json(
-        store::recorded_state_counts(&state.pool, app.id).await?,
-    ))
+    Ok(Json(topic_summaries(&state, app.id).await?))
 }
 
 /// The query of `GET /api/apps/{app}/activity`.

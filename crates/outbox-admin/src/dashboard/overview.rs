@@ -3,15 +3,12 @@
 //! topic's rows by state with its pause and its unresolved dead letters.
 //! The page fetches it again every 2 s while the tab is visible.
 
-use std::collections::HashMap;
-
 use outbox_core::store::activity::{self, MinuteActivity};
-use outbox_core::store::outbox::{TopicStates, recorded_state_counts};
 use outbox_core::store::processes::Process;
-use outbox_core::store::{dead_letters, pauses};
 use uuid::Uuid;
 
 use crate::AdminState;
+use crate::api::{TopicSummary, topic_summaries};
 use crate::error::ApiError;
 
 use super::render::{esc, when};
@@ -21,27 +18,17 @@ const CHART_MINUTES: i32 = 60;
 
 /// What the overview shows, read in one go.
 pub(super) struct Overview {
-    states: Vec<TopicStates>,
+    topics: Vec<TopicSummary>,
     minutes: Vec<MinuteActivity>,
-    paused: Vec<String>,
-    dead: HashMap<String, i64>,
 }
 
 impl Overview {
     /// Reads `app`'s overview.
     pub(super) async fn read(state: &AdminState, app: Uuid) -> Result<Self, ApiError> {
-        let (states, minutes, paused, dead) = tokio::try_join!(
-            recorded_state_counts(&state.pool, app),
-            activity::per_minute(&state.pool, app, None, CHART_MINUTES),
-            pauses::list(&state.pool, app),
-            dead_letters::unresolved_by_topic(&state.pool, app),
-        )?;
-        Ok(Self {
-            states,
-            minutes,
-            paused: paused.into_iter().map(|p| p.topic).collect(),
-            dead: dead.into_iter().collect(),
-        })
+        let (topics, minutes) = tokio::try_join!(topic_summaries(state, app), async {
+            Ok(activity::per_minute(&state.pool, app, None, CHART_MINUTES).await?)
+        },)?;
+        Ok(Self { topics, minutes })
     }
 
     /// The charts and the table, as HTML.
@@ -88,53 +75,45 @@ impl Overview {
     }
 
     fn table(&self, slug: &str) -> String {
-        let mut topics: Vec<&str> = self.states.iter().map(|s| s.topic.as_str()).collect();
-        for extra in self.dead.keys().chain(self.paused.iter()) {
-            if !topics.contains(&extra.as_str()) {
-                topics.push(extra);
-            }
-        }
-        if topics.is_empty() {
+        if self.topics.is_empty() {
             return r#"<p class=muted data-states=none>No rows counted: either the app has no rows, or no dispatcher has counted them yet (the elected one counts every <code>metrics_sample_secs</code>, 15 s by default). Enqueue one with <code>SELECT outbox_enqueue('app', 'topic', '{}')</code>.</p>"#.to_owned();
         }
         let sampled = self
-            .states
+            .topics
             .iter()
-            .map(|s| s.sampled_at)
+            .filter_map(|t| t.sampled_at)
             .max()
             .map_or_else(|| "not yet".to_owned(), when);
         let mut html = format!(
             r#"<p class=muted>Rows counted {sampled}.</p><div class=scroll><table id=topic-table><tr><th>Topic</th><th>Due</th><th>Scheduled</th><th>Retrying</th><th>Running</th><th>Unserved</th><th>Paused</th><th>Dead letters</th></tr>"#
         );
-        for topic in topics {
-            let s = self.states.iter().find(|s| s.topic == topic);
-            let count = |f: fn(&TopicStates) -> i64| s.map_or(0, f);
-            let unserved = match s.and_then(|s| s.oldest_unserved_at.filter(|_| s.unserved > 0)) {
+        for t in &self.topics {
+            let unserved = match t.oldest_unserved_at.filter(|_| t.unserved > 0) {
                 Some(since) => format!(
                     r#"<strong class=err>{} waiting since {}</strong>: no running process serves this topic"#,
-                    count(|s| s.unserved),
+                    t.unserved,
                     when(since)
                 ),
                 None => "0".to_owned(),
             };
-            let dead = self.dead.get(topic).copied().unwrap_or(0);
-            let dead = if dead > 0 {
+            let dead = if t.dead_letters > 0 {
                 format!(
-                    r#"<a href="/apps/{slug}/dead-letters?unresolved=true&amp;topic={t}">{dead}</a>"#,
-                    t = esc(&url_part(topic))
+                    r#"<a href="/apps/{slug}/dead-letters?unresolved=true&amp;topic={link}">{n}</a>"#,
+                    link = esc(&url_part(&t.topic)),
+                    n = t.dead_letters,
                 )
             } else {
                 "0".to_owned()
             };
             html.push_str(&format!(
                 r#"<tr data-topic-states="{topic}"><td><a href="/apps/{slug}/outbox?topic={link}">{topic}</a></td><td>{due}</td><td>{scheduled}</td><td>{retrying}</td><td>{running}</td><td>{unserved}</td><td>{paused}</td><td>{dead}</td></tr>"#,
-                topic = esc(topic),
-                link = esc(&url_part(topic)),
-                due = count(|s| s.due),
-                scheduled = count(|s| s.scheduled - s.retrying),
-                retrying = count(|s| s.retrying),
-                running = count(|s| s.running),
-                paused = if self.paused.iter().any(|p| p == topic) { "<strong>paused</strong>" } else { "" },
+                topic = esc(&t.topic),
+                link = esc(&url_part(&t.topic)),
+                due = t.due,
+                scheduled = t.scheduled - t.retrying,
+                retrying = t.retrying,
+                running = t.running,
+                paused = if t.paused { "<strong>paused</strong>" } else { "" },
             ));
         }
         html.push_str("</table></div>");

@@ -142,11 +142,24 @@ async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult
         .await?;
     assert_eq!((s, body), (StatusCode::OK, json!([])));
 
-    // Rows by state, as the leader's sampler last counted them: nothing
-    // before it has; then the rows nobody serves, with their age.
+    // Rows by state, as the leader's sampler last counted them: none before
+    // it has (only the topic with a dead letter shows); then the rows nobody
+    // serves, with their age.
     let states = "/api/apps/app-a/topics";
     let (s, body) = w.call("GET", states, Some(&viewer), None).await?;
-    assert_eq!((s, body), (StatusCode::OK, json!([])));
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        body.as_array().map(|topics| topics
+            .iter()
+            .map(|t| (
+                t["topic"].clone(),
+                t["dead_letters"].clone(),
+                t["sampled_at"].clone()
+            ))
+            .collect::<Vec<_>>()),
+        Some(vec![(json!("mail"), json!(1), json!(null))]),
+        "{body}"
+    );
     let mut tx = w.db.pool.begin().await?;
     outbox_core::enqueue(
         &mut tx,
@@ -167,6 +180,36 @@ async fn operators_pause_resume_and_cancel_and_viewers_only_look() -> TestResult
         (&json!(1), &json!(1))
     );
     assert!(waiting["oldest_unserved_at"].is_string(), "{body}");
+    assert_eq!(
+        (&waiting["paused"], &waiting["dead_letters"]),
+        (&json!(false), &json!(0))
+    );
+    // A paused topic and one with dead letters show without rows of their
+    // own, as on the dashboard's overview.
+    let (s, body) = w
+        .call(
+            "PUT",
+            "/api/apps/app-a/pauses/mail.digest",
+            Some(&operator),
+            Some(json!({"reason": "smtp down"})),
+        )
+        .await?;
+    assert!(s.is_success(), "{body}");
+    w.dead_letter(w.app_a, "invoice.compensate").await?;
+    let (_, body) = w.call("GET", states, Some(&viewer), None).await?;
+    let topic = |name: &str| {
+        body.as_array()
+            .and_then(|topics| topics.iter().find(|t| t["topic"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let paused = topic("mail.digest");
+    assert_eq!(
+        (&paused["paused"], &paused["due"], &paused["sampled_at"]),
+        (&json!(true), &json!(0), &json!(null)),
+        "{body}"
+    );
+    assert_eq!(topic("invoice.compensate")["dead_letters"], 1, "{body}");
     let (s, _) = w
         .call("GET", "/api/apps/app-b/topics", Some(&viewer), None)
         .await?;
