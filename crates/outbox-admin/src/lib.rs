@@ -61,6 +61,8 @@ pub struct AdminState {
     /// Reads what was relayed to a message stream (`GET …/stream`); none
     /// without one.
     pub stream_reader: Option<std::sync::Arc<dyn StreamReader>>,
+    /// Room for row searches, so that they cannot take the whole pool.
+    pub row_searches: api::RowSearches,
 }
 
 /// What was relayed for one app, read back for operators: the daemon gives
@@ -102,6 +104,7 @@ impl AdminState {
         let pool_for_replies = pool.clone();
         Ok(Self {
             throttle: auth::Throttle::new(pool.clone(), auth.throttle.clone()),
+            row_searches: api::RowSearches::for_pool(&pool),
             pool,
             auth,
             hasher: auth::Hasher::new()?,

@@ -32,8 +32,8 @@ pub use self::dead_letters::{
 };
 pub use self::login::check_login;
 pub use self::rows::{
-    Acted, COUNT_BOUND, RowList, RowQuery, Selection, cancel_rows, count_touched, list_rows,
-    retry_rows,
+    Acted, COUNT_BOUND, RowList, RowQuery, RowSearches, Selection, cancel_rows, count_touched,
+    list_rows, retry_rows,
 };
 pub(crate) use self::topics::AuditQuery;
 pub use self::topics::{

@@ -2,6 +2,7 @@
 //! the operator's actions on rows that have not run (retry now, cancel), by
 //! id, by topic or on a whole filter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -14,6 +15,7 @@ use outbox_core::store::outbox::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::AdminState;
@@ -182,13 +184,52 @@ pub struct RowList {
     pub count: RowCount,
 }
 
+/// How many row searches (a page, a count) run at once, across every user
+/// and app. A search for a rare payload value reads the whole app for up to
+/// its budget on two connections, and the admin shares its pool with the
+/// dispatcher's maintenance and the readiness check: forty such searches
+/// from one viewer at once took every connection, so the console answered
+/// in seconds, other requests failed and `/readyz` said 503.
+#[derive(Debug, Clone)]
+pub struct RowSearches(Arc<Semaphore>);
+
+impl RowSearches {
+    /// Room for a fifth of `pool`'s connections' worth of searches, at
+    /// least one.
+    pub fn for_pool(pool: &sqlx::PgPool) -> Self {
+        Self::new((pool.options().get_max_connections() / 5).max(1) as usize)
+    }
+
+    /// Room for `searches` at once.
+    pub fn new(searches: usize) -> Self {
+        Self(Arc::new(Semaphore::new(searches)))
+    }
+
+    /// Waits for room, up to a page's budget; then refuses with 503 and
+    /// `Retry-After`, the pool untouched.
+    async fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let busy = || {
+            ApiError::Unavailable(
+                "too many row searches are running at once; try again in a moment, or narrow the filter (a topic or a key)".into(),
+                Duration::from_secs(1),
+            )
+        };
+        tokio::time::timeout(PAGE_BUDGET, self.0.clone().acquire_owned())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())
+    }
+}
+
 /// A page of `app_id`'s rows for `q`, with its count.
 pub async fn list_rows(
-    pool: &sqlx::PgPool,
+    state: &AdminState,
     app_id: Uuid,
     q: &RowQuery,
 ) -> Result<RowList, ApiError> {
     let filter = q.filter()?;
+    let _room = state.row_searches.enter().await?;
+    let pool = &state.pool;
     // On two connections at once: a page of a rare match and its count each
     // take up to their budget, and the answer waits for the longer only.
     let (page, count) = tokio::try_join!(
@@ -208,6 +249,16 @@ pub async fn list_rows(
 /// what one action takes (`MAX_CANCEL_BATCH`), so that the confirmation
 /// says what will happen, within a page's budget.
 pub async fn count_touched(
+    state: &AdminState,
+    app_id: Uuid,
+    filter: &RowFilter,
+) -> Result<(RowCount, RowCount), ApiError> {
+    let _room = state.row_searches.enter().await?;
+    count_touched_in(&state.pool, app_id, filter).await
+}
+
+/// [`count_touched`] for a caller that has room already.
+async fn count_touched_in(
     pool: &sqlx::PgPool,
     app_id: Uuid,
     filter: &RowFilter,
@@ -236,7 +287,7 @@ pub(super) async fn list(
 ) -> Result<Json<RowList>, ApiError> {
     let crate::strict::Query(q) = q?;
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    Ok(Json(list_rows(&state.pool, app.id, &q).await?))
+    Ok(Json(list_rows(&state, app.id, &q).await?))
 }
 
 /// `GET /api/apps/{app}/outbox/{id}`: one row that has not finished, with
@@ -550,9 +601,10 @@ pub(super) async fn count(
     let crate::strict::Query(q) = q?;
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
     let filter = q.action_filter()?;
+    let _room = state.row_searches.enter().await?;
     let all =
         store::count_matching(&state.pool, app.id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
-    let (idle, waiting) = count_touched(&state.pool, app.id, &filter).await?;
+    let (idle, waiting) = count_touched_in(&state.pool, app.id, &filter).await?;
     Ok(Json(
         json!({ "rows": all, "idle": idle, "waiting": waiting }),
     ))

@@ -1461,3 +1461,45 @@ async fn a_dead_letter_shows_the_keys_of_its_row_with_control_characters_written
     assert!(html.contains("<h2>Headers</h2>"), "{html}");
     Ok(())
 }
+
+#[tokio::test]
+async fn row_searches_beyond_their_room_are_refused_and_leave_the_pool_to_the_rest() -> TestResult {
+    let mut w = World::new().await?;
+    // No room: as if as many searches as the pool can spare were running.
+    w.state.row_searches = outbox_admin::api::RowSearches::new(0);
+    let viewer = w.login("viewer@x.io").await?;
+    for uri in [
+        "/api/apps/app-a/outbox?field=customer=c-1",
+        "/api/apps/app-a/outbox/count?topic=mail.send",
+    ] {
+        let res = outbox_admin::router(w.state.clone())
+            .oneshot(
+                Request::get(uri)
+                    .header(header::AUTHORIZATION, format!("Bearer {viewer}"))
+                    .body(Body::empty())?,
+            )
+            .await?;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(
+            res.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "{uri}"
+        );
+    }
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/outbox", Some(&viewer), None)
+        .await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("too many row searches are running at once"),
+        "{s} {body}"
+    );
+    // Everything else still answers.
+    let (s, _) = w
+        .call("GET", "/api/apps/app-a/dead-letters", Some(&viewer), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK);
+    Ok(())
+}
