@@ -205,9 +205,16 @@ impl IntoResponse for ApiError {
 /// rows and payloads are answers for one caller).
 pub(crate) async fn api_response(res: Response, body_limit: usize) -> Response {
     let mut res = json_rejections(res, body_limit).await;
-    res.headers_mut()
+    let headers = res.headers_mut();
+    headers
         .entry(header::CACHE_CONTROL)
         .or_insert(header::HeaderValue::from_static("no-store"));
+    // A browser must not take an answer for anything but what it says it
+    // is (a payload echoed in JSON rendered as HTML).
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
     res
 }
 

@@ -180,7 +180,7 @@ fn priority_of(priority: Option<i64>) -> Result<i16, ApiError> {
         .filter(|p| (0..=outbox_core::model::MAX_PRIORITY).contains(p))
         .ok_or_else(|| {
             ApiError::Invalid(format!(
-                "priority: {p} is outside 0..={}",
+                "priority: {p} is not between 0 and {}",
                 outbox_core::model::MAX_PRIORITY
             ))
         })
@@ -285,7 +285,10 @@ async fn job(
     event.partition_key = b.partition_key;
     if let Some(n) = b.max_attempts {
         event.max_attempts = Some(i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-            ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))
+            ApiError::Invalid(format!(
+                "max_attempts: {n} is not between 1 and {}",
+                i32::MAX
+            ))
         })?);
     }
     event.run_at = match (b.run_at, b.delay_ms) {
@@ -300,7 +303,7 @@ async fn job(
         }
         (None, Some(ms)) => {
             return Err(ApiError::Invalid(format!(
-                "delay_ms: {ms} is outside 0..={MAX_DELAY_MS} (ten years)"
+                "delay_ms: {ms} is not between 0 and {MAX_DELAY_MS} (ten years)"
             )));
         }
         (None, None) => None,

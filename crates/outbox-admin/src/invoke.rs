@@ -115,7 +115,7 @@ async fn invoke(
     let max_ms = MAX_TIMEOUT.as_millis() as i64;
     if !(1..=max_ms).contains(&timeout_ms) {
         return Err(ApiError::Invalid(format!(
-            "timeout_ms: {timeout_ms} is outside 1..={max_ms}"
+            "timeout_ms: {timeout_ms} is not between 1 and {max_ms}"
         )));
     }
     let timeout = Duration::from_millis(timeout_ms.unsigned_abs());

@@ -225,6 +225,10 @@ pub fn validate_named_topic(topic: &str) -> Result<(), Error> {
 /// limited.
 pub fn validate_shown_topic(topic: &str) -> Result<(), Error> {
     validate_named_topic(topic)?;
+    if topic.trim().is_empty() {
+        // A pause of " " (a no-break space) was taken and shown as nothing.
+        return Err(Error::invalid("topic", "must not be blank"));
+    }
     // A topic is shown in logs, metrics, the console and the CLI: a line
     // break could forge a log line, a bidirectional control reorder what an
     // operator reads, an invisible character make two topics look alike.
@@ -499,6 +503,13 @@ mod tests {
         // control character); not a pattern.
         assert!(validate_shown_topic("orders created").is_ok());
         assert!(validate_shown_topic("a\u{1b}b").is_err());
+        let blank = validate_shown_topic("\u{a0}").err().map(|e| e.to_string());
+        assert!(
+            blank
+                .as_deref()
+                .is_some_and(|e| e.contains("must not be blank")),
+            "{blank:?}"
+        );
         assert!(validate_topic("a\nb").is_ok());
         assert!(validate_named_topic("a\nb").is_ok());
         assert!(validate_named_topic("a.*").is_err());

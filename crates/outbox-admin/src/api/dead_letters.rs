@@ -75,7 +75,9 @@ impl ListQuery {
     pub fn limit(&self) -> Result<u32, ApiError> {
         match self.limit.unwrap_or(50) {
             n @ 1..=200 => Ok(n as u32),
-            n => Err(ApiError::Invalid(format!("limit: {n} is outside 1..=200"))),
+            n => Err(ApiError::Invalid(format!(
+                "limit: {n} is not between 1 and 200"
+            ))),
         }
     }
 }
@@ -255,7 +257,10 @@ pub fn replay_attempts(max_attempts: Option<i64>) -> Result<Option<i32>, ApiErro
     max_attempts
         .map(|n| {
             i32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-                ApiError::Invalid(format!("max_attempts: {n} is outside 1..={}", i32::MAX))
+                ApiError::Invalid(format!(
+                    "max_attempts: {n} is not between 1 and {}",
+                    i32::MAX
+                ))
             })
         })
         .transpose()

@@ -139,8 +139,8 @@ impl RowQuery {
     pub fn page_at(&self) -> Result<PageAt, ApiError> {
         match (given(&self.after), given(&self.before)) {
             (None, None) => Ok(PageAt::First),
-            (Some(after), None) => Ok(PageAt::After(RowCursor::decode(after)?)),
-            (None, Some(before)) => Ok(PageAt::Before(RowCursor::decode(before)?)),
+            (Some(after), None) => Ok(PageAt::After(cursor("after", after)?)),
+            (None, Some(before)) => Ok(PageAt::Before(cursor("before", before)?)),
             (Some(_), Some(_)) => Err(ApiError::Invalid("give after or before, not both".into())),
         }
     }
@@ -151,7 +151,7 @@ impl RowQuery {
             None => Ok(DEFAULT_PAGE_ROWS),
             Some(n) if (1..=store::MAX_PAGE_ROWS).contains(&n) => Ok(n),
             Some(n) => Err(ApiError::Invalid(format!(
-                "limit: {n} is outside 1..={}",
+                "limit: {n} is not between 1 and {}",
                 store::MAX_PAGE_ROWS
             ))),
         }
@@ -167,6 +167,16 @@ impl RowQuery {
         }
         self.filter()
     }
+}
+
+/// The page cursor a query's `field` (`after`, `before`) carries; a wrong
+/// one is named by its parameter, and not echoed (it may be kilobytes).
+fn cursor(field: &str, text: &str) -> Result<RowCursor, ApiError> {
+    RowCursor::decode(text).map_err(|_| {
+        ApiError::Invalid(format!(
+            "{field}: not a page cursor; pass on the {field} of an earlier answer"
+        ))
+    })
 }
 
 /// A page of rows, with the cursors of the pages around it and how many

@@ -116,7 +116,7 @@ impl ActivityQuery {
             None => Ok(60),
             Some(n @ 1..=1440) => Ok(n),
             Some(n) => Err(ApiError::Invalid(format!(
-                "minutes: {n} is outside 1..=1440"
+                "minutes: {n} is not between 1 and 1440"
             ))),
         }
     }
@@ -168,13 +168,13 @@ pub(super) async fn read_stream(
     let last = q.last.unwrap_or(10);
     if !(1..=100).contains(&last) {
         return Err(ApiError::Invalid(format!(
-            "last: {last} is outside 1..=100"
+            "last: {last} is not between 1 and 100"
         )));
     }
     let since = q.since_secs.unwrap_or(3600);
     if !(1..=604_800).contains(&since) {
         return Err(ApiError::Invalid(format!(
-            "since_secs: {since} is outside 1..=604800"
+            "since_secs: {since} is not between 1 and 604800"
         )));
     }
     let subject = q.subject.as_deref().unwrap_or(">");
@@ -210,7 +210,9 @@ impl AuditQuery {
         match self.limit {
             None => Ok(100),
             Some(n @ 1..=500) => Ok(n as u32),
-            Some(n) => Err(ApiError::Invalid(format!("limit: {n} is outside 1..=500"))),
+            Some(n) => Err(ApiError::Invalid(format!(
+                "limit: {n} is not between 1 and 500"
+            ))),
         }
     }
 }

@@ -87,6 +87,26 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str, next: &str) -> Htm
     )
 }
 
+/// Whether the browser says a post comes from another site: by
+/// `Sec-Fetch-Site`, or, from a browser that does not send it, by an
+/// `Origin` whose host is not the one the post was sent to.
+fn from_another_site(headers: &axum::http::HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return site != "same-origin" && site != "none";
+    }
+    match text("origin") {
+        None => false,
+        Some(origin) => {
+            let authority = origin
+                .split_once("://")
+                .map(|(_, rest)| rest)
+                .unwrap_or_default();
+            !text("host").is_some_and(|host| !authority.is_empty() && host == authority)
+        }
+    }
+}
+
 pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {
     let addr = api::client_addr(&state, &req);
     let csrf_cookie = cookie(req.headers(), CSRF_COOKIE);
@@ -94,11 +114,7 @@ pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Resp
     // subdomain can plant that cookie and post a matching form, signing the
     // browser in to an account of its own. Browsers say where a post comes
     // from: only outboxd's own page (or a browser too old to say) signs in.
-    let site = req
-        .headers()
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok());
-    if site.is_some_and(|site| site != "same-origin" && site != "none") {
+    if from_another_site(req.headers()) {
         // A cookie already set stays: the owner's open form keeps working.
         let token = csrf_cookie.clone().unwrap_or_else(random_token);
         let form = login_form(

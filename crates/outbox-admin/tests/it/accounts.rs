@@ -325,7 +325,7 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "POST",
             "/api/apps/app-a/jobs/reports",
             json!({"delay_ms": -5}),
-            "delay_ms: -5 is outside 0..=",
+            "delay_ms: -5 is not between 0 and ",
         ),
         (
             "POST",
@@ -349,13 +349,13 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "POST",
             "/api/apps/app-a/jobs/reports",
             json!({"priority": 10}),
-            "priority: 10 is outside 0..=9",
+            "priority: 10 is not between 0 and 9",
         ),
         (
             "POST",
             "/api/apps/app-a/events/e",
             json!({"priority": -1}),
-            "priority: -1 is outside 0..=9",
+            "priority: -1 is not between 0 and 9",
         ),
         (
             "POST",
@@ -409,7 +409,7 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
             "POST",
             "/api/apps/app-a/invoke/t",
             json!({"timeout_ms": -1}),
-            "timeout_ms: -1 is outside 1..=60000",
+            "timeout_ms: -1 is not between 1 and 60000",
         ),
         (
             "POST",
@@ -494,7 +494,7 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
     for (uri, want) in [
         (
             "/api/apps/app-a/dead-letters?limit=-1",
-            "limit: -1 is outside 1..=200",
+            "limit: -1 is not between 1 and 200",
         ),
         (
             "/api/apps/app-a/dead-letters?limit=abc",
@@ -518,7 +518,7 @@ async fn the_api_is_strict_and_speaks_in_its_own_words() -> TestResult {
         ),
         (
             "/api/apps/app-a/audit?limit=-1",
-            "limit: -1 is outside 1..=500",
+            "limit: -1 is not between 1 and 500",
         ),
         (
             "/api/apps/app-a/outbox?limit=5&limit=6",
@@ -1102,12 +1102,19 @@ async fn a_login_not_sent_as_json_is_refused_before_it_counts() -> TestResult {
         ))?;
     let res = outbox_admin::router(w.state.clone()).oneshot(req).await?;
     assert_eq!(res.status(), StatusCode::OK);
-    // The token is for this caller only: no cache keeps it.
+    // The token is for this caller only: no cache keeps it, and no browser
+    // takes the answer for anything but JSON.
     assert_eq!(
         res.headers()
             .get(header::CACHE_CONTROL)
             .and_then(|v| v.to_str().ok()),
         Some("no-store")
+    );
+    assert_eq!(
+        res.headers()
+            .get(header::X_CONTENT_TYPE_OPTIONS)
+            .and_then(|v| v.to_str().ok()),
+        Some("nosniff")
     );
     // No more than any other API answer does a route that does not exist.
     let req = Request::get("/api/nonexistent").body(Body::empty())?;

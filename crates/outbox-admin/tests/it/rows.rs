@@ -1503,3 +1503,28 @@ async fn row_searches_beyond_their_room_are_refused_and_leave_the_pool_to_the_re
     assert_eq!(s, StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_bad_page_cursor_is_named_by_its_parameter_and_not_echoed() -> TestResult {
+    let w = World::new().await?;
+    let viewer = w.login("viewer@x.io").await?;
+    let junk = "x".repeat(3000);
+    for field in ["after", "before"] {
+        let (s, body) = w
+            .call(
+                "GET",
+                &format!("/api/apps/app-a/outbox?{field}={junk}"),
+                Some(&viewer),
+                None,
+            )
+            .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("{field}: not a page cursor")),
+            "{message}"
+        );
+        assert!(message.len() < 200, "{message}");
+    }
+    Ok(())
+}

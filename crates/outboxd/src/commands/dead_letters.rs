@@ -103,7 +103,7 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             json,
         } => {
             if !(1..=1000).contains(&limit) {
-                bail!("--limit {limit} is outside 1..=1000");
+                bail!("--limit {limit} is not between 1 and 1000");
             }
             let (unresolved_only, resolution) = match wanted.as_deref() {
                 None => (unresolved, None),

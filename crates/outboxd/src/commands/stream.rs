@@ -45,11 +45,11 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
     } = &command
     {
         if !(1..=604_800).contains(since_secs) {
-            bail!("--since-secs {since_secs} is outside 1..=604800 (a week)");
+            bail!("--since-secs {since_secs} is not between 1 and 604800 (a week)");
         }
         if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(last) {
             bail!(
-                "--last {last} is outside 1..={}",
+                "--last {last} is not between 1 and {}",
                 outbox_nats::peek::MAX_MESSAGES
             );
         }
