@@ -35,7 +35,7 @@ pub fn routes() -> Router<AdminState> {
         )
         .route(
             "/api/apps/{app}/triggers/{id}",
-            axum::routing::delete(delete_trigger),
+            get(get_trigger).delete(delete_trigger),
         )
         .route("/api/apps/{app}/triggers/{id}/enable", post(enable_trigger))
         .route(
@@ -317,6 +317,8 @@ struct TriggerBody {
     kind: String,
     name: String,
     target: String,
+    /// As the trigger list names it too.
+    #[serde(alias = "collection_glob")]
     collection: Option<String>,
     ops: Option<Vec<String>>,
     schedule: Option<String>,
@@ -329,8 +331,29 @@ struct TriggerBody {
     trigger_ids: Vec<Uuid>,
 }
 
-/// Builds a trigger spec from API input, naming what is missing.
+/// Builds a trigger spec from API input, naming what is missing and what
+/// belongs to another kind (a cron trigger sent a collection would have
+/// been created without it, silently).
 fn spec(b: &TriggerBody) -> Result<TriggerSpec, ApiError> {
+    let given = [
+        ("collection", "kv", b.collection.is_some()),
+        ("ops", "kv", b.ops.is_some()),
+        ("schedule", "cron", b.schedule.is_some()),
+        ("timezone", "cron", b.timezone.is_some()),
+        ("sources", "dead_letter", !b.sources.is_empty()),
+        ("topics", "dead_letter", !b.topics.is_empty()),
+        ("trigger_ids", "dead_letter", !b.trigger_ids.is_empty()),
+    ];
+    if let Some((field, kind, _)) = given
+        .iter()
+        .find(|(_, kind, given)| *given && *kind != b.kind)
+        .filter(|_| ["kv", "cron", "dead_letter"].contains(&b.kind.as_str()))
+    {
+        return Err(ApiError::Invalid(format!(
+            "{field}: belongs to {kind} triggers, not to a {} trigger",
+            b.kind
+        )));
+    }
     match b.kind.as_str() {
         "kv" => Ok(TriggerSpec::Kv {
             collection: b
@@ -402,17 +425,31 @@ async fn list_triggers(
     Ok(Json(triggers::list(&state.pool, app.id).await?))
 }
 
+/// `GET /api/apps/{app}/triggers/{trigger}`: one trigger, by id or name.
+async fn get_trigger(
+    State(state): State<AdminState>,
+    Bearer(p): Bearer,
+    Path((app, trigger)): Path<(String, String)>,
+) -> Result<Json<triggers::Trigger>, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
+    Ok(Json(triggers::find(&state.pool, app.id, &trigger).await?))
+}
+
+/// Enables or disables the trigger named by id or name; answers its id,
+/// its state and whether this changed it.
 async fn set_trigger(
     state: AdminState,
     p: auth::Principal,
     app: String,
-    id: String,
-    enabled: Option<bool>,
+    trigger: String,
+    enabled: bool,
 ) -> Result<Json<Value>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("trigger"))?;
-    change_trigger(&state.pool, &audit::actor(&p), app.id, id, enabled).await?;
-    Ok(Json(json!({ "id": id, "enabled": enabled })))
+    let id = triggers::find(&state.pool, app.id, &trigger).await?.id;
+    let changed = change_trigger(&state.pool, &audit::actor(&p), app.id, id, Some(enabled)).await?;
+    Ok(Json(
+        json!({ "id": id, "enabled": enabled, "changed": changed }),
+    ))
 }
 
 /// Enables or disables (`Some`) or deletes (`None`) a trigger of the app for
@@ -453,23 +490,28 @@ pub async fn change_trigger(
 async fn enable_trigger(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
-    Path((app, id)): Path<(String, String)>,
+    Path((app, trigger)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_trigger(state, p, app, id, Some(true)).await
+    set_trigger(state, p, app, trigger, true).await
 }
 
 async fn disable_trigger(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
-    Path((app, id)): Path<(String, String)>,
+    Path((app, trigger)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_trigger(state, p, app, id, Some(false)).await
+    set_trigger(state, p, app, trigger, false).await
 }
 
+/// `DELETE /api/apps/{app}/triggers/{trigger}`: 204, as a pause's or a
+/// limit's removal answers.
 async fn delete_trigger(
     State(state): State<AdminState>,
     Bearer(p): Bearer,
-    Path((app, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    set_trigger(state, p, app, id, None).await
+    Path((app, trigger)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let app = auth::authorize(&state.pool, &p, &app, Capability::ManageTriggers).await?;
+    let id = triggers::find(&state.pool, app.id, &trigger).await?.id;
+    change_trigger(&state.pool, &audit::actor(&p), app.id, id, None).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -69,6 +69,15 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             json!({"kind": "dead_letter", "name": "t", "target": "h", "sources": [""]}),
             "sources: \"\": must be 1 to 255 bytes",
         ),
+        // A field of another kind would have been dropped without a word.
+        (
+            json!({"kind": "kv", "name": "t", "target": "h", "collection": "inv:*", "schedule": "0 3 * * *"}),
+            "schedule: belongs to cron triggers, not to a kv trigger",
+        ),
+        (
+            json!({"kind": "cron", "name": "t", "target": "h", "schedule": "0 3 * * *", "collection": "inv:*"}),
+            "collection: belongs to kv triggers, not to a cron trigger",
+        ),
     ] {
         let (s, body) = w
             .call(
@@ -125,6 +134,28 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
         "{void}"
     );
     assert_eq!(list[0]["topics"], serde_json::Value::Null, "not for kv");
+    // A trigger is named by its id or its name, as in the CLI.
+    let (s, one) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/triggers/orders",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!((s, &one["id"]), (StatusCode::OK, &orders_trigger), "{one}");
+    for (action, changed) in [("disable", true), ("disable", false), ("enable", true)] {
+        let (s, body) = w
+            .call(
+                "POST",
+                &format!("/api/apps/app-a/triggers/orders/{action}"),
+                Some(&a_admin),
+                None,
+            )
+            .await?;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["changed"], changed, "{action}: {body}");
+    }
 
     // A KV write fires the trigger in the same transaction; versions are optimistic.
     let (s, _) = w

@@ -150,6 +150,16 @@ impl Contract {
             .or_else(|| responses.get("default"))
             .ok_or_else(|| format!("{method} {path}: status {status} is not documented"))?;
         let response = self.resolve(response);
+        // An answer documented without content (204) must have none.
+        if response.get("content").is_none() && status == StatusCode::NO_CONTENT {
+            return if body.is_null() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{method} {path} {status}: a body where none is documented"
+                ))
+            };
+        }
         let Some(schema) = response.pointer("/content/application~1json/schema") else {
             return Err(format!("{method} {path} {status}: no JSON schema"));
         };
@@ -513,6 +523,7 @@ async fn real_answers_match_the_documented_schemas() -> TestResult {
         if path == "/api/apps/{app}/triggers" && method == "POST" {
             let id = answer["id"].as_str().ok_or("trigger id")?.to_owned();
             for (m, p, suffix) in [
+                ("GET", "/api/apps/{app}/triggers/{id}", ""),
                 ("POST", "/api/apps/{app}/triggers/{id}/disable", "/disable"),
                 ("POST", "/api/apps/{app}/triggers/{id}/enable", "/enable"),
                 ("DELETE", "/api/apps/{app}/triggers/{id}", ""),

@@ -346,9 +346,9 @@ pub async fn create(
     Ok(id)
 }
 
-/// Lists an app's triggers by name.
-pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigger>, Error> {
-    Ok(sqlx::query_as(
+/// A trigger with the details of its kind, as [`Trigger`] reads it.
+macro_rules! trigger_select {
+    () => {
         "SELECT t.id, t.kind, t.name, t.enabled, t.target, t.registered_by_principal, t.created_at,
                 k.collection_glob, k.ops, c.schedule, c.timezone, c.next_fire_at,
                 d.sources, d.topics, d.trigger_ids
@@ -356,12 +356,37 @@ pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigg
          LEFT JOIN kv_trigger_details k ON k.trigger_id = t.id
          LEFT JOIN cron_trigger_details c ON c.trigger_id = t.id
          LEFT JOIN dead_letter_trigger_details d ON d.trigger_id = t.id
-         WHERE t.app_id = $1
-         ORDER BY t.name",
+         WHERE t.app_id = $1"
+    };
+}
+
+/// Lists an app's triggers by name.
+pub async fn list<'e>(db: impl PgExecutor<'e>, app_id: Uuid) -> Result<Vec<Trigger>, Error> {
+    Ok(
+        sqlx::query_as(concat!(trigger_select!(), " ORDER BY t.name"))
+            .bind(app_id)
+            .fetch_all(db)
+            .await?,
     )
+}
+
+/// The app's trigger with the id `id_or_name`, or else the one named so (an
+/// id wins: a name may look like another trigger's id).
+pub async fn find<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    id_or_name: &str,
+) -> Result<Trigger, Error> {
+    sqlx::query_as(concat!(
+        trigger_select!(),
+        " AND (t.id = $2 OR t.name = $3) ORDER BY t.id = $2 DESC LIMIT 1"
+    ))
     .bind(app_id)
-    .fetch_all(db)
-    .await?)
+    .bind(Uuid::parse_str(id_or_name).ok())
+    .bind(id_or_name)
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| Error::NotFound(format!("trigger {id_or_name:?}")))
 }
 
 /// Enables or disables an app's trigger. A cron trigger enabled again

@@ -1,10 +1,9 @@
 //! `outboxd trigger …`: KV, cron and dead-letter triggers.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use outbox_admin::events_api::change_trigger;
 use outbox_core::store::apps;
-use uuid::Uuid;
 
 use outboxd::config::Settings;
 
@@ -187,24 +186,18 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `app`'s trigger with the id `trigger`, or else the one named so (an id
-/// wins: a name may look like another trigger's id).
+/// `app`'s trigger with the id `trigger`, or else the one named so.
 async fn find(
     pool: &sqlx::PgPool,
     app: &outbox_core::App,
     trigger: &str,
 ) -> anyhow::Result<outbox_core::store::triggers::Trigger> {
-    let id = Uuid::parse_str(trigger).ok();
-    let listed = outbox_core::store::triggers::list(pool, app.id).await?;
-    let by_id = listed.iter().position(|t| Some(t.id) == id);
-    let by_name = listed.iter().position(|t| t.name == trigger);
-    by_id
-        .or(by_name)
-        .map(|i| listed[i].clone())
-        .with_context(|| {
-            format!(
-                "{}: no trigger named {trigger:?} (or with that id); `outboxd trigger list --app {}` lists them",
-                app.slug, app.slug
-            )
-        })
+    match outbox_core::store::triggers::find(pool, app.id, trigger).await {
+        Err(outbox_core::Error::NotFound(_)) => anyhow::bail!(
+            "{}: no trigger named {trigger:?} (or with that id); `outboxd trigger list --app {}` lists them",
+            app.slug,
+            app.slug
+        ),
+        found => Ok(found?),
+    }
 }
