@@ -95,14 +95,21 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({ "items": listed }));
                 return Ok(());
             }
+            let mut table = super::Table::new(&["ID", "SLUG", "NAME", "STATE"]);
             for app in listed {
                 let state = if app.suspended_at.is_some() {
                     "suspended"
                 } else {
                     "active"
                 };
-                println!("{}\t{}\t{}\t{state}", app.id, app.slug, app.name);
+                table.row(vec![
+                    app.id.to_string(),
+                    app.slug,
+                    app.name,
+                    state.to_owned(),
+                ]);
             }
+            table.print();
         }
         AppCommand::Suspend { slug } => {
             if suspend(&pool, &slug, true).await? {

@@ -188,18 +188,18 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                 .unwrap_or(0)
                 .clamp("TOPIC".len(), MAX_TOPIC_WIDTH);
             println!(
-                "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<16}  LAST ERROR",
+                "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<20}  LAST ERROR",
                 "ID", "STATE", "SOURCE", "TOPIC", "ATTEMPTS", "CREATED"
             );
             for row in &rows {
                 println!(
-                    "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<16}  {}",
+                    "{:<36}  {:<17}  {:<8}  {:<width$}  {:>8}  {:<20}  {}",
                     row.id,
                     row.state(),
                     super::ellipsize(&row.source, 8),
                     super::elide_middle(&row.topic, width),
                     row.attempt_count,
-                    row.created_at.format("%Y-%m-%d %H:%M"),
+                    super::when(row.created_at),
                     row.error_summary(60)
                 );
             }

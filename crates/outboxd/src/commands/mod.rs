@@ -15,6 +15,82 @@ pub mod webhooks;
 
 pub use outbox_core::text::{ellipsize, printable};
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// A time as every list shows it: RFC 3339 to the second, in UTC.
+pub fn when(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The lines of a list command: on a terminal, columns aligned under a
+/// header; piped, one tab-separated line per row and no header, which is
+/// what scripts read (`--json` gives the whole records). Every cell is made
+/// [`printable`], so no cell holds a tab or a line break of its own.
+pub struct Table {
+    header: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// An empty table with these column names.
+    pub fn new(header: &'static [&'static str]) -> Self {
+        Self {
+            header,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row, one cell per column.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells.iter().map(|c| printable(c)).collect());
+    }
+
+    /// Prints the table to stdout, aligned when stdout is a terminal.
+    pub fn print(&self) {
+        use std::io::IsTerminal;
+        print!("{}", self.render(std::io::stdout().is_terminal()));
+    }
+
+    fn render(&self, aligned: bool) -> String {
+        let mut out = String::new();
+        if !aligned {
+            for row in &self.rows {
+                out.push_str(&row.join("\t"));
+                out.push('\n');
+            }
+            return out;
+        }
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .filter_map(|row| row.get(i))
+                .map(|cell| cell.chars().count())
+                .chain([self.header[i].len()])
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..self.header.len()).map(width).collect();
+        let header: Vec<String> = self.header.iter().map(|h| (*h).to_owned()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let last = row.len().saturating_sub(1);
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if i == last {
+                        cell.clone()
+                    } else {
+                        format!("{cell:<w$}", w = widths.get(i).copied().unwrap_or(0))
+                    }
+                })
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
 /// Shortens `text` to at most `max` characters by cutting out its middle:
 /// for names that differ at their ends (webhook URLs of one host); the
 /// text is made [`printable`] first.
@@ -35,7 +111,28 @@ pub fn elide_middle(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::elide_middle;
+    use super::{Table, elide_middle};
+
+    #[test]
+    fn a_table_is_aligned_for_people_and_tab_separated_for_scripts() {
+        let mut table = Table::new(&["TOPIC", "SINCE", "REASON"]);
+        table.row(vec![
+            "mail.send".into(),
+            "2026-12-07T05:08:42Z".into(),
+            "smtp down".into(),
+        ]);
+        table.row(vec!["a".into(), "-".into(), "tab\there".into()]);
+        assert_eq!(
+            table.render(true),
+            "TOPIC      SINCE                 REASON\n\
+             mail.send  2026-12-07T05:08:42Z  smtp down\n\
+             a          -                     tab here\n"
+        );
+        assert_eq!(
+            table.render(false),
+            "mail.send\t2026-12-07T05:08:42Z\tsmtp down\na\t-\ttab here\n"
+        );
+    }
 
     #[test]
     fn the_middle_goes_and_the_ends_stay() {

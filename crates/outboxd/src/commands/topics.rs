@@ -182,15 +182,16 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             if paused.is_empty() {
                 eprintln!("{app}: no topic is paused");
             }
+            let mut table = super::Table::new(&["TOPIC", "SINCE", "BY", "REASON"]);
             for p in paused {
-                println!(
-                    "{}\t{}\t{}\t{}",
+                table.row(vec![
                     p.topic,
-                    p.paused_at.to_rfc3339(),
+                    super::when(p.paused_at),
                     p.paused_by.unwrap_or_default(),
-                    p.reason.unwrap_or_default()
-                );
+                    p.reason.unwrap_or_default(),
+                ]);
             }
+            table.print();
         }
         TopicCommand::Limit {
             app,
@@ -252,17 +253,18 @@ pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> 
             if limited.is_empty() {
                 eprintln!("{app}: no topic is limited");
             }
+            let mut table = super::Table::new(&["TOPIC", "LIMITS", "RUNNING", "SINCE", "BY"]);
             for l in limited {
                 let rate = l.rate_per_sec.zip(l.burst);
-                println!(
-                    "{}\t{}\t{} running\t{}\t{}",
+                table.row(vec![
                     l.topic,
                     describe(l.max_running, l.max_running_per_key, rate),
-                    l.running,
-                    l.set_at.to_rfc3339(),
-                    l.set_by.unwrap_or_default()
-                );
+                    l.running.to_string(),
+                    super::when(l.set_at),
+                    l.set_by.unwrap_or_default(),
+                ]);
             }
+            table.print();
         }
     }
     Ok(())
@@ -295,20 +297,20 @@ pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()
     if live.is_empty() {
         eprintln!("no dispatcher process is up");
     }
+    let mut table = super::Table::new(&["ID", "WORKER", "PID@HOST", "VERSION", "SINCE", "SERVES"]);
     for p in live {
         let mut serves = p.topics.clone();
         serves.extend(p.patterns.iter().cloned());
-        println!(
-            "{}\t{}\t{}@{}\t{}\tsince {}\t{}",
-            p.id,
+        table.row(vec![
+            p.id.to_string(),
             p.worker,
-            p.pid,
-            p.host,
+            format!("{}@{}", p.pid, p.host),
             p.version,
-            p.started_at.to_rfc3339(),
-            serves.join(",")
-        );
+            super::when(p.started_at),
+            serves.join(","),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

@@ -96,6 +96,8 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
             if listed.is_empty() {
                 eprintln!("{}: no trigger", app.slug);
             }
+            let mut table =
+                super::Table::new(&["ID", "KIND", "NAME", "STATE", "TARGET", "FIRES ON"]);
             for t in listed {
                 let dead_letters = t.dead_letter_matches();
                 let detail = t
@@ -104,15 +106,16 @@ pub async fn run(settings: Settings, cmd: TriggerCommand) -> anyhow::Result<()> 
                     .or(t.schedule.map(|s| format!("cron {s}")))
                     .or(dead_letters)
                     .unwrap_or_default();
-                println!(
-                    "{}\t{}\t{}\t{}\t{}\t{detail}",
-                    t.id,
+                table.row(vec![
+                    t.id.to_string(),
                     t.kind,
                     t.name,
-                    if t.enabled { "enabled" } else { "disabled" },
-                    t.target
-                );
+                    if t.enabled { "enabled" } else { "disabled" }.to_owned(),
+                    t.target,
+                    detail,
+                ]);
             }
+            table.print();
         }
         TriggerCommand::Create {
             app,

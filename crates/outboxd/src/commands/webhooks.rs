@@ -84,15 +84,17 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
             if listed.is_empty() {
                 eprintln!("{}: no webhook target has a secret of its own", app.slug);
             }
+            let mut table =
+                super::Table::new(&["URL", "CREATED", "ROTATED", "PREVIOUS SECRET VALID UNTIL"]);
             for t in listed {
-                println!(
-                    "{}\tcreated {}\trotated {}\tprevious secret valid until {}",
+                table.row(vec![
                     t.url,
-                    t.created_at.to_rfc3339(),
-                    t.rotated_at.map_or("-".to_owned(), |r| r.to_rfc3339()),
-                    t.previous_until.map_or("-".to_owned(), |r| r.to_rfc3339()),
-                );
+                    super::when(t.created_at),
+                    t.rotated_at.map_or("-".to_owned(), super::when),
+                    t.previous_until.map_or("-".to_owned(), super::when),
+                ]);
             }
+            table.print();
         }
         WebhookCommand::Delete { app, url } => {
             let app = apps::by_slug(&pool, &app).await?;
