@@ -190,11 +190,14 @@ pub async fn create(
     let kv = match spec {
         TriggerSpec::Kv { collection, ops } => {
             let (match_kind, match_value) = parse_glob(collection)?;
-            if ops.is_empty() || ops.iter().any(|o| o != "put" && o != "delete") {
+            if let Some(bad) = ops.iter().find(|o| *o != "put" && *o != "delete") {
                 return Err(Error::invalid(
                     "ops",
-                    format!("{ops:?}: give one or both of \"put\", \"delete\""),
+                    format!("{bad:?} is not an operation: give put, delete or both"),
                 ));
+            }
+            if ops.is_empty() {
+                return Err(Error::invalid("ops", "give put, delete or both"));
             }
             Some((match_kind, match_value))
         }

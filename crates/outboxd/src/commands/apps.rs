@@ -1,6 +1,5 @@
 //! `outboxd app …`: apps (tenants), their suspension, replay policy and retention.
 
-use anyhow::Context;
 use clap::Subcommand;
 use outbox_core::store::{apps, dead_letters};
 
@@ -204,10 +203,9 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
         AppCommand::Retention { slug, days } => {
             let days = match days.as_str() {
                 "default" => None,
-                n => Some(
-                    n.parse::<u32>()
-                        .with_context(|| format!("{n:?} is not a number of days or \"default\""))?,
-                ),
+                n => Some(n.parse::<u32>().map_err(|_| {
+                    anyhow::anyhow!("{n:?} is not a number of days or \"default\"")
+                })?),
             };
             let app = apps::by_slug(&pool, &slug).await?;
             let mut tx = pool.begin().await?;

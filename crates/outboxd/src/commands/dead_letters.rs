@@ -2,7 +2,7 @@
 //! admin API (`…/dead-letters/{id}/replay`, `…/ignore`) and the dashboard's
 //! Replay and Ignore buttons. `resolve` is accepted for `ignore`.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use outbox_core::store::{apps, dead_letters};
 use uuid::Uuid;
@@ -82,8 +82,9 @@ pub enum DeadLetterCommand {
 const MAX_TOPIC_WIDTH: usize = 60;
 
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {
-    Uuid::parse_str(id.trim()).with_context(|| {
-        format!("{id:?} is not a UUID (a dead letter's id, or the id of the row it was)")
+    // The parser's own words ("invalid character: found `n` at 0") add nothing.
+    Uuid::parse_str(id.trim()).map_err(|_| {
+        anyhow::anyhow!("{id:?} is not a UUID (a dead letter's id, or the id of the row it was)")
     })
 }
 

@@ -288,10 +288,7 @@ async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
         "{doc}"
     );
     let limited = ok(&["topic", "limits", "--app", "shop"])?;
-    assert!(
-        limited.starts_with("report\t2 at once\t0\t"),
-        "{limited}"
-    );
+    assert!(limited.starts_with("report\t2 at once\t0\t"), "{limited}");
     assert!(
         ok(&[
             "topic", "limit", "--app", "shop", "--topic", "partner", "--rate", "2.5"
