@@ -16,7 +16,7 @@ use crate::commands::accounts::{ApiKeyCommand, UserCommand};
 use crate::commands::apps::AppCommand;
 use crate::commands::dead_letters::DeadLetterCommand;
 use crate::commands::enqueue::EnqueueArgs;
-use crate::commands::topics::{CancelArgs, TopicCommand};
+use crate::commands::topics::{CancelArgs, RetryArgs, TopicCommand};
 use crate::commands::triggers::TriggerCommand;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
@@ -82,7 +82,9 @@ enum Command {
     },
     /// Cancel rows that have not run: they become ignored dead letters with the reason.
     Cancel(CancelArgs),
-    /// Garbage-collect: delete dead letters and abandoned executions past retention, expired de-duplication records, lapsed login-throttle counts, expired sessions and stale invocation inboxes.
+    /// Run rows waiting for a delay or a retry's backoff now.
+    Retry(RetryArgs),
+    /// Garbage-collect: delete dead letters, abandoned executions and (when a retention is set) audit-log entries past retention, expired de-duplication records, lapsed login-throttle counts, expired sessions and stale invocation inboxes.
     Gc {
         /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.
         #[arg(long)]
@@ -155,6 +157,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Topic(cmd) => commands::topics::topic(settings, cmd).await,
         Command::Processes { json } => commands::topics::list_processes(settings, json).await,
         Command::Cancel(args) => commands::topics::cancel(settings, args).await,
+        Command::Retry(args) => commands::topics::retry(settings, args).await,
         Command::Gc { once } => commands::gc::run(settings, once).await,
     }
 }

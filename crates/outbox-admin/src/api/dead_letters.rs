@@ -349,7 +349,7 @@ pub const MAX_BULK: u32 = 10_000;
 /// Runs a bulk action (recorded in the audit log as done by `actor`, with
 /// its filter); returns how many rows changed.
 pub async fn run_bulk(
-    state: &AdminState,
+    pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     body: &BulkBody,
@@ -365,7 +365,7 @@ pub async fn run_bulk(
     }
     let ids = match (&body.ids, &body.filter, body.all) {
         // A dead letter's id, or the id of the row it was (a log line's).
-        (Some(ids), None, false) => dead_letters::resolve_ids(&state.pool, app_id, ids).await?,
+        (Some(ids), None, false) => dead_letters::resolve_ids(pool, app_id, ids).await?,
         (None, Some(f), false) if f.names_nothing() => {
             // A script's empty variable must not mean every dead letter.
             return Err(ApiError::Invalid(
@@ -373,10 +373,10 @@ pub async fn run_bulk(
             ));
         }
         (None, Some(f), false) => {
-            dead_letters::ids_matching(&state.pool, app_id, &f.unresolved(), MAX_BULK).await?
+            dead_letters::ids_matching(pool, app_id, &f.unresolved(), MAX_BULK).await?
         }
         (None, None, true) => {
-            dead_letters::ids_matching(&state.pool, app_id, &Filter::default(), MAX_BULK).await?
+            dead_letters::ids_matching(pool, app_id, &Filter::default(), MAX_BULK).await?
         }
         _ => {
             return Err(ApiError::Invalid(
@@ -390,7 +390,7 @@ pub async fn run_bulk(
         ));
     }
     let max_attempts = replay_attempts(body.max_attempts)?;
-    let mut tx = audit::begin(&state.pool).await?;
+    let mut tx = audit::begin(pool).await?;
     let (action, changed) = match body.action.as_str() {
         "replay" => (
             "dead_letter.bulk_replay",
@@ -458,7 +458,7 @@ pub(super) async fn bulk(
             "ids: give at least one (or a filter, or \"all\": true)".into(),
         ));
     }
-    let changed = run_bulk(&state, &audit::actor(&p), app.id, &body).await?;
+    let changed = run_bulk(&state.pool, &audit::actor(&p), app.id, &body).await?;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }
 

@@ -350,7 +350,13 @@ pub(super) async fn bulk(
                 max_attempts,
             }
         };
-        let done = api::run_bulk(&state, &audit::actor(&session.principal), app.id, &body).await?;
+        let done = api::run_bulk(
+            &state.pool,
+            &audit::actor(&session.principal),
+            app.id,
+            &body,
+        )
+        .await?;
         let what = if action == "replay" {
             "bulk-replay"
         } else {

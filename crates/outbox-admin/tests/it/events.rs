@@ -69,6 +69,10 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             json!({"kind": "dead_letter", "name": "t", "target": "h", "sources": [""]}),
             "sources: \"\": must be 1 to 255 bytes",
         ),
+        (
+            json!({"kind": "kv", "name": "t", "target": "h", "collection": "*", "ops": ["put", "frobnicate"]}),
+            "ops: \"frobnicate\" is not an operation: give put, delete or both",
+        ),
         // A field of another kind would have been dropped without a word.
         (
             json!({"kind": "kv", "name": "t", "target": "h", "collection": "inv:*", "schedule": "0 3 * * *"}),

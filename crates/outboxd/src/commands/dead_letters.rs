@@ -55,27 +55,85 @@ pub enum DeadLetterCommand {
         /// Dead letter id.
         id: String,
     },
-    /// Replay a dead letter: a fresh outbox row (same payload, headers and
-    /// attempts as the original, unless --max-attempts), the dead letter marked replayed.
+    /// Replay a dead letter, or every unresolved one of a topic, source or
+    /// trigger: a fresh outbox row each (same payload, headers and attempts
+    /// as the original, unless --max-attempts), the dead letter marked replayed.
     Replay {
         /// App slug.
         #[arg(long)]
         app: String,
-        /// Dead letter id.
-        id: String,
-        /// Attempts the replayed row gets (default: the original row's).
+        /// Dead letter id (or the id of the row it was); or give a filter.
+        #[arg(required_unless_present_any = ["topic", "source", "trigger", "all"])]
+        id: Option<String>,
+        #[command(flatten)]
+        filter: BulkArgs,
+        /// Attempts the replayed rows get (default: each original row's).
         #[arg(long)]
         max_attempts: Option<i64>,
     },
-    /// Ignore a dead letter: mark it resolved as ignored.
+    /// Ignore a dead letter, or every unresolved one of a topic, source or
+    /// trigger: mark it resolved as ignored.
     #[command(alias = "resolve")]
     Ignore {
         /// App slug.
         #[arg(long)]
         app: String,
-        /// Dead letter id.
-        id: String,
+        /// Dead letter id (or the id of the row it was); or give a filter.
+        #[arg(required_unless_present_any = ["topic", "source", "trigger", "all"])]
+        id: Option<String>,
+        #[command(flatten)]
+        filter: BulkArgs,
     },
+}
+
+/// Which unresolved dead letters a replay or an ignore without an id takes.
+#[derive(Debug, clap::Args)]
+pub struct BulkArgs {
+    /// Every unresolved dead letter of this topic.
+    #[arg(long, conflicts_with = "id")]
+    topic: Option<String>,
+    /// Every unresolved dead letter of this source.
+    #[arg(long, conflicts_with = "id")]
+    source: Option<String>,
+    /// Every unresolved dead letter of this trigger (its id).
+    #[arg(long, conflicts_with = "id")]
+    trigger: Option<Uuid>,
+    /// Every unresolved dead letter of the app.
+    #[arg(long, conflicts_with_all = ["id", "topic", "source", "trigger"])]
+    all: bool,
+}
+
+/// Replays or ignores (`action`) every unresolved dead letter `filter`
+/// names, a bulk request of up to `MAX_BULK` at a time; returns how many.
+async fn act_on_all(
+    pool: &sqlx::PgPool,
+    app: uuid::Uuid,
+    action: &str,
+    filter: BulkArgs,
+    max_attempts: Option<i64>,
+) -> anyhow::Result<usize> {
+    let body = outbox_admin::api::BulkBody {
+        action: action.to_owned(),
+        ids: None,
+        filter: (!filter.all).then_some(outbox_admin::api::BulkFilter {
+            source: filter.source,
+            topic: filter.topic,
+            trigger_id: filter.trigger,
+        }),
+        all: filter.all,
+        max_attempts,
+    };
+    let mut total = 0;
+    loop {
+        let changed = outbox_admin::api::run_bulk(pool, &cli_actor(), app, &body)
+            .await
+            .map_err(cli_error)?;
+        total += changed;
+        // A batch takes up to MAX_BULK; the ones it resolved match no more.
+        if changed < outbox_admin::api::MAX_BULK as usize {
+            return Ok(total);
+        }
+    }
 }
 
 /// The widest the list's topic column grows.
@@ -217,8 +275,28 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
         }
         DeadLetterCommand::Replay {
             app,
-            id,
+            id: None,
+            filter,
             max_attempts,
+        } => {
+            let found = apps::by_slug(&pool, &app).await?;
+            let n = act_on_all(&pool, found.id, "replay", filter, max_attempts).await?;
+            println!("{app}: {n} dead letter(s) replayed as new outbox rows");
+        }
+        DeadLetterCommand::Ignore {
+            app,
+            id: None,
+            filter,
+        } => {
+            let found = apps::by_slug(&pool, &app).await?;
+            let n = act_on_all(&pool, found.id, "ignore", filter, None).await?;
+            println!("{app}: {n} dead letter(s) ignored");
+        }
+        DeadLetterCommand::Replay {
+            app,
+            id: Some(id),
+            max_attempts,
+            ..
         } => {
             let app = apps::by_slug(&pool, &app).await?;
             let id = parse_id(&id)?;
@@ -230,7 +308,9 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
                     .map_err(cli_error)?;
             println!("replayed {id} as outbox row {outbox_id}");
         }
-        DeadLetterCommand::Ignore { app, id } => {
+        DeadLetterCommand::Ignore {
+            app, id: Some(id), ..
+        } => {
             let app = apps::by_slug(&pool, &app).await?;
             let id = parse_id(&id)?;
             let id = outbox_admin::api::ignore_one(&pool, &cli_actor(), app.id, id)

@@ -144,6 +144,54 @@ pub struct CancelArgs {
     reason: String,
 }
 
+/// `outboxd retry`: which rows to run now.
+#[derive(Debug, clap::Args)]
+pub struct RetryArgs {
+    /// App slug.
+    #[arg(long)]
+    app: String,
+    /// A row to run now (repeat for several).
+    #[arg(
+        long = "id",
+        required_unless_present = "topic",
+        conflicts_with = "topic"
+    )]
+    ids: Vec<Uuid>,
+    /// Every row of this topic waiting for a delay or a retry's backoff.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+/// Runs `outboxd retry`: rows waiting for a delay or a backoff become due
+/// now, as the dashboard's "retry now" does.
+pub async fn retry(settings: Settings, args: RetryArgs) -> anyhow::Result<()> {
+    let pool = outboxd::db::connect(&settings, 0).await?;
+    let app = apps::by_slug(&pool, &args.app).await?.id;
+    let actor = cli_actor();
+    let selection = match args.topic {
+        Some(topic) => api::Selection::Topic(topic),
+        None => api::Selection::Ids(args.ids),
+    };
+    let mut total = 0;
+    loop {
+        let done = api::retry_rows(&pool, &actor, app, &selection)
+            .await
+            .map_err(cli_error)?;
+        total += done.rows;
+        if !done.more {
+            break;
+        }
+    }
+    println!("{}: {total} row(s) due now", args.app);
+    if total == 0 {
+        println!(
+            "no row of app {} was waiting for a delay or a backoff: a row due already, running or finished is left as it is",
+            args.app
+        );
+    }
+    Ok(())
+}
+
 /// Runs `outboxd topic …`.
 pub async fn topic(settings: Settings, cmd: TopicCommand) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;

@@ -686,3 +686,78 @@ async fn replay_policies_are_listed_and_removed_from_the_cli() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn dead_letters_are_replayed_and_ignored_and_rows_retried_by_topic_from_the_cli() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let ok = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let out = run(outboxd(Some(&db.url)).args(args))?;
+        if !out.status.success() {
+            return Err(format!("{args:?}: {}", text(&out.stderr)).into());
+        }
+        Ok(text(&out.stdout))
+    };
+    ok(&["app", "create", "shop"])?;
+    let app: uuid::Uuid = sqlx::query_scalar("SELECT id FROM apps WHERE slug = 'shop'")
+        .fetch_one(&db.pool)
+        .await?;
+    for topic in ["mail.send", "mail.send", "mail.send", "sms.send"] {
+        outbox_core::store::dead_letters::insert_external(
+            &db.pool,
+            &outbox_core::store::dead_letters::External {
+                app_id: app,
+                original_event_id: uuid::Uuid::now_v7(),
+                source: "queue",
+                topic,
+                handler: None,
+                payload: &serde_json::json!({}),
+                headers: &serde_json::json!({}),
+                attempt_count: 3,
+                last_error: "smtp down",
+            },
+        )
+        .await?;
+    }
+    // Neither an id nor a filter: refused, nothing done.
+    let bare = run(outboxd(Some(&db.url)).args(["dead-letters", "replay", "--app", "shop"]))?;
+    assert!(!bare.status.success());
+    let said = ok(&[
+        "dead-letters",
+        "replay",
+        "--app",
+        "shop",
+        "--topic",
+        "mail.send",
+        "--max-attempts",
+        "5",
+    ])?;
+    assert!(said.contains("shop: 3 dead letter(s) replayed"), "{said}");
+    let replayed: Vec<(String, Option<i32>)> =
+        sqlx::query_as("SELECT topic, max_attempts FROM outbox ORDER BY topic")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(replayed, vec![("mail.send".to_owned(), Some(5)); 3]);
+    let said = ok(&["dead-letters", "ignore", "--app", "shop", "--all"])?;
+    assert!(said.contains("shop: 1 dead letter(s) ignored"), "{said}");
+
+    // Retry now: rows waiting for a delay become due.
+    ok(&[
+        "enqueue",
+        "--app",
+        "shop",
+        "--topic",
+        "report.build",
+        "--delay-ms",
+        "3600000",
+    ])?;
+    let said = ok(&["retry", "--app", "shop", "--topic", "report.build"])?;
+    assert!(said.contains("shop: 1 row(s) due now"), "{said}");
+    let due: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE topic = 'report.build' AND run_at <= now()",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(due, 1);
+    Ok(())
+}
