@@ -53,7 +53,7 @@ pub fn shown(topic: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{WEBHOOK_PREFIX}{scheme}{separator}{host}{more}"))
 }
 
-/// The longest pattern accepted, as the longest topic (bytes).
+/// The longest pattern accepted, as the longest topic (characters).
 const MAX_PATTERN_LEN: usize = 255;
 
 /// A validated NATS-style topic pattern (see the module docs).
@@ -73,8 +73,8 @@ impl TopicPattern {
                 ),
             )
         };
-        if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
-            return Err(refuse("must be 1 to 255 bytes"));
+        if pattern.is_empty() || pattern.chars().count() > MAX_PATTERN_LEN {
+            return Err(refuse("must be 1 to 255 characters"));
         }
         if pattern.contains(char::is_whitespace) {
             return Err(refuse("must not contain whitespace"));

@@ -204,10 +204,15 @@ pub struct RowList {
 pub struct RowSearches(Arc<Semaphore>);
 
 impl RowSearches {
-    /// Room for a fifth of `pool`'s connections' worth of searches, at
-    /// least one.
+    /// Room for searches on a fifth of `pool`'s connections (each search
+    /// runs on two at once), at least one search.
     pub fn for_pool(pool: &sqlx::PgPool) -> Self {
-        Self::new((pool.options().get_max_connections() / 5).max(1) as usize)
+        Self::new(Self::room_for(pool.options().get_max_connections()))
+    }
+
+    /// How many searches a pool of `connections` has room for.
+    fn room_for(connections: u32) -> usize {
+        (connections / 10).max(1) as usize
     }
 
     /// Room for `searches` at once.
@@ -618,4 +623,16 @@ pub(super) async fn count(
     Ok(Json(
         json!({ "rows": all, "idle": idle, "waiting": waiting }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowSearches;
+
+    #[test]
+    fn searches_get_a_fifth_of_the_pool_two_connections_each() {
+        assert_eq!(RowSearches::room_for(2), 1, "at least one");
+        assert_eq!(RowSearches::room_for(10), 1);
+        assert_eq!(RowSearches::room_for(50), 5);
+    }
 }

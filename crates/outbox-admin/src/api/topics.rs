@@ -64,7 +64,8 @@ pub async fn topic_summaries(state: &AdminState, app: Uuid) -> Result<Vec<TopicS
         dead_letters::unresolved_by_topic(&state.pool, app),
     )?;
     let paused: Vec<String> = paused.into_iter().map(|p| p.topic).collect();
-    let dead: std::collections::HashMap<String, i64> = dead.into_iter().collect();
+    // By name, so that the topics without rows come in a stable order.
+    let dead: std::collections::BTreeMap<String, i64> = dead.into_iter().collect();
     let summary = |topic: String, counted: Option<&store::TopicStates>| TopicSummary {
         due: counted.map_or(0, |s| s.due),
         scheduled: counted.map_or(0, |s| s.scheduled),
@@ -81,7 +82,9 @@ pub async fn topic_summaries(state: &AdminState, app: Uuid) -> Result<Vec<TopicS
         .iter()
         .map(|s| summary(s.topic.clone(), Some(s)))
         .collect();
-    for extra in dead.keys().chain(paused.iter()) {
+    let mut extras: Vec<&String> = dead.keys().chain(paused.iter()).collect();
+    extras.sort();
+    for extra in extras {
         if !topics.iter().any(|t| &t.topic == extra) {
             topics.push(summary(extra.clone(), None));
         }

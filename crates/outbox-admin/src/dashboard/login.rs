@@ -87,24 +87,16 @@ fn login_form(message: Option<&str>, email: &str, csrf: &str, next: &str) -> Htm
     )
 }
 
-/// Whether the browser says a post comes from another site: by
-/// `Sec-Fetch-Site`, or, from a browser that does not send it, by an
-/// `Origin` whose host is not the one the post was sent to.
+/// Whether the browser says a post comes from another site. Only by
+/// `Sec-Fetch-Site`: a browser too old to send it posts outboxd's own form
+/// with `Origin: null` (its pages send no referrer), and a proxy may
+/// rewrite `Host`, so comparing `Origin` with `Host` would refuse the very
+/// users it is meant for.
 fn from_another_site(headers: &axum::http::HeaderMap) -> bool {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = text("sec-fetch-site") {
-        return site != "same-origin" && site != "none";
-    }
-    match text("origin") {
-        None => false,
-        Some(origin) => {
-            let authority = origin
-                .split_once("://")
-                .map(|(_, rest)| rest)
-                .unwrap_or_default();
-            !text("host").is_some_and(|host| !authority.is_empty() && host == authority)
-        }
-    }
+    headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|site| site != "same-origin" && site != "none")
 }
 
 pub(super) async fn login(State(state): State<AdminState>, req: Request) -> Response {

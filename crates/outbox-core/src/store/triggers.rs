@@ -144,14 +144,15 @@ pub fn parse_glob(glob: &str) -> Result<(&'static str, String), Error> {
 }
 
 fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > 100 {
-        return Err(Error::invalid("name", "must be 1 to 100 bytes"));
+    // Characters, as the table's checks count them.
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(Error::invalid("name", "must be 1 to 100 characters"));
     }
     crate::topics::check_printable("name", name)?;
-    if target.is_empty() || target.len() > 255 || target.contains(char::is_whitespace) {
+    if target.is_empty() || target.chars().count() > 255 || target.contains(char::is_whitespace) {
         return Err(Error::invalid(
             "target",
-            "must be a handler name: 1 to 255 bytes, no spaces",
+            "must be a handler name: 1 to 255 characters, no spaces",
         ));
     }
     if let Some(url) = target.strip_prefix(crate::topics::WEBHOOK_PREFIX)
