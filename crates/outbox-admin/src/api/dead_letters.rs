@@ -310,7 +310,7 @@ pub struct BulkBody {
 
 /// The filter of a bulk action, and of `GET …/dead-letters/count`. A blank
 /// field names nothing.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkFilter {
     /// Only this source.
@@ -346,14 +346,24 @@ impl BulkFilter {
 /// The most dead letters one bulk action takes; by filter, the newest.
 pub const MAX_BULK: u32 = 10_000;
 
+/// What a bulk action did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bulked {
+    /// Dead letters replayed or ignored.
+    pub changed: usize,
+    /// True when a filter (or `all`) picked a whole batch: more may match,
+    /// even when some of the batch were resolved by someone else meanwhile.
+    pub more: bool,
+}
+
 /// Runs a bulk action (recorded in the audit log as done by `actor`, with
-/// its filter); returns how many rows changed.
+/// its filter); says how many rows changed and whether more may match.
 pub async fn run_bulk(
     pool: &sqlx::PgPool,
     actor: &str,
     app_id: Uuid,
     body: &BulkBody,
-) -> Result<usize, ApiError> {
+) -> Result<Bulked, ApiError> {
     if body
         .ids
         .as_ref()
@@ -441,7 +451,10 @@ pub async fn run_bulk(
         audit::record(&mut tx, actor, app_id, action).await?;
     }
     audit::commit(tx).await?;
-    Ok(changed)
+    Ok(Bulked {
+        changed,
+        more: body.ids.is_none() && ids.len() == MAX_BULK as usize,
+    })
 }
 
 pub(super) async fn bulk(
@@ -458,8 +471,8 @@ pub(super) async fn bulk(
             "ids: give at least one (or a filter, or \"all\": true)".into(),
         ));
     }
-    let changed = run_bulk(&state.pool, &audit::actor(&p), app.id, &body).await?;
-    Ok(Json(serde_json::json!({ "changed": changed })))
+    let done = run_bulk(&state.pool, &audit::actor(&p), app.id, &body).await?;
+    Ok(Json(serde_json::json!({ "changed": done.changed })))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ mod rows;
 mod topics;
 
 pub use self::dead_letters::{
-    BulkBody, BulkFilter, ListQuery, MAX_BULK, ReplayBody, count_unresolved_matching,
+    BulkBody, BulkFilter, Bulked, ListQuery, MAX_BULK, ReplayBody, count_unresolved_matching,
     decode_cursor, encode_cursor, ignore_one, replay_attempts, replay_one, run_bulk,
 };
 pub use self::login::check_login;

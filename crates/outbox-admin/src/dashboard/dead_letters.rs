@@ -362,11 +362,11 @@ pub(super) async fn bulk(
         } else {
             "bulk-ignore"
         };
-        // A whole batch taken: more may match.
-        let more = by_filter && done == api::MAX_BULK as usize;
         Ok::<_, ApiError>(Ok(format!(
-            "/apps/{}/dead-letters?{list}&done={what}&rows={done}&more={more}",
-            app.slug
+            "/apps/{}/dead-letters?{list}&done={what}&rows={rows}&more={more}",
+            app.slug,
+            rows = done.changed,
+            more = done.more,
         )))
     }
     .await;

@@ -193,17 +193,17 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32}  {:<5}  {:>8}  {:>8}  {:<10}  ROLES",
+                "{:<32}  {:<5}  {:>8}  {:>8}  {:<20}  ROLES",
                 "EMAIL", "ADMIN", "SESSIONS", "API KEYS", "CREATED"
             );
             for u in &users {
                 println!(
-                    "{:<32}  {:<5}  {:>8}  {:>8}  {:<10}  {}",
+                    "{:<32}  {:<5}  {:>8}  {:>8}  {:<20}  {}",
                     u.email,
                     if u.is_admin { "yes" } else { "no" },
                     u.sessions,
                     u.api_keys,
-                    u.created_at.format("%Y-%m-%d"),
+                    super::when(u.created_at),
                     if u.roles.is_empty() {
                         "-".to_owned()
                     } else {
@@ -298,20 +298,18 @@ pub async fn api_key(settings: Settings, cmd: ApiKeyCommand) -> anyhow::Result<(
                 return Ok(());
             }
             println!(
-                "{:<10}  {:<16}  {:<28}  {:<16}  {:<16}  STATE",
+                "{:<10}  {:<16}  {:<28}  {:<20}  {:<20}  STATE",
                 "PREFIX", "NAME", "OWNER", "CREATED", "LAST USED"
             );
             for k in &keys {
                 println!(
-                    "{:<10}  {:<16}  {:<28}  {:<16}  {:<16}  {}",
+                    "{:<10}  {:<16}  {:<28}  {:<20}  {:<20}  {}",
                     k.prefix,
                     super::ellipsize(&k.name, 16),
                     k.owner,
-                    k.created_at.format("%Y-%m-%d %H:%M"),
-                    k.last_used_at.map_or_else(
-                        || "never".to_owned(),
-                        |t| t.format("%Y-%m-%d %H:%M").to_string()
-                    ),
+                    super::when(k.created_at),
+                    k.last_used_at
+                        .map_or_else(|| "never".to_owned(), super::when),
                     if k.revoked_at.is_some() {
                         "revoked"
                     } else {

@@ -63,7 +63,6 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         app: String,
         /// Dead letter id (or the id of the row it was); or give a filter.
-        #[arg(required_unless_present_any = ["topic", "source", "trigger", "all"])]
         id: Option<String>,
         #[command(flatten)]
         filter: BulkArgs,
@@ -79,7 +78,6 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         app: String,
         /// Dead letter id (or the id of the row it was); or give a filter.
-        #[arg(required_unless_present_any = ["topic", "source", "trigger", "all"])]
         id: Option<String>,
         #[command(flatten)]
         filter: BulkArgs,
@@ -95,45 +93,87 @@ pub struct BulkArgs {
     /// Every unresolved dead letter of this source.
     #[arg(long, conflicts_with = "id")]
     source: Option<String>,
-    /// Every unresolved dead letter of this trigger (its id).
+    /// Every unresolved dead letter of this trigger (its name or id).
     #[arg(long, conflicts_with = "id")]
-    trigger: Option<Uuid>,
+    trigger: Option<String>,
     /// Every unresolved dead letter of the app.
     #[arg(long, conflicts_with_all = ["id", "topic", "source", "trigger"])]
     all: bool,
 }
 
-/// Replays or ignores (`action`) every unresolved dead letter `filter`
-/// names, a bulk request of up to `MAX_BULK` at a time; returns how many.
+/// Says, aside, that dead letters still match after a bulk action.
+fn note_left(left: i64) {
+    if left > 0 {
+        eprintln!(
+            "note: {left} unresolved dead letter(s) still match: new ones, or replays that failed again; run it again to take them too"
+        );
+    }
+}
+
+/// Replays or ignores (`action`) the unresolved dead letters `filter`
+/// names, a bulk request of up to `MAX_BULK` at a time, as many rounds as
+/// there were matches at the start (replays that fail again become new dead
+/// letters, which would otherwise keep the loop going); returns how many
+/// changed and how many still match.
 async fn act_on_all(
     pool: &sqlx::PgPool,
-    app: uuid::Uuid,
+    app: &outbox_core::App,
     action: &str,
     filter: BulkArgs,
     max_attempts: Option<i64>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, i64)> {
+    let trigger_id = match &filter.trigger {
+        Some(trigger) => Some(
+            outbox_core::store::triggers::find(pool, app.id, trigger)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{}: no trigger named {trigger:?} (or with that id); `outboxd trigger list --app {}` lists them",
+                        app.slug,
+                        app.slug
+                    )
+                })?
+                .id,
+        ),
+        None => None,
+    };
+    let matching = outbox_admin::api::BulkFilter {
+        source: filter.source,
+        topic: filter.topic,
+        trigger_id,
+    };
+    if !filter.all && matching.names_nothing() {
+        bail!(
+            "give a dead letter's id, or --topic, --source, --trigger or --all for every unresolved one they match"
+        );
+    }
+    let count = || outbox_admin::api::count_unresolved_matching(pool, app.id, &matching);
+    let at_start = count().await.map_err(cli_error)?;
+    if at_start == 0 {
+        eprintln!(
+            "note: no unresolved dead letter of {} matches; `outboxd dead-letters list --app {} --unresolved` lists them",
+            app.slug, app.slug
+        );
+    }
     let body = outbox_admin::api::BulkBody {
         action: action.to_owned(),
         ids: None,
-        filter: (!filter.all).then_some(outbox_admin::api::BulkFilter {
-            source: filter.source,
-            topic: filter.topic,
-            trigger_id: filter.trigger,
-        }),
+        filter: (!filter.all).then_some(matching.clone()),
         all: filter.all,
         max_attempts,
     };
+    let batch = i64::from(outbox_admin::api::MAX_BULK);
     let mut total = 0;
-    loop {
-        let changed = outbox_admin::api::run_bulk(pool, &cli_actor(), app, &body)
+    for _ in 0..(at_start + batch - 1) / batch {
+        let done = outbox_admin::api::run_bulk(pool, &cli_actor(), app.id, &body)
             .await
             .map_err(cli_error)?;
-        total += changed;
-        // A batch takes up to MAX_BULK; the ones it resolved match no more.
-        if changed < outbox_admin::api::MAX_BULK as usize {
-            return Ok(total);
+        total += done.changed;
+        if !done.more {
+            break;
         }
     }
+    Ok((total, count().await.map_err(cli_error)?))
 }
 
 /// The widest the list's topic column grows.
@@ -280,8 +320,9 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             max_attempts,
         } => {
             let found = apps::by_slug(&pool, &app).await?;
-            let n = act_on_all(&pool, found.id, "replay", filter, max_attempts).await?;
+            let (n, left) = act_on_all(&pool, &found, "replay", filter, max_attempts).await?;
             println!("{app}: {n} dead letter(s) replayed as new outbox rows");
+            note_left(left);
         }
         DeadLetterCommand::Ignore {
             app,
@@ -289,8 +330,9 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             filter,
         } => {
             let found = apps::by_slug(&pool, &app).await?;
-            let n = act_on_all(&pool, found.id, "ignore", filter, None).await?;
+            let (n, left) = act_on_all(&pool, &found, "ignore", filter, None).await?;
             println!("{app}: {n} dead letter(s) ignored");
+            note_left(left);
         }
         DeadLetterCommand::Replay {
             app,

@@ -23,9 +23,10 @@ pub fn when(t: DateTime<Utc>) -> String {
 }
 
 /// The lines of a list command: on a terminal, columns aligned under a
-/// header; piped, one tab-separated line per row and no header, which is
-/// what scripts read (`--json` gives the whole records). Every cell is made
-/// [`printable`], so no cell holds a tab or a line break of its own.
+/// header, each cell [`printable`]; piped, one tab-separated line per row
+/// and no header, each cell as stored but for its tabs and line breaks
+/// (spaces), so that a script reads a topic it can name back (`--json`
+/// gives the whole records).
 pub struct Table {
     header: &'static [&'static str],
     rows: Vec<Vec<String>>,
@@ -42,27 +43,38 @@ impl Table {
 
     /// Adds a row, one cell per column.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells.iter().map(|c| printable(c)).collect());
+        self.rows.push(cells);
     }
 
-    /// Prints the table to stdout, aligned when stdout is a terminal.
+    /// Prints the table to stdout, aligned when stdout is a terminal;
+    /// nothing at all without rows (the command says so aside).
     pub fn print(&self) {
         use std::io::IsTerminal;
-        print!("{}", self.render(std::io::stdout().is_terminal()));
+        if !self.rows.is_empty() {
+            print!("{}", self.render(std::io::stdout().is_terminal()));
+        }
     }
 
     fn render(&self, aligned: bool) -> String {
         let mut out = String::new();
         if !aligned {
             for row in &self.rows {
-                out.push_str(&row.join("\t"));
+                let cells: Vec<String> = row
+                    .iter()
+                    .map(|cell| cell.replace(['\t', '\n', '\r'], " "))
+                    .collect();
+                out.push_str(&cells.join("\t"));
                 out.push('\n');
             }
             return out;
         }
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|row| row.iter().map(|cell| printable(cell)).collect())
+            .collect();
         let width = |i: usize| {
-            self.rows
-                .iter()
+            rows.iter()
                 .filter_map(|row| row.get(i))
                 .map(|cell| cell.chars().count())
                 .chain([self.header[i].len()])
@@ -71,7 +83,7 @@ impl Table {
         };
         let widths: Vec<usize> = (0..self.header.len()).map(width).collect();
         let header: Vec<String> = self.header.iter().map(|h| (*h).to_owned()).collect();
-        for row in std::iter::once(&header).chain(&self.rows) {
+        for row in std::iter::once(&header).chain(&rows) {
             let last = row.len().saturating_sub(1);
             let line: Vec<String> = row
                 .iter()
@@ -121,16 +133,17 @@ mod tests {
             "2026-12-07T05:08:42Z".into(),
             "smtp down".into(),
         ]);
-        table.row(vec!["a".into(), "-".into(), "tab\there".into()]);
+        table.row(vec!["a ".into(), "-".into(), "tab\there\u{1b}".into()]);
         assert_eq!(
             table.render(true),
             "TOPIC      SINCE                 REASON\n\
              mail.send  2026-12-07T05:08:42Z  smtp down\n\
-             a          -                     tab here\n"
+             a          -                     tab here\u{FFFD}\n"
         );
         assert_eq!(
             table.render(false),
-            "mail.send\t2026-12-07T05:08:42Z\tsmtp down\na\t-\ttab here\n"
+            "mail.send\t2026-12-07T05:08:42Z\tsmtp down\na \t-\ttab here\u{1b}\n",
+            "piped, a topic stays as stored"
         );
     }
 

@@ -168,20 +168,43 @@ pub async fn retry(settings: Settings, args: RetryArgs) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
     let app = apps::by_slug(&pool, &args.app).await?.id;
     let actor = cli_actor();
-    let selection = match args.topic {
-        Some(topic) => api::Selection::Topic(topic),
-        None => api::Selection::Ids(args.ids),
-    };
-    let mut total = 0;
-    loop {
-        let done = api::retry_rows(&pool, &actor, app, &selection)
-            .await
-            .map_err(cli_error)?;
-        total += done.rows;
-        if !done.more {
-            break;
+    let total = match args.topic {
+        Some(topic) => {
+            // As many batches as rows waited at the start: a retried row
+            // that fails again waits again, and would be taken again.
+            let waiting = outbox_core::store::outbox::RowFilter {
+                topic: Some(topic.clone()),
+                waiting_only: true,
+                ..Default::default()
+            };
+            let at_start = outbox_core::store::outbox::count_matching(
+                &pool,
+                app,
+                &waiting,
+                i64::MAX,
+                std::time::Duration::from_secs(10),
+            )
+            .await?
+            .rows;
+            let selection = api::Selection::Topic(topic);
+            in_batches(at_start, || api::retry_rows(&pool, &actor, app, &selection)).await?
         }
-    }
+        None => {
+            let asked = args.ids.clone();
+            let done = api::retry_rows(&pool, &actor, app, &api::Selection::Ids(args.ids))
+                .await
+                .map_err(cli_error)?;
+            note_untouched(
+                &args.app,
+                &asked,
+                &done.ids,
+                "waiting for a delay or a backoff in",
+                "retried",
+                "due already, running, finished, or a dead letter",
+            );
+            done.rows
+        }
+    };
     println!("{}: {total} row(s) due now", args.app);
     if total == 0 {
         println!(
@@ -190,6 +213,48 @@ pub async fn retry(settings: Settings, args: RetryArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `act` batch after batch while it says more may match, for at most
+/// as many batches as `rows` fill; returns how many rows it changed.
+async fn in_batches<F, Fut>(rows: i64, mut act: F) -> anyhow::Result<usize>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<api::Acted, ApiError>>,
+{
+    let batch = outbox_core::store::outbox::MAX_CANCEL_BATCH;
+    let rounds = rows.saturating_add(batch - 1) / batch;
+    let mut total = 0;
+    for _ in 0..rounds.max(1) {
+        let done = act().await.map_err(cli_error)?;
+        total += done.rows;
+        if !done.more {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Notes, aside, the ids asked for that an action did not touch.
+fn note_untouched(
+    app: &str,
+    asked: &[Uuid],
+    touched: &[Uuid],
+    waiting: &str,
+    done: &str,
+    why: &str,
+) {
+    let missed: Vec<String> = asked
+        .iter()
+        .filter(|id| !touched.contains(id))
+        .map(Uuid::to_string)
+        .collect();
+    if !missed.is_empty() {
+        eprintln!(
+            "note: not {waiting} {app}'s outbox, so not {done}: {} ({why})",
+            missed.join(", ")
+        );
+    }
 }
 
 /// Runs `outboxd topic …`.
@@ -377,39 +442,32 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
     let pool = outboxd::db::connect(&settings, 0).await?;
     let app = apps::by_slug(&pool, &args.app).await?.id;
     let actor = cli_actor();
-    let mut total = 0;
-    match args.topic {
-        Some(topic) => loop {
-            let selection = api::Selection::Topic(topic.clone());
-            let done = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
-                .await
-                .map_err(cli_error)?;
-            total += done.rows;
-            if !done.more {
-                break;
-            }
-        },
+    let total = match args.topic {
+        // A cancelled row leaves the outbox: the batches end by themselves.
+        Some(topic) => {
+            let selection = api::Selection::Topic(topic);
+            in_batches(i64::MAX, || {
+                api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
+            })
+            .await?
+        }
         None => {
             let asked = args.ids.clone();
             let selection = api::Selection::Ids(args.ids);
             let done = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
                 .await
                 .map_err(cli_error)?;
-            total = done.rows;
-            let missed: Vec<String> = asked
-                .iter()
-                .filter(|id| !done.ids.contains(id))
-                .map(Uuid::to_string)
-                .collect();
-            if !missed.is_empty() {
-                eprintln!(
-                    "note: not waiting in {}'s outbox, so not cancelled: {} (running now, finished, or a dead letter already: `outboxd dead-letters show` finds one by its row's id too)",
-                    args.app,
-                    missed.join(", ")
-                );
-            }
+            note_untouched(
+                &args.app,
+                &asked,
+                &done.ids,
+                "waiting in",
+                "cancelled",
+                "running now, finished, or a dead letter already: `outboxd dead-letters show` finds one by its row's id too",
+            );
+            done.rows
         }
-    }
+    };
     println!(
         "{}: {total} row(s) cancelled (now ignored dead letters)",
         args.app

@@ -102,7 +102,13 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
                 .await
                 .map_err(cli_error)?
             {
-                println!("{url}: deleted; its requests are signed with webhook.secret");
+                if settings.webhook.secret.expose().is_empty() {
+                    println!(
+                        "{url}: deleted; with no secret of its own and webhook.secret unset, rows for it are not sent until one is set"
+                    );
+                } else {
+                    println!("{url}: deleted; its requests are signed with webhook.secret");
+                }
             } else {
                 println!("{url}: no such target");
             }

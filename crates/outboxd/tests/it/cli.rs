@@ -740,6 +740,26 @@ async fn dead_letters_are_replayed_and_ignored_and_rows_retried_by_topic_from_th
     assert_eq!(replayed, vec![("mail.send".to_owned(), Some(5)); 3]);
     let said = ok(&["dead-letters", "ignore", "--app", "shop", "--all"])?;
     assert!(said.contains("shop: 1 dead letter(s) ignored"), "{said}");
+    // More than one request takes: the CLI goes on until none is left.
+    sqlx::query(
+        "INSERT INTO dead_letters (app_id, original_event_id, source, topic, payload, attempt_count)
+         SELECT $1, gen_random_uuid(), 'queue', 'bulk.t', '{}', 1 FROM generate_series(1, 10001)",
+    )
+    .bind(app)
+    .execute(&db.pool)
+    .await?;
+    let said = ok(&[
+        "dead-letters",
+        "ignore",
+        "--app",
+        "shop",
+        "--topic",
+        "bulk.t",
+    ])?;
+    assert!(
+        said.contains("shop: 10001 dead letter(s) ignored"),
+        "{said}"
+    );
 
     // Retry now: rows waiting for a delay become due.
     ok(&[

@@ -481,7 +481,8 @@ pub async fn count_matching(
     budget: Duration,
 ) -> Result<RowCount, Error> {
     filter.validate()?;
-    let bound = bound.max(1);
+    // One row past the bound tells "more": leave room for it.
+    let bound = bound.clamp(1, i64::MAX - 1);
     let mut q = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM outbox o");
     filter.push_where(&mut q, app);
     q.push(" LIMIT ").push_bind(bound + 1).push(") AS matching");
