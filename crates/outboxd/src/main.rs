@@ -16,7 +16,7 @@ use crate::commands::accounts::{ApiKeyCommand, UserCommand};
 use crate::commands::apps::AppCommand;
 use crate::commands::dead_letters::DeadLetterCommand;
 use crate::commands::enqueue::EnqueueArgs;
-use crate::commands::topics::{CancelArgs, RetryArgs, TopicCommand};
+use crate::commands::topics::{CancelArgs, RowsArgs, TopicCommand};
 use crate::commands::triggers::TriggerCommand;
 
 /// A transactional-outbox dispatcher backed by PostgreSQL.
@@ -83,7 +83,7 @@ enum Command {
     /// Cancel rows that have not run: they become ignored dead letters with the reason.
     Cancel(CancelArgs),
     /// Run rows waiting for a delay or a retry's backoff now.
-    Retry(RetryArgs),
+    Retry(RowsArgs),
     /// Garbage-collect: delete dead letters, abandoned executions and (when a retention is set) audit-log entries past retention, expired de-duplication records, lapsed login-throttle counts, expired sessions and stale invocation inboxes.
     Gc {
         /// Run one sweep and exit (for an external cron); without it, sweep on `gc.schedule`.

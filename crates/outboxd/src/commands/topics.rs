@@ -122,49 +122,40 @@ pub enum TopicCommand {
     },
 }
 
-/// `outboxd cancel`.
+/// The rows `outboxd cancel` and `outboxd retry` act on: some by id, or
+/// every one of a topic that the action takes.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("rows").required(true).args(["ids", "topic"])))]
-pub struct CancelArgs {
+pub struct RowsArgs {
     /// App slug.
     #[arg(long)]
     app: String,
-    /// A row to cancel (repeat for several).
+    /// A row (repeat --id for several).
     #[arg(
         long = "id",
         required_unless_present = "topic",
         conflicts_with = "topic"
     )]
     ids: Vec<Uuid>,
-    /// Cancel every row of this topic that is not running.
+    /// Every row of this topic the action takes: not running (cancel), or
+    /// waiting for a delay or a retry's backoff (retry).
     #[arg(long)]
     topic: Option<String>,
+}
+
+/// `outboxd cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    rows: RowsArgs,
     /// Why (kept on each dead letter).
     #[arg(long)]
     reason: String,
 }
 
-/// `outboxd retry`: which rows to run now.
-#[derive(Debug, clap::Args)]
-pub struct RetryArgs {
-    /// App slug.
-    #[arg(long)]
-    app: String,
-    /// A row to run now (repeat for several).
-    #[arg(
-        long = "id",
-        required_unless_present = "topic",
-        conflicts_with = "topic"
-    )]
-    ids: Vec<Uuid>,
-    /// Every row of this topic waiting for a delay or a retry's backoff.
-    #[arg(long)]
-    topic: Option<String>,
-}
-
 /// Runs `outboxd retry`: rows waiting for a delay or a backoff become due
 /// now, as the dashboard's "retry now" does.
-pub async fn retry(settings: Settings, args: RetryArgs) -> anyhow::Result<()> {
+pub async fn retry(settings: Settings, args: RowsArgs) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
     let app = apps::by_slug(&pool, &args.app).await?.id;
     let actor = cli_actor();
@@ -440,9 +431,9 @@ fn note_if_unseen(seen: bool, slug: &str, topic: &str) {
 /// Runs `outboxd cancel`: a topic's rows in batches until none is left.
 pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
-    let app = apps::by_slug(&pool, &args.app).await?.id;
+    let app = apps::by_slug(&pool, &args.rows.app).await?.id;
     let actor = cli_actor();
-    let total = match args.topic {
+    let total = match args.rows.topic {
         // A cancelled row leaves the outbox: the batches end by themselves.
         Some(topic) => {
             let selection = api::Selection::Topic(topic);
@@ -452,13 +443,13 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
             .await?
         }
         None => {
-            let asked = args.ids.clone();
-            let selection = api::Selection::Ids(args.ids);
+            let asked = args.rows.ids.clone();
+            let selection = api::Selection::Ids(args.rows.ids);
             let done = api::cancel_rows(&pool, &actor, app, &selection, &args.reason)
                 .await
                 .map_err(cli_error)?;
             note_untouched(
-                &args.app,
+                &args.rows.app,
                 &asked,
                 &done.ids,
                 "waiting in",
@@ -470,12 +461,12 @@ pub async fn cancel(settings: Settings, args: CancelArgs) -> anyhow::Result<()> 
     };
     println!(
         "{}: {total} row(s) cancelled (now ignored dead letters)",
-        args.app
+        args.rows.app
     );
     if total == 0 {
         println!(
             "no waiting row of app {} matched: a row that has run, is running or belongs to another app is not cancelled",
-            args.app
+            args.rows.app
         );
     }
     Ok(())

@@ -167,16 +167,19 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
     Ok(())
 }
 
+/// What `outboxd args…` printed, or an error with what it said when it failed.
+fn succeeds(db: &TestDb, args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+    let out = run(outboxd(Some(&db.url)).args(args))?;
+    if !out.status.success() {
+        return Err(format!("{args:?}: {}", text(&out.stderr)).into());
+    }
+    Ok(text(&out.stdout))
+}
+
 #[tokio::test]
 async fn topics_are_paused_resumed_and_cancelled_from_the_cli() -> TestResult {
     let db = TestDb::new().await?;
-    let ok = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
-        let out = run(outboxd(Some(&db.url)).args(args))?;
-        if !out.status.success() {
-            return Err(format!("{args:?}: {}", text(&out.stderr)).into());
-        }
-        Ok(text(&out.stdout))
-    };
+    let ok = |args: &[&str]| succeeds(&db, args);
     ok(&["app", "create", "shop"])?;
     for _ in 0..3 {
         ok(&["enqueue", "--app", "shop", "--topic", "mail"])?;
@@ -691,13 +694,7 @@ async fn replay_policies_are_listed_and_removed_from_the_cli() -> TestResult {
 async fn dead_letters_are_replayed_and_ignored_and_rows_retried_by_topic_from_the_cli() -> TestResult
 {
     let db = TestDb::new().await?;
-    let ok = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
-        let out = run(outboxd(Some(&db.url)).args(args))?;
-        if !out.status.success() {
-            return Err(format!("{args:?}: {}", text(&out.stderr)).into());
-        }
-        Ok(text(&out.stdout))
-    };
+    let ok = |args: &[&str]| succeeds(&db, args);
     ok(&["app", "create", "shop"])?;
     let app: uuid::Uuid = sqlx::query_scalar("SELECT id FROM apps WHERE slug = 'shop'")
         .fetch_one(&db.pool)
