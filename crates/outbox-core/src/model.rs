@@ -347,6 +347,10 @@ pub struct ClaimedEvent {
     /// with `id`, its place in the claim order. `None` for a `run_at` that
     /// is not a finite time (`-infinity` is allowed).
     pub run_at: Option<DateTime<Utc>>,
+    /// When the row was due (its delay or backoff over, a priority's move
+    /// undone): how long it waited for this attempt is its claim time
+    /// minus this. `None` with `run_at`.
+    pub due_at: Option<DateTime<Utc>>,
 }
 
 impl ClaimedEvent {

@@ -146,6 +146,12 @@ impl Shared {
             .of(&self.pool, row.app_id, &row.topic)
             .await;
         meter.claimed.increment(1);
+        if let Some(due) = row.due_at {
+            // This host's clock against the database's: a skew shows as a
+            // wait of its size, never as a negative one.
+            let waited = (chrono::Utc::now() - due).to_std().unwrap_or_default();
+            meter.queue_wait.record(waited.as_secs_f64());
+        }
         let outcome = self.run_handler_unmetered(row, claim_tx, &meter).await;
         match &outcome {
             Outcome::Done | Outcome::Reply { ok: true, .. } => meter.count_completed(),

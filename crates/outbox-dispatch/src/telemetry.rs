@@ -76,6 +76,11 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Handler run time, by app and topic."
     );
+    describe_histogram!(
+        "outboxd_queue_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long a row waited from its due time to the start of an attempt, by app and topic."
+    );
     describe_gauge!(
         "outboxd_leader",
         "1 while this process is the maintenance leader."
@@ -155,6 +160,8 @@ pub(crate) struct TopicHandles {
     retried: Counter,
     dead_lettered: Counter,
     pub handler_duration: Histogram,
+    /// Due time to the start of an attempt.
+    pub queue_wait: Histogram,
     app_id: Uuid,
     topic: String,
     // Since the last write to `outbox_activity`: completed, failed, dead-lettered.
@@ -173,6 +180,7 @@ impl TopicHandles {
             retried: metrics::counter!("outboxd_retried_total", &labels),
             dead_lettered: metrics::counter!("outboxd_dead_lettered_total", &labels),
             handler_duration: metrics::histogram!("outboxd_handler_duration_seconds", &labels),
+            queue_wait: metrics::histogram!("outboxd_queue_wait_seconds", &labels),
             app_id,
             topic: topic.to_owned(),
             unwritten: Default::default(),

@@ -44,6 +44,12 @@ const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Histogram buckets for how long rows wait to start, in seconds: from a
+/// few milliseconds (a sleeping dispatcher woken) to an hour (a backlog).
+const WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Installs the Prometheus recorder (histograms with buckets, so they can
 /// be summed across processes) and describes every metric outboxd exports.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -51,6 +57,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(DURATION_BUCKETS)
         .context("setting histogram buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("outboxd_queue_wait_seconds".into()),
+            WAIT_BUCKETS,
+        )
+        .context("setting the queue wait's buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     outbox_dispatch::telemetry::describe();

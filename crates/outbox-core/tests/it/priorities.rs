@@ -189,3 +189,27 @@ async fn a_retried_row_keeps_its_priority() -> TestResult {
     assert_eq!(next(&db, 2).await?, ["urgent", "waiting"]);
     Ok(())
 }
+
+/// A claimed row says when it was due, its priority's move undone: what the
+/// queue-wait metric measures from.
+#[tokio::test]
+async fn a_claimed_row_says_when_it_was_due_whatever_its_priority() -> TestResult {
+    let db = TestDb::new().await?;
+    let app = db.app("shop").await?;
+    let before = Utc::now();
+    enqueue(
+        &db,
+        app,
+        &[NewEvent::new("urgent", json!({})).with_priority(9)],
+    )
+    .await?;
+    let rows = store::claim(&db.pool, "w", 10, LEASE).await?;
+    let row = rows.first().ok_or("nothing claimed")?;
+    let (run_at, due_at) = (row.run_at.ok_or("run_at")?, row.due_at.ok_or("due_at")?);
+    assert_eq!(due_at - run_at, chrono::Duration::seconds(90), "{row:?}");
+    assert!(
+        (due_at - before).num_seconds().abs() < 5,
+        "due when enqueued, not 90 s before: {due_at} against {before}"
+    );
+    Ok(())
+}

@@ -145,6 +145,14 @@ async fn metrics_are_described_labelled_bounded_and_histograms() -> TestResult {
         metrics.contains("outboxd_handler_duration_seconds_bucket{"),
         "{metrics}"
     );
+    // How long rows waited to start, with buckets up to an hour.
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("outboxd_queue_wait_seconds_bucket{app=\"shop\"")
+                && l.contains("le=\"3600\"")
+        ),
+        "{metrics}"
+    );
     Ok(())
 }
 

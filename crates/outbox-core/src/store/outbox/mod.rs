@@ -284,15 +284,20 @@ macro_rules! picked_cte {
 /// The columns of a [`ClaimedEvent`].
 macro_rules! claimed_columns {
     () => {
-        "o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
+        concat!(
+            "o.id, o.app_id, o.source, o.op, o.topic, o.trigger_id, o.target, o.payload, o.headers,
           o.idempotency_key, o.ordering_key, o.depth, o.attempt_count, o.max_attempts,
           o.lease_token, o.locked_until, o.first_attempt_at, o.reply_to,
           o.registered_by_principal, o.created_at,
-          CASE WHEN isfinite(o.run_at) THEN o.run_at END AS run_at"
+          CASE WHEN isfinite(o.run_at) THEN o.run_at END AS run_at,
+          CASE WHEN isfinite(o.run_at) THEN ",
+            due_at!(),
+            " END AS due_at"
+        )
     };
 }
 
-/// Reads the columns of `claimed_columns!` by position: looking twenty
+/// Reads the columns of `claimed_columns!` by position: looking twenty-two
 /// column names up for every claimed row was a measurable share of the
 /// dispatcher's CPU. Further columns may follow them.
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ClaimedEvent {
@@ -320,12 +325,13 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ClaimedEvent {
             registered_by_principal: row.try_get(18)?,
             created_at: row.try_get(19)?,
             run_at: row.try_get(20)?,
+            due_at: row.try_get(21)?,
         })
     }
 }
 
 /// How many columns `claimed_columns!` lists.
-const CLAIMED_COLUMNS: usize = 21;
+const CLAIMED_COLUMNS: usize = 22;
 
 /// That the row `o` is one of the rows of the CTE `picked` (its columns
 /// `tableoid` and `ctid`). A `ctid` names a row within one table only, and
@@ -395,8 +401,13 @@ mod tests {
     /// name the fields in the order it reads them.
     #[test]
     fn the_claimed_columns_are_in_the_order_the_row_is_decoded() {
+        // Split at the commas between columns, not those inside a call.
+        let mut depth = 0;
         let columns: Vec<&str> = claimed_columns!()
-            .split(',')
+            .split(|c: char| {
+                depth += i32::from(c == '(') - i32::from(c == ')');
+                c == ',' && depth == 0
+            })
             .map(|c| {
                 c.rsplit(" AS ")
                     .next()
@@ -429,6 +440,7 @@ mod tests {
                 "registered_by_principal",
                 "created_at",
                 "run_at",
+                "due_at",
             ]
         );
         assert_eq!(columns.len(), CLAIMED_COLUMNS);
