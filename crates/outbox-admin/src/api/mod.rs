@@ -24,6 +24,7 @@ mod dead_letters;
 pub(crate) mod declared;
 mod login;
 mod rows;
+mod searches;
 mod topics;
 
 pub use self::dead_letters::{
@@ -32,9 +33,10 @@ pub use self::dead_letters::{
 };
 pub use self::login::check_login;
 pub use self::rows::{
-    Acted, COUNT_BOUND, RowList, RowQuery, RowSearches, Selection, cancel_rows, count_touched,
-    list_rows, retry_rows,
+    Acted, COUNT_BOUND, RowList, RowQuery, Selection, cancel_rows, count_touched, list_rows,
+    retry_rows,
 };
+pub use self::searches::RowSearches;
 pub(crate) use self::topics::AuditQuery;
 pub use self::topics::{
     Limited, Paused, TopicSummary, limit_topic, pause_topic, resume_topic, topic_summaries,

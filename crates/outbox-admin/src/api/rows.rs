@@ -2,7 +2,6 @@
 //! the operator's actions on rows that have not run (retry now, cancel), by
 //! id, by topic or on a whole filter.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -15,7 +14,6 @@ use outbox_core::store::outbox::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::AdminState;
@@ -192,48 +190,6 @@ pub struct RowList {
     /// How many rows match: exact up to 1,000, else an estimate or a lower
     /// bound.
     pub count: RowCount,
-}
-
-/// How many row searches (a page, a count) run at once, across every user
-/// and app. A search for a rare payload value reads the whole app for up to
-/// its budget on two connections, and the admin shares its pool with the
-/// dispatcher's maintenance and the readiness check: forty such searches
-/// from one viewer at once took every connection, so the console answered
-/// in seconds, other requests failed and `/readyz` said 503.
-#[derive(Debug, Clone)]
-pub struct RowSearches(Arc<Semaphore>);
-
-impl RowSearches {
-    /// Room for searches on a fifth of `pool`'s connections (each search
-    /// runs on two at once), at least one search.
-    pub fn for_pool(pool: &sqlx::PgPool) -> Self {
-        Self::new(Self::room_for(pool.options().get_max_connections()))
-    }
-
-    /// How many searches a pool of `connections` has room for.
-    fn room_for(connections: u32) -> usize {
-        (connections / 10).max(1) as usize
-    }
-
-    /// Room for `searches` at once.
-    pub fn new(searches: usize) -> Self {
-        Self(Arc::new(Semaphore::new(searches)))
-    }
-
-    /// Waits for room, up to a page's budget; then refuses with 503 and
-    /// `Retry-After`, the pool untouched.
-    async fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        let busy = || {
-            ApiError::Unavailable(
-                "too many row searches are running at once; try again in a moment, or narrow the filter (a topic or a key)".into(),
-                Duration::from_secs(1),
-            )
-        };
-        tokio::time::timeout(PAGE_BUDGET, self.0.clone().acquire_owned())
-            .await
-            .map_err(|_| busy())?
-            .map_err(|_| busy())
-    }
 }
 
 /// A page of `app_id`'s rows for `q`, with its count.
@@ -623,16 +579,4 @@ pub(super) async fn count(
     Ok(Json(
         json!({ "rows": all, "idle": idle, "waiting": waiting }),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RowSearches;
-
-    #[test]
-    fn searches_get_a_fifth_of_the_pool_two_connections_each() {
-        assert_eq!(RowSearches::room_for(2), 1, "at least one");
-        assert_eq!(RowSearches::room_for(10), 1);
-        assert_eq!(RowSearches::room_for(50), 5);
-    }
 }
