@@ -53,12 +53,13 @@ pub async fn list_users(pool: &PgPool) -> Result<Vec<UserSummary>, ApiError> {
 /// capability on every app.
 pub async fn create_user(
     pool: &PgPool,
+    hasher: &Hasher,
     actor: &str,
     email: &str,
     password: &str,
     is_admin: bool,
 ) -> Result<User, ApiError> {
-    let hash = new_user_hash(email, password).await?;
+    let hash = new_user_hash(hasher, email, password).await?;
     let mut tx = audit::begin(pool).await?;
     let user = principals::create_user(&mut *tx, email, &hash, is_admin).await?;
     if is_admin {
@@ -69,10 +70,14 @@ pub async fn create_user(
 }
 
 /// Checks a new account's e-mail and password; returns the password's hash.
-pub(crate) async fn new_user_hash(email: &str, password: &str) -> Result<String, ApiError> {
+pub(crate) async fn new_user_hash(
+    hasher: &Hasher,
+    email: &str,
+    password: &str,
+) -> Result<String, ApiError> {
     check_password(password)?;
     check_email(email)?;
-    auth::Hasher::new()?.hash(password.to_owned()).await
+    hasher.hash(password.to_owned()).await
 }
 
 /// The longest e-mail address an account may have, in bytes (the longest

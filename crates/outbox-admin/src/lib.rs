@@ -144,7 +144,7 @@ pub async fn create_user(
     password: &str,
     is_admin: bool,
 ) -> Result<outbox_core::store::principals::User, ApiError> {
-    let hash = accounts::new_user_hash(email, password).await?;
+    let hash = accounts::new_user_hash(&auth::Hasher::new()?, email, password).await?;
     Ok(outbox_core::store::principals::create_user(pool, email, &hash, is_admin).await?)
 }
 

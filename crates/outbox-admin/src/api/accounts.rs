@@ -49,6 +49,7 @@ pub(super) async fn create_user(
     let body: NewUserBody = crate::strict::json(&body)?;
     let user = accounts::create_user(
         &state.pool,
+        &state.hasher,
         &crate::audit::actor(&p),
         &body.email,
         &body.password,

@@ -52,7 +52,8 @@ pub async fn check_login(
     let admitted = state.throttle.admit(email, addr).await?;
     let user = outbox_core::store::principals::user_by_email(&state.pool, email).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
-    if state.hasher.verify(password.to_owned(), hash).await
+    let lane = admitted.lane();
+    if state.hasher.verify(password.to_owned(), hash, lane).await
         && let Some(user) = user
     {
         state.throttle.record_success(addr, admitted).await?;

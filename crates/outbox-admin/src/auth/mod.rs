@@ -21,7 +21,7 @@ mod throttle;
 mod tokens;
 
 pub use self::api_keys::{API_KEY_TAG, new_api_key};
-pub use self::password::Hasher;
+pub use self::password::{Hasher, Lane};
 pub use self::proxies::{IpNet, client_address};
 pub use self::throttle::{Admitted, Throttle, ThrottleConfig, forget_clients, unlock};
 pub use self::tokens::{Claims, IssuedToken, issue_token, open_session, verify_token};

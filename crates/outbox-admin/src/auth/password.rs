@@ -1,4 +1,6 @@
-//! Password hashing: argon2id on the blocking pool, a few hashes at a time.
+//! Password hashing: argon2id on the blocking pool, one hash at a time per
+//! lane, so that a flood of sign-ins can take one core at most and the
+//! clients an account signed in from lately do not queue behind it.
 
 use std::sync::Arc;
 
@@ -15,11 +17,26 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Argon2Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes and verifies passwords on the blocking pool, a few at a time (each
-/// hash holds 19 MiB).
+/// Which queue a password check waits in ([`Hasher::verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// A client the account signed in from lately (the login throttle's
+    /// memory), or an authenticated caller setting a password: only someone
+    /// who knew the password could have put a client here.
+    Known,
+    /// Anyone else, a flood of guesses included.
+    Stranger,
+}
+
+/// Hashes and verifies passwords on the blocking pool, one at a time in each
+/// [`Lane`] (each hash holds 19 MiB and a core for tens of milliseconds):
+/// guesses from many addresses at once leave the other core to dispatch,
+/// and an owner signing in from a client they used lately waits for one
+/// hash at most, not for the guesses queued before them.
 #[derive(Clone)]
 pub struct Hasher {
-    permits: Arc<Semaphore>,
+    known: Arc<Semaphore>,
+    strangers: Arc<Semaphore>,
     // Verified when the e-mail is unknown, so that costs what a wrong password costs.
     dummy_hash: Arc<String>,
 }
@@ -29,15 +46,17 @@ impl Hasher {
     pub fn new() -> Result<Self, ApiError> {
         let dummy_hash = hash_now("dummy password for timing equalization")?;
         Ok(Self {
-            permits: Arc::new(Semaphore::new(2)),
+            known: Arc::new(Semaphore::new(1)),
+            strangers: Arc::new(Semaphore::new(1)),
             dummy_hash: Arc::new(dummy_hash),
         })
     }
 
-    /// Hashes a password (PHC string).
+    /// Hashes a password (PHC string) for a caller that is signed in, in the
+    /// [`Lane::Known`] lane.
     pub async fn hash(&self, password: String) -> Result<String, ApiError> {
         let _permit = self
-            .permits
+            .known
             .acquire()
             .await
             .map_err(|_| ApiError::internal("hasher closed"))?;
@@ -47,9 +66,13 @@ impl Hasher {
     }
 
     /// Verifies `password` against `hash`, or against the dummy hash when
-    /// there is no user, so both cost the same.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else {
+    /// there is no user, so both cost the same, waiting in `lane`.
+    pub async fn verify(&self, password: String, hash: Option<String>, lane: Lane) -> bool {
+        let permits = match lane {
+            Lane::Known => &self.known,
+            Lane::Stranger => &self.strangers,
+        };
+        let Ok(_permit) = permits.acquire().await else {
             return false;
         };
         let known = hash.is_some();

@@ -8,6 +8,7 @@ use outbox_core::store::login_throttle;
 use outbox_core::store::principals::fold_email;
 use sqlx::PgPool;
 
+use super::Lane;
 use crate::error::ApiError;
 
 /// Login throttling: failures are counted per account, per client address
@@ -170,6 +171,7 @@ impl Throttle {
             Err(wait) => Err(ApiError::RateLimited(wait)),
             Ok(before) => Ok(Admitted {
                 email,
+                known,
                 address_before: before
                     .into_iter()
                     .filter(|k| k.key == keys.address)
@@ -206,7 +208,21 @@ impl Throttle {
 pub struct Admitted {
     /// The e-mail as the database folds it (its keys are counted under).
     email: String,
+    /// Whether the account signed in from this client within the window.
+    known: bool,
     address_before: Vec<login_throttle::KeyState>,
+}
+
+impl Admitted {
+    /// The lane the attempt's password check waits in: [`Lane::Known`] for a
+    /// client the account signed in from within the window.
+    pub fn lane(&self) -> Lane {
+        if self.known {
+            Lane::Known
+        } else {
+            Lane::Stranger
+        }
+    }
 }
 
 fn free(n: u32) -> i32 {

@@ -1234,6 +1234,53 @@ async fn an_owner_who_mistypes_once_while_the_account_is_under_attack_still_sign
 }
 
 #[tokio::test]
+async fn an_owner_signing_in_from_a_known_client_does_not_queue_behind_a_flood_of_guesses()
+-> TestResult {
+    let w = World::new().await?;
+    let home = "198.51.100.7";
+    let (s, _, _) = login_from(&w.state, "root@x.io", PASSWORD, home).await?;
+    assert_eq!(s, StatusCode::OK);
+    // Sixteen guesses from sixteen addresses at once: each waits for the one
+    // before it, one hash at a time.
+    let guessed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let guesses: Vec<_> = (0..16)
+        .map(|i| {
+            let (state, guessed) = (w.state.clone(), guessed.clone());
+            tokio::spawn(async move {
+                let from = format!("203.0.113.{i}");
+                let answer = login_from(&state, "root@x.io", "guess guess", &from).await;
+                guessed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                answer.map(|(s, _, _)| s).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    // Every guess is counted (admitted) before its password is checked.
+    let counted = outbox_testkit::wait_until(std::time::Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM login_throttle WHERE key LIKE 'address:203.0.113.%'",
+        )
+        .fetch_one(&w.db.pool)
+        .await
+        .is_ok_and(|n| n == 16)
+    })
+    .await;
+    assert!(counted, "the guesses were not admitted");
+    let (s, _, body) = login_from(&w.state, "root@x.io", PASSWORD, home).await?;
+    let done_before_owner = guessed.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // The owner's check ran beside the guesses, not after them (in one
+    // queue it finished after fifteen or sixteen of them).
+    assert!(
+        done_before_owner <= 10,
+        "{done_before_owner} of 16 guesses finished before the owner signed in"
+    );
+    for guess in guesses {
+        assert_eq!(guess.await??, StatusCode::UNAUTHORIZED);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_success_from_an_address_at_its_limit_leaves_its_count_and_hold_back_as_they_were()
 -> TestResult {
     let mut w = World::new().await?;

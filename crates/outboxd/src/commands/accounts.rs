@@ -172,7 +172,10 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             password_stdin,
         } => {
             let (password, generated) = password(password_stdin)?;
-            let user = accounts::create_user(&pool, &cli_actor(), &email, &password, admin).await?;
+            let hasher = outbox_admin::auth::Hasher::new()?;
+            let user =
+                accounts::create_user(&pool, &hasher, &cli_actor(), &email, &password, admin)
+                    .await?;
             println!(
                 "created user {} ({})",
                 user.email,
