@@ -4,7 +4,6 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use chrono::{DateTime, Utc};
 use outbox_core::DeadLetter;
 use outbox_core::store::dead_letters::{self, Cursor, Filter};
 use serde::{Deserialize, Serialize};
@@ -93,7 +92,7 @@ pub fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
     let (micros, id) = s.split_once('_').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     Ok(Cursor {
-        created_at: DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?,
+        created_at: outbox_core::model::cursor_time(micros).ok_or_else(bad)?,
         id: Uuid::parse_str(id).map_err(|_| bad())?,
     })
 }
@@ -492,7 +491,8 @@ mod tests {
     #[test]
     fn a_cursor_round_trips() {
         let id = Uuid::now_v7();
-        let at = DateTime::<Utc>::from_timestamp_micros(1_700_000_000_123_456).unwrap_or_default();
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(1_700_000_000_123_456)
+            .unwrap_or_default();
         let cursor = decode_cursor(&format!("{}_{id}", at.timestamp_micros()));
         assert!(matches!(cursor, Ok(c) if c.id == id && c.created_at == at));
     }

@@ -195,18 +195,24 @@ pub struct RowList {
 /// A page of `app_id`'s rows for `q`, with its count.
 pub async fn list_rows(
     state: &AdminState,
+    user: Uuid,
     app_id: Uuid,
     q: &RowQuery,
 ) -> Result<RowList, ApiError> {
     let filter = q.filter()?;
-    let _room = state.row_searches.enter().await?;
+    let _room = state.row_searches.enter(user).await?;
     let pool = &state.pool;
     // On two connections at once: a page of a rare match and its count each
     // take up to their budget, and the answer waits for the longer only.
+    let at = q.page_at()?;
     let (page, count) = tokio::try_join!(
-        store::browse(pool, app_id, &filter, q.page_at()?, q.limit()?, PAGE_BUDGET),
+        store::browse(pool, app_id, &filter, at, q.limit()?, PAGE_BUDGET),
         store::count_matching(pool, app_id, &filter, COUNT_BOUND, COUNT_BUDGET),
     )?;
+    let count = match at {
+        PageAt::First => count.with_first_page(&page),
+        _ => count,
+    };
     Ok(RowList {
         rows: page.rows,
         before: page.before.map(|c| c.encode()),
@@ -221,10 +227,11 @@ pub async fn list_rows(
 /// says what will happen, within a page's budget.
 pub async fn count_touched(
     state: &AdminState,
+    user: Uuid,
     app_id: Uuid,
     filter: &RowFilter,
 ) -> Result<(RowCount, RowCount), ApiError> {
-    let _room = state.row_searches.enter().await?;
+    let _room = state.row_searches.enter(user).await?;
     count_touched_in(&state.pool, app_id, filter).await
 }
 
@@ -258,7 +265,7 @@ pub(super) async fn list(
 ) -> Result<Json<RowList>, ApiError> {
     let crate::strict::Query(q) = q?;
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    Ok(Json(list_rows(&state, app.id, &q).await?))
+    Ok(Json(list_rows(&state, p.user.id, app.id, &q).await?))
 }
 
 /// `GET /api/apps/{app}/outbox/{id}`: one row that has not finished, with
@@ -572,7 +579,7 @@ pub(super) async fn count(
     let crate::strict::Query(q) = q?;
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
     let filter = q.action_filter()?;
-    let _room = state.row_searches.enter().await?;
+    let _room = state.row_searches.enter(p.user.id).await?;
     let all =
         store::count_matching(&state.pool, app.id, &filter, COUNT_BOUND, COUNT_BUDGET).await?;
     let (idle, waiting) = count_touched_in(&state.pool, app.id, &filter).await?;

@@ -1,66 +1,171 @@
-//! Room for row searches: a fifth of the pool's connections, shared by
-//! every user, so that slow searches cannot take what the dispatcher's
-//! maintenance and the readiness check need.
+//! Room for row searches: about a fifth of the pool's connections, at least
+//! two searches, one at a time per user, so that slow searches cannot take
+//! what the dispatcher's maintenance and the readiness check need, and one
+//! user's searches cannot keep everyone else's waiting.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
 
 use crate::error::ApiError;
 
 use super::rows::PAGE_BUDGET;
 
 /// How many row searches (a page, a count) run at once, across every user
-/// and app. A search for a rare payload value reads the whole app for up to
-/// its budget on two connections, and the admin shares its pool with the
-/// dispatcher's maintenance and the readiness check: forty such searches
-/// from one viewer at once took every connection, so the console answered
-/// in seconds, other requests failed and `/readyz` said 503.
+/// and app, and one at a time per user. A search for a rare payload value
+/// reads the whole app for up to its budget on two connections, and the
+/// admin shares its pool with the dispatcher's maintenance and the
+/// readiness check: forty such searches from one viewer at once took every
+/// connection, so the console answered in seconds, other requests failed and
+/// `/readyz` said 503. With room for one search only, four loops of such
+/// searches from one viewer of one app kept every other user of every app
+/// waiting for the room until they were refused.
 #[derive(Debug, Clone)]
-pub struct RowSearches(Arc<Semaphore>);
+pub struct RowSearches {
+    room: Arc<Semaphore>,
+    /// One search at a time per user: a user's next search waits here, not
+    /// for the room. An entry lives while a search of its user runs or waits.
+    users: Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>,
+}
+
+/// Room for one search, held while it runs.
+#[derive(Debug)]
+pub(super) struct SearchRoom {
+    user: Uuid,
+    users: Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>,
+    _room: OwnedSemaphorePermit,
+    _own: OwnedSemaphorePermit,
+}
+
+impl Drop for SearchRoom {
+    fn drop(&mut self) {
+        // The map's reference and this room's permit: nobody else waits.
+        if let Ok(mut users) = self.users.lock()
+            && users
+                .get(&self.user)
+                .is_some_and(|s| Arc::strong_count(s) <= 2)
+        {
+            users.remove(&self.user);
+        }
+    }
+}
 
 impl RowSearches {
-    /// Room for searches on a fifth of `pool`'s connections (each search
-    /// runs on two at once), at least one search.
+    /// Room for searches on about a fifth of `pool`'s connections (each
+    /// search runs on two at once).
     pub fn for_pool(pool: &sqlx::PgPool) -> Self {
         Self::new(Self::room_for(pool.options().get_max_connections()))
     }
 
-    /// How many searches a pool of `connections` has room for.
+    /// How many searches a pool of `connections` has room for: two at least
+    /// when it has eight connections or more, so that a user searching
+    /// without pause leaves room for the others.
     fn room_for(connections: u32) -> usize {
-        (connections / 10).max(1) as usize
+        let floor = if connections >= 8 { 2 } else { 1 };
+        (connections.saturating_add(5) / 10).max(floor) as usize
     }
 
     /// Room for `searches` at once.
     pub fn new(searches: usize) -> Self {
-        Self(Arc::new(Semaphore::new(searches)))
+        Self {
+            room: Arc::new(Semaphore::new(searches)),
+            users: Arc::default(),
+        }
     }
 
-    /// Waits for room, up to a page's budget; then refuses with 503 and
-    /// `Retry-After`, the pool untouched.
-    pub(super) async fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// Waits for `user`'s previous search to end and for room, up to a
+    /// page's budget in all; then refuses with 503 and `Retry-After`, the
+    /// pool untouched.
+    pub(super) async fn enter(&self, user: Uuid) -> Result<SearchRoom, ApiError> {
         let busy = || {
             ApiError::Unavailable(
                 "too many row searches are running at once; try again in a moment, or narrow the filter (a topic or a key)".into(),
                 Duration::from_secs(1),
             )
         };
-        tokio::time::timeout(PAGE_BUDGET, self.0.clone().acquire_owned())
-            .await
-            .map_err(|_| busy())?
-            .map_err(|_| busy())
+        let own = {
+            let mut users = self.users.lock().map_err(|_| busy())?;
+            users
+                .entry(user)
+                .or_insert_with(|| Arc::new(Semaphore::new(1)))
+                .clone()
+        };
+        let permits = async {
+            let own = own.clone().acquire_owned().await.ok()?;
+            let room = self.room.clone().acquire_owned().await.ok()?;
+            Some((own, room))
+        };
+        let entered = tokio::time::timeout(PAGE_BUDGET, permits).await;
+        drop(own);
+        match entered {
+            Ok(Some((own, room))) => Ok(SearchRoom {
+                user,
+                users: self.users.clone(),
+                _room: room,
+                _own: own,
+            }),
+            _ => {
+                // Nobody else holds or waits for the entry: it goes.
+                if let Ok(mut users) = self.users.lock()
+                    && users.get(&user).is_some_and(|s| Arc::strong_count(s) <= 1)
+                {
+                    users.remove(&user);
+                }
+                Err(busy())
+            }
+        }
+    }
+
+    /// How many users have a search running or waiting (for tests).
+    #[cfg(test)]
+    fn users_tracked(&self) -> usize {
+        self.users.lock().map_or(0, |u| u.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use uuid::Uuid;
+
     use super::RowSearches;
 
     #[test]
-    fn searches_get_a_fifth_of_the_pool_two_connections_each() {
+    fn searches_get_about_a_fifth_of_the_pool_two_connections_each() {
         assert_eq!(RowSearches::room_for(2), 1, "at least one");
-        assert_eq!(RowSearches::room_for(10), 1);
+        assert_eq!(RowSearches::room_for(7), 1);
+        assert_eq!(RowSearches::room_for(8), 2, "two once the pool has room");
+        assert_eq!(RowSearches::room_for(15), 2, "the default pool");
         assert_eq!(RowSearches::room_for(50), 5);
+    }
+
+    #[tokio::test]
+    async fn one_user_searches_one_at_a_time_and_leaves_room_for_others() {
+        let searches = RowSearches::new(2);
+        let (viewer, admin) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = searches.enter(viewer).await.map_err(|e| format!("{e:?}"));
+        assert!(first.is_ok());
+        // The viewer's second search waits for the first, not for the room...
+        let second = tokio::spawn({
+            let searches = searches.clone();
+            async move { searches.enter(viewer).await.is_ok() }
+        });
+        tokio::task::yield_now().await;
+        // ...so the admin gets the room that is left at once.
+        let admin_room = tokio::time::timeout(Duration::from_millis(500), searches.enter(admin))
+            .await
+            .map(|r| r.is_ok());
+        assert_eq!(admin_room, Ok(true));
+        drop(first);
+        assert!(
+            second.await.unwrap_or(false),
+            "the viewer's next search ran"
+        );
+        // Rooms given back leave no entry behind.
+        assert_eq!(searches.users_tracked(), 0);
     }
 }

@@ -137,7 +137,7 @@ pub(super) async fn browse_page(
             )));
         }
         let q = row_query(&pairs, true)?;
-        let list = api::list_rows(&state, app.id, &q).await?;
+        let list = api::list_rows(&state, session.principal.user.id, app.id, &q).await?;
         let topics = outbox_core::store::outbox::recorded_state_counts(&state.pool, app.id).await?;
         let operator = may_operate(&state, &session, &app.slug).await?;
         Ok::<_, ApiError>(Ok((app, q, list, topics, operator)))
@@ -299,7 +299,7 @@ pub(super) async fn bulk_on_filter(
         let slug = esc(&app.slug);
         let back = filter_query(&q);
         if field(&form, "confirm") != Some("yes") {
-            let (idle, waiting) = api::count_touched(&state, app.id, &filter).await?;
+            let (idle, waiting) = api::count_touched(&state, session.principal.user.id, app.id, &filter).await?;
             let (touched, which, what) = if action == "retry" {
                 (waiting, "scheduled or retrying", "Retry now: they become due at once, keeping their attempt count")
             } else {

@@ -1508,23 +1508,42 @@ async fn row_searches_beyond_their_room_are_refused_and_leave_the_pool_to_the_re
 async fn a_bad_page_cursor_is_named_by_its_parameter_and_not_echoed() -> TestResult {
     let w = World::new().await?;
     let viewer = w.login("viewer@x.io").await?;
-    let junk = "x".repeat(3000);
-    for field in ["after", "before"] {
+    let id = Uuid::now_v7();
+    // Junk; a time before 4713 BC, which PostgreSQL cannot hold (it was a
+    // 500 and an ERROR line per request); a time past the years rows are
+    // stored in.
+    let cursors = [
+        "x".repeat(3000),
+        format!("-210866803200000001_{id}"),
+        format!("253402300800000000_{id}"),
+    ];
+    for cursor in &cursors {
+        for field in ["after", "before"] {
+            let (s, body) = w
+                .call(
+                    "GET",
+                    &format!("/api/apps/app-a/outbox?{field}={cursor}"),
+                    Some(&viewer),
+                    None,
+                )
+                .await?;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{cursor:.40}: {body}");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with(&format!("{field}: not a page cursor")),
+                "{message}"
+            );
+            assert!(message.len() < 200, "{message}");
+        }
         let (s, body) = w
             .call(
                 "GET",
-                &format!("/api/apps/app-a/outbox?{field}={junk}"),
+                &format!("/api/apps/app-a/dead-letters?after={cursor}"),
                 Some(&viewer),
                 None,
             )
             .await?;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.starts_with(&format!("{field}: not a page cursor")),
-            "{message}"
-        );
-        assert!(message.len() < 200, "{message}");
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{cursor:.40}: {body}");
     }
     Ok(())
 }

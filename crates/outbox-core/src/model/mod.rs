@@ -125,6 +125,14 @@ pub fn run_at_end() -> DateTime<Utc> {
     DateTime::from_timestamp(253_402_300_800, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// A time read from a page cursor (`micros` since the epoch), when it lies
+/// within the years rows are stored in ([`MIN_RUN_AT`] to [`run_at_end`]):
+/// no row lies outside them, and PostgreSQL refuses times before 4713 BC,
+/// which the text of a cursor can name.
+pub fn cursor_time(micros: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros).filter(|t| *t >= MIN_RUN_AT && *t < run_at_end())
+}
+
 /// How many seconds earlier each step of priority makes a row look due.
 pub const PRIORITY_STEP_SECS: i64 = 10;
 

@@ -303,6 +303,38 @@ async fn counts_are_exact_up_to_the_bound_and_estimates_beyond_it_or_when_slow()
         }
     );
 
+    // An estimate set right by the first page read beside it: a page that
+    // holds every match (here none) is their number; a page with more after
+    // it is a lower bound the estimate fell under.
+    let about = |rows| store::RowCount {
+        rows,
+        exact: false,
+        at_least: false,
+    };
+    let nothing = RowFilter {
+        topic: Some("nothing".into()),
+        ..RowFilter::default()
+    };
+    let empty = store::browse(&db.pool, shop, &nothing, PageAt::First, 10, BUDGET).await?;
+    assert_eq!(
+        about(24).with_first_page(&empty),
+        store::RowCount {
+            rows: 0,
+            exact: true,
+            at_least: false,
+        }
+    );
+    let page = store::browse(&db.pool, shop, &f, PageAt::First, 10, BUDGET).await?;
+    assert_eq!(
+        about(3).with_first_page(&page),
+        store::RowCount {
+            rows: 11,
+            exact: false,
+            at_least: true,
+        }
+    );
+    assert_eq!(about(24).with_first_page(&page), about(24));
+
     // A count (and a page) that cannot finish within the budget — here the
     // table is locked — comes back in time: an estimate, or a refusal.
     let mut locker = db.pool.begin().await?;

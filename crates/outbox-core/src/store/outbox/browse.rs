@@ -105,6 +105,35 @@ impl std::str::FromStr for RowState {
     }
 }
 
+impl RowCount {
+    /// This count set right by the first page of the same filter, read
+    /// beside it: a first page that holds every match makes the count
+    /// exact, and one with more after it is a lower bound that an estimate
+    /// may fall under (the planner guesses a fixed share of the rows for a
+    /// payload filter or a topic it has no statistics for).
+    pub fn with_first_page(self, page: &RowPage) -> RowCount {
+        if self.exact {
+            return self;
+        }
+        let seen = page.rows.len() as i64;
+        if page.after.is_none() {
+            RowCount {
+                rows: seen,
+                exact: true,
+                at_least: false,
+            }
+        } else if self.rows <= seen {
+            RowCount {
+                rows: seen + 1,
+                exact: false,
+                at_least: true,
+            }
+        } else {
+            self
+        }
+    }
+}
+
 /// A payload field that must have a value: `path` names nested keys
 /// (`customer.id` is `["customer", "id"]`), compared as text, so `42`
 /// matches the number 42 and the string "42". Serialized as it is written,
@@ -273,7 +302,7 @@ impl RowCursor {
         let run_at = micros
             .parse::<i64>()
             .ok()
-            .and_then(DateTime::from_timestamp_micros)
+            .and_then(crate::model::cursor_time)
             .ok_or_else(invalid)?;
         let id = Uuid::parse_str(id).map_err(|_| invalid())?;
         Ok(Self { run_at, id })
