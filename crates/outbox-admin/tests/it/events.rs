@@ -42,6 +42,17 @@ async fn kv_events_jobs_and_triggers_over_http() -> TestResult {
             json!({"kind": "kv", "name": "w\u{1b}[2J", "target": "h", "collection": "*"}),
             "name: must not contain control characters (found U+001B)",
         ),
+        // Paths take an id or a name, the id first: a name spelt as an id
+        // would find another trigger; one with spaces around it would look
+        // like another.
+        (
+            json!({"kind": "cron", "name": "{11BC08EC-1BEA-4BCB-8A22-3597A285370B}", "target": "h", "schedule": "0 3 * * *"}),
+            "name: must not be a UUID",
+        ),
+        (
+            json!({"kind": "cron", "name": " nightly ", "target": "h", "schedule": "0 3 * * *"}),
+            "name: must not start or end with whitespace",
+        ),
         (
             json!({"kind": "dead_letter", "name": "t", "target": "h", "topics": ["x\u{1b}y"]}),
             "must not contain control characters (found U+001B)",

@@ -324,7 +324,7 @@ async fn tenant_isolation_matrix_every_endpoint_every_role_foreign_app() -> Test
             "POST",
             "/api/apps/{app}/triggers",
             Some(
-                json!({"kind": "cron", "name": "{fresh}", "target": "t", "schedule": "0 3 * * *"}),
+                json!({"kind": "cron", "name": "cron-{fresh}", "target": "t", "schedule": "0 3 * * *"}),
             ),
             Needs::Triggers,
         ),

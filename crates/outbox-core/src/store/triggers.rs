@@ -149,6 +149,20 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
         return Err(Error::invalid("name", "must be 1 to 100 characters"));
     }
     crate::topics::check_printable("name", name)?;
+    if name.trim() != name {
+        return Err(Error::invalid(
+            "name",
+            "must not start or end with whitespace",
+        ));
+    }
+    // A trigger is found by its id or its name, the id first: a name that
+    // reads as an id (in any of its spellings) would find another trigger.
+    if Uuid::try_parse(name).is_ok() {
+        return Err(Error::invalid(
+            "name",
+            "must not be a UUID: paths take a trigger's id or its name",
+        ));
+    }
     if target.is_empty() || target.chars().count() > 255 || target.contains(char::is_whitespace) {
         return Err(Error::invalid(
             "target",
