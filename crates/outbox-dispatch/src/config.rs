@@ -31,7 +31,10 @@ pub struct Config {
     /// How often running rows' leases are extended; shorter than `lease`.
     /// Zero turns the heartbeat off.
     pub heartbeat_interval: Duration,
-    /// On shutdown, how long running handlers may take before their rows are released.
+    /// On shutdown, how long running handlers may take before their rows are
+    /// released. A released row whose handler had started keeps the attempt
+    /// it used, so the default outlasts `handler_timeout`: a stop then never
+    /// cuts a handler short.
     pub drain_grace: Duration,
     /// Backoff and attempt limit.
     pub retry: RetryPolicy,
@@ -63,7 +66,7 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(20),
             heartbeat_interval: Duration::from_secs(10),
-            drain_grace: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(25),
             retry: RetryPolicy::default(),
             max_trigger_depth: 8,
             in_transaction: false,

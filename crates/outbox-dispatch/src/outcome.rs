@@ -173,7 +173,7 @@ impl Shared {
         if row.attempt_count > max {
             return Outcome::ToDeadLetter {
                 error: format!(
-                    "attempts exhausted: attempt {} of {max} was lost with its worker (it died, or its lease expired)",
+                    "attempts exhausted: attempt {} of {max} did not finish (its worker died, its lease expired, or a stopping dispatcher released it unfinished; see the attempt history)",
                     row.attempt_count - 1
                 ),
             };

@@ -113,7 +113,7 @@ async fn a_row_whose_workers_keep_dying_is_dead_lettered_after_max_attempts() ->
         dead[0]
             .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("lost with its worker"))
+            .is_some_and(|e| e.contains("did not finish"))
     );
     Ok(())
 }

@@ -224,7 +224,7 @@ async fn a_row_that_kills_its_worker_mid_batch_still_exhausts_its_attempts() -> 
         dead[0]
             .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("lost with its worker")),
+            .is_some_and(|e| e.contains("did not finish")),
         "{:?}",
         dead[0].last_error
     );
