@@ -469,18 +469,20 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         outbox_core::store::schema_is_current(&state.pool),
     )
     .await;
-    // An unmigrated database answers, but nothing can be claimed or written
-    // there: not ready (the log says to run `outboxd migrate`).
-    let postgres_ok = match check {
-        Ok(Ok(current)) => current,
+    // An unmigrated database (or a restore without the outbox) answers, but
+    // nothing can be claimed or written there: not ready (the log says to
+    // run `outboxd migrate`).
+    let schema_ok = match check {
+        Ok(Ok(current)) => Some(current),
         Ok(Err(err)) => {
             tracing::debug!(error = %err, "readiness: the database did not answer");
-            false
+            None
         }
-        Err(_) => false,
+        Err(_) => None,
     };
+    let postgres_ok = schema_ok.is_some();
     let nats_ok = state.nats.as_ref().map(NatsHealth::connected);
-    let ready = postgres_ok && nats_ok.unwrap_or(true);
+    let ready = schema_ok == Some(true) && nats_ok.unwrap_or(true);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -488,7 +490,12 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     };
     (
         status,
-        Json(serde_json::json!({ "ready": ready, "postgres": postgres_ok, "nats": nats_ok })),
+        Json(serde_json::json!({
+            "ready": ready,
+            "postgres": postgres_ok,
+            "schema": schema_ok,
+            "nats": nats_ok,
+        })),
     )
 }
 

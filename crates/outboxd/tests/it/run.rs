@@ -198,7 +198,7 @@ async fn maintenance_leadership_moves_when_the_leader_is_killed() -> TestResult 
 /// A process started on a database that lacks this version's migrations,
 /// with `database.auto_migrate` off (a roll-out that migrates from a job of
 /// its own), is not ready until they are applied: it answers, but could
-/// claim and write nothing.
+/// claim and write nothing; nor is one whose outbox is gone.
 #[tokio::test]
 async fn a_process_on_a_database_behind_its_migrations_is_not_ready_until_migrated() -> TestResult {
     let db = TestDb::migrated_to(37).await?;
@@ -216,9 +216,20 @@ async fn a_process_on_a_database_behind_its_migrations_is_not_ready_until_migrat
             .is_ok_and(|(s, _)| s == 200)
     })
     .await;
+    // A database that records every migration but lost its outbox (a dump
+    // restored without outboxd's tables) is not ready either.
+    sqlx::query("DROP TABLE outbox CASCADE")
+        .execute(&db.pool)
+        .await?;
+    let (without_outbox, lost) = http_get(&addr, "/readyz").await?;
     let exit = stop(&mut child).await?;
+    assert_eq!(without_outbox, 503, "{lost}");
+    assert!(lost.contains(r#""schema":false"#), "{lost}");
     assert_eq!(before, 503, "{body}");
-    assert!(body.contains(r#""postgres":false"#), "{body}");
+    assert!(
+        body.contains(r#""postgres":true"#) && body.contains(r#""schema":false"#),
+        "{body}"
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(ready, "/readyz stayed 503 after `outboxd migrate`");
     assert!(exit.success());
