@@ -207,9 +207,14 @@ pub async fn run(
 
     // The GC schedule, segment rotation, compaction, automatic replays, the
     // row-state sample and the cron scheduler run on the elected leader only.
+    let mut supervisor = Supervisor::new(pool.clone());
+    if settings.gc_schedule().is_some() {
+        supervisor = supervisor.with(Sweeper::new(pool.clone(), settings.sweeper_config()));
+    } else {
+        info!("gc.schedule is off: no sweeps here; run `outboxd gc --once` from a scheduler");
+    }
     let maintenance = tokio::spawn(
-        Supervisor::new(pool.clone())
-            .with(Sweeper::new(pool.clone(), settings.sweeper_config()))
+        supervisor
             .with(Rotator::new(pool.clone(), settings.rotation_policy()))
             .with(Compactor::new(pool.clone(), settings.compaction_policy()))
             .with(Replayer::new(pool.clone(), Duration::from_secs(1)))

@@ -24,7 +24,8 @@ async fn delete_batch<'e>(
 }
 
 /// Deletes up to `limit` dead letters older than their app's retention (the
-/// app's `dead_letter_retention_days`, else `days`); returns how many.
+/// app's `dead_letter_retention_days`, else `days`; `days` 0 keeps those of
+/// apps without their own); returns how many.
 pub async fn sweep_dead_letters<'e>(
     db: impl PgExecutor<'e>,
     days: u32,
@@ -33,7 +34,7 @@ pub async fn sweep_dead_letters<'e>(
     Ok(sqlx::query(
         "DELETE FROM dead_letters WHERE id IN (
             SELECT d.id FROM dead_letters d JOIN apps a ON a.id = d.app_id
-            WHERE d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, $1))
+            WHERE d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, nullif($1, 0)))
             ORDER BY d.created_at
             LIMIT $2
             FOR UPDATE OF d SKIP LOCKED)",

@@ -10,6 +10,11 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     let pool = outboxd::db::connect(&settings, 0).await?;
     let sweeper = Sweeper::new(pool.clone(), settings.sweeper_config());
     if !once {
+        if settings.gc_schedule().is_none() {
+            anyhow::bail!(
+                "gc.schedule is \"off\": run `outboxd gc --once` from your scheduler, or set a schedule"
+            );
+        }
         eprintln!(
             "outboxd gc: sweeping on gc.schedule {:?} until SIGTERM or Ctrl-C (--once sweeps once and exits)",
             settings.gc.schedule
@@ -23,9 +28,12 @@ pub async fn run(settings: Settings, once: bool) -> anyhow::Result<()> {
     }
     let report = sweeper.run_once().await.context("gc sweep")?;
     println!(
-        "deleted {} dead letters (older than {} days, or an app's own retention), {} abandoned executions (older than {} days), {}, {} expired de-duplication records, {} lapsed login-throttle counts, {} expired sessions, {} stale invocation inboxes",
+        "deleted {} dead letters ({}), {} abandoned executions (older than {} days), {}, {} expired de-duplication records, {} lapsed login-throttle counts, {} expired sessions, {} stale invocation inboxes",
         report.dead_letters,
-        settings.dead_letter_retention_days,
+        match settings.dead_letter_retention_days {
+            0 => "of apps with a retention of their own; dead_letter_retention_days = 0 keeps the others'".to_owned(),
+            days => format!("older than {days} days, or an app's own retention"),
+        },
         report.abandoned_executions,
         settings.abandoned_executions_retention_days,
         match settings.audit_log_retention_days {

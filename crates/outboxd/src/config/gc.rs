@@ -19,10 +19,11 @@ pub struct GcSettings {
 impl Settings {
     /// `*_retention_days`.
     pub(super) fn validate_retention(&self) -> Result<(), ConfigError> {
+        // 0 keeps every dead letter of the apps without their own retention.
         range(
             "dead_letter_retention_days",
             self.dead_letter_retention_days as u64,
-            1,
+            0,
             3650,
         )?;
         range(
@@ -43,12 +44,16 @@ impl Settings {
 
     /// `[gc]`.
     pub(super) fn validate_gc(&self) -> Result<(), ConfigError> {
-        if let Err(err) = outbox_core::cron::next_tick(&self.gc.schedule, chrono::Utc::now()) {
+        if let Some(schedule) = self.gc_schedule()
+            && let Err(err) = outbox_core::cron::next_tick(schedule, chrono::Utc::now())
+        {
             return Err(ConfigError::Range {
                 key: "gc.schedule",
                 value: format!("{:?}", self.gc.schedule),
                 problem: "is not a cron expression",
-                accepted: format!("5 or 6 cron fields, e.g. \"0 */10 * * * *\" ({err})"),
+                accepted: format!(
+                    "5 or 6 cron fields, e.g. \"0 */10 * * * *\", or \"off\" ({err})"
+                ),
                 env_hint: env_hint("gc.schedule"),
             });
         }
@@ -66,6 +71,13 @@ impl Settings {
             10_000,
         )?;
         Ok(())
+    }
+
+    /// The GC sweeper's schedule; `None` when `gc.schedule` is "off" (an
+    /// external scheduler runs `outboxd gc --once`).
+    pub fn gc_schedule(&self) -> Option<&str> {
+        let schedule = self.gc.schedule.trim();
+        (!schedule.eq_ignore_ascii_case("off")).then_some(schedule)
     }
 
     /// How the leader rotates the outbox's segments.

@@ -179,7 +179,7 @@ impl Settings {
         let settings: Settings = figment
             .extract()
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
-        settings.validate()?;
+        settings.validate().map_err(|e| e.placed(&figment))?;
         Ok(settings)
     }
 
@@ -278,6 +278,36 @@ fn parse_env_value(raw: &str) -> figment::value::Value {
         "true" => Value::from(true),
         "false" => Value::from(false),
         _ => Value::from(raw.to_owned()),
+    }
+}
+
+impl ConfigError {
+    /// Names the file a key out of range was set in, when a file set it (the
+    /// checks name the key's environment variable, which may not be set).
+    fn placed(self, figment: &Figment) -> Self {
+        match self {
+            ConfigError::Range {
+                key,
+                value,
+                problem,
+                accepted,
+                env_hint,
+            } => {
+                let file = figment
+                    .find_metadata(key)
+                    .and_then(|m| m.source.as_ref())
+                    .and_then(figment::Source::file_path)
+                    .map(|path| format!(" (set in {})", path.display()));
+                ConfigError::Range {
+                    key,
+                    value,
+                    problem,
+                    accepted,
+                    env_hint: file.unwrap_or(env_hint),
+                }
+            }
+            other => other,
+        }
     }
 }
 

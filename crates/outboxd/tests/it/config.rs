@@ -144,6 +144,26 @@ async fn config_prints_the_effective_toml_with_secrets_redacted() -> TestResult 
         err.contains(&dir.join("prod.toml").display().to_string()),
         "{err}"
     );
+    // A value out of range names the file that set it, not a variable
+    // nobody set.
+    std::fs::write(
+        dir.join("tight.toml"),
+        "dead_letter_retention_days = 5000\n",
+    )?;
+    let out = run(outboxd(None).args([
+        "--config-dir",
+        dir.to_str().ok_or("utf-8")?,
+        "--env",
+        "tight",
+        "config",
+    ]))?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("dead_letter_retention_days") && err.contains("tight.toml"),
+        "{err}"
+    );
+    assert!(!err.contains("OUTBOXD_DEAD_LETTER_RETENTION_DAYS"), "{err}");
     // The same two through the environment alone.
     let out = run(outboxd(None)
         .env("OUTBOXD_CONFIG_DIR", &*dir)
