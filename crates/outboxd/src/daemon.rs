@@ -140,11 +140,22 @@ pub async fn run(
             None
         }
     };
-    let addr = settings
+    let addr: std::net::SocketAddr = settings
         .http
         .listen
         .parse()
         .context("http.listen is not a socket address")?;
+    // The README has demo users export it; in a service unit it would do
+    // nothing without a word.
+    if let Ok(port) = std::env::var("OUTBOXD_HTTP_PORT")
+        && port.trim() != addr.port().to_string()
+    {
+        tracing::warn!(
+            OUTBOXD_HTTP_PORT = %port,
+            listen = %addr,
+            "OUTBOXD_HTTP_PORT is scripts/demo.sh's knob, not a setting: outboxd listens on http.listen (set OUTBOXD_HTTP__LISTEN)"
+        );
+    }
     let max_connections = usize::try_from(settings.http.max_connections)
         .context("http.max_connections does not fit this machine")?;
     let (bound, server) = http::serve(

@@ -235,3 +235,36 @@ async fn a_process_on_a_database_behind_its_migrations_is_not_ready_until_migrat
     assert!(exit.success());
     Ok(())
 }
+
+/// `OUTBOXD_HTTP_PORT` is the demo script's knob: `outboxd run` says it does
+/// nothing there instead of listening elsewhere without a word.
+#[tokio::test]
+async fn the_demo_scripts_port_knob_is_named_when_it_does_nothing() -> TestResult {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await?;
+    let mut cmd = tokio::process::Command::from(outboxd(Some(&db.url)));
+    cmd.arg("run")
+        .env("OUTBOXD_HTTP_PORT", "1")
+        .env("OUTBOXD_HTTP__LISTEN", "127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let warned = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("OUTBOXD_HTTP_PORT is scripts/demo.sh's knob") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    let exit = stop(&mut child).await?;
+    assert!(warned, "no warning about OUTBOXD_HTTP_PORT");
+    assert!(exit.success());
+    Ok(())
+}
