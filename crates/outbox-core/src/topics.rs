@@ -265,6 +265,19 @@ pub fn check_printable(field: &'static str, text: &str) -> Result<(), Error> {
 /// for every topic, relayed or not.
 pub fn validate_new_topic(topic: &str) -> Result<(), Error> {
     validate_shown_topic(topic)?;
+    // `WEBHOOK:…` is served by nothing today, but would become a webhook
+    // that skipped the checks of one if a prefix were ever matched without
+    // case.
+    if !topic.starts_with(WEBHOOK_PREFIX)
+        && topic
+            .get(..WEBHOOK_PREFIX.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(WEBHOOK_PREFIX))
+    {
+        return Err(Error::invalid(
+            "topic",
+            format!("{topic:?}: a webhook topic starts with {WEBHOOK_PREFIX:?}, in lower case"),
+        ));
+    }
     if let Some(url) = topic.strip_prefix(WEBHOOK_PREFIX) {
         // The shape a POST needs, checked here: `webhook:not-a-url` was
         // accepted and dead-lettered on its first attempt.
@@ -404,6 +417,11 @@ mod tests {
             ("a\nb", "control characters (found U+000A)"),
             ("a\u{200b}b", "invisible characters (found U+200B)"),
             ("a\u{feff}b", "invisible characters (found U+FEFF)"),
+            (
+                "WEBHOOK:http://127.0.0.1:9/x",
+                "starts with \"webhook:\", in lower case",
+            ),
+            ("Webhook:https://hooks.example.com/", "in lower case"),
         ] {
             let err = validate_new_topic(bad).err().map(|e| e.to_string());
             assert!(
