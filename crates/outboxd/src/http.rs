@@ -120,7 +120,21 @@ pub fn router(
         Some(admin) => ops.merge(admin),
         None => ops,
     };
-    Routes { all, probes }
+    let nosniff = axum::middleware::map_response(nosniff);
+    Routes {
+        all: all.layer(nosniff.clone()),
+        probes: probes.layer(nosniff),
+    }
+}
+
+/// Every answer says what it is and may not be read as anything else (the
+/// admin's answers say so already; the probes, `/metrics` and the fallbacks
+/// did not).
+async fn nosniff(mut res: axum::response::Response) -> axum::response::Response {
+    res.headers_mut()
+        .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
+    res
 }
 
 /// What a connection of the reserve answers for anything but a probe.

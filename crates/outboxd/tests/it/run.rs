@@ -268,3 +268,41 @@ async fn the_demo_scripts_port_knob_is_named_when_it_does_nothing() -> TestResul
     assert!(exit.success());
     Ok(())
 }
+
+/// Every answer carries `X-Content-Type-Options: nosniff`: the probes,
+/// `/metrics`, and an unknown path under the admin's API.
+#[tokio::test]
+async fn every_answer_says_nosniff() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await?;
+    let (mut child, addr) = crate::support::spawn_server_with(
+        &db.url,
+        &["run"],
+        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+    )
+    .await?;
+    let mut missing = Vec::new();
+    for path in ["/healthz", "/readyz", "/metrics", "/api/nope", "/nope"] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let head = response
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !head.contains("x-content-type-options: nosniff") {
+            missing.push(path);
+        }
+    }
+    let exit = stop(&mut child).await?;
+    assert!(missing.is_empty(), "no nosniff on {missing:?}");
+    assert!(exit.success());
+    Ok(())
+}
