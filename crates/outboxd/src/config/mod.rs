@@ -161,6 +161,12 @@ impl Settings {
             if NOT_SETTINGS.contains(&rest.as_str()) {
                 continue;
             }
+            // `OUTBOXD_` alone would set the whole configuration to its value.
+            if rest.is_empty() || rest.split("__").any(str::is_empty) {
+                return Err(ConfigError::Load(format!(
+                    "{key} names no setting: a setting is OUTBOXD_<KEY>, a key of a section OUTBOXD_<SECTION>__<KEY> (config/default.toml lists them)"
+                )));
+            }
             let path = rest.replace("__", ".");
             figment = figment.merge((path, parse_env_value(value)));
         }
@@ -416,6 +422,23 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
             format!(
                 "got {n}, which is far too large or small; config/default.toml gives the key's range"
             )
+        }
+        // A whole number too long for any integer arrives as text.
+        Kind::InvalidType(Actual::Str(text), expected)
+            if is_integer(expected)
+                && text
+                    .strip_prefix('-')
+                    .unwrap_or(text)
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                && text.trim_start_matches('-').len() > 18 =>
+        {
+            format!(
+                "got {text}, which is far too large or small; config/default.toml gives the key's range"
+            )
+        }
+        Kind::InvalidType(_, expected) if expected.starts_with("struct ") => {
+            "is a section of keys, not a value: set its keys one by one ([section] in a file, OUTBOXD_<SECTION>__<KEY> in the environment)".to_owned()
         }
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
             let expected = match expected.as_str() {

@@ -78,6 +78,20 @@ fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
             "orders.*",
             "expected a list such as",
         ),
+        // Not the configuration library's words ("got string", "struct
+        // DispatcherSettings").
+        (
+            "OUTBOXD_DISPATCHER__LEASE_MS",
+            "99999999999999999999999",
+            "got 99999999999999999999999, which is far too large or small",
+        ),
+        (
+            "OUTBOXD_DISPATCHER",
+            "{}",
+            "dispatcher: is a section of keys, not a value",
+        ),
+        ("OUTBOXD_", "5", "OUTBOXD_ names no setting"),
+        ("OUTBOXD_DISPATCHER____LEASE_MS", "5", "names no setting"),
         (
             "OUTBOXD_DISPATCHER__BOGUS",
             "1",
