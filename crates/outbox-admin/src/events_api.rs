@@ -238,6 +238,7 @@ pub(crate) async fn authorize_topic(
 ) -> Result<outbox_core::App, ApiError> {
     let app = auth::authorize(&state.pool, p, slug, Capability::Write).await?;
     outbox_core::topics::validate_new_topic(topic)?;
+    outbox_core::topics::check_webhook_prefix_case("topic", topic)?;
     if topic.starts_with(outbox_core::topics::WEBHOOK_PREFIX) {
         auth::authorize(&state.pool, p, slug, Capability::ManageTriggers)
             .await

@@ -38,14 +38,21 @@ pub async fn run(
         outbox_core::migrate(&pool)
             .await
             .context("migrating on start")?;
+        if let Ok(false) = outbox_core::store::schema_is_current(&pool).await {
+            tracing::warn!(
+                "the database records every migration but lacks outboxd's tables (restored from a dump that left them out?): \
+                 /readyz answers 503, and claims and writes fail; restore them, or start from an empty database"
+            );
+        }
     } else {
         // It keeps running, not ready (`/readyz` 503), so that a roll-out
         // which migrates from another process finds it waiting.
         match outbox_core::store::schema_is_current(&pool).await {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
-                "the database lacks migrations this version needs (database.auto_migrate is off): \
-                 run `outboxd migrate`; until then /readyz answers 503, and claims and writes may fail"
+                "the database lacks migrations this version needs, or their tables (database.auto_migrate is off): \
+                 run `outboxd migrate` (or restore the tables a dump left out); until then /readyz answers 503, \
+                 and claims and writes may fail"
             ),
             Err(err) => tracing::warn!(
                 error = %err,

@@ -272,7 +272,9 @@ pub mod usecase {
         if password.chars().count() < 12 || password.len() > 1024 {
             return Err(AppError::Invalid("password: 12 to 1024 characters".into()));
         }
-        let hash = state.hasher.hash(password.to_owned()).await?;
+        // Anyone may sign up: the hash waits with the strangers.
+        let lane = outbox_admin::auth::Lane::Stranger;
+        let hash = state.hasher.hash_in(password.to_owned(), lane).await?;
         let mut tx = state.pool.begin().await?;
         let id = repo::users::insert(&mut tx, email, &hash)
             .await?

@@ -27,30 +27,46 @@ use super::rows::PAGE_BUDGET;
 pub struct RowSearches {
     room: Arc<Semaphore>,
     /// One search at a time per user: a user's next search waits here, not
-    /// for the room. An entry lives while a search of its user runs or waits.
-    users: Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>,
+    /// for the room.
+    users: Arc<Mutex<HashMap<Uuid, UserSearches>>>,
+}
+
+/// A user's searches: the one running and those waiting behind it.
+#[derive(Debug)]
+struct UserSearches {
+    one_at_a_time: Arc<Semaphore>,
+    /// Searches of this user that run or wait; the entry goes at 0.
+    entered: usize,
+}
+
+/// A user's claim on their entry, from the moment a search starts waiting
+/// until it ends or gives up (or its request is dropped): the entry goes
+/// with the last claim.
+#[derive(Debug)]
+struct UserClaim {
+    user: Uuid,
+    users: Arc<Mutex<HashMap<Uuid, UserSearches>>>,
+}
+
+impl Drop for UserClaim {
+    fn drop(&mut self) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = users.get_mut(&self.user) {
+            entry.entered = entry.entered.saturating_sub(1);
+            if entry.entered == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Room for one search, held while it runs.
 #[derive(Debug)]
 pub(super) struct SearchRoom {
-    user: Uuid,
-    users: Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>,
     _room: OwnedSemaphorePermit,
     _own: OwnedSemaphorePermit,
-}
-
-impl Drop for SearchRoom {
-    fn drop(&mut self) {
-        // The map's reference and this room's permit: nobody else waits.
-        if let Ok(mut users) = self.users.lock()
-            && users
-                .get(&self.user)
-                .is_some_and(|s| Arc::strong_count(s) <= 2)
-        {
-            users.remove(&self.user);
-        }
-    }
+    // Dropped last: the permits are given back before the entry may go.
+    _claim: UserClaim,
 }
 
 impl RowSearches {
@@ -61,10 +77,10 @@ impl RowSearches {
     }
 
     /// How many searches a pool of `connections` has room for: two at least
-    /// when it has eight connections or more, so that a user searching
+    /// when it has twelve connections or more, so that a user searching
     /// without pause leaves room for the others.
     fn room_for(connections: u32) -> usize {
-        let floor = if connections >= 8 { 2 } else { 1 };
+        let floor = if connections >= 12 { 2 } else { 1 };
         (connections.saturating_add(5) / 10).max(floor) as usize
     }
 
@@ -86,36 +102,32 @@ impl RowSearches {
                 Duration::from_secs(1),
             )
         };
-        let own = {
-            let mut users = self.users.lock().map_err(|_| busy())?;
-            users
-                .entry(user)
-                .or_insert_with(|| Arc::new(Semaphore::new(1)))
-                .clone()
+        let (claim, own) = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = users.entry(user).or_insert_with(|| UserSearches {
+                one_at_a_time: Arc::new(Semaphore::new(1)),
+                entered: 0,
+            });
+            entry.entered += 1;
+            let claim = UserClaim {
+                user,
+                users: self.users.clone(),
+            };
+            (claim, entry.one_at_a_time.clone())
         };
         let permits = async {
-            let own = own.clone().acquire_owned().await.ok()?;
+            let own = own.acquire_owned().await.ok()?;
             let room = self.room.clone().acquire_owned().await.ok()?;
             Some((own, room))
         };
-        let entered = tokio::time::timeout(PAGE_BUDGET, permits).await;
-        drop(own);
-        match entered {
+        match tokio::time::timeout(PAGE_BUDGET, permits).await {
             Ok(Some((own, room))) => Ok(SearchRoom {
-                user,
-                users: self.users.clone(),
                 _room: room,
                 _own: own,
+                _claim: claim,
             }),
-            _ => {
-                // Nobody else holds or waits for the entry: it goes.
-                if let Ok(mut users) = self.users.lock()
-                    && users.get(&user).is_some_and(|s| Arc::strong_count(s) <= 1)
-                {
-                    users.remove(&user);
-                }
-                Err(busy())
-            }
+            // The claim goes with this answer.
+            _ => Err(busy()),
         }
     }
 
@@ -137,8 +149,8 @@ mod tests {
     #[test]
     fn searches_get_about_a_fifth_of_the_pool_two_connections_each() {
         assert_eq!(RowSearches::room_for(2), 1, "at least one");
-        assert_eq!(RowSearches::room_for(7), 1);
-        assert_eq!(RowSearches::room_for(8), 2, "two once the pool has room");
+        assert_eq!(RowSearches::room_for(11), 1, "a fifth");
+        assert_eq!(RowSearches::room_for(12), 2, "two once the pool has room");
         assert_eq!(RowSearches::room_for(15), 2, "the default pool");
         assert_eq!(RowSearches::room_for(50), 5);
     }
@@ -166,6 +178,23 @@ mod tests {
             "the viewer's next search ran"
         );
         // Rooms given back leave no entry behind.
+        assert_eq!(searches.users_tracked(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_search_that_gives_up_or_is_dropped_leaves_no_entry_behind() {
+        let searches = RowSearches::new(1);
+        let (holder, waiter) = (Uuid::now_v7(), Uuid::now_v7());
+        let running = searches.enter(holder).await.map_err(|e| format!("{e:?}"));
+        assert!(running.is_ok());
+        // A waiter whose request goes away while it waits for the room.
+        let dropped = tokio::time::timeout(Duration::from_millis(50), searches.enter(waiter)).await;
+        assert!(dropped.is_err(), "it waited");
+        // The holder's second search gives up behind the first (after a
+        // page's budget), then the first ends.
+        let again = searches.enter(holder).await;
+        assert!(again.is_err());
+        drop(running);
         assert_eq!(searches.users_tracked(), 0);
     }
 }

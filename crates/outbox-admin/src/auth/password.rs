@@ -55,8 +55,14 @@ impl Hasher {
     /// Hashes a password (PHC string) for a caller that is signed in, in the
     /// [`Lane::Known`] lane.
     pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+        self.hash_in(password, Lane::Known).await
+    }
+
+    /// Hashes a password (PHC string) waiting in `lane`: a public sign-up
+    /// waits with the strangers.
+    pub async fn hash_in(&self, password: String, lane: Lane) -> Result<String, ApiError> {
         let _permit = self
-            .known
+            .permits(lane)
             .acquire()
             .await
             .map_err(|_| ApiError::internal("hasher closed"))?;
@@ -65,14 +71,17 @@ impl Hasher {
             .map_err(|e| ApiError::internal(format!("hashing task: {e}")))?
     }
 
+    fn permits(&self, lane: Lane) -> &Semaphore {
+        match lane {
+            Lane::Known => &self.known,
+            Lane::Stranger => &self.strangers,
+        }
+    }
+
     /// Verifies `password` against `hash`, or against the dummy hash when
     /// there is no user, so both cost the same, waiting in `lane`.
     pub async fn verify(&self, password: String, hash: Option<String>, lane: Lane) -> bool {
-        let permits = match lane {
-            Lane::Known => &self.known,
-            Lane::Stranger => &self.strangers,
-        };
-        let Ok(_permit) = permits.acquire().await else {
+        let Ok(_permit) = self.permits(lane).acquire().await else {
             return false;
         };
         let known = hash.is_some();

@@ -1547,3 +1547,35 @@ async fn a_bad_page_cursor_is_named_by_its_parameter_and_not_echoed() -> TestRes
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_count_that_runs_out_of_time_is_set_right_by_the_first_page() -> TestResult {
+    let w = World::new().await?;
+    let viewer = w.login("viewer@x.io").await?;
+    // The outbox locked for a moment: the count's 50 ms run out (it said
+    // "about 24" for a topic without rows), the page's 2 s do not.
+    let mut locker = w.db.pool.begin().await?;
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await?;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        locker.rollback().await
+    });
+    let (s, body) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/outbox?topic=nothing.here",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    release.await??;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["count"],
+        json!({"rows": 0, "exact": true, "at_least": false}),
+        "{body}"
+    );
+    Ok(())
+}

@@ -5,7 +5,7 @@
 //! other or delete a row twice, and a row locked by a
 //! replay in progress is skipped, not lost.
 
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 
 use crate::Error;
 
@@ -26,11 +26,18 @@ async fn delete_batch<'e>(
 /// Deletes up to `limit` dead letters older than their app's retention (the
 /// app's `dead_letter_retention_days`, else `days`; `days` 0 keeps those of
 /// apps without their own); returns how many.
-pub async fn sweep_dead_letters<'e>(
-    db: impl PgExecutor<'e>,
-    days: u32,
-    limit: i64,
-) -> Result<u64, Error> {
+pub async fn sweep_dead_letters(pool: &PgPool, days: u32, limit: i64) -> Result<u64, Error> {
+    // Kept for good but by apps of their own retention: without one, the
+    // sweep below would walk every dead letter to find none.
+    if days == 0
+        && !sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM apps WHERE dead_letter_retention_days IS NOT NULL)",
+        )
+        .fetch_one(pool)
+        .await?
+    {
+        return Ok(0);
+    }
     Ok(sqlx::query(
         "DELETE FROM dead_letters WHERE id IN (
             SELECT d.id FROM dead_letters d JOIN apps a ON a.id = d.app_id
@@ -41,7 +48,7 @@ pub async fn sweep_dead_letters<'e>(
     )
     .bind(days as i32)
     .bind(limit)
-    .execute(db)
+    .execute(pool)
     .await?
     .rows_affected())
 }

@@ -169,6 +169,7 @@ fn validate_name_target(name: &str, target: &str) -> Result<(), Error> {
             "must be a handler name: 1 to 255 characters, no spaces",
         ));
     }
+    crate::topics::check_webhook_prefix_case("target", target)?;
     if let Some(url) = target.strip_prefix(crate::topics::WEBHOOK_PREFIX)
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {
