@@ -155,9 +155,21 @@ pub async fn compact(
     pool: &PgPool,
     policy: CompactionPolicy,
 ) -> Result<Vec<Result<Compaction, Error>>, Error> {
+    compact_where(pool, policy, |_| true).await
+}
+
+/// [`compact`] for the bloated tables `try_table` accepts (the others wait
+/// for a later pass).
+pub async fn compact_where(
+    pool: &PgPool,
+    policy: CompactionPolicy,
+    try_table: impl Fn(&'static str) -> bool,
+) -> Result<Vec<Result<Compaction, Error>>, Error> {
     let mut done = Vec::new();
     for (table, _) in bloated(pool, policy.min_dead, None).await? {
-        done.push(vacuum_then_compact(pool, table, policy).await);
+        if try_table(table) {
+            done.push(vacuum_then_compact(pool, table, policy).await);
+        }
     }
     Ok(done)
 }

@@ -4,7 +4,9 @@
 //! [`outbox_core::store::compaction`]). With the rotator, it keeps every
 //! outboxd table bounded however long a snapshot is held.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use outbox_core::store::compaction::{self, Compaction, CompactionPolicy};
 use sqlx::PgPool;
@@ -18,29 +20,60 @@ use crate::Error;
 /// looks; a look is one read of `pg_stat_user_tables`.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// The longest wait before a table whose compaction a session's lock turned
+/// away is tried again (its vacuum, which finds nothing to remove while
+/// that session's snapshot lasts, waits as long).
+const RETRY_AT_MOST_EVERY: Duration = Duration::from_secs(16);
+
 /// Compacts the bookkeeping tables.
 #[derive(Debug, Clone)]
 pub struct Compactor {
     pool: PgPool,
     policy: CompactionPolicy,
+    retries: Arc<Mutex<HashMap<&'static str, super::Retry>>>,
 }
 
 impl Compactor {
     /// A compactor that checks every [`CHECK_EVERY`] under `policy`.
     pub fn new(pool: PgPool, policy: CompactionPolicy) -> Self {
-        Self { pool, policy }
+        Self {
+            pool,
+            policy,
+            retries: Arc::default(),
+        }
+    }
+
+    fn retries(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, super::Retry>> {
+        self.retries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One pass: vacuums the tables whose dead versions reached the
-    /// policy's threshold and compacts those a vacuum could not clean. A
-    /// table that failed is logged and left for the next pass; the first
-    /// failure is the pass's error.
+    /// policy's threshold and compacts those a vacuum could not clean; a
+    /// table a session's lock turned away is tried again after a second,
+    /// then less and less often. A table that failed is logged and left for
+    /// the next pass; the first failure is the pass's error.
     pub async fn run_once(&self) -> Result<Vec<Compaction>, Error> {
         let mut done = Vec::new();
         let mut first_error = None;
-        for outcome in compaction::compact(&self.pool, self.policy).await? {
+        let now = Instant::now();
+        let outcomes = compaction::compact_where(&self.pool, self.policy, |table| {
+            self.retries().get(table).is_none_or(|r| r.due(now))
+        })
+        .await?;
+        for outcome in outcomes {
             match outcome {
                 Ok(compaction) => {
+                    match compaction {
+                        Compaction::Blocked { table } => {
+                            self.retries()
+                                .entry(table)
+                                .or_default()
+                                .blocked(now, RETRY_AT_MOST_EVERY);
+                        }
+                        Compaction::Vacuumed { table } | Compaction::Compacted { table, .. } => {
+                            self.retries().remove(table);
+                        }
+                    }
                     note(compaction);
                     done.push(compaction);
                 }

@@ -6,7 +6,7 @@
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
 //! use outbox_dispatch::maintenance::{Replayer, Scheduler, Supervisor};
-//! use std::time::Duration;
+//! use std::time::{Duration, Instant};
 //!
 //! Supervisor::new(pool.clone())
 //!     .with(Scheduler::new(pool.clone(), Default::default()))
@@ -26,7 +26,7 @@ pub mod sweeper;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -42,6 +42,43 @@ pub use scheduler::Scheduler;
 pub use sweeper::Sweeper;
 
 use crate::Error;
+
+/// When work a session's lock turned away (a segment's rotation, a
+/// bookkeeping table's compaction) is tried again: after a second, then
+/// twice as long each time, up to a limit. Each try the lock turns away
+/// stalls claims and producers for up to the lock timeout and leaves an
+/// ERROR line in the server's log: a `pg_dump` of an hour made 3,600 of
+/// each for the rotation alone.
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    next_try: Option<Instant>,
+    wait: Duration,
+}
+
+impl Retry {
+    /// Whether a rotation may be tried at `now`.
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        self.next_try.is_none_or(|at| now >= at)
+    }
+
+    /// Records a try that was blocked at `now`; returns the wait before the
+    /// next, at most `longest`.
+    pub(crate) fn blocked(&mut self, now: Instant, longest: Duration) -> Duration {
+        self.wait = if self.wait.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            self.wait * 2
+        }
+        .min(longest);
+        self.next_try = Some(now + self.wait);
+        self.wait
+    }
+
+    /// Records a try that was not blocked.
+    pub(crate) fn cleared(&mut self) {
+        *self = Self::default();
+    }
+}
 
 /// When a service's passes run.
 #[derive(Debug, Clone)]
@@ -181,5 +218,28 @@ async fn run_service(
             metrics::counter!("outboxd_maintenance_errors_total", "service" => name).increment(1);
             warn!(service = name, error = %err, "{name} pass failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::Retry;
+
+    #[test]
+    fn work_a_lock_turned_away_is_tried_less_and_less_often_up_to_a_limit() {
+        let (mut retry, start, longest) =
+            (Retry::default(), Instant::now(), Duration::from_secs(10));
+        assert!(retry.due(start));
+        let waits: Vec<u64> = (0..6)
+            .map(|_| retry.blocked(start, longest).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert!(!retry.due(start + Duration::from_secs(9)));
+        assert!(retry.due(start + Duration::from_secs(10)));
+        retry.cleared();
+        assert!(retry.due(start));
+        assert_eq!(retry.blocked(start, longest), Duration::from_secs(1));
     }
 }

@@ -31,41 +31,6 @@ const VACUUM_AT_MOST_EVERY: Duration = Duration::from_secs(600);
 /// blocked rotations (the process lost leadership in between).
 const SAME_RUN_WITHIN: Duration = Duration::from_secs(5);
 
-/// When a blocked rotation is tried again: after a second, then twice as
-/// long each time, up to a period. Each try the lock turns away stalls
-/// claims and producers for up to the lock timeout and leaves an ERROR line
-/// in the server's log: a `pg_dump` of an hour made 3,600 of each.
-#[derive(Debug, Default)]
-struct Retry {
-    next_try: Option<Instant>,
-    wait: Duration,
-}
-
-impl Retry {
-    /// Whether a rotation may be tried at `now`.
-    fn due(&self, now: Instant) -> bool {
-        self.next_try.is_none_or(|at| now >= at)
-    }
-
-    /// Records a try that was blocked at `now`; returns the wait before the
-    /// next, at most `longest`.
-    fn blocked(&mut self, now: Instant, longest: Duration) -> Duration {
-        self.wait = if self.wait.is_zero() {
-            Duration::from_secs(1)
-        } else {
-            self.wait * 2
-        }
-        .min(longest);
-        self.next_try = Some(now + self.wait);
-        self.wait
-    }
-
-    /// Records a try that was not blocked.
-    fn cleared(&mut self) {
-        *self = Self::default();
-    }
-}
-
 /// A run of blocked rotations: when it was last seen, when the segments
 /// are vacuumed next, and the wait after that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +93,7 @@ pub struct Rotator {
     pool: PgPool,
     policy: RotationPolicy,
     schedule: Arc<Mutex<VacuumSchedule>>,
-    retry: Arc<Mutex<Retry>>,
+    retry: Arc<Mutex<super::Retry>>,
 }
 
 impl Rotator {
@@ -147,7 +112,7 @@ impl Rotator {
         self.schedule.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn retry(&self) -> std::sync::MutexGuard<'_, Retry> {
+    fn retry(&self) -> std::sync::MutexGuard<'_, super::Retry> {
         self.retry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -247,22 +212,6 @@ mod tests {
     use super::*;
 
     const FIRST: Duration = Duration::from_secs(30);
-
-    #[test]
-    fn a_blocked_rotation_is_tried_less_and_less_often_up_to_once_a_period() {
-        let (mut retry, start, period) =
-            (Retry::default(), Instant::now(), Duration::from_secs(10));
-        assert!(retry.due(start));
-        let waits: Vec<u64> = (0..6)
-            .map(|_| retry.blocked(start, period).as_secs())
-            .collect();
-        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
-        assert!(!retry.due(start + Duration::from_secs(9)));
-        assert!(retry.due(start + Duration::from_secs(10)));
-        retry.cleared();
-        assert!(retry.due(start));
-        assert_eq!(retry.blocked(start, period), Duration::from_secs(1));
-    }
 
     /// Blocked passes once a second from `from` on: the second of the
     /// first that is due to vacuum.
