@@ -15,7 +15,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::flash::Flash;
-use super::render::{error_page, esc, esc_key, logout_form, page, when};
+use super::render::{error_page, esc, esc_key, esc_shown, logout_form, page, when};
 use super::session::{Session, checked_form, field, may_operate, query_pairs, viewed_app};
 
 /// The filter fields of the browser's form, in the order it shows them.
@@ -229,7 +229,7 @@ pub(super) async fn browse_page(
                 due = when(r.due_at),
                 attempts = r.attempt_count,
                 worker = esc(r.locked_by.as_deref().filter(|_| r.state == "running").unwrap_or("")),
-                error = esc(r.last_error.as_deref().unwrap_or("")),
+                error = esc_shown(r.last_error.as_deref().unwrap_or("")),
             ));
         }
         body.push_str("</table></div>");

@@ -13,7 +13,7 @@ use crate::auth::Capability;
 use crate::error::ApiError;
 
 use super::flash::{Flash, without_flash};
-use super::render::{error_page, esc, keys_cell, logout_form, page, when};
+use super::render::{error_page, esc, esc_shown, keys_cell, logout_form, page, when};
 use super::rows::attempts_table;
 use super::session::{Session, after_form, checked_form, field, may, viewed_app};
 
@@ -103,7 +103,7 @@ pub(super) async fn list_page(
             src = esc(&row.source),
             topic = esc(&row.topic),
             att = row.attempt_count,
-            err = esc(&error),
+            err = esc_shown(&error),
             age = age(row.created_at),
             state = esc(row.state()),
         ));
@@ -203,7 +203,7 @@ pub(super) async fn detail_page(
         first = row.first_attempt_at.map(when).unwrap_or_default(),
         last = row.last_attempt_at.map(when).unwrap_or_default(),
         created = when(row.created_at),
-        err = esc(row.last_error.as_deref().unwrap_or("")),
+        err = esc_shown(row.last_error.as_deref().unwrap_or("")),
         payload = esc(&pretty),
         attempts = attempts_table(row.attempts.as_deref()),
     );

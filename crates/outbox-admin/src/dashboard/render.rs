@@ -7,13 +7,31 @@ use crate::error::ApiError;
 
 use super::session::Session;
 
-/// HTML-escapes text.
+/// HTML-escapes text (a form's values too: what is posted back is the text
+/// as it was).
 pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+/// HTML-escapes text only shown (an error), with its control characters but
+/// line breaks and tabs written out (`\u{1b}`): an ESC or a BEL in an error
+/// reached the page as it was.
+pub(super) fn esc_shown(s: &str) -> String {
+    let shown: String = s
+        .chars()
+        .map(|c| {
+            if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    esc(&shown)
 }
 
 /// HTML-escapes a key a producer chose, with its control and invisible
@@ -116,4 +134,23 @@ pub(super) fn logout_form(session: &Session) -> String {
         },
         esc(&session.csrf)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{esc, esc_shown};
+
+    #[test]
+    fn shown_text_is_escaped_with_its_control_characters_written_out() {
+        assert_eq!(esc("<b>&'\""), "&lt;b&gt;&amp;&#39;&quot;");
+        assert_eq!(
+            esc("a\u{1b}b"),
+            "a\u{1b}b",
+            "a form value posts back as it was"
+        );
+        assert_eq!(
+            esc_shown("<failed>\u{1b}[31m\u{7}\nline two\tend"),
+            "&lt;failed&gt;\\u{1b}[31m\\u{7}\nline two\tend"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use crate::AdminState;
 use crate::error::ApiError;
 
 use super::flash::Flash;
-use super::render::{error_page, esc, keys_cell, logout_form, page, when};
+use super::render::{error_page, esc, esc_shown, keys_cell, logout_form, page, when};
 use super::session::{Session, may_operate, viewed_app};
 
 fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
@@ -60,7 +60,7 @@ pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
             n = a.attempt,
             started = time(a.started_at),
             worker = esc(a.worker.as_deref().unwrap_or("")),
-            error = esc(a.error.as_deref().unwrap_or("")),
+            error = esc_shown(a.error.as_deref().unwrap_or("")),
         ));
     }
     html.push_str("</table>");
@@ -177,7 +177,7 @@ pub(super) async fn row_page(
             .map_or_else(|| "the default".to_owned(), |n| n.to_string()),
         first = time(row.first_attempt_at),
         last = time(row.last_attempt_at),
-        err = opt(row.last_error.as_deref()),
+        err = esc_shown(row.last_error.as_deref().unwrap_or("")),
         created = when(row.created_at),
         attempts = attempts_table(row.attempts.as_deref()),
         payload = pretty(&row.payload),
