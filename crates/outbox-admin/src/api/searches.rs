@@ -1,5 +1,5 @@
-//! Room for row searches: about a fifth of the pool's connections, at least
-//! two searches, one at a time per user, so that slow searches cannot take
+//! Room for row searches: about a fifth of the pool's connections (two
+//! searches at least from twelve connections), one at a time per user, so that slow searches cannot take
 //! what the dispatcher's maintenance and the readiness check need, and one
 //! user's searches cannot keep everyone else's waiting.
 

@@ -224,11 +224,11 @@ pub(super) async fn browse_page(
                 id = r.id,
                 short = short_id(r.id),
                 state = esc(&r.state),
-                topic = esc(&r.topic),
+                topic = esc_shown(&r.topic),
                 prio = if r.priority > 0 { format!(" <span class=muted>p{}</span>", r.priority) } else { String::new() },
                 due = when(r.due_at),
                 attempts = r.attempt_count,
-                worker = esc(r.locked_by.as_deref().filter(|_| r.state == "running").unwrap_or("")),
+                worker = esc_shown(r.locked_by.as_deref().filter(|_| r.state == "running").unwrap_or("")),
                 error = esc_shown(r.last_error.as_deref().unwrap_or("")),
             ));
         }
@@ -332,7 +332,7 @@ pub(super) async fn bulk_on_filter(
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),
                 count = count_text(touched),
-                reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc(&reason)) } else { String::new() },
+                reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc_shown(&reason)) } else { String::new() },
                 csrf = esc(&session.csrf),
                 hidden = hidden_filter(&q),
                 reason = esc(&reason),

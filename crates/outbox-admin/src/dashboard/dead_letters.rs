@@ -100,8 +100,8 @@ pub(super) async fn list_page(
             r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
             id = row.id,
             cb = if manager && row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
-            src = esc(&row.source),
-            topic = esc(&row.topic),
+            src = esc_shown(&row.source),
+            topic = esc_shown(&row.topic),
             att = row.attempt_count,
             err = esc_shown(&error),
             age = age(row.created_at),
@@ -187,13 +187,13 @@ pub(super) async fn detail_page(
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>{actions}"#,
         logout = logout_form(&session),
         flash = flash.html(),
-        topic = esc(&row.topic),
+        topic = esc_shown(&row.topic),
         id = row.id,
         orig = row.original_event_id,
         replay_of = row.replay_of.map_or_else(String::new, |earlier| format!(
             r#"<tr><th>Replay of</th><td><a id=replay-of href="/apps/{slug}/dead-letters/{earlier}">dead letter {earlier}</a> (its replay became this dead letter)</td></tr>"#
         )),
-        src = esc(&row.source),
+        src = esc_shown(&row.source),
         keys = keys_cell(&[
             ("ordering", row.ordering_key.as_deref()),
             ("partition", row.partition_key.as_deref()),

@@ -17,14 +17,16 @@ pub fn esc(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// HTML-escapes text only shown (an error), with its control characters but
-/// line breaks and tabs written out (`\u{1b}`): an ESC or a BEL in an error
-/// reached the page as it was.
+/// HTML-escapes text only shown (an error, a topic, a source), with its
+/// control, invisible and direction-changing characters but line breaks
+/// and tabs written out (`\u{1b}`, `\u{202e}`): an ESC or a BEL in an error
+/// reached the page as it was. Not for form values, which must post back
+/// the text as it was.
 pub(super) fn esc_shown(s: &str) -> String {
     let shown: String = s
         .chars()
         .map(|c| {
-            if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
+            if outbox_core::topics::is_unprintable(c) && !matches!(c, '\n' | '\r' | '\t') {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()
@@ -92,7 +94,7 @@ h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
 .scroll{{overflow-x:auto}} .charts{{display:flex;flex-wrap:wrap;gap:.8rem;margin:.6rem 0}} figure.chart{{margin:0;background:var(--panel);border:1px solid var(--line);padding:.5rem .6rem;flex:1 1 220px}} figure.chart svg{{width:100%;height:48px;color:var(--link);display:block}} figure.chart figcaption{{font-size:.85rem}} td.nowrap{{white-space:nowrap;overflow-wrap:normal}}
 @media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}} .wide{{display:none}}}}
 </style></head><body><header><a href="/apps">outboxd</a><span>console</span></header><main>{}</main></body></html>"#,
-        esc(title),
+        esc_shown(title),
         body
     ))
 }
@@ -152,5 +154,6 @@ mod tests {
             esc_shown("<failed>\u{1b}[31m\u{7}\nline two\tend"),
             "&lt;failed&gt;\\u{1b}[31m\\u{7}\nline two\tend"
         );
+        assert_eq!(esc_shown("abc\u{202e}fed"), "abc\\u{202e}fed");
     }
 }

@@ -59,7 +59,7 @@ pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
             r#"<tr data-attempt="{n}"><td>{n}</td><td>{started}</td><td>{took}</td><td>{worker}</td><td class=err>{error}</td></tr>"#,
             n = a.attempt,
             started = time(a.started_at),
-            worker = esc(a.worker.as_deref().unwrap_or("")),
+            worker = esc_shown(a.worker.as_deref().unwrap_or("")),
             error = esc_shown(a.error.as_deref().unwrap_or("")),
         ));
     }
@@ -116,7 +116,6 @@ pub(super) async fn row_page(
         return (StatusCode::NOT_FOUND, page("Not in the outbox", &text)).into_response();
     };
     let pretty = |v: &serde_json::Value| esc(&serde_json::to_string_pretty(v).unwrap_or_default());
-    let opt = |v: Option<&str>| esc(v.unwrap_or(""));
     let replayed = row.replayed_from.map_or_else(String::new, |d| {
         format!(
             r#"<tr><th>Replayed from</th><td><a id=replayed-from href="/apps/{slug}/dead-letters/{d}">dead letter {d}</a></td></tr>"#
@@ -148,7 +147,7 @@ pub(super) async fn row_page(
 {actions}{attempts}
 <h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>"#,
         logout = logout_form(&session),
-        topic = esc(&row.topic),
+        topic = esc_shown(&row.topic),
         id = row.id,
         state = esc(&row.state),
         due = when(row.due_at),
@@ -160,11 +159,11 @@ pub(super) async fn row_page(
             String::new()
         },
         src = if row.op.is_empty() {
-            esc(&row.source)
+            esc_shown(&row.source)
         } else {
-            format!("{} · {}", esc(&row.source), esc(&row.op))
+            format!("{} · {}", esc_shown(&row.source), esc(&row.op))
         },
-        target = opt(row.target.as_deref().or(Some(row.topic.as_str()))),
+        target = esc_shown(row.target.as_deref().unwrap_or(row.topic.as_str())),
         principal = row
             .registered_by_principal
             .as_deref()
@@ -199,7 +198,7 @@ fn trace_rows(headers: &serde_json::Value) -> String {
         headers.get(*name).and_then(|v| v.as_str()).map(|v| {
             format!(
                 r#"<tr><th>{name}</th><td><code>{}</code></td></tr>"#,
-                esc(v)
+                esc_shown(v)
             )
         })
     })

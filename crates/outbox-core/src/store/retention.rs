@@ -27,16 +27,27 @@ async fn delete_batch<'e>(
 /// app's `dead_letter_retention_days`, else `days`; `days` 0 keeps those of
 /// apps without their own); returns how many.
 pub async fn sweep_dead_letters(pool: &PgPool, days: u32, limit: i64) -> Result<u64, Error> {
-    // Kept for good but by apps of their own retention: without one, the
-    // sweep below would walk every dead letter to find none.
-    if days == 0
-        && !sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM apps WHERE dead_letter_retention_days IS NOT NULL)",
+    // Kept for good but by apps of their own retention: the sweep below
+    // would walk every kept dead letter to find those, so each such app's
+    // oldest are read from its own index instead.
+    if days == 0 {
+        return Ok(sqlx::query(
+            "DELETE FROM dead_letters WHERE id IN (
+                SELECT d.id FROM apps a
+                CROSS JOIN LATERAL (
+                    SELECT d.id FROM dead_letters d
+                    WHERE d.app_id = a.id
+                      AND d.created_at < now() - make_interval(days => a.dead_letter_retention_days)
+                    ORDER BY d.created_at
+                    LIMIT $1
+                    FOR UPDATE OF d SKIP LOCKED) d
+                WHERE a.dead_letter_retention_days IS NOT NULL
+                LIMIT $1)",
         )
-        .fetch_one(pool)
+        .bind(limit)
+        .execute(pool)
         .await?
-    {
-        return Ok(0);
+        .rows_affected());
     }
     Ok(sqlx::query(
         "DELETE FROM dead_letters WHERE id IN (

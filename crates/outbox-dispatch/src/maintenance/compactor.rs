@@ -56,10 +56,15 @@ impl Compactor {
         let mut done = Vec::new();
         let mut first_error = None;
         let now = Instant::now();
+        let asked = Mutex::new(Vec::new());
         let outcomes = compaction::compact_where(&self.pool, self.policy, |table| {
+            asked.lock().unwrap_or_else(|e| e.into_inner()).push(table);
             self.retries().get(table).is_none_or(|r| r.due(now))
         })
         .await?;
+        // A table no longer bloated starts afresh when next turned away.
+        let asked = asked.into_inner().unwrap_or_else(|e| e.into_inner());
+        self.retries().retain(|table, _| asked.contains(table));
         for outcome in outcomes {
             match outcome {
                 Ok(compaction) => {
@@ -68,7 +73,7 @@ impl Compactor {
                             self.retries()
                                 .entry(table)
                                 .or_default()
-                                .blocked(now, RETRY_AT_MOST_EVERY);
+                                .blocked(Instant::now(), RETRY_AT_MOST_EVERY);
                         }
                         Compaction::Vacuumed { table } | Compaction::Compacted { table, .. } => {
                             self.retries().remove(table);

@@ -6,7 +6,7 @@
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
 //! use outbox_dispatch::maintenance::{Replayer, Scheduler, Supervisor};
-//! use std::time::{Duration, Instant};
+//! use std::time::Duration;
 //!
 //! Supervisor::new(pool.clone())
 //!     .with(Scheduler::new(pool.clone(), Default::default()))
@@ -56,7 +56,7 @@ pub(crate) struct Retry {
 }
 
 impl Retry {
-    /// Whether a rotation may be tried at `now`.
+    /// Whether the work may be tried again at `now`.
     pub(crate) fn due(&self, now: Instant) -> bool {
         self.next_try.is_none_or(|at| now >= at)
     }
