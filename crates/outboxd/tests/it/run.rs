@@ -240,6 +240,7 @@ async fn a_process_on_a_database_behind_its_migrations_is_not_ready_until_migrat
 /// nothing there instead of listening elsewhere without a word.
 #[tokio::test]
 async fn the_demo_scripts_port_knob_is_named_when_it_does_nothing() -> TestResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::AsyncBufReadExt;
     let db = TestDb::new().await?;
     let mut cmd = tokio::process::Command::from(outboxd(Some(&db.url)));
@@ -247,15 +248,28 @@ async fn the_demo_scripts_port_knob_is_named_when_it_does_nothing() -> TestResul
         .env("OUTBOXD_HTTP_PORT", "1")
         .env("OUTBOXD_HTTP__LISTEN", "127.0.0.1:0")
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let warned = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("OUTBOXD_HTTP_PORT is scripts/demo.sh's knob") {
+    let warned = std::sync::Arc::new(AtomicBool::new(false));
+    let mut log = tokio::io::BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
+    tokio::spawn({
+        let warned = warned.clone();
+        async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                if line.contains("OUTBOXD_HTTP_PORT is scripts/demo.sh's knob") {
+                    warned.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    // Until it listens (a SIGTERM before that finds no handler yet), then
+    // on, so the child never blocks on a full pipe.
+    let mut out = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = out.next_line().await {
+            if line.starts_with("outboxd listening on") {
                 return true;
             }
         }
@@ -263,8 +277,14 @@ async fn the_demo_scripts_port_knob_is_named_when_it_does_nothing() -> TestResul
     })
     .await
     .unwrap_or(false);
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    let named = wait_until(Duration::from_secs(10), || async {
+        warned.load(Ordering::SeqCst)
+    })
+    .await;
     let exit = stop(&mut child).await?;
-    assert!(warned, "no warning about OUTBOXD_HTTP_PORT");
+    assert!(listening, "outboxd did not listen");
+    assert!(named, "no warning about OUTBOXD_HTTP_PORT");
     assert!(exit.success());
     Ok(())
 }
