@@ -19,6 +19,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::RowCount;
 use crate::Error;
 
 /// Rows waiting for a delay or a backoff: not running, due later. Their
@@ -102,35 +103,6 @@ impl std::str::FromStr for RowState {
                     format!("{s:?} is not one of due, scheduled, retrying, running"),
                 )
             })
-    }
-}
-
-impl RowCount {
-    /// This count set right by the first page of the same filter, read
-    /// beside it: a first page that holds every match makes the count
-    /// exact, and one with more after it is a lower bound that an estimate
-    /// may fall under (the planner guesses a fixed share of the rows for a
-    /// payload filter or a topic it has no statistics for).
-    pub fn with_first_page(self, page: &RowPage) -> RowCount {
-        if self.exact {
-            return self;
-        }
-        let seen = page.rows.len() as i64;
-        if page.after.is_none() {
-            RowCount {
-                rows: seen,
-                exact: true,
-                at_least: false,
-            }
-        } else if self.rows <= seen {
-            RowCount {
-                rows: seen + 1,
-                exact: false,
-                at_least: true,
-            }
-        } else {
-            self
-        }
     }
 }
 
@@ -365,21 +337,6 @@ pub struct RowPage {
     pub before: Option<RowCursor>,
     /// Where the next page starts, when there are rows after this one.
     pub after: Option<RowCursor>,
-}
-
-/// How many rows match, counted up to a bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct RowCount {
-    /// The exact count when `exact`, else the planner's estimate, or one
-    /// more than the bound when counting got past it and the planner
-    /// expected fewer (then `at_least`).
-    pub rows: i64,
-    /// False when `rows` is not the exact count.
-    pub exact: bool,
-    /// True when `rows` is a lower bound: the count stopped at the bound
-    /// and the planner's estimate was lower (its statistics do not know
-    /// the rows yet), so more rows than `rows` may match.
-    pub at_least: bool,
 }
 
 /// The most rows [`browse`] returns.
