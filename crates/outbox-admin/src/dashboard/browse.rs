@@ -76,12 +76,44 @@ fn filter_pairs(q: &RowQuery) -> Vec<(&'static str, String)> {
     .collect()
 }
 
-/// The filter as hidden inputs, for the forms that act on it.
+/// The filter as one hidden input holding its query string, for the forms
+/// that act on it. Not a field per part: browsers send every line break of a
+/// form's value as CRLF, so a key holding a bare `\n` came back as another
+/// key; percent-encoded, it travels as it is.
 fn hidden_filter(q: &RowQuery) -> String {
-    filter_pairs(q)
-        .into_iter()
-        .map(|(k, v)| format!(r#"<input type=hidden name={k} value="{}">"#, esc(&v)))
-        .collect()
+    format!(
+        r#"<input type=hidden name=filter value="{}">"#,
+        esc(&filter_query(q))
+    )
+}
+
+/// A form with its `filter` field (see [`hidden_filter`]) unpacked into the
+/// fields it holds. A form that names a filter both ways is refused: which
+/// one it meant cannot be told.
+fn unpack_filter(form: Vec<(String, String)>) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(packed) = field(&form, "filter").map(str::to_owned) else {
+        return Ok(form);
+    };
+    if let Some((named, _)) = form
+        .iter()
+        .find(|(k, v)| FILTER_FIELDS.contains(&k.as_str()) && !v.trim().is_empty())
+    {
+        return Err(ApiError::Invalid(format!(
+            "{named}: the filter is given in the field filter already; give it one way"
+        )));
+    }
+    let mut unpacked: Vec<(String, String)> =
+        form.into_iter().filter(|(k, _)| k != "filter").collect();
+    for (k, v) in form_urlencoded::parse(packed.as_bytes()) {
+        if !FILTER_FIELDS.contains(&k.as_ref()) {
+            return Err(ApiError::Invalid(format!(
+                "filter: {k} is not a filter field (accepted: {})",
+                FILTER_FIELDS.join(", ")
+            )));
+        }
+        unpacked.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(unpacked)
 }
 
 /// A time as a `datetime-local` input's value, in UTC (the page's script
@@ -284,6 +316,7 @@ pub(super) async fn bulk_on_filter(
 ) -> Response {
     let result = async {
         let (form, app) = checked_form(&state, &session, &app, Capability::Operate, req).await?;
+        let form = unpack_filter(form)?;
         let q = row_query(&form, false)?;
         let filter = q.filter()?;
         let action = field(&form, "action").unwrap_or_default();

@@ -1579,3 +1579,93 @@ async fn a_count_that_runs_out_of_time_is_set_right_by_the_first_page() -> TestR
     );
     Ok(())
 }
+
+/// The value of the hidden `filter` field of a dashboard form, as the
+/// browser reads it from the page.
+fn hidden_filter_value(html: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let escaped = html
+        .split(r#"<input type=hidden name=filter value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .ok_or("no hidden filter")?;
+    Ok(escaped
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&"))
+}
+
+/// A form body as a browser sends it: every line break of a value as CRLF.
+fn as_a_browser_posts(fields: &[(&str, &str)]) -> String {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in fields {
+        let value = value.replace("\r\n", "\n").replace('\n', "\r\n");
+        form.append_pair(name, &value);
+    }
+    form.finish()
+}
+
+#[tokio::test]
+async fn a_key_with_a_line_break_goes_through_the_confirm_forms_unchanged() -> TestResult {
+    let w = World::new().await?;
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut tx = w.db.pool.begin().await?;
+    let mut ids = Vec::new();
+    for key in ["line\nbreak", "line\r\nbreak"] {
+        let event = NewEvent::new("mail.send", json!({}))
+            .with_partition_key(key)
+            .with_run_at(later);
+        ids.push(outbox_core::enqueue(&mut tx, w.app_a, &event).await?);
+    }
+    tx.commit().await?;
+
+    let (s, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/outbox?partition_key=line%0Abreak",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("<p id=row-count>1 row</p>"), "{html}");
+    let filter = hidden_filter_value(&html)?;
+    let review = as_a_browser_posts(&[
+        ("csrf", &csrf),
+        ("filter", &filter),
+        ("action", "cancel"),
+        ("reason", "one key only"),
+    ]);
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &review).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("<strong>1 row</strong> not running matches this filter"),
+        "{html}"
+    );
+    let confirm = as_a_browser_posts(&[
+        ("csrf", &csrf),
+        ("filter", &hidden_filter_value(&html)?),
+        ("action", "cancel"),
+        ("reason", "one key only"),
+        ("confirm", "yes"),
+    ]);
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &confirm).await?;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{html}");
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox WHERE app_id = $1")
+        .bind(w.app_a)
+        .fetch_all(&w.db.pool)
+        .await?;
+    assert_eq!(left, [ids[1]], "the row keyed with CRLF stays");
+
+    // A filter given both ways is refused, not guessed at.
+    let both = as_a_browser_posts(&[
+        ("csrf", &csrf),
+        ("filter", "topic=mail.send"),
+        ("topic", "other.topic"),
+        ("action", "retry"),
+    ]);
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &both).await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{html}");
+    assert!(html.contains("give it one way"), "{html}");
+    Ok(())
+}
