@@ -5,7 +5,8 @@
 # process group), and checks each time that outboxd drained and exited before
 # PostgreSQL stopped and that nothing is left running; scripts/outboxd.sh
 # must work while the demo runs and fail within 2 s with a hint once it is
-# stopped.
+# stopped; a second demo on the same state must be refused and leave the
+# first running.
 # Usage: scripts/demo-test.sh [path/to/outboxd]   (default: $OUTBOXD_BIN)
 # Prints one closing line "N passed, M failed"; exits 1 on any failure.
 set -uo pipefail
@@ -159,6 +160,17 @@ stop_case() {
       pass "scripts/outboxd.sh works while the demo runs"
     else
       fail "scripts/outboxd.sh failed while the demo runs: $(tail -n 3 "$WORK/cli.out")"
+    fi
+    # A second demo on the same state is refused at once, and the first
+    # keeps its PostgreSQL (a second one used to stop it on its way out).
+    OUTBOXD_BIN="$BIN" OUTBOXD_STATE_DIR="$STATE" OUTBOXD_HTTP_PORT="$port" timeout 30 \
+      bash "$ROOT/scripts/demo.sh" >"$WORK/second-demo.out" 2>&1
+    rc=$?
+    if [ "$rc" != 0 ] && grep -q "a demo is already running" "$WORK/second-demo.out" \
+      && ! grep -q "sign in as" "$WORK/second-demo.out" && readyz "$port" && [ -n "$(postgres_pids)" ]; then
+      pass "a second demo on the same state is refused and leaves the first running"
+    else
+      fail "a second demo (exit $rc) did not leave the first alone: $(tail -n 3 "$WORK/second-demo.out")"
     fi
   fi
   case "$how" in

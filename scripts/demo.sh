@@ -8,6 +8,8 @@
 # script waits for it, then stops PostgreSQL and exits 0 (outboxd's status if
 # that was not 0; 130 or 143 when stopped before outboxd had started).
 # Further Ctrl-Cs while stopping are ignored: the stop finishes in order.
+# One demo runs per state directory: a second is refused before it starts
+# anything, and the first keeps running.
 #
 # Knobs (environment):
 #   OUTBOXD_HTTP_PORT=8080   serve the dashboard and API on this port
@@ -25,6 +27,20 @@ cd "$ROOT"
 OUTBOXD_PID=""
 PG_STARTING=""
 STOPPING=""
+
+# One demo per state directory: a second one would take over the first's
+# cluster and, failing on the port the first holds, stop that cluster on its
+# way out, under the running demo.
+mkdir -p "$STATE_DIR"
+DEMO_PID_FILE="$STATE_DIR/demo.pid"
+if [ -s "$DEMO_PID_FILE" ]; then
+  running="$(cat "$DEMO_PID_FILE")"
+  if [ "$running" != "$$" ] && kill -0 "$running" 2>/dev/null \
+    && tr '\0' ' ' <"/proc/$running/cmdline" 2>/dev/null | grep -q 'demo\.sh'; then
+    die "a demo is already running from $STATE_DIR (PID $running): use that one, stop it first (Ctrl-C in its terminal, or kill -TERM $running), or give this one a directory of its own with OUTBOXD_STATE_DIR=dir"
+  fi
+fi
+echo "$$" >"$DEMO_PID_FILE"
 
 # A stop request (SIGINT, SIGTERM): forward it to outboxd as SIGTERM, once;
 # the main loop below keeps waiting until it has drained.
@@ -59,6 +75,7 @@ cleanup() {
     log "stopping PostgreSQL"
     stop_postgres "$STATE_DIR/pg"
   fi
+  if [ "$(cat "$DEMO_PID_FILE" 2>/dev/null)" = "$$" ]; then rm -f "$DEMO_PID_FILE"; fi
   exit "$rc"
 }
 trap cleanup EXIT
