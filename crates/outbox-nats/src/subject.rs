@@ -9,6 +9,7 @@
 //! never a publish to a wildcard or to a subject with more tokens than the
 //! template has. Only `{topic}` may span several tokens (topics are dotted).
 
+use outbox_core::topics::is_unprintable;
 use outbox_dispatch::Event;
 use serde_json::Value;
 
@@ -142,7 +143,7 @@ impl SubjectTemplate {
         let tokens: Vec<&str> = rest.split('.').collect();
         let valid = tokens.iter().enumerate().all(|(i, t)| {
             !t.is_empty()
-                && !t.chars().any(char::is_whitespace)
+                && !t.chars().any(|c| c.is_whitespace() || is_unprintable(c))
                 && (*t == "*" || *t == ">" || !t.contains(['*', '>']))
                 && (*t != ">" || i == tokens.len() - 1)
         });
@@ -226,12 +227,15 @@ fn token<'a>(name: &str, value: Option<&'a str>) -> Result<&'a str, String> {
     match value {
         None => Err(format!("subject token {name} is missing")),
         Some("") => Err(format!("subject token {name} is empty")),
+        // The rule of a topic's tokens (`outbox_core::topics`): a control or
+        // invisible character in a subject is one that consumers' logs show
+        // as another subject, or not at all.
         Some(v) => match v
             .chars()
-            .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+            .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || is_unprintable(*c))
         {
             Some(c) => Err(format!(
-                "subject token {name} is {v:?}, which holds {c:?} (a subject token holds no '.', '*', '>' or whitespace)"
+                "subject token {name} is {v:?}, which holds {c:?} (a subject token holds no '.', '*', '>', whitespace, control or invisible characters)"
             )),
             None => Ok(v),
         },
@@ -320,6 +324,12 @@ mod tests {
             (json!({"id": "*"}), "{payload.id} is \"*\""),
             (json!({"id": ">"}), "{payload.id} is \">\""),
             (json!({"id": "a b"}), "{payload.id} is \"a b\""),
+            (json!({"id": "a\u{7}b"}), "{payload.id} is \"a\\u{7}b\""),
+            (json!({"id": "c\u{7f}d"}), "{payload.id} is \"c\\u{7f}d\""),
+            (
+                json!({"id": "e\u{200b}f"}),
+                "{payload.id} is \"e\\u{200b}f\"",
+            ),
             (json!({"id": {"x": 1}}), "{payload.id} is an object"),
             (json!({"id": null}), "{payload.id} is missing"),
         ] {

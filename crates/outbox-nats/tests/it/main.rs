@@ -360,6 +360,14 @@ async fn subjects_from_fields_of_the_row_are_concrete_or_the_row_fails_naming_th
         &NewEvent::new("order.created", json!({"id": 7})).with_max_attempts(5),
     )
     .await?;
+    // Published, it went out as `….a\u{7}b`, which consumers log as `….ab`.
+    let control = enqueue(
+        &mut tx,
+        app,
+        &NewEvent::new("order.created", json!({"type": "order", "id": "a\u{7}b"}))
+            .with_max_attempts(5),
+    )
+    .await?;
     tx.commit().await?;
     let mut registry = Registry::new();
     registry.fallback(relay);
@@ -386,6 +394,7 @@ async fn subjects_from_fields_of_the_row_are_concrete_or_the_row_fails_naming_th
     for (id, says) in [
         (wildcard, "subject token {payload.id} is \"*\""),
         (missing, "subject token {payload.type} is missing"),
+        (control, "subject token {payload.id} is \"a\\u{7}b\""),
     ] {
         let dead = outbox_core::store::dead_letters::by_original(&db.pool, id).await?;
         let error = dead
