@@ -24,40 +24,25 @@ async fn delete_batch<'e>(
 }
 
 /// Deletes up to `limit` dead letters older than their app's retention (the
-/// app's `dead_letter_retention_days`, else `days`; `days` 0 keeps those of
-/// apps without their own); returns how many.
+/// app's `dead_letter_retention_days`, else `days`; 0 keeps them for good);
+/// returns how many. Each app's oldest are read from its own index, so dead
+/// letters kept for good, by one app or by the global setting, are never
+/// walked to find the others.
 pub async fn sweep_dead_letters(pool: &PgPool, days: u32, limit: i64) -> Result<u64, Error> {
-    // Kept for good but by apps of their own retention: the sweep below
-    // would walk every kept dead letter to find those, so each such app's
-    // oldest are read from its own index instead.
-    if days == 0 {
-        return Ok(sqlx::query(
-            "DELETE FROM dead_letters WHERE id IN (
-                SELECT d.id FROM apps a
-                CROSS JOIN LATERAL (
-                    SELECT d.id FROM dead_letters d
-                    WHERE d.app_id = a.id
-                      AND d.created_at < now() - make_interval(days => a.dead_letter_retention_days)
-                    ORDER BY d.created_at
-                    LIMIT $1
-                    FOR UPDATE OF d SKIP LOCKED) d
-                WHERE a.dead_letter_retention_days IS NOT NULL
-                LIMIT $1)",
-        )
-        .bind(limit)
-        .execute(pool)
-        .await?
-        .rows_affected());
-    }
     Ok(sqlx::query(
         "DELETE FROM dead_letters WHERE id IN (
-            SELECT d.id FROM dead_letters d JOIN apps a ON a.id = d.app_id
-            WHERE d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, nullif($1, 0)))
-            ORDER BY d.created_at
-            LIMIT $2
-            FOR UPDATE OF d SKIP LOCKED)",
+            SELECT d.id FROM apps a
+            CROSS JOIN LATERAL (
+                SELECT d.id FROM dead_letters d
+                WHERE d.app_id = a.id
+                  AND d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, $1))
+                ORDER BY d.created_at
+                LIMIT $2
+                FOR UPDATE OF d SKIP LOCKED) d
+            WHERE coalesce(a.dead_letter_retention_days, $1) > 0
+            LIMIT $2)",
     )
-    .bind(days as i32)
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
     .bind(limit)
     .execute(pool)
     .await?
@@ -189,7 +174,7 @@ pub async fn set_app_retention<'e>(
         .await
         .map_err(|e| match &e {
             sqlx::Error::Database(d) if d.constraint().is_some() => {
-                Error::invalid("days", "must be within 1..=3650")
+                Error::invalid("days", "must be within 0..=3650 (0 keeps them for good)")
             }
             _ => Error::Database(e),
         })?

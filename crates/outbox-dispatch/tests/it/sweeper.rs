@@ -146,10 +146,29 @@ async fn an_app_can_keep_its_dead_letters_for_a_different_time() -> TestResult {
         .await?;
     assert_eq!(left, vec![kept]);
     assert!(!left.contains(&gone));
-    let err = outbox_core::store::retention::set_app_retention(&db.pool, "short", Some(0))
+    let err = outbox_core::store::retention::set_app_retention(&db.pool, "short", Some(3651))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("1..=3650"), "{err}");
+    assert!(err.to_string().contains("0..=3650"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_app_can_keep_its_dead_letters_for_good_while_the_others_are_swept() -> TestResult {
+    let db = TestDb::new().await?;
+    let audited = db.app("audited").await?;
+    let normal = db.app("normal").await?;
+    outbox_core::store::retention::set_app_retention(&db.pool, "audited", Some(0)).await?;
+    let kept = dead_letter_aged(&db, audited, "40 days").await?;
+    let gone = dead_letter_aged(&db, normal, "40 days").await?;
+    // The global 30 days sweeps the app without its own retention only.
+    let report = sweeper(&db, 1000).run_once().await?;
+    assert_eq!(report.dead_letters, 1);
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(left, vec![kept]);
+    assert!(!left.contains(&gone));
     Ok(())
 }
 

@@ -70,11 +70,11 @@ pub enum AppCommand {
         #[arg(long)]
         source: Option<String>,
     },
-    /// Set an app's own dead-letter retention in days ("default" for the global setting).
+    /// Set an app's own dead-letter retention in days (0 keeps them for good; "default" for the global setting).
     Retention {
         /// App slug.
         slug: String,
-        /// Days (1..=3650) or "default".
+        /// Days (0..=3650; 0 keeps them for good) or "default".
         days: String,
     },
 }
@@ -220,7 +220,11 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             tx.commit().await?;
             println!(
                 "{slug}: dead letters kept {}",
-                days.map_or("per the global setting".to_owned(), |d| format!("{d} days"))
+                match days {
+                    None => "per the global setting".to_owned(),
+                    Some(0) => "for good".to_owned(),
+                    Some(d) => format!("{d} days"),
+                }
             );
         }
     }

@@ -104,7 +104,7 @@ async fn bad_cli_arguments_are_clear_errors_that_change_nothing() -> TestResult 
         ),
         (&["app", "create", "BAD_SLUG!"], "invalid slug"),
         (&["app", "create", "' OR 1=1 --"], "invalid slug"),
-        (&["app", "retention", "shop", "0"], "days"),
+        (&["app", "retention", "shop", "3651"], "days"),
         (&["app", "suspend", "nope"], "unknown app"),
         (
             &["dead-letters", "show", "--app", "shop", "not-a-uuid"],
