@@ -44,11 +44,11 @@ pub enum AppCommand {
         /// Only this source.
         #[arg(long)]
         source: Option<String>,
-        /// Quarantine before the first replay, in seconds.
-        #[arg(long)]
+        /// Quarantine before the first replay, in seconds (1..=604800, a week).
+        #[arg(long, allow_negative_numbers = true, value_parser = super::number_in(1u32, 604_800))]
         delay_secs: u32,
-        /// Replays before the dead letter waits for an operator.
-        #[arg(long)]
+        /// Replays before the dead letter waits for an operator (1..=20).
+        #[arg(long, allow_negative_numbers = true, value_parser = super::number_in(1u32, 20))]
         rounds: u32,
     },
     /// List an app's automatic replay policies.

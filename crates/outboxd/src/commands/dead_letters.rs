@@ -35,7 +35,8 @@ pub enum DeadLetterCommand {
         #[arg(long)]
         source: Option<String>,
         /// Rows per page (1..=1000).
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true,
+              value_parser = super::number_in(1u32, 1000))]
         limit: u32,
         /// Continue after this cursor (printed under the previous page).
         #[arg(long)]
@@ -67,7 +68,7 @@ pub enum DeadLetterCommand {
         #[command(flatten)]
         filter: BulkArgs,
         /// Attempts the replayed rows get (default: each original row's).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         max_attempts: Option<i64>,
     },
     /// Ignore a dead letter, or every unresolved one of a topic, source or
@@ -201,9 +202,6 @@ pub async fn run(settings: Settings, cmd: DeadLetterCommand) -> anyhow::Result<(
             all,
             json,
         } => {
-            if !(1..=1000).contains(&limit) {
-                bail!("--limit {limit} is not between 1 and 1000");
-            }
             let (unresolved_only, resolution) = match wanted.as_deref() {
                 None => (unresolved, None),
                 Some("unresolved") => (true, None),

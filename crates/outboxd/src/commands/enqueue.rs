@@ -9,6 +9,9 @@ use outbox_core::{NewEvent, Source};
 
 use outboxd::config::Settings;
 
+/// The longest `--delay-ms`: ten years.
+const MAX_DELAY_MS: i64 = 3650 * 24 * 3600 * 1000;
+
 /// `outboxd enqueue` arguments.
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
@@ -22,9 +25,9 @@ pub struct EnqueueArgs {
     /// terminal. Empty input means `{}`.
     #[arg(long)]
     pub payload: Option<String>,
-    /// Not due before this many milliseconds from now.
-    #[arg(long)]
-    pub delay_ms: Option<u64>,
+    /// Not due before this many milliseconds from now (up to ten years).
+    #[arg(long, allow_negative_numbers = true, value_parser = super::number_in(0, MAX_DELAY_MS))]
+    pub delay_ms: Option<i64>,
     /// Idempotency key.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -34,11 +37,12 @@ pub struct EnqueueArgs {
     /// Partition key: a topic's per-key concurrency limit counts by it.
     #[arg(long)]
     pub partition_key: Option<String>,
-    /// Attempts before dead-lettering.
-    #[arg(long)]
+    /// Attempts before dead-lettering (1 or more).
+    #[arg(long, allow_negative_numbers = true, value_parser = super::number_in(1, i32::MAX))]
     pub max_attempts: Option<i32>,
     /// 0 (the default) to 9: claimed as if due this many × 10 s earlier.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = super::number_in(0, outbox_core::model::MAX_PRIORITY))]
     pub priority: i16,
     /// Source (queue, pubsub, ...).
     #[arg(long, default_value = "queue")]
@@ -66,10 +70,7 @@ pub async fn run(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
     let source: Source = args.source.parse()?;
     let mut event = NewEvent::new(args.topic, payload).with_source(source);
     if let Some(ms) = args.delay_ms {
-        let delay = i64::try_from(ms)
-            .ok()
-            .and_then(chrono::Duration::try_milliseconds)
-            .filter(|d| *d <= chrono::Duration::days(3650))
+        let delay = chrono::Duration::try_milliseconds(ms)
             .context("--delay-ms must be at most ten years")?;
         event = event.with_run_at(chrono::Utc::now() + delay);
     }

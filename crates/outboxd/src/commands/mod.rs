@@ -17,6 +17,28 @@ pub use outbox_core::text::{ellipsize, printable};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+/// An argument parser for a whole number within `lo..=hi`, for clap's
+/// `value_parser`: every refusal names the range, also for a number past
+/// the type (clap's own says "number too large to fit in target type" then,
+/// or "invalid digit" for a negative one where the type has none).
+pub fn number_in<T>(lo: T, hi: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: Copy + Into<i128> + TryFrom<i128> + std::fmt::Display + Send + Sync,
+{
+    move |given: &str| {
+        let out_of_range = || format!("{given} is not in {lo}..={hi}");
+        let digits = given.strip_prefix('-').unwrap_or(given);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{given:?} is not a whole number"));
+        }
+        let n: i128 = given.parse().map_err(|_| out_of_range())?;
+        if n < lo.into() || n > hi.into() {
+            return Err(out_of_range());
+        }
+        T::try_from(n).map_err(|_| out_of_range())
+    }
+}
+
 /// A time as every list shows it: RFC 3339 to the second, in UTC.
 pub fn when(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -123,7 +145,30 @@ pub fn elide_middle(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Table, elide_middle};
+    use super::{Table, elide_middle, number_in};
+
+    #[test]
+    fn a_number_out_of_range_is_refused_naming_the_range_whatever_its_size() {
+        let limit = number_in(1u32, 1000);
+        assert_eq!(limit("1"), Ok(1));
+        assert_eq!(limit("1000"), Ok(1000));
+        for given in [
+            "0",
+            "1001",
+            "-3",
+            "99999999999",
+            "99999999999999999999999999999999999999999",
+        ] {
+            assert_eq!(limit(given), Err(format!("{given} is not in 1..=1000")));
+        }
+        for given in ["", "-", "1e3", "1.5", " 7", "x"] {
+            assert_eq!(
+                limit(given),
+                Err(format!("{given:?} is not a whole number"))
+            );
+        }
+        assert_eq!(number_in(0i16, 9)("9"), Ok(9i16));
+    }
 
     #[test]
     fn a_table_is_aligned_for_people_and_tab_separated_for_scripts() {

@@ -9,6 +9,10 @@ use outbox_admin::StreamReader;
 use outbox_nats::subject::SubjectTemplate;
 use outboxd::config::Settings;
 
+/// The most `--last` takes: what a read of the stream returns at most.
+const MAX_LAST: u16 = outbox_nats::peek::MAX_MESSAGES as u16;
+const _: () = assert!(outbox_nats::peek::MAX_MESSAGES <= u16::MAX as usize);
+
 /// `outboxd stream …`.
 #[derive(Debug, Subcommand)]
 pub enum StreamCommand {
@@ -21,15 +25,18 @@ pub enum StreamCommand {
         #[arg(long, default_value = ">")]
         subject: String,
         /// At most this many, the latest (1..=100).
-        #[arg(long, default_value_t = 10)]
-        last: usize,
-        /// Only messages stored at most this many seconds ago.
-        #[arg(long, default_value_t = 3600)]
-        since_secs: u64,
+        #[arg(long, default_value_t = 10, allow_negative_numbers = true,
+              value_parser = super::number_in(1u16, MAX_LAST))]
+        last: u16,
+        /// Only messages stored at most this many seconds ago (1..=604800, a week).
+        #[arg(long, default_value_t = 3600, allow_negative_numbers = true,
+              value_parser = super::number_in(1u32, 604_800))]
+        since_secs: u32,
     },
     /// Print the message at this stream sequence as a JSON document.
     Get {
-        /// The message's sequence in the stream.
+        /// The message's sequence in the stream (1 for the first message).
+        #[arg(allow_negative_numbers = true, value_parser = super::number_in(1u64, u64::MAX))]
         sequence: u64,
     },
 }
@@ -38,21 +45,6 @@ pub enum StreamCommand {
 pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<()> {
     if settings.nats.url.is_empty() {
         bail!("stream needs NATS: set NATS_URL (or [nats] url)");
-    }
-    // The arguments are checked before anything connects.
-    if let StreamCommand::Tail {
-        last, since_secs, ..
-    } = &command
-    {
-        if !(1..=604_800).contains(since_secs) {
-            bail!("--since-secs {since_secs} is not between 1 and 604800 (a week)");
-        }
-        if !(1..=outbox_nats::peek::MAX_MESSAGES).contains(last) {
-            bail!(
-                "--last {last} is not between 1 and {}",
-                outbox_nats::peek::MAX_MESSAGES
-            );
-        }
     }
     let client = outbox_nats::connect_with(&settings.nats.url, true).await?;
     let js = async_nats::jetstream::new(client);
@@ -69,8 +61,10 @@ pub async fn run(settings: Settings, command: StreamCommand) -> anyhow::Result<(
                 stream: stream.clone(),
                 template: SubjectTemplate::parse(&settings.nats.subject_template)?,
             };
-            let since = Duration::from_secs(since_secs);
-            let messages = reader.tail(&app, &subject, last, since).await?;
+            let since = Duration::from_secs(u64::from(since_secs));
+            let messages = reader
+                .tail(&app, &subject, usize::from(last), since)
+                .await?;
             if messages.is_empty() {
                 // Said on stderr, so a pipe still reads nothing: an app's
                 // slug typed wrong reads as an empty stream otherwise.
