@@ -129,6 +129,7 @@ fn resource(what: &str) -> &'static str {
         "app",
         "entry",
         "session",
+        "webhook target",
     ]
     .into_iter()
     .find(|r| what.starts_with(r))

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Subcommand;
+use outbox_admin::ApiError;
 use outbox_core::store::{apps, webhooks};
 use outboxd::config::Settings;
 
@@ -66,7 +67,10 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
             let secret =
                 outbox_admin::webhooks::rotate_secret(&pool, &actor, app.id, &url, overlap)
                     .await
-                    .map_err(cli_error)?;
+                    .map_err(|err| match err {
+                        ApiError::NotFound(_) => no_such_target(&app.slug, &url),
+                        other => cli_error(other),
+                    })?;
             println!("{secret}");
             eprintln!(
                 "{url}: the new secret is above; the previous one signs too for {} s",
@@ -110,9 +114,17 @@ pub async fn run(settings: Settings, command: WebhookCommand) -> anyhow::Result<
                     println!("{url}: deleted; its requests are signed with webhook.secret");
                 }
             } else {
-                println!("{url}: no such target");
+                return Err(no_such_target(&app.slug, &url));
             }
         }
     }
     Ok(())
+}
+
+/// A target the app does not have, said as `trigger delete` says it of a
+/// trigger: an error, with where to look.
+fn no_such_target(app: &str, url: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{url}: app {app} has no webhook target of that URL (`outboxd webhook list --app {app}` lists them)"
+    )
 }

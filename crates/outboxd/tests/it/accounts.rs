@@ -279,6 +279,17 @@ async fn webhook_targets_get_secrets_of_their_own_through_the_binary() -> TestRe
     let bad = cli(&["webhook", "create", "--app", "shop", "ftp://x"])?;
     assert!(!bad.status.success() && text(&bad.stderr).contains("http:// or https://"));
     assert!(text(&cli(&["webhook", "delete", "--app", "shop", url])?.stdout).contains("deleted"));
+    // A target the app does not have is an error, naming it and where to look.
+    for verb in ["rotate", "delete"] {
+        let out = cli(&["webhook", verb, "--app", "shop", url])?;
+        let said = text(&out.stderr);
+        assert!(
+            !out.status.success()
+                && said.contains("app shop has no webhook target of that URL")
+                && said.contains("outboxd webhook list --app shop"),
+            "{verb}: {said}"
+        );
+    }
     let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
         .fetch_all(&db.pool)
         .await?;
