@@ -303,6 +303,39 @@ try {
         `the audit log records the actions on rows with their counts (${JSON.stringify(byFilter)})`);
   await page.screenshot({ path: `${shots}/audit.png`, fullPage: true });
 
+  // At a phone's width no page slides sideways (wide tables scroll in their
+  // own box), words stay whole and no button wraps its label.
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const [name, path] of [["apps", "/apps"], ["topics", "/apps/shop/topics"],
+                              ["dead-letters", "/apps/shop/dead-letters?unresolved=true"],
+                              ["audit", "/apps/shop/audit"], ["triggers", "/apps/shop/triggers"],
+                              ["accounts", "/admin/accounts"]]) {
+    await page.goto(`${base}${path}`);
+    const fit = await page.evaluate(() => ({
+      width: document.documentElement.scrollWidth,
+      wrapped: Array.from(document.querySelectorAll("button"))
+        .filter((b) => b.offsetParent !== null && b.getClientRects()[0].height > 40)
+        .map((b) => b.textContent),
+      broken: Array.from(document.querySelectorAll("td, th"))
+        .filter((c) => !c.classList.contains("err") && !c.classList.contains("long"))
+        .flatMap((c) => (c.textContent.match(/[A-Za-z]{4,}/g) ?? []).map((word) => [c, word]))
+        .filter(([c, word]) => {
+          const probe = document.createElement("span");
+          probe.textContent = word;
+          probe.style.whiteSpace = "nowrap";
+          c.appendChild(probe);
+          const wide = probe.getBoundingClientRect().width > c.clientWidth;
+          probe.remove();
+          return wide;
+        })
+        .map(([, word]) => word),
+    }));
+    check(fit.width <= 390 && fit.wrapped.length === 0 && fit.broken.length === 0,
+          `the ${name} page fits a phone's width (${JSON.stringify(fit)})`);
+    await page.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
+  }
+  await page.setViewportSize({ width: 1280, height: 800 });
+
   await page.goto(`${base}/apps`);
   const after = (await page.textContent('.badge[data-app="shop"]')).trim();
   // Replayed, ignored, ignored when selected, and ignored by filter.

@@ -37,7 +37,7 @@ pub(super) async fn accounts_page(
     let csrf = esc(&session.csrf);
     let mut body = logout_form(&session);
     body.push_str(&format!(
-        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1>{flash}<table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
+        r#"<p><a href="/apps">← apps</a></p><h1>Accounts</h1>{flash}<div class=scroll><table id=users><tr><th>E-mail</th><th>Instance admin</th><th>Roles</th><th>Sessions</th><th>API keys</th><th>Created</th><th>Actions</th></tr>"#,
         flash = flash.html()
     ));
     for u in &users {
@@ -68,7 +68,7 @@ pub(super) async fn accounts_page(
         ));
     }
     body.push_str(
-        r#"</table><h2>API keys</h2><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
+        r#"</table></div><h2>API keys</h2><div class=scroll><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
     );
     if keys.is_empty() {
         body.push_str(r#"<tr><td colspan=7 class=muted>No API keys yet: create one with <code>outboxd api-key create EMAIL</code>.</td></tr>"#);
@@ -98,7 +98,7 @@ pub(super) async fn accounts_page(
                 .unwrap_or_else(|| "never".into()),
         ));
     }
-    body.push_str("</table>");
+    body.push_str("</table></div>");
     page("Accounts", &body).into_response()
 }
 

@@ -39,11 +39,11 @@ pub(super) async fn audit_page(
         body.push_str(r#"<p class=muted data-audit=none>No action recorded yet. Replays, ignores, bulk actions, pauses, limits, cancels and trigger changes made here or through the API appear here, with who made them.</p>"#);
     } else {
         body.push_str(
-            "<table id=audit><tr><th>When</th><th>Who</th><th>Action</th><th>On</th><th>Rows</th><th>Details</th></tr>",
+            "<div class=scroll><table id=audit><tr><th>When</th><th>Who</th><th>Action</th><th>On</th><th>Rows</th><th>Details</th></tr>",
         );
         for e in &entries {
             body.push_str(&format!(
-                r#"<tr data-audit="{id}"><td>{at}</td><td>{actor}</td><td>{action}</td><td>{target}</td><td>{rows}</td><td><code>{detail}</code></td></tr>"#,
+                r#"<tr data-audit="{id}"><td>{at}</td><td>{actor}</td><td>{action}</td><td>{target}</td><td>{rows}</td><td class=long><code>{detail}</code></td></tr>"#,
                 id = e.id,
                 at = when(e.at),
                 actor = esc(&e.actor),
@@ -53,7 +53,7 @@ pub(super) async fn audit_page(
                 detail = esc(&e.detail.to_string()),
             ));
         }
-        body.push_str("</table>");
+        body.push_str("</table></div>");
         if entries.len() == limit as usize
             && let Some(last) = entries.last()
         {

@@ -76,6 +76,19 @@ fn filter_pairs(q: &RowQuery) -> Vec<(&'static str, String)> {
     .collect()
 }
 
+/// The filter as the confirm pages name it, one `<li>` a field, each value
+/// as it is (control characters written out); empty without a filter.
+fn filter_words(q: &RowQuery) -> String {
+    let fields: String = filter_pairs(q)
+        .into_iter()
+        .map(|(name, value)| format!("<li>{name}: <code>{}</code></li>", esc_key(&value)))
+        .collect();
+    if fields.is_empty() {
+        return fields;
+    }
+    format!("<p>The filter:</p><ul id=confirm-filter>{fields}</ul>")
+}
+
 /// The filter as one hidden input holding its query string, for the forms
 /// that act on it. Not a field per part: browsers send every line break of a
 /// form's value as CRLF, so a key holding a bare `\n` came back as another
@@ -360,11 +373,12 @@ pub(super) async fn bulk_on_filter(
                 return Ok(Err(page("Confirm", &body).into_response()));
             }
             let body = format!(
-                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p><p>{what}.</p>{reason_line}<p class=muted id=confirm-when>Counted now: Confirm takes the rows that match when it runs, with any that arrived since.</p>
+                r#"{logout}<h1>{slug} · confirm</h1><p id=confirm-count><strong>{count}</strong> {which} {scope}.{capped}</p>{filter_line}<p>{what}.</p>{reason_line}<p class=muted id=confirm-when>Counted now: Confirm takes the rows that match when it runs, with any that arrived since.</p>
 <form method=post action="/apps/{slug}/outbox/bulk"><input type=hidden name=csrf value="{csrf}">{hidden}<input type=hidden name=action value="{action}"><input type=hidden name=reason value="{reason}"><input type=hidden name=confirm value=yes>
 <button type=submit id=confirm>{button}</button> <a href="/apps/{slug}/outbox?{back}">Back without changing anything</a></form>"#,
                 logout = logout_form(&session),
                 count = count_text(touched),
+                filter_line = filter_words(&q),
                 reason_line = if action == "cancel" { format!("<p>Reason: {}</p>", esc_shown(&reason)) } else { String::new() },
                 csrf = esc(&session.csrf),
                 hidden = hidden_filter(&q),

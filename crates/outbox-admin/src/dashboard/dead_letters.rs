@@ -39,6 +39,7 @@ pub(super) async fn list_page(
         Ok(q) => q,
         Err(err) => return error_page(&err),
     };
+
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
         let limit = q.limit()?;
@@ -60,13 +61,13 @@ pub(super) async fn list_page(
 <form method=get><input name=topic placeholder=topic value="{t}"> <input name=source placeholder=source value="{src}">
 <label><input type=checkbox name=unresolved value=true {chk}> unresolved only</label> <button type=submit>Filter</button></form>
 {bulk}
-<table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Age</th><th>State</th></tr>"#,
+<div class=scroll><table><tr><th></th><th>Source</th><th>Topic</th><th>Attempts</th><th>Last error</th><th>Dead-lettered</th><th>State</th></tr>"#,
         z = if unresolved == 0 { " zero" } else { "" },
         flash = flash.html(),
         t = esc(q.topic.as_deref().unwrap_or("")),
         src = esc(q.source.as_deref().unwrap_or("")),
         chk = if q.unresolved { "checked" } else { "" },
-        bulk = if manager {
+        bulk = if manager && !rows.is_empty() {
             let filter = BulkFilter {
                 source: q.source.clone(),
                 topic: q.topic.clone(),
@@ -86,9 +87,11 @@ pub(super) async fn list_page(
             };
             format!(
                 r#"{by_filter}
-<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">
+<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">{back_to}
 <p><label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
                 csrf = esc(&session.csrf),
+                // Only the way back: the selection acts on its ids.
+                back_to = filter_fields(&filter),
             )
         } else {
             String::new()
@@ -97,22 +100,36 @@ pub(super) async fn list_page(
     for row in &rows {
         let error = row.error_summary(120);
         body.push_str(&format!(
-            r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td>{err}</td><td>{age}</td><td>{state}</td></tr>"#,
+            r#"<tr data-id="{id}"><td>{cb}</td><td>{src}</td><td><a href="/apps/{slug}/dead-letters/{id}">{topic}</a></td><td>{att}</td><td class=long>{err}</td><td class=nowrap>{at}<br><span class=muted>{age} ago</span></td><td>{state}</td></tr>"#,
             id = row.id,
             cb = if manager && row.resolved_at.is_none() { format!(r#"<input type=checkbox name=ids value="{}">"#, row.id) } else { String::new() },
             src = esc_shown(&row.source),
             topic = esc_shown(&row.topic),
             att = row.attempt_count,
             err = esc_shown(&error),
+            at = when(row.created_at),
             age = age(row.created_at),
             state = esc(row.state()),
         ));
     }
-    body.push_str(if manager {
-        "</table></form>"
+    body.push_str(if manager && !rows.is_empty() {
+        "</table></div></form>"
     } else {
-        "</table>"
+        "</table></div>"
     });
+    if rows.is_empty() {
+        let filtered = [&q.topic, &q.source, &q.resolution]
+            .iter()
+            .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()))
+            || q.trigger_id.is_some();
+        body.push_str(&if filtered {
+            format!(r#"<p class=muted id=dead-letters-empty>No dead letter matches this filter. <a href="/apps/{slug}/dead-letters?unresolved=true">Clear it</a> to see every unresolved one.</p>"#)
+        } else if q.unresolved {
+            r#"<p class=muted id=dead-letters-empty>No unresolved dead letter: every row that ran out of attempts has been replayed or ignored, or none has yet.</p>"#.to_owned()
+        } else {
+            r#"<p class=muted id=dead-letters-empty>No dead letter: no row has run out of attempts or been cancelled yet.</p>"#.to_owned()
+        });
+    }
     if rows.len() == limit as usize
         && let Some(last) = rows.last()
     {
@@ -180,10 +197,10 @@ pub(super) async fn detail_page(
     };
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug}</a></p><h1>{topic}</h1>{flash}
-<table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr>{replay_of}<tr><th>Source</th><td>{src}</td></tr>
+<div class=scroll><table><tr><th>Id</th><td>{id}</td></tr><tr><th>Original event</th><td>{orig}</td></tr>{replay_of}<tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Keys</th><td id=keys>{keys}</td></tr>
 <tr><th>Attempts</th><td>{att}</td></tr><tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
-<tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table>
+<tr><th>Dead-lettered</th><td>{created}</td></tr><tr><th>Last error</th><td class=err>{err}</td></tr></table></div>
 {attempts}<h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>{actions}"#,
         logout = logout_form(&session),
         flash = flash.html(),

@@ -88,13 +88,22 @@ impl Overview {
             r#"<p class=muted>Rows counted {sampled}.</p><div class=scroll><table id=topic-table><tr><th>Topic</th><th>Due</th><th>Scheduled</th><th>Retrying</th><th>Running</th><th>Unserved</th><th>Paused</th><th>Dead letters</th></tr>"#
         );
         for t in &self.topics {
+            // A topic the sampler has not counted yet (listed for its dead
+            // letters, or new): a 0 would read as counted.
+            let counted = |n: i64| {
+                if t.sampled_at.is_some() {
+                    n.to_string()
+                } else {
+                    r#"<span class=muted title="not counted yet">–</span>"#.to_owned()
+                }
+            };
             let unserved = match t.oldest_unserved_at.filter(|_| t.unserved > 0) {
                 Some(since) => format!(
                     r#"<strong class=err>{} waiting since {}</strong>: no running process serves this topic"#,
                     t.unserved,
                     when(since)
                 ),
-                None => "0".to_owned(),
+                None => counted(0),
             };
             let dead = if t.dead_letters > 0 {
                 format!(
@@ -106,13 +115,13 @@ impl Overview {
                 "0".to_owned()
             };
             html.push_str(&format!(
-                r#"<tr data-topic-states="{topic}"><td><a href="/apps/{slug}/outbox?topic={link}">{topic}</a></td><td>{due}</td><td>{scheduled}</td><td>{retrying}</td><td>{running}</td><td>{unserved}</td><td>{paused}</td><td>{dead}</td></tr>"#,
+                r#"<tr data-topic-states="{topic}"><td><a href="/apps/{slug}/outbox?topic={link}">{topic}</a></td><td>{due}</td><td>{scheduled}</td><td>{retrying}</td><td>{running}</td><td class=wrap>{unserved}</td><td>{paused}</td><td>{dead}</td></tr>"#,
                 topic = esc(&t.topic),
                 link = esc(&url_part(&t.topic)),
-                due = t.due,
-                scheduled = t.scheduled - t.retrying,
-                retrying = t.retrying,
-                running = t.running,
+                due = counted(t.due),
+                scheduled = counted(t.scheduled - t.retrying),
+                retrying = counted(t.retrying),
+                running = counted(t.running),
                 paused = if t.paused { "<strong>paused</strong>" } else { "" },
             ));
         }

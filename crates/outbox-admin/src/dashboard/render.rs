@@ -82,15 +82,15 @@ th,td{{text-align:left;padding:.4rem .6rem;border-bottom:1px solid var(--line);f
 .badge{{display:inline-block;min-width:1.4rem;padding:.1rem .45rem;border-radius:1rem;background:#c62828;color:#fff;text-align:center;font-size:.8rem}}
 .badge.zero{{background:#9aa3ad}}
 pre{{background:var(--panel);border:1px solid var(--line);padding:.8rem;overflow:auto}}
-button{{padding:.35rem .8rem;margin-right:.4rem;cursor:pointer}}
+button{{padding:.35rem .8rem;margin-right:.4rem;cursor:pointer;white-space:nowrap}}
 .err{{color:var(--err)}} .muted{{color:var(--muted)}} form.inline{{display:inline}}
-input,select{{padding:.3rem}}
+input,select{{padding:.3rem;max-width:100%}}
 :focus-visible{{outline:2px solid var(--link);outline-offset:2px}}
 .flash{{background:var(--ok);border-left:4px solid var(--ok-line);padding:.6rem .8rem}}
 form.filters{{display:flex;flex-wrap:wrap;gap:.4rem .8rem;align-items:end;margin:.6rem 0}}
 form.filters label{{display:flex;flex-direction:column;font-size:.85rem}}
 td.state.running{{font-weight:600}} td.state.retrying{{color:var(--err)}}
-h1{{overflow-wrap:anywhere}} td{{overflow-wrap:anywhere}}
+h1{{overflow-wrap:anywhere}} td{{overflow-wrap:break-word}} td.err,td.long{{overflow-wrap:anywhere;min-width:12rem}} td.wrap{{min-width:12rem}}
 .scroll{{overflow-x:auto}} .charts{{display:flex;flex-wrap:wrap;gap:.8rem;margin:.6rem 0}} figure.chart{{margin:0;background:var(--panel);border:1px solid var(--line);padding:.5rem .6rem;flex:1 1 220px}} figure.chart svg{{width:100%;height:48px;color:var(--link);display:block}} figure.chart figcaption{{font-size:.85rem}} td.nowrap{{white-space:nowrap;overflow-wrap:normal}}
 @media (max-width:600px){{main{{padding:.6rem}} th,td{{padding:.3rem .35rem}} h1{{font-size:1.4rem}} form.filters label{{width:100%}} .wide{{display:none}}}}
 </style></head><body><header><a href="/apps">outboxd</a><span>console</span></header><main>{}</main></body></html>"#,

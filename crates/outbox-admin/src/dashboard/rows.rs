@@ -29,7 +29,7 @@ pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
         return r#"<h2>Attempt history</h2><p class=muted id=attempts-empty>No failed attempt recorded.</p>"#.to_owned();
     };
     let mut html = String::from(
-        r#"<h2>Attempt history</h2><table id=attempts><tr><th>#</th><th>Started</th><th>Took</th><th>Worker</th><th>Error</th></tr>"#,
+        r#"<h2>Attempt history</h2><div class=scroll><table id=attempts><tr><th>#</th><th>Started</th><th>Took</th><th>Worker</th><th>Error</th></tr>"#,
     );
     let mut previous: Option<i32> = None;
     for a in attempts {
@@ -63,7 +63,7 @@ pub(super) fn attempts_table(attempts: Option<&[Attempt]>) -> String {
             error = esc_shown(a.error.as_deref().unwrap_or("")),
         ));
     }
-    html.push_str("</table>");
+    html.push_str("</table></div>");
     html
 }
 
@@ -137,13 +137,13 @@ pub(super) async fn row_page(
     ]);
     let body = format!(
         r#"{logout}<p><a href="/apps/{slug}/outbox">← {slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a></p><h1>{topic}</h1>{flash}
-<table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
+<div class=scroll><table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
 <tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Runs as</th><td>{target}{principal}</td></tr>
 <tr><th>Keys</th><td>{keys}</td></tr><tr><th>Priority</th><td>{prio}</td></tr>
 <tr><th>Attempts</th><td id=attempt-count>{att} of {max}</td></tr><tr><th>Lease</th><td>{lease}</td></tr>
 <tr><th>First attempt</th><td>{first}</td></tr><tr><th>Last attempt</th><td>{last}</td></tr>
-<tr><th>Last error</th><td class=err>{err}</td></tr><tr><th>Enqueued</th><td>{created}</td></tr>{trace}{replayed}</table>
+<tr><th>Last error</th><td class=err>{err}</td></tr><tr><th>Enqueued</th><td>{created}</td></tr>{trace}{replayed}</table></div>
 {actions}{attempts}
 <h2>Payload</h2><pre id=payload>{payload}</pre><h2>Headers</h2><pre id=headers>{headers}</pre>"#,
         logout = logout_form(&session),

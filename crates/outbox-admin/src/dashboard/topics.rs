@@ -56,7 +56,7 @@ pub(super) async fn topics_page(
         body.push_str(r#"<p class=muted data-paused=none>No topic is paused. Pausing one stops every process from claiming its rows within about a second; rows already running finish.</p>"#);
     } else {
         body.push_str(
-            "<table><tr><th>Topic</th><th>Since</th><th>By</th><th>Reason</th><th></th></tr>",
+            "<div class=scroll><table><tr><th>Topic</th><th>Since</th><th>By</th><th>Reason</th><th></th></tr>",
         );
         for p in &paused {
             let topic = esc(&p.topic);
@@ -74,7 +74,7 @@ pub(super) async fn topics_page(
                 reason = esc(p.reason.as_deref().unwrap_or("")),
             ));
         }
-        body.push_str("</table>");
+        body.push_str("</table></div>");
     }
     if operator {
         body.push_str(&format!(
@@ -87,7 +87,7 @@ pub(super) async fn topics_page(
         body.push_str(r#"<p class=muted data-limits=none>No topic is limited. A concurrency limit lets at most that many of a topic's rows run at once (in all, or per partition key), a rate limit at most that many start per second, across every process (lease mode), from about a second on.</p>"#);
     } else {
         body.push_str(
-            "<table><tr><th>Topic</th><th>Running</th><th>Per key</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
+            "<div class=scroll><table><tr><th>Topic</th><th>Running</th><th>Per key</th><th>Rate</th><th>Since</th><th>By</th><th></th></tr>",
         );
         for l in &limited {
             let topic = esc(&l.topic);
@@ -111,7 +111,7 @@ pub(super) async fn topics_page(
                 by = esc(l.set_by.as_deref().unwrap_or("")),
             ));
         }
-        body.push_str("</table>");
+        body.push_str("</table></div>");
     }
     if operator {
         body.push_str(&format!(

@@ -35,7 +35,7 @@ pub(super) async fn triggers_page(
     let mut body = logout_form(&session);
     body.push_str(&format!(
         r#"<p><a href="/apps/{slug}/dead-letters?unresolved=true">← {slug} dead letters</a></p><h1>{slug} · triggers</h1>{flash}
-<table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#,
+<div class=scroll><table><tr><th>Name</th><th>Kind</th><th>Listens to</th><th>Target</th><th>State</th><th></th></tr>"#,
         flash = flash.html()
     ));
     for t in &rows {
@@ -73,7 +73,7 @@ pub(super) async fn triggers_page(
             state = if t.enabled { "enabled" } else { "disabled" },
         ));
     }
-    body.push_str("</table>");
+    body.push_str("</table></div>");
     if !manager {
         return page(&format!("{} triggers", app.slug), &body).into_response();
     }

@@ -680,6 +680,12 @@ async fn the_row_browser_filters_pages_and_acts_on_a_filter_after_showing_the_co
             && html.contains("Confirm takes the rows that match when it runs"),
         "{html}"
     );
+    assert!(
+        html.contains(
+            "<ul id=confirm-filter><li>topic: <code>mail.send</code></li><li>state: <code>scheduled</code></li></ul>"
+        ),
+        "the page names the filter it acts on: {html}"
+    );
     let (_, _, listed) = page(&w, &viewer, "/apps/app-a/outbox?state=scheduled").await?;
     assert!(
         listed.contains("<p id=row-count>15 rows</p>"),
@@ -1667,5 +1673,53 @@ async fn a_key_with_a_line_break_goes_through_the_confirm_forms_unchanged() -> T
     let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &both).await?;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{html}");
     assert!(html.contains("give it one way"), "{html}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_dead_letter_list_says_so_and_offers_no_action() -> TestResult {
+    let w = World::new().await?;
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+    let id = w.dead_letter(w.app_a, "mail.send").await?;
+    let (s, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters?unresolved=true&topic=nope",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("id=dead-letters-empty>No dead letter matches this filter.")
+            && !html.contains("id=bulk-filter")
+            && !html.contains("id=bulk-selected"),
+        "{html}"
+    );
+    // An action on selected ones leads back to the list it was taken from.
+    let (s, _, html) = page(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters?unresolved=true&topic=mail.send",
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("id=bulk-selected"), "{html}");
+    let (s, to, _) = post_form(
+        &w,
+        &operator,
+        "/apps/app-a/dead-letters/bulk",
+        &format!("csrf={csrf}&topic=mail.send&source=&trigger_id=&action=ignore&ids={id}"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert!(
+        to.as_deref()
+            .is_some_and(|to| to.contains("topic=mail.send")),
+        "{to:?}"
+    );
+    let (_, _, html) = page(&w, &operator, "/apps/app-a/dead-letters?unresolved=true").await?;
+    assert!(
+        html.contains("id=dead-letters-empty>No unresolved dead letter"),
+        "{html}"
+    );
     Ok(())
 }
