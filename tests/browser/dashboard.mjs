@@ -303,6 +303,15 @@ try {
         `the audit log records the actions on rows with their counts (${JSON.stringify(byFilter)})`);
   await page.screenshot({ path: `${shots}/audit.png`, fullPage: true });
 
+  // An error page's Back returns to the page the form was sent from.
+  await page.goto(`${base}/apps/shop/outbox`);
+  await page.fill('#row-filter input[name="payload"]', '{"customer"');
+  await page.click('#row-filter button[type="submit"]');
+  await page.waitForSelector("#back");
+  await page.click("#back");
+  await page.waitForURL(`${base}/apps/shop/outbox`);
+  check(true, "an error page's Back returns to the page the form was sent from");
+
   // At a phone's width no page slides sideways (wide tables scroll in their
   // own box), words stay whole and no button wraps its label.
   await page.setViewportSize({ width: 390, height: 844 });

@@ -29,6 +29,16 @@
     const at = new Date(`${input.value}Z`);
     if (input.value && !Number.isNaN(at.getTime())) input.value = asLocalInput(at);
   }
+  // An error page's Back returns to the page the action came from, with
+  // what was typed in its form (without the script: the list of apps).
+  for (const back of document.querySelectorAll("a[data-back]")) {
+    if (window.history.length > 1) {
+      back.addEventListener("click", (event) => {
+        event.preventDefault();
+        window.history.back();
+      });
+    }
+  }
   const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
   for (const label of document.querySelectorAll("[data-zone]")) label.textContent = `(${zone})`;
   // Forms marked data-confirm ask before they change anything. Without the

@@ -164,7 +164,13 @@ pub(super) async fn browse_page(
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
         if let Some((_, id)) = pairs.iter().find(|(k, _)| k == "id") {
-            let id = Uuid::parse_str(id.trim())
+            // As a log line writes it: `id=01a…`, maybe in quotes.
+            let pasted = id.trim();
+            let pasted = pasted
+                .strip_prefix("id=")
+                .unwrap_or(pasted)
+                .trim_matches(['"', '\'']);
+            let id = Uuid::parse_str(pasted)
                 .map_err(|_| ApiError::Invalid(format!("{id:?} is not a row id")))?;
             return Ok(Err(format!("/apps/{}/outbox/{id}", app.slug)));
         }

@@ -31,8 +31,11 @@ pub(super) async fn login_page(
     let next = field(&pairs, "next")
         .and_then(safe_next)
         .unwrap_or_default();
+    let ended = field(&pairs, "ended").is_some().then_some(
+        "Your session had ended, so that action was not taken: sign in and take it again.",
+    );
     with_csrf_cookie(
-        login_form(None, "", &csrf, next).into_response(),
+        login_form(ended, "", &csrf, next).into_response(),
         &csrf,
         &state,
     )

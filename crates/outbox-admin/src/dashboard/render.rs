@@ -68,6 +68,7 @@ pub(super) fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · outboxd</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel=icon href="data:,">
 <script src="/assets/console.js" defer></script>
 <style>
 body{{font-family:system-ui,sans-serif;margin:0;color:var(--fg);background:var(--bg)}}
@@ -116,7 +117,7 @@ pub(super) fn error_page(err: &ApiError) -> Response {
         page(
             "Error",
             &format!(
-                "<p class=err>{}</p><p><a href=\"/apps\">Back</a></p>",
+                "<p class=err>{}</p><p><a href=\"/apps\" id=back data-back>Back</a> · <a href=\"/apps\">all apps</a></p>",
                 esc(&err.to_string())
             ),
         ),

@@ -5,9 +5,9 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use outbox_core::Attempt;
-use outbox_core::store::dead_letters;
 use outbox_core::store::outbox as store;
+use outbox_core::store::{dead_letters, pauses, processes};
+use outbox_core::{App, Attempt};
 use uuid::Uuid;
 
 use crate::AdminState;
@@ -90,10 +90,14 @@ pub(super) async fn row_page(
             },
         };
         let operator = may_operate(&state, &session, &app.slug).await?;
-        Ok::<_, ApiError>((app, id, row, buried, operator))
+        let waits = match &row {
+            Some(row) if row.state != "running" => waiting_note(&state, &app, &row.topic).await?,
+            _ => String::new(),
+        };
+        Ok::<_, ApiError>((app, id, row, buried, operator, waits))
     }
     .await;
-    let (app, id, row, buried, operator) = match result {
+    let (app, id, row, buried, operator, waits) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -136,7 +140,7 @@ pub(super) async fn row_page(
         ("partition", row.partition_key.as_deref()),
     ]);
     let body = format!(
-        r#"{logout}<p><a href="/apps/{slug}/outbox">← {slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a></p><h1>{topic}</h1>{flash}
+        r#"{logout}<p><a href="/apps/{slug}/outbox">← {slug} · rows</a> · <a href="/apps/{slug}/topics">topics</a></p><h1>{topic}</h1>{flash}{waits}
 <div class=scroll><table id=row><tr><th>Id</th><td>{id}</td></tr><tr><th>State</th><td id=state>{state}</td></tr>
 <tr><th>Due</th><td>{due}</td></tr><tr><th>Source</th><td>{src}</td></tr>
 <tr><th>Runs as</th><td>{target}{principal}</td></tr>
@@ -183,6 +187,42 @@ pub(super) async fn row_page(
         headers = pretty(&row.headers),
     );
     page(&row.topic, &body).into_response()
+}
+
+/// Why a row that is not running waits past its due time, as the topics page
+/// says it of its topic: the app suspended, the topic paused, or no live
+/// process serving it. Empty when nothing holds it back.
+async fn waiting_note(state: &AdminState, app: &App, topic: &str) -> Result<String, ApiError> {
+    let slug = esc(&app.slug);
+    if app.suspended_at.is_some() {
+        return Ok(format!(
+            r#"<p class=err id=row-waits>The app is suspended: no process claims its rows until it is resumed (<code>outboxd app resume {slug}</code>).</p>"#
+        ));
+    }
+    if let Some(pause) = pauses::list(&state.pool, app.id)
+        .await?
+        .into_iter()
+        .find(|p| p.topic == topic)
+    {
+        return Ok(format!(
+            r#"<p class=err id=row-waits>Its topic is paused, since {since}{by}{reason}: no process claims its rows until it is resumed on the <a href="/apps/{slug}/topics">topics page</a>.</p>"#,
+            since = when(pause.paused_at),
+            by = pause
+                .paused_by
+                .map(|by| format!(" by {}", esc_shown(&by)))
+                .unwrap_or_default(),
+            reason = pause
+                .reason
+                .map(|r| format!(" ({})", esc_shown(&r)))
+                .unwrap_or_default(),
+        ));
+    }
+    if !processes::served_by_any(&state.pool, topic).await? {
+        return Ok(format!(
+            r#"<p class=err id=row-waits>No running process serves this topic: the row waits, spending no attempt, until a process with a handler for it, or relaying it, starts (who serves what: the <a href="/apps/{slug}/topics">topics page</a>).</p>"#
+        ));
+    }
+    Ok(String::new())
 }
 
 /// The trace and correlation ids among the row's headers, as table rows.

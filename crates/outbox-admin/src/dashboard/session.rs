@@ -97,12 +97,16 @@ impl FromRequestParts<AdminState> for Session {
             .then(|| parts.uri.path_and_query().map(|p| p.as_str().to_owned()))
             .flatten()
             .filter(|to| safe_next(to).is_some());
+        let posted = parts.method != axum::http::Method::GET;
         let to_login = || {
             let to = match &next {
                 Some(next) => format!(
                     "/login?next={}",
                     form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
                 ),
+                // An action whose session ended meanwhile (signed out in
+                // another tab, expired): the sign-in page says it was not taken.
+                None if posted => "/login?ended=1".to_owned(),
                 None => "/login".to_owned(),
             };
             Redirect::to(&to).into_response()

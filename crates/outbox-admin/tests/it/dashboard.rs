@@ -564,7 +564,20 @@ async fn a_form_opened_before_a_key_rotation_goes_through_after_it() -> TestResu
         outbox_admin::AuthConfig::new(new_key)?,
     )?)
     .await?;
-    assert_eq!(to.as_deref(), Some("/login"));
+    // The sign-in page says the action was not taken.
+    assert_eq!(to.as_deref(), Some("/login?ended=1"));
+    let answer = outbox_admin::router(w.state.clone())
+        .oneshot(Request::get("/login?ended=1").body(Body::empty())?)
+        .await?;
+    let html = String::from_utf8(
+        axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains("Your session had ended, so that action was not taken"),
+        "{html}"
+    );
     Ok(())
 }
 

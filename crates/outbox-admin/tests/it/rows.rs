@@ -1723,3 +1723,38 @@ async fn an_empty_dead_letter_list_says_so_and_offers_no_action() -> TestResult 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_waiting_row_says_what_holds_it_and_a_pasted_log_id_finds_it() -> TestResult {
+    let w = World::new().await?;
+    let (viewer, _) = w.dashboard_session("viewer@x.io").await?;
+    let mut tx = w.db.pool.begin().await?;
+    let id = outbox_core::enqueue(&mut tx, w.app_a, &NewEvent::new("mail.send", json!({}))).await?;
+    tx.commit().await?;
+    // As a log line writes it.
+    let (s, to, _) = page(&w, &viewer, &format!("/apps/app-a/outbox?id=id%3D{id}")).await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(to, Some(format!("/apps/app-a/outbox/{id}")));
+    // No process runs in this test: nobody serves the topic.
+    let (s, _, html) = page(&w, &viewer, &format!("/apps/app-a/outbox/{id}")).await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("id=row-waits>No running process serves this topic"),
+        "{html}"
+    );
+    outbox_core::store::pauses::pause(
+        &w.db.pool,
+        w.app_a,
+        "mail.send",
+        Some("ops@x.io"),
+        Some("SMTP down"),
+    )
+    .await?;
+    let (_, _, html) = page(&w, &viewer, &format!("/apps/app-a/outbox/{id}")).await?;
+    assert!(
+        html.contains("id=row-waits>Its topic is paused, since")
+            && html.contains(" by ops@x.io (SMTP down): no process claims its rows"),
+        "{html}"
+    );
+    Ok(())
+}
