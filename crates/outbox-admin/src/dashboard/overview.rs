@@ -185,8 +185,6 @@ pub(super) fn processes_table(live: &[Process]) -> String {
         "<div class=scroll><table id=processes><tr><th>Worker</th><th>Host</th><th>Version</th><th>Serves</th><th>Since</th><th>Last seen</th></tr>",
     );
     for p in live {
-        let mut serves = p.topics.clone();
-        serves.extend(p.patterns.iter().cloned());
         html.push_str(&format!(
             r#"<tr data-process="{id}"><td>{worker}</td><td>{pid}@{host}</td><td>{version}</td><td>{serves}</td><td>{since}</td><td>{seen}</td></tr>"#,
             id = p.id,
@@ -194,7 +192,7 @@ pub(super) fn processes_table(live: &[Process]) -> String {
             pid = p.pid,
             host = esc(&p.host),
             version = esc(&p.version),
-            serves = esc(&serves.join(", ")),
+            serves = esc(&p.serves()),
             since = when(p.started_at),
             seen = when(p.last_seen),
         ));

@@ -12,6 +12,24 @@ use uuid::Uuid;
 use super::limits::LimitedTopic;
 use crate::Error;
 
+impl Process {
+    /// What it serves, in words: its topics by name, then its patterns
+    /// (prefix handlers, relayed patterns), which take a topic only where no
+    /// live process names it. Listing the two together read as if a relay's
+    /// `email.send` took rows that a process handling `email.send` keeps.
+    pub fn serves(&self) -> String {
+        let named = self.topics.join(", ");
+        let patterns = self.patterns.join(", ");
+        match (named.is_empty(), patterns.is_empty()) {
+            (_, true) => named,
+            (true, false) => format!("unless another process names the topic: {patterns}"),
+            (false, false) => {
+                format!("{named}; unless another process names the topic: {patterns}")
+            }
+        }
+    }
+}
+
 /// What one process is and serves, as it writes it on every beat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessInfo {
@@ -190,4 +208,34 @@ pub async fn served_by_any<'e>(db: impl PgExecutor<'e>, topic: &str) -> Result<b
     .bind(topic)
     .fetch_one(db)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_process_serves_puts_its_patterns_after_its_named_topics() {
+        let process = |topics: &[&str], patterns: &[&str]| Process {
+            id: Uuid::nil(),
+            worker: "w".into(),
+            host: "h".into(),
+            pid: 1,
+            version: "0".into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            patterns: patterns.iter().map(|t| t.to_string()).collect(),
+            started_at: Utc::now(),
+            last_seen: Utc::now(),
+            expires_at: Utc::now(),
+        };
+        assert_eq!(process(&["a", "b"], &[]).serves(), "a, b");
+        assert_eq!(
+            process(&[], &["orders.>", "email.send"]).serves(),
+            "unless another process names the topic: orders.>, email.send"
+        );
+        assert_eq!(
+            process(&["a"], &["mail*"]).serves(),
+            "a; unless another process names the topic: mail*"
+        );
+    }
 }

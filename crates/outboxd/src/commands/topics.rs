@@ -403,15 +403,14 @@ pub async fn list_processes(settings: Settings, json: bool) -> anyhow::Result<()
     }
     let mut table = super::Table::new(&["ID", "WORKER", "PID@HOST", "VERSION", "SINCE", "SERVES"]);
     for p in live {
-        let mut serves = p.topics.clone();
-        serves.extend(p.patterns.iter().cloned());
+        let serves = p.serves();
         table.row(vec![
             p.id.to_string(),
             p.worker,
             format!("{}@{}", p.pid, p.host),
             p.version,
             super::when(p.started_at),
-            serves.join(","),
+            serves,
         ]);
     }
     table.print();
