@@ -33,8 +33,10 @@ try {
   const page = await (await browser.newContext({ timezoneId: "Asia/Tokyo" })).newPage();
   // Forms that change something ask first (data-confirm): count and accept.
   let confirmations = 0;
+  let lastDialog = "";
   page.on("dialog", async (dialog) => {
     confirmations += dialog.type() === "confirm" ? 1 : 0;
+    lastDialog = dialog.message();
     await dialog.accept();
   });
   // An inline script would be blocked by the page's policy: count violations.
@@ -254,9 +256,13 @@ try {
   // The dead letters' bulk action on the selected ones.
   await page.goto(`${base}/apps/shop/dead-letters?unresolved=true`);
   const selectable = await page.$$eval('input[name="ids"]', (boxes) => boxes.map((b) => b.value));
+  await page.click('#bulk-selected button[name="action"][value="ignore"]');
+  check(lastDialog === "Tick the ones to act on first." && new URL(page.url()).pathname === "/apps/shop/dead-letters",
+        `with nothing ticked the selection's action says so and sends nothing (${lastDialog})`);
   await page.check(`input[name="ids"][value="${selectable[0]}"]`);
   await page.click('#bulk-selected button[name="action"][value="ignore"]');
   await page.waitForSelector("#flash");
+  check(lastDialog === "Ignore the selected dead letters (1)?", `the question names the action and the count (${lastDialog})`);
   check((await page.textContent("#flash")).startsWith("Marked 1 dead letter ignored")
         && sql(`SELECT resolution FROM dead_letters WHERE id = '${selectable[0]}'`) === "ignored",
         "Ignore selected resolves the ticked dead letter");

@@ -44,9 +44,20 @@
   // Forms marked data-confirm ask before they change anything. Without the
   // script they submit at once; nothing they do is lost (a replay or an
   // ignore is in the audit log, a pause is undone by a resume).
+  // A form acting on ticked boxes (data-needs-ticked: their name) says so
+  // when none is ticked; its question names the button's action ({action})
+  // and how many are ticked ({n}).
   document.addEventListener("submit", (event) => {
     const form = event.target;
-    const question = form.dataset?.confirm;
+    const needs = form.dataset?.needsTicked;
+    const ticked = needs ? form.querySelectorAll(`input[name="${needs}"]:checked`).length : 0;
+    if (needs && ticked === 0) {
+      event.preventDefault();
+      window.alert("Tick the ones to act on first.");
+      return;
+    }
+    const action = event.submitter?.textContent?.trim().split(" ")[0] ?? "Act on";
+    const question = form.dataset?.confirm?.replace("{action}", action).replace("{n}", String(ticked));
     if (question && !window.confirm(question)) {
       event.preventDefault();
       return;

@@ -43,7 +43,12 @@ pub(super) async fn accounts_page(
     for u in &users {
         let button = |action: &str, label: &str, confirm: bool| {
             format!(
-                r#"<form class=inline method=post action="/admin/accounts/{id}/{action}"><input type=hidden name=csrf value="{csrf}">{c}<button type=submit>{label}</button></form>"#,
+                r#"<form class=inline method=post action="/admin/accounts/{id}/{action}"{ask}><input type=hidden name=csrf value="{csrf}">{c}<button type=submit>{label}</button></form>"#,
+                ask = if action == "revoke-sessions" {
+                    r#" data-confirm="Sign this account out everywhere? Every browser session of it ends now.""#
+                } else {
+                    ""
+                },
                 id = u.id,
                 c = if confirm {
                     r#"<label><input type=checkbox name=confirm value=yes required> sure</label> "#

@@ -87,7 +87,7 @@ pub(super) async fn list_page(
             };
             format!(
                 r#"{by_filter}
-<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="Apply this to every selected dead letter?"><input type=hidden name=csrf value="{csrf}">{back_to}
+<form method=post action="/apps/{slug}/dead-letters/bulk" id=bulk-selected data-confirm="{{action}} the selected dead letters ({{n}})?" data-needs-ticked="ids"><input type=hidden name=csrf value="{csrf}">{back_to}
 <p><label>Attempts <input name=max_attempts type=number min=1 size=6 placeholder="own"></label> <button type=submit name=action value=replay>Replay selected</button><button type=submit name=action value=ignore>Ignore selected</button></p>"#,
                 csrf = esc(&session.csrf),
                 // Only the way back: the selection acts on its ids.

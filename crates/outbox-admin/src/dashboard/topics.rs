@@ -188,13 +188,14 @@ pub(super) async fn change_topic(
             },
             "limit" => {
                 let wanted = limits::Limits {
-                    max_running: number(&form, "max_running")?,
-                    max_running_per_key: number(&form, "max_running_per_key")?,
-                    rate_per_sec: number(&form, "rate_per_sec")?,
-                    burst: number(&form, "burst")?,
+                    max_running: number(&form, "max_running").map_err(in_labels)?,
+                    max_running_per_key: number(&form, "max_running_per_key").map_err(in_labels)?,
+                    rate_per_sec: number(&form, "rate_per_sec").map_err(in_labels)?,
+                    burst: number(&form, "burst").map_err(in_labels)?,
                 };
                 if !api::limit_topic(&state.pool, &actor, app.id, &topic, &wanted)
-                    .await?
+                    .await
+                    .map_err(in_labels)?
                     .seen
                 {
                     unseen = "&unseen=true";
@@ -215,6 +216,28 @@ pub(super) async fn change_topic(
     }
     .await;
     after_form(result)
+}
+
+/// A limit's refusal in the words of the form's labels: the store names the
+/// API's fields ("give max_running, max_running_per_key or rate_per_sec").
+fn in_labels(err: ApiError) -> ApiError {
+    let ApiError::Invalid(text) = err else {
+        return err;
+    };
+    // Only before the first quote: what follows may be the user's topic.
+    let (head, tail) = text.split_at(text.find('"').unwrap_or(text.len()));
+    // The longer name first: it contains the shorter.
+    let head = [
+        ("max_running_per_key", "Per partition key"),
+        ("max_running", "At most running"),
+        ("rate_per_sec", "Starts per second"),
+        ("burst", "Burst"),
+    ]
+    .iter()
+    .fold(head.to_owned(), |head, (field, label)| {
+        head.replace(field, label)
+    });
+    ApiError::Invalid(format!("{head}{tail}"))
 }
 
 /// A number field of a form: absent or blank is `None`.

@@ -55,10 +55,15 @@ pub(super) async fn triggers_page(
             _ => esc(&t.dead_letter_matches().unwrap_or_default()),
         };
         let toggle = if t.enabled { "disable" } else { "enable" };
+        let ask = if t.enabled {
+            "Disable this trigger? It fires nothing until it is enabled again."
+        } else {
+            "Enable this trigger? It fires from now on."
+        };
         let id = t.id;
         let actions = if manager {
             format!(
-                r#"<form class=inline method=post action="/apps/{slug}/triggers/{id}/{toggle}"><input type=hidden name=csrf value="{csrf}"><button type=submit>{toggle}</button></form>
+                r#"<form class=inline method=post action="/apps/{slug}/triggers/{id}/{toggle}" data-confirm="{ask}"><input type=hidden name=csrf value="{csrf}"><button type=submit>{toggle}</button></form>
 <form class=inline method=post action="/apps/{slug}/triggers/{id}/delete" data-confirm="Delete this trigger? It fires nothing from now on, and cannot be restored."><input type=hidden name=csrf value="{csrf}"><button type=submit>delete</button></form>"#
             )
         } else {

@@ -1758,3 +1758,31 @@ async fn a_waiting_row_says_what_holds_it_and_a_pasted_log_id_finds_it() -> Test
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_refused_limit_names_the_forms_labels() -> TestResult {
+    let w = World::new().await?;
+    let (operator, csrf) = w.dashboard_session("operator@x.io").await?;
+    for (form, says) in [
+        (
+            "",
+            "At most running, Per partition key or Starts per second",
+        ),
+        ("&max_running=0", "At most running"),
+        ("&rate_per_sec=x", "Starts per second"),
+    ] {
+        let (s, _, html) = post_form(
+            &w,
+            &operator,
+            "/apps/app-a/topics/limit",
+            &format!("csrf={csrf}&topic=report{form}"),
+        )
+        .await?;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{form}: {html}");
+        assert!(
+            html.contains(says) && !html.contains("max_running") && !html.contains("rate_per_sec"),
+            "{form}: {html}"
+        );
+    }
+    Ok(())
+}
