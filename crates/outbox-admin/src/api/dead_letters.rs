@@ -35,6 +35,8 @@ pub struct ListQuery {
     pub limit: Option<i64>,
     /// The `next_cursor` of the previous page.
     pub after: Option<String>,
+    /// The `prev_cursor` of the page after: the newer page before it.
+    pub before: Option<String>,
 }
 
 impl ListQuery {
@@ -70,6 +72,15 @@ impl ListQuery {
             .transpose()
     }
 
+    /// The `before` cursor, if any.
+    fn before_cursor(&self) -> Result<Option<Cursor>, ApiError> {
+        self.before
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| decode_named("before", s))
+            .transpose()
+    }
+
     /// The page size.
     pub fn limit(&self) -> Result<u32, ApiError> {
         match self.limit.unwrap_or(50) {
@@ -88,7 +99,16 @@ pub fn encode_cursor(row: &DeadLetter) -> String {
 
 /// Reads a cursor from [`encode_cursor`].
 pub fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
-    let bad = || ApiError::Invalid(format!("after: {s:?} is not a cursor from a previous page"));
+    decode_named("after", s)
+}
+
+/// [`decode_cursor`] for the parameter `name`.
+fn decode_named(name: &str, s: &str) -> Result<Cursor, ApiError> {
+    let bad = || {
+        ApiError::Invalid(format!(
+            "{name}: {s:?} is not a cursor from a previous page"
+        ))
+    };
     let (micros, id) = s.split_once('_').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     Ok(Cursor {
@@ -97,10 +117,57 @@ pub fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
     })
 }
 
-#[derive(Serialize)]
-pub(super) struct Page {
-    items: Vec<DeadLetter>,
-    next_cursor: Option<String>,
+/// A page of dead letters, newest first, with the cursors of the pages
+/// around it.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// The dead letters.
+    pub items: Vec<DeadLetter>,
+    /// `after` for the next (older) page, when there may be one.
+    pub next_cursor: Option<String>,
+    /// `before` for the previous (newer) page, when there is one.
+    pub prev_cursor: Option<String>,
+}
+
+/// The page `q` asks for: the newest, the one after `after`, or the one
+/// before `before`.
+pub async fn list_page(pool: &sqlx::PgPool, app_id: Uuid, q: &ListQuery) -> Result<Page, ApiError> {
+    let limit = q.limit()?;
+    let filter = q.filter()?;
+    match (q.cursor()?, q.before_cursor()?) {
+        (Some(_), Some(_)) => Err(ApiError::Invalid(
+            "before: give after or before, not both".into(),
+        )),
+        (None, Some(before)) => {
+            let mut items =
+                dead_letters::list_newer(pool, app_id, &filter, before, limit + 1).await?;
+            // Newest first: the one beyond the page is the first.
+            let newer = items.len() > limit as usize;
+            if newer {
+                items.remove(0);
+            }
+            Ok(Page {
+                prev_cursor: newer.then(|| items.first().map(encode_cursor)).flatten(),
+                // The page asked from lies after this one.
+                next_cursor: items.last().map(encode_cursor),
+                items,
+            })
+        }
+        (after, None) => {
+            let items = dead_letters::list(pool, app_id, &filter, after, limit).await?;
+            Ok(Page {
+                next_cursor: (items.len() == limit as usize)
+                    .then(|| items.last().map(encode_cursor))
+                    .flatten(),
+                // The page the cursor came from lies before this one.
+                prev_cursor: after
+                    .is_some()
+                    .then(|| items.first().map(encode_cursor))
+                    .flatten(),
+                items,
+            })
+        }
+    }
 }
 
 pub(super) async fn list(
@@ -110,12 +177,7 @@ pub(super) async fn list(
     crate::strict::Query(q): crate::strict::Query<ListQuery>,
 ) -> Result<Json<Page>, ApiError> {
     let app = auth::authorize(&state.pool, &p, &app, Capability::DeadLetterRead).await?;
-    let limit = q.limit()?;
-    let items = dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
-    let next_cursor = (items.len() == limit as usize)
-        .then(|| items.last().map(encode_cursor))
-        .flatten();
-    Ok(Json(Page { items, next_cursor }))
+    Ok(Json(list_page(&state.pool, app.id, &q).await?))
 }
 
 /// How many unresolved dead letters of the app `filter` names (every one

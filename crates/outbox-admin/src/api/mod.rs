@@ -28,8 +28,8 @@ mod searches;
 mod topics;
 
 pub use self::dead_letters::{
-    BulkBody, BulkFilter, Bulked, ListQuery, MAX_BULK, ReplayBody, count_unresolved_matching,
-    decode_cursor, encode_cursor, ignore_one, replay_attempts, replay_one, run_bulk,
+    BulkBody, BulkFilter, Bulked, ListQuery, MAX_BULK, Page, ReplayBody, count_unresolved_matching,
+    decode_cursor, encode_cursor, ignore_one, list_page, replay_attempts, replay_one, run_bulk,
 };
 pub use self::login::check_login;
 pub use self::rows::{

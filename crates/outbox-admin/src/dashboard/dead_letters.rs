@@ -42,18 +42,21 @@ pub(super) async fn list_page(
 
     let result = async {
         let app = viewed_app(&state, &session, &app).await?;
-        let limit = q.limit()?;
-        let rows =
-            dead_letters::list(&state.pool, app.id, &q.filter()?, q.cursor()?, limit).await?;
+        let listed = api::list_page(&state.pool, app.id, &q).await?;
         let unresolved = dead_letters::count_unresolved(&state.pool, app.id).await?;
         let manager = may(&state, &session, &app.slug, Capability::DeadLetterManage).await?;
-        Ok::<_, ApiError>((app, rows, unresolved, limit, manager))
+        Ok::<_, ApiError>((app, listed, unresolved, manager))
     }
     .await;
-    let (app, rows, unresolved, limit, manager) = match result {
+    let (app, listed, unresolved, manager) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
+    let api::Page {
+        items: rows,
+        next_cursor,
+        prev_cursor,
+    } = listed;
     let slug = esc(&app.slug);
     let mut body = logout_form(&session);
     body.push_str(&format!(
@@ -117,7 +120,16 @@ pub(super) async fn list_page(
     } else {
         "</table></div>"
     });
-    if rows.is_empty() {
+    // A page reached by a cursor that came out empty (the last rows went
+    // meanwhile) is not an empty list.
+    let paged = [&q.after, &q.before]
+        .iter()
+        .any(|c| c.as_deref().is_some_and(|c| !c.is_empty()));
+    if rows.is_empty() && paged {
+        body.push_str(&format!(
+            r#"<p class=muted id=dead-letters-empty>No more dead letters past this page. <a href="/apps/{slug}/dead-letters?unresolved=true">The newest</a>.</p>"#
+        ));
+    } else if rows.is_empty() {
         let filtered = [&q.topic, &q.source, &q.resolution]
             .iter()
             .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()))
@@ -130,19 +142,29 @@ pub(super) async fn list_page(
             r#"<p class=muted id=dead-letters-empty>No dead letter: no row has run out of attempts or been cancelled yet.</p>"#.to_owned()
         });
     }
-    if rows.len() == limit as usize
-        && let Some(last) = rows.last()
-    {
-        // Encoded as a query, then escaped for the attribute: a topic may hold
-        // '&', '?' or '+' (a webhook's URL).
-        let older = form_urlencoded::Serializer::new(String::new())
+    // Encoded as a query, then escaped for the attribute: a topic may hold
+    // '&', '?' or '+' (a webhook's URL).
+    let link = |cursor: &str, value: &str, id: &str, text: &str| {
+        let query = form_urlencoded::Serializer::new(String::new())
             .append_pair("unresolved", if q.unresolved { "true" } else { "false" })
             .append_pair("topic", q.topic.as_deref().unwrap_or(""))
             .append_pair("source", q.source.as_deref().unwrap_or(""))
+            .extend_pairs(q.resolution.as_deref().map(|r| ("resolution", r)))
+            .extend_pairs(q.trigger_id.map(|t| ("trigger_id", t.to_string())))
             .extend_pairs(q.limit.map(|l| ("limit", l.to_string())))
-            .append_pair("after", &api::encode_cursor(last))
+            .append_pair(cursor, value)
             .finish();
-        body.push_str(&format!(r#"<p><a href="?{}">Older →</a></p>"#, esc(&older)));
+        format!(r#"<a id={id} href="?{}">{text}</a>"#, esc(&query))
+    };
+    let pages: Vec<String> = [
+        prev_cursor.map(|c| link("before", &c, "page-newer", "← Newer")),
+        next_cursor.map(|c| link("after", &c, "page-older", "Older →")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !pages.is_empty() {
+        body.push_str(&format!("<p class=pages>{}</p>", pages.join(" · ")));
     }
     page(&format!("{} dead letters", app.slug), &body).into_response()
 }

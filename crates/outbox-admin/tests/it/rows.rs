@@ -983,7 +983,8 @@ async fn the_dead_letters_older_link_keeps_a_topic_with_query_characters() -> Te
     .await?;
     assert_eq!(s, StatusCode::OK, "{html}");
     assert_eq!(html.matches("<tr data-id=").count(), 2, "{html}");
-    let start = html.find("<a href=\"?").ok_or("no Older link")? + "<a href=\"".len();
+    let start =
+        html.find("id=page-older href=\"?").ok_or("no Older link")? + "id=page-older href=\"".len();
     let end = start + html[start..].find('"').ok_or("unclosed link")?;
     let older = html[start..end].replace("&amp;", "&");
     let (s, _, html) = page(&w, &viewer, &format!("/apps/app-a/dead-letters{older}")).await?;
@@ -1784,5 +1785,92 @@ async fn a_refused_limit_names_the_forms_labels() -> TestResult {
             "{form}: {html}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_letters_page_both_ways_in_the_api_and_the_console() -> TestResult {
+    let w = World::new().await?;
+    let (viewer_jar, _) = w.dashboard_session("viewer@x.io").await?;
+    let viewer = w.login("viewer@x.io").await?;
+    for _ in 0..5 {
+        w.dead_letter(w.app_a, "mail.send").await?;
+    }
+    let made: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM dead_letters ORDER BY created_at DESC, id DESC")
+            .fetch_all(&w.db.pool)
+            .await?;
+    let ids = |body: &serde_json::Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| i["id"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let want = |range: std::ops::Range<usize>| -> Vec<String> {
+        made[range].iter().map(Uuid::to_string).collect()
+    };
+    let get = |query: String| {
+        let uri = format!("/api/apps/app-a/dead-letters?limit=2{query}");
+        let (w, viewer) = (&w, &viewer);
+        async move { w.call("GET", &uri, Some(viewer), None).await }
+    };
+    let (s, first) = get(String::new()).await?;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(ids(&first), want(0..2));
+    assert!(first["prev_cursor"].is_null(), "{first}");
+    let next = first["next_cursor"].as_str().ok_or("no next_cursor")?;
+    let (_, second) = get(format!("&after={next}")).await?;
+    assert_eq!(ids(&second), want(2..4));
+    let next = second["next_cursor"].as_str().ok_or("no next_cursor")?;
+    let (_, third) = get(format!("&after={next}")).await?;
+    assert_eq!(ids(&third), want(4..5));
+    assert!(third["next_cursor"].is_null(), "{third}");
+    // Back: the page before the third is the second, then the first.
+    let prev = third["prev_cursor"].as_str().ok_or("no prev_cursor")?;
+    let (s, back) = get(format!("&before={prev}")).await?;
+    assert_eq!(s, StatusCode::OK, "{back}");
+    assert_eq!(ids(&back), want(2..4), "{back}");
+    let prev = back["prev_cursor"].as_str().ok_or("no prev_cursor")?;
+    let (_, back) = get(format!("&before={prev}")).await?;
+    assert_eq!(ids(&back), want(0..2));
+    assert!(
+        back["prev_cursor"].is_null(),
+        "the newest page has none before it: {back}"
+    );
+    let (s, both) = get(format!("&after={next}&before={prev}")).await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{both}");
+
+    // The console links both ways.
+    let (s, _, html) = page(
+        &w,
+        &viewer_jar,
+        &format!("/apps/app-a/dead-letters?limit=2&after={next}"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("id=page-newer") && !html.contains("id=page-older"),
+        "{html}"
+    );
+    let newer = html
+        .split("id=page-newer href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .ok_or("no newer link")?
+        .replace("&amp;", "&");
+    let (_, _, html) = page(&w, &viewer_jar, &format!("/apps/app-a/dead-letters{newer}")).await?;
+    assert!(
+        html.contains(&made[2].to_string()) && html.contains(&made[3].to_string()),
+        "{newer}: {html}"
+    );
+    assert!(
+        html.contains("id=page-newer") && html.contains("id=page-older"),
+        "{html}"
+    );
     Ok(())
 }

@@ -102,6 +102,34 @@ pub async fn list<'e>(
     Ok(q.build_query_as().fetch_all(db).await?)
 }
 
+/// Lists the `limit` dead letters just newer than `before` (the page before
+/// one that starts there), newest first, as [`list`] does.
+pub async fn list_newer<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    filter: &Filter,
+    before: Cursor,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, Error> {
+    let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT ");
+    q.push(LIST_COLUMNS)
+        .push(" FROM dead_letters WHERE app_id = ")
+        .push_bind(app_id);
+    if filter.unresolved_only {
+        q.push(" AND resolved_at IS NULL");
+    }
+    push_filter(&mut q, filter);
+    q.push(" AND (created_at, id) > (")
+        .push_bind(before.created_at)
+        .push(", ")
+        .push_bind(before.id)
+        .push(") ORDER BY created_at, id LIMIT ")
+        .push_bind(i64::from(limit.clamp(1, 1001)));
+    let mut rows: Vec<DeadLetter> = q.build_query_as().fetch_all(db).await?;
+    rows.reverse();
+    Ok(rows)
+}
+
 /// Reads one dead letter of an app; another app's id is "not found".
 pub async fn get<'e>(db: impl PgExecutor<'e>, app_id: Uuid, id: Uuid) -> Result<DeadLetter, Error> {
     sqlx::query_as(&format!(
