@@ -228,7 +228,13 @@ cleanup_case() {
 }
 
 stop_case "SIGTERM to demo.sh" term
-stop_case "SIGINT to demo.sh" int
+# A demo.pid left behind by a demo killed outright, naming a live process
+# that is no demo, does not keep the next demo from starting.
+sleep 300 &
+STRAY=$!
+echo "$STRAY" >"$STATE/demo.pid"
+stop_case "SIGINT to demo.sh, with a stray demo.pid" int
+kill "$STRAY" 2>/dev/null || true
 stop_case "Ctrl-C twice (SIGINT to the process group)" ctrl-c-twice
 
 # With the demo stopped, scripts/outboxd.sh fails at once with a hint.

@@ -30,15 +30,15 @@ STOPPING=""
 
 # One demo per state directory: a second one would take over the first's
 # cluster and, failing on the port the first holds, stop that cluster on its
-# way out, under the running demo.
+# way out, under the running demo. The lock (fd 9) is this script's alone:
+# the servers it starts do not inherit it, so it ends with the script, even
+# a killed one. demo.pid only names the holder in the message.
 mkdir -p "$STATE_DIR"
 DEMO_PID_FILE="$STATE_DIR/demo.pid"
-if [ -s "$DEMO_PID_FILE" ]; then
-  running="$(cat "$DEMO_PID_FILE")"
-  if [ "$running" != "$$" ] && kill -0 "$running" 2>/dev/null \
-    && tr '\0' ' ' <"/proc/$running/cmdline" 2>/dev/null | grep -q 'demo\.sh'; then
-    die "a demo is already running from $STATE_DIR (PID $running): use that one, stop it first (Ctrl-C in its terminal, or kill -TERM $running), or give this one a directory of its own with OUTBOXD_STATE_DIR=dir"
-  fi
+exec 9>>"$STATE_DIR/demo.lock"
+if ! flock -n 9; then
+  running="$(cat "$DEMO_PID_FILE" 2>/dev/null || echo '?')"
+  die "a demo is already running from $STATE_DIR (PID $running): use that one, stop it first (Ctrl-C in its terminal, or kill -TERM $running), or give this one a directory of its own with OUTBOXD_STATE_DIR=dir"
 fi
 echo "$$" >"$DEMO_PID_FILE"
 
@@ -94,7 +94,7 @@ else
   BIN="$ROOT/target/release/outboxd"
 fi
 PG_STARTING=1
-start_postgres "$STATE_DIR/pg" durable
+start_postgres "$STATE_DIR/pg" durable 9>&-
 
 export OUTBOXD_ENV=demo
 # A JWT secret and an admin account for the dashboard, made once and kept
@@ -134,7 +134,7 @@ TXT
 # In the background, so that this shell handles the signals: a trapped
 # signal interrupts `wait`, hence the loop; the last `wait` gives outboxd's
 # exit status (bash keeps it after the process is gone).
-"$BIN" demo &
+"$BIN" demo 9>&- &
 OUTBOXD_PID=$!
 while kill -0 "$OUTBOXD_PID" 2>/dev/null; do
   wait "$OUTBOXD_PID" 2>/dev/null || true

@@ -50,14 +50,16 @@
   document.addEventListener("submit", (event) => {
     const form = event.target;
     const needs = form.dataset?.needsTicked;
-    const ticked = needs ? form.querySelectorAll(`input[name="${needs}"]:checked`).length : 0;
+    const ticked = needs ? form.querySelectorAll(`input[name="${CSS.escape(needs)}"]:checked`).length : 0;
     if (needs && ticked === 0) {
       event.preventDefault();
       window.alert("Tick the ones to act on first.");
       return;
     }
     const action = event.submitter?.textContent?.trim().split(" ")[0] ?? "Act on";
-    const question = form.dataset?.confirm?.replace("{action}", action).replace("{n}", String(ticked));
+    const question = form.dataset?.confirm
+      ?.replaceAll("{action}", () => action)
+      .replaceAll("{n}", () => String(ticked));
     if (question && !window.confirm(question)) {
       event.preventDefault();
       return;

@@ -357,7 +357,7 @@ mod tests {
             t.tenant_filter("shop", "order.*").as_deref(),
             Some("tenant.shop.order.*")
         );
-        for bad in ["", "a..b", ">.x", "a b", "a*"] {
+        for bad in ["", "a..b", ">.x", "a b", "a*", "a\u{7}b", "a\u{200b}b"] {
             assert_eq!(t.tenant_filter("shop", bad), None, "{bad:?}");
         }
         assert_eq!(t.tenant_filter("a.b", ">"), None, "a slug is one token");

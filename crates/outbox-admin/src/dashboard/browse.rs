@@ -104,8 +104,12 @@ fn hidden_filter(q: &RowQuery) -> String {
 /// fields it holds. A form that names a filter both ways is refused: which
 /// one it meant cannot be told.
 fn unpack_filter(form: Vec<(String, String)>) -> Result<Vec<(String, String)>, ApiError> {
-    let Some(packed) = field(&form, "filter").map(str::to_owned) else {
-        return Ok(form);
+    // Blank is no filter, as a blank field is.
+    let Some(packed) = field(&form, "filter")
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned)
+    else {
+        return Ok(form.into_iter().filter(|(k, _)| k != "filter").collect());
     };
     if let Some((named, _)) = form
         .iter()
@@ -117,14 +121,16 @@ fn unpack_filter(form: Vec<(String, String)>) -> Result<Vec<(String, String)>, A
     }
     let mut unpacked: Vec<(String, String)> =
         form.into_iter().filter(|(k, _)| k != "filter").collect();
-    for (k, v) in form_urlencoded::parse(packed.as_bytes()) {
-        if !FILTER_FIELDS.contains(&k.as_ref()) {
+    // Not UTF-8 or a field given twice is refused, as in any form; and only
+    // filter fields: an action or a confirmation cannot ride in it.
+    for (k, v) in crate::strict::checked_pairs(packed.as_bytes(), "filter: a field", &[])? {
+        if !FILTER_FIELDS.contains(&k.as_str()) {
             return Err(ApiError::Invalid(format!(
                 "filter: {k} is not a filter field (accepted: {})",
                 FILTER_FIELDS.join(", ")
             )));
         }
-        unpacked.push((k.into_owned(), v.into_owned()));
+        unpacked.push((k, v));
     }
     Ok(unpacked)
 }

@@ -91,7 +91,9 @@ pub(super) async fn row_page(
         };
         let operator = may_operate(&state, &session, &app.slug).await?;
         let waits = match &row {
-            Some(row) if row.state != "running" => waiting_note(&state, &app, &row.topic).await?,
+            Some(row) if row.state != store::RowState::Running.as_str() => {
+                waiting_note(&state, &app, &row.topic).await?
+            }
             _ => String::new(),
         };
         Ok::<_, ApiError>((app, id, row, buried, operator, waits))

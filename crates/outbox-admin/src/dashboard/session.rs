@@ -97,7 +97,8 @@ impl FromRequestParts<AdminState> for Session {
             .then(|| parts.uri.path_and_query().map(|p| p.as_str().to_owned()))
             .flatten()
             .filter(|to| safe_next(to).is_some());
-        let posted = parts.method != axum::http::Method::GET;
+        // Signing out of an ended session did what it was asked.
+        let posted = parts.method != axum::http::Method::GET && parts.uri.path() != "/logout";
         let to_login = || {
             let to = match &next {
                 Some(next) => format!(

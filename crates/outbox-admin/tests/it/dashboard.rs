@@ -578,6 +578,21 @@ async fn a_form_opened_before_a_key_rotation_goes_through_after_it() -> TestResu
         html.contains("Your session had ended, so that action was not taken"),
         "{html}"
     );
+    // Signing out of an ended session is no action left undone.
+    let answer = outbox_admin::router(w.state.clone())
+        .oneshot(
+            Request::post("/logout")
+                .header(header::COOKIE, "outboxd_session=ended")
+                .body(Body::empty())?,
+        )
+        .await?;
+    assert_eq!(
+        answer
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok()),
+        Some("/login")
+    );
     Ok(())
 }
 

@@ -1674,6 +1674,18 @@ async fn a_key_with_a_line_break_goes_through_the_confirm_forms_unchanged() -> T
     let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &both).await?;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{html}");
     assert!(html.contains("give it one way"), "{html}");
+    // Only filter fields ride in it: not a confirmation.
+    let smuggled = as_a_browser_posts(&[
+        ("csrf", &csrf),
+        ("filter", "confirm=yes&topic=mail.send"),
+        ("action", "retry"),
+    ]);
+    let (s, _, html) = post_form(&w, &operator, "/apps/app-a/outbox/bulk", &smuggled).await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{html}");
+    assert!(
+        html.contains("filter: confirm is not a filter field"),
+        "{html}"
+    );
     Ok(())
 }
 

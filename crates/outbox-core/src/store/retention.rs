@@ -23,6 +23,12 @@ async fn delete_batch<'e>(
         .rows_affected())
 }
 
+/// An app's `dead_letter_retention_days` that keeps its dead letters for
+/// good (`set_app_retention(…, Some(0))`): a hundred years, so that a process
+/// of an earlier version, which reads the column as days, keeps them too
+/// (migration 0043). The sweep never deletes them.
+pub const KEEP_FOR_GOOD_DAYS: i32 = 36_500;
+
 /// Deletes up to `limit` dead letters older than their app's retention (the
 /// app's `dead_letter_retention_days`, else `days`; 0 keeps them for good);
 /// returns how many. Each app's oldest are read from its own index, so dead
@@ -39,11 +45,12 @@ pub async fn sweep_dead_letters(pool: &PgPool, days: u32, limit: i64) -> Result<
                 ORDER BY d.created_at
                 LIMIT $2
                 FOR UPDATE OF d SKIP LOCKED) d
-            WHERE coalesce(a.dead_letter_retention_days, $1) > 0
+            WHERE coalesce(a.dead_letter_retention_days, $1) NOT IN (0, $3)
             LIMIT $2)",
     )
     .bind(i32::try_from(days).unwrap_or(i32::MAX))
     .bind(limit)
+    .bind(KEEP_FOR_GOOD_DAYS)
     .execute(pool)
     .await?
     .rows_affected())
@@ -161,15 +168,21 @@ pub async fn sweep_invocation_inboxes<'e>(
     .await
 }
 
-/// Sets (or with `None` clears) an app's own dead-letter retention.
+/// Sets (or with `None` clears) an app's own dead-letter retention, in days;
+/// 0 keeps them for good (stored as [`KEEP_FOR_GOOD_DAYS`]).
 pub async fn set_app_retention<'e>(
     db: impl PgExecutor<'e>,
     slug: &str,
     days: Option<u32>,
 ) -> Result<(), Error> {
+    let stored = days.map(|d| match d {
+        0 => KEEP_FOR_GOOD_DAYS,
+        // Past the check's range either way; the check names it.
+        d => i32::try_from(d).unwrap_or(i32::MAX),
+    });
     let changed = sqlx::query("UPDATE apps SET dead_letter_retention_days = $2 WHERE slug = $1")
         .bind(slug)
-        .bind(days.map(|d| d as i32))
+        .bind(stored)
         .execute(db)
         .await
         .map_err(|e| match &e {

@@ -169,6 +169,60 @@ async fn an_app_can_keep_its_dead_letters_for_good_while_the_others_are_swept() 
         .await?;
     assert_eq!(left, vec![kept]);
     assert!(!left.contains(&gone));
+    // The sweep of the version before (its statement as it was) keeps them
+    // too: a rolling upgrade runs it beside this one.
+    let earlier = sqlx::query(
+        "DELETE FROM dead_letters WHERE id IN (
+            SELECT d.id FROM dead_letters d JOIN apps a ON a.id = d.app_id
+            WHERE d.created_at < now() - make_interval(days => coalesce(a.dead_letter_retention_days, nullif($1, 0)))
+            ORDER BY d.created_at LIMIT $2 FOR UPDATE OF d SKIP LOCKED)",
+    )
+    .bind(30)
+    .bind(1000_i64)
+    .execute(&db.pool)
+    .await?;
+    assert_eq!(
+        earlier.rows_affected(),
+        0,
+        "an earlier version deletes none of them"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_global_retention_only_apps_with_their_own_are_swept() -> TestResult {
+    let db = TestDb::new().await?;
+    let short = db.app("short").await?;
+    let normal = db.app("normal").await?;
+    outbox_core::store::retention::set_app_retention(&db.pool, "short", Some(2)).await?;
+    let gone = dead_letter_aged(&db, short, "3 days").await?;
+    let kept = dead_letter_aged(&db, normal, "400 days").await?;
+    let swept = outbox_core::store::retention::sweep_dead_letters(&db.pool, 0, 1000).await?;
+    assert_eq!(swept, 1);
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(left, vec![kept]);
+    assert!(!left.contains(&gone));
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_sweep_deletes_at_most_its_batch_across_apps() -> TestResult {
+    let db = TestDb::new().await?;
+    for slug in ["one", "two"] {
+        let app = db.app(slug).await?;
+        sqlx::query(
+            "INSERT INTO dead_letters (id, app_id, original_event_id, source, topic, payload, headers, attempt_count, created_at)
+             SELECT gen_random_uuid(), $1, gen_random_uuid(), 'queue', 't', '{}', '{}', 1, now() - interval '40 days'
+             FROM generate_series(1, 150)",
+        )
+        .bind(app)
+        .execute(&db.pool)
+        .await?;
+    }
+    let swept = outbox_core::store::retention::sweep_dead_letters(&db.pool, 30, 100).await?;
+    assert_eq!(swept, 100);
     Ok(())
 }
 

@@ -75,6 +75,7 @@ pub enum AppCommand {
         /// App slug.
         slug: String,
         /// Days (0..=3650; 0 keeps them for good) or "default".
+        #[arg(allow_negative_numbers = true)]
         days: String,
     },
 }
