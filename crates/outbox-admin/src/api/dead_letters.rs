@@ -154,11 +154,13 @@ pub async fn list_page(pool: &sqlx::PgPool, app_id: Uuid, q: &ListQuery) -> Resu
             })
         }
         (after, None) => {
-            let items = dead_letters::list(pool, app_id, &filter, after, limit).await?;
+            let mut items = dead_letters::list(pool, app_id, &filter, after, limit + 1).await?;
+            // One beyond the page says an older page follows (a full last
+            // page led to an empty one).
+            let older = items.len() > limit as usize;
+            items.truncate(limit as usize);
             Ok(Page {
-                next_cursor: (items.len() == limit as usize)
-                    .then(|| items.last().map(encode_cursor))
-                    .flatten(),
+                next_cursor: older.then(|| items.last().map(encode_cursor)).flatten(),
                 // The page the cursor came from lies before this one.
                 prev_cursor: after
                     .is_some()

@@ -1854,6 +1854,17 @@ async fn dead_letters_page_both_ways_in_the_api_and_the_console() -> TestResult 
         back["prev_cursor"].is_null(),
         "the newest page has none before it: {back}"
     );
+    // A full last page has no page after it.
+    let (_, all) = w
+        .call(
+            "GET",
+            "/api/apps/app-a/dead-letters?limit=5",
+            Some(&viewer),
+            None,
+        )
+        .await?;
+    assert_eq!(ids(&all), want(0..5));
+    assert!(all["next_cursor"].is_null(), "{all}");
     let (s, both) = get(format!("&after={next}&before={prev}")).await?;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{both}");
 

@@ -15,16 +15,17 @@ use crate::Error;
 impl Process {
     /// What it serves, in words: its topics by name, then its patterns
     /// (prefix handlers, relayed patterns), which take a topic only where no
-    /// live process names it. Listing the two together read as if a relay's
-    /// `email.send` took rows that a process handling `email.send` keeps.
+    /// other live process names it. Listing the two together read as if a
+    /// relay's `email.send` took rows that a process handling `email.send`
+    /// keeps.
     pub fn serves(&self) -> String {
         let named = self.topics.join(", ");
         let patterns = self.patterns.join(", ");
         match (named.is_empty(), patterns.is_empty()) {
             (_, true) => named,
-            (true, false) => format!("unless another process names the topic: {patterns}"),
+            (true, false) => format!("{patterns} (where no other process names the topic)"),
             (false, false) => {
-                format!("{named}; unless another process names the topic: {patterns}")
+                format!("{named}; {patterns} (where no other process names the topic)")
             }
         }
     }
@@ -231,11 +232,11 @@ mod tests {
         assert_eq!(process(&["a", "b"], &[]).serves(), "a, b");
         assert_eq!(
             process(&[], &["orders.>", "email.send"]).serves(),
-            "unless another process names the topic: orders.>, email.send"
+            "orders.>, email.send (where no other process names the topic)"
         );
         assert_eq!(
             process(&["a"], &["mail*"]).serves(),
-            "a; unless another process names the topic: mail*"
+            "a; mail* (where no other process names the topic)"
         );
     }
 }

@@ -168,6 +168,17 @@ pub async fn sweep_invocation_inboxes<'e>(
     .await
 }
 
+/// An app's own dead-letter retention in days ([`KEEP_FOR_GOOD_DAYS`]: for
+/// good), or `None` when it follows the global setting.
+pub async fn app_retention<'e>(db: impl PgExecutor<'e>, slug: &str) -> Result<Option<i32>, Error> {
+    let found: Option<Option<i32>> =
+        sqlx::query_scalar("SELECT dead_letter_retention_days FROM apps WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(db)
+            .await?;
+    found.ok_or_else(|| Error::UnknownApp(slug.to_owned()))
+}
+
 /// Sets (or with `None` clears) an app's own dead-letter retention, in days;
 /// 0 keeps them for good (stored as [`KEEP_FOR_GOOD_DAYS`]).
 pub async fn set_app_retention<'e>(

@@ -70,13 +70,13 @@ pub enum AppCommand {
         #[arg(long)]
         source: Option<String>,
     },
-    /// Set an app's own dead-letter retention in days (0 keeps them for good; "default" for the global setting).
+    /// Show an app's own dead-letter retention, or set it in days (0 keeps them for good; "default" for the global setting).
     Retention {
         /// App slug.
         slug: String,
-        /// Days (0..=3650; 0 keeps them for good) or "default".
+        /// Days (0..=3650; 0 keeps them for good) or "default"; without it, the retention is shown.
         #[arg(allow_negative_numbers = true)]
-        days: String,
+        days: Option<String>,
     },
 }
 
@@ -201,11 +201,28 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             tx.commit().await?;
             println!("{slug}: automatic replay removed");
         }
-        AppCommand::Retention { slug, days } => {
+        AppCommand::Retention { slug, days: None } => {
+            let kept = outbox_core::store::retention::app_retention(&pool, &slug).await?;
+            println!(
+                "{slug}: dead letters kept {}",
+                match kept {
+                    None => "per the global setting (dead_letter_retention_days)".to_owned(),
+                    Some(outbox_core::store::retention::KEEP_FOR_GOOD_DAYS) =>
+                        "for good".to_owned(),
+                    Some(d) => format!("{d} days"),
+                }
+            );
+        }
+        AppCommand::Retention {
+            slug,
+            days: Some(days),
+        } => {
             let days = match days.as_str() {
                 "default" => None,
                 n => Some(n.parse::<u32>().map_err(|_| {
-                    anyhow::anyhow!("{n:?} is not a number of days or \"default\"")
+                    anyhow::anyhow!(
+                        "{n:?} is not a number of days in 0..=3650 (0 keeps them for good) or \"default\""
+                    )
                 })?),
             };
             let app = apps::by_slug(&pool, &slug).await?;

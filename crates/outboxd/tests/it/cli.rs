@@ -541,6 +541,35 @@ async fn suspending_twice_says_so_and_audits_once() -> TestResult {
     Ok(())
 }
 
+#[tokio::test]
+async fn an_apps_retention_is_set_and_shown_from_the_cli() -> TestResult {
+    let db = TestDb::new().await?;
+    let ok = |args: &[&str]| succeeds(&db, args);
+    ok(&["app", "create", "shop"])?;
+    let shown = |db: &TestDb| succeeds(db, &["app", "retention", "shop"]);
+    assert_eq!(
+        shown(&db)?.trim(),
+        "shop: dead letters kept per the global setting (dead_letter_retention_days)"
+    );
+    assert_eq!(
+        ok(&["app", "retention", "shop", "0"])?.trim(),
+        "shop: dead letters kept for good"
+    );
+    assert_eq!(shown(&db)?.trim(), "shop: dead letters kept for good");
+    ok(&["app", "retention", "shop", "45"])?;
+    assert_eq!(shown(&db)?.trim(), "shop: dead letters kept 45 days");
+    for bad in ["-1", "abc"] {
+        let out = run(outboxd(Some(&db.url)).args(["app", "retention", "shop", bad]))?;
+        assert!(
+            !out.status.success() && text(&out.stderr).contains("0..=3650"),
+            "{bad}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(shown(&db)?.trim(), "shop: dead letters kept 45 days");
+    Ok(())
+}
+
 /// A service's own migrations, numbered from 1001 in the same table as the
 /// README says, do not stop outboxd's (it failed with "migration 1001 was
 /// previously applied but is missing"); an outboxd migration this build
