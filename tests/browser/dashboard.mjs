@@ -293,6 +293,20 @@ try {
   await page.screenshot({ path: `${shots}/triggers.png`, fullPage: true });
   await page.goto(`${base}/admin/accounts`);
   check(await page.$$eval("#users tr", (trs) => trs.length) >= 2, "the accounts page lists the users");
+  await page.fill('#new-account input[name="email"]', "new@example.com");
+  await page.fill('#new-account input[name="password"]', "a long enough password");
+  await page.click('#new-account button[type="submit"]');
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#flash")) === "Created the account new@example.com.",
+        "an instance admin creates an account on the accounts page");
+  await page.selectOption('#set-role select[name="user"]', { label: "new@example.com" });
+  await page.selectOption('#set-role select[name="app"]', "shop");
+  await page.selectOption('#set-role select[name="role"]', "viewer");
+  await page.click('#set-role button[type="submit"]');
+  await page.waitForSelector("#flash");
+  check((await page.textContent("#flash")) === "Role set: new@example.com on shop: viewer."
+        && sql("SELECT m.role FROM app_members m JOIN users u ON u.id = m.user_id WHERE u.email = 'new@example.com'") === "viewer",
+        "and gives it a role on an app");
   await page.screenshot({ path: `${shots}/accounts.png`, fullPage: true });
 
   // Every action is in the app's audit log, with who made it.

@@ -27,10 +27,11 @@ pub(super) async fn accounts_page(
         Ok::<_, ApiError>((
             accounts::list_users(&state.pool).await?,
             accounts::list_api_keys(&state.pool, None).await?,
+            outbox_core::store::apps::list(&state.pool).await?,
         ))
     }
     .await;
-    let (users, keys) = match result {
+    let (users, keys, apps) = match result {
         Ok(v) => v,
         Err(err) => return error_page(&err),
     };
@@ -72,8 +73,35 @@ pub(super) async fn accounts_page(
             id = u.id,
         ));
     }
+    // Roles are given on apps that take them: not on the one that holds
+    // messages of unknown apps, which only instance admins see.
+    let app_options: String = apps
+        .iter()
+        .filter(|a| a.slug != outbox_core::store::apps::UNROUTED_SLUG)
+        .map(|a| format!("<option>{}</option>", esc(&a.slug)))
+        .collect();
+    let user_options: String = users
+        .iter()
+        .filter(|u| !u.is_admin)
+        .map(|u| format!(r#"<option value="{}">{}</option>"#, u.id, esc(&u.email)))
+        .collect();
+    body.push_str(&format!(
+        r#"</table></div>
+<h2>New account</h2><form method=post action="/admin/accounts" id=new-account><input type=hidden name=csrf value="{csrf}">
+<p><label>E-mail <input name=email type=email required maxlength=254 autocomplete=off></label> <label>Password <input name=password type=password minlength=12 autocomplete=new-password required></label> <label><input type=checkbox name=admin value=yes> instance admin (every app, and accounts)</label> <button type=submit>Create</button></p>
+<p class=muted>An account that is not an instance admin sees nothing until it has a role on an app.</p></form>
+<h2>Roles</h2>{roles}"#,
+        roles = if user_options.is_empty() || app_options.is_empty() {
+            r#"<p class=muted id=roles-none>Roles are given to accounts that are not instance admins, on apps: create one of each first.</p>"#.to_owned()
+        } else {
+            format!(
+                r#"<form method=post action="/admin/roles" id=set-role><input type=hidden name=csrf value="{csrf}">
+<p><label>Account <select name=user>{user_options}</select></label> <label>App <select name=app>{app_options}</select></label> <label>Role <select name=role><option value=viewer>viewer: sees</option><option value=operator>operator: acts on rows and dead letters</option><option value=admin>admin: also triggers</option><option value=none>none: take the role away</option></select></label> <button type=submit>Set the role</button></p></form>"#
+            )
+        },
+    ));
     body.push_str(
-        r#"</table></div><h2>API keys</h2><div class=scroll><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
+        r#"<h2>API keys</h2><div class=scroll><table id=api-keys><tr><th>Prefix</th><th>Name</th><th>Owner</th><th>Created</th><th>Last used</th><th>State</th><th></th></tr>"#,
     );
     if keys.is_empty() {
         body.push_str(r#"<tr><td colspan=7 class=muted>No API keys yet: create one with <code>outboxd api-key create EMAIL</code>.</td></tr>"#);
@@ -158,6 +186,68 @@ pub(super) async fn account_action(
         let named: String = form_urlencoded::byte_serialize(email.as_bytes()).collect();
         Ok(format!(
             "/admin/accounts?done=account-{action}&rows={rows}&named={named}"
+        ))
+    }
+    .await;
+    after_form(result)
+}
+
+/// Creates an account from the accounts page.
+pub(super) async fn create_account(
+    State(state): State<AdminState>,
+    session: Session,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = admin_form(&state, &session, req).await?;
+        let user = accounts::create_user(
+            &state.pool,
+            &state.hasher,
+            &crate::audit::actor(&session.principal),
+            field(&form, "email").unwrap_or_default().trim(),
+            field(&form, "password").unwrap_or_default(),
+            field(&form, "admin") == Some("yes"),
+        )
+        .await?;
+        let named: String = form_urlencoded::byte_serialize(user.email.as_bytes()).collect();
+        Ok(format!(
+            "/admin/accounts?done=account-create&rows=1&named={named}"
+        ))
+    }
+    .await;
+    after_form(result)
+}
+
+/// Gives an account a role on an app, or takes it away, from the accounts
+/// page.
+pub(super) async fn set_role(
+    State(state): State<AdminState>,
+    session: Session,
+    req: Request,
+) -> Response {
+    let result = async {
+        let form = admin_form(&state, &session, req).await?;
+        let user =
+            accounts::find_user(&state.pool, field(&form, "user").unwrap_or_default()).await?;
+        let app =
+            outbox_core::store::apps::by_slug(&state.pool, field(&form, "app").unwrap_or_default())
+                .await?;
+        let actor = crate::audit::actor(&session.principal);
+        let (done, rows, role) = match field(&form, "role").unwrap_or_default() {
+            "none" => {
+                let taken = accounts::revoke_role(&state.pool, &actor, app.id, &user).await?;
+                ("role-revoke", u8::from(taken), "none")
+            }
+            role => {
+                let role: outbox_core::store::principals::Role = role.parse()?;
+                accounts::grant_role(&state.pool, &actor, app.id, &user, role).await?;
+                ("role-grant", 1, role.as_str())
+            }
+        };
+        let named = format!("{} on {}: {role}", user.email, app.slug);
+        let named: String = form_urlencoded::byte_serialize(named.as_bytes()).collect();
+        Ok(format!(
+            "/admin/accounts?done={done}&rows={rows}&named={named}"
         ))
     }
     .await;

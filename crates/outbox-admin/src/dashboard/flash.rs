@@ -154,6 +154,10 @@ impl Flash {
                 if rows == 1 { "session" } else { "sessions" }
             ),
             Some("account-delete") => format!("Deleted {named}."),
+            Some("account-create") => format!("Created the account {named}."),
+            Some("role-grant") => format!("Role set: {named}."),
+            Some("role-revoke") if rows == 0 => format!("No role to take away: {named}."),
+            Some("role-revoke") => format!("Role taken away: {named}."),
             Some("key-revoke") if rows == 0 => {
                 format!("API key obx_{named}_… was revoked already; nothing changed.")
             }

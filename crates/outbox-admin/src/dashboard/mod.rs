@@ -32,7 +32,7 @@ mod triggers;
 
 pub use self::render::esc;
 
-use self::accounts::{account_action, accounts_page, revoke_key};
+use self::accounts::{account_action, accounts_page, create_account, revoke_key, set_role};
 use self::apps::apps_page;
 use self::audit::audit_page;
 use self::browse::{act_on_row, browse_page, bulk_on_filter};
@@ -56,7 +56,8 @@ const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANU
 pub fn routes(secure_cookies: bool) -> Router<AdminState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/apps") }))
-        .route("/admin/accounts", get(accounts_page))
+        .route("/admin/accounts", get(accounts_page).post(create_account))
+        .route("/admin/roles", post(set_role))
         .route("/admin/accounts/{user}/{action}", post(account_action))
         .route("/admin/api-keys/{prefix}/revoke", post(revoke_key))
         .route("/login", get(login_page).post(login))

@@ -1371,3 +1371,93 @@ async fn the_last_instance_admin_survives_removals_made_at_once() -> TestResult 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_console() -> TestResult {
+    let w = World::new().await?;
+    let (root, csrf) = w.dashboard_session("root@x.io").await?;
+    let post = |uri: &'static str, form: String| {
+        let (w, root) = (&w, root.clone());
+        async move {
+            let res = outbox_admin::router(w.state.clone())
+                .oneshot(
+                    Request::post(uri)
+                        .header(header::COOKIE, root)
+                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(Body::from(form))?,
+                )
+                .await?;
+            let to = res
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok::<_, Box<dyn std::error::Error>>((res.status(), to))
+        }
+    };
+    let (s, to) = post(
+        "/admin/accounts",
+        format!("csrf={csrf}&email=new%40x.io&password=correct+horse+battery"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{to:?}");
+    assert!(
+        to.as_deref().is_some_and(|to| !to.contains("error")),
+        "{to:?}"
+    );
+    let user = outbox_core::store::principals::user_by_email(&w.db.pool, "new@x.io")
+        .await?
+        .ok_or("not created")?;
+    assert!(!user.is_admin);
+    // A short password is refused, naming the rule; nothing is made.
+    let (s, _) = post(
+        "/admin/accounts",
+        format!("csrf={csrf}&email=short%40x.io&password=short"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        outbox_core::store::principals::user_by_email(&w.db.pool, "short@x.io")
+            .await?
+            .is_none()
+    );
+    // A role on app A: the account now sees it.
+    let (s, _) = post(
+        "/admin/roles",
+        format!("csrf={csrf}&user={}&app=app-a&role=operator", user.id),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let token = w.login("new@x.io").await?;
+    let (s, body) = w
+        .call("GET", "/api/apps/app-a/dead-letters", Some(&token), None)
+        .await?;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // Taken away: it does not (an app without a role is not found, as one
+    // that does not exist).
+    let (s, _) = post(
+        "/admin/roles",
+        format!("csrf={csrf}&user={}&app=app-a&role=none", user.id),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, _) = w
+        .call("GET", "/api/apps/app-a/dead-letters", Some(&token), None)
+        .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Only instance admins: an app admin is refused.
+    let (app_admin, app_csrf) = w.dashboard_session("a-admin@x.io").await?;
+    let res = outbox_admin::router(w.state.clone())
+        .oneshot(
+            Request::post("/admin/roles")
+                .header(header::COOKIE, app_admin)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!(
+                    "csrf={app_csrf}&user={}&app=app-a&role=admin",
+                    user.id
+                )))?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    Ok(())
+}
