@@ -37,9 +37,35 @@ pub fn ellipsize(text: &str, max: usize) -> String {
     format!("{}…", at_word.trim_end())
 }
 
+/// `message` with the field names it uses before its first quote given
+/// other names (`names` as (field, name), in order: a longer field that holds
+/// a shorter one goes first). After a quote may come the user's own text (a
+/// topic), which keeps its words: the API's messages name its fields, a form
+/// or a command line names them otherwise.
+pub fn rename_fields(message: &str, names: &[(&str, &str)]) -> String {
+    let (head, tail) = message.split_at(message.find('"').unwrap_or(message.len()));
+    let head = names.iter().fold(head.to_owned(), |head, (field, name)| {
+        head.replace(field, name)
+    });
+    format!("{head}{tail}")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::ellipsize;
+    use super::{ellipsize, rename_fields};
+
+    #[test]
+    fn field_names_are_renamed_before_the_users_own_text_only() {
+        let names = [
+            ("max_running_per_key", "--per-key"),
+            ("max_running", "--max"),
+        ];
+        assert_eq!(
+            rename_fields("max_running_per_key: is 0; topic \"max_running\"", &names),
+            "--per-key: is 0; topic \"max_running\""
+        );
+        assert_eq!(rename_fields("give max_running", &names), "give --max");
+    }
 
     #[test]
     fn ellipsize_cuts_between_words() {

@@ -224,20 +224,15 @@ fn in_labels(err: ApiError) -> ApiError {
     let ApiError::Invalid(text) = err else {
         return err;
     };
-    // Only before the first quote: what follows may be the user's topic.
-    let (head, tail) = text.split_at(text.find('"').unwrap_or(text.len()));
-    // The longer name first: it contains the shorter.
-    let head = [
-        ("max_running_per_key", "Per partition key"),
-        ("max_running", "At most running"),
-        ("rate_per_sec", "Starts per second"),
-        ("burst", "Burst"),
-    ]
-    .iter()
-    .fold(head.to_owned(), |head, (field, label)| {
-        head.replace(field, label)
-    });
-    ApiError::Invalid(format!("{head}{tail}"))
+    ApiError::Invalid(outbox_core::text::rename_fields(
+        &text,
+        &[
+            ("max_running_per_key", "Per partition key"),
+            ("max_running", "At most running"),
+            ("rate_per_sec", "Starts per second"),
+            ("burst", "Burst"),
+        ],
+    ))
 }
 
 /// A number field of a form: absent or blank is `None`.

@@ -80,26 +80,7 @@ pub async fn list<'e>(
     after: Option<Cursor>,
     limit: u32,
 ) -> Result<Vec<DeadLetter>, Error> {
-    let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT ");
-    q.push(LIST_COLUMNS)
-        .push(" FROM dead_letters WHERE app_id = ")
-        .push_bind(app_id);
-    if filter.unresolved_only {
-        q.push(" AND resolved_at IS NULL");
-    }
-    push_filter(&mut q, filter);
-    if let Some(cursor) = after {
-        q.push(" AND (created_at, id) < (")
-            .push_bind(cursor.created_at)
-            .push(", ")
-            .push_bind(cursor.id)
-            .push(")");
-    }
-    // 1,001: a page of the largest size (1,000) and the row that says
-    // another page follows.
-    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(limit.clamp(1, 1001)));
-    Ok(q.build_query_as().fetch_all(db).await?)
+    page(db, app_id, filter, after.map(|c| (c, Side::Older)), limit).await
 }
 
 /// Lists the `limit` dead letters just newer than `before` (the page before
@@ -111,6 +92,27 @@ pub async fn list_newer<'e>(
     before: Cursor,
     limit: u32,
 ) -> Result<Vec<DeadLetter>, Error> {
+    let mut rows = page(db, app_id, filter, Some((before, Side::Newer)), limit).await?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// Which side of a cursor a page lies on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Older,
+    Newer,
+}
+
+/// `limit` dead letters of the filter, from the cursor on its side (newest
+/// first for older ones, oldest first for newer ones: the nearest first).
+async fn page<'e>(
+    db: impl PgExecutor<'e>,
+    app_id: Uuid,
+    filter: &Filter,
+    from: Option<(Cursor, Side)>,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, Error> {
     let mut q: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT ");
     q.push(LIST_COLUMNS)
         .push(" FROM dead_letters WHERE app_id = ")
@@ -119,15 +121,27 @@ pub async fn list_newer<'e>(
         q.push(" AND resolved_at IS NULL");
     }
     push_filter(&mut q, filter);
-    q.push(" AND (created_at, id) > (")
-        .push_bind(before.created_at)
+    let newer = matches!(from, Some((_, Side::Newer)));
+    if let Some((cursor, _)) = from {
+        q.push(if newer {
+            " AND (created_at, id) > ("
+        } else {
+            " AND (created_at, id) < ("
+        })
+        .push_bind(cursor.created_at)
         .push(", ")
-        .push_bind(before.id)
-        .push(") ORDER BY created_at, id LIMIT ")
-        .push_bind(i64::from(limit.clamp(1, 1001)));
-    let mut rows: Vec<DeadLetter> = q.build_query_as().fetch_all(db).await?;
-    rows.reverse();
-    Ok(rows)
+        .push_bind(cursor.id)
+        .push(")");
+    }
+    // 1,001: a page of the largest size (1,000) and the row that says
+    // another page follows.
+    q.push(if newer {
+        " ORDER BY created_at, id LIMIT "
+    } else {
+        " ORDER BY created_at DESC, id DESC LIMIT "
+    })
+    .push_bind(i64::from(limit.clamp(1, 1001)));
+    Ok(q.build_query_as().fetch_all(db).await?)
 }
 
 /// Reads one dead letter of an app; another app's id is "not found".

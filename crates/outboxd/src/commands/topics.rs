@@ -21,21 +21,15 @@ pub(crate) fn cli_error(err: ApiError) -> anyhow::Error {
 /// A limit's refusal in the words of `topic limit`'s flags: the store names
 /// the API's fields (`max_running: is 0; …`).
 fn in_flags(err: anyhow::Error) -> anyhow::Error {
-    let text = err.to_string();
-    // Only before the first quote: what follows may be the user's topic.
-    let (head, tail) = text.split_at(text.find('"').unwrap_or(text.len()));
-    // The longer name first: it contains the shorter.
-    let head = [
-        ("max_running_per_key", "--max-running-per-key"),
-        ("max_running", "--max-running"),
-        ("rate_per_sec", "--rate"),
-        ("burst", "--burst"),
-    ]
-    .iter()
-    .fold(head.to_owned(), |head, (field, flag)| {
-        head.replace(field, flag)
-    });
-    anyhow::anyhow!("{head}{tail}")
+    anyhow::anyhow!(outbox_core::text::rename_fields(
+        &err.to_string(),
+        &[
+            ("max_running_per_key", "--max-running-per-key"),
+            ("max_running", "--max-running"),
+            ("rate_per_sec", "--rate"),
+            ("burst", "--burst"),
+        ],
+    ))
 }
 
 /// Who the audit log, a pause and a cancelled row name for a command run
