@@ -238,14 +238,15 @@ pub async fn revoke_api_key(pool: &PgPool, prefix: &str) -> Result<RevokedKey, A
 }
 
 /// Gives `user` `role` on the app for `actor` (replacing the role it had),
-/// recorded in the app's audit log.
+/// recorded in the app's audit log; false (and nothing recorded) when it
+/// had that role already.
 pub async fn grant_role(
     pool: &PgPool,
     actor: &str,
     app_id: Uuid,
     user: &User,
     role: principals::Role,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let app = outbox_core::store::apps::by_id(pool, app_id).await?;
     if app.slug == outbox_core::store::apps::UNROUTED_SLUG {
         return Err(ApiError::Invalid(format!(
@@ -254,7 +255,9 @@ pub async fn grant_role(
         )));
     }
     let mut tx = audit::begin(pool).await?;
-    principals::set_role(&mut *tx, app_id, user.id, role).await?;
+    if !principals::set_role(&mut *tx, app_id, user.id, role).await? {
+        return Ok(false);
+    }
     let action = Action {
         action: "role.grant",
         target: Some(&user.email),
@@ -262,7 +265,8 @@ pub async fn grant_role(
         detail: serde_json::json!({ "role": role.as_str() }),
     };
     audit::record(&mut tx, actor, app_id, action).await?;
-    audit::commit(tx).await
+    audit::commit(tx).await?;
+    Ok(true)
 }
 
 /// Takes `user`'s role on the app away for `actor`, recorded when it had

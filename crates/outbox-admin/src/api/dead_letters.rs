@@ -123,7 +123,7 @@ fn decode_named(name: &str, s: &str) -> Result<Cursor, ApiError> {
 pub struct Page {
     /// The dead letters.
     pub items: Vec<DeadLetter>,
-    /// `after` for the next (older) page, when there may be one.
+    /// `after` for the next (older) page, when there is one.
     pub next_cursor: Option<String>,
     /// `before` for the previous (newer) page, when there is one.
     pub prev_cursor: Option<String>,

@@ -96,7 +96,7 @@ pub(super) async fn accounts_page(
         } else {
             format!(
                 r#"<form method=post action="/admin/roles" id=set-role><input type=hidden name=csrf value="{csrf}">
-<p><label>Account <select name=user>{user_options}</select></label> <label>App <select name=app>{app_options}</select></label> <label>Role <select name=role><option value=viewer>viewer: sees</option><option value=operator>operator: acts on rows and dead letters</option><option value=admin>admin: also triggers</option><option value=none>none: take the role away</option></select></label> <button type=submit>Set the role</button></p></form>"#
+<p><label>Account <select name=user>{user_options}</select></label> <label>App <select name=app>{app_options}</select></label> <label>Role <select name=role><option value=viewer>viewer: sees</option><option value=operator>operator: also acts (rows, dead letters, topics, writes)</option><option value=admin>admin: also triggers</option><option value=none>none: take the role away</option></select></label> <button type=submit>Set the role</button></p></form>"#
             )
         },
     ));
@@ -240,8 +240,9 @@ pub(super) async fn set_role(
             }
             role => {
                 let role: outbox_core::store::principals::Role = role.parse()?;
-                accounts::grant_role(&state.pool, &actor, app.id, &user, role).await?;
-                ("role-grant", 1, role.as_str())
+                let changed =
+                    accounts::grant_role(&state.pool, &actor, app.id, &user, role).await?;
+                ("role-grant", u8::from(changed), role.as_str())
             }
         };
         let named = format!("{} on {}: {role}", user.email, app.slug);

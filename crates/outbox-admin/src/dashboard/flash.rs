@@ -155,6 +155,7 @@ impl Flash {
             ),
             Some("account-delete") => format!("Deleted {named}."),
             Some("account-create") => format!("Created the account {named}."),
+            Some("role-grant") if rows == 0 => format!("{named} already; nothing changed."),
             Some("role-grant") => format!("Role set: {named}."),
             Some("role-revoke") if rows == 0 => format!("No role to take away: {named}."),
             Some("role-revoke") => format!("Role taken away: {named}."),

@@ -1410,12 +1410,23 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
         .ok_or("not created")?;
     assert!(!user.is_admin);
     // A short password is refused, naming the rule; nothing is made.
-    let (s, _) = post(
-        "/admin/accounts",
-        format!("csrf={csrf}&email=short%40x.io&password=short"),
-    )
-    .await?;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let res = outbox_admin::router(w.state.clone())
+        .oneshot(
+            Request::post("/admin/accounts")
+                .header(header::COOKIE, root.clone())
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!(
+                    "csrf={csrf}&email=short%40x.io&password=short"
+                )))?,
+        )
+        .await?;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let said = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(said.contains("at least 12 characters"), "{said}");
     assert!(
         outbox_core::store::principals::user_by_email(&w.db.pool, "short@x.io")
             .await?
@@ -1428,6 +1439,22 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
     )
     .await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
+    // The same role again changes nothing and records nothing.
+    let granted = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM audit_log WHERE action = 'role.grant' AND target = 'new@x.io'",
+        )
+        .fetch_one(&w.db.pool)
+        .await
+    };
+    assert_eq!(granted().await?, 1);
+    let (s, _) = post(
+        "/admin/roles",
+        format!("csrf={csrf}&user={}&app=app-a&role=operator", user.id),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(granted().await?, 1, "recorded once");
     let token = w.login("new@x.io").await?;
     let (s, body) = w
         .call("GET", "/api/apps/app-a/dead-letters", Some(&token), None)
@@ -1445,19 +1472,66 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
         .call("GET", "/api/apps/app-a/dead-letters", Some(&token), None)
         .await?;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    // Only instance admins: an app admin is refused.
+    // Only instance admins, with their own form's token: an app admin or a
+    // viewer is refused, so is a forged token, and nothing is made.
     let (app_admin, app_csrf) = w.dashboard_session("a-admin@x.io").await?;
+    let (viewer, viewer_csrf) = w.dashboard_session("viewer@x.io").await?;
+    for (jar, token) in [
+        (&app_admin, app_csrf.as_str()),
+        (&viewer, viewer_csrf.as_str()),
+        (&root, "forged"),
+    ] {
+        for (uri, form) in [
+            (
+                "/admin/roles",
+                format!("csrf={token}&user={}&app=app-a&role=admin", user.id),
+            ),
+            (
+                "/admin/accounts",
+                format!("csrf={token}&email=evil%40x.io&password=correct+horse+battery&admin=yes"),
+            ),
+        ] {
+            let res = outbox_admin::router(w.state.clone())
+                .oneshot(
+                    Request::post(uri)
+                        .header(header::COOKIE, jar.clone())
+                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(Body::from(form))?,
+                )
+                .await?;
+            assert_eq!(res.status(), StatusCode::FORBIDDEN, "{uri} with {token}");
+        }
+    }
+    assert!(
+        outbox_core::store::principals::user_by_email(&w.db.pool, "evil@x.io")
+            .await?
+            .is_none()
+    );
+    assert_eq!(
+        outbox_core::store::principals::role_on(&w.db.pool, w.app_a, user.id).await?,
+        None
+    );
+    // The page offers roles on apps that take them, to accounts that are no
+    // instance admins.
     let res = outbox_admin::router(w.state.clone())
         .oneshot(
-            Request::post("/admin/roles")
-                .header(header::COOKIE, app_admin)
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(format!(
-                    "csrf={app_csrf}&user={}&app=app-a&role=admin",
-                    user.id
-                )))?,
+            Request::get("/admin/accounts")
+                .header(header::COOKIE, root.clone())
+                .body(Body::empty())?,
         )
         .await?;
-    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let html = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await?
+            .to_vec(),
+    )?;
+    assert!(
+        html.contains("id=set-role")
+            && html.contains("<option>app-a</option>")
+            && !html.contains("<option>_unrouted</option>")
+            && html.contains(">new@x.io</option>")
+            && !html.contains(">root@x.io</option>"),
+        "{html}"
+    );
     Ok(())
 }

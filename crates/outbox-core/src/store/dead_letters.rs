@@ -71,8 +71,10 @@ fn push_filter(q: &mut QueryBuilder<'_, Postgres>, filter: &Filter) {
     }
 }
 
-/// Lists an app's dead letters, newest first, `limit` at most, after `cursor`,
-/// without their attempt histories ([`get`] reads one with it).
+/// Lists an app's dead letters, newest first, `limit` at most (taken within
+/// 1..=1001: a page of the largest size, 1,000, and one more that says
+/// another follows), after `cursor`, without their attempt histories
+/// ([`get`] reads one with it).
 pub async fn list<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
@@ -133,8 +135,6 @@ async fn page<'e>(
         .push_bind(cursor.id)
         .push(")");
     }
-    // 1,001: a page of the largest size (1,000) and the row that says
-    // another page follows.
     q.push(if newer {
         " ORDER BY created_at, id LIMIT "
     } else {

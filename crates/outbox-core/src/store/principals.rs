@@ -126,23 +126,26 @@ pub async fn user_by_id<'e>(db: impl PgExecutor<'e>, id: Uuid) -> Result<Option<
     )
 }
 
-/// Gives `user_id` `role` on `app_id` (replacing an earlier role).
+/// Gives `user_id` `role` on `app_id` (replacing an earlier role); false
+/// when it had that role already.
 pub async fn set_role<'e>(
     db: impl PgExecutor<'e>,
     app_id: Uuid,
     user_id: Uuid,
     role: Role,
-) -> Result<(), Error> {
-    sqlx::query(
+) -> Result<bool, Error> {
+    let changed = sqlx::query(
         "INSERT INTO app_members (app_id, user_id, role) VALUES ($1, $2, $3)
-         ON CONFLICT (app_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+         ON CONFLICT (app_id, user_id) DO UPDATE SET role = EXCLUDED.role
+         WHERE app_members.role IS DISTINCT FROM EXCLUDED.role",
     )
     .bind(app_id)
     .bind(user_id)
     .bind(role.as_str())
     .execute(db)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(changed > 0)
 }
 
 /// The role of `user_id` on `app_id`, if any.

@@ -186,20 +186,21 @@ pub async fn set_app_retention<'e>(
     slug: &str,
     days: Option<u32>,
 ) -> Result<(), Error> {
-    let stored = days.map(|d| match d {
-        0 => KEEP_FOR_GOOD_DAYS,
-        // Past the check's range either way; the check names it.
-        d => i32::try_from(d).unwrap_or(i32::MAX),
-    });
+    let refused = || Error::invalid("days", "must be within 0..=3650 (0 keeps them for good)");
+    let stored = match days {
+        None => None,
+        Some(0) => Some(KEEP_FOR_GOOD_DAYS),
+        // Not the stored "for good" either: 0 says it.
+        Some(d @ 1..=3650) => Some(i32::try_from(d).map_err(|_| refused())?),
+        Some(_) => return Err(refused()),
+    };
     let changed = sqlx::query("UPDATE apps SET dead_letter_retention_days = $2 WHERE slug = $1")
         .bind(slug)
         .bind(stored)
         .execute(db)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.constraint().is_some() => {
-                Error::invalid("days", "must be within 0..=3650 (0 keeps them for good)")
-            }
+            sqlx::Error::Database(d) if d.constraint().is_some() => refused(),
             _ => Error::Database(e),
         })?
         .rows_affected();

@@ -222,10 +222,20 @@ pub async fn user(settings: Settings, cmd: UserCommand) -> anyhow::Result<()> {
             let user = accounts::find_user(&pool, &email)
                 .await
                 .map_err(named(&email))?;
-            accounts::grant_role(&pool, &cli_actor(), app.id, &user, role)
+            let changed = accounts::grant_role(&pool, &cli_actor(), app.id, &user, role)
                 .await
                 .map_err(cli_error)?;
-            println!("{} is {} of {}", user.email, role.as_str(), app.slug);
+            println!(
+                "{} is {} of {}{}",
+                user.email,
+                role.as_str(),
+                app.slug,
+                if changed {
+                    ""
+                } else {
+                    " already; nothing changed"
+                }
+            );
         }
         UserCommand::Revoke { email, app } => {
             let app = apps::by_slug(&pool, &app).await?;

@@ -239,7 +239,7 @@ pub async fn run(settings: Settings, cmd: AppCommand) -> anyhow::Result<()> {
             println!(
                 "{slug}: dead letters kept {}",
                 match days {
-                    None => "per the global setting".to_owned(),
+                    None => "per the global setting (dead_letter_retention_days)".to_owned(),
                     Some(0) => "for good".to_owned(),
                     Some(d) => format!("{d} days"),
                 }

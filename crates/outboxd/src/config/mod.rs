@@ -444,8 +444,7 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
             let expected = match expected.as_str() {
                 // Not "0 or more": most keys take a narrower range, which
                 // config/default.toml gives.
-                e if is_unsigned(e) => "a whole number (config/default.toml gives the key's range)",
-                e if is_integer(e) => "a whole number",
+                e if is_integer(e) => "a whole number (config/default.toml gives the key's range)",
                 "f32" | "f64" => "a number",
                 "a boolean" | "bool" => "true or false",
                 "a string" | "a borrowed string" | "a character" => "text",

@@ -71,7 +71,7 @@ fn a_value_of_the_wrong_type_is_refused_in_plain_words() {
         (
             "OUTBOXD_NATS__STREAM__MAX_BYTES",
             "lots",
-            "expected a whole number (env OUTBOXD_NATS__STREAM__MAX_BYTES)",
+            "expected a whole number (config/default.toml gives the key's range) (env OUTBOXD_NATS__STREAM__MAX_BYTES)",
         ),
         (
             "OUTBOXD_NATS__RELAY_TOPICS",

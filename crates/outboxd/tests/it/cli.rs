@@ -558,7 +558,7 @@ async fn an_apps_retention_is_set_and_shown_from_the_cli() -> TestResult {
     assert_eq!(shown(&db)?.trim(), "shop: dead letters kept for good");
     ok(&["app", "retention", "shop", "45"])?;
     assert_eq!(shown(&db)?.trim(), "shop: dead letters kept 45 days");
-    for bad in ["-1", "abc"] {
+    for bad in ["-1", "abc", "3651", "36500"] {
         let out = run(outboxd(Some(&db.url)).args(["app", "retention", "shop", bad]))?;
         assert!(
             !out.status.success() && text(&out.stderr).contains("0..=3650"),
