@@ -1374,30 +1374,14 @@ async fn the_last_instance_admin_survives_removals_made_at_once() -> TestResult 
 
 #[tokio::test]
 async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_console() -> TestResult {
+    use super::rows::{page, post_form};
     let w = World::new().await?;
     let (root, csrf) = w.dashboard_session("root@x.io").await?;
-    let post = |uri: &'static str, form: String| {
-        let (w, root) = (&w, root.clone());
-        async move {
-            let res = outbox_admin::router(w.state.clone())
-                .oneshot(
-                    Request::post(uri)
-                        .header(header::COOKIE, root)
-                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                        .body(Body::from(form))?,
-                )
-                .await?;
-            let to = res
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            Ok::<_, Box<dyn std::error::Error>>((res.status(), to))
-        }
-    };
-    let (s, to) = post(
+    let (s, to, _) = post_form(
+        &w,
+        &root,
         "/admin/accounts",
-        format!("csrf={csrf}&email=new%40x.io&password=correct+horse+battery"),
+        &format!("csrf={csrf}&email=new%40x.io&password=correct+horse+battery"),
     )
     .await?;
     assert_eq!(s, StatusCode::SEE_OTHER, "{to:?}");
@@ -1410,34 +1394,23 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
         .ok_or("not created")?;
     assert!(!user.is_admin);
     // A short password is refused, naming the rule; nothing is made.
-    let res = outbox_admin::router(w.state.clone())
-        .oneshot(
-            Request::post("/admin/accounts")
-                .header(header::COOKIE, root.clone())
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(format!(
-                    "csrf={csrf}&email=short%40x.io&password=short"
-                )))?,
-        )
-        .await?;
-    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    let said = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await?
-            .to_vec(),
-    )?;
+    let (s, _, said) = post_form(
+        &w,
+        &root,
+        "/admin/accounts",
+        &format!("csrf={csrf}&email=short%40x.io&password=short"),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(said.contains("at least 12 characters"), "{said}");
     assert!(
         outbox_core::store::principals::user_by_email(&w.db.pool, "short@x.io")
             .await?
             .is_none()
     );
+    let set_role = |role: &str| format!("csrf={csrf}&user={}&app=app-a&role={role}", user.id);
     // A role on app A: the account now sees it.
-    let (s, _) = post(
-        "/admin/roles",
-        format!("csrf={csrf}&user={}&app=app-a&role=operator", user.id),
-    )
-    .await?;
+    let (s, _, _) = post_form(&w, &root, "/admin/roles", &set_role("operator")).await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
     // The same role again changes nothing and records nothing.
     let granted = || async {
@@ -1448,11 +1421,7 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
         .await
     };
     assert_eq!(granted().await?, 1);
-    let (s, _) = post(
-        "/admin/roles",
-        format!("csrf={csrf}&user={}&app=app-a&role=operator", user.id),
-    )
-    .await?;
+    let (s, _, _) = post_form(&w, &root, "/admin/roles", &set_role("operator")).await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
     assert_eq!(granted().await?, 1, "recorded once");
     let token = w.login("new@x.io").await?;
@@ -1462,11 +1431,7 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
     assert_eq!(s, StatusCode::OK, "{body}");
     // Taken away: it does not (an app without a role is not found, as one
     // that does not exist).
-    let (s, _) = post(
-        "/admin/roles",
-        format!("csrf={csrf}&user={}&app=app-a&role=none", user.id),
-    )
-    .await?;
+    let (s, _, _) = post_form(&w, &root, "/admin/roles", &set_role("none")).await?;
     assert_eq!(s, StatusCode::SEE_OTHER);
     let (s, _) = w
         .call("GET", "/api/apps/app-a/dead-letters", Some(&token), None)
@@ -1491,15 +1456,8 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
                 format!("csrf={token}&email=evil%40x.io&password=correct+horse+battery&admin=yes"),
             ),
         ] {
-            let res = outbox_admin::router(w.state.clone())
-                .oneshot(
-                    Request::post(uri)
-                        .header(header::COOKIE, jar.clone())
-                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                        .body(Body::from(form))?,
-                )
-                .await?;
-            assert_eq!(res.status(), StatusCode::FORBIDDEN, "{uri} with {token}");
+            let (s, _, _) = post_form(&w, jar, uri, &form).await?;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{uri} with {token}");
         }
     }
     assert!(
@@ -1513,18 +1471,7 @@ async fn an_instance_admin_creates_an_account_and_gives_it_a_role_from_the_conso
     );
     // The page offers roles on apps that take them, to accounts that are no
     // instance admins.
-    let res = outbox_admin::router(w.state.clone())
-        .oneshot(
-            Request::get("/admin/accounts")
-                .header(header::COOKIE, root.clone())
-                .body(Body::empty())?,
-        )
-        .await?;
-    let html = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await?
-            .to_vec(),
-    )?;
+    let (_, _, html) = page(&w, &root, "/admin/accounts").await?;
     assert!(
         html.contains("id=set-role")
             && html.contains("<option>app-a</option>")

@@ -39,7 +39,7 @@ async fn failed_once(w: &World) -> Result<(Uuid, i64), Box<dyn std::error::Error
     Ok((id, lease.token))
 }
 
-async fn page(
+pub(super) async fn page(
     w: &World,
     jar: &str,
     uri: &str,
@@ -565,7 +565,7 @@ async fn operators_retry_and_cancel_a_whole_filter_and_the_audit_log_says_so() -
 }
 
 /// Posts a dashboard form; returns the status, the redirect and the page.
-async fn post_form(
+pub(super) async fn post_form(
     w: &World,
     jar: &str,
     uri: &str,
